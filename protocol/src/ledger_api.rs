@@ -1,0 +1,219 @@
+//! The ledger's HTTP API: paths and JSON bodies (camelCase, like LemonCake's API).
+//!
+//! Gateway endpoints (`/v1/holds…`) take the gateway key; admin endpoints take the admin key.
+//! Errors are [`ErrorBody`](crate::ErrorBody) with the status of their code.
+
+use serde::{Deserialize, Serialize};
+
+use crate::money::Usdc;
+use crate::pay_token::{PayTokenClaims, Scope};
+
+pub mod path {
+    /// `POST`: reserve a call's price (gateway).
+    pub const HOLDS: &str = "/v1/holds";
+    /// `POST`: commit or release a batch of holds (gateway).
+    pub const SETTLEMENTS: &str = "/v1/holds/settle";
+    /// `POST`: issue a Pay Token; `GET /{id}`, `POST /{id}/revoke` (admin).
+    pub const TOKENS: &str = "/v1/tokens";
+    /// `GET /{id}`: one charge (admin).
+    pub const CHARGES: &str = "/v1/charges";
+    pub const HEALTHZ: &str = "/healthz";
+}
+
+/// `POST /v1/holds`: hold `priceUsdc` against the token for one call to `serviceId`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReserveRequest {
+    pub token: TokenGrant,
+    pub service_id: String,
+    pub price_usdc: Usdc,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency: Option<Idempotency>,
+}
+
+/// A token as the gateway verified it. The ledger registers a token it has not seen yet (one
+/// minted elsewhere with the shared key) from these claims; afterwards its own record rules.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenGrant {
+    pub token_id: String,
+    pub buyer_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buyer_tag: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_id: Option<String>,
+    pub scope: Scope,
+    pub limit_usdc: Usdc,
+    /// Unix seconds.
+    pub expires_at: u64,
+}
+
+impl From<&PayTokenClaims> for TokenGrant {
+    fn from(claims: &PayTokenClaims) -> TokenGrant {
+        TokenGrant {
+            token_id: claims.jti.clone(),
+            buyer_id: claims.sub.clone(),
+            buyer_tag: claims.buyer_tag.clone(),
+            service_id: claims.service_id.clone(),
+            scope: claims.scope,
+            limit_usdc: claims.limit_usdc,
+            expires_at: claims.exp,
+        }
+    }
+}
+
+/// A client's `Idempotency-Key`, with a fingerprint of the request it came with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Idempotency {
+    pub key: String,
+    /// Hex SHA-256 of the request's method and path; another request under the same key is
+    /// refused with `idempotency_key_mismatch`.
+    pub fingerprint: String,
+}
+
+/// The answer to a successful reserve.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Hold {
+    pub charge_id: String,
+    pub amount_usdc: Usdc,
+    /// The token's limit minus everything spent or on hold, this hold included.
+    pub remaining_usdc: Usdc,
+    /// True when the Idempotency-Key matched an already committed charge: nothing new was
+    /// held, and nothing must be settled for this call.
+    pub replayed: bool,
+}
+
+/// `POST /v1/holds/settle`: the outcomes of calls whose upstream has answered.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SettleRequest {
+    pub settlements: Vec<Settlement>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Settlement {
+    pub charge_id: String,
+    pub outcome: Outcome,
+    /// The upstream's status, for the journal; absent when the call never got an answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_status: Option<u16>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The call was billable: charge the held amount.
+    Commit,
+    /// The call was not billable: give the held amount back.
+    Release,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SettleResponse {
+    pub results: Vec<SettleResult>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SettleResult {
+    pub charge_id: String,
+    pub status: SettleStatus,
+}
+
+/// What settling one hold did. Settling is idempotent: a repeated settlement reports the
+/// first one's result as `already_*` and changes nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SettleStatus {
+    Committed,
+    Released,
+    AlreadyCommitted,
+    AlreadyReleased,
+    /// The hold outlived its TTL and was released; it can no longer be committed.
+    Expired,
+    /// The token was revoked while the call was in flight: the hold was released instead.
+    Revoked,
+    /// No such hold.
+    Unknown,
+}
+
+/// `POST /v1/tokens`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IssueTokenRequest {
+    pub service_id: String,
+    pub limit_usdc: Usdc,
+    pub buyer_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buyer_tag: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Scope>,
+    /// RFC 3339 time; at most one of `expiresAt` and `ttlSeconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuedToken {
+    pub token_id: String,
+    pub jwt: String,
+    pub limit_usdc: Usdc,
+    /// RFC 3339.
+    pub expires_at: String,
+}
+
+/// `GET /v1/tokens/{tokenId}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenView {
+    pub token_id: String,
+    pub buyer_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buyer_tag: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_id: Option<String>,
+    pub scope: Scope,
+    pub limit_usdc: Usdc,
+    pub used_usdc: Usdc,
+    pub reserved_usdc: Usdc,
+    pub remaining_usdc: Usdc,
+    pub revoked: bool,
+    /// RFC 3339.
+    pub expires_at: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChargeStatus {
+    Held,
+    Committed,
+    Released,
+}
+
+/// `GET /v1/charges/{chargeId}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChargeView {
+    pub charge_id: String,
+    pub token_id: String,
+    pub buyer_id: String,
+    pub service_id: String,
+    /// Held amount while held, charged amount once committed, zero once released.
+    pub amount_usdc: Usdc,
+    pub status: ChargeStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// RFC 3339.
+    pub created_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settled_at: Option<String>,
+}

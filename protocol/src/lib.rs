@@ -1,0 +1,16 @@
+//! paystile's wire formats, shared by the proxy-wasm filter and the sidecar ledger.
+//!
+//! Everything here is pure (no I/O, no clock, no randomness) so that it compiles to
+//! `wasm32-wasip1` for the filter and is unit-testable natively. Each format has exactly one
+//! implementation, and it lives here.
+
+pub mod credential;
+pub mod error;
+pub mod headers;
+pub mod jws;
+pub mod ledger_api;
+pub mod money;
+pub mod pay_token;
+
+pub use error::{ErrorBody, ErrorCode};
+pub use money::Usdc;
