@@ -49,14 +49,8 @@ pub fn parse_authorization(value: &[u8]) -> Result<Option<Credential<'_>>, Crede
 }
 
 fn trim_ascii_whitespace(bytes: &[u8]) -> &[u8] {
-    let start = bytes
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(bytes.len());
-    let end = bytes
-        .iter()
-        .rposition(|b| !b.is_ascii_whitespace())
-        .map_or(start, |i| i + 1);
+    let start = bytes.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(bytes.len());
+    let end = bytes.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |i| i + 1);
     &bytes[start..end]
 }
 
@@ -66,18 +60,9 @@ mod tests {
 
     #[test]
     fn reads_bearer_tokens_case_insensitively() {
-        assert_eq!(
-            parse_authorization(b"Bearer a.b.c"),
-            Ok(Some(Credential::Bearer("a.b.c")))
-        );
-        assert_eq!(
-            parse_authorization(b"bearer   a.b.c  "),
-            Ok(Some(Credential::Bearer("a.b.c")))
-        );
-        assert_eq!(
-            parse_authorization(b"BEARER x-_"),
-            Ok(Some(Credential::Bearer("x-_")))
-        );
+        assert_eq!(parse_authorization(b"Bearer a.b.c"), Ok(Some(Credential::Bearer("a.b.c"))));
+        assert_eq!(parse_authorization(b"bearer   a.b.c  "), Ok(Some(Credential::Bearer("a.b.c"))));
+        assert_eq!(parse_authorization(b"BEARER x-_"), Ok(Some(Credential::Bearer("x-_"))));
     }
 
     #[test]
@@ -91,22 +76,10 @@ mod tests {
     #[test]
     fn unreadable_bearer_values_are_errors() {
         assert_eq!(parse_authorization(b"Bearer"), Err(CredentialError::Empty));
-        assert_eq!(
-            parse_authorization(b"Bearer    "),
-            Err(CredentialError::Empty)
-        );
-        assert_eq!(
-            parse_authorization(b"Bearer a b"),
-            Err(CredentialError::Malformed)
-        );
-        assert_eq!(
-            parse_authorization(b"Bearer a\x00b"),
-            Err(CredentialError::Malformed)
-        );
-        assert_eq!(
-            parse_authorization(b"Bearer \xc3\xa9"),
-            Err(CredentialError::Malformed)
-        );
+        assert_eq!(parse_authorization(b"Bearer    "), Err(CredentialError::Empty));
+        assert_eq!(parse_authorization(b"Bearer a b"), Err(CredentialError::Malformed));
+        assert_eq!(parse_authorization(b"Bearer a\x00b"), Err(CredentialError::Malformed));
+        assert_eq!(parse_authorization(b"Bearer \xc3\xa9"), Err(CredentialError::Malformed));
         let long = [b"Bearer ".as_slice(), &[b'a'; MAX_AUTHORIZATION_LEN]].concat();
         assert_eq!(parse_authorization(&long), Err(CredentialError::TooLong));
     }

@@ -177,16 +177,8 @@ mod tests {
             (ErrorCode::InsufficientBalance, 402, "insufficient_balance"),
             (ErrorCode::DailyLimitExceeded, 402, "daily_limit_exceeded"),
             (ErrorCode::InvalidPreimage, 401, "invalid_preimage"),
-            (
-                ErrorCode::IdempotencyKeyMismatch,
-                422,
-                "idempotency_key_mismatch",
-            ),
-            (
-                ErrorCode::IdempotencyKeyInUse,
-                409,
-                "idempotency_key_in_use",
-            ),
+            (ErrorCode::IdempotencyKeyMismatch, 422, "idempotency_key_mismatch"),
+            (ErrorCode::IdempotencyKeyInUse, 409, "idempotency_key_in_use"),
             (ErrorCode::LedgerUnavailable, 503, "ledger_unavailable"),
         ];
         for (code, status, name) in table {

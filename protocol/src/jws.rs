@@ -43,11 +43,7 @@ pub struct Key {
 impl Key {
     /// An HS256 key. HMAC accepts any key length; RFC 7518 asks for at least 32 bytes.
     pub fn hs256(secret: impl Into<Vec<u8>>) -> Key {
-        Key {
-            kid: None,
-            algorithm: Algorithm::Hs256,
-            secret: secret.into(),
-        }
+        Key { kid: None, algorithm: Algorithm::Hs256, secret: secret.into() }
     }
 
     /// Names the key; tokens that carry this `kid` are verified with it alone.
@@ -160,16 +156,10 @@ pub fn verify(token: &str, keys: &[Key]) -> Result<Vec<u8>, JwsError> {
     }
     let signature = decode_segment(signature)?;
 
-    let mut candidates = keys
-        .iter()
-        .filter(|key| header.kid.is_none() || key.kid == header.kid)
-        .peekable();
+    let mut candidates =
+        keys.iter().filter(|key| header.kid.is_none() || key.kid == header.kid).peekable();
     if candidates.peek().is_none() {
-        return Err(if keys.is_empty() {
-            JwsError::BadSignature
-        } else {
-            JwsError::UnknownKey
-        });
+        return Err(if keys.is_empty() { JwsError::BadSignature } else { JwsError::UnknownKey });
     }
     let mut algorithm_allowed = false;
     for key in candidates {
@@ -178,26 +168,16 @@ pub fn verify(token: &str, keys: &[Key]) -> Result<Vec<u8>, JwsError> {
         }
         algorithm_allowed = true;
         // `verify_slice` compares in constant time.
-        if key
-            .mac(signing_input.as_bytes())
-            .verify_slice(&signature)
-            .is_ok()
-        {
+        if key.mac(signing_input.as_bytes()).verify_slice(&signature).is_ok() {
             return decode_segment(payload);
         }
     }
-    Err(if algorithm_allowed {
-        JwsError::BadSignature
-    } else {
-        JwsError::AlgorithmNotAllowed
-    })
+    Err(if algorithm_allowed { JwsError::BadSignature } else { JwsError::AlgorithmNotAllowed })
 }
 
 /// Decodes one segment: unpadded, canonical base64url (RFC 7515 §2), nothing else.
 fn decode_segment(segment: &str) -> Result<Vec<u8>, JwsError> {
-    URL_SAFE_NO_PAD
-        .decode(segment)
-        .map_err(|_| JwsError::Malformed)
+    URL_SAFE_NO_PAD.decode(segment).map_err(|_| JwsError::Malformed)
 }
 
 #[cfg(test)]
@@ -252,15 +232,8 @@ mod tests {
     }
 
     fn token_with_header(header: &str, key: &[u8]) -> String {
-        let input = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(header),
-            URL_SAFE_NO_PAD.encode("{}")
-        );
-        let tag = Key::hs256(key.to_vec())
-            .mac(input.as_bytes())
-            .finalize()
-            .into_bytes();
+        let input = format!("{}.{}", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode("{}"));
+        let tag = Key::hs256(key.to_vec()).mac(input.as_bytes()).finalize().into_bytes();
         format!("{input}.{}", URL_SAFE_NO_PAD.encode(tag))
     }
 
@@ -271,11 +244,7 @@ mod tests {
         // A correct HS256 MAC under a header that claims another algorithm is still refused.
         for alg in ["none", "HS512", "RS256", "hs256", ""] {
             let token = token_with_header(&format!(r#"{{"alg":"{alg}"}}"#), secret);
-            assert_eq!(
-                verify(&token, &keys),
-                Err(JwsError::AlgorithmNotAllowed),
-                "alg {alg:?}"
-            );
+            assert_eq!(verify(&token, &keys), Err(JwsError::AlgorithmNotAllowed), "alg {alg:?}");
         }
         let unsigned = format!(
             "{}.{}.",
@@ -295,16 +264,10 @@ mod tests {
         assert!(verify(&sign(b"{}", &old), &keys).is_ok());
         assert!(verify(&sign(b"{}", &new), &keys).is_ok());
         let unknown = Key::hs256(b"new-secret-new-secret-new-secret".to_vec()).with_kid("1999");
-        assert_eq!(
-            verify(&sign(b"{}", &unknown), &keys),
-            Err(JwsError::UnknownKey)
-        );
+        assert_eq!(verify(&sign(b"{}", &unknown), &keys), Err(JwsError::UnknownKey));
         // Signed with the new secret but naming the old key: the old key alone is tried.
         let crossed = Key::hs256(b"new-secret-new-secret-new-secret".to_vec()).with_kid("2025");
-        assert_eq!(
-            verify(&sign(b"{}", &crossed), &keys),
-            Err(JwsError::BadSignature)
-        );
+        assert_eq!(verify(&sign(b"{}", &crossed), &keys), Err(JwsError::BadSignature));
         // Without a kid, every key is tried.
         let anonymous = Key::hs256(b"old-secret-old-secret-old-secret".to_vec());
         assert!(verify(&sign(b"{}", &anonymous), &keys).is_ok());
@@ -333,27 +296,17 @@ mod tests {
             format!("{input}.{sig}="), // padding
             format!("{input}.{sig}+"), // not base64url
             format!(" {good}"),
-            format!(
-                "{}.{}",
-                URL_SAFE_NO_PAD.encode("[1]"),
-                &good[good.find('.').unwrap() + 1..]
-            ),
+            format!("{}.{}", URL_SAFE_NO_PAD.encode("[1]"), &good[good.find('.').unwrap() + 1..]),
             "x".repeat(MAX_TOKEN_LEN + 1),
         ];
         for case in cases {
-            assert!(
-                verify(&case, std::slice::from_ref(&key)).is_err(),
-                "{case:?}"
-            );
+            assert!(verify(&case, std::slice::from_ref(&key)).is_err(), "{case:?}");
         }
     }
 
     #[test]
     fn debug_never_shows_the_secret() {
-        let shown = format!(
-            "{:?}",
-            Key::hs256(b"hunter2-hunter2".to_vec()).with_kid("k")
-        );
+        let shown = format!("{:?}", Key::hs256(b"hunter2-hunter2".to_vec()).with_kid("k"));
         assert!(!shown.contains("hunter2"), "{shown}");
     }
 }

@@ -52,11 +52,7 @@ impl Usdc {
 
     /// The amount of `micros` micro-USDC, if it is within range.
     pub const fn from_micros(micros: u64) -> Option<Usdc> {
-        if micros <= Self::MAX.0 {
-            Some(Usdc(micros))
-        } else {
-            None
-        }
+        if micros <= Self::MAX.0 { Some(Usdc(micros)) } else { None }
     }
 
     /// The amount of `whole` USDC, if it is within range.
@@ -270,23 +266,10 @@ mod tests {
         let parse = |json: &str| serde_json::from_str::<Usdc>(json);
         assert_eq!(parse("\"0.25\"").unwrap(), usdc("0.25"));
         assert_eq!(parse("5").unwrap(), usdc("5"));
-        assert!(
-            parse("0.25")
-                .unwrap_err()
-                .to_string()
-                .contains("decimal strings")
-        );
+        assert!(parse("0.25").unwrap_err().to_string().contains("decimal strings"));
         assert!(parse("-5").unwrap_err().to_string().contains("negative"));
-        assert!(
-            parse("\"0.1234567\"")
-                .unwrap_err()
-                .to_string()
-                .contains("more than 6")
-        );
+        assert!(parse("\"0.1234567\"").unwrap_err().to_string().contains("more than 6"));
         assert!(parse("18446744073709551615").is_err());
-        assert_eq!(
-            serde_json::to_string(&usdc("0.25")).unwrap(),
-            "\"0.250000\""
-        );
+        assert_eq!(serde_json::to_string(&usdc("0.25")).unwrap(), "\"0.250000\"");
     }
 }

@@ -83,10 +83,7 @@ impl PayTokenClaims {
             return Err(PayTokenError::InvalidClaims);
         }
         if self.service_id.as_deref().is_some_and(|s| !id_ok(s))
-            || self
-                .buyer_tag
-                .as_deref()
-                .is_some_and(|t| t.len() > MAX_ID_LEN)
+            || self.buyer_tag.as_deref().is_some_and(|t| t.len() > MAX_ID_LEN)
         {
             return Err(PayTokenError::InvalidClaims);
         }
@@ -147,25 +144,15 @@ pub fn verify(
     if now >= claims.exp.saturating_add(validation.leeway_seconds) {
         return Err(PayTokenError::Expired);
     }
-    if claims
-        .nbf
-        .is_some_and(|nbf| now.saturating_add(validation.leeway_seconds) < nbf)
-    {
+    if claims.nbf.is_some_and(|nbf| now.saturating_add(validation.leeway_seconds) < nbf) {
         return Err(PayTokenError::NotYetValid);
     }
-    if let Some(issuer) = &validation.issuer {
-        if claims.iss.as_deref() != Some(issuer.as_str()) {
-            return Err(PayTokenError::WrongIssuer);
-        }
+    if validation.issuer.as_ref().is_some_and(|issuer| claims.iss.as_ref() != Some(issuer)) {
+        return Err(PayTokenError::WrongIssuer);
     }
-    if let Some(audience) = &validation.audience {
-        if !claims
-            .aud
-            .as_ref()
-            .is_some_and(|aud| aud.contains(audience))
-        {
-            return Err(PayTokenError::WrongAudience);
-        }
+    let audience_ok = |wanted: &String| claims.aud.as_ref().is_some_and(|aud| aud.contains(wanted));
+    if validation.audience.as_ref().is_some_and(|wanted| !audience_ok(wanted)) {
+        return Err(PayTokenError::WrongAudience);
     }
     Ok(claims)
 }
@@ -228,35 +215,14 @@ mod tests {
 
     #[test]
     fn enforces_the_time_window_with_leeway() {
-        let expired = PayTokenClaims {
-            exp: NOW - 10,
-            ..claims()
-        };
-        assert_eq!(
-            check(&expired, &Validation::default()),
-            Err(PayTokenError::Expired)
-        );
-        let lenient = Validation {
-            leeway_seconds: 30,
-            ..Validation::default()
-        };
+        let expired = PayTokenClaims { exp: NOW - 10, ..claims() };
+        assert_eq!(check(&expired, &Validation::default()), Err(PayTokenError::Expired));
+        let lenient = Validation { leeway_seconds: 30, ..Validation::default() };
         assert!(check(&expired, &lenient).is_ok());
-        let at_exp = PayTokenClaims {
-            exp: NOW,
-            ..claims()
-        };
-        assert_eq!(
-            check(&at_exp, &Validation::default()),
-            Err(PayTokenError::Expired)
-        );
-        let early = PayTokenClaims {
-            nbf: Some(NOW + 100),
-            ..claims()
-        };
-        assert_eq!(
-            check(&early, &Validation::default()),
-            Err(PayTokenError::NotYetValid)
-        );
+        let at_exp = PayTokenClaims { exp: NOW, ..claims() };
+        assert_eq!(check(&at_exp, &Validation::default()), Err(PayTokenError::Expired));
+        let early = PayTokenClaims { nbf: Some(NOW + 100), ..claims() };
+        assert_eq!(check(&early, &Validation::default()), Err(PayTokenError::NotYetValid));
     }
 
     #[test]
@@ -266,26 +232,14 @@ mod tests {
             audience: Some("kyapay-service".into()),
             leeway_seconds: 0,
         };
-        assert_eq!(
-            check(&claims(), &validation),
-            Err(PayTokenError::WrongIssuer)
-        );
-        let issued = PayTokenClaims {
-            iss: Some("kyapay".into()),
-            ..claims()
-        };
-        assert_eq!(
-            check(&issued, &validation),
-            Err(PayTokenError::WrongAudience)
-        );
+        assert_eq!(check(&claims(), &validation), Err(PayTokenError::WrongIssuer));
+        let issued = PayTokenClaims { iss: Some("kyapay".into()), ..claims() };
+        assert_eq!(check(&issued, &validation), Err(PayTokenError::WrongAudience));
         for aud in [
             Audience::One("kyapay-service".into()),
             Audience::Many(vec!["x".into(), "kyapay-service".into()]),
         ] {
-            let full = PayTokenClaims {
-                aud: Some(aud),
-                ..issued.clone()
-            };
+            let full = PayTokenClaims { aud: Some(aud), ..issued.clone() };
             assert!(check(&full, &validation).is_ok());
         }
     }
@@ -294,21 +248,11 @@ mod tests {
     fn scope_decides_which_services_a_token_pays_for() {
         assert!(claims().allows_service("weather"));
         assert!(!claims().allows_service("maps"));
-        let all = PayTokenClaims {
-            scope: Scope::All,
-            service_id: None,
-            ..claims()
-        };
+        let all = PayTokenClaims { scope: Scope::All, service_id: None, ..claims() };
         assert!(check(&all, &Validation::default()).is_ok());
         assert!(all.allows_service("maps"));
-        let unbound = PayTokenClaims {
-            service_id: None,
-            ..claims()
-        };
-        assert_eq!(
-            check(&unbound, &Validation::default()),
-            Err(PayTokenError::InvalidClaims)
-        );
+        let unbound = PayTokenClaims { service_id: None, ..claims() };
+        assert_eq!(check(&unbound, &Validation::default()), Err(PayTokenError::InvalidClaims));
     }
 
     #[test]
