@@ -146,7 +146,9 @@ impl ErrorBody {
             limit: Some(limit),
             ..ErrorBody::with_message(
                 ErrorCode::TokenLimitExceeded,
-                format!("Token limit exceeded: limit={limit}, used={used}, requested={price}"),
+                format!(
+                    "Token limit exceeded: limit={limit}, used={used}, reserved={reserved}, requested={price}"
+                ),
             )
         }
     }
@@ -199,7 +201,7 @@ mod tests {
         assert_eq!(json["price"], "0.001000");
         assert_eq!(
             json["error"],
-            "Token limit exceeded: limit=0.010000, used=0.009000, requested=0.001000"
+            "Token limit exceeded: limit=0.010000, used=0.009000, reserved=0.001000, requested=0.001000"
         );
         assert_eq!(serde_json::from_value::<ErrorBody>(json).unwrap(), body);
     }

@@ -1,0 +1,199 @@
+//! The `paystile-ledger` command line: `serve`, and admin subcommands that call a running
+//! ledger's admin API.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use paystile_protocol::Usdc;
+use paystile_protocol::ledger_api::IssueTokenRequest;
+use paystile_protocol::pay_token::Scope;
+use serde::Serialize;
+
+use crate::client::AdminClient;
+use crate::settings::{LogFormat, Options, Settings};
+
+#[derive(Parser)]
+#[command(name = "paystile-ledger", version, about = "paystile's sidecar ledger")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the ledger.
+    Serve(Options),
+    /// Issue, show or revoke Pay Tokens.
+    Token {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Show a charge.
+    Charge {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The charge id (ch_…), as in a response's X-Charge-Id.
+        charge_id: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The ledger to talk to.
+    #[arg(
+        long,
+        env = "PAYSTILE_LEDGER_URL",
+        default_value = "http://127.0.0.1:8787",
+        global = true
+    )]
+    ledger_url: String,
+    /// The ledger's admin key.
+    #[arg(long, env = "PAYSTILE_ADMIN_KEY", hide_env_values = true, global = true)]
+    admin_key: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Issue a Pay Token and print it (the JWT is in "jwt").
+    Issue {
+        #[arg(long)]
+        service_id: String,
+        /// The cap, in USDC (up to 6 decimals).
+        #[arg(long)]
+        limit_usdc: Usdc,
+        #[arg(long)]
+        buyer_id: String,
+        #[arg(long)]
+        buyer_tag: Option<String>,
+        /// SINGLE (this service only) or ALL.
+        #[arg(long, value_parser = parse_scope)]
+        scope: Option<Scope>,
+        /// Lifetime in seconds [default: the ledger's].
+        #[arg(long, conflicts_with = "expires_at")]
+        ttl_seconds: Option<u64>,
+        /// Expiry as an RFC 3339 time.
+        #[arg(long)]
+        expires_at: Option<String>,
+    },
+    /// Show a token's limit, spend and state.
+    Show { token_id: String },
+    /// Revoke a token at once (kill switch).
+    Revoke { token_id: String },
+}
+
+fn parse_scope(value: &str) -> Result<Scope, String> {
+    match value.to_ascii_uppercase().as_str() {
+        "SINGLE" => Ok(Scope::Single),
+        "ALL" => Ok(Scope::All),
+        _ => Err("expected SINGLE or ALL".into()),
+    }
+}
+
+pub fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Serve(options) => serve(options),
+        Command::Token { admin, command } => admin_call(admin, |client| async move {
+            match command {
+                TokenCommand::Issue {
+                    service_id,
+                    limit_usdc,
+                    buyer_id,
+                    buyer_tag,
+                    scope,
+                    ttl_seconds,
+                    expires_at,
+                } => {
+                    let request = IssueTokenRequest {
+                        service_id,
+                        limit_usdc,
+                        buyer_id,
+                        buyer_tag,
+                        scope,
+                        expires_at,
+                        ttl_seconds,
+                    };
+                    print_json(&client.issue_token(&request).await?)
+                }
+                TokenCommand::Show { token_id } => print_json(&client.token(&token_id).await?),
+                TokenCommand::Revoke { token_id } => {
+                    print_json(&client.revoke_token(&token_id).await?)
+                }
+            }
+        }),
+        Command::Charge { admin, charge_id } => {
+            admin_call(admin, |client| async move { print_json(&client.charge(&charge_id).await?) })
+        }
+    }
+}
+
+fn serve(options: Options) -> ExitCode {
+    let settings = match Settings::resolve(options) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("paystile-ledger: invalid settings: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(settings.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("paystile-ledger: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(crate::server::serve(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("paystile-ledger: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+}
+
+fn admin_call<F, Fut>(admin: AdminArgs, call: F) -> ExitCode
+where
+    F: FnOnce(AdminClient) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let Some(admin_key) = admin.admin_key else {
+        eprintln!("paystile-ledger: the admin key is required (--admin-key or PAYSTILE_ADMIN_KEY)");
+        return ExitCode::from(2);
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("paystile-ledger: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(call(AdminClient::new(&admin.ledger_url, &admin_key))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("paystile-ledger: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}

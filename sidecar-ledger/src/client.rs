@@ -1,0 +1,72 @@
+//! A client for the ledger's admin API, used by the admin subcommands (and by tests).
+
+use paystile_protocol::ErrorBody;
+use paystile_protocol::ledger_api::{ChargeView, IssueTokenRequest, IssuedToken, TokenView, path};
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the ledger: {0}")]
+    Transport(#[from] reqwest::Error),
+    #[error("the ledger answered {status}: {}", body.error)]
+    Refused { status: u16, body: ErrorBody },
+    #[error("the ledger answered {status} with an unexpected body: {body}")]
+    Unexpected { status: u16, body: String },
+}
+
+#[derive(Clone)]
+pub struct AdminClient {
+    http: reqwest::Client,
+    base_url: String,
+    admin_key: String,
+}
+
+impl AdminClient {
+    pub fn new(base_url: &str, admin_key: &str) -> AdminClient {
+        AdminClient {
+            http: reqwest::Client::new(),
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            admin_key: admin_key.to_owned(),
+        }
+    }
+
+    pub async fn issue_token(
+        &self,
+        request: &IssueTokenRequest,
+    ) -> Result<IssuedToken, ClientError> {
+        self.call(self.http.post(self.url(path::TOKENS)).json(request)).await
+    }
+
+    pub async fn token(&self, token_id: &str) -> Result<TokenView, ClientError> {
+        self.call(self.http.get(self.url(&format!("{}/{token_id}", path::TOKENS)))).await
+    }
+
+    pub async fn revoke_token(&self, token_id: &str) -> Result<TokenView, ClientError> {
+        self.call(self.http.post(self.url(&format!("{}/{token_id}/revoke", path::TOKENS)))).await
+    }
+
+    pub async fn charge(&self, charge_id: &str) -> Result<ChargeView, ClientError> {
+        self.call(self.http.get(self.url(&format!("{}/{charge_id}", path::CHARGES)))).await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let response = request.bearer_auth(&self.admin_key).send().await?;
+        let status = response.status().as_u16();
+        let body = response.bytes().await?;
+        if (200..300).contains(&status) {
+            if let Ok(value) = serde_json::from_slice(&body) {
+                return Ok(value);
+            }
+        } else if let Ok(body) = serde_json::from_slice::<ErrorBody>(&body) {
+            return Err(ClientError::Refused { status, body });
+        }
+        Err(ClientError::Unexpected { status, body: String::from_utf8_lossy(&body).into_owned() })
+    }
+}

@@ -1,0 +1,276 @@
+//! The ledger's operations as its API offers them: input validation, ids, clocks and views
+//! around the store's atomic operations.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use paystile_protocol::Usdc;
+use paystile_protocol::headers;
+use paystile_protocol::jws::Key;
+use paystile_protocol::ledger_api::{
+    ChargeStatus, ChargeView, IssueTokenRequest, IssuedToken, ReserveRequest, SettleRequest,
+    SettleResponse, TokenGrant, TokenView,
+};
+use paystile_protocol::pay_token::{self, Audience, MAX_ID_LEN, PayTokenClaims};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::store::{
+    ChargeRecord, ReserveCommand, ReserveOutcome, SqliteStore, StoreError, TokenRecord, UnixMillis,
+};
+
+/// The most settlements accepted in one request.
+pub const MAX_SETTLEMENTS: usize = 10_000;
+/// The latest expiry accepted: the end of year 9999, as far as RFC 3339 goes.
+const MAX_EXPIRY_SECONDS: u64 = 253_402_300_799;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("token issuing is off: the ledger has no token secret (PAYSTILE_TOKEN_SECRET)")]
+    IssuingDisabled,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// How the ledger signs the Pay Tokens it issues.
+pub struct TokenIssuer {
+    pub key: Key,
+    pub issuer: String,
+    pub audience: Option<String>,
+    pub default_ttl: Duration,
+}
+
+pub struct Ledger {
+    store: SqliteStore,
+    issuer: Option<TokenIssuer>,
+    hold_ttl: Duration,
+}
+
+impl Ledger {
+    pub fn new(store: SqliteStore, issuer: Option<TokenIssuer>, hold_ttl: Duration) -> Ledger {
+        Ledger { store, issuer, hold_ttl }
+    }
+
+    pub async fn issue_token(
+        &self,
+        request: IssueTokenRequest,
+    ) -> Result<IssuedToken, LedgerError> {
+        let issuer = self.issuer.as_ref().ok_or(LedgerError::IssuingDisabled)?;
+        check_id("serviceId", &request.service_id)?;
+        check_id("buyerId", &request.buyer_id)?;
+        if let Some(tag) = &request.buyer_tag {
+            check_len("buyerTag", tag)?;
+        }
+        if request.limit_usdc.is_zero() {
+            return Err(LedgerError::Invalid("limitUsdc must be greater than 0".into()));
+        }
+        let now = now_millis();
+        let now_seconds = u64::try_from(now / 1000).unwrap_or(0);
+        let expires_at = match (&request.expires_at, request.ttl_seconds) {
+            (Some(_), Some(_)) => {
+                return Err(LedgerError::Invalid(
+                    "give at most one of expiresAt and ttlSeconds".into(),
+                ));
+            }
+            (Some(at), None) => parse_rfc3339("expiresAt", at)?,
+            (None, Some(ttl)) => now_seconds.saturating_add(ttl),
+            (None, None) => now_seconds.saturating_add(issuer.default_ttl.as_secs()),
+        };
+        if expires_at <= now_seconds || expires_at > MAX_EXPIRY_SECONDS {
+            return Err(LedgerError::Invalid(
+                "the token must expire in the future, before the year 10000".into(),
+            ));
+        }
+
+        let claims = PayTokenClaims {
+            sub: request.buyer_id,
+            jti: new_id("tok"),
+            service_id: Some(request.service_id),
+            limit_usdc: request.limit_usdc,
+            scope: request.scope.unwrap_or_default(),
+            buyer_tag: request.buyer_tag,
+            exp: expires_at,
+            iat: Some(now_seconds),
+            nbf: None,
+            iss: Some(issuer.issuer.clone()),
+            aud: issuer.audience.clone().map(Audience::One),
+        };
+        let jwt = pay_token::sign(&claims, &issuer.key);
+        self.store.insert_token(TokenGrant::from(&claims), now).await?;
+        Ok(IssuedToken {
+            token_id: claims.jti,
+            jwt,
+            limit_usdc: claims.limit_usdc,
+            expires_at: rfc3339_seconds(expires_at),
+        })
+    }
+
+    pub async fn token(&self, token_id: String) -> Result<TokenView, LedgerError> {
+        let token = self.store.token(token_id).await?.ok_or(LedgerError::NotFound("token"))?;
+        Ok(token_view(token))
+    }
+
+    /// The kill switch: from now on the token pays for nothing, and holds of calls in flight
+    /// are released instead of committed.
+    pub async fn revoke_token(&self, token_id: String) -> Result<TokenView, LedgerError> {
+        let token = self.store.revoke_token(token_id, now_millis()).await?;
+        let token = token.ok_or(LedgerError::NotFound("token"))?;
+        tracing::info!(token_id = %token.grant.token_id, "token revoked");
+        Ok(token_view(token))
+    }
+
+    pub async fn charge(&self, charge_id: String) -> Result<ChargeView, LedgerError> {
+        let charge = self.store.charge(charge_id).await?.ok_or(LedgerError::NotFound("charge"))?;
+        Ok(charge_view(charge))
+    }
+
+    pub async fn reserve(&self, request: ReserveRequest) -> Result<ReserveOutcome, LedgerError> {
+        let token = &request.token;
+        check_id("token.tokenId", &token.token_id)?;
+        check_id("token.buyerId", &token.buyer_id)?;
+        check_id("serviceId", &request.service_id)?;
+        if let Some(service) = &token.service_id {
+            check_id("token.serviceId", service)?;
+        }
+        if let Some(tag) = &token.buyer_tag {
+            check_len("token.buyerTag", tag)?;
+        }
+        if token.expires_at > MAX_EXPIRY_SECONDS {
+            return Err(LedgerError::Invalid("token.expiresAt is out of range".into()));
+        }
+        if request.price_usdc.is_zero() {
+            return Err(LedgerError::Invalid("priceUsdc must be greater than 0".into()));
+        }
+        if let Some(idempotency) = &request.idempotency {
+            if headers::idempotency_key(idempotency.key.as_bytes()).is_none() {
+                return Err(LedgerError::Invalid(
+                    "idempotency.key must be 1 to 255 printable ASCII characters".into(),
+                ));
+            }
+            let fingerprint = &idempotency.fingerprint;
+            if fingerprint.len() != 64 || !fingerprint.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(LedgerError::Invalid(
+                    "idempotency.fingerprint must be a hex SHA-256".into(),
+                ));
+            }
+        }
+        let now = now_millis();
+        let outcome = self
+            .store
+            .reserve(ReserveCommand {
+                charge_id: new_id("ch"),
+                token: request.token,
+                service_id: request.service_id,
+                price: request.price_usdc,
+                idempotency: request.idempotency,
+                now,
+                hold_expires_at: now.saturating_add(millis(self.hold_ttl)),
+            })
+            .await?;
+        if let ReserveOutcome::Refused(refusal) = &outcome {
+            tracing::debug!(code = ?refusal.code, "reserve refused");
+        }
+        Ok(outcome)
+    }
+
+    pub async fn settle(&self, request: SettleRequest) -> Result<SettleResponse, LedgerError> {
+        if request.settlements.len() > MAX_SETTLEMENTS {
+            return Err(LedgerError::Invalid(format!(
+                "at most {MAX_SETTLEMENTS} settlements per request"
+            )));
+        }
+        let results = self.store.settle(request.settlements, now_millis()).await?;
+        Ok(SettleResponse { results })
+    }
+
+    /// Releases holds whose TTL has passed: the buyer is never charged for a call whose
+    /// outcome the ledger never learned.
+    pub async fn expire_holds(&self) -> Result<usize, LedgerError> {
+        const PER_SWEEP: usize = 10_000;
+        Ok(self.store.expire_holds(now_millis(), PER_SWEEP).await?)
+    }
+}
+
+fn token_view(token: TokenRecord) -> TokenView {
+    let balance = token.balance();
+    let grant = token.grant;
+    TokenView {
+        token_id: grant.token_id,
+        buyer_id: grant.buyer_id,
+        buyer_tag: grant.buyer_tag,
+        service_id: grant.service_id,
+        scope: grant.scope,
+        limit_usdc: grant.limit_usdc,
+        used_usdc: token.used,
+        reserved_usdc: token.reserved,
+        remaining_usdc: balance.remaining(),
+        revoked: token.revoked,
+        expires_at: rfc3339_seconds(grant.expires_at),
+    }
+}
+
+fn charge_view(charge: ChargeRecord) -> ChargeView {
+    ChargeView {
+        amount_usdc: match charge.status {
+            ChargeStatus::Released => Usdc::ZERO,
+            ChargeStatus::Held | ChargeStatus::Committed => charge.held,
+        },
+        charge_id: charge.charge_id,
+        token_id: charge.token_id,
+        buyer_id: charge.buyer_id,
+        service_id: charge.service_id,
+        status: charge.status,
+        upstream_status: charge.upstream_status,
+        idempotency_key: charge.idempotency_key,
+        created_at: rfc3339_millis(charge.created_at),
+        settled_at: charge.settled_at.map(rfc3339_millis),
+    }
+}
+
+fn check_len(field: &str, value: &str) -> Result<(), LedgerError> {
+    if value.len() > MAX_ID_LEN {
+        return Err(LedgerError::Invalid(format!("{field} is longer than {MAX_ID_LEN} bytes")));
+    }
+    Ok(())
+}
+
+fn check_id(field: &str, value: &str) -> Result<(), LedgerError> {
+    if value.is_empty() {
+        return Err(LedgerError::Invalid(format!("{field} must not be empty")));
+    }
+    check_len(field, value)
+}
+
+/// `<prefix>_<128 random bits in hex>`.
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", hex::encode(rand::random::<[u8; 16]>()))
+}
+
+pub fn now_millis() -> UnixMillis {
+    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn parse_rfc3339(field: &str, value: &str) -> Result<u64, LedgerError> {
+    let invalid = || LedgerError::Invalid(format!("{field} must be an RFC 3339 time"));
+    let at = OffsetDateTime::parse(value, &Rfc3339).map_err(|_| invalid())?;
+    u64::try_from(at.unix_timestamp()).map_err(|_| invalid())
+}
+
+fn rfc3339_seconds(seconds: u64) -> String {
+    rfc3339_millis(i64::try_from(seconds).unwrap_or(i64::MAX).saturating_mul(1000))
+}
+
+fn rfc3339_millis(millis: UnixMillis) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000)
+        .ok()
+        .and_then(|at| at.format(&Rfc3339).ok())
+        .unwrap_or_else(|| millis.to_string())
+}

@@ -1,0 +1,94 @@
+//! `paystile-ledger serve`: the HTTP API over the store, and the hold sweeper.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::serve::ListenerExt;
+use paystile_protocol::jws::Key;
+use tokio::net::TcpListener;
+
+use crate::http::{self, ApiKey};
+use crate::ledger::{Ledger, TokenIssuer};
+use crate::settings::{Database, Settings};
+use crate::store::SqliteStore;
+
+pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let store = match &settings.database {
+        Database::Sqlite(path) => SqliteStore::open(path)
+            .with_context(|| format!("cannot open the ledger database {}", path.display()))?,
+    };
+    let issuer = settings.token.as_ref().map(|token| {
+        let key = Key::hs256(token.secret.expose().as_bytes());
+        TokenIssuer {
+            key: match &token.kid {
+                Some(kid) => key.with_kid(kid),
+                None => key,
+            },
+            issuer: token.issuer.clone(),
+            audience: token.audience.clone(),
+            default_ttl: token.ttl,
+        }
+    });
+    let ledger = Arc::new(Ledger::new(store, issuer, settings.hold_ttl));
+
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.listen))?
+        // Small JSON exchanges on kept-alive connections: never wait for Nagle.
+        .tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+    let address = axum::serve::Listener::local_addr(&listener)
+        .context("cannot read the listening address")?;
+    if !address.ip().is_loopback() {
+        tracing::warn!(%address, "listening beyond loopback: keep the ledger's port private");
+    }
+    tokio::spawn(sweep_expired_holds(ledger.clone(), settings.sweep_interval));
+    tracing::info!(%address, database = ?settings.database, "ledger ready");
+    // The one line on stdout: scripts (and the test harness) wait for it.
+    println!("paystile-ledger listening on http://{address}");
+
+    let app = http::router(
+        ledger,
+        ApiKey::new(settings.admin_key.expose()),
+        ApiKey::new(settings.gateway_key.expose()),
+    );
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    tracing::info!("ledger stopped");
+    Ok(())
+}
+
+async fn sweep_expired_holds(ledger: Arc<Ledger>, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        match ledger.expire_holds().await {
+            Ok(0) => {}
+            Ok(released) => tracing::info!(released, "released expired holds"),
+            Err(e) => tracing::error!(error = %e, "cannot release expired holds"),
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+}

@@ -1,0 +1,306 @@
+//! The ledger's settings. Each comes from, in order: a flag, an environment variable, the
+//! TOML file given by `--config`, the default.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8787";
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://paystile-ledger.db";
+/// Keys shorter than this are refused: they are guessable.
+pub const MIN_KEY_LEN: usize = 16;
+
+/// Every setting, each optional: what one source (flags and environment, or the file) says.
+/// The field names are the config file's keys.
+#[derive(clap::Args, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Options {
+    /// TOML file with any of these settings (keys as the long flags, with underscores).
+    #[arg(long, env = "PAYSTILE_LEDGER_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on. Loopback by default: the filter's gateway runs beside it.
+    #[arg(long, env = "PAYSTILE_LEDGER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Where the ledger keeps its books: sqlite://<path> (the file is created if missing).
+    #[arg(long, env = "PAYSTILE_LEDGER_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Key for the admin API (Authorization: Bearer <key>). Required.
+    #[arg(long, env = "PAYSTILE_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+    /// Key the gateway filter presents to reserve and settle holds. Required.
+    #[arg(long, env = "PAYSTILE_GATEWAY_KEY", hide_env_values = true)]
+    pub gateway_key: Option<String>,
+    /// HS256 key for the Pay Tokens the ledger issues (UTF-8 bytes). Without it, the ledger
+    /// only meters tokens minted elsewhere.
+    #[arg(long, env = "PAYSTILE_TOKEN_SECRET", hide_env_values = true)]
+    pub token_secret: Option<String>,
+    /// `kid` to put in issued tokens' headers (key rotation).
+    #[arg(long, env = "PAYSTILE_TOKEN_KID")]
+    pub token_kid: Option<String>,
+    /// `iss` of issued tokens [default: paystile].
+    #[arg(long, env = "PAYSTILE_TOKEN_ISSUER")]
+    pub token_issuer: Option<String>,
+    /// `aud` of issued tokens [default: none].
+    #[arg(long, env = "PAYSTILE_TOKEN_AUDIENCE")]
+    pub token_audience: Option<String>,
+    /// Lifetime of issued tokens that ask for none [default: 86400].
+    #[arg(long, env = "PAYSTILE_TOKEN_TTL_SECONDS")]
+    pub token_ttl_seconds: Option<u64>,
+    /// A hold not settled within this time is released [default: 120].
+    #[arg(long, env = "PAYSTILE_HOLD_TTL_SECONDS")]
+    pub hold_ttl_seconds: Option<u64>,
+    /// How often expired holds are looked for [default: 1].
+    #[arg(long, env = "PAYSTILE_SWEEP_INTERVAL_SECONDS")]
+    pub sweep_interval_seconds: Option<u64>,
+    /// Log format [default: text].
+    #[arg(long, env = "PAYSTILE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// A secret that never shows in logs or debug output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Database {
+    Sqlite(PathBuf),
+}
+
+#[derive(Clone, Debug)]
+pub struct TokenSettings {
+    pub secret: Secret,
+    pub kid: Option<String>,
+    pub issuer: String,
+    pub audience: Option<String>,
+    pub ttl: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub database: Database,
+    pub admin_key: Secret,
+    pub gateway_key: Secret,
+    pub token: Option<TokenSettings>,
+    pub hold_ttl: Duration,
+    pub sweep_interval: Duration,
+    pub log_format: LogFormat,
+}
+
+/// A setting that is missing or wrong; the message names it.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct SettingsError {
+    pub field: &'static str,
+    pub problem: String,
+}
+
+fn problem(field: &'static str, problem: impl Into<String>) -> SettingsError {
+    SettingsError { field, problem: problem.into() }
+}
+
+impl Options {
+    /// Each setting from `self` where given, else from `lower`.
+    fn or(self, lower: Options) -> Options {
+        Options {
+            config: self.config.or(lower.config),
+            listen: self.listen.or(lower.listen),
+            database_url: self.database_url.or(lower.database_url),
+            admin_key: self.admin_key.or(lower.admin_key),
+            gateway_key: self.gateway_key.or(lower.gateway_key),
+            token_secret: self.token_secret.or(lower.token_secret),
+            token_kid: self.token_kid.or(lower.token_kid),
+            token_issuer: self.token_issuer.or(lower.token_issuer),
+            token_audience: self.token_audience.or(lower.token_audience),
+            token_ttl_seconds: self.token_ttl_seconds.or(lower.token_ttl_seconds),
+            hold_ttl_seconds: self.hold_ttl_seconds.or(lower.hold_ttl_seconds),
+            sweep_interval_seconds: self.sweep_interval_seconds.or(lower.sweep_interval_seconds),
+            log_format: self.log_format.or(lower.log_format),
+        }
+    }
+}
+
+impl Settings {
+    /// Resolves flags and environment (`given`) over the config file, then defaults.
+    pub fn resolve(given: Options) -> Result<Settings, SettingsError> {
+        let from_file = match &given.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    problem("config", format!("cannot read {}: {e}", path.display()))
+                })?;
+                toml::from_str(&text)
+                    .map_err(|e| problem("config", format!("{}: {e}", path.display())))?
+            }
+            None => Options::default(),
+        };
+        Settings::from_options(given.or(from_file))
+    }
+
+    fn from_options(options: Options) -> Result<Settings, SettingsError> {
+        let admin_key =
+            required_key("admin_key", "--admin-key, PAYSTILE_ADMIN_KEY", options.admin_key)?;
+        let gateway_key = required_key(
+            "gateway_key",
+            "--gateway-key, PAYSTILE_GATEWAY_KEY",
+            options.gateway_key,
+        )?;
+        if admin_key == gateway_key {
+            return Err(problem("gateway_key", "must differ from admin_key"));
+        }
+        let token = match options.token_secret {
+            Some(secret) if secret.is_empty() => return Err(problem("token_secret", "is empty")),
+            Some(secret) => Some(TokenSettings {
+                secret: Secret(secret),
+                kid: options.token_kid,
+                issuer: options.token_issuer.unwrap_or_else(|| "paystile".into()),
+                audience: options.token_audience,
+                ttl: Duration::from_secs(positive(
+                    "token_ttl_seconds",
+                    options.token_ttl_seconds,
+                    86_400,
+                )?),
+            }),
+            None => None,
+        };
+        let database_url = options.database_url.unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
+        let database = match database_url.strip_prefix("sqlite://") {
+            Some(path) if !path.is_empty() => Database::Sqlite(PathBuf::from(path)),
+            _ => return Err(problem("database_url", "expected sqlite://<path>")),
+        };
+        let listen = match options.listen {
+            Some(listen) => listen,
+            None => DEFAULT_LISTEN.parse().map_err(|_| problem("listen", "bad default"))?,
+        };
+        Ok(Settings {
+            listen,
+            database,
+            admin_key,
+            gateway_key,
+            token,
+            hold_ttl: Duration::from_secs(positive(
+                "hold_ttl_seconds",
+                options.hold_ttl_seconds,
+                120,
+            )?),
+            sweep_interval: Duration::from_secs(positive(
+                "sweep_interval_seconds",
+                options.sweep_interval_seconds,
+                1,
+            )?),
+            log_format: options.log_format.unwrap_or_default(),
+        })
+    }
+}
+
+fn required_key(
+    field: &'static str,
+    sources: &str,
+    key: Option<String>,
+) -> Result<Secret, SettingsError> {
+    let key = key.ok_or_else(|| {
+        problem(field, format!("required ({sources}, or {field} in the config file)"))
+    })?;
+    if key.chars().count() < MIN_KEY_LEN {
+        return Err(problem(field, format!("must be at least {MIN_KEY_LEN} characters")));
+    }
+    Ok(Secret(key))
+}
+
+fn positive(field: &'static str, value: Option<u64>, default: u64) -> Result<u64, SettingsError> {
+    match value.unwrap_or(default) {
+        0 => Err(problem(field, "must be greater than 0")),
+        value => Ok(value),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> Options {
+        Options {
+            admin_key: Some("admin-key-0123456789".into()),
+            gateway_key: Some("gateway-key-0123456789".into()),
+            ..Options::default()
+        }
+    }
+
+    #[test]
+    fn defaults_are_loopback_and_an_embedded_file() {
+        let settings = Settings::from_options(keys()).unwrap();
+        assert_eq!(settings.listen.to_string(), DEFAULT_LISTEN);
+        assert!(settings.listen.ip().is_loopback());
+        assert_eq!(settings.database, Database::Sqlite("paystile-ledger.db".into()));
+        assert_eq!(settings.hold_ttl, Duration::from_secs(120));
+        assert!(settings.token.is_none());
+    }
+
+    #[test]
+    fn problems_name_the_setting() {
+        let error = |options: Options| Settings::from_options(options).unwrap_err().to_string();
+        assert!(error(Options { admin_key: None, ..keys() }).starts_with("admin_key: required"));
+        assert!(
+            error(Options { gateway_key: Some("short".into()), ..keys() })
+                .starts_with("gateway_key: must be at least")
+        );
+        assert_eq!(
+            error(Options { gateway_key: keys().admin_key, ..keys() }),
+            "gateway_key: must differ from admin_key"
+        );
+        assert!(
+            error(Options { database_url: Some("mysql://x".into()), ..keys() })
+                .starts_with("database_url:")
+        );
+        assert!(
+            error(Options { hold_ttl_seconds: Some(0), ..keys() }).starts_with("hold_ttl_seconds:")
+        );
+        assert!(
+            error(Options { token_secret: Some(String::new()), ..keys() })
+                .starts_with("token_secret:")
+        );
+    }
+
+    #[test]
+    fn flags_and_environment_win_over_the_file() {
+        let file: Options = toml::from_str(
+            "listen = \"127.0.0.1:9999\"\nhold_ttl_seconds = 30\nadmin_key = \"from-file-0123456789\"",
+        )
+        .unwrap();
+        let given = Options { hold_ttl_seconds: Some(5), ..keys() };
+        let settings = Settings::from_options(given.or(file)).unwrap();
+        assert_eq!(settings.listen.to_string(), "127.0.0.1:9999");
+        assert_eq!(settings.hold_ttl, Duration::from_secs(5));
+        assert_eq!(settings.admin_key.expose(), "admin-key-0123456789");
+        assert!(!format!("{settings:?}").contains("0123456789"), "secrets leak into Debug");
+    }
+
+    #[test]
+    fn the_file_refuses_unknown_keys() {
+        let error = toml::from_str::<Options>("hold_ttl = 3").unwrap_err().to_string();
+        assert!(error.contains("unknown field `hold_ttl`"), "{error}");
+    }
+}

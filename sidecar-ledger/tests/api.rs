@@ -1,0 +1,518 @@
+//! The ledger's HTTP API, tested against the real `paystile-ledger` binary and its SQLite file.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use paystile_ledger::child::LedgerProcess;
+use paystile_ledger::client::{AdminClient, ClientError};
+use paystile_protocol::jws::Key;
+use paystile_protocol::ledger_api::{
+    ChargeStatus, Hold, IssueTokenRequest, SettleResponse, SettleStatus, TokenView,
+};
+use paystile_protocol::pay_token::{self, Scope, Validation};
+use paystile_protocol::{ErrorBody, ErrorCode, Usdc};
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+const ADMIN_KEY: &str = "test-admin-key-0123456789";
+const GATEWAY_KEY: &str = "test-gateway-key-0123456789";
+const TOKEN_SECRET: &str = "test-token-secret-0123456789abcdef";
+
+struct Ledger {
+    process: LedgerProcess,
+    /// Holds the database; deleted when the test ends.
+    _dir: TempDir,
+    args: Vec<String>,
+    admin: AdminClient,
+    http: reqwest::Client,
+}
+
+fn ledger_binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_paystile-ledger"))
+}
+
+fn envs() -> Vec<(String, String)> {
+    [("PAYSTILE_ADMIN_KEY", ADMIN_KEY), ("PAYSTILE_GATEWAY_KEY", GATEWAY_KEY)]
+        .into_iter()
+        .chain([("PAYSTILE_TOKEN_SECRET", TOKEN_SECRET), ("RUST_LOG", "warn")])
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+impl Ledger {
+    fn start(extra: &[&str]) -> Ledger {
+        let dir = TempDir::new().unwrap();
+        let database = format!("sqlite://{}", dir.path().join("ledger.db").display());
+        let mut args: Vec<String> = vec!["--database-url".into(), database];
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let listen = ["--listen".to_owned(), "127.0.0.1:0".to_owned()];
+        let process = LedgerProcess::start(
+            ledger_binary(),
+            &[args.clone(), listen.to_vec()].concat(),
+            &envs(),
+            Stdio::inherit(),
+        )
+        .unwrap();
+        let admin = AdminClient::new(&process.url(), ADMIN_KEY);
+        Ledger { process, _dir: dir, args, admin, http: reqwest::Client::new() }
+    }
+
+    /// `kill -9`, then start again on the same port and database.
+    fn crash_and_restart(&mut self) {
+        let address = self.process.address();
+        self.process.kill().unwrap();
+        let listen = ["--listen".to_owned(), address.to_string()];
+        self.process = LedgerProcess::start(
+            ledger_binary(),
+            &[self.args.clone(), listen.to_vec()].concat(),
+            &envs(),
+            Stdio::inherit(),
+        )
+        .unwrap();
+    }
+
+    async fn post(&self, path: &str, key: Option<&str>, body: &str) -> (u16, Value) {
+        let mut request = self
+            .http
+            .post(format!("{}{path}", self.process.url()))
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn reserve(&self, body: &Value) -> (u16, Value) {
+        self.post("/v1/holds", Some(GATEWAY_KEY), &body.to_string()).await
+    }
+
+    async fn hold(&self, body: &Value) -> Hold {
+        let (status, answer) = self.reserve(body).await;
+        assert_eq!(status, 200, "{answer}");
+        serde_json::from_value(answer).unwrap()
+    }
+
+    async fn settle(&self, settlements: &[(&str, &str)]) -> Vec<SettleStatus> {
+        let settlements: Vec<Value> = settlements
+            .iter()
+            .map(|(id, outcome)| json!({"chargeId": id, "outcome": outcome, "upstreamStatus": 200}))
+            .collect();
+        let body = json!({ "settlements": settlements }).to_string();
+        let (status, answer) = self.post("/v1/holds/settle", Some(GATEWAY_KEY), &body).await;
+        assert_eq!(status, 200, "{answer}");
+        let answer: SettleResponse = serde_json::from_value(answer).unwrap();
+        answer.results.into_iter().map(|r| r.status).collect()
+    }
+
+    async fn token(&self, token_id: &str) -> TokenView {
+        self.admin.token(token_id).await.unwrap()
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+fn usdc(amount: &str) -> Usdc {
+    amount.parse().unwrap()
+}
+
+/// A reserve body for `token_id` with cap `limit`, as the filter sends it.
+fn reserve_body(token_id: &str, limit: &str, price: &str) -> Value {
+    json!({
+        "token": {
+            "tokenId": token_id, "buyerId": "buyer-1", "serviceId": "weather",
+            "scope": "SINGLE", "limitUsdc": limit, "expiresAt": 4_000_000_000u64
+        },
+        "serviceId": "weather",
+        "priceUsdc": price,
+    })
+}
+
+fn with_key(mut body: Value, key: &str, fingerprint_byte: char) -> Value {
+    body["idempotency"] =
+        json!({ "key": key, "fingerprint": fingerprint_byte.to_string().repeat(64) });
+    body
+}
+
+fn issue_request(limit: &str) -> IssueTokenRequest {
+    IssueTokenRequest {
+        service_id: "weather".into(),
+        limit_usdc: usdc(limit),
+        buyer_id: "agent-7".into(),
+        buyer_tag: Some("nightly-batch".into()),
+        scope: None,
+        expires_at: None,
+        ttl_seconds: Some(600),
+    }
+}
+
+#[tokio::test]
+async fn endpoints_require_their_own_key() {
+    let ledger = Ledger::start(&[]);
+    let health = ledger.http.get(format!("{}/healthz", ledger.process.url())).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+
+    let issue = json!({"serviceId": "s", "limitUsdc": "1", "buyerId": "b"}).to_string();
+    let hold = reserve_body("tok_x", "1", "0.1").to_string();
+    for (path, body, right_key, wrong_key) in [
+        ("/v1/tokens", &issue, ADMIN_KEY, GATEWAY_KEY),
+        ("/v1/holds", &hold, GATEWAY_KEY, ADMIN_KEY),
+    ] {
+        for key in [None, Some("not-the-key-0123456789"), Some(wrong_key)] {
+            let (status, answer) = ledger.post(path, key, body).await;
+            assert_eq!(
+                (status, answer["code"].as_str()),
+                (401, Some("unauthorized")),
+                "{path} {key:?}"
+            );
+        }
+        let (status, answer) = ledger.post(path, Some(right_key), body).await;
+        assert!(status == 200 || status == 201, "{path}: {answer}");
+    }
+    // Nothing was held by the refused calls: one hold of 0.1 exists.
+    assert_eq!(ledger.token("tok_x").await.reserved_usdc, usdc("0.1"));
+}
+
+#[tokio::test]
+async fn issues_tokens_that_verify_with_the_shared_secret() {
+    let ledger = Ledger::start(&["--token-issuer", "paystile-test"]);
+    let issued = ledger.admin.issue_token(&issue_request("2.5")).await.unwrap();
+    assert!(issued.token_id.starts_with("tok_"));
+    assert_eq!(issued.limit_usdc, usdc("2.5"));
+
+    let validation = Validation { issuer: Some("paystile-test".into()), ..Validation::default() };
+    let claims =
+        pay_token::verify(&issued.jwt, &[Key::hs256(TOKEN_SECRET)], &validation, unix_now())
+            .unwrap();
+    assert_eq!(claims.jti, issued.token_id);
+    assert_eq!((claims.sub.as_str(), claims.service_id.as_deref()), ("agent-7", Some("weather")));
+    assert_eq!((claims.limit_usdc, claims.scope), (usdc("2.5"), Scope::Single));
+    assert_eq!(claims.buyer_tag.as_deref(), Some("nightly-batch"));
+    assert_eq!(claims.exp - claims.iat.unwrap(), 600);
+
+    let view = ledger.token(&issued.token_id).await;
+    assert_eq!(
+        (view.limit_usdc, view.used_usdc, view.remaining_usdc),
+        (usdc("2.5"), Usdc::ZERO, usdc("2.5"))
+    );
+    assert_eq!((view.revoked, view.expires_at), (false, issued.expires_at));
+}
+
+#[tokio::test]
+async fn bad_requests_get_400_with_a_message_and_change_nothing() {
+    let ledger = Ledger::start(&[]);
+    let issued = ledger.admin.issue_token(&issue_request("1")).await.unwrap();
+    let before = ledger.token(&issued.token_id).await;
+
+    let issue_cases = [
+        ("{not json", "JSON"),
+        (
+            r#"{"serviceId":"s","limitUsdc":"1","buyerId":"b","color":"red"}"#,
+            "unknown field `color`",
+        ),
+        (r#"{"serviceId":"s","limitUsdc":"1.0000001","buyerId":"b"}"#, "more than 6 decimals"),
+        (r#"{"serviceId":"s","limitUsdc":"-1","buyerId":"b"}"#, "negative"),
+        (r#"{"serviceId":"s","limitUsdc":0.5,"buyerId":"b"}"#, "decimal strings"),
+        (r#"{"serviceId":"s","limitUsdc":"99999999999999999999","buyerId":"b"}"#, "too large"),
+        (r#"{"serviceId":"s","limitUsdc":"0","buyerId":"b"}"#, "greater than 0"),
+        (r#"{"serviceId":"","limitUsdc":"1","buyerId":"b"}"#, "serviceId must not be empty"),
+        (
+            r#"{"serviceId":"s","limitUsdc":"1","buyerId":"b","ttlSeconds":5,"expiresAt":"2030-01-01T00:00:00Z"}"#,
+            "at most one",
+        ),
+        (r#"{"serviceId":"s","limitUsdc":"1","buyerId":"b","expiresAt":"tomorrow"}"#, "RFC 3339"),
+        (
+            r#"{"serviceId":"s","limitUsdc":"1","buyerId":"b","expiresAt":"2001-01-01T00:00:00Z"}"#,
+            "future",
+        ),
+    ];
+    for (body, message) in issue_cases {
+        let (status, answer) = ledger.post("/v1/tokens", Some(ADMIN_KEY), body).await;
+        assert_eq!(
+            (status, answer["code"].as_str()),
+            (400, Some("bad_request")),
+            "{body}: {answer}"
+        );
+        assert!(answer["error"].as_str().unwrap().contains(message), "{body}: {answer}");
+    }
+
+    let valid = reserve_body(&issued.token_id, "1", "0.1");
+    let mut bad_fingerprint = with_key(valid.clone(), "k", 'a');
+    bad_fingerprint["idempotency"]["fingerprint"] = json!("short");
+    let reserve_cases = [
+        (reserve_body(&issued.token_id, "1", "0"), "priceUsdc must be greater than 0"),
+        (reserve_body(&issued.token_id, "1", "0.0000001"), "more than 6 decimals"),
+        (reserve_body("", "1", "0.1"), "token.tokenId must not be empty"),
+        (with_key(valid.clone(), "", 'a'), "idempotency.key"),
+        (with_key(valid.clone(), &"k".repeat(256), 'a'), "idempotency.key"),
+        (bad_fingerprint, "fingerprint"),
+        (json!({"serviceId": "weather", "priceUsdc": "0.1"}), "missing field `token`"),
+    ];
+    for (body, message) in reserve_cases {
+        let (status, answer) = ledger.reserve(&body).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(answer["error"].as_str().unwrap().contains(message), "{body}: {answer}");
+    }
+    let (status, answer) = ledger
+        .post(
+            "/v1/holds/settle",
+            Some(GATEWAY_KEY),
+            r#"{"settlements":[{"chargeId":"c","outcome":"maybe"}]}"#,
+        )
+        .await;
+    assert_eq!(status, 400, "{answer}");
+
+    assert_eq!(ledger.token(&issued.token_id).await, before, "a refused request changed the token");
+    let missing = ledger.admin.token("tok_missing").await.unwrap_err();
+    assert!(matches!(
+        missing,
+        ClientError::Refused { status: 404, body: ErrorBody { code: ErrorCode::NotFound, .. } }
+    ));
+    let missing = ledger.admin.charge("ch_missing").await.unwrap_err();
+    assert!(matches!(missing, ClientError::Refused { status: 404, .. }));
+}
+
+#[tokio::test]
+async fn holds_commit_once_release_and_count_against_the_cap() {
+    let ledger = Ledger::start(&[]);
+    // A token minted elsewhere: the ledger learns it from its first reserve.
+    let body = reserve_body("tok_external", "0.003", "0.001");
+    let first = ledger.hold(&body).await;
+    let second = ledger.hold(&body).await;
+    let third = ledger.hold(&body).await;
+    assert_eq!(
+        [first.remaining_usdc, second.remaining_usdc, third.remaining_usdc],
+        [usdc("0.002"), usdc("0.001"), Usdc::ZERO]
+    );
+    let (status, refusal) = ledger.reserve(&body).await;
+    assert_eq!(
+        (status, refusal["code"].as_str()),
+        (402, Some("token_limit_exceeded")),
+        "{refusal}"
+    );
+    assert_eq!(
+        (refusal["reserved"].as_str(), refusal["limit"].as_str()),
+        (Some("0.003000"), Some("0.003000"))
+    );
+
+    let results = ledger
+        .settle(&[
+            (&first.charge_id, "commit"),
+            (&second.charge_id, "release"),
+            (&first.charge_id, "commit"),
+            ("ch_nope", "commit"),
+        ])
+        .await;
+    assert_eq!(
+        results,
+        [
+            SettleStatus::Committed,
+            SettleStatus::Released,
+            SettleStatus::AlreadyCommitted,
+            SettleStatus::Unknown
+        ]
+    );
+    assert_eq!(
+        ledger.settle(&[(&second.charge_id, "commit")]).await,
+        [SettleStatus::AlreadyReleased]
+    );
+
+    let token = ledger.token("tok_external").await;
+    assert_eq!(
+        (token.used_usdc, token.reserved_usdc, token.remaining_usdc),
+        (usdc("0.001"), usdc("0.001"), usdc("0.001"))
+    );
+    let charge = ledger.admin.charge(&first.charge_id).await.unwrap();
+    assert_eq!(
+        (charge.status, charge.amount_usdc, charge.upstream_status),
+        (ChargeStatus::Committed, usdc("0.001"), Some(200))
+    );
+    assert_eq!(
+        (charge.token_id.as_str(), charge.buyer_id.as_str(), charge.service_id.as_str()),
+        ("tok_external", "buyer-1", "weather")
+    );
+    let released = ledger.admin.charge(&second.charge_id).await.unwrap();
+    assert_eq!((released.status, released.amount_usdc), (ChargeStatus::Released, Usdc::ZERO));
+
+    // The freed amount can be held again.
+    ledger.hold(&body).await;
+}
+
+#[tokio::test]
+async fn revocation_is_immediate_and_voids_holds_in_flight() {
+    let ledger = Ledger::start(&[]);
+    let issued = ledger.admin.issue_token(&issue_request("1")).await.unwrap();
+    let body = reserve_body(&issued.token_id, "1", "0.25");
+    let in_flight = ledger.hold(&body).await;
+
+    let revoked = ledger.admin.revoke_token(&issued.token_id).await.unwrap();
+    assert!(revoked.revoked);
+    let (status, refusal) = ledger.reserve(&body).await;
+    assert_eq!((status, refusal["code"].as_str()), (422, Some("token_revoked")), "{refusal}");
+    assert_eq!(ledger.settle(&[(&in_flight.charge_id, "commit")]).await, [SettleStatus::Revoked]);
+    let token = ledger.token(&issued.token_id).await;
+    assert_eq!((token.used_usdc, token.reserved_usdc), (Usdc::ZERO, Usdc::ZERO));
+    assert!(
+        ledger.admin.revoke_token(&issued.token_id).await.unwrap().revoked,
+        "revoking twice is fine"
+    );
+}
+
+#[tokio::test]
+async fn idempotency_keys_replay_charges_and_refuse_misuse() {
+    let ledger = Ledger::start(&[]);
+    let base = reserve_body("tok_idem", "1", "0.1");
+    let first = ledger.hold(&with_key(base.clone(), "order-1", 'a')).await;
+
+    let (status, busy) = ledger.reserve(&with_key(base.clone(), "order-1", 'a')).await;
+    assert_eq!((status, busy["code"].as_str()), (409, Some("idempotency_key_in_use")));
+    let (status, other) = ledger.reserve(&with_key(base.clone(), "order-1", 'b')).await;
+    assert_eq!((status, other["code"].as_str()), (422, Some("idempotency_key_mismatch")));
+
+    ledger.settle(&[(&first.charge_id, "commit")]).await;
+    let replay = ledger.hold(&with_key(base.clone(), "order-1", 'a')).await;
+    assert_eq!((replay.charge_id.as_str(), replay.replayed), (first.charge_id.as_str(), true));
+    assert_eq!(replay.amount_usdc, usdc("0.1"));
+    let token = ledger.token("tok_idem").await;
+    assert_eq!(
+        (token.used_usdc, token.reserved_usdc),
+        (usdc("0.1"), Usdc::ZERO),
+        "a replay held money"
+    );
+
+    // A key whose first attempt was released may be charged on retry, once.
+    let failed = ledger.hold(&with_key(base.clone(), "order-2", 'a')).await;
+    ledger.settle(&[(&failed.charge_id, "release")]).await;
+    let retry = ledger.hold(&with_key(base.clone(), "order-2", 'a')).await;
+    assert!(!retry.replayed && retry.charge_id != failed.charge_id);
+    ledger.settle(&[(&retry.charge_id, "commit")]).await;
+    let again = ledger.hold(&with_key(base.clone(), "order-2", 'a')).await;
+    assert_eq!((again.charge_id, again.replayed), (retry.charge_id, true));
+
+    // Keys are scoped to the token: another token may use the same key.
+    let elsewhere =
+        ledger.hold(&with_key(reserve_body("tok_other", "1", "0.1"), "order-1", 'a')).await;
+    assert!(!elsewhere.replayed);
+    assert_eq!(ledger.token("tok_idem").await.used_usdc, usdc("0.2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_reserves_never_overspend() {
+    let ledger = std::sync::Arc::new(Ledger::start(&[]));
+    // 0.037 allows exactly 37 holds of 0.001; 120 callers race for them.
+    let body = reserve_body("tok_race", "0.037", "0.001");
+    let calls = (0..120).map(|_| {
+        let (ledger, body) = (ledger.clone(), body.clone());
+        tokio::spawn(async move { ledger.reserve(&body).await })
+    });
+    let mut held = Vec::new();
+    for call in calls {
+        match call.await.unwrap() {
+            (200, hold) => held.push(hold["chargeId"].as_str().unwrap().to_owned()),
+            (402, refusal) => assert_eq!(refusal["code"], "token_limit_exceeded"),
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert_eq!(held.len(), 37);
+    let settlements: Vec<(&str, &str)> = held.iter().map(|id| (id.as_str(), "commit")).collect();
+    // Commit all, twice over: nothing is charged twice.
+    for _ in 0..2 {
+        ledger.settle(&settlements).await;
+    }
+    let token = ledger.token("tok_race").await;
+    assert_eq!((token.used_usdc, token.reserved_usdc), (usdc("0.037"), Usdc::ZERO));
+}
+
+#[tokio::test]
+async fn answered_charges_survive_kill_9() {
+    let mut ledger = Ledger::start(&[]);
+    let body = reserve_body("tok_durable", "1", "0.01");
+    let mut committed = Vec::new();
+    for _ in 0..20 {
+        let hold = ledger.hold(&body).await;
+        assert_eq!(ledger.settle(&[(&hold.charge_id, "commit")]).await, [SettleStatus::Committed]);
+        committed.push(hold.charge_id);
+    }
+    let open = ledger.hold(&body).await;
+
+    ledger.crash_and_restart();
+
+    for charge_id in &committed {
+        let charge = ledger.admin.charge(charge_id).await.unwrap();
+        assert_eq!((charge.status, charge.amount_usdc), (ChargeStatus::Committed, usdc("0.01")));
+    }
+    let token = ledger.token("tok_durable").await;
+    assert_eq!((token.used_usdc, token.reserved_usdc), (usdc("0.2"), usdc("0.01")));
+    // The hold answered before the crash is still there and can be settled.
+    assert_eq!(ledger.settle(&[(&open.charge_id, "commit")]).await, [SettleStatus::Committed]);
+    assert_eq!(ledger.token("tok_durable").await.used_usdc, usdc("0.21"));
+}
+
+#[tokio::test]
+async fn unsettled_holds_expire_and_cannot_commit_after() {
+    let ledger = Ledger::start(&["--hold-ttl-seconds", "1", "--sweep-interval-seconds", "1"]);
+    let hold = ledger.hold(&reserve_body("tok_ttl", "1", "0.5")).await;
+    assert_eq!(ledger.token("tok_ttl").await.reserved_usdc, usdc("0.5"));
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while ledger.token("tok_ttl").await.reserved_usdc != Usdc::ZERO {
+        assert!(tokio::time::Instant::now() < deadline, "the hold was never released");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let charge = ledger.admin.charge(&hold.charge_id).await.unwrap();
+    assert_eq!(charge.status, ChargeStatus::Released);
+    assert_eq!(
+        ledger.settle(&[(&hold.charge_id, "commit")]).await,
+        [SettleStatus::AlreadyReleased]
+    );
+    assert_eq!(ledger.token("tok_ttl").await.used_usdc, Usdc::ZERO);
+}
+
+#[test]
+fn refuses_to_start_without_keys_naming_the_setting() {
+    let output = std::process::Command::new(ledger_binary())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env_remove("PAYSTILE_ADMIN_KEY")
+        .env("PAYSTILE_GATEWAY_KEY", GATEWAY_KEY)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("admin_key: required"), "{stderr}");
+}
+
+#[tokio::test]
+async fn admin_cli_issues_shows_and_revokes() {
+    let ledger = Ledger::start(&[]);
+    let cli = |args: &[&str]| {
+        let output = std::process::Command::new(ledger_binary())
+            .args(args)
+            .args(["--ledger-url", &ledger.process.url()])
+            .env("PAYSTILE_ADMIN_KEY", ADMIN_KEY)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice::<Value>(&output.stdout).unwrap()
+    };
+    let issued = cli(&[
+        "token",
+        "issue",
+        "--service-id",
+        "weather",
+        "--limit-usdc",
+        "0.5",
+        "--buyer-id",
+        "cli-agent",
+    ]);
+    let token_id = issued["tokenId"].as_str().unwrap();
+    assert_eq!(issued["limitUsdc"], "0.500000");
+    assert_eq!(cli(&["token", "show", token_id])["buyerId"], "cli-agent");
+    assert_eq!(cli(&["token", "revoke", token_id])["revoked"], true);
+    assert!(ledger.token(token_id).await.revoked);
+}
