@@ -1,0 +1,481 @@
+//! The filter's configuration: JSON, as the gateway hands it over (Envoy's `configuration`,
+//! Kong's filter `config`, Istio's `pluginConfig`). Anything wrong is refused with the path
+//! of the field at fault, and the gateway then refuses the configuration.
+
+use std::fmt;
+use std::time::Duration;
+
+use paystile_protocol::Usdc;
+use paystile_protocol::jws::Key;
+use paystile_protocol::pay_token::{MAX_ID_LEN, Validation};
+use serde::Deserialize;
+
+/// What the gateway's JSON says, before validation.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    service_id: String,
+    routes: Vec<RawRoute>,
+    ledger: RawLedger,
+    pay_token: RawPayToken,
+    #[serde(default)]
+    billable_statuses: Option<Vec<String>>,
+    #[serde(default)]
+    failure_mode: FailureMode,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    path_prefix: Option<String>,
+    #[serde(default)]
+    methods: Option<Vec<String>>,
+    price_usdc: Usdc,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLedger {
+    upstream: String,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    gateway_key: String,
+    #[serde(default)]
+    settle_interval_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPayToken {
+    keys: Vec<RawKey>,
+    #[serde(default)]
+    issuer: Option<String>,
+    #[serde(default)]
+    audience: Option<String>,
+    #[serde(default)]
+    leeway_seconds: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    #[serde(default)]
+    kid: Option<String>,
+    alg: String,
+    /// The key's bytes, as UTF-8 text.
+    secret: String,
+}
+
+/// What happens to a priced request when the ledger cannot be asked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    /// Refuse with 503 `ledger_unavailable` (the default: no unpaid call reaches the upstream).
+    #[default]
+    Closed,
+    /// Let the request through unpaid.
+    Open,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
+}
+
+/// A priced (or, at price 0, explicitly free) route. The first route that matches decides.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub path: PathMatch,
+    /// Upper-case methods; `None` matches every method.
+    pub methods: Option<Vec<String>>,
+    pub price: Usdc,
+}
+
+impl Route {
+    fn matches(&self, method: &[u8], path: &[u8]) -> bool {
+        let path_matches = match &self.path {
+            PathMatch::Exact(exact) => path == exact.as_bytes(),
+            PathMatch::Prefix(prefix) => path.starts_with(prefix.as_bytes()),
+        };
+        path_matches
+            && self.methods.as_ref().is_none_or(|m| m.iter().any(|m| m.as_bytes() == method))
+    }
+}
+
+/// Where and how to call the ledger.
+#[derive(Clone, Debug)]
+pub struct LedgerTarget {
+    /// Envoy/Istio: a cluster name; Kong: a resolvable `host:port`.
+    pub upstream: String,
+    pub authority: String,
+    pub timeout: Duration,
+    /// `Bearer <gateway key>`, ready to send.
+    pub authorization: String,
+    pub settle_interval: Duration,
+}
+
+/// The statuses of upstream answers that are charged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Billable {
+    classes: Vec<u16>,
+    exact: Vec<u16>,
+}
+
+impl Billable {
+    pub fn contains(&self, status: u16) -> bool {
+        self.exact.contains(&status) || self.classes.contains(&(status / 100))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub service_id: String,
+    pub routes: Vec<Route>,
+    pub ledger: LedgerTarget,
+    pub keys: Vec<Key>,
+    pub validation: Validation,
+    pub billable: Billable,
+    pub failure_mode: FailureMode,
+}
+
+/// A configuration the filter refuses, with the path of the field at fault.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() || self.field == "." {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.field, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError { field: field.into(), message: message.into() }
+}
+
+pub const DEFAULT_LEDGER_AUTHORITY: &str = "paystile-ledger";
+pub const DEFAULT_LEDGER_TIMEOUT_MS: u64 = 1000;
+pub const DEFAULT_SETTLE_INTERVAL_MS: u64 = 50;
+pub const DEFAULT_LEEWAY_SECONDS: u64 = 60;
+/// Gateway keys shorter than this are refused, as the ledger refuses them.
+pub const MIN_GATEWAY_KEY_LEN: usize = 16;
+
+impl Config {
+    pub fn from_json(json: &[u8]) -> Result<Config, ConfigError> {
+        let deserializer = &mut serde_json::Deserializer::from_slice(json);
+        let raw: Raw = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let message = e.inner().to_string();
+            invalid(e.path().to_string(), message)
+        })?;
+        Config::validate(raw)
+    }
+
+    fn validate(raw: Raw) -> Result<Config, ConfigError> {
+        check_id("service_id", &raw.service_id)?;
+        if raw.routes.is_empty() {
+            return Err(invalid("routes", "list at least one route"));
+        }
+        let routes = raw
+            .routes
+            .into_iter()
+            .enumerate()
+            .map(|(i, route)| validate_route(&format!("routes[{i}]"), route))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let ledger = raw.ledger;
+        if ledger.upstream.is_empty() {
+            return Err(invalid(
+                "ledger.upstream",
+                "must name the ledger's cluster (Envoy) or host:port (Kong)",
+            ));
+        }
+        let authority = ledger.authority.unwrap_or_else(|| DEFAULT_LEDGER_AUTHORITY.into());
+        if authority.is_empty() {
+            return Err(invalid("ledger.authority", "must not be empty"));
+        }
+        if ledger.gateway_key.chars().count() < MIN_GATEWAY_KEY_LEN
+            || !ledger.gateway_key.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(invalid(
+                "ledger.gateway_key",
+                format!("must be at least {MIN_GATEWAY_KEY_LEN} printable ASCII characters"),
+            ));
+        }
+        let timeout =
+            milliseconds("ledger.timeout_ms", ledger.timeout_ms, DEFAULT_LEDGER_TIMEOUT_MS)?;
+        let settle_interval = milliseconds(
+            "ledger.settle_interval_ms",
+            ledger.settle_interval_ms,
+            DEFAULT_SETTLE_INTERVAL_MS,
+        )?;
+
+        let pay_token = raw.pay_token;
+        if pay_token.keys.is_empty() {
+            return Err(invalid("pay_token.keys", "list at least one key"));
+        }
+        let mut keys = Vec::with_capacity(pay_token.keys.len());
+        for (i, key) in pay_token.keys.into_iter().enumerate() {
+            let field = format!("pay_token.keys[{i}]");
+            if key.alg != "HS256" {
+                return Err(invalid(format!("{field}.alg"), "only HS256 is supported"));
+            }
+            if key.secret.is_empty() {
+                return Err(invalid(format!("{field}.secret"), "must not be empty"));
+            }
+            let duplicate_kid = keys.iter().any(|k: &Key| k.kid() == key.kid.as_deref());
+            if key.kid.is_some() && duplicate_kid {
+                return Err(invalid(format!("{field}.kid"), "is used by another key"));
+            }
+            let hs256 = Key::hs256(key.secret.into_bytes());
+            keys.push(match key.kid {
+                Some(kid) => hs256.with_kid(kid),
+                None => hs256,
+            });
+        }
+
+        let statuses = raw.billable_statuses.unwrap_or_else(|| vec!["2xx".into()]);
+        let billable = parse_billable(&statuses)?;
+
+        Ok(Config {
+            service_id: raw.service_id,
+            routes,
+            ledger: LedgerTarget {
+                upstream: ledger.upstream,
+                authority,
+                timeout,
+                authorization: format!("Bearer {}", ledger.gateway_key),
+                settle_interval,
+            },
+            keys,
+            validation: Validation {
+                issuer: pay_token.issuer,
+                audience: pay_token.audience,
+                leeway_seconds: pay_token.leeway_seconds.unwrap_or(DEFAULT_LEEWAY_SECONDS),
+            },
+            billable,
+            failure_mode: raw.failure_mode,
+        })
+    }
+
+    /// The route that prices this request, if any; `path` may carry a query.
+    pub fn route(&self, method: &[u8], path: &[u8]) -> Option<&Route> {
+        let path = path.split(|b| *b == b'?').next().unwrap_or(path);
+        self.routes.iter().find(|route| route.matches(method, path))
+    }
+}
+
+fn check_id(field: &str, id: &str) -> Result<(), ConfigError> {
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return Err(invalid(field, format!("must be 1 to {MAX_ID_LEN} bytes")));
+    }
+    Ok(())
+}
+
+fn validate_route(field: &str, route: RawRoute) -> Result<Route, ConfigError> {
+    let path = match (route.path, route.path_prefix) {
+        (Some(path), None) => (PathMatch::Exact(path), "path"),
+        (None, Some(prefix)) => (PathMatch::Prefix(prefix), "path_prefix"),
+        _ => return Err(invalid(field, "give exactly one of path and path_prefix")),
+    };
+    let (path, name) = path;
+    let (PathMatch::Exact(text) | PathMatch::Prefix(text)) = &path;
+    if !text.starts_with('/') {
+        return Err(invalid(format!("{field}.{name}"), "must start with /"));
+    }
+    let methods = match route.methods {
+        Some(methods) if methods.is_empty() => {
+            return Err(invalid(
+                format!("{field}.methods"),
+                "list at least one method, or leave it out",
+            ));
+        }
+        Some(methods) => {
+            let token = |m: &String| !m.is_empty() && m.bytes().all(|b| b.is_ascii_alphabetic());
+            if let Some(bad) = methods.iter().position(|m| !token(m)) {
+                return Err(invalid(format!("{field}.methods[{bad}]"), "is not an HTTP method"));
+            }
+            Some(methods.into_iter().map(|m| m.to_ascii_uppercase()).collect())
+        }
+        None => None,
+    };
+    Ok(Route { path, methods, price: route.price_usdc })
+}
+
+fn milliseconds(field: &str, value: Option<u64>, default: u64) -> Result<Duration, ConfigError> {
+    match value.unwrap_or(default) {
+        ms @ 1..=60_000 => Ok(Duration::from_millis(ms)),
+        _ => Err(invalid(field, "must be between 1 and 60000")),
+    }
+}
+
+fn parse_billable(statuses: &[String]) -> Result<Billable, ConfigError> {
+    if statuses.is_empty() {
+        return Err(invalid("billable_statuses", "list at least one status, or leave it out"));
+    }
+    let mut billable = Billable { classes: Vec::new(), exact: Vec::new() };
+    for (i, status) in statuses.iter().enumerate() {
+        let parsed = match status.strip_suffix("xx") {
+            Some(class) if class.len() == 1 => class.parse().ok().filter(|c| (1..=5).contains(c)),
+            Some(_) => None,
+            None if status.len() == 3 => status.parse().ok().filter(|s| (100..=599).contains(s)),
+            None => None,
+        };
+        match (parsed, status.ends_with("xx")) {
+            (Some(class), true) => billable.classes.push(class),
+            (Some(code), false) => billable.exact.push(code),
+            (None, _) => {
+                return Err(invalid(
+                    format!("billable_statuses[{i}]"),
+                    "expected a status (200) or a class (2xx)",
+                ));
+            }
+        }
+    }
+    Ok(billable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn example() -> Value {
+        json!({
+            "service_id": "weather",
+            "routes": [
+                {"path_prefix": "/v1/forecast/free", "price_usdc": "0"},
+                {"path_prefix": "/v1/forecast", "price_usdc": "0.001"},
+                {"path": "/v1/report", "methods": ["post"], "price_usdc": "0.25"}
+            ],
+            "ledger": {"upstream": "paystile_ledger", "gateway_key": "gateway-key-0123456789"},
+            "pay_token": {"keys": [{"alg": "HS256", "secret": "s3cret"}]}
+        })
+    }
+
+    fn parse(json: &Value) -> Result<Config, ConfigError> {
+        Config::from_json(json.to_string().as_bytes())
+    }
+
+    #[test]
+    fn applies_defaults() {
+        let config = parse(&example()).unwrap();
+        assert_eq!(config.ledger.authority, "paystile-ledger");
+        assert_eq!(config.ledger.timeout, Duration::from_millis(1000));
+        assert_eq!(config.ledger.authorization, "Bearer gateway-key-0123456789");
+        assert_eq!(config.validation.leeway_seconds, 60);
+        assert_eq!(config.failure_mode, FailureMode::Closed);
+        assert!(config.billable.contains(200) && config.billable.contains(299));
+        assert!(!config.billable.contains(304) && !config.billable.contains(500));
+    }
+
+    #[test]
+    fn the_first_matching_route_prices_the_request() {
+        let config = parse(&example()).unwrap();
+        let price = |method: &str, path: &str| {
+            config.route(method.as_bytes(), path.as_bytes()).map(|r| r.price.to_string())
+        };
+        assert_eq!(price("GET", "/v1/forecast?city=Oslo").as_deref(), Some("0.001000"));
+        assert_eq!(price("GET", "/v1/forecast/free/today").as_deref(), Some("0.000000"));
+        assert_eq!(price("POST", "/v1/report").as_deref(), Some("0.250000"));
+        assert_eq!(price("GET", "/v1/report"), None);
+        assert_eq!(price("POST", "/v1/report/x"), None);
+        assert_eq!(price("GET", "/healthz"), None);
+        assert_eq!(config.route(b"GET", b"/v1/forecast\xff").map(|r| r.price.micros()), Some(1000));
+    }
+
+    #[test]
+    fn billable_statuses_take_codes_and_classes() {
+        let mut json = example();
+        json["billable_statuses"] = json!(["2xx", "304"]);
+        let config = parse(&json).unwrap();
+        assert!(config.billable.contains(201) && config.billable.contains(304));
+        assert!(!config.billable.contains(302) && !config.billable.contains(404));
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        let cases: Vec<(Value, &str)> = vec![
+            (json!({"service_id": "x"}), "missing field `routes`"),
+            (json!(null), "invalid type"),
+            (with(|c| c["colour"] = json!(1)), "colour: unknown field `colour`"),
+            (with(|c| c["service_id"] = json!("")), "service_id: must be 1 to 255 bytes"),
+            (with(|c| c["routes"] = json!([])), "routes: list at least one route"),
+            (
+                with(|c| c["routes"][1]["price_usdc"] = json!("0.0000001")),
+                "routes[1].price_usdc: amount has more than 6 decimals",
+            ),
+            (
+                with(|c| c["routes"][1]["price_usdc"] = json!("-1")),
+                "routes[1].price_usdc: amount is negative",
+            ),
+            (with(|c| c["routes"][2]["path"] = json!("v1")), "routes[2].path: must start with /"),
+            (
+                with(|c| c["routes"][2]["path_prefix"] = json!("/v1")),
+                "routes[2]: give exactly one of path and path_prefix",
+            ),
+            (
+                with(|c| c["routes"][2]["methods"] = json!(["GE T"])),
+                "routes[2].methods[0]: is not an HTTP method",
+            ),
+            (
+                with(|c| c["ledger"]["timeout_ms"] = json!(0)),
+                "ledger.timeout_ms: must be between 1 and 60000",
+            ),
+            (
+                with(|c| c["ledger"]["timeout_ms"] = json!("fast")),
+                "ledger.timeout_ms: invalid type",
+            ),
+            (
+                with(|c| c["ledger"]["gateway_key"] = json!("short")),
+                "ledger.gateway_key: must be at least 16",
+            ),
+            (with(|c| c["ledger"]["upstream"] = json!("")), "ledger.upstream: must name"),
+            (with(|c| c["pay_token"]["keys"] = json!([])), "pay_token.keys: list at least one key"),
+            (
+                with(|c| c["pay_token"]["keys"][0]["alg"] = json!("none")),
+                "pay_token.keys[0].alg: only HS256",
+            ),
+            (
+                with(|c| c["pay_token"]["keys"][0]["secret"] = json!("")),
+                "pay_token.keys[0].secret: must not be empty",
+            ),
+            (
+                with(|c| c["billable_statuses"] = json!(["2xx", "600"])),
+                "billable_statuses[1]: expected a status",
+            ),
+            (
+                with(|c| c["failure_mode"] = json!("sideways")),
+                "failure_mode: unknown variant `sideways`",
+            ),
+        ];
+        for (json, expected) in cases {
+            let error = parse(&json).unwrap_err().to_string();
+            assert!(error.starts_with(expected), "{json}: got {error:?}, expected {expected:?}");
+        }
+        let keys = json!([{"kid": "a", "alg": "HS256", "secret": "1"}, {"kid": "a", "alg": "HS256", "secret": "2"}]);
+        let error =
+            parse(&with(|c| c["pay_token"]["keys"] = keys.clone())).unwrap_err().to_string();
+        assert_eq!(error, "pay_token.keys[1].kid: is used by another key");
+        assert!(Config::from_json(b"\xff\xfe").is_err());
+    }
+
+    fn with(change: impl FnOnce(&mut Value)) -> Value {
+        let mut json = example();
+        change(&mut json);
+        json
+    }
+}

@@ -1,0 +1,294 @@
+//! The proxy-wasm adapter: host callbacks in, gate actions out.
+//!
+//! Host-facing rules (see `shared/reference/proxy-wasm-hosts.md`):
+//! - untrusted headers are read with the `*_bytes` getters: the SDK's `String` getters
+//!   panic on non-UTF-8 values, and a panic kills the VM for every request on the worker;
+//! - nothing here calls `get_log_level`, `done`, gRPC or `get_status` (they trap on Kong);
+//! - commits and releases are dispatched from the root context's tick, never while
+//!   response headers are processed (Kong cannot dispatch there).
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use paystile_protocol::headers;
+use paystile_protocol::{ErrorBody, ErrorCode};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
+
+use crate::config::{Config, LedgerTarget};
+use crate::gate::{
+    Exchange, Gate, HeaderEdit, LedgerCall, LedgerReply, LocalResponse, RequestAction, RequestHead,
+};
+use crate::settle::{BatchOutcome, SettleQueue};
+
+/// A ledger reply larger than this is not a reply of ours; it is read as no reply.
+const MAX_REPLY_BYTES: usize = 64 * 1024;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| Box::new(Root::default()));
+}}
+
+#[derive(Default)]
+struct Root {
+    gate: Option<Rc<Gate>>,
+    queue: Rc<RefCell<SettleQueue>>,
+    /// The token of the settle batch in flight.
+    settling: Option<u32>,
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let json = self.get_plugin_configuration().unwrap_or_default();
+        match Config::from_json(&json) {
+            Ok(config) => {
+                log::info!(
+                    "paystile: {} routes priced for service {}",
+                    config.routes.len(),
+                    config.service_id
+                );
+                self.set_tick_period(config.ledger.settle_interval);
+                self.gate = Some(Rc::new(Gate::new(config)));
+                true
+            }
+            Err(error) => {
+                log::error!("paystile: configuration refused: {error}");
+                false
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let Some(gate) = &self.gate else { return };
+        if self.settling.is_some() {
+            return;
+        }
+        let now = millis(self.get_current_time());
+        let Some(call) = self.queue.borrow_mut().next_batch(now) else { return };
+        match dispatch(self, &gate.config().ledger, &call) {
+            Some(token) => self.settling = Some(token),
+            None => self.queue.borrow_mut().on_send_failed(now),
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Stream {
+            gate: self.gate.clone(),
+            queue: self.queue.clone(),
+            exchange: Exchange::default(),
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        if self.settling != Some(token) {
+            return;
+        }
+        self.settling = None;
+        let reply = read_reply(self, headers, body_size);
+        let now = millis(self.get_current_time());
+        let outcome = self.queue.borrow_mut().on_reply(&reply, now);
+        match outcome {
+            BatchOutcome::Acknowledged { unsettled: 0, .. } | BatchOutcome::Stray => {}
+            BatchOutcome::Acknowledged { settled, unsettled } => {
+                log::warn!(
+                    "paystile: {unsettled} of {settled} settlements found their hold expired, revoked or unknown"
+                );
+            }
+            BatchOutcome::Retrying { retry_in_ms } => {
+                log::warn!(
+                    "paystile: settling failed (status {:?}); retrying in {retry_in_ms} ms",
+                    reply.status
+                );
+            }
+            BatchOutcome::Dropped { settlements } => {
+                log::error!(
+                    "paystile: the ledger refused a batch of {settlements} settlements as malformed"
+                );
+            }
+        }
+    }
+}
+
+struct Stream {
+    gate: Option<Rc<Gate>>,
+    queue: Rc<RefCell<SettleQueue>>,
+    exchange: Exchange,
+}
+
+impl Stream {
+    /// Carries out `action`; `paused` says whether the request is waiting for us.
+    fn perform(&mut self, gate: &Gate, action: RequestAction, paused: bool) -> Action {
+        match action {
+            RequestAction::Forward(edits) => {
+                for edit in edits {
+                    match edit {
+                        HeaderEdit::Set(name, value) => {
+                            self.set_http_request_header(name, Some(&value))
+                        }
+                        HeaderEdit::Remove(name) => self.remove_http_request_header(name),
+                    }
+                }
+                if paused {
+                    self.resume_http_request();
+                }
+                Action::Continue
+            }
+            RequestAction::CallLedger(call) => match dispatch(self, &gate.config().ledger, &call) {
+                Some(_) => Action::Pause,
+                None => {
+                    let action = self.exchange.on_ledger_reply(gate, LedgerReply::default());
+                    self.perform(gate, action, paused)
+                }
+            },
+            RequestAction::Respond(response) => {
+                self.respond(response);
+                Action::Pause
+            }
+            RequestAction::Nothing => Action::Continue,
+        }
+    }
+
+    fn respond(&self, response: LocalResponse) {
+        let headers =
+            response.headers.iter().map(|(name, value)| (*name, value.as_str())).collect();
+        self.send_http_response(u32::from(response.status), headers, Some(&response.body));
+    }
+}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let Some(gate) = self.gate.clone() else {
+            // Hosts only create streams once the configuration is accepted; if one ever
+            // is created without it, fail closed.
+            self.respond(LocalResponse::error(&ErrorBody::new(ErrorCode::LedgerUnavailable)));
+            return Action::Pause;
+        };
+        let method = self.get_http_request_header_bytes(":method").unwrap_or_default();
+        let path = self.get_http_request_header_bytes(":path").unwrap_or_default();
+        let authorization = self.get_http_request_header_bytes(headers::AUTHORIZATION);
+        let idempotency_key = self.get_http_request_header_bytes(headers::IDEMPOTENCY_KEY);
+        let request = RequestHead {
+            method: &method,
+            path: &path,
+            authorization: authorization.as_deref(),
+            idempotency_key: idempotency_key.as_deref(),
+        };
+        let now = seconds(self.get_current_time());
+        let action = self.exchange.on_request_headers(&gate, &request, now);
+        self.perform(&gate, action, false)
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let Some(gate) = self.gate.clone() else { return Action::Continue };
+        let status = self
+            .get_http_response_header_bytes(":status")
+            .and_then(|s| std::str::from_utf8(&s).ok().and_then(|s| s.parse().ok()));
+        let step = self.exchange.on_response_headers(&gate, status);
+        for edit in step.edits {
+            match edit {
+                HeaderEdit::Set(name, value) => self.set_http_response_header(name, Some(&value)),
+                HeaderEdit::Remove(name) => self.remove_http_response_header(name),
+            }
+        }
+        if let Some(settlement) = step.settlement {
+            self.settle(settlement);
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        if let Some(settlement) = self.exchange.on_end() {
+            self.settle(settlement);
+        }
+    }
+}
+
+impl Stream {
+    fn settle(&self, settlement: paystile_protocol::ledger_api::Settlement) {
+        if self.queue.borrow_mut().push(settlement) {
+            log::error!(
+                "paystile: settle queue full; dropped the oldest settlement (its hold will expire)"
+            );
+        }
+    }
+}
+
+impl Context for Stream {
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        let Some(gate) = self.gate.clone() else { return };
+        let reply = read_reply(self, headers, body_size);
+        let action = self.exchange.on_ledger_reply(&gate, reply);
+        self.perform(&gate, action, true);
+    }
+}
+
+/// `POST`s `call` to the ledger; the token of the dispatch, or `None` if the host refused it.
+fn dispatch(context: &dyn Context, ledger: &LedgerTarget, call: &LedgerCall) -> Option<u32> {
+    let headers = vec![
+        (":method", "POST"),
+        (":path", call.path),
+        (":authority", ledger.authority.as_str()),
+        (headers::AUTHORIZATION, ledger.authorization.as_str()),
+        (headers::CONTENT_TYPE, headers::APPLICATION_JSON),
+    ];
+    match context.dispatch_http_call(
+        &ledger.upstream,
+        headers,
+        Some(&call.body),
+        vec![],
+        ledger.timeout,
+    ) {
+        Ok(token) => Some(token),
+        Err(status) => {
+            log::warn!("paystile: cannot call the ledger at {:?}: {status:?}", ledger.upstream);
+            None
+        }
+    }
+}
+
+fn read_reply(context: &dyn Context, headers: usize, body_size: usize) -> LedgerReply {
+    if headers == 0 {
+        // The call failed without an answer (reset, refused connection).
+        return LedgerReply::default();
+    }
+    let status = context
+        .get_http_call_response_header_bytes(":status")
+        .and_then(|s| std::str::from_utf8(&s).ok().and_then(|s| s.parse().ok()));
+    let body = if body_size > MAX_REPLY_BYTES {
+        Vec::new()
+    } else {
+        context.get_http_call_response_body(0, body_size).unwrap_or_default()
+    };
+    LedgerReply { status, body }
+}
+
+fn since_epoch(time: SystemTime) -> Duration {
+    time.duration_since(UNIX_EPOCH).unwrap_or_default()
+}
+
+fn seconds(time: SystemTime) -> u64 {
+    since_epoch(time).as_secs()
+}
+
+fn millis(time: SystemTime) -> u64 {
+    u64::try_from(since_epoch(time).as_millis()).unwrap_or(u64::MAX)
+}

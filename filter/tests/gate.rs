@@ -1,0 +1,463 @@
+//! Every path through the gate, natively: the decisions the wasm filter makes in a gateway.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use paystile_filter::config::Config;
+use paystile_filter::gate::{Exchange, Gate, HeaderEdit, LedgerReply, RequestAction, RequestHead};
+use paystile_protocol::jws::Key;
+use paystile_protocol::ledger_api::{Outcome, ReserveRequest};
+use paystile_protocol::pay_token::{self, PayTokenClaims, Scope};
+use paystile_protocol::{ErrorBody, ErrorCode, Usdc};
+use proptest::prelude::*;
+use serde_json::{Value, json};
+
+const SECRET: &str = "gate-test-secret-0123456789abcdef";
+const NOW: u64 = 1_900_000_000;
+
+fn config_json() -> Value {
+    json!({
+        "service_id": "weather",
+        "routes": [
+            {"path": "/v1/forecast/free", "price_usdc": "0"},
+            {"path_prefix": "/v1/forecast", "price_usdc": "0.001"}
+        ],
+        "ledger": {"upstream": "paystile_ledger", "gateway_key": "gateway-key-0123456789"},
+        "pay_token": {"keys": [{"alg": "HS256", "secret": SECRET}]}
+    })
+}
+
+fn gate_with(change: impl FnOnce(&mut Value)) -> Gate {
+    let mut json = config_json();
+    change(&mut json);
+    Gate::new(Config::from_json(json.to_string().as_bytes()).unwrap())
+}
+
+fn gate() -> Gate {
+    gate_with(|_| {})
+}
+
+fn claims() -> PayTokenClaims {
+    PayTokenClaims {
+        sub: "agent-1".into(),
+        jti: "tok_1".into(),
+        service_id: Some("weather".into()),
+        limit_usdc: "0.01".parse().unwrap(),
+        scope: Scope::Single,
+        buyer_tag: None,
+        exp: NOW + 600,
+        iat: Some(NOW),
+        nbf: None,
+        iss: Some("paystile".into()),
+        aud: None,
+    }
+}
+
+fn bearer(claims: &PayTokenClaims) -> String {
+    format!("Bearer {}", pay_token::sign(claims, &Key::hs256(SECRET)))
+}
+
+fn head<'a>(path: &'a str, authorization: Option<&'a str>) -> RequestHead<'a> {
+    RequestHead {
+        method: b"GET",
+        path: path.as_bytes(),
+        authorization: authorization.map(str::as_bytes),
+        idempotency_key: None,
+    }
+}
+
+/// The local answer `action` sends: status, code, the parsed body and the headers.
+fn answered(action: &RequestAction) -> (u16, ErrorBody, Vec<(&'static str, String)>) {
+    let RequestAction::Respond(response) = action else {
+        panic!("expected a local response, got {action:?}")
+    };
+    let body: ErrorBody = serde_json::from_slice(&response.body).unwrap();
+    assert_eq!(body.status(), response.status);
+    assert!(response.headers.contains(&("content-type", "application/json".into())));
+    (response.status, body, response.headers.clone())
+}
+
+fn refusal(gate: &Gate, authorization: &str) -> (u16, ErrorCode) {
+    let action = Exchange::default().on_request_headers(
+        gate,
+        &head("/v1/forecast", Some(authorization)),
+        NOW,
+    );
+    let (status, body, _) = answered(&action);
+    (status, body.code)
+}
+
+fn reserve(gate: &Gate, exchange: &mut Exchange, request: &RequestHead<'_>) -> ReserveRequest {
+    match exchange.on_request_headers(gate, request, NOW) {
+        RequestAction::CallLedger(call) => {
+            assert_eq!(call.path, "/v1/holds");
+            serde_json::from_slice(&call.body).unwrap()
+        }
+        other => panic!("expected a ledger call, got {other:?}"),
+    }
+}
+
+fn hold_reply(charge_id: &str, replayed: bool) -> LedgerReply {
+    let body = json!({"chargeId": charge_id, "amountUsdc": "0.001", "remainingUsdc": "0.009", "replayed": replayed});
+    LedgerReply { status: Some(200), body: body.to_string().into_bytes() }
+}
+
+/// An exchange that reached the upstream with a hold on `charge_id`.
+fn admitted(gate: &Gate, charge_id: &str) -> Exchange {
+    let mut exchange = Exchange::default();
+    let token = bearer(&claims());
+    reserve(gate, &mut exchange, &head("/v1/forecast", Some(&token)));
+    let action = exchange.on_ledger_reply(gate, hold_reply(charge_id, false));
+    assert_eq!(
+        action,
+        RequestAction::Forward(vec![
+            HeaderEdit::Remove("authorization"),
+            HeaderEdit::Set("x-charge-id", charge_id.into())
+        ])
+    );
+    exchange
+}
+
+#[test]
+fn unpriced_and_free_routes_pass_with_only_a_spoofed_charge_id_removed() {
+    let gate = gate();
+    for path in ["/healthz", "/v1/forecast/free", "/v1/forecast/free?x=1"] {
+        let mut exchange = Exchange::default();
+        let action = exchange.on_request_headers(&gate, &head(path, Some("Bearer whatever")), NOW);
+        assert_eq!(
+            action,
+            RequestAction::Forward(vec![HeaderEdit::Remove("x-charge-id")]),
+            "{path}"
+        );
+        let step = exchange.on_response_headers(&gate, Some(200));
+        assert!(step.edits.is_empty() && step.settlement.is_none());
+        assert_eq!(exchange.on_end(), None);
+    }
+}
+
+#[test]
+fn no_credential_gets_a_402_challenge_with_the_price() {
+    let gate = gate();
+    for authorization in [None, Some("Basic dXNlcjpwYXNz"), Some("Digest x")] {
+        let action = Exchange::default().on_request_headers(
+            &gate,
+            &head("/v1/forecast/today", authorization),
+            NOW,
+        );
+        let (status, body, headers) = answered(&action);
+        assert_eq!((status, body.code), (402, ErrorCode::PaymentRequired));
+        assert_eq!(body.price, Some("0.001".parse().unwrap()));
+        assert_eq!(
+            (body.service_id.as_deref(), body.schemes.as_slice()),
+            (Some("weather"), &["Bearer".to_owned()][..])
+        );
+        assert!(headers.contains(&(
+            "www-authenticate",
+            r#"Bearer realm="paystile", error="payment_required""#.into()
+        )));
+    }
+}
+
+#[test]
+fn bad_credentials_get_401_without_a_ledger_call() {
+    let gate = gate();
+    let good = bearer(&claims());
+    let (header_and_payload, signature) = good.rsplit_once('.').unwrap();
+    let tampered_payload = {
+        let (head, rest) = header_and_payload.split_once('.').unwrap();
+        format!("{head}.{}x.{signature}", &rest[..rest.len() - 1])
+    };
+    let cases = [
+        "Bearer".to_owned(),
+        "Bearer ".to_owned(),
+        "Bearer garbage".to_owned(),
+        "Bearer a.b.c".to_owned(),
+        format!("{header_and_payload}.{}", signature.replace(|c: char| c.is_ascii_digit(), "A")),
+        tampered_payload,
+        format!(
+            "Bearer {}",
+            pay_token::sign(&claims(), &Key::hs256("another-secret-0123456789abcdef"))
+        ),
+        // alg none: the payload, unsigned.
+        format!("Bearer eyJhbGciOiJub25lIn0.{}.", header_and_payload.split_once('.').unwrap().1),
+        "Bearer é".to_owned(),
+    ];
+    for authorization in &cases {
+        assert_eq!(
+            refusal(&gate, authorization),
+            (401, ErrorCode::InvalidCredential),
+            "{authorization}"
+        );
+    }
+    let action =
+        Exchange::default().on_request_headers(&gate, &head("/v1/forecast", Some("Bearer x")), NOW);
+    let (_, _, headers) = answered(&action);
+    assert!(headers.contains(&(
+        "www-authenticate",
+        r#"Bearer realm="paystile", error="invalid_token""#.into()
+    )));
+    // Raw bytes that are not UTF-8 at all.
+    let request =
+        RequestHead { authorization: Some(b"Bearer \xff\xfe"), ..head("/v1/forecast", None) };
+    let (status, body, _) = answered(&Exchange::default().on_request_headers(&gate, &request, NOW));
+    assert_eq!((status, body.code), (401, ErrorCode::InvalidCredential));
+}
+
+#[test]
+fn expired_and_foreign_tokens_are_refused() {
+    let gate = gate();
+    let expired = PayTokenClaims { exp: NOW - 61, ..claims() };
+    assert_eq!(refusal(&gate, &bearer(&expired)), (401, ErrorCode::TokenExpired));
+    let within_leeway = PayTokenClaims { exp: NOW - 59, ..claims() };
+    assert!(matches!(
+        Exchange::default().on_request_headers(
+            &gate,
+            &head("/v1/forecast", Some(&bearer(&within_leeway))),
+            NOW
+        ),
+        RequestAction::CallLedger(_)
+    ));
+    let early = PayTokenClaims { nbf: Some(NOW + 3600), ..claims() };
+    assert_eq!(refusal(&gate, &bearer(&early)), (401, ErrorCode::TokenExpired));
+    let elsewhere = PayTokenClaims { service_id: Some("maps".into()), ..claims() };
+    assert_eq!(refusal(&gate, &bearer(&elsewhere)), (403, ErrorCode::WrongService));
+    let anywhere =
+        PayTokenClaims { service_id: Some("maps".into()), scope: Scope::All, ..claims() };
+    let request =
+        reserve(&gate, &mut Exchange::default(), &head("/v1/forecast", Some(&bearer(&anywhere))));
+    assert_eq!(request.token.scope, Scope::All);
+    let strict = gate_with(|c| c["pay_token"]["issuer"] = json!("kyapay"));
+    assert_eq!(refusal(&strict, &bearer(&claims())), (401, ErrorCode::InvalidCredential));
+}
+
+#[test]
+fn a_valid_token_reserves_the_route_price() {
+    let gate = gate();
+    let token = bearer(&claims());
+    let request = reserve(
+        &gate,
+        &mut Exchange::default(),
+        &head("/v1/forecast/today?units=metric", Some(&token)),
+    );
+    assert_eq!(request.service_id, "weather");
+    assert_eq!(request.price_usdc, "0.001".parse::<Usdc>().unwrap());
+    assert_eq!(
+        (request.token.token_id.as_str(), request.token.buyer_id.as_str()),
+        ("tok_1", "agent-1")
+    );
+    assert_eq!(
+        (request.token.limit_usdc, request.token.expires_at),
+        ("0.01".parse().unwrap(), NOW + 600)
+    );
+    assert_eq!(request.idempotency, None);
+}
+
+#[test]
+fn idempotency_keys_carry_a_fingerprint_of_the_request() {
+    let gate = gate();
+    let token = bearer(&claims());
+    let keyed = |path: &'static str, method: &'static [u8], key: &'static [u8]| {
+        let request =
+            RequestHead { method, idempotency_key: Some(key), ..head(path, Some(&token)) };
+        reserve(&gate, &mut Exchange::default(), &request).idempotency.unwrap()
+    };
+    let first = keyed("/v1/forecast/a", b"GET", b"order-1");
+    assert_eq!(first.key, "order-1");
+    assert_eq!(first.fingerprint.len(), 64);
+    assert_eq!(keyed("/v1/forecast/a", b"GET", b"order-1"), first);
+    assert_ne!(keyed("/v1/forecast/b", b"GET", b"order-1").fingerprint, first.fingerprint);
+    assert_ne!(keyed("/v1/forecast/a", b"POST", b"order-1").fingerprint, first.fingerprint);
+
+    for bad in [&b""[..], &[b'k'; 256][..], b"tab\tkey", b"\xff"] {
+        let request =
+            RequestHead { idempotency_key: Some(bad), ..head("/v1/forecast", Some(&token)) };
+        let (status, body, _) =
+            answered(&Exchange::default().on_request_headers(&gate, &request, NOW));
+        assert_eq!((status, body.code), (400, ErrorCode::InvalidIdempotencyKey));
+    }
+}
+
+#[test]
+fn billable_answers_commit_and_carry_the_charge_headers() {
+    let gate = gate();
+    let mut exchange = admitted(&gate, "ch_1");
+    let step = exchange.on_response_headers(&gate, Some(200));
+    assert_eq!(
+        step.edits,
+        [
+            HeaderEdit::Set("x-charge-id", "ch_1".into()),
+            HeaderEdit::Set("x-amount-usdc", "0.001000".into()),
+            HeaderEdit::Set("x-remaining-usdc", "0.009000".into()),
+        ]
+    );
+    let settlement = step.settlement.unwrap();
+    assert_eq!(
+        (settlement.charge_id.as_str(), settlement.outcome, settlement.upstream_status),
+        ("ch_1", Outcome::Commit, Some(200))
+    );
+    assert_eq!(exchange.on_end(), None, "settled twice");
+}
+
+#[test]
+fn unbilled_answers_release_and_say_zero() {
+    let gate = gate_with(|c| c["billable_statuses"] = json!(["2xx", "304"]));
+    for (status, outcome) in [
+        (Some(503), Outcome::Release),
+        (Some(404), Outcome::Release),
+        (None, Outcome::Release),
+        (Some(304), Outcome::Commit),
+    ] {
+        let mut exchange = admitted(&gate, "ch_2");
+        let step = exchange.on_response_headers(&gate, status);
+        assert_eq!(step.settlement.unwrap().outcome, outcome, "{status:?}");
+        if outcome == Outcome::Release {
+            assert_eq!(
+                step.edits,
+                [
+                    HeaderEdit::Set("x-amount-usdc", "0.000000".into()),
+                    HeaderEdit::Remove("x-charge-id"),
+                    HeaderEdit::Remove("x-remaining-usdc"),
+                ]
+            );
+        }
+    }
+}
+
+#[test]
+fn a_stream_that_ends_before_its_response_releases_its_hold() {
+    let gate = gate();
+    let mut exchange = admitted(&gate, "ch_3");
+    let settlement = exchange.on_end().unwrap();
+    assert_eq!((settlement.outcome, settlement.upstream_status), (Outcome::Release, None));
+    assert_eq!(exchange.on_end(), None);
+}
+
+#[test]
+fn a_replay_reports_the_original_charge_and_settles_nothing() {
+    let gate = gate();
+    let mut exchange = Exchange::default();
+    reserve(&gate, &mut exchange, &head("/v1/forecast", Some(&bearer(&claims()))));
+    assert!(matches!(
+        exchange.on_ledger_reply(&gate, hold_reply("ch_first", true)),
+        RequestAction::Forward(_)
+    ));
+    let step = exchange.on_response_headers(&gate, Some(500));
+    assert!(step.edits.contains(&HeaderEdit::Set("x-charge-id", "ch_first".into())));
+    assert_eq!(step.settlement, None);
+    assert_eq!(exchange.on_end(), None);
+}
+
+#[test]
+fn ledger_refusals_pass_through_with_their_status() {
+    let gate = gate();
+    let refusals = [
+        ErrorBody::token_limit_exceeded(
+            "0.009".parse().unwrap(),
+            Usdc::ZERO,
+            "0.01".parse().unwrap(),
+            "0.001".parse().unwrap(),
+        ),
+        ErrorBody::new(ErrorCode::TokenRevoked),
+        ErrorBody::new(ErrorCode::IdempotencyKeyInUse),
+        ErrorBody::new(ErrorCode::IdempotencyKeyMismatch),
+    ];
+    for refusal in refusals {
+        let mut exchange = Exchange::default();
+        reserve(&gate, &mut exchange, &head("/v1/forecast", Some(&bearer(&claims()))));
+        let reply = LedgerReply { status: Some(refusal.status()), body: refusal.to_json() };
+        let (status, body, _) = answered(&exchange.on_ledger_reply(&gate, reply));
+        assert_eq!((status, &body), (refusal.status(), &refusal));
+        assert!(
+            exchange.on_response_headers(&gate, Some(status)).edits.is_empty(),
+            "our own reply got charge headers"
+        );
+    }
+}
+
+#[test]
+fn an_unreachable_or_confused_ledger_fails_closed() {
+    let gate = gate();
+    let limit =
+        ErrorBody::token_limit_exceeded(Usdc::ZERO, Usdc::ZERO, Usdc::ZERO, Usdc::ZERO).to_json();
+    let replies = [
+        LedgerReply::default(),
+        LedgerReply { status: Some(503), body: b"upstream connect error".to_vec() },
+        LedgerReply { status: Some(504), body: b"upstream request timeout".to_vec() },
+        LedgerReply { status: Some(401), body: ErrorBody::new(ErrorCode::Unauthorized).to_json() },
+        LedgerReply { status: Some(200), body: b"{\"not\":\"a hold\"}".to_vec() },
+        LedgerReply { status: Some(422), body: limit },
+        LedgerReply { status: Some(402), body: b"\xff".to_vec() },
+    ];
+    for reply in replies {
+        let mut exchange = Exchange::default();
+        reserve(&gate, &mut exchange, &head("/v1/forecast", Some(&bearer(&claims()))));
+        let (status, body, headers) = answered(&exchange.on_ledger_reply(&gate, reply.clone()));
+        assert_eq!((status, body.code), (503, ErrorCode::LedgerUnavailable), "{reply:?}");
+        assert!(headers.contains(&("retry-after", "1".into())));
+        assert_eq!(exchange.on_end(), None);
+    }
+}
+
+#[test]
+fn failing_open_lets_the_call_through_unpaid_and_says_so() {
+    let gate = gate_with(|c| c["failure_mode"] = json!("open"));
+    let mut exchange = Exchange::default();
+    reserve(&gate, &mut exchange, &head("/v1/forecast", Some(&bearer(&claims()))));
+    let action = exchange.on_ledger_reply(&gate, LedgerReply::default());
+    assert_eq!(
+        action,
+        RequestAction::Forward(vec![
+            HeaderEdit::Remove("authorization"),
+            HeaderEdit::Remove("x-charge-id")
+        ])
+    );
+    let step = exchange.on_response_headers(&gate, Some(200));
+    assert!(step.edits.contains(&HeaderEdit::Set("x-amount-usdc", "0.000000".into())));
+    assert_eq!(step.settlement, None);
+}
+
+#[test]
+fn callbacks_out_of_turn_do_nothing() {
+    let gate = gate();
+    let mut exchange = Exchange::default();
+    assert_eq!(exchange.on_ledger_reply(&gate, hold_reply("ch_x", false)), RequestAction::Nothing);
+    let mut refused = Exchange::default();
+    refused.on_request_headers(&gate, &head("/v1/forecast", None), NOW);
+    assert_eq!(refused.on_ledger_reply(&gate, hold_reply("ch_x", false)), RequestAction::Nothing);
+    assert_eq!(refused.on_response_headers(&gate, Some(402)).edits, []);
+}
+
+proptest! {
+    /// Whatever bytes a client sends, the gate answers and never panics.
+    #[test]
+    fn any_request_bytes_get_an_answer(
+        method in proptest::collection::vec(any::<u8>(), 0..12),
+        path in proptest::collection::vec(any::<u8>(), 0..64),
+        authorization in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300)),
+        key in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300)),
+        mangled_token in proptest::collection::vec(any::<u8>(), 0..300),
+    ) {
+        let gate = gate();
+        let request = RequestHead {
+            method: &method,
+            path: &path,
+            authorization: authorization.as_deref(),
+            idempotency_key: key.as_deref(),
+        };
+        let action = Exchange::default().on_request_headers(&gate, &request, NOW);
+        prop_assert!(!matches!(action, RequestAction::Nothing));
+        let mut bearer_bytes = b"Bearer ".to_vec();
+        bearer_bytes.extend(&mangled_token);
+        let request = RequestHead { authorization: Some(&bearer_bytes), ..head("/v1/forecast", None) };
+        let action = Exchange::default().on_request_headers(&gate, &request, NOW);
+        prop_assert!(matches!(action, RequestAction::Respond(_)));
+    }
+
+    /// Whatever the ledger answers, the gate decides and never panics.
+    #[test]
+    fn any_ledger_reply_gets_a_decision(status in proptest::option::of(0u16..1000), body in proptest::collection::vec(any::<u8>(), 0..200)) {
+        let gate = gate();
+        let mut exchange = Exchange::default();
+        reserve(&gate, &mut exchange, &head("/v1/forecast", Some(&bearer(&claims()))));
+        let action = exchange.on_ledger_reply(&gate, LedgerReply { status, body });
+        prop_assert!(matches!(action, RequestAction::Respond(_) | RequestAction::Forward(_)));
+    }
+}
