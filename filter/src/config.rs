@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 /// What the gateway's JSON says, before validation.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename = "the filter configuration")]
 struct Raw {
     service_id: String,
     routes: Vec<RawRoute>,
@@ -25,7 +25,7 @@ struct Raw {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename = "a route")]
 struct RawRoute {
     #[serde(default)]
     path: Option<String>,
@@ -37,7 +37,7 @@ struct RawRoute {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename = "the ledger settings")]
 struct RawLedger {
     upstream: String,
     #[serde(default)]
@@ -50,7 +50,7 @@ struct RawLedger {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename = "the Pay Token settings")]
 struct RawPayToken {
     keys: Vec<RawKey>,
     #[serde(default)]
@@ -62,7 +62,7 @@ struct RawPayToken {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename = "a key")]
 struct RawKey {
     #[serde(default)]
     kid: Option<String>,

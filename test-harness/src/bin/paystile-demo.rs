@@ -1,0 +1,98 @@
+//! `scripts/demo`: the paystile demo stack on the default ports, with a paid `curl` to paste.
+//!
+//! Uses `PAYSTILE_ADMIN_KEY` and `PAYSTILE_TOKEN_SECRET` when set, and makes up (and prints)
+//! dev values when not. State (the ledger's database, configs, logs) goes to `.paystile/demo`.
+
+use std::process::ExitCode;
+
+use paystile_harness::paths;
+use paystile_harness::stack::{Ports, Secrets, Stack, StackOptions, random_key};
+use paystile_protocol::ledger_api::IssueTokenRequest;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("paystile demo: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn from_env_or_made_up(variable: &str, prefix: &str) -> (String, bool) {
+    match std::env::var(variable) {
+        Ok(value) if !value.is_empty() => (value, false),
+        _ => (random_key(prefix), true),
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let (admin_key, made_up_admin) = from_env_or_made_up("PAYSTILE_ADMIN_KEY", "adm");
+    let (token_secret, made_up_secret) = from_env_or_made_up("PAYSTILE_TOKEN_SECRET", "pts");
+    let secrets = Secrets { admin_key, token_secret, gateway_key: random_key("gw") };
+    let dir = paths::repo_root().join(".paystile/demo");
+    let stack = Stack::start(StackOptions {
+        ports: Ports::DEFAULT,
+        secrets,
+        dir: dir.clone(),
+        filter: serde_json::json!({}),
+        ledger_args: Vec::new(),
+        envoy_workers: 2,
+    })
+    .await?;
+
+    let route = stack.filter_config["routes"][0].clone();
+    let service_id = stack.filter_config["service_id"].as_str().unwrap_or_default().to_owned();
+    let token = stack
+        .admin
+        .issue_token(&IssueTokenRequest {
+            service_id: service_id.clone(),
+            limit_usdc: "0.05".parse()?,
+            buyer_id: "demo-agent".into(),
+            buyer_tag: None,
+            scope: None,
+            expires_at: None,
+            ttl_seconds: Some(24 * 3600),
+        })
+        .await?;
+    let priced_path = format!("{}/oslo", route["path_prefix"].as_str().unwrap_or("/v1/forecast"));
+    let url = stack.gateway_url(&priced_path);
+
+    let made_up = |made_up: bool| if made_up { "  (made up for this run)" } else { "" };
+    println!();
+    println!("paystile demo is up (state in {}):", dir.display());
+    println!(
+        "  gateway   {}   Envoy + paystile filter (admin http://{})",
+        stack.gateway_url(""),
+        stack.envoy.admin()
+    );
+    println!("  ledger    {}   sidecar ledger on SQLite", stack.ledger.url());
+    println!("  upstream  http://{}   demo API, echoes what reached it", stack.upstream.address());
+    println!();
+    println!("  PAYSTILE_ADMIN_KEY={}{}", stack.secrets.admin_key, made_up(made_up_admin));
+    println!("  PAYSTILE_TOKEN_SECRET={}{}", stack.secrets.token_secret, made_up(made_up_secret));
+    println!();
+    println!(
+        "Service {service_id:?} charges {} USDC per call under {}.",
+        route["price_usdc"].as_str().unwrap_or("?"),
+        route["path_prefix"].as_str().unwrap_or("?")
+    );
+    println!(
+        "A Pay Token was issued: {} with a cap of {} USDC. Paste this paid call:",
+        token.token_id, token.limit_usdc
+    );
+    println!();
+    println!("curl -i -H 'Authorization: Bearer {}' {url}", token.jwt);
+    println!();
+    println!("Without the header you get the 402 challenge. See the token's spend with:");
+    println!(
+        "  PAYSTILE_ADMIN_KEY={} target/debug/paystile-ledger token show {}",
+        stack.secrets.admin_key, token.token_id
+    );
+    println!("Ctrl-C stops the stack.");
+
+    tokio::signal::ctrl_c().await?;
+    println!("stopping");
+    Ok(())
+}

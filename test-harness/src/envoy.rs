@@ -1,0 +1,206 @@
+//! Envoy, configured from `envoy-config/envoy.yaml`: the shipped file, with only its ports,
+//! the filter's path and the filter's configuration changed.
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use serde_json::Value;
+
+use crate::paths;
+
+const LISTENER: &str = "gateway";
+const CONNECTION_MANAGER: &str = "envoy.filters.network.http_connection_manager";
+const FILTER: &str = "paystile";
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The demo's Envoy configuration, as JSON, to adjust before running it.
+pub struct EnvoyConfig(Value);
+
+impl EnvoyConfig {
+    pub fn demo() -> anyhow::Result<EnvoyConfig> {
+        let path = paths::repo_root().join("envoy-config/envoy.yaml");
+        let yaml = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let json = serde_norway::from_str(&yaml)
+            .with_context(|| format!("{} is not valid YAML", path.display()))?;
+        Ok(EnvoyConfig(json))
+    }
+
+    pub fn set_admin_port(&mut self, port: u16) -> anyhow::Result<()> {
+        set(&mut self.0, &["admin", "address", "socket_address", "port_value"], port.into())
+    }
+
+    pub fn set_listener_port(&mut self, port: u16) -> anyhow::Result<()> {
+        let listener = named(&mut self.0["static_resources"]["listeners"], LISTENER)?;
+        set(listener, &["address", "socket_address", "port_value"], port.into())
+    }
+
+    pub fn set_cluster_port(&mut self, cluster: &str, port: u16) -> anyhow::Result<()> {
+        let cluster = named(&mut self.0["static_resources"]["clusters"], cluster)?;
+        let endpoint =
+            &mut cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"];
+        set(endpoint, &["address", "socket_address", "port_value"], port.into())
+    }
+
+    pub fn set_filter_module(&mut self, wasm: &Path) -> anyhow::Result<()> {
+        let filename = wasm.to_str().context("the filter's path is not UTF-8")?;
+        set(self.wasm_filter()?, &["vm_config", "code", "local", "filename"], filename.into())
+    }
+
+    /// The filter's JSON configuration.
+    pub fn filter_config(&mut self) -> anyhow::Result<Value> {
+        let text = self.wasm_filter()?["configuration"]["value"]
+            .as_str()
+            .context("the filter's configuration is not a StringValue")?;
+        serde_json::from_str(text).context("the filter's configuration is not JSON")
+    }
+
+    pub fn set_filter_config(&mut self, config: &Value) -> anyhow::Result<()> {
+        set(self.wasm_filter()?, &["configuration", "value"], config.to_string().into())
+    }
+
+    pub fn write(&self, path: &Path) -> anyhow::Result<()> {
+        std::fs::write(path, serde_json::to_vec_pretty(&self.0)?)
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    fn wasm_filter(&mut self) -> anyhow::Result<&mut Value> {
+        let listener = named(&mut self.0["static_resources"]["listeners"], LISTENER)?;
+        let manager = named(&mut listener["filter_chains"][0]["filters"], CONNECTION_MANAGER)?;
+        let filter = named(&mut manager["typed_config"]["http_filters"], FILTER)?;
+        Ok(&mut filter["typed_config"]["config"])
+    }
+}
+
+/// The element of a JSON array whose `name` is `name`.
+fn named<'a>(list: &'a mut Value, name: &str) -> anyhow::Result<&'a mut Value> {
+    list.as_array_mut()
+        .and_then(|items| items.iter_mut().find(|item| item["name"] == name))
+        .ok_or_else(|| anyhow!("envoy.yaml has no {name:?}"))
+}
+
+/// Sets an existing field: a path that is not in the file is an error, not a new field.
+fn set(value: &mut Value, path: &[&str], new: Value) -> anyhow::Result<()> {
+    let mut at = value;
+    for key in path {
+        at = at.get_mut(*key).ok_or_else(|| anyhow!("envoy.yaml has no {}", path.join(".")))?;
+    }
+    *at = new;
+    Ok(())
+}
+
+/// A running Envoy, stopped when dropped.
+pub struct EnvoyProcess {
+    child: Child,
+    admin: SocketAddr,
+    gateway: SocketAddr,
+    log: PathBuf,
+}
+
+impl EnvoyProcess {
+    /// Starts Envoy on `config` in `dir` (its log goes to `dir/envoy.log`) and waits until
+    /// it is ready and listening.
+    pub async fn start(config: &Path, dir: &Path, workers: u32) -> anyhow::Result<EnvoyProcess> {
+        let binary = paths::envoy_binary();
+        let log = dir.join("envoy.log");
+        let admin_file = dir.join("envoy-admin-address");
+        let _ = std::fs::remove_file(&admin_file);
+        let child = Command::new(&binary)
+            .arg("--config-path")
+            .arg(config)
+            .arg("--admin-address-path")
+            .arg(&admin_file)
+            .args([
+                "--disable-hot-restart",
+                "--log-level",
+                "warning",
+                "--component-log-level",
+                "wasm:info",
+            ])
+            .args(["--concurrency", &workers.to_string()])
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log)?)
+            .spawn()
+            .with_context(|| {
+                format!("cannot run {} (install Envoy with scripts/setup)", binary.display())
+            })?;
+        let mut envoy = EnvoyProcess {
+            child,
+            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+            gateway: SocketAddr::from(([127, 0, 0, 1], 0)),
+            log,
+        };
+        envoy
+            .wait_ready(&admin_file)
+            .await
+            .with_context(|| format!("Envoy did not start; its log:\n{}", envoy.log_text()))?;
+        Ok(envoy)
+    }
+
+    async fn wait_ready(&mut self, admin_file: &Path) -> anyhow::Result<()> {
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        let http = reqwest::Client::new();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("Envoy exited: {status}");
+            }
+            if Instant::now() > deadline {
+                bail!("Envoy was not ready within {STARTUP_TIMEOUT:?}");
+            }
+            if let Some(admin) =
+                std::fs::read_to_string(admin_file).ok().and_then(|a| a.trim().parse().ok())
+            {
+                self.admin = admin;
+                let ready = http.get(format!("http://{admin}/ready")).send().await;
+                if ready.is_ok_and(|r| r.status() == 200) {
+                    let listeners: Value = http
+                        .get(format!("http://{admin}/listeners?format=json"))
+                        .send()
+                        .await?
+                        .json()
+                        .await?;
+                    self.gateway = gateway_address(&listeners)?;
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn gateway(&self) -> SocketAddr {
+        self.gateway
+    }
+
+    pub fn admin(&self) -> SocketAddr {
+        self.admin
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for EnvoyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn gateway_address(listeners: &Value) -> anyhow::Result<SocketAddr> {
+    let statuses = listeners["listener_statuses"].as_array().context("no listener_statuses")?;
+    let gateway = statuses.iter().find(|l| l["name"] == LISTENER).context("no gateway listener")?;
+    let socket = &gateway["local_address"]["socket_address"];
+    let address = socket["address"].as_str().context("no listener address")?;
+    let port = socket["port_value"]
+        .as_u64()
+        .and_then(|p| u16::try_from(p).ok())
+        .context("no listener port")?;
+    Ok(SocketAddr::new(address.parse()?, port))
+}

@@ -1,0 +1,92 @@
+//! Where the pieces are: the repository, the built filter and ledger, Envoy and Python.
+//! Each can be overridden through the environment.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use anyhow::{Context, bail};
+
+pub fn repo_root() -> PathBuf {
+    let harness = Path::new(env!("CARGO_MANIFEST_DIR"));
+    harness.parent().unwrap_or(harness).to_path_buf()
+}
+
+/// Cargo's directory for this build's binaries (`target/debug`): tests run from its `deps/`.
+fn profile_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate the running executable")?;
+    let dir = exe.parent().context("the executable has no directory")?;
+    Ok(if dir.ends_with("deps") { dir.parent().unwrap_or(dir) } else { dir }.to_path_buf())
+}
+
+fn from_env(variable: &str) -> Option<PathBuf> {
+    std::env::var_os(variable).filter(|v| !v.is_empty()).map(PathBuf::from)
+}
+
+/// The `paystile-ledger` binary built beside this one (`$PAYSTILE_LEDGER_BIN` overrides).
+pub fn ledger_binary() -> anyhow::Result<PathBuf> {
+    let binary = match from_env("PAYSTILE_LEDGER_BIN") {
+        Some(binary) => binary,
+        None => profile_dir()?.join("paystile-ledger"),
+    };
+    if !binary.is_file() {
+        bail!(
+            "no ledger binary at {}: build it with `cargo build -p paystile-ledger` (scripts/test does)",
+            binary.display()
+        );
+    }
+    Ok(binary)
+}
+
+/// The release filter module (`$PAYSTILE_FILTER_WASM` overrides). Refused when older than
+/// the filter's sources, so that tests never run a stale build.
+pub fn filter_wasm() -> anyhow::Result<PathBuf> {
+    let wasm = match from_env("PAYSTILE_FILTER_WASM") {
+        Some(wasm) => return Ok(wasm),
+        None => {
+            let target =
+                profile_dir()?.parent().map(Path::to_path_buf).context("no target directory")?;
+            target.join("wasm32-wasip1/release/paystile_filter.wasm")
+        }
+    };
+    let build = "cargo build --release --target wasm32-wasip1 -p paystile-filter";
+    let built = modified(&wasm).with_context(|| {
+        format!("no filter at {}: build it with `{build}` (scripts/test does)", wasm.display())
+    })?;
+    let root = repo_root();
+    for sources in ["filter/src", "protocol/src"] {
+        if newest(&root.join(sources)) > Some(built) {
+            bail!("{} is older than {sources}: rebuild it with `{build}`", wasm.display());
+        }
+    }
+    Ok(wasm)
+}
+
+/// Envoy: `$PAYSTILE_ENVOY`, else the repository's `.venv` (scripts/setup), else `PATH`.
+pub fn envoy_binary() -> PathBuf {
+    from_env("PAYSTILE_ENVOY").unwrap_or_else(|| {
+        let venv = repo_root().join(".venv/bin/envoy");
+        if venv.is_file() { venv } else { PathBuf::from("envoy") }
+    })
+}
+
+/// Python with the test clients (PyJWT): the repository's `.venv`, else `python3`.
+pub fn python() -> PathBuf {
+    let venv = repo_root().join(".venv/bin/python");
+    if venv.is_file() { venv } else { PathBuf::from("python3") }
+}
+
+fn modified(path: &Path) -> std::io::Result<SystemTime> {
+    path.metadata()?.modified()
+}
+
+/// The newest modification time of any file under `dir`.
+fn newest(dir: &Path) -> Option<SystemTime> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let path = entry.path();
+            if path.is_dir() { newest(&path) } else { modified(&path).ok() }
+        })
+        .max()
+}
