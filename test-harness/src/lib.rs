@@ -4,6 +4,7 @@
 //! release filter `.wasm`, the real `paystile-ledger` binary on its SQLite file, and the demo
 //! [`upstream`]. The demo runs it on the default ports; tests run one per test on free ports.
 
+pub mod e2e;
 pub mod envoy;
 pub mod paths;
 pub mod stack;
