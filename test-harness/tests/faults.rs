@@ -35,11 +35,12 @@ async fn a_stalled_ledger_fails_closed_within_the_timeout_and_recovers() {
     stack.stack.ledger.signal("CONT").unwrap();
 
     assert_unavailable(&answer);
-    // It waited for the configured timeout, not for the ledger: a stalled ledger would
-    // otherwise hold the request until the client's 20 s timeout.
+    // It waited for the configured timeout (a refused connection fails in about a
+    // millisecond; timers are not exact, hence 3/4), and not for the ledger: a stalled
+    // ledger would otherwise hold the request until the client's 20 s timeout.
     assert!(
-        waited >= Duration::from_millis(LEDGER_TIMEOUT_MS),
-        "answered before the timeout: {waited:?}"
+        waited >= Duration::from_millis(LEDGER_TIMEOUT_MS * 3 / 4),
+        "did not wait for the timeout: {waited:?}"
     );
     assert!(waited < Duration::from_secs(10), "the timeout did not apply: {waited:?}");
     assert_eq!(stack.stack.upstream.seen().len(), 1, "an unpaid request reached the upstream");
