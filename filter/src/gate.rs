@@ -189,52 +189,7 @@ impl Exchange {
             Err(refusal) => self.respond(&refusal),
         }
     }
-}
 
-/// Everything that can be checked without the ledger, inline; the reserve call if it passes.
-fn reserve_request(
-    config: &Config,
-    request: &RequestHead<'_>,
-    price: Usdc,
-    now: u64,
-) -> Result<ReserveRequest, ErrorBody> {
-    let token = match request.authorization.map(credential::parse_authorization) {
-        None | Some(Ok(None)) => {
-            return Err(ErrorBody::payment_required(&config.service_id, price, SCHEMES));
-        }
-        Some(Err(_)) => return Err(ErrorBody::new(ErrorCode::InvalidCredential)),
-        Some(Ok(Some(Credential::Bearer(token)))) => token,
-    };
-    let claims =
-        pay_token::verify(token, &config.keys, &config.validation, now).map_err(|e| match e {
-            PayTokenError::Expired | PayTokenError::NotYetValid => {
-                ErrorBody::new(ErrorCode::TokenExpired)
-            }
-            other => ErrorBody::with_message(
-                ErrorCode::InvalidCredential,
-                format!("Invalid credential: {other}"),
-            ),
-        })?;
-    if !claims.allows_service(&config.service_id) {
-        return Err(ErrorBody::new(ErrorCode::WrongService));
-    }
-    let idempotency = match request.idempotency_key {
-        None => None,
-        Some(raw) => {
-            let key = headers::idempotency_key(raw)
-                .ok_or_else(|| ErrorBody::new(ErrorCode::InvalidIdempotencyKey))?;
-            Some(Idempotency { key: key.to_owned(), fingerprint: fingerprint(config, request) })
-        }
-    };
-    Ok(ReserveRequest {
-        token: TokenGrant::from(&claims),
-        service_id: config.service_id.clone(),
-        price_usdc: price,
-        idempotency,
-    })
-}
-
-impl Exchange {
     /// The ledger answered the reserve call (or could not be reached).
     pub fn on_ledger_reply(&mut self, gate: &Gate, reply: LedgerReply) -> RequestAction {
         if self.state != State::AwaitingLedger {
@@ -327,6 +282,49 @@ impl Exchange {
         self.state = State::Done;
         RequestAction::Respond(LocalResponse::error(refusal))
     }
+}
+
+/// Everything that can be checked without the ledger, inline; the reserve call if it passes.
+fn reserve_request(
+    config: &Config,
+    request: &RequestHead<'_>,
+    price: Usdc,
+    now: u64,
+) -> Result<ReserveRequest, ErrorBody> {
+    let token = match request.authorization.map(credential::parse_authorization) {
+        None | Some(Ok(None)) => {
+            return Err(ErrorBody::payment_required(&config.service_id, price, SCHEMES));
+        }
+        Some(Err(_)) => return Err(ErrorBody::new(ErrorCode::InvalidCredential)),
+        Some(Ok(Some(Credential::Bearer(token)))) => token,
+    };
+    let claims =
+        pay_token::verify(token, &config.keys, &config.validation, now).map_err(|e| match e {
+            PayTokenError::Expired | PayTokenError::NotYetValid => {
+                ErrorBody::new(ErrorCode::TokenExpired)
+            }
+            other => ErrorBody::with_message(
+                ErrorCode::InvalidCredential,
+                format!("Invalid credential: {other}"),
+            ),
+        })?;
+    if !claims.allows_service(&config.service_id) {
+        return Err(ErrorBody::new(ErrorCode::WrongService));
+    }
+    let idempotency = match request.idempotency_key {
+        None => None,
+        Some(raw) => {
+            let key = headers::idempotency_key(raw)
+                .ok_or_else(|| ErrorBody::new(ErrorCode::InvalidIdempotencyKey))?;
+            Some(Idempotency { key: key.to_owned(), fingerprint: fingerprint(config, request) })
+        }
+    };
+    Ok(ReserveRequest {
+        token: TokenGrant::from(&claims),
+        service_id: config.service_id.clone(),
+        price_usdc: price,
+        idempotency,
+    })
 }
 
 /// The refusals the ledger may answer a reserve with, which the gateway passes on.

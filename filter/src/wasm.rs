@@ -12,6 +12,7 @@ use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use paystile_protocol::headers;
+use paystile_protocol::ledger_api::Settlement;
 use paystile_protocol::{ErrorBody, ErrorCode};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -161,6 +162,14 @@ impl Stream {
         }
     }
 
+    fn settle(&self, settlement: Settlement) {
+        if self.queue.borrow_mut().push(settlement) {
+            log::error!(
+                "paystile: settle queue full; dropped the oldest settlement (its hold will expire)"
+            );
+        }
+    }
+
     fn respond(&self, response: LocalResponse) {
         let headers =
             response.headers.iter().map(|(name, value)| (*name, value.as_str())).collect();
@@ -212,16 +221,6 @@ impl HttpContext for Stream {
     fn on_log(&mut self) {
         if let Some(settlement) = self.exchange.on_end() {
             self.settle(settlement);
-        }
-    }
-}
-
-impl Stream {
-    fn settle(&self, settlement: paystile_protocol::ledger_api::Settlement) {
-        if self.queue.borrow_mut().push(settlement) {
-            log::error!(
-                "paystile: settle queue full; dropped the oldest settlement (its hold will expire)"
-            );
         }
     }
 }
