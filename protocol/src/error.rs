@@ -24,6 +24,7 @@ pub enum ErrorCode {
     InvalidIdempotencyKey,
     IdempotencyKeyMismatch,
     IdempotencyKeyInUse,
+    IdempotencyKeyExhausted,
     LedgerUnavailable,
     // Answers of the ledger's own API.
     BadRequest,
@@ -47,7 +48,9 @@ impl ErrorCode {
             ErrorCode::WrongService => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::IdempotencyKeyInUse => 409,
-            ErrorCode::TokenRevoked | ErrorCode::IdempotencyKeyMismatch => 422,
+            ErrorCode::TokenRevoked
+            | ErrorCode::IdempotencyKeyMismatch
+            | ErrorCode::IdempotencyKeyExhausted => 422,
             ErrorCode::Internal => 500,
             ErrorCode::LedgerUnavailable => 503,
         }
@@ -73,6 +76,9 @@ impl ErrorCode {
             }
             ErrorCode::IdempotencyKeyInUse => {
                 "A request with this Idempotency-Key is still in progress"
+            }
+            ErrorCode::IdempotencyKeyExhausted => {
+                "Idempotency-Key was replayed as often as allowed; use a new key for a new call"
             }
             ErrorCode::LedgerUnavailable => "Payment ledger unavailable, retry shortly",
             ErrorCode::BadRequest => "Bad request",
@@ -181,6 +187,7 @@ mod tests {
             (ErrorCode::InvalidPreimage, 401, "invalid_preimage"),
             (ErrorCode::IdempotencyKeyMismatch, 422, "idempotency_key_mismatch"),
             (ErrorCode::IdempotencyKeyInUse, 409, "idempotency_key_in_use"),
+            (ErrorCode::IdempotencyKeyExhausted, 422, "idempotency_key_exhausted"),
             (ErrorCode::LedgerUnavailable, 503, "ledger_unavailable"),
         ];
         for (code, status, name) in table {

@@ -43,15 +43,31 @@ pub struct TokenIssuer {
     pub default_ttl: Duration,
 }
 
+/// The money rules' knobs.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// A hold not settled within this time is released.
+    pub hold_ttl: Duration,
+    /// How often a charged call may be replayed under its Idempotency-Key.
+    pub max_replays: u32,
+}
+
 pub struct Ledger {
     store: SqliteStore,
     issuer: Option<TokenIssuer>,
-    hold_ttl: Duration,
+    limits: Limits,
 }
 
 impl Ledger {
-    pub fn new(store: SqliteStore, issuer: Option<TokenIssuer>, hold_ttl: Duration) -> Ledger {
-        Ledger { store, issuer, hold_ttl }
+    pub fn new(store: SqliteStore, issuer: Option<TokenIssuer>, limits: Limits) -> Ledger {
+        Ledger { store, issuer, limits }
+    }
+
+    /// Gives every open hold a full TTL from now. Run at start: while the ledger was down,
+    /// gateways kept the outcomes of calls they answered and will deliver them now.
+    pub async fn reopen_holds(&self) -> Result<usize, LedgerError> {
+        let until = now_millis().saturating_add(millis(self.limits.hold_ttl));
+        Ok(self.store.extend_open_holds(until).await?)
     }
 
     pub async fn issue_token(
@@ -167,7 +183,8 @@ impl Ledger {
                 price: request.price_usdc,
                 idempotency: request.idempotency,
                 now,
-                hold_expires_at: now.saturating_add(millis(self.hold_ttl)),
+                hold_expires_at: now.saturating_add(millis(self.limits.hold_ttl)),
+                max_replays: self.limits.max_replays,
             })
             .await?;
         if let ReserveOutcome::Refused(refusal) = &outcome {
@@ -195,7 +212,7 @@ impl Ledger {
 }
 
 fn token_view(token: TokenRecord) -> TokenView {
-    let balance = token.balance();
+    let remaining = token.remaining();
     let grant = token.grant;
     TokenView {
         token_id: grant.token_id,
@@ -206,7 +223,7 @@ fn token_view(token: TokenRecord) -> TokenView {
         limit_usdc: grant.limit_usdc,
         used_usdc: token.used,
         reserved_usdc: token.reserved,
-        remaining_usdc: balance.remaining(),
+        remaining_usdc: remaining,
         revoked: token.revoked,
         expires_at: rfc3339_seconds(grant.expires_at),
     }

@@ -5,24 +5,18 @@
 //! semantics and makes them testable without a database.
 
 use paystile_protocol::ledger_api::{ChargeStatus, Outcome, SettleStatus};
+use paystile_protocol::pay_token::Scope;
 use paystile_protocol::{ErrorBody, ErrorCode, Usdc};
 
-/// A token's spending position.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Balance {
-    pub limit: Usdc,
-    /// Committed charges.
-    pub used: Usdc,
-    /// Holds of calls in flight.
-    pub reserved: Usdc,
-    pub revoked: bool,
-}
+use crate::store::TokenRecord;
 
-impl Balance {
-    /// What is left for new calls: the limit minus everything spent or on hold.
-    pub fn remaining(&self) -> Usdc {
-        self.limit.saturating_sub(self.used).saturating_sub(self.reserved)
-    }
+/// One call asking for a hold.
+#[derive(Clone, Copy, Debug)]
+pub struct Call<'a> {
+    pub service_id: &'a str,
+    pub price: Usdc,
+    /// The request's fingerprint, when it came with an Idempotency-Key.
+    pub fingerprint: Option<&'a str>,
 }
 
 /// An earlier request under the same Idempotency-Key, and what became of its charge.
@@ -30,6 +24,8 @@ impl Balance {
 pub struct PriorUse<'a> {
     pub fingerprint: &'a str,
     pub charge: ChargeStatus,
+    /// How often its charge has been replayed already.
+    pub replays: u32,
 }
 
 /// How a call may proceed.
@@ -41,42 +37,47 @@ pub enum Admission {
     Replay,
 }
 
-/// May a call costing `price` go ahead? In this order: a revoked token never pays; a reused
-/// Idempotency-Key must name the same request and replays its charge, or waits for it while
-/// it is in flight; then `used + reserved + price <= limit`. Holds count against the cap, so
-/// no mix of concurrent calls can spend past it, whichever of them commit.
+/// May `call` go ahead on `token`? In this order: a revoked token never pays; a `SINGLE`
+/// token pays for its own service only; a reused Idempotency-Key must name the same
+/// request, and replays its charge (at most `max_replays` times: the upstream runs again
+/// for free on each) or waits for it while it is in flight; then
+/// `used + reserved + price <= limit`. Holds count against the cap, so no mix of concurrent
+/// calls can spend past it, whichever of them commit.
 pub fn admit(
-    balance: &Balance,
-    price: Usdc,
-    fingerprint: Option<&str>,
+    token: &TokenRecord,
+    call: &Call<'_>,
     prior: Option<PriorUse<'_>>,
+    max_replays: u32,
 ) -> Result<Admission, ErrorBody> {
-    if balance.revoked {
+    if token.revoked {
         return Err(ErrorBody::new(ErrorCode::TokenRevoked));
     }
+    let grant = &token.grant;
+    if grant.scope == Scope::Single && grant.service_id.as_deref() != Some(call.service_id) {
+        return Err(ErrorBody::new(ErrorCode::WrongService));
+    }
     if let Some(prior) = prior {
-        if fingerprint != Some(prior.fingerprint) {
+        if call.fingerprint != Some(prior.fingerprint) {
             return Err(ErrorBody::new(ErrorCode::IdempotencyKeyMismatch));
         }
         match prior.charge {
             ChargeStatus::Held => return Err(ErrorBody::new(ErrorCode::IdempotencyKeyInUse)),
+            ChargeStatus::Committed if prior.replays >= max_replays => {
+                return Err(ErrorBody::new(ErrorCode::IdempotencyKeyExhausted));
+            }
             ChargeStatus::Committed => return Ok(Admission::Replay),
             // The first attempt was not charged: this one may be.
             ChargeStatus::Released => {}
         }
     }
+    let limit = grant.limit_usdc;
     let after =
-        balance.used.checked_add(balance.reserved).and_then(|spent| spent.checked_add(price));
+        token.used.checked_add(token.reserved).and_then(|spent| spent.checked_add(call.price));
     match after {
-        Some(after) if after <= balance.limit => {
-            Ok(Admission::Hold { remaining: balance.limit.saturating_sub(after) })
+        Some(after) if after <= limit => {
+            Ok(Admission::Hold { remaining: limit.saturating_sub(after) })
         }
-        _ => Err(ErrorBody::token_limit_exceeded(
-            balance.used,
-            balance.reserved,
-            balance.limit,
-            price,
-        )),
+        _ => Err(ErrorBody::token_limit_exceeded(token.used, token.reserved, limit, call.price)),
     }
 }
 
@@ -112,65 +113,112 @@ pub fn settle(
 
 #[cfg(test)]
 mod tests {
+    use paystile_protocol::ledger_api::TokenGrant;
+
     use super::*;
 
     fn usdc(s: &str) -> Usdc {
         s.parse().unwrap()
     }
 
-    fn balance(limit: &str, used: &str, reserved: &str) -> Balance {
-        Balance { limit: usdc(limit), used: usdc(used), reserved: usdc(reserved), revoked: false }
+    fn token(limit: &str, used: &str, reserved: &str) -> TokenRecord {
+        TokenRecord {
+            grant: TokenGrant {
+                token_id: "tok".into(),
+                buyer_id: "buyer".into(),
+                buyer_tag: None,
+                service_id: Some("weather".into()),
+                scope: Scope::Single,
+                limit_usdc: usdc(limit),
+                expires_at: 4_000_000_000,
+            },
+            used: usdc(used),
+            reserved: usdc(reserved),
+            revoked: false,
+        }
+    }
+
+    fn call(price: &str) -> Call<'static> {
+        Call { service_id: "weather", price: price.parse().unwrap(), fingerprint: None }
     }
 
     fn hold(remaining: &str) -> Admission {
         Admission::Hold { remaining: usdc(remaining) }
     }
 
+    fn code(result: Result<Admission, ErrorBody>) -> ErrorCode {
+        result.unwrap_err().code
+    }
+
     #[test]
     fn holds_count_against_the_cap() {
-        let admit_new = |b: &Balance, price| admit(b, usdc(price), None, None);
-        assert_eq!(admit_new(&balance("0.010", "0.005", "0.004"), "0.001"), Ok(hold("0")));
-        let refused = admit_new(&balance("0.010", "0.005", "0.005"), "0.001").unwrap_err();
+        assert_eq!(
+            admit(&token("0.010", "0.005", "0.004"), &call("0.001"), None, 5),
+            Ok(hold("0"))
+        );
+        let refused =
+            admit(&token("0.010", "0.005", "0.005"), &call("0.001"), None, 5).unwrap_err();
         assert_eq!(refused.code, ErrorCode::TokenLimitExceeded);
         assert_eq!((refused.used, refused.reserved), (Some(usdc("0.005")), Some(usdc("0.005"))));
         assert_eq!((refused.limit, refused.price), (Some(usdc("0.010")), Some(usdc("0.001"))));
-        assert_eq!(admit_new(&balance("1", "0", "0"), "0.25"), Ok(hold("0.75")));
+        assert_eq!(admit(&token("1", "0", "0"), &call("0.25"), None, 5), Ok(hold("0.75")));
     }
 
     #[test]
     fn overflowing_sums_are_refused_not_wrapped() {
-        let full =
-            Balance { limit: Usdc::MAX, used: Usdc::MAX, reserved: Usdc::ZERO, revoked: false };
-        let refused = admit(&full, usdc("0.000001"), None, None).unwrap_err();
-        assert_eq!(refused.code, ErrorCode::TokenLimitExceeded);
+        let mut full = token("1", "0", "0");
+        (full.grant.limit_usdc, full.used) = (Usdc::MAX, Usdc::MAX);
+        assert_eq!(code(admit(&full, &call("0.000001"), None, 5)), ErrorCode::TokenLimitExceeded);
+    }
+
+    #[test]
+    fn a_single_service_token_pays_for_its_service_only() {
+        let elsewhere = Call { service_id: "maps", ..call("0.001") };
+        assert_eq!(
+            code(admit(&token("1", "0", "0"), &elsewhere, None, 5)),
+            ErrorCode::WrongService
+        );
+        let mut anywhere = token("1", "0", "0");
+        anywhere.grant.scope = Scope::All;
+        assert_eq!(admit(&anywhere, &elsewhere, None, 5), Ok(hold("0.999")));
     }
 
     #[test]
     fn revocation_wins_over_everything() {
-        let revoked = Balance { revoked: true, ..balance("5", "0", "0") };
-        let committed = Some(PriorUse { fingerprint: "fp", charge: ChargeStatus::Committed });
-        let refused = admit(&revoked, usdc("0.001"), Some("fp"), committed).unwrap_err();
-        assert_eq!(refused.code, ErrorCode::TokenRevoked);
+        let revoked = TokenRecord { revoked: true, ..token("5", "0", "0") };
+        let committed =
+            Some(PriorUse { fingerprint: "fp", charge: ChargeStatus::Committed, replays: 0 });
+        let keyed = Call { fingerprint: Some("fp"), ..call("0.001") };
+        assert_eq!(code(admit(&revoked, &keyed, committed, 5)), ErrorCode::TokenRevoked);
         let decision = settle(ChargeStatus::Held, false, true, Outcome::Commit);
         assert_eq!(decision, SettleDecision::Release(SettleStatus::Revoked));
     }
 
     #[test]
     fn reused_keys_replay_wait_refuse_or_retry() {
-        let spent = balance("0.001", "0.001", "0");
-        let reuse = |fp: &str, charge| {
-            admit(&spent, usdc("0.001"), Some(fp), Some(PriorUse { fingerprint: "fp1", charge }))
+        let spent = token("0.001", "0.001", "0");
+        let reuse = |fp: &'static str, charge, replays| {
+            let prior = Some(PriorUse { fingerprint: "fp1", charge, replays });
+            admit(&spent, &Call { fingerprint: Some(fp), ..call("0.001") }, prior, 2)
         };
-        // A replay is answered even when the budget is gone: it costs nothing more.
-        assert_eq!(reuse("fp1", ChargeStatus::Committed), Ok(Admission::Replay));
-        let code = |r: Result<Admission, ErrorBody>| r.unwrap_err().code;
-        assert_eq!(code(reuse("fp1", ChargeStatus::Held)), ErrorCode::IdempotencyKeyInUse);
-        assert_eq!(code(reuse("fp2", ChargeStatus::Committed)), ErrorCode::IdempotencyKeyMismatch);
+        // A replay is answered even when the budget is gone: it costs nothing more...
+        assert_eq!(reuse("fp1", ChargeStatus::Committed, 1), Ok(Admission::Replay));
+        // ...but only so often, since the upstream runs again each time.
+        assert_eq!(
+            code(reuse("fp1", ChargeStatus::Committed, 2)),
+            ErrorCode::IdempotencyKeyExhausted
+        );
+        assert_eq!(code(reuse("fp1", ChargeStatus::Held, 0)), ErrorCode::IdempotencyKeyInUse);
+        assert_eq!(
+            code(reuse("fp2", ChargeStatus::Committed, 0)),
+            ErrorCode::IdempotencyKeyMismatch
+        );
         // A retry after an uncharged attempt is a new call, and the cap applies.
-        assert_eq!(code(reuse("fp1", ChargeStatus::Released)), ErrorCode::TokenLimitExceeded);
-        let fresh = balance("1", "0", "0");
-        let prior = Some(PriorUse { fingerprint: "fp1", charge: ChargeStatus::Released });
-        assert_eq!(admit(&fresh, usdc("0.25"), Some("fp1"), prior), Ok(hold("0.75")));
+        assert_eq!(code(reuse("fp1", ChargeStatus::Released, 0)), ErrorCode::TokenLimitExceeded);
+        let prior =
+            Some(PriorUse { fingerprint: "fp1", charge: ChargeStatus::Released, replays: 0 });
+        let keyed = Call { fingerprint: Some("fp1"), ..call("0.25") };
+        assert_eq!(admit(&token("1", "0", "0"), &keyed, prior, 2), Ok(hold("0.75")));
     }
 
     #[test]

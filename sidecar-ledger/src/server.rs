@@ -9,7 +9,7 @@ use paystile_protocol::jws::Key;
 use tokio::net::TcpListener;
 
 use crate::http::{self, ApiKey};
-use crate::ledger::{Ledger, TokenIssuer};
+use crate::ledger::{Ledger, Limits, TokenIssuer};
 use crate::settings::{Database, Settings};
 use crate::store::SqliteStore;
 
@@ -30,7 +30,12 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             default_ttl: token.ttl,
         }
     });
-    let ledger = Arc::new(Ledger::new(store, issuer, settings.hold_ttl));
+    let limits = Limits { hold_ttl: settings.hold_ttl, max_replays: settings.max_replays };
+    let ledger = Arc::new(Ledger::new(store, issuer, limits));
+    let reopened = ledger.reopen_holds().await.context("cannot reopen the open holds")?;
+    if reopened > 0 {
+        tracing::info!(reopened, "open holds given a new TTL for their gateways to settle");
+    }
 
     let listener = TcpListener::bind(settings.listen)
         .await

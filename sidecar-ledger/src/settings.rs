@@ -53,6 +53,10 @@ pub struct Options {
     /// A hold not settled within this time is released [default: 120].
     #[arg(long, env = "PAYSTILE_HOLD_TTL_SECONDS")]
     pub hold_ttl_seconds: Option<u64>,
+    /// How often a charged call may be replayed under its Idempotency-Key; each replay
+    /// reaches the upstream again without a new charge [default: 5].
+    #[arg(long, env = "PAYSTILE_MAX_REPLAYS")]
+    pub max_replays: Option<u32>,
     /// How often expired holds are looked for [default: 1].
     #[arg(long, env = "PAYSTILE_SWEEP_INTERVAL_SECONDS")]
     pub sweep_interval_seconds: Option<u64>,
@@ -107,6 +111,7 @@ pub struct Settings {
     pub gateway_key: Secret,
     pub token: Option<TokenSettings>,
     pub hold_ttl: Duration,
+    pub max_replays: u32,
     pub sweep_interval: Duration,
     pub log_format: LogFormat,
 }
@@ -138,6 +143,7 @@ impl Options {
             token_audience: self.token_audience.or(lower.token_audience),
             token_ttl_seconds: self.token_ttl_seconds.or(lower.token_ttl_seconds),
             hold_ttl_seconds: self.hold_ttl_seconds.or(lower.hold_ttl_seconds),
+            max_replays: self.max_replays.or(lower.max_replays),
             sweep_interval_seconds: self.sweep_interval_seconds.or(lower.sweep_interval_seconds),
             log_format: self.log_format.or(lower.log_format),
         }
@@ -206,6 +212,7 @@ impl Settings {
                 options.hold_ttl_seconds,
                 120,
             )?),
+            max_replays: options.max_replays.unwrap_or(5),
             sweep_interval: Duration::from_secs(positive(
                 "sweep_interval_seconds",
                 options.sweep_interval_seconds,

@@ -429,29 +429,111 @@ async fn concurrent_reserves_never_overspend() {
     assert_eq!((token.used_usdc, token.reserved_usdc), (usdc("0.037"), Usdc::ZERO));
 }
 
-#[tokio::test]
-async fn answered_charges_survive_kill_9() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn answered_operations_survive_kill_9_in_the_middle_of_concurrent_load() {
     let mut ledger = Ledger::start(&[]);
-    let body = reserve_body("tok_durable", "1", "0.01");
-    let mut committed = Vec::new();
-    for _ in 0..20 {
-        let hold = ledger.hold(&body).await;
-        assert_eq!(ledger.settle(&[(&hold.charge_id, "commit")]).await, [SettleStatus::Committed]);
-        committed.push(hold.charge_id);
+    let body = reserve_body("tok_durable", "100", "0.01");
+    let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (url, http) = (ledger.process.url(), ledger.http.clone());
+    // 16 callers reserve and commit in a loop; their answers are recorded until the ledger dies.
+    let callers: Vec<_> = (0..16)
+        .map(|_| {
+            let (url, http, body) = (url.clone(), http.clone(), body.to_string());
+            let (answered, sent) = (answered.clone(), sent.clone());
+            tokio::spawn(async move {
+                let post = |path: &str, body: String| {
+                    http.post(format!("{url}{path}"))
+                        .bearer_auth(GATEWAY_KEY)
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .send()
+                };
+                loop {
+                    let Ok(hold) = post("/v1/holds", body.clone()).await else { return };
+                    let Ok(hold) = hold.json::<Hold>().await else { return };
+                    sent.lock().unwrap().push(hold.charge_id.clone());
+                    let settle =
+                        json!({"settlements": [{"chargeId": hold.charge_id, "outcome": "commit"}]});
+                    let Ok(answer) = post("/v1/holds/settle", settle.to_string()).await else {
+                        return;
+                    };
+                    let Ok(answer) = answer.json::<SettleResponse>().await else { return };
+                    assert_eq!(answer.results[0].status, SettleStatus::Committed);
+                    answered.lock().unwrap().push(hold.charge_id);
+                }
+            })
+        })
+        .collect();
+    while answered.lock().unwrap().len() < 200 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let open = ledger.hold(&body).await;
-
     ledger.crash_and_restart();
+    for caller in callers {
+        caller.await.unwrap();
+    }
 
-    for charge_id in &committed {
+    // Every commit the ledger answered is there; every hold it answered is held or committed;
+    // and the token's spend is exactly its committed charges.
+    let mut committed = 0;
+    let answered = answered.lock().unwrap().clone();
+    let sent = sent.lock().unwrap().clone();
+    for charge_id in &sent {
         let charge = ledger.admin.charge(charge_id).await.unwrap();
-        assert_eq!((charge.status, charge.amount_usdc), (ChargeStatus::Committed, usdc("0.01")));
+        if answered.contains(charge_id) {
+            assert_eq!(charge.status, ChargeStatus::Committed, "{charge_id} was lost");
+        }
+        assert_ne!(charge.status, ChargeStatus::Released, "{charge_id}");
+        committed += u64::from(charge.status == ChargeStatus::Committed);
     }
     let token = ledger.token("tok_durable").await;
-    assert_eq!((token.used_usdc, token.reserved_usdc), (usdc("0.2"), usdc("0.01")));
-    // The hold answered before the crash is still there and can be settled.
+    assert_eq!(token.used_usdc, usdc("0.01").checked_mul(committed).unwrap());
+    assert!(committed >= answered.len() as u64);
+}
+
+#[tokio::test]
+async fn a_restarted_ledger_gives_open_holds_a_new_ttl() {
+    let mut ledger = Ledger::start(&["--hold-ttl-seconds", "2"]);
+    let open = ledger.hold(&reserve_body("tok_reopen", "1", "0.1")).await;
+    ledger.process.kill().unwrap();
+    // Down for longer than the TTL: the gateway still holds this call's outcome.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    ledger.crash_and_restart();
     assert_eq!(ledger.settle(&[(&open.charge_id, "commit")]).await, [SettleStatus::Committed]);
-    assert_eq!(ledger.token("tok_durable").await.used_usdc, usdc("0.21"));
+    assert_eq!(ledger.token("tok_reopen").await.used_usdc, usdc("0.1"));
+}
+
+#[tokio::test]
+async fn a_hold_past_its_ttl_cannot_commit_even_before_the_sweep() {
+    let ledger = Ledger::start(&["--hold-ttl-seconds", "1", "--sweep-interval-seconds", "3600"]);
+    let hold = ledger.hold(&reserve_body("tok_late", "1", "0.1")).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(ledger.settle(&[(&hold.charge_id, "commit")]).await, [SettleStatus::Expired]);
+    let token = ledger.token("tok_late").await;
+    assert_eq!((token.used_usdc, token.reserved_usdc), (Usdc::ZERO, Usdc::ZERO));
+}
+
+#[tokio::test]
+async fn replays_are_capped_and_tokens_pay_for_their_own_service() {
+    let ledger = Ledger::start(&["--max-replays", "2"]);
+    let keyed = with_key(reserve_body("tok_replay", "1", "0.1"), "k", 'a');
+    let first = ledger.hold(&keyed).await;
+    ledger.settle(&[(&first.charge_id, "commit")]).await;
+    for _ in 0..2 {
+        assert!(ledger.hold(&keyed).await.replayed);
+    }
+    let (status, refusal) = ledger.reserve(&keyed).await;
+    assert_eq!(
+        (status, refusal["code"].as_str()),
+        (422, Some("idempotency_key_exhausted")),
+        "{refusal}"
+    );
+    assert_eq!(ledger.token("tok_replay").await.used_usdc, usdc("0.1"));
+
+    let mut elsewhere = reserve_body("tok_bound", "1", "0.1");
+    elsewhere["serviceId"] = json!("maps");
+    let (status, refusal) = ledger.reserve(&elsewhere).await;
+    assert_eq!((status, refusal["code"].as_str()), (403, Some("wrong_service")), "{refusal}");
 }
 
 #[tokio::test]

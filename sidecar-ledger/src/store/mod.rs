@@ -40,13 +40,9 @@ pub struct TokenRecord {
 }
 
 impl TokenRecord {
-    pub fn balance(&self) -> crate::rules::Balance {
-        crate::rules::Balance {
-            limit: self.grant.limit_usdc,
-            used: self.used,
-            reserved: self.reserved,
-            revoked: self.revoked,
-        }
+    /// What is left for new calls: the limit minus everything spent or on hold.
+    pub fn remaining(&self) -> Usdc {
+        self.grant.limit_usdc.saturating_sub(self.used).saturating_sub(self.reserved)
     }
 }
 
@@ -76,6 +72,8 @@ pub struct ReserveCommand {
     pub idempotency: Option<Idempotency>,
     pub now: UnixMillis,
     pub hold_expires_at: UnixMillis,
+    /// How often a committed charge may be replayed under its Idempotency-Key.
+    pub max_replays: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

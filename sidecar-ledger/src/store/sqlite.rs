@@ -22,7 +22,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{ChargeRecord, ReserveCommand, ReserveOutcome, StoreError, TokenRecord, UnixMillis};
-use crate::rules::{self, Admission, PriorUse, SettleDecision};
+use crate::rules::{self, Admission, Call, PriorUse, SettleDecision};
 
 /// The most operations committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -138,6 +138,20 @@ impl SqliteStore {
         .await
     }
 
+    /// Moves the expiry of every open hold to `until` at the earliest; answers how many.
+    /// A ledger that was down must not expire the holds whose outcomes gateways are still
+    /// waiting to deliver.
+    pub async fn extend_open_holds(&self, until: UnixMillis) -> Result<usize, StoreError> {
+        self.run(move |conn| {
+            let extended = conn.execute(
+                "UPDATE charges SET hold_expires_at = ?1 WHERE status = 'held' AND hold_expires_at < ?1",
+                params![until],
+            )?;
+            Ok(extended)
+        })
+        .await
+    }
+
     /// Releases up to `limit` holds whose TTL has passed; answers how many.
     pub async fn expire_holds(&self, now: UnixMillis, limit: usize) -> Result<usize, StoreError> {
         self.run(move |conn| expire_holds(conn, now, limit)).await
@@ -242,36 +256,53 @@ fn reserve(conn: &Connection, cmd: &ReserveCommand) -> Result<ReserveOutcome, St
         }
     };
     let token_id = &token.grant.token_id;
-    let balance = token.balance();
 
     let prior = match &cmd.idempotency {
         Some(idempotency) => conn
-            .query_row(
-                "SELECT k.fingerprint, k.charge_id, c.status
+            .prepare_cached(
+                "SELECT k.fingerprint, k.charge_id, c.status, k.replays
                  FROM idempotency_keys k JOIN charges c ON c.charge_id = k.charge_id
                  WHERE k.token_id = ?1 AND k.key = ?2",
-                params![token_id, idempotency.key],
-                |row| {
-                    Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, charge_status(row, 2)?))
-                },
-            )
+            )?
+            .query_row(params![token_id, idempotency.key], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    charge_status(row, 2)?,
+                    row.get::<_, u32>(3)?,
+                ))
+            })
             .optional()?,
         None => None,
     };
-    let fingerprint = cmd.idempotency.as_ref().map(|i| i.fingerprint.as_str());
-    let prior_use =
-        prior.as_ref().map(|(fp, _, charge)| PriorUse { fingerprint: fp, charge: *charge });
+    let call = Call {
+        service_id: &cmd.service_id,
+        price: cmd.price,
+        fingerprint: cmd.idempotency.as_ref().map(|i| i.fingerprint.as_str()),
+    };
+    let prior_use = prior.as_ref().map(|(fingerprint, _, charge, replays)| PriorUse {
+        fingerprint,
+        charge: *charge,
+        replays: *replays,
+    });
 
-    let remaining = match rules::admit(&balance, cmd.price, fingerprint, prior_use) {
+    let remaining = match rules::admit(&token, &call, prior_use, cmd.max_replays) {
         Err(refusal) => return Ok(ReserveOutcome::Refused(refusal)),
         Ok(Admission::Replay) => {
-            let first = prior.map(|(_, charge_id, _)| charge_id).unwrap_or_default();
+            let (first, key) = match (prior, &cmd.idempotency) {
+                (Some((_, charge_id, _, _)), Some(idempotency)) => (charge_id, &idempotency.key),
+                _ => return Err(StoreError::Corrupt("a replay without a prior charge".into())),
+            };
+            conn.prepare_cached(
+                "UPDATE idempotency_keys SET replays = replays + 1 WHERE token_id = ?1 AND key = ?2",
+            )?
+            .execute(params![token_id, key])?;
             let first = load_charge(conn, &first)?
                 .ok_or_else(|| StoreError::Corrupt("an idempotency key names no charge".into()))?;
             return Ok(ReserveOutcome::Held(Hold {
                 charge_id: first.charge_id,
                 amount_usdc: first.held,
-                remaining_usdc: balance.remaining(),
+                remaining_usdc: token.remaining(),
                 replayed: true,
             }));
         }
@@ -300,7 +331,7 @@ fn reserve(conn: &Connection, cmd: &ReserveCommand) -> Result<ReserveOutcome, St
         conn.prepare_cached(
             "INSERT INTO idempotency_keys (token_id, key, fingerprint, charge_id, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (token_id, key) DO UPDATE SET charge_id = excluded.charge_id",
+             ON CONFLICT (token_id, key) DO UPDATE SET charge_id = excluded.charge_id, replays = 0",
         )?
         .execute(params![
             token_id,

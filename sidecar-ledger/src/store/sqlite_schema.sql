@@ -37,6 +37,8 @@ CREATE TABLE idempotency_keys (
     key         TEXT NOT NULL,
     fingerprint TEXT NOT NULL,
     charge_id   TEXT NOT NULL REFERENCES charges (charge_id),
+    -- How often the charge was replayed (the upstream ran again, free): capped.
+    replays     INTEGER NOT NULL DEFAULT 0,
     created_at  INTEGER NOT NULL,
     PRIMARY KEY (token_id, key)
 ) STRICT, WITHOUT ROWID;
