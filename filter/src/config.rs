@@ -89,6 +89,11 @@ pub enum PathMatch {
 }
 
 /// A priced (or, at price 0, explicitly free) route. The first route that matches decides.
+///
+/// Matching errs towards charging, because upstreams are forgiving: many route `/a/` and
+/// `/a;x` like `/a`, match paths regardless of case, and run a GET handler for HEAD. So the
+/// path is compared without `;` parameters, ignoring ASCII case, exact paths ignore
+/// trailing slashes, and a route priced for GET prices HEAD too.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
     pub path: PathMatch,
@@ -98,14 +103,42 @@ pub struct Route {
 }
 
 impl Route {
+    /// `path` is a [`route_path`].
     fn matches(&self, method: &[u8], path: &[u8]) -> bool {
         let path_matches = match &self.path {
-            PathMatch::Exact(exact) => path == exact.as_bytes(),
-            PathMatch::Prefix(prefix) => path.starts_with(prefix.as_bytes()),
+            PathMatch::Exact(exact) => {
+                trim_slashes(path).eq_ignore_ascii_case(trim_slashes(exact.as_bytes()))
+            }
+            PathMatch::Prefix(prefix) => path
+                .get(..prefix.len())
+                .is_some_and(|start| start.eq_ignore_ascii_case(prefix.as_bytes())),
+        };
+        let method_matches = |m: &String| {
+            m.as_bytes().eq_ignore_ascii_case(method)
+                || (m == "GET" && method.eq_ignore_ascii_case(b"HEAD"))
         };
         path_matches
-            && self.methods.as_ref().is_none_or(|m| m.iter().any(|m| m.as_bytes() == method))
+            && self.methods.as_ref().is_none_or(|methods| methods.iter().any(method_matches))
     }
+}
+
+/// The path routes compare: without the query, and without `;` parameters in any segment.
+fn route_path(path: &[u8]) -> Vec<u8> {
+    let path = path.split(|b| *b == b'?').next().unwrap_or(path);
+    let mut routed = Vec::with_capacity(path.len());
+    for (i, segment) in path.split(|b| *b == b'/').enumerate() {
+        if i > 0 {
+            routed.push(b'/');
+        }
+        routed.extend(segment.split(|b| *b == b';').next().unwrap_or(segment));
+    }
+    routed
+}
+
+/// `/a/b//` is `/a/b`; `/` stays `/`.
+fn trim_slashes(path: &[u8]) -> &[u8] {
+    let end = path.iter().rposition(|b| *b != b'/').map_or(path.len().min(1), |i| i + 1);
+    &path[..end]
 }
 
 /// Where and how to call the ledger.
@@ -273,8 +306,8 @@ impl Config {
 
     /// The route that prices this request, if any; `path` may carry a query.
     pub fn route(&self, method: &[u8], path: &[u8]) -> Option<&Route> {
-        let path = path.split(|b| *b == b'?').next().unwrap_or(path);
-        self.routes.iter().find(|route| route.matches(method, path))
+        let path = route_path(path);
+        self.routes.iter().find(|route| route.matches(method, &path))
     }
 }
 
@@ -395,6 +428,43 @@ mod tests {
         assert_eq!(price("POST", "/v1/report/x"), None);
         assert_eq!(price("GET", "/healthz"), None);
         assert_eq!(config.route(b"GET", b"/v1/forecast\xff").map(|r| r.price.micros()), Some(1000));
+    }
+
+    #[test]
+    fn matching_errs_towards_charging() {
+        let config = parse(&example()).unwrap();
+        let price = |method: &str, path: &str| {
+            config.route(method.as_bytes(), path.as_bytes()).map(|r| r.price.to_string())
+        };
+        let report = Some("0.250000".to_owned());
+        for path in [
+            "/v1/report/",
+            "/v1/report//",
+            "/v1/report;jsessionid=1",
+            "/V1/Report",
+            "/v1;x/report;y/?q",
+        ] {
+            assert_eq!(price("POST", path), report, "{path}");
+        }
+        assert_eq!(price("post", "/v1/report"), report);
+        assert_eq!(price("GET", "/v1/report/more"), None, "an exact route priced a longer path");
+        assert_eq!(price("GET", "/V1/FORECAST/oslo;x=1").as_deref(), Some("0.001000"));
+        assert_eq!(price("GET", "/v1/fore;x/cast"), None);
+        assert_eq!(route_path(b"/a;b/c;d?e;f"), b"/a/c");
+        assert_eq!(
+            (trim_slashes(b"/"), trim_slashes(b"//"), trim_slashes(b"")),
+            (&b"/"[..], &b"/"[..], &b""[..])
+        );
+    }
+
+    #[test]
+    fn get_routes_price_head_too() {
+        let mut json = example();
+        json["routes"] = json!([{"path": "/v1/report", "methods": ["GET"], "price_usdc": "1"}]);
+        let config = parse(&json).unwrap();
+        assert!(config.route(b"HEAD", b"/v1/report").is_some());
+        assert!(config.route(b"OPTIONS", b"/v1/report").is_none());
+        assert!(config.route(b"POST", b"/v1/report").is_none());
     }
 
     #[test]

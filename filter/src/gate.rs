@@ -34,28 +34,44 @@ const SCHEMES: &[&str] = &["Bearer"];
 /// Seconds a client should wait before retrying when the ledger is unavailable.
 const RETRY_AFTER_SECONDS: &str = "1";
 
-/// Per-VM state shared by every request: the configuration, and whether the ledger was
-/// reachable last time (so that an outage is logged when it starts and ends, not per call).
+/// Per-VM state shared by every request: the configuration, and how the ledger answered
+/// last time (so that an outage is logged when it starts and ends, not once per call).
 pub struct Gate {
     config: Config,
-    ledger_down: Cell<bool>,
+    ledger_health: Cell<Health>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Health {
+    Answering,
+    Unreachable,
+    Confused,
 }
 
 impl Gate {
     pub fn new(config: Config) -> Gate {
-        Gate { config, ledger_down: Cell::new(false) }
+        Gate { config, ledger_health: Cell::new(Health::Answering) }
     }
 
     pub fn config(&self) -> &Config {
         &self.config
     }
 
-    fn note_ledger(&self, reachable: bool, status: Option<u16>) {
-        let was_down = self.ledger_down.replace(!reachable);
-        match (was_down, reachable) {
-            (false, false) => log::warn!("paystile: ledger unavailable (status {status:?})"),
-            (true, true) => log::info!("paystile: ledger reachable again"),
-            _ => {}
+    fn note_ledger(&self, answer: &LedgerAnswer, status: Option<u16>) {
+        let health = match answer {
+            LedgerAnswer::Hold(_) | LedgerAnswer::Refusal(_) => Health::Answering,
+            LedgerAnswer::Unreachable => Health::Unreachable,
+            LedgerAnswer::Confused => Health::Confused,
+        };
+        if self.ledger_health.replace(health) == health {
+            return;
+        }
+        match health {
+            Health::Answering => log::info!("paystile: the ledger answers again"),
+            Health::Unreachable => log::warn!("paystile: ledger unavailable (status {status:?})"),
+            Health::Confused => log::error!(
+                "paystile: the ledger's answers are not a ledger's (status {status:?}): check ledger.upstream and ledger.gateway_key"
+            ),
         }
     }
 }
@@ -195,17 +211,10 @@ impl Exchange {
         if self.state != State::AwaitingLedger {
             return RequestAction::Nothing;
         }
-        let answer = match reply.status {
-            Some(200) => serde_json::from_slice::<Hold>(&reply.body).map(Ok).ok(),
-            Some(status) => serde_json::from_slice::<ErrorBody>(&reply.body)
-                .ok()
-                .filter(|refusal| is_ledger_refusal(refusal.code) && refusal.status() == status)
-                .map(Err),
-            None => None,
-        };
-        gate.note_ledger(answer.is_some(), reply.status);
+        let answer = LedgerAnswer::read(&reply);
+        gate.note_ledger(&answer, reply.status);
         match answer {
-            Some(Ok(hold)) => {
+            LedgerAnswer::Hold(hold) => {
                 let edits = vec![
                     HeaderEdit::Remove(headers::AUTHORIZATION),
                     HeaderEdit::Set(headers::CHARGE_ID, hold.charge_id.clone()),
@@ -219,17 +228,19 @@ impl Exchange {
                     if hold.replayed { State::Replayed(charge) } else { State::Held(charge) };
                 RequestAction::Forward(edits)
             }
-            Some(Err(refusal)) => self.respond(&refusal),
-            None => match gate.config().failure_mode {
-                FailureMode::Closed => self.respond(&ErrorBody::new(ErrorCode::LedgerUnavailable)),
-                FailureMode::Open => {
-                    self.state = State::Free { failed_open: true };
-                    RequestAction::Forward(vec![
-                        HeaderEdit::Remove(headers::AUTHORIZATION),
-                        HeaderEdit::Remove(headers::CHARGE_ID),
-                    ])
-                }
-            },
+            LedgerAnswer::Refusal(refusal) => self.respond(&refusal),
+            LedgerAnswer::Unreachable if gate.config().failure_mode == FailureMode::Open => {
+                self.state = State::Free { failed_open: true };
+                RequestAction::Forward(vec![
+                    HeaderEdit::Remove(headers::AUTHORIZATION),
+                    HeaderEdit::Remove(headers::CHARGE_ID),
+                ])
+            }
+            // A ledger that answers nonsense (a wrong gateway key, say) is a misconfiguration:
+            // failing open there would give every call away, so it always fails closed.
+            LedgerAnswer::Unreachable | LedgerAnswer::Confused => {
+                self.respond(&ErrorBody::new(ErrorCode::LedgerUnavailable))
+            }
         }
     }
 
@@ -327,11 +338,50 @@ fn reserve_request(
     })
 }
 
+/// What a reserve call's reply means.
+enum LedgerAnswer {
+    Hold(Hold),
+    /// A refusal to pass on to the client.
+    Refusal(ErrorBody),
+    /// No answer, a timeout or a server error: the ledger may be down or overloaded.
+    Unreachable,
+    /// An answer that is none of ours: a misconfigured ledger or route.
+    Confused,
+}
+
+impl LedgerAnswer {
+    fn read(reply: &LedgerReply) -> LedgerAnswer {
+        match reply.status {
+            // Envoy reports a refused connection or a timeout as its own 503 or 504.
+            None | Some(500..) => LedgerAnswer::Unreachable,
+            Some(200) => match serde_json::from_slice::<Hold>(&reply.body) {
+                Ok(hold) if is_charge_id(&hold.charge_id) => LedgerAnswer::Hold(hold),
+                _ => LedgerAnswer::Confused,
+            },
+            Some(status) => match serde_json::from_slice::<ErrorBody>(&reply.body) {
+                Ok(refusal) if is_ledger_refusal(refusal.code) && refusal.status() == status => {
+                    LedgerAnswer::Refusal(refusal)
+                }
+                _ => LedgerAnswer::Confused,
+            },
+        }
+    }
+}
+
+/// Charge ids go into headers: 1 to 64 characters of `[A-Za-z0-9_-]` (the ledger's are
+/// `ch_` and 32 hex digits).
+fn is_charge_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 /// The refusals the ledger may answer a reserve with, which the gateway passes on.
 fn is_ledger_refusal(code: ErrorCode) -> bool {
     matches!(
         code,
         ErrorCode::TokenRevoked
+            | ErrorCode::WrongService
+            | ErrorCode::IdempotencyKeyExhausted
             | ErrorCode::TokenLimitExceeded
             | ErrorCode::InsufficientBalance
             | ErrorCode::DailyLimitExceeded

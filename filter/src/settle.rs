@@ -4,6 +4,10 @@
 //! commits a batch in one transaction. A batch the ledger did not acknowledge goes back to
 //! the front of the queue and is retried with backoff; settling twice is harmless, as the
 //! ledger reports an already settled hold and changes nothing.
+//!
+//! One queue serves a whole VM: a configuration reload replaces the root context, and the
+//! settlements of calls still in flight under the old one must not go with it. A batch
+//! whose reply never comes (its root context went away) is sent again after its timeout.
 
 use std::collections::VecDeque;
 
@@ -24,9 +28,25 @@ const MAX_BACKOFF_MS: u64 = 5_000;
 #[derive(Debug, Default)]
 pub struct SettleQueue {
     waiting: VecDeque<Settlement>,
-    in_flight: Option<Vec<Settlement>>,
+    in_flight: Option<InFlight>,
+    sent: u64,
     retry_at_ms: u64,
     backoff_ms: u64,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    id: u64,
+    settlements: Vec<Settlement>,
+    /// When to give up waiting for the reply.
+    deadline_ms: u64,
+}
+
+/// A batch to send; its reply goes back to the queue with its `id`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Batch {
+    pub id: u64,
+    pub call: LedgerCall,
 }
 
 /// What became of the batch in flight.
@@ -55,15 +75,20 @@ impl SettleQueue {
     }
 
     pub fn len(&self) -> usize {
-        self.waiting.len() + self.in_flight.as_ref().map_or(0, Vec::len)
+        self.waiting.len() + self.in_flight.as_ref().map_or(0, |f| f.settlements.len())
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// The next batch to send, if one is waiting, none is in flight and no backoff is running.
-    pub fn next_batch(&mut self, now_ms: u64) -> Option<LedgerCall> {
+    /// The next batch to send, if one is waiting, none is in flight and no backoff is
+    /// running. `timeout_ms` is how long the call may take before it counts as lost.
+    pub fn next_batch(&mut self, now_ms: u64, timeout_ms: u64) -> Option<Batch> {
+        if let Some(lost) = self.in_flight.take_if(|f| now_ms >= f.deadline_ms) {
+            log::warn!("paystile: no reply to a settle batch; sending it again");
+            self.requeue(lost.settlements, now_ms);
+        }
         if self.in_flight.is_some() || self.waiting.is_empty() || now_ms < self.retry_at_ms {
             return None;
         }
@@ -71,15 +96,20 @@ impl SettleQueue {
         let request = SettleRequest { settlements: self.waiting.drain(..count).collect() };
         // Serializing ids, enums and integers cannot fail.
         let body = serde_json::to_vec(&request).unwrap_or_default();
-        self.in_flight = Some(request.settlements);
-        Some(LedgerCall { path: path::SETTLEMENTS, body })
+        self.sent += 1;
+        // A second of slack over the call's own timeout, after which the host answers.
+        let deadline_ms = now_ms.saturating_add(timeout_ms).saturating_add(1_000);
+        self.in_flight =
+            Some(InFlight { id: self.sent, settlements: request.settlements, deadline_ms });
+        Some(Batch { id: self.sent, call: LedgerCall { path: path::SETTLEMENTS, body } })
     }
 
-    /// The ledger's reply to the batch in flight.
-    pub fn on_reply(&mut self, reply: &LedgerReply, now_ms: u64) -> BatchOutcome {
-        let Some(batch) = self.in_flight.take() else {
+    /// The ledger's reply to batch `id`.
+    pub fn on_reply(&mut self, id: u64, reply: &LedgerReply, now_ms: u64) -> BatchOutcome {
+        let Some(batch) = self.in_flight.take_if(|f| f.id == id) else {
             return BatchOutcome::Stray;
         };
+        let batch = batch.settlements;
         match reply.status {
             Some(200) => {
                 self.backoff_ms = 0;
@@ -108,10 +138,10 @@ impl SettleQueue {
         }
     }
 
-    /// The batch could not even be sent (the host refused the dispatch).
-    pub fn on_send_failed(&mut self, now_ms: u64) {
-        if let Some(batch) = self.in_flight.take() {
-            self.requeue(batch, now_ms);
+    /// Batch `id` could not even be sent (the host refused the dispatch).
+    pub fn on_send_failed(&mut self, id: u64, now_ms: u64) {
+        if let Some(batch) = self.in_flight.take_if(|f| f.id == id) {
+            self.requeue(batch.settlements, now_ms);
         }
     }
 
@@ -130,6 +160,8 @@ mod tests {
 
     use super::*;
 
+    const TIMEOUT: u64 = 1_000;
+
     fn settlement(i: usize) -> Settlement {
         Settlement {
             charge_id: format!("ch_{i}"),
@@ -138,8 +170,8 @@ mod tests {
         }
     }
 
-    fn sent(call: &LedgerCall) -> Vec<String> {
-        let request: SettleRequest = serde_json::from_slice(&call.body).unwrap();
+    fn sent(batch: &Batch) -> Vec<String> {
+        let request: SettleRequest = serde_json::from_slice(&batch.call.body).unwrap();
         request.settlements.into_iter().map(|s| s.charge_id).collect()
     }
 
@@ -150,47 +182,44 @@ mod tests {
     #[test]
     fn sends_one_batch_at_a_time_in_order() {
         let mut queue = SettleQueue::default();
-        assert_eq!(queue.next_batch(0), None);
+        assert_eq!(queue.next_batch(0, TIMEOUT), None);
         for i in 0..MAX_BATCH + 3 {
             queue.push(settlement(i));
         }
-        let first = queue.next_batch(0).unwrap();
-        assert_eq!(first.path, "/v1/holds/settle");
+        let first = queue.next_batch(0, TIMEOUT).unwrap();
+        assert_eq!(first.call.path, "/v1/holds/settle");
         assert_eq!(sent(&first).len(), MAX_BATCH);
         assert_eq!(sent(&first)[0], "ch_0");
-        assert_eq!(queue.next_batch(0), None, "a second batch while one is in flight");
-        let outcome = queue.on_reply(&reply(Some(200), r#"{"results":[]}"#), 0);
+        assert_eq!(queue.next_batch(0, TIMEOUT), None, "a second batch while one is in flight");
+        let outcome = queue.on_reply(first.id, &reply(Some(200), r#"{"results":[]}"#), 0);
         assert_eq!(outcome, BatchOutcome::Acknowledged { settled: MAX_BATCH, unsettled: 0 });
-        assert_eq!(sent(&queue.next_batch(0).unwrap()), ["ch_500", "ch_501", "ch_502"]);
+        assert_eq!(sent(&queue.next_batch(0, TIMEOUT).unwrap()), ["ch_500", "ch_501", "ch_502"]);
     }
 
     #[test]
     fn unacknowledged_batches_are_retried_first_with_backoff() {
         let mut queue = SettleQueue::default();
         queue.push(settlement(1));
-        queue.next_batch(1_000).unwrap();
+        let first = queue.next_batch(1_000, TIMEOUT).unwrap();
         queue.push(settlement(2));
         // A reset (no status), then a 503: back in front, waiting longer each time.
-        assert_eq!(
-            queue.on_reply(&reply(None, ""), 1_000),
-            BatchOutcome::Retrying { retry_in_ms: 100 }
-        );
-        assert_eq!(queue.next_batch(1_050), None);
-        queue.next_batch(1_100).unwrap();
-        assert_eq!(
-            queue.on_reply(&reply(Some(503), ""), 1_100),
-            BatchOutcome::Retrying { retry_in_ms: 200 }
-        );
-        assert_eq!(queue.next_batch(1_299), None);
-        assert_eq!(sent(&queue.next_batch(1_300).unwrap()), ["ch_1", "ch_2"]);
-        queue.on_send_failed(1_300);
+        let outcome = queue.on_reply(first.id, &reply(None, ""), 1_000);
+        assert_eq!(outcome, BatchOutcome::Retrying { retry_in_ms: 100 });
+        assert_eq!(queue.next_batch(1_050, TIMEOUT), None);
+        let second = queue.next_batch(1_100, TIMEOUT).unwrap();
+        let outcome = queue.on_reply(second.id, &reply(Some(503), ""), 1_100);
+        assert_eq!(outcome, BatchOutcome::Retrying { retry_in_ms: 200 });
+        assert_eq!(queue.next_batch(1_299, TIMEOUT), None);
+        let third = queue.next_batch(1_300, TIMEOUT).unwrap();
+        assert_eq!(sent(&third), ["ch_1", "ch_2"]);
+        queue.on_send_failed(third.id, 1_300);
         assert_eq!(queue.len(), 2);
         // Success resets the backoff.
-        queue.next_batch(1_700).unwrap();
-        queue.on_reply(&reply(Some(200), "{}"), 1_700);
+        let fourth = queue.next_batch(1_700, TIMEOUT).unwrap();
+        queue.on_reply(fourth.id, &reply(Some(200), "{}"), 1_700);
         assert!(queue.is_empty());
         queue.push(settlement(3));
-        assert!(queue.next_batch(1_700).is_some());
+        assert!(queue.next_batch(1_700, TIMEOUT).is_some());
     }
 
     #[test]
@@ -199,13 +228,11 @@ mod tests {
         queue.push(settlement(1));
         let mut now = 0;
         for _ in 0..20 {
-            queue.next_batch(now).unwrap();
-            if let BatchOutcome::Retrying { retry_in_ms } =
-                queue.on_reply(&reply(Some(502), ""), now)
-            {
-                assert!(retry_in_ms <= MAX_BACKOFF_MS);
-                now += retry_in_ms;
-            }
+            let batch = queue.next_batch(now, TIMEOUT).unwrap();
+            let outcome = queue.on_reply(batch.id, &reply(Some(502), ""), now);
+            let BatchOutcome::Retrying { retry_in_ms } = outcome else { panic!("{outcome:?}") };
+            assert!(retry_in_ms <= MAX_BACKOFF_MS);
+            now += retry_in_ms;
         }
         assert_eq!(queue.backoff_ms, MAX_BACKOFF_MS);
     }
@@ -213,29 +240,25 @@ mod tests {
     #[test]
     fn counts_what_the_ledger_could_not_commit() {
         let mut queue = SettleQueue::default();
-        (0..3).for_each(|i| {
+        for i in 0..3 {
             queue.push(settlement(i));
-        });
-        queue.next_batch(0).unwrap();
+        }
+        let batch = queue.next_batch(0, TIMEOUT).unwrap();
         let body = r#"{"results":[{"chargeId":"ch_0","status":"committed"},
             {"chargeId":"ch_1","status":"revoked"},{"chargeId":"ch_2","status":"expired"}]}"#;
-        assert_eq!(
-            queue.on_reply(&reply(Some(200), body), 0),
-            BatchOutcome::Acknowledged { settled: 3, unsettled: 2 }
-        );
+        let outcome = queue.on_reply(batch.id, &reply(Some(200), body), 0);
+        assert_eq!(outcome, BatchOutcome::Acknowledged { settled: 3, unsettled: 2 });
     }
 
     #[test]
     fn malformed_batches_are_dropped_not_retried_forever() {
         let mut queue = SettleQueue::default();
         queue.push(settlement(1));
-        queue.next_batch(0).unwrap();
-        assert_eq!(
-            queue.on_reply(&reply(Some(400), "{}"), 0),
-            BatchOutcome::Dropped { settlements: 1 }
-        );
+        let batch = queue.next_batch(0, TIMEOUT).unwrap();
+        let outcome = queue.on_reply(batch.id, &reply(Some(400), "{}"), 0);
+        assert_eq!(outcome, BatchOutcome::Dropped { settlements: 1 });
         assert!(queue.is_empty());
-        assert_eq!(queue.on_reply(&reply(Some(200), "{}"), 0), BatchOutcome::Stray);
+        assert_eq!(queue.on_reply(batch.id, &reply(Some(200), "{}"), 0), BatchOutcome::Stray);
     }
 
     #[test]
@@ -246,6 +269,26 @@ mod tests {
         }
         assert!(queue.push(settlement(MAX_QUEUED)));
         assert_eq!(queue.len(), MAX_QUEUED);
-        assert_eq!(sent(&queue.next_batch(0).unwrap())[0], "ch_1");
+        assert_eq!(sent(&queue.next_batch(0, TIMEOUT).unwrap())[0], "ch_1");
+    }
+
+    #[test]
+    fn a_batch_whose_reply_never_comes_is_sent_again_and_its_late_reply_ignored() {
+        let mut queue = SettleQueue::default();
+        queue.push(settlement(1));
+        let lost = queue.next_batch(0, TIMEOUT).unwrap();
+        queue.push(settlement(2));
+        assert_eq!(queue.next_batch(TIMEOUT, TIMEOUT), None, "gave up before the timeout");
+        // Past the timeout (and its second of slack) the batch counts as failed: it is
+        // queued again and sent after the usual backoff.
+        let lost_at = TIMEOUT + 1_000;
+        assert_eq!(queue.next_batch(lost_at, TIMEOUT), None);
+        let again = queue.next_batch(lost_at + FIRST_BACKOFF_MS, TIMEOUT).unwrap();
+        assert_eq!(sent(&again), ["ch_1", "ch_2"]);
+        // The lost batch's reply arrives after all: it must not acknowledge the new one.
+        assert_eq!(queue.on_reply(lost.id, &reply(Some(200), "{}"), 3_000), BatchOutcome::Stray);
+        assert_eq!(queue.len(), 2);
+        let outcome = queue.on_reply(again.id, &reply(Some(200), "{}"), 3_000);
+        assert_eq!(outcome, BatchOutcome::Acknowledged { settled: 2, unsettled: 0 });
     }
 }

@@ -28,15 +28,25 @@ const MAX_REPLY_BYTES: usize = 64 * 1024;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| Box::new(Root::default()));
+    proxy_wasm::set_root_context(|_| Box::new(Root::new()));
 }}
 
-#[derive(Default)]
+thread_local! {
+    /// The VM's one settle queue, shared by every root context (see `settle`).
+    static SETTLE_QUEUE: Rc<RefCell<SettleQueue>> = Rc::default();
+}
+
 struct Root {
     gate: Option<Rc<Gate>>,
     queue: Rc<RefCell<SettleQueue>>,
-    /// The token of the settle batch in flight.
-    settling: Option<u32>,
+    /// The dispatch token and batch id of the settle call this root has in flight.
+    settling: Option<(u32, u64)>,
+}
+
+impl Root {
+    fn new() -> Root {
+        Root { gate: None, queue: SETTLE_QUEUE.with(Rc::clone), settling: None }
+    }
 }
 
 impl RootContext for Root {
@@ -62,14 +72,13 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let Some(gate) = &self.gate else { return };
-        if self.settling.is_some() {
-            return;
-        }
+        let ledger = &gate.config().ledger;
         let now = millis(self.get_current_time());
-        let Some(call) = self.queue.borrow_mut().next_batch(now) else { return };
-        match dispatch(self, &gate.config().ledger, &call) {
-            Some(token) => self.settling = Some(token),
-            None => self.queue.borrow_mut().on_send_failed(now),
+        let timeout = u64::try_from(ledger.timeout.as_millis()).unwrap_or(u64::MAX);
+        let Some(batch) = self.queue.borrow_mut().next_batch(now, timeout) else { return };
+        match dispatch(self, ledger, &batch.call) {
+            Some(token) => self.settling = Some((token, batch.id)),
+            None => self.queue.borrow_mut().on_send_failed(batch.id, now),
         }
     }
 
@@ -94,13 +103,12 @@ impl Context for Root {
         body_size: usize,
         _trailers: usize,
     ) {
-        if self.settling != Some(token) {
+        let Some((_, batch)) = self.settling.take_if(|(sent, _)| *sent == token) else {
             return;
-        }
-        self.settling = None;
+        };
         let reply = read_reply(self, headers, body_size);
         let now = millis(self.get_current_time());
-        let outcome = self.queue.borrow_mut().on_reply(&reply, now);
+        let outcome = self.queue.borrow_mut().on_reply(batch, &reply, now);
         match outcome {
             BatchOutcome::Acknowledged { unsettled: 0, .. } | BatchOutcome::Stray => {}
             BatchOutcome::Acknowledged { settled, unsettled } => {

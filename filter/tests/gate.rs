@@ -356,8 +356,10 @@ fn ledger_refusals_pass_through_with_their_status() {
             "0.001".parse().unwrap(),
         ),
         ErrorBody::new(ErrorCode::TokenRevoked),
+        ErrorBody::new(ErrorCode::WrongService),
         ErrorBody::new(ErrorCode::IdempotencyKeyInUse),
         ErrorBody::new(ErrorCode::IdempotencyKeyMismatch),
+        ErrorBody::new(ErrorCode::IdempotencyKeyExhausted),
     ];
     for refusal in refusals {
         let mut exchange = Exchange::default();
@@ -383,6 +385,9 @@ fn an_unreachable_or_confused_ledger_fails_closed() {
         LedgerReply { status: Some(504), body: b"upstream request timeout".to_vec() },
         LedgerReply { status: Some(401), body: ErrorBody::new(ErrorCode::Unauthorized).to_json() },
         LedgerReply { status: Some(200), body: b"{\"not\":\"a hold\"}".to_vec() },
+        hold_reply("ch_1\r\nx-injected: 1", false),
+        hold_reply("", false),
+        hold_reply(&"c".repeat(65), false),
         LedgerReply { status: Some(422), body: limit },
         LedgerReply { status: Some(402), body: b"\xff".to_vec() },
     ];
@@ -399,19 +404,39 @@ fn an_unreachable_or_confused_ledger_fails_closed() {
 #[test]
 fn failing_open_lets_the_call_through_unpaid_and_says_so() {
     let gate = gate_with(|c| c["failure_mode"] = json!("open"));
-    let mut exchange = Exchange::default();
-    reserve(&gate, &mut exchange, &head("/v1/forecast", Some(&bearer(&claims()))));
-    let action = exchange.on_ledger_reply(&gate, LedgerReply::default());
-    assert_eq!(
-        action,
-        RequestAction::Forward(vec![
-            HeaderEdit::Remove("authorization"),
-            HeaderEdit::Remove("x-charge-id")
-        ])
-    );
-    let step = exchange.on_response_headers(&gate, Some(200));
-    assert!(step.edits.contains(&HeaderEdit::Set("x-amount-usdc", "0.000000".into())));
-    assert_eq!(step.settlement, None);
+    for unreachable in [None, Some(503), Some(504), Some(500)] {
+        let mut exchange = Exchange::default();
+        reserve(&gate, &mut exchange, &head("/v1/forecast", Some(&bearer(&claims()))));
+        let action =
+            exchange.on_ledger_reply(&gate, LedgerReply { status: unreachable, body: Vec::new() });
+        assert_eq!(
+            action,
+            RequestAction::Forward(vec![
+                HeaderEdit::Remove("authorization"),
+                HeaderEdit::Remove("x-charge-id")
+            ]),
+            "{unreachable:?}"
+        );
+        let step = exchange.on_response_headers(&gate, Some(200));
+        assert!(step.edits.contains(&HeaderEdit::Set("x-amount-usdc", "0.000000".into())));
+        assert_eq!(step.settlement, None);
+    }
+}
+
+#[test]
+fn a_misconfigured_ledger_fails_closed_even_when_failing_open() {
+    let gate = gate_with(|c| c["failure_mode"] = json!("open"));
+    let confused = [
+        LedgerReply { status: Some(401), body: ErrorBody::new(ErrorCode::Unauthorized).to_json() },
+        LedgerReply { status: Some(404), body: b"no route".to_vec() },
+        LedgerReply { status: Some(200), body: b"<html>".to_vec() },
+    ];
+    for reply in confused {
+        let mut exchange = Exchange::default();
+        reserve(&gate, &mut exchange, &head("/v1/forecast", Some(&bearer(&claims()))));
+        let (status, body, _) = answered(&exchange.on_ledger_reply(&gate, reply.clone()));
+        assert_eq!((status, body.code), (503, ErrorCode::LedgerUnavailable), "{reply:?}");
+    }
 }
 
 #[test]
@@ -425,39 +450,79 @@ fn callbacks_out_of_turn_do_nothing() {
     assert_eq!(refused.on_response_headers(&gate, Some(402)).edits, []);
 }
 
+/// Paths that are mostly priced, with arbitrary bytes after a priced prefix.
+fn paths() -> impl Strategy<Value = Vec<u8>> {
+    let prefix = prop_oneof![
+        Just(b"/v1/forecast".to_vec()),
+        Just(b"/v1/forecast/free".to_vec()),
+        Just(b"/V1/Forecast;x".to_vec()),
+        proptest::collection::vec(any::<u8>(), 0..16),
+    ];
+    (prefix, proptest::collection::vec(any::<u8>(), 0..48)).prop_map(|(mut p, tail)| {
+        p.extend(tail);
+        p
+    })
+}
+
+fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(any::<u8>(), 0..max)
+}
+
 proptest! {
-    /// Whatever bytes a client sends, the gate answers and never panics.
+    /// Whatever bytes a client sends, the gate answers without panicking, and a priced
+    /// request is never forwarded before the ledger has been asked.
     #[test]
-    fn any_request_bytes_get_an_answer(
-        method in proptest::collection::vec(any::<u8>(), 0..12),
-        path in proptest::collection::vec(any::<u8>(), 0..64),
-        authorization in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300)),
-        key in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300)),
-        mangled_token in proptest::collection::vec(any::<u8>(), 0..300),
+    fn no_priced_request_passes_unasked(
+        method in prop_oneof![Just(b"GET".to_vec()), bytes(12)],
+        path in paths(),
+        authorization in proptest::option::of(prop_oneof![Just(Vec::new()), bytes(300)]),
+        with_valid_token in any::<bool>(),
+        key in proptest::option::of(bytes(300)),
     ) {
         let gate = gate();
+        let token = bearer(&claims()).into_bytes();
+        let authorization = if with_valid_token { Some(token) } else { authorization };
         let request = RequestHead {
             method: &method,
             path: &path,
             authorization: authorization.as_deref(),
             idempotency_key: key.as_deref(),
         };
+        let priced = gate.config().route(&method, &path).is_some_and(|r| !r.price.is_zero());
         let action = Exchange::default().on_request_headers(&gate, &request, NOW);
-        prop_assert!(!matches!(action, RequestAction::Nothing));
-        let mut bearer_bytes = b"Bearer ".to_vec();
-        bearer_bytes.extend(&mangled_token);
-        let request = RequestHead { authorization: Some(&bearer_bytes), ..head("/v1/forecast", None) };
-        let action = Exchange::default().on_request_headers(&gate, &request, NOW);
-        prop_assert!(matches!(action, RequestAction::Respond(_)));
+        if priced {
+            prop_assert!(matches!(action, RequestAction::CallLedger(_) | RequestAction::Respond(_)), "{action:?}");
+        } else {
+            prop_assert_eq!(action, RequestAction::Forward(vec![HeaderEdit::Remove("x-charge-id")]));
+        }
     }
 
-    /// Whatever the ledger answers, the gate decides and never panics.
+    /// Whatever the ledger answers, the gate decides without panicking, and forwards only
+    /// with a hold whose charge id is safe to put in a header.
     #[test]
-    fn any_ledger_reply_gets_a_decision(status in proptest::option::of(0u16..1000), body in proptest::collection::vec(any::<u8>(), 0..200)) {
+    fn any_ledger_reply_gets_a_safe_decision(
+        status in proptest::option::of(prop_oneof![Just(200u16), 0u16..1000]),
+        charge_id in "[ -~]{0,70}",
+        replayed in any::<bool>(),
+        noise in bytes(200),
+        as_hold in any::<bool>(),
+    ) {
         let gate = gate();
         let mut exchange = Exchange::default();
         reserve(&gate, &mut exchange, &head("/v1/forecast", Some(&bearer(&claims()))));
-        let action = exchange.on_ledger_reply(&gate, LedgerReply { status, body });
-        prop_assert!(matches!(action, RequestAction::Respond(_) | RequestAction::Forward(_)));
+        let body = if as_hold {
+            json!({"chargeId": charge_id, "amountUsdc": "0.001", "remainingUsdc": "1", "replayed": replayed}).to_string().into_bytes()
+        } else {
+            noise
+        };
+        match exchange.on_ledger_reply(&gate, LedgerReply { status, body }) {
+            RequestAction::Forward(edits) => {
+                prop_assert_eq!(status, Some(200));
+                let Some(HeaderEdit::Set("x-charge-id", id)) = edits.get(1) else { panic!("{edits:?}") };
+                prop_assert!(id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
+            }
+            RequestAction::Respond(_) => {}
+            other => prop_assert!(false, "{other:?}"),
+        }
     }
 }
