@@ -3,7 +3,7 @@
 //! that concerns Pay Tokens.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Write};
 use std::net::TcpStream;
 
 use base64::Engine;
@@ -275,28 +275,44 @@ async fn expired_foreign_revoked_and_exhausted_tokens_get_their_statuses() {
 async fn path_tricks_do_not_dodge_a_price() {
     let stack = TestStack::start().await.unwrap();
     let gateway = stack.stack.envoy.gateway();
-    for path in [
-        "/v1/forecast/x",
-        "//v1/forecast/x",
-        "/v1//forecast/x",
-        "/v1/./forecast/x",
-        "/v1/../v1/forecast/x",
-        "/v1%2Fforecast/x",
-        "/v1%2fforecast/x",
-    ] {
-        let status = tokio::task::spawn_blocking(move || raw_get(gateway, path)).await.unwrap();
-        assert_eq!(status, 402, "{path} was not priced");
+    let priced = [
+        ("GET", "/v1/forecast/x"),
+        ("GET", "//v1/forecast/x"),
+        ("GET", "/v1//forecast/x"),
+        ("GET", "/v1/./forecast/x"),
+        ("GET", "/v1/../v1/forecast/x"),
+        ("GET", "/v1%2Fforecast/x"),
+        ("GET", "/v1%2fforecast/x"),
+        ("GET", "/v1/%66orecast/x"),
+        ("GET", "/V1/FORECAST/x"),
+        ("GET", "/v1;a=b/forecast/x"),
+        ("HEAD", "/v1/forecast/x"),
+        // The exact route GET|POST /v1/premium/report.
+        ("GET", "/v1/premium/report"),
+        ("GET", "/v1/premium/report/"),
+        ("GET", "/v1/premium/report;x"),
+        ("GET", "/v1/premium/report%2F"),
+        ("HEAD", "/v1/premium/report"),
+        ("POST", "/v1/Premium/Report"),
+    ];
+    for (method, path) in priced {
+        let status =
+            tokio::task::spawn_blocking(move || raw_request(gateway, method, path)).await.unwrap();
+        assert_eq!(status, 402, "{method} {path} was not priced");
     }
     assert!(stack.stack.upstream.seen().is_empty());
 }
 
-/// The status of `GET <path>` sent byte for byte (an HTTP client would normalize the path).
-fn raw_get(gateway: std::net::SocketAddr, path: &str) -> u16 {
+/// The status of `<method> <path>` sent byte for byte (an HTTP client would normalize it).
+fn raw_request(gateway: std::net::SocketAddr, method: &str, path: &str) -> u16 {
     let mut stream = TcpStream::connect(gateway).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nhost: demo\r\nconnection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    let body = if method == "POST" { "content-length: 0\r\n" } else { "" };
+    write!(stream, "{method} {path} HTTP/1.1\r\nhost: demo\r\n{body}connection: close\r\n\r\n")
+        .unwrap();
+    // Only the status line: waiting for the close would wait out Envoy's delayed close.
+    let mut status_line = String::new();
+    std::io::BufReader::new(stream).read_line(&mut status_line).unwrap();
+    status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
 fn patched(claims: &Value, patch: Value) -> Value {
