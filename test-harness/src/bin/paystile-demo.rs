@@ -92,7 +92,12 @@ async fn run() -> anyhow::Result<()> {
     );
     println!("Ctrl-C stops the stack.");
 
-    tokio::signal::ctrl_c().await?;
+    // Ctrl-C or a TERM: return, so that the stack's processes are stopped on the way out.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        interrupted = tokio::signal::ctrl_c() => interrupted?,
+        _ = terminate.recv() => {}
+    }
     println!("stopping");
     Ok(())
 }
