@@ -74,14 +74,6 @@ impl SettleQueue {
         full
     }
 
-    pub fn len(&self) -> usize {
-        self.waiting.len() + self.in_flight.as_ref().map_or(0, |f| f.settlements.len())
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The next batch to send, if one is waiting, none is in flight and no backoff is
     /// running. `timeout_ms` is how long the call may take before it counts as lost.
     pub fn next_batch(&mut self, now_ms: u64, timeout_ms: u64) -> Option<Batch> {
@@ -175,6 +167,11 @@ mod tests {
         request.settlements.into_iter().map(|s| s.charge_id).collect()
     }
 
+    /// Settlements waiting or in flight.
+    fn queued(queue: &SettleQueue) -> usize {
+        queue.waiting.len() + queue.in_flight.as_ref().map_or(0, |f| f.settlements.len())
+    }
+
     fn reply(status: Option<u16>, body: &str) -> LedgerReply {
         LedgerReply { status, body: body.as_bytes().to_vec() }
     }
@@ -213,11 +210,11 @@ mod tests {
         let third = queue.next_batch(1_300, TIMEOUT).unwrap();
         assert_eq!(sent(&third), ["ch_1", "ch_2"]);
         queue.on_send_failed(third.id, 1_300);
-        assert_eq!(queue.len(), 2);
+        assert_eq!(queued(&queue), 2);
         // Success resets the backoff.
         let fourth = queue.next_batch(1_700, TIMEOUT).unwrap();
         queue.on_reply(fourth.id, &reply(Some(200), "{}"), 1_700);
-        assert!(queue.is_empty());
+        assert_eq!(queued(&queue), 0);
         queue.push(settlement(3));
         assert!(queue.next_batch(1_700, TIMEOUT).is_some());
     }
@@ -257,7 +254,7 @@ mod tests {
         let batch = queue.next_batch(0, TIMEOUT).unwrap();
         let outcome = queue.on_reply(batch.id, &reply(Some(400), "{}"), 0);
         assert_eq!(outcome, BatchOutcome::Dropped { settlements: 1 });
-        assert!(queue.is_empty());
+        assert_eq!(queued(&queue), 0);
         assert_eq!(queue.on_reply(batch.id, &reply(Some(200), "{}"), 0), BatchOutcome::Stray);
     }
 
@@ -268,7 +265,7 @@ mod tests {
             assert!(!queue.push(settlement(i)));
         }
         assert!(queue.push(settlement(MAX_QUEUED)));
-        assert_eq!(queue.len(), MAX_QUEUED);
+        assert_eq!(queued(&queue), MAX_QUEUED);
         assert_eq!(sent(&queue.next_batch(0, TIMEOUT).unwrap())[0], "ch_1");
     }
 
@@ -287,7 +284,7 @@ mod tests {
         assert_eq!(sent(&again), ["ch_1", "ch_2"]);
         // The lost batch's reply arrives after all: it must not acknowledge the new one.
         assert_eq!(queue.on_reply(lost.id, &reply(Some(200), "{}"), 3_000), BatchOutcome::Stray);
-        assert_eq!(queue.len(), 2);
+        assert_eq!(queued(&queue), 2);
         let outcome = queue.on_reply(again.id, &reply(Some(200), "{}"), 3_000);
         assert_eq!(outcome, BatchOutcome::Acknowledged { settled: 2, unsettled: 0 });
     }

@@ -20,12 +20,12 @@ type HmacSha256 = Hmac<Sha256>;
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Algorithm {
+enum Algorithm {
     Hs256,
 }
 
 impl Algorithm {
-    pub const fn name(self) -> &'static str {
+    const fn name(self) -> &'static str {
         match self {
             Algorithm::Hs256 => "HS256",
         }
@@ -54,10 +54,6 @@ impl Key {
 
     pub fn kid(&self) -> Option<&str> {
         self.kid.as_deref()
-    }
-
-    pub fn algorithm(&self) -> Algorithm {
-        self.algorithm
     }
 
     fn mac(&self, signing_input: &[u8]) -> HmacSha256 {

@@ -85,10 +85,6 @@ impl Usdc {
         self.0.checked_add(other.0).and_then(Usdc::from_micros)
     }
 
-    pub fn checked_sub(self, other: Usdc) -> Option<Usdc> {
-        self.0.checked_sub(other.0).map(Usdc)
-    }
-
     pub fn saturating_sub(self, other: Usdc) -> Usdc {
         Usdc(self.0.saturating_sub(other.0))
     }
@@ -253,7 +249,6 @@ mod tests {
     fn arithmetic_stays_in_range() {
         assert_eq!(usdc("1").checked_add(usdc("0.5")), Some(usdc("1.5")));
         assert_eq!(Usdc::MAX.checked_add(Usdc::from_micros(1).unwrap()), None);
-        assert_eq!(usdc("1").checked_sub(usdc("2")), None);
         assert_eq!(usdc("1").saturating_sub(usdc("2")), Usdc::ZERO);
         assert_eq!(usdc("0.001").checked_mul(37), Some(usdc("0.037")));
         assert_eq!(Usdc::MAX.checked_mul(2), None);

@@ -65,7 +65,7 @@ impl LedgerProcess {
         format!("http://{}", self.address)
     }
 
-    pub fn pid(&self) -> u32 {
+    fn pid(&self) -> u32 {
         self.child.id()
     }
 
@@ -83,20 +83,6 @@ impl LedgerProcess {
             Ok(())
         } else {
             Err(io::Error::other(format!("kill -{signal} failed")))
-        }
-    }
-
-    /// Waits for the ledger to exit (after `TERM`, say), for at most `timeout`.
-    pub fn wait_exit(&mut self, timeout: Duration) -> io::Result<std::process::ExitStatus> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if std::time::Instant::now() >= deadline {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "the ledger did not exit"));
-            }
-            thread::sleep(Duration::from_millis(20));
         }
     }
 }
