@@ -373,11 +373,27 @@ fn settle(conn: &Connection, s: &Settlement, now: UnixMillis) -> Result<SettleSt
     match rules::settle(status, now >= hold_expires_at, revoked, s.outcome) {
         SettleDecision::Unchanged(result) => Ok(result),
         SettleDecision::Commit => {
-            close_hold(conn, &s.charge_id, &token_id, held, "committed", now, upstream_status)?;
+            close_hold(
+                conn,
+                &s.charge_id,
+                &token_id,
+                held,
+                ChargeStatus::Committed,
+                now,
+                upstream_status,
+            )?;
             Ok(SettleStatus::Committed)
         }
         SettleDecision::Release(result) => {
-            close_hold(conn, &s.charge_id, &token_id, held, "released", now, upstream_status)?;
+            close_hold(
+                conn,
+                &s.charge_id,
+                &token_id,
+                held,
+                ChargeStatus::Released,
+                now,
+                upstream_status,
+            )?;
             Ok(result)
         }
     }
@@ -396,18 +412,18 @@ fn expire_holds(conn: &Connection, now: UnixMillis, limit: usize) -> Result<usiz
         })?
         .collect::<Result<Vec<_>, _>>()?;
     for (charge_id, token_id, held) in &expired {
-        close_hold(conn, charge_id, token_id, *held, "released", now, None)?;
+        close_hold(conn, charge_id, token_id, *held, ChargeStatus::Released, now, None)?;
     }
     Ok(expired.len())
 }
 
-/// Moves a held charge to `committed` (its amount becomes used) or `released` (freed).
+/// Moves a held charge to `Committed` (its amount becomes used) or `Released` (freed).
 fn close_hold(
     conn: &Connection,
     charge_id: &str,
     token_id: &str,
     held: Usdc,
-    status: &str,
+    status: ChargeStatus,
     now: UnixMillis,
     upstream_status: Option<i64>,
 ) -> Result<(), StoreError> {
@@ -415,8 +431,8 @@ fn close_hold(
         "UPDATE charges SET status = ?1, settled_at = ?2, upstream_status = ?3
          WHERE charge_id = ?4 AND status = 'held'",
     )?
-    .execute(params![status, now, upstream_status, charge_id])?;
-    let used = if status == "committed" { held.micros_i64() } else { 0 };
+    .execute(params![status_name(status), now, upstream_status, charge_id])?;
+    let used = if status == ChargeStatus::Committed { held.micros_i64() } else { 0 };
     conn.prepare_cached(
         "UPDATE tokens SET used_micros = used_micros + ?1, reserved_micros = reserved_micros - ?2
          WHERE token_id = ?3",
@@ -515,15 +531,16 @@ fn usdc(row: &Row<'_>, index: usize) -> rusqlite::Result<Usdc> {
         .ok_or_else(|| conversion_error(index, Type::Integer, format!("bad amount {micros}")))
 }
 
-fn charge_status(row: &Row<'_>, index: usize) -> rusqlite::Result<ChargeStatus> {
-    match row.get_ref(index)?.as_str()? {
-        "held" => Ok(ChargeStatus::Held),
-        "committed" => Ok(ChargeStatus::Committed),
-        "released" => Ok(ChargeStatus::Released),
-        other => Err(conversion_error(index, Type::Text, format!("bad charge status {other}"))),
+/// How a charge status is written in `charges.status` (the schema's CHECK lists the same).
+fn status_name(status: ChargeStatus) -> &'static str {
+    match status {
+        ChargeStatus::Held => "held",
+        ChargeStatus::Committed => "committed",
+        ChargeStatus::Released => "released",
     }
 }
 
+/// How a scope is written in `tokens.scope`.
 fn scope_name(scope: Scope) -> &'static str {
     match scope {
         Scope::Single => "SINGLE",
@@ -531,10 +548,26 @@ fn scope_name(scope: Scope) -> &'static str {
     }
 }
 
+fn charge_status(row: &Row<'_>, index: usize) -> rusqlite::Result<ChargeStatus> {
+    let all = [ChargeStatus::Held, ChargeStatus::Committed, ChargeStatus::Released];
+    named(row, index, &all, status_name)
+}
+
 fn scope(row: &Row<'_>, index: usize) -> rusqlite::Result<Scope> {
-    match row.get_ref(index)?.as_str()? {
-        "SINGLE" => Ok(Scope::Single),
-        "ALL" => Ok(Scope::All),
-        other => Err(conversion_error(index, Type::Text, format!("bad scope {other}"))),
-    }
+    named(row, index, &[Scope::Single, Scope::All], scope_name)
+}
+
+/// Reads a TEXT column holding one of `values`, as written by `name`.
+fn named<T: Copy>(
+    row: &Row<'_>,
+    index: usize,
+    values: &[T],
+    name: fn(T) -> &'static str,
+) -> rusqlite::Result<T> {
+    let text = row.get_ref(index)?.as_str()?;
+    values
+        .iter()
+        .copied()
+        .find(|value| name(*value) == text)
+        .ok_or_else(|| conversion_error(index, Type::Text, format!("unknown value {text}")))
 }
