@@ -210,6 +210,9 @@ impl HttpContext for Stream {
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let Some(gate) = self.gate.clone() else { return Action::Continue };
+        if !self.exchange.awaits_response() {
+            return Action::Continue;
+        }
         let status = self
             .get_http_response_header_bytes(":status")
             .and_then(|s| std::str::from_utf8(&s).ok().and_then(|s| s.parse().ok()));

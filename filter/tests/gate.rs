@@ -440,6 +440,26 @@ fn a_misconfigured_ledger_fails_closed_even_when_failing_open() {
 }
 
 #[test]
+fn only_charged_or_failed_open_exchanges_await_their_response() {
+    let gate = gate();
+    let mut unpriced = Exchange::default();
+    unpriced.on_request_headers(&gate, &head("/healthz", None), NOW);
+    assert!(!unpriced.awaits_response());
+    let mut refused = Exchange::default();
+    refused.on_request_headers(&gate, &head("/v1/forecast", None), NOW);
+    assert!(!refused.awaits_response());
+    let mut held = admitted(&gate, "ch_4");
+    assert!(held.awaits_response());
+    held.on_response_headers(&gate, Some(200));
+    assert!(!held.awaits_response(), "a settled exchange still awaits its response");
+    let open = gate_with(|c| c["failure_mode"] = json!("open"));
+    let mut failed_open = Exchange::default();
+    reserve(&open, &mut failed_open, &head("/v1/forecast", Some(&bearer(&claims()))));
+    failed_open.on_ledger_reply(&open, LedgerReply::default());
+    assert!(failed_open.awaits_response());
+}
+
+#[test]
 fn callbacks_out_of_turn_do_nothing() {
     let gate = gate();
     let mut exchange = Exchange::default();
