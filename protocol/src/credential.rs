@@ -11,6 +11,8 @@ pub const MAX_AUTHORIZATION_LEN: usize = 8 * 1024;
 pub enum Credential<'a> {
     /// `Authorization: Bearer <Pay Token>`.
     Bearer(&'a str),
+    /// `Authorization: L402 <base64 macaroon>:<hex preimage>` (or the older `LSAT`).
+    L402 { macaroon: &'a str, preimage: &'a str },
 }
 
 /// An `Authorization` header that names a paystile scheme but cannot be read.
@@ -31,21 +33,37 @@ pub fn parse_authorization(value: &[u8]) -> Result<Option<Credential<'_>>, Crede
     let value = trim_ascii_whitespace(value);
     let scheme_end = value.iter().position(|b| *b == b' ').unwrap_or(value.len());
     let (scheme, rest) = value.split_at(scheme_end);
-    if !scheme.eq_ignore_ascii_case(b"bearer") {
+    let is_l402 = scheme.eq_ignore_ascii_case(b"l402") || scheme.eq_ignore_ascii_case(b"lsat");
+    if !is_l402 && !scheme.eq_ignore_ascii_case(b"bearer") {
         return Ok(None);
     }
     let token = trim_ascii_whitespace(rest);
     if token.is_empty() {
         return Err(CredentialError::Empty);
     }
-    // RFC 6750 b64token characters; a JWT uses a subset of them.
+    // RFC 6750 b64token characters: a JWT and a base64 macaroon use subsets of them.
     let b64token = |b: &u8| b.is_ascii_alphanumeric() || b"-._~+/=".contains(b);
-    if !token.iter().all(b64token) {
+    if !is_l402 {
+        return read_token(token, b64token).map(|t| Some(Credential::Bearer(t)));
+    }
+    let (macaroon, preimage) = match token.iter().rposition(|b| *b == b':') {
+        Some(colon) => (&token[..colon], &token[colon + 1..]),
+        None => return Err(CredentialError::Malformed),
+    };
+    if macaroon.is_empty() || preimage.is_empty() {
+        return Err(CredentialError::Empty);
+    }
+    Ok(Some(Credential::L402 {
+        macaroon: read_token(macaroon, b64token)?,
+        preimage: read_token(preimage, u8::is_ascii_hexdigit)?,
+    }))
+}
+
+fn read_token(bytes: &[u8], allowed: impl Fn(&u8) -> bool) -> Result<&str, CredentialError> {
+    if !bytes.iter().all(allowed) {
         return Err(CredentialError::Malformed);
     }
-    core::str::from_utf8(token)
-        .map(|t| Some(Credential::Bearer(t)))
-        .map_err(|_| CredentialError::Malformed)
+    core::str::from_utf8(bytes).map_err(|_| CredentialError::Malformed)
 }
 
 fn trim_ascii_whitespace(bytes: &[u8]) -> &[u8] {
@@ -82,5 +100,17 @@ mod tests {
         assert_eq!(parse_authorization(b"Bearer \xc3\xa9"), Err(CredentialError::Malformed));
         let long = [b"Bearer ".as_slice(), &[b'a'; MAX_AUTHORIZATION_LEN]].concat();
         assert_eq!(parse_authorization(&long), Err(CredentialError::TooLong));
+    }
+
+    #[test]
+    fn reads_l402_and_lsat_credentials() {
+        let l402 = |macaroon, preimage| Ok(Some(Credential::L402 { macaroon, preimage }));
+        assert_eq!(parse_authorization(b"L402 AgE+/w==:0aF9"), l402("AgE+/w==", "0aF9"));
+        assert_eq!(parse_authorization(b"lsat  AgE-_w:00 "), l402("AgE-_w", "00"));
+        for bad in [&b"L402 AgE"[..], b"L402 AgE:", b"L402 :00", b"L402 Ag E:00", b"L402 AgE:0g"] {
+            assert!(parse_authorization(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        assert_eq!(parse_authorization(b"L402"), Err(CredentialError::Empty));
+        assert_eq!(parse_authorization(b"L402 \t "), Err(CredentialError::Empty));
     }
 }

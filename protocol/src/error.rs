@@ -113,6 +113,9 @@ pub struct ErrorBody {
     /// The credential schemes a challenge accepts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub schemes: Vec<String>,
+    /// True when the L402 challenge's invoice comes from the ledger's sandbox backend.
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub sandbox: bool,
 }
 
 impl ErrorBody {
@@ -130,6 +133,7 @@ impl ErrorBody {
             limit: None,
             service_id: None,
             schemes: Vec::new(),
+            sandbox: false,
         }
     }
 

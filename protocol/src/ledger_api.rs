@@ -17,6 +17,10 @@ pub mod path {
     pub const TOKENS: &str = "/v1/tokens";
     /// `GET /{id}`: one charge (admin).
     pub const CHARGES: &str = "/v1/charges";
+    /// `POST`: mint an L402 challenge, a macaroon and its invoice (gateway).
+    pub const L402_CHALLENGES: &str = "/v1/l402/challenges";
+    /// `POST`: pay a sandbox invoice, answering its preimage (admin; sandbox backend only).
+    pub const SANDBOX_PAYMENTS: &str = "/v1/sandbox/payments";
     pub const HEALTHZ: &str = "/healthz";
 }
 
@@ -29,6 +33,10 @@ pub struct ReserveRequest {
     pub price_usdc: Usdc,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency: Option<Idempotency>,
+    /// A lower limit the presented credential states for itself (an attenuated L402
+    /// macaroon's budget caveat): this call must fit under it as well as under the token's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cap_usdc: Option<Usdc>,
 }
 
 /// A token as the gateway verified it. The ledger registers a token it has not seen yet (one
@@ -216,4 +224,58 @@ pub struct ChargeView {
     pub created_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settled_at: Option<String>,
+}
+
+/// `POST /v1/l402/challenges`: what a payment buys, as the service's gateway offers it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ChallengeRequest {
+    pub service_id: String,
+    /// The budget the payment buys, metered like a Pay Token's limit.
+    pub budget_usdc: Usdc,
+    /// The invoice's amount, in millisatoshis.
+    pub amount_msat: u64,
+    /// How long the paid credential stays valid.
+    pub valid_seconds: u64,
+    /// Restricts the credential to routes with these capabilities; empty: every route.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
+}
+
+/// A minted L402 challenge: the gateway answers 402 with
+/// `WWW-Authenticate: L402 macaroon="<macaroon>", invoice="<invoice>"`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct L402Challenge {
+    /// The ledger token id the credential will be metered under, once paid.
+    pub token_id: String,
+    /// Standard base64 of the V2 macaroon.
+    pub macaroon: String,
+    /// BOLT11.
+    pub invoice: String,
+    /// Hex.
+    pub payment_hash: String,
+    pub budget_usdc: Usdc,
+    pub amount_msat: u64,
+    /// Unix seconds.
+    pub valid_until: u64,
+    /// True when the invoice comes from the sandbox backend: no real money moves.
+    #[serde(default)]
+    pub sandbox: bool,
+}
+
+/// `POST /v1/sandbox/payments`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SandboxPaymentRequest {
+    pub invoice: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxPayment {
+    /// 64 hex digits: the proof of payment an L402 credential carries.
+    pub preimage: String,
+    /// Always true: only the sandbox pays invoices.
+    pub sandbox: bool,
 }

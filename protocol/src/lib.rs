@@ -8,7 +8,9 @@ pub mod credential;
 pub mod error;
 pub mod headers;
 pub mod jws;
+pub mod l402;
 pub mod ledger_api;
+pub mod macaroon;
 pub mod money;
 pub mod pay_token;
 
