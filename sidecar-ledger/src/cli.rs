@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the ledger.
-    Serve(Options),
+    Serve(Box<Options>),
     /// Issue, show or revoke Pay Tokens.
     Token {
         #[command(flatten)]
@@ -37,6 +37,13 @@ enum Command {
         admin: AdminArgs,
         /// The charge id (ch_…), as in a response's X-Charge-Id.
         charge_id: String,
+    },
+    /// Pay an L402 invoice of this ledger's sandbox backend; prints its preimage.
+    SandboxPay {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The BOLT11 invoice (lnbcrt…) from a 402's L402 challenge.
+        invoice: String,
     },
 }
 
@@ -94,7 +101,7 @@ fn parse_scope(value: &str) -> Result<Scope, String> {
 
 pub fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Serve(options) => serve(options),
+        Command::Serve(options) => serve(*options),
         Command::Token { admin, command } => admin_call(admin, |client| async move {
             match command {
                 TokenCommand::Issue {
@@ -126,6 +133,9 @@ pub fn main() -> ExitCode {
         Command::Charge { admin, charge_id } => {
             admin_call(admin, |client| async move { print_json(&client.charge(&charge_id).await?) })
         }
+        Command::SandboxPay { admin, invoice } => admin_call(admin, |client| async move {
+            print_json(&client.pay_sandbox_invoice(&invoice).await?)
+        }),
     }
 }
 

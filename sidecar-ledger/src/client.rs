@@ -1,7 +1,10 @@
 //! A client for the ledger's admin API, used by the admin subcommands (and by tests).
 
 use paystile_protocol::ErrorBody;
-use paystile_protocol::ledger_api::{ChargeView, IssueTokenRequest, IssuedToken, TokenView, path};
+use paystile_protocol::ledger_api::{
+    ChargeView, IssueTokenRequest, IssuedToken, SandboxPayment, SandboxPaymentRequest, TokenView,
+    path,
+};
 use serde::de::DeserializeOwned;
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +50,12 @@ impl AdminClient {
 
     pub async fn charge(&self, charge_id: &str) -> Result<ChargeView, ClientError> {
         self.call(self.http.get(self.url(&format!("{}/{charge_id}", path::CHARGES)))).await
+    }
+
+    /// Pays an invoice of the ledger's sandbox backend: its preimage.
+    pub async fn pay_sandbox_invoice(&self, invoice: &str) -> Result<SandboxPayment, ClientError> {
+        let request = SandboxPaymentRequest { invoice: invoice.to_owned() };
+        self.call(self.http.post(self.url(path::SANDBOX_PAYMENTS)).json(&request)).await
     }
 
     fn url(&self, path: &str) -> String {

@@ -12,12 +12,15 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use paystile_protocol::ledger_api::{IssueTokenRequest, ReserveRequest, SettleRequest, path};
+use paystile_protocol::ledger_api::{
+    ChallengeRequest, IssueTokenRequest, ReserveRequest, SandboxPaymentRequest, SettleRequest, path,
+};
 use paystile_protocol::{ErrorBody, ErrorCode};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::ledger::{Ledger, LedgerError};
+use crate::challenge::{ChallengeError, ChallengeMinter};
+use crate::ledger::{Ledger, LedgerError, now_millis};
 use crate::store::ReserveOutcome;
 
 /// An API key, kept as its SHA-256 so that comparing takes the same time whatever the
@@ -36,7 +39,24 @@ impl ApiKey {
     }
 }
 
-pub fn router(ledger: Arc<Ledger>, admin_key: ApiKey, gateway_key: ApiKey) -> Router {
+/// L402 is on when the ledger has a minter (an L402 secret and an invoice backend).
+type Minter = Option<Arc<ChallengeMinter>>;
+
+pub fn router(
+    ledger: Arc<Ledger>,
+    minter: Minter,
+    admin_key: ApiKey,
+    gateway_key: ApiKey,
+) -> Router {
+    let l402 = Router::new()
+        .route(path::L402_CHALLENGES, post(mint_challenge))
+        .route_layer(middleware::from_fn_with_state(gateway_key.clone(), require_key))
+        .merge(
+            Router::new()
+                .route(path::SANDBOX_PAYMENTS, post(pay_sandbox_invoice))
+                .route_layer(middleware::from_fn_with_state(admin_key.clone(), require_key)),
+        )
+        .with_state(minter);
     let admin = Router::new()
         .route(path::TOKENS, post(issue_token))
         .route(&format!("{}/{{token_id}}", path::TOKENS), get(token))
@@ -53,6 +73,7 @@ pub fn router(ledger: Arc<Ledger>, admin_key: ApiKey, gateway_key: ApiKey) -> Ro
         .merge(gateway)
         .fallback(not_found)
         .with_state(ledger)
+        .merge(l402)
 }
 
 async fn require_key(State(key): State<ApiKey>, request: Request, next: Next) -> Response {
@@ -119,6 +140,30 @@ async fn settle(
     Ok(Json(ledger.settle(request).await?))
 }
 
+async fn mint_challenge(
+    State(minter): State<Minter>,
+    ApiJson(request): ApiJson<ChallengeRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let minter = minter.ok_or_else(l402_off)?;
+    let now = u64::try_from(now_millis() / 1000).unwrap_or(0);
+    Ok(Json(minter.mint(request, now).await?))
+}
+
+async fn pay_sandbox_invoice(
+    State(minter): State<Minter>,
+    ApiJson(request): ApiJson<SandboxPaymentRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let minter = minter.ok_or_else(l402_off)?;
+    Ok(Json(minter.pay_sandbox(&request)?))
+}
+
+fn l402_off() -> ApiError {
+    ApiError(ErrorBody::with_message(
+        ErrorCode::NotFound,
+        "L402 is off: the ledger has no l402_secret and invoice_backend",
+    ))
+}
+
 /// An error answer: the body's code decides the status.
 pub struct ApiError(pub ErrorBody);
 
@@ -138,6 +183,20 @@ impl From<LedgerError> for ApiError {
             LedgerError::Store(store) => {
                 tracing::error!(error = %store, "store failure");
                 return ApiError(ErrorBody::new(ErrorCode::Internal));
+            }
+        };
+        ApiError(ErrorBody::with_message(code, error.to_string()))
+    }
+}
+
+impl From<ChallengeError> for ApiError {
+    fn from(error: ChallengeError) -> ApiError {
+        let code = match &error {
+            ChallengeError::Invalid(_) | ChallengeError::SandboxRefused(_) => ErrorCode::BadRequest,
+            ChallengeError::SandboxOff => ErrorCode::NotFound,
+            ChallengeError::Invoice(invoice) => {
+                tracing::warn!(error = %invoice, "cannot mint an L402 challenge");
+                ErrorCode::LedgerUnavailable
             }
         };
         ApiError(ErrorBody::with_message(code, error.to_string()))

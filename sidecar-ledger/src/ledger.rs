@@ -182,6 +182,7 @@ impl Ledger {
                 service_id: request.service_id,
                 price: request.price_usdc,
                 idempotency: request.idempotency,
+                cap: request.cap_usdc,
                 now,
                 hold_expires_at: now.saturating_add(millis(self.limits.hold_ttl)),
                 max_replays: self.limits.max_replays,

@@ -1,11 +1,13 @@
 //! paystile's sidecar ledger: it holds each paid call's price atomically against the caller's
-//! Pay Token, commits or releases the hold once the upstream has answered, and issues and
-//! revokes tokens. See DESIGN.md for the API contract.
+//! Pay Token or L402 credential, commits or releases the hold once the upstream has answered,
+//! mints L402 challenges, and issues and revokes tokens. See DESIGN.md for the API contract.
 
+pub mod challenge;
 pub mod child;
 pub mod cli;
 pub mod client;
 pub mod http;
+pub mod invoice;
 pub mod ledger;
 pub mod rules;
 pub mod server;

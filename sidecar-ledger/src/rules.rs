@@ -17,6 +17,9 @@ pub struct Call<'a> {
     pub price: Usdc,
     /// The request's fingerprint, when it came with an Idempotency-Key.
     pub fingerprint: Option<&'a str>,
+    /// The limit the presented credential states. It can only lower the stored limit: an
+    /// L402 holder may attenuate its macaroon with a smaller budget caveat.
+    pub cap: Usdc,
 }
 
 /// An earlier request under the same Idempotency-Key, and what became of its charge.
@@ -41,7 +44,7 @@ pub enum Admission {
 /// token pays for its own service only; a reused Idempotency-Key must name the same
 /// request, and replays its charge (at most `max_replays` times: the upstream runs again
 /// for free on each) or waits for it while it is in flight; then
-/// `used + reserved + price <= limit`. Holds count against the cap, so no mix of concurrent
+/// `used + reserved + price <= min(limit, cap)`. Holds count against the cap, so no mix of concurrent
 /// calls can spend past it, whichever of them commit.
 pub fn admit(
     token: &TokenRecord,
@@ -70,7 +73,7 @@ pub fn admit(
             ChargeStatus::Released => {}
         }
     }
-    let limit = grant.limit_usdc;
+    let limit = grant.limit_usdc.min(call.cap);
     let after =
         token.used.checked_add(token.reserved).and_then(|spent| spent.checked_add(call.price));
     match after {
@@ -139,7 +142,12 @@ mod tests {
     }
 
     fn call(price: &str) -> Call<'static> {
-        Call { service_id: "weather", price: price.parse().unwrap(), fingerprint: None }
+        Call {
+            service_id: "weather",
+            price: price.parse().unwrap(),
+            fingerprint: None,
+            cap: Usdc::MAX,
+        }
     }
 
     fn hold(remaining: &str) -> Admission {
@@ -162,6 +170,16 @@ mod tests {
         assert_eq!((refused.used, refused.reserved), (Some(usdc("0.005")), Some(usdc("0.005"))));
         assert_eq!((refused.limit, refused.price), (Some(usdc("0.010")), Some(usdc("0.001"))));
         assert_eq!(admit(&token("1", "0", "0"), &call("0.25"), None, 5), Ok(hold("0.75")));
+    }
+
+    #[test]
+    fn a_presented_cap_can_lower_the_limit_but_never_raise_it() {
+        let narrowed = Call { cap: usdc("0.5"), ..call("0.25") };
+        assert_eq!(admit(&token("1", "0.25", "0"), &narrowed, None, 5), Ok(hold("0")));
+        let refused = admit(&token("1", "0.25", "0.25"), &narrowed, None, 5).unwrap_err();
+        assert_eq!(refused.limit, Some(usdc("0.5")));
+        let widened = Call { cap: usdc("5"), ..call("0.25") };
+        assert_eq!(admit(&token("1", "0", "0"), &widened, None, 5), Ok(hold("0.75")));
     }
 
     #[test]

@@ -8,7 +8,9 @@ use axum::serve::ListenerExt;
 use paystile_protocol::jws::Key;
 use tokio::net::TcpListener;
 
+use crate::challenge::ChallengeMinter;
 use crate::http::{self, ApiKey};
+use crate::invoice::InvoiceBackend;
 use crate::ledger::{Ledger, Limits, TokenIssuer};
 use crate::settings::{Database, Settings};
 use crate::store::SqliteStore;
@@ -30,6 +32,19 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             default_ttl: token.ttl,
         }
     });
+    let minter = match &settings.l402 {
+        Some(l402) => {
+            let backend = InvoiceBackend::new(&l402.backend, l402.secret.expose().as_bytes())
+                .context("cannot set up the invoice backend")?;
+            if backend.sandbox().is_some() {
+                tracing::warn!(
+                    "L402 invoice backend: SANDBOX. Invoices are regtest and paid on request; no real money moves"
+                );
+            }
+            Some(Arc::new(ChallengeMinter::new(l402.secret.clone(), backend)))
+        }
+        None => None,
+    };
     let limits = Limits { hold_ttl: settings.hold_ttl, max_replays: settings.max_replays };
     let ledger = Arc::new(Ledger::new(store, issuer, limits));
     let reopened = ledger.reopen_holds().await.context("cannot reopen the open holds")?;
@@ -56,6 +71,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
 
     let app = http::router(
         ledger,
+        minter,
         ApiKey::new(settings.admin_key.expose()),
         ApiKey::new(settings.gateway_key.expose()),
     );

@@ -63,6 +63,31 @@ pub struct Options {
     /// Log format [default: text].
     #[arg(long, env = "PAYSTILE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Secret that L402 macaroons' root keys derive from (UTF-8 bytes, at least 32
+    /// characters); the filter holds the same one. Without it, L402 is off.
+    #[arg(long, env = "PAYSTILE_L402_SECRET", hide_env_values = true)]
+    pub l402_secret: Option<String>,
+    /// Where L402 invoices come from: `lnd`, or `sandbox` (the ledger signs regtest invoices
+    /// itself and pays them on request; for demos and tests only). Required with L402.
+    #[arg(long, env = "PAYSTILE_INVOICE_BACKEND", value_enum)]
+    pub invoice_backend: Option<InvoiceBackendKind>,
+    /// LND's REST address, e.g. https://127.0.0.1:8080.
+    #[arg(long, env = "PAYSTILE_LND_URL")]
+    pub lnd_url: Option<String>,
+    /// LND macaroon file allowing invoice creation (invoice.macaroon).
+    #[arg(long, env = "PAYSTILE_LND_MACAROON")]
+    pub lnd_macaroon: Option<PathBuf>,
+    /// LND's TLS certificate (tls.cert, PEM), pinned: LND must present exactly it. Without
+    /// it, the system roots verify LND's certificate.
+    #[arg(long, env = "PAYSTILE_LND_TLS_CERT")]
+    pub lnd_tls_cert: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InvoiceBackendKind {
+    Lnd,
+    Sandbox,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -78,6 +103,10 @@ pub enum LogFormat {
 pub struct Secret(String);
 
 impl Secret {
+    pub fn new(secret: impl Into<String>) -> Secret {
+        Secret(secret.into())
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -103,6 +132,28 @@ pub struct TokenSettings {
     pub ttl: Duration,
 }
 
+/// The shortest L402 secret accepted: every macaroon's root key derives from it.
+pub const MIN_L402_SECRET_LEN: usize = 32;
+
+#[derive(Clone, Debug)]
+pub struct L402Settings {
+    pub secret: Secret,
+    pub backend: InvoiceBackendSettings,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InvoiceBackendSettings {
+    Sandbox,
+    Lnd(LndSettings),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LndSettings {
+    pub url: String,
+    pub macaroon: PathBuf,
+    pub tls_cert: Option<PathBuf>,
+}
+
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub listen: SocketAddr,
@@ -114,6 +165,7 @@ pub struct Settings {
     pub max_replays: u32,
     pub sweep_interval: Duration,
     pub log_format: LogFormat,
+    pub l402: Option<L402Settings>,
 }
 
 /// A setting that is missing or wrong; the message names it.
@@ -146,6 +198,11 @@ impl Options {
             max_replays: self.max_replays.or(lower.max_replays),
             sweep_interval_seconds: self.sweep_interval_seconds.or(lower.sweep_interval_seconds),
             log_format: self.log_format.or(lower.log_format),
+            l402_secret: self.l402_secret.or(lower.l402_secret),
+            invoice_backend: self.invoice_backend.or(lower.invoice_backend),
+            lnd_url: self.lnd_url.or(lower.lnd_url),
+            lnd_macaroon: self.lnd_macaroon.or(lower.lnd_macaroon),
+            lnd_tls_cert: self.lnd_tls_cert.or(lower.lnd_tls_cert),
         }
     }
 }
@@ -167,6 +224,7 @@ impl Settings {
     }
 
     fn from_options(options: Options) -> Result<Settings, SettingsError> {
+        let l402 = l402_settings(&options)?;
         let admin_key =
             required_key("admin_key", "--admin-key, PAYSTILE_ADMIN_KEY", options.admin_key)?;
         let gateway_key = required_key(
@@ -219,8 +277,49 @@ impl Settings {
                 1,
             )?),
             log_format: options.log_format.unwrap_or_default(),
+            l402,
         })
     }
+}
+
+fn l402_settings(options: &Options) -> Result<Option<L402Settings>, SettingsError> {
+    let Some(secret) = &options.l402_secret else {
+        return match options.invoice_backend {
+            Some(_) => Err(problem("l402_secret", "required when invoice_backend is set")),
+            None => Ok(None),
+        };
+    };
+    if secret.chars().count() < MIN_L402_SECRET_LEN {
+        return Err(problem(
+            "l402_secret",
+            format!("must be at least {MIN_L402_SECRET_LEN} characters"),
+        ));
+    }
+    let backend = match options.invoice_backend {
+        None => {
+            return Err(problem("invoice_backend", "required with l402_secret: lnd or sandbox"));
+        }
+        Some(InvoiceBackendKind::Sandbox) => InvoiceBackendSettings::Sandbox,
+        Some(InvoiceBackendKind::Lnd) => {
+            let url = options
+                .lnd_url
+                .clone()
+                .ok_or_else(|| problem("lnd_url", "required with invoice_backend = lnd"))?;
+            if !url.starts_with("https://") && !url.starts_with("http://") {
+                return Err(problem("lnd_url", "expected https://host:port"));
+            }
+            let macaroon = options
+                .lnd_macaroon
+                .clone()
+                .ok_or_else(|| problem("lnd_macaroon", "required with invoice_backend = lnd"))?;
+            InvoiceBackendSettings::Lnd(LndSettings {
+                url,
+                macaroon,
+                tls_cert: options.lnd_tls_cert.clone(),
+            })
+        }
+    };
+    Ok(Some(L402Settings { secret: Secret(secret.clone()), backend }))
 }
 
 fn required_key(
@@ -289,6 +388,45 @@ mod tests {
             error(Options { token_secret: Some(String::new()), ..keys() })
                 .starts_with("token_secret:")
         );
+    }
+
+    #[test]
+    fn l402_needs_a_long_secret_and_a_backend() {
+        let secret = Some("an-l402-secret-of-32-characters!".to_owned());
+        let error = |options: Options| Settings::from_options(options).unwrap_err().to_string();
+        assert!(
+            error(Options { l402_secret: Some("short".into()), ..keys() })
+                .starts_with("l402_secret:")
+        );
+        assert!(
+            error(Options { l402_secret: secret.clone(), ..keys() })
+                .starts_with("invoice_backend:")
+        );
+        assert!(
+            error(Options { invoice_backend: Some(InvoiceBackendKind::Sandbox), ..keys() })
+                .starts_with("l402_secret:")
+        );
+        let lnd = Options {
+            l402_secret: secret.clone(),
+            invoice_backend: Some(InvoiceBackendKind::Lnd),
+            ..keys()
+        };
+        assert!(error(Options { ..lnd }).starts_with("lnd_url:"));
+        let lnd = Options {
+            l402_secret: secret.clone(),
+            invoice_backend: Some(InvoiceBackendKind::Lnd),
+            lnd_url: Some("https://127.0.0.1:8080".into()),
+            ..keys()
+        };
+        assert!(error(lnd).starts_with("lnd_macaroon:"));
+        let sandbox = Options {
+            l402_secret: secret,
+            invoice_backend: Some(InvoiceBackendKind::Sandbox),
+            ..keys()
+        };
+        let settings = Settings::from_options(sandbox).unwrap();
+        assert_eq!(settings.l402.unwrap().backend, InvoiceBackendSettings::Sandbox);
+        assert!(Settings::from_options(keys()).unwrap().l402.is_none());
     }
 
     #[test]

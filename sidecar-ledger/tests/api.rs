@@ -8,8 +8,9 @@ use std::time::Duration;
 use paystile_ledger::child::LedgerProcess;
 use paystile_ledger::client::{AdminClient, ClientError};
 use paystile_protocol::jws::Key;
+use paystile_protocol::l402;
 use paystile_protocol::ledger_api::{
-    ChargeStatus, Hold, IssueTokenRequest, SettleResponse, SettleStatus, TokenView,
+    ChargeStatus, Hold, IssueTokenRequest, L402Challenge, SettleResponse, SettleStatus, TokenView,
 };
 use paystile_protocol::pay_token::{self, Scope, Validation};
 use paystile_protocol::{ErrorBody, ErrorCode, Usdc};
@@ -597,4 +598,96 @@ async fn admin_cli_issues_shows_and_revokes() {
     assert_eq!(cli(&["token", "show", token_id])["buyerId"], "cli-agent");
     assert_eq!(cli(&["token", "revoke", token_id])["revoked"], true);
     assert!(ledger.token(token_id).await.revoked);
+}
+
+const L402_SECRET: &str = "test-l402-secret-of-32-characters";
+
+fn sandbox_args() -> [&'static str; 4] {
+    ["--l402-secret", L402_SECRET, "--invoice-backend", "sandbox"]
+}
+
+fn challenge_request() -> Value {
+    json!({"serviceId": "weather", "budgetUsdc": "0.05", "amountMsat": 50_000, "validSeconds": 600})
+}
+
+#[tokio::test]
+async fn sandbox_challenges_are_paid_by_the_sandbox_and_verify_inline() {
+    let ledger = Ledger::start(&sandbox_args());
+    let body = challenge_request().to_string();
+    for key in [None, Some(ADMIN_KEY)] {
+        let (status, _) = ledger.post("/v1/l402/challenges", key, &body).await;
+        assert_eq!(status, 401, "minting takes the gateway key");
+    }
+    let (status, answer) = ledger.post("/v1/l402/challenges", Some(GATEWAY_KEY), &body).await;
+    assert_eq!(status, 200, "{answer}");
+    let challenge: L402Challenge = serde_json::from_value(answer).unwrap();
+    assert!(challenge.sandbox, "the sandbox says so in every answer");
+    assert!(challenge.invoice.starts_with("lnbcrt500n1"), "{}", challenge.invoice);
+    assert!(challenge.valid_until >= unix_now() + 599);
+
+    let pay = json!({ "invoice": challenge.invoice }).to_string();
+    let (status, _) = ledger.post("/v1/sandbox/payments", Some(GATEWAY_KEY), &pay).await;
+    assert_eq!(status, 401, "paying takes the admin key");
+    let (status, answer) = ledger.post("/v1/sandbox/payments", Some(ADMIN_KEY), &pay).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["sandbox"], true);
+    let preimage = answer["preimage"].as_str().unwrap();
+    let target = l402::Target { service_id: "weather", capability: None, now: unix_now() };
+    let grant =
+        l402::verify(&challenge.macaroon, preimage, L402_SECRET.as_bytes(), &target).unwrap();
+    assert_eq!(grant.identifier.ledger_token_id(), challenge.token_id);
+    assert_eq!(hex::encode(grant.identifier.payment_hash), challenge.payment_hash);
+
+    let (status, answer) = ledger
+        .post("/v1/sandbox/payments", Some(ADMIN_KEY), &json!({"invoice": "lnbc1nope"}).to_string())
+        .await;
+    assert_eq!((status, answer["code"].as_str()), (400, Some("bad_request")), "{answer}");
+}
+
+#[tokio::test]
+async fn bad_challenge_requests_get_400_and_l402_is_off_without_its_settings() {
+    let ledger = Ledger::start(&sandbox_args());
+    for (change, expected) in [
+        (json!({"budgetUsdc": "0.0000001"}), "more than 6 decimals"),
+        (json!({"budgetUsdc": "-1"}), "negative"),
+        (json!({"amountMsat": 0}), "amountMsat"),
+        (json!({"serviceId": "a=b"}), "serviceId"),
+        (json!({"validSeconds": 0}), "validSeconds"),
+        (json!({"colour": "red"}), "unknown field"),
+    ] {
+        let mut body = challenge_request();
+        for (key, value) in change.as_object().unwrap() {
+            body[key] = value.clone();
+        }
+        let (status, answer) =
+            ledger.post("/v1/l402/challenges", Some(GATEWAY_KEY), &body.to_string()).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        let message = answer["error"].as_str().unwrap();
+        assert!(message.contains(expected), "{body}: {message}");
+    }
+
+    let plain = Ledger::start(&[]);
+    let (status, answer) = plain
+        .post("/v1/l402/challenges", Some(GATEWAY_KEY), &challenge_request().to_string())
+        .await;
+    assert_eq!((status, answer["code"].as_str()), (404, Some("not_found")), "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("L402 is off"));
+    let (status, _) = plain
+        .post("/v1/sandbox/payments", Some(ADMIN_KEY), &json!({"invoice": "x"}).to_string())
+        .await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn a_credential_stated_cap_lowers_the_limit_for_its_calls_only() {
+    let ledger = Ledger::start(&[]);
+    let mut narrowed = reserve_body("l402_aa", "0.05", "0.02");
+    narrowed["capUsdc"] = json!("0.03");
+    ledger.hold(&narrowed).await;
+    let (status, refusal) = ledger.reserve(&narrowed).await;
+    assert_eq!((status, refusal["limit"].as_str()), (402, Some("0.030000")), "{refusal}");
+    // The full credential still has the budget it paid for.
+    let full = reserve_body("l402_aa", "0.05", "0.02");
+    assert_eq!(ledger.hold(&full).await.remaining_usdc, usdc("0.01"));
+    assert_eq!(ledger.token("l402_aa").await.limit_usdc, usdc("0.05"));
 }

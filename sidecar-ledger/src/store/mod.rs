@@ -70,6 +70,8 @@ pub struct ReserveCommand {
     pub service_id: String,
     pub price: Usdc,
     pub idempotency: Option<Idempotency>,
+    /// A lower limit the credential states for itself (see `ReserveRequest::cap_usdc`).
+    pub cap: Option<Usdc>,
     pub now: UnixMillis,
     pub hold_expires_at: UnixMillis,
     /// How often a committed charge may be replayed under its Idempotency-Key.

@@ -279,6 +279,7 @@ fn reserve(conn: &Connection, cmd: &ReserveCommand) -> Result<ReserveOutcome, St
         service_id: &cmd.service_id,
         price: cmd.price,
         fingerprint: cmd.idempotency.as_ref().map(|i| i.fingerprint.as_str()),
+        cap: cmd.token.limit_usdc.min(cmd.cap.unwrap_or(Usdc::MAX)),
     };
     let prior_use = prior.as_ref().map(|(fingerprint, _, charge, replays)| PriorUse {
         fingerprint,

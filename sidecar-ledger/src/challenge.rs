@@ -1,0 +1,196 @@
+//! L402 challenges: a fresh token id, an invoice from the configured backend, and a
+//! macaroon binding the two to the service, an expiry and the budget the payment buys.
+//!
+//! Minting stores nothing. The filter verifies a paid credential inline (the root key
+//! derives from the shared L402 secret) and the ledger learns the token, with its budget,
+//! on the first paid call, like a Pay Token minted elsewhere.
+
+use std::time::Duration;
+
+use paystile_protocol::l402::{self, Identifier, Offer};
+use paystile_protocol::ledger_api::{
+    ChallengeRequest, L402Challenge, SandboxPayment, SandboxPaymentRequest,
+};
+use paystile_protocol::pay_token::MAX_ID_LEN;
+
+use crate::invoice::sandbox::SandboxPayError;
+use crate::invoice::{InvoiceBackend, InvoiceError, InvoiceRequest};
+use crate::settings::Secret;
+
+/// The longest a paid credential may stay valid: ten years.
+const MAX_VALID_SECONDS: u64 = 10 * 365 * 86_400;
+/// Invoices expire within an hour (or with the credential, if sooner): a client pays at once.
+const MAX_INVOICE_EXPIRY: Duration = Duration::from_secs(3_600);
+/// More capabilities than any route set needs; bounds the macaroon's size.
+const MAX_CAPABILITIES: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChallengeError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Invoice(#[from] InvoiceError),
+    #[error("sandbox payments are off: the invoice backend is not the sandbox")]
+    SandboxOff,
+    #[error("{0}")]
+    SandboxRefused(#[from] SandboxPayError),
+}
+
+pub struct ChallengeMinter {
+    secret: Secret,
+    backend: InvoiceBackend,
+}
+
+impl ChallengeMinter {
+    pub fn new(secret: Secret, backend: InvoiceBackend) -> ChallengeMinter {
+        ChallengeMinter { secret, backend }
+    }
+
+    /// Mints a challenge for `request` at `now` (Unix seconds).
+    pub async fn mint(
+        &self,
+        request: ChallengeRequest,
+        now: u64,
+    ) -> Result<L402Challenge, ChallengeError> {
+        check(&request)?;
+        let valid_until = now.saturating_add(request.valid_seconds);
+        let sandbox = self.backend.sandbox().is_some();
+        let invoice = self
+            .backend
+            .create(&InvoiceRequest {
+                amount_msat: request.amount_msat,
+                memo: format!(
+                    "{}{} USDC of {}",
+                    if sandbox { "SANDBOX, not payable: " } else { "" },
+                    request.budget_usdc,
+                    request.service_id
+                ),
+                expiry: MAX_INVOICE_EXPIRY.min(Duration::from_secs(request.valid_seconds)),
+            })
+            .await?;
+        let identifier =
+            Identifier { payment_hash: invoice.payment_hash, token_id: rand::random() };
+        let offer = Offer {
+            service_id: request.service_id,
+            valid_until,
+            budget: request.budget_usdc,
+            capabilities: request.capabilities,
+        };
+        let macaroon = l402::mint(self.secret.expose().as_bytes(), &identifier, &offer);
+        Ok(L402Challenge {
+            token_id: identifier.ledger_token_id(),
+            macaroon: l402::encode_macaroon(&macaroon),
+            invoice: invoice.bolt11,
+            payment_hash: hex::encode(invoice.payment_hash),
+            budget_usdc: offer.budget,
+            amount_msat: request.amount_msat,
+            valid_until,
+            sandbox,
+        })
+    }
+
+    /// Pays a sandbox invoice: its preimage.
+    pub fn pay_sandbox(
+        &self,
+        request: &SandboxPaymentRequest,
+    ) -> Result<SandboxPayment, ChallengeError> {
+        let node = self.backend.sandbox().ok_or(ChallengeError::SandboxOff)?;
+        let preimage = node.pay(&request.invoice)?;
+        Ok(SandboxPayment { preimage: hex::encode(preimage), sandbox: true })
+    }
+}
+
+/// Caveat values are `condition=value` text with comma-separated lists: the service id and
+/// capabilities must not break that grammar.
+fn check(request: &ChallengeRequest) -> Result<(), ChallengeError> {
+    let invalid = |message: &str| Err(ChallengeError::Invalid(message.to_owned()));
+    let caveat_safe = |value: &str| {
+        !value.is_empty()
+            && value.len() <= MAX_ID_LEN
+            && value.bytes().all(|b| b.is_ascii_graphic() && !b",=:".contains(&b))
+    };
+    if !caveat_safe(&request.service_id) {
+        return invalid("serviceId must be 1 to 255 visible ASCII characters without , = :");
+    }
+    if request.budget_usdc.is_zero() {
+        return invalid("budgetUsdc must be greater than 0");
+    }
+    if request.amount_msat == 0 {
+        return invalid("amountMsat must be greater than 0");
+    }
+    if request.valid_seconds == 0 || request.valid_seconds > MAX_VALID_SECONDS {
+        return invalid("validSeconds must be between 1 and 315360000 (ten years)");
+    }
+    if request.capabilities.len() > MAX_CAPABILITIES
+        || !request.capabilities.iter().all(|c| caveat_safe(c))
+    {
+        return invalid(
+            "capabilities: at most 16, each 1 to 255 visible ASCII characters without , = :",
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use sha2::{Digest, Sha256};
+
+    use super::*;
+    use crate::invoice::sandbox::SandboxNode;
+
+    const SECRET: &str = "an-l402-secret-of-32-characters!";
+
+    fn minter() -> ChallengeMinter {
+        let node = SandboxNode::new(SECRET.as_bytes()).unwrap();
+        ChallengeMinter::new(Secret::new(SECRET), InvoiceBackend::Sandbox(node))
+    }
+
+    fn request() -> ChallengeRequest {
+        ChallengeRequest {
+            service_id: "weather".into(),
+            budget_usdc: "0.05".parse().unwrap(),
+            amount_msat: 50_000,
+            valid_seconds: 3_600,
+            capabilities: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_paid_challenge_verifies_as_the_filter_would() {
+        let minter = minter();
+        let challenge = minter.mint(request(), 1_000).await.unwrap();
+        assert!(challenge.sandbox);
+        assert_eq!(challenge.valid_until, 4_600);
+        let paid = minter
+            .pay_sandbox(&SandboxPaymentRequest { invoice: challenge.invoice.clone() })
+            .unwrap();
+        assert_eq!(
+            hex::encode(Sha256::digest(hex::decode(&paid.preimage).unwrap())),
+            challenge.payment_hash
+        );
+        let target = l402::Target { service_id: "weather", capability: None, now: 1_001 };
+        let grant =
+            l402::verify(&challenge.macaroon, &paid.preimage, SECRET.as_bytes(), &target).unwrap();
+        assert_eq!(grant.identifier.ledger_token_id(), challenge.token_id);
+        assert_eq!((grant.limit, grant.cap), (challenge.budget_usdc, challenge.budget_usdc));
+        assert_eq!(grant.expires_at, 4_600);
+        let other = minter.mint(request(), 1_000).await.unwrap();
+        assert_ne!(other.token_id, challenge.token_id, "every challenge is a new token");
+        assert_ne!(other.payment_hash, challenge.payment_hash);
+    }
+
+    #[tokio::test]
+    async fn requests_that_would_break_the_caveat_grammar_are_refused() {
+        let minter = minter();
+        for bad in [
+            ChallengeRequest { service_id: "a,b".into(), ..request() },
+            ChallengeRequest { service_id: String::new(), ..request() },
+            ChallengeRequest { capabilities: vec!["read=all".into()], ..request() },
+            ChallengeRequest { budget_usdc: "0".parse().unwrap(), ..request() },
+            ChallengeRequest { amount_msat: 0, ..request() },
+            ChallengeRequest { valid_seconds: 0, ..request() },
+        ] {
+            assert!(matches!(minter.mint(bad, 0).await, Err(ChallengeError::Invalid(_))));
+        }
+    }
+}
