@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use paystile_protocol::Usdc;
 use paystile_protocol::jws::Key;
+use paystile_protocol::ledger_api::ChallengeRequest;
 use paystile_protocol::pay_token::{MAX_ID_LEN, Validation};
 use serde::Deserialize;
 
@@ -17,7 +18,10 @@ struct Raw {
     service_id: String,
     routes: Vec<RawRoute>,
     ledger: RawLedger,
-    pay_token: RawPayToken,
+    #[serde(default)]
+    pay_token: Option<RawPayToken>,
+    #[serde(default)]
+    l402: Option<RawL402>,
     #[serde(default)]
     billable_statuses: Option<Vec<String>>,
     #[serde(default)]
@@ -34,6 +38,8 @@ struct RawRoute {
     #[serde(default)]
     methods: Option<Vec<String>>,
     price_usdc: Usdc,
+    #[serde(default)]
+    capability: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -71,6 +77,21 @@ struct RawKey {
     secret: String,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename = "the L402 settings")]
+struct RawL402 {
+    /// The secret macaroon root keys derive from, as UTF-8 text; the ledger has the same.
+    secret: String,
+    /// What one payment buys.
+    budget_usdc: Usdc,
+    /// The exchange rate the invoice's amount is computed at.
+    sats_per_usdc: u64,
+    #[serde(default)]
+    valid_seconds: Option<u64>,
+    #[serde(default)]
+    capabilities: Option<Vec<String>>,
+}
+
 /// What happens to a priced request when the ledger cannot be asked.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -100,6 +121,8 @@ pub struct Route {
     /// Upper-case methods; `None` matches every method.
     pub methods: Option<Vec<String>>,
     pub price: Usdc,
+    /// What an L402 macaroon restricted to capabilities must grant to call this route.
+    pub capability: Option<String>,
 }
 
 impl Route {
@@ -166,13 +189,36 @@ impl Billable {
     }
 }
 
+/// How Pay Tokens are verified.
+#[derive(Clone, Debug)]
+pub struct PayTokens {
+    pub keys: Vec<Key>,
+    pub validation: Validation,
+}
+
+/// How L402 credentials are verified, and what a challenge offers.
+#[derive(Clone)]
+pub struct L402 {
+    pub secret: Vec<u8>,
+    pub offer: ChallengeRequest,
+    /// `offer` as the ledger's challenge endpoint takes it, serialized once.
+    pub challenge_body: Vec<u8>,
+}
+
+impl fmt::Debug for L402 {
+    /// Never prints the secret.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("L402").field("offer", &self.offer).finish_non_exhaustive()
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub service_id: String,
     pub routes: Vec<Route>,
     pub ledger: LedgerTarget,
-    pub keys: Vec<Key>,
-    pub validation: Validation,
+    pub pay_token: Option<PayTokens>,
+    pub l402: Option<L402>,
     pub billable: Billable,
     pub failure_mode: FailureMode,
 }
@@ -206,6 +252,10 @@ pub const DEFAULT_SETTLE_INTERVAL_MS: u64 = 50;
 pub const DEFAULT_LEEWAY_SECONDS: u64 = 60;
 /// Gateway keys shorter than this are refused, as the ledger refuses them.
 pub const MIN_GATEWAY_KEY_LEN: usize = 16;
+/// L402 secrets shorter than this are refused, as the ledger refuses them.
+pub const MIN_L402_SECRET_LEN: usize = 32;
+/// A paid L402 credential stays valid for a day unless configured otherwise.
+pub const DEFAULT_L402_VALID_SECONDS: u64 = 86_400;
 
 impl Config {
     pub fn from_json(json: &[u8]) -> Result<Config, ConfigError> {
@@ -256,29 +306,11 @@ impl Config {
             DEFAULT_SETTLE_INTERVAL_MS,
         )?;
 
-        let pay_token = raw.pay_token;
-        if pay_token.keys.is_empty() {
-            return Err(invalid("pay_token.keys", "list at least one key"));
+        if raw.pay_token.is_none() && raw.l402.is_none() {
+            return Err(invalid("pay_token", "configure pay_token, l402, or both"));
         }
-        let mut keys = Vec::with_capacity(pay_token.keys.len());
-        for (i, key) in pay_token.keys.into_iter().enumerate() {
-            let field = format!("pay_token.keys[{i}]");
-            if key.alg != "HS256" {
-                return Err(invalid(format!("{field}.alg"), "only HS256 is supported"));
-            }
-            if key.secret.is_empty() {
-                return Err(invalid(format!("{field}.secret"), "must not be empty"));
-            }
-            let duplicate_kid = keys.iter().any(|k: &Key| k.kid() == key.kid.as_deref());
-            if key.kid.is_some() && duplicate_kid {
-                return Err(invalid(format!("{field}.kid"), "is used by another key"));
-            }
-            let hs256 = Key::hs256(key.secret.into_bytes());
-            keys.push(match key.kid {
-                Some(kid) => hs256.with_kid(kid),
-                None => hs256,
-            });
-        }
+        let pay_token = raw.pay_token.map(validate_pay_token).transpose()?;
+        let l402 = raw.l402.map(|l402| validate_l402(&raw.service_id, l402)).transpose()?;
 
         let statuses = raw.billable_statuses.unwrap_or_else(|| vec!["2xx".into()]);
         let billable = parse_billable(&statuses)?;
@@ -293,12 +325,8 @@ impl Config {
                 authorization: format!("Bearer {}", ledger.gateway_key),
                 settle_interval,
             },
-            keys,
-            validation: Validation {
-                issuer: pay_token.issuer,
-                audience: pay_token.audience,
-                leeway_seconds: pay_token.leeway_seconds.unwrap_or(DEFAULT_LEEWAY_SECONDS),
-            },
+            pay_token,
+            l402,
             billable,
             failure_mode: raw.failure_mode,
         })
@@ -309,6 +337,94 @@ impl Config {
         let path = route_path(path);
         self.routes.iter().find(|route| route.matches(method, &path))
     }
+}
+
+fn validate_pay_token(pay_token: RawPayToken) -> Result<PayTokens, ConfigError> {
+    if pay_token.keys.is_empty() {
+        return Err(invalid("pay_token.keys", "list at least one key"));
+    }
+    let mut keys = Vec::with_capacity(pay_token.keys.len());
+    for (i, key) in pay_token.keys.into_iter().enumerate() {
+        let field = format!("pay_token.keys[{i}]");
+        if key.alg != "HS256" {
+            return Err(invalid(format!("{field}.alg"), "only HS256 is supported"));
+        }
+        if key.secret.is_empty() {
+            return Err(invalid(format!("{field}.secret"), "must not be empty"));
+        }
+        let duplicate_kid = keys.iter().any(|k: &Key| k.kid() == key.kid.as_deref());
+        if key.kid.is_some() && duplicate_kid {
+            return Err(invalid(format!("{field}.kid"), "is used by another key"));
+        }
+        let hs256 = Key::hs256(key.secret.into_bytes());
+        keys.push(match key.kid {
+            Some(kid) => hs256.with_kid(kid),
+            None => hs256,
+        });
+    }
+    Ok(PayTokens {
+        keys,
+        validation: Validation {
+            issuer: pay_token.issuer,
+            audience: pay_token.audience,
+            leeway_seconds: pay_token.leeway_seconds.unwrap_or(DEFAULT_LEEWAY_SECONDS),
+        },
+    })
+}
+
+fn validate_l402(service_id: &str, l402: RawL402) -> Result<L402, ConfigError> {
+    if l402.secret.chars().count() < MIN_L402_SECRET_LEN {
+        return Err(invalid(
+            "l402.secret",
+            format!("must be at least {MIN_L402_SECRET_LEN} characters"),
+        ));
+    }
+    if !is_caveat_safe(service_id) {
+        return Err(invalid(
+            "service_id",
+            "with l402, must be visible ASCII without , = : (it goes into macaroon caveats)",
+        ));
+    }
+    if l402.budget_usdc.is_zero() {
+        return Err(invalid("l402.budget_usdc", "must be greater than 0"));
+    }
+    // budget (micro-USDC) × sats per USDC = msat × 1000: round up to a whole msat.
+    let amount_msat = u128::from(l402.budget_usdc.micros())
+        .checked_mul(u128::from(l402.sats_per_usdc))
+        .map(|micro_msat| micro_msat.div_ceil(1000))
+        .and_then(|msat| u64::try_from(msat).ok())
+        .filter(|msat| *msat > 0)
+        .ok_or_else(|| {
+            invalid("l402.sats_per_usdc", "must be greater than 0, and the invoice within range")
+        })?;
+    let valid_seconds = match l402.valid_seconds.unwrap_or(DEFAULT_L402_VALID_SECONDS) {
+        seconds @ 1..=315_360_000 => seconds,
+        _ => return Err(invalid("l402.valid_seconds", "must be between 1 and 315360000")),
+    };
+    let capabilities = l402.capabilities.unwrap_or_default();
+    if let Some(bad) = capabilities.iter().position(|c| !is_caveat_safe(c)) {
+        return Err(invalid(
+            format!("l402.capabilities[{bad}]"),
+            "must be 1 to 255 visible ASCII characters without , = :",
+        ));
+    }
+    let offer = ChallengeRequest {
+        service_id: service_id.to_owned(),
+        budget_usdc: l402.budget_usdc,
+        amount_msat,
+        valid_seconds,
+        capabilities,
+    };
+    // Strings, integers and amounts always serialize.
+    let challenge_body = serde_json::to_vec(&offer).unwrap_or_default();
+    Ok(L402 { secret: l402.secret.into_bytes(), offer, challenge_body })
+}
+
+/// Text that fits in a `condition=value[,value]` caveat.
+fn is_caveat_safe(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= MAX_ID_LEN
+        && value.bytes().all(|b| b.is_ascii_graphic() && !b",=:".contains(&b))
 }
 
 fn check_id(field: &str, id: &str) -> Result<(), ConfigError> {
@@ -345,7 +461,13 @@ fn validate_route(field: &str, route: RawRoute) -> Result<Route, ConfigError> {
         }
         None => None,
     };
-    Ok(Route { path, methods, price: route.price_usdc })
+    if route.capability.as_deref().is_some_and(|c| !is_caveat_safe(c)) {
+        return Err(invalid(
+            format!("{field}.capability"),
+            "must be 1 to 255 visible ASCII characters without , = :",
+        ));
+    }
+    Ok(Route { path, methods, price: route.price_usdc, capability: route.capability })
 }
 
 fn milliseconds(field: &str, value: Option<u64>, default: u64) -> Result<Duration, ConfigError> {
@@ -409,7 +531,8 @@ mod tests {
         assert_eq!(config.ledger.authority, "paystile-ledger");
         assert_eq!(config.ledger.timeout, Duration::from_millis(1000));
         assert_eq!(config.ledger.authorization, "Bearer gateway-key-0123456789");
-        assert_eq!(config.validation.leeway_seconds, 60);
+        assert_eq!(config.pay_token.unwrap().validation.leeway_seconds, 60);
+        assert!(config.l402.is_none());
         assert_eq!(config.failure_mode, FailureMode::Closed);
         assert!(config.billable.contains(200) && config.billable.contains(299));
         assert!(!config.billable.contains(304) && !config.billable.contains(500));
@@ -516,6 +639,48 @@ mod tests {
             (with(|c| c["ledger"]["upstream"] = json!("")), "ledger.upstream: must name"),
             (with(|c| c["pay_token"]["keys"] = json!([])), "pay_token.keys: list at least one key"),
             (
+                with(|c| c["pay_token"] = json!(null)),
+                "pay_token: configure pay_token, l402, or both",
+            ),
+            (
+                with(|c| c["l402"] = l402(json!({"secret": "short"}))),
+                "l402.secret: must be at least 32",
+            ),
+            (
+                with(|c| c["l402"] = l402(json!({"budget_usdc": "0"}))),
+                "l402.budget_usdc: must be greater than 0",
+            ),
+            (
+                with(|c| c["l402"] = l402(json!({"sats_per_usdc": 0}))),
+                "l402.sats_per_usdc: must be greater than 0",
+            ),
+            (
+                with(|c| {
+                    c["l402"] =
+                        l402(json!({"sats_per_usdc": u64::MAX, "budget_usdc": "9000000000000"}))
+                }),
+                "l402.sats_per_usdc: must be greater than 0, and the invoice within range",
+            ),
+            (
+                with(|c| c["l402"] = l402(json!({"capabilities": ["read", "a,b"]}))),
+                "l402.capabilities[1]: must be 1 to 255",
+            ),
+            (
+                with(|c| c["l402"] = l402(json!({"valid_seconds": 0}))),
+                "l402.valid_seconds: must be between",
+            ),
+            (
+                with(|c| {
+                    c["l402"] = l402(json!({}));
+                    c["service_id"] = json!("a:b");
+                }),
+                "service_id: with l402, must be visible ASCII",
+            ),
+            (
+                with(|c| c["routes"][0]["capability"] = json!("")),
+                "routes[0].capability: must be 1 to 255",
+            ),
+            (
                 with(|c| c["pay_token"]["keys"][0]["alg"] = json!("none")),
                 "pay_token.keys[0].alg: only HS256",
             ),
@@ -541,6 +706,41 @@ mod tests {
             parse(&with(|c| c["pay_token"]["keys"] = keys.clone())).unwrap_err().to_string();
         assert_eq!(error, "pay_token.keys[1].kid: is used by another key");
         assert!(Config::from_json(b"\xff\xfe").is_err());
+    }
+
+    /// A valid `l402` section with `changes` applied.
+    fn l402(changes: Value) -> Value {
+        let mut l402 = json!({
+            "secret": "an-l402-secret-of-32-characters!",
+            "budget_usdc": "0.05",
+            "sats_per_usdc": 1000
+        });
+        for (key, value) in changes.as_object().unwrap() {
+            l402[key] = value.clone();
+        }
+        l402
+    }
+
+    #[test]
+    fn l402_offers_the_configured_budget_at_the_configured_rate() {
+        let json =
+            with(|c| c["l402"] = l402(json!({"budget_usdc": "0.000001", "sats_per_usdc": 1500})));
+        let offer = parse(&json).unwrap().l402.unwrap().offer;
+        // 1 micro-USDC at 1500 sat/USDC is 1.5 msat: rounded up, never given away.
+        assert_eq!(offer.amount_msat, 2);
+        assert_eq!(offer.valid_seconds, DEFAULT_L402_VALID_SECONDS);
+        let json = with(|c| {
+            c["pay_token"] = json!(null);
+            c["l402"] = l402(json!({"capabilities": ["read"], "valid_seconds": 60}));
+        });
+        let config = parse(&json).unwrap();
+        assert!(config.pay_token.is_none());
+        let l402 = config.l402.unwrap();
+        assert_eq!((l402.offer.amount_msat, l402.offer.valid_seconds), (50_000, 60));
+        assert_eq!(l402.offer.capabilities, ["read"]);
+        let body: Value = serde_json::from_slice(&l402.challenge_body).unwrap();
+        assert_eq!(body["budgetUsdc"], "0.050000");
+        assert!(!format!("{l402:?}").contains("32-characters"), "the secret leaks into Debug");
     }
 
     fn with(change: impl FnOnce(&mut Value)) -> Value {

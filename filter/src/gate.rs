@@ -6,10 +6,12 @@
 //!
 //! ```text
 //!  New ──unpriced──▶ Free ──────────────────────────────▶ (untouched)
-//!   │ no/bad credential ──▶ Done (402/401/403 answered locally)
-//!   └─valid token──▶ AwaitingLedger ─held──▶ Held ──response──▶ Done + commit|release
+//!   │ bad credential ──▶ Done (401/403 answered locally)
+//!   │ no credential ──▶ Done (402) | AwaitingChallenge (L402 on) ──▶ Done (402 | 503)
+//!   └─valid credential──▶ AwaitingLedger ─held──▶ Held ──response──▶ Done + commit|release
 //!                          │ replay ──▶ Replayed ──response──▶ Done (original charge)
 //!                          │ refused ──▶ Done (402/409/422)
+//!                          │ L402 budget gone ──▶ AwaitingChallenge
 //!                          └ unreachable ──▶ Done (503) | Free (fail open)
 //! ```
 
@@ -17,20 +19,19 @@ use std::cell::Cell;
 
 use paystile_protocol::credential::{self, Credential};
 use paystile_protocol::headers::{self, APPLICATION_JSON};
+use paystile_protocol::l402::{self, L402Error};
 use paystile_protocol::ledger_api::{
-    Hold, Idempotency, Outcome, ReserveRequest, Settlement, TokenGrant, path,
+    Hold, Idempotency, L402Challenge, Outcome, ReserveRequest, Settlement, TokenGrant, path,
 };
-use paystile_protocol::pay_token::{self, PayTokenError};
+use paystile_protocol::pay_token::{self, PayTokenError, Scope};
 use paystile_protocol::{ErrorBody, ErrorCode, Usdc};
 use sha2::{Digest, Sha256};
 
-use crate::config::{Config, FailureMode};
+use crate::config::{Config, FailureMode, Route};
 
-/// The Pay Token challenge. L402 will add its own beside it.
+/// The Pay Token challenge, beside L402's when both are on.
 const BEARER_CHALLENGE: &str = r#"Bearer realm="paystile", error="payment_required""#;
 const BEARER_INVALID: &str = r#"Bearer realm="paystile", error="invalid_token""#;
-/// The schemes a 402 challenge lists in its body.
-const SCHEMES: &[&str] = &["Bearer"];
 /// Seconds a client should wait before retrying when the ledger is unavailable.
 const RETRY_AFTER_SECONDS: &str = "1";
 
@@ -57,12 +58,7 @@ impl Gate {
         &self.config
     }
 
-    fn note_ledger(&self, answer: &LedgerAnswer, status: Option<u16>) {
-        let health = match answer {
-            LedgerAnswer::Hold(_) | LedgerAnswer::Refusal(_) => Health::Answering,
-            LedgerAnswer::Unreachable => Health::Unreachable,
-            LedgerAnswer::Confused => Health::Confused,
-        };
+    fn note_ledger(&self, health: Health, status: Option<u16>) {
         if self.ledger_health.replace(health) == health {
             return;
         }
@@ -100,16 +96,34 @@ pub struct LocalResponse {
 }
 
 impl LocalResponse {
-    /// The JSON error answer for `body`, with the headers its code calls for.
+    /// The JSON error answer for `body`, with the headers its code calls for (a 402's
+    /// challenges come from [`LocalResponse::payment_required`]).
     pub fn error(body: &ErrorBody) -> LocalResponse {
         let mut headers = vec![(headers::CONTENT_TYPE, APPLICATION_JSON.to_owned())];
         match body.code.status() {
-            402 => headers.push((headers::WWW_AUTHENTICATE, BEARER_CHALLENGE.to_owned())),
             401 => headers.push((headers::WWW_AUTHENTICATE, BEARER_INVALID.to_owned())),
             503 => headers.push((headers::RETRY_AFTER, RETRY_AFTER_SECONDS.to_owned())),
             _ => {}
         }
         LocalResponse { status: body.status(), headers, body: body.to_json() }
+    }
+
+    /// A 402 with a challenge for each scheme that is on: L402's (minted by the ledger)
+    /// first, then the Bearer one.
+    pub fn payment_required(
+        config: &Config,
+        body: &ErrorBody,
+        l402: Option<&L402Challenge>,
+    ) -> LocalResponse {
+        let mut response = LocalResponse::error(body);
+        if let Some(challenge) = l402 {
+            let value = l402::challenge(&challenge.macaroon, &challenge.invoice);
+            response.headers.push((headers::WWW_AUTHENTICATE, value));
+        }
+        if config.pay_token.is_some() {
+            response.headers.push((headers::WWW_AUTHENTICATE, BEARER_CHALLENGE.to_owned()));
+        }
+        response
     }
 }
 
@@ -162,10 +176,12 @@ enum State {
     New,
     /// Goes through without a charge: an unpriced route, or a priced one let through while
     /// the ledger is unavailable (`failed_open`).
-    Free {
-        failed_open: bool,
-    },
-    AwaitingLedger,
+    Free { failed_open: bool },
+    /// Waiting for the ledger's answer to a reserve; `l402` when the credential is one, whose
+    /// spent budget is answered with a fresh challenge.
+    AwaitingLedger { l402: bool },
+    /// Waiting for the ledger to mint an L402 challenge to answer `refusal` (a 402) with.
+    AwaitingChallenge(Box<ErrorBody>),
     /// Forwarded with a hold, to be committed or released when the upstream answers.
     Held(Charge),
     /// Forwarded as a retry of a request already charged: report that charge, settle nothing.
@@ -195,24 +211,58 @@ impl Exchange {
             // An upstream may trust X-Charge-Id as proof of payment: a client never sets it.
             return RequestAction::Forward(vec![HeaderEdit::Remove(headers::CHARGE_ID)]);
         };
-        match reserve_request(config, request, route.price, now) {
-            Ok(reserve) => {
-                self.state = State::AwaitingLedger;
+        match reserve_request(config, request, route, now) {
+            Ok((reserve, l402)) => {
+                self.state = State::AwaitingLedger { l402 };
                 // Serializing strings, integers and amounts cannot fail.
                 let body = serde_json::to_vec(&reserve).unwrap_or_default();
                 RequestAction::CallLedger(LedgerCall { path: path::HOLDS, body })
             }
-            Err(refusal) => self.respond(&refusal),
+            Err(refusal) if refusal.code == ErrorCode::PaymentRequired => {
+                self.challenge(config, refusal)
+            }
+            Err(refusal) => self.respond(config, &refusal),
         }
     }
 
-    /// The ledger answered the reserve call (or could not be reached).
+    /// The ledger answered (or could not be reached).
     pub fn on_ledger_reply(&mut self, gate: &Gate, reply: LedgerReply) -> RequestAction {
-        if self.state != State::AwaitingLedger {
-            return RequestAction::Nothing;
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::AwaitingLedger { l402 } => self.on_hold_reply(gate, reply, l402),
+            State::AwaitingChallenge(refusal) => {
+                let config = gate.config();
+                let challenge = read_challenge(&reply);
+                gate.note_ledger(
+                    match &challenge {
+                        Ok(_) => Health::Answering,
+                        Err(answer) => answer.health(),
+                    },
+                    reply.status,
+                );
+                match challenge {
+                    Ok(challenge) => {
+                        let refusal = ErrorBody { sandbox: challenge.sandbox, ..*refusal };
+                        RequestAction::Respond(LocalResponse::payment_required(
+                            config,
+                            &refusal,
+                            Some(&challenge),
+                        ))
+                    }
+                    // Without a challenge the client cannot pay: try again shortly.
+                    Err(_) => self.respond(config, &ErrorBody::new(ErrorCode::LedgerUnavailable)),
+                }
+            }
+            other => {
+                self.state = other;
+                RequestAction::Nothing
+            }
         }
+    }
+
+    fn on_hold_reply(&mut self, gate: &Gate, reply: LedgerReply, l402: bool) -> RequestAction {
+        let config = gate.config();
         let answer = LedgerAnswer::read(&reply);
-        gate.note_ledger(&answer, reply.status);
+        gate.note_ledger(answer.health(), reply.status);
         match answer {
             LedgerAnswer::Hold(hold) => {
                 let edits = vec![
@@ -228,8 +278,14 @@ impl Exchange {
                     if hold.replayed { State::Replayed(charge) } else { State::Held(charge) };
                 RequestAction::Forward(edits)
             }
-            LedgerAnswer::Refusal(refusal) => self.respond(&refusal),
-            LedgerAnswer::Unreachable if gate.config().failure_mode == FailureMode::Open => {
+            // A spent L402 is answered with the means to buy more.
+            LedgerAnswer::Refusal(refusal)
+                if l402 && refusal.code == ErrorCode::TokenLimitExceeded =>
+            {
+                self.challenge(config, refusal)
+            }
+            LedgerAnswer::Refusal(refusal) => self.respond(config, &refusal),
+            LedgerAnswer::Unreachable if config.failure_mode == FailureMode::Open => {
                 self.state = State::Free { failed_open: true };
                 RequestAction::Forward(vec![
                     HeaderEdit::Remove(headers::AUTHORIZATION),
@@ -239,7 +295,7 @@ impl Exchange {
             // A ledger that answers nonsense (a wrong gateway key, say) is a misconfiguration:
             // failing open there would give every call away, so it always fails closed.
             LedgerAnswer::Unreachable | LedgerAnswer::Confused => {
-                self.respond(&ErrorBody::new(ErrorCode::LedgerUnavailable))
+                self.respond(config, &ErrorBody::new(ErrorCode::LedgerUnavailable))
             }
         }
     }
@@ -298,39 +354,75 @@ impl Exchange {
         }
     }
 
-    fn respond(&mut self, refusal: &ErrorBody) -> RequestAction {
+    fn respond(&mut self, config: &Config, refusal: &ErrorBody) -> RequestAction {
         self.state = State::Done;
-        RequestAction::Respond(LocalResponse::error(refusal))
+        RequestAction::Respond(if refusal.status() == 402 {
+            LocalResponse::payment_required(config, refusal, None)
+        } else {
+            LocalResponse::error(refusal)
+        })
+    }
+
+    /// Answers `refusal` (a 402) with the challenges of every scheme that is on; L402's
+    /// must first be minted by the ledger.
+    fn challenge(&mut self, config: &Config, refusal: ErrorBody) -> RequestAction {
+        match &config.l402 {
+            Some(l402) => {
+                self.state = State::AwaitingChallenge(Box::new(refusal));
+                RequestAction::CallLedger(LedgerCall {
+                    path: path::L402_CHALLENGES,
+                    body: l402.challenge_body.clone(),
+                })
+            }
+            None => self.respond(config, &refusal),
+        }
     }
 }
 
-/// Everything that can be checked without the ledger, inline; the reserve call if it passes.
+/// Everything that can be checked without the ledger, inline: the reserve call if it
+/// passes, and whether its credential is an L402. A refusal with `payment_required` calls
+/// for a challenge.
 fn reserve_request(
     config: &Config,
     request: &RequestHead<'_>,
-    price: Usdc,
+    route: &Route,
     now: u64,
-) -> Result<ReserveRequest, ErrorBody> {
-    let token = match request.authorization.map(credential::parse_authorization) {
-        None | Some(Ok(None)) => {
-            return Err(ErrorBody::payment_required(&config.service_id, price, SCHEMES));
-        }
+) -> Result<(ReserveRequest, bool), ErrorBody> {
+    let payment_required =
+        || ErrorBody::payment_required(&config.service_id, route.price, &schemes(config));
+    let credential = match request.authorization.map(credential::parse_authorization) {
+        None | Some(Ok(None)) => return Err(payment_required()),
         Some(Err(_)) => return Err(ErrorBody::new(ErrorCode::InvalidCredential)),
-        Some(Ok(Some(Credential::Bearer(token)))) => token,
+        Some(Ok(Some(credential))) => credential,
     };
-    let claims =
-        pay_token::verify(token, &config.keys, &config.validation, now).map_err(|e| match e {
-            PayTokenError::Expired | PayTokenError::NotYetValid => {
-                ErrorBody::new(ErrorCode::TokenExpired)
-            }
-            other => ErrorBody::with_message(
-                ErrorCode::InvalidCredential,
-                format!("Invalid credential: {other}"),
-            ),
-        })?;
-    if !claims.allows_service(&config.service_id) {
-        return Err(ErrorBody::new(ErrorCode::WrongService));
-    }
+    let (token, cap) = match credential {
+        Credential::Bearer(token) => {
+            let Some(pay_token) = &config.pay_token else { return Err(payment_required()) };
+            (verify_pay_token(config, pay_token, token, now)?, None)
+        }
+        Credential::L402 { macaroon, preimage } => {
+            let Some(l402) = &config.l402 else { return Err(payment_required()) };
+            let target = l402::Target {
+                service_id: &config.service_id,
+                capability: route.capability.as_deref(),
+                now,
+            };
+            let grant =
+                l402::verify(macaroon, preimage, &l402.secret, &target).map_err(l402_refusal)?;
+            let token_id = grant.identifier.ledger_token_id();
+            let token = TokenGrant {
+                // An L402 holder is anonymous: each token is its own buyer.
+                buyer_id: token_id.clone(),
+                token_id,
+                buyer_tag: None,
+                service_id: Some(config.service_id.clone()),
+                scope: Scope::Single,
+                limit_usdc: grant.limit,
+                expires_at: grant.expires_at,
+            };
+            (token, (grant.cap < grant.limit).then_some(grant.cap))
+        }
+    };
     let idempotency = match request.idempotency_key {
         None => None,
         Some(raw) => {
@@ -339,12 +431,65 @@ fn reserve_request(
             Some(Idempotency { key: key.to_owned(), fingerprint: fingerprint(config, request) })
         }
     };
-    Ok(ReserveRequest {
-        token: TokenGrant::from(&claims),
+    let l402 = matches!(credential, Credential::L402 { .. });
+    let reserve = ReserveRequest {
+        token,
         service_id: config.service_id.clone(),
-        price_usdc: price,
+        price_usdc: route.price,
         idempotency,
-    })
+        cap_usdc: cap,
+    };
+    Ok((reserve, l402))
+}
+
+fn verify_pay_token(
+    config: &Config,
+    pay_token: &crate::config::PayTokens,
+    token: &str,
+    now: u64,
+) -> Result<TokenGrant, ErrorBody> {
+    let claims = pay_token::verify(token, &pay_token.keys, &pay_token.validation, now).map_err(
+        |e| match e {
+            PayTokenError::Expired | PayTokenError::NotYetValid => {
+                ErrorBody::new(ErrorCode::TokenExpired)
+            }
+            other => ErrorBody::with_message(
+                ErrorCode::InvalidCredential,
+                format!("Invalid credential: {other}"),
+            ),
+        },
+    )?;
+    if !claims.allows_service(&config.service_id) {
+        return Err(ErrorBody::new(ErrorCode::WrongService));
+    }
+    Ok(TokenGrant::from(&claims))
+}
+
+fn l402_refusal(error: L402Error) -> ErrorBody {
+    let code = match error {
+        L402Error::WrongPreimage => ErrorCode::InvalidPreimage,
+        L402Error::Expired => ErrorCode::TokenExpired,
+        L402Error::WrongService | L402Error::CapabilityNotGranted => ErrorCode::WrongService,
+        L402Error::Malformed(_)
+        | L402Error::BadIdentifier
+        | L402Error::BadPreimageEncoding
+        | L402Error::BadSignature(_)
+        | L402Error::MissingCaveat(_)
+        | L402Error::WideningCaveat(_) => ErrorCode::InvalidCredential,
+    };
+    ErrorBody::with_message(code, format!("{}: {error}", code.default_message()))
+}
+
+/// The schemes a 402 lists in its body, in the order of its challenges.
+fn schemes(config: &Config) -> Vec<&'static str> {
+    let mut schemes = Vec::with_capacity(2);
+    if config.l402.is_some() {
+        schemes.push("L402");
+    }
+    if config.pay_token.is_some() {
+        schemes.push("Bearer");
+    }
+    schemes
 }
 
 /// What a reserve call's reply means.
@@ -359,6 +504,14 @@ enum LedgerAnswer {
 }
 
 impl LedgerAnswer {
+    fn health(&self) -> Health {
+        match self {
+            LedgerAnswer::Hold(_) | LedgerAnswer::Refusal(_) => Health::Answering,
+            LedgerAnswer::Unreachable => Health::Unreachable,
+            LedgerAnswer::Confused => Health::Confused,
+        }
+    }
+
     fn read(reply: &LedgerReply) -> LedgerAnswer {
         match reply.status {
             // Envoy reports a refused connection or a timeout as its own 503 or 504.
@@ -375,6 +528,28 @@ impl LedgerAnswer {
             },
         }
     }
+}
+
+/// A challenge-minting call's reply: the challenge, or why there is none.
+fn read_challenge(reply: &LedgerReply) -> Result<L402Challenge, LedgerAnswer> {
+    match reply.status {
+        None | Some(500..) => Err(LedgerAnswer::Unreachable),
+        Some(200) => serde_json::from_slice::<L402Challenge>(&reply.body)
+            .ok()
+            .filter(is_header_safe)
+            .ok_or(LedgerAnswer::Confused),
+        Some(_) => Err(LedgerAnswer::Confused),
+    }
+}
+
+/// The macaroon (base64) and invoice (bech32) go into a quoted header parameter.
+fn is_header_safe(challenge: &L402Challenge) -> bool {
+    let base64 = |b: u8| b.is_ascii_alphanumeric() || b"+/=-_".contains(&b);
+    let within = |s: &str| (1..=4096).contains(&s.len());
+    within(&challenge.macaroon)
+        && within(&challenge.invoice)
+        && challenge.macaroon.bytes().all(base64)
+        && challenge.invoice.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 /// Charge ids go into headers: 1 to 64 characters of `[A-Za-z0-9_-]` (the ledger's are

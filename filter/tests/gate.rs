@@ -1,6 +1,8 @@
 //! Every path through the gate, natively: the decisions the wasm filter makes in a gateway.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod support;
+
 use paystile_filter::config::Config;
 use paystile_filter::gate::{Exchange, Gate, HeaderEdit, LedgerReply, RequestAction, RequestHead};
 use paystile_protocol::jws::Key;
@@ -9,6 +11,7 @@ use paystile_protocol::pay_token::{self, PayTokenClaims, Scope};
 use paystile_protocol::{ErrorBody, ErrorCode, Usdc};
 use proptest::prelude::*;
 use serde_json::{Value, json};
+use support::{answered, head};
 
 const SECRET: &str = "gate-test-secret-0123456789abcdef";
 const NOW: u64 = 1_900_000_000;
@@ -53,26 +56,6 @@ fn claims() -> PayTokenClaims {
 
 fn bearer(claims: &PayTokenClaims) -> String {
     format!("Bearer {}", pay_token::sign(claims, &Key::hs256(SECRET)))
-}
-
-fn head<'a>(path: &'a str, authorization: Option<&'a str>) -> RequestHead<'a> {
-    RequestHead {
-        method: b"GET",
-        path: path.as_bytes(),
-        authorization: authorization.map(str::as_bytes),
-        idempotency_key: None,
-    }
-}
-
-/// The local answer `action` sends: status, code, the parsed body and the headers.
-fn answered(action: &RequestAction) -> (u16, ErrorBody, Vec<(&'static str, String)>) {
-    let RequestAction::Respond(response) = action else {
-        panic!("expected a local response, got {action:?}")
-    };
-    let body: ErrorBody = serde_json::from_slice(&response.body).unwrap();
-    assert_eq!(body.status(), response.status);
-    assert!(response.headers.contains(&("content-type", "application/json".into())));
-    (response.status, body, response.headers.clone())
 }
 
 fn refusal(gate: &Gate, authorization: &str) -> (u16, ErrorCode) {

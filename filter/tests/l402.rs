@@ -1,0 +1,392 @@
+//! The gate's L402 paths: challenges minted by the ledger, credentials verified inline,
+//! budgets metered like Pay Tokens, and a fresh challenge when a budget is spent.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use paystile_filter::config::Config;
+use paystile_filter::gate::{Exchange, Gate, HeaderEdit, LedgerReply, RequestAction, RequestHead};
+use paystile_protocol::l402::{self, Identifier, Offer};
+use paystile_protocol::ledger_api::{ChallengeRequest, ReserveRequest};
+use paystile_protocol::macaroon::Macaroon;
+use paystile_protocol::ErrorCode;
+use proptest::prelude::*;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use support::{answered, head};
+
+const L402_SECRET: &str = "an-l402-secret-of-32-characters!";
+const NOW: u64 = 1_900_000_000;
+const PREIMAGE: [u8; 32] = [5; 32];
+
+fn config_json() -> Value {
+    json!({
+        "service_id": "weather",
+        "routes": [
+            {"path": "/v1/report", "price_usdc": "0.01", "capability": "reports"},
+            {"path_prefix": "/v1/forecast", "price_usdc": "0.001"}
+        ],
+        "ledger": {"upstream": "paystile_ledger", "gateway_key": "gateway-key-0123456789"},
+        "pay_token": {"keys": [{"alg": "HS256", "secret": "pay-token-secret-0123456789abcdef"}]},
+        "l402": {"secret": L402_SECRET, "budget_usdc": "0.05", "sats_per_usdc": 1000}
+    })
+}
+
+fn gate_with(change: impl FnOnce(&mut Value)) -> Gate {
+    let mut json = config_json();
+    change(&mut json);
+    Gate::new(Config::from_json(json.to_string().as_bytes()).unwrap())
+}
+
+fn gate() -> Gate {
+    gate_with(|_| {})
+}
+
+fn identifier() -> Identifier {
+    Identifier { payment_hash: Sha256::digest(PREIMAGE).into(), token_id: [3; 32] }
+}
+
+fn offer() -> Offer {
+    Offer {
+        service_id: "weather".into(),
+        valid_until: NOW + 3_600,
+        budget: "0.05".parse().unwrap(),
+        capabilities: vec![],
+    }
+}
+
+fn macaroon(offer: &Offer) -> Macaroon {
+    l402::mint(L402_SECRET.as_bytes(), &identifier(), offer)
+}
+
+fn credential(macaroon: &Macaroon, preimage: &[u8; 32]) -> String {
+    format!("L402 {}:{}", l402::encode_macaroon(macaroon), hex::encode(preimage))
+}
+
+fn paid() -> String {
+    credential(&macaroon(&offer()), &PREIMAGE)
+}
+
+fn challenges(headers: &[(&'static str, String)]) -> Vec<String> {
+    headers.iter().filter(|(name, _)| *name == "www-authenticate").map(|(_, v)| v.clone()).collect()
+}
+
+fn challenge_reply() -> LedgerReply {
+    let body = json!({
+        "tokenId": format!("l402_{}", "07".repeat(32)),
+        "macaroon": "AgEIcGF5c3RpbGU+/w==",
+        "invoice": "lnbcrt500n1pjexample",
+        "paymentHash": "ab".repeat(32),
+        "budgetUsdc": "0.05",
+        "amountMsat": 50000,
+        "validUntil": NOW + 86_400,
+        "sandbox": true
+    });
+    LedgerReply { status: Some(200), body: body.to_string().into_bytes() }
+}
+
+/// The ledger call `action` makes, checked to go to `path`.
+fn ledger_call(action: &RequestAction, path: &str) -> Vec<u8> {
+    match action {
+        RequestAction::CallLedger(call) => {
+            assert_eq!(call.path, path);
+            call.body.clone()
+        }
+        other => panic!("expected a call to {path}, got {other:?}"),
+    }
+}
+
+fn reserve(gate: &Gate, exchange: &mut Exchange, authorization: &str) -> ReserveRequest {
+    let action = exchange.on_request_headers(gate, &head("/v1/forecast", Some(authorization)), NOW);
+    serde_json::from_slice(&ledger_call(&action, "/v1/holds")).unwrap()
+}
+
+fn refusal(gate: &Gate, path: &str, authorization: &str) -> (u16, ErrorCode) {
+    let action =
+        Exchange::default().on_request_headers(gate, &head(path, Some(authorization)), NOW);
+    let (status, body, _) = answered(&action);
+    (status, body.code)
+}
+
+#[test]
+fn no_credential_gets_a_minted_l402_challenge_before_the_bearer_one() {
+    let gate = gate();
+    let mut exchange = Exchange::default();
+    let action = exchange.on_request_headers(&gate, &head("/v1/forecast", None), NOW);
+    let offer: ChallengeRequest =
+        serde_json::from_slice(&ledger_call(&action, "/v1/l402/challenges")).unwrap();
+    assert_eq!(offer.service_id, "weather");
+    assert_eq!(offer.budget_usdc, "0.05".parse().unwrap());
+    assert_eq!(offer.amount_msat, 50_000);
+
+    let (status, body, headers) = answered(&exchange.on_ledger_reply(&gate, challenge_reply()));
+    assert_eq!((status, body.code), (402, ErrorCode::PaymentRequired));
+    assert_eq!(body.schemes, ["L402", "Bearer"]);
+    assert_eq!(body.price, Some("0.001".parse().unwrap()));
+    assert!(body.sandbox, "a sandbox invoice says so");
+    assert_eq!(
+        challenges(&headers),
+        [
+            r#"L402 macaroon="AgEIcGF5c3RpbGU+/w==", invoice="lnbcrt500n1pjexample""#,
+            r#"Bearer realm="paystile", error="payment_required""#
+        ]
+    );
+    assert_eq!(exchange.on_ledger_reply(&gate, challenge_reply()), RequestAction::Nothing);
+}
+
+#[test]
+fn without_a_minted_challenge_the_answer_is_503() {
+    let gate = gate();
+    let garbage = LedgerReply { status: Some(200), body: b"{}".to_vec() };
+    let mut unsafe_invoice: Value = serde_json::from_slice(&challenge_reply().body).unwrap();
+    unsafe_invoice["invoice"] = json!("lnbc\r\nx-injected: 1");
+    let unsafe_invoice =
+        LedgerReply { status: Some(200), body: unsafe_invoice.to_string().into_bytes() };
+    for reply in [
+        LedgerReply { status: None, body: vec![] },
+        LedgerReply { status: Some(504), body: vec![] },
+        LedgerReply {
+            status: Some(404),
+            body: br#"{"error":"L402 is off","code":"not_found"}"#.to_vec(),
+        },
+        garbage,
+        unsafe_invoice,
+    ] {
+        let mut exchange = Exchange::default();
+        exchange.on_request_headers(&gate, &head("/v1/forecast", None), NOW);
+        let (status, body, headers) = answered(&exchange.on_ledger_reply(&gate, reply));
+        assert_eq!((status, body.code), (503, ErrorCode::LedgerUnavailable));
+        assert!(headers.contains(&("retry-after", "1".into())));
+    }
+}
+
+#[test]
+fn a_paid_l402_reserves_its_budget_and_loses_its_credential_upstream() {
+    let gate = gate();
+    let mut exchange = Exchange::default();
+    let reserve = reserve(&gate, &mut exchange, &paid());
+    assert_eq!(reserve.token.token_id, format!("l402_{}", "03".repeat(32)));
+    assert_eq!(reserve.token.buyer_id, reserve.token.token_id);
+    assert_eq!(reserve.token.limit_usdc, "0.05".parse().unwrap());
+    assert_eq!(reserve.token.expires_at, NOW + 3_600);
+    assert_eq!(reserve.token.service_id.as_deref(), Some("weather"));
+    assert_eq!(reserve.price_usdc, "0.001".parse().unwrap());
+    assert_eq!(reserve.cap_usdc, None);
+    let hold = json!({"chargeId": "ch_1", "amountUsdc": "0.001", "remainingUsdc": "0.049", "replayed": false});
+    let action = exchange.on_ledger_reply(
+        &gate,
+        LedgerReply { status: Some(200), body: hold.to_string().into_bytes() },
+    );
+    assert_eq!(
+        action,
+        RequestAction::Forward(vec![
+            HeaderEdit::Remove("authorization"),
+            HeaderEdit::Set("x-charge-id", "ch_1".into())
+        ])
+    );
+    let step = exchange.on_response_headers(&gate, Some(200));
+    assert!(step.edits.contains(&HeaderEdit::Set("x-amount-usdc", "0.001000".into())));
+    assert!(step.settlement.is_some());
+}
+
+#[test]
+fn every_spelling_of_the_credential_is_read() {
+    let gate = gate();
+    let binary = macaroon(&offer()).to_binary();
+    let url_safe = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&binary);
+    let preimage = hex::encode(PREIMAGE);
+    for authorization in [
+        format!("L402 {}:{preimage}", STANDARD.encode(&binary)),
+        format!("LSAT {}:{preimage}", STANDARD.encode(&binary)),
+        format!("l402   {url_safe}:{}  ", preimage.to_uppercase()),
+    ] {
+        let reserve = reserve(&gate, &mut Exchange::default(), &authorization);
+        assert_eq!(reserve.token.token_id, format!("l402_{}", "03".repeat(32)), "{authorization}");
+    }
+}
+
+#[test]
+fn an_attenuated_budget_travels_as_a_cap() {
+    let gate = gate();
+    let mut narrowed = macaroon(&offer());
+    narrowed.add_first_party_caveat(b"weather_budget_usdc=0.01");
+    let reserve = reserve(&gate, &mut Exchange::default(), &credential(&narrowed, &PREIMAGE));
+    assert_eq!(reserve.token.limit_usdc, "0.05".parse().unwrap(), "the paid budget");
+    assert_eq!(reserve.cap_usdc, Some("0.01".parse().unwrap()));
+}
+
+#[test]
+fn refusals_have_the_statuses_of_the_contract() {
+    let gate = gate();
+    let m = macaroon(&offer());
+    assert_eq!(
+        refusal(&gate, "/v1/forecast", &credential(&m, &[6; 32])),
+        (401, ErrorCode::InvalidPreimage)
+    );
+    let mut tampered = m.to_binary();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    let tampered = format!("L402 {}:{}", STANDARD.encode(&tampered), hex::encode(PREIMAGE));
+    assert_eq!(refusal(&gate, "/v1/forecast", &tampered), (401, ErrorCode::InvalidCredential));
+    let foreign = l402::mint(b"another secret of 32 characters!", &identifier(), &offer());
+    assert_eq!(
+        refusal(&gate, "/v1/forecast", &credential(&foreign, &PREIMAGE)),
+        (401, ErrorCode::InvalidCredential)
+    );
+    let maps = macaroon(&Offer { service_id: "maps".into(), ..offer() });
+    assert_eq!(
+        refusal(&gate, "/v1/forecast", &credential(&maps, &PREIMAGE)),
+        (403, ErrorCode::WrongService)
+    );
+    let expired = macaroon(&Offer { valid_until: NOW - 1, ..offer() });
+    assert_eq!(
+        refusal(&gate, "/v1/forecast", &credential(&expired, &PREIMAGE)),
+        (401, ErrorCode::TokenExpired)
+    );
+    // A macaroon limited to capabilities opens only the routes that name one of them.
+    let readonly = macaroon(&Offer { capabilities: vec!["forecasts".into()], ..offer() });
+    assert_eq!(
+        refusal(&gate, "/v1/report", &credential(&readonly, &PREIMAGE)),
+        (403, ErrorCode::WrongService)
+    );
+    let reports = macaroon(&Offer { capabilities: vec!["reports".into()], ..offer() });
+    let action = Exchange::default().on_request_headers(
+        &gate,
+        &head("/v1/report", Some(&credential(&reports, &PREIMAGE))),
+        NOW,
+    );
+    ledger_call(&action, "/v1/holds");
+}
+
+#[test]
+fn a_spent_l402_budget_is_answered_with_a_fresh_challenge() {
+    let gate = gate();
+    let mut exchange = Exchange::default();
+    reserve(&gate, &mut exchange, &paid());
+    let spent = json!({"error": "Token limit exceeded", "code": "token_limit_exceeded", "used": "0.05", "reserved": "0", "limit": "0.05", "price": "0.001"});
+    let action = exchange.on_ledger_reply(
+        &gate,
+        LedgerReply { status: Some(402), body: spent.to_string().into_bytes() },
+    );
+    ledger_call(&action, "/v1/l402/challenges");
+    let (status, body, headers) = answered(&exchange.on_ledger_reply(&gate, challenge_reply()));
+    assert_eq!((status, body.code), (402, ErrorCode::TokenLimitExceeded));
+    assert_eq!(body.used, Some("0.05".parse().unwrap()));
+    assert!(challenges(&headers)[0].starts_with("L402 macaroon="));
+
+    // A Pay Token at its cap gets its 402 at once: buying L402 budget would not raise it.
+    let mut exchange = Exchange::default();
+    let token = pay_token();
+    exchange.on_request_headers(&gate, &head("/v1/forecast", Some(&token)), NOW);
+    let action = exchange.on_ledger_reply(
+        &gate,
+        LedgerReply { status: Some(402), body: spent.to_string().into_bytes() },
+    );
+    let (status, _, headers) = answered(&action);
+    assert_eq!(status, 402);
+    assert_eq!(challenges(&headers), [r#"Bearer realm="paystile", error="payment_required""#]);
+}
+
+fn pay_token() -> String {
+    use paystile_protocol::jws::Key;
+    use paystile_protocol::pay_token::{self, PayTokenClaims, Scope};
+    let claims = PayTokenClaims {
+        sub: "agent".into(),
+        jti: "tok_1".into(),
+        service_id: Some("weather".into()),
+        limit_usdc: "0.05".parse().unwrap(),
+        scope: Scope::Single,
+        buyer_tag: None,
+        exp: NOW + 60,
+        iat: None,
+        nbf: None,
+        iss: None,
+        aud: None,
+    };
+    format!("Bearer {}", pay_token::sign(&claims, &Key::hs256("pay-token-secret-0123456789abcdef")))
+}
+
+#[test]
+fn each_scheme_is_offered_and_accepted_only_when_configured() {
+    let l402_only = gate_with(|c| c["pay_token"] = json!(null));
+    let mut exchange = Exchange::default();
+    exchange.on_request_headers(&l402_only, &head("/v1/forecast", Some(&pay_token())), NOW);
+    let (_, body, headers) = answered(&exchange.on_ledger_reply(&l402_only, challenge_reply()));
+    assert_eq!(body.schemes, ["L402"]);
+    assert_eq!(challenges(&headers).len(), 1);
+
+    let bearer_only = gate_with(|c| c["l402"] = json!(null));
+    let action = Exchange::default().on_request_headers(
+        &bearer_only,
+        &head("/v1/forecast", Some(&paid())),
+        NOW,
+    );
+    let (status, body, headers) = answered(&action);
+    assert_eq!((status, body.code), (402, ErrorCode::PaymentRequired));
+    assert_eq!(body.schemes, ["Bearer"]);
+    assert_eq!(challenges(&headers), [r#"Bearer realm="paystile", error="payment_required""#]);
+}
+
+/// Valid macaroon bytes, broken in the ways a hostile client might: cut short, bytes
+/// changed, huge varints and lengths spliced in, garbage appended.
+fn mangled_macaroon() -> impl Strategy<Value = Vec<u8>> {
+    let good = macaroon(&offer()).to_binary();
+    let len = good.len();
+    prop_oneof![
+        (0..len).prop_map({
+            let good = good.clone();
+            move |cut| good[..cut].to_vec()
+        }),
+        (0..len, 1..=255u8).prop_map({
+            let good = good.clone();
+            move |(at, flip)| {
+                let mut bytes = good.clone();
+                bytes[at] ^= flip;
+                bytes
+            }
+        }),
+        (0..len, prop::collection::vec(0x80..=0xffu8, 1..12)).prop_map({
+            let good = good.clone();
+            move |(at, varint)| {
+                let mut bytes = good.clone();
+                bytes.splice(at..at, varint);
+                bytes
+            }
+        }),
+        prop::collection::vec(any::<u8>(), 0..64)
+            .prop_map(move |tail| [good.clone(), tail].concat()),
+        prop::collection::vec(any::<u8>(), 0..600),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn mangled_macaroons_are_always_401(bytes in mangled_macaroon(), url_safe in any::<bool>()) {
+        // The location is not signed: a macaroon changed only there is still the credential.
+        let parts = |m: Macaroon| (m.identifier().to_vec(), m.caveats().to_vec(), *m.signature());
+        let good = parts(macaroon(&offer()));
+        prop_assume!(Macaroon::from_binary(&bytes).map(parts).ok() != Some(good));
+        let encoded = if url_safe {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&bytes)
+        } else {
+            STANDARD.encode(&bytes)
+        };
+        let authorization = format!("L402 {encoded}:{}", hex::encode(PREIMAGE));
+        let (status, code) = refusal(&gate(), "/v1/forecast", &authorization);
+        prop_assert_eq!(status, 401, "{:?}", code);
+    }
+
+    #[test]
+    fn any_bytes_after_the_scheme_are_401(
+        scheme in prop::sample::select(vec!["L402", "LSAT", "l402"]),
+        rest in prop::collection::vec(any::<u8>(), 0..300),
+    ) {
+        let authorization = [scheme.as_bytes(), b" ", &rest].concat();
+        let request = RequestHead { authorization: Some(&authorization), ..head("/v1/forecast", None) };
+        let action = Exchange::default().on_request_headers(&gate(), &request, NOW);
+        let (status, _, _) = answered(&action);
+        prop_assert_eq!(status, 401);
+    }
+}
