@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use paystile_protocol::Usdc;
+use paystile_protocol::l402;
 use paystile_protocol::ledger_api::{IssueTokenRequest, IssuedToken, TokenView};
 use serde_json::Value;
 use tempfile::TempDir;
@@ -28,13 +29,23 @@ pub struct TestStack {
 #[derive(Debug)]
 pub struct Answer {
     pub status: u16,
+    /// The last value of each header.
     pub headers: HashMap<String, String>,
+    /// Every `WWW-Authenticate` value, in order.
+    pub challenges: Vec<String>,
     pub text: String,
 }
 
 impl Answer {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).map(String::as_str)
+    }
+
+    /// The L402 challenge's `(macaroon, invoice)`, if the answer carries one.
+    pub fn l402_challenge(&self) -> Option<(String, String)> {
+        self.challenges.iter().find_map(|value| {
+            l402::parse_challenge(value).map(|(m, i)| (m.to_owned(), i.to_owned()))
+        })
     }
 
     /// The body as JSON (`Null` if it is not JSON).
@@ -118,6 +129,15 @@ impl TestStack {
         self.get(path, Some(&format!("Bearer {jwt}")), &[]).await
     }
 
+    /// Takes the L402 challenge of a 402 and pays its invoice through the sandbox: the
+    /// `Authorization` value a client would then send.
+    pub async fn buy_l402(&self, challenged: &Answer) -> anyhow::Result<String> {
+        let (macaroon, invoice) =
+            challenged.l402_challenge().context("the answer carries no L402 challenge")?;
+        let paid = self.stack.admin.pay_sandbox_invoice(&invoice).await?;
+        Ok(format!("L402 {macaroon}:{}", paid.preimage))
+    }
+
     /// The token once every hold on it is settled (commits arrive from the filter's tick).
     pub async fn settled(&self, token_id: &str) -> anyhow::Result<TokenView> {
         let deadline = tokio::time::Instant::now() + SETTLE_DEADLINE;
@@ -143,8 +163,14 @@ pub async fn read(response: reqwest::Response) -> anyhow::Result<Answer> {
             (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned())
         })
         .collect();
+    let challenges = response
+        .headers()
+        .get_all("www-authenticate")
+        .iter()
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+        .collect();
     let text = response.text().await?;
-    Ok(Answer { status, headers, text })
+    Ok(Answer { status, headers, challenges, text })
 }
 
 /// Signs `claims` with PyJWT (an independent JWT implementation) using `secret` and `alg`.

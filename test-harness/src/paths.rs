@@ -69,10 +69,21 @@ pub fn envoy_binary() -> PathBuf {
     })
 }
 
-/// Python with the test clients (PyJWT): the repository's `.venv`, else `python3`.
+/// Python with the test clients (PyJWT, and pymacaroons and bolt11 for the interop tests):
+/// the repository's `.venv`, else `python3`.
 pub fn python() -> PathBuf {
     let venv = repo_root().join(".venv/bin/python");
     if venv.is_file() { venv } else { PathBuf::from("python3") }
+}
+
+/// Node.js for the interop helpers: `$PAYSTILE_NODE`, else `node` on `PATH`.
+pub fn node() -> PathBuf {
+    from_env("PAYSTILE_NODE").unwrap_or_else(|| PathBuf::from("node"))
+}
+
+/// The interop helper scripts, with their npm packages in `node_modules` (scripts/setup).
+pub fn interop_dir() -> PathBuf {
+    repo_root().join("test-harness/interop")
 }
 
 fn modified(path: &Path) -> std::io::Result<SystemTime> {

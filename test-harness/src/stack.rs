@@ -28,6 +28,8 @@ pub struct Secrets {
     pub gateway_key: String,
     /// The HS256 Pay Token key (its UTF-8 bytes).
     pub token_secret: String,
+    /// The secret L402 macaroons' root keys derive from (its UTF-8 bytes).
+    pub l402_secret: String,
 }
 
 impl Secrets {
@@ -36,6 +38,7 @@ impl Secrets {
             admin_key: random_key("adm"),
             gateway_key: random_key("gw"),
             token_secret: random_key("pts"),
+            l402_secret: random_key("l402"),
         }
     }
 }
@@ -124,6 +127,9 @@ impl Stack {
                 ("PAYSTILE_ADMIN_KEY".into(), options.secrets.admin_key.clone()),
                 ("PAYSTILE_GATEWAY_KEY".into(), options.secrets.gateway_key.clone()),
                 ("PAYSTILE_TOKEN_SECRET".into(), options.secrets.token_secret.clone()),
+                ("PAYSTILE_L402_SECRET".into(), options.secrets.l402_secret.clone()),
+                // The stack is for demos and tests: L402 invoices come from the sandbox.
+                ("PAYSTILE_INVOICE_BACKEND".into(), "sandbox".into()),
             ],
             log: dir.join("ledger.log"),
         };
@@ -139,6 +145,7 @@ impl Stack {
         let secrets = serde_json::json!({
             "ledger": {"gateway_key": options.secrets.gateway_key},
             "pay_token": {"keys": [{"alg": "HS256", "secret": options.secrets.token_secret}]},
+            "l402": {"secret": options.secrets.l402_secret},
         });
         merge_patch(&mut filter_config, &secrets);
         merge_patch(&mut filter_config, &options.filter);

@@ -1,7 +1,7 @@
 //! `scripts/demo`: the paystile demo stack on the default ports, with a paid `curl` to paste.
 //!
-//! Uses `PAYSTILE_ADMIN_KEY` and `PAYSTILE_TOKEN_SECRET` when set, and makes up (and prints)
-//! dev values when not. State (the ledger's database, configs, logs) goes to `.paystile/demo`.
+//! Uses `PAYSTILE_ADMIN_KEY`, `PAYSTILE_TOKEN_SECRET` and `PAYSTILE_L402_SECRET` when set, and
+//! makes up (and prints) dev values when not. L402 invoices come from the ledger's sandbox. State (the ledger's database, configs, logs) goes to `.paystile/demo`.
 
 use std::process::ExitCode;
 
@@ -30,7 +30,8 @@ fn from_env_or_made_up(variable: &str, prefix: &str) -> (String, bool) {
 async fn run() -> anyhow::Result<()> {
     let (admin_key, made_up_admin) = from_env_or_made_up("PAYSTILE_ADMIN_KEY", "adm");
     let (token_secret, made_up_secret) = from_env_or_made_up("PAYSTILE_TOKEN_SECRET", "pts");
-    let secrets = Secrets { admin_key, token_secret, gateway_key: random_key("gw") };
+    let (l402_secret, made_up_l402) = from_env_or_made_up("PAYSTILE_L402_SECRET", "l402");
+    let secrets = Secrets { admin_key, token_secret, l402_secret, gateway_key: random_key("gw") };
     let dir = paths::repo_root().join(".paystile/demo");
     let stack = Stack::start(StackOptions {
         ports: Ports::DEFAULT,
@@ -72,6 +73,7 @@ async fn run() -> anyhow::Result<()> {
     println!();
     println!("  PAYSTILE_ADMIN_KEY={}{}", stack.secrets.admin_key, made_up(made_up_admin));
     println!("  PAYSTILE_TOKEN_SECRET={}{}", stack.secrets.token_secret, made_up(made_up_secret));
+    println!("  PAYSTILE_L402_SECRET={}{}", stack.secrets.l402_secret, made_up(made_up_l402));
     println!();
     println!(
         "Service {service_id:?} charges {} USDC per call under {}.",
@@ -86,10 +88,16 @@ async fn run() -> anyhow::Result<()> {
     println!("curl -i -H 'Authorization: Bearer {}' {url}", token.jwt);
     println!();
     println!("Without the header you get the 402 challenge. See the token's spend with:");
+    let ledger_cli =
+        format!("PAYSTILE_ADMIN_KEY={} target/debug/paystile-ledger", stack.secrets.admin_key);
+    println!("  {ledger_cli} token show {}", token.token_id);
+    println!();
+    println!("Or pay with L402 (sandbox invoices: regtest, no real money moves):");
     println!(
-        "  PAYSTILE_ADMIN_KEY={} target/debug/paystile-ledger token show {}",
-        stack.secrets.admin_key, token.token_id
+        "  curl -si {url} | grep -i 'www-authenticate: L402'   # macaroon=\"M\", invoice=\"I\""
     );
+    println!("  {ledger_cli} sandbox-pay I                           # prints the preimage P");
+    println!("  curl -i -H 'Authorization: L402 M:P' {url}");
     println!("Ctrl-C stops the stack.");
 
     // Ctrl-C or a TERM: return, so that the stack's processes are stopped on the way out.
