@@ -55,6 +55,7 @@ fn l402_credential() -> String {
         valid_until: NOW + 3600,
         budget: "1".parse().unwrap(),
         capabilities: vec![],
+        sandbox: false,
     };
     let macaroon = l402::mint(L402_SECRET.as_bytes(), &identifier, &offer);
     format!("L402 {}:{}", l402::encode_macaroon(&macaroon), hex::encode(preimage))

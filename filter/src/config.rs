@@ -90,6 +90,8 @@ struct RawL402 {
     valid_seconds: Option<u64>,
     #[serde(default)]
     capabilities: Option<Vec<String>>,
+    #[serde(default)]
+    accept_sandbox: bool,
 }
 
 /// What happens to a priced request when the ledger cannot be asked.
@@ -200,6 +202,8 @@ pub struct PayTokens {
 #[derive(Clone)]
 pub struct L402 {
     pub secret: Vec<u8>,
+    /// Whether credentials bought with the ledger's sandbox invoices are taken (demos, tests).
+    pub accept_sandbox: bool,
     pub offer: ChallengeRequest,
     /// `offer` as the ledger's challenge endpoint takes it, serialized once.
     pub challenge_body: Vec<u8>,
@@ -311,6 +315,9 @@ impl Config {
         }
         let pay_token = raw.pay_token.map(validate_pay_token).transpose()?;
         let l402 = raw.l402.map(|l402| validate_l402(&raw.service_id, l402)).transpose()?;
+        if let Some(l402) = &l402 {
+            check_offer_opens_every_route(&l402.offer, &routes)?;
+        }
 
         let statuses = raw.billable_statuses.unwrap_or_else(|| vec!["2xx".into()]);
         let billable = parse_billable(&statuses)?;
@@ -417,7 +424,40 @@ fn validate_l402(service_id: &str, l402: RawL402) -> Result<L402, ConfigError> {
     };
     // Strings, integers and amounts always serialize.
     let challenge_body = serde_json::to_vec(&offer).unwrap_or_default();
-    Ok(L402 { secret: l402.secret.into_bytes(), offer, challenge_body })
+    Ok(L402 {
+        secret: l402.secret.into_bytes(),
+        accept_sandbox: l402.accept_sandbox,
+        offer,
+        challenge_body,
+    })
+}
+
+/// Every priced route answers a missing credential with the same L402 offer, so a buyer who
+/// pays it must be able to call the route: the budget covers at least one call, and a
+/// capability-restricted offer grants the route's capability.
+fn check_offer_opens_every_route(
+    offer: &ChallengeRequest,
+    routes: &[Route],
+) -> Result<(), ConfigError> {
+    for (i, route) in routes.iter().enumerate().filter(|(_, r)| !r.price.is_zero()) {
+        if route.price > offer.budget_usdc {
+            return Err(invalid(
+                "l402.budget_usdc",
+                format!(
+                    "must cover one call of every priced route; routes[{i}] costs {}",
+                    route.price
+                ),
+            ));
+        }
+        let granted = |c: &String| offer.capabilities.contains(c);
+        if !offer.capabilities.is_empty() && !route.capability.as_ref().is_some_and(granted) {
+            return Err(invalid(
+                format!("routes[{i}].capability"),
+                "must be one of l402.capabilities: a paid L402 credential could not call this route",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Text that fits in a `condition=value[,value]` caveat.
@@ -681,6 +721,16 @@ mod tests {
                 "routes[0].capability: must be 1 to 255",
             ),
             (
+                with(|c| c["l402"] = l402(json!({"budget_usdc": "0.1"}))),
+                "l402.budget_usdc: must cover one call of every priced route; routes[2] costs 0.250000",
+            ),
+            (
+                with(|c| {
+                    c["l402"] = l402(json!({"budget_usdc": "1", "capabilities": ["forecasts"]}))
+                }),
+                "routes[1].capability: must be one of l402.capabilities",
+            ),
+            (
                 with(|c| c["pay_token"]["keys"][0]["alg"] = json!("none")),
                 "pay_token.keys[0].alg: only HS256",
             ),
@@ -723,14 +773,20 @@ mod tests {
 
     #[test]
     fn l402_offers_the_configured_budget_at_the_configured_rate() {
-        let json =
-            with(|c| c["l402"] = l402(json!({"budget_usdc": "0.000001", "sats_per_usdc": 1500})));
+        let json = with(|c| {
+            c["routes"] = json!([{"path": "/a", "price_usdc": "0.000001"}]);
+            c["l402"] = l402(json!({"budget_usdc": "0.000001", "sats_per_usdc": 1500}));
+        });
         let offer = parse(&json).unwrap().l402.unwrap().offer;
         // 1 micro-USDC at 1500 sat/USDC is 1.5 msat: rounded up, never given away.
         assert_eq!(offer.amount_msat, 2);
         assert_eq!(offer.valid_seconds, DEFAULT_L402_VALID_SECONDS);
         let json = with(|c| {
             c["pay_token"] = json!(null);
+            c["routes"] = json!([
+                {"path": "/free", "price_usdc": "0"},
+                {"path": "/a", "price_usdc": "0.01", "capability": "read"}
+            ]);
             c["l402"] = l402(json!({"capabilities": ["read"], "valid_seconds": 60}));
         });
         let config = parse(&json).unwrap();
@@ -740,6 +796,7 @@ mod tests {
         assert_eq!(l402.offer.capabilities, ["read"]);
         let body: Value = serde_json::from_slice(&l402.challenge_body).unwrap();
         assert_eq!(body["budgetUsdc"], "0.050000");
+        assert!(!l402.accept_sandbox, "sandbox credentials are refused unless asked for");
         assert!(!format!("{l402:?}").contains("32-characters"), "the secret leaks into Debug");
     }
 

@@ -7,7 +7,8 @@
 //! ```text
 //!  New ──unpriced──▶ Free ──────────────────────────────▶ (untouched)
 //!   │ bad credential ──▶ Done (401/403 answered locally)
-//!   │ no credential ──▶ Done (402) | AwaitingChallenge (L402 on) ──▶ Done (402 | 503)
+//!   │ no credential ──▶ Done (402) | AwaitingChallenge (L402 on) ──▶ Done (402; 503 when
+//!   │                    no L402 challenge can be minted and Pay Tokens are off)
 //!   └─valid credential──▶ AwaitingLedger ─held──▶ Held ──response──▶ Done + commit|release
 //!                          │ replay ──▶ Replayed ──response──▶ Done (original charge)
 //!                          │ refused ──▶ Done (402/409/422)
@@ -248,7 +249,13 @@ impl Exchange {
                             Some(&challenge),
                         ))
                     }
-                    // Without a challenge the client cannot pay: try again shortly.
+                    // Without an L402 challenge, a Pay Token still pays: answer the 402 with its
+                    // challenge alone. With L402 alone the client cannot pay: retry shortly.
+                    Err(_) if config.pay_token.is_some() => {
+                        let schemes = refusal.schemes.iter().filter(|s| *s != "L402").cloned();
+                        let refusal = ErrorBody { schemes: schemes.collect(), ..*refusal };
+                        self.respond(config, &refusal)
+                    }
                     Err(_) => self.respond(config, &ErrorBody::new(ErrorCode::LedgerUnavailable)),
                 }
             }
@@ -406,6 +413,7 @@ fn reserve_request(
                 service_id: &config.service_id,
                 capability: route.capability.as_deref(),
                 now,
+                accept_sandbox: l402.accept_sandbox,
             };
             let grant =
                 l402::verify(macaroon, preimage, &l402.secret, &target).map_err(l402_refusal)?;
@@ -475,7 +483,8 @@ fn l402_refusal(error: L402Error) -> ErrorBody {
         | L402Error::BadPreimageEncoding
         | L402Error::BadSignature(_)
         | L402Error::MissingCaveat(_)
-        | L402Error::WideningCaveat(_) => ErrorCode::InvalidCredential,
+        | L402Error::WideningCaveat(_)
+        | L402Error::SandboxCredential => ErrorCode::InvalidCredential,
     };
     ErrorBody::with_message(code, format!("{}: {error}", code.default_message()))
 }

@@ -8,10 +8,10 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use paystile_filter::config::Config;
 use paystile_filter::gate::{Exchange, Gate, HeaderEdit, LedgerReply, RequestAction, RequestHead};
+use paystile_protocol::ErrorCode;
 use paystile_protocol::l402::{self, Identifier, Offer};
 use paystile_protocol::ledger_api::{ChallengeRequest, ReserveRequest};
 use paystile_protocol::macaroon::Macaroon;
-use paystile_protocol::ErrorCode;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -54,6 +54,7 @@ fn offer() -> Offer {
         valid_until: NOW + 3_600,
         budget: "0.05".parse().unwrap(),
         capabilities: vec![],
+        sandbox: false,
     }
 }
 
@@ -137,13 +138,11 @@ fn no_credential_gets_a_minted_l402_challenge_before_the_bearer_one() {
 }
 
 #[test]
-fn without_a_minted_challenge_the_answer_is_503() {
-    let gate = gate();
-    let garbage = LedgerReply { status: Some(200), body: b"{}".to_vec() };
+fn without_a_minted_challenge_pay_tokens_are_still_offered() {
+    let both = gate();
+    let l402_only = gate_with(|c| c["pay_token"] = json!(null));
     let mut unsafe_invoice: Value = serde_json::from_slice(&challenge_reply().body).unwrap();
     unsafe_invoice["invoice"] = json!("lnbc\r\nx-injected: 1");
-    let unsafe_invoice =
-        LedgerReply { status: Some(200), body: unsafe_invoice.to_string().into_bytes() };
     for reply in [
         LedgerReply { status: None, body: vec![] },
         LedgerReply { status: Some(504), body: vec![] },
@@ -151,15 +150,35 @@ fn without_a_minted_challenge_the_answer_is_503() {
             status: Some(404),
             body: br#"{"error":"L402 is off","code":"not_found"}"#.to_vec(),
         },
-        garbage,
-        unsafe_invoice,
+        LedgerReply { status: Some(200), body: b"{}".to_vec() },
+        LedgerReply { status: Some(200), body: unsafe_invoice.to_string().into_bytes() },
     ] {
         let mut exchange = Exchange::default();
-        exchange.on_request_headers(&gate, &head("/v1/forecast", None), NOW);
-        let (status, body, headers) = answered(&exchange.on_ledger_reply(&gate, reply));
-        assert_eq!((status, body.code), (503, ErrorCode::LedgerUnavailable));
+        exchange.on_request_headers(&both, &head("/v1/forecast", None), NOW);
+        let (status, body, headers) = answered(&exchange.on_ledger_reply(&both, reply.clone()));
+        assert_eq!((status, body.code), (402, ErrorCode::PaymentRequired));
+        assert_eq!(body.schemes, ["Bearer"]);
+        assert_eq!(challenges(&headers), [r#"Bearer realm="paystile", error="payment_required""#]);
+
+        let mut exchange = Exchange::default();
+        exchange.on_request_headers(&l402_only, &head("/v1/forecast", None), NOW);
+        let (status, body, headers) = answered(&exchange.on_ledger_reply(&l402_only, reply));
+        assert_eq!((status, body.code), (503, ErrorCode::LedgerUnavailable), "nothing to pay with");
         assert!(headers.contains(&("retry-after", "1".into())));
     }
+}
+
+#[test]
+fn sandbox_credentials_pass_only_where_accepted() {
+    let sandboxed = macaroon(&Offer { sandbox: true, ..offer() });
+    let authorization = credential(&sandboxed, &PREIMAGE);
+    assert_eq!(
+        refusal(&gate(), "/v1/forecast", &authorization),
+        (401, ErrorCode::InvalidCredential)
+    );
+    let demo = gate_with(|c| c["l402"]["accept_sandbox"] = json!(true));
+    let reserve = reserve(&demo, &mut Exchange::default(), &authorization);
+    assert_eq!(reserve.token.token_id, format!("l402_{}", "03".repeat(32)));
 }
 
 #[test]

@@ -35,6 +35,8 @@ pub const SERVICES: &str = "services";
 pub const VALID_UNTIL_SUFFIX: &str = "_valid_until";
 pub const CAPABILITIES_SUFFIX: &str = "_capabilities";
 pub const BUDGET_SUFFIX: &str = "_budget_usdc";
+/// `sandbox=true`: the invoice came from a sandbox backend, so nothing was really paid.
+pub const SANDBOX: &str = "sandbox";
 
 /// What a macaroon's identifier commits to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +88,9 @@ pub struct Offer {
     pub budget: Usdc,
     /// Restricts the token to routes with one of these capabilities; empty: no restriction.
     pub capabilities: Vec<String>,
+    /// Marks a credential bought with a sandbox invoice; only gateways that accept sandbox
+    /// credentials take it.
+    pub sandbox: bool,
 }
 
 /// Mints the macaroon for `identifier` with the caveats of `offer`.
@@ -103,6 +108,9 @@ pub fn mint(secret: &[u8], identifier: &Identifier, offer: &Offer) -> Macaroon {
     ];
     if !offer.capabilities.is_empty() {
         caveats.push(format!("{service}{CAPABILITIES_SUFFIX}={}", offer.capabilities.join(",")));
+    }
+    if offer.sandbox {
+        caveats.push(format!("{SANDBOX}=true"));
     }
     for caveat in caveats {
         macaroon.add_first_party_caveat(caveat.as_bytes());
@@ -161,6 +169,8 @@ pub enum L402Error {
     Expired,
     /// The route's capability is not among those the macaroon grants.
     CapabilityNotGranted,
+    /// Bought with a sandbox invoice, at a gateway that takes real payments only.
+    SandboxCredential,
 }
 
 impl fmt::Display for L402Error {
@@ -175,6 +185,9 @@ impl fmt::Display for L402Error {
             L402Error::WrongService => f.write_str("macaroon is not valid for this service"),
             L402Error::Expired => f.write_str("macaroon expired"),
             L402Error::CapabilityNotGranted => f.write_str("capability not granted"),
+            L402Error::SandboxCredential => {
+                f.write_str("a sandbox credential, and this gateway takes real payments only")
+            }
         }
     }
 }
@@ -199,6 +212,8 @@ pub struct Target<'a> {
     pub capability: Option<&'a str>,
     /// Unix seconds.
     pub now: u64,
+    /// Whether credentials bought with sandbox invoices are taken.
+    pub accept_sandbox: bool,
 }
 
 /// Verifies `Authorization: L402 <macaroon>:<preimage>` (already split by
@@ -222,6 +237,9 @@ pub fn verify(
         .verify(&root_key(secret, &identifier.token_id))
         .map_err(L402Error::BadSignature)?;
     let caveats = Caveats::read(&caveats, target.service_id)?;
+    if caveats.sandbox && !target.accept_sandbox {
+        return Err(L402Error::SandboxCredential);
+    }
     if !caveats.services.ok_or(L402Error::MissingCaveat(SERVICES))? {
         return Err(L402Error::WrongService);
     }
@@ -266,6 +284,8 @@ struct Caveats<'a> {
     valid_until: Option<Narrowed<u64>>,
     capabilities: Option<Vec<&'a str>>,
     budget: Option<Narrowed<Usdc>>,
+    /// Whether any caveat marks the credential as bought in a sandbox.
+    sandbox: bool,
 }
 
 /// A repeated caveat: its first value (the minter's) and the narrowest.
@@ -302,6 +322,10 @@ impl<'a> Caveats<'a> {
                 continue;
             };
             let (condition, value) = (condition.trim(), value.trim());
+            if condition == SANDBOX {
+                caveats.sandbox = true;
+                continue;
+            }
             if condition == SERVICES {
                 let names: Vec<&str> =
                     value.split(',').map(|s| s.split(':').next().unwrap_or("").trim()).collect();
@@ -361,11 +385,12 @@ mod tests {
             valid_until: 2_000,
             budget: "1.5".parse().unwrap(),
             capabilities: vec![],
+            sandbox: false,
         }
     }
 
     fn target(now: u64) -> Target<'static> {
-        Target { service_id: "weather", capability: None, now }
+        Target { service_id: "weather", capability: None, now, accept_sandbox: false }
     }
 
     fn check(m: &Macaroon, target: &Target<'_>) -> Result<Grant, L402Error> {
@@ -479,6 +504,17 @@ mod tests {
             check(&mint(SECRET, &identifier(), &super::tests::offer()), &with(Some("write")))
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn sandbox_credentials_open_only_gateways_that_take_them() {
+        let m = mint(SECRET, &identifier(), &Offer { sandbox: true, ..offer() });
+        assert_eq!(check(&m, &target(1_000)), Err(L402Error::SandboxCredential));
+        assert!(check(&m, &Target { accept_sandbox: true, ..target(1_000) }).is_ok());
+        // Anyone may mark a credential as sandbox; nobody can unmark one.
+        let mut real = mint(SECRET, &identifier(), &offer());
+        real.add_first_party_caveat(b"sandbox=true");
+        assert_eq!(check(&real, &target(1_000)), Err(L402Error::SandboxCredential));
     }
 
     #[test]

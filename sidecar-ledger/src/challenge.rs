@@ -75,6 +75,7 @@ impl ChallengeMinter {
             valid_until,
             budget: request.budget_usdc,
             capabilities: request.capabilities,
+            sandbox,
         };
         let macaroon = l402::mint(self.secret.expose().as_bytes(), &identifier, &offer);
         Ok(L402Challenge {
@@ -168,12 +169,21 @@ mod tests {
             hex::encode(Sha256::digest(hex::decode(&paid.preimage).unwrap())),
             challenge.payment_hash
         );
-        let target = l402::Target { service_id: "weather", capability: None, now: 1_001 };
+        let target = l402::Target {
+            service_id: "weather",
+            capability: None,
+            now: 1_001,
+            accept_sandbox: true,
+        };
         let grant =
             l402::verify(&challenge.macaroon, &paid.preimage, SECRET.as_bytes(), &target).unwrap();
         assert_eq!(grant.identifier.ledger_token_id(), challenge.token_id);
         assert_eq!((grant.limit, grant.cap), (challenge.budget_usdc, challenge.budget_usdc));
         assert_eq!(grant.expires_at, 4_600);
+        let production = l402::Target { accept_sandbox: false, ..target };
+        let refused =
+            l402::verify(&challenge.macaroon, &paid.preimage, SECRET.as_bytes(), &production);
+        assert_eq!(refused, Err(l402::L402Error::SandboxCredential));
         let other = minter.mint(request(), 1_000).await.unwrap();
         assert_ne!(other.token_id, challenge.token_id, "every challenge is a new token");
         assert_ne!(other.payment_hash, challenge.payment_hash);

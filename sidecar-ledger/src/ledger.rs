@@ -6,11 +6,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use paystile_protocol::Usdc;
 use paystile_protocol::headers;
 use paystile_protocol::jws::Key;
+use paystile_protocol::l402;
 use paystile_protocol::ledger_api::{
     ChargeStatus, ChargeView, IssueTokenRequest, IssuedToken, ReserveRequest, SettleRequest,
     SettleResponse, TokenGrant, TokenView,
 };
-use paystile_protocol::pay_token::{self, Audience, MAX_ID_LEN, PayTokenClaims};
+use paystile_protocol::pay_token::{self, Audience, MAX_ID_LEN, PayTokenClaims, Scope};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -131,8 +132,21 @@ impl Ledger {
 
     /// The kill switch: from now on the token pays for nothing, and holds of calls in flight
     /// are released instead of committed.
+    ///
+    /// L402 tokens are minted without a trace in the ledger, which learns them on their
+    /// first paid call; one revoked before that is recorded as revoked, with no budget, so
+    /// that its first call is refused.
     pub async fn revoke_token(&self, token_id: String) -> Result<TokenView, LedgerError> {
-        let token = self.store.revoke_token(token_id, now_millis()).await?;
+        let unused_l402 = is_l402_token_id(&token_id).then(|| TokenGrant {
+            token_id: token_id.clone(),
+            buyer_id: token_id.clone(),
+            buyer_tag: None,
+            service_id: None,
+            scope: Scope::Single,
+            limit_usdc: Usdc::ZERO,
+            expires_at: 0,
+        });
+        let token = self.store.revoke_token(token_id, unused_l402, now_millis()).await?;
         let token = token.ok_or(LedgerError::NotFound("token"))?;
         tracing::info!(token_id = %token.grant.token_id, "token revoked");
         Ok(token_view(token))
@@ -246,6 +260,13 @@ fn charge_view(charge: ChargeRecord) -> ChargeView {
         created_at: rfc3339_millis(charge.created_at),
         settled_at: charge.settled_at.map(rfc3339_millis),
     }
+}
+
+/// `l402_` and the identifier's 32-byte token id in hex, as the filter reports it.
+fn is_l402_token_id(token_id: &str) -> bool {
+    token_id.strip_prefix(l402::TOKEN_ID_PREFIX).is_some_and(|hex| {
+        hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
 }
 
 fn check_len(field: &str, value: &str) -> Result<(), LedgerError> {

@@ -632,7 +632,12 @@ async fn sandbox_challenges_are_paid_by_the_sandbox_and_verify_inline() {
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["sandbox"], true);
     let preimage = answer["preimage"].as_str().unwrap();
-    let target = l402::Target { service_id: "weather", capability: None, now: unix_now() };
+    let target = l402::Target {
+        service_id: "weather",
+        capability: None,
+        now: unix_now(),
+        accept_sandbox: true,
+    };
     let grant =
         l402::verify(&challenge.macaroon, preimage, L402_SECRET.as_bytes(), &target).unwrap();
     assert_eq!(grant.identifier.ledger_token_id(), challenge.token_id);
@@ -690,4 +695,20 @@ async fn a_credential_stated_cap_lowers_the_limit_for_its_calls_only() {
     let full = reserve_body("l402_aa", "0.05", "0.02");
     assert_eq!(ledger.hold(&full).await.remaining_usdc, usdc("0.01"));
     assert_eq!(ledger.token("l402_aa").await.limit_usdc, usdc("0.05"));
+}
+
+#[tokio::test]
+async fn an_l402_token_revoked_before_its_first_call_is_refused_at_it() {
+    let ledger = Ledger::start(&[]);
+    let unused = format!("l402_{}", "ab".repeat(32));
+    let tombstone = ledger.admin.revoke_token(&unused).await.unwrap();
+    assert!(tombstone.revoked);
+    assert_eq!(tombstone.limit_usdc, Usdc::ZERO);
+    let (status, refusal) = ledger.reserve(&reserve_body(&unused, "0.05", "0.001")).await;
+    assert_eq!((status, refusal["code"].as_str()), (422, Some("token_revoked")), "{refusal}");
+    // Other unknown ids are still unknown: a typo is not silently "revoked".
+    for unknown in ["tok_nope", "l402_nothex", &format!("l402_{}", "AB".repeat(32))] {
+        let error = ledger.admin.revoke_token(unknown).await.unwrap_err();
+        assert!(matches!(error, ClientError::Refused { status: 404, .. }), "{unknown}: {error}");
+    }
 }

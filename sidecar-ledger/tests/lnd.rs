@@ -637,8 +637,12 @@ async fn the_ledger_binary_mints_challenges_with_lnds_invoices() {
     assert_eq!((&seen.body["value_msat"], &seen.body["expiry"]), (&json!("50000"), &json!("600")));
 
     // Paying the fake's invoice reveals the preimage that makes the credential valid.
-    let target =
-        l402::Target { service_id: "weather", capability: None, now: challenge.valid_until - 1 };
+    let target = l402::Target {
+        service_id: "weather",
+        capability: None,
+        now: challenge.valid_until - 1,
+        accept_sandbox: false,
+    };
     let grant = l402::verify(
         &challenge.macaroon,
         &hex::encode(issued[0].preimage),

@@ -145,7 +145,8 @@ impl Stack {
         let secrets = serde_json::json!({
             "ledger": {"gateway_key": options.secrets.gateway_key},
             "pay_token": {"keys": [{"alg": "HS256", "secret": options.secrets.token_secret}]},
-            "l402": {"secret": options.secrets.l402_secret},
+            // The ledger runs the sandbox backend, so the gateway takes its credentials.
+            "l402": {"secret": options.secrets.l402_secret, "accept_sandbox": true},
         });
         merge_patch(&mut filter_config, &secrets);
         merge_patch(&mut filter_config, &options.filter);

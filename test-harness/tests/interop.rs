@@ -165,6 +165,7 @@ fn offer(valid_until: u64, capabilities: &[&str]) -> Offer {
         valid_until,
         budget: usdc("1.5"),
         capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
+        sandbox: false,
     }
 }
 
@@ -177,7 +178,7 @@ fn caveat_ids(macaroon: &Macaroon) -> Vec<String> {
 }
 
 fn target(now: u64, capability: Option<&str>) -> Target<'_> {
-    Target { service_id: SERVICE, capability, now }
+    Target { service_id: SERVICE, capability, now, accept_sandbox: false }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -97,13 +97,21 @@ impl SqliteStore {
         self.run(move |conn| load_token(conn, &token_id)).await
     }
 
-    /// Revokes the token (once; a second revoke keeps the first time). `None`: no such token.
+    /// Revokes the token (once; a second revoke keeps the first time). An unknown token is
+    /// registered as `unknown` first, when given (a token the ledger has not seen used yet);
+    /// otherwise the answer is `None`.
     pub async fn revoke_token(
         &self,
         token_id: String,
+        unknown: Option<TokenGrant>,
         now: UnixMillis,
     ) -> Result<Option<TokenRecord>, StoreError> {
         self.run(move |conn| {
+            if let Some(grant) = &unknown
+                && load_token(conn, &token_id)?.is_none()
+            {
+                insert_token(conn, grant, now)?;
+            }
             conn.execute(
                 "UPDATE tokens SET revoked_at = coalesce(revoked_at, ?1) WHERE token_id = ?2",
                 params![now, token_id],
