@@ -93,11 +93,13 @@ async fn run() -> anyhow::Result<()> {
     println!("  {ledger_cli} token show {}", token.token_id);
     println!();
     println!("Or pay with L402 (sandbox invoices: regtest, no real money moves):");
-    println!(
-        "  curl -si {url} | grep -i 'www-authenticate: L402'   # macaroon=\"M\", invoice=\"I\""
-    );
-    println!("  {ledger_cli} sandbox-pay I                           # prints the preimage P");
-    println!("  curl -i -H 'Authorization: L402 M:P' {url}");
+    println!("  1. the challenge's macaroon=\"M\" and invoice=\"I\":");
+    println!("     curl -si {url} | grep -i 'www-authenticate: L402'");
+    println!("  2. pay I through the sandbox; prints the preimage P:");
+    println!("     {ledger_cli} sandbox-pay I");
+    println!("  3. call with the credential:");
+    println!("     curl -i -H 'Authorization: L402 M:P' {url}");
+    println!();
     println!("Ctrl-C stops the stack.");
 
     // Ctrl-C or a TERM: return, so that the stack's processes are stopped on the way out.
