@@ -3,9 +3,13 @@
 //! A [`stack::Stack`] is a real Envoy (from PyPI) running `envoy-config/envoy.yaml` with the
 //! release filter `.wasm`, the real `paystile-ledger` binary on its SQLite file, and the demo
 //! [`upstream`]. The demo runs it on the default ports; tests run one per test on free ports.
+//!
+//! [`host`] is a proxy-wasm host on wasmtime that runs the same `.wasm` without a gateway,
+//! behaving like Envoy or like Kong, so that every filter path can be scripted.
 
 pub mod e2e;
 pub mod envoy;
+pub mod host;
 pub mod paths;
 pub mod stack;
 pub mod upstream;

@@ -1,0 +1,505 @@
+//! A proxy-wasm host on wasmtime that loads the release `.wasm` the way a gateway does, so
+//! that every path through the filter can be scripted and checked without a real gateway.
+//!
+//! It follows ABI 0.2.1 (`../shared/reference/proxy-wasm-hosts.md`): WASI preview1 imports,
+//! `_initialize` (during which only `proxy_log` and WASI may be called), memory handed to the
+//! guest through `proxy_on_memory_allocate`, `dispatch_http_call` bound to the root context
+//! with its callback on the root id, and the SDK's switch to the stream's context. In
+//! [`Flavor::Kong`] it behaves like ngx_wasm_module where that differs from Envoy: its
+//! not-yet-implemented hostcalls trap, pause and dispatch are refused while response headers
+//! are processed, and dispatch targets are `host:port`.
+//!
+//! A test drives one VM: [`Vm::request_headers`] for a new stream, then the dispatches it
+//! made ([`Vm::take_dispatches`]), the ledger's answers ([`Vm::reply`]), the local response
+//! or the upstream request ([`Vm::stream`]), response headers out, the end of the stream and
+//! ticks.
+
+mod abi;
+pub mod pairs;
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use wasmtime::{Engine, Instance, Linker, Module, Store, TypedFunc};
+
+pub use pairs::{Pairs, pairs};
+
+/// Which gateway the host behaves like.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    Envoy,
+    Kong,
+}
+
+/// A header callback's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Continue,
+    Pause,
+}
+
+/// A reply the gateway sent itself (`proxy_send_local_response`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalResponse {
+    pub status: u32,
+    pub details: Vec<u8>,
+    pub headers: Pairs,
+    pub body: Vec<u8>,
+}
+
+impl LocalResponse {
+    /// Every value of header `name`.
+    pub fn headers_named(&self, name: &str) -> Vec<String> {
+        values(&self.headers, name)
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// One HTTP stream as the host sees it.
+#[derive(Clone, Debug, Default)]
+pub struct Stream {
+    /// The request headers, with the filter's edits: what goes upstream.
+    pub request_headers: Pairs,
+    /// The response headers, with the filter's edits: what the client gets.
+    pub response_headers: Pairs,
+    pub local_response: Option<LocalResponse>,
+    /// How often the filter resumed the paused request.
+    pub resumed: u32,
+    /// `on_done`, `on_log` and `on_delete` have run.
+    pub ended: bool,
+}
+
+impl Stream {
+    pub fn request_header(&self, name: &str) -> Option<String> {
+        values(&self.request_headers, name).into_iter().next()
+    }
+
+    pub fn response_header(&self, name: &str) -> Option<String> {
+        values(&self.response_headers, name).into_iter().next()
+    }
+}
+
+/// A `dispatch_http_call` the filter made and the host has not answered yet.
+#[derive(Clone, Debug)]
+pub struct Dispatch {
+    pub token: u32,
+    pub upstream: String,
+    pub headers: Pairs,
+    pub body: Vec<u8>,
+    pub timeout: Duration,
+}
+
+impl Dispatch {
+    pub fn header(&self, name: &str) -> Option<String> {
+        values(&self.headers, name).into_iter().next()
+    }
+
+    pub fn path(&self) -> String {
+        self.header(":path").unwrap_or_default()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// How a dispatch ends.
+#[derive(Clone, Debug)]
+pub enum Reply {
+    /// An HTTP answer. Envoy reports its own timeouts and unreachable clusters this way too
+    /// (504, 503).
+    Answer { status: u16, headers: Pairs, body: Vec<u8> },
+    /// No answer at all (reset, refused connection): the callback gets zero headers.
+    Reset,
+}
+
+impl Reply {
+    pub fn json(status: u16, body: &serde_json::Value) -> Reply {
+        Reply::Answer {
+            status,
+            headers: pairs(&[("content-type", "application/json")]),
+            body: body.to_string().into_bytes(),
+        }
+    }
+
+    pub fn status(status: u16) -> Reply {
+        Reply::Answer { status, headers: Vec::new(), body: Vec::new() }
+    }
+}
+
+/// The hostcall the guest is inside, for the rules that depend on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// `_initialize`: only `proxy_log` and WASI may be called (as Envoy enforces).
+    Initializing,
+    RootCallback,
+    RequestHeaders,
+    ResponseHeaders,
+    StreamEnd,
+}
+
+/// What the host keeps; the hostcalls in `abi.rs` read and change it.
+struct HostState {
+    flavor: Flavor,
+    /// Envoy's clusters a dispatch may target.
+    clusters: Vec<String>,
+    phase: Phase,
+    root_id: u32,
+    /// The context hostcalls act on: the callback's, or one `proxy_set_effective_context`
+    /// switched to.
+    effective: u32,
+    plugin_config: Vec<u8>,
+    streams: BTreeMap<u32, Stream>,
+    /// The response of the dispatch whose callback is running.
+    call_response: Option<(Pairs, Vec<u8>)>,
+    dispatches: Vec<Dispatch>,
+    next_token: u32,
+    tick_period: Duration,
+    now: Duration,
+    logs: Vec<(u32, String)>,
+    stdio: Vec<u8>,
+    /// Hostcalls told to fail once with a status.
+    failures: Vec<(String, u32)>,
+    /// Hostcalls the filter called that this host does not implement.
+    unimplemented: Vec<String>,
+    /// Properties by path (segments joined with NUL, as the ABI passes them).
+    properties: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl HostState {
+    fn stream(&mut self) -> Option<&mut Stream> {
+        let id = self.effective;
+        self.streams.get_mut(&id)
+    }
+
+    /// The status a hostcall was told to fail with, once.
+    fn failure(&mut self, hostcall: &str) -> Option<u32> {
+        let at = self.failures.iter().position(|(name, _)| name == hostcall)?;
+        Some(self.failures.remove(at).1)
+    }
+}
+
+/// The guest's exports the host calls.
+struct Exports {
+    context_create: TypedFunc<(i32, i32), ()>,
+    vm_start: TypedFunc<(i32, i32), i32>,
+    configure: TypedFunc<(i32, i32), i32>,
+    request_headers: TypedFunc<(i32, i32, i32), i32>,
+    response_headers: TypedFunc<(i32, i32, i32), i32>,
+    done: TypedFunc<i32, i32>,
+    log: TypedFunc<i32, ()>,
+    delete: TypedFunc<i32, ()>,
+    http_call_response: TypedFunc<(i32, i32, i32, i32, i32), ()>,
+    tick: TypedFunc<i32, ()>,
+}
+
+/// One filter VM, as one gateway worker runs it.
+pub struct Vm {
+    store: Store<HostState>,
+    exports: Exports,
+    next_context: u32,
+}
+
+/// Fuel given to a VM: far more than any test spends, and counted down by every instruction.
+const FUEL: u64 = u64::MAX / 4;
+const ROOT_ID: u32 = 1;
+/// The ledger cluster of `envoy-config/envoy.yaml`.
+pub const LEDGER_CLUSTER: &str = "paystile_ledger";
+
+/// The engine every VM of a process shares.
+fn engine() -> anyhow::Result<&'static Engine> {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    if let Some(engine) = ENGINE.get() {
+        return Ok(engine);
+    }
+    let mut config = wasmtime::Config::new();
+    config.consume_fuel(true);
+    // Tests compile the module once per process; unoptimized code compiles several times
+    // faster, and fuel (counted per wasm instruction) does not depend on it.
+    if cfg!(debug_assertions) {
+        config.cranelift_opt_level(wasmtime::OptLevel::None);
+    }
+    let engine = Engine::new(&config)?;
+    Ok(ENGINE.get_or_init(|| engine))
+}
+
+/// The filter, compiled once per process (compiling takes far longer than instantiating).
+fn filter_module() -> anyhow::Result<&'static Module> {
+    static FILTER: OnceLock<Module> = OnceLock::new();
+    if let Some(module) = FILTER.get() {
+        return Ok(module);
+    }
+    let wasm = crate::paths::filter_wasm()?;
+    let module = Module::from_file(engine()?, &wasm)
+        .with_context(|| format!("cannot compile {}", wasm.display()))?;
+    Ok(FILTER.get_or_init(|| module))
+}
+
+impl Vm {
+    /// Loads the release filter (refusing a stale one) like a gateway: instantiate, run
+    /// `_initialize`, create the root context and start the VM. Configure it next.
+    pub fn load(flavor: Flavor) -> anyhow::Result<Vm> {
+        Vm::instantiate(filter_module()?, flavor)
+    }
+
+    /// Loads another proxy-wasm module (binary): tests of the host itself.
+    pub fn load_bytes(wasm: &[u8], flavor: Flavor) -> anyhow::Result<Vm> {
+        Vm::instantiate(&Module::new(engine()?, wasm)?, flavor)
+    }
+
+    fn instantiate(module: &Module, flavor: Flavor) -> anyhow::Result<Vm> {
+        let engine = module.engine();
+        if module.get_export("proxy_abi_version_0_2_1").is_none() {
+            bail!("the module does not export proxy_abi_version_0_2_1");
+        }
+        let state = HostState {
+            flavor,
+            clusters: vec![LEDGER_CLUSTER.to_owned()],
+            phase: Phase::Initializing,
+            root_id: ROOT_ID,
+            effective: ROOT_ID,
+            plugin_config: Vec::new(),
+            streams: BTreeMap::new(),
+            call_response: None,
+            dispatches: Vec::new(),
+            next_token: 1,
+            tick_period: Duration::ZERO,
+            now: Duration::from_secs(1_900_000_000),
+            logs: Vec::new(),
+            stdio: Vec::new(),
+            failures: Vec::new(),
+            unimplemented: Vec::new(),
+            properties: BTreeMap::new(),
+        };
+        let mut store = Store::new(engine, state);
+        store.set_fuel(FUEL)?;
+        let mut linker = Linker::new(engine);
+        abi::link(&mut linker, module)?;
+        let instance = linker.instantiate(&mut store, module)?;
+        let exports = Exports::find(&instance, &mut store)?;
+        instance
+            .get_typed_func::<(), ()>(&mut store, "_initialize")?
+            .call(&mut store, ())
+            .context("_initialize")?;
+        let mut vm = Vm { store, exports, next_context: ROOT_ID + 1 };
+        vm.in_phase(Phase::RootCallback, ROOT_ID, |vm| {
+            let root = ROOT_ID as i32;
+            vm.exports.context_create.call(&mut vm.store, (root, 0))?;
+            match vm.exports.vm_start.call(&mut vm.store, (root, 0))? {
+                0 => Err(anyhow!("proxy_on_vm_start refused")),
+                _ => Ok(()),
+            }
+        })?;
+        Ok(vm)
+    }
+
+    /// `proxy_on_configure` with `config`: whether the filter accepted it.
+    pub fn configure(&mut self, config: &[u8]) -> anyhow::Result<bool> {
+        self.store.data_mut().plugin_config = config.to_vec();
+        let size = len_i32(config.len());
+        self.in_phase(Phase::RootCallback, ROOT_ID, |vm| {
+            Ok(vm.exports.configure.call(&mut vm.store, (ROOT_ID as i32, size))? != 0)
+        })
+    }
+
+    /// A new stream whose request headers are `headers`: `proxy_on_context_create`, then
+    /// `proxy_on_request_headers`. Answers the stream's id and the filter's action.
+    pub fn request_headers(&mut self, headers: Pairs) -> anyhow::Result<(u32, Action)> {
+        let id = self.next_context;
+        self.next_context += 1;
+        let count = len_i32(headers.len());
+        self.store
+            .data_mut()
+            .streams
+            .insert(id, Stream { request_headers: headers, ..Stream::default() });
+        self.in_phase(Phase::RootCallback, id, |vm| {
+            vm.exports.context_create.call(&mut vm.store, (id as i32, ROOT_ID as i32))
+        })?;
+        let action = self.in_phase(Phase::RequestHeaders, id, |vm| {
+            // Kong's `eof` is always false in header callbacks; so is Envoy's for a GET here.
+            vm.exports.request_headers.call(&mut vm.store, (id as i32, count, 0))
+        })?;
+        Ok((id, action_of(action)?))
+    }
+
+    /// The upstream's (or the gateway's) response headers for stream `id`.
+    pub fn response_headers(&mut self, id: u32, headers: Pairs) -> anyhow::Result<Action> {
+        let count = len_i32(headers.len());
+        self.stream_mut(id)?.response_headers = headers;
+        let action = self.in_phase(Phase::ResponseHeaders, id, |vm| {
+            vm.exports.response_headers.call(&mut vm.store, (id as i32, count, 0))
+        })?;
+        let action = action_of(action)?;
+        if action == Action::Pause && self.store.data().flavor == Flavor::Kong {
+            bail!("Kong: pausing in on_response_headers is not supported");
+        }
+        Ok(action)
+    }
+
+    /// The stream is over (answered, reset or abandoned): `proxy_on_done`, `proxy_on_log`,
+    /// `proxy_on_delete`, in that order.
+    pub fn end(&mut self, id: u32) -> anyhow::Result<()> {
+        self.stream_mut(id)?;
+        self.in_phase(Phase::StreamEnd, id, |vm| {
+            let ctx = id as i32;
+            vm.exports.done.call(&mut vm.store, ctx)?;
+            vm.exports.log.call(&mut vm.store, ctx)?;
+            vm.exports.delete.call(&mut vm.store, ctx)?;
+            Ok(())
+        })?;
+        self.stream_mut(id)?.ended = true;
+        Ok(())
+    }
+
+    /// The dispatches made since the last call, oldest first.
+    pub fn take_dispatches(&mut self) -> Vec<Dispatch> {
+        std::mem::take(&mut self.store.data_mut().dispatches)
+    }
+
+    /// Delivers the outcome of dispatch `token` to the root context, as Envoy does (the SDK
+    /// then switches to the stream that made it, if it still exists).
+    pub fn reply(&mut self, token: u32, reply: Reply) -> anyhow::Result<()> {
+        let (headers, body) = match reply {
+            Reply::Answer { status, mut headers, body } => {
+                headers.insert(0, (b":status".to_vec(), status.to_string().into_bytes()));
+                (headers, body)
+            }
+            Reply::Reset => (Vec::new(), Vec::new()),
+        };
+        let args = (ROOT_ID as i32, token as i32, len_i32(headers.len()), len_i32(body.len()), 0);
+        self.store.data_mut().call_response = Some((headers, body));
+        let result = self.in_phase(Phase::RootCallback, ROOT_ID, |vm| {
+            vm.exports.http_call_response.call(&mut vm.store, args)
+        });
+        self.store.data_mut().call_response = None;
+        result
+    }
+
+    /// Fires the root context's tick (as the host does every tick period).
+    pub fn tick(&mut self) -> anyhow::Result<()> {
+        self.in_phase(Phase::RootCallback, ROOT_ID, |vm| {
+            vm.exports.tick.call(&mut vm.store, ROOT_ID as i32)
+        })
+    }
+
+    pub fn tick_period(&self) -> Duration {
+        self.store.data().tick_period
+    }
+
+    /// Moves the host's clock (`proxy_get_current_time_nanoseconds`) forward.
+    pub fn advance(&mut self, by: Duration) {
+        self.store.data_mut().now += by;
+    }
+
+    /// The time the host reports, since the Unix epoch.
+    pub fn now(&self) -> Duration {
+        self.store.data().now
+    }
+
+    pub fn stream(&self, id: u32) -> Option<&Stream> {
+        self.store.data().streams.get(&id)
+    }
+
+    /// Sets the property at `path` (`proxy_get_property`), e.g. `["request", "path"]`.
+    pub fn set_property(&mut self, path: &[&str], value: &[u8]) {
+        self.store.data_mut().properties.insert(path.join("\0").into_bytes(), value.to_vec());
+    }
+
+    /// The property at `path`, as the filter or the host set it.
+    pub fn property(&self, path: &[&str]) -> Option<&[u8]> {
+        self.store.data().properties.get(path.join("\0").as_bytes()).map(Vec::as_slice)
+    }
+
+    /// Makes the next call of `hostcall` (e.g. `"proxy_http_call"`) fail with `status`.
+    pub fn fail_next(&mut self, hostcall: &str, status: u32) {
+        self.store.data_mut().failures.push((hostcall.to_owned(), status));
+    }
+
+    /// What the filter logged: `(level, message)`.
+    pub fn logs(&self) -> &[(u32, String)] {
+        &self.store.data().logs
+    }
+
+    /// What the guest wrote to stdout and stderr (a panic message, say).
+    pub fn stdio(&self) -> String {
+        String::from_utf8_lossy(&self.store.data().stdio).into_owned()
+    }
+
+    /// Hostcalls the filter made that this host (and, for some, Kong) does not implement.
+    pub fn unimplemented_calls(&self) -> &[String] {
+        &self.store.data().unimplemented
+    }
+
+    /// Fuel the VM has burnt so far: about one unit per wasm instruction.
+    pub fn fuel_used(&self) -> u64 {
+        FUEL - self.store.get_fuel().unwrap_or(FUEL)
+    }
+
+    fn stream_mut(&mut self, id: u32) -> anyhow::Result<&mut Stream> {
+        self.store.data_mut().streams.get_mut(&id).ok_or_else(|| anyhow!("no stream {id}"))
+    }
+
+    /// Runs a guest callback for `context` in `phase`, then restores the host's idle state.
+    fn in_phase<T>(
+        &mut self,
+        phase: Phase,
+        context: u32,
+        call: impl FnOnce(&mut Vm) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let state = self.store.data_mut();
+        state.phase = phase;
+        state.effective = context;
+        let result = call(self);
+        let state = self.store.data_mut();
+        state.phase = Phase::RootCallback;
+        state.effective = state.root_id;
+        result.map_err(|e| {
+            let stdio = String::from_utf8_lossy(&self.store.data().stdio).into_owned();
+            if stdio.is_empty() { e } else { e.context(format!("guest output: {stdio}")) }
+        })
+    }
+}
+
+impl Exports {
+    fn find(instance: &Instance, store: &mut Store<HostState>) -> anyhow::Result<Exports> {
+        Ok(Exports {
+            context_create: instance.get_typed_func(&mut *store, "proxy_on_context_create")?,
+            vm_start: instance.get_typed_func(&mut *store, "proxy_on_vm_start")?,
+            configure: instance.get_typed_func(&mut *store, "proxy_on_configure")?,
+            request_headers: instance.get_typed_func(&mut *store, "proxy_on_request_headers")?,
+            response_headers: instance.get_typed_func(&mut *store, "proxy_on_response_headers")?,
+            done: instance.get_typed_func(&mut *store, "proxy_on_done")?,
+            log: instance.get_typed_func(&mut *store, "proxy_on_log")?,
+            delete: instance.get_typed_func(&mut *store, "proxy_on_delete")?,
+            http_call_response: instance
+                .get_typed_func(&mut *store, "proxy_on_http_call_response")?,
+            tick: instance.get_typed_func(&mut *store, "proxy_on_tick")?,
+        })
+    }
+}
+
+fn action_of(raw: i32) -> anyhow::Result<Action> {
+    match raw {
+        0 => Ok(Action::Continue),
+        1 => Ok(Action::Pause),
+        other => Err(anyhow!("unknown action {other}")),
+    }
+}
+
+fn len_i32(len: usize) -> i32 {
+    i32::try_from(len).unwrap_or(i32::MAX)
+}
+
+/// Every value of header `name` (case-insensitive), lossily as text.
+fn values(pairs: &[(Vec<u8>, Vec<u8>)], name: &str) -> Vec<String> {
+    pairs
+        .iter()
+        .filter(|(key, _)| key.eq_ignore_ascii_case(name.as_bytes()))
+        .map(|(_, value)| String::from_utf8_lossy(value).into_owned())
+        .collect()
+}

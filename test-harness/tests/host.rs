@@ -1,0 +1,531 @@
+//! The release filter in the wasmtime proxy-wasm host, every path scripted request by
+//! request, and each test run twice: with the host behaving like Envoy, and like Kong.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use paystile_harness::host::{Action, Dispatch, Flavor, LEDGER_CLUSTER, Reply, Vm, pairs};
+use paystile_protocol::jws::Key;
+use paystile_protocol::l402::{self, Identifier, Offer};
+use paystile_protocol::pay_token::{self, PayTokenClaims, Scope};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+const TOKEN_SECRET: &str = "host-test-token-secret-0123456789";
+const L402_SECRET: &str = "host-test-l402-secret-0123456789abcdef";
+const GATEWAY_KEY: &str = "host-test-gateway-key-0123456789";
+const KONG_LEDGER: &str = "127.0.0.1:8787";
+const FLAVORS: [Flavor; 2] = [Flavor::Envoy, Flavor::Kong];
+
+/// The filter configuration for `flavor`: only the ledger's address differs.
+fn config(flavor: Flavor) -> Value {
+    json!({
+        "service_id": "weather",
+        "routes": [{"path_prefix": "/v1/forecast", "price_usdc": "0.001"}],
+        "ledger": {
+            "upstream": upstream(flavor),
+            "gateway_key": GATEWAY_KEY,
+            "timeout_ms": 800,
+        },
+        "pay_token": {"keys": [{"alg": "HS256", "secret": TOKEN_SECRET}]},
+        "l402": {"secret": L402_SECRET, "budget_usdc": "0.01", "sats_per_usdc": 1000},
+    })
+}
+
+fn upstream(flavor: Flavor) -> &'static str {
+    match flavor {
+        Flavor::Envoy => LEDGER_CLUSTER,
+        Flavor::Kong => KONG_LEDGER,
+    }
+}
+
+fn vm_with(flavor: Flavor, config: &Value) -> Vm {
+    let mut vm = Vm::load(flavor).unwrap();
+    assert!(vm.configure(config.to_string().as_bytes()).unwrap(), "{:?}", vm.logs());
+    vm
+}
+
+fn vm(flavor: Flavor) -> Vm {
+    vm_with(flavor, &config(flavor))
+}
+
+fn bearer() -> String {
+    let claims = PayTokenClaims {
+        sub: "agent".into(),
+        jti: "tok_host".into(),
+        service_id: Some("weather".into()),
+        limit_usdc: "1".parse().unwrap(),
+        scope: Scope::Single,
+        buyer_tag: None,
+        exp: 1_900_000_000 + 3_600,
+        iat: None,
+        nbf: None,
+        iss: None,
+        aud: None,
+    };
+    format!("Bearer {}", pay_token::sign(&claims, &Key::hs256(TOKEN_SECRET)))
+}
+
+fn l402_credential() -> String {
+    let preimage = [4u8; 32];
+    let identifier =
+        Identifier { payment_hash: Sha256::digest(preimage).into(), token_id: [8; 32] };
+    let offer = Offer {
+        service_id: "weather".into(),
+        valid_until: 1_900_000_000 + 3_600,
+        budget: "0.01".parse().unwrap(),
+        capabilities: vec![],
+        sandbox: false,
+    };
+    let macaroon = l402::mint(L402_SECRET.as_bytes(), &identifier, &offer);
+    format!("L402 {}:{}", l402::encode_macaroon(&macaroon), hex::encode(preimage))
+}
+
+fn get(path: &str, authorization: Option<&str>) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut headers = pairs(&[(":method", "GET"), (":path", path), (":authority", "api.test")]);
+    if let Some(authorization) = authorization {
+        headers.push((b"authorization".to_vec(), authorization.as_bytes().to_vec()));
+    }
+    headers
+}
+
+/// The one dispatch made since the last look, checked to be a well-formed ledger call.
+fn one_ledger_call(vm: &mut Vm, flavor: Flavor, path: &str) -> Dispatch {
+    let dispatches = vm.take_dispatches();
+    assert_eq!(dispatches.len(), 1, "{dispatches:?}");
+    let call = dispatches.into_iter().next().unwrap();
+    assert_eq!(call.upstream, upstream(flavor));
+    assert_eq!(call.path(), path);
+    assert_eq!(call.header(":method").as_deref(), Some("POST"));
+    assert_eq!(call.header(":authority").as_deref(), Some("paystile-ledger"));
+    assert_eq!(call.header("authorization"), Some(format!("Bearer {GATEWAY_KEY}")));
+    assert_eq!(call.timeout, Duration::from_millis(800));
+    call
+}
+
+fn hold(charge_id: &str) -> Reply {
+    Reply::json(
+        200,
+        &json!({"chargeId": charge_id, "amountUsdc": "0.001", "remainingUsdc": "0.999", "replayed": false}),
+    )
+}
+
+fn settled(charge_ids: &[&str]) -> Reply {
+    let results: Vec<Value> =
+        charge_ids.iter().map(|id| json!({"chargeId": id, "status": "committed"})).collect();
+    Reply::json(200, &json!({ "results": results }))
+}
+
+/// A paid call up to the upstream: request, reserve dispatch, hold. Answers the stream.
+fn admitted(vm: &mut Vm, flavor: Flavor, authorization: &str, charge_id: &str) -> u32 {
+    let (id, action) = vm.request_headers(get("/v1/forecast/oslo", Some(authorization))).unwrap();
+    assert_eq!(action, Action::Pause);
+    let call = one_ledger_call(vm, flavor, "/v1/holds");
+    vm.reply(call.token, hold(charge_id)).unwrap();
+    id
+}
+
+/// The local response of stream `id`: status and body.
+fn answered(vm: &Vm, id: u32) -> (u32, Value) {
+    let response = vm.stream(id).unwrap().local_response.as_ref().expect("a local response");
+    assert_eq!(response.headers_named("content-type"), ["application/json"]);
+    (response.status, response.json())
+}
+
+#[test]
+fn a_paid_call_holds_forwards_reports_and_commits_on_the_next_tick() {
+    for flavor in FLAVORS {
+        let mut vm = vm(flavor);
+        assert_eq!(vm.tick_period(), Duration::from_millis(50));
+        let mut headers = get("/v1/forecast/oslo", Some(&bearer()));
+        headers.push((b"x-charge-id".to_vec(), b"ch_forged".to_vec()));
+        let (id, action) = vm.request_headers(headers).unwrap();
+        assert_eq!(action, Action::Pause, "{flavor:?}");
+        let call = one_ledger_call(&mut vm, flavor, "/v1/holds");
+        assert_eq!(call.json()["token"]["tokenId"], "tok_host");
+        assert_eq!(call.json()["priceUsdc"], "0.001000");
+        assert!(vm.stream(id).unwrap().resumed == 0, "paused until the ledger answers");
+
+        vm.reply(call.token, hold("ch_1")).unwrap();
+        let stream = vm.stream(id).unwrap();
+        assert_eq!(stream.resumed, 1);
+        assert_eq!(stream.request_header("authorization"), None, "credential stripped");
+        assert_eq!(stream.request_header("x-charge-id").as_deref(), Some("ch_1"));
+        assert!(stream.local_response.is_none());
+
+        let action = vm.response_headers(id, pairs(&[(":status", "200")])).unwrap();
+        assert_eq!(action, Action::Continue);
+        let stream = vm.stream(id).unwrap();
+        assert_eq!(stream.response_header("x-charge-id").as_deref(), Some("ch_1"));
+        assert_eq!(stream.response_header("x-amount-usdc").as_deref(), Some("0.001000"));
+        assert_eq!(stream.response_header("x-remaining-usdc").as_deref(), Some("0.999000"));
+        assert!(vm.take_dispatches().is_empty(), "{flavor:?}: no dispatch in response headers");
+        vm.end(id).unwrap();
+
+        vm.tick().unwrap();
+        let settle = one_ledger_call(&mut vm, flavor, "/v1/holds/settle");
+        assert_eq!(
+            settle.json()["settlements"],
+            json!([{"chargeId": "ch_1", "outcome": "commit", "upstreamStatus": 200}])
+        );
+        vm.reply(settle.token, settled(&["ch_1"])).unwrap();
+        vm.advance(Duration::from_secs(10));
+        vm.tick().unwrap();
+        assert!(vm.take_dispatches().is_empty(), "an acknowledged batch is not sent again");
+        assert!(vm.unimplemented_calls().is_empty(), "{:?}", vm.unimplemented_calls());
+    }
+}
+
+#[test]
+fn unpriced_routes_pass_at_once_without_a_spoofed_charge_id() {
+    for flavor in FLAVORS {
+        let mut vm = vm(flavor);
+        let mut headers = get("/healthz", Some("Bearer whatever"));
+        headers.push((b"x-charge-id".to_vec(), b"ch_forged".to_vec()));
+        let (id, action) = vm.request_headers(headers).unwrap();
+        assert_eq!(action, Action::Continue);
+        assert!(vm.take_dispatches().is_empty());
+        let stream = vm.stream(id).unwrap();
+        assert_eq!(stream.request_header("x-charge-id"), None);
+        assert_eq!(stream.request_header("authorization").as_deref(), Some("Bearer whatever"));
+        vm.response_headers(id, pairs(&[(":status", "200")])).unwrap();
+        assert_eq!(vm.stream(id).unwrap().response_header("x-amount-usdc"), None);
+    }
+}
+
+#[test]
+fn no_credential_gets_both_challenges_minted_by_the_ledger() {
+    for flavor in FLAVORS {
+        let mut vm = vm(flavor);
+        let (id, action) = vm.request_headers(get("/v1/forecast", None)).unwrap();
+        assert_eq!(action, Action::Pause);
+        let call = one_ledger_call(&mut vm, flavor, "/v1/l402/challenges");
+        assert_eq!(call.json()["amountMsat"], 10_000);
+        let challenge = json!({
+            "tokenId": format!("l402_{}", "01".repeat(32)), "macaroon": "AgE=",
+            "invoice": "lnbcrt100n1x", "paymentHash": "00".repeat(32), "budgetUsdc": "0.01",
+            "amountMsat": 10_000, "validUntil": 1_900_003_600u64, "sandbox": false
+        });
+        vm.reply(call.token, Reply::json(200, &challenge)).unwrap();
+        let (status, body) = answered(&vm, id);
+        assert_eq!((status, body["code"].as_str()), (402, Some("payment_required")));
+        let response = vm.stream(id).unwrap().local_response.clone().unwrap();
+        assert_eq!(
+            response.headers_named("www-authenticate"),
+            [
+                r#"L402 macaroon="AgE=", invoice="lnbcrt100n1x""#,
+                r#"Bearer realm="paystile", error="payment_required""#
+            ]
+        );
+        assert_eq!(vm.stream(id).unwrap().resumed, 0, "a refused request is never resumed");
+    }
+}
+
+#[test]
+fn an_l402_credential_is_verified_in_the_wasm_and_held() {
+    for flavor in FLAVORS {
+        let mut vm = vm(flavor);
+        let (id, action) =
+            vm.request_headers(get("/v1/forecast", Some(&l402_credential()))).unwrap();
+        assert_eq!(action, Action::Pause);
+        let call = one_ledger_call(&mut vm, flavor, "/v1/holds");
+        assert_eq!(call.json()["token"]["tokenId"], format!("l402_{}", "08".repeat(32)));
+        assert_eq!(call.json()["token"]["limitUsdc"], "0.010000");
+        vm.reply(call.token, hold("ch_l402")).unwrap();
+        assert_eq!(vm.stream(id).unwrap().request_header("authorization"), None);
+        assert_eq!(vm.stream(id).unwrap().resumed, 1);
+    }
+}
+
+#[test]
+fn a_ledger_that_resets_times_out_or_fails_gets_503() {
+    for flavor in FLAVORS {
+        for reply in [
+            Reply::Reset,
+            Reply::status(504),
+            Reply::status(503),
+            Reply::json(500, &json!({"error": "boom"})),
+        ] {
+            let mut vm = vm(flavor);
+            let (id, _) = vm.request_headers(get("/v1/forecast", Some(&bearer()))).unwrap();
+            let call = one_ledger_call(&mut vm, flavor, "/v1/holds");
+            vm.reply(call.token, reply.clone()).unwrap();
+            let (status, body) = answered(&vm, id);
+            assert_eq!(
+                (status, body["code"].as_str()),
+                (503, Some("ledger_unavailable")),
+                "{reply:?}"
+            );
+            let response = vm.stream(id).unwrap().local_response.clone().unwrap();
+            assert_eq!(response.headers_named("retry-after"), ["1"]);
+            assert_eq!(vm.stream(id).unwrap().resumed, 0);
+        }
+    }
+}
+
+#[test]
+fn a_dispatch_the_host_refuses_is_a_503_at_once() {
+    for flavor in FLAVORS {
+        let mut vm = vm(flavor);
+        vm.fail_next("proxy_http_call", 10); // INTERNAL_FAILURE
+        let (id, action) = vm.request_headers(get("/v1/forecast", Some(&bearer()))).unwrap();
+        assert!(vm.take_dispatches().is_empty());
+        assert_eq!(answered(&vm, id).0, 503);
+        // Paused or not, the local response ends the request: it never goes upstream.
+        assert_eq!(vm.stream(id).unwrap().resumed, 0, "{action:?}");
+    }
+}
+
+#[test]
+fn each_gateway_takes_its_own_kind_of_dispatch_target() {
+    // A cluster name is no host for Kong; a host:port is no cluster for Envoy.
+    for (flavor, wrong) in [(Flavor::Envoy, KONG_LEDGER), (Flavor::Kong, LEDGER_CLUSTER)] {
+        let mut config = config(flavor);
+        config["ledger"]["upstream"] = json!(wrong);
+        let mut vm = vm_with(flavor, &config);
+        let (id, _) = vm.request_headers(get("/v1/forecast", Some(&bearer()))).unwrap();
+        assert!(vm.take_dispatches().is_empty(), "{flavor:?}");
+        assert_eq!(answered(&vm, id).0, 503, "{flavor:?}");
+    }
+}
+
+#[test]
+fn non_utf8_header_bytes_get_401_and_the_vm_lives_on() {
+    for flavor in FLAVORS {
+        let mut vm = vm(flavor);
+        let mut headers = get("/v1/forecast", None);
+        headers.push((b"authorization".to_vec(), b"Bearer \xff\xfe.\x80".to_vec()));
+        headers.push((b"x-other".to_vec(), vec![0xc3, 0x28]));
+        let (id, _) = vm.request_headers(headers).unwrap();
+        assert_eq!(answered(&vm, id).0, 401);
+        let mut headers = get("/v1/forecast", None);
+        headers.push((b"authorization".to_vec(), b"L402 \xff:\xfe".to_vec()));
+        let (id, _) = vm.request_headers(headers).unwrap();
+        assert_eq!(answered(&vm, id).0, 401);
+        // A non-UTF-8 path is priced (the prefix matches) and challenged, not a crash.
+        let mut headers = get("/v1/forecast/x", None);
+        headers[1].1 = b"/v1/forecast/\xff".to_vec();
+        let (_, action) = vm.request_headers(headers).unwrap();
+        assert_eq!(action, Action::Pause);
+        one_ledger_call(&mut vm, flavor, "/v1/l402/challenges");
+        let paid = admitted(&mut vm, flavor, &bearer(), "ch_after");
+        assert_eq!(vm.stream(paid).unwrap().resumed, 1, "the VM still serves");
+    }
+}
+
+#[test]
+fn a_stream_closed_while_its_reserve_is_pending_ignores_the_late_answer() {
+    for flavor in FLAVORS {
+        let mut vm = vm(flavor);
+        let (id, _) = vm.request_headers(get("/v1/forecast", Some(&bearer()))).unwrap();
+        let call = one_ledger_call(&mut vm, flavor, "/v1/holds");
+        vm.end(id).unwrap();
+        vm.reply(call.token, hold("ch_late")).unwrap();
+        let stream = vm.stream(id).unwrap();
+        assert!(stream.local_response.is_none() && stream.resumed == 0);
+        vm.tick().unwrap();
+        assert!(vm.take_dispatches().is_empty(), "nothing was held as far as the filter knows");
+        // The VM goes on serving.
+        admitted(&mut vm, flavor, &bearer(), "ch_next");
+    }
+}
+
+#[test]
+fn queued_settlements_go_in_one_batch_and_a_lost_batch_is_retried() {
+    for flavor in FLAVORS {
+        let mut vm = vm(flavor);
+        let first = admitted(&mut vm, flavor, &bearer(), "ch_a");
+        let second = admitted(&mut vm, flavor, &bearer(), "ch_b");
+        let third = admitted(&mut vm, flavor, &bearer(), "ch_c");
+        vm.response_headers(first, pairs(&[(":status", "200")])).unwrap();
+        vm.response_headers(second, pairs(&[(":status", "502")])).unwrap();
+        assert_eq!(
+            vm.stream(second).unwrap().response_header("x-amount-usdc").as_deref(),
+            Some("0.000000")
+        );
+        vm.end(third).unwrap(); // no response: released
+        for id in [first, second] {
+            vm.end(id).unwrap();
+        }
+        vm.tick().unwrap();
+        let batch = one_ledger_call(&mut vm, flavor, "/v1/holds/settle");
+        let outcomes: Vec<(String, String)> = batch.json()["settlements"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (s["chargeId"].as_str().unwrap().into(), s["outcome"].as_str().unwrap().into())
+            })
+            .collect();
+        let expected = [("ch_a", "commit"), ("ch_b", "release"), ("ch_c", "release")];
+        assert_eq!(outcomes, expected.map(|(a, b)| (a.to_owned(), b.to_owned())));
+
+        // The ledger does not answer: after a backoff the same batch goes again.
+        vm.reply(batch.token, Reply::Reset).unwrap();
+        vm.tick().unwrap();
+        assert!(vm.take_dispatches().is_empty(), "{flavor:?}: backs off before retrying");
+        vm.advance(Duration::from_secs(6));
+        vm.tick().unwrap();
+        let retry = one_ledger_call(&mut vm, flavor, "/v1/holds/settle");
+        assert_eq!(retry.json()["settlements"], batch.json()["settlements"]);
+        vm.reply(retry.token, settled(&["ch_a", "ch_b", "ch_c"])).unwrap();
+    }
+}
+
+#[test]
+fn interleaved_streams_on_one_vm_keep_their_own_charges() {
+    for flavor in FLAVORS {
+        let mut vm = vm(flavor);
+        let (one, _) = vm.request_headers(get("/v1/forecast/1", Some(&bearer()))).unwrap();
+        let first = one_ledger_call(&mut vm, flavor, "/v1/holds");
+        let (two, _) = vm.request_headers(get("/v1/forecast/2", Some(&l402_credential()))).unwrap();
+        let second = one_ledger_call(&mut vm, flavor, "/v1/holds");
+        // Answers arrive in the other order.
+        vm.reply(second.token, hold("ch_two")).unwrap();
+        assert_eq!(vm.stream(one).unwrap().resumed, 0, "stream one still waits");
+        vm.reply(
+            first.token,
+            Reply::json(
+                402,
+                &json!({
+                    "error": "Token limit exceeded", "code": "token_limit_exceeded",
+                    "used": "1", "reserved": "0", "limit": "1", "price": "0.001"
+                }),
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            vm.stream(two).unwrap().request_header("x-charge-id").as_deref(),
+            Some("ch_two")
+        );
+        assert_eq!(answered(&vm, one).0, 402);
+        assert!(vm.stream(two).unwrap().local_response.is_none());
+        vm.response_headers(two, pairs(&[(":status", "200")])).unwrap();
+        assert_eq!(
+            vm.stream(two).unwrap().response_header("x-charge-id").as_deref(),
+            Some("ch_two")
+        );
+    }
+}
+
+#[test]
+fn a_spent_l402_asks_for_a_fresh_challenge_in_the_same_callback() {
+    for flavor in FLAVORS {
+        let mut vm = vm(flavor);
+        let (id, _) = vm.request_headers(get("/v1/forecast", Some(&l402_credential()))).unwrap();
+        let call = one_ledger_call(&mut vm, flavor, "/v1/holds");
+        let spent = json!({"error": "spent", "code": "token_limit_exceeded", "used": "0.01",
+                           "reserved": "0", "limit": "0.01", "price": "0.001"});
+        // Kong and Envoy both allow a dispatch from a dispatch's callback.
+        vm.reply(call.token, Reply::json(402, &spent)).unwrap();
+        let challenge = one_ledger_call(&mut vm, flavor, "/v1/l402/challenges");
+        vm.reply(challenge.token, Reply::Reset).unwrap();
+        let (status, body) = answered(&vm, id);
+        // No fresh challenge to give: the 402 offers the Bearer scheme alone.
+        assert_eq!((status, body["code"].as_str()), (402, Some("token_limit_exceeded")));
+    }
+}
+
+#[test]
+fn a_bad_configuration_is_refused_and_named_in_the_log() {
+    for flavor in FLAVORS {
+        let mut vm = Vm::load(flavor).unwrap();
+        let mut bad = config(flavor);
+        bad["routes"][0]["price_usdc"] = json!("0.0000001");
+        assert!(!vm.configure(bad.to_string().as_bytes()).unwrap());
+        let logged: Vec<&str> = vm.logs().iter().map(|(_, m)| m.as_str()).collect();
+        assert!(
+            logged.iter().any(|m| m.contains("routes[0].price_usdc")),
+            "{flavor:?}: {logged:?}"
+        );
+        assert!(!vm.configure(b"\xff not json").unwrap());
+        assert!(
+            vm.configure(config(flavor).to_string().as_bytes()).unwrap(),
+            "a good one is taken after"
+        );
+    }
+}
+
+#[test]
+fn the_sdk_traps_on_host_statuses_it_does_not_expect() {
+    // proxy-wasm 0.2.5 unwraps these statuses: the host reports a trap, which in a gateway
+    // takes the VM down (fail closed). Recorded here so that an SDK upgrade that fixes it
+    // shows up as a changed test.
+    for flavor in FLAVORS {
+        let mut vm = vm(flavor);
+        vm.fail_next("proxy_get_current_time_nanoseconds", 2);
+        let error = vm.request_headers(get("/v1/forecast", Some(&bearer()))).unwrap_err();
+        assert!(
+            format!("{error:?}").contains("wasm backtrace"),
+            "{flavor:?}: not a trap: {error:#}"
+        );
+        let (level, message) = vm.logs().last().unwrap();
+        assert_eq!(*level, 5, "the SDK's panic hook logs at critical");
+        assert!(message.contains("unexpected status: 2"), "{message}");
+    }
+}
+
+#[test]
+fn every_kind_of_reserve_answer_takes_its_path() {
+    for flavor in FLAVORS {
+        // A replay: forwarded under the original charge, reported, never settled again.
+        let mut vm = vm(flavor);
+        let (id, _) = vm.request_headers(get("/v1/forecast", Some(&bearer()))).unwrap();
+        let call = one_ledger_call(&mut vm, flavor, "/v1/holds");
+        let replay = json!({"chargeId": "ch_first", "amountUsdc": "0.001", "remainingUsdc": "0.5", "replayed": true});
+        vm.reply(call.token, Reply::json(200, &replay)).unwrap();
+        assert_eq!(
+            vm.stream(id).unwrap().request_header("x-charge-id").as_deref(),
+            Some("ch_first")
+        );
+        vm.response_headers(id, pairs(&[(":status", "200")])).unwrap();
+        assert_eq!(
+            vm.stream(id).unwrap().response_header("x-charge-id").as_deref(),
+            Some("ch_first")
+        );
+        vm.end(id).unwrap();
+        vm.tick().unwrap();
+        assert!(vm.take_dispatches().is_empty(), "{flavor:?}: a replay settles nothing");
+
+        // Refusals pass through with their status; nonsense is a 503.
+        for (reply, status) in [
+            (Reply::json(409, &json!({"error": "in use", "code": "idempotency_key_in_use"})), 409),
+            (Reply::json(422, &json!({"error": "revoked", "code": "token_revoked"})), 422),
+            (Reply::json(200, &json!({"unexpected": true})), 503),
+            (
+                Reply::json(
+                    401,
+                    &json!({"error": "Missing or invalid API key", "code": "unauthorized"}),
+                ),
+                503,
+            ),
+        ] {
+            let (id, _) = vm.request_headers(get("/v1/forecast", Some(&bearer()))).unwrap();
+            let call = one_ledger_call(&mut vm, flavor, "/v1/holds");
+            vm.reply(call.token, reply).unwrap();
+            assert_eq!(answered(&vm, id).0, status, "{flavor:?}");
+        }
+
+        // Pay Tokens alone: the 402 needs no ledger.
+        let mut config = config(flavor);
+        config["l402"] = Value::Null;
+        let mut bearer_only = vm_with(flavor, &config);
+        let (id, _) = bearer_only.request_headers(get("/v1/forecast", None)).unwrap();
+        assert!(bearer_only.take_dispatches().is_empty());
+        assert_eq!(answered(&bearer_only, id).0, 402);
+
+        // Failing open: an unreachable ledger lets the call through unpaid, and says so.
+        let mut config = self::config(flavor);
+        config["failure_mode"] = json!("open");
+        let mut open = vm_with(flavor, &config);
+        let (id, _) = open.request_headers(get("/v1/forecast", Some(&bearer()))).unwrap();
+        let call = one_ledger_call(&mut open, flavor, "/v1/holds");
+        open.reply(call.token, Reply::Reset).unwrap();
+        let stream = open.stream(id).unwrap();
+        assert_eq!((stream.resumed, stream.request_header("authorization")), (1, None));
+        open.response_headers(id, pairs(&[(":status", "200")])).unwrap();
+        let stream = open.stream(id).unwrap();
+        assert_eq!(stream.response_header("x-amount-usdc").as_deref(), Some("0.000000"));
+        assert_eq!(stream.response_header("x-charge-id"), None);
+    }
+}
