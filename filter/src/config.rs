@@ -256,6 +256,8 @@ pub const DEFAULT_SETTLE_INTERVAL_MS: u64 = 50;
 pub const DEFAULT_LEEWAY_SECONDS: u64 = 60;
 /// Gateway keys shorter than this are refused, as the ledger refuses them.
 pub const MIN_GATEWAY_KEY_LEN: usize = 16;
+/// HS256 keys shorter than this are refused (RFC 7518 §3.2), as the ledger refuses them.
+pub const MIN_HS256_SECRET_LEN: usize = 32;
 /// L402 secrets shorter than this are refused, as the ledger refuses them.
 pub const MIN_L402_SECRET_LEN: usize = 32;
 /// A paid L402 credential stays valid for a day unless configured otherwise.
@@ -263,6 +265,11 @@ pub const DEFAULT_L402_VALID_SECONDS: u64 = 86_400;
 
 impl Config {
     pub fn from_json(json: &[u8]) -> Result<Config, ConfigError> {
+        // Derived `Deserialize` also reads a JSON array as a struct, field by field; a
+        // configuration is objects, as the Kong schema says, so arrays there are refused.
+        if let Ok(value) = serde_json::from_slice::<serde_json::Value>(json) {
+            objects_where_expected(&value)?;
+        }
         let deserializer = &mut serde_json::Deserializer::from_slice(json);
         let raw: Raw = serde_path_to_error::deserialize(deserializer).map_err(|e| {
             let message = e.inner().to_string();
@@ -291,8 +298,9 @@ impl Config {
             ));
         }
         let authority = ledger.authority.unwrap_or_else(|| DEFAULT_LEDGER_AUTHORITY.into());
-        if authority.is_empty() {
-            return Err(invalid("ledger.authority", "must not be empty"));
+        // It becomes a Host header; Kong writes it into the request line by line.
+        if authority.is_empty() || !authority.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid("ledger.authority", "must be visible ASCII characters, no spaces"));
         }
         if ledger.gateway_key.chars().count() < MIN_GATEWAY_KEY_LEN
             || !ledger.gateway_key.bytes().all(|b| b.is_ascii_graphic())
@@ -356,8 +364,12 @@ fn validate_pay_token(pay_token: RawPayToken) -> Result<PayTokens, ConfigError> 
         if key.alg != "HS256" {
             return Err(invalid(format!("{field}.alg"), "only HS256 is supported"));
         }
-        if key.secret.is_empty() {
-            return Err(invalid(format!("{field}.secret"), "must not be empty"));
+        // RFC 7518 §3.2: an HS256 key has at least 256 bits.
+        if key.secret.chars().count() < MIN_HS256_SECRET_LEN {
+            return Err(invalid(
+                format!("{field}.secret"),
+                format!("must be at least {MIN_HS256_SECRET_LEN} characters (RFC 7518: 256 bits)"),
+            ));
         }
         let duplicate_kid = keys.iter().any(|k: &Key| k.kid() == key.kid.as_deref());
         if key.kid.is_some() && duplicate_kid {
@@ -467,6 +479,28 @@ fn is_caveat_safe(value: &str) -> bool {
         && value.bytes().all(|b| b.is_ascii_graphic() && !b",=:".contains(&b))
 }
 
+/// The configuration's sections (and each route and key) are JSON objects.
+fn objects_where_expected(config: &serde_json::Value) -> Result<(), ConfigError> {
+    let must_be_object = |value: Option<&serde_json::Value>, field: &str| match value {
+        Some(serde_json::Value::Array(_)) => {
+            Err(invalid(field, "expected an object, not an array"))
+        }
+        _ => Ok(()),
+    };
+    must_be_object(Some(config), "")?;
+    for section in ["ledger", "pay_token", "l402"] {
+        must_be_object(config.get(section), section)?;
+    }
+    let items = |list: &str| config.pointer(list).and_then(|v| v.as_array()).cloned();
+    for (i, route) in items("/routes").unwrap_or_default().iter().enumerate() {
+        must_be_object(Some(route), &format!("routes[{i}]"))?;
+    }
+    for (i, key) in items("/pay_token/keys").unwrap_or_default().iter().enumerate() {
+        must_be_object(Some(key), &format!("pay_token.keys[{i}]"))?;
+    }
+    Ok(())
+}
+
 fn check_id(field: &str, id: &str) -> Result<(), ConfigError> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
         return Err(invalid(field, format!("must be 1 to {MAX_ID_LEN} bytes")));
@@ -557,7 +591,7 @@ mod tests {
                 {"path": "/v1/report", "methods": ["post"], "price_usdc": "0.25"}
             ],
             "ledger": {"upstream": "paystile_ledger", "gateway_key": "gateway-key-0123456789"},
-            "pay_token": {"keys": [{"alg": "HS256", "secret": "s3cret"}]}
+            "pay_token": {"keys": [{"alg": "HS256", "secret": "a-pay-token-secret-of-32-chars!!"}]}
         })
     }
 
@@ -644,6 +678,16 @@ mod tests {
         let cases: Vec<(Value, &str)> = vec![
             (json!({"service_id": "x"}), "missing field `routes`"),
             (json!(null), "invalid type"),
+            (json!(["weather", []]), "expected an object, not an array"),
+            (
+                with(|c| c["routes"][1] = json!([null, "/v1/forecast", null, "0.001"])),
+                "routes[1]: expected an object",
+            ),
+            (with(|c| c["ledger"] = json!(["x"])), "ledger: expected an object"),
+            (
+                with(|c| c["pay_token"]["keys"][0] = json!(["k", "HS256", "x"])),
+                "pay_token.keys[0]: expected an object",
+            ),
             (with(|c| c["colour"] = json!(1)), "colour: unknown field `colour`"),
             (with(|c| c["service_id"] = json!("")), "service_id: must be 1 to 255 bytes"),
             (with(|c| c["routes"] = json!([])), "routes: list at least one route"),
@@ -677,6 +721,10 @@ mod tests {
                 "ledger.gateway_key: must be at least 16",
             ),
             (with(|c| c["ledger"]["upstream"] = json!("")), "ledger.upstream: must name"),
+            (
+                with(|c| c["ledger"]["authority"] = json!("ledger\r\nx-injected: 1")),
+                "ledger.authority: must be visible ASCII",
+            ),
             (with(|c| c["pay_token"]["keys"] = json!([])), "pay_token.keys: list at least one key"),
             (
                 with(|c| c["pay_token"] = json!(null)),
@@ -735,8 +783,8 @@ mod tests {
                 "pay_token.keys[0].alg: only HS256",
             ),
             (
-                with(|c| c["pay_token"]["keys"][0]["secret"] = json!("")),
-                "pay_token.keys[0].secret: must not be empty",
+                with(|c| c["pay_token"]["keys"][0]["secret"] = json!("s".repeat(31))),
+                "pay_token.keys[0].secret: must be at least 32 characters",
             ),
             (
                 with(|c| c["billable_statuses"] = json!(["2xx", "600"])),
@@ -751,7 +799,10 @@ mod tests {
             let error = parse(&json).unwrap_err().to_string();
             assert!(error.starts_with(expected), "{json}: got {error:?}, expected {expected:?}");
         }
-        let keys = json!([{"kid": "a", "alg": "HS256", "secret": "1"}, {"kid": "a", "alg": "HS256", "secret": "2"}]);
+        let keys = json!([
+            {"kid": "a", "alg": "HS256", "secret": "a-pay-token-secret-of-32-chars!1"},
+            {"kid": "a", "alg": "HS256", "secret": "a-pay-token-secret-of-32-chars!2"}
+        ]);
         let error =
             parse(&with(|c| c["pay_token"]["keys"] = keys.clone())).unwrap_err().to_string();
         assert_eq!(error, "pay_token.keys[1].kid: is used by another key");

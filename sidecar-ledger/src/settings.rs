@@ -34,8 +34,8 @@ pub struct Options {
     /// Key the gateway filter presents to reserve and settle holds. Required.
     #[arg(long, env = "PAYSTILE_GATEWAY_KEY", hide_env_values = true)]
     pub gateway_key: Option<String>,
-    /// HS256 key for the Pay Tokens the ledger issues (UTF-8 bytes). Without it, the ledger
-    /// only meters tokens minted elsewhere.
+    /// HS256 key for the Pay Tokens the ledger issues (UTF-8 bytes, at least 32 characters).
+    /// Without it, the ledger only meters tokens minted elsewhere.
     #[arg(long, env = "PAYSTILE_TOKEN_SECRET", hide_env_values = true)]
     pub token_secret: Option<String>,
     /// `kid` to put in issued tokens' headers (key rotation).
@@ -132,6 +132,8 @@ pub struct TokenSettings {
     pub ttl: Duration,
 }
 
+/// The shortest Pay Token secret accepted, as the filter requires.
+pub const MIN_TOKEN_SECRET_LEN: usize = 32;
 /// The shortest L402 secret accepted: every macaroon's root key derives from it.
 pub const MIN_L402_SECRET_LEN: usize = 32;
 
@@ -236,7 +238,15 @@ impl Settings {
             return Err(problem("gateway_key", "must differ from admin_key"));
         }
         let token = match options.token_secret {
-            Some(secret) if secret.is_empty() => return Err(problem("token_secret", "is empty")),
+            // RFC 7518 §3.2: an HS256 key has at least 256 bits.
+            Some(secret) if secret.chars().count() < MIN_TOKEN_SECRET_LEN => {
+                return Err(problem(
+                    "token_secret",
+                    format!(
+                        "must be at least {MIN_TOKEN_SECRET_LEN} characters (RFC 7518: 256 bits)"
+                    ),
+                ));
+            }
             Some(secret) => Some(TokenSettings {
                 secret: Secret(secret),
                 kid: options.token_kid,
@@ -385,8 +395,8 @@ mod tests {
             error(Options { hold_ttl_seconds: Some(0), ..keys() }).starts_with("hold_ttl_seconds:")
         );
         assert!(
-            error(Options { token_secret: Some(String::new()), ..keys() })
-                .starts_with("token_secret:")
+            error(Options { token_secret: Some("s".repeat(31)), ..keys() })
+                .starts_with("token_secret: must be at least 32")
         );
     }
 
