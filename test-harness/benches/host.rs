@@ -1,0 +1,494 @@
+//! Cost per request of the release filter, run in the wasmtime proxy-wasm host
+//! (`paystile_harness::host`) as Envoy and as Kong would run it: no credential (with L402 on,
+//! where the ledger mints a challenge, and with Pay Tokens only, where the 402 is answered at
+//! once), a Pay Token paid call and an L402 paid call (each with its share of the settle batch
+//! the next tick sends), and a Pay Token with a bad signature. For every path it reports wasm
+//! fuel per request (wasmtime charges about one unit per wasm instruction executed, none for
+//! `nop`, `drop`, `block`, `loop` and `end`: a count of guest work that does not depend on the
+//! machine) and wall time per request (the median of several runs of many requests on one VM,
+//! after warm-up runs), both split by phase: request headers, the ledger's reply, response
+//! headers, end of stream (`on_done`/`on_log`/`on_delete`) and the settle batch. Wall time
+//! covers only the host calls into the guest: the guest's code (compiled by Cranelift, with
+//! fuel checks), the hostcalls it makes and the host's own bookkeeping; the scripting and the
+//! checks between calls are not timed. Every request is checked to have taken its path, so
+//! a broken filter fails instead of printing a figure. Build the filter, then run:
+//!
+//! ```text
+//! cargo build --release --target wasm32-wasip1 -p paystile-filter
+//! cargo bench -p paystile-harness --bench host
+//! ```
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use paystile_harness::host::{Action, Dispatch, Flavor, LEDGER_CLUSTER, Pairs, Reply, Vm, pairs};
+use paystile_protocol::jws::Key;
+use paystile_protocol::l402::{self, Identifier, Offer};
+use paystile_protocol::pay_token::{self, PayTokenClaims, Scope};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+/// Requests per run; for paid calls also the size of the settle batch sent after them
+/// (the filter sends at most 500 settlements a batch).
+const PER_RUN: usize = 250;
+const WARM_UP_RUNS: usize = 3;
+const RUNS: usize = 21;
+
+const TOKEN_SECRET: &str = "bench-token-secret-0123456789abcdef";
+const L402_SECRET: &str = "bench-l402-secret-0123456789abcdef";
+const GATEWAY_KEY: &str = "bench-gateway-key-0123456789";
+const KONG_LEDGER: &str = "127.0.0.1:8787";
+/// The host's clock (`Vm::now` at load); credentials stay valid an hour past it.
+const NOW: u64 = 1_900_000_000;
+
+const HOLDS: &str = "/v1/holds";
+const CHALLENGES: &str = "/v1/l402/challenges";
+const SETTLE: &str = "/v1/holds/settle";
+
+/// Where a request's cost goes.
+#[derive(Clone, Copy)]
+enum Phase {
+    RequestHeaders,
+    LedgerReply,
+    ResponseHeaders,
+    End,
+    Settle,
+}
+
+const PHASES: [(Phase, &str); 5] = [
+    (Phase::RequestHeaders, "request headers"),
+    (Phase::LedgerReply, "ledger reply"),
+    (Phase::ResponseHeaders, "response headers"),
+    (Phase::End, "end of stream"),
+    (Phase::Settle, "settle share"),
+];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Path {
+    ChallengeMinted,
+    PayTokensOnly402,
+    PayTokenPaid,
+    L402Paid,
+    BadSignature,
+}
+
+const PATHS: [Path; 5] = [
+    Path::ChallengeMinted,
+    Path::PayTokensOnly402,
+    Path::PayTokenPaid,
+    Path::L402Paid,
+    Path::BadSignature,
+];
+
+impl Path {
+    fn name(self) -> &'static str {
+        match self {
+            Path::ChallengeMinted => "no credential, L402 on → 402",
+            Path::PayTokensOnly402 => "no credential, Pay Tokens only → 402",
+            Path::PayTokenPaid => "Pay Token paid call → 200",
+            Path::L402Paid => "L402 paid call → 200",
+            Path::BadSignature => "Pay Token, bad signature → 401",
+        }
+    }
+}
+
+/// Fuel and time spent in each phase over one run.
+#[derive(Clone, Copy, Default)]
+struct Meter {
+    fuel: [u64; PHASES.len()],
+    time: [Duration; PHASES.len()],
+}
+
+impl Meter {
+    /// Runs one host call into the guest, charging its fuel and time to `phase`.
+    fn measure<T>(
+        &mut self,
+        vm: &mut Vm,
+        phase: Phase,
+        call: impl FnOnce(&mut Vm) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let fuel = vm.fuel_used();
+        let start = Instant::now();
+        let result = call(vm);
+        let elapsed = start.elapsed();
+        self.fuel[phase as usize] += vm.fuel_used() - fuel;
+        self.time[phase as usize] += elapsed;
+        result
+    }
+
+    fn total_time(&self) -> Duration {
+        self.time.iter().sum()
+    }
+}
+
+/// What one flavor's scripts send: built once, cloned into each request outside the timing.
+struct Script {
+    flavor: Flavor,
+    upstream: &'static str,
+    no_credential: Pairs,
+    pay_token: Pairs,
+    l402: Pairs,
+    bad_signature: Pairs,
+    challenge: Reply,
+    /// The ledger's hold for each request of a run, and the charge ids they carry.
+    holds: Vec<Reply>,
+    charge_ids: Vec<String>,
+    settled: Reply,
+}
+
+impl Script {
+    fn new(flavor: Flavor) -> anyhow::Result<Script> {
+        let upstream = match flavor {
+            Flavor::Envoy => LEDGER_CLUSTER,
+            Flavor::Kong => KONG_LEDGER,
+        };
+        let charge_ids: Vec<String> = (0..PER_RUN).map(|i| format!("ch_bench_{i:04}")).collect();
+        let holds = charge_ids
+            .iter()
+            .map(|id| {
+                Reply::json(
+                    200,
+                    &json!({"chargeId": id, "amountUsdc": "0.001", "remainingUsdc": "0.999", "replayed": false}),
+                )
+            })
+            .collect();
+        let results: Vec<Value> =
+            charge_ids.iter().map(|id| json!({"chargeId": id, "status": "committed"})).collect();
+        let challenge = json!({
+            "tokenId": format!("l402_{}", "01".repeat(32)), "macaroon": "AgE=",
+            "invoice": "lnbcrt100n1x", "paymentHash": "00".repeat(32), "budgetUsdc": "0.01",
+            "amountMsat": 10_000, "validUntil": NOW + 3_600, "sandbox": false
+        });
+        Ok(Script {
+            flavor,
+            upstream,
+            no_credential: get(None),
+            pay_token: get(Some(&bearer(TOKEN_SECRET)?)),
+            l402: get(Some(&l402_credential()?)),
+            bad_signature: get(Some(&bearer("not-the-token-secret-0123456789abc")?)),
+            challenge: Reply::json(200, &challenge),
+            holds,
+            charge_ids,
+            settled: Reply::json(200, &json!({ "results": results })),
+        })
+    }
+
+    /// A configured VM for `path`: L402 off only where the path says so.
+    fn vm(&self, path: Path) -> anyhow::Result<Vm> {
+        let mut config = json!({
+            "service_id": "weather",
+            "routes": [{"path_prefix": "/v1/forecast", "price_usdc": "0.001"}],
+            "ledger": {"upstream": self.upstream, "gateway_key": GATEWAY_KEY, "timeout_ms": 800},
+            "pay_token": {"keys": [{"alg": "HS256", "secret": TOKEN_SECRET}]},
+            "l402": {"secret": L402_SECRET, "budget_usdc": "0.01", "sats_per_usdc": 1000},
+        });
+        if path == Path::PayTokensOnly402
+            && let Some(config) = config.as_object_mut()
+        {
+            config.remove("l402");
+        }
+        let mut vm = Vm::load(self.flavor)?;
+        ensure!(vm.configure(config.to_string().as_bytes())?, "config refused: {:?}", vm.logs());
+        Ok(vm)
+    }
+
+    /// The one dispatch made since the last look, checked to go to the ledger at `path`.
+    fn one_call(&self, vm: &mut Vm, path: &str) -> anyhow::Result<Dispatch> {
+        let mut dispatches = vm.take_dispatches();
+        ensure!(dispatches.len() == 1, "expected one dispatch to {path}, got {dispatches:?}");
+        let call = dispatches.remove(0);
+        ensure!(call.upstream == self.upstream && call.path() == path, "unexpected {call:?}");
+        Ok(call)
+    }
+
+    /// `PER_RUN` requests down `path` (and, for paid calls, the settle batch after them).
+    fn run(&self, vm: &mut Vm, path: Path) -> anyhow::Result<Meter> {
+        let mut meter = Meter::default();
+        for i in 0..PER_RUN {
+            match path {
+                Path::ChallengeMinted => self.challenged(vm, &mut meter)?,
+                Path::PayTokensOnly402 => {
+                    self.answered_at_once(vm, &mut meter, &self.no_credential, 402)?
+                }
+                Path::BadSignature => {
+                    self.answered_at_once(vm, &mut meter, &self.bad_signature, 401)?
+                }
+                Path::PayTokenPaid => self.paid(vm, &mut meter, &self.pay_token, i)?,
+                Path::L402Paid => self.paid(vm, &mut meter, &self.l402, i)?,
+            }
+        }
+        if matches!(path, Path::PayTokenPaid | Path::L402Paid) {
+            self.settle(vm, &mut meter)?;
+        }
+        Ok(meter)
+    }
+
+    /// Request headers → challenge dispatch → the ledger's challenge → local 402.
+    fn challenged(&self, vm: &mut Vm, meter: &mut Meter) -> anyhow::Result<()> {
+        let headers = self.no_credential.clone();
+        let (id, action) =
+            meter.measure(vm, Phase::RequestHeaders, |vm| vm.request_headers(headers))?;
+        ensure!(action == Action::Pause, "not paused for the challenge");
+        let call = self.one_call(vm, CHALLENGES)?;
+        let reply = self.challenge.clone();
+        meter.measure(vm, Phase::LedgerReply, |vm| vm.reply(call.token, reply))?;
+        let stream = vm.stream(id).context("no stream")?;
+        let response = stream.local_response.as_ref().context("no local response")?;
+        let challenges = response.headers_named("www-authenticate");
+        ensure!(
+            response.status == 402 && challenges.len() == 2 && challenges[0].starts_with("L402 "),
+            "not a 402 with an L402 challenge: {response:?}"
+        );
+        self.end(vm, meter, id)
+    }
+
+    /// Request headers → local response `status`, without a dispatch.
+    fn answered_at_once(
+        &self,
+        vm: &mut Vm,
+        meter: &mut Meter,
+        headers: &Pairs,
+        status: u32,
+    ) -> anyhow::Result<()> {
+        let headers = headers.clone();
+        let (id, _) = meter.measure(vm, Phase::RequestHeaders, |vm| vm.request_headers(headers))?;
+        let dispatches = vm.take_dispatches();
+        ensure!(dispatches.is_empty(), "unexpected dispatches {dispatches:?}");
+        let stream = vm.stream(id).context("no stream")?;
+        let response = stream.local_response.as_ref().context("no local response")?;
+        ensure!(response.status == status, "expected {status}, got {response:?}");
+        ensure!(stream.resumed == 0, "a refused request was resumed");
+        self.end(vm, meter, id)
+    }
+
+    /// Request headers → reserve dispatch → hold → response headers 200 → end of stream.
+    fn paid(
+        &self,
+        vm: &mut Vm,
+        meter: &mut Meter,
+        headers: &Pairs,
+        i: usize,
+    ) -> anyhow::Result<()> {
+        let headers = headers.clone();
+        let (id, action) =
+            meter.measure(vm, Phase::RequestHeaders, |vm| vm.request_headers(headers))?;
+        ensure!(action == Action::Pause, "not paused for the reserve");
+        let call = self.one_call(vm, HOLDS)?;
+        let hold = self.holds[i].clone();
+        meter.measure(vm, Phase::LedgerReply, |vm| vm.reply(call.token, hold))?;
+        let stream = vm.stream(id).context("no stream")?;
+        ensure!(
+            stream.resumed == 1 && stream.local_response.is_none(),
+            "the held request was not forwarded: {:?}",
+            stream.local_response
+        );
+        let charge_id = &self.charge_ids[i];
+        ensure!(stream.request_header("x-charge-id").as_ref() == Some(charge_id), "no charge id");
+        let response = pairs(&[(":status", "200")]);
+        let action =
+            meter.measure(vm, Phase::ResponseHeaders, |vm| vm.response_headers(id, response))?;
+        ensure!(action == Action::Continue, "response headers paused");
+        let stream = vm.stream(id).context("no stream")?;
+        ensure!(
+            stream.response_header("x-amount-usdc").as_deref() == Some("0.001000"),
+            "no charge reported: {:?}",
+            stream.response_headers
+        );
+        ensure!(vm.take_dispatches().is_empty(), "a dispatch outside the tick");
+        self.end(vm, meter, id)
+    }
+
+    fn end(&self, vm: &mut Vm, meter: &mut Meter, id: u32) -> anyhow::Result<()> {
+        meter.measure(vm, Phase::End, |vm| vm.end(id))?;
+        ensure!(vm.stream(id).is_some_and(|s| s.ended), "stream {id} not ended");
+        Ok(())
+    }
+
+    /// The tick that sends the run's commits, and the ledger's acknowledgement.
+    fn settle(&self, vm: &mut Vm, meter: &mut Meter) -> anyhow::Result<()> {
+        meter.measure(vm, Phase::Settle, Vm::tick)?;
+        let call = self.one_call(vm, SETTLE)?;
+        let settlements = call.json()["settlements"].as_array().cloned().unwrap_or_default();
+        let committed = settlements
+            .iter()
+            .zip(&self.charge_ids)
+            .all(|(s, id)| s["chargeId"].as_str() == Some(id.as_str()) && s["outcome"] == "commit");
+        ensure!(settlements.len() == PER_RUN && committed, "unexpected batch {settlements:?}");
+        let reply = self.settled.clone();
+        meter.measure(vm, Phase::Settle, |vm| vm.reply(call.token, reply))?;
+        // Acknowledged: the next tick has nothing to send (a tick's cost, not a request's).
+        vm.tick()?;
+        ensure!(vm.take_dispatches().is_empty(), "an acknowledged batch was sent again");
+        Ok(())
+    }
+}
+
+fn get(authorization: Option<&str>) -> Pairs {
+    let mut headers = pairs(&[
+        (":method", "GET"),
+        (":path", "/v1/forecast/oslo"),
+        (":authority", "api.test"),
+        (":scheme", "https"),
+        ("user-agent", "paystile-bench/1"),
+        ("accept", "application/json"),
+    ]);
+    if let Some(authorization) = authorization {
+        headers.push((b"authorization".to_vec(), authorization.as_bytes().to_vec()));
+    }
+    headers
+}
+
+fn bearer(secret: &str) -> anyhow::Result<String> {
+    let claims = PayTokenClaims {
+        sub: "agent".into(),
+        jti: "tok_bench".into(),
+        service_id: Some("weather".into()),
+        limit_usdc: "1".parse()?,
+        scope: Scope::Single,
+        buyer_tag: None,
+        exp: NOW + 3_600,
+        iat: None,
+        nbf: None,
+        iss: None,
+        aud: None,
+    };
+    Ok(format!("Bearer {}", pay_token::sign(&claims, &Key::hs256(secret))))
+}
+
+fn l402_credential() -> anyhow::Result<String> {
+    let preimage = [4u8; 32];
+    let identifier =
+        Identifier { payment_hash: Sha256::digest(preimage).into(), token_id: [8; 32] };
+    let offer = Offer {
+        service_id: "weather".into(),
+        valid_until: NOW + 3_600,
+        budget: "0.01".parse()?,
+        capabilities: vec![],
+        sandbox: false,
+    };
+    let macaroon = l402::mint(L402_SECRET.as_bytes(), &identifier, &offer);
+    Ok(format!("L402 {}:{}", l402::encode_macaroon(&macaroon), hex::encode(preimage)))
+}
+
+/// One path's figures: the run with the median wall time, and the spread of the runs.
+struct Row {
+    flavor: Flavor,
+    path: Path,
+    median: Meter,
+    fastest: Duration,
+    slowest: Duration,
+    fuel_varies: bool,
+}
+
+fn measure(script: &Script, path: Path) -> anyhow::Result<Row> {
+    let mut vm = script.vm(path)?;
+    ensure!(vm.now() == Duration::from_secs(NOW), "the host's clock moved: {:?}", vm.now());
+    for _ in 0..WARM_UP_RUNS {
+        script.run(&mut vm, path)?;
+    }
+    let mut runs = Vec::with_capacity(RUNS);
+    for _ in 0..RUNS {
+        runs.push(script.run(&mut vm, path)?);
+    }
+    ensure!(vm.unimplemented_calls().is_empty(), "{:?}", vm.unimplemented_calls());
+    let fuel_varies = runs.iter().any(|run| run.fuel != runs[0].fuel);
+    runs.sort_by_key(Meter::total_time);
+    let (Some(first), Some(last)) = (runs.first(), runs.last()) else { bail!("no runs") };
+    Ok(Row {
+        flavor: script.flavor,
+        path,
+        median: runs[runs.len() / 2],
+        fastest: first.total_time(),
+        slowest: last.total_time(),
+        fuel_varies,
+    })
+}
+
+/// Per-request figures, with `PER_RUN` requests a run.
+fn per_request_fuel(fuel: u64) -> String {
+    let fuel = fuel / PER_RUN as u64;
+    if fuel == 0 { "–".to_owned() } else { thousands(fuel) }
+}
+
+fn per_request_micros(time: Duration) -> String {
+    if time.is_zero() {
+        "–".to_owned()
+    } else {
+        format!("{:.2}", time.as_secs_f64() * 1e6 / PER_RUN as f64)
+    }
+}
+
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+fn print_tables(rows: &[Row]) {
+    let phases: Vec<&str> = PHASES.iter().map(|(_, name)| *name).collect();
+    println!("### Wasm fuel per request (≈ wasm instructions executed)\n");
+    println!("| gateway | path | total | {} |", phases.join(" | "));
+    println!("|---|---|--:|{}", "--:|".repeat(PHASES.len()));
+    for row in rows {
+        let total: u64 = row.median.fuel.iter().sum();
+        let split: Vec<String> = row.median.fuel.iter().map(|f| per_request_fuel(*f)).collect();
+        let mark = if row.fuel_varies { " (varies between runs)" } else { "" };
+        println!(
+            "| {:?} | {} | {}{mark} | {} |",
+            row.flavor,
+            row.path.name(),
+            per_request_fuel(total),
+            split.join(" | ")
+        );
+    }
+    println!(
+        "\n### Wall time per request, µs (median of {RUNS} runs of {PER_RUN} requests; fastest–slowest run)\n"
+    );
+    println!("| gateway | path | total | runs | {} |", phases.join(" | "));
+    println!("|---|---|--:|--:|{}", "--:|".repeat(PHASES.len()));
+    for row in rows {
+        let split: Vec<String> = row.median.time.iter().map(|t| per_request_micros(*t)).collect();
+        println!(
+            "| {:?} | {} | {} | {}–{} | {} |",
+            row.flavor,
+            row.path.name(),
+            per_request_micros(row.median.total_time()),
+            per_request_micros(row.fastest),
+            per_request_micros(row.slowest),
+            split.join(" | ")
+        );
+    }
+    println!(
+        "\nSettle share: the tick sending the batch of {PER_RUN} commits plus the ledger's reply, \
+         divided by {PER_RUN}. A dash: the path has no such phase."
+    );
+}
+
+fn main() -> anyhow::Result<()> {
+    let started = Instant::now();
+    // Compiles the module once for the process, before anything is timed.
+    drop(Vm::load(Flavor::Envoy)?);
+    let compiled = started.elapsed();
+    let mut rows = Vec::new();
+    for flavor in [Flavor::Envoy, Flavor::Kong] {
+        let script = Script::new(flavor)?;
+        for path in PATHS {
+            let row =
+                measure(&script, path).with_context(|| format!("{flavor:?}: {}", path.name()))?;
+            rows.push(row);
+        }
+    }
+    print_tables(&rows);
+    println!(
+        "\nModule compiled in {:.2} s; whole bench {:.1} s.",
+        compiled.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
