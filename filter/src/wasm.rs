@@ -41,11 +41,14 @@ struct Root {
     queue: Rc<RefCell<SettleQueue>>,
     /// The dispatch token and batch id of the settle call this root has in flight.
     settling: Option<(u32, u64)>,
+    /// The tick period asked for. Kong traps on a second `set_tick_period` for one root
+    /// context, so a reconfiguration asks again only if the interval changed.
+    tick_period: Option<Duration>,
 }
 
 impl Root {
     fn new() -> Root {
-        Root { gate: None, queue: SETTLE_QUEUE.with(Rc::clone), settling: None }
+        Root { gate: None, queue: SETTLE_QUEUE.with(Rc::clone), settling: None, tick_period: None }
     }
 }
 
@@ -59,7 +62,10 @@ impl RootContext for Root {
                     config.routes.len(),
                     config.service_id
                 );
-                self.set_tick_period(config.ledger.settle_interval);
+                let period = config.ledger.settle_interval;
+                if self.tick_period.replace(period) != Some(period) {
+                    self.set_tick_period(period);
+                }
                 self.gate = Some(Rc::new(Gate::new(config)));
                 true
             }

@@ -121,7 +121,7 @@ fn kong_refuses_pause_and_dispatch_while_response_headers_are_processed() {
     let mut kong = Vm::load_bytes(&wasm, Flavor::Kong).unwrap();
     let (id, _) = kong.request_headers(request()).unwrap();
     let error = kong.response_headers(id, pairs::pairs(&[(":status", "200")])).unwrap_err();
-    assert!(format!("{error:#}").contains("not allowed in on_response_headers"), "{error:#}");
+    assert!(format!("{error:#}").contains("not allowed in ResponseHeaders"), "{error:#}");
 }
 
 #[test]

@@ -107,6 +107,9 @@ pub(super) fn link(linker: &mut Linker<HostState>, module: &Module) -> Result<()
         }
         linker.func_new("env", &name.clone(), ty, move |mut caller, _params, results| {
             let state = caller.data_mut();
+            if state.phase == Phase::Initializing {
+                bail!("{name} called during _initialize");
+            }
             state.unimplemented.push(name.clone());
             if state.flavor == Flavor::Kong && KONG_NYI.contains(&name.as_str()) {
                 bail!("host trap (function not yet implemented): {name}");
@@ -151,7 +154,12 @@ fn set_tick_period(mut caller: Ctx<'_>, millis: i32) -> Result<i32> {
     if let Some(status) = enter(&mut caller, "proxy_set_tick_period_milliseconds")? {
         return Ok(status);
     }
-    caller.data_mut().tick_period = Duration::from_millis(millis as u32 as u64);
+    let state = caller.data_mut();
+    if state.flavor == Flavor::Kong && state.tick_set {
+        bail!("Kong: tick_period already set");
+    }
+    state.tick_set = true;
+    state.tick_period = Duration::from_millis(millis as u32 as u64);
     Ok(status::OK)
 }
 
@@ -170,7 +178,7 @@ fn get_buffer_bytes(
     let buffer = match kind {
         buffer::PLUGIN_CONFIGURATION => Some(state.plugin_config.clone()),
         buffer::VM_CONFIGURATION => Some(Vec::new()),
-        buffer::HTTP_CALL_RESPONSE_BODY => state.call_response.as_ref().map(|(_, b)| b.clone()),
+        buffer::HTTP_CALL_RESPONSE_BODY => state.call_body.clone(),
         _ => None,
     };
     let Some(buffer) = buffer else { return Ok(status::NOT_FOUND) };
@@ -180,19 +188,35 @@ fn get_buffer_bytes(
     give(&mut caller, &buffer[start..end], ret_ptr, ret_len)
 }
 
-/// The header map `map` of the effective context, if it exists.
+/// The header map `map` of the effective context, if it is there to be used. As in Envoy,
+/// request headers are gone once the request went on (or was answered), response headers
+/// exist only in their callback, and a dispatch's response headers only in its callback and
+/// not after a reset: using them then is BAD_ARGUMENT, on which the SDK panics.
 fn header_map(state: &mut HostState, map: i32) -> Option<&mut Pairs> {
+    let phase = state.phase;
     match map {
-        map::REQUEST_HEADERS => state.stream().map(|s| &mut s.request_headers),
-        map::RESPONSE_HEADERS => state.stream().map(|s| &mut s.response_headers),
-        map::HTTP_CALL_RESPONSE_HEADERS => state.call_response.as_mut().map(|(h, _)| h),
+        map::REQUEST_HEADERS => {
+            state.stream().filter(|s| s.request_headers_open).map(|s| &mut s.request_headers)
+        }
+        map::RESPONSE_HEADERS if phase == Phase::ResponseHeaders => {
+            state.stream().map(|s| &mut s.response_headers)
+        }
+        map::HTTP_CALL_RESPONSE_HEADERS => state.call_headers.as_mut(),
         _ => None,
     }
+}
+
+/// Trailers: this host never has any; Envoy answers an empty map.
+fn is_trailers(map: i32) -> bool {
+    matches!(map, 1 | 3 | 7)
 }
 
 fn get_header_map_pairs(mut caller: Ctx<'_>, map: i32, ret_ptr: i32, ret_len: i32) -> Result<i32> {
     if let Some(status) = enter(&mut caller, "proxy_get_header_map_pairs")? {
         return Ok(status);
+    }
+    if is_trailers(map) {
+        return give(&mut caller, &[], ret_ptr, ret_len);
     }
     let Some(headers) = header_map(caller.data_mut(), map) else {
         return Ok(status::BAD_ARGUMENT);
@@ -350,6 +374,7 @@ fn send_local_response(
     };
     let Some(headers) = pairs::deserialize(&headers) else { return Ok(status::BAD_ARGUMENT) };
     let flavor = caller.data().flavor;
+    let id = caller.data().effective;
     let Some(stream) = caller.data_mut().stream() else { return Ok(status::BAD_ARGUMENT) };
     if stream.local_response.is_some() {
         // Kong traps ("local response already stashed"); Envoy hangs the client (#28826).
@@ -357,6 +382,9 @@ fn send_local_response(
     }
     stream.local_response =
         Some(LocalResponse { status: status_code as u32, details, headers, body });
+    stream.paused = false;
+    stream.request_headers_open = false;
+    caller.data_mut().local_replies_due.push(id);
     Ok(status::OK)
 }
 
@@ -370,11 +398,14 @@ fn continue_stream(mut caller: Ctx<'_>, stream_type: i32) -> Result<i32> {
         return Ok(status::BAD_ARGUMENT);
     }
     match caller.data_mut().stream() {
-        Some(stream) => {
+        // Resuming a request that is not paused is a filter bug (Envoy asserts on it).
+        Some(stream) if stream.paused => {
+            stream.paused = false;
+            stream.request_headers_open = false;
             stream.resumed += 1;
             Ok(status::OK)
         }
-        None => Ok(status::BAD_ARGUMENT),
+        _ => Ok(status::BAD_ARGUMENT),
     }
 }
 
@@ -405,8 +436,12 @@ fn http_call(
     let Some(headers) = pairs::deserialize(&headers) else { return Ok(status::BAD_ARGUMENT) };
     let upstream = String::from_utf8_lossy(&upstream).into_owned();
     let state = caller.data();
-    if state.flavor == Flavor::Kong && state.phase == Phase::ResponseHeaders {
-        bail!("Kong: dispatch_http_call is not allowed in on_response_headers");
+    // ngx_wasm_module dispatches from request headers (and body), ticks and dispatch
+    // callbacks only; elsewhere (response headers, on_log, on_configure) it refuses.
+    let kong_allows =
+        matches!(state.phase, Phase::RequestHeaders | Phase::Tick | Phase::CallResponse);
+    if state.flavor == Flavor::Kong && !kong_allows {
+        bail!("Kong: dispatch_http_call is not allowed in {:?}", state.phase);
     }
     let has = |name: &str| headers.iter().any(|(k, _)| k == name.as_bytes());
     let target_known = match state.flavor {
@@ -425,8 +460,11 @@ fn http_call(
     let state = caller.data_mut();
     let token = state.next_token;
     state.next_token += 1;
+    let context = state.effective;
+    state.pending.insert(token, context);
     state.dispatches.push(Dispatch {
         token,
+        context,
         upstream,
         headers,
         body,

@@ -72,6 +72,11 @@ pub struct Stream {
     pub resumed: u32,
     /// `on_done`, `on_log` and `on_delete` have run.
     pub ended: bool,
+    /// Paused by its request-headers callback and not resumed yet.
+    paused: bool,
+    /// The request headers can still be read and changed: until the filter lets the request
+    /// go (Continue, a resume or a local response), as in Envoy.
+    request_headers_open: bool,
 }
 
 impl Stream {
@@ -88,6 +93,8 @@ impl Stream {
 #[derive(Clone, Debug)]
 pub struct Dispatch {
     pub token: u32,
+    /// The context the dispatch was made from (the root for the tick's settle calls).
+    pub context: u32,
     pub upstream: String,
     pub headers: Pairs,
     pub body: Vec<u8>,
@@ -112,7 +119,7 @@ impl Dispatch {
 #[derive(Clone, Debug)]
 pub enum Reply {
     /// An HTTP answer. Envoy reports its own timeouts and unreachable clusters this way too
-    /// (504, 503).
+    /// (504, 503); Kong reports them as a reset.
     Answer { status: u16, headers: Pairs, body: Vec<u8> },
     /// No answer at all (reset, refused connection): the callback gets zero headers.
     Reset,
@@ -132,15 +139,20 @@ impl Reply {
     }
 }
 
-/// The hostcall the guest is inside, for the rules that depend on it.
+/// The callback the guest is in, for the rules that depend on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     /// `_initialize`: only `proxy_log` and WASI may be called (as Envoy enforces).
     Initializing,
-    RootCallback,
+    /// Between callbacks.
+    Idle,
+    /// Context creation, `on_vm_start`, `on_configure`.
+    Setup,
     RequestHeaders,
     ResponseHeaders,
     StreamEnd,
+    Tick,
+    CallResponse,
 }
 
 /// What the host keeps; the hostcalls in `abi.rs` read and change it.
@@ -155,11 +167,19 @@ struct HostState {
     effective: u32,
     plugin_config: Vec<u8>,
     streams: BTreeMap<u32, Stream>,
-    /// The response of the dispatch whose callback is running.
-    call_response: Option<(Pairs, Vec<u8>)>,
+    /// The response headers and body of the dispatch whose callback is running; none after a
+    /// reset, as in Envoy (reading them is then an error).
+    call_headers: Option<Pairs>,
+    call_body: Option<Vec<u8>>,
     dispatches: Vec<Dispatch>,
+    /// Dispatches not answered yet, with the context that made them.
+    pending: BTreeMap<u32, u32>,
     next_token: u32,
     tick_period: Duration,
+    /// Whether the root has set a tick period (Kong traps on a second one).
+    tick_set: bool,
+    /// Streams answered locally whose reply has not been through the response callback yet.
+    local_replies_due: Vec<u32>,
     now: Duration,
     logs: Vec<(u32, String)>,
     stdio: Vec<u8>,
@@ -203,6 +223,9 @@ pub struct Vm {
     store: Store<HostState>,
     exports: Exports,
     next_context: u32,
+    /// Why the VM is dead: a trap. Envoy fails such a VM, Kong replaces the instance; either
+    /// way it is never called again.
+    failed: Option<String>,
 }
 
 /// Fuel given to a VM: far more than any test spends, and counted down by every instruction.
@@ -265,10 +288,14 @@ impl Vm {
             effective: ROOT_ID,
             plugin_config: Vec::new(),
             streams: BTreeMap::new(),
-            call_response: None,
+            call_headers: None,
+            call_body: None,
             dispatches: Vec::new(),
+            pending: BTreeMap::new(),
             next_token: 1,
             tick_period: Duration::ZERO,
+            tick_set: false,
+            local_replies_due: Vec::new(),
             now: Duration::from_secs(1_900_000_000),
             logs: Vec::new(),
             stdio: Vec::new(),
@@ -286,8 +313,8 @@ impl Vm {
             .get_typed_func::<(), ()>(&mut store, "_initialize")?
             .call(&mut store, ())
             .context("_initialize")?;
-        let mut vm = Vm { store, exports, next_context: ROOT_ID + 1 };
-        vm.in_phase(Phase::RootCallback, ROOT_ID, |vm| {
+        let mut vm = Vm { store, exports, next_context: ROOT_ID + 1, failed: None };
+        vm.in_phase(Phase::Setup, ROOT_ID, |vm| {
             let root = ROOT_ID as i32;
             vm.exports.context_create.call(&mut vm.store, (root, 0))?;
             match vm.exports.vm_start.call(&mut vm.store, (root, 0))? {
@@ -302,7 +329,7 @@ impl Vm {
     pub fn configure(&mut self, config: &[u8]) -> anyhow::Result<bool> {
         self.store.data_mut().plugin_config = config.to_vec();
         let size = len_i32(config.len());
-        self.in_phase(Phase::RootCallback, ROOT_ID, |vm| {
+        self.in_phase(Phase::Setup, ROOT_ID, |vm| {
             Ok(vm.exports.configure.call(&mut vm.store, (ROOT_ID as i32, size))? != 0)
         })
     }
@@ -313,24 +340,38 @@ impl Vm {
         let id = self.next_context;
         self.next_context += 1;
         let count = len_i32(headers.len());
-        self.store
-            .data_mut()
-            .streams
-            .insert(id, Stream { request_headers: headers, ..Stream::default() });
-        self.in_phase(Phase::RootCallback, id, |vm| {
+        let stream =
+            Stream { request_headers: headers, request_headers_open: true, ..Stream::default() };
+        self.store.data_mut().streams.insert(id, stream);
+        self.in_phase(Phase::Setup, id, |vm| {
             vm.exports.context_create.call(&mut vm.store, (id as i32, ROOT_ID as i32))
         })?;
         let action = self.in_phase(Phase::RequestHeaders, id, |vm| {
-            // Kong's `eof` is always false in header callbacks; so is Envoy's for a GET here.
-            vm.exports.request_headers.call(&mut vm.store, (id as i32, count, 0))
+            // A GET without a body: Envoy says end of stream; Kong always says false.
+            let end_of_stream = i32::from(vm.store.data().flavor == Flavor::Envoy);
+            vm.exports.request_headers.call(&mut vm.store, (id as i32, count, end_of_stream))
         })?;
-        Ok((id, action_of(action)?))
+        let action = action_of(action)?;
+        let stream = self.stream_mut(id)?;
+        let answered = stream.local_response.is_some();
+        stream.paused = action == Action::Pause && !answered;
+        stream.request_headers_open = stream.paused;
+        self.deliver_local_responses()?;
+        Ok((id, action))
     }
 
     /// The upstream's (or the gateway's) response headers for stream `id`.
     pub fn response_headers(&mut self, id: u32, headers: Pairs) -> anyhow::Result<Action> {
-        let count = len_i32(headers.len());
-        self.stream_mut(id)?.response_headers = headers;
+        let stream = self.stream_mut(id)?;
+        if stream.ended {
+            bail!("stream {id} has ended");
+        }
+        stream.response_headers = headers;
+        self.run_response_headers(id)
+    }
+
+    fn run_response_headers(&mut self, id: u32) -> anyhow::Result<Action> {
+        let count = len_i32(self.stream_mut(id)?.response_headers.len());
         let action = self.in_phase(Phase::ResponseHeaders, id, |vm| {
             vm.exports.response_headers.call(&mut vm.store, (id as i32, count, 0))
         })?;
@@ -341,17 +382,42 @@ impl Vm {
         Ok(action)
     }
 
-    /// The stream is over (answered, reset or abandoned): `proxy_on_done`, `proxy_on_log`,
-    /// `proxy_on_delete`, in that order.
+    /// Envoy runs the encoder callbacks on a local reply once the callback that sent it
+    /// returns: the filter's `on_response_headers` sees it like an upstream response.
+    fn deliver_local_responses(&mut self) -> anyhow::Result<()> {
+        let due = std::mem::take(&mut self.store.data_mut().local_replies_due);
+        for id in due {
+            let Some(response) = self.stream_mut(id)?.local_response.clone() else { continue };
+            let mut headers = vec![(b":status".to_vec(), response.status.to_string().into_bytes())];
+            headers.extend(response.headers);
+            self.stream_mut(id)?.response_headers = headers;
+            self.run_response_headers(id)?;
+        }
+        Ok(())
+    }
+
+    /// The stream is over (answered, reset or abandoned): `proxy_on_log`, `proxy_on_done`
+    /// and `proxy_on_delete` in Envoy's order; Kong calls `on_done` first. Kong also cancels
+    /// the stream's pending dispatches.
     pub fn end(&mut self, id: u32) -> anyhow::Result<()> {
-        self.stream_mut(id)?;
+        if self.stream_mut(id)?.ended {
+            bail!("stream {id} has ended already");
+        }
         self.in_phase(Phase::StreamEnd, id, |vm| {
             let ctx = id as i32;
-            vm.exports.done.call(&mut vm.store, ctx)?;
-            vm.exports.log.call(&mut vm.store, ctx)?;
-            vm.exports.delete.call(&mut vm.store, ctx)?;
-            Ok(())
+            if vm.store.data().flavor == Flavor::Kong {
+                vm.exports.done.call(&mut vm.store, ctx)?;
+                vm.exports.log.call(&mut vm.store, ctx)?;
+            } else {
+                vm.exports.log.call(&mut vm.store, ctx)?;
+                vm.exports.done.call(&mut vm.store, ctx)?;
+            }
+            vm.exports.delete.call(&mut vm.store, ctx)
         })?;
+        let state = self.store.data_mut();
+        if state.flavor == Flavor::Kong {
+            state.pending.retain(|_, context| *context != id);
+        }
         self.stream_mut(id)?.ended = true;
         Ok(())
     }
@@ -364,25 +430,38 @@ impl Vm {
     /// Delivers the outcome of dispatch `token` to the root context, as Envoy does (the SDK
     /// then switches to the stream that made it, if it still exists).
     pub fn reply(&mut self, token: u32, reply: Reply) -> anyhow::Result<()> {
+        if self.store.data_mut().pending.remove(&token).is_none() {
+            bail!("no pending dispatch {token} (answered, cancelled or never made)");
+        }
         let (headers, body) = match reply {
             Reply::Answer { status, mut headers, body } => {
                 headers.insert(0, (b":status".to_vec(), status.to_string().into_bytes()));
-                (headers, body)
+                (Some(headers), Some(body))
             }
-            Reply::Reset => (Vec::new(), Vec::new()),
+            Reply::Reset => (None, None),
         };
-        let args = (ROOT_ID as i32, token as i32, len_i32(headers.len()), len_i32(body.len()), 0);
-        self.store.data_mut().call_response = Some((headers, body));
-        let result = self.in_phase(Phase::RootCallback, ROOT_ID, |vm| {
+        let header_count = headers.as_ref().map_or(0, Vec::len);
+        let body_size = body.as_ref().map_or(0, Vec::len);
+        let args = (ROOT_ID as i32, token as i32, len_i32(header_count), len_i32(body_size), 0);
+        let state = self.store.data_mut();
+        state.call_headers = headers;
+        state.call_body = body;
+        let result = self.in_phase(Phase::CallResponse, ROOT_ID, |vm| {
             vm.exports.http_call_response.call(&mut vm.store, args)
         });
-        self.store.data_mut().call_response = None;
-        result
+        let state = self.store.data_mut();
+        state.call_headers = None;
+        state.call_body = None;
+        result?;
+        self.deliver_local_responses()
     }
 
     /// Fires the root context's tick (as the host does every tick period).
     pub fn tick(&mut self) -> anyhow::Result<()> {
-        self.in_phase(Phase::RootCallback, ROOT_ID, |vm| {
+        if self.store.data().tick_period.is_zero() {
+            bail!("no tick period is set: the host would not tick");
+        }
+        self.in_phase(Phase::Tick, ROOT_ID, |vm| {
             vm.exports.tick.call(&mut vm.store, ROOT_ID as i32)
         })
     }
@@ -445,20 +524,25 @@ impl Vm {
     }
 
     /// Runs a guest callback for `context` in `phase`, then restores the host's idle state.
+    /// A trap kills the VM: it is never called again.
     fn in_phase<T>(
         &mut self,
         phase: Phase,
         context: u32,
-        call: impl FnOnce(&mut Vm) -> anyhow::Result<T>,
+        call: impl FnOnce(&mut Vm) -> wasmtime::Result<T>,
     ) -> anyhow::Result<T> {
+        if let Some(reason) = &self.failed {
+            bail!("the VM trapped earlier and is dead: {reason}");
+        }
         let state = self.store.data_mut();
         state.phase = phase;
         state.effective = context;
         let result = call(self);
         let state = self.store.data_mut();
-        state.phase = Phase::RootCallback;
+        state.phase = Phase::Idle;
         state.effective = state.root_id;
         result.map_err(|e| {
+            self.failed = Some(format!("{e:#}"));
             let stdio = String::from_utf8_lossy(&self.store.data().stdio).into_owned();
             if stdio.is_empty() { e } else { e.context(format!("guest output: {stdio}")) }
         })
