@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::store::{
-    ChargeRecord, ReserveCommand, ReserveOutcome, SqliteStore, StoreError, TokenRecord, UnixMillis,
+    ChargeRecord, ReserveCommand, ReserveOutcome, Store, StoreError, TokenRecord, UnixMillis,
 };
 
 /// The most settlements accepted in one request.
@@ -54,13 +54,13 @@ pub struct Limits {
 }
 
 pub struct Ledger {
-    store: SqliteStore,
+    store: Store,
     issuer: Option<TokenIssuer>,
     limits: Limits,
 }
 
 impl Ledger {
-    pub fn new(store: SqliteStore, issuer: Option<TokenIssuer>, limits: Limits) -> Ledger {
+    pub fn new(store: Store, issuer: Option<TokenIssuer>, limits: Limits) -> Ledger {
         Ledger { store, issuer, limits }
     }
 

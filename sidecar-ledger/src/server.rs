@@ -12,14 +12,13 @@ use crate::challenge::ChallengeMinter;
 use crate::http::{self, ApiKey};
 use crate::invoice::InvoiceBackend;
 use crate::ledger::{Ledger, Limits, TokenIssuer};
-use crate::settings::{Database, Settings};
-use crate::store::SqliteStore;
+use crate::settings::Settings;
+use crate::store::Store;
 
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
-    let store = match &settings.database {
-        Database::Sqlite(path) => SqliteStore::open(path)
-            .with_context(|| format!("cannot open the ledger database {}", path.display()))?,
-    };
+    let store = Store::open(&settings.database)
+        .await
+        .with_context(|| format!("cannot open the ledger database {:?}", settings.database))?;
     let issuer = settings.token.as_ref().map(|token| {
         let key = Key::hs256(token.secret.expose().as_bytes());
         TokenIssuer {
