@@ -273,6 +273,10 @@ fn check_len(field: &str, value: &str) -> Result<(), LedgerError> {
     if value.len() > MAX_ID_LEN {
         return Err(LedgerError::Invalid(format!("{field} is longer than {MAX_ID_LEN} bytes")));
     }
+    // Ids end up in logs and CSV, and PostgreSQL's text cannot hold NUL at all.
+    if value.chars().any(char::is_control) {
+        return Err(LedgerError::Invalid(format!("{field} must not contain control characters")));
+    }
     Ok(())
 }
 

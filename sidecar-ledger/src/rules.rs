@@ -1,7 +1,7 @@
 //! The ledger's money rules, as pure decisions over records a store has loaded.
 //!
 //! A store loads the rows, asks these functions, and writes what they answer, all inside
-//! one transaction. Keeping the rules here keeps every store (SQLite today) to the same
+//! one transaction. Keeping the rules here keeps every store (SQLite, PostgreSQL) to the same
 //! semantics and makes them testable without a database.
 
 use paystile_protocol::ledger_api::{ChargeStatus, Outcome, SettleStatus};

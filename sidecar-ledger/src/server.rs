@@ -18,7 +18,7 @@ use crate::store::Store;
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let store = Store::open(&settings.database)
         .await
-        .with_context(|| format!("cannot open the ledger database {:?}", settings.database))?;
+        .with_context(|| format!("cannot open the ledger database {}", settings.database))?;
     let issuer = settings.token.as_ref().map(|token| {
         let key = Key::hs256(token.secret.expose().as_bytes());
         TokenIssuer {
@@ -64,7 +64,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         tracing::warn!(%address, "listening beyond loopback: keep the ledger's port private");
     }
     tokio::spawn(sweep_expired_holds(ledger.clone(), settings.sweep_interval));
-    tracing::info!(%address, database = ?settings.database, "ledger ready");
+    tracing::info!(%address, database = %settings.database, "ledger ready");
     // The one line on stdout: scripts (and the test harness) wait for it.
     println!("paystile-ledger listening on http://{address}");
 

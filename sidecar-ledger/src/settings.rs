@@ -25,8 +25,9 @@ pub struct Options {
     /// Address to listen on. Loopback by default: the filter's gateway runs beside it.
     #[arg(long, env = "PAYSTILE_LEDGER_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Where the ledger keeps its books: sqlite://<path> (the file is created if missing).
-    #[arg(long, env = "PAYSTILE_LEDGER_DATABASE_URL")]
+    /// Where the ledger keeps its books: sqlite://<path> (the file is created if missing), or
+    /// postgres://[user[:password]@]host[:port]/dbname (its schema is migrated on start).
+    #[arg(long, env = "PAYSTILE_LEDGER_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// Key for the admin API (Authorization: Bearer <key>). Required.
     #[arg(long, env = "PAYSTILE_ADMIN_KEY", hide_env_values = true)]
@@ -118,9 +119,109 @@ impl fmt::Debug for Secret {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Where the books are, chosen by the database URL's scheme.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Database {
     Sqlite(PathBuf),
+    Postgres(PostgresUrl),
+}
+
+/// Shown without any password: the server logs it.
+impl fmt::Display for Database {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Database::Sqlite(path) => write!(f, "sqlite://{}", path.display()),
+            Database::Postgres(url) => fmt::Display::fmt(url, f),
+        }
+    }
+}
+
+impl fmt::Debug for Database {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Database::Sqlite(path) => f.debug_tuple("Sqlite").field(path).finish(),
+            Database::Postgres(url) => f.debug_tuple("Postgres").field(url).finish(),
+        }
+    }
+}
+
+/// A `postgres://` or `postgresql://` URL, as libpq reads it (user, password, hosts, ports,
+/// database name, and parameters such as `connect_timeout` or `application_name`). It may
+/// carry a password, so it shows only as `postgres://user@host:port/dbname`.
+#[derive(Clone)]
+pub struct PostgresUrl {
+    url: Secret,
+    /// Boxed: it is large, and `Database` is mostly SQLite.
+    config: Box<tokio_postgres::Config>,
+}
+
+impl PostgresUrl {
+    /// Parses `url`; the error never repeats it (it may hold a password).
+    pub fn parse(url: &str) -> Result<PostgresUrl, String> {
+        if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+            return Err("expected postgres://[user[:password]@]host[:port]/dbname".into());
+        }
+        let config: Box<tokio_postgres::Config> =
+            Box::new(url.parse().map_err(|e: tokio_postgres::Error| {
+                // The causes name options, never their values.
+                format!("not a valid PostgreSQL URL: {}", crate::store::error_chain(&e))
+            })?);
+        // No TLS connector is built in yet: say so now rather than at the first connection.
+        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            return Err("sslmode=require: this ledger connects without TLS (yet)".into());
+        }
+        if config.get_dbname().is_none() {
+            return Err("the PostgreSQL URL names no database (postgres://host/dbname)".into());
+        }
+        Ok(PostgresUrl { url: Secret(url.to_owned()), config })
+    }
+
+    /// The connection settings, password included.
+    pub fn config(&self) -> &tokio_postgres::Config {
+        &self.config
+    }
+}
+
+impl PartialEq for PostgresUrl {
+    fn eq(&self, other: &PostgresUrl) -> bool {
+        self.url == other.url
+    }
+}
+
+impl Eq for PostgresUrl {}
+
+impl fmt::Display for PostgresUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use tokio_postgres::config::Host;
+        let config = &self.config;
+        f.write_str("postgres://")?;
+        if let Some(user) = config.get_user() {
+            write!(f, "{user}@")?;
+        }
+        let ports = config.get_ports();
+        for (i, host) in config.get_hosts().iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            match host {
+                Host::Tcp(name) if name.contains(':') => write!(f, "[{name}]")?,
+                Host::Tcp(name) => f.write_str(name)?,
+                #[cfg(unix)]
+                Host::Unix(path) => write!(f, "{}", path.display())?,
+            }
+            // One port for all hosts, or one each.
+            if let Some(port) = ports.get(i).or(ports.first()) {
+                write!(f, ":{port}")?;
+            }
+        }
+        write!(f, "/{}", config.get_dbname().unwrap_or_default())
+    }
+}
+
+impl fmt::Debug for PostgresUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{self}\"")
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -263,7 +364,20 @@ impl Settings {
         let database_url = options.database_url.unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
         let database = match database_url.strip_prefix("sqlite://") {
             Some(path) if !path.is_empty() => Database::Sqlite(PathBuf::from(path)),
-            _ => return Err(problem("database_url", "expected sqlite://<path>")),
+            Some(_) => return Err(problem("database_url", "expected sqlite://<path>")),
+            None if database_url.starts_with("postgres://")
+                || database_url.starts_with("postgresql://") =>
+            {
+                Database::Postgres(
+                    PostgresUrl::parse(&database_url).map_err(|e| problem("database_url", e))?,
+                )
+            }
+            None => {
+                return Err(problem(
+                    "database_url",
+                    "expected sqlite://<path> or postgres://[user[:password]@]host[:port]/dbname",
+                ));
+            }
         };
         let listen = match options.listen {
             Some(listen) => listen,
@@ -451,6 +565,49 @@ mod tests {
         assert_eq!(settings.hold_ttl, Duration::from_secs(5));
         assert_eq!(settings.admin_key.expose(), "admin-key-0123456789");
         assert!(!format!("{settings:?}").contains("0123456789"), "secrets leak into Debug");
+    }
+
+    #[test]
+    fn postgres_urls_choose_postgres_and_never_show_their_password() {
+        let database = |url: &str| {
+            Settings::from_options(Options { database_url: Some(url.into()), ..keys() })
+                .map(|settings| settings.database)
+                .map_err(|e| e.to_string())
+        };
+        for (url, shown) in [
+            (
+                "postgres://ledger:hunter2pw@db.internal:6432/books",
+                "postgres://ledger@db.internal:6432/books",
+            ),
+            (
+                "postgresql://ledger:hunter2pw@[::1]/books?sslmode=disable",
+                "postgres://ledger@[::1]:5432/books",
+            ),
+            (
+                "postgres://127.0.0.1/books?user=ledger&password=hunter2pw",
+                "postgres://ledger@127.0.0.1:5432/books",
+            ),
+        ] {
+            let database = database(url).unwrap();
+            let Database::Postgres(parsed) = &database else { panic!("{url}: {database:?}") };
+            assert_eq!(parsed.config().get_password(), Some(&b"hunter2pw"[..]));
+            assert_eq!(database.to_string(), shown);
+            assert_eq!(format!("{database:?}"), format!("Postgres(\"{shown}\")"));
+            let settings =
+                Settings::from_options(Options { database_url: Some(url.into()), ..keys() });
+            assert!(!format!("{settings:?}").contains("hunter2pw"), "{url}");
+        }
+        for (url, problem) in [
+            ("postgres://ledger:hunter2pw@host:port/books", "invalid value for option `port`"),
+            ("postgres://ledger:hunter2pw@host", "names no database"),
+            ("postgres://ledger:hunter2pw@host/books?colour=red", "unknown option `colour`"),
+            ("postgres://ledger:hunter2pw@host/books?sslmode=require", "without TLS"),
+        ] {
+            let error = database(url).unwrap_err();
+            assert!(error.starts_with("database_url:") && error.contains(problem), "{error}");
+            assert!(!error.contains("hunter2pw"), "{error}");
+        }
+        assert_eq!(database("sqlite://ledger.db").unwrap().to_string(), "sqlite://ledger.db");
     }
 
     #[test]

@@ -1,8 +1,13 @@
-//! The ledger's HTTP API, tested against the real `paystile-ledger` binary and its SQLite file.
+//! The ledger's HTTP API, tested against the real `paystile-ledger` binary: the conformance
+//! suite. Every test that starts a ledger runs twice, on each store (`sqlite::…` and
+//! `postgres::…`); a test on PostgreSQL gets a database of its own, dropped when it ends.
+//! PostgreSQL must be reachable (see [`postgres_admin_url`]): its tests fail, never skip,
+//! without it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use paystile_ledger::child::LedgerProcess;
@@ -21,13 +26,150 @@ const ADMIN_KEY: &str = "test-admin-key-0123456789";
 const GATEWAY_KEY: &str = "test-gateway-key-0123456789";
 const TOKEN_SECRET: &str = "test-token-secret-0123456789abcdef";
 
+/// The store a test's ledger runs on.
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Generates, for each named test function `async fn name(store: Backend)`, the tests
+/// `sqlite::name` and `postgres::name`, with the given `#[tokio::test]` arguments.
+macro_rules! on_both_stores {
+    ($($name:ident $(($($flavor:tt)*))?),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test$(($($flavor)*))?]
+                async fn $name() {
+                    super::$name(super::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test$(($($flavor)*))?]
+                async fn $name() {
+                    super::$name(super::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores! {
+    endpoints_require_their_own_key,
+    issues_tokens_that_verify_with_the_shared_secret,
+    bad_requests_get_400_with_a_message_and_change_nothing,
+    holds_commit_once_release_and_count_against_the_cap,
+    revocation_is_immediate_and_voids_holds_in_flight,
+    idempotency_keys_replay_charges_and_refuse_misuse,
+    concurrent_reserves_never_overspend(flavor = "multi_thread", worker_threads = 4),
+    the_largest_amounts_neither_overflow_nor_wrap,
+    answered_operations_survive_kill_9_in_the_middle_of_concurrent_load(
+        flavor = "multi_thread",
+        worker_threads = 4
+    ),
+    a_restarted_ledger_gives_open_holds_a_new_ttl,
+    a_hold_past_its_ttl_cannot_commit_even_before_the_sweep,
+    replays_are_capped_and_tokens_pay_for_their_own_service,
+    unsettled_holds_expire_and_cannot_commit_after,
+    admin_cli_issues_shows_and_revokes,
+    sandbox_challenges_are_paid_by_the_sandbox_and_verify_inline,
+    bad_challenge_requests_get_400_and_l402_is_off_without_its_settings,
+    a_credential_stated_cap_lowers_the_limit_for_its_calls_only,
+    an_l402_token_revoked_before_its_first_call_is_refused_at_it,
+}
+
+/// The PostgreSQL server the suite makes its databases on: `PAYSTILE_TEST_POSTGRES_URL`, or
+/// `postgres://127.0.0.1:5432/test`. It must let its user create databases; the last path
+/// segment names a database to connect to for that.
+fn postgres_admin_url() -> String {
+    std::env::var("PAYSTILE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://127.0.0.1:5432/test".to_owned())
+}
+
+async fn connect_admin() -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) =
+        tokio_postgres::connect(&postgres_admin_url(), tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// A PostgreSQL database for one test (or the ledgers of one test), dropped with its
+/// connections when the last holder lets go.
+struct TestDatabase {
+    name: String,
+    url: String,
+}
+
+impl TestDatabase {
+    async fn create() -> TestDatabase {
+        let admin = connect_admin().await.unwrap_or_else(|e| {
+            let cause = std::error::Error::source(&e).map(|c| format!(": {c}")).unwrap_or_default();
+            panic!(
+                "PostgreSQL is not reachable at {} ({e}{cause}). Every API test runs on \
+                 PostgreSQL too and is not skipped without it: start it (on Debian: \
+                 pg_ctlcluster --skip-systemctl-redirect <version> main start), or set \
+                 PAYSTILE_TEST_POSTGRES_URL to a server that lets its user create databases",
+                postgres_admin_url()
+            )
+        });
+        let name = format!("paystile_t_{}", hex::encode(rand::random::<[u8; 8]>()));
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+        let admin_url = postgres_admin_url();
+        let (server, _) = admin_url.rsplit_once('/').expect("a postgres://host/dbname URL");
+        TestDatabase { url: format!("{server}/{name}"), name }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop cannot await: a thread with its own runtime drops the database.
+        let dropped = std::thread::spawn(move || {
+            let runtime =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let admin = connect_admin().await?;
+                admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("cannot drop the test database {}: {dropped:?}", self.name);
+        }
+    }
+}
+
+/// Where a test ledger keeps its books; deleted when the test ends.
+enum Books {
+    Sqlite(TempDir),
+    Postgres(Arc<TestDatabase>),
+}
+
+impl Books {
+    async fn new(store: Backend) -> Books {
+        match store {
+            Backend::Sqlite => Books::Sqlite(TempDir::new().unwrap()),
+            Backend::Postgres => Books::Postgres(Arc::new(TestDatabase::create().await)),
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Books::Sqlite(dir) => format!("sqlite://{}", dir.path().join("ledger.db").display()),
+            Books::Postgres(database) => database.url.clone(),
+        }
+    }
+}
+
 struct Ledger {
+    /// Killed first when the test ends (fields drop in order), then its books go.
     process: LedgerProcess,
-    /// Holds the database; deleted when the test ends.
-    _dir: TempDir,
     args: Vec<String>,
     admin: AdminClient,
     http: reqwest::Client,
+    _books: Books,
 }
 
 fn ledger_binary() -> &'static Path {
@@ -43,10 +185,14 @@ fn envs() -> Vec<(String, String)> {
 }
 
 impl Ledger {
-    fn start(extra: &[&str]) -> Ledger {
-        let dir = TempDir::new().unwrap();
-        let database = format!("sqlite://{}", dir.path().join("ledger.db").display());
-        let mut args: Vec<String> = vec!["--database-url".into(), database];
+    /// A ledger on fresh books in `store`.
+    async fn start(store: Backend, extra: &[&str]) -> Ledger {
+        Ledger::start_on(Books::new(store).await, extra)
+    }
+
+    /// A ledger on `books`, which other ledgers may share (PostgreSQL).
+    fn start_on(books: Books, extra: &[&str]) -> Ledger {
+        let mut args: Vec<String> = vec!["--database-url".into(), books.url()];
         args.extend(extra.iter().map(|a| (*a).to_owned()));
         let listen = ["--listen".to_owned(), "127.0.0.1:0".to_owned()];
         let process = LedgerProcess::start(
@@ -57,7 +203,7 @@ impl Ledger {
         )
         .unwrap();
         let admin = AdminClient::new(&process.url(), ADMIN_KEY);
-        Ledger { process, _dir: dir, args, admin, http: reqwest::Client::new() }
+        Ledger { process, args, admin, http: reqwest::Client::new(), _books: books }
     }
 
     /// `kill -9`, then start again on the same port and database.
@@ -153,9 +299,8 @@ fn issue_request(limit: &str) -> IssueTokenRequest {
     }
 }
 
-#[tokio::test]
-async fn endpoints_require_their_own_key() {
-    let ledger = Ledger::start(&[]);
+async fn endpoints_require_their_own_key(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
     let health = ledger.http.get(format!("{}/healthz", ledger.process.url())).send().await.unwrap();
     assert_eq!(health.status(), 200);
 
@@ -180,9 +325,8 @@ async fn endpoints_require_their_own_key() {
     assert_eq!(ledger.token("tok_x").await.reserved_usdc, usdc("0.1"));
 }
 
-#[tokio::test]
-async fn issues_tokens_that_verify_with_the_shared_secret() {
-    let ledger = Ledger::start(&["--token-issuer", "paystile-test"]);
+async fn issues_tokens_that_verify_with_the_shared_secret(store: Backend) {
+    let ledger = Ledger::start(store, &["--token-issuer", "paystile-test"]).await;
     let issued = ledger.admin.issue_token(&issue_request("2.5")).await.unwrap();
     assert!(issued.token_id.starts_with("tok_"));
     assert_eq!(issued.limit_usdc, usdc("2.5"));
@@ -205,9 +349,8 @@ async fn issues_tokens_that_verify_with_the_shared_secret() {
     assert_eq!((view.revoked, view.expires_at), (false, issued.expires_at));
 }
 
-#[tokio::test]
-async fn bad_requests_get_400_with_a_message_and_change_nothing() {
-    let ledger = Ledger::start(&[]);
+async fn bad_requests_get_400_with_a_message_and_change_nothing(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
     let issued = ledger.admin.issue_token(&issue_request("1")).await.unwrap();
     let before = ledger.token(&issued.token_id).await;
 
@@ -254,6 +397,16 @@ async fn bad_requests_get_400_with_a_message_and_change_nothing() {
         (with_key(valid.clone(), &"k".repeat(256), 'a'), "idempotency.key"),
         (bad_fingerprint, "fingerprint"),
         (json!({"serviceId": "weather", "priceUsdc": "0.1"}), "missing field `token`"),
+        // PostgreSQL's text cannot hold NUL; no store is asked to.
+        (reserve_body("tok_\u{0}", "1", "0.1"), "control characters"),
+        (
+            {
+                let mut body = valid.clone();
+                body["token"]["buyerTag"] = json!("tag\u{0}");
+                body
+            },
+            "control characters",
+        ),
     ];
     for (body, message) in reserve_cases {
         let (status, answer) = ledger.reserve(&body).await;
@@ -269,19 +422,33 @@ async fn bad_requests_get_400_with_a_message_and_change_nothing() {
         .await;
     assert_eq!(status, 400, "{answer}");
 
+    // Ids no store could hold are unknown ids.
+    assert_eq!(ledger.settle(&[("ch_\u{0}", "commit")]).await, [SettleStatus::Unknown]);
+
     assert_eq!(ledger.token(&issued.token_id).await, before, "a refused request changed the token");
-    let missing = ledger.admin.token("tok_missing").await.unwrap_err();
-    assert!(matches!(
-        missing,
-        ClientError::Refused { status: 404, body: ErrorBody { code: ErrorCode::NotFound, .. } }
-    ));
-    let missing = ledger.admin.charge("ch_missing").await.unwrap_err();
-    assert!(matches!(missing, ClientError::Refused { status: 404, .. }));
+    for unknown in ["tok_missing", "tok_%00"] {
+        let missing = ledger.admin.token(unknown).await.unwrap_err();
+        assert!(
+            matches!(
+                missing,
+                ClientError::Refused {
+                    status: 404,
+                    body: ErrorBody { code: ErrorCode::NotFound, .. }
+                }
+            ),
+            "{unknown}: {missing}"
+        );
+        let missing = ledger.admin.revoke_token(unknown).await.unwrap_err();
+        assert!(matches!(missing, ClientError::Refused { status: 404, .. }), "{unknown}");
+    }
+    for unknown in ["ch_missing", "ch_%00"] {
+        let missing = ledger.admin.charge(unknown).await.unwrap_err();
+        assert!(matches!(missing, ClientError::Refused { status: 404, .. }), "{unknown}");
+    }
 }
 
-#[tokio::test]
-async fn holds_commit_once_release_and_count_against_the_cap() {
-    let ledger = Ledger::start(&[]);
+async fn holds_commit_once_release_and_count_against_the_cap(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
     // A token minted elsewhere: the ledger learns it from its first reserve.
     let body = reserve_body("tok_external", "0.003", "0.001");
     let first = ledger.hold(&body).await;
@@ -345,9 +512,8 @@ async fn holds_commit_once_release_and_count_against_the_cap() {
     ledger.hold(&body).await;
 }
 
-#[tokio::test]
-async fn revocation_is_immediate_and_voids_holds_in_flight() {
-    let ledger = Ledger::start(&[]);
+async fn revocation_is_immediate_and_voids_holds_in_flight(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
     let issued = ledger.admin.issue_token(&issue_request("1")).await.unwrap();
     let body = reserve_body(&issued.token_id, "1", "0.25");
     let in_flight = ledger.hold(&body).await;
@@ -365,9 +531,8 @@ async fn revocation_is_immediate_and_voids_holds_in_flight() {
     );
 }
 
-#[tokio::test]
-async fn idempotency_keys_replay_charges_and_refuse_misuse() {
-    let ledger = Ledger::start(&[]);
+async fn idempotency_keys_replay_charges_and_refuse_misuse(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
     let base = reserve_body("tok_idem", "1", "0.1");
     let first = ledger.hold(&with_key(base.clone(), "order-1", 'a')).await;
 
@@ -403,9 +568,8 @@ async fn idempotency_keys_replay_charges_and_refuse_misuse() {
     assert_eq!(ledger.token("tok_idem").await.used_usdc, usdc("0.2"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_reserves_never_overspend() {
-    let ledger = std::sync::Arc::new(Ledger::start(&[]));
+async fn concurrent_reserves_never_overspend(store: Backend) {
+    let ledger = std::sync::Arc::new(Ledger::start(store, &[]).await);
     // 0.037 allows exactly 37 holds of 0.001; 120 callers race for them.
     let body = reserve_body("tok_race", "0.037", "0.001");
     let calls = (0..120).map(|_| {
@@ -430,9 +594,148 @@ async fn concurrent_reserves_never_overspend() {
     assert_eq!((token.used_usdc, token.reserved_usdc), (usdc("0.037"), Usdc::ZERO));
 }
 
+async fn the_largest_amounts_neither_overflow_nor_wrap(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
+    let max = Usdc::MAX.to_string();
+    let hold = ledger.hold(&reserve_body("tok_max", &max, &max)).await;
+    assert_eq!(hold.remaining_usdc, Usdc::ZERO);
+    let (status, refusal) = ledger.reserve(&reserve_body("tok_max", &max, "0.000001")).await;
+    assert_eq!(
+        (status, refusal["code"].as_str()),
+        (402, Some("token_limit_exceeded")),
+        "{refusal}"
+    );
+    assert_eq!(ledger.settle(&[(&hold.charge_id, "commit")]).await, [SettleStatus::Committed]);
+    let token = ledger.token("tok_max").await;
+    assert_eq!((token.used_usdc, token.reserved_usdc), (Usdc::MAX, Usdc::ZERO));
+    let (status, _) = ledger.reserve(&reserve_body("tok_max", &max, &max)).await;
+    assert_eq!(status, 402);
+}
+
+/// Two ledger processes on one PostgreSQL database, driven at once at the same token: between
+/// them they never hold or spend past its cap, commit each hold once, and charge an
+/// Idempotency-Key once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn answered_operations_survive_kill_9_in_the_middle_of_concurrent_load() {
-    let mut ledger = Ledger::start(&[]);
+async fn two_ledgers_on_one_postgres_database_never_overspend() {
+    let database = Arc::new(TestDatabase::create().await);
+    // Started together: their migrations take turns under the advisory lock.
+    let [a, b] = std::thread::scope(|scope| {
+        [0, 1]
+            .map(|_| {
+                let books = Books::Postgres(database.clone());
+                scope.spawn(move || Ledger::start_on(books, &[]))
+            })
+            .map(|started| Arc::new(started.join().unwrap()))
+    });
+
+    // 0.040 fits 40 holds of 0.001; 16 clients, 8 on each ledger, try 20 times each. Each
+    // hold is committed through both ledgers at once.
+    const CAP: &str = "0.040";
+    let body = reserve_body("tok_shared", CAP, "0.001");
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (a, b, done) = (a.clone(), b.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut looks = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                for ledger in [&a, &b] {
+                    if let Ok(token) = ledger.admin.token("tok_shared").await {
+                        let spent = token.used_usdc.checked_add(token.reserved_usdc).unwrap();
+                        assert!(spent <= usdc(CAP), "overspent: {token:?}");
+                        looks += 1;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            looks
+        })
+    };
+    let clients: Vec<_> = (0..16)
+        .map(|i| {
+            let (mine, other) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+            let (mine, other, body) = (mine.clone(), other.clone(), body.clone());
+            tokio::spawn(async move {
+                let mut held = Vec::new();
+                for _ in 0..20 {
+                    match mine.reserve(&body).await {
+                        (200, hold) => {
+                            let id = hold["chargeId"].as_str().unwrap().to_owned();
+                            let commit = [(id.as_str(), "commit")];
+                            let (here, there) =
+                                tokio::join!(mine.settle(&commit), other.settle(&commit));
+                            held.push((id, [here[0], there[0]]));
+                        }
+                        (402, refusal) => assert_eq!(refusal["code"], "token_limit_exceeded"),
+                        other => panic!("unexpected answer {other:?}"),
+                    }
+                }
+                held
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for client in clients {
+        held.extend(client.await.unwrap());
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(watcher.await.unwrap() > 0, "the watcher never saw the token");
+
+    assert_eq!(held.len(), 40, "holds granted out of 320 attempts");
+    for (id, mut results) in held.clone() {
+        results.sort_by_key(|status| format!("{status:?}"));
+        assert_eq!(
+            results,
+            [SettleStatus::AlreadyCommitted, SettleStatus::Committed],
+            "{id}: one commit per hold"
+        );
+    }
+    let mut committed = Usdc::ZERO;
+    for (id, _) in &held {
+        let charge = b.admin.charge(id).await.unwrap();
+        assert_eq!(charge.status, ChargeStatus::Committed, "{id}");
+        committed = committed.checked_add(charge.amount_usdc).unwrap();
+    }
+    for ledger in [&a, &b] {
+        let token = ledger.token("tok_shared").await;
+        assert_eq!((token.used_usdc, token.reserved_usdc), (committed, Usdc::ZERO));
+        assert_eq!(token.used_usdc, usdc(CAP));
+    }
+
+    // The same Idempotency-Key sent to both ledgers at once: one hold, the other call told
+    // the key is in use; once committed, both replay that one charge.
+    let keyed = reserve_body("tok_keys", "1", "0.01");
+    let orders: Vec<_> = (0..8)
+        .map(|n| {
+            let (a, b) = (a.clone(), b.clone());
+            let body = with_key(keyed.clone(), &format!("order-{n}"), 'a');
+            tokio::spawn(async move {
+                let (here, there) = tokio::join!(a.reserve(&body), b.reserve(&body));
+                let (first, busy) = if here.0 == 200 { (here, there) } else { (there, here) };
+                assert_eq!(first.0, 200, "{first:?} {busy:?}");
+                assert_eq!(first.1["replayed"], false);
+                assert_eq!(
+                    (busy.0, busy.1["code"].as_str()),
+                    (409, Some("idempotency_key_in_use")),
+                    "{busy:?}"
+                );
+                let charge_id = first.1["chargeId"].as_str().unwrap().to_owned();
+                assert_eq!(b.settle(&[(&charge_id, "commit")]).await, [SettleStatus::Committed]);
+                let (here, there) = tokio::join!(a.hold(&body), b.hold(&body));
+                for replay in [here, there] {
+                    assert_eq!((replay.charge_id.as_str(), replay.replayed), (&*charge_id, true));
+                }
+            })
+        })
+        .collect();
+    for order in orders {
+        order.await.unwrap();
+    }
+    let token = a.token("tok_keys").await;
+    assert_eq!((token.used_usdc, token.reserved_usdc), (usdc("0.08"), Usdc::ZERO));
+}
+
+async fn answered_operations_survive_kill_9_in_the_middle_of_concurrent_load(store: Backend) {
+    let mut ledger = Ledger::start(store, &[]).await;
     let body = reserve_body("tok_durable", "100", "0.01");
     let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -492,9 +795,8 @@ async fn answered_operations_survive_kill_9_in_the_middle_of_concurrent_load() {
     assert!(committed >= answered.len() as u64);
 }
 
-#[tokio::test]
-async fn a_restarted_ledger_gives_open_holds_a_new_ttl() {
-    let mut ledger = Ledger::start(&["--hold-ttl-seconds", "2"]);
+async fn a_restarted_ledger_gives_open_holds_a_new_ttl(store: Backend) {
+    let mut ledger = Ledger::start(store, &["--hold-ttl-seconds", "2"]).await;
     let open = ledger.hold(&reserve_body("tok_reopen", "1", "0.1")).await;
     ledger.process.kill().unwrap();
     // Down for longer than the TTL: the gateway still holds this call's outcome.
@@ -504,9 +806,10 @@ async fn a_restarted_ledger_gives_open_holds_a_new_ttl() {
     assert_eq!(ledger.token("tok_reopen").await.used_usdc, usdc("0.1"));
 }
 
-#[tokio::test]
-async fn a_hold_past_its_ttl_cannot_commit_even_before_the_sweep() {
-    let ledger = Ledger::start(&["--hold-ttl-seconds", "1", "--sweep-interval-seconds", "3600"]);
+async fn a_hold_past_its_ttl_cannot_commit_even_before_the_sweep(store: Backend) {
+    let ledger =
+        Ledger::start(store, &["--hold-ttl-seconds", "1", "--sweep-interval-seconds", "3600"])
+            .await;
     let hold = ledger.hold(&reserve_body("tok_late", "1", "0.1")).await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(ledger.settle(&[(&hold.charge_id, "commit")]).await, [SettleStatus::Expired]);
@@ -514,9 +817,8 @@ async fn a_hold_past_its_ttl_cannot_commit_even_before_the_sweep() {
     assert_eq!((token.used_usdc, token.reserved_usdc), (Usdc::ZERO, Usdc::ZERO));
 }
 
-#[tokio::test]
-async fn replays_are_capped_and_tokens_pay_for_their_own_service() {
-    let ledger = Ledger::start(&["--max-replays", "2"]);
+async fn replays_are_capped_and_tokens_pay_for_their_own_service(store: Backend) {
+    let ledger = Ledger::start(store, &["--max-replays", "2"]).await;
     let keyed = with_key(reserve_body("tok_replay", "1", "0.1"), "k", 'a');
     let first = ledger.hold(&keyed).await;
     ledger.settle(&[(&first.charge_id, "commit")]).await;
@@ -537,9 +839,9 @@ async fn replays_are_capped_and_tokens_pay_for_their_own_service() {
     assert_eq!((status, refusal["code"].as_str()), (403, Some("wrong_service")), "{refusal}");
 }
 
-#[tokio::test]
-async fn unsettled_holds_expire_and_cannot_commit_after() {
-    let ledger = Ledger::start(&["--hold-ttl-seconds", "1", "--sweep-interval-seconds", "1"]);
+async fn unsettled_holds_expire_and_cannot_commit_after(store: Backend) {
+    let ledger =
+        Ledger::start(store, &["--hold-ttl-seconds", "1", "--sweep-interval-seconds", "1"]).await;
     let hold = ledger.hold(&reserve_body("tok_ttl", "1", "0.5")).await;
     assert_eq!(ledger.token("tok_ttl").await.reserved_usdc, usdc("0.5"));
 
@@ -570,9 +872,8 @@ fn refuses_to_start_without_keys_naming_the_setting() {
     assert!(stderr.contains("admin_key: required"), "{stderr}");
 }
 
-#[tokio::test]
-async fn admin_cli_issues_shows_and_revokes() {
-    let ledger = Ledger::start(&[]);
+async fn admin_cli_issues_shows_and_revokes(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
     let cli = |args: &[&str]| {
         let output = std::process::Command::new(ledger_binary())
             .args(args)
@@ -610,9 +911,8 @@ fn challenge_request() -> Value {
     json!({"serviceId": "weather", "budgetUsdc": "0.05", "amountMsat": 50_000, "validSeconds": 600})
 }
 
-#[tokio::test]
-async fn sandbox_challenges_are_paid_by_the_sandbox_and_verify_inline() {
-    let ledger = Ledger::start(&sandbox_args());
+async fn sandbox_challenges_are_paid_by_the_sandbox_and_verify_inline(store: Backend) {
+    let ledger = Ledger::start(store, &sandbox_args()).await;
     let body = challenge_request().to_string();
     for key in [None, Some(ADMIN_KEY)] {
         let (status, _) = ledger.post("/v1/l402/challenges", key, &body).await;
@@ -649,9 +949,8 @@ async fn sandbox_challenges_are_paid_by_the_sandbox_and_verify_inline() {
     assert_eq!((status, answer["code"].as_str()), (400, Some("bad_request")), "{answer}");
 }
 
-#[tokio::test]
-async fn bad_challenge_requests_get_400_and_l402_is_off_without_its_settings() {
-    let ledger = Ledger::start(&sandbox_args());
+async fn bad_challenge_requests_get_400_and_l402_is_off_without_its_settings(store: Backend) {
+    let ledger = Ledger::start(store, &sandbox_args()).await;
     for (change, expected) in [
         (json!({"budgetUsdc": "0.0000001"}), "more than 6 decimals"),
         (json!({"budgetUsdc": "-1"}), "negative"),
@@ -671,7 +970,7 @@ async fn bad_challenge_requests_get_400_and_l402_is_off_without_its_settings() {
         assert!(message.contains(expected), "{body}: {message}");
     }
 
-    let plain = Ledger::start(&[]);
+    let plain = Ledger::start(store, &[]).await;
     let (status, answer) = plain
         .post("/v1/l402/challenges", Some(GATEWAY_KEY), &challenge_request().to_string())
         .await;
@@ -683,9 +982,8 @@ async fn bad_challenge_requests_get_400_and_l402_is_off_without_its_settings() {
     assert_eq!(status, 404);
 }
 
-#[tokio::test]
-async fn a_credential_stated_cap_lowers_the_limit_for_its_calls_only() {
-    let ledger = Ledger::start(&[]);
+async fn a_credential_stated_cap_lowers_the_limit_for_its_calls_only(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
     let mut narrowed = reserve_body("l402_aa", "0.05", "0.02");
     narrowed["capUsdc"] = json!("0.03");
     ledger.hold(&narrowed).await;
@@ -697,9 +995,8 @@ async fn a_credential_stated_cap_lowers_the_limit_for_its_calls_only() {
     assert_eq!(ledger.token("l402_aa").await.limit_usdc, usdc("0.05"));
 }
 
-#[tokio::test]
-async fn an_l402_token_revoked_before_its_first_call_is_refused_at_it() {
-    let ledger = Ledger::start(&[]);
+async fn an_l402_token_revoked_before_its_first_call_is_refused_at_it(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
     let unused = format!("l402_{}", "ab".repeat(32));
     let tombstone = ledger.admin.revoke_token(&unused).await.unwrap();
     assert!(tombstone.revoked);

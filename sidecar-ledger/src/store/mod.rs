@@ -2,8 +2,10 @@
 //!
 //! Each operation is one atomic transaction that applies [`crate::rules`], so every store
 //! keeps the same semantics. [`Store`] is the one the ledger runs on, chosen by the database
-//! URL: SQLite, embedded in WAL mode with group commit, by default.
+//! URL: SQLite, embedded in WAL mode with group commit, by default; PostgreSQL for ledgers
+//! that share their books.
 
+mod postgres;
 mod sqlite;
 
 use std::sync::Arc;
@@ -11,16 +13,20 @@ use std::sync::Arc;
 use paystile_protocol::ledger_api::{
     ChargeStatus, Hold, Idempotency, SettleResult, Settlement, TokenGrant,
 };
+use paystile_protocol::pay_token::Scope;
 use paystile_protocol::{ErrorBody, Usdc};
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
+use crate::rules::{Call, PriorUse};
 use crate::settings::Database;
 
 /// The ledger's store; every operation is one atomic transaction.
 #[derive(Clone)]
 pub enum Store {
     Sqlite(SqliteStore),
+    Postgres(PostgresStore),
 }
 
 impl Store {
@@ -28,18 +34,21 @@ impl Store {
     pub async fn open(database: &Database) -> Result<Store, StoreError> {
         match database {
             Database::Sqlite(path) => Ok(Store::Sqlite(SqliteStore::open(path)?)),
+            Database::Postgres(url) => Ok(Store::Postgres(PostgresStore::open(url).await?)),
         }
     }
 
     pub async fn insert_token(&self, token: TokenGrant, now: UnixMillis) -> Result<(), StoreError> {
         match self {
             Store::Sqlite(store) => store.insert_token(token, now).await,
+            Store::Postgres(store) => store.insert_token(token, now).await,
         }
     }
 
     pub async fn token(&self, token_id: String) -> Result<Option<TokenRecord>, StoreError> {
         match self {
             Store::Sqlite(store) => store.token(token_id).await,
+            Store::Postgres(store) => store.token(token_id).await,
         }
     }
 
@@ -52,18 +61,21 @@ impl Store {
     ) -> Result<Option<TokenRecord>, StoreError> {
         match self {
             Store::Sqlite(store) => store.revoke_token(token_id, unknown, now).await,
+            Store::Postgres(store) => store.revoke_token(token_id, unknown, now).await,
         }
     }
 
     pub async fn charge(&self, charge_id: String) -> Result<Option<ChargeRecord>, StoreError> {
         match self {
             Store::Sqlite(store) => store.charge(charge_id).await,
+            Store::Postgres(store) => store.charge(charge_id).await,
         }
     }
 
     pub async fn reserve(&self, command: ReserveCommand) -> Result<ReserveOutcome, StoreError> {
         match self {
             Store::Sqlite(store) => store.reserve(command).await,
+            Store::Postgres(store) => store.reserve(command).await,
         }
     }
 
@@ -74,6 +86,7 @@ impl Store {
     ) -> Result<Vec<SettleResult>, StoreError> {
         match self {
             Store::Sqlite(store) => store.settle(settlements, now).await,
+            Store::Postgres(store) => store.settle(settlements, now).await,
         }
     }
 
@@ -81,6 +94,7 @@ impl Store {
     pub async fn extend_open_holds(&self, until: UnixMillis) -> Result<usize, StoreError> {
         match self {
             Store::Sqlite(store) => store.extend_open_holds(until).await,
+            Store::Postgres(store) => store.extend_open_holds(until).await,
         }
     }
 
@@ -88,6 +102,7 @@ impl Store {
     pub async fn expire_holds(&self, now: UnixMillis, limit: usize) -> Result<usize, StoreError> {
         match self {
             Store::Sqlite(store) => store.expire_holds(now, limit).await,
+            Store::Postgres(store) => store.expire_holds(now, limit).await,
         }
     }
 }
@@ -99,15 +114,52 @@ pub type UnixMillis = i64;
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(Arc<rusqlite::Error>),
+    /// A statement failed (its message comes from the server; it never holds the URL).
+    #[error("PostgreSQL: {}", error_chain(&**.0))]
+    Postgres(Arc<tokio_postgres::Error>),
+    /// No connection could be had: the server is down, refused us, or every connection
+    /// stayed busy past the pool's wait timeout.
+    #[error("no PostgreSQL connection: {}", error_chain(&**.0))]
+    Unavailable(Arc<deadpool_postgres::PoolError>),
+    #[error("the database cannot be used: {0}")]
+    Setup(String),
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
     #[error("the store has shut down")]
     Closed,
 }
 
+/// An error and its causes on one line. tokio-postgres keeps the cause (the server's message,
+/// the OS error) out of its errors' own text, which alone says little ("db error").
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        let more = error.to_string();
+        // Some errors repeat their cause's text in their own.
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = error.source();
+    }
+    text
+}
+
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> StoreError {
         StoreError::Database(Arc::new(e))
+    }
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> StoreError {
+        StoreError::Postgres(Arc::new(e))
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(e: deadpool_postgres::PoolError) -> StoreError {
+        StoreError::Unavailable(Arc::new(e))
     }
 }
 
@@ -158,8 +210,63 @@ pub struct ReserveCommand {
     pub max_replays: u32,
 }
 
+impl ReserveCommand {
+    /// The call the rules judge. A cap the credential states only lowers the token's limit.
+    pub fn call(&self) -> Call<'_> {
+        Call {
+            service_id: &self.service_id,
+            price: self.price,
+            fingerprint: self.idempotency.as_ref().map(|i| i.fingerprint.as_str()),
+            cap: self.token.limit_usdc.min(self.cap.unwrap_or(Usdc::MAX)),
+        }
+    }
+}
+
+/// An Idempotency-Key's earlier use as a store reads it: fingerprint, charge id, the
+/// charge's status, replays so far.
+pub type PriorKey = (String, String, ChargeStatus, u32);
+
+/// What the rules need of a [`PriorKey`].
+pub fn prior_use(prior: &Option<PriorKey>) -> Option<PriorUse<'_>> {
+    prior.as_ref().map(|(fingerprint, _, charge, replays)| PriorUse {
+        fingerprint,
+        charge: *charge,
+        replays: *replays,
+    })
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReserveOutcome {
     Held(Hold),
     Refused(ErrorBody),
+}
+
+/// How a charge status is written in `charges.status` (both schemas' CHECKs list the same).
+fn status_name(status: ChargeStatus) -> &'static str {
+    match status {
+        ChargeStatus::Held => "held",
+        ChargeStatus::Committed => "committed",
+        ChargeStatus::Released => "released",
+    }
+}
+
+const ALL_STATUSES: [ChargeStatus; 3] =
+    [ChargeStatus::Held, ChargeStatus::Committed, ChargeStatus::Released];
+
+/// How a scope is written in `tokens.scope`.
+fn scope_name(scope: Scope) -> &'static str {
+    match scope {
+        Scope::Single => "SINGLE",
+        Scope::All => "ALL",
+    }
+}
+
+const ALL_SCOPES: [Scope; 2] = [Scope::Single, Scope::All];
+
+/// A token's expiry (Unix seconds) as the stores keep it (Unix ms).
+fn seconds_to_millis(seconds: u64) -> Result<UnixMillis, StoreError> {
+    i64::try_from(seconds)
+        .ok()
+        .and_then(|s| s.checked_mul(1000))
+        .ok_or_else(|| StoreError::Corrupt(format!("time {seconds} is out of range")))
 }

@@ -21,8 +21,11 @@ use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{ChargeRecord, ReserveCommand, ReserveOutcome, StoreError, TokenRecord, UnixMillis};
-use crate::rules::{self, Admission, Call, PriorUse, SettleDecision};
+use super::{
+    ALL_SCOPES, ALL_STATUSES, ChargeRecord, ReserveCommand, ReserveOutcome, StoreError,
+    TokenRecord, UnixMillis, prior_use, scope_name, seconds_to_millis, status_name,
+};
+use crate::rules::{self, Admission, SettleDecision};
 
 /// The most operations committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -283,19 +286,7 @@ fn reserve(conn: &Connection, cmd: &ReserveCommand) -> Result<ReserveOutcome, St
             .optional()?,
         None => None,
     };
-    let call = Call {
-        service_id: &cmd.service_id,
-        price: cmd.price,
-        fingerprint: cmd.idempotency.as_ref().map(|i| i.fingerprint.as_str()),
-        cap: cmd.token.limit_usdc.min(cmd.cap.unwrap_or(Usdc::MAX)),
-    };
-    let prior_use = prior.as_ref().map(|(fingerprint, _, charge, replays)| PriorUse {
-        fingerprint,
-        charge: *charge,
-        replays: *replays,
-    });
-
-    let remaining = match rules::admit(&token, &call, prior_use, cmd.max_replays) {
+    let remaining = match rules::admit(&token, &cmd.call(), prior_use(&prior), cmd.max_replays) {
         Err(refusal) => return Ok(ReserveOutcome::Refused(refusal)),
         Ok(Admission::Replay) => {
             let (first, key) = match (prior, &cmd.idempotency) {
@@ -523,13 +514,6 @@ fn load_charge(conn: &Connection, charge_id: &str) -> Result<Option<ChargeRecord
     Ok(charge)
 }
 
-fn seconds_to_millis(seconds: u64) -> Result<UnixMillis, StoreError> {
-    i64::try_from(seconds)
-        .ok()
-        .and_then(|s| s.checked_mul(1000))
-        .ok_or_else(|| StoreError::Corrupt(format!("time {seconds} is out of range")))
-}
-
 fn conversion_error(index: usize, ty: Type, what: String) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(index, ty, what.into())
 }
@@ -540,30 +524,12 @@ fn usdc(row: &Row<'_>, index: usize) -> rusqlite::Result<Usdc> {
         .ok_or_else(|| conversion_error(index, Type::Integer, format!("bad amount {micros}")))
 }
 
-/// How a charge status is written in `charges.status` (the schema's CHECK lists the same).
-fn status_name(status: ChargeStatus) -> &'static str {
-    match status {
-        ChargeStatus::Held => "held",
-        ChargeStatus::Committed => "committed",
-        ChargeStatus::Released => "released",
-    }
-}
-
-/// How a scope is written in `tokens.scope`.
-fn scope_name(scope: Scope) -> &'static str {
-    match scope {
-        Scope::Single => "SINGLE",
-        Scope::All => "ALL",
-    }
-}
-
 fn charge_status(row: &Row<'_>, index: usize) -> rusqlite::Result<ChargeStatus> {
-    let all = [ChargeStatus::Held, ChargeStatus::Committed, ChargeStatus::Released];
-    named(row, index, &all, status_name)
+    named(row, index, &ALL_STATUSES, status_name)
 }
 
 fn scope(row: &Row<'_>, index: usize) -> rusqlite::Result<Scope> {
-    named(row, index, &[Scope::Single, Scope::All], scope_name)
+    named(row, index, &ALL_SCOPES, scope_name)
 }
 
 /// Reads a TEXT column holding one of `values`, as written by `name`.

@@ -1,0 +1,743 @@
+//! PostgreSQL: one set of books for several ledger processes (or machines).
+//!
+//! Every operation is one READ COMMITTED transaction that first locks the rows its decision
+//! rests on: the token's row (`SELECT … FOR NO KEY UPDATE`), or several tokens' rows in
+//! token-id order. A token's lock guards its counters, its charges' status and expiry, and its
+//! Idempotency-Keys, so ledgers sharing the database take turns per token, and each decision
+//! of [`crate::rules`] is taken on the latest committed state: no ledger can overspend, commit
+//! a hold twice or charge an Idempotency-Key twice. The schema's CHECK (`used + reserved <=
+//! limit`) backs that up. Locking several tokens in id order keeps concurrent batches from
+//! deadlocking; a transaction PostgreSQL aborts all the same (deadlock, serialization
+//! failure) was rolled back whole, and runs again.
+//!
+//! `FOR NO KEY UPDATE` rather than `FOR UPDATE`: it excludes the other ledgers just the same,
+//! but not the foreign-key checks of rows inserted under the token.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use deadpool_postgres::{
+    GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction,
+};
+use paystile_protocol::Usdc;
+use paystile_protocol::ledger_api::{
+    ChargeStatus, Hold, SettleResult, SettleStatus, Settlement, TokenGrant,
+};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+
+use super::{
+    ALL_SCOPES, ALL_STATUSES, ChargeRecord, ReserveCommand, ReserveOutcome, StoreError,
+    TokenRecord, UnixMillis, prior_use, scope_name, seconds_to_millis, status_name,
+};
+use crate::rules::{self, Admission, SettleDecision};
+use crate::settings::PostgresUrl;
+
+/// Connections per ledger process. Operations on one token take turns anyway; more
+/// connections serve more tokens at once, at a cost to the server per connection.
+const POOL_SIZE: usize = 16;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an operation waits for a free connection before it fails.
+const WAIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Runs of one transaction that PostgreSQL aborts as a deadlock or serialization failure.
+const MAX_ATTEMPTS: u32 = 8;
+/// The advisory lock under which migrations run ("paystile" in ASCII): ledgers starting
+/// together take turns, and the second finds the schema up to date.
+const MIGRATION_LOCK: i64 = 0x7061_7973_7469_6c65;
+
+struct Migration {
+    version: i64,
+    name: &'static str,
+    sql: &'static str,
+}
+
+/// Schema versions, applied in order; `schema_migrations` records each one applied.
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "0001_initial",
+    sql: include_str!("postgres_migrations/0001_initial.sql"),
+}];
+
+/// Ends a `SELECT token_id FROM tokens …` that locks several tokens: in id order, the same
+/// in every transaction, so that two of them cannot each hold a lock the other waits for.
+macro_rules! lock_in_order {
+    () => {
+        " ORDER BY token_id FOR NO KEY UPDATE"
+    };
+}
+
+macro_rules! select_token {
+    () => {
+        "SELECT token_id, buyer_id, buyer_tag, service_id, scope, limit_micros, expires_at,
+                used_micros, reserved_micros, revoked_at IS NOT NULL
+         FROM tokens WHERE token_id = $1"
+    };
+}
+
+const SELECT_TOKEN: &str = select_token!();
+/// The token's row, locked until the transaction ends: the other ledgers' operations on the
+/// token wait, and this one sees the state they left.
+const LOCK_TOKEN: &str = concat!(select_token!(), " FOR NO KEY UPDATE");
+/// Locks the tokens of the charges `$1` names.
+const LOCK_TOKENS_OF_CHARGES: &str = concat!(
+    "SELECT token_id FROM tokens
+     WHERE token_id IN (SELECT token_id FROM charges WHERE charge_id = ANY($1))",
+    lock_in_order!()
+);
+
+macro_rules! insert_token {
+    () => {
+        "INSERT INTO tokens (token_id, buyer_id, buyer_tag, service_id, scope, limit_micros,
+                             expires_at, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+    };
+}
+
+const INSERT_TOKEN: &str = insert_token!();
+const INSERT_TOKEN_IF_NEW: &str = concat!(insert_token!(), " ON CONFLICT (token_id) DO NOTHING");
+
+/// A pool of connections to one database; cheap to clone.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+}
+
+/// Runs `$body` (which may use `$tx` and `?`) in a transaction on a pooled connection and
+/// commits; runs it again from the start if PostgreSQL aborted it (see [`retrying`]).
+/// Whatever `$body` uses from outside must be `Copy` (references), as it may run again.
+macro_rules! in_transaction {
+    ($pool:expr, |$tx:ident| $body:expr) => {{
+        let pool: &Pool = $pool;
+        retrying(move || async move {
+            let mut client = pool.get().await?;
+            let $tx = client.transaction().await?;
+            let value = $body;
+            $tx.commit().await?;
+            Ok(value)
+        })
+        .await
+    }};
+}
+
+impl PostgresStore {
+    /// Connects to the database `url` names and brings its schema up to date.
+    pub async fn open(url: &PostgresUrl) -> Result<PostgresStore, StoreError> {
+        // `from_config` takes any TLS connector; loopback and private networks need none yet.
+        let manager = Manager::from_config(
+            url.config().clone(),
+            NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .wait_timeout(Some(WAIT_TIMEOUT))
+            .build()
+            .map_err(|e| StoreError::Setup(format!("cannot build the connection pool: {e}")))?;
+        let store = PostgresStore { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version    BIGINT PRIMARY KEY,
+                 name       TEXT NOT NULL,
+                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+             )",
+        )
+        .await?;
+        let applied: i64 = tx
+            .query_one("SELECT coalesce(max(version), 0) FROM schema_migrations", &[])
+            .await?
+            .try_get(0)?;
+        let known = MIGRATIONS.last().map_or(0, |m| m.version);
+        if applied > known {
+            return Err(StoreError::Setup(format!(
+                "the database has schema version {applied}, newer than this ledger's {known}"
+            )));
+        }
+        for migration in MIGRATIONS.iter().filter(|m| m.version > applied) {
+            tx.batch_execute(migration.sql).await?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                &[&migration.version, &migration.name],
+            )
+            .await?;
+            tracing::info!(version = migration.version, name = migration.name, "migrated");
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn insert_token(&self, token: TokenGrant, now: UnixMillis) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        insert_token(&client, &token, now, INSERT_TOKEN).await
+    }
+
+    pub async fn token(&self, token_id: String) -> Result<Option<TokenRecord>, StoreError> {
+        if !storable(&token_id) {
+            return Ok(None);
+        }
+        let client = self.pool.get().await?;
+        load_token(&client, SELECT_TOKEN, &token_id).await
+    }
+
+    /// Revokes the token (once; a second revoke keeps the first time). An unknown token is
+    /// registered as `unknown` first, when given; otherwise the answer is `None`.
+    pub async fn revoke_token(
+        &self,
+        token_id: String,
+        unknown: Option<TokenGrant>,
+        now: UnixMillis,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        if !storable(&token_id) {
+            return Ok(None);
+        }
+        let (token_id, unknown) = (token_id.as_str(), unknown.as_ref());
+        in_transaction!(&self.pool, |tx| {
+            if let Some(grant) = unknown {
+                insert_token(&tx, grant, now, INSERT_TOKEN_IF_NEW).await?;
+            }
+            // The row lock this takes orders the revocation against settles and reserves.
+            execute(
+                &tx,
+                "UPDATE tokens SET revoked_at = coalesce(revoked_at, $1) WHERE token_id = $2",
+                &[&now, &token_id],
+            )
+            .await?;
+            load_token(&tx, SELECT_TOKEN, token_id).await?
+        })
+    }
+
+    pub async fn charge(&self, charge_id: String) -> Result<Option<ChargeRecord>, StoreError> {
+        if !storable(&charge_id) {
+            return Ok(None);
+        }
+        let client = self.pool.get().await?;
+        load_charge(&client, &charge_id).await
+    }
+
+    pub async fn reserve(&self, command: ReserveCommand) -> Result<ReserveOutcome, StoreError> {
+        let command = &command;
+        in_transaction!(&self.pool, |tx| reserve(&tx, command).await?)
+    }
+
+    pub async fn settle(
+        &self,
+        settlements: Vec<Settlement>,
+        now: UnixMillis,
+    ) -> Result<Vec<SettleResult>, StoreError> {
+        let settlements = settlements.as_slice();
+        in_transaction!(&self.pool, |tx| settle(&tx, settlements, now).await?)
+    }
+
+    /// Moves the expiry of every open hold to `until` at the earliest; answers how many.
+    /// A ledger that was down must not expire the holds whose outcomes gateways are still
+    /// waiting to deliver.
+    pub async fn extend_open_holds(&self, until: UnixMillis) -> Result<usize, StoreError> {
+        in_transaction!(&self.pool, |tx| {
+            let tokens: Vec<String> = query(
+                &tx,
+                concat!(
+                    "SELECT token_id FROM tokens WHERE token_id IN (SELECT token_id FROM charges
+                     WHERE status = 'held' AND hold_expires_at < $1)",
+                    lock_in_order!()
+                ),
+                &[&until],
+            )
+            .await?
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<Result<_, _>>()?;
+            // Only the charges of the locked tokens: a hold made meanwhile has a fresh TTL.
+            let extended = execute(
+                &tx,
+                "UPDATE charges SET hold_expires_at = $1
+                 WHERE status = 'held' AND hold_expires_at < $1 AND token_id = ANY($2)",
+                &[&until, &tokens],
+            )
+            .await?;
+            usize::try_from(extended).unwrap_or(usize::MAX)
+        })
+    }
+
+    /// Releases up to `limit` holds whose TTL has passed; answers how many.
+    pub async fn expire_holds(&self, now: UnixMillis, limit: usize) -> Result<usize, StoreError> {
+        in_transaction!(&self.pool, |tx| expire_holds(&tx, now, limit).await?)
+    }
+}
+
+/// Runs `attempt`, one whole transaction, again while PostgreSQL aborts it as a deadlock or a
+/// serialization failure: it was rolled back whole, so running it again is safe. Any other
+/// error (a lost connection above all, when a COMMIT's fate is unknown) is final.
+async fn retrying<T, F, Fut>(mut attempt: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let mut attempts = 1;
+    loop {
+        match attempt().await {
+            Err(e) if attempts < MAX_ATTEMPTS && is_transient(&e) => {
+                tracing::debug!(error = %e, attempts, "transaction aborted; running it again");
+                // A short, growing, random pause, so that the parties do not collide again.
+                let pause = rand::random_range(1..=5 * u64::from(attempts));
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                attempts += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+fn is_transient(error: &StoreError) -> bool {
+    let StoreError::Postgres(error) = error else { return false };
+    error.code().is_some_and(|code| {
+        *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED
+    })
+}
+
+/// PostgreSQL's text cannot hold NUL: no stored id contains one, so a lookup of one finds
+/// nothing (instead of failing). The ledger refuses such ids before any write.
+fn storable(id: &str) -> bool {
+    !id.contains('\0')
+}
+
+async fn reserve(tx: &Transaction<'_>, cmd: &ReserveCommand) -> Result<ReserveOutcome, StoreError> {
+    let token_id = cmd.token.token_id.as_str();
+    let token = match load_token(tx, LOCK_TOKEN, token_id).await? {
+        Some(token) => token,
+        None => {
+            // Another ledger may be registering it right now: then this insert waits for
+            // that one's transaction and does nothing, and the lock below finds its row.
+            insert_token(tx, &cmd.token, cmd.now, INSERT_TOKEN_IF_NEW).await?;
+            load_token(tx, LOCK_TOKEN, token_id)
+                .await?
+                .ok_or_else(|| StoreError::Corrupt(format!("token {token_id} vanished")))?
+        }
+    };
+
+    let prior = match &cmd.idempotency {
+        Some(idempotency) => query_opt(
+            tx,
+            "SELECT k.fingerprint, k.charge_id, c.status, k.replays
+             FROM idempotency_keys k JOIN charges c ON c.charge_id = k.charge_id
+             WHERE k.token_id = $1 AND k.key = $2",
+            &[&token_id, &idempotency.key],
+        )
+        .await?
+        .map(|row| -> Result<_, StoreError> {
+            let replays: i32 = row.try_get(3)?;
+            Ok((
+                row.try_get::<_, String>(0)?,
+                row.try_get::<_, String>(1)?,
+                named(&row, 2, &ALL_STATUSES, status_name)?,
+                u32::try_from(replays).map_err(|_| corrupt("replays", replays))?,
+            ))
+        })
+        .transpose()?,
+        None => None,
+    };
+    let remaining = match rules::admit(&token, &cmd.call(), prior_use(&prior), cmd.max_replays) {
+        Err(refusal) => return Ok(ReserveOutcome::Refused(refusal)),
+        Ok(Admission::Replay) => {
+            let (first, key) = match (prior, &cmd.idempotency) {
+                (Some((_, charge_id, _, _)), Some(idempotency)) => (charge_id, &idempotency.key),
+                _ => return Err(StoreError::Corrupt("a replay without a prior charge".into())),
+            };
+            execute(
+                tx,
+                "UPDATE idempotency_keys SET replays = replays + 1 WHERE token_id = $1 AND key = $2",
+                &[&token_id, key],
+            )
+            .await?;
+            let first = load_charge(tx, &first)
+                .await?
+                .ok_or_else(|| StoreError::Corrupt("an idempotency key names no charge".into()))?;
+            return Ok(ReserveOutcome::Held(Hold {
+                charge_id: first.charge_id,
+                amount_usdc: first.held,
+                remaining_usdc: token.remaining(),
+                replayed: true,
+            }));
+        }
+        Ok(Admission::Hold { remaining }) => remaining,
+    };
+
+    let price = cmd.price.micros_i64();
+    let key = cmd.idempotency.as_ref().map(|i| i.key.as_str());
+    execute(
+        tx,
+        "INSERT INTO charges (charge_id, token_id, service_id, held_micros, status,
+                              idempotency_key, created_at, hold_expires_at)
+         VALUES ($1, $2, $3, $4, 'held', $5, $6, $7)",
+        &[&cmd.charge_id, &token_id, &cmd.service_id, &price, &key, &cmd.now, &cmd.hold_expires_at],
+    )
+    .await?;
+    execute(
+        tx,
+        "UPDATE tokens SET reserved_micros = reserved_micros + $1 WHERE token_id = $2",
+        &[&price, &token_id],
+    )
+    .await?;
+    if let Some(idempotency) = &cmd.idempotency {
+        execute(
+            tx,
+            "INSERT INTO idempotency_keys (token_id, key, fingerprint, charge_id, created_at)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (token_id, key) DO UPDATE SET charge_id = excluded.charge_id, replays = 0",
+            &[&token_id, &idempotency.key, &idempotency.fingerprint, &cmd.charge_id, &cmd.now],
+        )
+        .await?;
+    }
+    Ok(ReserveOutcome::Held(Hold {
+        charge_id: cmd.charge_id.clone(),
+        amount_usdc: cmd.price,
+        remaining_usdc: remaining,
+        replayed: false,
+    }))
+}
+
+/// A held charge as settling sees it, kept up to date through the batch (which may name a
+/// charge twice).
+struct OpenHold {
+    token_id: String,
+    held: Usdc,
+    status: ChargeStatus,
+    hold_expires_at: UnixMillis,
+    revoked: bool,
+}
+
+/// A hold to close: committed (its amount becomes used) or released (freed).
+struct Closing {
+    charge_id: String,
+    token_id: String,
+    held: Usdc,
+    status: ChargeStatus,
+    upstream_status: Option<i32>,
+}
+
+async fn settle(
+    tx: &Transaction<'_>,
+    settlements: &[Settlement],
+    now: UnixMillis,
+) -> Result<Vec<SettleResult>, StoreError> {
+    let ids: Vec<&str> =
+        settlements.iter().map(|s| s.charge_id.as_str()).filter(|id| storable(id)).collect();
+    let mut holds = HashMap::with_capacity(ids.len());
+    if !ids.is_empty() {
+        query(tx, LOCK_TOKENS_OF_CHARGES, &[&ids]).await?;
+        let rows = query(
+            tx,
+            "SELECT c.charge_id, c.token_id, c.held_micros, c.status, c.hold_expires_at,
+                    t.revoked_at IS NOT NULL
+             FROM charges c JOIN tokens t ON t.token_id = c.token_id
+             WHERE c.charge_id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+        for row in rows {
+            let hold = OpenHold {
+                token_id: row.try_get(1)?,
+                held: usdc(&row, 2)?,
+                status: named(&row, 3, &ALL_STATUSES, status_name)?,
+                hold_expires_at: row.try_get(4)?,
+                revoked: row.try_get(5)?,
+            };
+            holds.insert(row.try_get::<_, String>(0)?, hold);
+        }
+    }
+
+    let mut closing = Vec::new();
+    let mut results = Vec::with_capacity(settlements.len());
+    for s in settlements {
+        let status = match holds.get_mut(&s.charge_id) {
+            None => SettleStatus::Unknown,
+            Some(hold) => {
+                let expired = now >= hold.hold_expires_at;
+                let (closed, result) =
+                    match rules::settle(hold.status, expired, hold.revoked, s.outcome) {
+                        SettleDecision::Unchanged(result) => (None, result),
+                        SettleDecision::Commit => {
+                            (Some(ChargeStatus::Committed), SettleStatus::Committed)
+                        }
+                        SettleDecision::Release(result) => (Some(ChargeStatus::Released), result),
+                    };
+                if let Some(closed) = closed {
+                    hold.status = closed;
+                    closing.push(Closing {
+                        charge_id: s.charge_id.clone(),
+                        token_id: hold.token_id.clone(),
+                        held: hold.held,
+                        status: closed,
+                        upstream_status: s.upstream_status.map(i32::from),
+                    });
+                }
+                result
+            }
+        };
+        results.push(SettleResult { charge_id: s.charge_id.clone(), status });
+    }
+    close_holds(tx, &closing, now).await?;
+    Ok(results)
+}
+
+async fn expire_holds(
+    tx: &Transaction<'_>,
+    now: UnixMillis,
+    limit: usize,
+) -> Result<usize, StoreError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let due: Vec<String> = query(
+        tx,
+        "SELECT charge_id FROM charges WHERE status = 'held' AND hold_expires_at <= $1
+         ORDER BY hold_expires_at LIMIT $2",
+        &[&now, &limit],
+    )
+    .await?
+    .iter()
+    .map(|row| row.try_get(0))
+    .collect::<Result<_, _>>()?;
+    if due.is_empty() {
+        return Ok(0);
+    }
+    query(tx, LOCK_TOKENS_OF_CHARGES, &[&due]).await?;
+    // Again under the locks: another ledger's sweep, or a settle, may have closed some.
+    let closing = query(
+        tx,
+        "SELECT charge_id, token_id, held_micros FROM charges
+         WHERE charge_id = ANY($1) AND status = 'held' AND hold_expires_at <= $2",
+        &[&due, &now],
+    )
+    .await?
+    .iter()
+    .map(|row| {
+        Ok(Closing {
+            charge_id: row.try_get(0)?,
+            token_id: row.try_get(1)?,
+            held: usdc(row, 2)?,
+            status: ChargeStatus::Released,
+            upstream_status: None,
+        })
+    })
+    .collect::<Result<Vec<_>, StoreError>>()?;
+    close_holds(tx, &closing, now).await?;
+    Ok(closing.len())
+}
+
+/// Closes the holds (all held, their tokens locked by this transaction) and moves their
+/// tokens' counters: a statement for the charges and one for the tokens, however many.
+async fn close_holds(
+    tx: &Transaction<'_>,
+    closing: &[Closing],
+    now: UnixMillis,
+) -> Result<(), StoreError> {
+    if closing.is_empty() {
+        return Ok(());
+    }
+    let charge_ids: Vec<&str> = closing.iter().map(|c| c.charge_id.as_str()).collect();
+    let statuses: Vec<&str> = closing.iter().map(|c| status_name(c.status)).collect();
+    let upstream: Vec<Option<i32>> = closing.iter().map(|c| c.upstream_status).collect();
+    let closed = execute(
+        tx,
+        "UPDATE charges c SET status = u.status, settled_at = $4, upstream_status = u.upstream
+         FROM unnest($1::text[], $2::text[], $3::int4[]) AS u (charge_id, status, upstream)
+         WHERE c.charge_id = u.charge_id AND c.status = 'held'",
+        &[&charge_ids, &statuses, &upstream, &now],
+    )
+    .await?;
+    if usize::try_from(closed).ok() != Some(closing.len()) {
+        // Their tokens' locks should have kept them held: change nothing.
+        return Err(StoreError::Corrupt(format!(
+            "closed {closed} of {} holds: some were settled under their token's lock",
+            closing.len()
+        )));
+    }
+
+    // Per token: (what becomes used, what stops being reserved).
+    let mut deltas: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+    for c in closing {
+        let held = c.held.micros_i64();
+        let (used, freed) = deltas.entry(c.token_id.as_str()).or_default();
+        let overflow = || StoreError::Corrupt(format!("token {} holds too much", c.token_id));
+        *freed = freed.checked_add(held).ok_or_else(overflow)?;
+        if c.status == ChargeStatus::Committed {
+            *used = used.checked_add(held).ok_or_else(overflow)?;
+        }
+    }
+    let token_ids: Vec<&str> = deltas.keys().copied().collect();
+    let used: Vec<i64> = deltas.values().map(|(used, _)| *used).collect();
+    let freed: Vec<i64> = deltas.values().map(|(_, freed)| *freed).collect();
+    execute(
+        tx,
+        "UPDATE tokens t SET used_micros = t.used_micros + u.used,
+                             reserved_micros = t.reserved_micros - u.freed
+         FROM unnest($1::text[], $2::int8[], $3::int8[]) AS u (token_id, used, freed)
+         WHERE t.token_id = u.token_id",
+        &[&token_ids, &used, &freed],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn insert_token(
+    db: &impl GenericClient,
+    token: &TokenGrant,
+    now: UnixMillis,
+    statement: &str,
+) -> Result<(), StoreError> {
+    let expires_at = seconds_to_millis(token.expires_at)?;
+    execute(
+        db,
+        statement,
+        &[
+            &token.token_id,
+            &token.buyer_id,
+            &token.buyer_tag,
+            &token.service_id,
+            &scope_name(token.scope),
+            &token.limit_usdc.micros_i64(),
+            &expires_at,
+            &now,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Reads a token with `statement`: [`SELECT_TOKEN`], or [`LOCK_TOKEN`] to lock it too.
+async fn load_token(
+    db: &impl GenericClient,
+    statement: &str,
+    token_id: &str,
+) -> Result<Option<TokenRecord>, StoreError> {
+    let Some(row) = query_opt(db, statement, &[&token_id]).await? else {
+        return Ok(None);
+    };
+    let expires_at: i64 = row.try_get(6)?;
+    Ok(Some(TokenRecord {
+        grant: TokenGrant {
+            token_id: row.try_get(0)?,
+            buyer_id: row.try_get(1)?,
+            buyer_tag: row.try_get(2)?,
+            service_id: row.try_get(3)?,
+            scope: named(&row, 4, &ALL_SCOPES, scope_name)?,
+            limit_usdc: usdc(&row, 5)?,
+            expires_at: u64::try_from(expires_at / 1000).unwrap_or(0),
+        },
+        used: usdc(&row, 7)?,
+        reserved: usdc(&row, 8)?,
+        revoked: row.try_get(9)?,
+    }))
+}
+
+async fn load_charge(
+    db: &impl GenericClient,
+    charge_id: &str,
+) -> Result<Option<ChargeRecord>, StoreError> {
+    let row = query_opt(
+        db,
+        "SELECT c.charge_id, c.token_id, t.buyer_id, c.service_id, c.held_micros, c.status,
+                c.idempotency_key, c.upstream_status, c.created_at, c.settled_at
+         FROM charges c JOIN tokens t ON t.token_id = c.token_id
+         WHERE c.charge_id = $1",
+        &[&charge_id],
+    )
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let upstream_status = row
+        .try_get::<_, Option<i32>>(7)?
+        .map(|status| u16::try_from(status).map_err(|_| corrupt("upstream status", status)))
+        .transpose()?;
+    Ok(Some(ChargeRecord {
+        charge_id: row.try_get(0)?,
+        token_id: row.try_get(1)?,
+        buyer_id: row.try_get(2)?,
+        service_id: row.try_get(3)?,
+        held: usdc(&row, 4)?,
+        status: named(&row, 5, &ALL_STATUSES, status_name)?,
+        idempotency_key: row.try_get(6)?,
+        upstream_status,
+        created_at: row.try_get(8)?,
+        settled_at: row.try_get(9)?,
+    }))
+}
+
+// Each statement is prepared once per connection (deadpool's statement cache).
+
+async fn query(
+    db: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<Row>, StoreError> {
+    let statement = db.prepare_cached(sql).await?;
+    Ok(db.query(&statement, params).await?)
+}
+
+async fn query_opt(
+    db: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Option<Row>, StoreError> {
+    let statement = db.prepare_cached(sql).await?;
+    Ok(db.query_opt(&statement, params).await?)
+}
+
+async fn execute(
+    db: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, StoreError> {
+    let statement = db.prepare_cached(sql).await?;
+    Ok(db.execute(&statement, params).await?)
+}
+
+fn corrupt(what: &str, value: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("bad {what} {value}"))
+}
+
+fn usdc(row: &Row, index: usize) -> Result<Usdc, StoreError> {
+    let micros: i64 = row.try_get(index)?;
+    Usdc::from_micros_i64(micros).ok_or_else(|| corrupt("amount", micros))
+}
+
+/// Reads a TEXT column holding one of `values`, as written by `name`.
+fn named<T: Copy>(
+    row: &Row,
+    index: usize,
+    values: &[T],
+    name: fn(T) -> &'static str,
+) -> Result<T, StoreError> {
+    let text: &str = row.try_get(index)?;
+    values.iter().copied().find(|value| name(*value) == text).ok_or_else(|| corrupt("value", text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every file in postgres_migrations/ is listed, in order: one left out would never run.
+    #[test]
+    fn every_migration_file_is_applied_in_order() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/store/postgres_migrations");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .collect();
+        files.sort();
+        let listed: Vec<String> = MIGRATIONS.iter().map(|m| format!("{}.sql", m.name)).collect();
+        assert_eq!(files, listed);
+        for (i, migration) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(migration.version, i64::try_from(i + 1).unwrap());
+            assert!(migration.name.starts_with(&format!("{:04}_", migration.version)));
+        }
+    }
+}
