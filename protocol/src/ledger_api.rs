@@ -15,8 +15,16 @@ pub mod path {
     pub const SETTLEMENTS: &str = "/v1/holds/settle";
     /// `POST`: issue a Pay Token; `GET /{id}`, `POST /{id}/revoke` (admin).
     pub const TOKENS: &str = "/v1/tokens";
-    /// `GET /{id}`: one charge (admin).
+    /// `GET`: the journal, a page of charges (admin); `GET /{id}`: one charge (admin).
     pub const CHARGES: &str = "/v1/charges";
+    /// `GET`: the journal's page as CSV (admin).
+    pub const CHARGES_CSV: &str = "/v1/charges.csv";
+    /// `GET /{id}/summary`: a service's calls, revenue and refusals (admin).
+    pub const SERVICES: &str = "/v1/services";
+    /// `GET`: this API's OpenAPI 3 document (open).
+    pub const OPENAPI: &str = "/openapi.json";
+    /// `GET`: Prometheus metrics (open).
+    pub const METRICS: &str = "/metrics";
     /// `POST`: mint an L402 challenge, a macaroon and its invoice (gateway).
     pub const L402_CHALLENGES: &str = "/v1/l402/challenges";
     /// `POST`: pay a sandbox invoice, answering its preimage (admin; sandbox backend only).
@@ -278,4 +286,75 @@ pub struct SandboxPayment {
     pub preimage: String,
     /// Always true: only the sandbox pays invoices.
     pub sandbox: bool,
+}
+
+/// `GET /v1/charges` (and its CSV export): the journal, filtered, oldest first (by creation
+/// time, then charge id), one page at a time. Times are RFC 3339; `from` is inclusive, `to`
+/// exclusive.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ChargeQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buyer_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<ChargeStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// 1 to 1000; 100 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// A previous page's `nextCursor`: this page starts after its last charge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+}
+
+/// One page of the journal. `nextCursor` is null on the last page.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChargePage {
+    pub charges: Vec<ChargeView>,
+    pub next_cursor: Option<String>,
+}
+
+/// `GET /v1/services/{serviceId}/summary`: `from` inclusive, `to` exclusive (RFC 3339).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SummaryQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+}
+
+/// A service's calls in a time window: the charges created in it, and the reserves refused.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSummary {
+    pub service_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// Calls that got a hold (replays of a charged call are not new calls).
+    pub calls: u64,
+    pub committed: u64,
+    pub released: u64,
+    /// Still in flight.
+    pub held: u64,
+    /// The committed charges' amounts.
+    pub revenue_usdc: Usdc,
+    /// Reserves refused, by error code (`token_limit_exceeded`, `token_revoked`, …).
+    pub refusals: std::collections::BTreeMap<String, u64>,
+    /// Settled calls whose upstream status is known.
+    pub upstream_answered: u64,
+    /// Those whose upstream answered 5xx.
+    pub upstream_errors: u64,
+    /// `upstreamErrors / upstreamAnswered`; 0 when no upstream status is known.
+    pub error_rate: f64,
 }

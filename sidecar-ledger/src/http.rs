@@ -5,21 +5,25 @@
 
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Path, Request, State};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::HeaderMap;
+use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use paystile_protocol::ledger_api::{
-    ChallengeRequest, IssueTokenRequest, ReserveRequest, SandboxPaymentRequest, SettleRequest, path,
+    ChallengeRequest, ChargePage, ChargeQuery, IssueTokenRequest, ReserveRequest,
+    SandboxPaymentRequest, SettleRequest, SummaryQuery, path,
 };
 use paystile_protocol::{ErrorBody, ErrorCode};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::challenge::{ChallengeError, ChallengeMinter};
+use crate::journal;
 use crate::ledger::{Ledger, LedgerError, now_millis};
 use crate::store::ReserveOutcome;
 
@@ -62,6 +66,9 @@ pub fn router(
         .route(&format!("{}/{{token_id}}", path::TOKENS), get(token))
         .route(&format!("{}/{{token_id}}/revoke", path::TOKENS), post(revoke_token))
         .route(&format!("{}/{{charge_id}}", path::CHARGES), get(charge))
+        .route(path::CHARGES, get(charges))
+        .route(path::CHARGES_CSV, get(charges_csv))
+        .route(&format!("{}/{{service_id}}/summary", path::SERVICES), get(service_summary))
         .route_layer(middleware::from_fn_with_state(admin_key, require_key));
     let gateway = Router::new()
         .route(path::HOLDS, post(reserve))
@@ -121,6 +128,46 @@ async fn charge(
     Path(charge_id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(ledger.charge(charge_id).await?))
+}
+
+/// A page of the journal: JSON, or CSV when the client accepts `text/csv`.
+async fn charges(
+    State(ledger): State<Arc<Ledger>>,
+    headers: HeaderMap,
+    ApiQuery(query): ApiQuery<ChargeQuery>,
+) -> Result<Response, ApiError> {
+    let page = ledger.charges(query).await?;
+    let wants_csv = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|accept| accept.contains("text/csv"));
+    Ok(if wants_csv { csv_response(page) } else { Json(page).into_response() })
+}
+
+async fn charges_csv(
+    State(ledger): State<Arc<Ledger>>,
+    ApiQuery(query): ApiQuery<ChargeQuery>,
+) -> Result<Response, ApiError> {
+    Ok(csv_response(ledger.charges(query).await?))
+}
+
+/// The page as CSV; the next page's cursor goes in `X-Next-Cursor`.
+fn csv_response(page: ChargePage) -> Response {
+    let body = journal::csv(&page.charges, true);
+    let mut response = ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], body).into_response();
+    if let Some(cursor) = page.next_cursor.and_then(|c| c.parse().ok()) {
+        response.headers_mut().insert(journal::NEXT_CURSOR_HEADER, cursor);
+    }
+    response
+}
+
+async fn service_summary(
+    State(ledger): State<Arc<Ledger>>,
+    Path(service_id): Path<String>,
+    ApiQuery(query): ApiQuery<SummaryQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(ledger.service_summary(service_id, query).await?))
 }
 
 async fn reserve(
@@ -216,6 +263,27 @@ where
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
         match Json::<T>::from_request(request, state).await {
             Ok(Json(value)) => Ok(ApiJson(value)),
+            Err(rejection) => {
+                Err(ApiError(ErrorBody::with_message(ErrorCode::BadRequest, rejection.body_text())))
+            }
+        }
+    }
+}
+
+/// `Query`, but a query string that does not parse (an unknown parameter, a bad number or
+/// status) is a 400 `ErrorBody` naming what is wrong.
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiQuery<T>
+where
+    S: Send + Sync,
+    Query<T>: FromRequestParts<S, Rejection = QueryRejection>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(ApiQuery(value)),
             Err(rejection) => {
                 Err(ApiError(ErrorBody::with_message(ErrorCode::BadRequest, rejection.body_text())))
             }

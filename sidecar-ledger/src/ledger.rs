@@ -152,6 +152,11 @@ impl Ledger {
         Ok(token_view(token))
     }
 
+    /// The books, for the journal's queries (see `crate::journal`).
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
     pub async fn charge(&self, charge_id: String) -> Result<ChargeView, LedgerError> {
         let charge = self.store.charge(charge_id).await?.ok_or(LedgerError::NotFound("charge"))?;
         Ok(charge_view(charge))
@@ -244,7 +249,7 @@ fn token_view(token: TokenRecord) -> TokenView {
     }
 }
 
-fn charge_view(charge: ChargeRecord) -> ChargeView {
+pub(crate) fn charge_view(charge: ChargeRecord) -> ChargeView {
     ChargeView {
         amount_usdc: match charge.status {
             ChargeStatus::Released => Usdc::ZERO,
@@ -280,7 +285,7 @@ fn check_len(field: &str, value: &str) -> Result<(), LedgerError> {
     Ok(())
 }
 
-fn check_id(field: &str, value: &str) -> Result<(), LedgerError> {
+pub(crate) fn check_id(field: &str, value: &str) -> Result<(), LedgerError> {
     if value.is_empty() {
         return Err(LedgerError::Invalid(format!("{field} must not be empty")));
     }
@@ -311,7 +316,7 @@ fn rfc3339_seconds(seconds: u64) -> String {
     rfc3339_millis(i64::try_from(seconds).unwrap_or(i64::MAX).saturating_mul(1000))
 }
 
-fn rfc3339_millis(millis: UnixMillis) -> String {
+pub(crate) fn rfc3339_millis(millis: UnixMillis) -> String {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000)
         .ok()
         .and_then(|at| at.format(&Rfc3339).ok())

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod client;
 pub mod http;
 pub mod invoice;
+pub mod journal;
 pub mod ledger;
 pub mod rules;
 pub mod server;

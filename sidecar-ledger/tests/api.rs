@@ -1009,3 +1009,354 @@ async fn an_l402_token_revoked_before_its_first_call_is_refused_at_it(store: Bac
         assert!(matches!(error, ClientError::Refused { status: 404, .. }), "{unknown}: {error}");
     }
 }
+
+/// The journal (`GET /v1/charges`, its CSV export) and the per-service summary.
+mod journal {
+    use paystile_protocol::ledger_api::{ChargePage, ChargeView, ServiceSummary};
+    use reqwest::header::HeaderMap;
+    use time::OffsetDateTime;
+    use time::format_description::well_known::Rfc3339;
+
+    use super::*;
+
+    on_both_stores! {
+        the_journal_lists_every_charge_and_filters_it,
+        paging_neither_skips_nor_repeats_under_inserts,
+        the_csv_export_is_rfc_4180_with_6_decimal_amounts,
+        bad_journal_queries_get_400_with_a_message,
+        the_summary_counts_a_known_scenario,
+    }
+
+    impl Ledger {
+        /// `GET path` with the admin key: status, headers, body.
+        async fn get(&self, path: &str, accept: Option<&str>) -> (u16, HeaderMap, String) {
+            let mut request =
+                self.http.get(format!("{}{path}", self.process.url())).bearer_auth(ADMIN_KEY);
+            if let Some(accept) = accept {
+                request = request.header("accept", accept);
+            }
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let headers = response.headers().clone();
+            (status, headers, response.text().await.unwrap())
+        }
+
+        async fn page(&self, query: &str) -> ChargePage {
+            let (status, _, body) = self.get(&format!("/v1/charges?{query}"), None).await;
+            assert_eq!(status, 200, "{query}: {body}");
+            serde_json::from_str(&body).unwrap()
+        }
+
+        /// Every page of `query` (which must not set a cursor), followed to the end.
+        async fn all_charges(&self, query: &str) -> Vec<ChargeView> {
+            let mut charges = Vec::new();
+            let mut cursor = String::new();
+            loop {
+                let page = self.page(&format!("{query}&limit=3{cursor}")).await;
+                charges.extend(page.charges);
+                match page.next_cursor {
+                    Some(next) => cursor = format!("&cursor={next}"),
+                    None => return charges,
+                }
+            }
+        }
+
+        /// Reserves one call; answers its charge id.
+        async fn call(&self, token_id: &str, buyer: &str, service: &str, price: &str) -> String {
+            let body = json!({
+                "token": {
+                    "tokenId": token_id, "buyerId": buyer, "serviceId": service,
+                    "scope": "SINGLE", "limitUsdc": "100", "expiresAt": 4_000_000_000u64
+                },
+                "serviceId": service,
+                "priceUsdc": price,
+            });
+            self.hold(&body).await.charge_id
+        }
+
+        async fn settle_with(&self, charge_id: &str, outcome: &str, upstream: u16) {
+            let body = json!({"settlements": [
+                {"chargeId": charge_id, "outcome": outcome, "upstreamStatus": upstream}
+            ]});
+            let (status, answer) =
+                self.post("/v1/holds/settle", Some(GATEWAY_KEY), &body.to_string()).await;
+            assert_eq!(status, 200, "{answer}");
+        }
+    }
+
+    fn millis(at: &str) -> i128 {
+        OffsetDateTime::parse(at, &Rfc3339).unwrap().unix_timestamp_nanos() / 1_000_000
+    }
+
+    fn ids(charges: &[ChargeView]) -> Vec<&str> {
+        charges.iter().map(|c| c.charge_id.as_str()).collect()
+    }
+
+    /// Oldest first, then by id: strictly increasing keys, so no charge twice.
+    fn assert_in_journal_order(charges: &[ChargeView]) {
+        for pair in charges.windows(2) {
+            let key = |c: &ChargeView| (millis(&c.created_at), c.charge_id.clone());
+            assert!(key(&pair[0]) < key(&pair[1]), "{:?} then {:?}", pair[0], pair[1]);
+        }
+    }
+
+    async fn the_journal_lists_every_charge_and_filters_it(store: Backend) {
+        let ledger = Ledger::start(store, &[]).await;
+        let mut made = Vec::new();
+        for (token, buyer, service) in [
+            ("tok_a", "alice", "weather"),
+            ("tok_b", "bob", "weather"),
+            ("tok_a", "alice", "weather"),
+            ("tok_c", "alice", "maps"),
+            ("tok_b", "bob", "weather"),
+            ("tok_c", "alice", "maps"),
+        ] {
+            made.push(ledger.call(token, buyer, service, "0.25").await);
+            // Distinct milliseconds, so that time windows can split the list.
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        ledger.settle_with(&made[0], "commit", 200).await;
+        ledger.settle_with(&made[1], "release", 502).await;
+        ledger.settle_with(&made[3], "commit", 201).await;
+
+        let all = ledger.all_charges("").await;
+        assert_eq!(ids(&all), made.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_in_journal_order(&all);
+        let first = &all[0];
+        assert_eq!((first.token_id.as_str(), first.buyer_id.as_str()), ("tok_a", "alice"));
+        assert_eq!((first.status, first.amount_usdc), (ChargeStatus::Committed, usdc("0.25")));
+        assert_eq!((first.upstream_status, first.settled_at.is_some()), (Some(200), true));
+        assert_eq!((all[1].status, all[1].amount_usdc), (ChargeStatus::Released, Usdc::ZERO));
+        assert_eq!((all[2].status, all[2].upstream_status), (ChargeStatus::Held, None));
+
+        let select =
+            |picked: &[usize]| picked.iter().map(|&i| made[i].as_str()).collect::<Vec<_>>();
+        let cases: [(&str, &[usize]); 9] = [
+            ("tokenId=tok_a", &[0, 2]),
+            ("buyerId=alice", &[0, 2, 3, 5]),
+            ("serviceId=maps", &[3, 5]),
+            ("status=held", &[2, 4, 5]),
+            ("status=committed&buyerId=alice", &[0, 3]),
+            ("serviceId=weather&status=released", &[1]),
+            (&format!("from={}", all[2].created_at), &[2, 3, 4, 5]),
+            (&format!("to={}", all[2].created_at), &[0, 1]),
+            (&format!("from={}&to={}&buyerId=bob", all[1].created_at, all[4].created_at), &[1]),
+        ];
+        for (query, expected) in cases {
+            let query = query.replace('+', "%2B");
+            assert_eq!(ids(&ledger.all_charges(&query).await), select(expected), "{query}");
+        }
+        assert!(ledger.page("buyerId=nobody").await.charges.is_empty());
+        // One charge, as the single-charge endpoint shows it.
+        assert_eq!(ledger.admin.charge(&made[3]).await.unwrap(), all[3]);
+        // Admin only.
+        for path in ["/v1/charges", "/v1/charges.csv", "/v1/services/weather/summary"] {
+            let url = format!("{}{path}", ledger.process.url());
+            let response = ledger.http.get(url).bearer_auth(GATEWAY_KEY).send().await.unwrap();
+            assert_eq!(response.status(), 401, "{path}");
+        }
+    }
+
+    async fn paging_neither_skips_nor_repeats_under_inserts(store: Backend) {
+        let ledger = Ledger::start(store, &[]).await;
+        let mut before = Vec::new();
+        for i in 0..20 {
+            before.push(ledger.call(&format!("tok_{}", i % 3), "pager", "weather", "0.01").await);
+        }
+        let mut seen: Vec<ChargeView> = Vec::new();
+        let mut cursor = String::new();
+        let mut pages = 0;
+        loop {
+            let page = ledger.page(&format!("limit=4{cursor}")).await;
+            assert!(page.charges.len() <= 4);
+            seen.extend(page.charges);
+            pages += 1;
+            // Charges made while paging, some settled too: they come after every earlier one.
+            if pages <= 3 {
+                for _ in 0..3 {
+                    let id = ledger.call("tok_new", "pager", "weather", "0.01").await;
+                    ledger.settle_with(&id, "commit", 200).await;
+                }
+                ledger.settle_with(&before[pages], "commit", 200).await;
+            }
+            match page.next_cursor {
+                Some(next) => cursor = format!("&cursor={next}"),
+                None => break,
+            }
+        }
+        assert_in_journal_order(&seen);
+        let seen_ids = ids(&seen);
+        for id in &before {
+            assert_eq!(seen_ids.iter().filter(|s| *s == id).count(), 1, "{id}");
+        }
+        // Nothing vanished: everything in the journal now was seen.
+        let now = ledger.all_charges("").await;
+        assert_eq!(seen_ids, ids(&now));
+        assert_eq!(now.len(), 29);
+    }
+
+    async fn the_csv_export_is_rfc_4180_with_6_decimal_amounts(store: Backend) {
+        let ledger = Ledger::start(store, &[]).await;
+        let plain = ledger.call("tok_csv", "buyer,\"quoted\"", "weather", "0.5").await;
+        ledger.settle_with(&plain, "commit", 200).await;
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        let keyed = with_key(reserve_body("tok_csv2", "1", "0.000001"), "k,\"1\"", 'a');
+        let keyed = ledger.hold(&keyed).await.charge_id;
+        let page = ledger.page("").await;
+
+        let (status, headers, csv) = ledger.get("/v1/charges.csv", None).await;
+        assert_eq!(status, 200, "{csv}");
+        assert_eq!(headers["content-type"], "text/csv; charset=utf-8");
+        let lines: Vec<&str> = csv.split_terminator("\r\n").collect();
+        assert_eq!(
+            lines,
+            [
+                "chargeId,tokenId,buyerId,serviceId,amountUsdc,status,upstreamStatus,\
+                 idempotencyKey,createdAt,settledAt"
+                    .to_owned(),
+                format!(
+                    "{plain},tok_csv,\"buyer,\"\"quoted\"\"\",weather,0.500000,committed,200,,{},{}",
+                    page.charges[0].created_at,
+                    page.charges[0].settled_at.as_deref().unwrap()
+                ),
+                format!(
+                    "{keyed},tok_csv2,buyer-1,weather,0.000001,held,,\"k,\"\"1\"\"\",{},",
+                    page.charges[1].created_at
+                ),
+            ]
+        );
+        assert!(csv.ends_with("\r\n"));
+
+        // `Accept: text/csv` on the list answers the same; a page's cursor is a header.
+        let (status, headers, accepted) = ledger.get("/v1/charges", Some("text/csv")).await;
+        assert_eq!((status, accepted.as_str()), (200, csv.as_str()));
+        assert!(headers.get("x-next-cursor").is_none());
+        let (_, headers, first) = ledger.get("/v1/charges.csv?limit=1", None).await;
+        assert_eq!(first.split_terminator("\r\n").count(), 2);
+        let cursor = headers["x-next-cursor"].to_str().unwrap();
+        let (_, _, second) = ledger.get(&format!("/v1/charges.csv?cursor={cursor}"), None).await;
+        assert_eq!(second.split_terminator("\r\n").nth(1), Some(lines[2]));
+    }
+
+    async fn bad_journal_queries_get_400_with_a_message(store: Backend) {
+        let ledger = Ledger::start(store, &[]).await;
+        ledger.call("tok_a", "alice", "weather", "0.1").await;
+        let cursor = ledger.page("limit=1").await.next_cursor;
+        assert!(cursor.is_none(), "one charge: one page");
+        let garbage = "bm90LWEtY3Vyc29y"; // base64 of "not-a-cursor"
+        let cases = [
+            ("limit=0", "limit must be 1 to 1000"),
+            ("limit=5000", "limit must be 1 to 1000"),
+            ("limit=ten", "limit"),
+            ("limit=-1", "limit"),
+            (&format!("cursor={garbage}") as &str, "cursor"),
+            ("cursor=%%%", "cursor"),
+            ("from=yesterday", "from must be an RFC 3339 time"),
+            ("to=2026-13-01T00:00:00Z", "to must be an RFC 3339 time"),
+            ("from=2026-02-01T00:00:00Z&to=2026-01-01T00:00:00Z", "from must be before to"),
+            ("status=pending", "status"),
+            ("color=red", "unknown field `color`"),
+            ("token_id=tok_a", "unknown field `token_id`"),
+            ("tokenId=", "tokenId must not be empty"),
+            ("buyerId=a%00b", "control characters"),
+        ];
+        for (query, message) in cases {
+            for path in ["/v1/charges", "/v1/charges.csv"] {
+                let (status, _, body) = ledger.get(&format!("{path}?{query}"), None).await;
+                let answer: Value = serde_json::from_str(&body).unwrap();
+                assert_eq!(
+                    (status, answer["code"].as_str()),
+                    (400, Some("bad_request")),
+                    "{query}"
+                );
+                let error = answer["error"].as_str().unwrap();
+                assert!(error.contains(message), "{path}?{query}: {error}");
+            }
+        }
+        for (query, message) in [
+            ("from=noon", "from must be an RFC 3339 time"),
+            ("serviceId=x", "unknown field `serviceId`"),
+        ] {
+            let (status, _, body) =
+                ledger.get(&format!("/v1/services/weather/summary?{query}"), None).await;
+            assert_eq!(status, 400, "{query}: {body}");
+            assert!(body.contains(message), "{query}: {body}");
+        }
+    }
+
+    async fn the_summary_counts_a_known_scenario(store: Backend) {
+        let ledger = Ledger::start(store, &[]).await;
+        let start = OffsetDateTime::now_utc().format(&Rfc3339).unwrap();
+        for upstream in [200, 200, 201] {
+            let id = ledger.call("tok_w", "alice", "weather", "0.1").await;
+            ledger.settle_with(&id, "commit", upstream).await;
+        }
+        for upstream in [503, 500, 404] {
+            let id = ledger.call("tok_w", "alice", "weather", "0.1").await;
+            ledger.settle_with(&id, "release", upstream).await;
+        }
+        ledger.call("tok_w", "alice", "weather", "0.1").await; // still in flight
+        let maps = ledger.call("tok_m", "bob", "maps", "7").await;
+        ledger.settle_with(&maps, "commit", 200).await;
+
+        // Refusals: over the cap twice, a revoked token once, another service once.
+        let small = reserve_body("tok_small", "0.05", "0.1");
+        for _ in 0..2 {
+            assert_eq!(ledger.reserve(&small).await.0, 402);
+        }
+        ledger.call("tok_r", "carol", "weather", "0.1").await;
+        ledger.admin.revoke_token("tok_r").await.unwrap();
+        let mut revoked = reserve_body("tok_r", "100", "0.1");
+        revoked["token"]["buyerId"] = json!("carol");
+        assert_eq!(ledger.reserve(&revoked).await.0, 422);
+        let mut elsewhere = reserve_body("tok_w", "100", "0.1");
+        elsewhere["serviceId"] = json!("maps");
+        assert_eq!(ledger.reserve(&elsewhere).await.0, 403);
+
+        let summary = |query: String| {
+            let ledger = &ledger;
+            async move {
+                let (status, _, body) =
+                    ledger.get(&format!("/v1/services/weather/summary{query}"), None).await;
+                assert_eq!(status, 200, "{body}");
+                serde_json::from_str::<ServiceSummary>(&body).unwrap()
+            }
+        };
+        let weather = summary(String::new()).await;
+        assert_eq!(weather.service_id, "weather");
+        assert_eq!(
+            (weather.calls, weather.committed, weather.released, weather.held),
+            (8, 3, 3, 2),
+            "{weather:?}"
+        );
+        assert_eq!(weather.revenue_usdc, usdc("0.3"));
+        assert_eq!(
+            weather.refusals,
+            [("token_limit_exceeded".to_owned(), 2), ("token_revoked".to_owned(), 1)].into()
+        );
+        assert_eq!((weather.upstream_answered, weather.upstream_errors), (6, 2));
+        assert!((weather.error_rate - 2.0 / 6.0).abs() < 1e-9, "{}", weather.error_rate);
+
+        let (status, _, body) = ledger.get("/v1/services/maps/summary", None).await;
+        assert_eq!(status, 200);
+        let maps: ServiceSummary = serde_json::from_str(&body).unwrap();
+        assert_eq!((maps.calls, maps.revenue_usdc), (1, usdc("7")));
+        assert_eq!(maps.refusals, [("wrong_service".to_owned(), 1)].into());
+        assert_eq!((maps.upstream_answered, maps.error_rate), (1, 0.0));
+
+        // The window: everything above is in [start, now]; nothing before it.
+        let end =
+            (OffsetDateTime::now_utc() + time::Duration::seconds(1)).format(&Rfc3339).unwrap();
+        let within = summary(format!("?from={start}&to={end}").replace('+', "%2B")).await;
+        assert_eq!(
+            (within.calls, within.revenue_usdc, within.from),
+            (8, usdc("0.3"), Some(start.clone()))
+        );
+        let before = summary(format!("?to={start}").replace('+', "%2B")).await;
+        assert_eq!((before.calls, before.revenue_usdc, before.error_rate), (0, Usdc::ZERO, 0.0));
+        assert!(before.refusals.is_empty());
+        let (_, _, body) = ledger.get("/v1/services/nobody-sells-this/summary", None).await;
+        let unknown: ServiceSummary = serde_json::from_str(&body).unwrap();
+        assert_eq!((unknown.calls, unknown.revenue_usdc), (0, Usdc::ZERO));
+    }
+}

@@ -5,6 +5,7 @@
 //! URL: SQLite, embedded in WAL mode with group commit, by default; PostgreSQL for ledgers
 //! that share their books.
 
+mod journal;
 mod postgres;
 mod sqlite;
 
@@ -16,6 +17,7 @@ use paystile_protocol::ledger_api::{
 use paystile_protocol::pay_token::Scope;
 use paystile_protocol::{ErrorBody, Usdc};
 
+pub use journal::{ChargeFilter, ServiceTotals, ServiceWindow};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
@@ -103,6 +105,25 @@ impl Store {
         match self {
             Store::Sqlite(store) => store.expire_holds(now, limit).await,
             Store::Postgres(store) => store.expire_holds(now, limit).await,
+        }
+    }
+}
+
+impl Store {
+    /// The journal: the charges `filter` selects, at most `filter.limit + 1` of them (one
+    /// more than a page says that another follows).
+    pub async fn charges(&self, filter: ChargeFilter) -> Result<Vec<ChargeRecord>, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.charges(filter).await,
+            Store::Postgres(store) => store.charges(filter).await,
+        }
+    }
+
+    /// A service's charge counts, revenue and refusals in a time window.
+    pub async fn service_totals(&self, window: ServiceWindow) -> Result<ServiceTotals, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.service_totals(window).await,
+            Store::Postgres(store) => store.service_totals(window).await,
         }
     }
 }

@@ -19,14 +19,15 @@ use std::time::Duration;
 use deadpool_postgres::{
     GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction,
 };
-use paystile_protocol::Usdc;
 use paystile_protocol::ledger_api::{
     ChargeStatus, Hold, SettleResult, SettleStatus, Settlement, TokenGrant,
 };
+use paystile_protocol::{ErrorBody, Usdc};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
+use super::journal::{self, ChargeFilter, Dialect, Param, ServiceTotals, ServiceWindow};
 use super::{
     ALL_SCOPES, ALL_STATUSES, ChargeRecord, ReserveCommand, ReserveOutcome, StoreError,
     TokenRecord, UnixMillis, prior_use, scope_name, seconds_to_millis, status_name,
@@ -53,11 +54,18 @@ struct Migration {
 }
 
 /// Schema versions, applied in order; `schema_migrations` records each one applied.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_initial",
-    sql: include_str!("postgres_migrations/0001_initial.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_initial",
+        sql: include_str!("postgres_migrations/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_journal",
+        sql: include_str!("postgres_migrations/0002_journal.sql"),
+    },
+];
 
 /// Ends a `SELECT token_id FROM tokens …` that locks several tokens: in id order, the same
 /// in every transaction, so that two of them cannot each hold a lock the other waits for.
@@ -346,7 +354,10 @@ async fn reserve(tx: &Transaction<'_>, cmd: &ReserveCommand) -> Result<ReserveOu
         None => None,
     };
     let remaining = match rules::admit(&token, &cmd.call(), prior_use(&prior), cmd.max_replays) {
-        Err(refusal) => return Ok(ReserveOutcome::Refused(refusal)),
+        Err(refusal) => {
+            record_refusal(tx, cmd, &refusal).await?;
+            return Ok(ReserveOutcome::Refused(refusal));
+        }
         Ok(Admission::Replay) => {
             let (first, key) = match (prior, &cmd.idempotency) {
                 (Some((_, charge_id, _, _)), Some(idempotency)) => (charge_id, &idempotency.key),
@@ -717,6 +728,94 @@ fn named<T: Copy>(
 ) -> Result<T, StoreError> {
     let text: &str = row.try_get(index)?;
     values.iter().copied().find(|value| name(*value) == text).ok_or_else(|| corrupt("value", text))
+}
+
+// The journal.
+
+const DIALECT: Dialect = Dialect { placeholder: |n| format!("${n}"), byte_order: " COLLATE \"C\"" };
+
+impl PostgresStore {
+    pub async fn charges(&self, filter: ChargeFilter) -> Result<Vec<ChargeRecord>, StoreError> {
+        let (sql, params) = journal::charges_query(&filter, &DIALECT);
+        let params: Vec<Box<dyn ToSql + Sync + Send>> = params
+            .into_iter()
+            .map(|param| -> Box<dyn ToSql + Sync + Send> {
+                match param {
+                    Param::Text(text) => Box::new(text),
+                    Param::Int(int) => Box::new(int),
+                }
+            })
+            .collect();
+        let params: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|param| &**param as &(dyn ToSql + Sync)).collect();
+        let client = self.pool.get().await?;
+        query(&client, &sql, &params)
+            .await?
+            .iter()
+            .map(|row| {
+                let upstream_status = row
+                    .try_get::<_, Option<i32>>(7)?
+                    .map(|status| {
+                        u16::try_from(status).map_err(|_| corrupt("upstream status", status))
+                    })
+                    .transpose()?;
+                Ok(ChargeRecord {
+                    charge_id: row.try_get(0)?,
+                    token_id: row.try_get(1)?,
+                    buyer_id: row.try_get(2)?,
+                    service_id: row.try_get(3)?,
+                    held: usdc(row, 4)?,
+                    status: named(row, 5, &ALL_STATUSES, status_name)?,
+                    idempotency_key: row.try_get(6)?,
+                    upstream_status,
+                    created_at: row.try_get(8)?,
+                    settled_at: row.try_get(9)?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn service_totals(&self, window: ServiceWindow) -> Result<ServiceTotals, StoreError> {
+        let client = self.pool.get().await?;
+        let params: [&(dyn ToSql + Sync); 3] = [&window.service_id, &window.from, &window.to];
+        let rows = query(&client, &journal::totals_query(&DIALECT), &params).await?;
+        let row = rows.first().ok_or_else(|| StoreError::Corrupt("no totals".into()))?;
+        let refusals = query(&client, &journal::refusals_query(&DIALECT), &params)
+            .await?
+            .iter()
+            .map(|row| Ok((row.try_get(0)?, count(row, 1)?)))
+            .collect::<Result<_, StoreError>>()?;
+        Ok(ServiceTotals {
+            calls: count(row, 0)?,
+            committed: count(row, 1)?,
+            released: count(row, 2)?,
+            held: count(row, 3)?,
+            revenue: usdc(row, 4)?,
+            upstream_answered: count(row, 5)?,
+            upstream_errors: count(row, 6)?,
+            refusals,
+        })
+    }
+}
+
+fn count(row: &Row, index: usize) -> Result<u64, StoreError> {
+    let count: i64 = row.try_get(index)?;
+    u64::try_from(count).map_err(|_| corrupt("count", count))
+}
+
+/// Counts a refused reserve for its service's summary, in the reserve's transaction.
+async fn record_refusal(
+    tx: &Transaction<'_>,
+    cmd: &ReserveCommand,
+    refusal: &ErrorBody,
+) -> Result<(), StoreError> {
+    execute(
+        tx,
+        "INSERT INTO refusals (service_id, token_id, code, created_at) VALUES ($1, $2, $3, $4)",
+        &[&cmd.service_id, &cmd.token.token_id, &journal::code_name(refusal.code), &cmd.now],
+    )
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -9,18 +9,20 @@
 
 use std::cell::Cell;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use paystile_protocol::Usdc;
 use paystile_protocol::ledger_api::{
     ChargeStatus, Hold, SettleResult, SettleStatus, Settlement, TokenGrant,
 };
 use paystile_protocol::pay_token::Scope;
+use paystile_protocol::{ErrorBody, Usdc};
 use rusqlite::types::Type;
-use rusqlite::{Connection, OptionalExtension, Row, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params, params_from_iter};
 use tokio::sync::{mpsc, oneshot};
 
+use super::journal::{self, ChargeFilter, Dialect, Param, ServiceTotals, ServiceWindow};
 use super::{
     ALL_SCOPES, ALL_STATUSES, ChargeRecord, ReserveCommand, ReserveOutcome, StoreError,
     TokenRecord, UnixMillis, prior_use, scope_name, seconds_to_millis, status_name,
@@ -33,12 +35,16 @@ const MAX_BATCH: usize = 512;
 const QUEUE_DEPTH: usize = 8192;
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many have run.
-const MIGRATIONS: &[&str] = &[include_str!("sqlite_schema.sql")];
+const MIGRATIONS: &[&str] =
+    &[include_str!("sqlite_schema.sql"), include_str!("sqlite_0002_journal.sql")];
 
 /// A handle on the writer thread; cheap to clone. The thread ends when every handle is gone.
 #[derive(Clone)]
 pub struct SqliteStore {
     jobs: mpsc::Sender<Job>,
+    /// A read-only connection for the journal's queries, which may scan many rows: in WAL
+    /// mode they read the last commit without holding up the writer.
+    reader: Arc<Mutex<Connection>>,
 }
 
 /// The transaction a batch of jobs runs in.
@@ -65,13 +71,18 @@ impl SqliteStore {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(Duration::from_secs(5))?;
         migrate(&mut conn)?;
+        let reader = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        reader.busy_timeout(Duration::from_secs(5))?;
 
         let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
         thread::Builder::new()
             .name("ledger-sqlite".into())
             .spawn(move || write_batches(conn, queue))
             .map_err(|e| StoreError::Corrupt(format!("cannot start the writer thread: {e}")))?;
-        Ok(SqliteStore { jobs })
+        Ok(SqliteStore { jobs, reader: Arc::new(Mutex::new(reader)) })
     }
 
     /// Runs `op` in the writer's next transaction and answers once that has committed.
@@ -287,7 +298,10 @@ fn reserve(conn: &Connection, cmd: &ReserveCommand) -> Result<ReserveOutcome, St
         None => None,
     };
     let remaining = match rules::admit(&token, &cmd.call(), prior_use(&prior), cmd.max_replays) {
-        Err(refusal) => return Ok(ReserveOutcome::Refused(refusal)),
+        Err(refusal) => {
+            record_refusal(conn, cmd, &refusal)?;
+            return Ok(ReserveOutcome::Refused(refusal));
+        }
         Ok(Admission::Replay) => {
             let (first, key) = match (prior, &cmd.idempotency) {
                 (Some((_, charge_id, _, _)), Some(idempotency)) => (charge_id, &idempotency.key),
@@ -545,4 +559,105 @@ fn named<T: Copy>(
         .copied()
         .find(|value| name(*value) == text)
         .ok_or_else(|| conversion_error(index, Type::Text, format!("unknown value {text}")))
+}
+
+// The journal.
+
+const DIALECT: Dialect = Dialect { placeholder: |n| format!("?{n}"), byte_order: "" };
+
+impl SqliteStore {
+    /// Runs `op` on the read-only connection, off the async runtime's threads.
+    async fn read<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().map_err(|_| StoreError::Closed)?;
+            op(&conn)
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+    }
+
+    pub async fn charges(&self, filter: ChargeFilter) -> Result<Vec<ChargeRecord>, StoreError> {
+        self.read(move |conn| {
+            let (sql, params) = journal::charges_query(&filter, &DIALECT);
+            let params = params.into_iter().map(|param| match param {
+                Param::Text(text) => rusqlite::types::Value::Text(text),
+                Param::Int(int) => rusqlite::types::Value::Integer(int),
+            });
+            let mut statement = conn.prepare_cached(&sql)?;
+            let charges = statement
+                .query_map(params_from_iter(params), |row| {
+                    Ok(ChargeRecord {
+                        charge_id: row.get(0)?,
+                        token_id: row.get(1)?,
+                        buyer_id: row.get(2)?,
+                        service_id: row.get(3)?,
+                        held: usdc(row, 4)?,
+                        status: charge_status(row, 5)?,
+                        idempotency_key: row.get(6)?,
+                        upstream_status: row.get(7)?,
+                        created_at: row.get(8)?,
+                        settled_at: row.get(9)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(charges)
+        })
+        .await
+    }
+
+    pub async fn service_totals(&self, window: ServiceWindow) -> Result<ServiceTotals, StoreError> {
+        self.read(move |conn| {
+            let params = params![window.service_id, window.from, window.to];
+            let mut totals = conn.prepare_cached(&journal::totals_query(&DIALECT))?.query_row(
+                params,
+                |row| {
+                    Ok(ServiceTotals {
+                        calls: count(row, 0)?,
+                        committed: count(row, 1)?,
+                        released: count(row, 2)?,
+                        held: count(row, 3)?,
+                        revenue: usdc(row, 4)?,
+                        upstream_answered: count(row, 5)?,
+                        upstream_errors: count(row, 6)?,
+                        refusals: Vec::new(),
+                    })
+                },
+            )?;
+            totals.refusals = conn
+                .prepare_cached(&journal::refusals_query(&DIALECT))?
+                .query_map(params, |row| Ok((row.get(0)?, count(row, 1)?)))?
+                .collect::<Result<_, _>>()?;
+            Ok(totals)
+        })
+        .await
+    }
+}
+
+fn count(row: &Row<'_>, index: usize) -> rusqlite::Result<u64> {
+    let count: i64 = row.get(index)?;
+    u64::try_from(count)
+        .map_err(|_| conversion_error(index, Type::Integer, format!("bad count {count}")))
+}
+
+/// Counts a refused reserve for its service's summary, in the reserve's transaction.
+fn record_refusal(
+    conn: &Connection,
+    cmd: &ReserveCommand,
+    refusal: &ErrorBody,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO refusals (service_id, token_id, code, created_at) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![
+        cmd.service_id,
+        cmd.token.token_id,
+        journal::code_name(refusal.code),
+        cmd.now
+    ])?;
+    Ok(())
 }

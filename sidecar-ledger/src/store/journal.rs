@@ -1,0 +1,160 @@
+//! The journal's queries, shared by both stores: the charge list's SQL is built here once so
+//! that SQLite and PostgreSQL filter and order alike.
+
+use paystile_protocol::ledger_api::ChargeStatus;
+use paystile_protocol::{ErrorCode, Usdc};
+
+use super::{UnixMillis, status_name};
+
+/// Which charges to list: every filter given must match. Oldest first, by `created_at`, then
+/// `charge_id` in byte order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChargeFilter {
+    pub token_id: Option<String>,
+    pub buyer_id: Option<String>,
+    pub service_id: Option<String>,
+    pub status: Option<ChargeStatus>,
+    /// Inclusive.
+    pub from: Option<UnixMillis>,
+    /// Exclusive.
+    pub to: Option<UnixMillis>,
+    /// Only charges after this one (its creation time and id): the keyset of the last page.
+    pub after: Option<(UnixMillis, String)>,
+    pub limit: usize,
+}
+
+/// A service's charges and refusals created in `[from, to)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceWindow {
+    pub service_id: String,
+    pub from: UnixMillis,
+    pub to: UnixMillis,
+}
+
+/// What a store counts for a [`ServiceWindow`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceTotals {
+    pub calls: u64,
+    pub committed: u64,
+    pub released: u64,
+    pub held: u64,
+    pub revenue: Usdc,
+    pub upstream_answered: u64,
+    pub upstream_errors: u64,
+    /// Refusal counts by error code, in code order.
+    pub refusals: Vec<(String, u64)>,
+}
+
+/// A bound parameter of a built statement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Param {
+    Text(String),
+    Int(i64),
+}
+
+/// The SQL dialect's differences that matter here.
+pub(super) struct Dialect {
+    /// The placeholder of the n-th parameter (from 1).
+    pub placeholder: fn(usize) -> String,
+    /// Appended to `charge_id` where it is compared or ordered: byte order.
+    pub byte_order: &'static str,
+}
+
+/// The columns `charges_query` selects, in this order.
+pub(super) const CHARGE_COLUMNS: &str = "c.charge_id, c.token_id, t.buyer_id, c.service_id, \
+     c.held_micros, c.status, c.idempotency_key, c.upstream_status, c.created_at, c.settled_at";
+
+/// The statement listing `filter`'s charges (at most `limit + 1` rows: the extra one says
+/// whether another page follows), and its parameters.
+pub(super) fn charges_query(filter: &ChargeFilter, dialect: &Dialect) -> (String, Vec<Param>) {
+    let mut conditions = Vec::new();
+    let mut params = Vec::new();
+    let bind = |param: Param, params: &mut Vec<Param>| {
+        params.push(param);
+        (dialect.placeholder)(params.len())
+    };
+    let text_filters = [
+        ("c.token_id", &filter.token_id),
+        ("t.buyer_id", &filter.buyer_id),
+        ("c.service_id", &filter.service_id),
+    ];
+    for (column, value) in text_filters {
+        if let Some(value) = value {
+            let p = bind(Param::Text(value.clone()), &mut params);
+            conditions.push(format!("{column} = {p}"));
+        }
+    }
+    if let Some(status) = filter.status {
+        let p = bind(Param::Text(status_name(status).to_owned()), &mut params);
+        conditions.push(format!("c.status = {p}"));
+    }
+    if let Some(from) = filter.from {
+        let p = bind(Param::Int(from), &mut params);
+        conditions.push(format!("c.created_at >= {p}"));
+    }
+    if let Some(to) = filter.to {
+        let p = bind(Param::Int(to), &mut params);
+        conditions.push(format!("c.created_at < {p}"));
+    }
+    let order = dialect.byte_order;
+    if let Some((at, id)) = &filter.after {
+        let at = bind(Param::Int(*at), &mut params);
+        let id = bind(Param::Text(id.clone()), &mut params);
+        conditions.push(format!("(c.created_at, c.charge_id{order}) > ({at}, {id})"));
+    }
+    let limit = bind(
+        Param::Int(i64::try_from(filter.limit).unwrap_or(i64::MAX).saturating_add(1)),
+        &mut params,
+    );
+    let conditions = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conditions.join(" AND "))
+    };
+    let sql = format!(
+        "SELECT {CHARGE_COLUMNS} FROM charges c JOIN tokens t ON t.token_id = c.token_id \
+         {conditions} ORDER BY c.created_at, c.charge_id{order} LIMIT {limit}"
+    );
+    (sql, params)
+}
+
+/// A service's charge counts in a window: `calls, committed, released, held, revenue (micro-
+/// USDC), upstream answered, upstream 5xx`. Parameters: service id, from, to.
+pub(super) fn totals_query(dialect: &Dialect) -> String {
+    let p = dialect.placeholder;
+    // CAST: PostgreSQL sums BIGINTs as NUMERIC.
+    format!(
+        "SELECT count(*),
+                count(*) FILTER (WHERE status = 'committed'),
+                count(*) FILTER (WHERE status = 'released'),
+                count(*) FILTER (WHERE status = 'held'),
+                CAST(coalesce(sum(held_micros) FILTER (WHERE status = 'committed'), 0) AS BIGINT),
+                count(upstream_status),
+                count(*) FILTER (WHERE upstream_status BETWEEN 500 AND 599)
+         FROM charges WHERE service_id = {} AND created_at >= {} AND created_at < {}",
+        p(1),
+        p(2),
+        p(3)
+    )
+}
+
+/// A service's refusals by code in a window. Parameters: service id, from, to.
+pub(super) fn refusals_query(dialect: &Dialect) -> String {
+    let p = dialect.placeholder;
+    format!(
+        "SELECT code, count(*) FROM refusals
+         WHERE service_id = {} AND created_at >= {} AND created_at < {}
+         GROUP BY code ORDER BY code",
+        p(1),
+        p(2),
+        p(3)
+    )
+}
+
+/// How a refusal's code is written in `refusals.code`: as in the error body.
+pub(super) fn code_name(code: ErrorCode) -> String {
+    match serde_json::to_value(code) {
+        Ok(serde_json::Value::String(name)) => name,
+        _ => format!("{code:?}"),
+    }
+}
