@@ -1,7 +1,7 @@
 //! The ledger's HTTP API (see `paystile_protocol::ledger_api`).
 //!
 //! Admin endpoints take `Authorization: Bearer <admin key>`, gateway endpoints the gateway
-//! key; `/healthz` is open. Every error is an `ErrorBody` with the status of its code.
+//! key; `/healthz` and `/metrics` are open. Every error is an `ErrorBody` with the status of its code.
 
 use std::sync::Arc;
 
@@ -23,9 +23,9 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::challenge::{ChallengeError, ChallengeMinter};
-use crate::journal;
 use crate::ledger::{Ledger, LedgerError, now_millis};
 use crate::store::ReserveOutcome;
+use crate::{journal, telemetry};
 
 /// An API key, kept as its SHA-256 so that comparing takes the same time whatever the
 /// presented key's length or content.
@@ -74,13 +74,16 @@ pub fn router(
         .route(path::HOLDS, post(reserve))
         .route(path::SETTLEMENTS, post(settle))
         .route_layer(middleware::from_fn_with_state(gateway_key, require_key));
+    let timed = ledger.clone();
     Router::new()
         .route(path::HEALTHZ, get(healthz))
+        .route(path::METRICS, get(metrics))
         .merge(admin)
         .merge(gateway)
         .fallback(not_found)
         .with_state(ledger)
         .merge(l402)
+        .layer(middleware::from_fn_with_state(timed, telemetry::time_requests))
 }
 
 async fn require_key(State(key): State<ApiKey>, request: Request, next: Next) -> Response {
@@ -96,6 +99,12 @@ async fn require_key(State(key): State<ApiKey>, request: Request, next: Next) ->
 
 async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn metrics(State(ledger): State<Arc<Ledger>>) -> Result<Response, ApiError> {
+    let text =
+        ledger.metrics().render().map_err(|_| ApiError(ErrorBody::new(ErrorCode::Internal)))?;
+    Ok(([(header::CONTENT_TYPE, telemetry::CONTENT_TYPE)], text).into_response())
 }
 
 async fn not_found() -> ApiError {

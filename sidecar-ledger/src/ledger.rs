@@ -18,6 +18,7 @@ use time::format_description::well_known::Rfc3339;
 use crate::store::{
     ChargeRecord, ReserveCommand, ReserveOutcome, Store, StoreError, TokenRecord, UnixMillis,
 };
+use crate::telemetry::Metrics;
 
 /// The most settlements accepted in one request.
 pub const MAX_SETTLEMENTS: usize = 10_000;
@@ -57,11 +58,12 @@ pub struct Ledger {
     store: Store,
     issuer: Option<TokenIssuer>,
     limits: Limits,
+    metrics: Metrics,
 }
 
 impl Ledger {
     pub fn new(store: Store, issuer: Option<TokenIssuer>, limits: Limits) -> Ledger {
-        Ledger { store, issuer, limits }
+        Ledger { store, issuer, limits, metrics: Metrics::default() }
     }
 
     /// Gives every open hold a full TTL from now. Run at start: while the ledger was down,
@@ -157,6 +159,10 @@ impl Ledger {
         &self.store
     }
 
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     pub async fn charge(&self, charge_id: String) -> Result<ChargeView, LedgerError> {
         let charge = self.store.charge(charge_id).await?.ok_or(LedgerError::NotFound("charge"))?;
         Ok(charge_view(charge))
@@ -197,19 +203,17 @@ impl Ledger {
             .store
             .reserve(ReserveCommand {
                 charge_id: new_id("ch"),
-                token: request.token,
-                service_id: request.service_id,
+                token: request.token.clone(),
+                service_id: request.service_id.clone(),
                 price: request.price_usdc,
-                idempotency: request.idempotency,
+                idempotency: request.idempotency.clone(),
                 cap: request.cap_usdc,
                 now,
                 hold_expires_at: now.saturating_add(millis(self.limits.hold_ttl)),
                 max_replays: self.limits.max_replays,
             })
             .await?;
-        if let ReserveOutcome::Refused(refusal) = &outcome {
-            tracing::debug!(code = ?refusal.code, "reserve refused");
-        }
+        self.metrics.reserved(&request, &outcome);
         Ok(outcome)
     }
 
@@ -219,7 +223,8 @@ impl Ledger {
                 "at most {MAX_SETTLEMENTS} settlements per request"
             )));
         }
-        let results = self.store.settle(request.settlements, now_millis()).await?;
+        let results = self.store.settle(request.settlements.clone(), now_millis()).await?;
+        self.metrics.settled(&request.settlements, &results);
         Ok(SettleResponse { results })
     }
 
@@ -227,7 +232,9 @@ impl Ledger {
     /// outcome the ledger never learned.
     pub async fn expire_holds(&self) -> Result<usize, LedgerError> {
         const PER_SWEEP: usize = 10_000;
-        Ok(self.store.expire_holds(now_millis(), PER_SWEEP).await?)
+        let expired = self.store.expire_holds(now_millis(), PER_SWEEP).await?;
+        self.metrics.expired(expired);
+        Ok(expired)
     }
 }
 

@@ -14,3 +14,4 @@ pub mod rules;
 pub mod server;
 pub mod settings;
 pub mod store;
+pub mod telemetry;

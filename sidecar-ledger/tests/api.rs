@@ -1360,3 +1360,164 @@ mod journal {
         assert_eq!((unknown.calls, unknown.revenue_usdc), (0, Usdc::ZERO));
     }
 }
+
+/// Metrics and structured logs.
+mod operability {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    on_both_stores! {
+        metrics_count_what_the_ledger_does,
+        reserves_settlements_and_refusals_log_json_events_without_secrets,
+    }
+
+    /// The samples of a Prometheus text exposition: `name{labels}` → value.
+    fn samples(text: &str) -> HashMap<String, f64> {
+        text.lines()
+            .filter(|line| !line.starts_with('#') && !line.is_empty())
+            .map(|line| {
+                let (series, value) = line.rsplit_once(' ').unwrap();
+                (series.to_owned(), value.parse().unwrap())
+            })
+            .collect()
+    }
+
+    async fn metrics(ledger: &Ledger) -> HashMap<String, f64> {
+        // Open, like /healthz: no key.
+        let response =
+            ledger.http.get(format!("{}/metrics", ledger.process.url())).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
+        assert!(content_type.starts_with("application/openmetrics-text"), "{content_type}");
+        let text = response.text().await.unwrap();
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        samples(&text)
+    }
+
+    fn value(samples: &HashMap<String, f64>, series: &str) -> f64 {
+        samples.get(series).copied().unwrap_or(0.0)
+    }
+
+    async fn metrics_count_what_the_ledger_does(store: Backend) {
+        let ledger =
+            Ledger::start(store, &["--hold-ttl-seconds", "1", "--sweep-interval-seconds", "1"])
+                .await;
+        let before = metrics(&ledger).await;
+        assert_eq!(value(&before, "paystile_ledger_holds_total"), 0.0);
+
+        let body = reserve_body("tok_m", "1", "0.1");
+        let committed = ledger.hold(&with_key(body.clone(), "once", 'a')).await.charge_id;
+        let released = ledger.hold(&body).await.charge_id;
+        ledger.hold(&body).await; // left to expire
+        assert_eq!(
+            ledger.settle(&[(&committed, "commit"), (&released, "release")]).await,
+            [SettleStatus::Committed, SettleStatus::Released]
+        );
+        assert!(ledger.hold(&with_key(body.clone(), "once", 'a')).await.replayed);
+        let revoked = ledger.hold(&reserve_body("tok_r", "1", "0.1")).await.charge_id;
+        ledger.admin.revoke_token("tok_r").await.unwrap();
+        assert_eq!(ledger.settle(&[(&revoked, "commit")]).await, [SettleStatus::Revoked]);
+        for _ in 0..2 {
+            assert_eq!(ledger.reserve(&reserve_body("tok_m", "1", "0.9")).await.0, 402);
+        }
+        assert_eq!(ledger.reserve(&reserve_body("tok_r", "1", "0.1")).await.0, 422);
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let after = loop {
+            let after = metrics(&ledger).await;
+            if value(&after, "paystile_ledger_expirations_total") >= 1.0 {
+                break after;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no expiration counted");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        for (series, expected) in [
+            ("paystile_ledger_holds_total", 4.0),
+            ("paystile_ledger_replays_total", 1.0),
+            ("paystile_ledger_commits_total", 1.0),
+            ("paystile_ledger_releases_total{reason=\"outcome\"}", 1.0),
+            ("paystile_ledger_releases_total{reason=\"revoked\"}", 1.0),
+            ("paystile_ledger_expirations_total", 1.0),
+            ("paystile_ledger_refusals_total{code=\"token_limit_exceeded\"}", 2.0),
+            ("paystile_ledger_refusals_total{code=\"token_revoked\"}", 1.0),
+        ] {
+            assert_eq!(value(&after, series), expected, "{series}");
+        }
+        // Latency per route template, never per id; refusals are answered requests too.
+        let reserves = "paystile_ledger_http_request_duration_seconds_count\
+                        {method=\"POST\",endpoint=\"/v1/holds\",status=\"200\"}";
+        assert_eq!(value(&after, reserves), 5.0);
+        let refused = "paystile_ledger_http_request_duration_seconds_count\
+                       {method=\"POST\",endpoint=\"/v1/holds\",status=\"402\"}";
+        assert_eq!(value(&after, refused), 2.0);
+        let revokes = "paystile_ledger_http_request_duration_seconds_count\
+                       {method=\"POST\",endpoint=\"/v1/tokens/{token_id}/revoke\",status=\"200\"}";
+        assert_eq!(value(&after, revokes), 1.0);
+        assert!(after.keys().all(|series| !series.contains("tok_")), "an id in a label");
+    }
+
+    async fn reserves_settlements_and_refusals_log_json_events_without_secrets(store: Backend) {
+        let books = Books::new(store).await;
+        let log_dir = TempDir::new().unwrap();
+        let log_path = log_dir.path().join("ledger.log");
+        let args: Vec<String> = ["--database-url", &books.url(), "--log-format", "json"]
+            .iter()
+            .map(|a| (*a).to_owned())
+            .collect();
+        let mut env = envs();
+        env.retain(|(k, _)| k != "RUST_LOG");
+        env.push(("RUST_LOG".into(), "paystile_ledger=debug".into()));
+        let listen = ["--listen".to_owned(), "127.0.0.1:0".to_owned()];
+        let process = LedgerProcess::start(
+            ledger_binary(),
+            &[args.clone(), listen.to_vec()].concat(),
+            &env,
+            Stdio::from(std::fs::File::create(&log_path).unwrap()),
+        )
+        .unwrap();
+        let admin = AdminClient::new(&process.url(), ADMIN_KEY);
+        let ledger = Ledger { process, args, admin, http: reqwest::Client::new(), _books: books };
+
+        let issued = ledger.admin.issue_token(&issue_request("0.15")).await.unwrap();
+        let mut body = reserve_body(&issued.token_id, "0.15", "0.1");
+        body["token"]["buyerId"] = json!("agent-7");
+        let secret_key = "idem-secret-looking-key";
+        let hold = ledger.hold(&with_key(body.clone(), secret_key, 'b')).await;
+        ledger.settle(&[(&hold.charge_id, "commit")]).await;
+        assert_eq!(ledger.reserve(&body).await.0, 402);
+
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        for secret in [ADMIN_KEY, GATEWAY_KEY, TOKEN_SECRET, issued.jwt.as_str(), secret_key] {
+            assert!(!log.contains(secret), "the log shows a secret: {log}");
+        }
+        let events: Vec<Value> = log
+            .lines()
+            .map(|line| serde_json::from_str::<Value>(line).unwrap()["fields"].clone())
+            .filter(|fields| fields["event"].is_string())
+            .collect();
+        let event = |name: &str| {
+            events
+                .iter()
+                .find(|fields| fields["event"] == name)
+                .unwrap_or_else(|| panic!("no {name} event in {log}"))
+        };
+        let held = event("hold");
+        assert_eq!(held["charge_id"], hold.charge_id.as_str());
+        assert_eq!(held["token_id"], issued.token_id.as_str());
+        assert_eq!(
+            (&held["buyer_id"], &held["service_id"]),
+            (&json!("agent-7"), &json!("weather"))
+        );
+        assert_eq!((&held["amount_usdc"], &held["idempotent"]), (&json!("0.100000"), &json!(true)));
+        let settled = event("settlement");
+        assert_eq!(settled["charge_id"], hold.charge_id.as_str());
+        assert_eq!(
+            (&settled["result"], &settled["upstream_status"]),
+            (&json!("committed"), &json!(200))
+        );
+        let refused = event("refusal");
+        assert_eq!(refused["code"], "token_limit_exceeded");
+        assert_eq!(refused["token_id"], issued.token_id.as_str());
+    }
+}

@@ -1,8 +1,8 @@
 //! The journal's queries, shared by both stores: the charge list's SQL is built here once so
 //! that SQLite and PostgreSQL filter and order alike.
 
+use paystile_protocol::Usdc;
 use paystile_protocol::ledger_api::ChargeStatus;
-use paystile_protocol::{ErrorCode, Usdc};
 
 use super::{UnixMillis, status_name};
 
@@ -149,12 +149,4 @@ pub(super) fn refusals_query(dialect: &Dialect) -> String {
         p(2),
         p(3)
     )
-}
-
-/// How a refusal's code is written in `refusals.code`: as in the error body.
-pub(super) fn code_name(code: ErrorCode) -> String {
-    match serde_json::to_value(code) {
-        Ok(serde_json::Value::String(name)) => name,
-        _ => format!("{code:?}"),
-    }
 }

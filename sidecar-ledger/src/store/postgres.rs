@@ -34,6 +34,7 @@ use super::{
 };
 use crate::rules::{self, Admission, SettleDecision};
 use crate::settings::PostgresUrl;
+use crate::telemetry::wire_name;
 
 /// Connections per ledger process. Operations on one token take turns anyway; more
 /// connections serve more tokens at once, at a cost to the server per connection.
@@ -812,7 +813,7 @@ async fn record_refusal(
     execute(
         tx,
         "INSERT INTO refusals (service_id, token_id, code, created_at) VALUES ($1, $2, $3, $4)",
-        &[&cmd.service_id, &cmd.token.token_id, &journal::code_name(refusal.code), &cmd.now],
+        &[&cmd.service_id, &cmd.token.token_id, &wire_name(refusal.code), &cmd.now],
     )
     .await?;
     Ok(())

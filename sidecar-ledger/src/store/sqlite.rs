@@ -28,6 +28,7 @@ use super::{
     TokenRecord, UnixMillis, prior_use, scope_name, seconds_to_millis, status_name,
 };
 use crate::rules::{self, Admission, SettleDecision};
+use crate::telemetry::wire_name;
 
 /// The most operations committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -653,11 +654,6 @@ fn record_refusal(
     conn.prepare_cached(
         "INSERT INTO refusals (service_id, token_id, code, created_at) VALUES (?1, ?2, ?3, ?4)",
     )?
-    .execute(params![
-        cmd.service_id,
-        cmd.token.token_id,
-        journal::code_name(refusal.code),
-        cmd.now
-    ])?;
+    .execute(params![cmd.service_id, cmd.token.token_id, wire_name(refusal.code), cmd.now])?;
     Ok(())
 }
