@@ -1,18 +1,19 @@
 //! The ledger's HTTP API (see `paystile_protocol::ledger_api`).
 //!
 //! Admin endpoints take `Authorization: Bearer <admin key>`, gateway endpoints the gateway
-//! key; `/healthz` and `/metrics` are open. Every error is an `ErrorBody` with the status of its code.
+//! key; `/healthz`, `/metrics` and `/openapi.json` are open. Every error is an `ErrorBody` with the status of its code.
 
 use std::sync::Arc;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::handler::Handler;
 use axum::http::HeaderMap;
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodFilter, on};
 use axum::{Json, Router};
 use paystile_protocol::ledger_api::{
     ChallengeRequest, ChargePage, ChargeQuery, IssueTokenRequest, ReserveRequest,
@@ -52,38 +53,101 @@ pub fn router(
     admin_key: ApiKey,
     gateway_key: ApiKey,
 ) -> Router {
-    let l402 = Router::new()
-        .route(path::L402_CHALLENGES, post(mint_challenge))
-        .route_layer(middleware::from_fn_with_state(gateway_key.clone(), require_key))
+    routes(ledger, minter, admin_key, gateway_key).router
+}
+
+/// The API, and the list of its routes.
+fn routes(ledger: Arc<Ledger>, minter: Minter, admin_key: ApiKey, gateway_key: ApiKey) -> Routes {
+    let l402 = Routes::new()
+        .post(path::L402_CHALLENGES, mint_challenge)
+        .map(|r| r.route_layer(middleware::from_fn_with_state(gateway_key.clone(), require_key)))
         .merge(
-            Router::new()
-                .route(path::SANDBOX_PAYMENTS, post(pay_sandbox_invoice))
-                .route_layer(middleware::from_fn_with_state(admin_key.clone(), require_key)),
+            Routes::new().post(path::SANDBOX_PAYMENTS, pay_sandbox_invoice).map(|r| {
+                r.route_layer(middleware::from_fn_with_state(admin_key.clone(), require_key))
+            }),
         )
         .with_state(minter);
-    let admin = Router::new()
-        .route(path::TOKENS, post(issue_token))
-        .route(&format!("{}/{{token_id}}", path::TOKENS), get(token))
-        .route(&format!("{}/{{token_id}}/revoke", path::TOKENS), post(revoke_token))
-        .route(&format!("{}/{{charge_id}}", path::CHARGES), get(charge))
-        .route(path::CHARGES, get(charges))
-        .route(path::CHARGES_CSV, get(charges_csv))
-        .route(&format!("{}/{{service_id}}/summary", path::SERVICES), get(service_summary))
-        .route_layer(middleware::from_fn_with_state(admin_key, require_key));
-    let gateway = Router::new()
-        .route(path::HOLDS, post(reserve))
-        .route(path::SETTLEMENTS, post(settle))
-        .route_layer(middleware::from_fn_with_state(gateway_key, require_key));
+    let admin = Routes::new()
+        .post(path::TOKENS, issue_token)
+        .get(&format!("{}/{{token_id}}", path::TOKENS), token)
+        .post(&format!("{}/{{token_id}}/revoke", path::TOKENS), revoke_token)
+        .get(&format!("{}/{{charge_id}}", path::CHARGES), charge)
+        .get(path::CHARGES, charges)
+        .get(path::CHARGES_CSV, charges_csv)
+        .get(&format!("{}/{{service_id}}/summary", path::SERVICES), service_summary)
+        .map(|r| r.route_layer(middleware::from_fn_with_state(admin_key, require_key)));
+    let gateway = Routes::new()
+        .post(path::HOLDS, reserve)
+        .post(path::SETTLEMENTS, settle)
+        .map(|r| r.route_layer(middleware::from_fn_with_state(gateway_key, require_key)));
     let timed = ledger.clone();
-    Router::new()
-        .route(path::HEALTHZ, get(healthz))
-        .route(path::METRICS, get(metrics))
+    Routes::new()
+        .get(path::HEALTHZ, healthz)
+        .get(path::METRICS, metrics)
+        .get(path::OPENAPI, openapi)
         .merge(admin)
         .merge(gateway)
-        .fallback(not_found)
+        .map(|r| r.fallback(not_found))
         .with_state(ledger)
         .merge(l402)
-        .layer(middleware::from_fn_with_state(timed, telemetry::time_requests))
+        .map(|r| r.layer(middleware::from_fn_with_state(timed, telemetry::time_requests)))
+}
+
+/// A router that lists its routes (method, path template) as they are added, so that a test
+/// can hold them against the OpenAPI document.
+struct Routes<S = ()> {
+    router: Router<S>,
+    listed: Vec<(&'static str, String)>,
+}
+
+impl<S: Clone + Send + Sync + 'static> Routes<S> {
+    fn new() -> Routes<S> {
+        Routes { router: Router::new(), listed: Vec::new() }
+    }
+
+    fn get<H: Handler<T, S>, T: 'static>(self, path: &str, handler: H) -> Routes<S> {
+        self.on("GET", MethodFilter::GET, path, handler)
+    }
+
+    fn post<H: Handler<T, S>, T: 'static>(self, path: &str, handler: H) -> Routes<S> {
+        self.on("POST", MethodFilter::POST, path, handler)
+    }
+
+    fn on<H: Handler<T, S>, T: 'static>(
+        mut self,
+        method: &'static str,
+        filter: MethodFilter,
+        path: &str,
+        handler: H,
+    ) -> Routes<S> {
+        self.router = self.router.route(path, on(filter, handler));
+        self.listed.push((method, path.to_owned()));
+        self
+    }
+
+    /// Layers and fallbacks: what adds no route.
+    fn map(mut self, change: impl FnOnce(Router<S>) -> Router<S>) -> Routes<S> {
+        self.router = change(self.router);
+        self
+    }
+
+    fn merge(mut self, other: Routes<S>) -> Routes<S> {
+        self.router = self.router.merge(other.router);
+        self.listed.extend(other.listed);
+        self
+    }
+
+    fn with_state<S2>(self, state: S) -> Routes<S2> {
+        Routes { router: self.router.with_state(state), listed: self.listed }
+    }
+}
+
+/// The OpenAPI 3 document of this API (a test holds it against the router and the protocol
+/// types).
+const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 async fn require_key(State(key): State<ApiKey>, request: Request, next: Next) -> Response {
@@ -297,5 +361,172 @@ where
                 Err(ApiError(ErrorBody::with_message(ErrorCode::BadRequest, rejection.body_text())))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::time::Duration;
+
+    use paystile_protocol::Usdc;
+    use paystile_protocol::ledger_api::{
+        ChargePage, ChargeView, Hold, IssuedToken, L402Challenge, SandboxPayment, ServiceSummary,
+        SettleResponse, TokenGrant, TokenView,
+    };
+    use serde::Serialize;
+    use serde::de::DeserializeOwned;
+    use serde_json::Value;
+
+    use super::*;
+    use crate::ledger::Limits;
+    use crate::store::{SqliteStore, Store};
+
+    fn document() -> Value {
+        serde_json::from_str(OPENAPI).unwrap()
+    }
+
+    /// `/v1/tokens/{token_id}` and `/v1/tokens/{tokenId}` name the same route.
+    fn template(path: &str) -> String {
+        let mut out = String::new();
+        let mut in_parameter = false;
+        for c in path.chars() {
+            match c {
+                '{' => in_parameter = true,
+                '}' => {
+                    in_parameter = false;
+                    out.push_str("{}");
+                }
+                _ if in_parameter => {}
+                _ => out.push(c),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_route_is_documented_and_every_documented_route_exists() {
+        let books = tempfile::TempDir::new().unwrap();
+        let store = Store::Sqlite(SqliteStore::open(&books.path().join("ledger.db")).unwrap());
+        let limits = Limits { hold_ttl: Duration::from_secs(60), max_replays: 5 };
+        let ledger = Arc::new(Ledger::new(store, None, limits));
+        let routes = routes(ledger, None, ApiKey::new("a"), ApiKey::new("g"));
+        let served: BTreeSet<(String, String)> = routes
+            .listed
+            .iter()
+            .map(|(method, path)| ((*method).to_owned(), template(path)))
+            .collect();
+        assert_eq!(served.len(), routes.listed.len(), "a route is added twice");
+
+        let document = document();
+        let mut documented = BTreeSet::new();
+        for (path, operations) in document["paths"].as_object().unwrap() {
+            for method in operations.as_object().unwrap().keys() {
+                documented.insert((method.to_ascii_uppercase(), template(path)));
+            }
+        }
+        assert_eq!(served, documented);
+    }
+
+    /// Reads an example as a protocol type and writes it back.
+    type RoundTrip = fn(&Value) -> Value;
+
+    fn round_trip<T: DeserializeOwned + Serialize>(example: &Value) -> Value {
+        let parsed: T = serde_json::from_value(example.clone()).unwrap();
+        serde_json::to_value(parsed).unwrap()
+    }
+
+    /// Every example is a body the protocol types read, and write back unchanged: so each
+    /// field name and format in the document is the wire's.
+    #[test]
+    fn examples_are_what_the_protocol_types_read_and_write() {
+        let parsers: [(&str, RoundTrip); 20] = [
+            ("Usdc", round_trip::<Usdc>),
+            ("ErrorBody", round_trip::<ErrorBody>),
+            ("TokenGrant", round_trip::<TokenGrant>),
+            ("Idempotency", round_trip::<paystile_protocol::ledger_api::Idempotency>),
+            ("ReserveRequest", round_trip::<ReserveRequest>),
+            ("Hold", round_trip::<Hold>),
+            ("Settlement", round_trip::<paystile_protocol::ledger_api::Settlement>),
+            ("SettleRequest", round_trip::<SettleRequest>),
+            ("SettleResult", round_trip::<paystile_protocol::ledger_api::SettleResult>),
+            ("SettleResponse", round_trip::<SettleResponse>),
+            ("IssueTokenRequest", round_trip::<IssueTokenRequest>),
+            ("IssuedToken", round_trip::<IssuedToken>),
+            ("TokenView", round_trip::<TokenView>),
+            ("ChargeView", round_trip::<ChargeView>),
+            ("ChargePage", round_trip::<ChargePage>),
+            ("ServiceSummary", round_trip::<ServiceSummary>),
+            ("ChallengeRequest", round_trip::<ChallengeRequest>),
+            ("L402Challenge", round_trip::<L402Challenge>),
+            ("SandboxPaymentRequest", round_trip::<SandboxPaymentRequest>),
+            ("SandboxPayment", round_trip::<SandboxPayment>),
+        ];
+        let document = document();
+        let schemas = document["components"]["schemas"].as_object().unwrap();
+        for (name, parse) in parsers {
+            let schema = &schemas[name];
+            let example = &schema["example"];
+            assert_eq!(&parse(example), example, "{name}");
+            if let Some(properties) = schema["properties"].as_object() {
+                for key in example.as_object().unwrap().keys() {
+                    assert!(properties.contains_key(key), "{name}.{key} is not a property");
+                }
+                for required in schema["required"].as_array().unwrap() {
+                    assert!(example.get(required.as_str().unwrap()).is_some(), "{name}.{required}");
+                }
+            }
+        }
+        // The rest are plain enums and the health answer.
+        let with_examples: BTreeSet<&str> = schemas
+            .iter()
+            .filter(|(_, schema)| schema.get("example").is_some())
+            .map(|(name, _)| name.as_str())
+            .collect();
+        let parsed: BTreeSet<&str> =
+            parsers.iter().map(|(name, _)| *name).chain(["Health"]).collect();
+        assert_eq!(with_examples, parsed);
+
+        // Every reference resolves.
+        for reference in OPENAPI.split("\"$ref\": \"#/components/schemas/").skip(1) {
+            let name = reference.split('"').next().unwrap();
+            assert!(schemas.contains_key(name), "no schema {name}");
+        }
+    }
+
+    /// The documented query parameters are the query types' fields.
+    #[test]
+    fn query_parameters_are_the_query_types() {
+        let full = ChargeQuery {
+            token_id: Some(String::new()),
+            buyer_id: Some(String::new()),
+            service_id: Some(String::new()),
+            status: Some(paystile_protocol::ledger_api::ChargeStatus::Held),
+            from: Some(String::new()),
+            to: Some(String::new()),
+            limit: Some(1),
+            cursor: Some(String::new()),
+        };
+        let summary = SummaryQuery { from: Some(String::new()), to: Some(String::new()) };
+        let fields = |query: Value| -> BTreeSet<String> {
+            query.as_object().unwrap().keys().cloned().collect()
+        };
+        let document = document();
+        let parameters = |path: &str| -> BTreeSet<String> {
+            document["paths"][path]["get"]["parameters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|p| p["in"] == "query")
+                .map(|p| p["name"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let charge_fields = fields(serde_json::to_value(&full).unwrap());
+        assert_eq!(parameters("/v1/charges"), charge_fields);
+        assert_eq!(parameters("/v1/charges.csv"), charge_fields);
+        assert_eq!(
+            parameters("/v1/services/{serviceId}/summary"),
+            fields(serde_json::to_value(&summary).unwrap())
+        );
     }
 }

@@ -1370,6 +1370,46 @@ mod operability {
     on_both_stores! {
         metrics_count_what_the_ledger_does,
         reserves_settlements_and_refusals_log_json_events_without_secrets,
+        the_openapi_document_is_served_and_its_security_is_the_routers,
+    }
+
+    /// Each documented operation exists (no 404 or 405) and asks for a key exactly when the
+    /// document says so.
+    async fn the_openapi_document_is_served_and_its_security_is_the_routers(store: Backend) {
+        let ledger = Ledger::start(store, &[]).await;
+        let url = |path: &str| format!("{}{path}", ledger.process.url());
+        let response = ledger.http.get(url("/openapi.json")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let document: Value = response.json().await.unwrap();
+        assert!(document["openapi"].as_str().unwrap().starts_with("3."));
+        let admin_only = [json!({"adminKey": []})];
+        let gateway_only = [json!({"gatewayKey": []})];
+        let mut operations = 0;
+        for (path, methods) in document["paths"].as_object().unwrap() {
+            let concrete = path.replace("{tokenId}", "tok_x").replace("{chargeId}", "ch_x");
+            let concrete = concrete.replace("{serviceId}", "weather");
+            for (method, operation) in methods.as_object().unwrap() {
+                let security = operation["security"].as_array().unwrap();
+                let key = match security.as_slice() {
+                    [] => None,
+                    s if s == admin_only => Some(ADMIN_KEY),
+                    s if s == gateway_only => Some(GATEWAY_KEY),
+                    other => panic!("{path}: unexpected security {other:?}"),
+                };
+                let method: reqwest::Method = method.to_ascii_uppercase().parse().unwrap();
+                let request = ledger.http.request(method.clone(), url(&concrete));
+                let status = request.send().await.unwrap().status().as_u16();
+                let expected = if key.is_some() { 401 } else { 200 };
+                assert_eq!(status, expected, "{method} {path} without a key");
+                if let Some(key) = key {
+                    let request = ledger.http.request(method.clone(), url(&concrete));
+                    let status = request.bearer_auth(key).send().await.unwrap().status();
+                    assert!(![401, 405].contains(&status.as_u16()), "{method} {path}: {status}");
+                }
+                operations += 1;
+            }
+        }
+        assert_eq!(operations, 14);
     }
 
     /// The samples of a Prometheus text exposition: `name{labels}` → value.
