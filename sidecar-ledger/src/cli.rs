@@ -1,12 +1,12 @@
 //! The `paystile-ledger` command line: `serve`, and admin subcommands that call a running
-//! ledger's admin API.
+//! ledger's admin API (one for each admin endpoint).
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use paystile_protocol::Usdc;
-use paystile_protocol::ledger_api::IssueTokenRequest;
+use paystile_protocol::ledger_api::{ChargeQuery, ChargeStatus, IssueTokenRequest, SummaryQuery};
 use paystile_protocol::pay_token::Scope;
 use serde::Serialize;
 
@@ -37,6 +37,13 @@ enum Command {
         admin: AdminArgs,
         /// The charge id (ch_…), as in a response's X-Charge-Id.
         charge_id: String,
+    },
+    /// The journal: list or export charges, show one, sum up a service.
+    Charges {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        command: ChargesCommand,
     },
     /// Pay an L402 invoice of this ledger's sandbox backend; prints its preimage.
     SandboxPay {
@@ -91,6 +98,81 @@ enum TokenCommand {
     Revoke { token_id: String },
 }
 
+#[derive(Subcommand)]
+enum ChargesCommand {
+    /// Print one page of charges (JSON), oldest first; "nextCursor" continues it.
+    List {
+        #[command(flatten)]
+        filters: ChargeFilters,
+        /// Charges per page, 1 to 1000 [default: 100].
+        #[arg(long)]
+        limit: Option<u32>,
+        /// A previous page's nextCursor.
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Write every matching charge as CSV (RFC 4180) to standard output, page after page.
+    Export {
+        #[command(flatten)]
+        filters: ChargeFilters,
+        /// Charges per request, 1 to 1000.
+        #[arg(long, default_value_t = crate::journal::MAX_LIMIT)]
+        page_size: u32,
+    },
+    /// Print a service's calls, revenue, refusals and upstream error rate.
+    Summary {
+        service_id: String,
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Show one charge.
+    Show {
+        /// The charge id (ch_…), as in a response's X-Charge-Id.
+        charge_id: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct ChargeFilters {
+    #[arg(long)]
+    token_id: Option<String>,
+    #[arg(long)]
+    buyer_id: Option<String>,
+    #[arg(long)]
+    service_id: Option<String>,
+    /// held, committed or released.
+    #[arg(long, value_parser = parse_status)]
+    status: Option<ChargeStatus>,
+    /// Created at or after this RFC 3339 time.
+    #[arg(long)]
+    from: Option<String>,
+    /// Created before this RFC 3339 time.
+    #[arg(long)]
+    to: Option<String>,
+}
+
+impl ChargeFilters {
+    fn query(self, limit: Option<u32>, cursor: Option<String>) -> ChargeQuery {
+        ChargeQuery {
+            token_id: self.token_id,
+            buyer_id: self.buyer_id,
+            service_id: self.service_id,
+            status: self.status,
+            from: self.from,
+            to: self.to,
+            limit,
+            cursor,
+        }
+    }
+}
+
+fn parse_status(value: &str) -> Result<ChargeStatus, String> {
+    serde_json::from_value(serde_json::Value::String(value.to_ascii_lowercase()))
+        .map_err(|_| "expected held, committed or released".into())
+}
+
 fn parse_scope(value: &str) -> Result<Scope, String> {
     match value.to_ascii_uppercase().as_str() {
         "SINGLE" => Ok(Scope::Single),
@@ -133,6 +215,20 @@ pub fn main() -> ExitCode {
         Command::Charge { admin, charge_id } => {
             admin_call(admin, |client| async move { print_json(&client.charge(&charge_id).await?) })
         }
+        Command::Charges { admin, command } => admin_call(admin, |client| async move {
+            match command {
+                ChargesCommand::List { filters, limit, cursor } => {
+                    print_json(&client.charges(&filters.query(limit, cursor)).await?)
+                }
+                ChargesCommand::Export { filters, page_size } => {
+                    export(&client, filters.query(Some(page_size), None)).await
+                }
+                ChargesCommand::Summary { service_id, from, to } => print_json(
+                    &client.service_summary(&service_id, &SummaryQuery { from, to }).await?,
+                ),
+                ChargesCommand::Show { charge_id } => print_json(&client.charge(&charge_id).await?),
+            }
+        }),
         Command::SandboxPay { admin, invoice } => admin_call(admin, |client| async move {
             print_json(&client.pay_sandbox_invoice(&invoice).await?)
         }),
@@ -199,6 +295,23 @@ where
         Err(e) => {
             eprintln!("paystile-ledger: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Writes every page of `query` as one CSV document: the header once, then each page's rows.
+async fn export(client: &AdminClient, mut query: ChargeQuery) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let mut first = true;
+    loop {
+        let (csv, next) = client.charges_csv(&query).await?;
+        let rows =
+            if first { csv.as_str() } else { csv.split_once("\r\n").map_or("", |(_, rows)| rows) };
+        out.write_all(rows.as_bytes())?;
+        first = false;
+        match next {
+            Some(cursor) => query.cursor = Some(cursor),
+            None => return Ok(out.flush()?),
         }
     }
 }

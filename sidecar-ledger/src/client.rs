@@ -2,8 +2,8 @@
 
 use paystile_protocol::ErrorBody;
 use paystile_protocol::ledger_api::{
-    ChargeView, IssueTokenRequest, IssuedToken, SandboxPayment, SandboxPaymentRequest, TokenView,
-    path,
+    ChargePage, ChargeQuery, ChargeView, IssueTokenRequest, IssuedToken, SandboxPayment,
+    SandboxPaymentRequest, ServiceSummary, SummaryQuery, TokenView, path,
 };
 use serde::de::DeserializeOwned;
 
@@ -58,6 +58,40 @@ impl AdminClient {
         self.call(self.http.post(self.url(path::SANDBOX_PAYMENTS)).json(&request)).await
     }
 
+    /// One page of the journal.
+    pub async fn charges(&self, query: &ChargeQuery) -> Result<ChargePage, ClientError> {
+        self.call(self.http.get(self.url(path::CHARGES)).query(query)).await
+    }
+
+    /// One page of the journal as CSV, and the next page's cursor.
+    pub async fn charges_csv(
+        &self,
+        query: &ChargeQuery,
+    ) -> Result<(String, Option<String>), ClientError> {
+        let request = self.http.get(self.url(path::CHARGES_CSV)).query(query);
+        let response = request.bearer_auth(&self.admin_key).send().await?;
+        let status = response.status().as_u16();
+        let next = response
+            .headers()
+            .get(crate::journal::NEXT_CURSOR_HEADER)
+            .and_then(|cursor| cursor.to_str().ok())
+            .map(str::to_owned);
+        let body = response.bytes().await?;
+        match String::from_utf8(body.to_vec()) {
+            Ok(csv) if (200..300).contains(&status) => Ok((csv, next)),
+            _ => Err(refusal(status, &body)),
+        }
+    }
+
+    pub async fn service_summary(
+        &self,
+        service_id: &str,
+        query: &SummaryQuery,
+    ) -> Result<ServiceSummary, ClientError> {
+        let url = self.url(&format!("{}/{service_id}/summary", path::SERVICES));
+        self.call(self.http.get(url).query(query)).await
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base_url)
     }
@@ -69,13 +103,19 @@ impl AdminClient {
         let response = request.bearer_auth(&self.admin_key).send().await?;
         let status = response.status().as_u16();
         let body = response.bytes().await?;
-        if (200..300).contains(&status) {
-            if let Ok(value) = serde_json::from_slice(&body) {
-                return Ok(value);
-            }
-        } else if let Ok(body) = serde_json::from_slice::<ErrorBody>(&body) {
-            return Err(ClientError::Refused { status, body });
+        if (200..300).contains(&status)
+            && let Ok(value) = serde_json::from_slice(&body)
+        {
+            return Ok(value);
         }
-        Err(ClientError::Unexpected { status, body: String::from_utf8_lossy(&body).into_owned() })
+        Err(refusal(status, &body))
+    }
+}
+
+/// The error an unexpected answer makes: the ledger's error body, or the answer as it was.
+fn refusal(status: u16, body: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(body) if !(200..300).contains(&status) => ClientError::Refused { status, body },
+        _ => ClientError::Unexpected { status, body: String::from_utf8_lossy(body).into_owned() },
     }
 }

@@ -1025,6 +1025,67 @@ mod journal {
         the_csv_export_is_rfc_4180_with_6_decimal_amounts,
         bad_journal_queries_get_400_with_a_message,
         the_summary_counts_a_known_scenario,
+        the_admin_cli_lists_exports_and_sums_up_charges,
+    }
+
+    async fn the_admin_cli_lists_exports_and_sums_up_charges(store: Backend) {
+        let ledger = Ledger::start(store, &[]).await;
+        let run = |args: &[&str]| {
+            std::process::Command::new(ledger_binary())
+                .args(args)
+                .args(["--ledger-url", &ledger.process.url()])
+                .env("PAYSTILE_ADMIN_KEY", ADMIN_KEY)
+                .output()
+                .unwrap()
+        };
+        let cli = |args: &[&str]| {
+            let output = run(args);
+            assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+            String::from_utf8(output.stdout).unwrap()
+        };
+        let mut made = Vec::new();
+        for _ in 0..5 {
+            let id = ledger.call("tok_cli", "cli-buyer", "weather", "0.2").await;
+            ledger.settle_with(&id, "commit", 200).await;
+            made.push(id);
+        }
+        ledger.call("tok_other", "someone-else", "weather", "0.2").await;
+
+        let list = ["charges", "list", "--buyer-id", "cli-buyer", "--status", "committed"];
+        let first: ChargePage =
+            serde_json::from_str(&cli(&[&list[..], &["--limit", "3"]].concat())).unwrap();
+        let cursor = first.next_cursor.clone().unwrap();
+        let rest: ChargePage =
+            serde_json::from_str(&cli(
+                &[&list[..], &["--limit", "3", "--cursor", &cursor]].concat()
+            ))
+            .unwrap();
+        assert_eq!(rest.next_cursor, None);
+        let listed: Vec<&str> =
+            first.charges.iter().chain(&rest.charges).map(|c| c.charge_id.as_str()).collect();
+        assert_eq!(listed, made);
+
+        // Three pages of two, one CSV document.
+        let csv = cli(&["charges", "export", "--token-id", "tok_cli", "--page-size", "2"]);
+        let lines: Vec<&str> = csv.split_terminator("\r\n").collect();
+        assert_eq!(lines.len(), 6, "{csv}");
+        assert!(lines[0].starts_with("chargeId,"));
+        for (line, id) in lines[1..].iter().zip(&made) {
+            let expected = format!("{id},tok_cli,cli-buyer,weather,0.200000,committed,200,");
+            assert!(line.starts_with(&expected), "{line}");
+        }
+
+        let summary: ServiceSummary =
+            serde_json::from_str(&cli(&["charges", "summary", "weather"])).unwrap();
+        assert_eq!((summary.calls, summary.committed, summary.held), (6, 5, 1));
+        assert_eq!(summary.revenue_usdc, usdc("1"));
+        let shown: ChargeView = serde_json::from_str(&cli(&["charges", "show", &made[0]])).unwrap();
+        assert_eq!(shown, first.charges[0]);
+
+        let refused = run(&["charges", "list", "--limit", "0"]);
+        assert!(!refused.status.success());
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains("limit must be 1 to 1000"), "{stderr}");
     }
 
     impl Ledger {
