@@ -8,7 +8,7 @@ use super::{UnixMillis, status_name};
 
 /// Which charges to list: every filter given must match. Oldest first, by `created_at`, then
 /// `charge_id` in byte order.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChargeFilter {
     pub token_id: Option<String>,
     pub buyer_id: Option<String>,
@@ -32,7 +32,7 @@ pub struct ServiceWindow {
 }
 
 /// What a store counts for a [`ServiceWindow`].
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceTotals {
     pub calls: u64,
     pub committed: u64,
