@@ -427,6 +427,7 @@ fn reserve_request(
                 scope: Scope::Single,
                 limit_usdc: grant.limit,
                 expires_at: grant.expires_at,
+                sandbox: grant.sandbox,
             };
             (token, (grant.cap < grant.limit).then_some(grant.cap))
         }

@@ -51,6 +51,7 @@ fn claims() -> PayTokenClaims {
         nbf: None,
         iss: Some("paystile".into()),
         aud: None,
+        sandbox: false,
     }
 }
 

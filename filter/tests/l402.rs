@@ -177,8 +177,11 @@ fn sandbox_credentials_pass_only_where_accepted() {
         (401, ErrorCode::InvalidCredential)
     );
     let demo = gate_with(|c| c["l402"]["accept_sandbox"] = json!(true));
-    let reserve = reserve(&demo, &mut Exchange::default(), &authorization);
-    assert_eq!(reserve.token.token_id, format!("l402_{}", "03".repeat(32)));
+    let sandbox = reserve(&demo, &mut Exchange::default(), &authorization);
+    assert_eq!(sandbox.token.token_id, format!("l402_{}", "03".repeat(32)));
+    assert!(sandbox.token.sandbox, "the ledger meters it in its sandbox book");
+    let real = reserve(&demo, &mut Exchange::default(), &paid());
+    assert!(!real.token.sandbox);
 }
 
 #[test]
@@ -323,6 +326,7 @@ fn pay_token() -> String {
         nbf: None,
         iss: None,
         aud: None,
+        sandbox: false,
     };
     format!("Bearer {}", pay_token::sign(&claims, &Key::hs256("pay-token-secret-0123456789abcdef")))
 }

@@ -15,6 +15,9 @@ pub mod path {
     pub const SETTLEMENTS: &str = "/v1/holds/settle";
     /// `POST`: issue a Pay Token; `GET /{id}`, `POST /{id}/revoke` (admin).
     pub const TOKENS: &str = "/v1/tokens";
+    /// `GET /{id}`: a buyer's account and tokens; `POST /{id}/deposits`, `PUT /{id}/tier`,
+    /// `POST /{id}/revoke` (the panic button) (admin).
+    pub const BUYERS: &str = "/v1/buyers";
     /// `GET /{id}`: one charge (admin).
     pub const CHARGES: &str = "/v1/charges";
     /// `POST`: mint an L402 challenge, a macaroon and its invoice (gateway).
@@ -54,6 +57,9 @@ pub struct TokenGrant {
     pub limit_usdc: Usdc,
     /// Unix seconds.
     pub expires_at: u64,
+    /// A sandbox credential (Pay Token claim, L402 caveat): metered in the sandbox book.
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub sandbox: bool,
 }
 
 impl From<&PayTokenClaims> for TokenGrant {
@@ -66,6 +72,7 @@ impl From<&PayTokenClaims> for TokenGrant {
             scope: claims.scope,
             limit_usdc: claims.limit_usdc,
             expires_at: claims.exp,
+            sandbox: claims.sandbox,
         }
     }
 }
@@ -165,6 +172,34 @@ pub struct IssueTokenRequest {
     pub expires_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_seconds: Option<u64>,
+    /// Charges go to the sandbox book: never to the buyer's balance or daily limit.
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub sandbox: bool,
+}
+
+/// `POST /v1/tokens/{parentId}/children`: a child token for delegation. Its spend counts
+/// against its parent and every ancestor; it has the parent's buyer and sandbox flag, and
+/// may narrow (never widen) the parent's service, scope and expiry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ChildTokenRequest {
+    /// At most what the parent has left.
+    pub limit_usdc: Usdc,
+    /// Default: the parent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_id: Option<String>,
+    /// Default: the parent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Scope>,
+    /// Default: the parent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buyer_tag: Option<String>,
+    /// RFC 3339, no later than the parent's expiry; at most one of `expiresAt` and
+    /// `ttlSeconds`. Default: the ledger's token TTL, cut to the parent's expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,6 +230,83 @@ pub struct TokenView {
     pub revoked: bool,
     /// RFC 3339.
     pub expires_at: String,
+    /// The token this one was minted under (`POST /v1/tokens/{id}/children`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub sandbox: bool,
+}
+
+/// `POST /v1/buyers/{buyerId}/deposits`: credit a buyer's prepaid balance. With a
+/// `reference`, the deposit is made once: the same reference again answers the first deposit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DepositRequest {
+    pub amount_usdc: Usdc,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Deposit {
+    pub deposit_id: String,
+    pub buyer_id: String,
+    pub amount_usdc: Usdc,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// The balance after this request.
+    pub balance_usdc: Usdc,
+    /// True when the reference named an earlier deposit: nothing was credited now.
+    pub replayed: bool,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+/// `PUT /v1/buyers/{buyerId}/tier`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SetTierRequest {
+    /// 1 to the number of tiers the ledger's `daily_limits_usdc` setting lists.
+    pub tier: u32,
+}
+
+/// `GET /v1/buyers/{buyerId}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BuyerView {
+    pub buyer_id: String,
+    /// The prepaid account, once a deposit or a tier made one. Without it the buyer's
+    /// tokens are bounded by their caps alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<AccountView>,
+    pub tokens: Vec<TokenView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccountView {
+    /// Deposits minus committed charges.
+    pub balance_usdc: Usdc,
+    /// On hold for calls in flight.
+    pub held_usdc: Usdc,
+    /// What new calls may hold: balance minus holds.
+    pub available_usdc: Usdc,
+    /// Committed this UTC day.
+    pub spent_today_usdc: Usdc,
+    pub tier: u32,
+    pub daily_limit_usdc: Usdc,
+    /// The daily limit minus what was spent today and what is on hold.
+    pub remaining_today_usdc: Usdc,
+}
+
+/// `POST /v1/buyers/{buyerId}/revoke`: the panic button's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BuyerRevocation {
+    pub buyer_id: String,
+    /// Tokens this call revoked (those revoked before are not counted).
+    pub revoked_tokens: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -224,6 +336,9 @@ pub struct ChargeView {
     pub created_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settled_at: Option<String>,
+    /// Charged to the sandbox book.
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub sandbox: bool,
 }
 
 /// `POST /v1/l402/challenges`: what a payment buys, as the service's gateway offers it.

@@ -42,6 +42,7 @@ fn grant() -> TokenGrant {
         scope: Scope::Single,
         limit_usdc: Usdc::MAX,
         expires_at: 4_000_000_000,
+        sandbox: false,
     }
 }
 

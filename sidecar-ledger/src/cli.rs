@@ -121,6 +121,7 @@ pub fn main() -> ExitCode {
                         scope,
                         expires_at,
                         ttl_seconds,
+                        sandbox: false,
                     };
                     print_json(&client.issue_token(&request).await?)
                 }

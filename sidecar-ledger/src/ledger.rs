@@ -114,6 +114,7 @@ impl Ledger {
             nbf: None,
             iss: Some(issuer.issuer.clone()),
             aud: issuer.audience.clone().map(Audience::One),
+            sandbox: request.sandbox,
         };
         let jwt = pay_token::sign(&claims, &issuer.key);
         self.store.insert_token(TokenGrant::from(&claims), now).await?;
@@ -145,6 +146,7 @@ impl Ledger {
             scope: Scope::Single,
             limit_usdc: Usdc::ZERO,
             expires_at: 0,
+            sandbox: false,
         });
         let token = self.store.revoke_token(token_id, unused_l402, now_millis()).await?;
         let token = token.ok_or(LedgerError::NotFound("token"))?;
@@ -241,6 +243,8 @@ fn token_view(token: TokenRecord) -> TokenView {
         remaining_usdc: remaining,
         revoked: token.revoked,
         expires_at: rfc3339_seconds(grant.expires_at),
+        parent_id: None,
+        sandbox: grant.sandbox,
     }
 }
 
@@ -259,6 +263,7 @@ fn charge_view(charge: ChargeRecord) -> ChargeView {
         idempotency_key: charge.idempotency_key,
         created_at: rfc3339_millis(charge.created_at),
         settled_at: charge.settled_at.map(rfc3339_millis),
+        sandbox: false,
     }
 }
 

@@ -134,6 +134,7 @@ mod tests {
                 scope: Scope::Single,
                 limit_usdc: usdc(limit),
                 expires_at: 4_000_000_000,
+                sandbox: false,
             },
             used: usdc(used),
             reserved: usdc(reserved),

@@ -296,6 +296,7 @@ fn issue_request(limit: &str) -> IssueTokenRequest {
         scope: None,
         expires_at: None,
         ttl_seconds: Some(600),
+        sandbox: false,
     }
 }
 

@@ -62,6 +62,7 @@ fn bearer() -> String {
         nbf: None,
         iss: None,
         aud: None,
+        sandbox: false,
     };
     format!("Bearer {}", pay_token::sign(&claims, &Key::hs256(TOKEN_SECRET)))
 }

@@ -631,6 +631,7 @@ async fn load_token(
             scope: named(&row, 4, &ALL_SCOPES, scope_name)?,
             limit_usdc: usdc(&row, 5)?,
             expires_at: u64::try_from(expires_at / 1000).unwrap_or(0),
+            sandbox: false,
         },
         used: usdc(&row, 7)?,
         reserved: usdc(&row, 8)?,
