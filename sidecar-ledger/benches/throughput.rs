@@ -64,6 +64,7 @@ async fn reserve(store: &Store, n: u64) -> anyhow::Result<String> {
             now,
             hold_expires_at: now + 120_000,
             max_replays: 5,
+            daily_limits: Default::default(),
         })
         .await?;
     ensure!(matches!(outcome, ReserveOutcome::Held(_)), "refused: {outcome:?}");

@@ -10,10 +10,11 @@ use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use paystile_protocol::ledger_api::{
-    ChallengeRequest, IssueTokenRequest, ReserveRequest, SandboxPaymentRequest, SettleRequest, path,
+    ChallengeRequest, ChildTokenRequest, DepositRequest, IssueTokenRequest, ReserveRequest,
+    SandboxPaymentRequest, SetTierRequest, SettleRequest, path,
 };
 use paystile_protocol::{ErrorBody, ErrorCode};
 use sha2::{Digest, Sha256};
@@ -61,6 +62,11 @@ pub fn router(
         .route(path::TOKENS, post(issue_token))
         .route(&format!("{}/{{token_id}}", path::TOKENS), get(token))
         .route(&format!("{}/{{token_id}}/revoke", path::TOKENS), post(revoke_token))
+        .route(&format!("{}/{{token_id}}/children", path::TOKENS), post(mint_child))
+        .route(&format!("{}/{{buyer_id}}", path::BUYERS), get(buyer))
+        .route(&format!("{}/{{buyer_id}}/deposits", path::BUYERS), post(deposit))
+        .route(&format!("{}/{{buyer_id}}/tier", path::BUYERS), put(set_tier))
+        .route(&format!("{}/{{buyer_id}}/revoke", path::BUYERS), post(revoke_buyer))
         .route(&format!("{}/{{charge_id}}", path::CHARGES), get(charge))
         .route_layer(middleware::from_fn_with_state(admin_key, require_key));
     let gateway = Router::new()
@@ -114,6 +120,47 @@ async fn revoke_token(
     Path(token_id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(ledger.revoke_token(token_id).await?))
+}
+
+async fn mint_child(
+    State(ledger): State<Arc<Ledger>>,
+    Path(parent_id): Path<String>,
+    ApiJson(request): ApiJson<ChildTokenRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok((StatusCode::CREATED, Json(ledger.mint_child(parent_id, request).await?)))
+}
+
+async fn buyer(
+    State(ledger): State<Arc<Ledger>>,
+    Path(buyer_id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(ledger.buyer(buyer_id).await?))
+}
+
+/// 201 for a new deposit; 200 when the reference named an earlier one.
+async fn deposit(
+    State(ledger): State<Arc<Ledger>>,
+    Path(buyer_id): Path<String>,
+    ApiJson(request): ApiJson<DepositRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let deposit = ledger.deposit(buyer_id, request).await?;
+    let status = if deposit.replayed { StatusCode::OK } else { StatusCode::CREATED };
+    Ok((status, Json(deposit)))
+}
+
+async fn set_tier(
+    State(ledger): State<Arc<Ledger>>,
+    Path(buyer_id): Path<String>,
+    ApiJson(request): ApiJson<SetTierRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(ledger.set_tier(buyer_id, request).await?))
+}
+
+async fn revoke_buyer(
+    State(ledger): State<Arc<Ledger>>,
+    Path(buyer_id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(ledger.revoke_buyer(buyer_id).await?))
 }
 
 async fn charge(
@@ -180,6 +227,7 @@ impl From<LedgerError> for ApiError {
         let code = match &error {
             LedgerError::Invalid(_) | LedgerError::IssuingDisabled => ErrorCode::BadRequest,
             LedgerError::NotFound(_) => ErrorCode::NotFound,
+            LedgerError::Refused(body) => return ApiError(body.clone()),
             LedgerError::Store(store) => {
                 tracing::error!(error = %store, "store failure");
                 return ApiError(ErrorBody::new(ErrorCode::Internal));

@@ -44,7 +44,18 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let limits = Limits { hold_ttl: settings.hold_ttl, max_replays: settings.max_replays };
+    let limits = Limits {
+        hold_ttl: settings.hold_ttl,
+        max_replays: settings.max_replays,
+        daily_limits: Arc::new(settings.daily_limits.clone()),
+        clock_offset_millis: settings.clock_offset_seconds.saturating_mul(1000),
+    };
+    if settings.clock_offset_seconds != 0 {
+        tracing::warn!(
+            seconds = settings.clock_offset_seconds,
+            "the ledger's clock is offset (tests only)"
+        );
+    }
     let ledger = Arc::new(Ledger::new(store, issuer, limits));
     let reopened = ledger.reopen_holds().await.context("cannot reopen the open holds")?;
     if reopened > 0 {

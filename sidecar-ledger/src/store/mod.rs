@@ -1,4 +1,5 @@
-//! Durable state: tokens, charges (holds and their outcome) and Idempotency-Keys.
+//! Durable state: tokens (and their chains of delegation), charges (holds and their outcome),
+//! Idempotency-Keys, and buyers' prepaid accounts with their deposits.
 //!
 //! Each operation is one atomic transaction that applies [`crate::rules`], so every store
 //! keeps the same semantics. [`Store`] is the one the ledger runs on, chosen by the database
@@ -8,6 +9,7 @@
 mod postgres;
 mod sqlite;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use paystile_protocol::ledger_api::{
@@ -19,7 +21,7 @@ use paystile_protocol::{ErrorBody, Usdc};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
-use crate::rules::{Call, PriorUse};
+use crate::rules::{Account, Call, ChildSpec, DailyLimits, MAX_CHAIN_LEN, PriorUse};
 use crate::settings::Database;
 
 /// The ledger's store; every operation is one atomic transaction.
@@ -62,6 +64,65 @@ impl Store {
         match self {
             Store::Sqlite(store) => store.revoke_token(token_id, unknown, now).await,
             Store::Postgres(store) => store.revoke_token(token_id, unknown, now).await,
+        }
+    }
+
+    /// Mints a child under `parent_id` ([`crate::rules::child_grant`]): `None` if there is no
+    /// such parent, the refusal if the rules refuse.
+    pub async fn mint_child(
+        &self,
+        parent_id: String,
+        spec: ChildSpec,
+        now: UnixMillis,
+    ) -> Result<Option<Result<TokenRecord, ErrorBody>>, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.mint_child(parent_id, spec, now).await,
+            Store::Postgres(store) => store.mint_child(parent_id, spec, now).await,
+        }
+    }
+
+    /// Credits a buyer's account, opening it if needed ([`crate::rules::deposit`]).
+    pub async fn deposit(
+        &self,
+        command: DepositCommand,
+    ) -> Result<Result<DepositRecord, ErrorBody>, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.deposit(command).await,
+            Store::Postgres(store) => store.deposit(command).await,
+        }
+    }
+
+    /// Sets a buyer's tier, opening the account (with no balance) if needed.
+    pub async fn set_tier(
+        &self,
+        buyer_id: String,
+        tier: u32,
+        now: UnixMillis,
+    ) -> Result<Account, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.set_tier(buyer_id, tier, now).await,
+            Store::Postgres(store) => store.set_tier(buyer_id, tier, now).await,
+        }
+    }
+
+    /// A buyer's account, if any, and tokens (oldest first).
+    pub async fn buyer(&self, buyer_id: String) -> Result<BuyerRecord, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.buyer(buyer_id).await,
+            Store::Postgres(store) => store.buyer(buyer_id).await,
+        }
+    }
+
+    /// The panic button: revokes every token of the buyer at once; answers how many were
+    /// revoked now, or `None` for a buyer with neither an account nor a token.
+    pub async fn revoke_buyer(
+        &self,
+        buyer_id: String,
+        now: UnixMillis,
+    ) -> Result<Option<u64>, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.revoke_buyer(buyer_id, now).await,
+            Store::Postgres(store) => store.revoke_buyer(buyer_id, now).await,
         }
     }
 
@@ -169,9 +230,22 @@ pub struct TokenRecord {
     pub used: Usdc,
     pub reserved: Usdc,
     pub revoked: bool,
+    /// The token it was minted under, for a child token.
+    pub parent_id: Option<String>,
 }
 
 impl TokenRecord {
+    /// A token as first registered: nothing spent.
+    pub fn new(grant: TokenGrant) -> TokenRecord {
+        TokenRecord {
+            grant,
+            used: Usdc::ZERO,
+            reserved: Usdc::ZERO,
+            revoked: false,
+            parent_id: None,
+        }
+    }
+
     /// What is left for new calls: the limit minus everything spent or on hold.
     pub fn remaining(&self) -> Usdc {
         self.grant.limit_usdc.saturating_sub(self.used).saturating_sub(self.reserved)
@@ -191,6 +265,36 @@ pub struct ChargeRecord {
     pub upstream_status: Option<u16>,
     pub created_at: UnixMillis,
     pub settled_at: Option<UnixMillis>,
+    /// Charged to the sandbox book (its token is a sandbox token).
+    pub sandbox: bool,
+}
+
+/// A buyer as the admin API shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuyerRecord {
+    pub account: Option<Account>,
+    pub tokens: Vec<TokenRecord>,
+}
+
+/// A deposit to make.
+#[derive(Clone, Debug)]
+pub struct DepositCommand {
+    /// A fresh id, used if the deposit is made.
+    pub deposit_id: String,
+    pub buyer_id: String,
+    pub amount: Usdc,
+    pub reference: Option<String>,
+    pub now: UnixMillis,
+}
+
+/// A deposit made (now, or earlier under the same reference), and the balance after it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DepositRecord {
+    pub deposit_id: String,
+    pub amount: Usdc,
+    pub created_at: UnixMillis,
+    pub balance: Usdc,
+    pub replayed: bool,
 }
 
 /// One call's reservation, as the ledger service prepared it.
@@ -208,6 +312,7 @@ pub struct ReserveCommand {
     pub hold_expires_at: UnixMillis,
     /// How often a committed charge may be replayed under its Idempotency-Key.
     pub max_replays: u32,
+    pub daily_limits: Arc<DailyLimits>,
 }
 
 impl ReserveCommand {
@@ -239,6 +344,30 @@ pub fn prior_use(prior: &Option<PriorKey>) -> Option<PriorUse<'_>> {
 pub enum ReserveOutcome {
     Held(Hold),
     Refused(ErrorBody),
+}
+
+/// The tier of an account opened by a deposit.
+pub const FIRST_TIER: u32 = 1;
+
+/// Orders `tokens` (read by id) into the chain from `token_id` up to its root; `tokens` must
+/// hold the whole chain.
+fn into_chain(
+    mut tokens: HashMap<String, TokenRecord>,
+    token_id: &str,
+) -> Result<Vec<TokenRecord>, StoreError> {
+    let mut chain = Vec::with_capacity(tokens.len());
+    let mut next = Some(token_id.to_owned());
+    while let Some(id) = next {
+        if chain.len() == MAX_CHAIN_LEN {
+            return Err(StoreError::Corrupt(format!("the chain of {token_id} is too long")));
+        }
+        let token = tokens
+            .remove(&id)
+            .ok_or_else(|| StoreError::Corrupt(format!("token {id} of a chain is missing")))?;
+        next = token.parent_id.clone();
+        chain.push(token);
+    }
+    Ok(chain)
 }
 
 /// How a charge status is written in `charges.status` (both schemas' CHECKs list the same).

@@ -1,14 +1,17 @@
 //! PostgreSQL: one set of books for several ledger processes (or machines).
 //!
 //! Every operation is one READ COMMITTED transaction that first locks the rows its decision
-//! rests on: the token's row (`SELECT … FOR NO KEY UPDATE`), or several tokens' rows in
-//! token-id order. A token's lock guards its counters, its charges' status and expiry, and its
-//! Idempotency-Keys, so ledgers sharing the database take turns per token, and each decision
-//! of [`crate::rules`] is taken on the latest committed state: no ledger can overspend, commit
-//! a hold twice or charge an Idempotency-Key twice. The schema's CHECK (`used + reserved <=
-//! limit`) backs that up. Locking several tokens in id order keeps concurrent batches from
-//! deadlocking; a transaction PostgreSQL aborts all the same (deadlock, serialization
-//! failure) was rolled back whole, and runs again.
+//! rests on (`SELECT … FOR NO KEY UPDATE`): the tokens of the chains involved (a token and
+//! its ancestors), in token-id order, then the buyers' accounts involved, in buyer-id order.
+//! A token's lock guards its counters, its charges' status and expiry, its Idempotency-Keys
+//! and the minting of children under it; an account's lock guards its balance, holds and
+//! deposits. So ledgers sharing the database take turns per token and per buyer, and each
+//! decision of [`crate::rules`] is taken on the latest committed state: no ledger can
+//! overspend a token, a chain or a balance, commit a hold twice or charge an Idempotency-Key
+//! twice. The schema's CHECKs (`used + reserved <= limit`, `held <= balance`) back that up.
+//! Taking locks in one global order (tokens by id, then buyers by id) keeps concurrent
+//! transactions from deadlocking; a transaction PostgreSQL aborts all the same (deadlock,
+//! serialization failure) was rolled back whole, and runs again.
 //!
 //! `FOR NO KEY UPDATE` rather than `FOR UPDATE`: it excludes the other ledgers just the same,
 //! but not the foreign-key checks of rows inserted under the token.
@@ -19,19 +22,20 @@ use std::time::Duration;
 use deadpool_postgres::{
     GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction,
 };
-use paystile_protocol::Usdc;
 use paystile_protocol::ledger_api::{
     ChargeStatus, Hold, SettleResult, SettleStatus, Settlement, TokenGrant,
 };
+use paystile_protocol::{ErrorBody, Usdc};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    ALL_SCOPES, ALL_STATUSES, ChargeRecord, ReserveCommand, ReserveOutcome, StoreError,
-    TokenRecord, UnixMillis, prior_use, scope_name, seconds_to_millis, status_name,
+    ALL_SCOPES, ALL_STATUSES, BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, FIRST_TIER,
+    ReserveCommand, ReserveOutcome, StoreError, TokenRecord, UnixMillis, into_chain, prior_use,
+    scope_name, seconds_to_millis, status_name,
 };
-use crate::rules::{self, Admission, SettleDecision};
+use crate::rules::{self, Account, Admission, Books, ChildSpec, DepositDecision, SettleDecision};
 use crate::settings::PostgresUrl;
 
 /// Connections per ledger process. Operations on one token take turns anyway; more
@@ -53,11 +57,18 @@ struct Migration {
 }
 
 /// Schema versions, applied in order; `schema_migrations` records each one applied.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_initial",
-    sql: include_str!("postgres_migrations/0001_initial.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_initial",
+        sql: include_str!("postgres_migrations/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_buyers",
+        sql: include_str!("postgres_migrations/0002_buyers.sql"),
+    },
+];
 
 /// Ends a `SELECT token_id FROM tokens …` that locks several tokens: in id order, the same
 /// in every transaction, so that two of them cannot each hold a lock the other waits for.
@@ -67,30 +78,59 @@ macro_rules! lock_in_order {
     };
 }
 
+/// The columns [`token_record`] reads.
 macro_rules! select_token {
     () => {
         "SELECT token_id, buyer_id, buyer_tag, service_id, scope, limit_micros, expires_at,
-                used_micros, reserved_micros, revoked_at IS NOT NULL
-         FROM tokens WHERE token_id = $1"
+                used_micros, reserved_micros, revoked_at IS NOT NULL, parent_id, sandbox
+         FROM tokens"
     };
 }
 
-const SELECT_TOKEN: &str = select_token!();
-/// The token's row, locked until the transaction ends: the other ledgers' operations on the
-/// token wait, and this one sees the state they left.
-const LOCK_TOKEN: &str = concat!(select_token!(), " FOR NO KEY UPDATE");
-/// Locks the tokens of the charges `$1` names.
-const LOCK_TOKENS_OF_CHARGES: &str = concat!(
-    "SELECT token_id FROM tokens
-     WHERE token_id IN (SELECT token_id FROM charges WHERE charge_id = ANY($1))",
+const SELECT_TOKEN: &str = concat!(select_token!(), " WHERE token_id = $1");
+/// The ids of the token `$1` and its ancestors, unlocked: parents never change, so a chain
+/// read once stays right, and its rows are then locked in id order.
+const CHAIN_IDS: &str = "WITH RECURSIVE chain (token_id, parent_id) AS (
+         SELECT token_id, parent_id FROM tokens WHERE token_id = $1
+         UNION ALL
+         SELECT p.token_id, p.parent_id FROM tokens p JOIN chain c ON p.token_id = c.parent_id
+     )
+     SELECT token_id FROM chain";
+/// The tokens `$1` names, locked until the transaction ends: the other ledgers' operations on
+/// them wait, and this one sees the state they left.
+const LOCK_TOKENS: &str = concat!(select_token!(), " WHERE token_id = ANY($1)", lock_in_order!());
+/// Locks the tokens of the charges `$1` names and their ancestors; answers each one's parent.
+const LOCK_CHAINS_OF_CHARGES: &str = concat!(
+    "WITH RECURSIVE chain (token_id, parent_id) AS (
+         SELECT token_id, parent_id FROM tokens
+         WHERE token_id IN (SELECT token_id FROM charges WHERE charge_id = ANY($1))
+         UNION
+         SELECT p.token_id, p.parent_id FROM tokens p JOIN chain c ON p.token_id = c.parent_id
+     )
+     SELECT token_id, parent_id FROM tokens WHERE token_id IN (SELECT token_id FROM chain)",
     lock_in_order!()
 );
+/// The token `$1` and its descendants.
+macro_rules! subtree {
+    () => {
+        "WITH RECURSIVE tree (token_id) AS (
+             SELECT token_id FROM tokens WHERE token_id = $1
+             UNION ALL
+             SELECT t.token_id FROM tokens t JOIN tree ON t.parent_id = tree.token_id
+         )"
+    };
+}
+const SELECT_ACCOUNT: &str = "SELECT balance_micros, held_micros, tier, spent_day, spent_micros
+     FROM buyers WHERE buyer_id = $1";
+/// A buyer's account, locked: after every token lock the transaction takes.
+const LOCK_ACCOUNT: &str = "SELECT balance_micros, held_micros, tier, spent_day, spent_micros
+     FROM buyers WHERE buyer_id = $1 FOR NO KEY UPDATE";
 
 macro_rules! insert_token {
     () => {
         "INSERT INTO tokens (token_id, buyer_id, buyer_tag, service_id, scope, limit_micros,
-                             expires_at, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                             expires_at, created_at, parent_id, sandbox)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
     };
 }
 
@@ -178,7 +218,7 @@ impl PostgresStore {
 
     pub async fn insert_token(&self, token: TokenGrant, now: UnixMillis) -> Result<(), StoreError> {
         let client = self.pool.get().await?;
-        insert_token(&client, &token, now, INSERT_TOKEN).await
+        insert_token(&client, &token, None, now, INSERT_TOKEN).await
     }
 
     pub async fn token(&self, token_id: String) -> Result<Option<TokenRecord>, StoreError> {
@@ -203,16 +243,212 @@ impl PostgresStore {
         let (token_id, unknown) = (token_id.as_str(), unknown.as_ref());
         in_transaction!(&self.pool, |tx| {
             if let Some(grant) = unknown {
-                insert_token(&tx, grant, now, INSERT_TOKEN_IF_NEW).await?;
+                insert_token(&tx, grant, None, now, INSERT_TOKEN_IF_NEW).await?;
             }
-            // The row lock this takes orders the revocation against settles and reserves.
+            // The token and its descendants: a parent's revocation ends its delegations.
+            // Their locks, in id order, order the revocation against settles and reserves;
+            // holding the token's lock, no child can be minted under it any more, and the
+            // UPDATE (a statement of its own, seeing every commit so far) finds them all.
+            query(
+                &tx,
+                concat!(
+                    subtree!(),
+                    " SELECT token_id FROM tokens WHERE token_id IN (SELECT token_id FROM tree)",
+                    lock_in_order!()
+                ),
+                &[&token_id],
+            )
+            .await?;
             execute(
                 &tx,
-                "UPDATE tokens SET revoked_at = coalesce(revoked_at, $1) WHERE token_id = $2",
-                &[&now, &token_id],
+                concat!(
+                    subtree!(),
+                    " UPDATE tokens SET revoked_at = coalesce(revoked_at, $2)
+                     WHERE token_id IN (SELECT token_id FROM tree)"
+                ),
+                &[&token_id, &now],
             )
             .await?;
             load_token(&tx, SELECT_TOKEN, token_id).await?
+        })
+    }
+
+    pub async fn mint_child(
+        &self,
+        parent_id: String,
+        spec: ChildSpec,
+        now: UnixMillis,
+    ) -> Result<Option<Result<TokenRecord, ErrorBody>>, StoreError> {
+        if !storable(&parent_id) {
+            return Ok(None);
+        }
+        let (parent_id, spec) = (parent_id.as_str(), &spec);
+        in_transaction!(&self.pool, |tx| {
+            let chain = lock_chain(&tx, parent_id).await?;
+            if chain.is_empty() {
+                None
+            } else {
+                Some(match rules::child_grant(&chain, spec) {
+                    Err(refusal) => Err(refusal),
+                    Ok(grant) => {
+                        insert_token(&tx, &grant, Some(parent_id), now, INSERT_TOKEN).await?;
+                        let parent_id = Some(parent_id.to_owned());
+                        Ok(TokenRecord { parent_id, ..TokenRecord::new(grant) })
+                    }
+                })
+            }
+        })
+    }
+
+    pub async fn deposit(
+        &self,
+        cmd: DepositCommand,
+    ) -> Result<Result<DepositRecord, ErrorBody>, StoreError> {
+        let cmd = &cmd;
+        in_transaction!(&self.pool, |tx| {
+            let buyer_id = cmd.buyer_id.as_str();
+            execute(
+                &tx,
+                "INSERT INTO buyers (buyer_id, tier, created_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (buyer_id) DO NOTHING",
+                &[&buyer_id, &tier_i32(FIRST_TIER)?, &cmd.now],
+            )
+            .await?;
+            let account = load_account(&tx, LOCK_ACCOUNT, buyer_id)
+                .await?
+                .ok_or_else(|| StoreError::Corrupt("an account vanished".into()))?;
+            // Read under the account's lock: a concurrent deposit under the same reference
+            // has committed by now, or waits.
+            let prior = match &cmd.reference {
+                Some(reference) => query_opt(
+                    &tx,
+                    "SELECT deposit_id, amount_micros, created_at FROM deposits
+                     WHERE buyer_id = $1 AND reference = $2",
+                    &[&buyer_id, reference],
+                )
+                .await?
+                .map(|row| -> Result<_, StoreError> {
+                    Ok((row.try_get::<_, String>(0)?, usdc(&row, 1)?, row.try_get(2)?))
+                })
+                .transpose()?,
+                None => None,
+            };
+            match rules::deposit(&account, cmd.amount, prior.as_ref().map(|p| p.1)) {
+                Err(refusal) => Err(refusal),
+                Ok(DepositDecision::Replay) => {
+                    let (deposit_id, amount, created_at) = prior.ok_or_else(|| {
+                        StoreError::Corrupt("a replay without a prior deposit".into())
+                    })?;
+                    let balance = account.balance;
+                    Ok(DepositRecord { deposit_id, amount, created_at, balance, replayed: true })
+                }
+                Ok(DepositDecision::Credit { balance }) => {
+                    execute(
+                        &tx,
+                        "UPDATE buyers SET balance_micros = $1 WHERE buyer_id = $2",
+                        &[&balance.micros_i64(), &buyer_id],
+                    )
+                    .await?;
+                    execute(
+                        &tx,
+                        "INSERT INTO deposits (deposit_id, buyer_id, amount_micros, reference,
+                                               created_at)
+                         VALUES ($1, $2, $3, $4, $5)",
+                        &[
+                            &cmd.deposit_id,
+                            &buyer_id,
+                            &cmd.amount.micros_i64(),
+                            &cmd.reference,
+                            &cmd.now,
+                        ],
+                    )
+                    .await?;
+                    Ok(DepositRecord {
+                        deposit_id: cmd.deposit_id.clone(),
+                        amount: cmd.amount,
+                        created_at: cmd.now,
+                        balance,
+                        replayed: false,
+                    })
+                }
+            }
+        })
+    }
+
+    pub async fn set_tier(
+        &self,
+        buyer_id: String,
+        tier: u32,
+        now: UnixMillis,
+    ) -> Result<Account, StoreError> {
+        let (buyer_id, tier) = (buyer_id.as_str(), tier_i32(tier)?);
+        in_transaction!(&self.pool, |tx| {
+            execute(
+                &tx,
+                "INSERT INTO buyers (buyer_id, tier, created_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (buyer_id) DO UPDATE SET tier = excluded.tier",
+                &[&buyer_id, &tier, &now],
+            )
+            .await?;
+            load_account(&tx, SELECT_ACCOUNT, buyer_id)
+                .await?
+                .ok_or_else(|| StoreError::Corrupt("an account vanished".into()))?
+        })
+    }
+
+    pub async fn buyer(&self, buyer_id: String) -> Result<BuyerRecord, StoreError> {
+        if !storable(&buyer_id) {
+            return Ok(BuyerRecord { account: None, tokens: Vec::new() });
+        }
+        let client = self.pool.get().await?;
+        let account = load_account(&client, SELECT_ACCOUNT, &buyer_id).await?;
+        let tokens = query(
+            &client,
+            concat!(select_token!(), " WHERE buyer_id = $1 ORDER BY created_at, token_id"),
+            &[&buyer_id],
+        )
+        .await?
+        .iter()
+        .map(token_record)
+        .collect::<Result<_, _>>()?;
+        Ok(BuyerRecord { account, tokens })
+    }
+
+    pub async fn revoke_buyer(
+        &self,
+        buyer_id: String,
+        now: UnixMillis,
+    ) -> Result<Option<u64>, StoreError> {
+        if !storable(&buyer_id) {
+            return Ok(None);
+        }
+        let buyer_id = buyer_id.as_str();
+        in_transaction!(&self.pool, |tx| {
+            // Every token of the buyer locked in id order, as reserves and settles lock them.
+            // The UPDATE, a statement of its own, also finds a child whose minting was
+            // committed while this waited for its parent's lock.
+            query(
+                &tx,
+                concat!("SELECT token_id FROM tokens WHERE buyer_id = $1", lock_in_order!()),
+                &[&buyer_id],
+            )
+            .await?;
+            let revoked = execute(
+                &tx,
+                "UPDATE tokens SET revoked_at = $1 WHERE buyer_id = $2 AND revoked_at IS NULL",
+                &[&now, &buyer_id],
+            )
+            .await?;
+            let known = revoked > 0
+                || query_opt(
+                    &tx,
+                    "SELECT 1 FROM buyers WHERE buyer_id = $1
+                     UNION ALL SELECT 1 FROM tokens WHERE buyer_id = $1 LIMIT 1",
+                    &[&buyer_id],
+                )
+                .await?
+                .is_some();
+            known.then_some(revoked)
         })
     }
 
@@ -310,18 +546,53 @@ fn storable(id: &str) -> bool {
     !id.contains('\0')
 }
 
+/// Locks the token `token_id` and its ancestors (in id order); answers them, the token
+/// first, or nothing for an unknown token.
+async fn lock_chain(tx: &Transaction<'_>, token_id: &str) -> Result<Vec<TokenRecord>, StoreError> {
+    let ids: Vec<String> = query(tx, CHAIN_IDS, &[&token_id])
+        .await?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let tokens = query(tx, LOCK_TOKENS, &[&ids])
+        .await?
+        .iter()
+        .map(|row| {
+            let token = token_record(row)?;
+            Ok((token.grant.token_id.clone(), token))
+        })
+        .collect::<Result<HashMap<_, _>, StoreError>>()?;
+    into_chain(tokens, token_id)
+}
+
 async fn reserve(tx: &Transaction<'_>, cmd: &ReserveCommand) -> Result<ReserveOutcome, StoreError> {
     let token_id = cmd.token.token_id.as_str();
-    let token = match load_token(tx, LOCK_TOKEN, token_id).await? {
-        Some(token) => token,
-        None => {
-            // Another ledger may be registering it right now: then this insert waits for
-            // that one's transaction and does nothing, and the lock below finds its row.
-            insert_token(tx, &cmd.token, cmd.now, INSERT_TOKEN_IF_NEW).await?;
-            load_token(tx, LOCK_TOKEN, token_id)
-                .await?
-                .ok_or_else(|| StoreError::Corrupt(format!("token {token_id} vanished")))?
+    let mut chain = lock_chain(tx, token_id).await?;
+    if chain.is_empty() {
+        // Another ledger may be registering it right now: then this insert waits for that
+        // one's transaction and does nothing, and the lock below finds its row. A token
+        // registered here has no parent: children are minted by the ledger.
+        insert_token(tx, &cmd.token, None, cmd.now, INSERT_TOKEN_IF_NEW).await?;
+        chain = lock_chain(tx, token_id).await?;
+        if chain.is_empty() {
+            return Err(StoreError::Corrupt(format!("token {token_id} vanished")));
         }
+    }
+    let token = &chain[0];
+    // Locked after the chain's tokens, as every transaction does. A sandbox token's buyer
+    // is not read: the sandbox book never touches the account.
+    let account = match token.grant.sandbox {
+        true => None,
+        false => load_account(tx, LOCK_ACCOUNT, &token.grant.buyer_id).await?,
+    };
+    let books = Books {
+        chain: &chain,
+        account: account.as_ref(),
+        today: rules::utc_day(cmd.now),
+        daily_limits: &cmd.daily_limits,
     };
 
     let prior = match &cmd.idempotency {
@@ -345,7 +616,12 @@ async fn reserve(tx: &Transaction<'_>, cmd: &ReserveCommand) -> Result<ReserveOu
         .transpose()?,
         None => None,
     };
-    let remaining = match rules::admit(&token, &cmd.call(), prior_use(&prior), cmd.max_replays) {
+    let remaining = match rules::admit_books(
+        &books,
+        &cmd.call(),
+        prior_use(&prior),
+        cmd.max_replays,
+    ) {
         Err(refusal) => return Ok(ReserveOutcome::Refused(refusal)),
         Ok(Admission::Replay) => {
             let (first, key) = match (prior, &cmd.idempotency) {
@@ -364,7 +640,7 @@ async fn reserve(tx: &Transaction<'_>, cmd: &ReserveCommand) -> Result<ReserveOu
             return Ok(ReserveOutcome::Held(Hold {
                 charge_id: first.charge_id,
                 amount_usdc: first.held,
-                remaining_usdc: token.remaining(),
+                remaining_usdc: rules::chain_remaining(&chain),
                 replayed: true,
             }));
         }
@@ -373,20 +649,40 @@ async fn reserve(tx: &Transaction<'_>, cmd: &ReserveCommand) -> Result<ReserveOu
 
     let price = cmd.price.micros_i64();
     let key = cmd.idempotency.as_ref().map(|i| i.key.as_str());
+    let on_account = books.debited_account().is_some();
     execute(
         tx,
         "INSERT INTO charges (charge_id, token_id, service_id, held_micros, status,
-                              idempotency_key, created_at, hold_expires_at)
-         VALUES ($1, $2, $3, $4, 'held', $5, $6, $7)",
-        &[&cmd.charge_id, &token_id, &cmd.service_id, &price, &key, &cmd.now, &cmd.hold_expires_at],
+                              idempotency_key, created_at, hold_expires_at, on_account)
+         VALUES ($1, $2, $3, $4, 'held', $5, $6, $7, $8)",
+        &[
+            &cmd.charge_id,
+            &token_id,
+            &cmd.service_id,
+            &price,
+            &key,
+            &cmd.now,
+            &cmd.hold_expires_at,
+            &on_account,
+        ],
     )
     .await?;
+    // Held at every level of the chain, and on the account.
+    let levels: Vec<&str> = chain.iter().map(|t| t.grant.token_id.as_str()).collect();
     execute(
         tx,
-        "UPDATE tokens SET reserved_micros = reserved_micros + $1 WHERE token_id = $2",
-        &[&price, &token_id],
+        "UPDATE tokens SET reserved_micros = reserved_micros + $1 WHERE token_id = ANY($2)",
+        &[&price, &levels],
     )
     .await?;
+    if on_account {
+        execute(
+            tx,
+            "UPDATE buyers SET held_micros = held_micros + $1 WHERE buyer_id = $2",
+            &[&price, &token.grant.buyer_id],
+        )
+        .await?;
+    }
     if let Some(idempotency) = &cmd.idempotency {
         execute(
             tx,
@@ -409,6 +705,8 @@ async fn reserve(tx: &Transaction<'_>, cmd: &ReserveCommand) -> Result<ReserveOu
 /// charge twice).
 struct OpenHold {
     token_id: String,
+    /// The buyer whose account holds it, if one does.
+    account: Option<String>,
     held: Usdc,
     status: ChargeStatus,
     hold_expires_at: UnixMillis,
@@ -419,9 +717,25 @@ struct OpenHold {
 struct Closing {
     charge_id: String,
     token_id: String,
+    account: Option<String>,
     held: Usdc,
     status: ChargeStatus,
     upstream_status: Option<i32>,
+}
+
+/// Each locked token's parent.
+type Parents = HashMap<String, Option<String>>;
+
+/// Locks the chains of the charges `charge_ids` (see [`LOCK_CHAINS_OF_CHARGES`]).
+async fn lock_chains_of_charges(
+    tx: &Transaction<'_>,
+    charge_ids: &[impl ToSql + Sync],
+) -> Result<Parents, StoreError> {
+    query(tx, LOCK_CHAINS_OF_CHARGES, &[&charge_ids])
+        .await?
+        .iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .collect()
 }
 
 async fn settle(
@@ -432,12 +746,13 @@ async fn settle(
     let ids: Vec<&str> =
         settlements.iter().map(|s| s.charge_id.as_str()).filter(|id| storable(id)).collect();
     let mut holds = HashMap::with_capacity(ids.len());
+    let mut parents = Parents::new();
     if !ids.is_empty() {
-        query(tx, LOCK_TOKENS_OF_CHARGES, &[&ids]).await?;
+        parents = lock_chains_of_charges(tx, &ids).await?;
         let rows = query(
             tx,
             "SELECT c.charge_id, c.token_id, c.held_micros, c.status, c.hold_expires_at,
-                    t.revoked_at IS NOT NULL
+                    t.revoked_at IS NOT NULL, CASE WHEN c.on_account THEN t.buyer_id END
              FROM charges c JOIN tokens t ON t.token_id = c.token_id
              WHERE c.charge_id = ANY($1)",
             &[&ids],
@@ -450,6 +765,7 @@ async fn settle(
                 status: named(&row, 3, &ALL_STATUSES, status_name)?,
                 hold_expires_at: row.try_get(4)?,
                 revoked: row.try_get(5)?,
+                account: row.try_get(6)?,
             };
             holds.insert(row.try_get::<_, String>(0)?, hold);
         }
@@ -475,6 +791,7 @@ async fn settle(
                     closing.push(Closing {
                         charge_id: s.charge_id.clone(),
                         token_id: hold.token_id.clone(),
+                        account: hold.account.clone(),
                         held: hold.held,
                         status: closed,
                         upstream_status: s.upstream_status.map(i32::from),
@@ -485,7 +802,7 @@ async fn settle(
         };
         results.push(SettleResult { charge_id: s.charge_id.clone(), status });
     }
-    close_holds(tx, &closing, now).await?;
+    close_holds(tx, &closing, &parents, now).await?;
     Ok(results)
 }
 
@@ -508,12 +825,13 @@ async fn expire_holds(
     if due.is_empty() {
         return Ok(0);
     }
-    query(tx, LOCK_TOKENS_OF_CHARGES, &[&due]).await?;
+    let parents = lock_chains_of_charges(tx, &due).await?;
     // Again under the locks: another ledger's sweep, or a settle, may have closed some.
     let closing = query(
         tx,
-        "SELECT charge_id, token_id, held_micros FROM charges
-         WHERE charge_id = ANY($1) AND status = 'held' AND hold_expires_at <= $2",
+        "SELECT c.charge_id, c.token_id, c.held_micros, CASE WHEN c.on_account THEN t.buyer_id END
+         FROM charges c JOIN tokens t ON t.token_id = c.token_id
+         WHERE c.charge_id = ANY($1) AND c.status = 'held' AND c.hold_expires_at <= $2",
         &[&due, &now],
     )
     .await?
@@ -523,20 +841,24 @@ async fn expire_holds(
             charge_id: row.try_get(0)?,
             token_id: row.try_get(1)?,
             held: usdc(row, 2)?,
+            account: row.try_get(3)?,
             status: ChargeStatus::Released,
             upstream_status: None,
         })
     })
     .collect::<Result<Vec<_>, StoreError>>()?;
-    close_holds(tx, &closing, now).await?;
+    close_holds(tx, &closing, &parents, now).await?;
     Ok(closing.len())
 }
 
-/// Closes the holds (all held, their tokens locked by this transaction) and moves their
-/// tokens' counters: a statement for the charges and one for the tokens, however many.
+/// Closes the holds (all held, their chains locked by this transaction, `parents` naming
+/// each locked token's parent) and moves the counters of every level of their chains and of
+/// the accounts holding them: a statement for the charges, one for the tokens and one for
+/// the accounts, however many.
 async fn close_holds(
     tx: &Transaction<'_>,
     closing: &[Closing],
+    parents: &Parents,
     now: UnixMillis,
 ) -> Result<(), StoreError> {
     if closing.is_empty() {
@@ -561,15 +883,29 @@ async fn close_holds(
         )));
     }
 
-    // Per token: (what becomes used, what stops being reserved).
+    // Per token and per account: (what becomes used, what stops being held).
     let mut deltas: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
-    for c in closing {
+    let mut accounts: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+    let add = |(used, freed): &mut (i64, i64), c: &Closing| {
         let held = c.held.micros_i64();
-        let (used, freed) = deltas.entry(c.token_id.as_str()).or_default();
         let overflow = || StoreError::Corrupt(format!("token {} holds too much", c.token_id));
         *freed = freed.checked_add(held).ok_or_else(overflow)?;
         if c.status == ChargeStatus::Committed {
             *used = used.checked_add(held).ok_or_else(overflow)?;
+        }
+        Ok::<_, StoreError>(())
+    };
+    for c in closing {
+        let mut level = Some(c.token_id.as_str());
+        while let Some(token_id) = level {
+            add(deltas.entry(token_id).or_default(), c)?;
+            level = parents
+                .get(token_id)
+                .ok_or_else(|| StoreError::Corrupt(format!("token {token_id} is not locked")))?
+                .as_deref();
+        }
+        if let Some(buyer_id) = &c.account {
+            add(accounts.entry(buyer_id.as_str()).or_default(), c)?;
         }
     }
     let token_ids: Vec<&str> = deltas.keys().copied().collect();
@@ -584,12 +920,42 @@ async fn close_holds(
         &[&token_ids, &used, &freed],
     )
     .await?;
+    if accounts.is_empty() {
+        return Ok(());
+    }
+    let buyer_ids: Vec<&str> = accounts.keys().copied().collect();
+    // After the tokens, in id order, as every transaction locks accounts.
+    query(
+        tx,
+        concat!(
+            "SELECT buyer_id FROM buyers WHERE buyer_id = ANY($1)",
+            " ORDER BY buyer_id FOR NO KEY UPDATE"
+        ),
+        &[&buyer_ids],
+    )
+    .await?;
+    let used: Vec<i64> = accounts.values().map(|(used, _)| *used).collect();
+    let freed: Vec<i64> = accounts.values().map(|(_, freed)| *freed).collect();
+    // Spent today counts commits on their UTC day: the first of a day starts it afresh.
+    execute(
+        tx,
+        "UPDATE buyers b SET balance_micros = b.balance_micros - u.used,
+                             held_micros = b.held_micros - u.freed,
+                             spent_micros = CASE WHEN b.spent_day = $4 THEN b.spent_micros ELSE 0 END
+                                            + u.used,
+                             spent_day = $4
+         FROM unnest($1::text[], $2::int8[], $3::int8[]) AS u (buyer_id, used, freed)
+         WHERE b.buyer_id = u.buyer_id",
+        &[&buyer_ids, &used, &freed, &rules::utc_day(now)],
+    )
+    .await?;
     Ok(())
 }
 
 async fn insert_token(
     db: &impl GenericClient,
     token: &TokenGrant,
+    parent_id: Option<&str>,
     now: UnixMillis,
     statement: &str,
 ) -> Result<(), StoreError> {
@@ -606,37 +972,65 @@ async fn insert_token(
             &token.limit_usdc.micros_i64(),
             &expires_at,
             &now,
+            &parent_id,
+            &token.sandbox,
         ],
     )
     .await?;
     Ok(())
 }
 
-/// Reads a token with `statement`: [`SELECT_TOKEN`], or [`LOCK_TOKEN`] to lock it too.
+/// Reads a token with `statement` ([`SELECT_TOKEN`]).
 async fn load_token(
     db: &impl GenericClient,
     statement: &str,
     token_id: &str,
 ) -> Result<Option<TokenRecord>, StoreError> {
-    let Some(row) = query_opt(db, statement, &[&token_id]).await? else {
+    query_opt(db, statement, &[&token_id]).await?.as_ref().map(token_record).transpose()
+}
+
+/// Reads an account with `statement`: [`SELECT_ACCOUNT`], or [`LOCK_ACCOUNT`] to lock it too.
+async fn load_account(
+    db: &impl GenericClient,
+    statement: &str,
+    buyer_id: &str,
+) -> Result<Option<Account>, StoreError> {
+    let Some(row) = query_opt(db, statement, &[&buyer_id]).await? else {
         return Ok(None);
     };
+    let tier: i32 = row.try_get(2)?;
+    Ok(Some(Account {
+        balance: usdc(&row, 0)?,
+        held: usdc(&row, 1)?,
+        tier: u32::try_from(tier).map_err(|_| corrupt("tier", tier))?,
+        spent_day: row.try_get(3)?,
+        spent: usdc(&row, 4)?,
+    }))
+}
+
+fn tier_i32(tier: u32) -> Result<i32, StoreError> {
+    i32::try_from(tier).map_err(|_| corrupt("tier", tier))
+}
+
+/// Reads the columns of `select_token!`.
+fn token_record(row: &Row) -> Result<TokenRecord, StoreError> {
     let expires_at: i64 = row.try_get(6)?;
-    Ok(Some(TokenRecord {
+    Ok(TokenRecord {
         grant: TokenGrant {
             token_id: row.try_get(0)?,
             buyer_id: row.try_get(1)?,
             buyer_tag: row.try_get(2)?,
             service_id: row.try_get(3)?,
-            scope: named(&row, 4, &ALL_SCOPES, scope_name)?,
-            limit_usdc: usdc(&row, 5)?,
+            scope: named(row, 4, &ALL_SCOPES, scope_name)?,
+            limit_usdc: usdc(row, 5)?,
             expires_at: u64::try_from(expires_at / 1000).unwrap_or(0),
-            sandbox: false,
+            sandbox: row.try_get(11)?,
         },
-        used: usdc(&row, 7)?,
-        reserved: usdc(&row, 8)?,
+        used: usdc(row, 7)?,
+        reserved: usdc(row, 8)?,
         revoked: row.try_get(9)?,
-    }))
+        parent_id: row.try_get(10)?,
+    })
 }
 
 async fn load_charge(
@@ -646,7 +1040,7 @@ async fn load_charge(
     let row = query_opt(
         db,
         "SELECT c.charge_id, c.token_id, t.buyer_id, c.service_id, c.held_micros, c.status,
-                c.idempotency_key, c.upstream_status, c.created_at, c.settled_at
+                c.idempotency_key, c.upstream_status, c.created_at, c.settled_at, t.sandbox
          FROM charges c JOIN tokens t ON t.token_id = c.token_id
          WHERE c.charge_id = $1",
         &[&charge_id],
@@ -668,6 +1062,7 @@ async fn load_charge(
         upstream_status,
         created_at: row.try_get(8)?,
         settled_at: row.try_get(9)?,
+        sandbox: row.try_get(10)?,
     }))
 }
 

@@ -12,20 +12,23 @@ use std::path::Path;
 use std::thread;
 use std::time::Duration;
 
-use paystile_protocol::Usdc;
 use paystile_protocol::ledger_api::{
     ChargeStatus, Hold, SettleResult, SettleStatus, Settlement, TokenGrant,
 };
 use paystile_protocol::pay_token::Scope;
+use paystile_protocol::{ErrorBody, Usdc};
 use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    ALL_SCOPES, ALL_STATUSES, ChargeRecord, ReserveCommand, ReserveOutcome, StoreError,
-    TokenRecord, UnixMillis, prior_use, scope_name, seconds_to_millis, status_name,
+    ALL_SCOPES, ALL_STATUSES, BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, FIRST_TIER,
+    ReserveCommand, ReserveOutcome, StoreError, TokenRecord, UnixMillis, prior_use, scope_name,
+    seconds_to_millis, status_name,
 };
-use crate::rules::{self, Admission, SettleDecision};
+use crate::rules::{
+    self, Account, Admission, Books, ChildSpec, DepositDecision, MAX_CHAIN_LEN, SettleDecision,
+};
 
 /// The most operations committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -33,7 +36,17 @@ const MAX_BATCH: usize = 512;
 const QUEUE_DEPTH: usize = 8192;
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many have run.
-const MIGRATIONS: &[&str] = &[include_str!("sqlite_schema.sql")];
+const MIGRATIONS: &[&str] =
+    &[include_str!("sqlite_schema.sql"), include_str!("sqlite_0002_buyers.sql")];
+
+/// The columns [`token_record`] reads.
+macro_rules! select_token {
+    () => {
+        "SELECT token_id, buyer_id, buyer_tag, service_id, scope, limit_micros, expires_at,
+                used_micros, reserved_micros, revoked_at IS NOT NULL, parent_id, sandbox
+         FROM tokens"
+    };
+}
 
 /// A handle on the writer thread; cheap to clone. The thread ends when every handle is gone.
 #[derive(Clone)]
@@ -93,7 +106,7 @@ impl SqliteStore {
     }
 
     pub async fn insert_token(&self, token: TokenGrant, now: UnixMillis) -> Result<(), StoreError> {
-        self.run(move |conn| insert_token(conn, &token, now)).await
+        self.run(move |conn| insert_token(conn, &token, None, now)).await
     }
 
     pub async fn token(&self, token_id: String) -> Result<Option<TokenRecord>, StoreError> {
@@ -113,13 +126,163 @@ impl SqliteStore {
             if let Some(grant) = &unknown
                 && load_token(conn, &token_id)?.is_none()
             {
-                insert_token(conn, grant, now)?;
+                insert_token(conn, grant, None, now)?;
             }
+            // The token and its descendants: a parent's revocation ends its delegations.
             conn.execute(
-                "UPDATE tokens SET revoked_at = coalesce(revoked_at, ?1) WHERE token_id = ?2",
+                "WITH RECURSIVE tree (id) AS (
+                     SELECT ?2 UNION ALL
+                     SELECT t.token_id FROM tokens t JOIN tree ON t.parent_id = tree.id
+                 )
+                 UPDATE tokens SET revoked_at = coalesce(revoked_at, ?1)
+                 WHERE token_id IN (SELECT id FROM tree)",
                 params![now, token_id],
             )?;
             load_token(conn, &token_id)
+        })
+        .await
+    }
+
+    pub async fn mint_child(
+        &self,
+        parent_id: String,
+        spec: ChildSpec,
+        now: UnixMillis,
+    ) -> Result<Option<Result<TokenRecord, ErrorBody>>, StoreError> {
+        self.run(move |conn| {
+            let chain = load_chain(conn, &parent_id)?;
+            if chain.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(match rules::child_grant(&chain, &spec) {
+                Err(refusal) => Err(refusal),
+                Ok(grant) => {
+                    insert_token(conn, &grant, Some(&parent_id), now)?;
+                    Ok(TokenRecord { parent_id: Some(parent_id), ..TokenRecord::new(grant) })
+                }
+            }))
+        })
+        .await
+    }
+
+    pub async fn deposit(
+        &self,
+        cmd: DepositCommand,
+    ) -> Result<Result<DepositRecord, ErrorBody>, StoreError> {
+        self.run(move |conn| {
+            conn.execute(
+                "INSERT INTO buyers (buyer_id, tier, created_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (buyer_id) DO NOTHING",
+                params![cmd.buyer_id, FIRST_TIER, cmd.now],
+            )?;
+            let account = load_account(conn, &cmd.buyer_id)?
+                .ok_or_else(|| StoreError::Corrupt("an account vanished".into()))?;
+            let prior = match &cmd.reference {
+                Some(reference) => conn
+                    .prepare_cached(
+                        "SELECT deposit_id, amount_micros, created_at FROM deposits
+                         WHERE buyer_id = ?1 AND reference = ?2",
+                    )?
+                    .query_row(params![cmd.buyer_id, reference], |row| {
+                        Ok((row.get::<_, String>(0)?, usdc(row, 1)?, row.get(2)?))
+                    })
+                    .optional()?,
+                None => None,
+            };
+            match rules::deposit(&account, cmd.amount, prior.as_ref().map(|p| p.1)) {
+                Err(refusal) => Ok(Err(refusal)),
+                Ok(DepositDecision::Replay) => {
+                    let (deposit_id, amount, created_at) = prior.ok_or_else(|| {
+                        StoreError::Corrupt("a replay without a prior deposit".into())
+                    })?;
+                    let balance = account.balance;
+                    Ok(Ok(DepositRecord {
+                        deposit_id,
+                        amount,
+                        created_at,
+                        balance,
+                        replayed: true,
+                    }))
+                }
+                Ok(DepositDecision::Credit { balance }) => {
+                    conn.execute(
+                        "UPDATE buyers SET balance_micros = ?1 WHERE buyer_id = ?2",
+                        params![balance.micros_i64(), cmd.buyer_id],
+                    )?;
+                    conn.execute(
+                        "INSERT INTO deposits (deposit_id, buyer_id, amount_micros, reference,
+                                               created_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                        params![
+                            cmd.deposit_id,
+                            cmd.buyer_id,
+                            cmd.amount.micros_i64(),
+                            cmd.reference,
+                            cmd.now
+                        ],
+                    )?;
+                    Ok(Ok(DepositRecord {
+                        deposit_id: cmd.deposit_id,
+                        amount: cmd.amount,
+                        created_at: cmd.now,
+                        balance,
+                        replayed: false,
+                    }))
+                }
+            }
+        })
+        .await
+    }
+
+    pub async fn set_tier(
+        &self,
+        buyer_id: String,
+        tier: u32,
+        now: UnixMillis,
+    ) -> Result<Account, StoreError> {
+        self.run(move |conn| {
+            conn.execute(
+                "INSERT INTO buyers (buyer_id, tier, created_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (buyer_id) DO UPDATE SET tier = excluded.tier",
+                params![buyer_id, tier, now],
+            )?;
+            load_account(conn, &buyer_id)?
+                .ok_or_else(|| StoreError::Corrupt("an account vanished".into()))
+        })
+        .await
+    }
+
+    pub async fn buyer(&self, buyer_id: String) -> Result<BuyerRecord, StoreError> {
+        self.run(move |conn| {
+            let account = load_account(conn, &buyer_id)?;
+            let tokens = conn
+                .prepare_cached(concat!(
+                    select_token!(),
+                    " WHERE buyer_id = ?1 ORDER BY created_at, token_id"
+                ))?
+                .query_map(params![buyer_id], token_record)?
+                .collect::<Result<_, _>>()?;
+            Ok(BuyerRecord { account, tokens })
+        })
+        .await
+    }
+
+    pub async fn revoke_buyer(
+        &self,
+        buyer_id: String,
+        now: UnixMillis,
+    ) -> Result<Option<u64>, StoreError> {
+        self.run(move |conn| {
+            let revoked = conn.execute(
+                "UPDATE tokens SET revoked_at = ?1 WHERE buyer_id = ?2 AND revoked_at IS NULL",
+                params![now, buyer_id],
+            )?;
+            let known = revoked > 0
+                || load_account(conn, &buyer_id)?.is_some()
+                || conn
+                    .prepare_cached("SELECT 1 FROM tokens WHERE buyer_id = ?1 LIMIT 1")?
+                    .exists(params![buyer_id])?;
+            Ok(known.then(|| u64::try_from(revoked).unwrap_or(u64::MAX)))
         })
         .await
     }
@@ -254,19 +417,20 @@ fn in_savepoint<T>(
 }
 
 fn reserve(conn: &Connection, cmd: &ReserveCommand) -> Result<ReserveOutcome, StoreError> {
-    let token = match load_token(conn, &cmd.token.token_id)? {
-        Some(token) => token,
-        None => {
-            insert_token(conn, &cmd.token, cmd.now)?;
-            TokenRecord {
-                grant: cmd.token.clone(),
-                used: Usdc::ZERO,
-                reserved: Usdc::ZERO,
-                revoked: false,
-            }
-        }
-    };
+    let mut chain = load_chain(conn, &cmd.token.token_id)?;
+    if chain.is_empty() {
+        insert_token(conn, &cmd.token, None, cmd.now)?;
+        chain.push(TokenRecord::new(cmd.token.clone()));
+    }
+    let token = &chain[0];
     let token_id = &token.grant.token_id;
+    let account = load_account(conn, &token.grant.buyer_id)?;
+    let books = Books {
+        chain: &chain,
+        account: account.as_ref(),
+        today: rules::utc_day(cmd.now),
+        daily_limits: &cmd.daily_limits,
+    };
 
     let prior = match &cmd.idempotency {
         Some(idempotency) => conn
@@ -286,7 +450,12 @@ fn reserve(conn: &Connection, cmd: &ReserveCommand) -> Result<ReserveOutcome, St
             .optional()?,
         None => None,
     };
-    let remaining = match rules::admit(&token, &cmd.call(), prior_use(&prior), cmd.max_replays) {
+    let remaining = match rules::admit_books(
+        &books,
+        &cmd.call(),
+        prior_use(&prior),
+        cmd.max_replays,
+    ) {
         Err(refusal) => return Ok(ReserveOutcome::Refused(refusal)),
         Ok(Admission::Replay) => {
             let (first, key) = match (prior, &cmd.idempotency) {
@@ -302,17 +471,18 @@ fn reserve(conn: &Connection, cmd: &ReserveCommand) -> Result<ReserveOutcome, St
             return Ok(ReserveOutcome::Held(Hold {
                 charge_id: first.charge_id,
                 amount_usdc: first.held,
-                remaining_usdc: token.remaining(),
+                remaining_usdc: rules::chain_remaining(&chain),
                 replayed: true,
             }));
         }
         Ok(Admission::Hold { remaining }) => remaining,
     };
 
+    let on_account = books.debited_account().is_some();
     conn.prepare_cached(
         "INSERT INTO charges (charge_id, token_id, service_id, held_micros, status,
-                              idempotency_key, created_at, hold_expires_at)
-         VALUES (?1, ?2, ?3, ?4, 'held', ?5, ?6, ?7)",
+                              idempotency_key, created_at, hold_expires_at, on_account)
+         VALUES (?1, ?2, ?3, ?4, 'held', ?5, ?6, ?7, ?8)",
     )?
     .execute(params![
         cmd.charge_id,
@@ -322,11 +492,21 @@ fn reserve(conn: &Connection, cmd: &ReserveCommand) -> Result<ReserveOutcome, St
         cmd.idempotency.as_ref().map(|i| &i.key),
         cmd.now,
         cmd.hold_expires_at,
+        on_account,
     ])?;
-    conn.prepare_cached(
-        "UPDATE tokens SET reserved_micros = reserved_micros + ?1 WHERE token_id = ?2",
-    )?
-    .execute(params![cmd.price.micros_i64(), token_id])?;
+    // Held at every level of the chain, and on the account.
+    for level in &chain {
+        conn.prepare_cached(
+            "UPDATE tokens SET reserved_micros = reserved_micros + ?1 WHERE token_id = ?2",
+        )?
+        .execute(params![cmd.price.micros_i64(), level.grant.token_id])?;
+    }
+    if on_account {
+        conn.prepare_cached(
+            "UPDATE buyers SET held_micros = held_micros + ?1 WHERE buyer_id = ?2",
+        )?
+        .execute(params![cmd.price.micros_i64(), token.grant.buyer_id])?;
+    }
     if let Some(idempotency) = &cmd.idempotency {
         conn.prepare_cached(
             "INSERT INTO idempotency_keys (token_id, key, fingerprint, charge_id, created_at)
@@ -352,77 +532,79 @@ fn reserve(conn: &Connection, cmd: &ReserveCommand) -> Result<ReserveOutcome, St
 fn settle(conn: &Connection, s: &Settlement, now: UnixMillis) -> Result<SettleStatus, StoreError> {
     let hold = conn
         .prepare_cached(
-            "SELECT c.token_id, c.held_micros, c.status, c.hold_expires_at, t.revoked_at IS NOT NULL
+            "SELECT c.charge_id, c.token_id, t.buyer_id, c.on_account, c.held_micros,
+                    c.status, c.hold_expires_at, t.revoked_at IS NOT NULL
              FROM charges c JOIN tokens t ON t.token_id = c.token_id
              WHERE c.charge_id = ?1",
         )?
         .query_row(params![s.charge_id], |row| {
             Ok((
-                row.get::<_, String>(0)?,
-                usdc(row, 1)?,
-                charge_status(row, 2)?,
-                row.get::<_, UnixMillis>(3)?,
-                row.get::<_, bool>(4)?,
+                open_hold(row)?,
+                charge_status(row, 5)?,
+                row.get::<_, UnixMillis>(6)?,
+                row.get::<_, bool>(7)?,
             ))
         })
         .optional()?;
-    let Some((token_id, held, status, hold_expires_at, revoked)) = hold else {
+    let Some((hold, status, hold_expires_at, revoked)) = hold else {
         return Ok(SettleStatus::Unknown);
     };
     let upstream_status = s.upstream_status.map(i64::from);
     match rules::settle(status, now >= hold_expires_at, revoked, s.outcome) {
         SettleDecision::Unchanged(result) => Ok(result),
         SettleDecision::Commit => {
-            close_hold(
-                conn,
-                &s.charge_id,
-                &token_id,
-                held,
-                ChargeStatus::Committed,
-                now,
-                upstream_status,
-            )?;
+            close_hold(conn, &hold, ChargeStatus::Committed, now, upstream_status)?;
             Ok(SettleStatus::Committed)
         }
         SettleDecision::Release(result) => {
-            close_hold(
-                conn,
-                &s.charge_id,
-                &token_id,
-                held,
-                ChargeStatus::Released,
-                now,
-                upstream_status,
-            )?;
+            close_hold(conn, &hold, ChargeStatus::Released, now, upstream_status)?;
             Ok(result)
         }
     }
+}
+
+/// A held charge, as closing it needs it.
+struct OpenHold {
+    charge_id: String,
+    token_id: String,
+    buyer_id: String,
+    on_account: bool,
+    held: Usdc,
+}
+
+/// Reads an [`OpenHold`] from columns 0 to 4: charge id, token id, buyer id, on_account, held.
+fn open_hold(row: &Row<'_>) -> rusqlite::Result<OpenHold> {
+    Ok(OpenHold {
+        charge_id: row.get(0)?,
+        token_id: row.get(1)?,
+        buyer_id: row.get(2)?,
+        on_account: row.get(3)?,
+        held: usdc(row, 4)?,
+    })
 }
 
 fn expire_holds(conn: &Connection, now: UnixMillis, limit: usize) -> Result<usize, StoreError> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let expired = conn
         .prepare_cached(
-            "SELECT charge_id, token_id, held_micros FROM charges
-             WHERE status = 'held' AND hold_expires_at <= ?1
-             ORDER BY hold_expires_at LIMIT ?2",
+            "SELECT c.charge_id, c.token_id, t.buyer_id, c.on_account, c.held_micros
+             FROM charges c JOIN tokens t ON t.token_id = c.token_id
+             WHERE c.status = 'held' AND c.hold_expires_at <= ?1
+             ORDER BY c.hold_expires_at LIMIT ?2",
         )?
-        .query_map(params![now, limit], |row| {
-            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, usdc(row, 2)?))
-        })?
+        .query_map(params![now, limit], open_hold)?
         .collect::<Result<Vec<_>, _>>()?;
-    for (charge_id, token_id, held) in &expired {
-        close_hold(conn, charge_id, token_id, *held, ChargeStatus::Released, now, None)?;
+    for hold in &expired {
+        close_hold(conn, hold, ChargeStatus::Released, now, None)?;
     }
     Ok(expired.len())
 }
 
-/// Moves a held charge to `Committed` (its amount becomes used) or `Released` (freed).
+/// Moves a held charge to `Committed` (its amount becomes used) or `Released` (freed), at
+/// every level of its token's chain and on its buyer's account if it was held there.
 fn close_hold(
     conn: &Connection,
-    charge_id: &str,
-    token_id: &str,
-    held: Usdc,
+    hold: &OpenHold,
     status: ChargeStatus,
     now: UnixMillis,
     upstream_status: Option<i64>,
@@ -431,22 +613,46 @@ fn close_hold(
         "UPDATE charges SET status = ?1, settled_at = ?2, upstream_status = ?3
          WHERE charge_id = ?4 AND status = 'held'",
     )?
-    .execute(params![status_name(status), now, upstream_status, charge_id])?;
-    let used = if status == ChargeStatus::Committed { held.micros_i64() } else { 0 };
+    .execute(params![status_name(status), now, upstream_status, hold.charge_id])?;
+    let (held, used) = match status {
+        ChargeStatus::Committed => (hold.held.micros_i64(), hold.held.micros_i64()),
+        ChargeStatus::Held | ChargeStatus::Released => (hold.held.micros_i64(), 0),
+    };
     conn.prepare_cached(
-        "UPDATE tokens SET used_micros = used_micros + ?1, reserved_micros = reserved_micros - ?2
-         WHERE token_id = ?3",
+        "WITH RECURSIVE chain (id) AS (
+             SELECT ?3 UNION ALL
+             SELECT t.parent_id FROM tokens t JOIN chain ON t.token_id = chain.id
+             WHERE t.parent_id IS NOT NULL
+         )
+         UPDATE tokens SET used_micros = used_micros + ?1, reserved_micros = reserved_micros - ?2
+         WHERE token_id IN (SELECT id FROM chain)",
     )?
-    .execute(params![used, held.micros_i64(), token_id])?;
+    .execute(params![used, held, hold.token_id])?;
+    if hold.on_account {
+        // Spent today counts commits on their UTC day: the first of a day starts it afresh.
+        conn.prepare_cached(
+            "UPDATE buyers SET balance_micros = balance_micros - ?1,
+                               held_micros = held_micros - ?2,
+                               spent_micros = CASE WHEN spent_day = ?3 THEN spent_micros ELSE 0 END + ?1,
+                               spent_day = ?3
+             WHERE buyer_id = ?4",
+        )?
+        .execute(params![used, held, rules::utc_day(now), hold.buyer_id])?;
+    }
     Ok(())
 }
 
-fn insert_token(conn: &Connection, token: &TokenGrant, now: UnixMillis) -> Result<(), StoreError> {
+fn insert_token(
+    conn: &Connection,
+    token: &TokenGrant,
+    parent_id: Option<&str>,
+    now: UnixMillis,
+) -> Result<(), StoreError> {
     let expires_at = seconds_to_millis(token.expires_at)?;
     conn.prepare_cached(
         "INSERT INTO tokens (token_id, buyer_id, buyer_tag, service_id, scope, limit_micros,
-                             expires_at, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                             expires_at, created_at, parent_id, sandbox)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?
     .execute(params![
         token.token_id,
@@ -457,43 +663,82 @@ fn insert_token(conn: &Connection, token: &TokenGrant, now: UnixMillis) -> Resul
         token.limit_usdc.micros_i64(),
         expires_at,
         now,
+        parent_id,
+        token.sandbox,
     ])?;
     Ok(())
 }
 
+fn token_record(row: &Row<'_>) -> rusqlite::Result<TokenRecord> {
+    Ok(TokenRecord {
+        grant: TokenGrant {
+            token_id: row.get(0)?,
+            buyer_id: row.get(1)?,
+            buyer_tag: row.get(2)?,
+            service_id: row.get(3)?,
+            scope: scope(row, 4)?,
+            limit_usdc: usdc(row, 5)?,
+            expires_at: u64::try_from(row.get::<_, i64>(6)? / 1000).unwrap_or(0),
+            sandbox: row.get(11)?,
+        },
+        used: usdc(row, 7)?,
+        reserved: usdc(row, 8)?,
+        revoked: row.get(9)?,
+        parent_id: row.get(10)?,
+    })
+}
+
 fn load_token(conn: &Connection, token_id: &str) -> Result<Option<TokenRecord>, StoreError> {
     let token = conn
+        .prepare_cached(concat!(select_token!(), " WHERE token_id = ?1"))?
+        .query_row(params![token_id], token_record)
+        .optional()?;
+    Ok(token)
+}
+
+/// The token and its ancestors, the token first; empty for an unknown token.
+fn load_chain(conn: &Connection, token_id: &str) -> Result<Vec<TokenRecord>, StoreError> {
+    let mut chain = Vec::new();
+    let mut next = load_token(conn, token_id)?;
+    while let Some(token) = next {
+        if chain.len() == MAX_CHAIN_LEN {
+            return Err(StoreError::Corrupt(format!("the chain of {token_id} is too long")));
+        }
+        next = match &token.parent_id {
+            Some(parent_id) => Some(load_token(conn, parent_id)?.ok_or_else(|| {
+                StoreError::Corrupt(format!("the parent {parent_id} is missing"))
+            })?),
+            None => None,
+        };
+        chain.push(token);
+    }
+    Ok(chain)
+}
+
+fn load_account(conn: &Connection, buyer_id: &str) -> Result<Option<Account>, StoreError> {
+    let account = conn
         .prepare_cached(
-            "SELECT token_id, buyer_id, buyer_tag, service_id, scope, limit_micros, expires_at,
-                    used_micros, reserved_micros, revoked_at IS NOT NULL
-             FROM tokens WHERE token_id = ?1",
+            "SELECT balance_micros, held_micros, tier, spent_day, spent_micros
+             FROM buyers WHERE buyer_id = ?1",
         )?
-        .query_row(params![token_id], |row| {
-            Ok(TokenRecord {
-                grant: TokenGrant {
-                    token_id: row.get(0)?,
-                    buyer_id: row.get(1)?,
-                    buyer_tag: row.get(2)?,
-                    service_id: row.get(3)?,
-                    scope: scope(row, 4)?,
-                    limit_usdc: usdc(row, 5)?,
-                    expires_at: u64::try_from(row.get::<_, i64>(6)? / 1000).unwrap_or(0),
-                    sandbox: false,
-                },
-                used: usdc(row, 7)?,
-                reserved: usdc(row, 8)?,
-                revoked: row.get(9)?,
+        .query_row(params![buyer_id], |row| {
+            Ok(Account {
+                balance: usdc(row, 0)?,
+                held: usdc(row, 1)?,
+                tier: row.get(2)?,
+                spent_day: row.get(3)?,
+                spent: usdc(row, 4)?,
             })
         })
         .optional()?;
-    Ok(token)
+    Ok(account)
 }
 
 fn load_charge(conn: &Connection, charge_id: &str) -> Result<Option<ChargeRecord>, StoreError> {
     let charge = conn
         .prepare_cached(
             "SELECT c.charge_id, c.token_id, t.buyer_id, c.service_id, c.held_micros, c.status,
-                    c.idempotency_key, c.upstream_status, c.created_at, c.settled_at
+                    c.idempotency_key, c.upstream_status, c.created_at, c.settled_at, t.sandbox
              FROM charges c JOIN tokens t ON t.token_id = c.token_id
              WHERE c.charge_id = ?1",
         )?
@@ -509,6 +754,7 @@ fn load_charge(conn: &Connection, charge_id: &str) -> Result<Option<ChargeRecord
                 upstream_status: row.get(7)?,
                 created_at: row.get(8)?,
                 settled_at: row.get(9)?,
+                sandbox: row.get(10)?,
             })
         })
         .optional()?;
