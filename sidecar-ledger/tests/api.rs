@@ -15,7 +15,8 @@ use paystile_ledger::client::{AdminClient, ClientError};
 use paystile_protocol::jws::Key;
 use paystile_protocol::l402;
 use paystile_protocol::ledger_api::{
-    ChargeStatus, Hold, IssueTokenRequest, L402Challenge, SettleResponse, SettleStatus, TokenView,
+    AccountView, ChargeStatus, ChildTokenRequest, Deposit, DepositRequest, Hold, IssueTokenRequest,
+    IssuedToken, L402Challenge, SettleResponse, SettleStatus, TokenView,
 };
 use paystile_protocol::pay_token::{self, Scope, Validation};
 use paystile_protocol::{ErrorBody, ErrorCode, Usdc};
@@ -78,6 +79,19 @@ on_both_stores! {
     bad_challenge_requests_get_400_and_l402_is_off_without_its_settings,
     a_credential_stated_cap_lowers_the_limit_for_its_calls_only,
     an_l402_token_revoked_before_its_first_call_is_refused_at_it,
+    buyer_balances_are_debited_exactly_and_deposits_count_once,
+    daily_limits_follow_the_tier_and_restart_at_utc_midnight,
+    the_panic_button_revokes_every_token_and_voids_holds_in_flight(
+        flavor = "multi_thread",
+        worker_threads = 4
+    ),
+    a_three_level_chain_is_counted_at_every_level_under_concurrency(
+        flavor = "multi_thread",
+        worker_threads = 4
+    ),
+    sandbox_tokens_charge_the_sandbox_book_only,
+    bad_buyer_and_child_requests_get_400_or_404_and_change_nothing,
+    admin_cli_manages_buyers_and_child_tokens,
 }
 
 /// The PostgreSQL server the suite makes its databases on: `PAYSTILE_TEST_POSTGRES_URL`, or
@@ -169,7 +183,7 @@ struct Ledger {
     args: Vec<String>,
     admin: AdminClient,
     http: reqwest::Client,
-    _books: Books,
+    books: Books,
 }
 
 fn ledger_binary() -> &'static Path {
@@ -203,7 +217,52 @@ impl Ledger {
         )
         .unwrap();
         let admin = AdminClient::new(&process.url(), ADMIN_KEY);
-        Ledger { process, args, admin, http: reqwest::Client::new(), _books: books }
+        Ledger { process, args, admin, http: reqwest::Client::new(), books }
+    }
+
+    /// Stops the ledger and starts another on the same books with `extra` settings.
+    fn restart_with(&mut self, extra: &[&str]) {
+        self.process.kill().unwrap();
+        let mut args: Vec<String> = vec!["--database-url".into(), self.books.url()];
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let listen = ["--listen".to_owned(), "127.0.0.1:0".to_owned()];
+        self.process = LedgerProcess::start(
+            ledger_binary(),
+            &[args.clone(), listen.to_vec()].concat(),
+            &envs(),
+            Stdio::inherit(),
+        )
+        .unwrap();
+        self.args = args;
+        self.admin = AdminClient::new(&self.process.url(), ADMIN_KEY);
+    }
+
+    async fn put(&self, path: &str, body: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .put(format!("{}{path}", self.process.url()))
+            .header("content-type", "application/json")
+            .bearer_auth(ADMIN_KEY)
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn deposit(&self, buyer_id: &str, amount: &str, reference: Option<&str>) -> Deposit {
+        let request =
+            DepositRequest { amount_usdc: usdc(amount), reference: reference.map(Into::into) };
+        self.admin.deposit(buyer_id, &request).await.unwrap()
+    }
+
+    async fn account(&self, buyer_id: &str) -> AccountView {
+        self.admin.buyer(buyer_id).await.unwrap().account.unwrap()
+    }
+
+    async fn child(&self, parent_id: &str, limit: &str) -> IssuedToken {
+        self.admin.mint_child(parent_id, &child_request(limit)).await.unwrap()
     }
 
     /// `kill -9`, then start again on the same port and database.
@@ -1009,4 +1068,380 @@ async fn an_l402_token_revoked_before_its_first_call_is_refused_at_it(store: Bac
         let error = ledger.admin.revoke_token(unknown).await.unwrap_err();
         assert!(matches!(error, ClientError::Refused { status: 404, .. }), "{unknown}: {error}");
     }
+}
+
+fn child_request(limit: &str) -> ChildTokenRequest {
+    ChildTokenRequest {
+        limit_usdc: usdc(limit),
+        service_id: None,
+        scope: None,
+        buyer_tag: None,
+        expires_at: None,
+        ttl_seconds: None,
+    }
+}
+
+fn is_status(error: ClientError, wanted: u16, code: ErrorCode) -> bool {
+    matches!(error, ClientError::Refused { status, body } if status == wanted && body.code == code)
+}
+
+async fn buyer_balances_are_debited_exactly_and_deposits_count_once(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
+    let first = ledger.deposit("buyer-1", "1.5", Some("wire-1")).await;
+    assert_eq!((first.balance_usdc, first.replayed), (usdc("1.5"), false));
+    let again = ledger.deposit("buyer-1", "1.5", Some("wire-1")).await;
+    assert_eq!((again.deposit_id.as_str(), again.replayed), (first.deposit_id.as_str(), true));
+    let other = ledger.deposit("buyer-1", "0.5", None).await;
+    assert_eq!(other.balance_usdc, usdc("2"));
+    let reused = DepositRequest { amount_usdc: usdc("9"), reference: Some("wire-1".into()) };
+    let error = ledger.admin.deposit("buyer-1", &reused).await.unwrap_err();
+    assert!(is_status(error, 422, ErrorCode::IdempotencyKeyMismatch));
+
+    // 0.77 in flight leaves 1.23 available: a micro-USDC more is refused, with the figure.
+    let in_flight = ledger.hold(&reserve_body("tok_b1", "100", "0.77")).await;
+    let (status, refusal) = ledger.reserve(&reserve_body("tok_b1", "100", "1.230001")).await;
+    assert_eq!((status, refusal["code"].as_str()), (402, Some("insufficient_balance")));
+    assert_eq!(refusal["error"], "Insufficient balance: 1.230000 USDC available");
+    let rest = ledger.hold(&reserve_body("tok_b2", "100", "1.23")).await;
+    let account = ledger.account("buyer-1").await;
+    assert_eq!((account.balance_usdc, account.held_usdc), (usdc("2"), usdc("2")));
+    assert_eq!(account.available_usdc, Usdc::ZERO);
+
+    let results =
+        ledger.settle(&[(&in_flight.charge_id, "commit"), (&rest.charge_id, "release")]).await;
+    assert_eq!(results, [SettleStatus::Committed, SettleStatus::Released]);
+    let account = ledger.account("buyer-1").await;
+    assert_eq!(
+        (account.balance_usdc, account.held_usdc, account.spent_today_usdc),
+        (usdc("1.23"), Usdc::ZERO, usdc("0.77"))
+    );
+    assert_eq!((account.tier, account.daily_limit_usdc), (1, usdc("10")));
+    let view = ledger.admin.buyer("buyer-1").await.unwrap();
+    let tokens: Vec<&str> = view.tokens.iter().map(|t| t.token_id.as_str()).collect();
+    assert_eq!(tokens, ["tok_b1", "tok_b2"]);
+
+    // A buyer without an account is bounded by its tokens' caps alone.
+    let mut elsewhere = reserve_body("tok_anon", "100", "50");
+    elsewhere["token"]["buyerId"] = json!("no-account");
+    ledger.hold(&elsewhere).await;
+    assert!(ledger.admin.buyer("no-account").await.unwrap().account.is_none());
+}
+
+async fn daily_limits_follow_the_tier_and_restart_at_utc_midnight(store: Backend) {
+    let now = i64::try_from(unix_now()).unwrap();
+    let midnight = (now / 86_400 + 1) * 86_400;
+    let before = (midnight - 60 - now).to_string();
+    let after = (midnight + 60 - now).to_string();
+    let settings = |offset: &str| {
+        ["--daily-limits-usdc", "1,3", "--hold-ttl-seconds", "3600", "--clock-offset-seconds"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain([offset.to_owned()])
+            .collect::<Vec<_>>()
+    };
+    let args = settings(&before);
+    let mut ledger =
+        Ledger::start(store, &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    ledger.deposit("buyer-1", "100", None).await;
+    let spent = ledger.hold(&reserve_body("tok_day", "100", "0.6")).await;
+    ledger.settle(&[(&spent.charge_id, "commit")]).await;
+    let in_flight = ledger.hold(&reserve_body("tok_day", "100", "0.3")).await;
+    ledger.hold(&reserve_body("tok_day", "100", "0.1")).await;
+    // Tier 1: 1 USDC a day, reached by 0.6 spent and 0.4 held.
+    let (status, refusal) = ledger.reserve(&reserve_body("tok_day", "100", "0.000001")).await;
+    assert_eq!(
+        (status, refusal["code"].as_str()),
+        (402, Some("daily_limit_exceeded")),
+        "{refusal}"
+    );
+    let upgraded = ledger.admin.set_tier("buyer-1", 2).await.unwrap().account.unwrap();
+    assert_eq!((upgraded.daily_limit_usdc, upgraded.remaining_today_usdc), (usdc("3"), usdc("2")));
+    ledger.hold(&reserve_body("tok_day", "100", "2")).await;
+    let (status, _) = ledger.reserve(&reserve_body("tok_day", "100", "0.000001")).await;
+    assert_eq!(status, 402);
+    ledger.admin.set_tier("buyer-1", 1).await.unwrap();
+
+    // Past UTC midnight: nothing spent today, but the 2.4 still held counts.
+    let args = settings(&after);
+    ledger.restart_with(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let account = ledger.account("buyer-1").await;
+    assert_eq!((account.spent_today_usdc, account.held_usdc), (Usdc::ZERO, usdc("2.4")));
+    let (status, _) = ledger.reserve(&reserve_body("tok_day", "100", "0.000001")).await;
+    assert_eq!(status, 402, "holds count against the new day");
+    ledger.admin.set_tier("buyer-1", 2).await.unwrap();
+    ledger.hold(&reserve_body("tok_day", "100", "0.6")).await;
+    let (status, _) = ledger.reserve(&reserve_body("tok_day", "100", "0.000001")).await;
+    assert_eq!(status, 402, "2.4 held + 0.6 = 3");
+    // A commit counts on the day it happens.
+    ledger.settle(&[(&in_flight.charge_id, "commit")]).await;
+    let account = ledger.account("buyer-1").await;
+    assert_eq!((account.spent_today_usdc, account.held_usdc), (usdc("0.3"), usdc("2.7")));
+    assert_eq!(account.balance_usdc, usdc("99.1"));
+}
+
+async fn the_panic_button_revokes_every_token_and_voids_holds_in_flight(store: Backend) {
+    let ledger = Arc::new(Ledger::start(store, &[]).await);
+    ledger.deposit("agent-7", "10", None).await;
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        tokens.push(ledger.admin.issue_token(&issue_request("1")).await.unwrap().token_id);
+    }
+    tokens.push(ledger.child(&tokens[0], "0.5").await.token_id);
+    let mut bystander = issue_request("1");
+    bystander.buyer_id = "agent-8".into();
+    let bystander = ledger.admin.issue_token(&bystander).await.unwrap().token_id;
+
+    // Callers keep reserving on every token while the button is pressed.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = tokens
+        .iter()
+        .map(|token| {
+            let (ledger, stop, body) =
+                (ledger.clone(), stop.clone(), reserve_body(token, "1", "0.01"));
+            tokio::spawn(async move {
+                let mut held = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match ledger.reserve(&body).await {
+                        (200, hold) => held.push(hold["chargeId"].as_str().unwrap().to_owned()),
+                        (422, refusal) => {
+                            assert_eq!(refusal["code"], "token_revoked");
+                            break;
+                        }
+                        other => panic!("unexpected answer {other:?}"),
+                    }
+                }
+                held
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let revocation = ledger.admin.revoke_buyer("agent-7").await.unwrap();
+    assert_eq!(revocation.revoked_tokens, 4);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut held = Vec::new();
+    for caller in callers {
+        held.extend(caller.await.unwrap());
+    }
+    assert!(!held.is_empty(), "no call was in flight");
+    // Every hold made before the button is released, never committed.
+    let settlements: Vec<(&str, &str)> = held.iter().map(|id| (id.as_str(), "commit")).collect();
+    let results = ledger.settle(&settlements).await;
+    assert!(results.iter().all(|r| *r == SettleStatus::Revoked), "{results:?}");
+    for token in &tokens {
+        let view = ledger.token(token).await;
+        assert!(view.revoked, "{token}");
+        assert_eq!((view.used_usdc, view.reserved_usdc), (Usdc::ZERO, Usdc::ZERO));
+    }
+    let account = ledger.account("agent-7").await;
+    assert_eq!((account.balance_usdc, account.held_usdc), (usdc("10"), Usdc::ZERO));
+    assert!(!ledger.token(&bystander).await.revoked, "another buyer's token was revoked");
+    assert_eq!(ledger.admin.revoke_buyer("agent-7").await.unwrap().revoked_tokens, 0);
+    let error = ledger.admin.revoke_buyer("nobody").await.unwrap_err();
+    assert!(is_status(error, 404, ErrorCode::NotFound));
+}
+
+async fn a_three_level_chain_is_counted_at_every_level_under_concurrency(store: Backend) {
+    let ledger = Arc::new(Ledger::start(store, &[]).await);
+    ledger.deposit("agent-7", "100", None).await;
+    let root = ledger.admin.issue_token(&issue_request("1")).await.unwrap().token_id;
+    let child = ledger.child(&root, "0.6").await.token_id;
+    let grandchild = ledger.child(&child, "0.6").await.token_id;
+    assert_eq!(ledger.token(&grandchild).await.parent_id.as_deref(), Some(child.as_str()));
+
+    // 40 calls of 0.05 at each level race: the root's 1 USDC fits 20 of them in all.
+    let calls: Vec<_> = [&root, &child, &grandchild]
+        .into_iter()
+        .flat_map(|token| std::iter::repeat_n(token.clone(), 40))
+        .map(|token| {
+            let ledger = ledger.clone();
+            tokio::spawn(async move {
+                match ledger.reserve(&reserve_body(&token, "1", "0.05")).await {
+                    (200, hold) => Some((token, hold["chargeId"].as_str().unwrap().to_owned())),
+                    (402, refusal) => {
+                        assert_eq!(refusal["code"], "token_limit_exceeded");
+                        None
+                    }
+                    other => panic!("unexpected answer {other:?}"),
+                }
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for call in calls {
+        held.extend(call.await.unwrap());
+    }
+    assert_eq!(held.len(), 20);
+    let count = |token: &String| held.iter().filter(|(t, _)| t == token).count() as u64;
+    let settlements: Vec<(&str, &str)> =
+        held.iter().map(|(_, id)| (id.as_str(), "commit")).collect();
+    ledger.settle(&settlements).await;
+    let price = usdc("0.05");
+    let (root_view, child_view, grandchild_view) =
+        (ledger.token(&root).await, ledger.token(&child).await, ledger.token(&grandchild).await);
+    assert_eq!(root_view.used_usdc, usdc("1"));
+    assert_eq!(
+        child_view.used_usdc,
+        price.checked_mul(count(&child) + count(&grandchild)).unwrap()
+    );
+    assert_eq!(grandchild_view.used_usdc, price.checked_mul(count(&grandchild)).unwrap());
+    assert!(child_view.used_usdc <= usdc("0.6") && grandchild_view.used_usdc <= usdc("0.6"));
+    for view in [&root_view, &child_view, &grandchild_view] {
+        assert_eq!(view.reserved_usdc, Usdc::ZERO);
+    }
+    // The buyer pays once per call, whatever the depth.
+    let account = ledger.account("agent-7").await;
+    assert_eq!((account.balance_usdc, account.spent_today_usdc), (usdc("99"), usdc("1")));
+
+    // Revoking the child revokes the grandchild, not the root.
+    ledger.admin.revoke_token(&child).await.unwrap();
+    assert!(ledger.token(&grandchild).await.revoked);
+    assert!(!ledger.token(&root).await.revoked);
+    let error = ledger.admin.mint_child(&child, &child_request("0.01")).await.unwrap_err();
+    assert!(is_status(error, 422, ErrorCode::TokenRevoked));
+
+    // Chains hold at most 8 tokens.
+    let mut parent = ledger.admin.issue_token(&issue_request("1")).await.unwrap().token_id;
+    for _ in 1..8 {
+        parent = ledger.child(&parent, "0.1").await.token_id;
+    }
+    let error = ledger.admin.mint_child(&parent, &child_request("0.1")).await.unwrap_err();
+    assert!(
+        matches!(&error, ClientError::Refused { status: 400, body } if body.error.contains("at most 8")),
+        "{error}"
+    );
+}
+
+async fn sandbox_tokens_charge_the_sandbox_book_only(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
+    ledger.deposit("agent-7", "1", None).await;
+    let request = IssueTokenRequest { sandbox: true, ..issue_request("50") };
+    let issued = ledger.admin.issue_token(&request).await.unwrap();
+    let claims = pay_token::verify(
+        &issued.jwt,
+        &[Key::hs256(TOKEN_SECRET)],
+        &Validation::default(),
+        unix_now(),
+    )
+    .unwrap();
+    assert!(claims.sandbox, "the token says it is a sandbox token");
+    // Past the balance and the daily limit: the sandbox book knows neither.
+    let hold = ledger.hold(&reserve_body(&issued.token_id, "50", "20")).await;
+    assert_eq!(ledger.settle(&[(&hold.charge_id, "commit")]).await, [SettleStatus::Committed]);
+    let view = ledger.token(&issued.token_id).await;
+    assert!(view.sandbox);
+    assert_eq!(view.used_usdc, usdc("20"));
+    assert!(ledger.admin.charge(&hold.charge_id).await.unwrap().sandbox);
+    // Its children are sandbox tokens too.
+    let child = ledger.child(&issued.token_id, "1").await;
+    assert!(ledger.token(&child.token_id).await.sandbox);
+    // A sandbox credential first seen at a reserve (an L402 bought in the sandbox).
+    let mut l402 = reserve_body(&format!("l402_{}", "cd".repeat(32)), "5", "3");
+    l402["token"]["buyerId"] = json!("agent-7");
+    l402["token"]["sandbox"] = json!(true);
+    ledger.hold(&l402).await;
+    let account = ledger.account("agent-7").await;
+    assert_eq!(
+        (account.balance_usdc, account.held_usdc, account.spent_today_usdc),
+        (usdc("1"), Usdc::ZERO, Usdc::ZERO)
+    );
+    // Real tokens of the buyer still pay from the balance.
+    let real = ledger.admin.issue_token(&issue_request("50")).await.unwrap();
+    assert!(!ledger.token(&real.token_id).await.sandbox);
+    let (status, refusal) = ledger.reserve(&reserve_body(&real.token_id, "50", "2")).await;
+    assert_eq!((status, refusal["code"].as_str()), (402, Some("insufficient_balance")));
+}
+
+async fn bad_buyer_and_child_requests_get_400_or_404_and_change_nothing(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
+    ledger.deposit("agent-7", "1", Some("r")).await;
+    let parent = ledger.admin.issue_token(&issue_request("1")).await.unwrap().token_id;
+    let before = (ledger.admin.buyer("agent-7").await.unwrap(), ledger.token(&parent).await);
+
+    let l402_buyer = format!("/v1/buyers/l402_{}/deposits", "ab".repeat(32));
+    let cases = [
+        ("/v1/buyers/agent-7/deposits", r#"{"amountUsdc":"0"}"#, "greater than 0"),
+        ("/v1/buyers/agent-7/deposits", r#"{"amountUsdc":"-1"}"#, "negative"),
+        ("/v1/buyers/agent-7/deposits", r#"{"amountUsdc":"0.0000001"}"#, "more than 6 decimals"),
+        ("/v1/buyers/agent-7/deposits", r#"{"amountUsdc":"99999999999999999999"}"#, "too large"),
+        ("/v1/buyers/agent-7/deposits", r#"{"amountUsdc":"1","colour":"red"}"#, "unknown field"),
+        ("/v1/buyers/agent-7/deposits", r#"{"amountUsdc":"1","reference":""}"#, "reference"),
+        ("/v1/buyers/agent-7/deposits", "{not json", "JSON"),
+        (&l402_buyer, r#"{"amountUsdc":"1"}"#, "prepaid by Lightning"),
+        ("/v1/buyers/agent-7/deposits", &format!(r#"{{"amountUsdc":"{}"}}"#, Usdc::MAX), "largest"),
+    ];
+    for (path, body, message) in cases {
+        let (status, answer) = ledger.post(path, Some(ADMIN_KEY), body).await;
+        assert_eq!(
+            (status, answer["code"].as_str()),
+            (400, Some("bad_request")),
+            "{body}: {answer}"
+        );
+        assert!(answer["error"].as_str().unwrap().contains(message), "{body}: {answer}");
+    }
+    for body in [r#"{"tier":0}"#, r#"{"tier":4}"#, r#"{"tier":"2"}"#, r#"{}"#] {
+        let (status, answer) = ledger.put("/v1/buyers/agent-7/tier", body).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+    }
+    let children = format!("/v1/tokens/{parent}/children");
+    for (body, message) in [
+        (r#"{"limitUsdc":"1.000001"}"#, "remaining 1.000000"),
+        (r#"{"limitUsdc":"0"}"#, "greater than 0"),
+        (r#"{"limitUsdc":"0.5","scope":"ALL"}"#, "own service"),
+        (r#"{"limitUsdc":"0.5","ttlSeconds":999999}"#, "outlive"),
+        (r#"{"limitUsdc":"0.5","buyerId":"x"}"#, "unknown field"),
+    ] {
+        let (status, answer) = ledger.post(&children, Some(ADMIN_KEY), body).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(answer["error"].as_str().unwrap().contains(message), "{body}: {answer}");
+    }
+    let after = (ledger.admin.buyer("agent-7").await.unwrap(), ledger.token(&parent).await);
+    assert_eq!(after, before, "a refused request changed something");
+
+    for unknown in ["nobody", "no%00body"] {
+        let error = ledger.admin.buyer(unknown).await.unwrap_err();
+        assert!(is_status(error, 404, ErrorCode::NotFound), "{unknown}");
+        let error = ledger.admin.revoke_buyer(unknown).await.unwrap_err();
+        assert!(is_status(error, 404, ErrorCode::NotFound), "{unknown}");
+    }
+    let error = ledger.admin.mint_child("tok_missing", &child_request("0.1")).await.unwrap_err();
+    assert!(is_status(error, 404, ErrorCode::NotFound));
+}
+
+async fn admin_cli_manages_buyers_and_child_tokens(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
+    let cli = |args: &[&str]| {
+        let output = std::process::Command::new(ledger_binary())
+            .args(args)
+            .args(["--ledger-url", &ledger.process.url()])
+            .env("PAYSTILE_ADMIN_KEY", ADMIN_KEY)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice::<Value>(&output.stdout).unwrap()
+    };
+    let deposit =
+        cli(&["buyer", "deposit", "cli-agent", "--amount-usdc", "12.5", "--reference", "w1"]);
+    assert_eq!(deposit["balanceUsdc"], "12.500000");
+    assert_eq!(
+        cli(&["buyer", "set-tier", "cli-agent", "3"])["account"]["dailyLimitUsdc"],
+        "50000.000000"
+    );
+    let parent = cli(&[
+        "token",
+        "issue",
+        "--service-id",
+        "weather",
+        "--limit-usdc",
+        "2",
+        "--buyer-id",
+        "cli-agent",
+    ]);
+    let parent_id = parent["tokenId"].as_str().unwrap();
+    let child = cli(&["token", "child", parent_id, "--limit-usdc", "0.5", "--ttl-seconds", "60"]);
+    assert_eq!(child["limitUsdc"], "0.500000");
+    let shown = cli(&["buyer", "show", "cli-agent"]);
+    assert_eq!(shown["account"]["balanceUsdc"], "12.500000");
+    assert_eq!(shown["tokens"][1]["parentId"], parent_id);
+    assert_eq!(cli(&["buyer", "revoke", "cli-agent"])["revokedTokens"], 2);
+    assert!(ledger.token(child["tokenId"].as_str().unwrap()).await.revoked);
 }
