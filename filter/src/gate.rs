@@ -330,6 +330,7 @@ impl Exchange {
                         charge_id: charge.id,
                         outcome,
                         upstream_status: status,
+                        amount_usdc: None,
                     }),
                 }
             }
@@ -356,6 +357,7 @@ impl Exchange {
                 charge_id: charge.id,
                 outcome: Outcome::Release,
                 upstream_status: None,
+                amount_usdc: None,
             }),
             _ => None,
         }

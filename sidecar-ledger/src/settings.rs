@@ -10,6 +10,9 @@ use serde::Deserialize;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8787";
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://paystile-ledger.db";
+/// Idempotency-Keys are kept at least this long (seconds): Stripe's 24 hours, which
+/// clients' retry policies assume.
+pub const MIN_IDEMPOTENCY_RETENTION: u64 = 86_400;
 /// Keys shorter than this are refused: they are guessable.
 pub const MIN_KEY_LEN: usize = 16;
 
@@ -58,6 +61,11 @@ pub struct Options {
     /// reaches the upstream again without a new charge [default: 5].
     #[arg(long, env = "PAYSTILE_MAX_REPLAYS")]
     pub max_replays: Option<u32>,
+    /// How long an Idempotency-Key keeps its outcome, counted from when it was recorded; a
+    /// key whose charge is still held is kept longer. At least a day, as Stripe keeps
+    /// them [default: 86400].
+    #[arg(long, env = "PAYSTILE_IDEMPOTENCY_RETENTION_SECONDS")]
+    pub idempotency_retention_seconds: Option<u64>,
     /// How often expired holds are looked for [default: 1].
     #[arg(long, env = "PAYSTILE_SWEEP_INTERVAL_SECONDS")]
     pub sweep_interval_seconds: Option<u64>,
@@ -266,6 +274,7 @@ pub struct Settings {
     pub token: Option<TokenSettings>,
     pub hold_ttl: Duration,
     pub max_replays: u32,
+    pub idempotency_retention: Duration,
     pub sweep_interval: Duration,
     pub log_format: LogFormat,
     pub l402: Option<L402Settings>,
@@ -299,6 +308,9 @@ impl Options {
             token_ttl_seconds: self.token_ttl_seconds.or(lower.token_ttl_seconds),
             hold_ttl_seconds: self.hold_ttl_seconds.or(lower.hold_ttl_seconds),
             max_replays: self.max_replays.or(lower.max_replays),
+            idempotency_retention_seconds: self
+                .idempotency_retention_seconds
+                .or(lower.idempotency_retention_seconds),
             sweep_interval_seconds: self.sweep_interval_seconds.or(lower.sweep_interval_seconds),
             log_format: self.log_format.or(lower.log_format),
             l402_secret: self.l402_secret.or(lower.l402_secret),
@@ -395,6 +407,19 @@ impl Settings {
                 120,
             )?),
             max_replays: options.max_replays.unwrap_or(5),
+            idempotency_retention: Duration::from_secs(
+                match options.idempotency_retention_seconds.unwrap_or(MIN_IDEMPOTENCY_RETENTION) {
+                    seconds if seconds < MIN_IDEMPOTENCY_RETENTION => {
+                        return Err(problem(
+                            "idempotency_retention_seconds",
+                            format!(
+                                "must be at least {MIN_IDEMPOTENCY_RETENTION} (24 hours: clients retry for that long)"
+                            ),
+                        ));
+                    }
+                    seconds => seconds,
+                },
+            ),
             sweep_interval: Duration::from_secs(positive(
                 "sweep_interval_seconds",
                 options.sweep_interval_seconds,
@@ -486,6 +511,7 @@ mod tests {
         assert!(settings.listen.ip().is_loopback());
         assert_eq!(settings.database, Database::Sqlite("paystile-ledger.db".into()));
         assert_eq!(settings.hold_ttl, Duration::from_secs(120));
+        assert_eq!(settings.idempotency_retention, Duration::from_secs(86_400));
         assert!(settings.token.is_none());
     }
 
@@ -507,6 +533,15 @@ mod tests {
         );
         assert!(
             error(Options { hold_ttl_seconds: Some(0), ..keys() }).starts_with("hold_ttl_seconds:")
+        );
+        assert_eq!(
+            error(Options { idempotency_retention_seconds: Some(86_399), ..keys() }),
+            "idempotency_retention_seconds: must be at least 86400 (24 hours: clients retry for that long)"
+        );
+        let week = Options { idempotency_retention_seconds: Some(604_800), ..keys() };
+        assert_eq!(
+            Settings::from_options(week).unwrap().idempotency_retention,
+            Duration::from_secs(604_800)
         );
         assert!(
             error(Options { token_secret: Some("s".repeat(31)), ..keys() })

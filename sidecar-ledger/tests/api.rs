@@ -78,6 +78,11 @@ on_both_stores! {
     bad_challenge_requests_get_400_and_l402_is_off_without_its_settings,
     a_credential_stated_cap_lowers_the_limit_for_its_calls_only,
     an_l402_token_revoked_before_its_first_call_is_refused_at_it,
+    a_refused_reserve_stays_refused_for_its_key,
+    partial_commits_charge_the_amount_and_release_the_rest,
+    settle_amounts_that_do_not_fit_get_400_and_change_nothing,
+    holds_past_their_ttl_are_released_on_read,
+    idempotency_keys_are_forgotten_after_their_retention_once_settled,
 }
 
 /// The PostgreSQL server the suite makes its databases on: `PAYSTILE_TEST_POSTGRES_URL`, or
@@ -204,6 +209,34 @@ impl Ledger {
         .unwrap();
         let admin = AdminClient::new(&process.url(), ADMIN_KEY);
         Ledger { process, args, admin, http: reqwest::Client::new(), _books: books }
+    }
+
+    /// Makes every Idempotency-Key `by` older, straight in the books (no clock to move).
+    async fn age_idempotency_keys(&self, by: Duration) {
+        let by = i64::try_from(by.as_millis()).unwrap();
+        match &self._books {
+            Books::Sqlite(dir) => {
+                let conn = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
+                conn.busy_timeout(Duration::from_secs(5)).unwrap();
+                conn.execute("UPDATE idempotency_keys SET created_at = created_at - ?1", [by])
+                    .unwrap();
+            }
+            Books::Postgres(database) => {
+                let (client, connection) =
+                    tokio_postgres::connect(&database.url, tokio_postgres::NoTls).await.unwrap();
+                tokio::spawn(connection);
+                client
+                    .execute("UPDATE idempotency_keys SET created_at = created_at - $1", &[&by])
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    /// `POST /v1/holds/settle` with `settlements` as given.
+    async fn settle_raw(&self, settlements: Value) -> (u16, Value) {
+        let body = json!({ "settlements": settlements }).to_string();
+        self.post("/v1/holds/settle", Some(GATEWAY_KEY), &body).await
     }
 
     /// `kill -9`, then start again on the same port and database.
@@ -1008,4 +1041,193 @@ async fn an_l402_token_revoked_before_its_first_call_is_refused_at_it(store: Bac
         let error = ledger.admin.revoke_token(unknown).await.unwrap_err();
         assert!(matches!(error, ClientError::Refused { status: 404, .. }), "{unknown}: {error}");
     }
+}
+
+async fn a_refused_reserve_stays_refused_for_its_key(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
+    let blocking = ledger.hold(&reserve_body("tok_refused", "0.1", "0.1")).await;
+    let keyed = with_key(reserve_body("tok_refused", "0.1", "0.05"), "order-9", 'a');
+    let (status, first) = ledger.reserve(&keyed).await;
+    assert_eq!((status, first["code"].as_str()), (402, Some("token_limit_exceeded")), "{first}");
+
+    // The budget is free again, but the key keeps its answer: the same status and body.
+    ledger.settle(&[(&blocking.charge_id, "release")]).await;
+    assert_eq!(ledger.reserve(&keyed).await, (402, first.clone()));
+    assert_eq!(ledger.reserve(&keyed).await, (402, first), "a second retry differs");
+    let (status, other) =
+        ledger.reserve(&with_key(reserve_body("tok_refused", "0.1", "0.05"), "order-9", 'b')).await;
+    assert_eq!((status, other["code"].as_str()), (422, Some("idempotency_key_mismatch")));
+    // Nothing was held for the refused key; a new key pays.
+    let token = ledger.token("tok_refused").await;
+    assert_eq!((token.used_usdc, token.reserved_usdc), (Usdc::ZERO, Usdc::ZERO));
+    let fresh = with_key(reserve_body("tok_refused", "0.1", "0.05"), "order-10", 'a');
+    assert!(!ledger.hold(&fresh).await.replayed);
+
+    // A key that was charged keeps its charge, even once the token is revoked.
+    let paid = with_key(reserve_body("tok_keeps", "1", "0.1"), "k", 'a');
+    let charge = ledger.hold(&paid).await;
+    ledger.settle(&[(&charge.charge_id, "commit")]).await;
+    ledger.admin.revoke_token("tok_keeps").await.unwrap();
+    let (status, refusal) = ledger.reserve(&paid).await;
+    assert_eq!((status, refusal["code"].as_str()), (422, Some("token_revoked")), "{refusal}");
+    let view = ledger.admin.charge(&charge.charge_id).await.unwrap();
+    assert_eq!(
+        (view.status, view.idempotency_key.as_deref()),
+        (ChargeStatus::Committed, Some("k"))
+    );
+}
+
+async fn partial_commits_charge_the_amount_and_release_the_rest(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
+    let keyed = with_key(reserve_body("tok_metered", "1", "0.5"), "call-1", 'a');
+    let hold = ledger.hold(&keyed).await;
+    assert_eq!(ledger.token("tok_metered").await.remaining_usdc, usdc("0.5"));
+    let (status, answer) = ledger
+        .settle_raw(
+            json!([{"chargeId": hold.charge_id, "outcome": "commit", "amountUsdc": "0.123457"}]),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["results"][0]["status"], "committed");
+    let token = ledger.token("tok_metered").await;
+    assert_eq!(
+        (token.used_usdc, token.reserved_usdc, token.remaining_usdc),
+        (usdc("0.123457"), Usdc::ZERO, usdc("0.876543"))
+    );
+    let charge = ledger.admin.charge(&hold.charge_id).await.unwrap();
+    assert_eq!(
+        (charge.status, charge.amount_usdc, charge.held_usdc),
+        (ChargeStatus::Committed, usdc("0.123457"), usdc("0.5"))
+    );
+    // Once only: a second commit, with or without an amount, changes nothing.
+    let (status, answer) = ledger
+        .settle_raw(json!([{"chargeId": hold.charge_id, "outcome": "commit", "amountUsdc": "0.2"}]))
+        .await;
+    assert_eq!((status, answer["results"][0]["status"].as_str()), (200, Some("already_committed")));
+    assert_eq!(ledger.token("tok_metered").await.used_usdc, usdc("0.123457"));
+    // A retry replays the charge with what it committed.
+    let replay = ledger.hold(&keyed).await;
+    assert_eq!((replay.replayed, replay.amount_usdc), (true, usdc("0.123457")));
+
+    // The whole hold is the full amount: the same as no amount.
+    let full = ledger.hold(&reserve_body("tok_metered", "1", "0.5")).await;
+    let (status, _) = ledger
+        .settle_raw(json!([{"chargeId": full.charge_id, "outcome": "commit", "amountUsdc": "0.5"}]))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(ledger.token("tok_metered").await.used_usdc, usdc("0.623457"));
+}
+
+async fn settle_amounts_that_do_not_fit_get_400_and_change_nothing(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
+    let body = reserve_body("tok_fit", "1", "0.25");
+    let (first, second) = (ledger.hold(&body).await, ledger.hold(&body).await);
+    let before = ledger.token("tok_fit").await;
+    let ok = json!({"chargeId": first.charge_id, "outcome": "commit"});
+    let with = |outcome: &str, amount: Value| json!({"chargeId": second.charge_id, "outcome": outcome, "amountUsdc": amount});
+    for (bad, message) in [
+        (
+            with("commit", json!("0.250001")),
+            "settlements[1]: amountUsdc 0.250001 is more than the 0.250000 held",
+        ),
+        (with("commit", json!("0.0000001")), "more than 6 decimals"),
+        (with("commit", json!("-0.1")), "negative"),
+        (with("commit", json!(0.1)), "decimal strings"),
+        (with("commit", json!("0")), "settlements[1]: amountUsdc must be greater than 0"),
+        (with("release", json!("0.1")), "settlements[1]: amountUsdc is for commits only"),
+    ] {
+        let (status, answer) = ledger.settle_raw(json!([ok, bad])).await;
+        assert_eq!(
+            (status, answer["code"].as_str()),
+            (400, Some("bad_request")),
+            "{bad}: {answer}"
+        );
+        let error = answer["error"].as_str().unwrap();
+        assert!(error.contains(message), "{bad}: {error}");
+    }
+    // Neither hold was settled, the valid one included.
+    assert_eq!(ledger.token("tok_fit").await, before);
+    for hold in [&first, &second] {
+        assert_eq!(ledger.admin.charge(&hold.charge_id).await.unwrap().status, ChargeStatus::Held);
+    }
+}
+
+async fn holds_past_their_ttl_are_released_on_read(store: Backend) {
+    // No sweep within the test: only reads release what has expired.
+    let ledger =
+        Ledger::start(store, &["--hold-ttl-seconds", "1", "--sweep-interval-seconds", "3600"])
+            .await;
+    let viewed = ledger.hold(&reserve_body("tok_view", "1", "0.4")).await;
+    let charged = ledger.hold(&reserve_body("tok_charge", "1", "0.4")).await;
+    let keyed = with_key(reserve_body("tok_reserve", "1", "0.6"), "k", 'a');
+    let stale = ledger.hold(&keyed).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    let token = ledger.token("tok_view").await;
+    assert_eq!((token.reserved_usdc, token.remaining_usdc), (Usdc::ZERO, usdc("1")));
+    assert_eq!(
+        ledger.admin.charge(&viewed.charge_id).await.unwrap().status,
+        ChargeStatus::Released
+    );
+
+    let charge = ledger.admin.charge(&charged.charge_id).await.unwrap();
+    assert_eq!((charge.status, charge.amount_usdc), (ChargeStatus::Released, Usdc::ZERO));
+    assert_eq!(ledger.token("tok_charge").await.reserved_usdc, Usdc::ZERO);
+
+    // A reserve does not count the stale hold, nor see its key in flight: the retry is held anew.
+    let retry = ledger.hold(&keyed).await;
+    assert!(!retry.replayed && retry.charge_id != stale.charge_id);
+    assert_eq!(retry.remaining_usdc, usdc("0.4"));
+    assert_eq!(
+        ledger.settle(&[(&stale.charge_id, "commit")]).await,
+        [SettleStatus::AlreadyReleased]
+    );
+    assert_eq!(ledger.settle(&[(&retry.charge_id, "commit")]).await, [SettleStatus::Committed]);
+    let token = ledger.token("tok_reserve").await;
+    assert_eq!((token.used_usdc, token.reserved_usdc), (usdc("0.6"), Usdc::ZERO));
+}
+
+async fn idempotency_keys_are_forgotten_after_their_retention_once_settled(store: Backend) {
+    // Replays enough for the polling below.
+    let ledger =
+        Ledger::start(store, &["--sweep-interval-seconds", "1", "--max-replays", "1000"]).await;
+    let settled = with_key(reserve_body("tok_retain", "1", "0.1"), "settled", 'a');
+    let in_flight = with_key(reserve_body("tok_retain", "1", "0.1"), "in-flight", 'a');
+    let recent = with_key(reserve_body("tok_retain", "1", "0.1"), "recent", 'a');
+    let first = ledger.hold(&settled).await;
+    ledger.settle(&[(&first.charge_id, "commit")]).await;
+    ledger.hold(&in_flight).await;
+    // A day and a second ago, as far as the keys can tell; then one fresh key.
+    ledger.age_idempotency_keys(Duration::from_secs(86_401)).await;
+    let fresh = ledger.hold(&recent).await;
+    ledger.settle(&[(&fresh.charge_id, "commit")]).await;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let again = loop {
+        let hold = ledger.hold(&settled).await;
+        if !hold.replayed {
+            break hold;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the settled key was never forgotten");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Forgotten: the same key is a new call now.
+    assert_ne!(again.charge_id, first.charge_id);
+    // Still in flight: kept however old.
+    let (status, busy) = ledger.reserve(&in_flight).await;
+    assert_eq!((status, busy["code"].as_str()), (409, Some("idempotency_key_in_use")), "{busy}");
+    // Within its retention: replayed.
+    assert!(ledger.hold(&recent).await.replayed);
+}
+
+#[test]
+fn refuses_an_idempotency_retention_under_a_day() {
+    let output = std::process::Command::new(ledger_binary())
+        .args(["serve", "--listen", "127.0.0.1:0", "--idempotency-retention-seconds", "3600"])
+        .envs(envs())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("idempotency_retention_seconds: must be at least 86400"), "{stderr}");
 }

@@ -28,8 +28,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    ALL_SCOPES, ALL_STATUSES, ChargeRecord, ReserveCommand, ReserveOutcome, StoreError,
-    TokenRecord, UnixMillis, prior_use, scope_name, seconds_to_millis, status_name,
+    ALL_SCOPES, ALL_STATUSES, ChargeRecord, KeyOutcome, PURGE_IDEMPOTENCY_KEYS, PriorKey,
+    ReserveCommand, ReserveOutcome, SettleOutcome, StoreError, TokenRecord, UnixMillis, prior_use,
+    refusal_json, scope_name, seconds_to_millis, status_name,
 };
 use crate::rules::{self, Admission, SettleDecision};
 use crate::settings::PostgresUrl;
@@ -53,11 +54,18 @@ struct Migration {
 }
 
 /// Schema versions, applied in order; `schema_migrations` records each one applied.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_initial",
-    sql: include_str!("postgres_migrations/0001_initial.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_initial",
+        sql: include_str!("postgres_migrations/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_money",
+        sql: include_str!("postgres_migrations/0002_money.sql"),
+    },
+];
 
 /// Ends a `SELECT token_id FROM tokens …` that locks several tokens: in id order, the same
 /// in every transaction, so that two of them cannot each hold a lock the other waits for.
@@ -181,12 +189,22 @@ impl PostgresStore {
         insert_token(&client, &token, now, INSERT_TOKEN).await
     }
 
-    pub async fn token(&self, token_id: String) -> Result<Option<TokenRecord>, StoreError> {
+    pub async fn token(
+        &self,
+        token_id: String,
+        now: UnixMillis,
+    ) -> Result<Option<TokenRecord>, StoreError> {
         if !storable(&token_id) {
             return Ok(None);
         }
-        let client = self.pool.get().await?;
-        load_token(&client, SELECT_TOKEN, &token_id).await
+        let token_id = token_id.as_str();
+        in_transaction!(&self.pool, |tx| {
+            match load_token(&tx, LOCK_TOKEN, token_id).await? {
+                Some(token) if expire_token_holds(&tx, token_id, now).await? == 0 => Some(token),
+                Some(_) => load_token(&tx, SELECT_TOKEN, token_id).await?,
+                None => None,
+            }
+        })
     }
 
     /// Revokes the token (once; a second revoke keeps the first time). An unknown token is
@@ -216,12 +234,23 @@ impl PostgresStore {
         })
     }
 
-    pub async fn charge(&self, charge_id: String) -> Result<Option<ChargeRecord>, StoreError> {
+    pub async fn charge(
+        &self,
+        charge_id: String,
+        now: UnixMillis,
+    ) -> Result<Option<ChargeRecord>, StoreError> {
         if !storable(&charge_id) {
             return Ok(None);
         }
-        let client = self.pool.get().await?;
-        load_charge(&client, &charge_id).await
+        let charge_id = charge_id.as_str();
+        in_transaction!(&self.pool, |tx| {
+            let ids = vec![charge_id];
+            let locked = query(&tx, LOCK_TOKENS_OF_CHARGES, &[&ids]).await?;
+            for row in locked {
+                expire_token_holds(&tx, row.try_get(0)?, now).await?;
+            }
+            load_charge(&tx, charge_id).await?
+        })
     }
 
     pub async fn reserve(&self, command: ReserveCommand) -> Result<ReserveOutcome, StoreError> {
@@ -233,7 +262,7 @@ impl PostgresStore {
         &self,
         settlements: Vec<Settlement>,
         now: UnixMillis,
-    ) -> Result<Vec<SettleResult>, StoreError> {
+    ) -> Result<SettleOutcome, StoreError> {
         let settlements = settlements.as_slice();
         in_transaction!(&self.pool, |tx| settle(&tx, settlements, now).await?)
     }
@@ -271,6 +300,19 @@ impl PostgresStore {
     /// Releases up to `limit` holds whose TTL has passed; answers how many.
     pub async fn expire_holds(&self, now: UnixMillis, limit: usize) -> Result<usize, StoreError> {
         in_transaction!(&self.pool, |tx| expire_holds(&tx, now, limit).await?)
+    }
+
+    /// A key purged while a reserve reads it under its token's lock is harmless: the key is
+    /// past its retention, and either answer (its outcome, or a fresh start) is allowed.
+    pub async fn purge_idempotency_keys(
+        &self,
+        before: UnixMillis,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let client = self.pool.get().await?;
+        let purged = execute(&client, PURGE_IDEMPOTENCY_KEYS, &[&before, &limit]).await?;
+        Ok(usize::try_from(purged).unwrap_or(usize::MAX))
     }
 }
 
@@ -313,7 +355,11 @@ fn storable(id: &str) -> bool {
 async fn reserve(tx: &Transaction<'_>, cmd: &ReserveCommand) -> Result<ReserveOutcome, StoreError> {
     let token_id = cmd.token.token_id.as_str();
     let token = match load_token(tx, LOCK_TOKEN, token_id).await? {
-        Some(token) => token,
+        // Holds past their TTL neither count against the cap nor keep a key in flight.
+        Some(token) if expire_token_holds(tx, token_id, cmd.now).await? == 0 => token,
+        Some(_) => load_token(tx, SELECT_TOKEN, token_id)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("token {token_id} vanished")))?,
         None => {
             // Another ledger may be registering it right now: then this insert waits for
             // that one's transaction and does nothing, and the lock below finds its row.
@@ -327,29 +373,60 @@ async fn reserve(tx: &Transaction<'_>, cmd: &ReserveCommand) -> Result<ReserveOu
     let prior = match &cmd.idempotency {
         Some(idempotency) => query_opt(
             tx,
-            "SELECT k.fingerprint, k.charge_id, c.status, k.replays
-             FROM idempotency_keys k JOIN charges c ON c.charge_id = k.charge_id
+            "SELECT k.fingerprint, k.replays, k.charge_id, c.status, k.refusal
+             FROM idempotency_keys k LEFT JOIN charges c ON c.charge_id = k.charge_id
              WHERE k.token_id = $1 AND k.key = $2",
             &[&token_id, &idempotency.key],
         )
         .await?
         .map(|row| -> Result<_, StoreError> {
-            let replays: i32 = row.try_get(3)?;
-            Ok((
-                row.try_get::<_, String>(0)?,
-                row.try_get::<_, String>(1)?,
-                named(&row, 2, &ALL_STATUSES, status_name)?,
+            let replays: i32 = row.try_get(1)?;
+            let charge = match row.try_get::<_, Option<String>>(2)? {
+                Some(charge_id) => Some((charge_id, named(&row, 3, &ALL_STATUSES, status_name)?)),
+                None => None,
+            };
+            PriorKey::read(
+                row.try_get(0)?,
                 u32::try_from(replays).map_err(|_| corrupt("replays", replays))?,
-            ))
+                charge,
+                row.try_get(4)?,
+            )
         })
         .transpose()?,
         None => None,
     };
     let remaining = match rules::admit(&token, &cmd.call(), prior_use(&prior), cmd.max_replays) {
-        Err(refusal) => return Ok(ReserveOutcome::Refused(refusal)),
+        Err(refusal) => {
+            if let Some(idempotency) = &cmd.idempotency
+                && rules::records_refusal(&refusal, prior_use(&prior))
+            {
+                execute(
+                    tx,
+                    "INSERT INTO idempotency_keys (token_id, key, fingerprint, refusal, created_at)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (token_id, key) DO UPDATE SET charge_id = NULL,
+                         refusal = excluded.refusal, replays = 0, created_at = excluded.created_at",
+                    &[
+                        &token_id,
+                        &idempotency.key,
+                        &idempotency.fingerprint,
+                        &refusal_json(&refusal)?,
+                        &cmd.now,
+                    ],
+                )
+                .await?;
+            }
+            return Ok(ReserveOutcome::Refused(refusal));
+        }
+        Ok(Admission::ReplayRefusal) => match prior.map(|prior| prior.outcome) {
+            Some(KeyOutcome::Refused(refusal)) => return Ok(ReserveOutcome::Refused(refusal)),
+            _ => return Err(StoreError::Corrupt("a refusal replay without a refusal".into())),
+        },
         Ok(Admission::Replay) => {
-            let (first, key) = match (prior, &cmd.idempotency) {
-                (Some((_, charge_id, _, _)), Some(idempotency)) => (charge_id, &idempotency.key),
+            let (first, key) = match (prior.map(|prior| prior.outcome), &cmd.idempotency) {
+                (Some(KeyOutcome::Charge { charge_id, .. }), Some(idempotency)) => {
+                    (charge_id, &idempotency.key)
+                }
                 _ => return Err(StoreError::Corrupt("a replay without a prior charge".into())),
             };
             execute(
@@ -362,8 +439,8 @@ async fn reserve(tx: &Transaction<'_>, cmd: &ReserveCommand) -> Result<ReserveOu
                 .await?
                 .ok_or_else(|| StoreError::Corrupt("an idempotency key names no charge".into()))?;
             return Ok(ReserveOutcome::Held(Hold {
+                amount_usdc: first.committed.unwrap_or(first.held),
                 charge_id: first.charge_id,
-                amount_usdc: first.held,
                 remaining_usdc: token.remaining(),
                 replayed: true,
             }));
@@ -392,7 +469,8 @@ async fn reserve(tx: &Transaction<'_>, cmd: &ReserveCommand) -> Result<ReserveOu
             tx,
             "INSERT INTO idempotency_keys (token_id, key, fingerprint, charge_id, created_at)
              VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (token_id, key) DO UPDATE SET charge_id = excluded.charge_id, replays = 0",
+             ON CONFLICT (token_id, key) DO UPDATE SET charge_id = excluded.charge_id,
+                 refusal = NULL, replays = 0, created_at = excluded.created_at",
             &[&token_id, &idempotency.key, &idempotency.fingerprint, &cmd.charge_id, &cmd.now],
         )
         .await?;
@@ -415,12 +493,13 @@ struct OpenHold {
     revoked: bool,
 }
 
-/// A hold to close: committed (its amount becomes used) or released (freed).
+/// A hold to close: committed for `charged` (which becomes used; the rest of the hold is
+/// freed), or released (all of it freed) when `charged` is `None`.
 struct Closing {
     charge_id: String,
     token_id: String,
     held: Usdc,
-    status: ChargeStatus,
+    charged: Option<Usdc>,
     upstream_status: Option<i32>,
 }
 
@@ -428,7 +507,7 @@ async fn settle(
     tx: &Transaction<'_>,
     settlements: &[Settlement],
     now: UnixMillis,
-) -> Result<Vec<SettleResult>, StoreError> {
+) -> Result<SettleOutcome, StoreError> {
     let ids: Vec<&str> =
         settlements.iter().map(|s| s.charge_id.as_str()).filter(|id| storable(id)).collect();
     let mut holds = HashMap::with_capacity(ids.len());
@@ -457,26 +536,37 @@ async fn settle(
 
     let mut closing = Vec::new();
     let mut results = Vec::with_capacity(settlements.len());
-    for s in settlements {
+    for (i, s) in settlements.iter().enumerate() {
         let status = match holds.get_mut(&s.charge_id) {
             None => SettleStatus::Unknown,
             Some(hold) => {
+                let amount = match rules::commit_amount(s.amount_usdc, hold.held) {
+                    Ok(amount) => amount,
+                    // Nothing is written before every settlement is decided: this changes nothing.
+                    Err(problem) => {
+                        return Ok(SettleOutcome::Invalid(format!("settlements[{i}]: {problem}")));
+                    }
+                };
                 let expired = now >= hold.hold_expires_at;
                 let (closed, result) =
-                    match rules::settle(hold.status, expired, hold.revoked, s.outcome) {
+                    match rules::settle(hold.status, expired, hold.revoked, s.outcome, amount) {
                         SettleDecision::Unchanged(result) => (None, result),
-                        SettleDecision::Commit => {
-                            (Some(ChargeStatus::Committed), SettleStatus::Committed)
+                        SettleDecision::Commit(amount) => {
+                            (Some(Some(amount)), SettleStatus::Committed)
                         }
-                        SettleDecision::Release(result) => (Some(ChargeStatus::Released), result),
+                        SettleDecision::Release(result) => (Some(None), result),
                     };
-                if let Some(closed) = closed {
-                    hold.status = closed;
+                if let Some(charged) = closed {
+                    hold.status = if charged.is_some() {
+                        ChargeStatus::Committed
+                    } else {
+                        ChargeStatus::Released
+                    };
                     closing.push(Closing {
                         charge_id: s.charge_id.clone(),
                         token_id: hold.token_id.clone(),
                         held: hold.held,
-                        status: closed,
+                        charged,
                         upstream_status: s.upstream_status.map(i32::from),
                     });
                 }
@@ -486,7 +576,7 @@ async fn settle(
         results.push(SettleResult { charge_id: s.charge_id.clone(), status });
     }
     close_holds(tx, &closing, now).await?;
-    Ok(results)
+    Ok(SettleOutcome::Settled(results))
 }
 
 async fn expire_holds(
@@ -510,26 +600,54 @@ async fn expire_holds(
     }
     query(tx, LOCK_TOKENS_OF_CHARGES, &[&due]).await?;
     // Again under the locks: another ledger's sweep, or a settle, may have closed some.
-    let closing = query(
+    let closing = expired_holds(
         tx,
         "SELECT charge_id, token_id, held_micros FROM charges
          WHERE charge_id = ANY($1) AND status = 'held' AND hold_expires_at <= $2",
         &[&due, &now],
     )
-    .await?
-    .iter()
-    .map(|row| {
-        Ok(Closing {
-            charge_id: row.try_get(0)?,
-            token_id: row.try_get(1)?,
-            held: usdc(row, 2)?,
-            status: ChargeStatus::Released,
-            upstream_status: None,
-        })
-    })
-    .collect::<Result<Vec<_>, StoreError>>()?;
+    .await?;
     close_holds(tx, &closing, now).await?;
     Ok(closing.len())
+}
+
+/// Releases the token's holds whose TTL has passed (on read: the sweeper may lag). The
+/// token must be locked by this transaction.
+async fn expire_token_holds(
+    tx: &Transaction<'_>,
+    token_id: &str,
+    now: UnixMillis,
+) -> Result<usize, StoreError> {
+    let closing = expired_holds(
+        tx,
+        "SELECT charge_id, token_id, held_micros FROM charges
+         WHERE status = 'held' AND hold_expires_at <= $1 AND token_id = $2",
+        &[&now, &token_id],
+    )
+    .await?;
+    close_holds(tx, &closing, now).await?;
+    Ok(closing.len())
+}
+
+/// The holds `sql` selects (charge id, token id, held amount), to release.
+async fn expired_holds(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<Closing>, StoreError> {
+    query(tx, sql, params)
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(Closing {
+                charge_id: row.try_get(0)?,
+                token_id: row.try_get(1)?,
+                held: usdc(row, 2)?,
+                charged: None,
+                upstream_status: None,
+            })
+        })
+        .collect()
 }
 
 /// Closes the holds (all held, their tokens locked by this transaction) and moves their
@@ -543,14 +661,24 @@ async fn close_holds(
         return Ok(());
     }
     let charge_ids: Vec<&str> = closing.iter().map(|c| c.charge_id.as_str()).collect();
-    let statuses: Vec<&str> = closing.iter().map(|c| status_name(c.status)).collect();
+    let statuses: Vec<&str> = closing
+        .iter()
+        .map(|c| match c.charged {
+            Some(_) => status_name(ChargeStatus::Committed),
+            None => status_name(ChargeStatus::Released),
+        })
+        .collect();
     let upstream: Vec<Option<i32>> = closing.iter().map(|c| c.upstream_status).collect();
+    let committed: Vec<Option<i64>> =
+        closing.iter().map(|c| c.charged.map(Usdc::micros_i64)).collect();
     let closed = execute(
         tx,
-        "UPDATE charges c SET status = u.status, settled_at = $4, upstream_status = u.upstream
-         FROM unnest($1::text[], $2::text[], $3::int4[]) AS u (charge_id, status, upstream)
+        "UPDATE charges c SET status = u.status, settled_at = $5, upstream_status = u.upstream,
+                              committed_micros = u.committed
+         FROM unnest($1::text[], $2::text[], $3::int4[], $4::int8[])
+              AS u (charge_id, status, upstream, committed)
          WHERE c.charge_id = u.charge_id AND c.status = 'held'",
-        &[&charge_ids, &statuses, &upstream, &now],
+        &[&charge_ids, &statuses, &upstream, &committed, &now],
     )
     .await?;
     if usize::try_from(closed).ok() != Some(closing.len()) {
@@ -568,8 +696,8 @@ async fn close_holds(
         let (used, freed) = deltas.entry(c.token_id.as_str()).or_default();
         let overflow = || StoreError::Corrupt(format!("token {} holds too much", c.token_id));
         *freed = freed.checked_add(held).ok_or_else(overflow)?;
-        if c.status == ChargeStatus::Committed {
-            *used = used.checked_add(held).ok_or_else(overflow)?;
+        if let Some(charged) = c.charged {
+            *used = used.checked_add(charged.micros_i64()).ok_or_else(overflow)?;
         }
     }
     let token_ids: Vec<&str> = deltas.keys().copied().collect();
@@ -645,7 +773,8 @@ async fn load_charge(
     let row = query_opt(
         db,
         "SELECT c.charge_id, c.token_id, t.buyer_id, c.service_id, c.held_micros, c.status,
-                c.idempotency_key, c.upstream_status, c.created_at, c.settled_at
+                c.idempotency_key, c.upstream_status, c.created_at, c.settled_at,
+                c.committed_micros
          FROM charges c JOIN tokens t ON t.token_id = c.token_id
          WHERE c.charge_id = $1",
         &[&charge_id],
@@ -662,6 +791,10 @@ async fn load_charge(
         buyer_id: row.try_get(2)?,
         service_id: row.try_get(3)?,
         held: usdc(&row, 4)?,
+        committed: match row.try_get::<_, Option<i64>>(10)? {
+            Some(_) => Some(usdc(&row, 10)?),
+            None => None,
+        },
         status: named(&row, 5, &ALL_STATUSES, status_name)?,
         idempotency_key: row.try_get(6)?,
         upstream_status,

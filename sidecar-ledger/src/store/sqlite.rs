@@ -22,8 +22,9 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    ALL_SCOPES, ALL_STATUSES, ChargeRecord, ReserveCommand, ReserveOutcome, StoreError,
-    TokenRecord, UnixMillis, prior_use, scope_name, seconds_to_millis, status_name,
+    ALL_SCOPES, ALL_STATUSES, ChargeRecord, KeyOutcome, PURGE_IDEMPOTENCY_KEYS, PriorKey,
+    ReserveCommand, ReserveOutcome, SettleOutcome, StoreError, TokenRecord, UnixMillis, prior_use,
+    refusal_json, scope_name, seconds_to_millis, status_name,
 };
 use crate::rules::{self, Admission, SettleDecision};
 
@@ -33,7 +34,8 @@ const MAX_BATCH: usize = 512;
 const QUEUE_DEPTH: usize = 8192;
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many have run.
-const MIGRATIONS: &[&str] = &[include_str!("sqlite_schema.sql")];
+const MIGRATIONS: &[&str] =
+    &[include_str!("sqlite_schema.sql"), include_str!("sqlite_0002_money.sql")];
 
 /// A handle on the writer thread; cheap to clone. The thread ends when every handle is gone.
 #[derive(Clone)]
@@ -96,8 +98,16 @@ impl SqliteStore {
         self.run(move |conn| insert_token(conn, &token, now)).await
     }
 
-    pub async fn token(&self, token_id: String) -> Result<Option<TokenRecord>, StoreError> {
-        self.run(move |conn| load_token(conn, &token_id)).await
+    pub async fn token(
+        &self,
+        token_id: String,
+        now: UnixMillis,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        self.run(move |conn| {
+            expire_token_holds(conn, &token_id, now)?;
+            load_token(conn, &token_id)
+        })
+        .await
     }
 
     /// Revokes the token (once; a second revoke keeps the first time). An unknown token is
@@ -124,8 +134,22 @@ impl SqliteStore {
         .await
     }
 
-    pub async fn charge(&self, charge_id: String) -> Result<Option<ChargeRecord>, StoreError> {
-        self.run(move |conn| load_charge(conn, &charge_id)).await
+    pub async fn charge(
+        &self,
+        charge_id: String,
+        now: UnixMillis,
+    ) -> Result<Option<ChargeRecord>, StoreError> {
+        self.run(move |conn| {
+            let token_id = conn
+                .prepare_cached("SELECT token_id FROM charges WHERE charge_id = ?1")?
+                .query_row(params![charge_id], |row| row.get::<_, String>(0))
+                .optional()?;
+            if let Some(token_id) = token_id {
+                expire_token_holds(conn, &token_id, now)?;
+            }
+            load_charge(conn, &charge_id)
+        })
+        .await
     }
 
     pub async fn reserve(&self, command: ReserveCommand) -> Result<ReserveOutcome, StoreError> {
@@ -136,15 +160,32 @@ impl SqliteStore {
         &self,
         settlements: Vec<Settlement>,
         now: UnixMillis,
-    ) -> Result<Vec<SettleResult>, StoreError> {
+    ) -> Result<SettleOutcome, StoreError> {
         self.run(move |conn| {
-            settlements
+            // Every amount is checked before anything is settled: a request with one that
+            // does not fit its hold changes nothing.
+            for (i, s) in settlements.iter().enumerate() {
+                if s.amount_usdc.is_none() {
+                    continue;
+                }
+                let held = conn
+                    .prepare_cached("SELECT held_micros FROM charges WHERE charge_id = ?1")?
+                    .query_row(params![s.charge_id], |row| usdc(row, 0))
+                    .optional()?;
+                if let Some(Err(problem)) =
+                    held.map(|held| rules::commit_amount(s.amount_usdc, held))
+                {
+                    return Ok(SettleOutcome::Invalid(format!("settlements[{i}]: {problem}")));
+                }
+            }
+            let results = settlements
                 .iter()
                 .map(|s| {
                     let status = settle(conn, s, now)?;
                     Ok(SettleResult { charge_id: s.charge_id.clone(), status })
                 })
-                .collect()
+                .collect::<Result<_, StoreError>>()?;
+            Ok(SettleOutcome::Settled(results))
         })
         .await
     }
@@ -166,6 +207,18 @@ impl SqliteStore {
     /// Releases up to `limit` holds whose TTL has passed; answers how many.
     pub async fn expire_holds(&self, now: UnixMillis, limit: usize) -> Result<usize, StoreError> {
         self.run(move |conn| expire_holds(conn, now, limit)).await
+    }
+
+    pub async fn purge_idempotency_keys(
+        &self,
+        before: UnixMillis,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(move |conn| {
+            Ok(conn.prepare_cached(PURGE_IDEMPOTENCY_KEYS)?.execute(params![before, limit])?)
+        })
+        .await
     }
 }
 
@@ -254,6 +307,8 @@ fn in_savepoint<T>(
 }
 
 fn reserve(conn: &Connection, cmd: &ReserveCommand) -> Result<ReserveOutcome, StoreError> {
+    // Holds past their TTL neither count against the cap nor keep a key in flight.
+    expire_token_holds(conn, &cmd.token.token_id, cmd.now)?;
     let token = match load_token(conn, &cmd.token.token_id)? {
         Some(token) => token,
         None => {
@@ -271,26 +326,54 @@ fn reserve(conn: &Connection, cmd: &ReserveCommand) -> Result<ReserveOutcome, St
     let prior = match &cmd.idempotency {
         Some(idempotency) => conn
             .prepare_cached(
-                "SELECT k.fingerprint, k.charge_id, c.status, k.replays
-                 FROM idempotency_keys k JOIN charges c ON c.charge_id = k.charge_id
+                "SELECT k.fingerprint, k.replays, k.charge_id, c.status, k.refusal
+                 FROM idempotency_keys k LEFT JOIN charges c ON c.charge_id = k.charge_id
                  WHERE k.token_id = ?1 AND k.key = ?2",
             )?
             .query_row(params![token_id, idempotency.key], |row| {
-                Ok((
-                    row.get::<_, String>(0)?,
-                    row.get::<_, String>(1)?,
-                    charge_status(row, 2)?,
-                    row.get::<_, u32>(3)?,
-                ))
+                let charge = match row.get::<_, Option<String>>(2)? {
+                    Some(charge_id) => Some((charge_id, charge_status(row, 3)?)),
+                    None => None,
+                };
+                Ok((row.get::<_, String>(0)?, row.get::<_, u32>(1)?, charge, row.get(4)?))
             })
-            .optional()?,
+            .optional()?
+            .map(|(fingerprint, replays, charge, refusal)| {
+                PriorKey::read(fingerprint, replays, charge, refusal)
+            })
+            .transpose()?,
         None => None,
     };
     let remaining = match rules::admit(&token, &cmd.call(), prior_use(&prior), cmd.max_replays) {
-        Err(refusal) => return Ok(ReserveOutcome::Refused(refusal)),
+        Err(refusal) => {
+            if let Some(idempotency) = &cmd.idempotency
+                && rules::records_refusal(&refusal, prior_use(&prior))
+            {
+                conn.prepare_cached(
+                    "INSERT INTO idempotency_keys (token_id, key, fingerprint, refusal, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (token_id, key) DO UPDATE SET charge_id = NULL,
+                         refusal = excluded.refusal, replays = 0, created_at = excluded.created_at",
+                )?
+                .execute(params![
+                    token_id,
+                    idempotency.key,
+                    idempotency.fingerprint,
+                    refusal_json(&refusal)?,
+                    cmd.now
+                ])?;
+            }
+            return Ok(ReserveOutcome::Refused(refusal));
+        }
+        Ok(Admission::ReplayRefusal) => match prior.map(|prior| prior.outcome) {
+            Some(KeyOutcome::Refused(refusal)) => return Ok(ReserveOutcome::Refused(refusal)),
+            _ => return Err(StoreError::Corrupt("a refusal replay without a refusal".into())),
+        },
         Ok(Admission::Replay) => {
-            let (first, key) = match (prior, &cmd.idempotency) {
-                (Some((_, charge_id, _, _)), Some(idempotency)) => (charge_id, &idempotency.key),
+            let (first, key) = match (prior.map(|prior| prior.outcome), &cmd.idempotency) {
+                (Some(KeyOutcome::Charge { charge_id, .. }), Some(idempotency)) => {
+                    (charge_id, &idempotency.key)
+                }
                 _ => return Err(StoreError::Corrupt("a replay without a prior charge".into())),
             };
             conn.prepare_cached(
@@ -300,8 +383,8 @@ fn reserve(conn: &Connection, cmd: &ReserveCommand) -> Result<ReserveOutcome, St
             let first = load_charge(conn, &first)?
                 .ok_or_else(|| StoreError::Corrupt("an idempotency key names no charge".into()))?;
             return Ok(ReserveOutcome::Held(Hold {
+                amount_usdc: first.committed.unwrap_or(first.held),
                 charge_id: first.charge_id,
-                amount_usdc: first.held,
                 remaining_usdc: token.remaining(),
                 replayed: true,
             }));
@@ -331,7 +414,8 @@ fn reserve(conn: &Connection, cmd: &ReserveCommand) -> Result<ReserveOutcome, St
         conn.prepare_cached(
             "INSERT INTO idempotency_keys (token_id, key, fingerprint, charge_id, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (token_id, key) DO UPDATE SET charge_id = excluded.charge_id, replays = 0",
+             ON CONFLICT (token_id, key) DO UPDATE SET charge_id = excluded.charge_id,
+                 refusal = NULL, replays = 0, created_at = excluded.created_at",
         )?
         .execute(params![
             token_id,
@@ -370,30 +454,16 @@ fn settle(conn: &Connection, s: &Settlement, now: UnixMillis) -> Result<SettleSt
         return Ok(SettleStatus::Unknown);
     };
     let upstream_status = s.upstream_status.map(i64::from);
-    match rules::settle(status, now >= hold_expires_at, revoked, s.outcome) {
+    // Checked for the whole request before any settlement ran.
+    let amount = rules::commit_amount(s.amount_usdc, held).map_err(StoreError::Corrupt)?;
+    match rules::settle(status, now >= hold_expires_at, revoked, s.outcome, amount) {
         SettleDecision::Unchanged(result) => Ok(result),
-        SettleDecision::Commit => {
-            close_hold(
-                conn,
-                &s.charge_id,
-                &token_id,
-                held,
-                ChargeStatus::Committed,
-                now,
-                upstream_status,
-            )?;
+        SettleDecision::Commit(amount) => {
+            close_hold(conn, &s.charge_id, &token_id, held, Some(amount), now, upstream_status)?;
             Ok(SettleStatus::Committed)
         }
         SettleDecision::Release(result) => {
-            close_hold(
-                conn,
-                &s.charge_id,
-                &token_id,
-                held,
-                ChargeStatus::Released,
-                now,
-                upstream_status,
-            )?;
+            close_hold(conn, &s.charge_id, &token_id, held, None, now, upstream_status)?;
             Ok(result)
         }
     }
@@ -412,32 +482,54 @@ fn expire_holds(conn: &Connection, now: UnixMillis, limit: usize) -> Result<usiz
         })?
         .collect::<Result<Vec<_>, _>>()?;
     for (charge_id, token_id, held) in &expired {
-        close_hold(conn, charge_id, token_id, *held, ChargeStatus::Released, now, None)?;
+        close_hold(conn, charge_id, token_id, *held, None, now, None)?;
     }
     Ok(expired.len())
 }
 
-/// Moves a held charge to `Committed` (its amount becomes used) or `Released` (freed).
+/// Releases the token's holds whose TTL has passed (on read: the sweeper may lag).
+fn expire_token_holds(
+    conn: &Connection,
+    token_id: &str,
+    now: UnixMillis,
+) -> Result<usize, StoreError> {
+    let expired = conn
+        .prepare_cached(
+            "SELECT charge_id, held_micros FROM charges
+             WHERE status = 'held' AND hold_expires_at <= ?1 AND token_id = ?2",
+        )?
+        .query_map(params![now, token_id], |row| Ok((row.get::<_, String>(0)?, usdc(row, 1)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    for (charge_id, held) in &expired {
+        close_hold(conn, charge_id, token_id, *held, None, now, None)?;
+    }
+    Ok(expired.len())
+}
+
+/// Closes a held charge: committed for `charged` (which becomes used; the rest of the hold
+/// is freed), or released (all of it freed) when `charged` is `None`.
 fn close_hold(
     conn: &Connection,
     charge_id: &str,
     token_id: &str,
     held: Usdc,
-    status: ChargeStatus,
+    charged: Option<Usdc>,
     now: UnixMillis,
     upstream_status: Option<i64>,
 ) -> Result<(), StoreError> {
+    let status = if charged.is_some() { ChargeStatus::Committed } else { ChargeStatus::Released };
+    let committed = charged.map(Usdc::micros_i64);
     conn.prepare_cached(
-        "UPDATE charges SET status = ?1, settled_at = ?2, upstream_status = ?3
-         WHERE charge_id = ?4 AND status = 'held'",
+        "UPDATE charges SET status = ?1, settled_at = ?2, upstream_status = ?3,
+                            committed_micros = ?4
+         WHERE charge_id = ?5 AND status = 'held'",
     )?
-    .execute(params![status_name(status), now, upstream_status, charge_id])?;
-    let used = if status == ChargeStatus::Committed { held.micros_i64() } else { 0 };
+    .execute(params![status_name(status), now, upstream_status, committed, charge_id])?;
     conn.prepare_cached(
         "UPDATE tokens SET used_micros = used_micros + ?1, reserved_micros = reserved_micros - ?2
          WHERE token_id = ?3",
     )?
-    .execute(params![used, held.micros_i64(), token_id])?;
+    .execute(params![committed.unwrap_or(0), held.micros_i64(), token_id])?;
     Ok(())
 }
 
@@ -492,7 +584,8 @@ fn load_charge(conn: &Connection, charge_id: &str) -> Result<Option<ChargeRecord
     let charge = conn
         .prepare_cached(
             "SELECT c.charge_id, c.token_id, t.buyer_id, c.service_id, c.held_micros, c.status,
-                    c.idempotency_key, c.upstream_status, c.created_at, c.settled_at
+                    c.idempotency_key, c.upstream_status, c.created_at, c.settled_at,
+                    c.committed_micros
              FROM charges c JOIN tokens t ON t.token_id = c.token_id
              WHERE c.charge_id = ?1",
         )?
@@ -503,6 +596,10 @@ fn load_charge(conn: &Connection, charge_id: &str) -> Result<Option<ChargeRecord
                 buyer_id: row.get(2)?,
                 service_id: row.get(3)?,
                 held: usdc(row, 4)?,
+                committed: match row.get::<_, Option<i64>>(10)? {
+                    Some(_) => Some(usdc(row, 10)?),
+                    None => None,
+                },
                 status: charge_status(row, 5)?,
                 idempotency_key: row.get(6)?,
                 upstream_status: row.get(7)?,
@@ -545,4 +642,58 @@ fn named<T: Copy>(
         .copied()
         .find(|value| name(*value) == text)
         .ok_or_else(|| conversion_error(index, Type::Text, format!("unknown value {text}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Books written by version 1 keep their meaning: a committed charge charged all it held,
+    /// and an Idempotency-Key still names its charge.
+    #[test]
+    fn version_1_books_migrate_with_their_meaning() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute_batch(
+            "INSERT INTO tokens (token_id, buyer_id, scope, limit_micros, used_micros,
+                                 reserved_micros, expires_at, created_at)
+                 VALUES ('tok', 'b', 'SINGLE', 10, 3, 4, 0, 0);
+             INSERT INTO charges (charge_id, token_id, service_id, held_micros, status,
+                                  idempotency_key, created_at, hold_expires_at)
+                 VALUES ('ch_c', 'tok', 's', 3, 'committed', 'k', 0, 0),
+                        ('ch_h', 'tok', 's', 4, 'held', NULL, 0, 0);
+             INSERT INTO idempotency_keys (token_id, key, fingerprint, charge_id, replays, created_at)
+                 VALUES ('tok', 'k', 'fp', 'ch_c', 2, 7);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let committed = |id: &str| {
+            conn.query_row(
+                "SELECT committed_micros FROM charges WHERE charge_id = ?1",
+                [id],
+                |row| row.get::<_, Option<i64>>(0),
+            )
+            .unwrap()
+        };
+        assert_eq!((committed("ch_c"), committed("ch_h")), (Some(3), None));
+        let key = conn
+            .query_row(
+                "SELECT charge_id, refusal, replays, created_at FROM idempotency_keys",
+                [],
+                |row| {
+                    Ok((
+                        row.get::<_, Option<String>>(0)?,
+                        row.get::<_, Option<String>>(1)?,
+                        row.get::<_, i64>(2)?,
+                        row.get::<_, i64>(3)?,
+                    ))
+                },
+            )
+            .unwrap();
+        assert_eq!(key, (Some("ch_c".into()), None, 2, 7));
+        // A key keeps exactly one outcome.
+        let both = conn.execute("UPDATE idempotency_keys SET refusal = '{}' WHERE key = 'k'", []);
+        assert!(both.is_err());
+    }
 }
