@@ -208,7 +208,7 @@ fn a_paid_l402_reserves_its_budget_and_loses_its_credential_upstream() {
             HeaderEdit::Set("x-charge-id", "ch_1".into())
         ])
     );
-    let step = exchange.on_response_headers(&gate, Some(200));
+    let step = exchange.on_response_headers(&gate, Some(200), None);
     assert!(step.edits.contains(&HeaderEdit::Set("x-amount-usdc", "0.001000".into())));
     assert!(step.settlement.is_some());
 }

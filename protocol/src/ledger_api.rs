@@ -77,7 +77,9 @@ impl From<&PayTokenClaims> for TokenGrant {
     }
 }
 
-/// A client's `Idempotency-Key`, with a fingerprint of the request it came with.
+/// A client's `Idempotency-Key`, with a fingerprint of the request it came with. The key
+/// keeps the outcome of its request: a charge, replayed while committed, or a refusal,
+/// answered again as it was.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Idempotency {
@@ -96,7 +98,8 @@ pub struct Hold {
     /// The token's limit minus everything spent or on hold, this hold included.
     pub remaining_usdc: Usdc,
     /// True when the Idempotency-Key matched an already committed charge: nothing new was
-    /// held, and nothing must be settled for this call.
+    /// held, and nothing must be settled for this call. `amountUsdc` is then what that charge
+    /// committed.
     pub replayed: bool,
 }
 
@@ -115,12 +118,17 @@ pub struct Settlement {
     /// The upstream's status, for the journal; absent when the call never got an answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_status: Option<u16>,
+    /// With `commit`: charge this much (greater than 0, at most the held amount) and release
+    /// the rest; absent: charge the held amount. A settle request naming more than a hold
+    /// holds is refused whole (400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount_usdc: Option<Usdc>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
-    /// The call was billable: charge the held amount.
+    /// The call was billable: charge the held amount (or the settlement's `amountUsdc`).
     Commit,
     /// The call was not billable: give the held amount back.
     Release,
@@ -327,6 +335,8 @@ pub struct ChargeView {
     pub service_id: String,
     /// Held amount while held, charged amount once committed, zero once released.
     pub amount_usdc: Usdc,
+    /// The amount the reserve held.
+    pub held_usdc: Usdc,
     pub status: ChargeStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_status: Option<u16>,

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, ensure};
+use anyhow::{Context, bail, ensure};
 use paystile_ledger::ledger::now_millis;
 use paystile_ledger::settings::{Database, PostgresUrl};
-use paystile_ledger::store::{ReserveCommand, ReserveOutcome, Store};
+use paystile_ledger::store::{ReserveCommand, ReserveOutcome, SettleOutcome, Store};
 use paystile_protocol::Usdc;
 use paystile_protocol::ledger_api::{Outcome, SettleStatus, Settlement, TokenGrant};
 use paystile_protocol::pay_token::Scope;
@@ -78,9 +78,11 @@ async fn commit(store: &Store, charge_ids: Vec<String>) -> anyhow::Result<()> {
             charge_id,
             outcome: Outcome::Commit,
             upstream_status: Some(200),
+            amount_usdc: None,
         })
         .collect();
-    let results = store.settle(settlements, now_millis()).await?;
+    let outcome = store.settle(settlements, now_millis()).await?;
+    let SettleOutcome::Settled(results) = outcome else { bail!("refused: {outcome:?}") };
     ensure!(results.iter().all(|r| r.status == SettleStatus::Committed), "{results:?}");
     Ok(())
 }
@@ -121,7 +123,7 @@ async fn run(store: &Store, clients: usize, mode: Mode) -> anyhow::Result<(u64, 
 
 /// The token's books must hold exactly the pairs counted so far, and nothing on hold.
 async fn check_books(store: &Store, pairs: u64) -> anyhow::Result<()> {
-    let token = store.token(TOKEN.into()).await?.context("the token is gone")?;
+    let token = store.token(TOKEN.into(), now_millis()).await?.context("the token is gone")?;
     ensure!(token.reserved.is_zero(), "holds left open: {token:?}");
     ensure!(
         token.used.micros() == pairs * price().micros(),

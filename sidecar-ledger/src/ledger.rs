@@ -9,8 +9,8 @@ use paystile_protocol::jws::Key;
 use paystile_protocol::l402;
 use paystile_protocol::ledger_api::{
     AccountView, BuyerRevocation, BuyerView, ChargeStatus, ChargeView, ChildTokenRequest, Deposit,
-    DepositRequest, IssueTokenRequest, IssuedToken, ReserveRequest, SetTierRequest, SettleRequest,
-    SettleResponse, TokenGrant, TokenView,
+    DepositRequest, IssueTokenRequest, IssuedToken, Outcome, ReserveRequest, SetTierRequest,
+    SettleRequest, SettleResponse, TokenGrant, TokenView,
 };
 use paystile_protocol::pay_token::{self, Audience, MAX_ID_LEN, PayTokenClaims, Scope};
 use paystile_protocol::{ErrorBody, Usdc};
@@ -19,8 +19,8 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::rules::{self, Account, ChildSpec, DailyLimits};
 use crate::store::{
-    ChargeRecord, DepositCommand, ReserveCommand, ReserveOutcome, Store, StoreError, TokenRecord,
-    UnixMillis,
+    ChargeRecord, DepositCommand, ReserveCommand, ReserveOutcome, SettleOutcome, Store, StoreError,
+    TokenRecord, UnixMillis,
 };
 
 /// The most settlements accepted in one request.
@@ -62,6 +62,8 @@ pub struct Limits {
     pub daily_limits: Arc<DailyLimits>,
     /// Milliseconds added to the system clock: tests move a ledger across a UTC midnight.
     pub clock_offset_millis: i64,
+    /// How long an Idempotency-Key keeps its outcome at least (once its charge is settled).
+    pub idempotency_retention: Duration,
 }
 
 pub struct Ledger {
@@ -224,7 +226,7 @@ impl Ledger {
     }
 
     pub async fn buyer(&self, buyer_id: String) -> Result<BuyerView, LedgerError> {
-        let buyer = self.store.buyer(buyer_id.clone()).await?;
+        let buyer = self.store.buyer(buyer_id.clone(), self.now()).await?;
         if buyer.account.is_none() && buyer.tokens.is_empty() {
             return Err(LedgerError::NotFound("buyer"));
         }
@@ -264,7 +266,8 @@ impl Ledger {
     }
 
     pub async fn token(&self, token_id: String) -> Result<TokenView, LedgerError> {
-        let token = self.store.token(token_id).await?.ok_or(LedgerError::NotFound("token"))?;
+        let token =
+            self.store.token(token_id, self.now()).await?.ok_or(LedgerError::NotFound("token"))?;
         Ok(token_view(token))
     }
 
@@ -292,7 +295,11 @@ impl Ledger {
     }
 
     pub async fn charge(&self, charge_id: String) -> Result<ChargeView, LedgerError> {
-        let charge = self.store.charge(charge_id).await?.ok_or(LedgerError::NotFound("charge"))?;
+        let charge = self
+            .store
+            .charge(charge_id, self.now())
+            .await?
+            .ok_or(LedgerError::NotFound("charge"))?;
         Ok(charge_view(charge))
     }
 
@@ -354,8 +361,25 @@ impl Ledger {
                 "at most {MAX_SETTLEMENTS} settlements per request"
             )));
         }
-        let results = self.store.settle(request.settlements, self.now()).await?;
-        Ok(SettleResponse { results })
+        for (i, settlement) in request.settlements.iter().enumerate() {
+            match (settlement.amount_usdc, settlement.outcome) {
+                (Some(_), Outcome::Release) => {
+                    return Err(LedgerError::Invalid(format!(
+                        "settlements[{i}]: amountUsdc is for commits only"
+                    )));
+                }
+                (Some(amount), Outcome::Commit) if amount.is_zero() => {
+                    return Err(LedgerError::Invalid(format!(
+                        "settlements[{i}]: amountUsdc must be greater than 0 (release the hold instead)"
+                    )));
+                }
+                _ => {}
+            }
+        }
+        match self.store.settle(request.settlements, self.now()).await? {
+            SettleOutcome::Settled(results) => Ok(SettleResponse { results }),
+            SettleOutcome::Invalid(problem) => Err(LedgerError::Invalid(problem)),
+        }
     }
 
     /// Releases holds whose TTL has passed: the buyer is never charged for a call whose
@@ -363,6 +387,14 @@ impl Ledger {
     pub async fn expire_holds(&self) -> Result<usize, LedgerError> {
         const PER_SWEEP: usize = 10_000;
         Ok(self.store.expire_holds(self.now(), PER_SWEEP).await?)
+    }
+
+    /// Forgets Idempotency-Keys older than the retention whose outcome is final; a key whose
+    /// charge is still held is kept until it is settled or expires.
+    pub async fn purge_idempotency_keys(&self) -> Result<usize, LedgerError> {
+        const PER_SWEEP: usize = 10_000;
+        let before = self.now().saturating_sub(millis(self.limits.idempotency_retention));
+        Ok(self.store.purge_idempotency_keys(before, PER_SWEEP).await?)
     }
 }
 
@@ -390,8 +422,10 @@ fn charge_view(charge: ChargeRecord) -> ChargeView {
     ChargeView {
         amount_usdc: match charge.status {
             ChargeStatus::Released => Usdc::ZERO,
-            ChargeStatus::Held | ChargeStatus::Committed => charge.held,
+            ChargeStatus::Held => charge.held,
+            ChargeStatus::Committed => charge.committed.unwrap_or(charge.held),
         },
+        held_usdc: charge.held,
         charge_id: charge.charge_id,
         token_id: charge.token_id,
         buyer_id: charge.buyer_id,

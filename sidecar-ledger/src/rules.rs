@@ -117,7 +117,8 @@ impl Books<'_> {
 /// [`admit`] for the first token of `books.chain`, then every level above it: each
 /// ancestor's cap must fit the price too (a child's spend counts against its parent, up the
 /// chain), then the buyer's balance (minus holds), then the buyer's daily limit (spent today
-/// plus holds). A replay holds nothing and so is not measured again.
+/// plus holds). A replay (of a charge or of a recorded refusal) holds nothing and so is not
+/// measured again.
 pub fn admit_books(
     books: &Books<'_>,
     call: &Call<'_>,
@@ -128,7 +129,7 @@ pub fn admit_books(
         return Err(ErrorBody::new(ErrorCode::Internal));
     };
     let mut remaining = match admit(token, call, prior, max_replays)? {
-        Admission::Replay => return Ok(Admission::Replay),
+        replay @ (Admission::Replay | Admission::ReplayRefusal) => return Ok(replay),
         Admission::Hold { remaining } => remaining,
     };
     for ancestor in ancestors {
@@ -291,13 +292,21 @@ pub struct Call<'a> {
     pub cap: Usdc,
 }
 
-/// An earlier request under the same Idempotency-Key, and what became of its charge.
+/// An earlier request under the same Idempotency-Key, and what became of it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PriorUse<'a> {
     pub fingerprint: &'a str,
-    pub charge: ChargeStatus,
+    pub outcome: PriorOutcome,
     /// How often its charge has been replayed already.
     pub replays: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PriorOutcome {
+    /// It was admitted; its charge is in this state now.
+    Charge(ChargeStatus),
+    /// It was refused, and the refusal was recorded.
+    Refused,
 }
 
 /// How a call may proceed.
@@ -307,12 +316,37 @@ pub enum Admission {
     Hold { remaining: Usdc },
     /// A retry of a request that was charged: answer with that charge, hold nothing.
     Replay,
+    /// A retry of a request that was refused: answer the recorded refusal again, as it was.
+    ReplayRefusal,
+}
+
+/// Whether a refusal is kept under the call's Idempotency-Key, to answer its retries
+/// (Stripe, and the IETF draft: the outcome of a request that ran is the key's). Refusals
+/// about the key itself are not (the request did not run), and a key that keeps a charge
+/// keeps it (a revoked token's refusal must not erase what it paid for).
+///
+/// Every other refusal is about the request and is recorded, whichever level of the books
+/// refused it: the token's own (`token_revoked`, `wrong_service`, `token_limit_exceeded`),
+/// an ancestor's in a chain of delegation (`token_revoked`, `token_limit_exceeded`), the
+/// buyer's account (`insufficient_balance`, `daily_limit_exceeded`). A deposit or a new UTC
+/// day does not turn a recorded refusal into a charge: the retry needs a new key.
+pub fn records_refusal(refusal: &ErrorBody, prior: Option<PriorUse<'_>>) -> bool {
+    let about_the_key = matches!(
+        refusal.code,
+        ErrorCode::IdempotencyKeyMismatch
+            | ErrorCode::IdempotencyKeyInUse
+            | ErrorCode::IdempotencyKeyExhausted
+    );
+    let keeps_an_outcome =
+        prior.is_some_and(|prior| prior.outcome != PriorOutcome::Charge(ChargeStatus::Released));
+    !about_the_key && !keeps_an_outcome
 }
 
 /// May `call` go ahead on `token`? In this order: a revoked token never pays; a `SINGLE`
 /// token pays for its own service only; a reused Idempotency-Key must name the same
-/// request, and replays its charge (at most `max_replays` times: the upstream runs again
-/// for free on each) or waits for it while it is in flight; then
+/// request, and answers its recorded refusal again, replays its charge (at most
+/// `max_replays` times: the upstream runs again for free on each), or waits for it while it
+/// is in flight; a key whose charge was released is tried anew; then
 /// `used + reserved + price <= min(limit, cap)`. Holds count against the cap, so no mix of concurrent
 /// calls can spend past it, whichever of them commit.
 pub fn admit(
@@ -332,14 +366,18 @@ pub fn admit(
         if call.fingerprint != Some(prior.fingerprint) {
             return Err(ErrorBody::new(ErrorCode::IdempotencyKeyMismatch));
         }
-        match prior.charge {
-            ChargeStatus::Held => return Err(ErrorBody::new(ErrorCode::IdempotencyKeyInUse)),
-            ChargeStatus::Committed if prior.replays >= max_replays => {
+        match prior.outcome {
+            PriorOutcome::Refused => return Ok(Admission::ReplayRefusal),
+            PriorOutcome::Charge(ChargeStatus::Held) => {
+                return Err(ErrorBody::new(ErrorCode::IdempotencyKeyInUse));
+            }
+            PriorOutcome::Charge(ChargeStatus::Committed) if prior.replays >= max_replays => {
                 return Err(ErrorBody::new(ErrorCode::IdempotencyKeyExhausted));
             }
-            ChargeStatus::Committed => return Ok(Admission::Replay),
-            // The first attempt was not charged: this one may be.
-            ChargeStatus::Released => {}
+            PriorOutcome::Charge(ChargeStatus::Committed) => return Ok(Admission::Replay),
+            // The first attempt was not charged (its upstream failed, or its outcome never
+            // reached the ledger): the key promises at most one charge, and this retry may be it.
+            PriorOutcome::Charge(ChargeStatus::Released) => {}
         }
     }
     let limit = grant.limit_usdc.min(call.cap);
@@ -356,20 +394,32 @@ pub fn admit(
 /// What to do with a hold when its call's outcome arrives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SettleDecision {
-    /// Charge the held amount.
-    Commit,
+    /// Charge this amount (at most the held one) and release the rest.
+    Commit(Usdc),
     /// Give the held amount back, reporting why.
     Release(SettleStatus),
     /// Already settled: change nothing, report the earlier result.
     Unchanged(SettleStatus),
 }
 
-/// Commit at most once, never after the hold expired or the token was revoked.
+/// The amount a commit charges: `requested` (a partial commit) or else all of `held`. More
+/// than held is refused, for the whole settle request: it is a client's bug, not an outcome.
+pub fn commit_amount(requested: Option<Usdc>, held: Usdc) -> Result<Usdc, String> {
+    match requested {
+        None => Ok(held),
+        Some(amount) if amount <= held => Ok(amount),
+        Some(amount) => Err(format!("amountUsdc {amount} is more than the {held} held")),
+    }
+}
+
+/// Commit at most once, never after the hold expired or the token was revoked. `amount` is
+/// what a commit charges ([`commit_amount`]).
 pub fn settle(
     state: ChargeStatus,
     hold_expired: bool,
     token_revoked: bool,
     outcome: Outcome,
+    amount: Usdc,
 ) -> SettleDecision {
     match state {
         ChargeStatus::Committed => SettleDecision::Unchanged(SettleStatus::AlreadyCommitted),
@@ -378,7 +428,7 @@ pub fn settle(
         ChargeStatus::Held => match outcome {
             Outcome::Release => SettleDecision::Release(SettleStatus::Released),
             Outcome::Commit if token_revoked => SettleDecision::Release(SettleStatus::Revoked),
-            Outcome::Commit => SettleDecision::Commit,
+            Outcome::Commit => SettleDecision::Commit(amount),
         },
     }
 }
@@ -475,11 +525,14 @@ mod tests {
     #[test]
     fn revocation_wins_over_everything() {
         let revoked = TokenRecord { revoked: true, ..token("5", "0", "0") };
-        let committed =
-            Some(PriorUse { fingerprint: "fp", charge: ChargeStatus::Committed, replays: 0 });
+        let committed = Some(PriorUse {
+            fingerprint: "fp",
+            outcome: PriorOutcome::Charge(ChargeStatus::Committed),
+            replays: 0,
+        });
         let keyed = Call { fingerprint: Some("fp"), ..call("0.001") };
         assert_eq!(code(admit(&revoked, &keyed, committed, 5)), ErrorCode::TokenRevoked);
-        let decision = settle(ChargeStatus::Held, false, true, Outcome::Commit);
+        let decision = settle(ChargeStatus::Held, false, true, Outcome::Commit, usdc("1"));
         assert_eq!(decision, SettleDecision::Release(SettleStatus::Revoked));
     }
 
@@ -487,7 +540,11 @@ mod tests {
     fn reused_keys_replay_wait_refuse_or_retry() {
         let spent = token("0.001", "0.001", "0");
         let reuse = |fp: &'static str, charge, replays| {
-            let prior = Some(PriorUse { fingerprint: "fp1", charge, replays });
+            let prior = Some(PriorUse {
+                fingerprint: "fp1",
+                outcome: PriorOutcome::Charge(charge),
+                replays,
+            });
             admit(&spent, &Call { fingerprint: Some(fp), ..call("0.001") }, prior, 2)
         };
         // A replay is answered even when the budget is gone: it costs nothing more...
@@ -504,30 +561,80 @@ mod tests {
         );
         // A retry after an uncharged attempt is a new call, and the cap applies.
         assert_eq!(code(reuse("fp1", ChargeStatus::Released, 0)), ErrorCode::TokenLimitExceeded);
-        let prior =
-            Some(PriorUse { fingerprint: "fp1", charge: ChargeStatus::Released, replays: 0 });
+        let prior = Some(PriorUse {
+            fingerprint: "fp1",
+            outcome: PriorOutcome::Charge(ChargeStatus::Released),
+            replays: 0,
+        });
         let keyed = Call { fingerprint: Some("fp1"), ..call("0.25") };
         assert_eq!(admit(&token("1", "0", "0"), &keyed, prior, 2), Ok(hold("0.75")));
     }
 
     #[test]
+    fn a_refused_key_stays_refused_for_its_request_only() {
+        let refused = |fp: &'static str| {
+            let prior =
+                Some(PriorUse { fingerprint: "fp1", outcome: PriorOutcome::Refused, replays: 0 });
+            // The token could pay now: the key's answer is still the refusal.
+            admit(&token("1", "0", "0"), &Call { fingerprint: Some(fp), ..call("0.1") }, prior, 0)
+        };
+        assert_eq!(refused("fp1"), Ok(Admission::ReplayRefusal));
+        assert_eq!(code(refused("fp2")), ErrorCode::IdempotencyKeyMismatch);
+        let recorded = |code, outcome: Option<PriorOutcome>| {
+            let prior = outcome.map(|outcome| PriorUse { fingerprint: "fp1", outcome, replays: 0 });
+            records_refusal(&ErrorBody::new(code), prior)
+        };
+        assert!(recorded(ErrorCode::TokenLimitExceeded, None));
+        assert!(recorded(ErrorCode::WrongService, None));
+        // The buyer's account refuses the request too: recorded as well.
+        assert!(recorded(ErrorCode::InsufficientBalance, None));
+        assert!(recorded(ErrorCode::DailyLimitExceeded, None));
+        let released = Some(PriorOutcome::Charge(ChargeStatus::Released));
+        assert!(recorded(ErrorCode::TokenLimitExceeded, released), "a released key is tried anew");
+        for about_the_key in [
+            ErrorCode::IdempotencyKeyMismatch,
+            ErrorCode::IdempotencyKeyInUse,
+            ErrorCode::IdempotencyKeyExhausted,
+        ] {
+            assert!(!recorded(about_the_key, None), "{about_the_key:?}");
+        }
+        let committed = Some(PriorOutcome::Charge(ChargeStatus::Committed));
+        assert!(!recorded(ErrorCode::TokenRevoked, committed), "a refusal erased a charge");
+        assert!(!recorded(ErrorCode::TokenRevoked, Some(PriorOutcome::Refused)));
+    }
+
+    #[test]
+    fn a_partial_commit_charges_at_most_the_hold() {
+        assert_eq!(commit_amount(None, usdc("0.5")), Ok(usdc("0.5")));
+        assert_eq!(commit_amount(Some(usdc("0.2")), usdc("0.5")), Ok(usdc("0.2")));
+        assert_eq!(commit_amount(Some(usdc("0.5")), usdc("0.5")), Ok(usdc("0.5")));
+        let refused = commit_amount(Some(usdc("0.500001")), usdc("0.5")).unwrap_err();
+        assert_eq!(refused, "amountUsdc 0.500001 is more than the 0.500000 held");
+        assert_eq!(
+            settle(ChargeStatus::Held, false, false, Outcome::Commit, usdc("0.2")),
+            SettleDecision::Commit(usdc("0.2"))
+        );
+    }
+
+    #[test]
     fn settling_is_once_only_and_expiry_releases() {
         use SettleDecision::*;
-        assert_eq!(settle(ChargeStatus::Held, false, false, Outcome::Commit), Commit);
+        let one = usdc("1");
+        assert_eq!(settle(ChargeStatus::Held, false, false, Outcome::Commit, one), Commit(one));
         assert_eq!(
-            settle(ChargeStatus::Held, false, false, Outcome::Release),
+            settle(ChargeStatus::Held, false, false, Outcome::Release, one),
             Release(SettleStatus::Released)
         );
         assert_eq!(
-            settle(ChargeStatus::Held, true, false, Outcome::Commit),
+            settle(ChargeStatus::Held, true, false, Outcome::Commit, one),
             Release(SettleStatus::Expired)
         );
         assert_eq!(
-            settle(ChargeStatus::Committed, false, false, Outcome::Commit),
+            settle(ChargeStatus::Committed, false, false, Outcome::Commit, one),
             Unchanged(SettleStatus::AlreadyCommitted)
         );
         assert_eq!(
-            settle(ChargeStatus::Released, false, false, Outcome::Commit),
+            settle(ChargeStatus::Released, false, false, Outcome::Commit, one),
             Unchanged(SettleStatus::AlreadyReleased)
         );
     }

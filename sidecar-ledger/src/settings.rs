@@ -13,6 +13,9 @@ use crate::rules::DailyLimits;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8787";
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://paystile-ledger.db";
+/// Idempotency-Keys are kept at least this long (seconds): Stripe's 24 hours, which
+/// clients' retry policies assume.
+pub const MIN_IDEMPOTENCY_RETENTION: u64 = 86_400;
 /// Keys shorter than this are refused: they are guessable.
 pub const MIN_KEY_LEN: usize = 16;
 
@@ -69,6 +72,11 @@ pub struct Options {
     #[arg(long, env = "PAYSTILE_CLOCK_OFFSET_SECONDS", hide = true, allow_hyphen_values = true)]
     #[serde(skip)]
     pub clock_offset_seconds: Option<i64>,
+    /// How long an Idempotency-Key keeps its outcome, counted from when it was recorded; a
+    /// key whose charge is still held is kept longer. At least a day, as Stripe keeps
+    /// them [default: 86400].
+    #[arg(long, env = "PAYSTILE_IDEMPOTENCY_RETENTION_SECONDS")]
+    pub idempotency_retention_seconds: Option<u64>,
     /// How often expired holds are looked for [default: 1].
     #[arg(long, env = "PAYSTILE_SWEEP_INTERVAL_SECONDS")]
     pub sweep_interval_seconds: Option<u64>,
@@ -279,6 +287,7 @@ pub struct Settings {
     pub max_replays: u32,
     pub daily_limits: DailyLimits,
     pub clock_offset_seconds: i64,
+    pub idempotency_retention: Duration,
     pub sweep_interval: Duration,
     pub log_format: LogFormat,
     pub l402: Option<L402Settings>,
@@ -314,6 +323,9 @@ impl Options {
             max_replays: self.max_replays.or(lower.max_replays),
             daily_limits_usdc: self.daily_limits_usdc.or(lower.daily_limits_usdc),
             clock_offset_seconds: self.clock_offset_seconds.or(lower.clock_offset_seconds),
+            idempotency_retention_seconds: self
+                .idempotency_retention_seconds
+                .or(lower.idempotency_retention_seconds),
             sweep_interval_seconds: self.sweep_interval_seconds.or(lower.sweep_interval_seconds),
             log_format: self.log_format.or(lower.log_format),
             l402_secret: self.l402_secret.or(lower.l402_secret),
@@ -419,6 +431,19 @@ impl Settings {
                     .ok_or_else(|| problem("daily_limits_usdc", "give at least one tier"))?,
             },
             clock_offset_seconds: options.clock_offset_seconds.unwrap_or(0),
+            idempotency_retention: Duration::from_secs(
+                match options.idempotency_retention_seconds.unwrap_or(MIN_IDEMPOTENCY_RETENTION) {
+                    seconds if seconds < MIN_IDEMPOTENCY_RETENTION => {
+                        return Err(problem(
+                            "idempotency_retention_seconds",
+                            format!(
+                                "must be at least {MIN_IDEMPOTENCY_RETENTION} (24 hours: clients retry for that long)"
+                            ),
+                        ));
+                    }
+                    seconds => seconds,
+                },
+            ),
             sweep_interval: Duration::from_secs(positive(
                 "sweep_interval_seconds",
                 options.sweep_interval_seconds,
@@ -510,6 +535,7 @@ mod tests {
         assert!(settings.listen.ip().is_loopback());
         assert_eq!(settings.database, Database::Sqlite("paystile-ledger.db".into()));
         assert_eq!(settings.hold_ttl, Duration::from_secs(120));
+        assert_eq!(settings.idempotency_retention, Duration::from_secs(86_400));
         assert!(settings.token.is_none());
     }
 
@@ -531,6 +557,15 @@ mod tests {
         );
         assert!(
             error(Options { hold_ttl_seconds: Some(0), ..keys() }).starts_with("hold_ttl_seconds:")
+        );
+        assert_eq!(
+            error(Options { idempotency_retention_seconds: Some(86_399), ..keys() }),
+            "idempotency_retention_seconds: must be at least 86400 (24 hours: clients retry for that long)"
+        );
+        let week = Options { idempotency_retention_seconds: Some(604_800), ..keys() };
+        assert_eq!(
+            Settings::from_options(week).unwrap().idempotency_retention,
+            Duration::from_secs(604_800)
         );
         assert!(
             error(Options { token_secret: Some("s".repeat(31)), ..keys() })

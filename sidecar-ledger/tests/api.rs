@@ -92,6 +92,14 @@ on_both_stores! {
     sandbox_tokens_charge_the_sandbox_book_only,
     bad_buyer_and_child_requests_get_400_or_404_and_change_nothing,
     admin_cli_manages_buyers_and_child_tokens,
+    a_refused_reserve_stays_refused_for_its_key,
+    partial_commits_charge_the_amount_and_release_the_rest,
+    settle_amounts_that_do_not_fit_get_400_and_change_nothing,
+    holds_past_their_ttl_are_released_on_read,
+    idempotency_keys_are_forgotten_after_their_retention_once_settled,
+    a_partial_commit_debits_the_balance_and_every_level_of_a_chain_by_the_amount,
+    expired_holds_are_released_on_read_at_every_level_and_on_the_account,
+    buyer_refusals_stay_refused_for_their_key,
 }
 
 /// The PostgreSQL server the suite makes its databases on: `PAYSTILE_TEST_POSTGRES_URL`, or
@@ -263,6 +271,34 @@ impl Ledger {
 
     async fn child(&self, parent_id: &str, limit: &str) -> IssuedToken {
         self.admin.mint_child(parent_id, &child_request(limit)).await.unwrap()
+    }
+
+    /// Makes every Idempotency-Key `by` older, straight in the books (no clock to move).
+    async fn age_idempotency_keys(&self, by: Duration) {
+        let by = i64::try_from(by.as_millis()).unwrap();
+        match &self.books {
+            Books::Sqlite(dir) => {
+                let conn = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
+                conn.busy_timeout(Duration::from_secs(5)).unwrap();
+                conn.execute("UPDATE idempotency_keys SET created_at = created_at - ?1", [by])
+                    .unwrap();
+            }
+            Books::Postgres(database) => {
+                let (client, connection) =
+                    tokio_postgres::connect(&database.url, tokio_postgres::NoTls).await.unwrap();
+                tokio::spawn(connection);
+                client
+                    .execute("UPDATE idempotency_keys SET created_at = created_at - $1", &[&by])
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    /// `POST /v1/holds/settle` with `settlements` as given.
+    async fn settle_raw(&self, settlements: Value) -> (u16, Value) {
+        let body = json!({ "settlements": settlements }).to_string();
+        self.post("/v1/holds/settle", Some(GATEWAY_KEY), &body).await
     }
 
     /// `kill -9`, then start again on the same port and database.
@@ -1444,4 +1480,318 @@ async fn admin_cli_manages_buyers_and_child_tokens(store: Backend) {
     assert_eq!(shown["tokens"][1]["parentId"], parent_id);
     assert_eq!(cli(&["buyer", "revoke", "cli-agent"])["revokedTokens"], 2);
     assert!(ledger.token(child["tokenId"].as_str().unwrap()).await.revoked);
+}
+
+async fn a_refused_reserve_stays_refused_for_its_key(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
+    let blocking = ledger.hold(&reserve_body("tok_refused", "0.1", "0.1")).await;
+    let keyed = with_key(reserve_body("tok_refused", "0.1", "0.05"), "order-9", 'a');
+    let (status, first) = ledger.reserve(&keyed).await;
+    assert_eq!((status, first["code"].as_str()), (402, Some("token_limit_exceeded")), "{first}");
+
+    // The budget is free again, but the key keeps its answer: the same status and body.
+    ledger.settle(&[(&blocking.charge_id, "release")]).await;
+    assert_eq!(ledger.reserve(&keyed).await, (402, first.clone()));
+    assert_eq!(ledger.reserve(&keyed).await, (402, first), "a second retry differs");
+    let (status, other) =
+        ledger.reserve(&with_key(reserve_body("tok_refused", "0.1", "0.05"), "order-9", 'b')).await;
+    assert_eq!((status, other["code"].as_str()), (422, Some("idempotency_key_mismatch")));
+    // Nothing was held for the refused key; a new key pays.
+    let token = ledger.token("tok_refused").await;
+    assert_eq!((token.used_usdc, token.reserved_usdc), (Usdc::ZERO, Usdc::ZERO));
+    let fresh = with_key(reserve_body("tok_refused", "0.1", "0.05"), "order-10", 'a');
+    assert!(!ledger.hold(&fresh).await.replayed);
+
+    // A key that was charged keeps its charge, even once the token is revoked.
+    let paid = with_key(reserve_body("tok_keeps", "1", "0.1"), "k", 'a');
+    let charge = ledger.hold(&paid).await;
+    ledger.settle(&[(&charge.charge_id, "commit")]).await;
+    ledger.admin.revoke_token("tok_keeps").await.unwrap();
+    let (status, refusal) = ledger.reserve(&paid).await;
+    assert_eq!((status, refusal["code"].as_str()), (422, Some("token_revoked")), "{refusal}");
+    let view = ledger.admin.charge(&charge.charge_id).await.unwrap();
+    assert_eq!(
+        (view.status, view.idempotency_key.as_deref()),
+        (ChargeStatus::Committed, Some("k"))
+    );
+}
+
+async fn partial_commits_charge_the_amount_and_release_the_rest(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
+    let keyed = with_key(reserve_body("tok_metered", "1", "0.5"), "call-1", 'a');
+    let hold = ledger.hold(&keyed).await;
+    assert_eq!(ledger.token("tok_metered").await.remaining_usdc, usdc("0.5"));
+    let (status, answer) = ledger
+        .settle_raw(
+            json!([{"chargeId": hold.charge_id, "outcome": "commit", "amountUsdc": "0.123457"}]),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["results"][0]["status"], "committed");
+    let token = ledger.token("tok_metered").await;
+    assert_eq!(
+        (token.used_usdc, token.reserved_usdc, token.remaining_usdc),
+        (usdc("0.123457"), Usdc::ZERO, usdc("0.876543"))
+    );
+    let charge = ledger.admin.charge(&hold.charge_id).await.unwrap();
+    assert_eq!(
+        (charge.status, charge.amount_usdc, charge.held_usdc),
+        (ChargeStatus::Committed, usdc("0.123457"), usdc("0.5"))
+    );
+    // Once only: a second commit, with or without an amount, changes nothing.
+    let (status, answer) = ledger
+        .settle_raw(json!([{"chargeId": hold.charge_id, "outcome": "commit", "amountUsdc": "0.2"}]))
+        .await;
+    assert_eq!((status, answer["results"][0]["status"].as_str()), (200, Some("already_committed")));
+    assert_eq!(ledger.token("tok_metered").await.used_usdc, usdc("0.123457"));
+    // A retry replays the charge with what it committed.
+    let replay = ledger.hold(&keyed).await;
+    assert_eq!((replay.replayed, replay.amount_usdc), (true, usdc("0.123457")));
+
+    // The whole hold is the full amount: the same as no amount.
+    let full = ledger.hold(&reserve_body("tok_metered", "1", "0.5")).await;
+    let (status, _) = ledger
+        .settle_raw(json!([{"chargeId": full.charge_id, "outcome": "commit", "amountUsdc": "0.5"}]))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(ledger.token("tok_metered").await.used_usdc, usdc("0.623457"));
+}
+
+async fn settle_amounts_that_do_not_fit_get_400_and_change_nothing(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
+    let body = reserve_body("tok_fit", "1", "0.25");
+    let (first, second) = (ledger.hold(&body).await, ledger.hold(&body).await);
+    let before = ledger.token("tok_fit").await;
+    let ok = json!({"chargeId": first.charge_id, "outcome": "commit"});
+    let with = |outcome: &str, amount: Value| json!({"chargeId": second.charge_id, "outcome": outcome, "amountUsdc": amount});
+    for (bad, message) in [
+        (
+            with("commit", json!("0.250001")),
+            "settlements[1]: amountUsdc 0.250001 is more than the 0.250000 held",
+        ),
+        (with("commit", json!("0.0000001")), "more than 6 decimals"),
+        (with("commit", json!("-0.1")), "negative"),
+        (with("commit", json!(0.1)), "decimal strings"),
+        (with("commit", json!("0")), "settlements[1]: amountUsdc must be greater than 0"),
+        (with("release", json!("0.1")), "settlements[1]: amountUsdc is for commits only"),
+    ] {
+        let (status, answer) = ledger.settle_raw(json!([ok, bad])).await;
+        assert_eq!(
+            (status, answer["code"].as_str()),
+            (400, Some("bad_request")),
+            "{bad}: {answer}"
+        );
+        let error = answer["error"].as_str().unwrap();
+        assert!(error.contains(message), "{bad}: {error}");
+    }
+    // Neither hold was settled, the valid one included.
+    assert_eq!(ledger.token("tok_fit").await, before);
+    for hold in [&first, &second] {
+        assert_eq!(ledger.admin.charge(&hold.charge_id).await.unwrap().status, ChargeStatus::Held);
+    }
+}
+
+async fn holds_past_their_ttl_are_released_on_read(store: Backend) {
+    // No sweep within the test: only reads release what has expired.
+    let ledger =
+        Ledger::start(store, &["--hold-ttl-seconds", "1", "--sweep-interval-seconds", "3600"])
+            .await;
+    let viewed = ledger.hold(&reserve_body("tok_view", "1", "0.4")).await;
+    let charged = ledger.hold(&reserve_body("tok_charge", "1", "0.4")).await;
+    let keyed = with_key(reserve_body("tok_reserve", "1", "0.6"), "k", 'a');
+    let stale = ledger.hold(&keyed).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    let token = ledger.token("tok_view").await;
+    assert_eq!((token.reserved_usdc, token.remaining_usdc), (Usdc::ZERO, usdc("1")));
+    assert_eq!(
+        ledger.admin.charge(&viewed.charge_id).await.unwrap().status,
+        ChargeStatus::Released
+    );
+
+    let charge = ledger.admin.charge(&charged.charge_id).await.unwrap();
+    assert_eq!((charge.status, charge.amount_usdc), (ChargeStatus::Released, Usdc::ZERO));
+    assert_eq!(ledger.token("tok_charge").await.reserved_usdc, Usdc::ZERO);
+
+    // A reserve does not count the stale hold, nor see its key in flight: the retry is held anew.
+    let retry = ledger.hold(&keyed).await;
+    assert!(!retry.replayed && retry.charge_id != stale.charge_id);
+    assert_eq!(retry.remaining_usdc, usdc("0.4"));
+    assert_eq!(
+        ledger.settle(&[(&stale.charge_id, "commit")]).await,
+        [SettleStatus::AlreadyReleased]
+    );
+    assert_eq!(ledger.settle(&[(&retry.charge_id, "commit")]).await, [SettleStatus::Committed]);
+    let token = ledger.token("tok_reserve").await;
+    assert_eq!((token.used_usdc, token.reserved_usdc), (usdc("0.6"), Usdc::ZERO));
+}
+
+async fn idempotency_keys_are_forgotten_after_their_retention_once_settled(store: Backend) {
+    // Replays enough for the polling below.
+    let ledger =
+        Ledger::start(store, &["--sweep-interval-seconds", "1", "--max-replays", "1000"]).await;
+    let settled = with_key(reserve_body("tok_retain", "1", "0.1"), "settled", 'a');
+    let in_flight = with_key(reserve_body("tok_retain", "1", "0.1"), "in-flight", 'a');
+    let recent = with_key(reserve_body("tok_retain", "1", "0.1"), "recent", 'a');
+    let first = ledger.hold(&settled).await;
+    ledger.settle(&[(&first.charge_id, "commit")]).await;
+    ledger.hold(&in_flight).await;
+    // A day and a second ago, as far as the keys can tell; then one fresh key.
+    ledger.age_idempotency_keys(Duration::from_secs(86_401)).await;
+    let fresh = ledger.hold(&recent).await;
+    ledger.settle(&[(&fresh.charge_id, "commit")]).await;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let again = loop {
+        let hold = ledger.hold(&settled).await;
+        if !hold.replayed {
+            break hold;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the settled key was never forgotten");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Forgotten: the same key is a new call now.
+    assert_ne!(again.charge_id, first.charge_id);
+    // Still in flight: kept however old.
+    let (status, busy) = ledger.reserve(&in_flight).await;
+    assert_eq!((status, busy["code"].as_str()), (409, Some("idempotency_key_in_use")), "{busy}");
+    // Within its retention: replayed.
+    assert!(ledger.hold(&recent).await.replayed);
+}
+
+#[test]
+fn refuses_an_idempotency_retention_under_a_day() {
+    let output = std::process::Command::new(ledger_binary())
+        .args(["serve", "--listen", "127.0.0.1:0", "--idempotency-retention-seconds", "3600"])
+        .envs(envs())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("idempotency_retention_seconds: must be at least 86400"), "{stderr}");
+}
+
+async fn a_partial_commit_debits_the_balance_and_every_level_of_a_chain_by_the_amount(
+    store: Backend,
+) {
+    let ledger = Ledger::start(store, &[]).await;
+    ledger.deposit("agent-7", "5", None).await;
+    let root = ledger.admin.issue_token(&issue_request("2")).await.unwrap().token_id;
+    let child = ledger.child(&root, "1").await.token_id;
+    let grandchild = ledger.child(&child, "0.8").await.token_id;
+    let levels = [&grandchild, &child, &root];
+
+    let hold = ledger.hold(&reserve_body(&grandchild, "0.8", "0.5")).await;
+    for level in levels {
+        assert_eq!(ledger.token(level).await.reserved_usdc, usdc("0.5"), "{level}");
+    }
+    assert_eq!(ledger.account("agent-7").await.held_usdc, usdc("0.5"));
+
+    let (status, answer) = ledger
+        .settle_raw(
+            json!([{"chargeId": hold.charge_id, "outcome": "commit", "amountUsdc": "0.123457"}]),
+        )
+        .await;
+    assert_eq!((status, answer["results"][0]["status"].as_str()), (200, Some("committed")));
+    // Every level and the account are debited the committed amount; the rest is released.
+    for level in levels {
+        let view = ledger.token(level).await;
+        assert_eq!((view.used_usdc, view.reserved_usdc), (usdc("0.123457"), Usdc::ZERO), "{level}");
+    }
+    assert_eq!(ledger.token(&grandchild).await.remaining_usdc, usdc("0.676543"));
+    let account = ledger.account("agent-7").await;
+    assert_eq!(
+        (account.balance_usdc, account.held_usdc, account.spent_today_usdc),
+        (usdc("4.876543"), Usdc::ZERO, usdc("0.123457"))
+    );
+    assert_eq!(account.available_usdc, usdc("4.876543"));
+    let charge = ledger.admin.charge(&hold.charge_id).await.unwrap();
+    assert_eq!(
+        (charge.status, charge.amount_usdc, charge.held_usdc),
+        (ChargeStatus::Committed, usdc("0.123457"), usdc("0.5"))
+    );
+
+    // A full commit on the child, then a release: the books add up at every level.
+    let full = ledger.hold(&reserve_body(&child, "1", "0.3")).await;
+    let released = ledger.hold(&reserve_body(&grandchild, "0.8", "0.2")).await;
+    let results =
+        ledger.settle(&[(&full.charge_id, "commit"), (&released.charge_id, "release")]).await;
+    assert_eq!(results, [SettleStatus::Committed, SettleStatus::Released]);
+    let used = |view: TokenView| (view.used_usdc, view.reserved_usdc);
+    assert_eq!(used(ledger.token(&grandchild).await), (usdc("0.123457"), Usdc::ZERO));
+    assert_eq!(used(ledger.token(&child).await), (usdc("0.423457"), Usdc::ZERO));
+    assert_eq!(used(ledger.token(&root).await), (usdc("0.423457"), Usdc::ZERO));
+    let account = ledger.account("agent-7").await;
+    assert_eq!(
+        (account.balance_usdc, account.held_usdc, account.spent_today_usdc),
+        (usdc("4.576543"), Usdc::ZERO, usdc("0.423457"))
+    );
+}
+
+async fn expired_holds_are_released_on_read_at_every_level_and_on_the_account(store: Backend) {
+    // No sweep within the test: only reads (and reserves) release what has expired.
+    let ledger =
+        Ledger::start(store, &["--hold-ttl-seconds", "1", "--sweep-interval-seconds", "3600"])
+            .await;
+    ledger.deposit("agent-7", "1", None).await;
+    let root = ledger.admin.issue_token(&issue_request("2")).await.unwrap().token_id;
+    let child = ledger.child(&root, "1").await.token_id;
+    let sibling = ledger.admin.issue_token(&issue_request("2")).await.unwrap().token_id;
+    let stale = ledger.hold(&reserve_body(&child, "1", "0.8")).await;
+    let (status, refusal) = ledger.reserve(&reserve_body(&sibling, "2", "0.9")).await;
+    assert_eq!((status, refusal["code"].as_str()), (402, Some("insufficient_balance")));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    // A reserve on another of the buyer's tokens no longer counts the expired hold against
+    // the balance.
+    let fresh = ledger.hold(&reserve_body(&sibling, "2", "0.9")).await;
+    assert_eq!(ledger.account("agent-7").await.held_usdc, usdc("0.9"));
+    // Released at every level of the child's chain, the root's included.
+    for level in [&root, &child] {
+        let view = ledger.token(level).await;
+        assert_eq!((view.used_usdc, view.reserved_usdc), (Usdc::ZERO, Usdc::ZERO), "{level}");
+    }
+    assert_eq!(
+        ledger.settle(&[(&stale.charge_id, "commit")]).await,
+        [SettleStatus::AlreadyReleased]
+    );
+
+    // Reading the buyer releases its holds too.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let account = ledger.account("agent-7").await;
+    assert_eq!((account.balance_usdc, account.held_usdc), (usdc("1"), Usdc::ZERO));
+    assert_eq!(ledger.admin.charge(&fresh.charge_id).await.unwrap().status, ChargeStatus::Released);
+    // A parent read releases a child's expired hold.
+    let late = ledger.hold(&reserve_body(&child, "1", "0.5")).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(ledger.token(&root).await.reserved_usdc, Usdc::ZERO);
+    assert_eq!(ledger.token(&child).await.reserved_usdc, Usdc::ZERO);
+    assert_eq!(ledger.account("agent-7").await.held_usdc, Usdc::ZERO);
+    assert_eq!(ledger.admin.charge(&late.charge_id).await.unwrap().status, ChargeStatus::Released);
+}
+
+/// The account's refusals are about the request: its key keeps them, as it keeps a token's.
+async fn buyer_refusals_stay_refused_for_their_key(store: Backend) {
+    let ledger = Ledger::start(store, &["--daily-limits-usdc", "1,3"]).await;
+    ledger.deposit("agent-7", "0.1", None).await;
+    let token = ledger.admin.issue_token(&issue_request("50")).await.unwrap().token_id;
+    let poor = with_key(reserve_body(&token, "50", "0.2"), "poor", 'a');
+    let (status, first) = ledger.reserve(&poor).await;
+    assert_eq!((status, first["code"].as_str()), (402, Some("insufficient_balance")), "{first}");
+    ledger.deposit("agent-7", "10", None).await;
+    assert_eq!(ledger.reserve(&poor).await, (402, first), "a deposit changed the key's answer");
+
+    let over = with_key(reserve_body(&token, "50", "1.5"), "over", 'a');
+    let (status, first) = ledger.reserve(&over).await;
+    assert_eq!((status, first["code"].as_str()), (402, Some("daily_limit_exceeded")), "{first}");
+    ledger.admin.set_tier("agent-7", 2).await.unwrap();
+    assert_eq!(ledger.reserve(&over).await, (402, first), "a new tier changed the key's answer");
+    // Another request under the key is still a mismatch; a new key pays.
+    let (status, other) =
+        ledger.reserve(&with_key(reserve_body(&token, "50", "1"), "over", 'b')).await;
+    assert_eq!((status, other["code"].as_str()), (422, Some("idempotency_key_mismatch")));
+    let paid = ledger.hold(&with_key(reserve_body(&token, "50", "1.5"), "new", 'a')).await;
+    assert!(!paid.replayed);
+    let account = ledger.account("agent-7").await;
+    assert_eq!((account.balance_usdc, account.held_usdc), (usdc("10.1"), usdc("1.5")));
 }

@@ -21,7 +21,7 @@ use paystile_protocol::{ErrorBody, Usdc};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
-use crate::rules::{Account, Call, ChildSpec, DailyLimits, MAX_CHAIN_LEN, PriorUse};
+use crate::rules::{Account, Call, ChildSpec, DailyLimits, MAX_CHAIN_LEN, PriorOutcome, PriorUse};
 use crate::settings::Database;
 
 /// The ledger's store; every operation is one atomic transaction.
@@ -47,10 +47,15 @@ impl Store {
         }
     }
 
-    pub async fn token(&self, token_id: String) -> Result<Option<TokenRecord>, StoreError> {
+    /// The token, once its holds past their TTL at `now` are released.
+    pub async fn token(
+        &self,
+        token_id: String,
+        now: UnixMillis,
+    ) -> Result<Option<TokenRecord>, StoreError> {
         match self {
-            Store::Sqlite(store) => store.token(token_id).await,
-            Store::Postgres(store) => store.token(token_id).await,
+            Store::Sqlite(store) => store.token(token_id, now).await,
+            Store::Postgres(store) => store.token(token_id, now).await,
         }
     }
 
@@ -105,11 +110,16 @@ impl Store {
         }
     }
 
-    /// A buyer's account, if any, and tokens (oldest first).
-    pub async fn buyer(&self, buyer_id: String) -> Result<BuyerRecord, StoreError> {
+    /// A buyer's account, if any, and tokens (oldest first), once the buyer's holds past
+    /// their TTL at `now` are released.
+    pub async fn buyer(
+        &self,
+        buyer_id: String,
+        now: UnixMillis,
+    ) -> Result<BuyerRecord, StoreError> {
         match self {
-            Store::Sqlite(store) => store.buyer(buyer_id).await,
-            Store::Postgres(store) => store.buyer(buyer_id).await,
+            Store::Sqlite(store) => store.buyer(buyer_id, now).await,
+            Store::Postgres(store) => store.buyer(buyer_id, now).await,
         }
     }
 
@@ -126,10 +136,15 @@ impl Store {
         }
     }
 
-    pub async fn charge(&self, charge_id: String) -> Result<Option<ChargeRecord>, StoreError> {
+    /// The charge, once its token's holds past their TTL at `now` are released.
+    pub async fn charge(
+        &self,
+        charge_id: String,
+        now: UnixMillis,
+    ) -> Result<Option<ChargeRecord>, StoreError> {
         match self {
-            Store::Sqlite(store) => store.charge(charge_id).await,
-            Store::Postgres(store) => store.charge(charge_id).await,
+            Store::Sqlite(store) => store.charge(charge_id, now).await,
+            Store::Postgres(store) => store.charge(charge_id, now).await,
         }
     }
 
@@ -140,11 +155,12 @@ impl Store {
         }
     }
 
+    /// Settles every hold named, or none if any settlement is invalid for its hold.
     pub async fn settle(
         &self,
         settlements: Vec<Settlement>,
         now: UnixMillis,
-    ) -> Result<Vec<SettleResult>, StoreError> {
+    ) -> Result<SettleOutcome, StoreError> {
         match self {
             Store::Sqlite(store) => store.settle(settlements, now).await,
             Store::Postgres(store) => store.settle(settlements, now).await,
@@ -166,6 +182,36 @@ impl Store {
             Store::Postgres(store) => store.expire_holds(now, limit).await,
         }
     }
+
+    /// Forgets up to `limit` Idempotency-Keys recorded before `before` whose outcome is final
+    /// (a refusal, or a settled charge); answers how many.
+    pub async fn purge_idempotency_keys(
+        &self,
+        before: UnixMillis,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.purge_idempotency_keys(before, limit).await,
+            Store::Postgres(store) => store.purge_idempotency_keys(before, limit).await,
+        }
+    }
+}
+
+/// The statement both stores purge old Idempotency-Keys with: `$1` the cutoff, `$2` how many.
+/// A key whose charge is still held stays (its request is in flight).
+const PURGE_IDEMPOTENCY_KEYS: &str = "DELETE FROM idempotency_keys WHERE (token_id, key) IN (
+     SELECT k.token_id, k.key FROM idempotency_keys k
+     LEFT JOIN charges c ON c.charge_id = k.charge_id
+     WHERE k.created_at < $1 AND (k.charge_id IS NULL OR c.status <> 'held')
+     LIMIT $2)";
+
+/// What a settle request did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SettleOutcome {
+    Settled(Vec<SettleResult>),
+    /// A settlement does not fit its hold (see [`crate::rules::commit_amount`]): nothing was
+    /// settled.
+    Invalid(String),
 }
 
 /// Milliseconds since the Unix epoch: every timestamp the stores keep.
@@ -260,6 +306,8 @@ pub struct ChargeRecord {
     pub service_id: String,
     /// The amount held at reserve time.
     pub held: Usdc,
+    /// The amount charged, once committed (at most `held`).
+    pub committed: Option<Usdc>,
     pub status: ChargeStatus,
     pub idempotency_key: Option<String>,
     pub upstream_status: Option<u16>,
@@ -327,17 +375,57 @@ impl ReserveCommand {
     }
 }
 
-/// An Idempotency-Key's earlier use as a store reads it: fingerprint, charge id, the
-/// charge's status, replays so far.
-pub type PriorKey = (String, String, ChargeStatus, u32);
+/// An Idempotency-Key's earlier use, as a store reads it.
+#[derive(Clone, Debug)]
+pub struct PriorKey {
+    pub fingerprint: String,
+    pub replays: u32,
+    pub outcome: KeyOutcome,
+}
+
+/// What an Idempotency-Key keeps: one of its charge, or the refusal its request got.
+#[derive(Clone, Debug)]
+pub enum KeyOutcome {
+    Charge { charge_id: String, status: ChargeStatus },
+    Refused(ErrorBody),
+}
+
+impl PriorKey {
+    /// Reads a key's columns: the charge (id and status) or the refusal (JSON) it keeps.
+    fn read(
+        fingerprint: String,
+        replays: u32,
+        charge: Option<(String, ChargeStatus)>,
+        refusal: Option<String>,
+    ) -> Result<PriorKey, StoreError> {
+        let outcome = match (charge, refusal) {
+            (Some((charge_id, status)), None) => KeyOutcome::Charge { charge_id, status },
+            (None, Some(refusal)) => KeyOutcome::Refused(
+                serde_json::from_str(&refusal)
+                    .map_err(|e| StoreError::Corrupt(format!("a recorded refusal: {e}")))?,
+            ),
+            _ => return Err(StoreError::Corrupt("an idempotency key keeps no outcome".into())),
+        };
+        Ok(PriorKey { fingerprint, replays, outcome })
+    }
+}
 
 /// What the rules need of a [`PriorKey`].
 pub fn prior_use(prior: &Option<PriorKey>) -> Option<PriorUse<'_>> {
-    prior.as_ref().map(|(fingerprint, _, charge, replays)| PriorUse {
-        fingerprint,
-        charge: *charge,
-        replays: *replays,
+    prior.as_ref().map(|prior| PriorUse {
+        fingerprint: &prior.fingerprint,
+        outcome: match &prior.outcome {
+            KeyOutcome::Charge { status, .. } => PriorOutcome::Charge(*status),
+            KeyOutcome::Refused(_) => PriorOutcome::Refused,
+        },
+        replays: prior.replays,
     })
+}
+
+/// A refusal as a key keeps it.
+fn refusal_json(refusal: &ErrorBody) -> Result<String, StoreError> {
+    serde_json::to_string(refusal)
+        .map_err(|e| StoreError::Corrupt(format!("cannot record a refusal: {e}")))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

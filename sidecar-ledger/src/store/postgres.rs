@@ -32,8 +32,9 @@ use tokio_postgres::{NoTls, Row};
 
 use super::{
     ALL_SCOPES, ALL_STATUSES, BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, FIRST_TIER,
-    ReserveCommand, ReserveOutcome, StoreError, TokenRecord, UnixMillis, into_chain, prior_use,
-    scope_name, seconds_to_millis, status_name,
+    KeyOutcome, PURGE_IDEMPOTENCY_KEYS, PriorKey, ReserveCommand, ReserveOutcome, SettleOutcome,
+    StoreError, TokenRecord, UnixMillis, into_chain, prior_use, refusal_json, scope_name,
+    seconds_to_millis, status_name,
 };
 use crate::rules::{self, Account, Admission, Books, ChildSpec, DepositDecision, SettleDecision};
 use crate::settings::PostgresUrl;
@@ -65,8 +66,13 @@ const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 2,
-        name: "0002_buyers",
-        sql: include_str!("postgres_migrations/0002_buyers.sql"),
+        name: "0002_money",
+        sql: include_str!("postgres_migrations/0002_money.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "0003_buyers",
+        sql: include_str!("postgres_migrations/0003_buyers.sql"),
     },
 ];
 
@@ -221,12 +227,24 @@ impl PostgresStore {
         insert_token(&client, &token, None, now, INSERT_TOKEN).await
     }
 
-    pub async fn token(&self, token_id: String) -> Result<Option<TokenRecord>, StoreError> {
+    pub async fn token(
+        &self,
+        token_id: String,
+        now: UnixMillis,
+    ) -> Result<Option<TokenRecord>, StoreError> {
         if !storable(&token_id) {
             return Ok(None);
         }
-        let client = self.pool.get().await?;
-        load_token(&client, SELECT_TOKEN, &token_id).await
+        let token_id = token_id.as_str();
+        in_transaction!(&self.pool, |tx| {
+            match load_token(&tx, SELECT_TOKEN, token_id).await? {
+                Some(token) if expire_buyer_holds(&tx, &token.grant.buyer_id, now).await? == 0 => {
+                    Some(token)
+                }
+                Some(_) => load_token(&tx, SELECT_TOKEN, token_id).await?,
+                None => None,
+            }
+        })
     }
 
     /// Revokes the token (once; a second revoke keeps the first time). An unknown token is
@@ -396,22 +414,29 @@ impl PostgresStore {
         })
     }
 
-    pub async fn buyer(&self, buyer_id: String) -> Result<BuyerRecord, StoreError> {
+    pub async fn buyer(
+        &self,
+        buyer_id: String,
+        now: UnixMillis,
+    ) -> Result<BuyerRecord, StoreError> {
         if !storable(&buyer_id) {
             return Ok(BuyerRecord { account: None, tokens: Vec::new() });
         }
-        let client = self.pool.get().await?;
-        let account = load_account(&client, SELECT_ACCOUNT, &buyer_id).await?;
-        let tokens = query(
-            &client,
-            concat!(select_token!(), " WHERE buyer_id = $1 ORDER BY created_at, token_id"),
-            &[&buyer_id],
-        )
-        .await?
-        .iter()
-        .map(token_record)
-        .collect::<Result<_, _>>()?;
-        Ok(BuyerRecord { account, tokens })
+        let buyer_id = buyer_id.as_str();
+        in_transaction!(&self.pool, |tx| {
+            expire_buyer_holds(&tx, buyer_id, now).await?;
+            let account = load_account(&tx, SELECT_ACCOUNT, buyer_id).await?;
+            let tokens = query(
+                &tx,
+                concat!(select_token!(), " WHERE buyer_id = $1 ORDER BY created_at, token_id"),
+                &[&buyer_id],
+            )
+            .await?
+            .iter()
+            .map(token_record)
+            .collect::<Result<_, _>>()?;
+            BuyerRecord { account, tokens }
+        })
     }
 
     pub async fn revoke_buyer(
@@ -452,12 +477,28 @@ impl PostgresStore {
         })
     }
 
-    pub async fn charge(&self, charge_id: String) -> Result<Option<ChargeRecord>, StoreError> {
+    pub async fn charge(
+        &self,
+        charge_id: String,
+        now: UnixMillis,
+    ) -> Result<Option<ChargeRecord>, StoreError> {
         if !storable(&charge_id) {
             return Ok(None);
         }
-        let client = self.pool.get().await?;
-        load_charge(&client, &charge_id).await
+        let charge_id = charge_id.as_str();
+        in_transaction!(&self.pool, |tx| {
+            let buyer = query_opt(
+                &tx,
+                "SELECT t.buyer_id FROM charges c JOIN tokens t ON t.token_id = c.token_id
+                 WHERE c.charge_id = $1",
+                &[&charge_id],
+            )
+            .await?;
+            if let Some(buyer) = buyer {
+                expire_buyer_holds(&tx, buyer.try_get(0)?, now).await?;
+            }
+            load_charge(&tx, charge_id).await?
+        })
     }
 
     pub async fn reserve(&self, command: ReserveCommand) -> Result<ReserveOutcome, StoreError> {
@@ -469,7 +510,7 @@ impl PostgresStore {
         &self,
         settlements: Vec<Settlement>,
         now: UnixMillis,
-    ) -> Result<Vec<SettleResult>, StoreError> {
+    ) -> Result<SettleOutcome, StoreError> {
         let settlements = settlements.as_slice();
         in_transaction!(&self.pool, |tx| settle(&tx, settlements, now).await?)
     }
@@ -507,6 +548,19 @@ impl PostgresStore {
     /// Releases up to `limit` holds whose TTL has passed; answers how many.
     pub async fn expire_holds(&self, now: UnixMillis, limit: usize) -> Result<usize, StoreError> {
         in_transaction!(&self.pool, |tx| expire_holds(&tx, now, limit).await?)
+    }
+
+    /// A key purged while a reserve reads it under its token's lock is harmless: the key is
+    /// past its retention, and either answer (its outcome, or a fresh start) is allowed.
+    pub async fn purge_idempotency_keys(
+        &self,
+        before: UnixMillis,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let client = self.pool.get().await?;
+        let purged = execute(&client, PURGE_IDEMPOTENCY_KEYS, &[&before, &limit]).await?;
+        Ok(usize::try_from(purged).unwrap_or(usize::MAX))
     }
 }
 
@@ -581,6 +635,12 @@ async fn reserve(tx: &Transaction<'_>, cmd: &ReserveCommand) -> Result<ReserveOu
             return Err(StoreError::Corrupt(format!("token {token_id} vanished")));
         }
     }
+    // Holds past their TTL count against no level of the chain nor the account, and keep no
+    // key in flight: the buyer's expired holds are released first (their chains locked after
+    // this one's, then the account, as every transaction locks accounts after tokens).
+    if expire_buyer_holds(tx, &chain[0].grant.buyer_id, cmd.now).await? > 0 {
+        chain = lock_chain(tx, token_id).await?;
+    }
     let token = &chain[0];
     // Locked after the chain's tokens, as every transaction does. A sandbox token's buyer
     // is not read: the sandbox book never touches the account.
@@ -598,20 +658,24 @@ async fn reserve(tx: &Transaction<'_>, cmd: &ReserveCommand) -> Result<ReserveOu
     let prior = match &cmd.idempotency {
         Some(idempotency) => query_opt(
             tx,
-            "SELECT k.fingerprint, k.charge_id, c.status, k.replays
-             FROM idempotency_keys k JOIN charges c ON c.charge_id = k.charge_id
+            "SELECT k.fingerprint, k.replays, k.charge_id, c.status, k.refusal
+             FROM idempotency_keys k LEFT JOIN charges c ON c.charge_id = k.charge_id
              WHERE k.token_id = $1 AND k.key = $2",
             &[&token_id, &idempotency.key],
         )
         .await?
         .map(|row| -> Result<_, StoreError> {
-            let replays: i32 = row.try_get(3)?;
-            Ok((
-                row.try_get::<_, String>(0)?,
-                row.try_get::<_, String>(1)?,
-                named(&row, 2, &ALL_STATUSES, status_name)?,
+            let replays: i32 = row.try_get(1)?;
+            let charge = match row.try_get::<_, Option<String>>(2)? {
+                Some(charge_id) => Some((charge_id, named(&row, 3, &ALL_STATUSES, status_name)?)),
+                None => None,
+            };
+            PriorKey::read(
+                row.try_get(0)?,
                 u32::try_from(replays).map_err(|_| corrupt("replays", replays))?,
-            ))
+                charge,
+                row.try_get(4)?,
+            )
         })
         .transpose()?,
         None => None,
@@ -622,10 +686,37 @@ async fn reserve(tx: &Transaction<'_>, cmd: &ReserveCommand) -> Result<ReserveOu
         prior_use(&prior),
         cmd.max_replays,
     ) {
-        Err(refusal) => return Ok(ReserveOutcome::Refused(refusal)),
+        Err(refusal) => {
+            if let Some(idempotency) = &cmd.idempotency
+                && rules::records_refusal(&refusal, prior_use(&prior))
+            {
+                execute(
+                    tx,
+                    "INSERT INTO idempotency_keys (token_id, key, fingerprint, refusal, created_at)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (token_id, key) DO UPDATE SET charge_id = NULL,
+                         refusal = excluded.refusal, replays = 0, created_at = excluded.created_at",
+                    &[
+                        &token_id,
+                        &idempotency.key,
+                        &idempotency.fingerprint,
+                        &refusal_json(&refusal)?,
+                        &cmd.now,
+                    ],
+                )
+                .await?;
+            }
+            return Ok(ReserveOutcome::Refused(refusal));
+        }
+        Ok(Admission::ReplayRefusal) => match prior.map(|prior| prior.outcome) {
+            Some(KeyOutcome::Refused(refusal)) => return Ok(ReserveOutcome::Refused(refusal)),
+            _ => return Err(StoreError::Corrupt("a refusal replay without a refusal".into())),
+        },
         Ok(Admission::Replay) => {
-            let (first, key) = match (prior, &cmd.idempotency) {
-                (Some((_, charge_id, _, _)), Some(idempotency)) => (charge_id, &idempotency.key),
+            let (first, key) = match (prior.map(|prior| prior.outcome), &cmd.idempotency) {
+                (Some(KeyOutcome::Charge { charge_id, .. }), Some(idempotency)) => {
+                    (charge_id, &idempotency.key)
+                }
                 _ => return Err(StoreError::Corrupt("a replay without a prior charge".into())),
             };
             execute(
@@ -638,8 +729,8 @@ async fn reserve(tx: &Transaction<'_>, cmd: &ReserveCommand) -> Result<ReserveOu
                 .await?
                 .ok_or_else(|| StoreError::Corrupt("an idempotency key names no charge".into()))?;
             return Ok(ReserveOutcome::Held(Hold {
+                amount_usdc: first.committed.unwrap_or(first.held),
                 charge_id: first.charge_id,
-                amount_usdc: first.held,
                 remaining_usdc: rules::chain_remaining(&chain),
                 replayed: true,
             }));
@@ -688,7 +779,8 @@ async fn reserve(tx: &Transaction<'_>, cmd: &ReserveCommand) -> Result<ReserveOu
             tx,
             "INSERT INTO idempotency_keys (token_id, key, fingerprint, charge_id, created_at)
              VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (token_id, key) DO UPDATE SET charge_id = excluded.charge_id, replays = 0",
+             ON CONFLICT (token_id, key) DO UPDATE SET charge_id = excluded.charge_id,
+                 refusal = NULL, replays = 0, created_at = excluded.created_at",
             &[&token_id, &idempotency.key, &idempotency.fingerprint, &cmd.charge_id, &cmd.now],
         )
         .await?;
@@ -713,13 +805,14 @@ struct OpenHold {
     revoked: bool,
 }
 
-/// A hold to close: committed (its amount becomes used) or released (freed).
+/// A hold to close: committed for `charged` (which becomes used; the rest of the hold is
+/// freed), or released (all of it freed) when `charged` is `None`.
 struct Closing {
     charge_id: String,
     token_id: String,
     account: Option<String>,
     held: Usdc,
-    status: ChargeStatus,
+    charged: Option<Usdc>,
     upstream_status: Option<i32>,
 }
 
@@ -742,7 +835,7 @@ async fn settle(
     tx: &Transaction<'_>,
     settlements: &[Settlement],
     now: UnixMillis,
-) -> Result<Vec<SettleResult>, StoreError> {
+) -> Result<SettleOutcome, StoreError> {
     let ids: Vec<&str> =
         settlements.iter().map(|s| s.charge_id.as_str()).filter(|id| storable(id)).collect();
     let mut holds = HashMap::with_capacity(ids.len());
@@ -773,27 +866,38 @@ async fn settle(
 
     let mut closing = Vec::new();
     let mut results = Vec::with_capacity(settlements.len());
-    for s in settlements {
+    for (i, s) in settlements.iter().enumerate() {
         let status = match holds.get_mut(&s.charge_id) {
             None => SettleStatus::Unknown,
             Some(hold) => {
+                let amount = match rules::commit_amount(s.amount_usdc, hold.held) {
+                    Ok(amount) => amount,
+                    // Nothing is written before every settlement is decided: this changes nothing.
+                    Err(problem) => {
+                        return Ok(SettleOutcome::Invalid(format!("settlements[{i}]: {problem}")));
+                    }
+                };
                 let expired = now >= hold.hold_expires_at;
                 let (closed, result) =
-                    match rules::settle(hold.status, expired, hold.revoked, s.outcome) {
+                    match rules::settle(hold.status, expired, hold.revoked, s.outcome, amount) {
                         SettleDecision::Unchanged(result) => (None, result),
-                        SettleDecision::Commit => {
-                            (Some(ChargeStatus::Committed), SettleStatus::Committed)
+                        SettleDecision::Commit(amount) => {
+                            (Some(Some(amount)), SettleStatus::Committed)
                         }
-                        SettleDecision::Release(result) => (Some(ChargeStatus::Released), result),
+                        SettleDecision::Release(result) => (Some(None), result),
                     };
-                if let Some(closed) = closed {
-                    hold.status = closed;
+                if let Some(charged) = closed {
+                    hold.status = if charged.is_some() {
+                        ChargeStatus::Committed
+                    } else {
+                        ChargeStatus::Released
+                    };
                     closing.push(Closing {
                         charge_id: s.charge_id.clone(),
                         token_id: hold.token_id.clone(),
                         account: hold.account.clone(),
                         held: hold.held,
-                        status: closed,
+                        charged,
                         upstream_status: s.upstream_status.map(i32::from),
                     });
                 }
@@ -803,7 +907,7 @@ async fn settle(
         results.push(SettleResult { charge_id: s.charge_id.clone(), status });
     }
     close_holds(tx, &closing, &parents, now).await?;
-    Ok(results)
+    Ok(SettleOutcome::Settled(results))
 }
 
 async fn expire_holds(
@@ -822,10 +926,41 @@ async fn expire_holds(
     .iter()
     .map(|row| row.try_get(0))
     .collect::<Result<_, _>>()?;
+    release_due(tx, &due, now).await
+}
+
+/// Releases every hold of the buyer whose TTL has passed (on read: the sweeper may lag).
+/// The buyer's, not just one token's: each level of a chain of delegation, and the buyer's
+/// account, count the holds of every token below them. Takes no lock when none is due.
+async fn expire_buyer_holds(
+    tx: &Transaction<'_>,
+    buyer_id: &str,
+    now: UnixMillis,
+) -> Result<usize, StoreError> {
+    let due: Vec<String> = query(
+        tx,
+        "SELECT c.charge_id FROM charges c JOIN tokens t ON t.token_id = c.token_id
+         WHERE c.status = 'held' AND c.hold_expires_at <= $1 AND t.buyer_id = $2",
+        &[&now, &buyer_id],
+    )
+    .await?
+    .iter()
+    .map(|row| row.try_get(0))
+    .collect::<Result<_, _>>()?;
+    release_due(tx, &due, now).await
+}
+
+/// Releases the holds `due` names that are still held and past their TTL at `now`, at every
+/// level of their chains and on their accounts; answers how many.
+async fn release_due(
+    tx: &Transaction<'_>,
+    due: &[String],
+    now: UnixMillis,
+) -> Result<usize, StoreError> {
     if due.is_empty() {
         return Ok(0);
     }
-    let parents = lock_chains_of_charges(tx, &due).await?;
+    let parents = lock_chains_of_charges(tx, due).await?;
     // Again under the locks: another ledger's sweep, or a settle, may have closed some.
     let closing = query(
         tx,
@@ -842,7 +977,7 @@ async fn expire_holds(
             token_id: row.try_get(1)?,
             held: usdc(row, 2)?,
             account: row.try_get(3)?,
-            status: ChargeStatus::Released,
+            charged: None,
             upstream_status: None,
         })
     })
@@ -853,8 +988,9 @@ async fn expire_holds(
 
 /// Closes the holds (all held, their chains locked by this transaction, `parents` naming
 /// each locked token's parent) and moves the counters of every level of their chains and of
-/// the accounts holding them: a statement for the charges, one for the tokens and one for
-/// the accounts, however many.
+/// the accounts holding them: a commit's amount becomes used (and is debited from the
+/// account), the whole hold stops being held. A statement for the charges, one for the
+/// tokens and one for the accounts, however many.
 async fn close_holds(
     tx: &Transaction<'_>,
     closing: &[Closing],
@@ -865,14 +1001,24 @@ async fn close_holds(
         return Ok(());
     }
     let charge_ids: Vec<&str> = closing.iter().map(|c| c.charge_id.as_str()).collect();
-    let statuses: Vec<&str> = closing.iter().map(|c| status_name(c.status)).collect();
+    let statuses: Vec<&str> = closing
+        .iter()
+        .map(|c| match c.charged {
+            Some(_) => status_name(ChargeStatus::Committed),
+            None => status_name(ChargeStatus::Released),
+        })
+        .collect();
     let upstream: Vec<Option<i32>> = closing.iter().map(|c| c.upstream_status).collect();
+    let committed: Vec<Option<i64>> =
+        closing.iter().map(|c| c.charged.map(Usdc::micros_i64)).collect();
     let closed = execute(
         tx,
-        "UPDATE charges c SET status = u.status, settled_at = $4, upstream_status = u.upstream
-         FROM unnest($1::text[], $2::text[], $3::int4[]) AS u (charge_id, status, upstream)
+        "UPDATE charges c SET status = u.status, settled_at = $5, upstream_status = u.upstream,
+                              committed_micros = u.committed
+         FROM unnest($1::text[], $2::text[], $3::int4[], $4::int8[])
+              AS u (charge_id, status, upstream, committed)
          WHERE c.charge_id = u.charge_id AND c.status = 'held'",
-        &[&charge_ids, &statuses, &upstream, &now],
+        &[&charge_ids, &statuses, &upstream, &committed, &now],
     )
     .await?;
     if usize::try_from(closed).ok() != Some(closing.len()) {
@@ -890,8 +1036,8 @@ async fn close_holds(
         let held = c.held.micros_i64();
         let overflow = || StoreError::Corrupt(format!("token {} holds too much", c.token_id));
         *freed = freed.checked_add(held).ok_or_else(overflow)?;
-        if c.status == ChargeStatus::Committed {
-            *used = used.checked_add(held).ok_or_else(overflow)?;
+        if let Some(charged) = c.charged {
+            *used = used.checked_add(charged.micros_i64()).ok_or_else(overflow)?;
         }
         Ok::<_, StoreError>(())
     };
@@ -1040,7 +1186,8 @@ async fn load_charge(
     let row = query_opt(
         db,
         "SELECT c.charge_id, c.token_id, t.buyer_id, c.service_id, c.held_micros, c.status,
-                c.idempotency_key, c.upstream_status, c.created_at, c.settled_at, t.sandbox
+                c.idempotency_key, c.upstream_status, c.created_at, c.settled_at,
+                c.committed_micros, t.sandbox
          FROM charges c JOIN tokens t ON t.token_id = c.token_id
          WHERE c.charge_id = $1",
         &[&charge_id],
@@ -1057,12 +1204,16 @@ async fn load_charge(
         buyer_id: row.try_get(2)?,
         service_id: row.try_get(3)?,
         held: usdc(&row, 4)?,
+        committed: match row.try_get::<_, Option<i64>>(10)? {
+            Some(_) => Some(usdc(&row, 10)?),
+            None => None,
+        },
         status: named(&row, 5, &ALL_STATUSES, status_name)?,
         idempotency_key: row.try_get(6)?,
         upstream_status,
         created_at: row.try_get(8)?,
         settled_at: row.try_get(9)?,
-        sandbox: row.try_get(10)?,
+        sandbox: row.try_get(11)?,
     }))
 }
 

@@ -23,8 +23,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     ALL_SCOPES, ALL_STATUSES, BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, FIRST_TIER,
-    ReserveCommand, ReserveOutcome, StoreError, TokenRecord, UnixMillis, prior_use, scope_name,
-    seconds_to_millis, status_name,
+    KeyOutcome, PURGE_IDEMPOTENCY_KEYS, PriorKey, ReserveCommand, ReserveOutcome, SettleOutcome,
+    StoreError, TokenRecord, UnixMillis, prior_use, refusal_json, scope_name, seconds_to_millis,
+    status_name,
 };
 use crate::rules::{
     self, Account, Admission, Books, ChildSpec, DepositDecision, MAX_CHAIN_LEN, SettleDecision,
@@ -36,8 +37,11 @@ const MAX_BATCH: usize = 512;
 const QUEUE_DEPTH: usize = 8192;
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many have run.
-const MIGRATIONS: &[&str] =
-    &[include_str!("sqlite_schema.sql"), include_str!("sqlite_0002_buyers.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("sqlite_schema.sql"),
+    include_str!("sqlite_0002_money.sql"),
+    include_str!("sqlite_0003_buyers.sql"),
+];
 
 /// The columns [`token_record`] reads.
 macro_rules! select_token {
@@ -109,8 +113,16 @@ impl SqliteStore {
         self.run(move |conn| insert_token(conn, &token, None, now)).await
     }
 
-    pub async fn token(&self, token_id: String) -> Result<Option<TokenRecord>, StoreError> {
-        self.run(move |conn| load_token(conn, &token_id)).await
+    pub async fn token(
+        &self,
+        token_id: String,
+        now: UnixMillis,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        self.run(move |conn| {
+            expire_token_buyer_holds(conn, &token_id, None, now)?;
+            load_token(conn, &token_id)
+        })
+        .await
     }
 
     /// Revokes the token (once; a second revoke keeps the first time). An unknown token is
@@ -252,8 +264,13 @@ impl SqliteStore {
         .await
     }
 
-    pub async fn buyer(&self, buyer_id: String) -> Result<BuyerRecord, StoreError> {
+    pub async fn buyer(
+        &self,
+        buyer_id: String,
+        now: UnixMillis,
+    ) -> Result<BuyerRecord, StoreError> {
         self.run(move |conn| {
+            expire_buyer_holds(conn, &buyer_id, now)?;
             let account = load_account(conn, &buyer_id)?;
             let tokens = conn
                 .prepare_cached(concat!(
@@ -287,8 +304,25 @@ impl SqliteStore {
         .await
     }
 
-    pub async fn charge(&self, charge_id: String) -> Result<Option<ChargeRecord>, StoreError> {
-        self.run(move |conn| load_charge(conn, &charge_id)).await
+    pub async fn charge(
+        &self,
+        charge_id: String,
+        now: UnixMillis,
+    ) -> Result<Option<ChargeRecord>, StoreError> {
+        self.run(move |conn| {
+            let buyer_id = conn
+                .prepare_cached(
+                    "SELECT t.buyer_id FROM charges c JOIN tokens t ON t.token_id = c.token_id
+                     WHERE c.charge_id = ?1",
+                )?
+                .query_row(params![charge_id], |row| row.get::<_, String>(0))
+                .optional()?;
+            if let Some(buyer_id) = buyer_id {
+                expire_buyer_holds(conn, &buyer_id, now)?;
+            }
+            load_charge(conn, &charge_id)
+        })
+        .await
     }
 
     pub async fn reserve(&self, command: ReserveCommand) -> Result<ReserveOutcome, StoreError> {
@@ -299,15 +333,32 @@ impl SqliteStore {
         &self,
         settlements: Vec<Settlement>,
         now: UnixMillis,
-    ) -> Result<Vec<SettleResult>, StoreError> {
+    ) -> Result<SettleOutcome, StoreError> {
         self.run(move |conn| {
-            settlements
+            // Every amount is checked before anything is settled: a request with one that
+            // does not fit its hold changes nothing.
+            for (i, s) in settlements.iter().enumerate() {
+                if s.amount_usdc.is_none() {
+                    continue;
+                }
+                let held = conn
+                    .prepare_cached("SELECT held_micros FROM charges WHERE charge_id = ?1")?
+                    .query_row(params![s.charge_id], |row| usdc(row, 0))
+                    .optional()?;
+                if let Some(Err(problem)) =
+                    held.map(|held| rules::commit_amount(s.amount_usdc, held))
+                {
+                    return Ok(SettleOutcome::Invalid(format!("settlements[{i}]: {problem}")));
+                }
+            }
+            let results = settlements
                 .iter()
                 .map(|s| {
                     let status = settle(conn, s, now)?;
                     Ok(SettleResult { charge_id: s.charge_id.clone(), status })
                 })
-                .collect()
+                .collect::<Result<_, StoreError>>()?;
+            Ok(SettleOutcome::Settled(results))
         })
         .await
     }
@@ -329,6 +380,18 @@ impl SqliteStore {
     /// Releases up to `limit` holds whose TTL has passed; answers how many.
     pub async fn expire_holds(&self, now: UnixMillis, limit: usize) -> Result<usize, StoreError> {
         self.run(move |conn| expire_holds(conn, now, limit)).await
+    }
+
+    pub async fn purge_idempotency_keys(
+        &self,
+        before: UnixMillis,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(move |conn| {
+            Ok(conn.prepare_cached(PURGE_IDEMPOTENCY_KEYS)?.execute(params![before, limit])?)
+        })
+        .await
     }
 }
 
@@ -417,6 +480,9 @@ fn in_savepoint<T>(
 }
 
 fn reserve(conn: &Connection, cmd: &ReserveCommand) -> Result<ReserveOutcome, StoreError> {
+    // Holds past their TTL count against no level of the chain nor the account, and keep no
+    // key in flight: the buyer's expired holds are released first.
+    expire_token_buyer_holds(conn, &cmd.token.token_id, Some(&cmd.token.buyer_id), cmd.now)?;
     let mut chain = load_chain(conn, &cmd.token.token_id)?;
     if chain.is_empty() {
         insert_token(conn, &cmd.token, None, cmd.now)?;
@@ -435,19 +501,22 @@ fn reserve(conn: &Connection, cmd: &ReserveCommand) -> Result<ReserveOutcome, St
     let prior = match &cmd.idempotency {
         Some(idempotency) => conn
             .prepare_cached(
-                "SELECT k.fingerprint, k.charge_id, c.status, k.replays
-                 FROM idempotency_keys k JOIN charges c ON c.charge_id = k.charge_id
+                "SELECT k.fingerprint, k.replays, k.charge_id, c.status, k.refusal
+                 FROM idempotency_keys k LEFT JOIN charges c ON c.charge_id = k.charge_id
                  WHERE k.token_id = ?1 AND k.key = ?2",
             )?
             .query_row(params![token_id, idempotency.key], |row| {
-                Ok((
-                    row.get::<_, String>(0)?,
-                    row.get::<_, String>(1)?,
-                    charge_status(row, 2)?,
-                    row.get::<_, u32>(3)?,
-                ))
+                let charge = match row.get::<_, Option<String>>(2)? {
+                    Some(charge_id) => Some((charge_id, charge_status(row, 3)?)),
+                    None => None,
+                };
+                Ok((row.get::<_, String>(0)?, row.get::<_, u32>(1)?, charge, row.get(4)?))
             })
-            .optional()?,
+            .optional()?
+            .map(|(fingerprint, replays, charge, refusal)| {
+                PriorKey::read(fingerprint, replays, charge, refusal)
+            })
+            .transpose()?,
         None => None,
     };
     let remaining = match rules::admit_books(
@@ -456,10 +525,35 @@ fn reserve(conn: &Connection, cmd: &ReserveCommand) -> Result<ReserveOutcome, St
         prior_use(&prior),
         cmd.max_replays,
     ) {
-        Err(refusal) => return Ok(ReserveOutcome::Refused(refusal)),
+        Err(refusal) => {
+            if let Some(idempotency) = &cmd.idempotency
+                && rules::records_refusal(&refusal, prior_use(&prior))
+            {
+                conn.prepare_cached(
+                    "INSERT INTO idempotency_keys (token_id, key, fingerprint, refusal, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (token_id, key) DO UPDATE SET charge_id = NULL,
+                         refusal = excluded.refusal, replays = 0, created_at = excluded.created_at",
+                )?
+                .execute(params![
+                    token_id,
+                    idempotency.key,
+                    idempotency.fingerprint,
+                    refusal_json(&refusal)?,
+                    cmd.now
+                ])?;
+            }
+            return Ok(ReserveOutcome::Refused(refusal));
+        }
+        Ok(Admission::ReplayRefusal) => match prior.map(|prior| prior.outcome) {
+            Some(KeyOutcome::Refused(refusal)) => return Ok(ReserveOutcome::Refused(refusal)),
+            _ => return Err(StoreError::Corrupt("a refusal replay without a refusal".into())),
+        },
         Ok(Admission::Replay) => {
-            let (first, key) = match (prior, &cmd.idempotency) {
-                (Some((_, charge_id, _, _)), Some(idempotency)) => (charge_id, &idempotency.key),
+            let (first, key) = match (prior.map(|prior| prior.outcome), &cmd.idempotency) {
+                (Some(KeyOutcome::Charge { charge_id, .. }), Some(idempotency)) => {
+                    (charge_id, &idempotency.key)
+                }
                 _ => return Err(StoreError::Corrupt("a replay without a prior charge".into())),
             };
             conn.prepare_cached(
@@ -469,8 +563,8 @@ fn reserve(conn: &Connection, cmd: &ReserveCommand) -> Result<ReserveOutcome, St
             let first = load_charge(conn, &first)?
                 .ok_or_else(|| StoreError::Corrupt("an idempotency key names no charge".into()))?;
             return Ok(ReserveOutcome::Held(Hold {
+                amount_usdc: first.committed.unwrap_or(first.held),
                 charge_id: first.charge_id,
-                amount_usdc: first.held,
                 remaining_usdc: rules::chain_remaining(&chain),
                 replayed: true,
             }));
@@ -511,7 +605,8 @@ fn reserve(conn: &Connection, cmd: &ReserveCommand) -> Result<ReserveOutcome, St
         conn.prepare_cached(
             "INSERT INTO idempotency_keys (token_id, key, fingerprint, charge_id, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (token_id, key) DO UPDATE SET charge_id = excluded.charge_id, replays = 0",
+             ON CONFLICT (token_id, key) DO UPDATE SET charge_id = excluded.charge_id,
+                 refusal = NULL, replays = 0, created_at = excluded.created_at",
         )?
         .execute(params![
             token_id,
@@ -550,14 +645,16 @@ fn settle(conn: &Connection, s: &Settlement, now: UnixMillis) -> Result<SettleSt
         return Ok(SettleStatus::Unknown);
     };
     let upstream_status = s.upstream_status.map(i64::from);
-    match rules::settle(status, now >= hold_expires_at, revoked, s.outcome) {
+    // Checked for the whole request before any settlement ran.
+    let amount = rules::commit_amount(s.amount_usdc, hold.held).map_err(StoreError::Corrupt)?;
+    match rules::settle(status, now >= hold_expires_at, revoked, s.outcome, amount) {
         SettleDecision::Unchanged(result) => Ok(result),
-        SettleDecision::Commit => {
-            close_hold(conn, &hold, ChargeStatus::Committed, now, upstream_status)?;
+        SettleDecision::Commit(amount) => {
+            close_hold(conn, &hold, Some(amount), now, upstream_status)?;
             Ok(SettleStatus::Committed)
         }
         SettleDecision::Release(result) => {
-            close_hold(conn, &hold, ChargeStatus::Released, now, upstream_status)?;
+            close_hold(conn, &hold, None, now, upstream_status)?;
             Ok(result)
         }
     }
@@ -595,29 +692,70 @@ fn expire_holds(conn: &Connection, now: UnixMillis, limit: usize) -> Result<usiz
         .query_map(params![now, limit], open_hold)?
         .collect::<Result<Vec<_>, _>>()?;
     for hold in &expired {
-        close_hold(conn, hold, ChargeStatus::Released, now, None)?;
+        close_hold(conn, hold, None, now, None)?;
     }
     Ok(expired.len())
 }
 
-/// Moves a held charge to `Committed` (its amount becomes used) or `Released` (freed), at
-/// every level of its token's chain and on its buyer's account if it was held there.
+/// Releases every hold of the buyer whose TTL has passed (on read: the sweeper may lag).
+/// The buyer's, not just one token's: each level of a chain of delegation, and the buyer's
+/// account, count the holds of every token below them.
+fn expire_buyer_holds(
+    conn: &Connection,
+    buyer_id: &str,
+    now: UnixMillis,
+) -> Result<usize, StoreError> {
+    let expired = conn
+        .prepare_cached(
+            "SELECT c.charge_id, c.token_id, t.buyer_id, c.on_account, c.held_micros
+             FROM charges c JOIN tokens t ON t.token_id = c.token_id
+             WHERE c.status = 'held' AND c.hold_expires_at <= ?1 AND t.buyer_id = ?2",
+        )?
+        .query_map(params![now, buyer_id], open_hold)?
+        .collect::<Result<Vec<_>, _>>()?;
+    for hold in &expired {
+        close_hold(conn, hold, None, now, None)?;
+    }
+    Ok(expired.len())
+}
+
+/// [`expire_buyer_holds`] for the buyer of `token_id` (`buyer_id` if the token is unknown).
+fn expire_token_buyer_holds(
+    conn: &Connection,
+    token_id: &str,
+    buyer_id: Option<&str>,
+    now: UnixMillis,
+) -> Result<usize, StoreError> {
+    let stored = conn
+        .prepare_cached("SELECT buyer_id FROM tokens WHERE token_id = ?1")?
+        .query_row(params![token_id], |row| row.get::<_, String>(0))
+        .optional()?;
+    match stored.as_deref().or(buyer_id) {
+        Some(buyer_id) => expire_buyer_holds(conn, buyer_id, now),
+        None => Ok(0),
+    }
+}
+
+/// Closes a held charge, at every level of its token's chain and on its buyer's account if
+/// it was held there: committed for `charged` (which becomes used, and is debited from the
+/// account; the rest of the hold is freed), or released (all of it freed) when `charged` is
+/// `None`.
 fn close_hold(
     conn: &Connection,
     hold: &OpenHold,
-    status: ChargeStatus,
+    charged: Option<Usdc>,
     now: UnixMillis,
     upstream_status: Option<i64>,
 ) -> Result<(), StoreError> {
+    let status = if charged.is_some() { ChargeStatus::Committed } else { ChargeStatus::Released };
+    let committed = charged.map(Usdc::micros_i64);
     conn.prepare_cached(
-        "UPDATE charges SET status = ?1, settled_at = ?2, upstream_status = ?3
-         WHERE charge_id = ?4 AND status = 'held'",
+        "UPDATE charges SET status = ?1, settled_at = ?2, upstream_status = ?3,
+                            committed_micros = ?4
+         WHERE charge_id = ?5 AND status = 'held'",
     )?
-    .execute(params![status_name(status), now, upstream_status, hold.charge_id])?;
-    let (held, used) = match status {
-        ChargeStatus::Committed => (hold.held.micros_i64(), hold.held.micros_i64()),
-        ChargeStatus::Held | ChargeStatus::Released => (hold.held.micros_i64(), 0),
-    };
+    .execute(params![status_name(status), now, upstream_status, committed, hold.charge_id])?;
+    let (held, used) = (hold.held.micros_i64(), committed.unwrap_or(0));
     conn.prepare_cached(
         "WITH RECURSIVE chain (id) AS (
              SELECT ?3 UNION ALL
@@ -738,7 +876,8 @@ fn load_charge(conn: &Connection, charge_id: &str) -> Result<Option<ChargeRecord
     let charge = conn
         .prepare_cached(
             "SELECT c.charge_id, c.token_id, t.buyer_id, c.service_id, c.held_micros, c.status,
-                    c.idempotency_key, c.upstream_status, c.created_at, c.settled_at, t.sandbox
+                    c.idempotency_key, c.upstream_status, c.created_at, c.settled_at,
+                    c.committed_micros, t.sandbox
              FROM charges c JOIN tokens t ON t.token_id = c.token_id
              WHERE c.charge_id = ?1",
         )?
@@ -749,12 +888,16 @@ fn load_charge(conn: &Connection, charge_id: &str) -> Result<Option<ChargeRecord
                 buyer_id: row.get(2)?,
                 service_id: row.get(3)?,
                 held: usdc(row, 4)?,
+                committed: match row.get::<_, Option<i64>>(10)? {
+                    Some(_) => Some(usdc(row, 10)?),
+                    None => None,
+                },
                 status: charge_status(row, 5)?,
                 idempotency_key: row.get(6)?,
                 upstream_status: row.get(7)?,
                 created_at: row.get(8)?,
                 settled_at: row.get(9)?,
-                sandbox: row.get(10)?,
+                sandbox: row.get(11)?,
             })
         })
         .optional()?;
@@ -792,4 +935,73 @@ fn named<T: Copy>(
         .copied()
         .find(|value| name(*value) == text)
         .ok_or_else(|| conversion_error(index, Type::Text, format!("unknown value {text}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Books written by version 1 keep their meaning: a committed charge charged all it held,
+    /// and an Idempotency-Key still names its charge.
+    #[test]
+    fn version_1_books_migrate_with_their_meaning() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute_batch(
+            "INSERT INTO tokens (token_id, buyer_id, scope, limit_micros, used_micros,
+                                 reserved_micros, expires_at, created_at)
+                 VALUES ('tok', 'b', 'SINGLE', 10, 3, 4, 0, 0);
+             INSERT INTO charges (charge_id, token_id, service_id, held_micros, status,
+                                  idempotency_key, created_at, hold_expires_at)
+                 VALUES ('ch_c', 'tok', 's', 3, 'committed', 'k', 0, 0),
+                        ('ch_h', 'tok', 's', 4, 'held', NULL, 0, 0);
+             INSERT INTO idempotency_keys (token_id, key, fingerprint, charge_id, replays, created_at)
+                 VALUES ('tok', 'k', 'fp', 'ch_c', 2, 7);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let committed = |id: &str| {
+            conn.query_row(
+                "SELECT committed_micros FROM charges WHERE charge_id = ?1",
+                [id],
+                |row| row.get::<_, Option<i64>>(0),
+            )
+            .unwrap()
+        };
+        assert_eq!((committed("ch_c"), committed("ch_h")), (Some(3), None));
+        let key = conn
+            .query_row(
+                "SELECT charge_id, refusal, replays, created_at FROM idempotency_keys",
+                [],
+                |row| {
+                    Ok((
+                        row.get::<_, Option<String>>(0)?,
+                        row.get::<_, Option<String>>(1)?,
+                        row.get::<_, i64>(2)?,
+                        row.get::<_, i64>(3)?,
+                    ))
+                },
+            )
+            .unwrap();
+        assert_eq!(key, (Some("ch_c".into()), None, 2, 7));
+        // A key keeps exactly one outcome.
+        let both = conn.execute("UPDATE idempotency_keys SET refusal = '{}' WHERE key = 'k'", []);
+        assert!(both.is_err());
+        // Version 3 (buyers) on top of version 2 (money): old tokens are root, real tokens,
+        // old holds are on no account.
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0)).unwrap();
+        assert_eq!(version, i64::try_from(MIGRATIONS.len()).unwrap());
+        assert_eq!(MIGRATIONS.len(), 3);
+        let token = conn
+            .query_row("SELECT parent_id, sandbox FROM tokens WHERE token_id = 'tok'", [], |row| {
+                Ok((row.get::<_, Option<String>>(0)?, row.get::<_, bool>(1)?))
+            })
+            .unwrap();
+        assert_eq!(token, (None, false));
+        let on_account: i64 = conn
+            .query_row("SELECT count(*) FROM charges WHERE on_account", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(on_account, 0);
+    }
 }

@@ -1,5 +1,5 @@
--- paystile ledger schema for PostgreSQL, version 2: buyers' prepaid accounts and deposits,
--- chains of delegation (child tokens), sandbox tokens. As the SQLite schema's version 2.
+-- paystile ledger schema for PostgreSQL, version 3: buyers' prepaid accounts and deposits,
+-- chains of delegation (child tokens), sandbox tokens. As the SQLite schema's version 3.
 
 -- A child token's parent: its spend counts against the parent and up the chain.
 ALTER TABLE tokens ADD COLUMN parent_id TEXT REFERENCES tokens (token_id);

@@ -1,4 +1,4 @@
--- paystile ledger schema, version 2: buyers' prepaid accounts and deposits, chains of
+-- paystile ledger schema, version 3: buyers' prepaid accounts and deposits, chains of
 -- delegation (child tokens), sandbox tokens.
 
 -- A child token's parent: its spend counts against the parent and up the chain.
