@@ -42,6 +42,7 @@ fn pay_token() -> String {
         nbf: None,
         iss: Some("paystile".into()),
         aud: None,
+        sandbox: false,
     };
     format!("Bearer {}", pay_token::sign(&claims, &Key::hs256(TOKEN_SECRET)))
 }

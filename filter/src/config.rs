@@ -5,10 +5,10 @@
 use std::fmt;
 use std::time::Duration;
 
-use paystile_protocol::Usdc;
 use paystile_protocol::jws::Key;
 use paystile_protocol::ledger_api::ChallengeRequest;
 use paystile_protocol::pay_token::{MAX_ID_LEN, Validation};
+use paystile_protocol::{UnitPrice, Usdc};
 use serde::Deserialize;
 
 /// What the gateway's JSON says, before validation.
@@ -37,9 +37,20 @@ struct RawRoute {
     path_prefix: Option<String>,
     #[serde(default)]
     methods: Option<Vec<String>>,
-    price_usdc: Usdc,
+    #[serde(default)]
+    price_usdc: Option<Usdc>,
+    #[serde(default)]
+    metered: Option<RawMetered>,
     #[serde(default)]
     capability: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename = "the metered pricing")]
+struct RawMetered {
+    max_usdc: Usdc,
+    unit_price_usdc: UnitPrice,
+    units_header: String,
 }
 
 #[derive(Deserialize)]
@@ -122,9 +133,21 @@ pub struct Route {
     pub path: PathMatch,
     /// Upper-case methods; `None` matches every method.
     pub methods: Option<Vec<String>>,
+    /// What a call holds: its price, or a metered route's maximum.
     pub price: Usdc,
+    /// Priced by usage: the hold is committed in part, for the units the upstream reports.
+    pub metered: Option<Metered>,
     /// What an L402 macaroon restricted to capabilities must grant to call this route.
     pub capability: Option<String>,
+}
+
+/// How a metered route charges: `units × unit_price` (rounded up to a micro-USDC, capped at
+/// the route's maximum), the units read from the upstream's `units_header`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Metered {
+    pub unit_price: UnitPrice,
+    /// Lower case, as hosts hand header names over.
+    pub units_header: String,
 }
 
 impl Route {
@@ -494,6 +517,7 @@ fn objects_where_expected(config: &serde_json::Value) -> Result<(), ConfigError>
     let items = |list: &str| config.pointer(list).and_then(|v| v.as_array()).cloned();
     for (i, route) in items("/routes").unwrap_or_default().iter().enumerate() {
         must_be_object(Some(route), &format!("routes[{i}]"))?;
+        must_be_object(route.get("metered"), &format!("routes[{i}].metered"))?;
     }
     for (i, key) in items("/pay_token/keys").unwrap_or_default().iter().enumerate() {
         must_be_object(Some(key), &format!("pay_token.keys[{i}]"))?;
@@ -541,7 +565,39 @@ fn validate_route(field: &str, route: RawRoute) -> Result<Route, ConfigError> {
             "must be 1 to 255 visible ASCII characters without , = :",
         ));
     }
-    Ok(Route { path, methods, price: route.price_usdc, capability: route.capability })
+    let (price, metered) = match (route.price_usdc, route.metered) {
+        (Some(price), None) => (price, None),
+        (None, Some(metered)) => {
+            let (max, metered) = validate_metered(&format!("{field}.metered"), metered)?;
+            (max, Some(metered))
+        }
+        _ => return Err(invalid(field, "give exactly one of price_usdc and metered")),
+    };
+    Ok(Route { path, methods, price, metered, capability: route.capability })
+}
+
+/// The most a metered call holds, and how it is metered.
+fn validate_metered(field: &str, metered: RawMetered) -> Result<(Usdc, Metered), ConfigError> {
+    if metered.max_usdc.is_zero() {
+        return Err(invalid(format!("{field}.max_usdc"), "must be greater than 0"));
+    }
+    if metered.unit_price_usdc.is_zero() {
+        return Err(invalid(format!("{field}.unit_price_usdc"), "must be greater than 0"));
+    }
+    let header = &metered.units_header;
+    // An RFC 9110 field name (a token); hosts give pseudo-headers (:status) a colon, which
+    // a token cannot have.
+    let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if header.is_empty() || header.len() > 255 || !header.bytes().all(tchar) {
+        return Err(invalid(
+            format!("{field}.units_header"),
+            "must be an HTTP header name: 1 to 255 letters, digits or !#$%&'*+-.^_`|~",
+        ));
+    }
+    Ok((
+        metered.max_usdc,
+        Metered { unit_price: metered.unit_price_usdc, units_header: header.to_ascii_lowercase() },
+    ))
 }
 
 fn milliseconds(field: &str, value: Option<u64>, default: u64) -> Result<Duration, ConfigError> {
@@ -655,6 +711,23 @@ mod tests {
     }
 
     #[test]
+    fn metered_routes_hold_their_maximum() {
+        let mut json = example();
+        json["routes"] = json!([{"path": "/v1/chat", "metered": {
+            "max_usdc": "0.50", "unit_price_usdc": "0.00000015", "units_header": "X-Usage-Tokens"
+        }}]);
+        let config = parse(&json).unwrap();
+        let route = config.route(b"POST", b"/v1/chat").unwrap();
+        assert_eq!(route.price, "0.5".parse().unwrap());
+        let metered = route.metered.as_ref().unwrap();
+        assert_eq!(
+            (metered.unit_price.picos(), metered.units_header.as_str()),
+            (150_000, "x-usage-tokens")
+        );
+        assert_eq!(parse(&example()).unwrap().routes[1].metered, None);
+    }
+
+    #[test]
     fn get_routes_price_head_too() {
         let mut json = example();
         json["routes"] = json!([{"path": "/v1/report", "methods": ["GET"], "price_usdc": "1"}]);
@@ -700,6 +773,67 @@ mod tests {
                 "routes[1].price_usdc: amount is negative",
             ),
             (with(|c| c["routes"][2]["path"] = json!("v1")), "routes[2].path: must start with /"),
+            (
+                with(|c| c["routes"][2]["metered"] = metered(json!({}))),
+                "routes[2]: give exactly one of price_usdc and metered",
+            ),
+            (
+                with(|c| c["routes"][2]["price_usdc"] = json!(null)),
+                "routes[2]: give exactly one of price_usdc and metered",
+            ),
+            (
+                with(|c| {
+                    c["routes"][2] = json!({"path": "/m", "metered": ["0.5", "0.1", "x-units"]})
+                }),
+                "routes[2].metered: expected an object",
+            ),
+            (
+                with(|c| {
+                    c["routes"][2] =
+                        json!({"path": "/m", "metered": metered(json!({"max_usdc": "0"}))})
+                }),
+                "routes[2].metered.max_usdc: must be greater than 0",
+            ),
+            (
+                with(|c| {
+                    c["routes"][2] =
+                        json!({"path": "/m", "metered": metered(json!({"max_usdc": "0.0000001"}))})
+                }),
+                "routes[2].metered.max_usdc: amount has more than 6 decimals",
+            ),
+            (
+                with(|c| {
+                    c["routes"][2] =
+                        json!({"path": "/m", "metered": metered(json!({"unit_price_usdc": "-1"}))})
+                }),
+                "routes[2].metered.unit_price_usdc: amount is negative",
+            ),
+            (
+                with(
+                    |c| c["routes"][2] = json!({"path": "/m", "metered": metered(json!({"unit_price_usdc": "0.0000000000001"}))}),
+                ),
+                "routes[2].metered.unit_price_usdc: unit price has more than 12 decimals",
+            ),
+            (
+                with(|c| {
+                    c["routes"][2] =
+                        json!({"path": "/m", "metered": metered(json!({"unit_price_usdc": "0"}))})
+                }),
+                "routes[2].metered.unit_price_usdc: must be greater than 0",
+            ),
+            (
+                with(|c| {
+                    c["routes"][2] = json!({"path": "/m", "metered": metered(json!({"units_header": ":status"}))})
+                }),
+                "routes[2].metered.units_header: must be an HTTP header name",
+            ),
+            (
+                with(|c| {
+                    c["routes"][2] =
+                        json!({"path": "/m", "metered": metered(json!({"per": "token"}))})
+                }),
+                "routes[2].metered.per: unknown field `per`",
+            ),
             (
                 with(|c| c["routes"][2]["path_prefix"] = json!("/v1")),
                 "routes[2]: give exactly one of path and path_prefix",
@@ -807,6 +941,16 @@ mod tests {
             parse(&with(|c| c["pay_token"]["keys"] = keys.clone())).unwrap_err().to_string();
         assert_eq!(error, "pay_token.keys[1].kid: is used by another key");
         assert!(Config::from_json(b"\xff\xfe").is_err());
+    }
+
+    /// A valid `metered` section with `changes` applied.
+    fn metered(changes: Value) -> Value {
+        let mut metered =
+            json!({"max_usdc": "0.5", "unit_price_usdc": "0.000002", "units_header": "x-units"});
+        for (key, value) in changes.as_object().unwrap() {
+            metered[key] = value.clone();
+        }
+        metered
     }
 
     /// A valid `l402` section with `changes` applied.

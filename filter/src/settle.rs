@@ -159,6 +159,7 @@ mod tests {
             charge_id: format!("ch_{i}"),
             outcome: Outcome::Commit,
             upstream_status: Some(200),
+            amount_usdc: None,
         }
     }
 

@@ -222,7 +222,9 @@ impl HttpContext for Stream {
         let status = self
             .get_http_response_header_bytes(":status")
             .and_then(|s| std::str::from_utf8(&s).ok().and_then(|s| s.parse().ok()));
-        let step = self.exchange.on_response_headers(&gate, status);
+        let units =
+            self.exchange.units_header().and_then(|name| self.get_http_response_header_bytes(name));
+        let step = self.exchange.on_response_headers(&gate, status, units.as_deref());
         for edit in step.edits {
             match edit {
                 HeaderEdit::Set(name, value) => self.set_http_response_header(name, Some(&value)),

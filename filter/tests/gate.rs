@@ -51,6 +51,7 @@ fn claims() -> PayTokenClaims {
         nbf: None,
         iss: Some("paystile".into()),
         aud: None,
+        sandbox: false,
     }
 }
 
@@ -110,7 +111,7 @@ fn unpriced_and_free_routes_pass_with_only_a_spoofed_charge_id_removed() {
             RequestAction::Forward(vec![HeaderEdit::Remove("x-charge-id")]),
             "{path}"
         );
-        let step = exchange.on_response_headers(&gate, Some(200));
+        let step = exchange.on_response_headers(&gate, Some(200), None);
         assert!(step.edits.is_empty() && step.settlement.is_none());
         assert_eq!(exchange.on_end(), None);
     }
@@ -262,7 +263,7 @@ fn idempotency_keys_carry_a_fingerprint_of_the_request() {
 fn billable_answers_commit_and_carry_the_charge_headers() {
     let gate = gate();
     let mut exchange = admitted(&gate, "ch_1");
-    let step = exchange.on_response_headers(&gate, Some(200));
+    let step = exchange.on_response_headers(&gate, Some(200), None);
     assert_eq!(
         step.edits,
         [
@@ -289,7 +290,7 @@ fn unbilled_answers_release_and_say_zero() {
         (Some(304), Outcome::Commit),
     ] {
         let mut exchange = admitted(&gate, "ch_2");
-        let step = exchange.on_response_headers(&gate, status);
+        let step = exchange.on_response_headers(&gate, status, None);
         assert_eq!(step.settlement.unwrap().outcome, outcome, "{status:?}");
         if outcome == Outcome::Release {
             assert_eq!(
@@ -322,7 +323,7 @@ fn a_replay_reports_the_original_charge_and_settles_nothing() {
         exchange.on_ledger_reply(&gate, hold_reply("ch_first", true)),
         RequestAction::Forward(_)
     ));
-    let step = exchange.on_response_headers(&gate, Some(500));
+    let step = exchange.on_response_headers(&gate, Some(500), None);
     assert!(step.edits.contains(&HeaderEdit::Set("x-charge-id", "ch_first".into())));
     assert_eq!(step.settlement, None);
     assert_eq!(exchange.on_end(), None);
@@ -351,7 +352,7 @@ fn ledger_refusals_pass_through_with_their_status() {
         let (status, body, _) = answered(&exchange.on_ledger_reply(&gate, reply));
         assert_eq!((status, &body), (refusal.status(), &refusal));
         assert!(
-            exchange.on_response_headers(&gate, Some(status)).edits.is_empty(),
+            exchange.on_response_headers(&gate, Some(status), None).edits.is_empty(),
             "our own reply got charge headers"
         );
     }
@@ -400,7 +401,7 @@ fn failing_open_lets_the_call_through_unpaid_and_says_so() {
             ]),
             "{unreachable:?}"
         );
-        let step = exchange.on_response_headers(&gate, Some(200));
+        let step = exchange.on_response_headers(&gate, Some(200), None);
         assert!(step.edits.contains(&HeaderEdit::Set("x-amount-usdc", "0.000000".into())));
         assert_eq!(step.settlement, None);
     }
@@ -433,7 +434,7 @@ fn only_charged_or_failed_open_exchanges_await_their_response() {
     assert!(!refused.awaits_response());
     let mut held = admitted(&gate, "ch_4");
     assert!(held.awaits_response());
-    held.on_response_headers(&gate, Some(200));
+    held.on_response_headers(&gate, Some(200), None);
     assert!(!held.awaits_response(), "a settled exchange still awaits its response");
     let open = gate_with(|c| c["failure_mode"] = json!("open"));
     let mut failed_open = Exchange::default();
@@ -450,7 +451,7 @@ fn callbacks_out_of_turn_do_nothing() {
     let mut refused = Exchange::default();
     refused.on_request_headers(&gate, &head("/v1/forecast", None), NOW);
     assert_eq!(refused.on_ledger_reply(&gate, hold_reply("ch_x", false)), RequestAction::Nothing);
-    assert_eq!(refused.on_response_headers(&gate, Some(402)).edits, []);
+    assert_eq!(refused.on_response_headers(&gate, Some(402), None).edits, []);
 }
 
 /// Paths that are mostly priced, with arbitrary bytes after a priced prefix.
@@ -526,6 +527,122 @@ proptest! {
             }
             RequestAction::Respond(_) => {}
             other => prop_assert!(false, "{other:?}"),
+        }
+    }
+}
+
+/// A gate whose `/v1/chat` route is metered: at most 0.5 USDC, 0.000002 a token.
+fn metered_gate() -> Gate {
+    gate_with(|c| {
+        c["routes"] = json!([{"path": "/v1/chat", "metered": {
+            "max_usdc": "0.5", "unit_price_usdc": "0.000002", "units_header": "X-Usage-Tokens"
+        }}]);
+    })
+}
+
+/// A metered call held at its maximum, 0.5, leaving the token 0.25.
+fn metered_call(gate: &Gate, replayed: bool, amount: &str) -> Exchange {
+    let mut exchange = Exchange::default();
+    let token = bearer(&claims());
+    let reserve = reserve(gate, &mut exchange, &head("/v1/chat", Some(&token)));
+    assert_eq!(reserve.price_usdc, "0.5".parse().unwrap(), "a metered call holds its maximum");
+    assert_eq!(exchange.units_header(), None, "asked for usage before the hold");
+    let body = json!({"chargeId": "ch_m", "amountUsdc": amount, "remainingUsdc": "0.25", "replayed": replayed});
+    exchange.on_ledger_reply(
+        gate,
+        LedgerReply { status: Some(200), body: body.to_string().into_bytes() },
+    );
+    exchange
+}
+
+fn charged(amount: &str, remaining: &str) -> Vec<HeaderEdit> {
+    vec![
+        HeaderEdit::Set("x-charge-id", "ch_m".into()),
+        HeaderEdit::Set("x-amount-usdc", amount.into()),
+        HeaderEdit::Set("x-remaining-usdc", remaining.into()),
+    ]
+}
+
+#[test]
+fn metered_calls_commit_the_units_used_capped_at_the_hold() {
+    let gate = metered_gate();
+    for (units, amount, remaining) in [
+        (&b"1234"[..], "0.002468", "0.747532"),
+        (b" 0001234\t", "0.002468", "0.747532"),
+        (b"250000", "0.500000", "0.250000"),
+        (b"250001", "0.500000", "0.250000"),
+        (b"99999999999999999999999999", "0.500000", "0.250000"),
+    ] {
+        let mut exchange = metered_call(&gate, false, "0.5");
+        assert_eq!(exchange.units_header(), Some("x-usage-tokens"));
+        let step = exchange.on_response_headers(&gate, Some(200), Some(units));
+        assert_eq!(step.edits, charged(amount, remaining), "{units:?}");
+        let settlement = step.settlement.unwrap();
+        assert_eq!(settlement.outcome, Outcome::Commit);
+        assert_eq!(settlement.amount_usdc, Some(amount.parse().unwrap()), "{units:?}");
+        assert_eq!(exchange.on_end(), None, "settled twice");
+    }
+}
+
+#[test]
+fn metered_calls_without_usable_units_or_unbilled_are_released() {
+    let gate = metered_gate();
+    let unbilled = [
+        HeaderEdit::Set("x-amount-usdc", "0.000000".into()),
+        HeaderEdit::Remove("x-charge-id"),
+        HeaderEdit::Remove("x-remaining-usdc"),
+    ];
+    let cases: [(Option<u16>, Option<&[u8]>); 10] = [
+        (Some(200), None),
+        (Some(200), Some(b"")),
+        (Some(200), Some(b"0")),
+        (Some(200), Some(b"-5")),
+        (Some(200), Some(b"1.5")),
+        (Some(200), Some(b"12 tokens")),
+        (Some(200), Some(b"1,2")),
+        (Some(200), Some(b"\xff\xfe1")),
+        (Some(200), Some("١٢".as_bytes())),
+        (Some(500), Some(b"1234")),
+    ];
+    for (status, units) in cases {
+        let mut exchange = metered_call(&gate, false, "0.5");
+        let step = exchange.on_response_headers(&gate, status, units);
+        assert_eq!(step.edits, unbilled, "{status:?} {units:?}");
+        let settlement = step.settlement.unwrap();
+        assert_eq!((settlement.outcome, settlement.amount_usdc), (Outcome::Release, None));
+    }
+}
+
+#[test]
+fn a_replayed_metered_call_reports_what_it_committed() {
+    let gate = metered_gate();
+    let mut exchange = metered_call(&gate, true, "0.002468");
+    assert_eq!(exchange.units_header(), None, "a replay settles nothing, so reads no usage");
+    let step = exchange.on_response_headers(&gate, Some(200), Some(b"9999"));
+    assert_eq!(step.edits, charged("0.002468", "0.250000"));
+    assert_eq!(step.settlement, None);
+}
+
+proptest! {
+    /// Whatever the upstream puts in the units header, the gate neither panics nor commits
+    /// more than it held, and commits only what it reports.
+    #[test]
+    fn metered_commits_stay_within_the_hold(units in proptest::option::of(bytes(40))) {
+        let gate = metered_gate();
+        let mut exchange = metered_call(&gate, false, "0.5");
+        let step = exchange.on_response_headers(&gate, Some(200), units.as_deref());
+        let settlement = step.settlement.unwrap();
+        let reported = step.edits.iter().find_map(|edit| match edit {
+            HeaderEdit::Set("x-amount-usdc", amount) => Some(amount.parse::<Usdc>().unwrap()),
+            _ => None,
+        });
+        match settlement.outcome {
+            Outcome::Commit => {
+                let amount = settlement.amount_usdc.unwrap();
+                prop_assert!(!amount.is_zero() && amount <= "0.5".parse().unwrap());
+                prop_assert_eq!(reported, Some(amount));
+            }
+            Outcome::Release => prop_assert_eq!(reported, Some(Usdc::ZERO)),
         }
     }
 }

@@ -177,8 +177,11 @@ fn sandbox_credentials_pass_only_where_accepted() {
         (401, ErrorCode::InvalidCredential)
     );
     let demo = gate_with(|c| c["l402"]["accept_sandbox"] = json!(true));
-    let reserve = reserve(&demo, &mut Exchange::default(), &authorization);
-    assert_eq!(reserve.token.token_id, format!("l402_{}", "03".repeat(32)));
+    let sandbox = reserve(&demo, &mut Exchange::default(), &authorization);
+    assert_eq!(sandbox.token.token_id, format!("l402_{}", "03".repeat(32)));
+    assert!(sandbox.token.sandbox, "the ledger meters it in its sandbox book");
+    let real = reserve(&demo, &mut Exchange::default(), &paid());
+    assert!(!real.token.sandbox);
 }
 
 #[test]
@@ -205,7 +208,7 @@ fn a_paid_l402_reserves_its_budget_and_loses_its_credential_upstream() {
             HeaderEdit::Set("x-charge-id", "ch_1".into())
         ])
     );
-    let step = exchange.on_response_headers(&gate, Some(200));
+    let step = exchange.on_response_headers(&gate, Some(200), None);
     assert!(step.edits.contains(&HeaderEdit::Set("x-amount-usdc", "0.001000".into())));
     assert!(step.settlement.is_some());
 }
@@ -323,6 +326,7 @@ fn pay_token() -> String {
         nbf: None,
         iss: None,
         aud: None,
+        sandbox: false,
     };
     format!("Bearer {}", pay_token::sign(&claims, &Key::hs256("pay-token-secret-0123456789abcdef")))
 }

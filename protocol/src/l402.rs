@@ -202,6 +202,8 @@ pub struct Grant {
     pub cap: Usdc,
     /// The first `_valid_until` (Unix seconds): when the token ends.
     pub expires_at: u64,
+    /// Bought with a sandbox invoice: the ledger meters it in its sandbox book.
+    pub sandbox: bool,
 }
 
 /// The request a credential is checked against.
@@ -258,6 +260,7 @@ pub fn verify(
         limit: budget.first,
         cap: budget.narrowest,
         expires_at: valid_until.first,
+        sandbox: caveats.sandbox,
     })
 }
 
@@ -421,6 +424,7 @@ mod tests {
             limit: "1.5".parse().unwrap(),
             cap: "1.5".parse().unwrap(),
             expires_at: 2_000,
+            sandbox: false,
         };
         for encoded in [
             STANDARD.encode(&binary),
@@ -510,7 +514,9 @@ mod tests {
     fn sandbox_credentials_open_only_gateways_that_take_them() {
         let m = mint(SECRET, &identifier(), &Offer { sandbox: true, ..offer() });
         assert_eq!(check(&m, &target(1_000)), Err(L402Error::SandboxCredential));
-        assert!(check(&m, &Target { accept_sandbox: true, ..target(1_000) }).is_ok());
+        let grant = check(&m, &Target { accept_sandbox: true, ..target(1_000) }).unwrap();
+        assert!(grant.sandbox, "the ledger must meter it in its sandbox book");
+        assert!(!check(&mint(SECRET, &identifier(), &offer()), &target(1_000)).unwrap().sandbox);
         // Anyone may mark a credential as sandbox; nobody can unmark one.
         let mut real = mint(SECRET, &identifier(), &offer());
         real.add_first_party_caveat(b"sandbox=true");

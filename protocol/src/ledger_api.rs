@@ -15,6 +15,9 @@ pub mod path {
     pub const SETTLEMENTS: &str = "/v1/holds/settle";
     /// `POST`: issue a Pay Token; `GET /{id}`, `POST /{id}/revoke` (admin).
     pub const TOKENS: &str = "/v1/tokens";
+    /// `GET /{id}`: a buyer's account and tokens; `POST /{id}/deposits`, `PUT /{id}/tier`,
+    /// `POST /{id}/revoke` (the panic button) (admin).
+    pub const BUYERS: &str = "/v1/buyers";
     /// `GET`: the journal, a page of charges (admin); `GET /{id}`: one charge (admin).
     pub const CHARGES: &str = "/v1/charges";
     /// `GET`: the journal's page as CSV (admin).
@@ -62,6 +65,9 @@ pub struct TokenGrant {
     pub limit_usdc: Usdc,
     /// Unix seconds.
     pub expires_at: u64,
+    /// A sandbox credential (Pay Token claim, L402 caveat): metered in the sandbox book.
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub sandbox: bool,
 }
 
 impl From<&PayTokenClaims> for TokenGrant {
@@ -74,11 +80,14 @@ impl From<&PayTokenClaims> for TokenGrant {
             scope: claims.scope,
             limit_usdc: claims.limit_usdc,
             expires_at: claims.exp,
+            sandbox: claims.sandbox,
         }
     }
 }
 
-/// A client's `Idempotency-Key`, with a fingerprint of the request it came with.
+/// A client's `Idempotency-Key`, with a fingerprint of the request it came with. The key
+/// keeps the outcome of its request: a charge, replayed while committed, or a refusal,
+/// answered again as it was.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Idempotency {
@@ -97,7 +106,8 @@ pub struct Hold {
     /// The token's limit minus everything spent or on hold, this hold included.
     pub remaining_usdc: Usdc,
     /// True when the Idempotency-Key matched an already committed charge: nothing new was
-    /// held, and nothing must be settled for this call.
+    /// held, and nothing must be settled for this call. `amountUsdc` is then what that charge
+    /// committed.
     pub replayed: bool,
 }
 
@@ -116,12 +126,17 @@ pub struct Settlement {
     /// The upstream's status, for the journal; absent when the call never got an answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_status: Option<u16>,
+    /// With `commit`: charge this much (greater than 0, at most the held amount) and release
+    /// the rest; absent: charge the held amount. A settle request naming more than a hold
+    /// holds is refused whole (400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount_usdc: Option<Usdc>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
-    /// The call was billable: charge the held amount.
+    /// The call was billable: charge the held amount (or the settlement's `amountUsdc`).
     Commit,
     /// The call was not billable: give the held amount back.
     Release,
@@ -173,6 +188,34 @@ pub struct IssueTokenRequest {
     pub expires_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_seconds: Option<u64>,
+    /// Charges go to the sandbox book: never to the buyer's balance or daily limit.
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub sandbox: bool,
+}
+
+/// `POST /v1/tokens/{parentId}/children`: a child token for delegation. Its spend counts
+/// against its parent and every ancestor; it has the parent's buyer and sandbox flag, and
+/// may narrow (never widen) the parent's service, scope and expiry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ChildTokenRequest {
+    /// At most what the parent has left.
+    pub limit_usdc: Usdc,
+    /// Default: the parent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_id: Option<String>,
+    /// Default: the parent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Scope>,
+    /// Default: the parent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buyer_tag: Option<String>,
+    /// RFC 3339, no later than the parent's expiry; at most one of `expiresAt` and
+    /// `ttlSeconds`. Default: the ledger's token TTL, cut to the parent's expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,6 +246,83 @@ pub struct TokenView {
     pub revoked: bool,
     /// RFC 3339.
     pub expires_at: String,
+    /// The token this one was minted under (`POST /v1/tokens/{id}/children`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub sandbox: bool,
+}
+
+/// `POST /v1/buyers/{buyerId}/deposits`: credit a buyer's prepaid balance. With a
+/// `reference`, the deposit is made once: the same reference again answers the first deposit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DepositRequest {
+    pub amount_usdc: Usdc,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Deposit {
+    pub deposit_id: String,
+    pub buyer_id: String,
+    pub amount_usdc: Usdc,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// The balance after this request.
+    pub balance_usdc: Usdc,
+    /// True when the reference named an earlier deposit: nothing was credited now.
+    pub replayed: bool,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+/// `PUT /v1/buyers/{buyerId}/tier`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SetTierRequest {
+    /// 1 to the number of tiers the ledger's `daily_limits_usdc` setting lists.
+    pub tier: u32,
+}
+
+/// `GET /v1/buyers/{buyerId}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BuyerView {
+    pub buyer_id: String,
+    /// The prepaid account, once a deposit or a tier made one. Without it the buyer's
+    /// tokens are bounded by their caps alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<AccountView>,
+    pub tokens: Vec<TokenView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccountView {
+    /// Deposits minus committed charges.
+    pub balance_usdc: Usdc,
+    /// On hold for calls in flight.
+    pub held_usdc: Usdc,
+    /// What new calls may hold: balance minus holds.
+    pub available_usdc: Usdc,
+    /// Committed this UTC day.
+    pub spent_today_usdc: Usdc,
+    pub tier: u32,
+    pub daily_limit_usdc: Usdc,
+    /// The daily limit minus what was spent today and what is on hold.
+    pub remaining_today_usdc: Usdc,
+}
+
+/// `POST /v1/buyers/{buyerId}/revoke`: the panic button's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BuyerRevocation {
+    pub buyer_id: String,
+    /// Tokens this call revoked (those revoked before are not counted).
+    pub revoked_tokens: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -223,6 +343,8 @@ pub struct ChargeView {
     pub service_id: String,
     /// Held amount while held, charged amount once committed, zero once released.
     pub amount_usdc: Usdc,
+    /// The amount the reserve held.
+    pub held_usdc: Usdc,
     pub status: ChargeStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_status: Option<u16>,
@@ -232,6 +354,9 @@ pub struct ChargeView {
     pub created_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settled_at: Option<String>,
+    /// Charged to the sandbox book.
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub sandbox: bool,
 }
 
 /// `POST /v1/l402/challenges`: what a payment buys, as the service's gateway offers it.
@@ -302,6 +427,9 @@ pub struct ChargeQuery {
     pub service_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<ChargeStatus>,
+    /// `true`: only the sandbox book's charges; `false`: only the live book's; absent: both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -323,9 +451,14 @@ pub struct ChargePage {
 }
 
 /// `GET /v1/services/{serviceId}/summary`: `from` inclusive, `to` exclusive (RFC 3339).
+/// One book at a time: the live book unless `sandbox` is true, so that sandbox calls never
+/// count as revenue.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SummaryQuery {
+    /// `true`: summarize the sandbox book instead of the live one.
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub sandbox: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -341,15 +474,21 @@ pub struct ServiceSummary {
     pub from: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<String>,
+    /// The book summarized: the sandbox one, or (false) the live one.
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub sandbox: bool,
     /// Calls that got a hold (replays of a charged call are not new calls).
     pub calls: u64,
     pub committed: u64,
     pub released: u64,
     /// Still in flight.
     pub held: u64,
-    /// The committed charges' amounts.
+    /// What the committed charges charged (a partial commit counts its committed amount,
+    /// not what it held).
     pub revenue_usdc: Usdc,
-    /// Reserves refused, by error code (`token_limit_exceeded`, `token_revoked`, …).
+    /// Reserves refused, by error code (`token_limit_exceeded`, `token_revoked`,
+    /// `insufficient_balance`, `daily_limit_exceeded`, …). A refusal answered again from its
+    /// Idempotency-Key is counted once, when it was first refused.
     pub refusals: std::collections::BTreeMap<String, u64>,
     /// Settled calls whose upstream status is known.
     pub upstream_answered: u64,

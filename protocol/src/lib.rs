@@ -15,4 +15,4 @@ pub mod money;
 pub mod pay_token;
 
 pub use error::{ErrorBody, ErrorCode};
-pub use money::Usdc;
+pub use money::{UnitPrice, Usdc};

@@ -29,6 +29,7 @@ pub enum AmountError {
     Negative,
     NotADecimal,
     TooManyDecimals,
+    TooManyUnitPriceDecimals,
     TooLarge,
 }
 
@@ -39,6 +40,7 @@ impl fmt::Display for AmountError {
             AmountError::Negative => "amount is negative",
             AmountError::NotADecimal => "amount is not a plain decimal number such as \"0.25\"",
             AmountError::TooManyDecimals => "amount has more than 6 decimals (USDC precision)",
+            AmountError::TooManyUnitPriceDecimals => "unit price has more than 12 decimals",
             AmountError::TooLarge => "amount is too large",
         })
     }
@@ -184,6 +186,90 @@ impl<'de> Deserialize<'de> for Usdc {
     }
 }
 
+/// Decimal places a [`UnitPrice`] may have: per-unit prices (an LLM token's, say) are often
+/// fractions of a micro-USDC.
+pub const UNIT_PRICE_DECIMALS: u32 = 12;
+
+const PICOS_PER_MICRO: u128 = 1_000_000;
+
+/// The price of one unit of a metered route, in pico-USDC (10⁻¹² USDC): up to 12 decimals.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UnitPrice(u64);
+
+impl UnitPrice {
+    pub const fn picos(self) -> u64 {
+        self.0
+    }
+
+    pub const fn is_zero(self) -> bool {
+        self.0 == 0
+    }
+
+    /// What `units` cost, capped at `cap`: `units × price`, rounded up to a whole micro-USDC
+    /// once per call (never down: the seller is never paid less than its price; at most
+    /// 0.000001 USDC more per call). Exact: the product of two u64 fits a u128.
+    pub fn cost(self, units: u64, cap: Usdc) -> Usdc {
+        let picos = u128::from(units) * u128::from(self.0);
+        let micros = picos.div_ceil(PICOS_PER_MICRO);
+        match u64::try_from(micros).ok().and_then(Usdc::from_micros) {
+            Some(cost) if cost <= cap => cost,
+            _ => cap,
+        }
+    }
+}
+
+impl FromStr for UnitPrice {
+    type Err = AmountError;
+
+    /// The grammar of [`Usdc`]'s amounts, with up to 12 decimals.
+    fn from_str(s: &str) -> Result<UnitPrice, AmountError> {
+        if s.is_empty() {
+            return Err(AmountError::Empty);
+        }
+        if s.starts_with('-') {
+            return Err(AmountError::Negative);
+        }
+        let (whole, fraction) = match s.split_once('.') {
+            Some((whole, fraction)) => (whole, Some(fraction)),
+            None => (s, None),
+        };
+        let all_digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+        if !all_digits(whole) || !fraction.is_none_or(all_digits) {
+            return Err(AmountError::NotADecimal);
+        }
+        if fraction.is_some_and(|f| f.len() > UNIT_PRICE_DECIMALS as usize) {
+            return Err(AmountError::TooManyUnitPriceDecimals);
+        }
+        let mut price = Decimal::from_str_exact(s).map_err(|_| AmountError::TooLarge)?;
+        price.rescale(UNIT_PRICE_DECIMALS);
+        if price.scale() != UNIT_PRICE_DECIMALS {
+            return Err(AmountError::TooLarge);
+        }
+        u64::try_from(price.mantissa()).map(UnitPrice).map_err(|_| AmountError::TooLarge)
+    }
+}
+
+impl<'de> Deserialize<'de> for UnitPrice {
+    /// A decimal string only: per-unit prices are fractions, and JSON numbers would be floats.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<UnitPrice, D::Error> {
+        struct UnitPriceVisitor;
+
+        impl Visitor<'_> for UnitPriceVisitor {
+            type Value = UnitPrice;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a unit price as a decimal string such as \"0.000002\"")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<UnitPrice, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+
+        deserializer.deserialize_str(UnitPriceVisitor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,5 +352,28 @@ mod tests {
         assert!(parse("\"0.1234567\"").unwrap_err().to_string().contains("more than 6"));
         assert!(parse("18446744073709551615").is_err());
         assert_eq!(serde_json::to_string(&usdc("0.25")).unwrap(), "\"0.250000\"");
+    }
+
+    #[test]
+    fn unit_prices_take_12_decimals_and_costs_round_up_per_call_to_the_cap() {
+        let price = |s: &str| s.parse::<UnitPrice>();
+        assert_eq!(price("0.000002").unwrap().picos(), 2_000_000);
+        assert_eq!(price("0.00000015").unwrap().picos(), 150_000);
+        assert_eq!(price("0.000000000001").unwrap().picos(), 1);
+        assert_eq!(price("0.0000000000001"), Err(AmountError::TooManyUnitPriceDecimals));
+        assert_eq!(price("-0.1"), Err(AmountError::Negative));
+        assert_eq!(price("1e-6"), Err(AmountError::NotADecimal));
+        assert_eq!(price("18446744.073709551616"), Err(AmountError::TooLarge));
+        let cap = usdc("0.5");
+        // 1,234 tokens at 0.000002: exactly 0.002468.
+        assert_eq!(price("0.000002").unwrap().cost(1_234, cap), usdc("0.002468"));
+        // 1,001 tokens at 0.00000015 is 0.00015015: rounded up to 0.000151.
+        assert_eq!(price("0.00000015").unwrap().cost(1_001, cap), usdc("0.000151"));
+        // One pico-USDC still costs a micro-USDC; nothing costs nothing.
+        assert_eq!(price("0.000000000001").unwrap().cost(1, cap), usdc("0.000001"));
+        assert_eq!(price("0.000002").unwrap().cost(0, cap), Usdc::ZERO);
+        assert_eq!(price("0.000002").unwrap().cost(250_001, cap), cap);
+        assert_eq!(price("18446744.073709551615").unwrap().cost(u64::MAX, Usdc::MAX), Usdc::MAX);
+        assert!(serde_json::from_str::<UnitPrice>("0.000002").is_err(), "a float was read");
     }
 }

@@ -66,6 +66,10 @@ pub struct PayTokenClaims {
     pub iss: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aud: Option<Audience>,
+    /// A sandbox token: its charges go to the ledger's sandbox book, never to the buyer's
+    /// balance or daily limit.
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub sandbox: bool,
 }
 
 impl PayTokenClaims {
@@ -186,6 +190,7 @@ mod tests {
             nbf: None,
             iss: Some("paystile".into()),
             aud: None,
+            sandbox: false,
         }
     }
 
@@ -211,6 +216,9 @@ mod tests {
         assert_eq!(json["scope"], "SINGLE");
         assert_eq!(json["sub"], "buyer_1");
         assert_eq!(json["jti"], "tok_1");
+        assert!(json.get("sandbox").is_none(), "real tokens carry no sandbox claim");
+        let sandbox = PayTokenClaims { sandbox: true, ..claims() };
+        assert_eq!(check(&sandbox, &Validation::default()), Ok(sandbox));
     }
 
     #[test]

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, ensure};
+use anyhow::{Context, bail, ensure};
 use paystile_ledger::ledger::now_millis;
 use paystile_ledger::settings::{Database, PostgresUrl};
-use paystile_ledger::store::{ReserveCommand, ReserveOutcome, Store};
+use paystile_ledger::store::{ReserveCommand, ReserveOutcome, SettleOutcome, Store};
 use paystile_protocol::Usdc;
 use paystile_protocol::ledger_api::{Outcome, SettleStatus, Settlement, TokenGrant};
 use paystile_protocol::pay_token::Scope;
@@ -42,6 +42,7 @@ fn grant() -> TokenGrant {
         scope: Scope::Single,
         limit_usdc: Usdc::MAX,
         expires_at: 4_000_000_000,
+        sandbox: false,
     }
 }
 
@@ -63,6 +64,7 @@ async fn reserve(store: &Store, n: u64) -> anyhow::Result<String> {
             now,
             hold_expires_at: now + 120_000,
             max_replays: 5,
+            daily_limits: Default::default(),
         })
         .await?;
     ensure!(matches!(outcome, ReserveOutcome::Held(_)), "refused: {outcome:?}");
@@ -76,9 +78,11 @@ async fn commit(store: &Store, charge_ids: Vec<String>) -> anyhow::Result<()> {
             charge_id,
             outcome: Outcome::Commit,
             upstream_status: Some(200),
+            amount_usdc: None,
         })
         .collect();
-    let results = store.settle(settlements, now_millis()).await?;
+    let outcome = store.settle(settlements, now_millis()).await?;
+    let SettleOutcome::Settled(results) = outcome else { bail!("refused: {outcome:?}") };
     ensure!(results.iter().all(|r| r.status == SettleStatus::Committed), "{results:?}");
     Ok(())
 }
@@ -119,7 +123,7 @@ async fn run(store: &Store, clients: usize, mode: Mode) -> anyhow::Result<(u64, 
 
 /// The token's books must hold exactly the pairs counted so far, and nothing on hold.
 async fn check_books(store: &Store, pairs: u64) -> anyhow::Result<()> {
-    let token = store.token(TOKEN.into()).await?.context("the token is gone")?;
+    let token = store.token(TOKEN.into(), now_millis()).await?.context("the token is gone")?;
     ensure!(token.reserved.is_zero(), "holds left open: {token:?}");
     ensure!(
         token.used.micros() == pairs * price().micros(),

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use paystile_protocol::Usdc;
-use paystile_protocol::ledger_api::{ChargeQuery, ChargeStatus, IssueTokenRequest, SummaryQuery};
+use paystile_protocol::ledger_api::{
+    ChargeQuery, ChargeStatus, ChildTokenRequest, DepositRequest, IssueTokenRequest, SummaryQuery,
+};
 use paystile_protocol::pay_token::Scope;
 use serde::Serialize;
 
@@ -30,6 +32,13 @@ enum Command {
         admin: AdminArgs,
         #[command(subcommand)]
         command: TokenCommand,
+    },
+    /// Buyers' prepaid accounts: deposit, show, set a tier, revoke every token (panic button).
+    Buyer {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        command: BuyerCommand,
     },
     /// Show a charge.
     Charge {
@@ -91,11 +100,55 @@ enum TokenCommand {
         /// Expiry as an RFC 3339 time.
         #[arg(long)]
         expires_at: Option<String>,
+        /// Charge the sandbox book, never the buyer's balance or daily limit.
+        #[arg(long)]
+        sandbox: bool,
+    },
+    /// Mint a child token under a parent (delegation): its spend counts against the parent.
+    Child {
+        /// The parent token's id.
+        parent_id: String,
+        /// The child's cap, in USDC: at most what the parent has left.
+        #[arg(long)]
+        limit_usdc: Usdc,
+        /// [default: the parent's]
+        #[arg(long)]
+        service_id: Option<String>,
+        /// SINGLE or ALL [default: the parent's].
+        #[arg(long, value_parser = parse_scope)]
+        scope: Option<Scope>,
+        #[arg(long)]
+        buyer_tag: Option<String>,
+        /// Lifetime in seconds, within the parent's [default: the ledger's, cut to the parent's].
+        #[arg(long, conflicts_with = "expires_at")]
+        ttl_seconds: Option<u64>,
+        /// Expiry as an RFC 3339 time, no later than the parent's.
+        #[arg(long)]
+        expires_at: Option<String>,
     },
     /// Show a token's limit, spend and state.
     Show { token_id: String },
     /// Revoke a token at once (kill switch).
     Revoke { token_id: String },
+}
+
+#[derive(Subcommand)]
+enum BuyerCommand {
+    /// Credit the buyer's prepaid balance (opens the account).
+    Deposit {
+        buyer_id: String,
+        #[arg(long)]
+        amount_usdc: Usdc,
+        /// Makes the deposit once: the same reference again changes nothing.
+        #[arg(long)]
+        reference: Option<String>,
+    },
+    /// Show the buyer's balance, spend today, tier, limits and tokens.
+    Show { buyer_id: String },
+    /// Set the buyer's tier (its daily limit; opens the account).
+    SetTier { buyer_id: String, tier: u32 },
+    /// Revoke every token of the buyer at once (panic button).
+    Revoke { buyer_id: String },
 }
 
 #[derive(Subcommand)]
@@ -119,13 +172,16 @@ enum ChargesCommand {
         #[arg(long, default_value_t = crate::journal::MAX_LIMIT)]
         page_size: u32,
     },
-    /// Print a service's calls, revenue, refusals and upstream error rate.
+    /// Print a service's calls, revenue, refusals and upstream error rate (live book).
     Summary {
         service_id: String,
         #[arg(long)]
         from: Option<String>,
         #[arg(long)]
         to: Option<String>,
+        /// Summarize the sandbox book instead of the live one.
+        #[arg(long)]
+        sandbox: bool,
     },
     /// Show one charge.
     Show {
@@ -145,6 +201,9 @@ struct ChargeFilters {
     /// held, committed or released.
     #[arg(long, value_parser = parse_status)]
     status: Option<ChargeStatus>,
+    /// true: the sandbox book only; false: the live book only [default: both].
+    #[arg(long)]
+    sandbox: Option<bool>,
     /// Created at or after this RFC 3339 time.
     #[arg(long)]
     from: Option<String>,
@@ -160,6 +219,7 @@ impl ChargeFilters {
             buyer_id: self.buyer_id,
             service_id: self.service_id,
             status: self.status,
+            sandbox: self.sandbox,
             from: self.from,
             to: self.to,
             limit,
@@ -194,6 +254,7 @@ pub fn main() -> ExitCode {
                     scope,
                     ttl_seconds,
                     expires_at,
+                    sandbox,
                 } => {
                     let request = IssueTokenRequest {
                         service_id,
@@ -203,12 +264,47 @@ pub fn main() -> ExitCode {
                         scope,
                         expires_at,
                         ttl_seconds,
+                        sandbox,
                     };
                     print_json(&client.issue_token(&request).await?)
+                }
+                TokenCommand::Child {
+                    parent_id,
+                    limit_usdc,
+                    service_id,
+                    scope,
+                    buyer_tag,
+                    ttl_seconds,
+                    expires_at,
+                } => {
+                    let request = ChildTokenRequest {
+                        limit_usdc,
+                        service_id,
+                        scope,
+                        buyer_tag,
+                        expires_at,
+                        ttl_seconds,
+                    };
+                    print_json(&client.mint_child(&parent_id, &request).await?)
                 }
                 TokenCommand::Show { token_id } => print_json(&client.token(&token_id).await?),
                 TokenCommand::Revoke { token_id } => {
                     print_json(&client.revoke_token(&token_id).await?)
+                }
+            }
+        }),
+        Command::Buyer { admin, command } => admin_call(admin, |client| async move {
+            match command {
+                BuyerCommand::Deposit { buyer_id, amount_usdc, reference } => {
+                    let request = DepositRequest { amount_usdc, reference };
+                    print_json(&client.deposit(&buyer_id, &request).await?)
+                }
+                BuyerCommand::Show { buyer_id } => print_json(&client.buyer(&buyer_id).await?),
+                BuyerCommand::SetTier { buyer_id, tier } => {
+                    print_json(&client.set_tier(&buyer_id, tier).await?)
+                }
+                BuyerCommand::Revoke { buyer_id } => {
+                    print_json(&client.revoke_buyer(&buyer_id).await?)
                 }
             }
         }),
@@ -223,8 +319,10 @@ pub fn main() -> ExitCode {
                 ChargesCommand::Export { filters, page_size } => {
                     export(&client, filters.query(Some(page_size), None)).await
                 }
-                ChargesCommand::Summary { service_id, from, to } => print_json(
-                    &client.service_summary(&service_id, &SummaryQuery { from, to }).await?,
+                ChargesCommand::Summary { service_id, from, to, sandbox } => print_json(
+                    &client
+                        .service_summary(&service_id, &SummaryQuery { sandbox, from, to })
+                        .await?,
                 ),
                 ChargesCommand::Show { charge_id } => print_json(&client.charge(&charge_id).await?),
             }

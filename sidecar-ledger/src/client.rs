@@ -2,8 +2,9 @@
 
 use paystile_protocol::ErrorBody;
 use paystile_protocol::ledger_api::{
-    ChargePage, ChargeQuery, ChargeView, IssueTokenRequest, IssuedToken, SandboxPayment,
-    SandboxPaymentRequest, ServiceSummary, SummaryQuery, TokenView, path,
+    BuyerRevocation, BuyerView, ChargePage, ChargeQuery, ChargeView, ChildTokenRequest, Deposit,
+    DepositRequest, IssueTokenRequest, IssuedToken, SandboxPayment, SandboxPaymentRequest,
+    ServiceSummary, SetTierRequest, SummaryQuery, TokenView, path,
 };
 use serde::de::DeserializeOwned;
 
@@ -46,6 +47,40 @@ impl AdminClient {
 
     pub async fn revoke_token(&self, token_id: &str) -> Result<TokenView, ClientError> {
         self.call(self.http.post(self.url(&format!("{}/{token_id}/revoke", path::TOKENS)))).await
+    }
+
+    /// Mints a child token under `parent_id`.
+    pub async fn mint_child(
+        &self,
+        parent_id: &str,
+        request: &ChildTokenRequest,
+    ) -> Result<IssuedToken, ClientError> {
+        let url = self.url(&format!("{}/{parent_id}/children", path::TOKENS));
+        self.call(self.http.post(url).json(request)).await
+    }
+
+    pub async fn deposit(
+        &self,
+        buyer_id: &str,
+        request: &DepositRequest,
+    ) -> Result<Deposit, ClientError> {
+        let url = self.url(&format!("{}/{buyer_id}/deposits", path::BUYERS));
+        self.call(self.http.post(url).json(request)).await
+    }
+
+    pub async fn buyer(&self, buyer_id: &str) -> Result<BuyerView, ClientError> {
+        self.call(self.http.get(self.url(&format!("{}/{buyer_id}", path::BUYERS)))).await
+    }
+
+    pub async fn set_tier(&self, buyer_id: &str, tier: u32) -> Result<BuyerView, ClientError> {
+        let url = self.url(&format!("{}/{buyer_id}/tier", path::BUYERS));
+        self.call(self.http.put(url).json(&SetTierRequest { tier })).await
+    }
+
+    /// The panic button: revokes every token of the buyer.
+    pub async fn revoke_buyer(&self, buyer_id: &str) -> Result<BuyerRevocation, ClientError> {
+        let url = self.url(&format!("{}/{buyer_id}/revoke", path::BUYERS));
+        self.call(self.http.post(url)).await
     }
 
     pub async fn charge(&self, charge_id: &str) -> Result<ChargeView, ClientError> {

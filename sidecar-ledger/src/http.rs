@@ -16,8 +16,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, on};
 use axum::{Json, Router};
 use paystile_protocol::ledger_api::{
-    ChallengeRequest, ChargePage, ChargeQuery, IssueTokenRequest, ReserveRequest,
-    SandboxPaymentRequest, SettleRequest, SummaryQuery, path,
+    ChallengeRequest, ChargePage, ChargeQuery, ChildTokenRequest, DepositRequest,
+    IssueTokenRequest, ReserveRequest, SandboxPaymentRequest, SetTierRequest, SettleRequest,
+    SummaryQuery, path,
 };
 use paystile_protocol::{ErrorBody, ErrorCode};
 use sha2::{Digest, Sha256};
@@ -71,6 +72,11 @@ fn routes(ledger: Arc<Ledger>, minter: Minter, admin_key: ApiKey, gateway_key: A
         .post(path::TOKENS, issue_token)
         .get(&format!("{}/{{token_id}}", path::TOKENS), token)
         .post(&format!("{}/{{token_id}}/revoke", path::TOKENS), revoke_token)
+        .post(&format!("{}/{{token_id}}/children", path::TOKENS), mint_child)
+        .get(&format!("{}/{{buyer_id}}", path::BUYERS), buyer)
+        .post(&format!("{}/{{buyer_id}}/deposits", path::BUYERS), deposit)
+        .put(&format!("{}/{{buyer_id}}/tier", path::BUYERS), set_tier)
+        .post(&format!("{}/{{buyer_id}}/revoke", path::BUYERS), revoke_buyer)
         .get(&format!("{}/{{charge_id}}", path::CHARGES), charge)
         .get(path::CHARGES, charges)
         .get(path::CHARGES_CSV, charges_csv)
@@ -111,6 +117,10 @@ impl<S: Clone + Send + Sync + 'static> Routes<S> {
 
     fn post<H: Handler<T, S>, T: 'static>(self, path: &str, handler: H) -> Routes<S> {
         self.on("POST", MethodFilter::POST, path, handler)
+    }
+
+    fn put<H: Handler<T, S>, T: 'static>(self, path: &str, handler: H) -> Routes<S> {
+        self.on("PUT", MethodFilter::PUT, path, handler)
     }
 
     fn on<H: Handler<T, S>, T: 'static>(
@@ -196,6 +206,47 @@ async fn revoke_token(
     Ok(Json(ledger.revoke_token(token_id).await?))
 }
 
+async fn mint_child(
+    State(ledger): State<Arc<Ledger>>,
+    Path(parent_id): Path<String>,
+    ApiJson(request): ApiJson<ChildTokenRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok((StatusCode::CREATED, Json(ledger.mint_child(parent_id, request).await?)))
+}
+
+async fn buyer(
+    State(ledger): State<Arc<Ledger>>,
+    Path(buyer_id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(ledger.buyer(buyer_id).await?))
+}
+
+/// 201 for a new deposit; 200 when the reference named an earlier one.
+async fn deposit(
+    State(ledger): State<Arc<Ledger>>,
+    Path(buyer_id): Path<String>,
+    ApiJson(request): ApiJson<DepositRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let deposit = ledger.deposit(buyer_id, request).await?;
+    let status = if deposit.replayed { StatusCode::OK } else { StatusCode::CREATED };
+    Ok((status, Json(deposit)))
+}
+
+async fn set_tier(
+    State(ledger): State<Arc<Ledger>>,
+    Path(buyer_id): Path<String>,
+    ApiJson(request): ApiJson<SetTierRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(ledger.set_tier(buyer_id, request).await?))
+}
+
+async fn revoke_buyer(
+    State(ledger): State<Arc<Ledger>>,
+    Path(buyer_id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(ledger.revoke_buyer(buyer_id).await?))
+}
+
 async fn charge(
     State(ledger): State<Arc<Ledger>>,
     Path(charge_id): Path<String>,
@@ -249,7 +300,9 @@ async fn reserve(
 ) -> Result<Response, ApiError> {
     Ok(match ledger.reserve(request).await? {
         ReserveOutcome::Held(hold) => Json(hold).into_response(),
-        ReserveOutcome::Refused(refusal) => ApiError(refusal).into_response(),
+        ReserveOutcome::Refused(refusal) | ReserveOutcome::RefusedAgain(refusal) => {
+            ApiError(refusal).into_response()
+        }
     })
 }
 
@@ -300,6 +353,7 @@ impl From<LedgerError> for ApiError {
         let code = match &error {
             LedgerError::Invalid(_) | LedgerError::IssuingDisabled => ErrorCode::BadRequest,
             LedgerError::NotFound(_) => ErrorCode::NotFound,
+            LedgerError::Refused(body) => return ApiError(body.clone()),
             LedgerError::Store(store) => {
                 tracing::error!(error = %store, "store failure");
                 return ApiError(ErrorBody::new(ErrorCode::Internal));
@@ -408,7 +462,13 @@ mod tests {
     fn every_route_is_documented_and_every_documented_route_exists() {
         let books = tempfile::TempDir::new().unwrap();
         let store = Store::Sqlite(SqliteStore::open(&books.path().join("ledger.db")).unwrap());
-        let limits = Limits { hold_ttl: Duration::from_secs(60), max_replays: 5 };
+        let limits = Limits {
+            hold_ttl: Duration::from_secs(60),
+            max_replays: 5,
+            daily_limits: Arc::default(),
+            clock_offset_millis: 0,
+            idempotency_retention: Duration::from_secs(86_400),
+        };
         let ledger = Arc::new(Ledger::new(store, None, limits));
         let routes = routes(ledger, None, ApiKey::new("a"), ApiKey::new("g"));
         let served: BTreeSet<(String, String)> = routes
@@ -440,7 +500,7 @@ mod tests {
     /// field name and format in the document is the wire's.
     #[test]
     fn examples_are_what_the_protocol_types_read_and_write() {
-        let parsers: [(&str, RoundTrip); 20] = [
+        let parsers: [(&str, RoundTrip); 27] = [
             ("Usdc", round_trip::<Usdc>),
             ("ErrorBody", round_trip::<ErrorBody>),
             ("TokenGrant", round_trip::<TokenGrant>),
@@ -454,6 +514,13 @@ mod tests {
             ("IssueTokenRequest", round_trip::<IssueTokenRequest>),
             ("IssuedToken", round_trip::<IssuedToken>),
             ("TokenView", round_trip::<TokenView>),
+            ("ChildTokenRequest", round_trip::<ChildTokenRequest>),
+            ("DepositRequest", round_trip::<DepositRequest>),
+            ("Deposit", round_trip::<paystile_protocol::ledger_api::Deposit>),
+            ("SetTierRequest", round_trip::<SetTierRequest>),
+            ("AccountView", round_trip::<paystile_protocol::ledger_api::AccountView>),
+            ("BuyerView", round_trip::<paystile_protocol::ledger_api::BuyerView>),
+            ("BuyerRevocation", round_trip::<paystile_protocol::ledger_api::BuyerRevocation>),
             ("ChargeView", round_trip::<ChargeView>),
             ("ChargePage", round_trip::<ChargePage>),
             ("ServiceSummary", round_trip::<ServiceSummary>),
@@ -502,12 +569,14 @@ mod tests {
             buyer_id: Some(String::new()),
             service_id: Some(String::new()),
             status: Some(paystile_protocol::ledger_api::ChargeStatus::Held),
+            sandbox: Some(false),
             from: Some(String::new()),
             to: Some(String::new()),
             limit: Some(1),
             cursor: Some(String::new()),
         };
-        let summary = SummaryQuery { from: Some(String::new()), to: Some(String::new()) };
+        let summary =
+            SummaryQuery { sandbox: true, from: Some(String::new()), to: Some(String::new()) };
         let fields = |query: Value| -> BTreeSet<String> {
             query.as_object().unwrap().keys().cloned().collect()
         };

@@ -20,7 +20,8 @@ pub const MAX_LIMIT: u32 = 1000;
 pub const NEXT_CURSOR_HEADER: &str = "x-next-cursor";
 
 impl Ledger {
-    /// One page of the charges `query` selects, oldest first.
+    /// One page of the charges `query` selects, oldest first. Holds past their TTL are
+    /// released first, as reading one charge does: the journal never shows one as held.
     pub async fn charges(&self, query: ChargeQuery) -> Result<ChargePage, LedgerError> {
         for (field, id) in [
             ("tokenId", &query.token_id),
@@ -42,11 +43,13 @@ impl Ledger {
             buyer_id: query.buyer_id,
             service_id: query.service_id,
             status: query.status,
+            sandbox: query.sandbox,
             from,
             to,
             after: query.cursor.as_deref().map(decode_cursor).transpose()?,
             limit,
         };
+        self.release_expired_holds().await?;
         let mut charges = self.store().charges(filter).await?;
         let next_cursor = if charges.len() > limit {
             charges.truncate(limit);
@@ -57,7 +60,8 @@ impl Ledger {
         Ok(ChargePage { charges: charges.into_iter().map(charge_view).collect(), next_cursor })
     }
 
-    /// A service's calls, revenue, refusals and upstream error rate in `[from, to)`.
+    /// A service's calls, revenue, refusals and upstream error rate in `[from, to)`, in one
+    /// book: the live one, or the sandbox one when `query.sandbox`.
     pub async fn service_summary(
         &self,
         service_id: String,
@@ -65,10 +69,12 @@ impl Ledger {
     ) -> Result<ServiceSummary, LedgerError> {
         check_id("serviceId", &service_id)?;
         let (from, to) = window(query.from.as_deref(), query.to.as_deref())?;
+        self.release_expired_holds().await?;
         let totals = self
             .store()
             .service_totals(ServiceWindow {
                 service_id: service_id.clone(),
+                sandbox: query.sandbox,
                 from: from.unwrap_or(UnixMillis::MIN),
                 to: to.unwrap_or(UnixMillis::MAX),
             })
@@ -82,6 +88,7 @@ impl Ledger {
             service_id,
             from: query.from,
             to: query.to,
+            sandbox: query.sandbox,
             calls: totals.calls,
             committed: totals.committed,
             released: totals.released,
@@ -139,18 +146,20 @@ fn decode_cursor(cursor: &str) -> Result<(UnixMillis, String), LedgerError> {
     Ok((at, id.to_owned()))
 }
 
-/// The CSV export's columns: `ChargeView`'s fields.
-const CSV_HEADER: [&str; 10] = [
+/// The CSV export's columns: `ChargeView`'s fields (`sandbox` as `true` or `false`).
+const CSV_HEADER: [&str; 12] = [
     "chargeId",
     "tokenId",
     "buyerId",
     "serviceId",
     "amountUsdc",
+    "heldUsdc",
     "status",
     "upstreamStatus",
     "idempotencyKey",
     "createdAt",
     "settledAt",
+    "sandbox",
 ];
 
 /// Charges as RFC 4180 CSV: a header line, then a record per charge, CRLF line ends; a field
@@ -167,6 +176,7 @@ pub fn csv(charges: &[ChargeView], header: bool) -> String {
             ChargeStatus::Released => "released",
         };
         let amount = charge.amount_usdc.to_string();
+        let held = charge.held_usdc.to_string();
         let upstream = charge.upstream_status.map(|s| s.to_string()).unwrap_or_default();
         push_record(
             &mut out,
@@ -176,11 +186,13 @@ pub fn csv(charges: &[ChargeView], header: bool) -> String {
                 &charge.buyer_id,
                 &charge.service_id,
                 &amount,
+                &held,
                 status,
                 &upstream,
                 charge.idempotency_key.as_deref().unwrap_or_default(),
                 &charge.created_at,
                 charge.settled_at.as_deref().unwrap_or_default(),
+                if charge.sandbox { "true" } else { "false" },
             ]
             .into_iter(),
         );

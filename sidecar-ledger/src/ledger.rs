@@ -1,24 +1,31 @@
 //! The ledger's operations as its API offers them: input validation, ids, clocks and views
 //! around the store's atomic operations.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use paystile_protocol::Usdc;
 use paystile_protocol::headers;
 use paystile_protocol::jws::Key;
 use paystile_protocol::l402;
 use paystile_protocol::ledger_api::{
-    ChargeStatus, ChargeView, IssueTokenRequest, IssuedToken, ReserveRequest, SettleRequest,
-    SettleResponse, TokenGrant, TokenView,
+    AccountView, BuyerRevocation, BuyerView, ChargeStatus, ChargeView, ChildTokenRequest, Deposit,
+    DepositRequest, IssueTokenRequest, IssuedToken, Outcome, ReserveRequest, SetTierRequest,
+    SettleRequest, SettleResponse, TokenGrant, TokenView,
 };
 use paystile_protocol::pay_token::{self, Audience, MAX_ID_LEN, PayTokenClaims, Scope};
+use paystile_protocol::{ErrorBody, Usdc};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use crate::rules::{self, Account, ChildSpec, DailyLimits};
 use crate::store::{
-    ChargeRecord, ReserveCommand, ReserveOutcome, Store, StoreError, TokenRecord, UnixMillis,
+    ChargeRecord, DepositCommand, ReserveCommand, ReserveOutcome, SettleOutcome, Store, StoreError,
+    TokenRecord, UnixMillis,
 };
 use crate::telemetry::Metrics;
+
+/// The most holds (or Idempotency-Keys) one sweep releases (or forgets).
+const PER_SWEEP: usize = 10_000;
 
 /// The most settlements accepted in one request.
 pub const MAX_SETTLEMENTS: usize = 10_000;
@@ -31,6 +38,9 @@ pub enum LedgerError {
     Invalid(String),
     #[error("{0} not found")]
     NotFound(&'static str),
+    /// The books refuse the operation (a revoked parent, a reused deposit reference, …).
+    #[error("{}", .0.error)]
+    Refused(ErrorBody),
     #[error("token issuing is off: the ledger has no token secret (PAYSTILE_TOKEN_SECRET)")]
     IssuingDisabled,
     #[error(transparent)]
@@ -46,12 +56,18 @@ pub struct TokenIssuer {
 }
 
 /// The money rules' knobs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Limits {
     /// A hold not settled within this time is released.
     pub hold_ttl: Duration,
     /// How often a charged call may be replayed under its Idempotency-Key.
     pub max_replays: u32,
+    /// Each tier's daily limit for buyers with an account.
+    pub daily_limits: Arc<DailyLimits>,
+    /// Milliseconds added to the system clock: tests move a ledger across a UTC midnight.
+    pub clock_offset_millis: i64,
+    /// How long an Idempotency-Key keeps its outcome at least (once its charge is settled).
+    pub idempotency_retention: Duration,
 }
 
 pub struct Ledger {
@@ -63,13 +79,14 @@ pub struct Ledger {
 
 impl Ledger {
     pub fn new(store: Store, issuer: Option<TokenIssuer>, limits: Limits) -> Ledger {
-        Ledger { store, issuer, limits, metrics: Metrics::default() }
+        let metrics = Metrics::new(store.expired_on_read());
+        Ledger { store, issuer, limits, metrics }
     }
 
     /// Gives every open hold a full TTL from now. Run at start: while the ledger was down,
     /// gateways kept the outcomes of calls they answered and will deliver them now.
     pub async fn reopen_holds(&self) -> Result<usize, LedgerError> {
-        let until = now_millis().saturating_add(millis(self.limits.hold_ttl));
+        let until = self.now().saturating_add(millis(self.limits.hold_ttl));
         Ok(self.store.extend_open_holds(until).await?)
     }
 
@@ -86,23 +103,10 @@ impl Ledger {
         if request.limit_usdc.is_zero() {
             return Err(LedgerError::Invalid("limitUsdc must be greater than 0".into()));
         }
-        let now = now_millis();
-        let now_seconds = u64::try_from(now / 1000).unwrap_or(0);
-        let expires_at = match (&request.expires_at, request.ttl_seconds) {
-            (Some(_), Some(_)) => {
-                return Err(LedgerError::Invalid(
-                    "give at most one of expiresAt and ttlSeconds".into(),
-                ));
-            }
-            (Some(at), None) => parse_rfc3339("expiresAt", at)?,
-            (None, Some(ttl)) => now_seconds.saturating_add(ttl),
-            (None, None) => now_seconds.saturating_add(issuer.default_ttl.as_secs()),
-        };
-        if expires_at <= now_seconds || expires_at > MAX_EXPIRY_SECONDS {
-            return Err(LedgerError::Invalid(
-                "the token must expire in the future, before the year 10000".into(),
-            ));
-        }
+        let now = self.now();
+        let now_seconds = seconds(now);
+        let expires_at = expiry(&request.expires_at, request.ttl_seconds, now_seconds)?
+            .unwrap_or_else(|| now_seconds.saturating_add(issuer.default_ttl.as_secs()));
 
         let claims = PayTokenClaims {
             sub: request.buyer_id,
@@ -116,19 +120,160 @@ impl Ledger {
             nbf: None,
             iss: Some(issuer.issuer.clone()),
             aud: issuer.audience.clone().map(Audience::One),
+            sandbox: request.sandbox,
         };
-        let jwt = pay_token::sign(&claims, &issuer.key);
         self.store.insert_token(TokenGrant::from(&claims), now).await?;
-        Ok(IssuedToken {
-            token_id: claims.jti,
-            jwt,
-            limit_usdc: claims.limit_usdc,
-            expires_at: rfc3339_seconds(expires_at),
+        Ok(sign(issuer, claims))
+    }
+
+    /// Mints a child under `parent_id`: a Pay Token whose spend counts against the parent
+    /// and every ancestor ([`rules::child_grant`] says what it may be).
+    pub async fn mint_child(
+        &self,
+        parent_id: String,
+        request: ChildTokenRequest,
+    ) -> Result<IssuedToken, LedgerError> {
+        let issuer = self.issuer.as_ref().ok_or(LedgerError::IssuingDisabled)?;
+        if let Some(service) = &request.service_id {
+            check_id("serviceId", service)?;
+        }
+        if let Some(tag) = &request.buyer_tag {
+            check_len("buyerTag", tag)?;
+        }
+        if request.limit_usdc.is_zero() {
+            return Err(LedgerError::Invalid("limitUsdc must be greater than 0".into()));
+        }
+        let now = self.now();
+        let now_seconds = seconds(now);
+        let spec = ChildSpec {
+            token_id: new_id("tok"),
+            limit: request.limit_usdc,
+            service_id: request.service_id,
+            scope: request.scope,
+            buyer_tag: request.buyer_tag,
+            expires_at: expiry(&request.expires_at, request.ttl_seconds, now_seconds)?,
+            default_expires_at: now_seconds.saturating_add(issuer.default_ttl.as_secs()),
+            now: now_seconds,
+        };
+        let child = self
+            .store
+            .mint_child(parent_id, spec, now)
+            .await?
+            .ok_or(LedgerError::NotFound("token"))?
+            .map_err(LedgerError::Refused)?;
+        let grant = child.grant;
+        tracing::info!(token_id = %grant.token_id, parent_id = ?child.parent_id, "child token minted");
+        let claims = PayTokenClaims {
+            sub: grant.buyer_id,
+            jti: grant.token_id,
+            service_id: grant.service_id,
+            limit_usdc: grant.limit_usdc,
+            scope: grant.scope,
+            buyer_tag: grant.buyer_tag,
+            exp: grant.expires_at,
+            iat: Some(now_seconds),
+            nbf: None,
+            iss: Some(issuer.issuer.clone()),
+            aud: issuer.audience.clone().map(Audience::One),
+            sandbox: grant.sandbox,
+        };
+        Ok(sign(issuer, claims))
+    }
+
+    /// Credits a buyer's prepaid balance, opening the account if needed. With a reference,
+    /// at most once: the same reference again answers the first deposit.
+    pub async fn deposit(
+        &self,
+        buyer_id: String,
+        request: DepositRequest,
+    ) -> Result<Deposit, LedgerError> {
+        check_account_id(&buyer_id)?;
+        if let Some(reference) = &request.reference {
+            check_id("reference", reference)?;
+        }
+        if request.amount_usdc.is_zero() {
+            return Err(LedgerError::Invalid("amountUsdc must be greater than 0".into()));
+        }
+        let deposit = self
+            .store
+            .deposit(DepositCommand {
+                deposit_id: new_id("dep"),
+                buyer_id: buyer_id.clone(),
+                amount: request.amount_usdc,
+                reference: request.reference.clone(),
+                now: self.now(),
+            })
+            .await?
+            .map_err(LedgerError::Refused)?;
+        if !deposit.replayed {
+            tracing::info!(%buyer_id, amount = %deposit.amount, "deposit");
+        }
+        Ok(Deposit {
+            deposit_id: deposit.deposit_id,
+            buyer_id,
+            amount_usdc: deposit.amount,
+            reference: request.reference,
+            balance_usdc: deposit.balance,
+            replayed: deposit.replayed,
+            created_at: rfc3339_millis(deposit.created_at),
         })
     }
 
+    /// Sets the buyer's tier (its daily limit), opening the account if needed.
+    pub async fn set_tier(
+        &self,
+        buyer_id: String,
+        request: SetTierRequest,
+    ) -> Result<BuyerView, LedgerError> {
+        check_account_id(&buyer_id)?;
+        self.limits.daily_limits.check_tier(request.tier).map_err(LedgerError::Refused)?;
+        self.store.set_tier(buyer_id.clone(), request.tier, self.now()).await?;
+        self.buyer(buyer_id).await
+    }
+
+    pub async fn buyer(&self, buyer_id: String) -> Result<BuyerView, LedgerError> {
+        let buyer = self.store.buyer(buyer_id.clone(), self.now()).await?;
+        if buyer.account.is_none() && buyer.tokens.is_empty() {
+            return Err(LedgerError::NotFound("buyer"));
+        }
+        let today = rules::utc_day(self.now());
+        Ok(BuyerView {
+            account: buyer.account.map(|account| self.account_view(&account, today)),
+            tokens: buyer.tokens.into_iter().map(token_view).collect(),
+            buyer_id,
+        })
+    }
+
+    /// The panic button: every token of the buyer revoked in one transaction; holds of calls
+    /// in flight are released instead of committed, as with one token's kill switch.
+    pub async fn revoke_buyer(&self, buyer_id: String) -> Result<BuyerRevocation, LedgerError> {
+        let revoked = self.store.revoke_buyer(buyer_id.clone(), self.now()).await?;
+        let revoked_tokens = revoked.ok_or(LedgerError::NotFound("buyer"))?;
+        tracing::warn!(%buyer_id, revoked_tokens, "every token of the buyer revoked");
+        Ok(BuyerRevocation { buyer_id, revoked_tokens })
+    }
+
+    fn account_view(&self, account: &Account, today: i64) -> AccountView {
+        let daily_limit = self.limits.daily_limits.of_tier(account.tier);
+        AccountView {
+            balance_usdc: account.balance,
+            held_usdc: account.held,
+            available_usdc: account.available(),
+            spent_today_usdc: account.spent_on(today),
+            tier: account.tier,
+            daily_limit_usdc: daily_limit,
+            remaining_today_usdc: daily_limit.saturating_sub(account.used_on(today)),
+        }
+    }
+
+    /// The ledger's clock: the system's, moved by the test-only offset.
+    fn now(&self) -> UnixMillis {
+        now_millis().saturating_add(self.limits.clock_offset_millis)
+    }
+
     pub async fn token(&self, token_id: String) -> Result<TokenView, LedgerError> {
-        let token = self.store.token(token_id).await?.ok_or(LedgerError::NotFound("token"))?;
+        let token =
+            self.store.token(token_id, self.now()).await?.ok_or(LedgerError::NotFound("token"))?;
         Ok(token_view(token))
     }
 
@@ -147,8 +292,9 @@ impl Ledger {
             scope: Scope::Single,
             limit_usdc: Usdc::ZERO,
             expires_at: 0,
+            sandbox: false,
         });
-        let token = self.store.revoke_token(token_id, unused_l402, now_millis()).await?;
+        let token = self.store.revoke_token(token_id, unused_l402, self.now()).await?;
         let token = token.ok_or(LedgerError::NotFound("token"))?;
         tracing::info!(token_id = %token.grant.token_id, "token revoked");
         Ok(token_view(token))
@@ -164,7 +310,11 @@ impl Ledger {
     }
 
     pub async fn charge(&self, charge_id: String) -> Result<ChargeView, LedgerError> {
-        let charge = self.store.charge(charge_id).await?.ok_or(LedgerError::NotFound("charge"))?;
+        let charge = self
+            .store
+            .charge(charge_id, self.now())
+            .await?
+            .ok_or(LedgerError::NotFound("charge"))?;
         Ok(charge_view(charge))
     }
 
@@ -198,7 +348,7 @@ impl Ledger {
                 ));
             }
         }
-        let now = now_millis();
+        let now = self.now();
         let outcome = self
             .store
             .reserve(ReserveCommand {
@@ -211,6 +361,7 @@ impl Ledger {
                 now,
                 hold_expires_at: now.saturating_add(millis(self.limits.hold_ttl)),
                 max_replays: self.limits.max_replays,
+                daily_limits: self.limits.daily_limits.clone(),
             })
             .await?;
         self.metrics.reserved(&request, &outcome);
@@ -223,18 +374,50 @@ impl Ledger {
                 "at most {MAX_SETTLEMENTS} settlements per request"
             )));
         }
-        let results = self.store.settle(request.settlements.clone(), now_millis()).await?;
-        self.metrics.settled(&request.settlements, &results);
-        Ok(SettleResponse { results })
+        for (i, settlement) in request.settlements.iter().enumerate() {
+            match (settlement.amount_usdc, settlement.outcome) {
+                (Some(_), Outcome::Release) => {
+                    return Err(LedgerError::Invalid(format!(
+                        "settlements[{i}]: amountUsdc is for commits only"
+                    )));
+                }
+                (Some(amount), Outcome::Commit) if amount.is_zero() => {
+                    return Err(LedgerError::Invalid(format!(
+                        "settlements[{i}]: amountUsdc must be greater than 0 (release the hold instead)"
+                    )));
+                }
+                _ => {}
+            }
+        }
+        match self.store.settle(request.settlements.clone(), self.now()).await? {
+            SettleOutcome::Settled(results) => {
+                self.metrics.settled(&request.settlements, &results);
+                Ok(SettleResponse { results })
+            }
+            SettleOutcome::Invalid(problem) => Err(LedgerError::Invalid(problem)),
+        }
     }
 
     /// Releases holds whose TTL has passed: the buyer is never charged for a call whose
     /// outcome the ledger never learned.
     pub async fn expire_holds(&self) -> Result<usize, LedgerError> {
-        const PER_SWEEP: usize = 10_000;
-        let expired = self.store.expire_holds(now_millis(), PER_SWEEP).await?;
+        let expired = self.store.expire_holds(self.now(), PER_SWEEP).await?;
         self.metrics.expired(expired);
         Ok(expired)
+    }
+
+    /// Releases every hold whose TTL has passed, sweep after sweep: before a read that spans
+    /// buyers (the journal), as reading one charge releases its buyer's.
+    pub(crate) async fn release_expired_holds(&self) -> Result<(), LedgerError> {
+        while self.expire_holds().await? == PER_SWEEP {}
+        Ok(())
+    }
+
+    /// Forgets Idempotency-Keys older than the retention whose outcome is final; a key whose
+    /// charge is still held is kept until it is settled or expires.
+    pub async fn purge_idempotency_keys(&self) -> Result<usize, LedgerError> {
+        let before = self.now().saturating_sub(millis(self.limits.idempotency_retention));
+        Ok(self.store.purge_idempotency_keys(before, PER_SWEEP).await?)
     }
 }
 
@@ -253,6 +436,8 @@ fn token_view(token: TokenRecord) -> TokenView {
         remaining_usdc: remaining,
         revoked: token.revoked,
         expires_at: rfc3339_seconds(grant.expires_at),
+        parent_id: token.parent_id,
+        sandbox: grant.sandbox,
     }
 }
 
@@ -260,8 +445,10 @@ pub(crate) fn charge_view(charge: ChargeRecord) -> ChargeView {
     ChargeView {
         amount_usdc: match charge.status {
             ChargeStatus::Released => Usdc::ZERO,
-            ChargeStatus::Held | ChargeStatus::Committed => charge.held,
+            ChargeStatus::Held => charge.held,
+            ChargeStatus::Committed => charge.committed.unwrap_or(charge.held),
         },
+        held_usdc: charge.held,
         charge_id: charge.charge_id,
         token_id: charge.token_id,
         buyer_id: charge.buyer_id,
@@ -271,6 +458,7 @@ pub(crate) fn charge_view(charge: ChargeRecord) -> ChargeView {
         idempotency_key: charge.idempotency_key,
         created_at: rfc3339_millis(charge.created_at),
         settled_at: charge.settled_at.map(rfc3339_millis),
+        sandbox: charge.sandbox,
     }
 }
 
@@ -279,6 +467,53 @@ fn is_l402_token_id(token_id: &str) -> bool {
     token_id.strip_prefix(l402::TOKEN_ID_PREFIX).is_some_and(|hex| {
         hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
+}
+
+/// Signs `claims` into the issued token's answer.
+fn sign(issuer: &TokenIssuer, claims: PayTokenClaims) -> IssuedToken {
+    IssuedToken {
+        jwt: pay_token::sign(&claims, &issuer.key),
+        token_id: claims.jti,
+        limit_usdc: claims.limit_usdc,
+        expires_at: rfc3339_seconds(claims.exp),
+    }
+}
+
+/// The expiry (Unix seconds) a request asks for with `expiresAt` or `ttlSeconds`, if any.
+fn expiry(
+    expires_at: &Option<String>,
+    ttl_seconds: Option<u64>,
+    now_seconds: u64,
+) -> Result<Option<u64>, LedgerError> {
+    let expires_at = match (expires_at, ttl_seconds) {
+        (Some(_), Some(_)) => {
+            return Err(LedgerError::Invalid(
+                "give at most one of expiresAt and ttlSeconds".into(),
+            ));
+        }
+        (Some(at), None) => parse_rfc3339("expiresAt", at)?,
+        (None, Some(ttl)) => now_seconds.saturating_add(ttl),
+        (None, None) => return Ok(None),
+    };
+    if expires_at <= now_seconds || expires_at > MAX_EXPIRY_SECONDS {
+        return Err(LedgerError::Invalid(
+            "the token must expire in the future, before the year 10000".into(),
+        ));
+    }
+    Ok(Some(expires_at))
+}
+
+/// A buyer id an account may be opened for. L402 holders are prepaid by Lightning, each
+/// token its own anonymous buyer: an account would meter them twice.
+fn check_account_id(buyer_id: &str) -> Result<(), LedgerError> {
+    check_id("buyerId", buyer_id)?;
+    if buyer_id.starts_with(l402::TOKEN_ID_PREFIX) {
+        return Err(LedgerError::Invalid(format!(
+            "buyerId: {}… ids are L402 buyers, prepaid by Lightning; they have no account",
+            l402::TOKEN_ID_PREFIX
+        )));
+    }
+    Ok(())
 }
 
 fn check_len(field: &str, value: &str) -> Result<(), LedgerError> {
@@ -307,6 +542,10 @@ fn new_id(prefix: &str) -> String {
 pub fn now_millis() -> UnixMillis {
     let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn seconds(millis: UnixMillis) -> u64 {
+    u64::try_from(millis / 1000).unwrap_or(0)
 }
 
 fn millis(duration: Duration) -> i64 {

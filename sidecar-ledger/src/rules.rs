@@ -4,11 +4,281 @@
 //! one transaction. Keeping the rules here keeps every store (SQLite, PostgreSQL) to the same
 //! semantics and makes them testable without a database.
 
-use paystile_protocol::ledger_api::{ChargeStatus, Outcome, SettleStatus};
+use paystile_protocol::ledger_api::{ChargeStatus, Outcome, SettleStatus, TokenGrant};
 use paystile_protocol::pay_token::Scope;
 use paystile_protocol::{ErrorBody, ErrorCode, Usdc};
 
-use crate::store::TokenRecord;
+use crate::store::{TokenRecord, UnixMillis};
+
+/// The most tokens in one chain of delegation: a root and seven generations of children.
+/// Every reserve and settle touches each of them, so the chain stays short.
+pub const MAX_CHAIN_LEN: usize = 8;
+
+const MILLIS_PER_DAY: i64 = 86_400_000;
+
+/// The UTC day (days since the Unix epoch) of `now`: daily limits reset at UTC midnight.
+pub fn utc_day(now: UnixMillis) -> i64 {
+    now.div_euclid(MILLIS_PER_DAY)
+}
+
+/// A buyer's prepaid account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Account {
+    /// Deposits minus committed charges.
+    pub balance: Usdc,
+    /// The holds of calls in flight; they count against the balance and the day.
+    pub held: Usdc,
+    /// 1-based, into [`DailyLimits`].
+    pub tier: u32,
+    /// The UTC day `spent` counts; an older day means nothing was spent today.
+    pub spent_day: i64,
+    pub spent: Usdc,
+}
+
+impl Account {
+    /// What new holds may take: the balance minus the holds.
+    pub fn available(&self) -> Usdc {
+        self.balance.saturating_sub(self.held)
+    }
+
+    /// Committed on `day`.
+    pub fn spent_on(&self, day: i64) -> Usdc {
+        if self.spent_day == day { self.spent } else { Usdc::ZERO }
+    }
+
+    /// Spent and held on `day`: what its daily limit is measured against.
+    pub fn used_on(&self, day: i64) -> Usdc {
+        self.spent_on(day).checked_add(self.held).unwrap_or(Usdc::MAX)
+    }
+}
+
+/// The daily spending limit of each tier, tier 1 first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DailyLimits(Vec<Usdc>);
+
+impl DailyLimits {
+    /// `None` without any tier.
+    pub fn new(limits: Vec<Usdc>) -> Option<DailyLimits> {
+        (!limits.is_empty()).then_some(DailyLimits(limits))
+    }
+
+    pub fn tiers(&self) -> u32 {
+        u32::try_from(self.0.len()).unwrap_or(u32::MAX)
+    }
+
+    /// A tier beyond the configured ones (the setting lost tiers since it was set) has the
+    /// highest limit configured.
+    pub fn of_tier(&self, tier: u32) -> Usdc {
+        let index = usize::try_from(tier.saturating_sub(1)).unwrap_or(usize::MAX);
+        self.0.get(index).or(self.0.last()).copied().unwrap_or(Usdc::ZERO)
+    }
+
+    pub fn check_tier(&self, tier: u32) -> Result<(), ErrorBody> {
+        if (1..=self.tiers()).contains(&tier) {
+            return Ok(());
+        }
+        Err(ErrorBody::with_message(
+            ErrorCode::BadRequest,
+            format!("tier must be 1 to {} (the ledger's daily_limits_usdc)", self.tiers()),
+        ))
+    }
+}
+
+impl Default for DailyLimits {
+    /// 10, 1,000 and 50,000 USDC a day.
+    fn default() -> DailyLimits {
+        let whole = |usdc| Usdc::from_whole(usdc).unwrap_or(Usdc::MAX);
+        DailyLimits(vec![whole(10), whole(1_000), whole(50_000)])
+    }
+}
+
+/// Everything a reserve's decision reads, locked by the store.
+#[derive(Clone, Copy, Debug)]
+pub struct Books<'a> {
+    /// The token, then its parent, and so on to the root.
+    pub chain: &'a [TokenRecord],
+    /// The buyer's account, if the buyer has one.
+    pub account: Option<&'a Account>,
+    pub today: i64,
+    pub daily_limits: &'a DailyLimits,
+}
+
+impl Books<'_> {
+    /// The account a hold is placed on: the buyer's, unless the token is a sandbox token
+    /// (its charges go to the sandbox book) or the buyer has no account (its tokens are
+    /// bounded by their caps alone: tokens minted elsewhere, L402 tokens prepaid by
+    /// Lightning).
+    pub fn debited_account(&self) -> Option<&Account> {
+        let sandbox = self.chain.first().is_none_or(|token| token.grant.sandbox);
+        self.account.filter(|_| !sandbox)
+    }
+}
+
+/// [`admit`] for the first token of `books.chain`, then every level above it: each
+/// ancestor's cap must fit the price too (a child's spend counts against its parent, up the
+/// chain), then the buyer's balance (minus holds), then the buyer's daily limit (spent today
+/// plus holds). A replay (of a charge or of a recorded refusal) holds nothing and so is not
+/// measured again.
+pub fn admit_books(
+    books: &Books<'_>,
+    call: &Call<'_>,
+    prior: Option<PriorUse<'_>>,
+    max_replays: u32,
+) -> Result<Admission, ErrorBody> {
+    let Some((token, ancestors)) = books.chain.split_first() else {
+        return Err(ErrorBody::new(ErrorCode::Internal));
+    };
+    let mut remaining = match admit(token, call, prior, max_replays)? {
+        replay @ (Admission::Replay | Admission::ReplayRefusal) => return Ok(replay),
+        Admission::Hold { remaining } => remaining,
+    };
+    for ancestor in ancestors {
+        if ancestor.revoked {
+            return Err(ErrorBody::new(ErrorCode::TokenRevoked));
+        }
+        let limit = ancestor.grant.limit_usdc;
+        let after = ancestor
+            .used
+            .checked_add(ancestor.reserved)
+            .and_then(|spent| spent.checked_add(call.price))
+            .filter(|after| *after <= limit)
+            .ok_or_else(|| {
+                ErrorBody::token_limit_exceeded(ancestor.used, ancestor.reserved, limit, call.price)
+            })?;
+        remaining = remaining.min(limit.saturating_sub(after));
+    }
+    if let Some(account) = books.debited_account() {
+        let available = account.available();
+        if call.price > available {
+            return Err(ErrorBody {
+                price: Some(call.price),
+                ..ErrorBody::with_message(
+                    ErrorCode::InsufficientBalance,
+                    format!("Insufficient balance: {available} USDC available"),
+                )
+            });
+        }
+        let limit = books.daily_limits.of_tier(account.tier);
+        let used = account.used_on(books.today);
+        if used.checked_add(call.price).is_none_or(|after| after > limit) {
+            return Err(ErrorBody {
+                price: Some(call.price),
+                ..ErrorBody::with_message(
+                    ErrorCode::DailyLimitExceeded,
+                    format!(
+                        "Daily limit exceeded: {limit} USDC a day (tier {}), {used} USDC spent or held today",
+                        account.tier
+                    ),
+                )
+            });
+        }
+    }
+    Ok(Admission::Hold { remaining })
+}
+
+/// What the next call on `chain[0]` may spend: the least any level of the chain has left.
+pub fn chain_remaining(chain: &[TokenRecord]) -> Usdc {
+    chain.iter().map(TokenRecord::remaining).min().unwrap_or(Usdc::ZERO)
+}
+
+/// What a new child token asks for, as the ledger read it from the request.
+#[derive(Clone, Debug)]
+pub struct ChildSpec {
+    pub token_id: String,
+    pub limit: Usdc,
+    pub service_id: Option<String>,
+    pub scope: Option<Scope>,
+    pub buyer_tag: Option<String>,
+    /// Unix seconds, if the request gave an expiry.
+    pub expires_at: Option<u64>,
+    /// Unix seconds: when a token issued now expires by default.
+    pub default_expires_at: u64,
+    /// Unix seconds.
+    pub now: u64,
+}
+
+/// The grant of a child minted under `chain[0]` (`chain`: the parent, then its ancestors).
+/// A child may narrow its parent, never widen it: a cap within what the parent has left, the
+/// parent's service if the parent is bound to one, an expiry no later than the parent's; it
+/// has the parent's buyer and sandbox flag.
+pub fn child_grant(chain: &[TokenRecord], spec: &ChildSpec) -> Result<TokenGrant, ErrorBody> {
+    let invalid = |message: String| Err(ErrorBody::with_message(ErrorCode::BadRequest, message));
+    let Some(parent) = chain.first() else { return Err(ErrorBody::new(ErrorCode::NotFound)) };
+    if chain.iter().any(|token| token.revoked) {
+        return Err(ErrorBody::new(ErrorCode::TokenRevoked));
+    }
+    let grant = &parent.grant;
+    if spec.now >= grant.expires_at {
+        return invalid("the parent token has expired".into());
+    }
+    if chain.len() >= MAX_CHAIN_LEN {
+        return invalid(format!("a chain of delegation holds at most {MAX_CHAIN_LEN} tokens"));
+    }
+    if spec.limit > parent.remaining() {
+        return invalid(format!(
+            "limitUsdc {} is more than the parent's remaining {}",
+            spec.limit,
+            parent.remaining()
+        ));
+    }
+    let scope = spec.scope.unwrap_or(grant.scope);
+    let service_id = spec.service_id.clone().or_else(|| grant.service_id.clone());
+    if grant.scope == Scope::Single && (scope != Scope::Single || service_id != grant.service_id) {
+        return invalid("the parent pays for its own service only, and so does its child".into());
+    }
+    if scope == Scope::Single && service_id.is_none() {
+        return invalid("serviceId is required with scope SINGLE".into());
+    }
+    let expires_at = match spec.expires_at {
+        Some(at) if at > grant.expires_at => {
+            return invalid("the child must not outlive its parent".into());
+        }
+        Some(at) => at,
+        None => spec.default_expires_at.min(grant.expires_at),
+    };
+    Ok(TokenGrant {
+        token_id: spec.token_id.clone(),
+        buyer_id: grant.buyer_id.clone(),
+        buyer_tag: spec.buyer_tag.clone().or_else(|| grant.buyer_tag.clone()),
+        service_id,
+        scope,
+        limit_usdc: spec.limit,
+        expires_at,
+        sandbox: grant.sandbox,
+    })
+}
+
+/// What a deposit does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DepositDecision {
+    /// Credit the amount; the balance becomes this.
+    Credit { balance: Usdc },
+    /// The reference named an earlier deposit of the same amount: credit nothing.
+    Replay,
+}
+
+/// A deposit of `amount` to `account`; `prior` is the amount of an earlier deposit under
+/// the same reference. A reference names one deposit: another amount under it is refused.
+pub fn deposit(
+    account: &Account,
+    amount: Usdc,
+    prior: Option<Usdc>,
+) -> Result<DepositDecision, ErrorBody> {
+    match prior {
+        Some(prior) if prior == amount => Ok(DepositDecision::Replay),
+        Some(prior) => Err(ErrorBody::with_message(
+            ErrorCode::IdempotencyKeyMismatch,
+            format!("this reference was already used for a deposit of {prior} USDC"),
+        )),
+        None => match account.balance.checked_add(amount) {
+            Some(balance) => Ok(DepositDecision::Credit { balance }),
+            None => Err(ErrorBody::with_message(
+                ErrorCode::BadRequest,
+                "the balance would exceed the largest amount the ledger keeps",
+            )),
+        },
+    }
+}
 
 /// One call asking for a hold.
 #[derive(Clone, Copy, Debug)]
@@ -22,13 +292,21 @@ pub struct Call<'a> {
     pub cap: Usdc,
 }
 
-/// An earlier request under the same Idempotency-Key, and what became of its charge.
+/// An earlier request under the same Idempotency-Key, and what became of it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PriorUse<'a> {
     pub fingerprint: &'a str,
-    pub charge: ChargeStatus,
+    pub outcome: PriorOutcome,
     /// How often its charge has been replayed already.
     pub replays: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PriorOutcome {
+    /// It was admitted; its charge is in this state now.
+    Charge(ChargeStatus),
+    /// It was refused, and the refusal was recorded.
+    Refused,
 }
 
 /// How a call may proceed.
@@ -38,12 +316,37 @@ pub enum Admission {
     Hold { remaining: Usdc },
     /// A retry of a request that was charged: answer with that charge, hold nothing.
     Replay,
+    /// A retry of a request that was refused: answer the recorded refusal again, as it was.
+    ReplayRefusal,
+}
+
+/// Whether a refusal is kept under the call's Idempotency-Key, to answer its retries
+/// (Stripe, and the IETF draft: the outcome of a request that ran is the key's). Refusals
+/// about the key itself are not (the request did not run), and a key that keeps a charge
+/// keeps it (a revoked token's refusal must not erase what it paid for).
+///
+/// Every other refusal is about the request and is recorded, whichever level of the books
+/// refused it: the token's own (`token_revoked`, `wrong_service`, `token_limit_exceeded`),
+/// an ancestor's in a chain of delegation (`token_revoked`, `token_limit_exceeded`), the
+/// buyer's account (`insufficient_balance`, `daily_limit_exceeded`). A deposit or a new UTC
+/// day does not turn a recorded refusal into a charge: the retry needs a new key.
+pub fn records_refusal(refusal: &ErrorBody, prior: Option<PriorUse<'_>>) -> bool {
+    let about_the_key = matches!(
+        refusal.code,
+        ErrorCode::IdempotencyKeyMismatch
+            | ErrorCode::IdempotencyKeyInUse
+            | ErrorCode::IdempotencyKeyExhausted
+    );
+    let keeps_an_outcome =
+        prior.is_some_and(|prior| prior.outcome != PriorOutcome::Charge(ChargeStatus::Released));
+    !about_the_key && !keeps_an_outcome
 }
 
 /// May `call` go ahead on `token`? In this order: a revoked token never pays; a `SINGLE`
 /// token pays for its own service only; a reused Idempotency-Key must name the same
-/// request, and replays its charge (at most `max_replays` times: the upstream runs again
-/// for free on each) or waits for it while it is in flight; then
+/// request, and answers its recorded refusal again, replays its charge (at most
+/// `max_replays` times: the upstream runs again for free on each), or waits for it while it
+/// is in flight; a key whose charge was released is tried anew; then
 /// `used + reserved + price <= min(limit, cap)`. Holds count against the cap, so no mix of concurrent
 /// calls can spend past it, whichever of them commit.
 pub fn admit(
@@ -63,14 +366,18 @@ pub fn admit(
         if call.fingerprint != Some(prior.fingerprint) {
             return Err(ErrorBody::new(ErrorCode::IdempotencyKeyMismatch));
         }
-        match prior.charge {
-            ChargeStatus::Held => return Err(ErrorBody::new(ErrorCode::IdempotencyKeyInUse)),
-            ChargeStatus::Committed if prior.replays >= max_replays => {
+        match prior.outcome {
+            PriorOutcome::Refused => return Ok(Admission::ReplayRefusal),
+            PriorOutcome::Charge(ChargeStatus::Held) => {
+                return Err(ErrorBody::new(ErrorCode::IdempotencyKeyInUse));
+            }
+            PriorOutcome::Charge(ChargeStatus::Committed) if prior.replays >= max_replays => {
                 return Err(ErrorBody::new(ErrorCode::IdempotencyKeyExhausted));
             }
-            ChargeStatus::Committed => return Ok(Admission::Replay),
-            // The first attempt was not charged: this one may be.
-            ChargeStatus::Released => {}
+            PriorOutcome::Charge(ChargeStatus::Committed) => return Ok(Admission::Replay),
+            // The first attempt was not charged (its upstream failed, or its outcome never
+            // reached the ledger): the key promises at most one charge, and this retry may be it.
+            PriorOutcome::Charge(ChargeStatus::Released) => {}
         }
     }
     let limit = grant.limit_usdc.min(call.cap);
@@ -87,20 +394,32 @@ pub fn admit(
 /// What to do with a hold when its call's outcome arrives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SettleDecision {
-    /// Charge the held amount.
-    Commit,
+    /// Charge this amount (at most the held one) and release the rest.
+    Commit(Usdc),
     /// Give the held amount back, reporting why.
     Release(SettleStatus),
     /// Already settled: change nothing, report the earlier result.
     Unchanged(SettleStatus),
 }
 
-/// Commit at most once, never after the hold expired or the token was revoked.
+/// The amount a commit charges: `requested` (a partial commit) or else all of `held`. More
+/// than held is refused, for the whole settle request: it is a client's bug, not an outcome.
+pub fn commit_amount(requested: Option<Usdc>, held: Usdc) -> Result<Usdc, String> {
+    match requested {
+        None => Ok(held),
+        Some(amount) if amount <= held => Ok(amount),
+        Some(amount) => Err(format!("amountUsdc {amount} is more than the {held} held")),
+    }
+}
+
+/// Commit at most once, never after the hold expired or the token was revoked. `amount` is
+/// what a commit charges ([`commit_amount`]).
 pub fn settle(
     state: ChargeStatus,
     hold_expired: bool,
     token_revoked: bool,
     outcome: Outcome,
+    amount: Usdc,
 ) -> SettleDecision {
     match state {
         ChargeStatus::Committed => SettleDecision::Unchanged(SettleStatus::AlreadyCommitted),
@@ -109,7 +428,7 @@ pub fn settle(
         ChargeStatus::Held => match outcome {
             Outcome::Release => SettleDecision::Release(SettleStatus::Released),
             Outcome::Commit if token_revoked => SettleDecision::Release(SettleStatus::Revoked),
-            Outcome::Commit => SettleDecision::Commit,
+            Outcome::Commit => SettleDecision::Commit(amount),
         },
     }
 }
@@ -134,10 +453,12 @@ mod tests {
                 scope: Scope::Single,
                 limit_usdc: usdc(limit),
                 expires_at: 4_000_000_000,
+                sandbox: false,
             },
             used: usdc(used),
             reserved: usdc(reserved),
             revoked: false,
+            parent_id: None,
         }
     }
 
@@ -204,11 +525,14 @@ mod tests {
     #[test]
     fn revocation_wins_over_everything() {
         let revoked = TokenRecord { revoked: true, ..token("5", "0", "0") };
-        let committed =
-            Some(PriorUse { fingerprint: "fp", charge: ChargeStatus::Committed, replays: 0 });
+        let committed = Some(PriorUse {
+            fingerprint: "fp",
+            outcome: PriorOutcome::Charge(ChargeStatus::Committed),
+            replays: 0,
+        });
         let keyed = Call { fingerprint: Some("fp"), ..call("0.001") };
         assert_eq!(code(admit(&revoked, &keyed, committed, 5)), ErrorCode::TokenRevoked);
-        let decision = settle(ChargeStatus::Held, false, true, Outcome::Commit);
+        let decision = settle(ChargeStatus::Held, false, true, Outcome::Commit, usdc("1"));
         assert_eq!(decision, SettleDecision::Release(SettleStatus::Revoked));
     }
 
@@ -216,7 +540,11 @@ mod tests {
     fn reused_keys_replay_wait_refuse_or_retry() {
         let spent = token("0.001", "0.001", "0");
         let reuse = |fp: &'static str, charge, replays| {
-            let prior = Some(PriorUse { fingerprint: "fp1", charge, replays });
+            let prior = Some(PriorUse {
+                fingerprint: "fp1",
+                outcome: PriorOutcome::Charge(charge),
+                replays,
+            });
             admit(&spent, &Call { fingerprint: Some(fp), ..call("0.001") }, prior, 2)
         };
         // A replay is answered even when the budget is gone: it costs nothing more...
@@ -233,31 +561,240 @@ mod tests {
         );
         // A retry after an uncharged attempt is a new call, and the cap applies.
         assert_eq!(code(reuse("fp1", ChargeStatus::Released, 0)), ErrorCode::TokenLimitExceeded);
-        let prior =
-            Some(PriorUse { fingerprint: "fp1", charge: ChargeStatus::Released, replays: 0 });
+        let prior = Some(PriorUse {
+            fingerprint: "fp1",
+            outcome: PriorOutcome::Charge(ChargeStatus::Released),
+            replays: 0,
+        });
         let keyed = Call { fingerprint: Some("fp1"), ..call("0.25") };
         assert_eq!(admit(&token("1", "0", "0"), &keyed, prior, 2), Ok(hold("0.75")));
     }
 
     #[test]
+    fn a_refused_key_stays_refused_for_its_request_only() {
+        let refused = |fp: &'static str| {
+            let prior =
+                Some(PriorUse { fingerprint: "fp1", outcome: PriorOutcome::Refused, replays: 0 });
+            // The token could pay now: the key's answer is still the refusal.
+            admit(&token("1", "0", "0"), &Call { fingerprint: Some(fp), ..call("0.1") }, prior, 0)
+        };
+        assert_eq!(refused("fp1"), Ok(Admission::ReplayRefusal));
+        assert_eq!(code(refused("fp2")), ErrorCode::IdempotencyKeyMismatch);
+        let recorded = |code, outcome: Option<PriorOutcome>| {
+            let prior = outcome.map(|outcome| PriorUse { fingerprint: "fp1", outcome, replays: 0 });
+            records_refusal(&ErrorBody::new(code), prior)
+        };
+        assert!(recorded(ErrorCode::TokenLimitExceeded, None));
+        assert!(recorded(ErrorCode::WrongService, None));
+        // The buyer's account refuses the request too: recorded as well.
+        assert!(recorded(ErrorCode::InsufficientBalance, None));
+        assert!(recorded(ErrorCode::DailyLimitExceeded, None));
+        let released = Some(PriorOutcome::Charge(ChargeStatus::Released));
+        assert!(recorded(ErrorCode::TokenLimitExceeded, released), "a released key is tried anew");
+        for about_the_key in [
+            ErrorCode::IdempotencyKeyMismatch,
+            ErrorCode::IdempotencyKeyInUse,
+            ErrorCode::IdempotencyKeyExhausted,
+        ] {
+            assert!(!recorded(about_the_key, None), "{about_the_key:?}");
+        }
+        let committed = Some(PriorOutcome::Charge(ChargeStatus::Committed));
+        assert!(!recorded(ErrorCode::TokenRevoked, committed), "a refusal erased a charge");
+        assert!(!recorded(ErrorCode::TokenRevoked, Some(PriorOutcome::Refused)));
+    }
+
+    #[test]
+    fn a_partial_commit_charges_at_most_the_hold() {
+        assert_eq!(commit_amount(None, usdc("0.5")), Ok(usdc("0.5")));
+        assert_eq!(commit_amount(Some(usdc("0.2")), usdc("0.5")), Ok(usdc("0.2")));
+        assert_eq!(commit_amount(Some(usdc("0.5")), usdc("0.5")), Ok(usdc("0.5")));
+        let refused = commit_amount(Some(usdc("0.500001")), usdc("0.5")).unwrap_err();
+        assert_eq!(refused, "amountUsdc 0.500001 is more than the 0.500000 held");
+        assert_eq!(
+            settle(ChargeStatus::Held, false, false, Outcome::Commit, usdc("0.2")),
+            SettleDecision::Commit(usdc("0.2"))
+        );
+    }
+
+    #[test]
     fn settling_is_once_only_and_expiry_releases() {
         use SettleDecision::*;
-        assert_eq!(settle(ChargeStatus::Held, false, false, Outcome::Commit), Commit);
+        let one = usdc("1");
+        assert_eq!(settle(ChargeStatus::Held, false, false, Outcome::Commit, one), Commit(one));
         assert_eq!(
-            settle(ChargeStatus::Held, false, false, Outcome::Release),
+            settle(ChargeStatus::Held, false, false, Outcome::Release, one),
             Release(SettleStatus::Released)
         );
         assert_eq!(
-            settle(ChargeStatus::Held, true, false, Outcome::Commit),
+            settle(ChargeStatus::Held, true, false, Outcome::Commit, one),
             Release(SettleStatus::Expired)
         );
         assert_eq!(
-            settle(ChargeStatus::Committed, false, false, Outcome::Commit),
+            settle(ChargeStatus::Committed, false, false, Outcome::Commit, one),
             Unchanged(SettleStatus::AlreadyCommitted)
         );
         assert_eq!(
-            settle(ChargeStatus::Released, false, false, Outcome::Commit),
+            settle(ChargeStatus::Released, false, false, Outcome::Commit, one),
             Unchanged(SettleStatus::AlreadyReleased)
         );
+    }
+
+    fn account(balance: &str, held: &str, spent: &str) -> Account {
+        Account {
+            balance: usdc(balance),
+            held: usdc(held),
+            tier: 1,
+            spent_day: DAY,
+            spent: usdc(spent),
+        }
+    }
+
+    const DAY: i64 = 20_000;
+
+    fn books<'a>(
+        chain: &'a [TokenRecord],
+        account: Option<&'a Account>,
+        limits: &'a DailyLimits,
+    ) -> Books<'a> {
+        Books { chain, account, today: DAY, daily_limits: limits }
+    }
+
+    #[test]
+    fn balances_hold_what_is_available_and_say_how_much_is() {
+        let limits = DailyLimits::default();
+        let chain = [token("100", "0", "0")];
+        let funded = account("2", "0.77", "0");
+        // 2 − 0.77 = 1.23 available: exactly that fits, a micro-USDC more does not.
+        let fits = admit_books(&books(&chain, Some(&funded), &limits), &call("1.23"), None, 5);
+        assert_eq!(fits, Ok(hold("98.77")));
+        let refused =
+            admit_books(&books(&chain, Some(&funded), &limits), &call("1.230001"), None, 5)
+                .unwrap_err();
+        assert_eq!(refused.code, ErrorCode::InsufficientBalance);
+        assert_eq!(refused.error, "Insufficient balance: 1.230000 USDC available");
+        assert_eq!(refused.price, Some(usdc("1.230001")));
+        // No account: the token's cap alone bounds it.
+        assert_eq!(
+            admit_books(&books(&chain, None, &limits), &call("50"), None, 5),
+            Ok(hold("50"))
+        );
+    }
+
+    #[test]
+    fn daily_limits_count_spend_and_holds_of_the_utc_day_by_tier() {
+        let limits = DailyLimits::new(vec![usdc("10"), usdc("1000")]).unwrap();
+        let chain = [token("5000", "0", "0")];
+        let rich = |held: &str, spent: &str, tier| Account { tier, ..account("4000", held, spent) };
+        let admit_on = |account: &Account, price: &str, today| {
+            let books = Books { today, ..books(&chain, Some(account), &limits) };
+            admit_books(&books, &call(price), None, 5)
+        };
+        assert!(admit_on(&rich("3", "6", 1), "1", DAY).is_ok(), "3 + 6 + 1 = the limit");
+        let refused = admit_on(&rich("3", "6", 1), "1.000001", DAY).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::DailyLimitExceeded);
+        assert_eq!(
+            refused.error,
+            "Daily limit exceeded: 10.000000 USDC a day (tier 1), 9.000000 USDC spent or held today"
+        );
+        // A new UTC day forgets yesterday's spend, not the holds still open.
+        assert!(admit_on(&rich("3", "6", 1), "7", DAY + 1).is_ok());
+        assert_eq!(
+            code(admit_on(&rich("3", "6", 1), "7.000001", DAY + 1)),
+            ErrorCode::DailyLimitExceeded
+        );
+        assert!(admit_on(&rich("3", "6", 2), "500", DAY).is_ok(), "tier 2: 1,000 a day");
+        assert_eq!(utc_day(0), 0);
+        assert_eq!(utc_day(MILLIS_PER_DAY - 1), 0);
+        assert_eq!(utc_day(MILLIS_PER_DAY), 1);
+        assert_eq!(utc_day(-1), -1);
+    }
+
+    #[test]
+    fn sandbox_tokens_never_touch_the_account() {
+        let limits = DailyLimits::default();
+        let mut sandbox = token("100", "0", "0");
+        sandbox.grant.sandbox = true;
+        let broke = account("0", "0", "0");
+        let chain = [sandbox];
+        let books = books(&chain, Some(&broke), &limits);
+        assert!(books.debited_account().is_none());
+        assert_eq!(admit_books(&books, &call("20"), None, 5), Ok(hold("80")));
+    }
+
+    #[test]
+    fn every_level_of_a_chain_must_fit_the_price() {
+        let limits = DailyLimits::default();
+        let chain = [token("1", "0", "0"), token("5", "4.5", "0.2"), token("10", "0", "0")];
+        assert_eq!(
+            admit_books(&books(&chain, None, &limits), &call("0.3"), None, 5),
+            Ok(hold("0"))
+        );
+        let refused =
+            admit_books(&books(&chain, None, &limits), &call("0.300001"), None, 5).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::TokenLimitExceeded);
+        assert_eq!(refused.limit, Some(usdc("5")), "the parent refused");
+        let mut revoked_root = chain.clone();
+        revoked_root[2].revoked = true;
+        assert_eq!(
+            code(admit_books(&books(&revoked_root, None, &limits), &call("0.1"), None, 5)),
+            ErrorCode::TokenRevoked
+        );
+        assert_eq!(chain_remaining(&chain), usdc("0.3"));
+    }
+
+    fn spec(limit: &str) -> ChildSpec {
+        ChildSpec {
+            token_id: "child".into(),
+            limit: usdc(limit),
+            service_id: None,
+            scope: None,
+            buyer_tag: None,
+            expires_at: None,
+            default_expires_at: 3_000_000_000,
+            now: 1_000,
+        }
+    }
+
+    #[test]
+    fn children_narrow_their_parent_and_never_widen_it() {
+        let parent = [token("1", "0.5", "0.2")];
+        let child = child_grant(&parent, &spec("0.3")).unwrap();
+        assert_eq!((child.buyer_id.as_str(), child.limit_usdc), ("buyer", usdc("0.3")));
+        assert_eq!((child.service_id.as_deref(), child.scope), (Some("weather"), Scope::Single));
+        assert_eq!(child.expires_at, 3_000_000_000, "the default, within the parent's expiry");
+        let bad = |spec: ChildSpec| child_grant(&parent, &spec).unwrap_err().error;
+        assert!(bad(spec("0.300001")).contains("remaining 0.300000"));
+        assert!(bad(ChildSpec { scope: Some(Scope::All), ..spec("0.1") }).contains("own service"));
+        assert!(
+            bad(ChildSpec { service_id: Some("maps".into()), ..spec("0.1") })
+                .contains("own service")
+        );
+        assert!(
+            bad(ChildSpec { expires_at: Some(4_000_000_001), ..spec("0.1") }).contains("outlive")
+        );
+        assert!(bad(ChildSpec { now: 4_000_000_000, ..spec("0.1") }).contains("expired"));
+        let mut all = token("1", "0", "0");
+        all.grant.scope = Scope::All;
+        let maps = ChildSpec { service_id: Some("maps".into()), ..spec("0.1") };
+        assert_eq!(child_grant(&[all], &maps).unwrap().service_id.as_deref(), Some("maps"));
+        let revoked = [token("1", "0", "0"), TokenRecord { revoked: true, ..token("1", "0", "0") }];
+        assert_eq!(child_grant(&revoked, &spec("0.1")).unwrap_err().code, ErrorCode::TokenRevoked);
+        let deep = vec![token("1", "0", "0"); MAX_CHAIN_LEN];
+        assert!(child_grant(&deep, &spec("0.1")).unwrap_err().error.contains("at most 8"));
+        assert!(child_grant(&deep[1..], &spec("0.1")).is_ok());
+    }
+
+    #[test]
+    fn deposits_credit_once_per_reference() {
+        let funded = account("1", "0", "0");
+        assert_eq!(
+            deposit(&funded, usdc("2"), None),
+            Ok(DepositDecision::Credit { balance: usdc("3") })
+        );
+        assert_eq!(deposit(&funded, usdc("2"), Some(usdc("2"))), Ok(DepositDecision::Replay));
+        let reused = deposit(&funded, usdc("2"), Some(usdc("3"))).unwrap_err();
+        assert_eq!(reused.code, ErrorCode::IdempotencyKeyMismatch);
+        let full = Account { balance: Usdc::MAX, ..funded };
+        assert_eq!(deposit(&full, usdc("0.000001"), None).unwrap_err().code, ErrorCode::BadRequest);
     }
 }

@@ -44,7 +44,19 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let limits = Limits { hold_ttl: settings.hold_ttl, max_replays: settings.max_replays };
+    let limits = Limits {
+        hold_ttl: settings.hold_ttl,
+        max_replays: settings.max_replays,
+        idempotency_retention: settings.idempotency_retention,
+        daily_limits: Arc::new(settings.daily_limits.clone()),
+        clock_offset_millis: settings.clock_offset_seconds.saturating_mul(1000),
+    };
+    if settings.clock_offset_seconds != 0 {
+        tracing::warn!(
+            seconds = settings.clock_offset_seconds,
+            "the ledger's clock is offset (tests only)"
+        );
+    }
     let ledger = Arc::new(Ledger::new(store, issuer, limits));
     let reopened = ledger.reopen_holds().await.context("cannot reopen the open holds")?;
     if reopened > 0 {
@@ -79,6 +91,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Releases expired holds, then forgets Idempotency-Keys past their retention.
 async fn sweep_expired_holds(ledger: Arc<Ledger>, every: Duration) {
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -88,6 +101,11 @@ async fn sweep_expired_holds(ledger: Arc<Ledger>, every: Duration) {
             Ok(0) => {}
             Ok(released) => tracing::info!(released, "released expired holds"),
             Err(e) => tracing::error!(error = %e, "cannot release expired holds"),
+        }
+        match ledger.purge_idempotency_keys().await {
+            Ok(0) => {}
+            Ok(purged) => tracing::debug!(purged, "forgot Idempotency-Keys past their retention"),
+            Err(e) => tracing::error!(error = %e, "cannot purge old Idempotency-Keys"),
         }
     }
 }

@@ -6,10 +6,16 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use paystile_protocol::Usdc;
 use serde::Deserialize;
+
+use crate::rules::DailyLimits;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8787";
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://paystile-ledger.db";
+/// Idempotency-Keys are kept at least this long (seconds): Stripe's 24 hours, which
+/// clients' retry policies assume.
+pub const MIN_IDEMPOTENCY_RETENTION: u64 = 86_400;
 /// Keys shorter than this are refused: they are guessable.
 pub const MIN_KEY_LEN: usize = 16;
 
@@ -58,6 +64,19 @@ pub struct Options {
     /// reaches the upstream again without a new charge [default: 5].
     #[arg(long, env = "PAYSTILE_MAX_REPLAYS")]
     pub max_replays: Option<u32>,
+    /// Daily spending limit of each buyer tier in USDC, tier 1 first, comma-separated
+    /// [default: 10,1000,50000]. Applies to buyers with an account.
+    #[arg(long, env = "PAYSTILE_DAILY_LIMITS_USDC", value_delimiter = ',')]
+    pub daily_limits_usdc: Option<Vec<Usdc>>,
+    /// Test only: seconds added to the ledger's clock (days roll over at UTC midnight).
+    #[arg(long, env = "PAYSTILE_CLOCK_OFFSET_SECONDS", hide = true, allow_hyphen_values = true)]
+    #[serde(skip)]
+    pub clock_offset_seconds: Option<i64>,
+    /// How long an Idempotency-Key keeps its outcome, counted from when it was recorded; a
+    /// key whose charge is still held is kept longer. At least a day, as Stripe keeps
+    /// them [default: 86400].
+    #[arg(long, env = "PAYSTILE_IDEMPOTENCY_RETENTION_SECONDS")]
+    pub idempotency_retention_seconds: Option<u64>,
     /// How often expired holds are looked for [default: 1].
     #[arg(long, env = "PAYSTILE_SWEEP_INTERVAL_SECONDS")]
     pub sweep_interval_seconds: Option<u64>,
@@ -266,6 +285,9 @@ pub struct Settings {
     pub token: Option<TokenSettings>,
     pub hold_ttl: Duration,
     pub max_replays: u32,
+    pub daily_limits: DailyLimits,
+    pub clock_offset_seconds: i64,
+    pub idempotency_retention: Duration,
     pub sweep_interval: Duration,
     pub log_format: LogFormat,
     pub l402: Option<L402Settings>,
@@ -299,6 +321,11 @@ impl Options {
             token_ttl_seconds: self.token_ttl_seconds.or(lower.token_ttl_seconds),
             hold_ttl_seconds: self.hold_ttl_seconds.or(lower.hold_ttl_seconds),
             max_replays: self.max_replays.or(lower.max_replays),
+            daily_limits_usdc: self.daily_limits_usdc.or(lower.daily_limits_usdc),
+            clock_offset_seconds: self.clock_offset_seconds.or(lower.clock_offset_seconds),
+            idempotency_retention_seconds: self
+                .idempotency_retention_seconds
+                .or(lower.idempotency_retention_seconds),
             sweep_interval_seconds: self.sweep_interval_seconds.or(lower.sweep_interval_seconds),
             log_format: self.log_format.or(lower.log_format),
             l402_secret: self.l402_secret.or(lower.l402_secret),
@@ -395,6 +422,28 @@ impl Settings {
                 120,
             )?),
             max_replays: options.max_replays.unwrap_or(5),
+            daily_limits: match options.daily_limits_usdc {
+                None => DailyLimits::default(),
+                Some(limits) if limits.iter().any(|limit| limit.is_zero()) => {
+                    return Err(problem("daily_limits_usdc", "every limit must be greater than 0"));
+                }
+                Some(limits) => DailyLimits::new(limits)
+                    .ok_or_else(|| problem("daily_limits_usdc", "give at least one tier"))?,
+            },
+            clock_offset_seconds: options.clock_offset_seconds.unwrap_or(0),
+            idempotency_retention: Duration::from_secs(
+                match options.idempotency_retention_seconds.unwrap_or(MIN_IDEMPOTENCY_RETENTION) {
+                    seconds if seconds < MIN_IDEMPOTENCY_RETENTION => {
+                        return Err(problem(
+                            "idempotency_retention_seconds",
+                            format!(
+                                "must be at least {MIN_IDEMPOTENCY_RETENTION} (24 hours: clients retry for that long)"
+                            ),
+                        ));
+                    }
+                    seconds => seconds,
+                },
+            ),
             sweep_interval: Duration::from_secs(positive(
                 "sweep_interval_seconds",
                 options.sweep_interval_seconds,
@@ -486,6 +535,7 @@ mod tests {
         assert!(settings.listen.ip().is_loopback());
         assert_eq!(settings.database, Database::Sqlite("paystile-ledger.db".into()));
         assert_eq!(settings.hold_ttl, Duration::from_secs(120));
+        assert_eq!(settings.idempotency_retention, Duration::from_secs(86_400));
         assert!(settings.token.is_none());
     }
 
@@ -507,6 +557,15 @@ mod tests {
         );
         assert!(
             error(Options { hold_ttl_seconds: Some(0), ..keys() }).starts_with("hold_ttl_seconds:")
+        );
+        assert_eq!(
+            error(Options { idempotency_retention_seconds: Some(86_399), ..keys() }),
+            "idempotency_retention_seconds: must be at least 86400 (24 hours: clients retry for that long)"
+        );
+        let week = Options { idempotency_retention_seconds: Some(604_800), ..keys() };
+        assert_eq!(
+            Settings::from_options(week).unwrap().idempotency_retention,
+            Duration::from_secs(604_800)
         );
         assert!(
             error(Options { token_secret: Some("s".repeat(31)), ..keys() })
@@ -608,6 +667,26 @@ mod tests {
             assert!(!error.contains("hunter2pw"), "{error}");
         }
         assert_eq!(database("sqlite://ledger.db").unwrap().to_string(), "sqlite://ledger.db");
+    }
+
+    #[test]
+    fn daily_limits_are_tiers_of_positive_amounts() {
+        let limits = |given: Option<Vec<&str>>| {
+            let given = given.map(|l| l.into_iter().map(|a| a.parse().unwrap()).collect());
+            Settings::from_options(Options { daily_limits_usdc: given, ..keys() })
+                .map(|settings| settings.daily_limits)
+                .map_err(|e| e.to_string())
+        };
+        let default = limits(None).unwrap();
+        assert_eq!(
+            [1, 2, 3, 4].map(|tier| default.of_tier(tier).to_string()),
+            ["10.000000", "1000.000000", "50000.000000", "50000.000000"]
+        );
+        assert_eq!(limits(Some(vec!["5", "7.5"])).unwrap().tiers(), 2);
+        assert!(limits(Some(vec![])).unwrap_err().starts_with("daily_limits_usdc:"));
+        assert!(limits(Some(vec!["5", "0"])).unwrap_err().starts_with("daily_limits_usdc:"));
+        let file: Options = toml::from_str(r#"daily_limits_usdc = ["1", "2"]"#).unwrap();
+        assert_eq!(file.daily_limits_usdc.map(|l| l.len()), Some(2));
     }
 
     #[test]

@@ -70,15 +70,17 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_25, 2.0, 15))
 }
 
-impl Default for Metrics {
-    fn default() -> Metrics {
+impl Metrics {
+    /// The metrics, with `expired_on_read`: the store's count of the holds it released on
+    /// read, which `expirations` includes.
+    pub fn new(expired_on_read: Counter) -> Metrics {
         let mut metrics = Metrics {
             registry: Registry::with_prefix("paystile_ledger"),
             holds: Counter::default(),
             replays: Counter::default(),
             commits: Counter::default(),
             releases: Family::default(),
-            expirations: Counter::default(),
+            expirations: expired_on_read,
             refusals: Family::default(),
             requests: Family::new_with_constructor(latency_histogram),
         };
@@ -89,7 +91,11 @@ impl Default for Metrics {
             "Reserves answered with an already committed charge (Idempotency-Key)",
             metrics.replays.clone(),
         );
-        registry.register("commits", "Holds committed (calls charged)", metrics.commits.clone());
+        registry.register(
+            "commits",
+            "Holds committed (calls charged), partial commits (less than the hold) included",
+            metrics.commits.clone(),
+        );
         registry.register(
             "releases",
             "Holds released by a settlement: an unbillable call (outcome) or a revoked token",
@@ -97,10 +103,16 @@ impl Default for Metrics {
         );
         registry.register(
             "expirations",
-            "Holds released because their TTL passed (by the sweeper or at a late settlement)",
+            "Holds released because their TTL passed: by the sweeper, at a late settlement, or \
+             on read (an operation on the buyer found them past it)",
             metrics.expirations.clone(),
         );
-        registry.register("refusals", "Reserves refused, by error code", metrics.refusals.clone());
+        registry.register(
+            "refusals",
+            "Reserves refused, by error code (a refusal recorded under an Idempotency-Key and \
+             answered again is not counted again)",
+            metrics.refusals.clone(),
+        );
         registry.register_with_unit(
             "http_request_duration",
             "Time to answer an API request, by endpoint",
@@ -109,9 +121,7 @@ impl Default for Metrics {
         );
         metrics
     }
-}
 
-impl Metrics {
     /// The OpenMetrics text exposition of every metric.
     pub fn render(&self) -> Result<String, std::fmt::Error> {
         let mut text = String::new();
@@ -143,6 +153,13 @@ impl Metrics {
                 );
             }
             ReserveOutcome::Refused(refusal) => self.refused(request, refusal),
+            ReserveOutcome::RefusedAgain(refusal) => tracing::debug!(
+                event = "refusal_replayed",
+                code = %wire_name(refusal.code),
+                token_id = %token.token_id,
+                service_id = %request.service_id,
+                "recorded refusal answered again"
+            ),
         }
     }
 

@@ -15,7 +15,8 @@ use paystile_ledger::client::{AdminClient, ClientError};
 use paystile_protocol::jws::Key;
 use paystile_protocol::l402;
 use paystile_protocol::ledger_api::{
-    ChargeStatus, Hold, IssueTokenRequest, L402Challenge, SettleResponse, SettleStatus, TokenView,
+    AccountView, ChargeStatus, ChildTokenRequest, Deposit, DepositRequest, Hold, IssueTokenRequest,
+    IssuedToken, L402Challenge, SettleResponse, SettleStatus, TokenView,
 };
 use paystile_protocol::pay_token::{self, Scope, Validation};
 use paystile_protocol::{ErrorBody, ErrorCode, Usdc};
@@ -78,6 +79,27 @@ on_both_stores! {
     bad_challenge_requests_get_400_and_l402_is_off_without_its_settings,
     a_credential_stated_cap_lowers_the_limit_for_its_calls_only,
     an_l402_token_revoked_before_its_first_call_is_refused_at_it,
+    buyer_balances_are_debited_exactly_and_deposits_count_once,
+    daily_limits_follow_the_tier_and_restart_at_utc_midnight,
+    the_panic_button_revokes_every_token_and_voids_holds_in_flight(
+        flavor = "multi_thread",
+        worker_threads = 4
+    ),
+    a_three_level_chain_is_counted_at_every_level_under_concurrency(
+        flavor = "multi_thread",
+        worker_threads = 4
+    ),
+    sandbox_tokens_charge_the_sandbox_book_only,
+    bad_buyer_and_child_requests_get_400_or_404_and_change_nothing,
+    admin_cli_manages_buyers_and_child_tokens,
+    a_refused_reserve_stays_refused_for_its_key,
+    partial_commits_charge_the_amount_and_release_the_rest,
+    settle_amounts_that_do_not_fit_get_400_and_change_nothing,
+    holds_past_their_ttl_are_released_on_read,
+    idempotency_keys_are_forgotten_after_their_retention_once_settled,
+    a_partial_commit_debits_the_balance_and_every_level_of_a_chain_by_the_amount,
+    expired_holds_are_released_on_read_at_every_level_and_on_the_account,
+    buyer_refusals_stay_refused_for_their_key,
 }
 
 /// The PostgreSQL server the suite makes its databases on: `PAYSTILE_TEST_POSTGRES_URL`, or
@@ -169,7 +191,7 @@ struct Ledger {
     args: Vec<String>,
     admin: AdminClient,
     http: reqwest::Client,
-    _books: Books,
+    books: Books,
 }
 
 fn ledger_binary() -> &'static Path {
@@ -203,7 +225,80 @@ impl Ledger {
         )
         .unwrap();
         let admin = AdminClient::new(&process.url(), ADMIN_KEY);
-        Ledger { process, args, admin, http: reqwest::Client::new(), _books: books }
+        Ledger { process, args, admin, http: reqwest::Client::new(), books }
+    }
+
+    /// Stops the ledger and starts another on the same books with `extra` settings.
+    fn restart_with(&mut self, extra: &[&str]) {
+        self.process.kill().unwrap();
+        let mut args: Vec<String> = vec!["--database-url".into(), self.books.url()];
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let listen = ["--listen".to_owned(), "127.0.0.1:0".to_owned()];
+        self.process = LedgerProcess::start(
+            ledger_binary(),
+            &[args.clone(), listen.to_vec()].concat(),
+            &envs(),
+            Stdio::inherit(),
+        )
+        .unwrap();
+        self.args = args;
+        self.admin = AdminClient::new(&self.process.url(), ADMIN_KEY);
+    }
+
+    async fn put(&self, path: &str, body: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .put(format!("{}{path}", self.process.url()))
+            .header("content-type", "application/json")
+            .bearer_auth(ADMIN_KEY)
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn deposit(&self, buyer_id: &str, amount: &str, reference: Option<&str>) -> Deposit {
+        let request =
+            DepositRequest { amount_usdc: usdc(amount), reference: reference.map(Into::into) };
+        self.admin.deposit(buyer_id, &request).await.unwrap()
+    }
+
+    async fn account(&self, buyer_id: &str) -> AccountView {
+        self.admin.buyer(buyer_id).await.unwrap().account.unwrap()
+    }
+
+    async fn child(&self, parent_id: &str, limit: &str) -> IssuedToken {
+        self.admin.mint_child(parent_id, &child_request(limit)).await.unwrap()
+    }
+
+    /// Makes every Idempotency-Key `by` older, straight in the books (no clock to move).
+    async fn age_idempotency_keys(&self, by: Duration) {
+        let by = i64::try_from(by.as_millis()).unwrap();
+        match &self.books {
+            Books::Sqlite(dir) => {
+                let conn = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
+                conn.busy_timeout(Duration::from_secs(5)).unwrap();
+                conn.execute("UPDATE idempotency_keys SET created_at = created_at - ?1", [by])
+                    .unwrap();
+            }
+            Books::Postgres(database) => {
+                let (client, connection) =
+                    tokio_postgres::connect(&database.url, tokio_postgres::NoTls).await.unwrap();
+                tokio::spawn(connection);
+                client
+                    .execute("UPDATE idempotency_keys SET created_at = created_at - $1", &[&by])
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    /// `POST /v1/holds/settle` with `settlements` as given.
+    async fn settle_raw(&self, settlements: Value) -> (u16, Value) {
+        let body = json!({ "settlements": settlements }).to_string();
+        self.post("/v1/holds/settle", Some(GATEWAY_KEY), &body).await
     }
 
     /// `kill -9`, then start again on the same port and database.
@@ -296,6 +391,7 @@ fn issue_request(limit: &str) -> IssueTokenRequest {
         scope: None,
         expires_at: None,
         ttl_seconds: Some(600),
+        sandbox: false,
     }
 }
 
@@ -1012,7 +1108,7 @@ async fn an_l402_token_revoked_before_its_first_call_is_refused_at_it(store: Bac
 
 /// The journal (`GET /v1/charges`, its CSV export) and the per-service summary.
 mod journal {
-    use paystile_protocol::ledger_api::{ChargePage, ChargeView, ServiceSummary};
+    use paystile_protocol::ledger_api::{ChargePage, ChargeStatus, ChargeView, ServiceSummary};
     use reqwest::header::HeaderMap;
     use time::OffsetDateTime;
     use time::format_description::well_known::Rfc3339;
@@ -1026,6 +1122,131 @@ mod journal {
         bad_journal_queries_get_400_with_a_message,
         the_summary_counts_a_known_scenario,
         the_admin_cli_lists_exports_and_sums_up_charges,
+        the_journal_keeps_the_books_of_partial_commits_sandbox_and_buyers,
+        the_journal_never_shows_an_expired_hold_as_held,
+    }
+
+    /// Revenue is what commits charged, in the live book only (the sandbox book on asking);
+    /// every fresh refusal counts, the buyers' codes too, and a recorded refusal answered
+    /// again from its Idempotency-Key counts once.
+    async fn the_journal_keeps_the_books_of_partial_commits_sandbox_and_buyers(store: Backend) {
+        let ledger = Ledger::start(store, &[]).await;
+        let partial = ledger.call("tok_p", "dana", "weather", "1").await;
+        let body = json!({"settlements": [
+            {"chargeId": partial, "outcome": "commit", "upstreamStatus": 200, "amountUsdc": "0.4"}
+        ]});
+        let (status, answer) =
+            ledger.post("/v1/holds/settle", Some(GATEWAY_KEY), &body.to_string()).await;
+        assert_eq!(status, 200, "{answer}");
+        let mut sandbox = reserve_body("tok_s", "100", "2");
+        sandbox["token"]["sandbox"] = json!(true);
+        let played = ledger.hold(&sandbox).await.charge_id;
+        ledger.settle_with(&played, "commit", 200).await;
+        sandbox["priceUsdc"] = json!("99");
+        assert_eq!(ledger.reserve(&sandbox).await.0, 402);
+
+        // A refusal recorded under a key, answered again: one refusal.
+        let over = with_key(reserve_body("tok_small", "0.05", "0.1"), "k", 'a');
+        for _ in 0..2 {
+            let (status, refusal) = ledger.reserve(&over).await;
+            assert_eq!((status, refusal["code"].as_str()), (402, Some("token_limit_exceeded")));
+        }
+        // The same key for another request is a fresh refusal (about the key).
+        assert_eq!(ledger.reserve(&with_key(over.clone(), "k", 'b')).await.0, 422);
+        ledger.deposit("erin", "0.5", None).await;
+        let mut poor = reserve_body("tok_e", "100", "1");
+        poor["token"]["buyerId"] = json!("erin");
+        let (status, refusal) = ledger.reserve(&poor).await;
+        assert_eq!((status, refusal["code"].as_str()), (402, Some("insufficient_balance")));
+        ledger.deposit("fay", "50", None).await;
+        let mut spender = reserve_body("tok_f", "100", "11");
+        spender["token"]["buyerId"] = json!("fay");
+        let (status, refusal) = ledger.reserve(&spender).await;
+        assert_eq!((status, refusal["code"].as_str()), (402, Some("daily_limit_exceeded")));
+
+        let summary = |query: &'static str| {
+            let ledger = &ledger;
+            async move {
+                let (status, _, body) =
+                    ledger.get(&format!("/v1/services/weather/summary{query}"), None).await;
+                assert_eq!(status, 200, "{body}");
+                serde_json::from_str::<ServiceSummary>(&body).unwrap()
+            }
+        };
+        let live = summary("").await;
+        assert_eq!((live.calls, live.committed, live.sandbox), (1, 1, false), "{live:?}");
+        assert_eq!(live.revenue_usdc, usdc("0.4"));
+        assert_eq!(
+            live.refusals,
+            [
+                ("daily_limit_exceeded".to_owned(), 1),
+                ("idempotency_key_mismatch".to_owned(), 1),
+                ("insufficient_balance".to_owned(), 1),
+                ("token_limit_exceeded".to_owned(), 1),
+            ]
+            .into()
+        );
+        assert_eq!(summary("?sandbox=false").await, live);
+        let played_book = summary("?sandbox=true").await;
+        assert_eq!((played_book.calls, played_book.sandbox), (1, true));
+        assert_eq!(played_book.revenue_usdc, usdc("2"));
+        assert_eq!(played_book.refusals, [("token_limit_exceeded".to_owned(), 1)].into());
+        // The metrics agree: the live refusal once and the sandbox one, not the replay.
+        let url = format!("{}/metrics", ledger.process.url());
+        let metrics = ledger.http.get(url).send().await.unwrap().text().await.unwrap();
+        let series = "paystile_ledger_refusals_total{code=\"token_limit_exceeded\"} 2";
+        assert!(metrics.lines().any(|line| line == series), "{metrics}");
+
+        // The journal's rows are ChargeView's: committed amount, held amount, book.
+        let all = ledger.all_charges("").await;
+        assert_eq!(ids(&all), [partial.as_str(), played.as_str()]);
+        assert_eq!(
+            (all[0].amount_usdc, all[0].held_usdc, all[0].sandbox),
+            (usdc("0.4"), usdc("1"), false)
+        );
+        assert_eq!(all[0], ledger.admin.charge(&partial).await.unwrap());
+        assert!(all[1].sandbox);
+        assert_eq!(ids(&ledger.all_charges("sandbox=true").await), [played.as_str()]);
+        assert_eq!(ids(&ledger.all_charges("sandbox=false").await), [partial.as_str()]);
+        let (_, _, csv) = ledger.get("/v1/charges.csv?sandbox=true", None).await;
+        let row = csv.split_terminator("\r\n").nth(1).unwrap();
+        assert!(row.starts_with(&format!("{played},tok_s,buyer-1,weather,2.000000,2.000000,")));
+        assert!(row.ends_with(",true"), "{row}");
+        let (_, _, csv) = ledger.get("/v1/charges.csv?sandbox=false", None).await;
+        let row = csv.split_terminator("\r\n").nth(1).unwrap();
+        assert!(row.starts_with(&format!("{partial},tok_p,dana,weather,0.400000,1.000000,")));
+    }
+
+    /// A hold past its TTL reads as released in the journal and its summary, as it does
+    /// alone; releases on read count as expirations.
+    async fn the_journal_never_shows_an_expired_hold_as_held(store: Backend) {
+        let ledger =
+            Ledger::start(store, &["--hold-ttl-seconds", "1", "--sweep-interval-seconds", "3600"])
+                .await;
+        let alone = ledger.call("tok_x", "xena", "weather", "0.1").await;
+        let listed = ledger.call("tok_y", "yann", "weather", "0.1").await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let charge = ledger.admin.charge(&alone).await.unwrap();
+        assert_eq!(charge.status, ChargeStatus::Released);
+        let expirations = |ledger: &Ledger| {
+            let url = format!("{}/metrics", ledger.process.url());
+            let http = ledger.http.clone();
+            async move {
+                let text = http.get(url).send().await.unwrap().text().await.unwrap();
+                text.lines()
+                    .find_map(|line| line.strip_prefix("paystile_ledger_expirations_total "))
+                    .map(|value| value.parse::<f64>().unwrap())
+                    .unwrap()
+            }
+        };
+        assert_eq!(expirations(&ledger).await, 1.0);
+        let all = ledger.all_charges("").await;
+        assert_eq!(ids(&all), [alone.as_str(), listed.as_str()]);
+        assert!(all.iter().all(|c| c.status == ChargeStatus::Released), "{all:?}");
+        assert_eq!(expirations(&ledger).await, 2.0);
+        let (_, _, body) = ledger.get("/v1/services/weather/summary", None).await;
+        let summary: ServiceSummary = serde_json::from_str(&body).unwrap();
+        assert_eq!((summary.held, summary.released), (0, 2));
     }
 
     async fn the_admin_cli_lists_exports_and_sums_up_charges(store: Backend) {
@@ -1071,7 +1292,8 @@ mod journal {
         assert_eq!(lines.len(), 6, "{csv}");
         assert!(lines[0].starts_with("chargeId,"));
         for (line, id) in lines[1..].iter().zip(&made) {
-            let expected = format!("{id},tok_cli,cli-buyer,weather,0.200000,committed,200,");
+            let expected =
+                format!("{id},tok_cli,cli-buyer,weather,0.200000,0.200000,committed,200,");
             assert!(line.starts_with(&expected), "{line}");
         }
 
@@ -1272,16 +1494,17 @@ mod journal {
         assert_eq!(
             lines,
             [
-                "chargeId,tokenId,buyerId,serviceId,amountUsdc,status,upstreamStatus,\
-                 idempotencyKey,createdAt,settledAt"
+                "chargeId,tokenId,buyerId,serviceId,amountUsdc,heldUsdc,status,upstreamStatus,\
+                 idempotencyKey,createdAt,settledAt,sandbox"
                     .to_owned(),
                 format!(
-                    "{plain},tok_csv,\"buyer,\"\"quoted\"\"\",weather,0.500000,committed,200,,{},{}",
+                    "{plain},tok_csv,\"buyer,\"\"quoted\"\"\",weather,0.500000,0.500000,committed,200,,\
+                     {},{},false",
                     page.charges[0].created_at,
                     page.charges[0].settled_at.as_deref().unwrap()
                 ),
                 format!(
-                    "{keyed},tok_csv2,buyer-1,weather,0.000001,held,,\"k,\"\"1\"\"\",{},",
+                    "{keyed},tok_csv2,buyer-1,weather,0.000001,0.000001,held,,\"k,\"\"1\"\"\",{},,false",
                     page.charges[1].created_at
                 ),
             ]
@@ -1448,7 +1671,8 @@ mod operability {
         let mut operations = 0;
         for (path, methods) in document["paths"].as_object().unwrap() {
             let concrete = path.replace("{tokenId}", "tok_x").replace("{chargeId}", "ch_x");
-            let concrete = concrete.replace("{serviceId}", "weather");
+            let concrete =
+                concrete.replace("{serviceId}", "weather").replace("{buyerId}", "buyer-x");
             for (method, operation) in methods.as_object().unwrap() {
                 let security = operation["security"].as_array().unwrap();
                 let key = match security.as_slice() {
@@ -1470,7 +1694,7 @@ mod operability {
                 operations += 1;
             }
         }
-        assert_eq!(operations, 14);
+        assert_eq!(operations, 19);
     }
 
     /// The samples of a Prometheus text exposition: `name{labels}` → value.
@@ -1578,7 +1802,7 @@ mod operability {
         )
         .unwrap();
         let admin = AdminClient::new(&process.url(), ADMIN_KEY);
-        let ledger = Ledger { process, args, admin, http: reqwest::Client::new(), _books: books };
+        let ledger = Ledger { process, args, admin, http: reqwest::Client::new(), books };
 
         let issued = ledger.admin.issue_token(&issue_request("0.15")).await.unwrap();
         let mut body = reserve_body(&issued.token_id, "0.15", "0.1");
@@ -1621,4 +1845,694 @@ mod operability {
         assert_eq!(refused["code"], "token_limit_exceeded");
         assert_eq!(refused["token_id"], issued.token_id.as_str());
     }
+}
+
+fn child_request(limit: &str) -> ChildTokenRequest {
+    ChildTokenRequest {
+        limit_usdc: usdc(limit),
+        service_id: None,
+        scope: None,
+        buyer_tag: None,
+        expires_at: None,
+        ttl_seconds: None,
+    }
+}
+
+fn is_status(error: ClientError, wanted: u16, code: ErrorCode) -> bool {
+    matches!(error, ClientError::Refused { status, body } if status == wanted && body.code == code)
+}
+
+async fn buyer_balances_are_debited_exactly_and_deposits_count_once(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
+    let first = ledger.deposit("buyer-1", "1.5", Some("wire-1")).await;
+    assert_eq!((first.balance_usdc, first.replayed), (usdc("1.5"), false));
+    let again = ledger.deposit("buyer-1", "1.5", Some("wire-1")).await;
+    assert_eq!((again.deposit_id.as_str(), again.replayed), (first.deposit_id.as_str(), true));
+    let other = ledger.deposit("buyer-1", "0.5", None).await;
+    assert_eq!(other.balance_usdc, usdc("2"));
+    let reused = DepositRequest { amount_usdc: usdc("9"), reference: Some("wire-1".into()) };
+    let error = ledger.admin.deposit("buyer-1", &reused).await.unwrap_err();
+    assert!(is_status(error, 422, ErrorCode::IdempotencyKeyMismatch));
+
+    // 0.77 in flight leaves 1.23 available: a micro-USDC more is refused, with the figure.
+    let in_flight = ledger.hold(&reserve_body("tok_b1", "100", "0.77")).await;
+    let (status, refusal) = ledger.reserve(&reserve_body("tok_b1", "100", "1.230001")).await;
+    assert_eq!((status, refusal["code"].as_str()), (402, Some("insufficient_balance")));
+    assert_eq!(refusal["error"], "Insufficient balance: 1.230000 USDC available");
+    let rest = ledger.hold(&reserve_body("tok_b2", "100", "1.23")).await;
+    let account = ledger.account("buyer-1").await;
+    assert_eq!((account.balance_usdc, account.held_usdc), (usdc("2"), usdc("2")));
+    assert_eq!(account.available_usdc, Usdc::ZERO);
+
+    let results =
+        ledger.settle(&[(&in_flight.charge_id, "commit"), (&rest.charge_id, "release")]).await;
+    assert_eq!(results, [SettleStatus::Committed, SettleStatus::Released]);
+    let account = ledger.account("buyer-1").await;
+    assert_eq!(
+        (account.balance_usdc, account.held_usdc, account.spent_today_usdc),
+        (usdc("1.23"), Usdc::ZERO, usdc("0.77"))
+    );
+    assert_eq!((account.tier, account.daily_limit_usdc), (1, usdc("10")));
+    let view = ledger.admin.buyer("buyer-1").await.unwrap();
+    let tokens: Vec<&str> = view.tokens.iter().map(|t| t.token_id.as_str()).collect();
+    assert_eq!(tokens, ["tok_b1", "tok_b2"]);
+
+    // A buyer without an account is bounded by its tokens' caps alone.
+    let mut elsewhere = reserve_body("tok_anon", "100", "50");
+    elsewhere["token"]["buyerId"] = json!("no-account");
+    ledger.hold(&elsewhere).await;
+    assert!(ledger.admin.buyer("no-account").await.unwrap().account.is_none());
+}
+
+async fn daily_limits_follow_the_tier_and_restart_at_utc_midnight(store: Backend) {
+    let now = i64::try_from(unix_now()).unwrap();
+    let midnight = (now / 86_400 + 1) * 86_400;
+    let before = (midnight - 60 - now).to_string();
+    let after = (midnight + 60 - now).to_string();
+    let settings = |offset: &str| {
+        ["--daily-limits-usdc", "1,3", "--hold-ttl-seconds", "3600", "--clock-offset-seconds"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain([offset.to_owned()])
+            .collect::<Vec<_>>()
+    };
+    let args = settings(&before);
+    let mut ledger =
+        Ledger::start(store, &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    ledger.deposit("buyer-1", "100", None).await;
+    let spent = ledger.hold(&reserve_body("tok_day", "100", "0.6")).await;
+    ledger.settle(&[(&spent.charge_id, "commit")]).await;
+    let in_flight = ledger.hold(&reserve_body("tok_day", "100", "0.3")).await;
+    ledger.hold(&reserve_body("tok_day", "100", "0.1")).await;
+    // Tier 1: 1 USDC a day, reached by 0.6 spent and 0.4 held.
+    let (status, refusal) = ledger.reserve(&reserve_body("tok_day", "100", "0.000001")).await;
+    assert_eq!(
+        (status, refusal["code"].as_str()),
+        (402, Some("daily_limit_exceeded")),
+        "{refusal}"
+    );
+    let upgraded = ledger.admin.set_tier("buyer-1", 2).await.unwrap().account.unwrap();
+    assert_eq!((upgraded.daily_limit_usdc, upgraded.remaining_today_usdc), (usdc("3"), usdc("2")));
+    ledger.hold(&reserve_body("tok_day", "100", "2")).await;
+    let (status, _) = ledger.reserve(&reserve_body("tok_day", "100", "0.000001")).await;
+    assert_eq!(status, 402);
+    ledger.admin.set_tier("buyer-1", 1).await.unwrap();
+
+    // Past UTC midnight: nothing spent today, but the 2.4 still held counts.
+    let args = settings(&after);
+    ledger.restart_with(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let account = ledger.account("buyer-1").await;
+    assert_eq!((account.spent_today_usdc, account.held_usdc), (Usdc::ZERO, usdc("2.4")));
+    let (status, _) = ledger.reserve(&reserve_body("tok_day", "100", "0.000001")).await;
+    assert_eq!(status, 402, "holds count against the new day");
+    ledger.admin.set_tier("buyer-1", 2).await.unwrap();
+    ledger.hold(&reserve_body("tok_day", "100", "0.6")).await;
+    let (status, _) = ledger.reserve(&reserve_body("tok_day", "100", "0.000001")).await;
+    assert_eq!(status, 402, "2.4 held + 0.6 = 3");
+    // A commit counts on the day it happens.
+    ledger.settle(&[(&in_flight.charge_id, "commit")]).await;
+    let account = ledger.account("buyer-1").await;
+    assert_eq!((account.spent_today_usdc, account.held_usdc), (usdc("0.3"), usdc("2.7")));
+    assert_eq!(account.balance_usdc, usdc("99.1"));
+}
+
+async fn the_panic_button_revokes_every_token_and_voids_holds_in_flight(store: Backend) {
+    let ledger = Arc::new(Ledger::start(store, &[]).await);
+    ledger.deposit("agent-7", "10", None).await;
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        tokens.push(ledger.admin.issue_token(&issue_request("1")).await.unwrap().token_id);
+    }
+    tokens.push(ledger.child(&tokens[0], "0.5").await.token_id);
+    let mut bystander = issue_request("1");
+    bystander.buyer_id = "agent-8".into();
+    let bystander = ledger.admin.issue_token(&bystander).await.unwrap().token_id;
+
+    // Callers keep reserving on every token while the button is pressed.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = tokens
+        .iter()
+        .map(|token| {
+            let (ledger, stop, body) =
+                (ledger.clone(), stop.clone(), reserve_body(token, "1", "0.01"));
+            tokio::spawn(async move {
+                let mut held = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match ledger.reserve(&body).await {
+                        (200, hold) => held.push(hold["chargeId"].as_str().unwrap().to_owned()),
+                        (422, refusal) => {
+                            assert_eq!(refusal["code"], "token_revoked");
+                            break;
+                        }
+                        other => panic!("unexpected answer {other:?}"),
+                    }
+                }
+                held
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let revocation = ledger.admin.revoke_buyer("agent-7").await.unwrap();
+    assert_eq!(revocation.revoked_tokens, 4);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut held = Vec::new();
+    for caller in callers {
+        held.extend(caller.await.unwrap());
+    }
+    assert!(!held.is_empty(), "no call was in flight");
+    // Every hold made before the button is released, never committed.
+    let settlements: Vec<(&str, &str)> = held.iter().map(|id| (id.as_str(), "commit")).collect();
+    let results = ledger.settle(&settlements).await;
+    assert!(results.iter().all(|r| *r == SettleStatus::Revoked), "{results:?}");
+    for token in &tokens {
+        let view = ledger.token(token).await;
+        assert!(view.revoked, "{token}");
+        assert_eq!((view.used_usdc, view.reserved_usdc), (Usdc::ZERO, Usdc::ZERO));
+    }
+    let account = ledger.account("agent-7").await;
+    assert_eq!((account.balance_usdc, account.held_usdc), (usdc("10"), Usdc::ZERO));
+    assert!(!ledger.token(&bystander).await.revoked, "another buyer's token was revoked");
+    assert_eq!(ledger.admin.revoke_buyer("agent-7").await.unwrap().revoked_tokens, 0);
+    let error = ledger.admin.revoke_buyer("nobody").await.unwrap_err();
+    assert!(is_status(error, 404, ErrorCode::NotFound));
+}
+
+async fn a_three_level_chain_is_counted_at_every_level_under_concurrency(store: Backend) {
+    let ledger = Arc::new(Ledger::start(store, &[]).await);
+    ledger.deposit("agent-7", "100", None).await;
+    let root = ledger.admin.issue_token(&issue_request("1")).await.unwrap().token_id;
+    let child = ledger.child(&root, "0.6").await.token_id;
+    let grandchild = ledger.child(&child, "0.6").await.token_id;
+    assert_eq!(ledger.token(&grandchild).await.parent_id.as_deref(), Some(child.as_str()));
+
+    // 40 calls of 0.05 at each level race: the root's 1 USDC fits 20 of them in all.
+    let calls: Vec<_> = [&root, &child, &grandchild]
+        .into_iter()
+        .flat_map(|token| std::iter::repeat_n(token.clone(), 40))
+        .map(|token| {
+            let ledger = ledger.clone();
+            tokio::spawn(async move {
+                match ledger.reserve(&reserve_body(&token, "1", "0.05")).await {
+                    (200, hold) => Some((token, hold["chargeId"].as_str().unwrap().to_owned())),
+                    (402, refusal) => {
+                        assert_eq!(refusal["code"], "token_limit_exceeded");
+                        None
+                    }
+                    other => panic!("unexpected answer {other:?}"),
+                }
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for call in calls {
+        held.extend(call.await.unwrap());
+    }
+    assert_eq!(held.len(), 20);
+    let count = |token: &String| held.iter().filter(|(t, _)| t == token).count() as u64;
+    let settlements: Vec<(&str, &str)> =
+        held.iter().map(|(_, id)| (id.as_str(), "commit")).collect();
+    ledger.settle(&settlements).await;
+    let price = usdc("0.05");
+    let (root_view, child_view, grandchild_view) =
+        (ledger.token(&root).await, ledger.token(&child).await, ledger.token(&grandchild).await);
+    assert_eq!(root_view.used_usdc, usdc("1"));
+    assert_eq!(
+        child_view.used_usdc,
+        price.checked_mul(count(&child) + count(&grandchild)).unwrap()
+    );
+    assert_eq!(grandchild_view.used_usdc, price.checked_mul(count(&grandchild)).unwrap());
+    assert!(child_view.used_usdc <= usdc("0.6") && grandchild_view.used_usdc <= usdc("0.6"));
+    for view in [&root_view, &child_view, &grandchild_view] {
+        assert_eq!(view.reserved_usdc, Usdc::ZERO);
+    }
+    // The buyer pays once per call, whatever the depth.
+    let account = ledger.account("agent-7").await;
+    assert_eq!((account.balance_usdc, account.spent_today_usdc), (usdc("99"), usdc("1")));
+
+    // Revoking the child revokes the grandchild, not the root.
+    ledger.admin.revoke_token(&child).await.unwrap();
+    assert!(ledger.token(&grandchild).await.revoked);
+    assert!(!ledger.token(&root).await.revoked);
+    let error = ledger.admin.mint_child(&child, &child_request("0.01")).await.unwrap_err();
+    assert!(is_status(error, 422, ErrorCode::TokenRevoked));
+
+    // Chains hold at most 8 tokens.
+    let mut parent = ledger.admin.issue_token(&issue_request("1")).await.unwrap().token_id;
+    for _ in 1..8 {
+        parent = ledger.child(&parent, "0.1").await.token_id;
+    }
+    let error = ledger.admin.mint_child(&parent, &child_request("0.1")).await.unwrap_err();
+    assert!(
+        matches!(&error, ClientError::Refused { status: 400, body } if body.error.contains("at most 8")),
+        "{error}"
+    );
+}
+
+async fn sandbox_tokens_charge_the_sandbox_book_only(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
+    ledger.deposit("agent-7", "1", None).await;
+    let request = IssueTokenRequest { sandbox: true, ..issue_request("50") };
+    let issued = ledger.admin.issue_token(&request).await.unwrap();
+    let claims = pay_token::verify(
+        &issued.jwt,
+        &[Key::hs256(TOKEN_SECRET)],
+        &Validation::default(),
+        unix_now(),
+    )
+    .unwrap();
+    assert!(claims.sandbox, "the token says it is a sandbox token");
+    // Past the balance and the daily limit: the sandbox book knows neither.
+    let hold = ledger.hold(&reserve_body(&issued.token_id, "50", "20")).await;
+    assert_eq!(ledger.settle(&[(&hold.charge_id, "commit")]).await, [SettleStatus::Committed]);
+    let view = ledger.token(&issued.token_id).await;
+    assert!(view.sandbox);
+    assert_eq!(view.used_usdc, usdc("20"));
+    assert!(ledger.admin.charge(&hold.charge_id).await.unwrap().sandbox);
+    // Its children are sandbox tokens too.
+    let child = ledger.child(&issued.token_id, "1").await;
+    assert!(ledger.token(&child.token_id).await.sandbox);
+    // A sandbox credential first seen at a reserve (an L402 bought in the sandbox).
+    let mut l402 = reserve_body(&format!("l402_{}", "cd".repeat(32)), "5", "3");
+    l402["token"]["buyerId"] = json!("agent-7");
+    l402["token"]["sandbox"] = json!(true);
+    ledger.hold(&l402).await;
+    let account = ledger.account("agent-7").await;
+    assert_eq!(
+        (account.balance_usdc, account.held_usdc, account.spent_today_usdc),
+        (usdc("1"), Usdc::ZERO, Usdc::ZERO)
+    );
+    // Real tokens of the buyer still pay from the balance.
+    let real = ledger.admin.issue_token(&issue_request("50")).await.unwrap();
+    assert!(!ledger.token(&real.token_id).await.sandbox);
+    let (status, refusal) = ledger.reserve(&reserve_body(&real.token_id, "50", "2")).await;
+    assert_eq!((status, refusal["code"].as_str()), (402, Some("insufficient_balance")));
+}
+
+async fn bad_buyer_and_child_requests_get_400_or_404_and_change_nothing(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
+    ledger.deposit("agent-7", "1", Some("r")).await;
+    let parent = ledger.admin.issue_token(&issue_request("1")).await.unwrap().token_id;
+    let before = (ledger.admin.buyer("agent-7").await.unwrap(), ledger.token(&parent).await);
+
+    let l402_buyer = format!("/v1/buyers/l402_{}/deposits", "ab".repeat(32));
+    let cases = [
+        ("/v1/buyers/agent-7/deposits", r#"{"amountUsdc":"0"}"#, "greater than 0"),
+        ("/v1/buyers/agent-7/deposits", r#"{"amountUsdc":"-1"}"#, "negative"),
+        ("/v1/buyers/agent-7/deposits", r#"{"amountUsdc":"0.0000001"}"#, "more than 6 decimals"),
+        ("/v1/buyers/agent-7/deposits", r#"{"amountUsdc":"99999999999999999999"}"#, "too large"),
+        ("/v1/buyers/agent-7/deposits", r#"{"amountUsdc":"1","colour":"red"}"#, "unknown field"),
+        ("/v1/buyers/agent-7/deposits", r#"{"amountUsdc":"1","reference":""}"#, "reference"),
+        ("/v1/buyers/agent-7/deposits", "{not json", "JSON"),
+        (&l402_buyer, r#"{"amountUsdc":"1"}"#, "prepaid by Lightning"),
+        ("/v1/buyers/agent-7/deposits", &format!(r#"{{"amountUsdc":"{}"}}"#, Usdc::MAX), "largest"),
+    ];
+    for (path, body, message) in cases {
+        let (status, answer) = ledger.post(path, Some(ADMIN_KEY), body).await;
+        assert_eq!(
+            (status, answer["code"].as_str()),
+            (400, Some("bad_request")),
+            "{body}: {answer}"
+        );
+        assert!(answer["error"].as_str().unwrap().contains(message), "{body}: {answer}");
+    }
+    for body in [r#"{"tier":0}"#, r#"{"tier":4}"#, r#"{"tier":"2"}"#, r#"{}"#] {
+        let (status, answer) = ledger.put("/v1/buyers/agent-7/tier", body).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+    }
+    let children = format!("/v1/tokens/{parent}/children");
+    for (body, message) in [
+        (r#"{"limitUsdc":"1.000001"}"#, "remaining 1.000000"),
+        (r#"{"limitUsdc":"0"}"#, "greater than 0"),
+        (r#"{"limitUsdc":"0.5","scope":"ALL"}"#, "own service"),
+        (r#"{"limitUsdc":"0.5","ttlSeconds":999999}"#, "outlive"),
+        (r#"{"limitUsdc":"0.5","buyerId":"x"}"#, "unknown field"),
+    ] {
+        let (status, answer) = ledger.post(&children, Some(ADMIN_KEY), body).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(answer["error"].as_str().unwrap().contains(message), "{body}: {answer}");
+    }
+    let after = (ledger.admin.buyer("agent-7").await.unwrap(), ledger.token(&parent).await);
+    assert_eq!(after, before, "a refused request changed something");
+
+    for unknown in ["nobody", "no%00body"] {
+        let error = ledger.admin.buyer(unknown).await.unwrap_err();
+        assert!(is_status(error, 404, ErrorCode::NotFound), "{unknown}");
+        let error = ledger.admin.revoke_buyer(unknown).await.unwrap_err();
+        assert!(is_status(error, 404, ErrorCode::NotFound), "{unknown}");
+    }
+    let error = ledger.admin.mint_child("tok_missing", &child_request("0.1")).await.unwrap_err();
+    assert!(is_status(error, 404, ErrorCode::NotFound));
+}
+
+async fn admin_cli_manages_buyers_and_child_tokens(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
+    let cli = |args: &[&str]| {
+        let output = std::process::Command::new(ledger_binary())
+            .args(args)
+            .args(["--ledger-url", &ledger.process.url()])
+            .env("PAYSTILE_ADMIN_KEY", ADMIN_KEY)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice::<Value>(&output.stdout).unwrap()
+    };
+    let deposit =
+        cli(&["buyer", "deposit", "cli-agent", "--amount-usdc", "12.5", "--reference", "w1"]);
+    assert_eq!(deposit["balanceUsdc"], "12.500000");
+    assert_eq!(
+        cli(&["buyer", "set-tier", "cli-agent", "3"])["account"]["dailyLimitUsdc"],
+        "50000.000000"
+    );
+    let parent = cli(&[
+        "token",
+        "issue",
+        "--service-id",
+        "weather",
+        "--limit-usdc",
+        "2",
+        "--buyer-id",
+        "cli-agent",
+    ]);
+    let parent_id = parent["tokenId"].as_str().unwrap();
+    let child = cli(&["token", "child", parent_id, "--limit-usdc", "0.5", "--ttl-seconds", "60"]);
+    assert_eq!(child["limitUsdc"], "0.500000");
+    let shown = cli(&["buyer", "show", "cli-agent"]);
+    assert_eq!(shown["account"]["balanceUsdc"], "12.500000");
+    assert_eq!(shown["tokens"][1]["parentId"], parent_id);
+    assert_eq!(cli(&["buyer", "revoke", "cli-agent"])["revokedTokens"], 2);
+    assert!(ledger.token(child["tokenId"].as_str().unwrap()).await.revoked);
+}
+
+async fn a_refused_reserve_stays_refused_for_its_key(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
+    let blocking = ledger.hold(&reserve_body("tok_refused", "0.1", "0.1")).await;
+    let keyed = with_key(reserve_body("tok_refused", "0.1", "0.05"), "order-9", 'a');
+    let (status, first) = ledger.reserve(&keyed).await;
+    assert_eq!((status, first["code"].as_str()), (402, Some("token_limit_exceeded")), "{first}");
+
+    // The budget is free again, but the key keeps its answer: the same status and body.
+    ledger.settle(&[(&blocking.charge_id, "release")]).await;
+    assert_eq!(ledger.reserve(&keyed).await, (402, first.clone()));
+    assert_eq!(ledger.reserve(&keyed).await, (402, first), "a second retry differs");
+    let (status, other) =
+        ledger.reserve(&with_key(reserve_body("tok_refused", "0.1", "0.05"), "order-9", 'b')).await;
+    assert_eq!((status, other["code"].as_str()), (422, Some("idempotency_key_mismatch")));
+    // Nothing was held for the refused key; a new key pays.
+    let token = ledger.token("tok_refused").await;
+    assert_eq!((token.used_usdc, token.reserved_usdc), (Usdc::ZERO, Usdc::ZERO));
+    let fresh = with_key(reserve_body("tok_refused", "0.1", "0.05"), "order-10", 'a');
+    assert!(!ledger.hold(&fresh).await.replayed);
+
+    // A key that was charged keeps its charge, even once the token is revoked.
+    let paid = with_key(reserve_body("tok_keeps", "1", "0.1"), "k", 'a');
+    let charge = ledger.hold(&paid).await;
+    ledger.settle(&[(&charge.charge_id, "commit")]).await;
+    ledger.admin.revoke_token("tok_keeps").await.unwrap();
+    let (status, refusal) = ledger.reserve(&paid).await;
+    assert_eq!((status, refusal["code"].as_str()), (422, Some("token_revoked")), "{refusal}");
+    let view = ledger.admin.charge(&charge.charge_id).await.unwrap();
+    assert_eq!(
+        (view.status, view.idempotency_key.as_deref()),
+        (ChargeStatus::Committed, Some("k"))
+    );
+}
+
+async fn partial_commits_charge_the_amount_and_release_the_rest(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
+    let keyed = with_key(reserve_body("tok_metered", "1", "0.5"), "call-1", 'a');
+    let hold = ledger.hold(&keyed).await;
+    assert_eq!(ledger.token("tok_metered").await.remaining_usdc, usdc("0.5"));
+    let (status, answer) = ledger
+        .settle_raw(
+            json!([{"chargeId": hold.charge_id, "outcome": "commit", "amountUsdc": "0.123457"}]),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["results"][0]["status"], "committed");
+    let token = ledger.token("tok_metered").await;
+    assert_eq!(
+        (token.used_usdc, token.reserved_usdc, token.remaining_usdc),
+        (usdc("0.123457"), Usdc::ZERO, usdc("0.876543"))
+    );
+    let charge = ledger.admin.charge(&hold.charge_id).await.unwrap();
+    assert_eq!(
+        (charge.status, charge.amount_usdc, charge.held_usdc),
+        (ChargeStatus::Committed, usdc("0.123457"), usdc("0.5"))
+    );
+    // Once only: a second commit, with or without an amount, changes nothing.
+    let (status, answer) = ledger
+        .settle_raw(json!([{"chargeId": hold.charge_id, "outcome": "commit", "amountUsdc": "0.2"}]))
+        .await;
+    assert_eq!((status, answer["results"][0]["status"].as_str()), (200, Some("already_committed")));
+    assert_eq!(ledger.token("tok_metered").await.used_usdc, usdc("0.123457"));
+    // A retry replays the charge with what it committed.
+    let replay = ledger.hold(&keyed).await;
+    assert_eq!((replay.replayed, replay.amount_usdc), (true, usdc("0.123457")));
+
+    // The whole hold is the full amount: the same as no amount.
+    let full = ledger.hold(&reserve_body("tok_metered", "1", "0.5")).await;
+    let (status, _) = ledger
+        .settle_raw(json!([{"chargeId": full.charge_id, "outcome": "commit", "amountUsdc": "0.5"}]))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(ledger.token("tok_metered").await.used_usdc, usdc("0.623457"));
+}
+
+async fn settle_amounts_that_do_not_fit_get_400_and_change_nothing(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
+    let body = reserve_body("tok_fit", "1", "0.25");
+    let (first, second) = (ledger.hold(&body).await, ledger.hold(&body).await);
+    let before = ledger.token("tok_fit").await;
+    let ok = json!({"chargeId": first.charge_id, "outcome": "commit"});
+    let with = |outcome: &str, amount: Value| json!({"chargeId": second.charge_id, "outcome": outcome, "amountUsdc": amount});
+    for (bad, message) in [
+        (
+            with("commit", json!("0.250001")),
+            "settlements[1]: amountUsdc 0.250001 is more than the 0.250000 held",
+        ),
+        (with("commit", json!("0.0000001")), "more than 6 decimals"),
+        (with("commit", json!("-0.1")), "negative"),
+        (with("commit", json!(0.1)), "decimal strings"),
+        (with("commit", json!("0")), "settlements[1]: amountUsdc must be greater than 0"),
+        (with("release", json!("0.1")), "settlements[1]: amountUsdc is for commits only"),
+    ] {
+        let (status, answer) = ledger.settle_raw(json!([ok, bad])).await;
+        assert_eq!(
+            (status, answer["code"].as_str()),
+            (400, Some("bad_request")),
+            "{bad}: {answer}"
+        );
+        let error = answer["error"].as_str().unwrap();
+        assert!(error.contains(message), "{bad}: {error}");
+    }
+    // Neither hold was settled, the valid one included.
+    assert_eq!(ledger.token("tok_fit").await, before);
+    for hold in [&first, &second] {
+        assert_eq!(ledger.admin.charge(&hold.charge_id).await.unwrap().status, ChargeStatus::Held);
+    }
+}
+
+async fn holds_past_their_ttl_are_released_on_read(store: Backend) {
+    // No sweep within the test: only reads release what has expired.
+    let ledger =
+        Ledger::start(store, &["--hold-ttl-seconds", "1", "--sweep-interval-seconds", "3600"])
+            .await;
+    let viewed = ledger.hold(&reserve_body("tok_view", "1", "0.4")).await;
+    let charged = ledger.hold(&reserve_body("tok_charge", "1", "0.4")).await;
+    let keyed = with_key(reserve_body("tok_reserve", "1", "0.6"), "k", 'a');
+    let stale = ledger.hold(&keyed).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    let token = ledger.token("tok_view").await;
+    assert_eq!((token.reserved_usdc, token.remaining_usdc), (Usdc::ZERO, usdc("1")));
+    assert_eq!(
+        ledger.admin.charge(&viewed.charge_id).await.unwrap().status,
+        ChargeStatus::Released
+    );
+
+    let charge = ledger.admin.charge(&charged.charge_id).await.unwrap();
+    assert_eq!((charge.status, charge.amount_usdc), (ChargeStatus::Released, Usdc::ZERO));
+    assert_eq!(ledger.token("tok_charge").await.reserved_usdc, Usdc::ZERO);
+
+    // A reserve does not count the stale hold, nor see its key in flight: the retry is held anew.
+    let retry = ledger.hold(&keyed).await;
+    assert!(!retry.replayed && retry.charge_id != stale.charge_id);
+    assert_eq!(retry.remaining_usdc, usdc("0.4"));
+    assert_eq!(
+        ledger.settle(&[(&stale.charge_id, "commit")]).await,
+        [SettleStatus::AlreadyReleased]
+    );
+    assert_eq!(ledger.settle(&[(&retry.charge_id, "commit")]).await, [SettleStatus::Committed]);
+    let token = ledger.token("tok_reserve").await;
+    assert_eq!((token.used_usdc, token.reserved_usdc), (usdc("0.6"), Usdc::ZERO));
+}
+
+async fn idempotency_keys_are_forgotten_after_their_retention_once_settled(store: Backend) {
+    // Replays enough for the polling below.
+    let ledger =
+        Ledger::start(store, &["--sweep-interval-seconds", "1", "--max-replays", "1000"]).await;
+    let settled = with_key(reserve_body("tok_retain", "1", "0.1"), "settled", 'a');
+    let in_flight = with_key(reserve_body("tok_retain", "1", "0.1"), "in-flight", 'a');
+    let recent = with_key(reserve_body("tok_retain", "1", "0.1"), "recent", 'a');
+    let first = ledger.hold(&settled).await;
+    ledger.settle(&[(&first.charge_id, "commit")]).await;
+    ledger.hold(&in_flight).await;
+    // A day and a second ago, as far as the keys can tell; then one fresh key.
+    ledger.age_idempotency_keys(Duration::from_secs(86_401)).await;
+    let fresh = ledger.hold(&recent).await;
+    ledger.settle(&[(&fresh.charge_id, "commit")]).await;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let again = loop {
+        let hold = ledger.hold(&settled).await;
+        if !hold.replayed {
+            break hold;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the settled key was never forgotten");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Forgotten: the same key is a new call now.
+    assert_ne!(again.charge_id, first.charge_id);
+    // Still in flight: kept however old.
+    let (status, busy) = ledger.reserve(&in_flight).await;
+    assert_eq!((status, busy["code"].as_str()), (409, Some("idempotency_key_in_use")), "{busy}");
+    // Within its retention: replayed.
+    assert!(ledger.hold(&recent).await.replayed);
+}
+
+#[test]
+fn refuses_an_idempotency_retention_under_a_day() {
+    let output = std::process::Command::new(ledger_binary())
+        .args(["serve", "--listen", "127.0.0.1:0", "--idempotency-retention-seconds", "3600"])
+        .envs(envs())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("idempotency_retention_seconds: must be at least 86400"), "{stderr}");
+}
+
+async fn a_partial_commit_debits_the_balance_and_every_level_of_a_chain_by_the_amount(
+    store: Backend,
+) {
+    let ledger = Ledger::start(store, &[]).await;
+    ledger.deposit("agent-7", "5", None).await;
+    let root = ledger.admin.issue_token(&issue_request("2")).await.unwrap().token_id;
+    let child = ledger.child(&root, "1").await.token_id;
+    let grandchild = ledger.child(&child, "0.8").await.token_id;
+    let levels = [&grandchild, &child, &root];
+
+    let hold = ledger.hold(&reserve_body(&grandchild, "0.8", "0.5")).await;
+    for level in levels {
+        assert_eq!(ledger.token(level).await.reserved_usdc, usdc("0.5"), "{level}");
+    }
+    assert_eq!(ledger.account("agent-7").await.held_usdc, usdc("0.5"));
+
+    let (status, answer) = ledger
+        .settle_raw(
+            json!([{"chargeId": hold.charge_id, "outcome": "commit", "amountUsdc": "0.123457"}]),
+        )
+        .await;
+    assert_eq!((status, answer["results"][0]["status"].as_str()), (200, Some("committed")));
+    // Every level and the account are debited the committed amount; the rest is released.
+    for level in levels {
+        let view = ledger.token(level).await;
+        assert_eq!((view.used_usdc, view.reserved_usdc), (usdc("0.123457"), Usdc::ZERO), "{level}");
+    }
+    assert_eq!(ledger.token(&grandchild).await.remaining_usdc, usdc("0.676543"));
+    let account = ledger.account("agent-7").await;
+    assert_eq!(
+        (account.balance_usdc, account.held_usdc, account.spent_today_usdc),
+        (usdc("4.876543"), Usdc::ZERO, usdc("0.123457"))
+    );
+    assert_eq!(account.available_usdc, usdc("4.876543"));
+    let charge = ledger.admin.charge(&hold.charge_id).await.unwrap();
+    assert_eq!(
+        (charge.status, charge.amount_usdc, charge.held_usdc),
+        (ChargeStatus::Committed, usdc("0.123457"), usdc("0.5"))
+    );
+
+    // A full commit on the child, then a release: the books add up at every level.
+    let full = ledger.hold(&reserve_body(&child, "1", "0.3")).await;
+    let released = ledger.hold(&reserve_body(&grandchild, "0.8", "0.2")).await;
+    let results =
+        ledger.settle(&[(&full.charge_id, "commit"), (&released.charge_id, "release")]).await;
+    assert_eq!(results, [SettleStatus::Committed, SettleStatus::Released]);
+    let used = |view: TokenView| (view.used_usdc, view.reserved_usdc);
+    assert_eq!(used(ledger.token(&grandchild).await), (usdc("0.123457"), Usdc::ZERO));
+    assert_eq!(used(ledger.token(&child).await), (usdc("0.423457"), Usdc::ZERO));
+    assert_eq!(used(ledger.token(&root).await), (usdc("0.423457"), Usdc::ZERO));
+    let account = ledger.account("agent-7").await;
+    assert_eq!(
+        (account.balance_usdc, account.held_usdc, account.spent_today_usdc),
+        (usdc("4.576543"), Usdc::ZERO, usdc("0.423457"))
+    );
+}
+
+async fn expired_holds_are_released_on_read_at_every_level_and_on_the_account(store: Backend) {
+    // No sweep within the test: only reads (and reserves) release what has expired.
+    let ledger =
+        Ledger::start(store, &["--hold-ttl-seconds", "1", "--sweep-interval-seconds", "3600"])
+            .await;
+    ledger.deposit("agent-7", "1", None).await;
+    let root = ledger.admin.issue_token(&issue_request("2")).await.unwrap().token_id;
+    let child = ledger.child(&root, "1").await.token_id;
+    let sibling = ledger.admin.issue_token(&issue_request("2")).await.unwrap().token_id;
+    let stale = ledger.hold(&reserve_body(&child, "1", "0.8")).await;
+    let (status, refusal) = ledger.reserve(&reserve_body(&sibling, "2", "0.9")).await;
+    assert_eq!((status, refusal["code"].as_str()), (402, Some("insufficient_balance")));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    // A reserve on another of the buyer's tokens no longer counts the expired hold against
+    // the balance.
+    let fresh = ledger.hold(&reserve_body(&sibling, "2", "0.9")).await;
+    assert_eq!(ledger.account("agent-7").await.held_usdc, usdc("0.9"));
+    // Released at every level of the child's chain, the root's included.
+    for level in [&root, &child] {
+        let view = ledger.token(level).await;
+        assert_eq!((view.used_usdc, view.reserved_usdc), (Usdc::ZERO, Usdc::ZERO), "{level}");
+    }
+    assert_eq!(
+        ledger.settle(&[(&stale.charge_id, "commit")]).await,
+        [SettleStatus::AlreadyReleased]
+    );
+
+    // Reading the buyer releases its holds too.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let account = ledger.account("agent-7").await;
+    assert_eq!((account.balance_usdc, account.held_usdc), (usdc("1"), Usdc::ZERO));
+    assert_eq!(ledger.admin.charge(&fresh.charge_id).await.unwrap().status, ChargeStatus::Released);
+    // A parent read releases a child's expired hold.
+    let late = ledger.hold(&reserve_body(&child, "1", "0.5")).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(ledger.token(&root).await.reserved_usdc, Usdc::ZERO);
+    assert_eq!(ledger.token(&child).await.reserved_usdc, Usdc::ZERO);
+    assert_eq!(ledger.account("agent-7").await.held_usdc, Usdc::ZERO);
+    assert_eq!(ledger.admin.charge(&late.charge_id).await.unwrap().status, ChargeStatus::Released);
+}
+
+/// The account's refusals are about the request: its key keeps them, as it keeps a token's.
+async fn buyer_refusals_stay_refused_for_their_key(store: Backend) {
+    let ledger = Ledger::start(store, &["--daily-limits-usdc", "1,3"]).await;
+    ledger.deposit("agent-7", "0.1", None).await;
+    let token = ledger.admin.issue_token(&issue_request("50")).await.unwrap().token_id;
+    let poor = with_key(reserve_body(&token, "50", "0.2"), "poor", 'a');
+    let (status, first) = ledger.reserve(&poor).await;
+    assert_eq!((status, first["code"].as_str()), (402, Some("insufficient_balance")), "{first}");
+    ledger.deposit("agent-7", "10", None).await;
+    assert_eq!(ledger.reserve(&poor).await, (402, first), "a deposit changed the key's answer");
+
+    let over = with_key(reserve_body(&token, "50", "1.5"), "over", 'a');
+    let (status, first) = ledger.reserve(&over).await;
+    assert_eq!((status, first["code"].as_str()), (402, Some("daily_limit_exceeded")), "{first}");
+    ledger.admin.set_tier("agent-7", 2).await.unwrap();
+    assert_eq!(ledger.reserve(&over).await, (402, first), "a new tier changed the key's answer");
+    // Another request under the key is still a mismatch; a new key pays.
+    let (status, other) =
+        ledger.reserve(&with_key(reserve_body(&token, "50", "1"), "over", 'b')).await;
+    assert_eq!((status, other["code"].as_str()), (422, Some("idempotency_key_mismatch")));
+    let paid = ledger.hold(&with_key(reserve_body(&token, "50", "1.5"), "new", 'a')).await;
+    assert!(!paid.replayed);
+    let account = ledger.account("agent-7").await;
+    assert_eq!((account.balance_usdc, account.held_usdc), (usdc("10.1"), usdc("1.5")));
 }

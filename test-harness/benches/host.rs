@@ -351,6 +351,7 @@ fn bearer(secret: &str) -> anyhow::Result<String> {
         nbf: None,
         iss: None,
         aud: None,
+        sandbox: false,
     };
     Ok(format!("Bearer {}", pay_token::sign(&claims, &Key::hs256(secret))))
 }

@@ -103,6 +103,7 @@ impl TestStack {
             scope: None,
             expires_at: None,
             ttl_seconds: Some(3600),
+            sandbox: false,
         };
         Ok(self.stack.admin.issue_token(&request).await?)
     }

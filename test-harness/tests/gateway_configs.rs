@@ -176,8 +176,15 @@ fn meta_json_has_the_shape_kong_requires() {
 
     // The rules left to the filter are listed where Kong users read the schema.
     let description = schema["description"].as_str().unwrap();
-    for gap in ["budget_usdc", "capabilities", "kid", "bytes", "9223372036854.775807", "duplicate"]
-    {
+    for gap in [
+        "budget_usdc",
+        "capabilities",
+        "kid",
+        "bytes",
+        "9223372036854.775807",
+        "duplicate",
+        "18446744.073709551615",
+    ] {
         assert!(description.contains(gap), "the schema's description does not mention {gap}");
     }
 }
@@ -502,6 +509,136 @@ fn good_cases() -> Vec<Case> {
                 ]);
                 c["l402"]["capabilities"] = json!(["read"]);
             }),
+        ),
+        good("a metered route", metered(json!({}))),
+        good(
+            "a metered route with a null price",
+            edit(|c| {
+                c["routes"][1] = json!({"path_prefix": "/v1/chat", "price_usdc": null, "metered": metered_section(json!({}))});
+            }),
+        ),
+        good("a priced route with metered null", edit(|c| c["routes"][1]["metered"] = Value::Null)),
+        good(
+            "a metered route with a whole-number maximum and a 12-decimal unit price",
+            metered(json!({"max_usdc": 2, "unit_price_usdc": "0.000000000001"})),
+        ),
+        good("a units header in capitals", metered(json!({"units_header": "X-Usage-Tokens"}))),
+        good(
+            "an l402 budget covering a metered maximum",
+            edit_l402(|c| {
+                c["routes"] = json!([{"path": "/chat", "metered": metered_section(json!({"max_usdc": "0.05"}))}]);
+            }),
+        ),
+    ]
+}
+
+/// A valid `metered` section with `changes` applied.
+fn metered_section(changes: Value) -> Value {
+    let mut metered =
+        json!({"max_usdc": "0.5", "unit_price_usdc": "0.000002", "units_header": "x-usage-tokens"});
+    for (key, value) in changes.as_object().unwrap() {
+        metered[key] = value.clone();
+    }
+    metered
+}
+
+/// The base configuration with `routes[1]` metered by `metered_section(changes)`.
+fn metered(changes: Value) -> Value {
+    edit(|c| {
+        c["routes"][1] = json!({"path_prefix": "/v1/chat", "metered": metered_section(changes)})
+    })
+}
+
+fn bad_metered_cases() -> Vec<Case> {
+    let field = "routes[1].metered";
+    vec![
+        bad(
+            "a price and metered both",
+            "routes[1]",
+            edit(|c| c["routes"][1]["metered"] = metered_section(json!({}))),
+        ),
+        bad(
+            "metered null and no price",
+            "routes[1]",
+            edit(|c| c["routes"][1] = json!({"path": "/m", "metered": null})),
+        ),
+        bad(
+            "metered as a list",
+            field,
+            edit(|c| c["routes"][1] = json!({"path": "/m", "metered": ["0.5", "0.000002", "x"]})),
+        ),
+        bad(
+            "metered as a string",
+            field,
+            edit(|c| c["routes"][1] = json!({"path": "/m", "metered": "0.5"})),
+        ),
+        bad(
+            "metered without units_header",
+            field,
+            edit(|c| {
+                c["routes"][1] =
+                    json!({"path": "/m", "metered": {"max_usdc": "0.5", "unit_price_usdc": "0.1"}});
+            }),
+        ),
+        bad(
+            "metered with an unknown field",
+            "routes[1].metered.per",
+            metered(json!({"per": "token"})),
+        ),
+        bad(
+            "a metered maximum of 0",
+            "routes[1].metered.max_usdc",
+            metered(json!({"max_usdc": "0.000"})),
+        ),
+        bad(
+            "a metered maximum of number 0",
+            "routes[1].metered.max_usdc",
+            metered(json!({"max_usdc": 0})),
+        ),
+        bad(
+            "a metered maximum with 7 decimals",
+            "routes[1].metered.max_usdc",
+            metered(json!({"max_usdc": "0.0000001"})),
+        ),
+        bad(
+            "a negative metered maximum",
+            "routes[1].metered.max_usdc",
+            metered(json!({"max_usdc": "-1"})),
+        ),
+        bad(
+            "a unit price of 0",
+            "routes[1].metered.unit_price_usdc",
+            metered(json!({"unit_price_usdc": "0.0"})),
+        ),
+        bad(
+            "a unit price with 13 decimals",
+            "routes[1].metered.unit_price_usdc",
+            metered(json!({"unit_price_usdc": "0.0000000000001"})),
+        ),
+        bad(
+            "a unit price as a number",
+            "routes[1].metered.unit_price_usdc",
+            metered(json!({"unit_price_usdc": 1})),
+        ),
+        bad(
+            "a negative unit price",
+            "routes[1].metered.unit_price_usdc",
+            metered(json!({"unit_price_usdc": "-0.1"})),
+        ),
+        bad(
+            "a pseudo-header for units",
+            "routes[1].metered.units_header",
+            metered(json!({"units_header": ":status"})),
+        ),
+        bad(
+            "a units header with a space",
+            "routes[1].metered.units_header",
+            metered(json!({"units_header": "x usage"})),
+        ),
+        bad(
+            "an empty units header",
+            "routes[1].metered.units_header",
+            metered(json!({"units_header": ""})),
         ),
     ]
 }
@@ -923,7 +1060,8 @@ fn price(amount: Value) -> Value {
 #[test]
 fn the_schema_accepts_exactly_what_the_filter_accepts() {
     let schema = schema();
-    let (good, bad) = (good_cases(), bad_cases());
+    let (good, bad) =
+        (good_cases(), bad_cases().into_iter().chain(bad_metered_cases()).collect::<Vec<_>>());
     assert!(good.len() >= 30 && bad.len() >= 90, "{} good, {} bad", good.len(), bad.len());
     let mut failures = Vec::new();
     for case in good.iter().chain(&bad) {
@@ -1016,6 +1154,18 @@ fn schema_gaps() -> Vec<(&'static str, String, &'static str)> {
             "the largest 13-digit price (left to the filter)",
             text(price(json!("9999999999999.999999"))),
             "routes[1].price_usdc: amount is too large",
+        ),
+        (
+            "a unit price of 2^64 pico-USDC (left to the filter)",
+            text(metered(json!({"unit_price_usdc": "18446744.073709551616"}))),
+            "routes[1].metered.unit_price_usdc: amount is too large",
+        ),
+        (
+            "an l402 budget below a metered maximum (cross-field)",
+            text(edit_l402(|c| {
+                c["routes"] = json!([{"path": "/chat", "metered": metered_section(json!({"max_usdc": "1.5"}))}]);
+            })),
+            "l402.budget_usdc: must cover one call of every priced route; routes[0] costs 1.500000",
         ),
         (
             "a duplicate key (a validator keeps one of them)",

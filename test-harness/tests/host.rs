@@ -62,6 +62,7 @@ fn bearer() -> String {
         nbf: None,
         iss: None,
         aud: None,
+        sandbox: false,
     };
     format!("Bearer {}", pay_token::sign(&claims, &Key::hs256(TOKEN_SECRET)))
 }
@@ -547,5 +548,51 @@ fn every_kind_of_reserve_answer_takes_its_path() {
         let stream = open.stream(id).unwrap();
         assert_eq!(stream.response_header("x-amount-usdc").as_deref(), Some("0.000000"));
         assert_eq!(stream.response_header("x-charge-id"), None);
+    }
+}
+
+#[test]
+fn a_metered_call_commits_the_units_the_upstream_reports() {
+    for flavor in FLAVORS {
+        let mut config = config(flavor);
+        config["routes"] = json!([{"path_prefix": "/v1/chat", "metered": {
+            "max_usdc": "0.5", "unit_price_usdc": "0.000002", "units_header": "X-Usage-Tokens"
+        }}]);
+        config.as_object_mut().unwrap().remove("l402");
+        let mut vm = vm_with(flavor, &config);
+        let mut metered_call = |charge_id: &str, units: &[u8]| {
+            let (id, _) = vm.request_headers(get("/v1/chat", Some(&bearer()))).unwrap();
+            let call = one_ledger_call(&mut vm, flavor, "/v1/holds");
+            assert_eq!(call.json()["priceUsdc"], "0.500000", "{flavor:?}: the maximum is held");
+            let hold = json!({"chargeId": charge_id, "amountUsdc": "0.5", "remainingUsdc": "0.5", "replayed": false});
+            vm.reply(call.token, Reply::json(200, &hold)).unwrap();
+            let mut response = pairs(&[(":status", "200")]);
+            response.push((b"x-usage-tokens".to_vec(), units.to_vec()));
+            vm.response_headers(id, response).unwrap();
+            let stream = vm.stream(id).unwrap();
+            let reported = (
+                stream.response_header("x-amount-usdc"),
+                stream.response_header("x-remaining-usdc"),
+            );
+            vm.end(id).unwrap();
+            reported
+        };
+        let used = metered_call("ch_used", b"1234");
+        assert_eq!(used, (Some("0.002468".into()), Some("0.997532".into())), "{flavor:?}");
+        // Bytes that are no count (not even UTF-8): released, and the VM lives on.
+        let garbled = metered_call("ch_garbled", b"\xff12");
+        assert_eq!(garbled, (Some("0.000000".into()), None), "{flavor:?}");
+
+        vm.tick().unwrap();
+        let settle = one_ledger_call(&mut vm, flavor, "/v1/holds/settle");
+        assert_eq!(
+            settle.json()["settlements"],
+            json!([
+                {"chargeId": "ch_used", "outcome": "commit", "upstreamStatus": 200, "amountUsdc": "0.002468"},
+                {"chargeId": "ch_garbled", "outcome": "release", "upstreamStatus": 200}
+            ]),
+            "{flavor:?}"
+        );
+        assert!(vm.unimplemented_calls().is_empty(), "{:?}", vm.unimplemented_calls());
     }
 }

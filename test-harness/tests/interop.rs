@@ -463,6 +463,7 @@ fn their_macaroons_verify_in_ours(library: Library) {
         limit: usdc("1.5"),
         cap: usdc(cap),
         expires_at: until,
+        sandbox: false,
     };
 
     // Minted with our location: byte for byte what l402::mint makes.

@@ -14,6 +14,8 @@ pub struct ChargeFilter {
     pub buyer_id: Option<String>,
     pub service_id: Option<String>,
     pub status: Option<ChargeStatus>,
+    /// Only the sandbox book (`Some(true)`) or only the live one (`Some(false)`).
+    pub sandbox: Option<bool>,
     /// Inclusive.
     pub from: Option<UnixMillis>,
     /// Exclusive.
@@ -23,10 +25,11 @@ pub struct ChargeFilter {
     pub limit: usize,
 }
 
-/// A service's charges and refusals created in `[from, to)`.
+/// A service's charges and refusals created in `[from, to)`, in one book (live or sandbox).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceWindow {
     pub service_id: String,
+    pub sandbox: bool,
     pub from: UnixMillis,
     pub to: UnixMillis,
 }
@@ -50,6 +53,7 @@ pub struct ServiceTotals {
 pub(super) enum Param {
     Text(String),
     Int(i64),
+    Bool(bool),
 }
 
 /// The SQL dialect's differences that matter here.
@@ -60,9 +64,10 @@ pub(super) struct Dialect {
     pub byte_order: &'static str,
 }
 
-/// The columns `charges_query` selects, in this order.
+/// The columns of a charge (`charges c JOIN tokens t`) both stores read, in this order.
 pub(super) const CHARGE_COLUMNS: &str = "c.charge_id, c.token_id, t.buyer_id, c.service_id, \
-     c.held_micros, c.status, c.idempotency_key, c.upstream_status, c.created_at, c.settled_at";
+     c.held_micros, c.status, c.idempotency_key, c.upstream_status, c.created_at, c.settled_at, \
+     c.committed_micros, t.sandbox";
 
 /// The statement listing `filter`'s charges (at most `limit + 1` rows: the extra one says
 /// whether another page follows), and its parameters.
@@ -87,6 +92,10 @@ pub(super) fn charges_query(filter: &ChargeFilter, dialect: &Dialect) -> (String
     if let Some(status) = filter.status {
         let p = bind(Param::Text(status_name(status).to_owned()), &mut params);
         conditions.push(format!("c.status = {p}"));
+    }
+    if let Some(sandbox) = filter.sandbox {
+        let p = bind(Param::Bool(sandbox), &mut params);
+        conditions.push(format!("t.sandbox = {p}"));
     }
     if let Some(from) = filter.from {
         let p = bind(Param::Int(from), &mut params);
@@ -118,35 +127,41 @@ pub(super) fn charges_query(filter: &ChargeFilter, dialect: &Dialect) -> (String
     (sql, params)
 }
 
-/// A service's charge counts in a window: `calls, committed, released, held, revenue (micro-
-/// USDC), upstream answered, upstream 5xx`. Parameters: service id, from, to.
+/// A service's charge counts in a window and book: `calls, committed, released, held, revenue
+/// (micro-USDC: what the commits charged, not what they held), upstream answered, upstream
+/// 5xx`. Parameters: service id, from, to, sandbox.
 pub(super) fn totals_query(dialect: &Dialect) -> String {
     let p = dialect.placeholder;
     // CAST: PostgreSQL sums BIGINTs as NUMERIC.
     format!(
         "SELECT count(*),
-                count(*) FILTER (WHERE status = 'committed'),
-                count(*) FILTER (WHERE status = 'released'),
-                count(*) FILTER (WHERE status = 'held'),
-                CAST(coalesce(sum(held_micros) FILTER (WHERE status = 'committed'), 0) AS BIGINT),
-                count(upstream_status),
-                count(*) FILTER (WHERE upstream_status BETWEEN 500 AND 599)
-         FROM charges WHERE service_id = {} AND created_at >= {} AND created_at < {}",
+                count(*) FILTER (WHERE c.status = 'committed'),
+                count(*) FILTER (WHERE c.status = 'released'),
+                count(*) FILTER (WHERE c.status = 'held'),
+                CAST(coalesce(sum(c.committed_micros) FILTER (WHERE c.status = 'committed'), 0)
+                     AS BIGINT),
+                count(c.upstream_status),
+                count(*) FILTER (WHERE c.upstream_status BETWEEN 500 AND 599)
+         FROM charges c JOIN tokens t ON t.token_id = c.token_id
+         WHERE c.service_id = {} AND c.created_at >= {} AND c.created_at < {} AND t.sandbox = {}",
         p(1),
         p(2),
-        p(3)
+        p(3),
+        p(4)
     )
 }
 
-/// A service's refusals by code in a window. Parameters: service id, from, to.
+/// A service's refusals by code in a window and book. Parameters: service id, from, to,
+/// sandbox.
 pub(super) fn refusals_query(dialect: &Dialect) -> String {
     let p = dialect.placeholder;
     format!(
         "SELECT code, count(*) FROM refusals
-         WHERE service_id = {} AND created_at >= {} AND created_at < {}
+         WHERE service_id = {} AND created_at >= {} AND created_at < {} AND sandbox = {}
          GROUP BY code ORDER BY code",
         p(1),
         p(2),
-        p(3)
+        p(3),
+        p(4)
     )
 }

@@ -1,4 +1,5 @@
-//! Durable state: tokens, charges (holds and their outcome) and Idempotency-Keys.
+//! Durable state: tokens (and their chains of delegation), charges (holds and their outcome),
+//! Idempotency-Keys, and buyers' prepaid accounts with their deposits.
 //!
 //! Each operation is one atomic transaction that applies [`crate::rules`], so every store
 //! keeps the same semantics. [`Store`] is the one the ledger runs on, chosen by the database
@@ -9,6 +10,7 @@ mod journal;
 mod postgres;
 mod sqlite;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use paystile_protocol::ledger_api::{
@@ -21,7 +23,7 @@ pub use journal::{ChargeFilter, ServiceTotals, ServiceWindow};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
-use crate::rules::{Call, PriorUse};
+use crate::rules::{Account, Call, ChildSpec, DailyLimits, MAX_CHAIN_LEN, PriorOutcome, PriorUse};
 use crate::settings::Database;
 
 /// The ledger's store; every operation is one atomic transaction.
@@ -47,10 +49,15 @@ impl Store {
         }
     }
 
-    pub async fn token(&self, token_id: String) -> Result<Option<TokenRecord>, StoreError> {
+    /// The token, once its holds past their TTL at `now` are released.
+    pub async fn token(
+        &self,
+        token_id: String,
+        now: UnixMillis,
+    ) -> Result<Option<TokenRecord>, StoreError> {
         match self {
-            Store::Sqlite(store) => store.token(token_id).await,
-            Store::Postgres(store) => store.token(token_id).await,
+            Store::Sqlite(store) => store.token(token_id, now).await,
+            Store::Postgres(store) => store.token(token_id, now).await,
         }
     }
 
@@ -67,10 +74,79 @@ impl Store {
         }
     }
 
-    pub async fn charge(&self, charge_id: String) -> Result<Option<ChargeRecord>, StoreError> {
+    /// Mints a child under `parent_id` ([`crate::rules::child_grant`]): `None` if there is no
+    /// such parent, the refusal if the rules refuse.
+    pub async fn mint_child(
+        &self,
+        parent_id: String,
+        spec: ChildSpec,
+        now: UnixMillis,
+    ) -> Result<Option<Result<TokenRecord, ErrorBody>>, StoreError> {
         match self {
-            Store::Sqlite(store) => store.charge(charge_id).await,
-            Store::Postgres(store) => store.charge(charge_id).await,
+            Store::Sqlite(store) => store.mint_child(parent_id, spec, now).await,
+            Store::Postgres(store) => store.mint_child(parent_id, spec, now).await,
+        }
+    }
+
+    /// Credits a buyer's account, opening it if needed ([`crate::rules::deposit`]).
+    pub async fn deposit(
+        &self,
+        command: DepositCommand,
+    ) -> Result<Result<DepositRecord, ErrorBody>, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.deposit(command).await,
+            Store::Postgres(store) => store.deposit(command).await,
+        }
+    }
+
+    /// Sets a buyer's tier, opening the account (with no balance) if needed.
+    pub async fn set_tier(
+        &self,
+        buyer_id: String,
+        tier: u32,
+        now: UnixMillis,
+    ) -> Result<Account, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.set_tier(buyer_id, tier, now).await,
+            Store::Postgres(store) => store.set_tier(buyer_id, tier, now).await,
+        }
+    }
+
+    /// A buyer's account, if any, and tokens (oldest first), once the buyer's holds past
+    /// their TTL at `now` are released.
+    pub async fn buyer(
+        &self,
+        buyer_id: String,
+        now: UnixMillis,
+    ) -> Result<BuyerRecord, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.buyer(buyer_id, now).await,
+            Store::Postgres(store) => store.buyer(buyer_id, now).await,
+        }
+    }
+
+    /// The panic button: revokes every token of the buyer at once; answers how many were
+    /// revoked now, or `None` for a buyer with neither an account nor a token.
+    pub async fn revoke_buyer(
+        &self,
+        buyer_id: String,
+        now: UnixMillis,
+    ) -> Result<Option<u64>, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.revoke_buyer(buyer_id, now).await,
+            Store::Postgres(store) => store.revoke_buyer(buyer_id, now).await,
+        }
+    }
+
+    /// The charge, once its token's holds past their TTL at `now` are released.
+    pub async fn charge(
+        &self,
+        charge_id: String,
+        now: UnixMillis,
+    ) -> Result<Option<ChargeRecord>, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.charge(charge_id, now).await,
+            Store::Postgres(store) => store.charge(charge_id, now).await,
         }
     }
 
@@ -81,11 +157,12 @@ impl Store {
         }
     }
 
+    /// Settles every hold named, or none if any settlement is invalid for its hold.
     pub async fn settle(
         &self,
         settlements: Vec<Settlement>,
         now: UnixMillis,
-    ) -> Result<Vec<SettleResult>, StoreError> {
+    ) -> Result<SettleOutcome, StoreError> {
         match self {
             Store::Sqlite(store) => store.settle(settlements, now).await,
             Store::Postgres(store) => store.settle(settlements, now).await,
@@ -100,6 +177,16 @@ impl Store {
         }
     }
 
+    /// Counts the holds this store released on read (an operation on their buyer found them
+    /// past their TTL), once each release has committed: what neither the sweeper's answer
+    /// nor a settlement's `expired` reports.
+    pub fn expired_on_read(&self) -> prometheus_client::metrics::counter::Counter {
+        match self {
+            Store::Sqlite(store) => store.expired_on_read(),
+            Store::Postgres(store) => store.expired_on_read(),
+        }
+    }
+
     /// Releases up to `limit` holds whose TTL has passed; answers how many.
     pub async fn expire_holds(&self, now: UnixMillis, limit: usize) -> Result<usize, StoreError> {
         match self {
@@ -107,6 +194,36 @@ impl Store {
             Store::Postgres(store) => store.expire_holds(now, limit).await,
         }
     }
+
+    /// Forgets up to `limit` Idempotency-Keys recorded before `before` whose outcome is final
+    /// (a refusal, or a settled charge); answers how many.
+    pub async fn purge_idempotency_keys(
+        &self,
+        before: UnixMillis,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.purge_idempotency_keys(before, limit).await,
+            Store::Postgres(store) => store.purge_idempotency_keys(before, limit).await,
+        }
+    }
+}
+
+/// The statement both stores purge old Idempotency-Keys with: `$1` the cutoff, `$2` how many.
+/// A key whose charge is still held stays (its request is in flight).
+const PURGE_IDEMPOTENCY_KEYS: &str = "DELETE FROM idempotency_keys WHERE (token_id, key) IN (
+     SELECT k.token_id, k.key FROM idempotency_keys k
+     LEFT JOIN charges c ON c.charge_id = k.charge_id
+     WHERE k.created_at < $1 AND (k.charge_id IS NULL OR c.status <> 'held')
+     LIMIT $2)";
+
+/// What a settle request did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SettleOutcome {
+    Settled(Vec<SettleResult>),
+    /// A settlement does not fit its hold (see [`crate::rules::commit_amount`]): nothing was
+    /// settled.
+    Invalid(String),
 }
 
 impl Store {
@@ -190,9 +307,22 @@ pub struct TokenRecord {
     pub used: Usdc,
     pub reserved: Usdc,
     pub revoked: bool,
+    /// The token it was minted under, for a child token.
+    pub parent_id: Option<String>,
 }
 
 impl TokenRecord {
+    /// A token as first registered: nothing spent.
+    pub fn new(grant: TokenGrant) -> TokenRecord {
+        TokenRecord {
+            grant,
+            used: Usdc::ZERO,
+            reserved: Usdc::ZERO,
+            revoked: false,
+            parent_id: None,
+        }
+    }
+
     /// What is left for new calls: the limit minus everything spent or on hold.
     pub fn remaining(&self) -> Usdc {
         self.grant.limit_usdc.saturating_sub(self.used).saturating_sub(self.reserved)
@@ -207,11 +337,43 @@ pub struct ChargeRecord {
     pub service_id: String,
     /// The amount held at reserve time.
     pub held: Usdc,
+    /// The amount charged, once committed (at most `held`).
+    pub committed: Option<Usdc>,
     pub status: ChargeStatus,
     pub idempotency_key: Option<String>,
     pub upstream_status: Option<u16>,
     pub created_at: UnixMillis,
     pub settled_at: Option<UnixMillis>,
+    /// Charged to the sandbox book (its token is a sandbox token).
+    pub sandbox: bool,
+}
+
+/// A buyer as the admin API shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuyerRecord {
+    pub account: Option<Account>,
+    pub tokens: Vec<TokenRecord>,
+}
+
+/// A deposit to make.
+#[derive(Clone, Debug)]
+pub struct DepositCommand {
+    /// A fresh id, used if the deposit is made.
+    pub deposit_id: String,
+    pub buyer_id: String,
+    pub amount: Usdc,
+    pub reference: Option<String>,
+    pub now: UnixMillis,
+}
+
+/// A deposit made (now, or earlier under the same reference), and the balance after it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DepositRecord {
+    pub deposit_id: String,
+    pub amount: Usdc,
+    pub created_at: UnixMillis,
+    pub balance: Usdc,
+    pub replayed: bool,
 }
 
 /// One call's reservation, as the ledger service prepared it.
@@ -229,6 +391,7 @@ pub struct ReserveCommand {
     pub hold_expires_at: UnixMillis,
     /// How often a committed charge may be replayed under its Idempotency-Key.
     pub max_replays: u32,
+    pub daily_limits: Arc<DailyLimits>,
 }
 
 impl ReserveCommand {
@@ -243,23 +406,90 @@ impl ReserveCommand {
     }
 }
 
-/// An Idempotency-Key's earlier use as a store reads it: fingerprint, charge id, the
-/// charge's status, replays so far.
-pub type PriorKey = (String, String, ChargeStatus, u32);
+/// An Idempotency-Key's earlier use, as a store reads it.
+#[derive(Clone, Debug)]
+pub struct PriorKey {
+    pub fingerprint: String,
+    pub replays: u32,
+    pub outcome: KeyOutcome,
+}
+
+/// What an Idempotency-Key keeps: one of its charge, or the refusal its request got.
+#[derive(Clone, Debug)]
+pub enum KeyOutcome {
+    Charge { charge_id: String, status: ChargeStatus },
+    Refused(ErrorBody),
+}
+
+impl PriorKey {
+    /// Reads a key's columns: the charge (id and status) or the refusal (JSON) it keeps.
+    fn read(
+        fingerprint: String,
+        replays: u32,
+        charge: Option<(String, ChargeStatus)>,
+        refusal: Option<String>,
+    ) -> Result<PriorKey, StoreError> {
+        let outcome = match (charge, refusal) {
+            (Some((charge_id, status)), None) => KeyOutcome::Charge { charge_id, status },
+            (None, Some(refusal)) => KeyOutcome::Refused(
+                serde_json::from_str(&refusal)
+                    .map_err(|e| StoreError::Corrupt(format!("a recorded refusal: {e}")))?,
+            ),
+            _ => return Err(StoreError::Corrupt("an idempotency key keeps no outcome".into())),
+        };
+        Ok(PriorKey { fingerprint, replays, outcome })
+    }
+}
 
 /// What the rules need of a [`PriorKey`].
 pub fn prior_use(prior: &Option<PriorKey>) -> Option<PriorUse<'_>> {
-    prior.as_ref().map(|(fingerprint, _, charge, replays)| PriorUse {
-        fingerprint,
-        charge: *charge,
-        replays: *replays,
+    prior.as_ref().map(|prior| PriorUse {
+        fingerprint: &prior.fingerprint,
+        outcome: match &prior.outcome {
+            KeyOutcome::Charge { status, .. } => PriorOutcome::Charge(*status),
+            KeyOutcome::Refused(_) => PriorOutcome::Refused,
+        },
+        replays: prior.replays,
     })
+}
+
+/// A refusal as a key keeps it.
+fn refusal_json(refusal: &ErrorBody) -> Result<String, StoreError> {
+    serde_json::to_string(refusal)
+        .map_err(|e| StoreError::Corrupt(format!("cannot record a refusal: {e}")))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReserveOutcome {
     Held(Hold),
     Refused(ErrorBody),
+    /// The refusal an Idempotency-Key recorded, answered again: no new refusal (the journal
+    /// and the metrics count it once, when it was first refused).
+    RefusedAgain(ErrorBody),
+}
+
+/// The tier of an account opened by a deposit.
+pub const FIRST_TIER: u32 = 1;
+
+/// Orders `tokens` (read by id) into the chain from `token_id` up to its root; `tokens` must
+/// hold the whole chain.
+fn into_chain(
+    mut tokens: HashMap<String, TokenRecord>,
+    token_id: &str,
+) -> Result<Vec<TokenRecord>, StoreError> {
+    let mut chain = Vec::with_capacity(tokens.len());
+    let mut next = Some(token_id.to_owned());
+    while let Some(id) = next {
+        if chain.len() == MAX_CHAIN_LEN {
+            return Err(StoreError::Corrupt(format!("the chain of {token_id} is too long")));
+        }
+        let token = tokens
+            .remove(&id)
+            .ok_or_else(|| StoreError::Corrupt(format!("token {id} of a chain is missing")))?;
+        next = token.parent_id.clone();
+        chain.push(token);
+    }
+    Ok(chain)
 }
 
 /// How a charge status is written in `charges.status` (both schemas' CHECKs list the same).

@@ -1,14 +1,17 @@
 //! PostgreSQL: one set of books for several ledger processes (or machines).
 //!
 //! Every operation is one READ COMMITTED transaction that first locks the rows its decision
-//! rests on: the token's row (`SELECT … FOR NO KEY UPDATE`), or several tokens' rows in
-//! token-id order. A token's lock guards its counters, its charges' status and expiry, and its
-//! Idempotency-Keys, so ledgers sharing the database take turns per token, and each decision
-//! of [`crate::rules`] is taken on the latest committed state: no ledger can overspend, commit
-//! a hold twice or charge an Idempotency-Key twice. The schema's CHECK (`used + reserved <=
-//! limit`) backs that up. Locking several tokens in id order keeps concurrent batches from
-//! deadlocking; a transaction PostgreSQL aborts all the same (deadlock, serialization
-//! failure) was rolled back whole, and runs again.
+//! rests on (`SELECT … FOR NO KEY UPDATE`): the tokens of the chains involved (a token and
+//! its ancestors), in token-id order, then the buyers' accounts involved, in buyer-id order.
+//! A token's lock guards its counters, its charges' status and expiry, its Idempotency-Keys
+//! and the minting of children under it; an account's lock guards its balance, holds and
+//! deposits. So ledgers sharing the database take turns per token and per buyer, and each
+//! decision of [`crate::rules`] is taken on the latest committed state: no ledger can
+//! overspend a token, a chain or a balance, commit a hold twice or charge an Idempotency-Key
+//! twice. The schema's CHECKs (`used + reserved <= limit`, `held <= balance`) back that up.
+//! Taking locks in one global order (tokens by id, then buyers by id) keeps concurrent
+//! transactions from deadlocking; a transaction PostgreSQL aborts all the same (deadlock,
+//! serialization failure) was rolled back whole, and runs again.
 //!
 //! `FOR NO KEY UPDATE` rather than `FOR UPDATE`: it excludes the other ledgers just the same,
 //! but not the foreign-key checks of rows inserted under the token.
@@ -23,16 +26,19 @@ use paystile_protocol::ledger_api::{
     ChargeStatus, Hold, SettleResult, SettleStatus, Settlement, TokenGrant,
 };
 use paystile_protocol::{ErrorBody, Usdc};
+use prometheus_client::metrics::counter::Counter;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::journal::{self, ChargeFilter, Dialect, Param, ServiceTotals, ServiceWindow};
 use super::{
-    ALL_SCOPES, ALL_STATUSES, ChargeRecord, ReserveCommand, ReserveOutcome, StoreError,
-    TokenRecord, UnixMillis, prior_use, scope_name, seconds_to_millis, status_name,
+    ALL_SCOPES, ALL_STATUSES, BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, FIRST_TIER,
+    KeyOutcome, PURGE_IDEMPOTENCY_KEYS, PriorKey, ReserveCommand, ReserveOutcome, SettleOutcome,
+    StoreError, TokenRecord, UnixMillis, into_chain, prior_use, refusal_json, scope_name,
+    seconds_to_millis, status_name,
 };
-use crate::rules::{self, Admission, SettleDecision};
+use crate::rules::{self, Account, Admission, Books, ChildSpec, DepositDecision, SettleDecision};
 use crate::settings::PostgresUrl;
 use crate::telemetry::wire_name;
 
@@ -63,8 +69,18 @@ const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 2,
-        name: "0002_journal",
-        sql: include_str!("postgres_migrations/0002_journal.sql"),
+        name: "0002_money",
+        sql: include_str!("postgres_migrations/0002_money.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "0003_buyers",
+        sql: include_str!("postgres_migrations/0003_buyers.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "0004_journal",
+        sql: include_str!("postgres_migrations/0004_journal.sql"),
     },
 ];
 
@@ -76,30 +92,59 @@ macro_rules! lock_in_order {
     };
 }
 
+/// The columns [`token_record`] reads.
 macro_rules! select_token {
     () => {
         "SELECT token_id, buyer_id, buyer_tag, service_id, scope, limit_micros, expires_at,
-                used_micros, reserved_micros, revoked_at IS NOT NULL
-         FROM tokens WHERE token_id = $1"
+                used_micros, reserved_micros, revoked_at IS NOT NULL, parent_id, sandbox
+         FROM tokens"
     };
 }
 
-const SELECT_TOKEN: &str = select_token!();
-/// The token's row, locked until the transaction ends: the other ledgers' operations on the
-/// token wait, and this one sees the state they left.
-const LOCK_TOKEN: &str = concat!(select_token!(), " FOR NO KEY UPDATE");
-/// Locks the tokens of the charges `$1` names.
-const LOCK_TOKENS_OF_CHARGES: &str = concat!(
-    "SELECT token_id FROM tokens
-     WHERE token_id IN (SELECT token_id FROM charges WHERE charge_id = ANY($1))",
+const SELECT_TOKEN: &str = concat!(select_token!(), " WHERE token_id = $1");
+/// The ids of the token `$1` and its ancestors, unlocked: parents never change, so a chain
+/// read once stays right, and its rows are then locked in id order.
+const CHAIN_IDS: &str = "WITH RECURSIVE chain (token_id, parent_id) AS (
+         SELECT token_id, parent_id FROM tokens WHERE token_id = $1
+         UNION ALL
+         SELECT p.token_id, p.parent_id FROM tokens p JOIN chain c ON p.token_id = c.parent_id
+     )
+     SELECT token_id FROM chain";
+/// The tokens `$1` names, locked until the transaction ends: the other ledgers' operations on
+/// them wait, and this one sees the state they left.
+const LOCK_TOKENS: &str = concat!(select_token!(), " WHERE token_id = ANY($1)", lock_in_order!());
+/// Locks the tokens of the charges `$1` names and their ancestors; answers each one's parent.
+const LOCK_CHAINS_OF_CHARGES: &str = concat!(
+    "WITH RECURSIVE chain (token_id, parent_id) AS (
+         SELECT token_id, parent_id FROM tokens
+         WHERE token_id IN (SELECT token_id FROM charges WHERE charge_id = ANY($1))
+         UNION
+         SELECT p.token_id, p.parent_id FROM tokens p JOIN chain c ON p.token_id = c.parent_id
+     )
+     SELECT token_id, parent_id FROM tokens WHERE token_id IN (SELECT token_id FROM chain)",
     lock_in_order!()
 );
+/// The token `$1` and its descendants.
+macro_rules! subtree {
+    () => {
+        "WITH RECURSIVE tree (token_id) AS (
+             SELECT token_id FROM tokens WHERE token_id = $1
+             UNION ALL
+             SELECT t.token_id FROM tokens t JOIN tree ON t.parent_id = tree.token_id
+         )"
+    };
+}
+const SELECT_ACCOUNT: &str = "SELECT balance_micros, held_micros, tier, spent_day, spent_micros
+     FROM buyers WHERE buyer_id = $1";
+/// A buyer's account, locked: after every token lock the transaction takes.
+const LOCK_ACCOUNT: &str = "SELECT balance_micros, held_micros, tier, spent_day, spent_micros
+     FROM buyers WHERE buyer_id = $1 FOR NO KEY UPDATE";
 
 macro_rules! insert_token {
     () => {
         "INSERT INTO tokens (token_id, buyer_id, buyer_tag, service_id, scope, limit_micros,
-                             expires_at, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                             expires_at, created_at, parent_id, sandbox)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
     };
 }
 
@@ -110,6 +155,9 @@ const INSERT_TOKEN_IF_NEW: &str = concat!(insert_token!(), " ON CONFLICT (token_
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    /// Holds released on read (past their TTL when an operation touched their buyer),
+    /// counted once their transaction has committed.
+    expired_on_read: Counter,
 }
 
 /// Runs `$body` (which may use `$tx` and `?`) in a transaction on a pooled connection and
@@ -145,7 +193,7 @@ impl PostgresStore {
             .wait_timeout(Some(WAIT_TIMEOUT))
             .build()
             .map_err(|e| StoreError::Setup(format!("cannot build the connection pool: {e}")))?;
-        let store = PostgresStore { pool };
+        let store = PostgresStore { pool, expired_on_read: Counter::default() };
         store.migrate().await?;
         Ok(store)
     }
@@ -187,15 +235,38 @@ impl PostgresStore {
 
     pub async fn insert_token(&self, token: TokenGrant, now: UnixMillis) -> Result<(), StoreError> {
         let client = self.pool.get().await?;
-        insert_token(&client, &token, now, INSERT_TOKEN).await
+        insert_token(&client, &token, None, now, INSERT_TOKEN).await
     }
 
-    pub async fn token(&self, token_id: String) -> Result<Option<TokenRecord>, StoreError> {
+    pub async fn token(
+        &self,
+        token_id: String,
+        now: UnixMillis,
+    ) -> Result<Option<TokenRecord>, StoreError> {
         if !storable(&token_id) {
             return Ok(None);
         }
-        let client = self.pool.get().await?;
-        load_token(&client, SELECT_TOKEN, &token_id).await
+        let token_id = token_id.as_str();
+        let (token, expired) = in_transaction!(&self.pool, |tx| {
+            match load_token(&tx, SELECT_TOKEN, token_id).await? {
+                Some(token) => match expire_buyer_holds(&tx, &token.grant.buyer_id, now).await? {
+                    0 => (Some(token), 0),
+                    expired => (load_token(&tx, SELECT_TOKEN, token_id).await?, expired),
+                },
+                None => (None, 0),
+            }
+        })?;
+        self.count_expired(expired);
+        Ok(token)
+    }
+
+    /// Counts holds released on read, once their transaction has committed.
+    fn count_expired(&self, expired: usize) {
+        self.expired_on_read.inc_by(u64::try_from(expired).unwrap_or(u64::MAX));
+    }
+
+    pub fn expired_on_read(&self) -> Counter {
+        self.expired_on_read.clone()
     }
 
     /// Revokes the token (once; a second revoke keeps the first time). An unknown token is
@@ -212,37 +283,266 @@ impl PostgresStore {
         let (token_id, unknown) = (token_id.as_str(), unknown.as_ref());
         in_transaction!(&self.pool, |tx| {
             if let Some(grant) = unknown {
-                insert_token(&tx, grant, now, INSERT_TOKEN_IF_NEW).await?;
+                insert_token(&tx, grant, None, now, INSERT_TOKEN_IF_NEW).await?;
             }
-            // The row lock this takes orders the revocation against settles and reserves.
+            // The token and its descendants: a parent's revocation ends its delegations.
+            // Their locks, in id order, order the revocation against settles and reserves;
+            // holding the token's lock, no child can be minted under it any more, and the
+            // UPDATE (a statement of its own, seeing every commit so far) finds them all.
+            query(
+                &tx,
+                concat!(
+                    subtree!(),
+                    " SELECT token_id FROM tokens WHERE token_id IN (SELECT token_id FROM tree)",
+                    lock_in_order!()
+                ),
+                &[&token_id],
+            )
+            .await?;
             execute(
                 &tx,
-                "UPDATE tokens SET revoked_at = coalesce(revoked_at, $1) WHERE token_id = $2",
-                &[&now, &token_id],
+                concat!(
+                    subtree!(),
+                    " UPDATE tokens SET revoked_at = coalesce(revoked_at, $2)
+                     WHERE token_id IN (SELECT token_id FROM tree)"
+                ),
+                &[&token_id, &now],
             )
             .await?;
             load_token(&tx, SELECT_TOKEN, token_id).await?
         })
     }
 
-    pub async fn charge(&self, charge_id: String) -> Result<Option<ChargeRecord>, StoreError> {
+    pub async fn mint_child(
+        &self,
+        parent_id: String,
+        spec: ChildSpec,
+        now: UnixMillis,
+    ) -> Result<Option<Result<TokenRecord, ErrorBody>>, StoreError> {
+        if !storable(&parent_id) {
+            return Ok(None);
+        }
+        let (parent_id, spec) = (parent_id.as_str(), &spec);
+        in_transaction!(&self.pool, |tx| {
+            let chain = lock_chain(&tx, parent_id).await?;
+            if chain.is_empty() {
+                None
+            } else {
+                Some(match rules::child_grant(&chain, spec) {
+                    Err(refusal) => Err(refusal),
+                    Ok(grant) => {
+                        insert_token(&tx, &grant, Some(parent_id), now, INSERT_TOKEN).await?;
+                        let parent_id = Some(parent_id.to_owned());
+                        Ok(TokenRecord { parent_id, ..TokenRecord::new(grant) })
+                    }
+                })
+            }
+        })
+    }
+
+    pub async fn deposit(
+        &self,
+        cmd: DepositCommand,
+    ) -> Result<Result<DepositRecord, ErrorBody>, StoreError> {
+        let cmd = &cmd;
+        in_transaction!(&self.pool, |tx| {
+            let buyer_id = cmd.buyer_id.as_str();
+            execute(
+                &tx,
+                "INSERT INTO buyers (buyer_id, tier, created_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (buyer_id) DO NOTHING",
+                &[&buyer_id, &tier_i32(FIRST_TIER)?, &cmd.now],
+            )
+            .await?;
+            let account = load_account(&tx, LOCK_ACCOUNT, buyer_id)
+                .await?
+                .ok_or_else(|| StoreError::Corrupt("an account vanished".into()))?;
+            // Read under the account's lock: a concurrent deposit under the same reference
+            // has committed by now, or waits.
+            let prior = match &cmd.reference {
+                Some(reference) => query_opt(
+                    &tx,
+                    "SELECT deposit_id, amount_micros, created_at FROM deposits
+                     WHERE buyer_id = $1 AND reference = $2",
+                    &[&buyer_id, reference],
+                )
+                .await?
+                .map(|row| -> Result<_, StoreError> {
+                    Ok((row.try_get::<_, String>(0)?, usdc(&row, 1)?, row.try_get(2)?))
+                })
+                .transpose()?,
+                None => None,
+            };
+            match rules::deposit(&account, cmd.amount, prior.as_ref().map(|p| p.1)) {
+                Err(refusal) => Err(refusal),
+                Ok(DepositDecision::Replay) => {
+                    let (deposit_id, amount, created_at) = prior.ok_or_else(|| {
+                        StoreError::Corrupt("a replay without a prior deposit".into())
+                    })?;
+                    let balance = account.balance;
+                    Ok(DepositRecord { deposit_id, amount, created_at, balance, replayed: true })
+                }
+                Ok(DepositDecision::Credit { balance }) => {
+                    execute(
+                        &tx,
+                        "UPDATE buyers SET balance_micros = $1 WHERE buyer_id = $2",
+                        &[&balance.micros_i64(), &buyer_id],
+                    )
+                    .await?;
+                    execute(
+                        &tx,
+                        "INSERT INTO deposits (deposit_id, buyer_id, amount_micros, reference,
+                                               created_at)
+                         VALUES ($1, $2, $3, $4, $5)",
+                        &[
+                            &cmd.deposit_id,
+                            &buyer_id,
+                            &cmd.amount.micros_i64(),
+                            &cmd.reference,
+                            &cmd.now,
+                        ],
+                    )
+                    .await?;
+                    Ok(DepositRecord {
+                        deposit_id: cmd.deposit_id.clone(),
+                        amount: cmd.amount,
+                        created_at: cmd.now,
+                        balance,
+                        replayed: false,
+                    })
+                }
+            }
+        })
+    }
+
+    pub async fn set_tier(
+        &self,
+        buyer_id: String,
+        tier: u32,
+        now: UnixMillis,
+    ) -> Result<Account, StoreError> {
+        let (buyer_id, tier) = (buyer_id.as_str(), tier_i32(tier)?);
+        in_transaction!(&self.pool, |tx| {
+            execute(
+                &tx,
+                "INSERT INTO buyers (buyer_id, tier, created_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (buyer_id) DO UPDATE SET tier = excluded.tier",
+                &[&buyer_id, &tier, &now],
+            )
+            .await?;
+            load_account(&tx, SELECT_ACCOUNT, buyer_id)
+                .await?
+                .ok_or_else(|| StoreError::Corrupt("an account vanished".into()))?
+        })
+    }
+
+    pub async fn buyer(
+        &self,
+        buyer_id: String,
+        now: UnixMillis,
+    ) -> Result<BuyerRecord, StoreError> {
+        if !storable(&buyer_id) {
+            return Ok(BuyerRecord { account: None, tokens: Vec::new() });
+        }
+        let buyer_id = buyer_id.as_str();
+        let (buyer, expired) = in_transaction!(&self.pool, |tx| {
+            let expired = expire_buyer_holds(&tx, buyer_id, now).await?;
+            let account = load_account(&tx, SELECT_ACCOUNT, buyer_id).await?;
+            let tokens = query(
+                &tx,
+                concat!(select_token!(), " WHERE buyer_id = $1 ORDER BY created_at, token_id"),
+                &[&buyer_id],
+            )
+            .await?
+            .iter()
+            .map(token_record)
+            .collect::<Result<_, _>>()?;
+            (BuyerRecord { account, tokens }, expired)
+        })?;
+        self.count_expired(expired);
+        Ok(buyer)
+    }
+
+    pub async fn revoke_buyer(
+        &self,
+        buyer_id: String,
+        now: UnixMillis,
+    ) -> Result<Option<u64>, StoreError> {
+        if !storable(&buyer_id) {
+            return Ok(None);
+        }
+        let buyer_id = buyer_id.as_str();
+        in_transaction!(&self.pool, |tx| {
+            // Every token of the buyer locked in id order, as reserves and settles lock them.
+            // The UPDATE, a statement of its own, also finds a child whose minting was
+            // committed while this waited for its parent's lock.
+            query(
+                &tx,
+                concat!("SELECT token_id FROM tokens WHERE buyer_id = $1", lock_in_order!()),
+                &[&buyer_id],
+            )
+            .await?;
+            let revoked = execute(
+                &tx,
+                "UPDATE tokens SET revoked_at = $1 WHERE buyer_id = $2 AND revoked_at IS NULL",
+                &[&now, &buyer_id],
+            )
+            .await?;
+            let known = revoked > 0
+                || query_opt(
+                    &tx,
+                    "SELECT 1 FROM buyers WHERE buyer_id = $1
+                     UNION ALL SELECT 1 FROM tokens WHERE buyer_id = $1 LIMIT 1",
+                    &[&buyer_id],
+                )
+                .await?
+                .is_some();
+            known.then_some(revoked)
+        })
+    }
+
+    pub async fn charge(
+        &self,
+        charge_id: String,
+        now: UnixMillis,
+    ) -> Result<Option<ChargeRecord>, StoreError> {
         if !storable(&charge_id) {
             return Ok(None);
         }
-        let client = self.pool.get().await?;
-        load_charge(&client, &charge_id).await
+        let charge_id = charge_id.as_str();
+        let (charge, expired) = in_transaction!(&self.pool, |tx| {
+            let buyer = query_opt(
+                &tx,
+                "SELECT t.buyer_id FROM charges c JOIN tokens t ON t.token_id = c.token_id
+                 WHERE c.charge_id = $1",
+                &[&charge_id],
+            )
+            .await?;
+            let expired = match buyer {
+                Some(buyer) => expire_buyer_holds(&tx, buyer.try_get(0)?, now).await?,
+                None => 0,
+            };
+            (load_charge(&tx, charge_id).await?, expired)
+        })?;
+        self.count_expired(expired);
+        Ok(charge)
     }
 
     pub async fn reserve(&self, command: ReserveCommand) -> Result<ReserveOutcome, StoreError> {
         let command = &command;
-        in_transaction!(&self.pool, |tx| reserve(&tx, command).await?)
+        let (outcome, expired) = in_transaction!(&self.pool, |tx| {
+            let mut expired = 0;
+            (reserve(&tx, command, &mut expired).await?, expired)
+        })?;
+        self.count_expired(expired);
+        Ok(outcome)
     }
 
     pub async fn settle(
         &self,
         settlements: Vec<Settlement>,
         now: UnixMillis,
-    ) -> Result<Vec<SettleResult>, StoreError> {
+    ) -> Result<SettleOutcome, StoreError> {
         let settlements = settlements.as_slice();
         in_transaction!(&self.pool, |tx| settle(&tx, settlements, now).await?)
     }
@@ -280,6 +580,19 @@ impl PostgresStore {
     /// Releases up to `limit` holds whose TTL has passed; answers how many.
     pub async fn expire_holds(&self, now: UnixMillis, limit: usize) -> Result<usize, StoreError> {
         in_transaction!(&self.pool, |tx| expire_holds(&tx, now, limit).await?)
+    }
+
+    /// A key purged while a reserve reads it under its token's lock is harmless: the key is
+    /// past its retention, and either answer (its outcome, or a fresh start) is allowed.
+    pub async fn purge_idempotency_keys(
+        &self,
+        before: UnixMillis,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let client = self.pool.get().await?;
+        let purged = execute(&client, PURGE_IDEMPOTENCY_KEYS, &[&before, &limit]).await?;
+        Ok(usize::try_from(purged).unwrap_or(usize::MAX))
     }
 }
 
@@ -319,49 +632,134 @@ fn storable(id: &str) -> bool {
     !id.contains('\0')
 }
 
-async fn reserve(tx: &Transaction<'_>, cmd: &ReserveCommand) -> Result<ReserveOutcome, StoreError> {
+/// Locks the token `token_id` and its ancestors (in id order); answers them, the token
+/// first, or nothing for an unknown token.
+async fn lock_chain(tx: &Transaction<'_>, token_id: &str) -> Result<Vec<TokenRecord>, StoreError> {
+    let ids: Vec<String> = query(tx, CHAIN_IDS, &[&token_id])
+        .await?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let tokens = query(tx, LOCK_TOKENS, &[&ids])
+        .await?
+        .iter()
+        .map(|row| {
+            let token = token_record(row)?;
+            Ok((token.grant.token_id.clone(), token))
+        })
+        .collect::<Result<HashMap<_, _>, StoreError>>()?;
+    into_chain(tokens, token_id)
+}
+
+/// Reserves `cmd`; `expired` is set to how many of the buyer's holds were released on read.
+async fn reserve(
+    tx: &Transaction<'_>,
+    cmd: &ReserveCommand,
+    expired: &mut usize,
+) -> Result<ReserveOutcome, StoreError> {
     let token_id = cmd.token.token_id.as_str();
-    let token = match load_token(tx, LOCK_TOKEN, token_id).await? {
-        Some(token) => token,
-        None => {
-            // Another ledger may be registering it right now: then this insert waits for
-            // that one's transaction and does nothing, and the lock below finds its row.
-            insert_token(tx, &cmd.token, cmd.now, INSERT_TOKEN_IF_NEW).await?;
-            load_token(tx, LOCK_TOKEN, token_id)
-                .await?
-                .ok_or_else(|| StoreError::Corrupt(format!("token {token_id} vanished")))?
+    let mut chain = lock_chain(tx, token_id).await?;
+    if chain.is_empty() {
+        // Another ledger may be registering it right now: then this insert waits for that
+        // one's transaction and does nothing, and the lock below finds its row. A token
+        // registered here has no parent: children are minted by the ledger.
+        insert_token(tx, &cmd.token, None, cmd.now, INSERT_TOKEN_IF_NEW).await?;
+        chain = lock_chain(tx, token_id).await?;
+        if chain.is_empty() {
+            return Err(StoreError::Corrupt(format!("token {token_id} vanished")));
         }
+    }
+    // Holds past their TTL count against no level of the chain nor the account, and keep no
+    // key in flight: the buyer's expired holds are released first (their chains locked after
+    // this one's, then the account, as every transaction locks accounts after tokens).
+    *expired = expire_buyer_holds(tx, &chain[0].grant.buyer_id, cmd.now).await?;
+    if *expired > 0 {
+        chain = lock_chain(tx, token_id).await?;
+    }
+    let token = &chain[0];
+    // Locked after the chain's tokens, as every transaction does. A sandbox token's buyer
+    // is not read: the sandbox book never touches the account.
+    let account = match token.grant.sandbox {
+        true => None,
+        false => load_account(tx, LOCK_ACCOUNT, &token.grant.buyer_id).await?,
+    };
+    let books = Books {
+        chain: &chain,
+        account: account.as_ref(),
+        today: rules::utc_day(cmd.now),
+        daily_limits: &cmd.daily_limits,
     };
 
     let prior = match &cmd.idempotency {
         Some(idempotency) => query_opt(
             tx,
-            "SELECT k.fingerprint, k.charge_id, c.status, k.replays
-             FROM idempotency_keys k JOIN charges c ON c.charge_id = k.charge_id
+            "SELECT k.fingerprint, k.replays, k.charge_id, c.status, k.refusal
+             FROM idempotency_keys k LEFT JOIN charges c ON c.charge_id = k.charge_id
              WHERE k.token_id = $1 AND k.key = $2",
             &[&token_id, &idempotency.key],
         )
         .await?
         .map(|row| -> Result<_, StoreError> {
-            let replays: i32 = row.try_get(3)?;
-            Ok((
-                row.try_get::<_, String>(0)?,
-                row.try_get::<_, String>(1)?,
-                named(&row, 2, &ALL_STATUSES, status_name)?,
+            let replays: i32 = row.try_get(1)?;
+            let charge = match row.try_get::<_, Option<String>>(2)? {
+                Some(charge_id) => Some((charge_id, named(&row, 3, &ALL_STATUSES, status_name)?)),
+                None => None,
+            };
+            PriorKey::read(
+                row.try_get(0)?,
                 u32::try_from(replays).map_err(|_| corrupt("replays", replays))?,
-            ))
+                charge,
+                row.try_get(4)?,
+            )
         })
         .transpose()?,
         None => None,
     };
-    let remaining = match rules::admit(&token, &cmd.call(), prior_use(&prior), cmd.max_replays) {
+    let remaining = match rules::admit_books(
+        &books,
+        &cmd.call(),
+        prior_use(&prior),
+        cmd.max_replays,
+    ) {
         Err(refusal) => {
-            record_refusal(tx, cmd, &refusal).await?;
+            // Counted for the journal: a fresh refusal only, never a recorded one answered
+            // again (below).
+            record_refusal(tx, cmd, token.grant.sandbox, &refusal).await?;
+            if let Some(idempotency) = &cmd.idempotency
+                && rules::records_refusal(&refusal, prior_use(&prior))
+            {
+                execute(
+                    tx,
+                    "INSERT INTO idempotency_keys (token_id, key, fingerprint, refusal, created_at)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (token_id, key) DO UPDATE SET charge_id = NULL,
+                         refusal = excluded.refusal, replays = 0, created_at = excluded.created_at",
+                    &[
+                        &token_id,
+                        &idempotency.key,
+                        &idempotency.fingerprint,
+                        &refusal_json(&refusal)?,
+                        &cmd.now,
+                    ],
+                )
+                .await?;
+            }
             return Ok(ReserveOutcome::Refused(refusal));
         }
+        Ok(Admission::ReplayRefusal) => match prior.map(|prior| prior.outcome) {
+            Some(KeyOutcome::Refused(refusal)) => {
+                return Ok(ReserveOutcome::RefusedAgain(refusal));
+            }
+            _ => return Err(StoreError::Corrupt("a refusal replay without a refusal".into())),
+        },
         Ok(Admission::Replay) => {
-            let (first, key) = match (prior, &cmd.idempotency) {
-                (Some((_, charge_id, _, _)), Some(idempotency)) => (charge_id, &idempotency.key),
+            let (first, key) = match (prior.map(|prior| prior.outcome), &cmd.idempotency) {
+                (Some(KeyOutcome::Charge { charge_id, .. }), Some(idempotency)) => {
+                    (charge_id, &idempotency.key)
+                }
                 _ => return Err(StoreError::Corrupt("a replay without a prior charge".into())),
             };
             execute(
@@ -374,9 +772,9 @@ async fn reserve(tx: &Transaction<'_>, cmd: &ReserveCommand) -> Result<ReserveOu
                 .await?
                 .ok_or_else(|| StoreError::Corrupt("an idempotency key names no charge".into()))?;
             return Ok(ReserveOutcome::Held(Hold {
+                amount_usdc: first.committed.unwrap_or(first.held),
                 charge_id: first.charge_id,
-                amount_usdc: first.held,
-                remaining_usdc: token.remaining(),
+                remaining_usdc: rules::chain_remaining(&chain),
                 replayed: true,
             }));
         }
@@ -385,26 +783,47 @@ async fn reserve(tx: &Transaction<'_>, cmd: &ReserveCommand) -> Result<ReserveOu
 
     let price = cmd.price.micros_i64();
     let key = cmd.idempotency.as_ref().map(|i| i.key.as_str());
+    let on_account = books.debited_account().is_some();
     execute(
         tx,
         "INSERT INTO charges (charge_id, token_id, service_id, held_micros, status,
-                              idempotency_key, created_at, hold_expires_at)
-         VALUES ($1, $2, $3, $4, 'held', $5, $6, $7)",
-        &[&cmd.charge_id, &token_id, &cmd.service_id, &price, &key, &cmd.now, &cmd.hold_expires_at],
+                              idempotency_key, created_at, hold_expires_at, on_account)
+         VALUES ($1, $2, $3, $4, 'held', $5, $6, $7, $8)",
+        &[
+            &cmd.charge_id,
+            &token_id,
+            &cmd.service_id,
+            &price,
+            &key,
+            &cmd.now,
+            &cmd.hold_expires_at,
+            &on_account,
+        ],
     )
     .await?;
+    // Held at every level of the chain, and on the account.
+    let levels: Vec<&str> = chain.iter().map(|t| t.grant.token_id.as_str()).collect();
     execute(
         tx,
-        "UPDATE tokens SET reserved_micros = reserved_micros + $1 WHERE token_id = $2",
-        &[&price, &token_id],
+        "UPDATE tokens SET reserved_micros = reserved_micros + $1 WHERE token_id = ANY($2)",
+        &[&price, &levels],
     )
     .await?;
+    if on_account {
+        execute(
+            tx,
+            "UPDATE buyers SET held_micros = held_micros + $1 WHERE buyer_id = $2",
+            &[&price, &token.grant.buyer_id],
+        )
+        .await?;
+    }
     if let Some(idempotency) = &cmd.idempotency {
         execute(
             tx,
             "INSERT INTO idempotency_keys (token_id, key, fingerprint, charge_id, created_at)
              VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (token_id, key) DO UPDATE SET charge_id = excluded.charge_id, replays = 0",
+             ON CONFLICT (token_id, key) DO UPDATE SET charge_id = excluded.charge_id,
+                 refusal = NULL, replays = 0, created_at = excluded.created_at",
             &[&token_id, &idempotency.key, &idempotency.fingerprint, &cmd.charge_id, &cmd.now],
         )
         .await?;
@@ -421,35 +840,55 @@ async fn reserve(tx: &Transaction<'_>, cmd: &ReserveCommand) -> Result<ReserveOu
 /// charge twice).
 struct OpenHold {
     token_id: String,
+    /// The buyer whose account holds it, if one does.
+    account: Option<String>,
     held: Usdc,
     status: ChargeStatus,
     hold_expires_at: UnixMillis,
     revoked: bool,
 }
 
-/// A hold to close: committed (its amount becomes used) or released (freed).
+/// A hold to close: committed for `charged` (which becomes used; the rest of the hold is
+/// freed), or released (all of it freed) when `charged` is `None`.
 struct Closing {
     charge_id: String,
     token_id: String,
+    account: Option<String>,
     held: Usdc,
-    status: ChargeStatus,
+    charged: Option<Usdc>,
     upstream_status: Option<i32>,
+}
+
+/// Each locked token's parent.
+type Parents = HashMap<String, Option<String>>;
+
+/// Locks the chains of the charges `charge_ids` (see [`LOCK_CHAINS_OF_CHARGES`]).
+async fn lock_chains_of_charges(
+    tx: &Transaction<'_>,
+    charge_ids: &[impl ToSql + Sync],
+) -> Result<Parents, StoreError> {
+    query(tx, LOCK_CHAINS_OF_CHARGES, &[&charge_ids])
+        .await?
+        .iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .collect()
 }
 
 async fn settle(
     tx: &Transaction<'_>,
     settlements: &[Settlement],
     now: UnixMillis,
-) -> Result<Vec<SettleResult>, StoreError> {
+) -> Result<SettleOutcome, StoreError> {
     let ids: Vec<&str> =
         settlements.iter().map(|s| s.charge_id.as_str()).filter(|id| storable(id)).collect();
     let mut holds = HashMap::with_capacity(ids.len());
+    let mut parents = Parents::new();
     if !ids.is_empty() {
-        query(tx, LOCK_TOKENS_OF_CHARGES, &[&ids]).await?;
+        parents = lock_chains_of_charges(tx, &ids).await?;
         let rows = query(
             tx,
             "SELECT c.charge_id, c.token_id, c.held_micros, c.status, c.hold_expires_at,
-                    t.revoked_at IS NOT NULL
+                    t.revoked_at IS NOT NULL, CASE WHEN c.on_account THEN t.buyer_id END
              FROM charges c JOIN tokens t ON t.token_id = c.token_id
              WHERE c.charge_id = ANY($1)",
             &[&ids],
@@ -462,6 +901,7 @@ async fn settle(
                 status: named(&row, 3, &ALL_STATUSES, status_name)?,
                 hold_expires_at: row.try_get(4)?,
                 revoked: row.try_get(5)?,
+                account: row.try_get(6)?,
             };
             holds.insert(row.try_get::<_, String>(0)?, hold);
         }
@@ -469,26 +909,38 @@ async fn settle(
 
     let mut closing = Vec::new();
     let mut results = Vec::with_capacity(settlements.len());
-    for s in settlements {
+    for (i, s) in settlements.iter().enumerate() {
         let status = match holds.get_mut(&s.charge_id) {
             None => SettleStatus::Unknown,
             Some(hold) => {
+                let amount = match rules::commit_amount(s.amount_usdc, hold.held) {
+                    Ok(amount) => amount,
+                    // Nothing is written before every settlement is decided: this changes nothing.
+                    Err(problem) => {
+                        return Ok(SettleOutcome::Invalid(format!("settlements[{i}]: {problem}")));
+                    }
+                };
                 let expired = now >= hold.hold_expires_at;
                 let (closed, result) =
-                    match rules::settle(hold.status, expired, hold.revoked, s.outcome) {
+                    match rules::settle(hold.status, expired, hold.revoked, s.outcome, amount) {
                         SettleDecision::Unchanged(result) => (None, result),
-                        SettleDecision::Commit => {
-                            (Some(ChargeStatus::Committed), SettleStatus::Committed)
+                        SettleDecision::Commit(amount) => {
+                            (Some(Some(amount)), SettleStatus::Committed)
                         }
-                        SettleDecision::Release(result) => (Some(ChargeStatus::Released), result),
+                        SettleDecision::Release(result) => (Some(None), result),
                     };
-                if let Some(closed) = closed {
-                    hold.status = closed;
+                if let Some(charged) = closed {
+                    hold.status = if charged.is_some() {
+                        ChargeStatus::Committed
+                    } else {
+                        ChargeStatus::Released
+                    };
                     closing.push(Closing {
                         charge_id: s.charge_id.clone(),
                         token_id: hold.token_id.clone(),
+                        account: hold.account.clone(),
                         held: hold.held,
-                        status: closed,
+                        charged,
                         upstream_status: s.upstream_status.map(i32::from),
                     });
                 }
@@ -497,8 +949,8 @@ async fn settle(
         };
         results.push(SettleResult { charge_id: s.charge_id.clone(), status });
     }
-    close_holds(tx, &closing, now).await?;
-    Ok(results)
+    close_holds(tx, &closing, &parents, now).await?;
+    Ok(SettleOutcome::Settled(results))
 }
 
 async fn expire_holds(
@@ -517,15 +969,47 @@ async fn expire_holds(
     .iter()
     .map(|row| row.try_get(0))
     .collect::<Result<_, _>>()?;
+    release_due(tx, &due, now).await
+}
+
+/// Releases every hold of the buyer whose TTL has passed (on read: the sweeper may lag).
+/// The buyer's, not just one token's: each level of a chain of delegation, and the buyer's
+/// account, count the holds of every token below them. Takes no lock when none is due.
+async fn expire_buyer_holds(
+    tx: &Transaction<'_>,
+    buyer_id: &str,
+    now: UnixMillis,
+) -> Result<usize, StoreError> {
+    let due: Vec<String> = query(
+        tx,
+        "SELECT c.charge_id FROM charges c JOIN tokens t ON t.token_id = c.token_id
+         WHERE c.status = 'held' AND c.hold_expires_at <= $1 AND t.buyer_id = $2",
+        &[&now, &buyer_id],
+    )
+    .await?
+    .iter()
+    .map(|row| row.try_get(0))
+    .collect::<Result<_, _>>()?;
+    release_due(tx, &due, now).await
+}
+
+/// Releases the holds `due` names that are still held and past their TTL at `now`, at every
+/// level of their chains and on their accounts; answers how many.
+async fn release_due(
+    tx: &Transaction<'_>,
+    due: &[String],
+    now: UnixMillis,
+) -> Result<usize, StoreError> {
     if due.is_empty() {
         return Ok(0);
     }
-    query(tx, LOCK_TOKENS_OF_CHARGES, &[&due]).await?;
+    let parents = lock_chains_of_charges(tx, due).await?;
     // Again under the locks: another ledger's sweep, or a settle, may have closed some.
     let closing = query(
         tx,
-        "SELECT charge_id, token_id, held_micros FROM charges
-         WHERE charge_id = ANY($1) AND status = 'held' AND hold_expires_at <= $2",
+        "SELECT c.charge_id, c.token_id, c.held_micros, CASE WHEN c.on_account THEN t.buyer_id END
+         FROM charges c JOIN tokens t ON t.token_id = c.token_id
+         WHERE c.charge_id = ANY($1) AND c.status = 'held' AND c.hold_expires_at <= $2",
         &[&due, &now],
     )
     .await?
@@ -535,34 +1019,49 @@ async fn expire_holds(
             charge_id: row.try_get(0)?,
             token_id: row.try_get(1)?,
             held: usdc(row, 2)?,
-            status: ChargeStatus::Released,
+            account: row.try_get(3)?,
+            charged: None,
             upstream_status: None,
         })
     })
     .collect::<Result<Vec<_>, StoreError>>()?;
-    close_holds(tx, &closing, now).await?;
+    close_holds(tx, &closing, &parents, now).await?;
     Ok(closing.len())
 }
 
-/// Closes the holds (all held, their tokens locked by this transaction) and moves their
-/// tokens' counters: a statement for the charges and one for the tokens, however many.
+/// Closes the holds (all held, their chains locked by this transaction, `parents` naming
+/// each locked token's parent) and moves the counters of every level of their chains and of
+/// the accounts holding them: a commit's amount becomes used (and is debited from the
+/// account), the whole hold stops being held. A statement for the charges, one for the
+/// tokens and one for the accounts, however many.
 async fn close_holds(
     tx: &Transaction<'_>,
     closing: &[Closing],
+    parents: &Parents,
     now: UnixMillis,
 ) -> Result<(), StoreError> {
     if closing.is_empty() {
         return Ok(());
     }
     let charge_ids: Vec<&str> = closing.iter().map(|c| c.charge_id.as_str()).collect();
-    let statuses: Vec<&str> = closing.iter().map(|c| status_name(c.status)).collect();
+    let statuses: Vec<&str> = closing
+        .iter()
+        .map(|c| match c.charged {
+            Some(_) => status_name(ChargeStatus::Committed),
+            None => status_name(ChargeStatus::Released),
+        })
+        .collect();
     let upstream: Vec<Option<i32>> = closing.iter().map(|c| c.upstream_status).collect();
+    let committed: Vec<Option<i64>> =
+        closing.iter().map(|c| c.charged.map(Usdc::micros_i64)).collect();
     let closed = execute(
         tx,
-        "UPDATE charges c SET status = u.status, settled_at = $4, upstream_status = u.upstream
-         FROM unnest($1::text[], $2::text[], $3::int4[]) AS u (charge_id, status, upstream)
+        "UPDATE charges c SET status = u.status, settled_at = $5, upstream_status = u.upstream,
+                              committed_micros = u.committed
+         FROM unnest($1::text[], $2::text[], $3::int4[], $4::int8[])
+              AS u (charge_id, status, upstream, committed)
          WHERE c.charge_id = u.charge_id AND c.status = 'held'",
-        &[&charge_ids, &statuses, &upstream, &now],
+        &[&charge_ids, &statuses, &upstream, &committed, &now],
     )
     .await?;
     if usize::try_from(closed).ok() != Some(closing.len()) {
@@ -573,15 +1072,29 @@ async fn close_holds(
         )));
     }
 
-    // Per token: (what becomes used, what stops being reserved).
+    // Per token and per account: (what becomes used, what stops being held).
     let mut deltas: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
-    for c in closing {
+    let mut accounts: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+    let add = |(used, freed): &mut (i64, i64), c: &Closing| {
         let held = c.held.micros_i64();
-        let (used, freed) = deltas.entry(c.token_id.as_str()).or_default();
         let overflow = || StoreError::Corrupt(format!("token {} holds too much", c.token_id));
         *freed = freed.checked_add(held).ok_or_else(overflow)?;
-        if c.status == ChargeStatus::Committed {
-            *used = used.checked_add(held).ok_or_else(overflow)?;
+        if let Some(charged) = c.charged {
+            *used = used.checked_add(charged.micros_i64()).ok_or_else(overflow)?;
+        }
+        Ok::<_, StoreError>(())
+    };
+    for c in closing {
+        let mut level = Some(c.token_id.as_str());
+        while let Some(token_id) = level {
+            add(deltas.entry(token_id).or_default(), c)?;
+            level = parents
+                .get(token_id)
+                .ok_or_else(|| StoreError::Corrupt(format!("token {token_id} is not locked")))?
+                .as_deref();
+        }
+        if let Some(buyer_id) = &c.account {
+            add(accounts.entry(buyer_id.as_str()).or_default(), c)?;
         }
     }
     let token_ids: Vec<&str> = deltas.keys().copied().collect();
@@ -596,12 +1109,42 @@ async fn close_holds(
         &[&token_ids, &used, &freed],
     )
     .await?;
+    if accounts.is_empty() {
+        return Ok(());
+    }
+    let buyer_ids: Vec<&str> = accounts.keys().copied().collect();
+    // After the tokens, in id order, as every transaction locks accounts.
+    query(
+        tx,
+        concat!(
+            "SELECT buyer_id FROM buyers WHERE buyer_id = ANY($1)",
+            " ORDER BY buyer_id FOR NO KEY UPDATE"
+        ),
+        &[&buyer_ids],
+    )
+    .await?;
+    let used: Vec<i64> = accounts.values().map(|(used, _)| *used).collect();
+    let freed: Vec<i64> = accounts.values().map(|(_, freed)| *freed).collect();
+    // Spent today counts commits on their UTC day: the first of a day starts it afresh.
+    execute(
+        tx,
+        "UPDATE buyers b SET balance_micros = b.balance_micros - u.used,
+                             held_micros = b.held_micros - u.freed,
+                             spent_micros = CASE WHEN b.spent_day = $4 THEN b.spent_micros ELSE 0 END
+                                            + u.used,
+                             spent_day = $4
+         FROM unnest($1::text[], $2::int8[], $3::int8[]) AS u (buyer_id, used, freed)
+         WHERE b.buyer_id = u.buyer_id",
+        &[&buyer_ids, &used, &freed, &rules::utc_day(now)],
+    )
+    .await?;
     Ok(())
 }
 
 async fn insert_token(
     db: &impl GenericClient,
     token: &TokenGrant,
+    parent_id: Option<&str>,
     now: UnixMillis,
     statement: &str,
 ) -> Result<(), StoreError> {
@@ -618,36 +1161,65 @@ async fn insert_token(
             &token.limit_usdc.micros_i64(),
             &expires_at,
             &now,
+            &parent_id,
+            &token.sandbox,
         ],
     )
     .await?;
     Ok(())
 }
 
-/// Reads a token with `statement`: [`SELECT_TOKEN`], or [`LOCK_TOKEN`] to lock it too.
+/// Reads a token with `statement` ([`SELECT_TOKEN`]).
 async fn load_token(
     db: &impl GenericClient,
     statement: &str,
     token_id: &str,
 ) -> Result<Option<TokenRecord>, StoreError> {
-    let Some(row) = query_opt(db, statement, &[&token_id]).await? else {
+    query_opt(db, statement, &[&token_id]).await?.as_ref().map(token_record).transpose()
+}
+
+/// Reads an account with `statement`: [`SELECT_ACCOUNT`], or [`LOCK_ACCOUNT`] to lock it too.
+async fn load_account(
+    db: &impl GenericClient,
+    statement: &str,
+    buyer_id: &str,
+) -> Result<Option<Account>, StoreError> {
+    let Some(row) = query_opt(db, statement, &[&buyer_id]).await? else {
         return Ok(None);
     };
+    let tier: i32 = row.try_get(2)?;
+    Ok(Some(Account {
+        balance: usdc(&row, 0)?,
+        held: usdc(&row, 1)?,
+        tier: u32::try_from(tier).map_err(|_| corrupt("tier", tier))?,
+        spent_day: row.try_get(3)?,
+        spent: usdc(&row, 4)?,
+    }))
+}
+
+fn tier_i32(tier: u32) -> Result<i32, StoreError> {
+    i32::try_from(tier).map_err(|_| corrupt("tier", tier))
+}
+
+/// Reads the columns of `select_token!`.
+fn token_record(row: &Row) -> Result<TokenRecord, StoreError> {
     let expires_at: i64 = row.try_get(6)?;
-    Ok(Some(TokenRecord {
+    Ok(TokenRecord {
         grant: TokenGrant {
             token_id: row.try_get(0)?,
             buyer_id: row.try_get(1)?,
             buyer_tag: row.try_get(2)?,
             service_id: row.try_get(3)?,
-            scope: named(&row, 4, &ALL_SCOPES, scope_name)?,
-            limit_usdc: usdc(&row, 5)?,
+            scope: named(row, 4, &ALL_SCOPES, scope_name)?,
+            limit_usdc: usdc(row, 5)?,
             expires_at: u64::try_from(expires_at / 1000).unwrap_or(0),
+            sandbox: row.try_get(11)?,
         },
-        used: usdc(&row, 7)?,
-        reserved: usdc(&row, 8)?,
+        used: usdc(row, 7)?,
+        reserved: usdc(row, 8)?,
         revoked: row.try_get(9)?,
-    }))
+        parent_id: row.try_get(10)?,
+    })
 }
 
 async fn load_charge(
@@ -656,30 +1228,40 @@ async fn load_charge(
 ) -> Result<Option<ChargeRecord>, StoreError> {
     let row = query_opt(
         db,
-        "SELECT c.charge_id, c.token_id, t.buyer_id, c.service_id, c.held_micros, c.status,
-                c.idempotency_key, c.upstream_status, c.created_at, c.settled_at
-         FROM charges c JOIN tokens t ON t.token_id = c.token_id
-         WHERE c.charge_id = $1",
+        &format!(
+            "SELECT {} FROM charges c JOIN tokens t ON t.token_id = c.token_id
+             WHERE c.charge_id = $1",
+            journal::CHARGE_COLUMNS
+        ),
         &[&charge_id],
     )
     .await?;
-    let Some(row) = row else { return Ok(None) };
+    row.as_ref().map(charge_record).transpose()
+}
+
+/// A charge as [`journal::CHARGE_COLUMNS`] selects it.
+fn charge_record(row: &Row) -> Result<ChargeRecord, StoreError> {
     let upstream_status = row
         .try_get::<_, Option<i32>>(7)?
         .map(|status| u16::try_from(status).map_err(|_| corrupt("upstream status", status)))
         .transpose()?;
-    Ok(Some(ChargeRecord {
+    Ok(ChargeRecord {
         charge_id: row.try_get(0)?,
         token_id: row.try_get(1)?,
         buyer_id: row.try_get(2)?,
         service_id: row.try_get(3)?,
-        held: usdc(&row, 4)?,
-        status: named(&row, 5, &ALL_STATUSES, status_name)?,
+        held: usdc(row, 4)?,
+        committed: match row.try_get::<_, Option<i64>>(10)? {
+            Some(_) => Some(usdc(row, 10)?),
+            None => None,
+        },
+        status: named(row, 5, &ALL_STATUSES, status_name)?,
         idempotency_key: row.try_get(6)?,
         upstream_status,
         created_at: row.try_get(8)?,
         settled_at: row.try_get(9)?,
-    }))
+        sandbox: row.try_get(11)?,
+    })
 }
 
 // Each statement is prepared once per connection (deadpool's statement cache).
@@ -744,41 +1326,20 @@ impl PostgresStore {
                 match param {
                     Param::Text(text) => Box::new(text),
                     Param::Int(int) => Box::new(int),
+                    Param::Bool(flag) => Box::new(flag),
                 }
             })
             .collect();
         let params: Vec<&(dyn ToSql + Sync)> =
             params.iter().map(|param| &**param as &(dyn ToSql + Sync)).collect();
         let client = self.pool.get().await?;
-        query(&client, &sql, &params)
-            .await?
-            .iter()
-            .map(|row| {
-                let upstream_status = row
-                    .try_get::<_, Option<i32>>(7)?
-                    .map(|status| {
-                        u16::try_from(status).map_err(|_| corrupt("upstream status", status))
-                    })
-                    .transpose()?;
-                Ok(ChargeRecord {
-                    charge_id: row.try_get(0)?,
-                    token_id: row.try_get(1)?,
-                    buyer_id: row.try_get(2)?,
-                    service_id: row.try_get(3)?,
-                    held: usdc(row, 4)?,
-                    status: named(row, 5, &ALL_STATUSES, status_name)?,
-                    idempotency_key: row.try_get(6)?,
-                    upstream_status,
-                    created_at: row.try_get(8)?,
-                    settled_at: row.try_get(9)?,
-                })
-            })
-            .collect()
+        query(&client, &sql, &params).await?.iter().map(charge_record).collect()
     }
 
     pub async fn service_totals(&self, window: ServiceWindow) -> Result<ServiceTotals, StoreError> {
         let client = self.pool.get().await?;
-        let params: [&(dyn ToSql + Sync); 3] = [&window.service_id, &window.from, &window.to];
+        let params: [&(dyn ToSql + Sync); 4] =
+            [&window.service_id, &window.from, &window.to, &window.sandbox];
         let rows = query(&client, &journal::totals_query(&DIALECT), &params).await?;
         let row = rows.first().ok_or_else(|| StoreError::Corrupt("no totals".into()))?;
         let refusals = query(&client, &journal::refusals_query(&DIALECT), &params)
@@ -808,12 +1369,14 @@ fn count(row: &Row, index: usize) -> Result<u64, StoreError> {
 async fn record_refusal(
     tx: &Transaction<'_>,
     cmd: &ReserveCommand,
+    sandbox: bool,
     refusal: &ErrorBody,
 ) -> Result<(), StoreError> {
     execute(
         tx,
-        "INSERT INTO refusals (service_id, token_id, code, created_at) VALUES ($1, $2, $3, $4)",
-        &[&cmd.service_id, &cmd.token.token_id, &wire_name(refusal.code), &cmd.now],
+        "INSERT INTO refusals (service_id, token_id, code, created_at, sandbox)
+         VALUES ($1, $2, $3, $4, $5)",
+        &[&cmd.service_id, &cmd.token.token_id, &wire_name(refusal.code), &cmd.now, &sandbox],
     )
     .await?;
     Ok(())

@@ -18,16 +18,21 @@ use paystile_protocol::ledger_api::{
 };
 use paystile_protocol::pay_token::Scope;
 use paystile_protocol::{ErrorBody, Usdc};
+use prometheus_client::metrics::counter::Counter;
 use rusqlite::types::Type;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params, params_from_iter};
 use tokio::sync::{mpsc, oneshot};
 
 use super::journal::{self, ChargeFilter, Dialect, Param, ServiceTotals, ServiceWindow};
 use super::{
-    ALL_SCOPES, ALL_STATUSES, ChargeRecord, ReserveCommand, ReserveOutcome, StoreError,
-    TokenRecord, UnixMillis, prior_use, scope_name, seconds_to_millis, status_name,
+    ALL_SCOPES, ALL_STATUSES, BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, FIRST_TIER,
+    KeyOutcome, PURGE_IDEMPOTENCY_KEYS, PriorKey, ReserveCommand, ReserveOutcome, SettleOutcome,
+    StoreError, TokenRecord, UnixMillis, prior_use, refusal_json, scope_name, seconds_to_millis,
+    status_name,
 };
-use crate::rules::{self, Admission, SettleDecision};
+use crate::rules::{
+    self, Account, Admission, Books, ChildSpec, DepositDecision, MAX_CHAIN_LEN, SettleDecision,
+};
 use crate::telemetry::wire_name;
 
 /// The most operations committed in one transaction.
@@ -36,8 +41,21 @@ const MAX_BATCH: usize = 512;
 const QUEUE_DEPTH: usize = 8192;
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many have run.
-const MIGRATIONS: &[&str] =
-    &[include_str!("sqlite_schema.sql"), include_str!("sqlite_0002_journal.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("sqlite_schema.sql"),
+    include_str!("sqlite_0002_money.sql"),
+    include_str!("sqlite_0003_buyers.sql"),
+    include_str!("sqlite_0004_journal.sql"),
+];
+
+/// The columns [`token_record`] reads.
+macro_rules! select_token {
+    () => {
+        "SELECT token_id, buyer_id, buyer_tag, service_id, scope, limit_micros, expires_at,
+                used_micros, reserved_micros, revoked_at IS NOT NULL, parent_id, sandbox
+         FROM tokens"
+    };
+}
 
 /// A handle on the writer thread; cheap to clone. The thread ends when every handle is gone.
 #[derive(Clone)]
@@ -46,6 +64,9 @@ pub struct SqliteStore {
     /// A read-only connection for the journal's queries, which may scan many rows: in WAL
     /// mode they read the last commit without holding up the writer.
     reader: Arc<Mutex<Connection>>,
+    /// Holds released on read (past their TTL when an operation touched their buyer),
+    /// counted once their transaction has committed.
+    expired_on_read: Counter,
 }
 
 /// The transaction a batch of jobs runs in.
@@ -83,7 +104,11 @@ impl SqliteStore {
             .name("ledger-sqlite".into())
             .spawn(move || write_batches(conn, queue))
             .map_err(|e| StoreError::Corrupt(format!("cannot start the writer thread: {e}")))?;
-        Ok(SqliteStore { jobs, reader: Arc::new(Mutex::new(reader)) })
+        Ok(SqliteStore {
+            jobs,
+            reader: Arc::new(Mutex::new(reader)),
+            expired_on_read: Counter::default(),
+        })
     }
 
     /// Runs `op` in the writer's next transaction and answers once that has committed.
@@ -105,11 +130,31 @@ impl SqliteStore {
     }
 
     pub async fn insert_token(&self, token: TokenGrant, now: UnixMillis) -> Result<(), StoreError> {
-        self.run(move |conn| insert_token(conn, &token, now)).await
+        self.run(move |conn| insert_token(conn, &token, None, now)).await
     }
 
-    pub async fn token(&self, token_id: String) -> Result<Option<TokenRecord>, StoreError> {
-        self.run(move |conn| load_token(conn, &token_id)).await
+    pub async fn token(
+        &self,
+        token_id: String,
+        now: UnixMillis,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let (token, expired) = self
+            .run(move |conn| {
+                let expired = expire_token_buyer_holds(conn, &token_id, None, now)?;
+                Ok((load_token(conn, &token_id)?, expired))
+            })
+            .await?;
+        self.count_expired(expired);
+        Ok(token)
+    }
+
+    /// Counts holds released on read, once their transaction has committed.
+    fn count_expired(&self, expired: usize) {
+        self.expired_on_read.inc_by(u64::try_from(expired).unwrap_or(u64::MAX));
+    }
+
+    pub fn expired_on_read(&self) -> Counter {
+        self.expired_on_read.clone()
     }
 
     /// Revokes the token (once; a second revoke keeps the first time). An unknown token is
@@ -125,10 +170,16 @@ impl SqliteStore {
             if let Some(grant) = &unknown
                 && load_token(conn, &token_id)?.is_none()
             {
-                insert_token(conn, grant, now)?;
+                insert_token(conn, grant, None, now)?;
             }
+            // The token and its descendants: a parent's revocation ends its delegations.
             conn.execute(
-                "UPDATE tokens SET revoked_at = coalesce(revoked_at, ?1) WHERE token_id = ?2",
+                "WITH RECURSIVE tree (id) AS (
+                     SELECT ?2 UNION ALL
+                     SELECT t.token_id FROM tokens t JOIN tree ON t.parent_id = tree.id
+                 )
+                 UPDATE tokens SET revoked_at = coalesce(revoked_at, ?1)
+                 WHERE token_id IN (SELECT id FROM tree)",
                 params![now, token_id],
             )?;
             load_token(conn, &token_id)
@@ -136,27 +187,224 @@ impl SqliteStore {
         .await
     }
 
-    pub async fn charge(&self, charge_id: String) -> Result<Option<ChargeRecord>, StoreError> {
-        self.run(move |conn| load_charge(conn, &charge_id)).await
+    pub async fn mint_child(
+        &self,
+        parent_id: String,
+        spec: ChildSpec,
+        now: UnixMillis,
+    ) -> Result<Option<Result<TokenRecord, ErrorBody>>, StoreError> {
+        self.run(move |conn| {
+            let chain = load_chain(conn, &parent_id)?;
+            if chain.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(match rules::child_grant(&chain, &spec) {
+                Err(refusal) => Err(refusal),
+                Ok(grant) => {
+                    insert_token(conn, &grant, Some(&parent_id), now)?;
+                    Ok(TokenRecord { parent_id: Some(parent_id), ..TokenRecord::new(grant) })
+                }
+            }))
+        })
+        .await
+    }
+
+    pub async fn deposit(
+        &self,
+        cmd: DepositCommand,
+    ) -> Result<Result<DepositRecord, ErrorBody>, StoreError> {
+        self.run(move |conn| {
+            conn.execute(
+                "INSERT INTO buyers (buyer_id, tier, created_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (buyer_id) DO NOTHING",
+                params![cmd.buyer_id, FIRST_TIER, cmd.now],
+            )?;
+            let account = load_account(conn, &cmd.buyer_id)?
+                .ok_or_else(|| StoreError::Corrupt("an account vanished".into()))?;
+            let prior = match &cmd.reference {
+                Some(reference) => conn
+                    .prepare_cached(
+                        "SELECT deposit_id, amount_micros, created_at FROM deposits
+                         WHERE buyer_id = ?1 AND reference = ?2",
+                    )?
+                    .query_row(params![cmd.buyer_id, reference], |row| {
+                        Ok((row.get::<_, String>(0)?, usdc(row, 1)?, row.get(2)?))
+                    })
+                    .optional()?,
+                None => None,
+            };
+            match rules::deposit(&account, cmd.amount, prior.as_ref().map(|p| p.1)) {
+                Err(refusal) => Ok(Err(refusal)),
+                Ok(DepositDecision::Replay) => {
+                    let (deposit_id, amount, created_at) = prior.ok_or_else(|| {
+                        StoreError::Corrupt("a replay without a prior deposit".into())
+                    })?;
+                    let balance = account.balance;
+                    Ok(Ok(DepositRecord {
+                        deposit_id,
+                        amount,
+                        created_at,
+                        balance,
+                        replayed: true,
+                    }))
+                }
+                Ok(DepositDecision::Credit { balance }) => {
+                    conn.execute(
+                        "UPDATE buyers SET balance_micros = ?1 WHERE buyer_id = ?2",
+                        params![balance.micros_i64(), cmd.buyer_id],
+                    )?;
+                    conn.execute(
+                        "INSERT INTO deposits (deposit_id, buyer_id, amount_micros, reference,
+                                               created_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                        params![
+                            cmd.deposit_id,
+                            cmd.buyer_id,
+                            cmd.amount.micros_i64(),
+                            cmd.reference,
+                            cmd.now
+                        ],
+                    )?;
+                    Ok(Ok(DepositRecord {
+                        deposit_id: cmd.deposit_id,
+                        amount: cmd.amount,
+                        created_at: cmd.now,
+                        balance,
+                        replayed: false,
+                    }))
+                }
+            }
+        })
+        .await
+    }
+
+    pub async fn set_tier(
+        &self,
+        buyer_id: String,
+        tier: u32,
+        now: UnixMillis,
+    ) -> Result<Account, StoreError> {
+        self.run(move |conn| {
+            conn.execute(
+                "INSERT INTO buyers (buyer_id, tier, created_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (buyer_id) DO UPDATE SET tier = excluded.tier",
+                params![buyer_id, tier, now],
+            )?;
+            load_account(conn, &buyer_id)?
+                .ok_or_else(|| StoreError::Corrupt("an account vanished".into()))
+        })
+        .await
+    }
+
+    pub async fn buyer(
+        &self,
+        buyer_id: String,
+        now: UnixMillis,
+    ) -> Result<BuyerRecord, StoreError> {
+        let (buyer, expired) = self
+            .run(move |conn| {
+                let expired = expire_buyer_holds(conn, &buyer_id, now)?;
+                let account = load_account(conn, &buyer_id)?;
+                let tokens = conn
+                    .prepare_cached(concat!(
+                        select_token!(),
+                        " WHERE buyer_id = ?1 ORDER BY created_at, token_id"
+                    ))?
+                    .query_map(params![buyer_id], token_record)?
+                    .collect::<Result<_, _>>()?;
+                Ok((BuyerRecord { account, tokens }, expired))
+            })
+            .await?;
+        self.count_expired(expired);
+        Ok(buyer)
+    }
+
+    pub async fn revoke_buyer(
+        &self,
+        buyer_id: String,
+        now: UnixMillis,
+    ) -> Result<Option<u64>, StoreError> {
+        self.run(move |conn| {
+            let revoked = conn.execute(
+                "UPDATE tokens SET revoked_at = ?1 WHERE buyer_id = ?2 AND revoked_at IS NULL",
+                params![now, buyer_id],
+            )?;
+            let known = revoked > 0
+                || load_account(conn, &buyer_id)?.is_some()
+                || conn
+                    .prepare_cached("SELECT 1 FROM tokens WHERE buyer_id = ?1 LIMIT 1")?
+                    .exists(params![buyer_id])?;
+            Ok(known.then(|| u64::try_from(revoked).unwrap_or(u64::MAX)))
+        })
+        .await
+    }
+
+    pub async fn charge(
+        &self,
+        charge_id: String,
+        now: UnixMillis,
+    ) -> Result<Option<ChargeRecord>, StoreError> {
+        let (charge, expired) = self
+            .run(move |conn| {
+                let buyer_id = conn
+                    .prepare_cached(
+                        "SELECT t.buyer_id FROM charges c JOIN tokens t ON t.token_id = c.token_id
+                         WHERE c.charge_id = ?1",
+                    )?
+                    .query_row(params![charge_id], |row| row.get::<_, String>(0))
+                    .optional()?;
+                let expired = match buyer_id {
+                    Some(buyer_id) => expire_buyer_holds(conn, &buyer_id, now)?,
+                    None => 0,
+                };
+                Ok((load_charge(conn, &charge_id)?, expired))
+            })
+            .await?;
+        self.count_expired(expired);
+        Ok(charge)
     }
 
     pub async fn reserve(&self, command: ReserveCommand) -> Result<ReserveOutcome, StoreError> {
-        self.run(move |conn| reserve(conn, &command)).await
+        let (outcome, expired) = self
+            .run(move |conn| {
+                let mut expired = 0;
+                Ok((reserve(conn, &command, &mut expired)?, expired))
+            })
+            .await?;
+        self.count_expired(expired);
+        Ok(outcome)
     }
 
     pub async fn settle(
         &self,
         settlements: Vec<Settlement>,
         now: UnixMillis,
-    ) -> Result<Vec<SettleResult>, StoreError> {
+    ) -> Result<SettleOutcome, StoreError> {
         self.run(move |conn| {
-            settlements
+            // Every amount is checked before anything is settled: a request with one that
+            // does not fit its hold changes nothing.
+            for (i, s) in settlements.iter().enumerate() {
+                if s.amount_usdc.is_none() {
+                    continue;
+                }
+                let held = conn
+                    .prepare_cached("SELECT held_micros FROM charges WHERE charge_id = ?1")?
+                    .query_row(params![s.charge_id], |row| usdc(row, 0))
+                    .optional()?;
+                if let Some(Err(problem)) =
+                    held.map(|held| rules::commit_amount(s.amount_usdc, held))
+                {
+                    return Ok(SettleOutcome::Invalid(format!("settlements[{i}]: {problem}")));
+                }
+            }
+            let results = settlements
                 .iter()
                 .map(|s| {
                     let status = settle(conn, s, now)?;
                     Ok(SettleResult { charge_id: s.charge_id.clone(), status })
                 })
-                .collect()
+                .collect::<Result<_, StoreError>>()?;
+            Ok(SettleOutcome::Settled(results))
         })
         .await
     }
@@ -178,6 +426,18 @@ impl SqliteStore {
     /// Releases up to `limit` holds whose TTL has passed; answers how many.
     pub async fn expire_holds(&self, now: UnixMillis, limit: usize) -> Result<usize, StoreError> {
         self.run(move |conn| expire_holds(conn, now, limit)).await
+    }
+
+    pub async fn purge_idempotency_keys(
+        &self,
+        before: UnixMillis,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(move |conn| {
+            Ok(conn.prepare_cached(PURGE_IDEMPOTENCY_KEYS)?.execute(params![before, limit])?)
+        })
+        .await
     }
 }
 
@@ -265,47 +525,92 @@ fn in_savepoint<T>(
     result
 }
 
-fn reserve(conn: &Connection, cmd: &ReserveCommand) -> Result<ReserveOutcome, StoreError> {
-    let token = match load_token(conn, &cmd.token.token_id)? {
-        Some(token) => token,
-        None => {
-            insert_token(conn, &cmd.token, cmd.now)?;
-            TokenRecord {
-                grant: cmd.token.clone(),
-                used: Usdc::ZERO,
-                reserved: Usdc::ZERO,
-                revoked: false,
-            }
-        }
-    };
+/// Reserves `cmd`; `expired` is set to how many of the buyer's holds were released on read.
+fn reserve(
+    conn: &Connection,
+    cmd: &ReserveCommand,
+    expired: &mut usize,
+) -> Result<ReserveOutcome, StoreError> {
+    // Holds past their TTL count against no level of the chain nor the account, and keep no
+    // key in flight: the buyer's expired holds are released first.
+    *expired =
+        expire_token_buyer_holds(conn, &cmd.token.token_id, Some(&cmd.token.buyer_id), cmd.now)?;
+    let mut chain = load_chain(conn, &cmd.token.token_id)?;
+    if chain.is_empty() {
+        insert_token(conn, &cmd.token, None, cmd.now)?;
+        chain.push(TokenRecord::new(cmd.token.clone()));
+    }
+    let token = &chain[0];
     let token_id = &token.grant.token_id;
+    let account = load_account(conn, &token.grant.buyer_id)?;
+    let books = Books {
+        chain: &chain,
+        account: account.as_ref(),
+        today: rules::utc_day(cmd.now),
+        daily_limits: &cmd.daily_limits,
+    };
 
     let prior = match &cmd.idempotency {
         Some(idempotency) => conn
             .prepare_cached(
-                "SELECT k.fingerprint, k.charge_id, c.status, k.replays
-                 FROM idempotency_keys k JOIN charges c ON c.charge_id = k.charge_id
+                "SELECT k.fingerprint, k.replays, k.charge_id, c.status, k.refusal
+                 FROM idempotency_keys k LEFT JOIN charges c ON c.charge_id = k.charge_id
                  WHERE k.token_id = ?1 AND k.key = ?2",
             )?
             .query_row(params![token_id, idempotency.key], |row| {
-                Ok((
-                    row.get::<_, String>(0)?,
-                    row.get::<_, String>(1)?,
-                    charge_status(row, 2)?,
-                    row.get::<_, u32>(3)?,
-                ))
+                let charge = match row.get::<_, Option<String>>(2)? {
+                    Some(charge_id) => Some((charge_id, charge_status(row, 3)?)),
+                    None => None,
+                };
+                Ok((row.get::<_, String>(0)?, row.get::<_, u32>(1)?, charge, row.get(4)?))
             })
-            .optional()?,
+            .optional()?
+            .map(|(fingerprint, replays, charge, refusal)| {
+                PriorKey::read(fingerprint, replays, charge, refusal)
+            })
+            .transpose()?,
         None => None,
     };
-    let remaining = match rules::admit(&token, &cmd.call(), prior_use(&prior), cmd.max_replays) {
+    let remaining = match rules::admit_books(
+        &books,
+        &cmd.call(),
+        prior_use(&prior),
+        cmd.max_replays,
+    ) {
         Err(refusal) => {
-            record_refusal(conn, cmd, &refusal)?;
+            // Counted for the journal: a fresh refusal only, never a recorded one answered
+            // again (below).
+            record_refusal(conn, cmd, token.grant.sandbox, &refusal)?;
+            if let Some(idempotency) = &cmd.idempotency
+                && rules::records_refusal(&refusal, prior_use(&prior))
+            {
+                conn.prepare_cached(
+                    "INSERT INTO idempotency_keys (token_id, key, fingerprint, refusal, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (token_id, key) DO UPDATE SET charge_id = NULL,
+                         refusal = excluded.refusal, replays = 0, created_at = excluded.created_at",
+                )?
+                .execute(params![
+                    token_id,
+                    idempotency.key,
+                    idempotency.fingerprint,
+                    refusal_json(&refusal)?,
+                    cmd.now
+                ])?;
+            }
             return Ok(ReserveOutcome::Refused(refusal));
         }
+        Ok(Admission::ReplayRefusal) => match prior.map(|prior| prior.outcome) {
+            Some(KeyOutcome::Refused(refusal)) => {
+                return Ok(ReserveOutcome::RefusedAgain(refusal));
+            }
+            _ => return Err(StoreError::Corrupt("a refusal replay without a refusal".into())),
+        },
         Ok(Admission::Replay) => {
-            let (first, key) = match (prior, &cmd.idempotency) {
-                (Some((_, charge_id, _, _)), Some(idempotency)) => (charge_id, &idempotency.key),
+            let (first, key) = match (prior.map(|prior| prior.outcome), &cmd.idempotency) {
+                (Some(KeyOutcome::Charge { charge_id, .. }), Some(idempotency)) => {
+                    (charge_id, &idempotency.key)
+                }
                 _ => return Err(StoreError::Corrupt("a replay without a prior charge".into())),
             };
             conn.prepare_cached(
@@ -315,19 +620,20 @@ fn reserve(conn: &Connection, cmd: &ReserveCommand) -> Result<ReserveOutcome, St
             let first = load_charge(conn, &first)?
                 .ok_or_else(|| StoreError::Corrupt("an idempotency key names no charge".into()))?;
             return Ok(ReserveOutcome::Held(Hold {
+                amount_usdc: first.committed.unwrap_or(first.held),
                 charge_id: first.charge_id,
-                amount_usdc: first.held,
-                remaining_usdc: token.remaining(),
+                remaining_usdc: rules::chain_remaining(&chain),
                 replayed: true,
             }));
         }
         Ok(Admission::Hold { remaining }) => remaining,
     };
 
+    let on_account = books.debited_account().is_some();
     conn.prepare_cached(
         "INSERT INTO charges (charge_id, token_id, service_id, held_micros, status,
-                              idempotency_key, created_at, hold_expires_at)
-         VALUES (?1, ?2, ?3, ?4, 'held', ?5, ?6, ?7)",
+                              idempotency_key, created_at, hold_expires_at, on_account)
+         VALUES (?1, ?2, ?3, ?4, 'held', ?5, ?6, ?7, ?8)",
     )?
     .execute(params![
         cmd.charge_id,
@@ -337,16 +643,27 @@ fn reserve(conn: &Connection, cmd: &ReserveCommand) -> Result<ReserveOutcome, St
         cmd.idempotency.as_ref().map(|i| &i.key),
         cmd.now,
         cmd.hold_expires_at,
+        on_account,
     ])?;
-    conn.prepare_cached(
-        "UPDATE tokens SET reserved_micros = reserved_micros + ?1 WHERE token_id = ?2",
-    )?
-    .execute(params![cmd.price.micros_i64(), token_id])?;
+    // Held at every level of the chain, and on the account.
+    for level in &chain {
+        conn.prepare_cached(
+            "UPDATE tokens SET reserved_micros = reserved_micros + ?1 WHERE token_id = ?2",
+        )?
+        .execute(params![cmd.price.micros_i64(), level.grant.token_id])?;
+    }
+    if on_account {
+        conn.prepare_cached(
+            "UPDATE buyers SET held_micros = held_micros + ?1 WHERE buyer_id = ?2",
+        )?
+        .execute(params![cmd.price.micros_i64(), token.grant.buyer_id])?;
+    }
     if let Some(idempotency) = &cmd.idempotency {
         conn.prepare_cached(
             "INSERT INTO idempotency_keys (token_id, key, fingerprint, charge_id, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (token_id, key) DO UPDATE SET charge_id = excluded.charge_id, replays = 0",
+             ON CONFLICT (token_id, key) DO UPDATE SET charge_id = excluded.charge_id,
+                 refusal = NULL, replays = 0, created_at = excluded.created_at",
         )?
         .execute(params![
             token_id,
@@ -367,101 +684,170 @@ fn reserve(conn: &Connection, cmd: &ReserveCommand) -> Result<ReserveOutcome, St
 fn settle(conn: &Connection, s: &Settlement, now: UnixMillis) -> Result<SettleStatus, StoreError> {
     let hold = conn
         .prepare_cached(
-            "SELECT c.token_id, c.held_micros, c.status, c.hold_expires_at, t.revoked_at IS NOT NULL
+            "SELECT c.charge_id, c.token_id, t.buyer_id, c.on_account, c.held_micros,
+                    c.status, c.hold_expires_at, t.revoked_at IS NOT NULL
              FROM charges c JOIN tokens t ON t.token_id = c.token_id
              WHERE c.charge_id = ?1",
         )?
         .query_row(params![s.charge_id], |row| {
             Ok((
-                row.get::<_, String>(0)?,
-                usdc(row, 1)?,
-                charge_status(row, 2)?,
-                row.get::<_, UnixMillis>(3)?,
-                row.get::<_, bool>(4)?,
+                open_hold(row)?,
+                charge_status(row, 5)?,
+                row.get::<_, UnixMillis>(6)?,
+                row.get::<_, bool>(7)?,
             ))
         })
         .optional()?;
-    let Some((token_id, held, status, hold_expires_at, revoked)) = hold else {
+    let Some((hold, status, hold_expires_at, revoked)) = hold else {
         return Ok(SettleStatus::Unknown);
     };
     let upstream_status = s.upstream_status.map(i64::from);
-    match rules::settle(status, now >= hold_expires_at, revoked, s.outcome) {
+    // Checked for the whole request before any settlement ran.
+    let amount = rules::commit_amount(s.amount_usdc, hold.held).map_err(StoreError::Corrupt)?;
+    match rules::settle(status, now >= hold_expires_at, revoked, s.outcome, amount) {
         SettleDecision::Unchanged(result) => Ok(result),
-        SettleDecision::Commit => {
-            close_hold(
-                conn,
-                &s.charge_id,
-                &token_id,
-                held,
-                ChargeStatus::Committed,
-                now,
-                upstream_status,
-            )?;
+        SettleDecision::Commit(amount) => {
+            close_hold(conn, &hold, Some(amount), now, upstream_status)?;
             Ok(SettleStatus::Committed)
         }
         SettleDecision::Release(result) => {
-            close_hold(
-                conn,
-                &s.charge_id,
-                &token_id,
-                held,
-                ChargeStatus::Released,
-                now,
-                upstream_status,
-            )?;
+            close_hold(conn, &hold, None, now, upstream_status)?;
             Ok(result)
         }
     }
+}
+
+/// A held charge, as closing it needs it.
+struct OpenHold {
+    charge_id: String,
+    token_id: String,
+    buyer_id: String,
+    on_account: bool,
+    held: Usdc,
+}
+
+/// Reads an [`OpenHold`] from columns 0 to 4: charge id, token id, buyer id, on_account, held.
+fn open_hold(row: &Row<'_>) -> rusqlite::Result<OpenHold> {
+    Ok(OpenHold {
+        charge_id: row.get(0)?,
+        token_id: row.get(1)?,
+        buyer_id: row.get(2)?,
+        on_account: row.get(3)?,
+        held: usdc(row, 4)?,
+    })
 }
 
 fn expire_holds(conn: &Connection, now: UnixMillis, limit: usize) -> Result<usize, StoreError> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let expired = conn
         .prepare_cached(
-            "SELECT charge_id, token_id, held_micros FROM charges
-             WHERE status = 'held' AND hold_expires_at <= ?1
-             ORDER BY hold_expires_at LIMIT ?2",
+            "SELECT c.charge_id, c.token_id, t.buyer_id, c.on_account, c.held_micros
+             FROM charges c JOIN tokens t ON t.token_id = c.token_id
+             WHERE c.status = 'held' AND c.hold_expires_at <= ?1
+             ORDER BY c.hold_expires_at LIMIT ?2",
         )?
-        .query_map(params![now, limit], |row| {
-            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, usdc(row, 2)?))
-        })?
+        .query_map(params![now, limit], open_hold)?
         .collect::<Result<Vec<_>, _>>()?;
-    for (charge_id, token_id, held) in &expired {
-        close_hold(conn, charge_id, token_id, *held, ChargeStatus::Released, now, None)?;
+    for hold in &expired {
+        close_hold(conn, hold, None, now, None)?;
     }
     Ok(expired.len())
 }
 
-/// Moves a held charge to `Committed` (its amount becomes used) or `Released` (freed).
+/// Releases every hold of the buyer whose TTL has passed (on read: the sweeper may lag).
+/// The buyer's, not just one token's: each level of a chain of delegation, and the buyer's
+/// account, count the holds of every token below them.
+fn expire_buyer_holds(
+    conn: &Connection,
+    buyer_id: &str,
+    now: UnixMillis,
+) -> Result<usize, StoreError> {
+    let expired = conn
+        .prepare_cached(
+            "SELECT c.charge_id, c.token_id, t.buyer_id, c.on_account, c.held_micros
+             FROM charges c JOIN tokens t ON t.token_id = c.token_id
+             WHERE c.status = 'held' AND c.hold_expires_at <= ?1 AND t.buyer_id = ?2",
+        )?
+        .query_map(params![now, buyer_id], open_hold)?
+        .collect::<Result<Vec<_>, _>>()?;
+    for hold in &expired {
+        close_hold(conn, hold, None, now, None)?;
+    }
+    Ok(expired.len())
+}
+
+/// [`expire_buyer_holds`] for the buyer of `token_id` (`buyer_id` if the token is unknown).
+fn expire_token_buyer_holds(
+    conn: &Connection,
+    token_id: &str,
+    buyer_id: Option<&str>,
+    now: UnixMillis,
+) -> Result<usize, StoreError> {
+    let stored = conn
+        .prepare_cached("SELECT buyer_id FROM tokens WHERE token_id = ?1")?
+        .query_row(params![token_id], |row| row.get::<_, String>(0))
+        .optional()?;
+    match stored.as_deref().or(buyer_id) {
+        Some(buyer_id) => expire_buyer_holds(conn, buyer_id, now),
+        None => Ok(0),
+    }
+}
+
+/// Closes a held charge, at every level of its token's chain and on its buyer's account if
+/// it was held there: committed for `charged` (which becomes used, and is debited from the
+/// account; the rest of the hold is freed), or released (all of it freed) when `charged` is
+/// `None`.
 fn close_hold(
     conn: &Connection,
-    charge_id: &str,
-    token_id: &str,
-    held: Usdc,
-    status: ChargeStatus,
+    hold: &OpenHold,
+    charged: Option<Usdc>,
     now: UnixMillis,
     upstream_status: Option<i64>,
 ) -> Result<(), StoreError> {
+    let status = if charged.is_some() { ChargeStatus::Committed } else { ChargeStatus::Released };
+    let committed = charged.map(Usdc::micros_i64);
     conn.prepare_cached(
-        "UPDATE charges SET status = ?1, settled_at = ?2, upstream_status = ?3
-         WHERE charge_id = ?4 AND status = 'held'",
+        "UPDATE charges SET status = ?1, settled_at = ?2, upstream_status = ?3,
+                            committed_micros = ?4
+         WHERE charge_id = ?5 AND status = 'held'",
     )?
-    .execute(params![status_name(status), now, upstream_status, charge_id])?;
-    let used = if status == ChargeStatus::Committed { held.micros_i64() } else { 0 };
+    .execute(params![status_name(status), now, upstream_status, committed, hold.charge_id])?;
+    let (held, used) = (hold.held.micros_i64(), committed.unwrap_or(0));
     conn.prepare_cached(
-        "UPDATE tokens SET used_micros = used_micros + ?1, reserved_micros = reserved_micros - ?2
-         WHERE token_id = ?3",
+        "WITH RECURSIVE chain (id) AS (
+             SELECT ?3 UNION ALL
+             SELECT t.parent_id FROM tokens t JOIN chain ON t.token_id = chain.id
+             WHERE t.parent_id IS NOT NULL
+         )
+         UPDATE tokens SET used_micros = used_micros + ?1, reserved_micros = reserved_micros - ?2
+         WHERE token_id IN (SELECT id FROM chain)",
     )?
-    .execute(params![used, held.micros_i64(), token_id])?;
+    .execute(params![used, held, hold.token_id])?;
+    if hold.on_account {
+        // Spent today counts commits on their UTC day: the first of a day starts it afresh.
+        conn.prepare_cached(
+            "UPDATE buyers SET balance_micros = balance_micros - ?1,
+                               held_micros = held_micros - ?2,
+                               spent_micros = CASE WHEN spent_day = ?3 THEN spent_micros ELSE 0 END + ?1,
+                               spent_day = ?3
+             WHERE buyer_id = ?4",
+        )?
+        .execute(params![used, held, rules::utc_day(now), hold.buyer_id])?;
+    }
     Ok(())
 }
 
-fn insert_token(conn: &Connection, token: &TokenGrant, now: UnixMillis) -> Result<(), StoreError> {
+fn insert_token(
+    conn: &Connection,
+    token: &TokenGrant,
+    parent_id: Option<&str>,
+    now: UnixMillis,
+) -> Result<(), StoreError> {
     let expires_at = seconds_to_millis(token.expires_at)?;
     conn.prepare_cached(
         "INSERT INTO tokens (token_id, buyer_id, buyer_tag, service_id, scope, limit_micros,
-                             expires_at, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                             expires_at, created_at, parent_id, sandbox)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?
     .execute(params![
         token.token_id,
@@ -472,61 +858,108 @@ fn insert_token(conn: &Connection, token: &TokenGrant, now: UnixMillis) -> Resul
         token.limit_usdc.micros_i64(),
         expires_at,
         now,
+        parent_id,
+        token.sandbox,
     ])?;
     Ok(())
 }
 
+fn token_record(row: &Row<'_>) -> rusqlite::Result<TokenRecord> {
+    Ok(TokenRecord {
+        grant: TokenGrant {
+            token_id: row.get(0)?,
+            buyer_id: row.get(1)?,
+            buyer_tag: row.get(2)?,
+            service_id: row.get(3)?,
+            scope: scope(row, 4)?,
+            limit_usdc: usdc(row, 5)?,
+            expires_at: u64::try_from(row.get::<_, i64>(6)? / 1000).unwrap_or(0),
+            sandbox: row.get(11)?,
+        },
+        used: usdc(row, 7)?,
+        reserved: usdc(row, 8)?,
+        revoked: row.get(9)?,
+        parent_id: row.get(10)?,
+    })
+}
+
 fn load_token(conn: &Connection, token_id: &str) -> Result<Option<TokenRecord>, StoreError> {
     let token = conn
-        .prepare_cached(
-            "SELECT token_id, buyer_id, buyer_tag, service_id, scope, limit_micros, expires_at,
-                    used_micros, reserved_micros, revoked_at IS NOT NULL
-             FROM tokens WHERE token_id = ?1",
-        )?
-        .query_row(params![token_id], |row| {
-            Ok(TokenRecord {
-                grant: TokenGrant {
-                    token_id: row.get(0)?,
-                    buyer_id: row.get(1)?,
-                    buyer_tag: row.get(2)?,
-                    service_id: row.get(3)?,
-                    scope: scope(row, 4)?,
-                    limit_usdc: usdc(row, 5)?,
-                    expires_at: u64::try_from(row.get::<_, i64>(6)? / 1000).unwrap_or(0),
-                },
-                used: usdc(row, 7)?,
-                reserved: usdc(row, 8)?,
-                revoked: row.get(9)?,
-            })
-        })
+        .prepare_cached(concat!(select_token!(), " WHERE token_id = ?1"))?
+        .query_row(params![token_id], token_record)
         .optional()?;
     Ok(token)
 }
 
-fn load_charge(conn: &Connection, charge_id: &str) -> Result<Option<ChargeRecord>, StoreError> {
-    let charge = conn
+/// The token and its ancestors, the token first; empty for an unknown token.
+fn load_chain(conn: &Connection, token_id: &str) -> Result<Vec<TokenRecord>, StoreError> {
+    let mut chain = Vec::new();
+    let mut next = load_token(conn, token_id)?;
+    while let Some(token) = next {
+        if chain.len() == MAX_CHAIN_LEN {
+            return Err(StoreError::Corrupt(format!("the chain of {token_id} is too long")));
+        }
+        next = match &token.parent_id {
+            Some(parent_id) => Some(load_token(conn, parent_id)?.ok_or_else(|| {
+                StoreError::Corrupt(format!("the parent {parent_id} is missing"))
+            })?),
+            None => None,
+        };
+        chain.push(token);
+    }
+    Ok(chain)
+}
+
+fn load_account(conn: &Connection, buyer_id: &str) -> Result<Option<Account>, StoreError> {
+    let account = conn
         .prepare_cached(
-            "SELECT c.charge_id, c.token_id, t.buyer_id, c.service_id, c.held_micros, c.status,
-                    c.idempotency_key, c.upstream_status, c.created_at, c.settled_at
-             FROM charges c JOIN tokens t ON t.token_id = c.token_id
-             WHERE c.charge_id = ?1",
+            "SELECT balance_micros, held_micros, tier, spent_day, spent_micros
+             FROM buyers WHERE buyer_id = ?1",
         )?
-        .query_row(params![charge_id], |row| {
-            Ok(ChargeRecord {
-                charge_id: row.get(0)?,
-                token_id: row.get(1)?,
-                buyer_id: row.get(2)?,
-                service_id: row.get(3)?,
-                held: usdc(row, 4)?,
-                status: charge_status(row, 5)?,
-                idempotency_key: row.get(6)?,
-                upstream_status: row.get(7)?,
-                created_at: row.get(8)?,
-                settled_at: row.get(9)?,
+        .query_row(params![buyer_id], |row| {
+            Ok(Account {
+                balance: usdc(row, 0)?,
+                held: usdc(row, 1)?,
+                tier: row.get(2)?,
+                spent_day: row.get(3)?,
+                spent: usdc(row, 4)?,
             })
         })
         .optional()?;
+    Ok(account)
+}
+
+fn load_charge(conn: &Connection, charge_id: &str) -> Result<Option<ChargeRecord>, StoreError> {
+    let charge = conn
+        .prepare_cached(&format!(
+            "SELECT {} FROM charges c JOIN tokens t ON t.token_id = c.token_id
+             WHERE c.charge_id = ?1",
+            journal::CHARGE_COLUMNS
+        ))?
+        .query_row(params![charge_id], charge_record)
+        .optional()?;
     Ok(charge)
+}
+
+/// A charge as [`journal::CHARGE_COLUMNS`] selects it.
+fn charge_record(row: &Row<'_>) -> rusqlite::Result<ChargeRecord> {
+    Ok(ChargeRecord {
+        charge_id: row.get(0)?,
+        token_id: row.get(1)?,
+        buyer_id: row.get(2)?,
+        service_id: row.get(3)?,
+        held: usdc(row, 4)?,
+        committed: match row.get::<_, Option<i64>>(10)? {
+            Some(_) => Some(usdc(row, 10)?),
+            None => None,
+        },
+        status: charge_status(row, 5)?,
+        idempotency_key: row.get(6)?,
+        upstream_status: row.get(7)?,
+        created_at: row.get(8)?,
+        settled_at: row.get(9)?,
+        sandbox: row.get(11)?,
+    })
 }
 
 fn conversion_error(index: usize, ty: Type, what: String) -> rusqlite::Error {
@@ -588,23 +1021,11 @@ impl SqliteStore {
             let params = params.into_iter().map(|param| match param {
                 Param::Text(text) => rusqlite::types::Value::Text(text),
                 Param::Int(int) => rusqlite::types::Value::Integer(int),
+                Param::Bool(flag) => rusqlite::types::Value::Integer(i64::from(flag)),
             });
             let mut statement = conn.prepare_cached(&sql)?;
             let charges = statement
-                .query_map(params_from_iter(params), |row| {
-                    Ok(ChargeRecord {
-                        charge_id: row.get(0)?,
-                        token_id: row.get(1)?,
-                        buyer_id: row.get(2)?,
-                        service_id: row.get(3)?,
-                        held: usdc(row, 4)?,
-                        status: charge_status(row, 5)?,
-                        idempotency_key: row.get(6)?,
-                        upstream_status: row.get(7)?,
-                        created_at: row.get(8)?,
-                        settled_at: row.get(9)?,
-                    })
-                })?
+                .query_map(params_from_iter(params), charge_record)?
                 .collect::<Result<_, _>>()?;
             Ok(charges)
         })
@@ -613,7 +1034,7 @@ impl SqliteStore {
 
     pub async fn service_totals(&self, window: ServiceWindow) -> Result<ServiceTotals, StoreError> {
         self.read(move |conn| {
-            let params = params![window.service_id, window.from, window.to];
+            let params = params![window.service_id, window.from, window.to, window.sandbox];
             let mut totals = conn.prepare_cached(&journal::totals_query(&DIALECT))?.query_row(
                 params,
                 |row| {
@@ -649,11 +1070,88 @@ fn count(row: &Row<'_>, index: usize) -> rusqlite::Result<u64> {
 fn record_refusal(
     conn: &Connection,
     cmd: &ReserveCommand,
+    sandbox: bool,
     refusal: &ErrorBody,
 ) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "INSERT INTO refusals (service_id, token_id, code, created_at) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT INTO refusals (service_id, token_id, code, created_at, sandbox)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
-    .execute(params![cmd.service_id, cmd.token.token_id, wire_name(refusal.code), cmd.now])?;
+    .execute(params![
+        cmd.service_id,
+        cmd.token.token_id,
+        wire_name(refusal.code),
+        cmd.now,
+        sandbox
+    ])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Books written by version 1 keep their meaning: a committed charge charged all it held,
+    /// and an Idempotency-Key still names its charge.
+    #[test]
+    fn version_1_books_migrate_with_their_meaning() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute_batch(
+            "INSERT INTO tokens (token_id, buyer_id, scope, limit_micros, used_micros,
+                                 reserved_micros, expires_at, created_at)
+                 VALUES ('tok', 'b', 'SINGLE', 10, 3, 4, 0, 0);
+             INSERT INTO charges (charge_id, token_id, service_id, held_micros, status,
+                                  idempotency_key, created_at, hold_expires_at)
+                 VALUES ('ch_c', 'tok', 's', 3, 'committed', 'k', 0, 0),
+                        ('ch_h', 'tok', 's', 4, 'held', NULL, 0, 0);
+             INSERT INTO idempotency_keys (token_id, key, fingerprint, charge_id, replays, created_at)
+                 VALUES ('tok', 'k', 'fp', 'ch_c', 2, 7);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let committed = |id: &str| {
+            conn.query_row(
+                "SELECT committed_micros FROM charges WHERE charge_id = ?1",
+                [id],
+                |row| row.get::<_, Option<i64>>(0),
+            )
+            .unwrap()
+        };
+        assert_eq!((committed("ch_c"), committed("ch_h")), (Some(3), None));
+        let key = conn
+            .query_row(
+                "SELECT charge_id, refusal, replays, created_at FROM idempotency_keys",
+                [],
+                |row| {
+                    Ok((
+                        row.get::<_, Option<String>>(0)?,
+                        row.get::<_, Option<String>>(1)?,
+                        row.get::<_, i64>(2)?,
+                        row.get::<_, i64>(3)?,
+                    ))
+                },
+            )
+            .unwrap();
+        assert_eq!(key, (Some("ch_c".into()), None, 2, 7));
+        // A key keeps exactly one outcome.
+        let both = conn.execute("UPDATE idempotency_keys SET refusal = '{}' WHERE key = 'k'", []);
+        assert!(both.is_err());
+        // Version 3 (buyers) on top of version 2 (money): old tokens are root, real tokens,
+        // old holds are on no account.
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0)).unwrap();
+        assert_eq!(version, i64::try_from(MIGRATIONS.len()).unwrap());
+        assert_eq!(MIGRATIONS.len(), 4);
+        let token = conn
+            .query_row("SELECT parent_id, sandbox FROM tokens WHERE token_id = 'tok'", [], |row| {
+                Ok((row.get::<_, Option<String>>(0)?, row.get::<_, bool>(1)?))
+            })
+            .unwrap();
+        assert_eq!(token, (None, false));
+        let on_account: i64 = conn
+            .query_row("SELECT count(*) FROM charges WHERE on_account", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(on_account, 0);
+    }
 }

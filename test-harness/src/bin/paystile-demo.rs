@@ -55,6 +55,7 @@ async fn run() -> anyhow::Result<()> {
             scope: None,
             expires_at: None,
             ttl_seconds: Some(24 * 3600),
+            sandbox: false,
         })
         .await?;
     let priced_path = format!("{}/oslo", route["path_prefix"].as_str().unwrap_or("/v1/forecast"));
