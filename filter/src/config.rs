@@ -76,6 +76,8 @@ struct RawPayToken {
     audience: Option<String>,
     #[serde(default)]
     leeway_seconds: Option<u64>,
+    #[serde(default)]
+    accept_sandbox: bool,
 }
 
 #[derive(Deserialize)]
@@ -219,6 +221,8 @@ impl Billable {
 pub struct PayTokens {
     pub keys: Vec<Key>,
     pub validation: Validation,
+    /// Whether sandbox Pay Tokens (charged to the ledger's sandbox book) are taken.
+    pub accept_sandbox: bool,
 }
 
 /// How L402 credentials are verified, and what a challenge offers.
@@ -411,6 +415,7 @@ fn validate_pay_token(pay_token: RawPayToken) -> Result<PayTokens, ConfigError> 
             audience: pay_token.audience,
             leeway_seconds: pay_token.leeway_seconds.unwrap_or(DEFAULT_LEEWAY_SECONDS),
         },
+        accept_sandbox: pay_token.accept_sandbox,
     })
 }
 

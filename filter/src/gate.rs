@@ -535,6 +535,13 @@ fn verify_pay_token(
             ),
         },
     )?;
+    // Sandbox tokens pay from the sandbox book: real service only where asked for.
+    if claims.sandbox && !pay_token.accept_sandbox {
+        return Err(ErrorBody::with_message(
+            ErrorCode::InvalidCredential,
+            "Invalid credential: a sandbox token, and this gateway takes real payments only",
+        ));
+    }
     if !claims.allows_service(&config.service_id) {
         return Err(ErrorBody::new(ErrorCode::WrongService));
     }

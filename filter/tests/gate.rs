@@ -646,3 +646,13 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn sandbox_pay_tokens_pass_only_where_accepted() {
+    let sandbox = PayTokenClaims { sandbox: true, ..claims() };
+    assert_eq!(refusal(&gate(), &bearer(&sandbox)), (401, ErrorCode::InvalidCredential));
+    let demo = gate_with(|c| c["pay_token"]["accept_sandbox"] = json!(true));
+    let token = bearer(&sandbox);
+    let request = reserve(&demo, &mut Exchange::default(), &head("/v1/forecast", Some(&token)));
+    assert!(request.token.sandbox, "the ledger is told to use the sandbox book");
+}

@@ -144,7 +144,10 @@ impl Stack {
         let mut filter_config = envoy_config.filter_config()?;
         let secrets = serde_json::json!({
             "ledger": {"gateway_key": options.secrets.gateway_key},
-            "pay_token": {"keys": [{"alg": "HS256", "secret": options.secrets.token_secret}]},
+            "pay_token": {
+                "keys": [{"alg": "HS256", "secret": options.secrets.token_secret}],
+                "accept_sandbox": true,
+            },
             // The ledger runs the sandbox backend, so the gateway takes its credentials.
             "l402": {"secret": options.secrets.l402_secret, "accept_sandbox": true},
         });

@@ -211,7 +211,11 @@ impl Store {
 
 /// The statement both stores purge old Idempotency-Keys with: `$1` the cutoff, `$2` how many.
 /// A key whose charge is still held stays (its request is in flight).
-const PURGE_IDEMPOTENCY_KEYS: &str = "DELETE FROM idempotency_keys WHERE (token_id, key) IN (
+// The age is tested on the deleted row itself too: PostgreSQL re-checks only those
+// conditions after waiting for a row lock, and a reserve that reused the key meanwhile made
+// it young again.
+const PURGE_IDEMPOTENCY_KEYS: &str =
+    "DELETE FROM idempotency_keys WHERE created_at < $1 AND (token_id, key) IN (
      SELECT k.token_id, k.key FROM idempotency_keys k
      LEFT JOIN charges c ON c.charge_id = k.charge_id
      WHERE k.created_at < $1 AND (k.charge_id IS NULL OR c.status <> 'held')

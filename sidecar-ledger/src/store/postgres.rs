@@ -1125,14 +1125,19 @@ async fn close_holds(
     .await?;
     let used: Vec<i64> = accounts.values().map(|(used, _)| *used).collect();
     let freed: Vec<i64> = accounts.values().map(|(_, freed)| *freed).collect();
-    // Spent today counts commits on their UTC day: the first of a day starts it afresh.
+    // Spent today counts commits on their UTC day: the first of a day starts it afresh. The
+    // day only moves forward: a settler whose clock is behind adds nothing to today.
     execute(
         tx,
         "UPDATE buyers b SET balance_micros = b.balance_micros - u.used,
                              held_micros = b.held_micros - u.freed,
-                             spent_micros = CASE WHEN b.spent_day = $4 THEN b.spent_micros ELSE 0 END
-                                            + u.used,
-                             spent_day = $4
+                             spent_micros = CASE
+                                 WHEN b.spent_day IS NULL OR $4 > b.spent_day THEN u.used
+                                 WHEN $4 = b.spent_day THEN b.spent_micros + u.used
+                                 ELSE b.spent_micros END,
+                             spent_day = CASE
+                                 WHEN b.spent_day IS NULL OR $4 > b.spent_day THEN $4
+                                 ELSE b.spent_day END
          FROM unnest($1::text[], $2::int8[], $3::int8[]) AS u (buyer_id, used, freed)
          WHERE b.buyer_id = u.buyer_id",
         &[&buyer_ids, &used, &freed, &rules::utc_day(now)],

@@ -825,11 +825,17 @@ fn close_hold(
     .execute(params![used, held, hold.token_id])?;
     if hold.on_account {
         // Spent today counts commits on their UTC day: the first of a day starts it afresh.
+        // The day only moves forward: a settler whose clock is behind adds nothing to today.
         conn.prepare_cached(
             "UPDATE buyers SET balance_micros = balance_micros - ?1,
                                held_micros = held_micros - ?2,
-                               spent_micros = CASE WHEN spent_day = ?3 THEN spent_micros ELSE 0 END + ?1,
-                               spent_day = ?3
+                               spent_micros = CASE
+                                   WHEN spent_day IS NULL OR ?3 > spent_day THEN ?1
+                                   WHEN ?3 = spent_day THEN spent_micros + ?1
+                                   ELSE spent_micros END,
+                               spent_day = CASE
+                                   WHEN spent_day IS NULL OR ?3 > spent_day THEN ?3
+                                   ELSE spent_day END
              WHERE buyer_id = ?4",
         )?
         .execute(params![used, held, rules::utc_day(now), hold.buyer_id])?;

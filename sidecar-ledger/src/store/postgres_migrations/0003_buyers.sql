@@ -36,3 +36,7 @@ CREATE TABLE deposits (
     created_at    BIGINT NOT NULL,
     UNIQUE (buyer_id, reference)
 );
+
+-- Reserves release the buyer's expired holds first: find them through the buyer's tokens
+-- among open holds only, never by scanning every charge of a token.
+CREATE INDEX charges_open_by_token ON charges (token_id, hold_expires_at) WHERE status = 'held';
