@@ -103,34 +103,40 @@ impl FromStr for Usdc {
     /// Parses a plain decimal (`"5"`, `"0.25"`, `"0.000001"`): ASCII digits with at most one
     /// dot followed by 1 to 6 digits. No sign, exponent, separator or whitespace.
     fn from_str(s: &str) -> Result<Usdc, AmountError> {
-        if s.is_empty() {
-            return Err(AmountError::Empty);
-        }
-        if s.starts_with('-') {
-            return Err(AmountError::Negative);
-        }
-        let (whole, fraction) = match s.split_once('.') {
-            Some((whole, fraction)) => (whole, Some(fraction)),
-            None => (s, None),
-        };
-        let all_digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
-        if !all_digits(whole) || !fraction.is_none_or(all_digits) {
-            return Err(AmountError::NotADecimal);
-        }
-        if fraction.is_some_and(|f| f.len() > DECIMALS as usize) {
-            return Err(AmountError::TooManyDecimals);
-        }
-        // The grammar above is a strict subset of what rust_decimal accepts; it does the
-        // exact conversion (and reports more than 28 significant digits as overflow).
-        let mut amount = Decimal::from_str_exact(s).map_err(|_| AmountError::TooLarge)?;
-        amount.rescale(DECIMALS);
-        if amount.scale() != DECIMALS {
-            // rust_decimal could not hold the value at six decimals: far beyond our range.
-            return Err(AmountError::TooLarge);
-        }
-        let micros = u64::try_from(amount.mantissa()).map_err(|_| AmountError::TooLarge)?;
+        let micros = parse_fixed(s, DECIMALS, AmountError::TooManyDecimals)?;
         Usdc::from_micros(micros).ok_or(AmountError::TooLarge)
     }
+}
+
+/// A plain decimal (digits, at most one dot followed by 1 to `decimals` digits) as an
+/// integer count of `10^-decimals` units; more decimals than that is `too_many`.
+fn parse_fixed(s: &str, decimals: u32, too_many: AmountError) -> Result<u64, AmountError> {
+    if s.is_empty() {
+        return Err(AmountError::Empty);
+    }
+    if s.starts_with('-') {
+        return Err(AmountError::Negative);
+    }
+    let (whole, fraction) = match s.split_once('.') {
+        Some((whole, fraction)) => (whole, Some(fraction)),
+        None => (s, None),
+    };
+    let all_digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+    if !all_digits(whole) || !fraction.is_none_or(all_digits) {
+        return Err(AmountError::NotADecimal);
+    }
+    if fraction.is_some_and(|f| f.len() > decimals as usize) {
+        return Err(too_many);
+    }
+    // The grammar above is a strict subset of what rust_decimal accepts; it does the exact
+    // conversion (and reports more than 28 significant digits as overflow).
+    let mut amount = Decimal::from_str_exact(s).map_err(|_| AmountError::TooLarge)?;
+    amount.rescale(decimals);
+    if amount.scale() != decimals {
+        // rust_decimal could not hold the value at this scale: far beyond our range.
+        return Err(AmountError::TooLarge);
+    }
+    u64::try_from(amount.mantissa()).map_err(|_| AmountError::TooLarge)
 }
 
 impl fmt::Display for Usdc {
@@ -223,29 +229,7 @@ impl FromStr for UnitPrice {
 
     /// The grammar of [`Usdc`]'s amounts, with up to 12 decimals.
     fn from_str(s: &str) -> Result<UnitPrice, AmountError> {
-        if s.is_empty() {
-            return Err(AmountError::Empty);
-        }
-        if s.starts_with('-') {
-            return Err(AmountError::Negative);
-        }
-        let (whole, fraction) = match s.split_once('.') {
-            Some((whole, fraction)) => (whole, Some(fraction)),
-            None => (s, None),
-        };
-        let all_digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
-        if !all_digits(whole) || !fraction.is_none_or(all_digits) {
-            return Err(AmountError::NotADecimal);
-        }
-        if fraction.is_some_and(|f| f.len() > UNIT_PRICE_DECIMALS as usize) {
-            return Err(AmountError::TooManyUnitPriceDecimals);
-        }
-        let mut price = Decimal::from_str_exact(s).map_err(|_| AmountError::TooLarge)?;
-        price.rescale(UNIT_PRICE_DECIMALS);
-        if price.scale() != UNIT_PRICE_DECIMALS {
-            return Err(AmountError::TooLarge);
-        }
-        u64::try_from(price.mantissa()).map(UnitPrice).map_err(|_| AmountError::TooLarge)
+        parse_fixed(s, UNIT_PRICE_DECIMALS, AmountError::TooManyUnitPriceDecimals).map(UnitPrice)
     }
 }
 
