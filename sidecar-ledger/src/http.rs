@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::handler::Handler;
 use axum::http::HeaderMap;
@@ -194,21 +194,21 @@ async fn issue_token(
 
 async fn token(
     State(ledger): State<Arc<Ledger>>,
-    Path(token_id): Path<String>,
+    ApiPath(token_id): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(ledger.token(token_id).await?))
 }
 
 async fn revoke_token(
     State(ledger): State<Arc<Ledger>>,
-    Path(token_id): Path<String>,
+    ApiPath(token_id): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(ledger.revoke_token(token_id).await?))
 }
 
 async fn mint_child(
     State(ledger): State<Arc<Ledger>>,
-    Path(parent_id): Path<String>,
+    ApiPath(parent_id): ApiPath<String>,
     ApiJson(request): ApiJson<ChildTokenRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     Ok((StatusCode::CREATED, Json(ledger.mint_child(parent_id, request).await?)))
@@ -216,7 +216,7 @@ async fn mint_child(
 
 async fn buyer(
     State(ledger): State<Arc<Ledger>>,
-    Path(buyer_id): Path<String>,
+    ApiPath(buyer_id): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(ledger.buyer(buyer_id).await?))
 }
@@ -224,7 +224,7 @@ async fn buyer(
 /// 201 for a new deposit; 200 when the reference named an earlier one.
 async fn deposit(
     State(ledger): State<Arc<Ledger>>,
-    Path(buyer_id): Path<String>,
+    ApiPath(buyer_id): ApiPath<String>,
     ApiJson(request): ApiJson<DepositRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     let deposit = ledger.deposit(buyer_id, request).await?;
@@ -234,7 +234,7 @@ async fn deposit(
 
 async fn set_tier(
     State(ledger): State<Arc<Ledger>>,
-    Path(buyer_id): Path<String>,
+    ApiPath(buyer_id): ApiPath<String>,
     ApiJson(request): ApiJson<SetTierRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(ledger.set_tier(buyer_id, request).await?))
@@ -242,14 +242,14 @@ async fn set_tier(
 
 async fn revoke_buyer(
     State(ledger): State<Arc<Ledger>>,
-    Path(buyer_id): Path<String>,
+    ApiPath(buyer_id): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(ledger.revoke_buyer(buyer_id).await?))
 }
 
 async fn charge(
     State(ledger): State<Arc<Ledger>>,
-    Path(charge_id): Path<String>,
+    ApiPath(charge_id): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(ledger.charge(charge_id).await?))
 }
@@ -288,7 +288,7 @@ fn csv_response(page: ChargePage) -> Response {
 
 async fn service_summary(
     State(ledger): State<Arc<Ledger>>,
-    Path(service_id): Path<String>,
+    ApiPath(service_id): ApiPath<String>,
     ApiQuery(query): ApiQuery<SummaryQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(ledger.service_summary(service_id, query).await?))
@@ -390,6 +390,27 @@ where
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
         match Json::<T>::from_request(request, state).await {
             Ok(Json(value)) => Ok(ApiJson(value)),
+            Err(rejection) => {
+                Err(ApiError(ErrorBody::with_message(ErrorCode::BadRequest, rejection.body_text())))
+            }
+        }
+    }
+}
+
+/// `Path`, but a path parameter that does not decode (bytes that are not UTF-8) is a 400
+/// `ErrorBody` naming it.
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiPath<T>
+where
+    S: Send + Sync,
+    Path<T>: FromRequestParts<S, Rejection = PathRejection>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(ApiPath(value)),
             Err(rejection) => {
                 Err(ApiError(ErrorBody::with_message(ErrorCode::BadRequest, rejection.body_text())))
             }
@@ -558,6 +579,22 @@ mod tests {
         for reference in OPENAPI.split("\"$ref\": \"#/components/schemas/").skip(1) {
             let name = reference.split('"').next().unwrap();
             assert!(schemas.contains_key(name), "no schema {name}");
+        }
+    }
+
+    /// The documented CSV is what the export writes for the documented charge.
+    #[test]
+    fn csv_examples_are_the_exports() {
+        let document = document();
+        let charge: ChargeView = serde_json::from_value(
+            document["components"]["schemas"]["ChargeView"]["example"].clone(),
+        )
+        .unwrap();
+        let written = journal::csv(&[charge], true);
+        for path in ["/v1/charges", "/v1/charges.csv"] {
+            let example = &document["paths"][path]["get"]["responses"]["200"]["content"]["text/csv"]
+                ["example"];
+            assert_eq!(example.as_str(), Some(written.as_str()), "{path}");
         }
     }
 

@@ -1655,6 +1655,7 @@ mod operability {
         metrics_count_what_the_ledger_does,
         reserves_settlements_and_refusals_log_json_events_without_secrets,
         the_openapi_document_is_served_and_its_security_is_the_routers,
+        path_ids_that_cannot_be_ids_get_400_or_404_with_a_message,
     }
 
     /// Each documented operation exists (no 404 or 405) and asks for a key exactly when the
@@ -1695,6 +1696,62 @@ mod operability {
             }
         }
         assert_eq!(operations, 19);
+    }
+
+    /// An id in a path that cannot be one (a control character, bytes that are not UTF-8)
+    /// gets a 400 or 404 `ErrorBody` with a message, on every route taking one and on both
+    /// stores alike, and the document lists that status.
+    async fn path_ids_that_cannot_be_ids_get_400_or_404_with_a_message(store: Backend) {
+        let ledger = Ledger::start(store, &[]).await;
+        let url = |path: &str| format!("{}{path}", ledger.process.url());
+        let document: Value =
+            ledger.http.get(url("/openapi.json")).send().await.unwrap().json().await.unwrap();
+        let schemas = &document["components"]["schemas"];
+        let mut operations = 0;
+        for (path, methods) in document["paths"].as_object().unwrap() {
+            if !path.contains('{') {
+                continue;
+            }
+            for (method, operation) in methods.as_object().unwrap() {
+                let key = match operation["security"][0].as_object().unwrap().keys().next() {
+                    Some(scheme) if scheme == "adminKey" => ADMIN_KEY,
+                    other => panic!("{method} {path}: unexpected security {other:?}"),
+                };
+                // A body the route takes: its schema's example.
+                let body =
+                    operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+                        .as_str()
+                        .map(|schema| {
+                            let name = schema.rsplit('/').next().unwrap();
+                            schemas[name]["example"].to_string()
+                        });
+                for bad in ["a%00b", "%FF"] {
+                    let concrete: String = path
+                        .split('/')
+                        .map(|part| if part.starts_with('{') { bad } else { part })
+                        .collect::<Vec<_>>()
+                        .join("/");
+                    let method: reqwest::Method = method.to_ascii_uppercase().parse().unwrap();
+                    let mut request = ledger.http.request(method.clone(), url(&concrete));
+                    if let Some(body) = &body {
+                        request =
+                            request.header("content-type", "application/json").body(body.clone());
+                    }
+                    let response = request.bearer_auth(key).send().await.unwrap();
+                    let status = response.status().as_u16();
+                    let text = response.text().await.unwrap();
+                    let answer: ErrorBody = serde_json::from_str(&text)
+                        .unwrap_or_else(|_| panic!("{method} {concrete}: {status} {text}"));
+                    assert!([400, 404].contains(&status), "{method} {concrete}: {status} {text}");
+                    assert_eq!(answer.status(), status, "{method} {concrete}: {text}");
+                    assert!(!answer.error.is_empty(), "{method} {concrete}");
+                    let documented = operation["responses"].get(status.to_string()).is_some();
+                    assert!(documented, "{method} {path}: {status} is not documented");
+                }
+                operations += 1;
+            }
+        }
+        assert_eq!(operations, 9);
     }
 
     /// The samples of a Prometheus text exposition: `name{labels}` → value.
