@@ -164,6 +164,7 @@ const CSV_HEADER: [&str; 12] = [
 
 /// Charges as RFC 4180 CSV: a header line, then a record per charge, CRLF line ends; a field
 /// holding a comma, quote, CR or LF is quoted, its quotes doubled. Amounts have 6 decimals.
+/// A field a spreadsheet would run as a formula gets a leading `'` (see [`FORMULA_STARTS`]).
 pub fn csv(charges: &[ChargeView], header: bool) -> String {
     let mut out = String::new();
     if header {
@@ -200,11 +201,23 @@ pub fn csv(charges: &[ChargeView], header: bool) -> String {
     out
 }
 
+/// What a spreadsheet reads as the start of a formula (OWASP's CSV injection list). Ids and
+/// Idempotency-Keys are client-chosen text, so an export opened in a spreadsheet must not run
+/// them; amounts and times never start with one.
+const FORMULA_STARTS: [char; 6] = ['=', '+', '-', '@', '\t', '\r'];
+
 fn push_record<'a>(out: &mut String, fields: impl Iterator<Item = &'a str>) {
     for (i, field) in fields.enumerate() {
         if i > 0 {
             out.push(',');
         }
+        let defused;
+        let field = if field.starts_with(FORMULA_STARTS) {
+            defused = format!("'{field}");
+            defused.as_str()
+        } else {
+            field
+        };
         if field.contains([',', '"', '\r', '\n']) {
             out.push('"');
             out.push_str(&field.replace('"', "\"\""));
@@ -234,5 +247,13 @@ mod tests {
         let mut out = String::new();
         push_record(&mut out, ["plain", "a,b", "say \"hi\"", "two\nlines", ""].into_iter());
         assert_eq!(out, "plain,\"a,b\",\"say \"\"hi\"\"\",\"two\nlines\",\r\n");
+    }
+
+    #[test]
+    fn csv_defuses_what_a_spreadsheet_would_run() {
+        let mut out = String::new();
+        let fields = ["=1+2", "+1", "-1", "@SUM(A1)", "\tx", "\rx", "a=b", "=x,y"];
+        push_record(&mut out, fields.into_iter());
+        assert_eq!(out, "'=1+2,'+1,'-1,'@SUM(A1),'\tx,\"'\rx\",a=b,\"'=x,y\"\r\n");
     }
 }

@@ -1124,6 +1124,7 @@ mod journal {
         the_admin_cli_lists_exports_and_sums_up_charges,
         the_journal_keeps_the_books_of_partial_commits_sandbox_and_buyers,
         the_journal_never_shows_an_expired_hold_as_held,
+        csv_cells_never_start_a_formula,
     }
 
     /// Revenue is what commits charged, in the live book only (the sandbox book on asking);
@@ -1566,6 +1567,37 @@ mod journal {
             assert_eq!(status, 400, "{query}: {body}");
             assert!(body.contains(message), "{query}: {body}");
         }
+    }
+
+    /// A cell a spreadsheet would read as a formula (`=`, `+`, `-` or `@` first) is exported
+    /// behind an apostrophe: ids and Idempotency-Keys are text the clients chose. JSON keeps
+    /// the text as it is.
+    async fn csv_cells_never_start_a_formula(store: Backend) {
+        let ledger = Ledger::start(store, &[]).await;
+        let body = json!({
+            "token": {
+                "tokenId": "-tok", "buyerId": "@buyer", "serviceId": "+svc",
+                "scope": "SINGLE", "limitUsdc": "1", "expiresAt": 4_000_000_000u64
+            },
+            "serviceId": "+svc",
+            "priceUsdc": "0.1",
+        });
+        let key = "=HYPERLINK(\"http://127.0.0.1/\",\"x\")";
+        let id = ledger.hold(&with_key(body, key, 'a')).await.charge_id;
+        let charge = &ledger.page("").await.charges[0];
+        assert_eq!(
+            (charge.token_id.as_str(), charge.idempotency_key.as_deref()),
+            ("-tok", Some(key))
+        );
+        let (status, _, csv) = ledger.get("/v1/charges.csv", None).await;
+        assert_eq!(status, 200, "{csv}");
+        let row = csv.split_terminator("\r\n").nth(1).unwrap();
+        let expected = format!(
+            "{id},'-tok,'@buyer,'+svc,0.100000,0.100000,held,,\
+             \"'=HYPERLINK(\"\"http://127.0.0.1/\"\",\"\"x\"\")\",{},,false",
+            charge.created_at
+        );
+        assert_eq!(row, expected);
     }
 
     async fn the_summary_counts_a_known_scenario(store: Backend) {
