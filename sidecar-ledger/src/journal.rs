@@ -102,29 +102,37 @@ impl Ledger {
     }
 }
 
-/// `from` (inclusive) and `to` (exclusive) as Unix ms; `from` must come before `to`.
+/// `from` (inclusive) and `to` (exclusive) as Unix ms; `from` must come before `to`. Charges
+/// are stamped in whole milliseconds, so each bound becomes the first millisecond at or after
+/// it: a charge is at or after the instant exactly when it is at or after that millisecond.
 fn window(
     from: Option<&str>,
     to: Option<&str>,
 ) -> Result<(Option<UnixMillis>, Option<UnixMillis>), LedgerError> {
-    let from = from.map(|at| parse_millis("from", at)).transpose()?;
-    let to = to.map(|at| parse_millis("to", at)).transpose()?;
+    let from = from.map(|at| parse_nanos("from", at)).transpose()?;
+    let to = to.map(|at| parse_nanos("to", at)).transpose()?;
     if let (Some(from), Some(to)) = (from, to)
         && from >= to
     {
         return Err(LedgerError::Invalid("from must be before to".into()));
     }
-    Ok((from, to))
+    Ok((from.map(ceil_millis), to.map(ceil_millis)))
 }
 
-fn parse_millis(field: &str, value: &str) -> Result<UnixMillis, LedgerError> {
-    let invalid = || {
+/// An RFC 3339 time as Unix nanoseconds.
+fn parse_nanos(field: &str, value: &str) -> Result<i128, LedgerError> {
+    let at = OffsetDateTime::parse(value, &Rfc3339).map_err(|_| {
         LedgerError::Invalid(format!(
             "{field} must be an RFC 3339 time such as 2026-01-31T00:00:00Z"
         ))
-    };
-    let at = OffsetDateTime::parse(value, &Rfc3339).map_err(|_| invalid())?;
-    i64::try_from(at.unix_timestamp_nanos().div_euclid(1_000_000)).map_err(|_| invalid())
+    })?;
+    Ok(at.unix_timestamp_nanos())
+}
+
+fn ceil_millis(nanos: i128) -> UnixMillis {
+    let millis = nanos.div_euclid(1_000_000) + i128::from(nanos.rem_euclid(1_000_000) != 0);
+    // RFC 3339 stops at the year 9999, well inside i64 milliseconds.
+    UnixMillis::try_from(millis).unwrap_or(UnixMillis::MAX)
 }
 
 /// The cursor after a charge: its keyset, `<created ms>.<charge id>`, in URL-safe base64.
@@ -240,6 +248,15 @@ mod tests {
         for bad in ["", "!!!", &URL_SAFE_NO_PAD.encode("123"), &URL_SAFE_NO_PAD.encode("x.ch_1")] {
             assert!(decode_cursor(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn bounds_round_up_to_the_first_whole_millisecond() {
+        assert_eq!(ceil_millis(1_000_000), 1);
+        assert_eq!(ceil_millis(1_000_001), 2);
+        assert_eq!(ceil_millis(0), 0);
+        assert_eq!(ceil_millis(-1), 0);
+        assert_eq!(ceil_millis(-1_000_001), -1);
     }
 
     #[test]

@@ -1125,6 +1125,7 @@ mod journal {
         the_journal_keeps_the_books_of_partial_commits_sandbox_and_buyers,
         the_journal_never_shows_an_expired_hold_as_held,
         csv_cells_never_start_a_formula,
+        time_bounds_inside_a_millisecond_count_by_the_instant,
     }
 
     /// Revenue is what commits charged, in the live book only (the sandbox book on asking);
@@ -1598,6 +1599,36 @@ mod journal {
             charge.created_at
         );
         assert_eq!(row, expected);
+    }
+
+    /// `from` and `to` are instants, finer than the journal's milliseconds: a charge counts by
+    /// when it was made, whatever the bounds' sub-millisecond digits.
+    async fn time_bounds_inside_a_millisecond_count_by_the_instant(store: Backend) {
+        let ledger = Ledger::start(store, &[]).await;
+        let id = ledger.call("tok_t", "tess", "weather", "0.1").await;
+        let made =
+            OffsetDateTime::parse(&ledger.page("").await.charges[0].created_at, &Rfc3339).unwrap();
+        let at = |micros: i64| {
+            let at = made + time::Duration::microseconds(micros);
+            at.format(&Rfc3339).unwrap().replace('+', "%2B")
+        };
+        let it: &[&str] = &[id.as_str()];
+        let cases: [(String, &[&str]); 6] = [
+            (format!("from={}", at(-500)), it),
+            (format!("from={}", at(0)), it),
+            (format!("from={}", at(500)), &[]),
+            (format!("to={}", at(500)), it),
+            (format!("to={}", at(0)), &[]),
+            (format!("from={}&to={}", at(100), at(200)), &[]),
+        ];
+        for (query, expected) in cases {
+            assert_eq!(ids(&ledger.page(&query).await.charges), expected, "{query}");
+            let (status, _, body) =
+                ledger.get(&format!("/v1/services/weather/summary?{query}"), None).await;
+            assert_eq!(status, 200, "{query}: {body}");
+            let summary: ServiceSummary = serde_json::from_str(&body).unwrap();
+            assert_eq!(summary.calls, expected.len() as u64, "{query}");
+        }
     }
 
     async fn the_summary_counts_a_known_scenario(store: Backend) {
