@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 use paystile_protocol::ErrorBody;
@@ -46,7 +47,8 @@ struct ReleaseLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    method: String,
+    /// One of HTTP's own methods, or `other`: any client can send a made-up one.
+    method: &'static str,
     /// The route's template (`/v1/tokens/{token_id}`), or `unmatched`.
     endpoint: String,
     status: u16,
@@ -221,6 +223,21 @@ pub(crate) fn wire_name(value: impl serde::Serialize) -> String {
     }
 }
 
+fn method_label(method: &Method) -> &'static str {
+    const KNOWN: [Method; 9] = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::CONNECT,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PATCH,
+    ];
+    KNOWN.iter().find(|known| *known == method).map_or("other", Method::as_str)
+}
+
 /// Middleware: times every request, labelled by its route's template.
 pub async fn time_requests(
     State(ledger): State<Arc<Ledger>>,
@@ -228,7 +245,7 @@ pub async fn time_requests(
     next: Next,
 ) -> Response {
     let started = Instant::now();
-    let method = request.method().as_str().to_owned();
+    let method = method_label(request.method());
     let endpoint = request
         .extensions()
         .get::<MatchedPath>()

@@ -1817,6 +1817,35 @@ mod operability {
         assert_eq!(operations, 9);
     }
 
+    /// The method label is one of HTTP's own methods or `other`: made-up methods, which any
+    /// client may send to the open endpoints, add no series.
+    #[tokio::test]
+    async fn made_up_methods_add_no_metric_series() {
+        let ledger = Ledger::start(Backend::Sqlite, &[]).await;
+        for method in ["BREW", "WHEN", "X-MADE-UP"] {
+            let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+            for path in ["/healthz", "/nowhere"] {
+                let url = format!("{}{path}", ledger.process.url());
+                let status =
+                    ledger.http.request(method.clone(), url).send().await.unwrap().status();
+                assert!(status.is_client_error(), "{method} {path}: {status}");
+            }
+        }
+        let after = metrics(&ledger).await;
+        let counted: f64 = after
+            .iter()
+            .filter(|(series, _)| {
+                series.starts_with("paystile_ledger_http_request_duration_seconds_count{")
+                    && series.contains("method=\"other\"")
+            })
+            .map(|(_, count)| count)
+            .sum();
+        assert_eq!(counted, 6.0);
+        for made_up in ["BREW", "WHEN", "X-MADE-UP"] {
+            assert!(after.keys().all(|series| !series.contains(made_up)), "{made_up} is a label");
+        }
+    }
+
     /// The samples of a Prometheus text exposition: `name{labels}` → value.
     fn samples(text: &str) -> HashMap<String, f64> {
         text.lines()
