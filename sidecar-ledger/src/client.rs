@@ -6,7 +6,13 @@ use paystile_protocol::ledger_api::{
     DepositRequest, IssueTokenRequest, IssuedToken, SandboxPayment, SandboxPaymentRequest,
     ServiceSummary, SetTierRequest, SummaryQuery, TokenView, path,
 };
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::de::DeserializeOwned;
+
+/// What an id keeps unencoded in a path: RFC 3986's unreserved characters. The rest (`/`,
+/// `?`, `#`, `%` above all) is percent-encoded, so that an id is one segment, itself: never a
+/// query, and never `..` taking the URL to another resource.
+const ID_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -42,11 +48,11 @@ impl AdminClient {
     }
 
     pub async fn token(&self, token_id: &str) -> Result<TokenView, ClientError> {
-        self.call(self.http.get(self.url(&format!("{}/{token_id}", path::TOKENS)))).await
+        self.call(self.http.get(self.id_url(path::TOKENS, token_id, ""))).await
     }
 
     pub async fn revoke_token(&self, token_id: &str) -> Result<TokenView, ClientError> {
-        self.call(self.http.post(self.url(&format!("{}/{token_id}/revoke", path::TOKENS)))).await
+        self.call(self.http.post(self.id_url(path::TOKENS, token_id, "/revoke"))).await
     }
 
     /// Mints a child token under `parent_id`.
@@ -55,7 +61,7 @@ impl AdminClient {
         parent_id: &str,
         request: &ChildTokenRequest,
     ) -> Result<IssuedToken, ClientError> {
-        let url = self.url(&format!("{}/{parent_id}/children", path::TOKENS));
+        let url = self.id_url(path::TOKENS, parent_id, "/children");
         self.call(self.http.post(url).json(request)).await
     }
 
@@ -64,27 +70,27 @@ impl AdminClient {
         buyer_id: &str,
         request: &DepositRequest,
     ) -> Result<Deposit, ClientError> {
-        let url = self.url(&format!("{}/{buyer_id}/deposits", path::BUYERS));
+        let url = self.id_url(path::BUYERS, buyer_id, "/deposits");
         self.call(self.http.post(url).json(request)).await
     }
 
     pub async fn buyer(&self, buyer_id: &str) -> Result<BuyerView, ClientError> {
-        self.call(self.http.get(self.url(&format!("{}/{buyer_id}", path::BUYERS)))).await
+        self.call(self.http.get(self.id_url(path::BUYERS, buyer_id, ""))).await
     }
 
     pub async fn set_tier(&self, buyer_id: &str, tier: u32) -> Result<BuyerView, ClientError> {
-        let url = self.url(&format!("{}/{buyer_id}/tier", path::BUYERS));
+        let url = self.id_url(path::BUYERS, buyer_id, "/tier");
         self.call(self.http.put(url).json(&SetTierRequest { tier })).await
     }
 
     /// The panic button: revokes every token of the buyer.
     pub async fn revoke_buyer(&self, buyer_id: &str) -> Result<BuyerRevocation, ClientError> {
-        let url = self.url(&format!("{}/{buyer_id}/revoke", path::BUYERS));
+        let url = self.id_url(path::BUYERS, buyer_id, "/revoke");
         self.call(self.http.post(url)).await
     }
 
     pub async fn charge(&self, charge_id: &str) -> Result<ChargeView, ClientError> {
-        self.call(self.http.get(self.url(&format!("{}/{charge_id}", path::CHARGES)))).await
+        self.call(self.http.get(self.id_url(path::CHARGES, charge_id, ""))).await
     }
 
     /// Pays an invoice of the ledger's sandbox backend: its preimage.
@@ -123,12 +129,17 @@ impl AdminClient {
         service_id: &str,
         query: &SummaryQuery,
     ) -> Result<ServiceSummary, ClientError> {
-        let url = self.url(&format!("{}/{service_id}/summary", path::SERVICES));
+        let url = self.id_url(path::SERVICES, service_id, "/summary");
         self.call(self.http.get(url).query(query)).await
     }
 
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base_url)
+    }
+
+    /// `{collection}/{id}{rest}`, the id percent-encoded.
+    fn id_url(&self, collection: &str, id: &str, rest: &str) -> String {
+        self.url(&format!("{collection}/{}{rest}", utf8_percent_encode(id, ID_SEGMENT)))
     }
 
     async fn call<T: DeserializeOwned>(

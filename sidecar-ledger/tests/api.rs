@@ -75,6 +75,7 @@ on_both_stores! {
     replays_are_capped_and_tokens_pay_for_their_own_service,
     unsettled_holds_expire_and_cannot_commit_after,
     admin_cli_issues_shows_and_revokes,
+    the_admin_cli_reaches_ids_holding_url_characters,
     sandbox_challenges_are_paid_by_the_sandbox_and_verify_inline,
     bad_challenge_requests_get_400_and_l402_is_off_without_its_settings,
     a_credential_stated_cap_lowers_the_limit_for_its_calls_only,
@@ -995,6 +996,42 @@ async fn admin_cli_issues_shows_and_revokes(store: Backend) {
     assert_eq!(cli(&["token", "show", token_id])["buyerId"], "cli-agent");
     assert_eq!(cli(&["token", "revoke", token_id])["revoked"], true);
     assert!(ledger.token(token_id).await.revoked);
+}
+
+/// Ids are text: the admin CLI reaches one holding `/`, `?`, `#`, `%` or a space as itself,
+/// and `team/../victim` is never `victim`.
+async fn the_admin_cli_reaches_ids_holding_url_characters(store: Backend) {
+    let ledger = Ledger::start(store, &[]).await;
+    let run = |args: &[&str]| {
+        std::process::Command::new(ledger_binary())
+            .args(args)
+            .args(["--ledger-url", &ledger.process.url()])
+            .env("PAYSTILE_ADMIN_KEY", ADMIN_KEY)
+            .output()
+            .unwrap()
+    };
+    let cli = |args: &[&str]| {
+        let output = run(args);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice::<Value>(&output.stdout).unwrap()
+    };
+    let odd = "team/a b?c#d%2F";
+    let deposit = cli(&["buyer", "deposit", odd, "--amount-usdc", "2"]);
+    assert_eq!(deposit["buyerId"], odd);
+    let shown = cli(&["buyer", "show", odd]);
+    assert_eq!(
+        (&shown["buyerId"], &shown["account"]["balanceUsdc"]),
+        (&json!(odd), &json!("2.000000"))
+    );
+    let summary = cli(&["charges", "summary", "eu/weather"]);
+    assert_eq!(summary["serviceId"], "eu/weather");
+
+    let victim = IssueTokenRequest { buyer_id: "victim".into(), ..issue_request("1") };
+    let victim = ledger.admin.issue_token(&victim).await.unwrap();
+    let traversal = run(&["buyer", "revoke", "team/../victim"]);
+    let stderr = String::from_utf8_lossy(&traversal.stderr);
+    assert!(!traversal.status.success() && stderr.contains("404"), "{stderr}");
+    assert!(!ledger.token(&victim.token_id).await.revoked);
 }
 
 const L402_SECRET: &str = "test-l402-secret-of-32-characters";
