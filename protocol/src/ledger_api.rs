@@ -48,6 +48,22 @@ pub struct ReserveRequest {
     /// macaroon's budget caveat): this call must fit under it as well as under the token's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cap_usdc: Option<Usdc>,
+    /// Holds wanted for calls of this shape, 1 to [`MAX_HOLDS_PER_RESERVE`]: a gateway that
+    /// sees a token call often serves its next calls from the extra holds, without a round
+    /// trip each. Never more than 1 with `idempotency`.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub count: u16,
+}
+
+/// The most holds one reserve asks for.
+pub const MAX_HOLDS_PER_RESERVE: u16 = 64;
+
+fn one() -> u16 {
+    1
+}
+
+fn is_one(count: &u16) -> bool {
+    *count == 1
 }
 
 /// A token as the gateway verified it. The ledger registers a token it has not seen yet (one
@@ -103,12 +119,18 @@ pub struct Idempotency {
 pub struct Hold {
     pub charge_id: String,
     pub amount_usdc: Usdc,
-    /// The token's limit minus everything spent or on hold, this hold included.
+    /// The token's limit minus everything spent or on hold, this hold (and its extra
+    /// holds) included.
     pub remaining_usdc: Usdc,
     /// True when the Idempotency-Key matched an already committed charge: nothing new was
     /// held, and nothing must be settled for this call. `amountUsdc` is then what that charge
     /// committed.
     pub replayed: bool,
+    /// With `count` > 1: the holds granted beyond this one, each of `amountUsdc` and settled
+    /// on its own like any hold. At most `count - 1`, and at most a quarter of what the first
+    /// hold left (so that one gateway never takes a token's last budget); possibly none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_charge_ids: Vec<String>,
 }
 
 /// `POST /v1/holds/settle`: the outcomes of calls whose upstream has answered.
@@ -496,4 +518,42 @@ pub struct ServiceSummary {
     pub upstream_errors: u64,
     /// `upstreamErrors / upstreamAnswered`; 0 when no upstream status is known.
     pub error_rate: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_reserve_asks_for_one_hold_unless_it_says_more() {
+        let grant = json!({"tokenId": "tok_1", "buyerId": "b", "scope": "SINGLE",
+            "limitUsdc": "1.000000", "expiresAt": 1_900_000_000u64});
+        let one = json!({"token": grant, "serviceId": "weather", "priceUsdc": "0.001000"});
+        let request: ReserveRequest = serde_json::from_value(one.clone()).unwrap();
+        assert_eq!(request.count, 1);
+        // Written as before when it asks for one: older ledgers read it unchanged.
+        assert_eq!(serde_json::to_value(&request).unwrap(), one);
+        let eight = ReserveRequest { count: 8, ..request };
+        assert_eq!(serde_json::to_value(&eight).unwrap()["count"], 8);
+    }
+
+    #[test]
+    fn a_hold_lists_its_extra_holds_only_when_it_has_some() {
+        let hold = Hold {
+            charge_id: "ch_1".into(),
+            amount_usdc: Usdc::from_micros(1000).unwrap(),
+            remaining_usdc: Usdc::from_micros(5000).unwrap(),
+            replayed: false,
+            extra_charge_ids: Vec::new(),
+        };
+        let json = serde_json::to_value(&hold).unwrap();
+        assert_eq!(json.get("extraChargeIds"), None);
+        assert_eq!(serde_json::from_value::<Hold>(json).unwrap(), hold);
+        let extra = Hold { extra_charge_ids: vec!["ch_2".into(), "ch_3".into()], ..hold };
+        let json = serde_json::to_value(&extra).unwrap();
+        assert_eq!(json["extraChargeIds"], json!(["ch_2", "ch_3"]));
+        assert_eq!(serde_json::from_value::<Hold>(json).unwrap(), extra);
+    }
 }

@@ -776,6 +776,7 @@ async fn reserve(
                 charge_id: first.charge_id,
                 remaining_usdc: rules::chain_remaining(&chain),
                 replayed: true,
+                extra_charge_ids: Vec::new(),
             }));
         }
         Ok(Admission::Hold { remaining }) => remaining,
@@ -833,6 +834,7 @@ async fn reserve(
         amount_usdc: cmd.price,
         remaining_usdc: remaining,
         replayed: false,
+        extra_charge_ids: Vec::new(),
     }))
 }
 

@@ -624,6 +624,7 @@ fn reserve(
                 charge_id: first.charge_id,
                 remaining_usdc: rules::chain_remaining(&chain),
                 replayed: true,
+                extra_charge_ids: Vec::new(),
             }));
         }
         Ok(Admission::Hold { remaining }) => remaining,
@@ -678,6 +679,7 @@ fn reserve(
         amount_usdc: cmd.price,
         remaining_usdc: remaining,
         replayed: false,
+        extra_charge_ids: Vec::new(),
     }))
 }
 
