@@ -15,6 +15,7 @@ use paystile_protocol::pay_token::{self, PayTokenClaims, Scope};
 use sha2::{Digest, Sha256};
 
 const NOW: u64 = 1_900_000_000;
+const NOW_MS: u64 = NOW * 1000;
 const TOKEN_SECRET: &str = "bench-token-secret-0123456789abcdef";
 const L402_SECRET: &str = "bench-l402-secret-of-32-characters";
 
@@ -76,7 +77,8 @@ fn measure(gate: &Gate, authorization: Option<&str>, expect_ledger_call: bool) -
         .map(|_| {
             let start = Instant::now();
             for _ in 0..REQUESTS {
-                let action = Exchange::default().on_request_headers(gate, black_box(&request), NOW);
+                let action =
+                    Exchange::default().on_request_headers(gate, black_box(&request), NOW_MS);
                 assert_eq!(matches!(action, RequestAction::CallLedger(_)), expect_ledger_call);
                 black_box(action);
             }

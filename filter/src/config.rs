@@ -6,7 +6,7 @@ use std::fmt;
 use std::time::Duration;
 
 use paystile_protocol::jws::Key;
-use paystile_protocol::ledger_api::ChallengeRequest;
+use paystile_protocol::ledger_api::{ChallengeRequest, MAX_HOLDS_PER_RESERVE};
 use paystile_protocol::pay_token::{MAX_ID_LEN, Validation};
 use paystile_protocol::{UnitPrice, Usdc};
 use serde::Deserialize;
@@ -64,6 +64,10 @@ struct RawLedger {
     gateway_key: String,
     #[serde(default)]
     settle_interval_ms: Option<u64>,
+    #[serde(default)]
+    prefetch_holds: Option<u16>,
+    #[serde(default)]
+    prefetch_max_age_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -201,6 +205,12 @@ pub struct LedgerTarget {
     /// `Bearer <gateway key>`, ready to send.
     pub authorization: String,
     pub settle_interval: Duration,
+    /// Holds a reserve asks for when its token is hot on this VM (0: off, every call
+    /// reserved on its own); the extras serve the token's next calls without the ledger.
+    pub prefetch_holds: u16,
+    /// How long a prefetched hold may wait for a call before it is released unused; also
+    /// how recent a token's last call must be for the token to count as hot.
+    pub prefetch_max_age_ms: u64,
 }
 
 /// The statuses of upstream answers that are charged.
@@ -280,6 +290,10 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError 
 pub const DEFAULT_LEDGER_AUTHORITY: &str = "paystile-ledger";
 pub const DEFAULT_LEDGER_TIMEOUT_MS: u64 = 1000;
 pub const DEFAULT_SETTLE_INTERVAL_MS: u64 = 50;
+pub const DEFAULT_PREFETCH_MAX_AGE_MS: u64 = 1000;
+/// Prefetched holds must be used or released well within the ledger's hold TTL (a minute
+/// by default), and live long enough to serve a hot token's next calls.
+pub const PREFETCH_MAX_AGE_RANGE_MS: std::ops::RangeInclusive<u64> = 100..=10_000;
 pub const DEFAULT_LEEWAY_SECONDS: u64 = 60;
 /// Gateway keys shorter than this are refused, as the ledger refuses them.
 pub const MIN_GATEWAY_KEY_LEN: usize = 16;
@@ -344,6 +358,26 @@ impl Config {
             ledger.settle_interval_ms,
             DEFAULT_SETTLE_INTERVAL_MS,
         )?;
+        let prefetch_holds = match ledger.prefetch_holds.unwrap_or(0) {
+            holds @ 0..=MAX_HOLDS_PER_RESERVE => holds,
+            _ => {
+                return Err(invalid(
+                    "ledger.prefetch_holds",
+                    format!("must be between 0 (off) and {MAX_HOLDS_PER_RESERVE}"),
+                ));
+            }
+        };
+        let prefetch_max_age_ms = ledger.prefetch_max_age_ms.unwrap_or(DEFAULT_PREFETCH_MAX_AGE_MS);
+        if !PREFETCH_MAX_AGE_RANGE_MS.contains(&prefetch_max_age_ms) {
+            return Err(invalid(
+                "ledger.prefetch_max_age_ms",
+                format!(
+                    "must be between {} and {}",
+                    PREFETCH_MAX_AGE_RANGE_MS.start(),
+                    PREFETCH_MAX_AGE_RANGE_MS.end()
+                ),
+            ));
+        }
 
         if raw.pay_token.is_none() && raw.l402.is_none() {
             return Err(invalid("pay_token", "configure pay_token, l402, or both"));
@@ -366,6 +400,8 @@ impl Config {
                 timeout,
                 authorization: format!("Bearer {}", ledger.gateway_key),
                 settle_interval,
+                prefetch_holds,
+                prefetch_max_age_ms,
             },
             pay_token,
             l402,
@@ -666,11 +702,24 @@ mod tests {
         assert_eq!(config.ledger.authority, "paystile-ledger");
         assert_eq!(config.ledger.timeout, Duration::from_millis(1000));
         assert_eq!(config.ledger.authorization, "Bearer gateway-key-0123456789");
+        assert_eq!((config.ledger.prefetch_holds, config.ledger.prefetch_max_age_ms), (0, 1000));
         assert_eq!(config.pay_token.unwrap().validation.leeway_seconds, 60);
         assert!(config.l402.is_none());
         assert_eq!(config.failure_mode, FailureMode::Closed);
         assert!(config.billable.contains(200) && config.billable.contains(299));
         assert!(!config.billable.contains(304) && !config.billable.contains(500));
+    }
+
+    #[test]
+    fn prefetching_takes_its_bounds() {
+        let config = parse(&with(|c| {
+            c["ledger"]["prefetch_holds"] = json!(64);
+            c["ledger"]["prefetch_max_age_ms"] = json!(100);
+        }))
+        .unwrap();
+        assert_eq!((config.ledger.prefetch_holds, config.ledger.prefetch_max_age_ms), (64, 100));
+        let config = parse(&with(|c| c["ledger"]["prefetch_max_age_ms"] = json!(10_000))).unwrap();
+        assert_eq!(config.ledger.prefetch_max_age_ms, 10_000);
     }
 
     #[test]
@@ -854,6 +903,19 @@ mod tests {
             (
                 with(|c| c["ledger"]["timeout_ms"] = json!("fast")),
                 "ledger.timeout_ms: invalid type",
+            ),
+            (
+                with(|c| c["ledger"]["prefetch_holds"] = json!(65)),
+                "ledger.prefetch_holds: must be between 0 (off) and 64",
+            ),
+            (with(|c| c["ledger"]["prefetch_holds"] = json!(-1)), "ledger.prefetch_holds: invalid"),
+            (
+                with(|c| c["ledger"]["prefetch_max_age_ms"] = json!(99)),
+                "ledger.prefetch_max_age_ms: must be between 100 and 10000",
+            ),
+            (
+                with(|c| c["ledger"]["prefetch_max_age_ms"] = json!(10_001)),
+                "ledger.prefetch_max_age_ms: must be between 100 and 10000",
             ),
             (
                 with(|c| c["ledger"]["gateway_key"] = json!("short")),

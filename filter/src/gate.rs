@@ -9,6 +9,7 @@
 //!   │ bad credential ──▶ Done (401/403 answered locally)
 //!   │ no credential ──▶ Done (402) | AwaitingChallenge (L402 on) ──▶ Done (402; 503 when
 //!   │                    no L402 challenge can be minted and Pay Tokens are off)
+//!   ├─valid credential, a prefetched hold for it ──▶ Held (at once, no ledger call)
 //!   └─valid credential──▶ AwaitingLedger ─held──▶ Held ──response──▶ Done + commit|release
 //!                          │ replay ──▶ Replayed ──response──▶ Done (original charge)
 //!                          │ refused ──▶ Done (402/409/422)
@@ -16,7 +17,8 @@
 //!                          └ unreachable ──▶ Done (503) | Free (fail open)
 //! ```
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
 
 use paystile_protocol::credential::{self, Credential};
 use paystile_protocol::headers::{self, APPLICATION_JSON};
@@ -29,6 +31,8 @@ use paystile_protocol::{ErrorBody, ErrorCode, Usdc};
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, FailureMode, Metered, Route};
+use crate::prefetch::{Entry, PoolKey, Prefetched};
+use crate::settle::Queued;
 
 /// The Pay Token challenge, beside L402's when both are on.
 const BEARER_CHALLENGE: &str = r#"Bearer realm="paystile", error="payment_required""#;
@@ -36,11 +40,13 @@ const BEARER_INVALID: &str = r#"Bearer realm="paystile", error="invalid_token""#
 /// Seconds a client should wait before retrying when the ledger is unavailable.
 const RETRY_AFTER_SECONDS: &str = "1";
 
-/// Per-VM state shared by every request: the configuration, and how the ledger answered
-/// last time (so that an outage is logged when it starts and ends, not once per call).
+/// Per-VM state shared by every request: the configuration, how the ledger answered last
+/// time (so that an outage is logged when it starts and ends, not once per call), and the
+/// holds prefetched for hot tokens.
 pub struct Gate {
     config: Config,
     ledger_health: Cell<Health>,
+    prefetched: Rc<RefCell<Prefetched>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,11 +58,37 @@ enum Health {
 
 impl Gate {
     pub fn new(config: Config) -> Gate {
-        Gate { config, ledger_health: Cell::new(Health::Answering) }
+        Gate::sharing(config, Rc::default())
+    }
+
+    /// A gate whose prefetched holds live in `prefetched`: the VM's, which outlives a
+    /// reconfiguration (the holds of the old configuration are released at their age).
+    pub fn sharing(config: Config, prefetched: Rc<RefCell<Prefetched>>) -> Gate {
+        Gate { config, ledger_health: Cell::new(Health::Answering), prefetched }
     }
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The prefetched holds to release at `now_ms` (from the tick): those no call took
+    /// within the maximum age, and those of tokens dropped since the last tick.
+    pub fn prefetch_releases(&self, now_ms: u64) -> Vec<Queued> {
+        self.prefetched.borrow_mut().releases(now_ms, self.config.ledger.prefetch_max_age_ms)
+    }
+
+    /// The ledger no longer commits holds of these tokens (a settlement came back revoked or
+    /// expired): their prefetched holds are released, and their next calls reserve anew.
+    pub fn on_tokens_lost(&self, token_ids: &[String]) {
+        let mut prefetched = self.prefetched.borrow_mut();
+        for token_id in token_ids {
+            prefetched.drop_token(token_id);
+        }
+    }
+
+    /// Prefetched holds waiting for a call.
+    pub fn prefetched_waiting(&self) -> usize {
+        self.prefetched.borrow().waiting()
     }
 
     fn note_ledger(&self, health: Health, status: Option<u16>) {
@@ -181,8 +213,14 @@ enum State {
     /// the ledger is unavailable (`failed_open`).
     Free { failed_open: bool },
     /// Waiting for the ledger's answer to a reserve; `l402` when the credential is one, whose
-    /// spent budget is answered with a fresh challenge; `metered` when the route is.
-    AwaitingLedger { l402: bool, metered: Option<Metered> },
+    /// spent budget is answered with a fresh challenge; `metered` when the route is;
+    /// `prefetch` when its extra holds go to the pool.
+    AwaitingLedger {
+        l402: bool,
+        metered: Option<Metered>,
+        token_id: String,
+        prefetch: Option<Prefetch>,
+    },
     /// Waiting for the ledger to mint an L402 challenge to answer `refusal` (a 402) with.
     AwaitingChallenge(Box<ErrorBody>),
     /// Forwarded with a hold, to be committed or released when the upstream answers.
@@ -193,20 +231,33 @@ enum State {
     Done,
 }
 
+/// A reserve that may bring extra holds for the pool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Prefetch {
+    key: PoolKey,
+    /// How many holds the reserve asked for.
+    count: u16,
+    /// When the request came (ms): the extra holds' age counts from then.
+    at_ms: u64,
+}
+
 /// One request's progress through the gate.
 #[derive(Debug, Default)]
 pub struct Exchange {
     state: State,
+    /// The token a hold was placed on, kept once the call is settled.
+    token_id: Option<String>,
 }
 
 impl Exchange {
-    /// The request's headers have arrived. `now` is Unix seconds.
+    /// The request's headers have arrived. `now_ms` is Unix milliseconds.
     pub fn on_request_headers(
         &mut self,
         gate: &Gate,
         request: &RequestHead<'_>,
-        now: u64,
+        now_ms: u64,
     ) -> RequestAction {
+        let now = now_ms / 1000;
         let config = gate.config();
         let Some(route) = config.route(request.method, request.path).filter(|r| !r.price.is_zero())
         else {
@@ -215,8 +266,34 @@ impl Exchange {
             return RequestAction::Forward(vec![HeaderEdit::Remove(headers::CHARGE_ID)]);
         };
         match reserve_request(config, request, route, now) {
-            Ok((reserve, l402)) => {
-                self.state = State::AwaitingLedger { l402, metered: route.metered.clone() };
+            Ok((mut reserve, l402)) => {
+                let token_id = reserve.token.token_id.clone();
+                let prefetch = match prefetch_key(config, &reserve) {
+                    Some(key) => {
+                        let max_age = config.ledger.prefetch_max_age_ms;
+                        let mut prefetched = gate.prefetched.borrow_mut();
+                        let hot = prefetched.note_call(&key.token_id, now_ms, max_age);
+                        if let Some(entry) = prefetched.take(&key, now_ms, max_age) {
+                            let charge = Charge {
+                                id: entry.charge_id,
+                                amount: key.amount,
+                                remaining: entry.remaining,
+                                metered: route.metered.clone(),
+                            };
+                            return self.hold(charge, token_id, false);
+                        }
+                        // A cold token asks for one: occasional callers never lock more.
+                        reserve.count = if hot { config.ledger.prefetch_holds } else { 1 };
+                        Some(Prefetch { key, count: reserve.count, at_ms: now_ms })
+                    }
+                    None => None,
+                };
+                self.state = State::AwaitingLedger {
+                    l402,
+                    metered: route.metered.clone(),
+                    token_id,
+                    prefetch,
+                };
                 // Serializing strings, integers and amounts cannot fail.
                 let body = serde_json::to_vec(&reserve).unwrap_or_default();
                 RequestAction::CallLedger(LedgerCall { path: path::HOLDS, body })
@@ -231,8 +308,8 @@ impl Exchange {
     /// The ledger answered (or could not be reached).
     pub fn on_ledger_reply(&mut self, gate: &Gate, reply: LedgerReply) -> RequestAction {
         match std::mem::replace(&mut self.state, State::Done) {
-            State::AwaitingLedger { l402, metered } => {
-                self.on_hold_reply(gate, reply, l402, metered)
+            State::AwaitingLedger { l402, metered, token_id, prefetch } => {
+                self.on_hold_reply(gate, reply, l402, metered, token_id, prefetch)
             }
             State::AwaitingChallenge(refusal) => {
                 let config = gate.config();
@@ -276,25 +353,32 @@ impl Exchange {
         reply: LedgerReply,
         l402: bool,
         metered: Option<Metered>,
+        token_id: String,
+        prefetch: Option<Prefetch>,
     ) -> RequestAction {
         let config = gate.config();
         let answer = LedgerAnswer::read(&reply);
         gate.note_ledger(answer.health(), reply.status);
+        if let LedgerAnswer::Refusal(refusal) = &answer
+            && config.ledger.prefetch_holds > 0
+            && !is_about_the_key(refusal.code)
+        {
+            // The ledger refuses this token now: what this VM prefetched for it goes back.
+            gate.prefetched.borrow_mut().drop_token(&token_id);
+        }
         match answer {
             LedgerAnswer::Hold(hold) => {
-                let edits = vec![
-                    HeaderEdit::Remove(headers::AUTHORIZATION),
-                    HeaderEdit::Set(headers::CHARGE_ID, hold.charge_id.clone()),
-                ];
+                if let Some(prefetch) = prefetch.filter(|_| !hold.replayed) {
+                    let extras = extra_entries(&hold, &prefetch);
+                    gate.prefetched.borrow_mut().add(prefetch.key, extras);
+                }
                 let charge = Charge {
                     id: hold.charge_id,
                     amount: hold.amount_usdc,
                     remaining: hold.remaining_usdc,
                     metered,
                 };
-                self.state =
-                    if hold.replayed { State::Replayed(charge) } else { State::Held(charge) };
-                RequestAction::Forward(edits)
+                self.hold(charge, token_id, hold.replayed)
             }
             // A spent L402 is answered with the means to buy more.
             LedgerAnswer::Refusal(refusal)
@@ -316,6 +400,23 @@ impl Exchange {
                 self.respond(config, &ErrorBody::new(ErrorCode::LedgerUnavailable))
             }
         }
+    }
+
+    /// Forwards the request on `charge`.
+    fn hold(&mut self, charge: Charge, token_id: String, replayed: bool) -> RequestAction {
+        let edits = vec![
+            HeaderEdit::Remove(headers::AUTHORIZATION),
+            HeaderEdit::Set(headers::CHARGE_ID, charge.id.clone()),
+        ];
+        self.token_id = Some(token_id);
+        self.state = if replayed { State::Replayed(charge) } else { State::Held(charge) };
+        RequestAction::Forward(edits)
+    }
+
+    /// The token this call's hold is on, for the settle queue (which tells the gate when the
+    /// ledger no longer commits that token's holds).
+    pub fn token_id(&self) -> Option<&str> {
+        self.token_id.as_deref()
     }
 
     /// Whether the response's status matters: only when a charge must be settled or
@@ -514,8 +615,39 @@ fn reserve_request(
         price_usdc: route.price,
         idempotency,
         cap_usdc: cap,
+        count: 1,
     };
     Ok((reserve, l402))
+}
+
+/// The pool a reserve's call may be served from, when prefetching is on. Idempotent calls
+/// never are: the ledger must see each key.
+fn prefetch_key(config: &Config, reserve: &ReserveRequest) -> Option<PoolKey> {
+    (config.ledger.prefetch_holds > 0 && reserve.idempotency.is_none()).then(|| PoolKey {
+        token_id: reserve.token.token_id.clone(),
+        service_id: reserve.service_id.clone(),
+        amount: reserve.price_usdc,
+        cap: reserve.cap_usdc,
+    })
+}
+
+/// The extra holds of `hold` worth keeping: of the amount asked, no more than asked for,
+/// each with an id fit for a header. Others (none from a sound ledger) expire on the ledger.
+fn extra_entries(hold: &Hold, prefetch: &Prefetch) -> Vec<Entry> {
+    if hold.amount_usdc != prefetch.key.amount {
+        return Vec::new();
+    }
+    let wanted = usize::from(prefetch.count.saturating_sub(1));
+    hold.extra_charge_ids
+        .iter()
+        .filter(|id| is_charge_id(id) && **id != hold.charge_id)
+        .take(wanted)
+        .map(|id| Entry {
+            charge_id: id.clone(),
+            remaining: hold.remaining_usdc,
+            reserved_at_ms: prefetch.at_ms,
+        })
+        .collect()
 }
 
 fn verify_pay_token(
@@ -653,6 +785,17 @@ fn is_ledger_refusal(code: ErrorCode) -> bool {
             | ErrorCode::TokenLimitExceeded
             | ErrorCode::InsufficientBalance
             | ErrorCode::DailyLimitExceeded
+            | ErrorCode::IdempotencyKeyMismatch
+            | ErrorCode::IdempotencyKeyInUse
+    )
+}
+
+/// Refusals about an Idempotency-Key rather than the token: they say nothing of what else
+/// the token may pay for.
+fn is_about_the_key(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::IdempotencyKeyExhausted
             | ErrorCode::IdempotencyKeyMismatch
             | ErrorCode::IdempotencyKeyInUse
     )

@@ -25,9 +25,16 @@ pub const MAX_QUEUED: usize = 100_000;
 const FIRST_BACKOFF_MS: u64 = 100;
 const MAX_BACKOFF_MS: u64 = 5_000;
 
+/// A settlement waiting to be sent, with the token its hold is on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Queued {
+    pub settlement: Settlement,
+    pub token_id: String,
+}
+
 #[derive(Debug, Default)]
 pub struct SettleQueue {
-    waiting: VecDeque<Settlement>,
+    waiting: VecDeque<Queued>,
     in_flight: Option<InFlight>,
     sent: u64,
     retry_at_ms: u64,
@@ -37,7 +44,7 @@ pub struct SettleQueue {
 #[derive(Debug)]
 struct InFlight {
     id: u64,
-    settlements: Vec<Settlement>,
+    settlements: Vec<Queued>,
     /// When to give up waiting for the reply.
     deadline_ms: u64,
 }
@@ -50,11 +57,13 @@ pub struct Batch {
 }
 
 /// What became of the batch in flight.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BatchOutcome {
     /// The ledger settled it. `unsettled` counts holds it could not commit as asked
-    /// (expired, revoked, unknown), which deserve a log line.
-    Acknowledged { settled: usize, unsettled: usize },
+    /// (expired, revoked, unknown), which deserve a log line; `lost_tokens` are the tokens
+    /// (each once) of holds found revoked or expired: the ledger commits none of their
+    /// holds any more, prefetched ones included.
+    Acknowledged { settled: usize, unsettled: usize, lost_tokens: Vec<String> },
     /// Not acknowledged: queued again, next attempt in `retry_in_ms`.
     Retrying { retry_in_ms: u64 },
     /// Refused as malformed (400): dropped, since sending it again cannot succeed.
@@ -65,7 +74,7 @@ pub enum BatchOutcome {
 
 impl SettleQueue {
     /// Queues a settlement. Answers `true` if the queue was full and the oldest was dropped.
-    pub fn push(&mut self, settlement: Settlement) -> bool {
+    pub fn push(&mut self, settlement: Queued) -> bool {
         let full = self.waiting.len() >= MAX_QUEUED;
         if full {
             self.waiting.pop_front();
@@ -85,14 +94,16 @@ impl SettleQueue {
             return None;
         }
         let count = self.waiting.len().min(MAX_BATCH);
-        let request = SettleRequest { settlements: self.waiting.drain(..count).collect() };
+        let settlements: Vec<Queued> = self.waiting.drain(..count).collect();
+        let request = SettleRequest {
+            settlements: settlements.iter().map(|q| q.settlement.clone()).collect(),
+        };
         // Serializing ids, enums and integers cannot fail.
         let body = serde_json::to_vec(&request).unwrap_or_default();
         self.sent += 1;
         // A second of slack over the call's own timeout, after which the host answers.
         let deadline_ms = now_ms.saturating_add(timeout_ms).saturating_add(1_000);
-        self.in_flight =
-            Some(InFlight { id: self.sent, settlements: request.settlements, deadline_ms });
+        self.in_flight = Some(InFlight { id: self.sent, settlements, deadline_ms });
         Some(Batch { id: self.sent, call: LedgerCall { path: path::SETTLEMENTS, body } })
     }
 
@@ -106,21 +117,32 @@ impl SettleQueue {
             Some(200) => {
                 self.backoff_ms = 0;
                 self.retry_at_ms = 0;
-                let unsettled =
-                    serde_json::from_slice::<SettleResponse>(&reply.body).map_or(0, |r| {
-                        r.results
-                            .iter()
-                            .filter(|r| {
-                                matches!(
-                                    r.status,
-                                    SettleStatus::Expired
-                                        | SettleStatus::Revoked
-                                        | SettleStatus::Unknown
-                                )
-                            })
-                            .count()
-                    });
-                BatchOutcome::Acknowledged { settled: batch.len(), unsettled }
+                let results = serde_json::from_slice::<SettleResponse>(&reply.body)
+                    .map(|r| r.results)
+                    .unwrap_or_default();
+                let unsettled = results
+                    .iter()
+                    .filter(|r| {
+                        matches!(
+                            r.status,
+                            SettleStatus::Expired | SettleStatus::Revoked | SettleStatus::Unknown
+                        )
+                    })
+                    .count();
+                let mut lost_tokens: Vec<String> = Vec::new();
+                for result in results
+                    .iter()
+                    .filter(|r| matches!(r.status, SettleStatus::Expired | SettleStatus::Revoked))
+                {
+                    let token = batch
+                        .iter()
+                        .find(|q| q.settlement.charge_id == result.charge_id)
+                        .map(|q| &q.token_id);
+                    if let Some(token) = token.filter(|t| !lost_tokens.contains(t)) {
+                        lost_tokens.push(token.clone());
+                    }
+                }
+                BatchOutcome::Acknowledged { settled: batch.len(), unsettled, lost_tokens }
             }
             Some(400) => BatchOutcome::Dropped { settlements: batch.len() },
             _ => {
@@ -137,7 +159,7 @@ impl SettleQueue {
         }
     }
 
-    fn requeue(&mut self, batch: Vec<Settlement>, now_ms: u64) {
+    fn requeue(&mut self, batch: Vec<Queued>, now_ms: u64) {
         for settlement in batch.into_iter().rev() {
             self.waiting.push_front(settlement);
         }
@@ -154,12 +176,15 @@ mod tests {
 
     const TIMEOUT: u64 = 1_000;
 
-    fn settlement(i: usize) -> Settlement {
-        Settlement {
-            charge_id: format!("ch_{i}"),
-            outcome: Outcome::Commit,
-            upstream_status: Some(200),
-            amount_usdc: None,
+    fn settlement(i: usize) -> Queued {
+        Queued {
+            settlement: Settlement {
+                charge_id: format!("ch_{i}"),
+                outcome: Outcome::Commit,
+                upstream_status: Some(200),
+                amount_usdc: None,
+            },
+            token_id: format!("tok_{}", i % 2),
         }
     }
 
@@ -190,7 +215,11 @@ mod tests {
         assert_eq!(sent(&first)[0], "ch_0");
         assert_eq!(queue.next_batch(0, TIMEOUT), None, "a second batch while one is in flight");
         let outcome = queue.on_reply(first.id, &reply(Some(200), r#"{"results":[]}"#), 0);
-        assert_eq!(outcome, BatchOutcome::Acknowledged { settled: MAX_BATCH, unsettled: 0 });
+        let lost_tokens = Vec::new();
+        assert_eq!(
+            outcome,
+            BatchOutcome::Acknowledged { settled: MAX_BATCH, unsettled: 0, lost_tokens }
+        );
         assert_eq!(sent(&queue.next_batch(0, TIMEOUT).unwrap()), ["ch_500", "ch_501", "ch_502"]);
     }
 
@@ -236,16 +265,19 @@ mod tests {
     }
 
     #[test]
-    fn counts_what_the_ledger_could_not_commit() {
+    fn counts_what_the_ledger_could_not_commit_and_names_the_tokens_it_no_longer_commits() {
         let mut queue = SettleQueue::default();
-        for i in 0..3 {
+        for i in 0..5 {
             queue.push(settlement(i));
         }
         let batch = queue.next_batch(0, TIMEOUT).unwrap();
         let body = r#"{"results":[{"chargeId":"ch_0","status":"committed"},
-            {"chargeId":"ch_1","status":"revoked"},{"chargeId":"ch_2","status":"expired"}]}"#;
+            {"chargeId":"ch_1","status":"revoked"},{"chargeId":"ch_2","status":"unknown"},
+            {"chargeId":"ch_3","status":"expired"},{"chargeId":"ch_4","status":"released"}]}"#;
         let outcome = queue.on_reply(batch.id, &reply(Some(200), body), 0);
-        assert_eq!(outcome, BatchOutcome::Acknowledged { settled: 3, unsettled: 2 });
+        // ch_1 and ch_3 are both on tok_1: named once. An unknown hold says nothing of its token.
+        let lost_tokens = vec!["tok_1".to_owned()];
+        assert_eq!(outcome, BatchOutcome::Acknowledged { settled: 5, unsettled: 3, lost_tokens });
     }
 
     #[test]
@@ -287,6 +319,7 @@ mod tests {
         assert_eq!(queue.on_reply(lost.id, &reply(Some(200), "{}"), 3_000), BatchOutcome::Stray);
         assert_eq!(queued(&queue), 2);
         let outcome = queue.on_reply(again.id, &reply(Some(200), "{}"), 3_000);
-        assert_eq!(outcome, BatchOutcome::Acknowledged { settled: 2, unsettled: 0 });
+        let lost_tokens = Vec::new();
+        assert_eq!(outcome, BatchOutcome::Acknowledged { settled: 2, unsettled: 0, lost_tokens });
     }
 }

@@ -21,7 +21,8 @@ use crate::config::{Config, LedgerTarget};
 use crate::gate::{
     Exchange, Gate, HeaderEdit, LedgerCall, LedgerReply, LocalResponse, RequestAction, RequestHead,
 };
-use crate::settle::{BatchOutcome, SettleQueue};
+use crate::prefetch::Prefetched;
+use crate::settle::{BatchOutcome, Queued, SettleQueue};
 
 /// A ledger reply larger than this is not a reply of ours; it is read as no reply.
 const MAX_REPLY_BYTES: usize = 64 * 1024;
@@ -34,6 +35,8 @@ proxy_wasm::main! {{
 thread_local! {
     /// The VM's one settle queue, shared by every root context (see `settle`).
     static SETTLE_QUEUE: Rc<RefCell<SettleQueue>> = Rc::default();
+    /// The VM's prefetched holds, shared likewise: a reconfiguration must not strand them.
+    static PREFETCHED: Rc<RefCell<Prefetched>> = Rc::default();
 }
 
 struct Root {
@@ -66,7 +69,7 @@ impl RootContext for Root {
                 if self.tick_period.replace(period) != Some(period) {
                     self.set_tick_period(period);
                 }
-                self.gate = Some(Rc::new(Gate::new(config)));
+                self.gate = Some(Rc::new(Gate::sharing(config, PREFETCHED.with(Rc::clone))));
                 true
             }
             Err(error) => {
@@ -81,6 +84,9 @@ impl RootContext for Root {
         let ledger = &gate.config().ledger;
         let now = millis(self.get_current_time());
         let timeout = u64::try_from(ledger.timeout.as_millis()).unwrap_or(u64::MAX);
+        for release in gate.prefetch_releases(now) {
+            push(&self.queue, release);
+        }
         let Some(batch) = self.queue.borrow_mut().next_batch(now, timeout) else { return };
         match dispatch(self, ledger, &batch.call) {
             Some(token) => self.settling = Some((token, batch.id)),
@@ -117,10 +123,13 @@ impl Context for Root {
         let outcome = self.queue.borrow_mut().on_reply(batch, &reply, now);
         match outcome {
             BatchOutcome::Acknowledged { unsettled: 0, .. } | BatchOutcome::Stray => {}
-            BatchOutcome::Acknowledged { settled, unsettled } => {
+            BatchOutcome::Acknowledged { settled, unsettled, lost_tokens } => {
                 log::warn!(
                     "paystile: {unsettled} of {settled} settlements found their hold expired, revoked or unknown"
                 );
+                if let Some(gate) = &self.gate {
+                    gate.on_tokens_lost(&lost_tokens);
+                }
             }
             BatchOutcome::Retrying { retry_in_ms } => {
                 log::warn!(
@@ -177,11 +186,8 @@ impl Stream {
     }
 
     fn settle(&self, settlement: Settlement) {
-        if self.queue.borrow_mut().push(settlement) {
-            log::error!(
-                "paystile: settle queue full; dropped the oldest settlement (its hold will expire)"
-            );
-        }
+        let token_id = self.exchange.token_id().unwrap_or_default().to_owned();
+        push(&self.queue, Queued { settlement, token_id });
     }
 
     fn respond(&self, response: LocalResponse) {
@@ -209,7 +215,7 @@ impl HttpContext for Stream {
             authorization: authorization.as_deref(),
             idempotency_key: idempotency_key.as_deref(),
         };
-        let now = seconds(self.get_current_time());
+        let now = millis(self.get_current_time());
         let action = self.exchange.on_request_headers(&gate, &request, now);
         self.perform(&gate, action, false)
     }
@@ -259,6 +265,14 @@ impl Context for Stream {
     }
 }
 
+fn push(queue: &RefCell<SettleQueue>, queued: Queued) {
+    if queue.borrow_mut().push(queued) {
+        log::error!(
+            "paystile: settle queue full; dropped the oldest settlement (its hold will expire)"
+        );
+    }
+}
+
 /// `POST`s `call` to the ledger; the token of the dispatch, or `None` if the host refused it.
 fn dispatch(context: &dyn Context, ledger: &LedgerTarget, call: &LedgerCall) -> Option<u32> {
     let headers = vec![
@@ -301,10 +315,6 @@ fn read_reply(context: &dyn Context, headers: usize, body_size: usize) -> Ledger
 
 fn since_epoch(time: SystemTime) -> Duration {
     time.duration_since(UNIX_EPOCH).unwrap_or_default()
-}
-
-fn seconds(time: SystemTime) -> u64 {
-    since_epoch(time).as_secs()
 }
 
 fn millis(time: SystemTime) -> u64 {

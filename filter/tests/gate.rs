@@ -15,6 +15,7 @@ use support::{answered, head};
 
 const SECRET: &str = "gate-test-secret-0123456789abcdef";
 const NOW: u64 = 1_900_000_000;
+const NOW_MS: u64 = NOW * 1000;
 
 fn config_json() -> Value {
     json!({
@@ -63,14 +64,14 @@ fn refusal(gate: &Gate, authorization: &str) -> (u16, ErrorCode) {
     let action = Exchange::default().on_request_headers(
         gate,
         &head("/v1/forecast", Some(authorization)),
-        NOW,
+        NOW_MS,
     );
     let (status, body, _) = answered(&action);
     (status, body.code)
 }
 
 fn reserve(gate: &Gate, exchange: &mut Exchange, request: &RequestHead<'_>) -> ReserveRequest {
-    match exchange.on_request_headers(gate, request, NOW) {
+    match exchange.on_request_headers(gate, request, NOW_MS) {
         RequestAction::CallLedger(call) => {
             assert_eq!(call.path, "/v1/holds");
             serde_json::from_slice(&call.body).unwrap()
@@ -105,7 +106,8 @@ fn unpriced_and_free_routes_pass_with_only_a_spoofed_charge_id_removed() {
     let gate = gate();
     for path in ["/healthz", "/v1/forecast/free", "/v1/forecast/free?x=1"] {
         let mut exchange = Exchange::default();
-        let action = exchange.on_request_headers(&gate, &head(path, Some("Bearer whatever")), NOW);
+        let action =
+            exchange.on_request_headers(&gate, &head(path, Some("Bearer whatever")), NOW_MS);
         assert_eq!(
             action,
             RequestAction::Forward(vec![HeaderEdit::Remove("x-charge-id")]),
@@ -124,7 +126,7 @@ fn no_credential_gets_a_402_challenge_with_the_price() {
         let action = Exchange::default().on_request_headers(
             &gate,
             &head("/v1/forecast/today", authorization),
-            NOW,
+            NOW_MS,
         );
         let (status, body, headers) = answered(&action);
         assert_eq!((status, body.code), (402, ErrorCode::PaymentRequired));
@@ -171,8 +173,11 @@ fn bad_credentials_get_401_without_a_ledger_call() {
             "{authorization}"
         );
     }
-    let action =
-        Exchange::default().on_request_headers(&gate, &head("/v1/forecast", Some("Bearer x")), NOW);
+    let action = Exchange::default().on_request_headers(
+        &gate,
+        &head("/v1/forecast", Some("Bearer x")),
+        NOW_MS,
+    );
     let (_, _, headers) = answered(&action);
     assert!(headers.contains(&(
         "www-authenticate",
@@ -181,7 +186,8 @@ fn bad_credentials_get_401_without_a_ledger_call() {
     // Raw bytes that are not UTF-8 at all.
     let request =
         RequestHead { authorization: Some(b"Bearer \xff\xfe"), ..head("/v1/forecast", None) };
-    let (status, body, _) = answered(&Exchange::default().on_request_headers(&gate, &request, NOW));
+    let (status, body, _) =
+        answered(&Exchange::default().on_request_headers(&gate, &request, NOW_MS));
     assert_eq!((status, body.code), (401, ErrorCode::InvalidCredential));
 }
 
@@ -195,7 +201,7 @@ fn expired_and_foreign_tokens_are_refused() {
         Exchange::default().on_request_headers(
             &gate,
             &head("/v1/forecast", Some(&bearer(&within_leeway))),
-            NOW
+            NOW_MS
         ),
         RequestAction::CallLedger(_)
     ));
@@ -254,7 +260,7 @@ fn idempotency_keys_carry_a_fingerprint_of_the_request() {
         let request =
             RequestHead { idempotency_key: Some(bad), ..head("/v1/forecast", Some(&token)) };
         let (status, body, _) =
-            answered(&Exchange::default().on_request_headers(&gate, &request, NOW));
+            answered(&Exchange::default().on_request_headers(&gate, &request, NOW_MS));
         assert_eq!((status, body.code), (400, ErrorCode::InvalidIdempotencyKey));
     }
 }
@@ -427,10 +433,10 @@ fn a_misconfigured_ledger_fails_closed_even_when_failing_open() {
 fn only_charged_or_failed_open_exchanges_await_their_response() {
     let gate = gate();
     let mut unpriced = Exchange::default();
-    unpriced.on_request_headers(&gate, &head("/healthz", None), NOW);
+    unpriced.on_request_headers(&gate, &head("/healthz", None), NOW_MS);
     assert!(!unpriced.awaits_response());
     let mut refused = Exchange::default();
-    refused.on_request_headers(&gate, &head("/v1/forecast", None), NOW);
+    refused.on_request_headers(&gate, &head("/v1/forecast", None), NOW_MS);
     assert!(!refused.awaits_response());
     let mut held = admitted(&gate, "ch_4");
     assert!(held.awaits_response());
@@ -449,7 +455,7 @@ fn callbacks_out_of_turn_do_nothing() {
     let mut exchange = Exchange::default();
     assert_eq!(exchange.on_ledger_reply(&gate, hold_reply("ch_x", false)), RequestAction::Nothing);
     let mut refused = Exchange::default();
-    refused.on_request_headers(&gate, &head("/v1/forecast", None), NOW);
+    refused.on_request_headers(&gate, &head("/v1/forecast", None), NOW_MS);
     assert_eq!(refused.on_ledger_reply(&gate, hold_reply("ch_x", false)), RequestAction::Nothing);
     assert_eq!(refused.on_response_headers(&gate, Some(402), None).edits, []);
 }
@@ -493,7 +499,7 @@ proptest! {
             idempotency_key: key.as_deref(),
         };
         let priced = gate.config().route(&method, &path).is_some_and(|r| !r.price.is_zero());
-        let action = Exchange::default().on_request_headers(&gate, &request, NOW);
+        let action = Exchange::default().on_request_headers(&gate, &request, NOW_MS);
         if priced {
             prop_assert!(matches!(action, RequestAction::CallLedger(_) | RequestAction::Respond(_)), "{action:?}");
         } else {

@@ -19,6 +19,7 @@ use support::{answered, head};
 
 const L402_SECRET: &str = "an-l402-secret-of-32-characters!";
 const NOW: u64 = 1_900_000_000;
+const NOW_MS: u64 = NOW * 1000;
 const PREIMAGE: [u8; 32] = [5; 32];
 
 fn config_json() -> Value {
@@ -100,13 +101,14 @@ fn ledger_call(action: &RequestAction, path: &str) -> Vec<u8> {
 }
 
 fn reserve(gate: &Gate, exchange: &mut Exchange, authorization: &str) -> ReserveRequest {
-    let action = exchange.on_request_headers(gate, &head("/v1/forecast", Some(authorization)), NOW);
+    let action =
+        exchange.on_request_headers(gate, &head("/v1/forecast", Some(authorization)), NOW_MS);
     serde_json::from_slice(&ledger_call(&action, "/v1/holds")).unwrap()
 }
 
 fn refusal(gate: &Gate, path: &str, authorization: &str) -> (u16, ErrorCode) {
     let action =
-        Exchange::default().on_request_headers(gate, &head(path, Some(authorization)), NOW);
+        Exchange::default().on_request_headers(gate, &head(path, Some(authorization)), NOW_MS);
     let (status, body, _) = answered(&action);
     (status, body.code)
 }
@@ -115,7 +117,7 @@ fn refusal(gate: &Gate, path: &str, authorization: &str) -> (u16, ErrorCode) {
 fn no_credential_gets_a_minted_l402_challenge_before_the_bearer_one() {
     let gate = gate();
     let mut exchange = Exchange::default();
-    let action = exchange.on_request_headers(&gate, &head("/v1/forecast", None), NOW);
+    let action = exchange.on_request_headers(&gate, &head("/v1/forecast", None), NOW_MS);
     let offer: ChallengeRequest =
         serde_json::from_slice(&ledger_call(&action, "/v1/l402/challenges")).unwrap();
     assert_eq!(offer.service_id, "weather");
@@ -154,14 +156,14 @@ fn without_a_minted_challenge_pay_tokens_are_still_offered() {
         LedgerReply { status: Some(200), body: unsafe_invoice.to_string().into_bytes() },
     ] {
         let mut exchange = Exchange::default();
-        exchange.on_request_headers(&both, &head("/v1/forecast", None), NOW);
+        exchange.on_request_headers(&both, &head("/v1/forecast", None), NOW_MS);
         let (status, body, headers) = answered(&exchange.on_ledger_reply(&both, reply.clone()));
         assert_eq!((status, body.code), (402, ErrorCode::PaymentRequired));
         assert_eq!(body.schemes, ["Bearer"]);
         assert_eq!(challenges(&headers), [r#"Bearer realm="paystile", error="payment_required""#]);
 
         let mut exchange = Exchange::default();
-        exchange.on_request_headers(&l402_only, &head("/v1/forecast", None), NOW);
+        exchange.on_request_headers(&l402_only, &head("/v1/forecast", None), NOW_MS);
         let (status, body, headers) = answered(&exchange.on_ledger_reply(&l402_only, reply));
         assert_eq!((status, body.code), (503, ErrorCode::LedgerUnavailable), "nothing to pay with");
         assert!(headers.contains(&("retry-after", "1".into())));
@@ -277,7 +279,7 @@ fn refusals_have_the_statuses_of_the_contract() {
     let action = Exchange::default().on_request_headers(
         &gate,
         &head("/v1/report", Some(&credential(&reports, &PREIMAGE))),
-        NOW,
+        NOW_MS,
     );
     ledger_call(&action, "/v1/holds");
 }
@@ -301,7 +303,7 @@ fn a_spent_l402_budget_is_answered_with_a_fresh_challenge() {
     // A Pay Token at its cap gets its 402 at once: buying L402 budget would not raise it.
     let mut exchange = Exchange::default();
     let token = pay_token();
-    exchange.on_request_headers(&gate, &head("/v1/forecast", Some(&token)), NOW);
+    exchange.on_request_headers(&gate, &head("/v1/forecast", Some(&token)), NOW_MS);
     let action = exchange.on_ledger_reply(
         &gate,
         LedgerReply { status: Some(402), body: spent.to_string().into_bytes() },
@@ -335,7 +337,7 @@ fn pay_token() -> String {
 fn each_scheme_is_offered_and_accepted_only_when_configured() {
     let l402_only = gate_with(|c| c["pay_token"] = json!(null));
     let mut exchange = Exchange::default();
-    exchange.on_request_headers(&l402_only, &head("/v1/forecast", Some(&pay_token())), NOW);
+    exchange.on_request_headers(&l402_only, &head("/v1/forecast", Some(&pay_token())), NOW_MS);
     let (_, body, headers) = answered(&exchange.on_ledger_reply(&l402_only, challenge_reply()));
     assert_eq!(body.schemes, ["L402"]);
     assert_eq!(challenges(&headers).len(), 1);
@@ -344,7 +346,7 @@ fn each_scheme_is_offered_and_accepted_only_when_configured() {
     let action = Exchange::default().on_request_headers(
         &bearer_only,
         &head("/v1/forecast", Some(&paid())),
-        NOW,
+        NOW_MS,
     );
     let (status, body, headers) = answered(&action);
     assert_eq!((status, body.code), (402, ErrorCode::PaymentRequired));
@@ -408,7 +410,7 @@ proptest! {
     ) {
         let authorization = [scheme.as_bytes(), b" ", &rest].concat();
         let request = RequestHead { authorization: Some(&authorization), ..head("/v1/forecast", None) };
-        let action = Exchange::default().on_request_headers(&gate(), &request, NOW);
+        let action = Exchange::default().on_request_headers(&gate(), &request, NOW_MS);
         let (status, _, _) = answered(&action);
         prop_assert_eq!(status, 401);
     }

@@ -362,7 +362,8 @@ fn good_cases() -> Vec<Case> {
                 ],
                 "ledger": {
                     "upstream": "paystile_ledger", "authority": "ledger.local", "timeout_ms": 1000,
-                    "gateway_key": "gateway-key-0123456789", "settle_interval_ms": 50
+                    "gateway_key": "gateway-key-0123456789", "settle_interval_ms": 50,
+                    "prefetch_holds": 8, "prefetch_max_age_ms": 1000
                 },
                 "pay_token": {
                     "keys": [{"kid": "2026-11", "alg": "HS256", "secret": "a-pay-token-secret-of-32-chars!!"}],
@@ -384,7 +385,13 @@ fn good_cases() -> Vec<Case> {
                 c["routes"][2]["capability"] = Value::Null;
                 c["routes"][0]["methods"] = Value::Null;
                 c["routes"][0]["path"] = Value::Null;
-                for key in ["authority", "timeout_ms", "settle_interval_ms"] {
+                for key in [
+                    "authority",
+                    "timeout_ms",
+                    "settle_interval_ms",
+                    "prefetch_holds",
+                    "prefetch_max_age_ms",
+                ] {
                     c["ledger"][key] = Value::Null;
                 }
                 for key in ["issuer", "audience", "leeway_seconds"] {
@@ -437,6 +444,20 @@ fn good_cases() -> Vec<Case> {
             edit(|c| {
                 c["ledger"]["timeout_ms"] = json!(1);
                 c["ledger"]["settle_interval_ms"] = json!(60_000);
+            }),
+        ),
+        good(
+            "prefetching at its bounds",
+            edit(|c| {
+                c["ledger"]["prefetch_holds"] = json!(64);
+                c["ledger"]["prefetch_max_age_ms"] = json!(100);
+            }),
+        ),
+        good(
+            "prefetching off, and the longest max age",
+            edit(|c| {
+                c["ledger"]["prefetch_holds"] = json!(0);
+                c["ledger"]["prefetch_max_age_ms"] = json!(10_000);
             }),
         ),
         good("a 255-byte service id", edit(|c| c["service_id"] = json!("s".repeat(255)))),
@@ -877,6 +898,36 @@ fn bad_cases() -> Vec<Case> {
             "a settle interval of 60001",
             "ledger.settle_interval_ms",
             edit(|c| c["ledger"]["settle_interval_ms"] = json!(60_001)),
+        ),
+        bad(
+            "65 prefetched holds",
+            "ledger.prefetch_holds",
+            edit(|c| c["ledger"]["prefetch_holds"] = json!(65)),
+        ),
+        bad(
+            "a negative prefetch",
+            "ledger.prefetch_holds",
+            edit(|c| c["ledger"]["prefetch_holds"] = json!(-1)),
+        ),
+        bad(
+            "a prefetch written 8.5",
+            "ledger.prefetch_holds",
+            edit(|c| c["ledger"]["prefetch_holds"] = json!(8.5)),
+        ),
+        bad(
+            "a prefetch as a string",
+            "ledger.prefetch_holds",
+            edit(|c| c["ledger"]["prefetch_holds"] = json!("8")),
+        ),
+        bad(
+            "a prefetch max age of 99 ms",
+            "ledger.prefetch_max_age_ms",
+            edit(|c| c["ledger"]["prefetch_max_age_ms"] = json!(99)),
+        ),
+        bad(
+            "a prefetch max age of 10001 ms",
+            "ledger.prefetch_max_age_ms",
+            edit(|c| c["ledger"]["prefetch_max_age_ms"] = json!(10_001)),
         ),
         bad(
             "a 15-character gateway key",
