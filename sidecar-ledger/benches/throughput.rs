@@ -56,6 +56,7 @@ async fn reserve(store: &Store, n: u64) -> anyhow::Result<String> {
     let outcome = store
         .reserve(ReserveCommand {
             charge_id: charge_id.clone(),
+            extra_charge_ids: Vec::new(),
             token: grant(),
             service_id: "bench".into(),
             price: price(),

@@ -9,8 +9,8 @@ use paystile_protocol::jws::Key;
 use paystile_protocol::l402;
 use paystile_protocol::ledger_api::{
     AccountView, BuyerRevocation, BuyerView, ChargeStatus, ChargeView, ChildTokenRequest, Deposit,
-    DepositRequest, IssueTokenRequest, IssuedToken, Outcome, ReserveRequest, SetTierRequest,
-    SettleRequest, SettleResponse, TokenGrant, TokenView,
+    DepositRequest, IssueTokenRequest, IssuedToken, MAX_HOLDS_PER_RESERVE, Outcome, ReserveRequest,
+    SetTierRequest, SettleRequest, SettleResponse, TokenGrant, TokenView,
 };
 use paystile_protocol::pay_token::{self, Audience, MAX_ID_LEN, PayTokenClaims, Scope};
 use paystile_protocol::{ErrorBody, Usdc};
@@ -335,6 +335,16 @@ impl Ledger {
         if request.price_usdc.is_zero() {
             return Err(LedgerError::Invalid("priceUsdc must be greater than 0".into()));
         }
+        if !(1..=MAX_HOLDS_PER_RESERVE).contains(&request.count) {
+            return Err(LedgerError::Invalid(format!(
+                "count must be 1 to {MAX_HOLDS_PER_RESERVE}"
+            )));
+        }
+        // An Idempotency-Key promises one charge for one request: such calls are reserved
+        // one by one.
+        if request.count > 1 && request.idempotency.is_some() {
+            return Err(LedgerError::Invalid("count must be 1 with an idempotency key".into()));
+        }
         if let Some(idempotency) = &request.idempotency {
             if headers::idempotency_key(idempotency.key.as_bytes()).is_none() {
                 return Err(LedgerError::Invalid(
@@ -353,6 +363,7 @@ impl Ledger {
             .store
             .reserve(ReserveCommand {
                 charge_id: new_id("ch"),
+                extra_charge_ids: (1..request.count).map(|_| new_id("ch")).collect(),
                 token: request.token.clone(),
                 service_id: request.service_id.clone(),
                 price: request.price_usdc,

@@ -176,6 +176,28 @@ pub fn admit_books(
     Ok(Admission::Hold { remaining })
 }
 
+/// How many extra holds of `call.price` a reserve that asked for `wanted` of them gets, once
+/// its first hold was admitted leaving `remaining` under the token's chain (and cap): as many
+/// as fit under every bound (the chain, the buyer's balance and daily limit), but at most a
+/// quarter of what is left after the first hold, so that one gateway never takes a token's
+/// last budget from the others.
+pub fn extra_holds(books: &Books<'_>, call: &Call<'_>, remaining: Usdc, wanted: u16) -> u16 {
+    let mut left = remaining;
+    if let Some(account) = books.debited_account() {
+        left = left.min(account.available().saturating_sub(call.price));
+        let limit = books.daily_limits.of_tier(account.tier);
+        let used = account.used_on(books.today).checked_add(call.price).unwrap_or(Usdc::MAX);
+        left = left.min(limit.saturating_sub(used));
+    }
+    let fit = call
+        .price
+        .micros()
+        .checked_mul(4)
+        .filter(|quarter_unit| *quarter_unit > 0)
+        .map_or(0, |quarter_unit| left.micros() / quarter_unit);
+    u16::try_from(fit).unwrap_or(u16::MAX).min(wanted)
+}
+
 /// What the next call on `chain[0]` may spend: the least any level of the chain has left.
 pub fn chain_remaining(chain: &[TokenRecord]) -> Usdc {
     chain.iter().map(TokenRecord::remaining).min().unwrap_or(Usdc::ZERO)
@@ -657,6 +679,30 @@ mod tests {
         limits: &'a DailyLimits,
     ) -> Books<'a> {
         Books { chain, account, today: DAY, daily_limits: limits }
+    }
+
+    #[test]
+    fn extra_holds_take_at_most_a_quarter_of_what_the_first_left() {
+        let limits = DailyLimits::default();
+        let chain = [token("1", "0", "0")];
+        let extras = |account: Option<&Account>, remaining: &str, wanted| {
+            extra_holds(&books(&chain, account, &limits), &call("0.01"), usdc(remaining), wanted)
+        };
+        // 0.99 left after the first: a quarter is 0.2475, room for 24 holds of 0.01.
+        assert_eq!(extras(None, "0.99", 63), 24);
+        assert_eq!(extras(None, "0.99", 7), 7, "never more than asked");
+        assert_eq!(extras(None, "0.04", 63), 1);
+        assert_eq!(extras(None, "0.039999", 63), 0, "near the cap, the first hold alone");
+        assert_eq!(extras(None, "0", 63), 0);
+        // The buyer's balance bounds them: 0.51 − 0.01 = 0.5 available after the first.
+        let funded = account("0.51", "0", "0");
+        assert_eq!(extras(Some(&funded), "0.99", 63), 12);
+        // And the daily limit: 10 a day at tier 1, 9.79 of it spent.
+        let spent = account("5000", "0", "9.79");
+        assert_eq!(extras(Some(&spent), "0.99", 63), 5);
+        let free = Call { price: Usdc::ZERO, ..call("0") };
+        let no_price = extra_holds(&books(&chain, None, &limits), &free, usdc("1"), 63);
+        assert_eq!(no_price, 0, "a zero price is never divided by");
     }
 
     #[test]

@@ -58,6 +58,7 @@ struct RequestLabels {
 pub struct Metrics {
     registry: Registry,
     holds: Counter,
+    prefetched: Counter,
     replays: Counter,
     commits: Counter,
     releases: Family<ReleaseLabels, Counter>,
@@ -79,6 +80,7 @@ impl Metrics {
         let mut metrics = Metrics {
             registry: Registry::with_prefix("paystile_ledger"),
             holds: Counter::default(),
+            prefetched: Counter::default(),
             replays: Counter::default(),
             commits: Counter::default(),
             releases: Family::default(),
@@ -87,7 +89,16 @@ impl Metrics {
             requests: Family::new_with_constructor(latency_histogram),
         };
         let registry = &mut metrics.registry;
-        registry.register("holds", "Holds placed (calls admitted)", metrics.holds.clone());
+        registry.register(
+            "holds",
+            "Holds placed (calls admitted), prefetched holds included",
+            metrics.holds.clone(),
+        );
+        registry.register(
+            "prefetched_holds",
+            "Holds placed beyond a reserve's first, for a gateway to serve a hot token's next calls",
+            metrics.prefetched.clone(),
+        );
         registry.register(
             "replays",
             "Reserves answered with an already committed charge (Idempotency-Key)",
@@ -139,7 +150,9 @@ impl Metrics {
                 if hold.replayed {
                     self.replays.inc();
                 } else {
-                    self.holds.inc();
+                    let extra = u64::try_from(hold.extra_charge_ids.len()).unwrap_or(u64::MAX);
+                    self.holds.inc_by(extra.saturating_add(1));
+                    self.prefetched.inc_by(extra);
                 }
                 tracing::debug!(
                     event = "hold",
@@ -150,6 +163,7 @@ impl Metrics {
                     amount_usdc = %hold.amount_usdc,
                     remaining_usdc = %hold.remaining_usdc,
                     replayed = hold.replayed,
+                    extra_holds = hold.extra_charge_ids.len(),
                     idempotent = request.idempotency.is_some(),
                     "reserve held"
                 );

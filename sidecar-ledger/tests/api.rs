@@ -2722,3 +2722,219 @@ async fn buyer_refusals_stay_refused_for_their_key(store: Backend) {
     let account = ledger.account("agent-7").await;
     assert_eq!((account.balance_usdc, account.held_usdc), (usdc("10.1"), usdc("1.5")));
 }
+
+/// Reserves of several holds at once (`count`): the extras a gateway prefetches for a hot
+/// token, each an ordinary hold.
+mod prefetched_holds {
+    use paystile_protocol::ledger_api::{ChargeQuery, ChargeStatus};
+
+    use super::*;
+
+    on_both_stores! {
+        extra_holds_are_open_holds_settled_one_by_one,
+        extra_holds_take_at_most_a_quarter_of_what_is_left,
+        bad_counts_get_400_and_hold_nothing,
+        a_refused_first_hold_brings_no_extra_and_revocation_voids_them,
+        clients_reserving_eight_at_once_never_exceed_the_cap(
+            flavor = "multi_thread",
+            worker_threads = 4
+        ),
+    }
+
+    fn asking(mut body: Value, count: u16) -> Value {
+        body["count"] = json!(count);
+        body
+    }
+
+    /// The token's charges that are still held, by id.
+    async fn held(ledger: &Ledger, token_id: &str) -> Vec<String> {
+        let query = ChargeQuery {
+            token_id: Some(token_id.into()),
+            status: Some(ChargeStatus::Held),
+            ..ChargeQuery::default()
+        };
+        let page = ledger.admin.charges(&query).await.unwrap();
+        let mut ids: Vec<String> = page.charges.into_iter().map(|c| c.charge_id).collect();
+        ids.sort();
+        ids
+    }
+
+    async fn extra_holds_are_open_holds_settled_one_by_one(store: Backend) {
+        let ledger = Ledger::start(store, &[]).await;
+        let hold = ledger.hold(&asking(reserve_body("tok_pf", "1", "0.01"), 8)).await;
+        assert_eq!(hold.extra_charge_ids.len(), 7, "{hold:?}");
+        assert_eq!((hold.amount_usdc, hold.replayed), (usdc("0.01"), false));
+        // What remains counts every hold of the batch.
+        assert_eq!(hold.remaining_usdc, usdc("0.92"));
+        let token = ledger.token("tok_pf").await;
+        assert_eq!((token.reserved_usdc, token.remaining_usdc), (usdc("0.08"), usdc("0.92")));
+        let mut all: Vec<String> = hold.extra_charge_ids.clone();
+        all.push(hold.charge_id.clone());
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 8, "charge ids repeat");
+        assert_eq!(held(&ledger, "tok_pf").await, all);
+        for id in &hold.extra_charge_ids {
+            let charge = ledger.admin.charge(id).await.unwrap();
+            assert_eq!((charge.status, charge.held_usdc), (ChargeStatus::Held, usdc("0.01")));
+            assert_eq!(
+                (charge.token_id.as_str(), charge.service_id.as_str()),
+                ("tok_pf", "weather")
+            );
+        }
+        let [a, b, c, ..] = &hold.extra_charge_ids[..] else { panic!("{hold:?}") };
+        let statuses = ledger.settle(&[(a, "commit"), (b, "release"), (c, "commit")]).await;
+        assert_eq!(
+            statuses,
+            [SettleStatus::Committed, SettleStatus::Released, SettleStatus::Committed]
+        );
+        assert_eq!(ledger.settle(&[(a, "commit")]).await, [SettleStatus::AlreadyCommitted]);
+        let token = ledger.token("tok_pf").await;
+        assert_eq!((token.used_usdc, token.reserved_usdc), (usdc("0.02"), usdc("0.05")));
+        // An extra commits in part like any hold.
+        let (status, answer) = ledger
+            .settle_raw(json!([{"chargeId": hold.extra_charge_ids[3], "outcome": "commit", "amountUsdc": "0.004"}]))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        let token = ledger.token("tok_pf").await;
+        assert_eq!((token.used_usdc, token.reserved_usdc), (usdc("0.024"), usdc("0.04")));
+    }
+
+    async fn extra_holds_take_at_most_a_quarter_of_what_is_left(store: Backend) {
+        let ledger = Ledger::start(store, &[]).await;
+        let body = asking(reserve_body("tok_q", "0.1", "0.01"), 64);
+        // Left after each first hold: 0.09 (2 extras), 0.06 (1), 0.04 (1), 0.02 (none).
+        for (extras, remaining) in [(2, "0.07"), (1, "0.05"), (1, "0.03"), (0, "0.02")] {
+            let (status, answer) = ledger.reserve(&body).await;
+            assert_eq!(status, 200, "{answer}");
+            let ids = answer.get("extraChargeIds").map_or(0, |ids| ids.as_array().unwrap().len());
+            assert_eq!(ids, extras, "{answer}");
+            assert_eq!(answer["remainingUsdc"], usdc(remaining).to_string());
+        }
+        let token = ledger.token("tok_q").await;
+        assert_eq!(token.reserved_usdc, usdc("0.08"));
+        // The first hold is granted as ever, down to the last call's worth.
+        ledger.hold(&body).await;
+        ledger.hold(&body).await;
+        let (status, refusal) = ledger.reserve(&body).await;
+        assert_eq!((status, refusal["code"].as_str()), (402, Some("token_limit_exceeded")));
+
+        // The buyer's balance bounds them too: 0.05 available, 0.04 after the first hold.
+        ledger.deposit("buyer-1", "0.05", None).await;
+        let hold = ledger.hold(&asking(reserve_body("tok_funded", "1", "0.01"), 64)).await;
+        assert_eq!(hold.extra_charge_ids.len(), 1);
+        assert_eq!(ledger.account("buyer-1").await.held_usdc, usdc("0.02"));
+    }
+
+    async fn bad_counts_get_400_and_hold_nothing(store: Backend) {
+        let ledger = Ledger::start(store, &[]).await;
+        let body = reserve_body("tok_bad", "1", "0.01");
+        for (count, message) in [
+            (json!(0), "count must be 1 to 64"),
+            (json!(65), "count must be 1 to 64"),
+            (json!(-1), "count"),
+            (json!(70_000), "count"),
+            (json!("8"), "count"),
+        ] {
+            let mut bad = body.clone();
+            bad["count"] = count.clone();
+            let (status, answer) = ledger.reserve(&bad).await;
+            assert_eq!(
+                (status, answer["code"].as_str()),
+                (400, Some("bad_request")),
+                "{count}: {answer}"
+            );
+            assert!(answer["error"].as_str().unwrap().contains(message), "{count}: {answer}");
+        }
+        let idempotent = asking(with_key(body.clone(), "order-1", 'a'), 2);
+        let (status, answer) = ledger.reserve(&idempotent).await;
+        assert_eq!(status, 400, "{answer}");
+        assert_eq!(answer["error"], "count must be 1 with an idempotency key");
+        // Nothing held, nor even the token registered.
+        assert!(ledger.admin.token("tok_bad").await.is_err());
+        // count 1 with a key is the plain idempotent reserve.
+        let hold = ledger.hold(&asking(with_key(body, "order-1", 'a'), 1)).await;
+        assert!(hold.extra_charge_ids.is_empty());
+    }
+
+    async fn a_refused_first_hold_brings_no_extra_and_revocation_voids_them(store: Backend) {
+        let ledger = Ledger::start(store, &[]).await;
+        // 0.015 left: the first hold of 0.02 does not fit, so nothing is held at all.
+        let spent = ledger.hold(&reserve_body("tok_r", "0.1", "0.085")).await;
+        let (status, refusal) =
+            ledger.reserve(&asking(reserve_body("tok_r", "0.1", "0.02"), 8)).await;
+        assert_eq!((status, refusal["code"].as_str()), (402, Some("token_limit_exceeded")));
+        assert_eq!(held(&ledger, "tok_r").await, [spent.charge_id]);
+        assert_eq!(ledger.token("tok_r").await.reserved_usdc, usdc("0.085"));
+
+        let issued = ledger.admin.issue_token(&issue_request("1")).await.unwrap();
+        let hold = ledger.hold(&asking(reserve_body(&issued.token_id, "1", "0.01"), 4)).await;
+        assert_eq!(hold.extra_charge_ids.len(), 3);
+        ledger.admin.revoke_token(&issued.token_id).await.unwrap();
+        let settlements: Vec<(&str, &str)> =
+            hold.extra_charge_ids.iter().map(|id| (id.as_str(), "commit")).collect();
+        assert_eq!(ledger.settle(&settlements).await, [SettleStatus::Revoked; 3]);
+        let (status, refusal) =
+            ledger.reserve(&asking(reserve_body(&issued.token_id, "1", "0.01"), 4)).await;
+        assert_eq!((status, refusal["code"].as_str()), (422, Some("token_revoked")));
+        let token = ledger.token(&issued.token_id).await;
+        assert_eq!((token.used_usdc, token.reserved_usdc), (Usdc::ZERO, usdc("0.01")));
+    }
+
+    /// 16 clients each reserve 8 holds at a time and commit all they get, until refused: the
+    /// token's used plus reserved never passes its cap, and in the end used is exactly what
+    /// the commits charged.
+    async fn clients_reserving_eight_at_once_never_exceed_the_cap(store: Backend) {
+        const CAP: &str = "0.05";
+        let ledger = Arc::new(Ledger::start(store, &[]).await);
+        let body = asking(reserve_body("tok_pool", CAP, "0.001"), 8);
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = {
+            let (ledger, done) = (ledger.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut looks = 0;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(token) = ledger.admin.token("tok_pool").await {
+                        let spent = token.used_usdc.checked_add(token.reserved_usdc).unwrap();
+                        assert!(spent <= usdc(CAP), "overspent: {token:?}");
+                        looks += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                looks
+            })
+        };
+        let clients = (0..16).map(|_| {
+            let (ledger, body) = (ledger.clone(), body.clone());
+            tokio::spawn(async move {
+                let mut committed = 0u64;
+                for _ in 0..100 {
+                    let (status, answer) = ledger.reserve(&body).await;
+                    if status == 402 {
+                        assert_eq!(answer["code"], "token_limit_exceeded");
+                        return committed;
+                    }
+                    assert_eq!(status, 200, "{answer}");
+                    let hold: Hold = serde_json::from_value(answer).unwrap();
+                    let mut ids = hold.extra_charge_ids.clone();
+                    ids.push(hold.charge_id);
+                    let settlements: Vec<(&str, &str)> =
+                        ids.iter().map(|id| (id.as_str(), "commit")).collect();
+                    let statuses = ledger.settle(&settlements).await;
+                    assert!(statuses.iter().all(|s| *s == SettleStatus::Committed), "{statuses:?}");
+                    committed += u64::try_from(ids.len()).unwrap();
+                }
+                panic!("never refused after 100 reserves");
+            })
+        });
+        let mut committed = 0;
+        for client in clients {
+            committed += client.await.unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(watcher.await.unwrap() > 0, "the watcher never looked");
+        let token = ledger.token("tok_pool").await;
+        assert_eq!(committed, 50, "holds committed");
+        assert_eq!((token.used_usdc, token.reserved_usdc), (usdc(CAP), Usdc::ZERO));
+    }
+}

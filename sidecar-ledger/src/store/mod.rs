@@ -23,7 +23,9 @@ pub use journal::{ChargeFilter, ServiceTotals, ServiceWindow};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
-use crate::rules::{Account, Call, ChildSpec, DailyLimits, MAX_CHAIN_LEN, PriorOutcome, PriorUse};
+use crate::rules::{
+    self, Account, Books, Call, ChildSpec, DailyLimits, MAX_CHAIN_LEN, PriorOutcome, PriorUse,
+};
 use crate::settings::Database;
 
 /// The ledger's store; every operation is one atomic transaction.
@@ -385,6 +387,9 @@ pub struct DepositRecord {
 pub struct ReserveCommand {
     /// A fresh id for the hold, used if one is created.
     pub charge_id: String,
+    /// Fresh ids for the extra holds asked for (`count - 1` of them), used as far as they
+    /// are granted ([`crate::rules::extra_holds`]).
+    pub extra_charge_ids: Vec<String>,
     pub token: TokenGrant,
     pub service_id: String,
     pub price: Usdc,
@@ -408,6 +413,30 @@ impl ReserveCommand {
             cap: self.token.limit_usdc.min(self.cap.unwrap_or(Usdc::MAX)),
         }
     }
+
+    /// The holds to place, the first having left `remaining`: the extras the rules grant.
+    pub fn holds(&self, books: &Books<'_>, remaining: Usdc) -> Holds<'_> {
+        let wanted = u16::try_from(self.extra_charge_ids.len()).unwrap_or(u16::MAX);
+        let granted = rules::extra_holds(books, &self.call(), remaining, wanted);
+        let extra_ids = self.extra_charge_ids.get(..usize::from(granted)).unwrap_or_default();
+        // Within `remaining`, itself within the token's limit: these never overflow.
+        let extra = self.price.checked_mul(u64::from(granted)).unwrap_or(Usdc::MAX);
+        Holds {
+            extra_ids,
+            total: self.price.checked_add(extra).unwrap_or(Usdc::MAX),
+            remaining: remaining.saturating_sub(extra),
+        }
+    }
+}
+
+/// The holds a reserve places once its first one is admitted.
+pub struct Holds<'a> {
+    /// The extra holds' ids.
+    pub extra_ids: &'a [String],
+    /// What all of them hold together, the first included.
+    pub total: Usdc,
+    /// What the token's chain has left once they are held.
+    pub remaining: Usdc,
 }
 
 /// An Idempotency-Key's earlier use, as a store reads it.

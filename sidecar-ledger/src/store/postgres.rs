@@ -783,38 +783,46 @@ async fn reserve(
     };
 
     let price = cmd.price.micros_i64();
-    let key = cmd.idempotency.as_ref().map(|i| i.key.as_str());
     let on_account = books.debited_account().is_some();
-    execute(
-        tx,
-        "INSERT INTO charges (charge_id, token_id, service_id, held_micros, status,
-                              idempotency_key, created_at, hold_expires_at, on_account)
-         VALUES ($1, $2, $3, $4, 'held', $5, $6, $7, $8)",
-        &[
-            &cmd.charge_id,
-            &token_id,
-            &cmd.service_id,
-            &price,
-            &key,
-            &cmd.now,
-            &cmd.hold_expires_at,
-            &on_account,
-        ],
-    )
-    .await?;
+    let holds = cmd.holds(&books, remaining);
+    // The first hold carries the Idempotency-Key, if any; extras (never with a key) are
+    // ordinary holds of the same call shape, in the same transaction.
+    for (charge_id, key) in std::iter::once((&cmd.charge_id, cmd.idempotency.as_ref()))
+        .chain(holds.extra_ids.iter().map(|id| (id, None)))
+    {
+        let key = key.map(|i| i.key.as_str());
+        execute(
+            tx,
+            "INSERT INTO charges (charge_id, token_id, service_id, held_micros, status,
+                                  idempotency_key, created_at, hold_expires_at, on_account)
+             VALUES ($1, $2, $3, $4, 'held', $5, $6, $7, $8)",
+            &[
+                charge_id,
+                &token_id,
+                &cmd.service_id,
+                &price,
+                &key,
+                &cmd.now,
+                &cmd.hold_expires_at,
+                &on_account,
+            ],
+        )
+        .await?;
+    }
     // Held at every level of the chain, and on the account.
+    let total = holds.total.micros_i64();
     let levels: Vec<&str> = chain.iter().map(|t| t.grant.token_id.as_str()).collect();
     execute(
         tx,
         "UPDATE tokens SET reserved_micros = reserved_micros + $1 WHERE token_id = ANY($2)",
-        &[&price, &levels],
+        &[&total, &levels],
     )
     .await?;
     if on_account {
         execute(
             tx,
             "UPDATE buyers SET held_micros = held_micros + $1 WHERE buyer_id = $2",
-            &[&price, &token.grant.buyer_id],
+            &[&total, &token.grant.buyer_id],
         )
         .await?;
     }
@@ -832,9 +840,9 @@ async fn reserve(
     Ok(ReserveOutcome::Held(Hold {
         charge_id: cmd.charge_id.clone(),
         amount_usdc: cmd.price,
-        remaining_usdc: remaining,
+        remaining_usdc: holds.remaining,
         replayed: false,
-        extra_charge_ids: Vec::new(),
+        extra_charge_ids: holds.extra_ids.to_vec(),
     }))
 }
 

@@ -631,33 +631,40 @@ fn reserve(
     };
 
     let on_account = books.debited_account().is_some();
-    conn.prepare_cached(
-        "INSERT INTO charges (charge_id, token_id, service_id, held_micros, status,
-                              idempotency_key, created_at, hold_expires_at, on_account)
-         VALUES (?1, ?2, ?3, ?4, 'held', ?5, ?6, ?7, ?8)",
-    )?
-    .execute(params![
-        cmd.charge_id,
-        token_id,
-        cmd.service_id,
-        cmd.price.micros_i64(),
-        cmd.idempotency.as_ref().map(|i| &i.key),
-        cmd.now,
-        cmd.hold_expires_at,
-        on_account,
-    ])?;
+    let holds = cmd.holds(&books, remaining);
+    // The first hold carries the Idempotency-Key, if any; extras (never with a key) are
+    // ordinary holds of the same call shape, in the same transaction.
+    for (charge_id, key) in std::iter::once((&cmd.charge_id, cmd.idempotency.as_ref()))
+        .chain(holds.extra_ids.iter().map(|id| (id, None)))
+    {
+        conn.prepare_cached(
+            "INSERT INTO charges (charge_id, token_id, service_id, held_micros, status,
+                                  idempotency_key, created_at, hold_expires_at, on_account)
+             VALUES (?1, ?2, ?3, ?4, 'held', ?5, ?6, ?7, ?8)",
+        )?
+        .execute(params![
+            charge_id,
+            token_id,
+            cmd.service_id,
+            cmd.price.micros_i64(),
+            key.map(|i| &i.key),
+            cmd.now,
+            cmd.hold_expires_at,
+            on_account,
+        ])?;
+    }
     // Held at every level of the chain, and on the account.
     for level in &chain {
         conn.prepare_cached(
             "UPDATE tokens SET reserved_micros = reserved_micros + ?1 WHERE token_id = ?2",
         )?
-        .execute(params![cmd.price.micros_i64(), level.grant.token_id])?;
+        .execute(params![holds.total.micros_i64(), level.grant.token_id])?;
     }
     if on_account {
         conn.prepare_cached(
             "UPDATE buyers SET held_micros = held_micros + ?1 WHERE buyer_id = ?2",
         )?
-        .execute(params![cmd.price.micros_i64(), token.grant.buyer_id])?;
+        .execute(params![holds.total.micros_i64(), token.grant.buyer_id])?;
     }
     if let Some(idempotency) = &cmd.idempotency {
         conn.prepare_cached(
@@ -677,9 +684,9 @@ fn reserve(
     Ok(ReserveOutcome::Held(Hold {
         charge_id: cmd.charge_id.clone(),
         amount_usdc: cmd.price,
-        remaining_usdc: remaining,
+        remaining_usdc: holds.remaining,
         replayed: false,
-        extra_charge_ids: Vec::new(),
+        extra_charge_ids: holds.extra_ids.to_vec(),
     }))
 }
 
