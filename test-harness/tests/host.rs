@@ -596,3 +596,128 @@ fn a_metered_call_commits_the_units_the_upstream_reports() {
         assert!(vm.unimplemented_calls().is_empty(), "{:?}", vm.unimplemented_calls());
     }
 }
+
+/// A VM that prefetches 4 holds for a hot token, kept up to 1 s.
+fn prefetching_vm(flavor: Flavor) -> Vm {
+    let mut config = config(flavor);
+    config["ledger"]["prefetch_holds"] = json!(4);
+    config["ledger"]["prefetch_max_age_ms"] = json!(1000);
+    vm_with(flavor, &config)
+}
+
+/// A hold with `extras` beyond it, of 0.001 each.
+fn hold_with_extras(charge_id: &str, extras: &[&str]) -> Reply {
+    Reply::json(
+        200,
+        &json!({"chargeId": charge_id, "amountUsdc": "0.001", "remainingUsdc": "0.995",
+            "replayed": false, "extraChargeIds": extras}),
+    )
+}
+
+/// A cold call, then a hot one whose reserve asks for 4 holds and gets `extras`; both answered
+/// 200 and ended. Their commits wait in the settle queue.
+fn warm_up(vm: &mut Vm, flavor: Flavor, extras: &[&str]) {
+    for (charge_id, count, reply) in [
+        ("ch_cold", None, hold("ch_cold")),
+        ("ch_hot", Some(4), hold_with_extras("ch_hot", extras)),
+    ] {
+        let (id, action) = vm.request_headers(get("/v1/forecast", Some(&bearer()))).unwrap();
+        assert_eq!(action, Action::Pause);
+        let call = one_ledger_call(vm, flavor, "/v1/holds");
+        assert_eq!(
+            call.json().get("count").and_then(Value::as_u64),
+            count,
+            "{flavor:?}: {charge_id}"
+        );
+        vm.reply(call.token, reply).unwrap();
+        vm.response_headers(id, pairs(&[(":status", "200")])).unwrap();
+        vm.end(id).unwrap();
+        vm.advance(Duration::from_millis(10));
+    }
+}
+
+/// The settle batch the next tick sends, as (charge id, outcome) pairs, acknowledged with
+/// `status` for each.
+fn settle_round(vm: &mut Vm, flavor: Flavor, status: &str) -> Vec<(String, String)> {
+    vm.tick().unwrap();
+    let batch = one_ledger_call(vm, flavor, "/v1/holds/settle");
+    let settlements = batch.json()["settlements"].as_array().unwrap().clone();
+    let results: Vec<Value> =
+        settlements.iter().map(|s| json!({"chargeId": s["chargeId"], "status": status})).collect();
+    vm.reply(batch.token, Reply::json(200, &json!({ "results": results }))).unwrap();
+    settlements
+        .iter()
+        .map(|s| (s["chargeId"].as_str().unwrap().into(), s["outcome"].as_str().unwrap().into()))
+        .collect()
+}
+
+#[test]
+fn a_hot_tokens_calls_go_on_at_once_on_prefetched_holds_and_commit_on_the_tick() {
+    for flavor in FLAVORS {
+        let mut vm = prefetching_vm(flavor);
+        warm_up(&mut vm, flavor, &["ch_x1", "ch_x2", "ch_x3"]);
+        assert_eq!(settle_round(&mut vm, flavor, "committed").len(), 2);
+        for (i, charge_id) in ["ch_x1", "ch_x2", "ch_x3"].into_iter().enumerate() {
+            let (id, action) = vm.request_headers(get("/v1/forecast", Some(&bearer()))).unwrap();
+            assert_eq!(action, Action::Continue, "{flavor:?}: no pause on a prefetched hold");
+            assert!(vm.take_dispatches().is_empty(), "{flavor:?}: a reserve for call {i}");
+            let stream = vm.stream(id).unwrap();
+            assert_eq!(stream.request_header("authorization"), None, "credential stripped");
+            assert_eq!(stream.request_header("x-charge-id").as_deref(), Some(charge_id));
+            let status = if i == 1 { "503" } else { "200" };
+            vm.response_headers(id, pairs(&[(":status", status)])).unwrap();
+            let stream = vm.stream(id).unwrap();
+            if i == 1 {
+                assert_eq!(stream.response_header("x-amount-usdc").as_deref(), Some("0.000000"));
+            } else {
+                assert_eq!(stream.response_header("x-charge-id").as_deref(), Some(charge_id));
+                assert_eq!(stream.response_header("x-amount-usdc").as_deref(), Some("0.001000"));
+                assert_eq!(stream.response_header("x-remaining-usdc").as_deref(), Some("0.995000"));
+            }
+            vm.end(id).unwrap();
+        }
+        let expected = [("ch_x1", "commit"), ("ch_x2", "release"), ("ch_x3", "commit")];
+        assert_eq!(
+            settle_round(&mut vm, flavor, "committed"),
+            expected.map(|(a, b)| (a.to_owned(), b.to_owned()))
+        );
+        // The pool is spent: the next call reserves again.
+        vm.request_headers(get("/v1/forecast", Some(&bearer()))).unwrap();
+        let call = one_ledger_call(&mut vm, flavor, "/v1/holds");
+        assert_eq!(call.json()["count"], 4);
+        assert!(vm.unimplemented_calls().is_empty(), "{:?}", vm.unimplemented_calls());
+    }
+}
+
+#[test]
+fn unused_prefetched_holds_are_released_at_their_age_and_a_revoked_token_loses_them() {
+    for flavor in FLAVORS {
+        let mut vm = prefetching_vm(flavor);
+        warm_up(&mut vm, flavor, &["ch_x1", "ch_x2", "ch_x3"]);
+        settle_round(&mut vm, flavor, "committed");
+        vm.advance(Duration::from_millis(1000));
+        let released = settle_round(&mut vm, flavor, "released");
+        let expected = [("ch_x1", "release"), ("ch_x2", "release"), ("ch_x3", "release")];
+        assert_eq!(released, expected.map(|(a, b)| (a.to_owned(), b.to_owned())), "{flavor:?}");
+        // Quiet for a second, the token is cold again: warmed up anew.
+        warm_up(&mut vm, flavor, &["ch_y1", "ch_y2", "ch_y3"]);
+        settle_round(&mut vm, flavor, "committed");
+
+        // The token is revoked: the next commit comes back `revoked`, and the pool goes.
+        let (id, action) = vm.request_headers(get("/v1/forecast", Some(&bearer()))).unwrap();
+        assert_eq!(action, Action::Continue);
+        vm.response_headers(id, pairs(&[(":status", "200")])).unwrap();
+        vm.end(id).unwrap();
+        let revoked = settle_round(&mut vm, flavor, "revoked");
+        assert!(revoked.contains(&("ch_y1".to_owned(), "commit".to_owned())), "{revoked:?}");
+        let released = settle_round(&mut vm, flavor, "released");
+        let expected = [("ch_y2", "release"), ("ch_y3", "release")];
+        assert_eq!(released, expected.map(|(a, b)| (a.to_owned(), b.to_owned())), "{flavor:?}");
+        let (id, action) = vm.request_headers(get("/v1/forecast", Some(&bearer()))).unwrap();
+        assert_eq!(action, Action::Pause, "{flavor:?}: a dropped hold was used");
+        let call = one_ledger_call(&mut vm, flavor, "/v1/holds");
+        let refusal = json!({"error": "Token revoked", "code": "token_revoked"});
+        vm.reply(call.token, Reply::json(422, &refusal)).unwrap();
+        assert_eq!(answered(&vm, id).0, 422);
+    }
+}
