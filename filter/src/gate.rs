@@ -91,6 +91,21 @@ impl Gate {
         self.prefetched.borrow().waiting()
     }
 
+    /// How a call with a verified credential goes on: on a prefetched hold, or by a reserve
+    /// that asks for `prefetch_holds` holds (its `count`) when the token is hot.
+    fn plan(&self, reserve: &mut ReserveRequest, now_ms: u64) -> Plan {
+        let Some(key) = prefetch_key(&self.config, reserve) else { return Plan::Reserve(None) };
+        let ledger = &self.config.ledger;
+        let mut prefetched = self.prefetched.borrow_mut();
+        let hot = prefetched.note_call(&key.token_id, now_ms, ledger.prefetch_max_age_ms);
+        if let Some(entry) = prefetched.take(&key, now_ms, ledger.prefetch_max_age_ms) {
+            return Plan::Take(entry);
+        }
+        // A cold token asks for one: occasional callers never lock more than a call's worth.
+        reserve.count = if hot { ledger.prefetch_holds } else { 1 };
+        Plan::Reserve(Some(Prefetch { key, count: reserve.count, at_ms: now_ms }))
+    }
+
     fn note_ledger(&self, health: Health, status: Option<u16>) {
         if self.ledger_health.replace(health) == health {
             return;
@@ -231,6 +246,13 @@ enum State {
     Done,
 }
 
+enum Plan {
+    /// Go on at once on this prefetched hold.
+    Take(Entry),
+    /// Reserve; `Some` when the reply's extra holds go to the pool.
+    Reserve(Option<Prefetch>),
+}
+
 /// A reserve that may bring extra holds for the pool.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Prefetch {
@@ -268,25 +290,17 @@ impl Exchange {
         match reserve_request(config, request, route, now) {
             Ok((mut reserve, l402)) => {
                 let token_id = reserve.token.token_id.clone();
-                let prefetch = match prefetch_key(config, &reserve) {
-                    Some(key) => {
-                        let max_age = config.ledger.prefetch_max_age_ms;
-                        let mut prefetched = gate.prefetched.borrow_mut();
-                        let hot = prefetched.note_call(&key.token_id, now_ms, max_age);
-                        if let Some(entry) = prefetched.take(&key, now_ms, max_age) {
-                            let charge = Charge {
-                                id: entry.charge_id,
-                                amount: key.amount,
-                                remaining: entry.remaining,
-                                metered: route.metered.clone(),
-                            };
-                            return self.hold(charge, token_id, false);
-                        }
-                        // A cold token asks for one: occasional callers never lock more.
-                        reserve.count = if hot { config.ledger.prefetch_holds } else { 1 };
-                        Some(Prefetch { key, count: reserve.count, at_ms: now_ms })
+                let prefetch = match gate.plan(&mut reserve, now_ms) {
+                    Plan::Take(entry) => {
+                        let charge = Charge {
+                            id: entry.charge_id,
+                            amount: reserve.price_usdc,
+                            remaining: entry.remaining,
+                            metered: route.metered.clone(),
+                        };
+                        return self.hold(charge, token_id, false);
                     }
-                    None => None,
+                    Plan::Reserve(prefetch) => prefetch,
                 };
                 self.state = State::AwaitingLedger {
                     l402,
