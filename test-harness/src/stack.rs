@@ -137,7 +137,14 @@ impl Stack {
             })?;
 
         let database = dir.join("ledger.db");
-        let mut envs = vec![];
+        let mut envs: Vec<(String, String)> = vec![
+            ("PAYSTILE_ADMIN_KEY".into(), options.secrets.admin_key.clone()),
+            ("PAYSTILE_GATEWAY_KEY".into(), options.secrets.gateway_key.clone()),
+            ("PAYSTILE_TOKEN_SECRET".into(), options.secrets.token_secret.clone()),
+            ("PAYSTILE_L402_SECRET".into(), options.secrets.l402_secret.clone()),
+            // The stack is for demos and tests: L402 invoices come from the sandbox.
+            ("PAYSTILE_INVOICE_BACKEND".into(), "sandbox".into()),
+        ];
         if options.verbose_logs {
             envs.push(("RUST_LOG".into(), "trace".into()));
         }
@@ -148,18 +155,7 @@ impl Stack {
                 options.ledger_args,
             ]
             .concat(),
-            envs: [
-                envs,
-                vec![
-                    ("PAYSTILE_ADMIN_KEY".into(), options.secrets.admin_key.clone()),
-                    ("PAYSTILE_GATEWAY_KEY".into(), options.secrets.gateway_key.clone()),
-                    ("PAYSTILE_TOKEN_SECRET".into(), options.secrets.token_secret.clone()),
-                    ("PAYSTILE_L402_SECRET".into(), options.secrets.l402_secret.clone()),
-                    // The stack is for demos and tests: L402 invoices come from the sandbox.
-                    ("PAYSTILE_INVOICE_BACKEND".into(), "sandbox".into()),
-                ],
-            ]
-            .concat(),
+            envs,
             log: dir.join("ledger.log"),
         };
         let ledger = ledger_command.start(localhost(options.ports.ledger))?;
