@@ -266,12 +266,12 @@ impl Spender {
     /// (the ledger first sees them at their first reserve).
     async fn new(stack: &TestStack, key: &Key, i: usize) -> Spender {
         let forecasts = 1 + i % 4;
-        let mixed = i % 5 == 0;
+        let mixed = i.is_multiple_of(5);
         let mut limit = stack.forecast_price().checked_mul(forecasts as u64).unwrap();
         if mixed {
             limit = limit.checked_add("0.25".parse().unwrap()).unwrap();
         }
-        let (token_id, jwt) = if i % 2 == 0 {
+        let (token_id, jwt) = if i.is_multiple_of(2) {
             let issued = stack.issue(&limit.to_string()).await.unwrap();
             (issued.token_id, issued.jwt)
         } else {
@@ -332,7 +332,7 @@ async fn a_thousand_tokens_spent_by_twenty_agents_are_each_exact() {
                     let item = next.fetch_add(1, Ordering::SeqCst);
                     let Some(spender) = spenders.get(item / ATTEMPTS) else { break };
                     let attempt = item % ATTEMPTS;
-                    let path = if spender.mixed && attempt % 2 == 0 {
+                    let path = if spender.mixed && attempt.is_multiple_of(2) {
                         "/v1/premium/report".to_owned()
                     } else {
                         format!("/v1/forecast/{item}")
