@@ -504,9 +504,9 @@ fn is_caveat_safe(value: &str) -> bool {
         && value.bytes().all(|b| b.is_ascii_graphic() && !b",=:".contains(&b))
 }
 
-/// Where the JSON could not be read, as `serde_path_to_error` shows it, except that a key not
-/// shaped like a field name shows as `…`: JSON broken around a secret can turn the secret into
-/// a key, and the gateway logs this error.
+/// Where the JSON could not be read, as `serde_path_to_error` shows it, except that a key that
+/// could be a secret shows as `…`: JSON broken around a secret can turn the secret into a
+/// key, and the gateway logs this error.
 fn parse_error(error: serde_path_to_error::Error<serde_json::Error>) -> ConfigError {
     use fmt::Write;
     use serde_path_to_error::Segment;
@@ -538,9 +538,10 @@ fn parse_error(error: serde_path_to_error::Error<serde_json::Error>) -> ConfigEr
     invalid(field, message)
 }
 
-/// The shape of every field name of the configuration (and of its likely typos).
+/// A key that cannot be a whole secret (shorter than the shortest, the gateway key), or one
+/// made of lowercase letters and `_`, as every long field name is (and its likely typos).
 fn is_field_name(key: &str) -> bool {
-    !key.is_empty() && key.len() <= 32 && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+    key.len() < MIN_GATEWAY_KEY_LEN || key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
 }
 
 /// The configuration's sections (and each route and key) are JSON objects.
