@@ -972,9 +972,15 @@ fn listens_on_loopback_by_default() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // The line that says where it listens, or nothing if it exits.
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    // The line that says where it listens, or nothing if it exits (or hangs).
+    let stdout = child.stdout.take().unwrap();
+    let (line_tx, line_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = line_tx.send(line);
+    });
+    let line = line_rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
     let _ = child.kill();
     let stderr = String::from_utf8_lossy(&child.wait_with_output().unwrap().stderr).into_owned();
     if line.is_empty() {
