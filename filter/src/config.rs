@@ -312,10 +312,7 @@ impl Config {
             objects_where_expected(&value)?;
         }
         let deserializer = &mut serde_json::Deserializer::from_slice(json);
-        let raw: Raw = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-            let message = e.inner().to_string();
-            invalid(e.path().to_string(), message)
-        })?;
+        let raw: Raw = serde_path_to_error::deserialize(deserializer).map_err(parse_error)?;
         Config::validate(raw)
     }
 
@@ -541,6 +538,46 @@ fn is_caveat_safe(value: &str) -> bool {
     !value.is_empty()
         && value.len() <= MAX_ID_LEN
         && value.bytes().all(|b| b.is_ascii_graphic() && !b",=:".contains(&b))
+}
+
+/// Where the JSON could not be read, as `serde_path_to_error` shows it, except that a key that
+/// could be a secret shows as `…`: JSON broken around a secret can turn the secret into a
+/// key, and the gateway logs this error.
+fn parse_error(error: serde_path_to_error::Error<serde_json::Error>) -> ConfigError {
+    use fmt::Write;
+    use serde_path_to_error::Segment;
+    let mut message = error.inner().to_string();
+    let mut field = String::new();
+    for segment in error.path().iter() {
+        let name = match segment {
+            Segment::Seq { index } => {
+                let _ = write!(field, "[{index}]");
+                continue;
+            }
+            Segment::Map { key } | Segment::Enum { variant: key } => key.as_str(),
+            Segment::Unknown => "?",
+        };
+        let shown = if name == "?" || is_field_name(name) {
+            name
+        } else {
+            message = message.replace(&format!("`{name}`"), "`…`");
+            "…"
+        };
+        if !field.is_empty() {
+            field.push('.');
+        }
+        field.push_str(shown);
+    }
+    if field.is_empty() {
+        field.push('.');
+    }
+    invalid(field, message)
+}
+
+/// A key that cannot be a whole secret (shorter than the shortest, the gateway key), or one
+/// made of lowercase letters and `_`, as every long field name is (and its likely typos).
+fn is_field_name(key: &str) -> bool {
+    key.len() < MIN_GATEWAY_KEY_LEN || key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
 }
 
 /// The configuration's sections (and each route and key) are JSON objects.
@@ -816,6 +853,11 @@ mod tests {
                 "pay_token.keys[0]: expected an object",
             ),
             (with(|c| c["colour"] = json!(1)), "colour: unknown field `colour`"),
+            // A key that may be a secret (broken JSON around one) is not repeated.
+            (
+                with(|c| c["ledger"]["gateway-key-0123456789"] = json!(1)),
+                "ledger.…: unknown field `…`, expected one of",
+            ),
             (with(|c| c["service_id"] = json!("")), "service_id: must be 1 to 255 bytes"),
             (with(|c| c["routes"] = json!([])), "routes: list at least one route"),
             (

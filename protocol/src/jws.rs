@@ -109,8 +109,14 @@ struct Header {
     kid: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     typ: Option<String>,
-    #[serde(default, skip_serializing)]
-    crit: Option<serde::de::IgnoredAny>,
+    #[serde(default, skip_serializing, deserialize_with = "present")]
+    crit: bool,
+}
+
+/// Whether a header parameter is there, whatever its value: `"crit": null` is a `crit` too
+/// (RFC 7515 §4.1.11 allows only a list of names, which we would not understand either).
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(deserializer).map(|_| true)
 }
 
 /// Signs `payload` with `key`: `base64url(header).base64url(payload).base64url(mac)`.
@@ -119,7 +125,7 @@ pub fn sign(payload: &[u8], key: &Key) -> String {
         alg: key.algorithm.name().to_owned(),
         kid: key.kid.clone(),
         typ: Some("JWT".to_owned()),
-        crit: None,
+        crit: false,
     };
     // A struct of strings always serializes.
     let header = serde_json::to_vec(&header).unwrap_or_default();
@@ -147,7 +153,7 @@ pub fn verify(token: &str, keys: &[Key]) -> Result<Vec<u8>, JwsError> {
     }
     let header = decode_segment(header)?;
     let header: Header = serde_json::from_slice(&header).map_err(|_| JwsError::Malformed)?;
-    if header.crit.is_some() {
+    if header.crit {
         return Err(JwsError::UnsupportedCritical);
     }
     let signature = decode_segment(signature)?;
@@ -272,11 +278,16 @@ mod tests {
     #[test]
     fn refuses_critical_extensions() {
         let secret = b"0123456789abcdef0123456789abcdef";
-        let token = token_with_header(r#"{"alg":"HS256","crit":["exp"],"exp":1}"#, secret);
-        assert_eq!(
-            verify(&token, &[Key::hs256(secret.to_vec())]),
-            Err(JwsError::UnsupportedCritical)
-        );
+        for header in
+            [r#"{"alg":"HS256","crit":["exp"],"exp":1}"#, r#"{"alg":"HS256","crit":null}"#]
+        {
+            let token = token_with_header(header, secret);
+            assert_eq!(
+                verify(&token, &[Key::hs256(secret.to_vec())]),
+                Err(JwsError::UnsupportedCritical),
+                "{header}"
+            );
+        }
     }
 
     #[test]

@@ -956,6 +956,41 @@ async fn unsettled_holds_expire_and_cannot_commit_after(store: Backend) {
     assert_eq!(ledger.token("tok_ttl").await.used_usdc, Usdc::ZERO);
 }
 
+/// Without `--listen` (nor its variable, nor a config file), the ledger binds loopback's port
+/// 8787; if another process holds that port, the refusal names the address it tried.
+#[test]
+fn listens_on_loopback_by_default() {
+    use std::io::BufRead;
+    let dir = TempDir::new().unwrap();
+    let database = format!("sqlite://{}", dir.path().join("ledger.db").display());
+    let mut child = std::process::Command::new(ledger_binary())
+        .args(["serve", "--database-url", &database])
+        .env_remove("PAYSTILE_LEDGER_LISTEN")
+        .env_remove("PAYSTILE_LEDGER_CONFIG")
+        .envs(envs())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The line that says where it listens, or nothing if it exits (or hangs).
+    let stdout = child.stdout.take().unwrap();
+    let (line_tx, line_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = line_tx.send(line);
+    });
+    let line = line_rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+    let _ = child.kill();
+    let stderr = String::from_utf8_lossy(&child.wait_with_output().unwrap().stderr).into_owned();
+    if line.is_empty() {
+        assert!(stderr.contains("cannot listen on 127.0.0.1:8787"), "{stderr}");
+    } else {
+        assert_eq!(line.trim(), "paystile-ledger listening on http://127.0.0.1:8787");
+    }
+}
+
 #[test]
 fn refuses_to_start_without_keys_naming_the_setting() {
     let output = std::process::Command::new(ledger_binary())
@@ -1788,6 +1823,24 @@ mod operability {
                 let expected = if key.is_some() { 401 } else { 200 };
                 assert_eq!(status, expected, "{method} {path} without a key");
                 if let Some(key) = key {
+                    // The other API's key, a wrong one, the right one without its scheme or
+                    // with a byte more: each refused before the handler reads the request.
+                    let other = if key == ADMIN_KEY { GATEWAY_KEY } else { ADMIN_KEY };
+                    for authorization in [
+                        format!("Bearer {other}"),
+                        "Bearer not-the-key-0123456789".to_owned(),
+                        key.to_owned(),
+                        format!("Basic {key}"),
+                        format!("Bearer {key}x"),
+                        "Bearer ".to_owned(),
+                    ] {
+                        let request = ledger.http.request(method.clone(), url(&concrete));
+                        let response =
+                            request.header("authorization", &authorization).send().await.unwrap();
+                        assert_eq!(response.status(), 401, "{method} {path} with {authorization}");
+                        let body: Value = response.json().await.unwrap();
+                        assert_eq!(body["code"], "unauthorized", "{method} {path}");
+                    }
                     let request = ledger.http.request(method.clone(), url(&concrete));
                     let status = request.bearer_auth(key).send().await.unwrap().status();
                     assert!(![401, 405].contains(&status.as_u16()), "{method} {path}: {status}");

@@ -67,6 +67,19 @@ impl TestStack {
     /// A stack whose filter configuration is patched with `filter` (RFC 7396) and whose
     /// ledger gets `ledger_args`.
     pub async fn start_with(filter: Value, ledger_args: &[&str]) -> anyhow::Result<TestStack> {
+        TestStack::launch(filter, ledger_args, false).await
+    }
+
+    /// Like [`TestStack::start_with`], with the filter and the ledger logging everything.
+    pub async fn start_verbose(filter: Value, ledger_args: &[&str]) -> anyhow::Result<TestStack> {
+        TestStack::launch(filter, ledger_args, true).await
+    }
+
+    async fn launch(
+        filter: Value,
+        ledger_args: &[&str],
+        verbose_logs: bool,
+    ) -> anyhow::Result<TestStack> {
         let dir = TempDir::new()?;
         let stack = Stack::start(StackOptions {
             ports: Ports::ANY,
@@ -75,6 +88,7 @@ impl TestStack {
             filter,
             ledger_args: ledger_args.iter().map(|a| (*a).to_owned()).collect(),
             envoy_workers: 2,
+            verbose_logs,
         })
         .await?;
         let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build()?;

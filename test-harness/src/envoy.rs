@@ -102,9 +102,15 @@ pub struct EnvoyProcess {
 }
 
 impl EnvoyProcess {
-    /// Starts Envoy on `config` in `dir` (its log goes to `dir/envoy.log`) and waits until
-    /// it is ready and listening.
-    pub async fn start(config: &Path, dir: &Path, workers: u32) -> anyhow::Result<EnvoyProcess> {
+    /// Starts Envoy on `config` in `dir` (its log is appended to `dir/envoy.log`, so that a
+    /// restart keeps what came before) and waits until it is ready and listening. The filter
+    /// logs at `wasm_log_level` (`info`; `trace` to see everything it logs).
+    pub async fn start(
+        config: &Path,
+        dir: &Path,
+        workers: u32,
+        wasm_log_level: &str,
+    ) -> anyhow::Result<EnvoyProcess> {
         let binary = paths::envoy_binary();
         let log = dir.join("envoy.log");
         let admin_file = dir.join("envoy-admin-address");
@@ -114,18 +120,13 @@ impl EnvoyProcess {
             .arg(config)
             .arg("--admin-address-path")
             .arg(&admin_file)
-            .args([
-                "--disable-hot-restart",
-                "--log-level",
-                "warning",
-                "--component-log-level",
-                "wasm:info",
-            ])
+            .args(["--disable-hot-restart", "--log-level", "warning"])
+            .args(["--component-log-level", &format!("wasm:{wasm_log_level}")])
             .args(["--concurrency", &workers.to_string()])
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(File::create(&log)?)
+            .stderr(File::options().create(true).append(true).open(&log)?)
             .spawn()
             .with_context(|| {
                 format!("cannot run {} (install Envoy with scripts/setup)", binary.display())
@@ -183,6 +184,12 @@ impl EnvoyProcess {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `kill -9`: the filter's queued settlements die with it.
+    pub fn kill(&mut self) -> std::io::Result<()> {
+        self.child.kill()?;
+        self.child.wait().map(drop)
     }
 }
 

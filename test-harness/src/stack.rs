@@ -74,6 +74,10 @@ pub struct StackOptions {
     /// Extra `paystile-ledger serve` flags.
     pub ledger_args: Vec<String>,
     pub envoy_workers: u32,
+    /// Everything the filter and the ledger log (Envoy's `wasm` component at trace,
+    /// `RUST_LOG=trace` for the ledger), for tests that read the logs; Envoy's own
+    /// components stay at warning.
+    pub verbose_logs: bool,
 }
 
 pub struct Stack {
@@ -85,6 +89,23 @@ pub struct Stack {
     /// The filter configuration Envoy runs.
     pub filter_config: Value,
     ledger_command: LedgerCommand,
+    envoy_command: EnvoyCommand,
+}
+
+/// How to (re)start Envoy.
+struct EnvoyCommand {
+    config: EnvoyConfig,
+    config_path: PathBuf,
+    dir: PathBuf,
+    workers: u32,
+    wasm_log_level: &'static str,
+}
+
+impl EnvoyCommand {
+    async fn start(&self) -> anyhow::Result<EnvoyProcess> {
+        self.config.write(&self.config_path)?;
+        EnvoyProcess::start(&self.config_path, &self.dir, self.workers, self.wasm_log_level).await
+    }
 }
 
 /// How to (re)start the ledger on the same port and database.
@@ -116,6 +137,17 @@ impl Stack {
             })?;
 
         let database = dir.join("ledger.db");
+        let mut envs: Vec<(String, String)> = vec![
+            ("PAYSTILE_ADMIN_KEY".into(), options.secrets.admin_key.clone()),
+            ("PAYSTILE_GATEWAY_KEY".into(), options.secrets.gateway_key.clone()),
+            ("PAYSTILE_TOKEN_SECRET".into(), options.secrets.token_secret.clone()),
+            ("PAYSTILE_L402_SECRET".into(), options.secrets.l402_secret.clone()),
+            // The stack is for demos and tests: L402 invoices come from the sandbox.
+            ("PAYSTILE_INVOICE_BACKEND".into(), "sandbox".into()),
+        ];
+        if options.verbose_logs {
+            envs.push(("RUST_LOG".into(), "trace".into()));
+        }
         let ledger_command = LedgerCommand {
             binary: paths::ledger_binary()?,
             args: [
@@ -123,14 +155,7 @@ impl Stack {
                 options.ledger_args,
             ]
             .concat(),
-            envs: vec![
-                ("PAYSTILE_ADMIN_KEY".into(), options.secrets.admin_key.clone()),
-                ("PAYSTILE_GATEWAY_KEY".into(), options.secrets.gateway_key.clone()),
-                ("PAYSTILE_TOKEN_SECRET".into(), options.secrets.token_secret.clone()),
-                ("PAYSTILE_L402_SECRET".into(), options.secrets.l402_secret.clone()),
-                // The stack is for demos and tests: L402 invoices come from the sandbox.
-                ("PAYSTILE_INVOICE_BACKEND".into(), "sandbox".into()),
-            ],
+            envs,
             log: dir.join("ledger.log"),
         };
         let ledger = ledger_command.start(localhost(options.ports.ledger))?;
@@ -154,9 +179,16 @@ impl Stack {
         merge_patch(&mut filter_config, &secrets);
         merge_patch(&mut filter_config, &options.filter);
         envoy_config.set_filter_config(&filter_config)?;
-        let config_path = dir.join("envoy.json");
-        envoy_config.write(&config_path)?;
-        let envoy = EnvoyProcess::start(&config_path, dir, options.envoy_workers).await?;
+        let mut envoy_command = EnvoyCommand {
+            config: envoy_config,
+            config_path: dir.join("envoy.json"),
+            dir: dir.clone(),
+            workers: options.envoy_workers,
+            wasm_log_level: if options.verbose_logs { "trace" } else { "info" },
+        };
+        let envoy = envoy_command.start().await?;
+        // A restart listens where this Envoy does, even if the system chose the port.
+        envoy_command.config.set_listener_port(envoy.gateway().port())?;
 
         let admin = AdminClient::new(&ledger.url(), &options.secrets.admin_key);
         Ok(Stack {
@@ -167,6 +199,7 @@ impl Stack {
             secrets: options.secrets,
             filter_config,
             ledger_command,
+            envoy_command,
         })
     }
 
@@ -178,6 +211,14 @@ impl Stack {
     /// Starts the ledger again (after a kill) on the same port and database.
     pub fn restart_ledger(&mut self) -> anyhow::Result<()> {
         self.ledger = self.ledger_command.start(self.ledger.address())?;
+        Ok(())
+    }
+
+    /// Kills Envoy (`kill -9`, so the filter's queued settlements are lost with it) and
+    /// starts it again on the same gateway port.
+    pub async fn restart_envoy(&mut self) -> anyhow::Result<()> {
+        self.envoy.kill()?;
+        self.envoy = self.envoy_command.start().await?;
         Ok(())
     }
 

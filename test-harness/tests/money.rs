@@ -2,14 +2,16 @@
 //! cap under concurrency, and no answered charge lost when the ledger is killed.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use paystile_harness::e2e::TestStack;
+use paystile_harness::e2e::{TestStack, unix_now};
 use paystile_protocol::Usdc;
-use paystile_protocol::ledger_api::ChargeStatus;
+use paystile_protocol::jws::Key;
+use paystile_protocol::ledger_api::{ChargeQuery, ChargeStatus, ChargeView};
+use paystile_protocol::pay_token::{self, PayTokenClaims, Scope};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -139,14 +141,36 @@ async fn reach(count: &AtomicUsize, target: usize) {
     }
 }
 
+/// Every charge of `token_id` in the journal.
+async fn journal(stack: &TestStack, token_id: &str) -> Vec<ChargeView> {
+    let mut query =
+        ChargeQuery { token_id: Some(token_id.into()), limit: Some(1000), ..Default::default() };
+    let mut charges = Vec::new();
+    loop {
+        let page = stack.stack.admin.charges(&query).await.unwrap();
+        charges.extend(page.charges);
+        match page.next_cursor {
+            Some(cursor) => query.cursor = Some(cursor),
+            None => return charges,
+        }
+    }
+}
+
+/// The ledger stalled past the filter's timeout (the reserves it then answers late become
+/// holds that no gateway will settle) and killed with -9 under load, restarted, and loaded
+/// until the cap is spent: every answered charge is committed, the orphaned holds expire,
+/// and the token is spent exactly to its cap, never past it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn answered_charges_survive_kill_9_of_the_ledger_under_load() {
     const CLIENTS: usize = 8;
-    // Holds orphaned by the crash (reserved, never answered) expire quickly here.
-    let ledger_args = ["--hold-ttl-seconds", "5"];
+    const CAP_CALLS: usize = 150;
+    // Orphaned holds expire quickly here.
+    let ledger_args = ["--hold-ttl-seconds", "3"];
     let mut stack =
         TestStack::start_with(json!({"ledger": {"timeout_ms": 500}}), &ledger_args).await.unwrap();
-    let token = stack.issue("5").await.unwrap();
+    let price = stack.forecast_price();
+    let cap = price.checked_mul(CAP_CALLS as u64).unwrap();
+    let token = stack.issue(&cap.to_string()).await.unwrap();
     let paid = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
 
@@ -161,16 +185,19 @@ async fn answered_charges_survive_kill_9_of_the_ledger_under_load() {
                     if stop.load(Ordering::SeqCst) {
                         break;
                     }
-                    let url = format!("{gateway}/v1/forecast/k{client}-{call}");
+                    // The upstream's delay keeps calls in flight when the ledger dies.
+                    let url = format!("{gateway}/v1/forecast/k{client}-{call}?delay_ms=20");
                     let response = http.get(url).bearer_auth(&jwt).send().await.unwrap();
-                    match response.status().as_u16() {
+                    let status = response.status().as_u16();
+                    let header = |name| response.headers()[name].to_str().unwrap().to_owned();
+                    match status {
                         200 => {
-                            charged.push(
-                                response.headers()["x-charge-id"].to_str().unwrap().to_owned(),
-                            );
+                            charged.push((header("x-charge-id"), header("x-amount-usdc")));
                             paid.fetch_add(1, Ordering::SeqCst);
                         }
                         503 => unavailable += 1,
+                        // Spent, or held by holds that have yet to expire.
+                        402 => tokio::time::sleep(Duration::from_millis(50)).await,
                         other => panic!("unexpected status {other}"),
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -180,37 +207,190 @@ async fn answered_charges_survive_kill_9_of_the_ledger_under_load() {
         })
         .collect();
 
-    // Load, kill -9 in the middle of it, restart, and load again.
-    reach(&paid, 40).await;
+    reach(&paid, 30).await;
+    stack.stack.ledger.signal("STOP").unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stack.stack.ledger.signal("CONT").unwrap();
+    reach(&paid, paid.load(Ordering::SeqCst) + 30).await;
     stack.stack.ledger.kill().unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
     stack.stack.restart_ledger().unwrap();
-    let before_restart = paid.load(Ordering::SeqCst);
-    reach(&paid, before_restart + 40).await;
+    // The whole cap: only once the orphaned holds have expired.
+    reach(&paid, CAP_CALLS).await;
     stop.store(true, Ordering::SeqCst);
 
-    let (mut charged, mut unavailable) = (Vec::new(), 0);
+    let (mut charged, mut unavailable) = (HashMap::new(), 0);
     for client in clients {
-        let (ids, down) = client.await.unwrap();
-        charged.extend(ids);
+        let (answers, down) = client.await.unwrap();
+        for (charge_id, amount) in answers {
+            assert_eq!(amount, "0.001000");
+            assert!(charged.insert(charge_id, amount).is_none(), "a charge id was reused");
+        }
         unavailable += down;
     }
     assert!(unavailable > 0, "no call saw the ledger down: the test proved nothing");
+    assert_eq!(charged.len(), CAP_CALLS, "more calls were paid than the cap allows");
 
-    // Every response that carried an X-Charge-Id is a committed charge, and nothing else is.
-    let token = stack.settled(&token.token_id).await.unwrap();
-    for charge_id in &charged {
-        let charge = stack.stack.admin.charge(charge_id).await.unwrap();
-        assert_eq!(
-            (charge.status, charge.amount_usdc),
-            (ChargeStatus::Committed, stack.forecast_price()),
-            "{charge_id}"
-        );
+    // Every response that carried an X-Charge-Id is a committed charge; every other hold
+    // (reserved, never answered) expired and charged nothing.
+    let spent = stack.settled(&token.token_id).await.unwrap();
+    assert_eq!((spent.used_usdc, spent.reserved_usdc), (cap, Usdc::ZERO));
+    let charges = journal(&stack, &token.token_id).await;
+    let mut orphans = 0;
+    for charge in &charges {
+        if charged.contains_key(&charge.charge_id) {
+            assert_eq!((charge.status, charge.amount_usdc), (ChargeStatus::Committed, price));
+        } else {
+            assert_eq!((charge.status, charge.amount_usdc), (ChargeStatus::Released, Usdc::ZERO));
+            orphans += 1;
+        }
     }
-    let expected = stack.forecast_price().checked_mul(charged.len() as u64).unwrap();
-    assert_eq!(
-        token.used_usdc, expected,
-        "charges without a response, or responses without a charge"
-    );
-    assert!(token.used_usdc <= token.limit_usdc);
+    assert_eq!(charges.len() - orphans, CAP_CALLS, "an answered charge is not in the journal");
+    assert!(orphans > 0, "the stall left no hold to expire: the test proved nothing");
+    let answer = stack.paid("/v1/forecast/after", &token.jwt).await.unwrap();
+    assert_eq!(answer.code().as_deref(), Some("token_limit_exceeded"), "{answer:?}");
+}
+
+/// A token of the 1,000: `forecasts` calls at 0.001 USDC, plus one premium report at 0.25
+/// for every fifth token (`mixed`), which alternates its calls between the two routes.
+struct Spender {
+    token_id: String,
+    jwt: String,
+    limit: Usdc,
+    forecasts: usize,
+    mixed: bool,
+}
+
+impl Spender {
+    /// Token `i`: even ones issued by the ledger, odd ones minted with the shared secret
+    /// (the ledger first sees them at their first reserve).
+    async fn new(stack: &TestStack, key: &Key, i: usize) -> Spender {
+        let forecasts = 1 + i % 4;
+        let mixed = i.is_multiple_of(5);
+        let mut limit = stack.forecast_price().checked_mul(forecasts as u64).unwrap();
+        if mixed {
+            limit = limit.checked_add("0.25".parse().unwrap()).unwrap();
+        }
+        let (token_id, jwt) = if i.is_multiple_of(2) {
+            let issued = stack.issue(&limit.to_string()).await.unwrap();
+            (issued.token_id, issued.jwt)
+        } else {
+            let claims = PayTokenClaims {
+                sub: format!("agent-{i}"),
+                jti: format!("tok_minted_{i}"),
+                service_id: Some(stack.service_id()),
+                limit_usdc: limit,
+                scope: Scope::Single,
+                buyer_tag: None,
+                exp: unix_now() + 3600,
+                iat: Some(unix_now()),
+                nbf: None,
+                iss: None,
+                aud: None,
+                sandbox: false,
+            };
+            (claims.jti.clone(), pay_token::sign(&claims, key))
+        };
+        Spender { token_id, jwt, limit, forecasts, mixed }
+    }
+}
+
+/// 1,000 tokens spent by 20 agents at once through Envoy, each token's calls taken by several
+/// agents concurrently. Every token's used amount is exactly
+/// the sum of its billed answers, and none is spent past its cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_tokens_spent_by_twenty_agents_are_each_exact() {
+    const TOKENS: usize = 1000;
+    const AGENTS: usize = 20;
+    const ATTEMPTS: usize = 5;
+    let stack = Arc::new(TestStack::start().await.unwrap());
+    let key = Key::hs256(stack.stack.secrets.token_secret.as_bytes());
+    let mut spenders = Vec::with_capacity(TOKENS);
+    for chunk in (0..TOKENS).collect::<Vec<_>>().chunks(AGENTS) {
+        let made: Vec<_> = chunk
+            .iter()
+            .map(|&i| {
+                let (stack, key) = (stack.clone(), key.clone());
+                tokio::spawn(async move { Spender::new(&stack, &key, i).await })
+            })
+            .collect();
+        for spender in made {
+            spenders.push(spender.await.unwrap());
+        }
+    }
+    let spenders = Arc::new(spenders);
+
+    // The work: each token's attempts one after another, so that the agents take them at
+    // the same time.
+    let next = Arc::new(AtomicUsize::new(0));
+    let agents: Vec<_> = (0..AGENTS)
+        .map(|_| {
+            let (stack, spenders, next) = (stack.clone(), spenders.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut billed = Vec::new();
+                loop {
+                    let item = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(spender) = spenders.get(item / ATTEMPTS) else { break };
+                    let attempt = item % ATTEMPTS;
+                    let path = if spender.mixed && attempt.is_multiple_of(2) {
+                        "/v1/premium/report".to_owned()
+                    } else {
+                        format!("/v1/forecast/{item}")
+                    };
+                    let answer = stack.paid(&path, &spender.jwt).await.unwrap();
+                    match answer.status {
+                        200 => {
+                            let amount: Usdc =
+                                answer.header("x-amount-usdc").unwrap().parse().unwrap();
+                            billed.push((item / ATTEMPTS, amount));
+                        }
+                        402 => assert_eq!(
+                            answer.code().as_deref(),
+                            Some("token_limit_exceeded"),
+                            "{answer:?}"
+                        ),
+                        other => panic!("unexpected {other}: {answer:?}"),
+                    }
+                }
+                billed
+            })
+        })
+        .collect();
+    let mut billed = vec![(Usdc::ZERO, 0usize); TOKENS];
+    for agent in agents {
+        for (token, amount) in agent.await.unwrap() {
+            let (sum, calls) = &mut billed[token];
+            *sum = sum.checked_add(amount).unwrap();
+            *calls += 1;
+        }
+    }
+
+    // Every token as the ledger has it, read by 20 tasks.
+    let checks: Vec<_> = (0..AGENTS)
+        .map(|agent| {
+            let (stack, spenders) = (stack.clone(), spenders.clone());
+            let billed: Vec<_> = billed.iter().copied().skip(agent).step_by(AGENTS).collect();
+            tokio::spawn(async move {
+                let tokens = spenders.iter().skip(agent).step_by(AGENTS);
+                for (spender, (sum, calls)) in tokens.zip(billed) {
+                    let token = stack.settled(&spender.token_id).await.unwrap();
+                    assert_eq!(
+                        token.used_usdc, sum,
+                        "{}: used is not what was billed",
+                        spender.token_id
+                    );
+                    assert!(token.used_usdc <= spender.limit, "{} overspent", spender.token_id);
+                    if !spender.mixed {
+                        // One price: exactly as many calls as the cap allows went through.
+                        assert_eq!(calls, spender.forecasts.min(ATTEMPTS), "{}", spender.token_id);
+                    }
+                }
+            })
+        })
+        .collect();
+    for check in checks {
+        check.await.unwrap();
+    }
+    let calls: usize = billed.iter().map(|(_, calls)| calls).sum();
+    assert_eq!(stack.stack.upstream.seen().len(), calls, "only billed calls reach the upstream");
 }

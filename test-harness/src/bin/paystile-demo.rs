@@ -40,6 +40,7 @@ async fn run() -> anyhow::Result<()> {
         filter: serde_json::json!({}),
         ledger_args: Vec::new(),
         envoy_workers: 2,
+        verbose_logs: false,
     })
     .await?;
 
