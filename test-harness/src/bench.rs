@@ -129,15 +129,15 @@ pub fn ticks_per_second() -> anyhow::Result<u64> {
     text.trim().parse().with_context(|| format!("getconf CLK_TCK answered {text:?}"))
 }
 
-/// The value of the counter `name` in a Prometheus text exposition, labels included in
+/// The value of the sample `name` in a Prometheus text exposition, its labels written into
 /// `name` exactly as the exposition writes them; 0 when absent (no event yet).
-pub fn prometheus_counter(text: &str, name: &str) -> anyhow::Result<u64> {
+pub fn prometheus_value(text: &str, name: &str) -> anyhow::Result<f64> {
     for line in text.lines() {
         if let Some(value) = line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')) {
-            return value.trim().parse().with_context(|| format!("{name} is not a count"));
+            return value.trim().parse().with_context(|| format!("{name} is not a number"));
         }
     }
-    Ok(0)
+    Ok(0.0)
 }
 
 /// The answer every request of a row must get.
@@ -154,8 +154,8 @@ pub enum Expect {
 pub struct Counted {
     /// Envoy's answers by class: `[2xx, 4xx, 5xx]`.
     pub envoy_answers: [u64; 3],
-    /// For a row that goes through the ledger: what the ledger must have done once per
-    /// answer (holds placed for paid calls, L402 challenges minted for 402s), and its count.
+    /// For a row that goes through the ledger: the endpoint it must have answered once per
+    /// answer (holds for paid calls, L402 challenges for 402s), and how often it did.
     pub ledger: Option<(&'static str, u64)>,
 }
 
@@ -191,7 +191,8 @@ pub fn problems(expect: Expect, wrk: &WrkReport, counted: &Counted) -> Vec<Strin
     if let Some((what, count)) = counted.ledger
         && count < wrk.requests
     {
-        problems.push(format!("the ledger counted {count} {what} for {} answers", wrk.requests));
+        problems
+            .push(format!("the ledger answered {what} {count} times for {} answers", wrk.requests));
     }
     problems
 }
@@ -207,17 +208,35 @@ pub struct Row {
     pub ledger_cpu: f64,
     /// The ledger's CPU time per completed request.
     pub ledger_per_request: Duration,
+    /// The ledger's own mean time to answer the row's calls to it (from its metrics).
+    pub ledger_mean: Option<Duration>,
     /// The benchmark process's CPU, which is mostly the upstream's.
     pub upstream_cpu: f64,
     /// Why the run does not count, if it does not.
     pub problems: Vec<String>,
+    /// req/s of every round, when the row was measured more than once.
+    pub rounds: Vec<f64>,
+}
+
+/// One row from several runs of it: the run with the median req/s (the lower of the two
+/// middle ones), its figures kept together, with every run's problems.
+pub fn median_run(mut runs: Vec<Row>) -> Option<Row> {
+    runs.sort_by(|a, b| a.wrk.requests_per_second.total_cmp(&b.wrk.requests_per_second));
+    let rounds: Vec<f64> = runs.iter().map(|run| run.wrk.requests_per_second).collect();
+    let problems: Vec<String> = runs.iter().flat_map(|run| run.problems.clone()).collect();
+    let mut median = runs.get(runs.len().checked_sub(1)? / 2)?.clone();
+    median.problems = problems;
+    if rounds.len() > 1 {
+        median.rounds = rounds;
+    }
+    Some(median)
 }
 
 /// The table, as Markdown; `baseline` (bare Envoy's row) gives the ratios.
 pub fn table(rows: &[Row], baseline: Option<&Row>) -> String {
     let mut out = String::from(
-        "| configuration | req/s | p50 ms | p99 ms | vs bare | added p50 ms | Envoy CPU | ledger CPU | ledger µs/req | upstream CPU | answers (2xx/4xx/5xx) | check |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
+        "| configuration | req/s | p50 ms | p99 ms | vs bare | added p50 ms | Envoy CPU | ledger CPU | ledger µs/req | ledger mean ms | upstream CPU | answers (2xx/4xx/5xx) | check |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
     );
     for row in rows {
         let (ratio, added) = match baseline {
@@ -233,9 +252,11 @@ pub fn table(rows: &[Row], baseline: Option<&Row>) -> String {
         } else {
             format!("**FAILED**: {}", row.problems.join("; "))
         };
+        let ledger_mean =
+            row.ledger_mean.map_or("–".into(), |mean| format!("{:.3}", millis(mean)));
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {:.3} | {:.3} | {ratio} | {added} | {:.0}% | {:.0}% | {:.1} | {:.0}% | {ok}/{client}/{server} | {check} |",
+            "| {} | {:.0} | {:.3} | {:.3} | {ratio} | {added} | {:.0}% | {:.0}% | {:.1} | {ledger_mean} | {:.0}% | {ok}/{client}/{server} | {check} |",
             row.name,
             row.wrk.requests_per_second,
             millis(row.wrk.p50),
@@ -331,14 +352,19 @@ Transfer/sec:      4.08MB
     }
 
     #[test]
-    fn reads_a_labelled_counter() {
+    fn reads_a_labelled_sample() {
         let text = "# TYPE paystile_ledger_holds counter\n\
                     paystile_ledger_holds_total 41\n\
-                    x_count{endpoint=\"/v1/l402/challenges\",status=\"200\"} 7\n";
-        assert_eq!(prometheus_counter(text, "paystile_ledger_holds_total").unwrap(), 41);
-        let challenges = "x_count{endpoint=\"/v1/l402/challenges\",status=\"200\"}";
-        assert_eq!(prometheus_counter(text, challenges).unwrap(), 7);
-        assert_eq!(prometheus_counter(text, "paystile_ledger_holds").unwrap(), 0);
+                    x_sum{endpoint=\"/v1/holds\",status=\"200\"} 0.125\n\
+                    x_count{endpoint=\"/v1/holds\",status=\"200\"} 7\n\
+                    x_count{endpoint=\"/v1/holds\",status=\"503\"} nan-ish\n";
+        assert_eq!(prometheus_value(text, "paystile_ledger_holds_total").unwrap(), 41.0);
+        let holds = "{endpoint=\"/v1/holds\",status=\"200\"}";
+        assert_eq!(prometheus_value(text, &format!("x_count{holds}")).unwrap(), 7.0);
+        assert_eq!(prometheus_value(text, &format!("x_sum{holds}")).unwrap(), 0.125);
+        assert_eq!(prometheus_value(text, "paystile_ledger_holds").unwrap(), 0.0);
+        let refused = "x_count{endpoint=\"/v1/holds\",status=\"503\"}";
+        assert!(prometheus_value(text, refused).is_err());
     }
 
     #[test]
@@ -346,22 +372,22 @@ Transfer/sec:      4.08MB
         let report = parse_wrk(REPORT).unwrap();
         let clean = WrkReport { non_2xx: 0, socket_errors: 0, ..report };
         let n = clean.requests;
-        let paid = Counted { envoy_answers: [n + 3, 0, 0], ledger: Some(("holds", n + 2)) };
+        let paid = Counted { envoy_answers: [n + 3, 0, 0], ledger: Some(("/v1/holds", n + 2)) };
         assert!(problems(Expect::Success, &clean, &paid).is_empty());
         assert_eq!(
             problems(Expect::Success, &report, &paid),
             ["3 socket errors", "17 answers were not 2xx"]
         );
-        let short = Counted { ledger: Some(("holds", n - 1)), ..paid };
+        let short = Counted { ledger: Some(("/v1/holds", n - 1)), ..paid };
         assert_eq!(
             problems(Expect::Success, &clean, &short),
-            [format!("the ledger counted {} holds for {n} answers", n - 1)]
+            [format!("the ledger answered /v1/holds {} times for {n} answers", n - 1)]
         );
         let refused = Counted { envoy_answers: [n, 0, 1], ledger: None };
         assert_eq!(problems(Expect::Success, &clean, &refused).len(), 1);
 
         let challenged = WrkReport { non_2xx: n, ..clean };
-        let minted = Counted { envoy_answers: [0, n, 0], ledger: Some(("challenges", n)) };
+        let minted = Counted { envoy_answers: [0, n, 0], ledger: Some(("/v1/l402/challenges", n)) };
         assert!(problems(Expect::PaymentRequired, &challenged, &minted).is_empty());
         assert_eq!(
             problems(Expect::PaymentRequired, &clean, &minted),
@@ -381,14 +407,17 @@ Transfer/sec:      4.08MB
             envoy_cpu: 90.0,
             ledger_cpu: 0.0,
             ledger_per_request: Duration::ZERO,
+            ledger_mean: None,
             upstream_cpu: 40.0,
             problems: Vec::new(),
+            rounds: Vec::new(),
         };
         let slower =
             WrkReport { requests_per_second: 5015.625, p50: Duration::from_micros(1780), ..report };
         let paid = Row {
             name: "paystile".into(),
             wrk: slower,
+            ledger_mean: Some(Duration::from_micros(1250)),
             problems: vec!["12 non-2xx".into()],
             ..bare.clone()
         };
@@ -397,6 +426,40 @@ Transfer/sec:      4.08MB
         assert_eq!(lines.len(), 4);
         assert!(lines[2].contains("| 1.00 | +0.000 |"), "{}", lines[2]);
         assert!(lines[3].contains("| 0.50 | +0.250 |"), "{}", lines[3]);
+        assert!(lines[3].contains("| 1.250 |"), "{}", lines[3]);
         assert!(lines[3].ends_with("| **FAILED**: 12 non-2xx |"), "{}", lines[3]);
+    }
+
+    #[test]
+    fn several_rounds_give_the_median_run() {
+        let report = parse_wrk(REPORT).unwrap();
+        let run = |rate: f64, problem: Option<&str>| Row {
+            name: "bare Envoy".into(),
+            wrk: WrkReport { requests_per_second: rate, ..report },
+            counted: Counted { envoy_answers: [1, 0, 0], ledger: None },
+            envoy_cpu: rate / 100.0,
+            ledger_cpu: 0.0,
+            ledger_per_request: Duration::ZERO,
+            ledger_mean: None,
+            upstream_cpu: 0.0,
+            problems: problem.into_iter().map(str::to_owned).collect(),
+            rounds: Vec::new(),
+        };
+        let median = median_run(vec![
+            run(900.0, None),
+            run(300.0, Some("1 socket errors")),
+            run(600.0, None),
+        ])
+        .unwrap();
+        assert_eq!(median.wrk.requests_per_second, 600.0);
+        assert_eq!(median.envoy_cpu, 6.0, "the figures come from the same run");
+        assert_eq!(median.rounds, [300.0, 600.0, 900.0]);
+        assert_eq!(median.problems, ["1 socket errors"]);
+
+        let lower = median_run(vec![run(900.0, None), run(300.0, None)]).unwrap();
+        assert_eq!(lower.wrk.requests_per_second, 300.0);
+        let once = median_run(vec![run(900.0, None)]).unwrap();
+        assert!(once.rounds.is_empty());
+        assert!(median_run(Vec::new()).is_none());
     }
 }

@@ -5,8 +5,10 @@
 //! with wrk at fixed threads and connections after a warm-up, and prints one Markdown table.
 //!
 //! The environment sets the load: `PAYSTILE_BENCH_THREADS` (1), `PAYSTILE_BENCH_CONNECTIONS`
-//! (16), `PAYSTILE_BENCH_SECONDS` (10), `PAYSTILE_BENCH_WARMUP_SECONDS` (3), and Envoy's
-//! `PAYSTILE_BENCH_ENVOY_WORKERS` (1). Arguments name the rows to run (default: all).
+//! (16), `PAYSTILE_BENCH_SECONDS` (10), `PAYSTILE_BENCH_WARMUP_SECONDS` (3), Envoy's
+//! `PAYSTILE_BENCH_ENVOY_WORKERS` (1), and `PAYSTILE_BENCH_ROUNDS` (1): with more, the rows
+//! are measured in turn that many times and each shows its median run. Arguments name the rows
+//! to run (default: all).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,7 +21,7 @@ use paystile_harness::bench::{self, Counted, Expect, Load, Row};
 use paystile_harness::e2e;
 use paystile_harness::paths;
 use paystile_harness::stack::{HttpFilter, Ports, Secrets, Stack, StackOptions};
-use paystile_protocol::ledger_api::IssueTokenRequest;
+use paystile_protocol::ledger_api::{self, IssueTokenRequest};
 use serde_json::{Value, json};
 
 /// The Pay Token's cap and the L402 credential's budget: far more than any run spends.
@@ -78,15 +80,13 @@ impl Config {
         }
     }
 
-    /// The ledger counter that must move once per answer, and the name it has in reports.
-    fn ledger_counter(self) -> Option<(&'static str, &'static str)> {
+    /// The ledger endpoint the gateway calls once per answer (holds for paid calls, L402
+    /// challenges for 402s), which must have answered 200 that often.
+    fn ledger_endpoint(self) -> Option<&'static str> {
         match self {
             Config::Bare | Config::JwtAuthn => None,
-            Config::PayToken | Config::L402 => Some(("holds", "paystile_ledger_holds_total")),
-            Config::Challenge => Some((
-                "L402 challenges",
-                "paystile_ledger_http_request_duration_seconds_count{method=\"POST\",endpoint=\"/v1/l402/challenges\",status=\"200\"}",
-            )),
+            Config::PayToken | Config::L402 => Some(ledger_api::path::HOLDS),
+            Config::Challenge => Some(ledger_api::path::L402_CHALLENGES),
         }
     }
 }
@@ -117,6 +117,7 @@ struct Settings {
     load: Load,
     warmup: Duration,
     envoy_workers: u32,
+    rounds: u32,
     ticks_per_second: u64,
 }
 
@@ -147,6 +148,7 @@ impl Settings {
             load,
             warmup: Duration::from_secs(setting("PAYSTILE_BENCH_WARMUP_SECONDS", 3)?),
             envoy_workers: whole("PAYSTILE_BENCH_ENVOY_WORKERS", 1)?.max(1),
+            rounds: whole("PAYSTILE_BENCH_ROUNDS", 1)?.max(1),
             ticks_per_second: bench::ticks_per_second()?,
         })
     }
@@ -186,33 +188,58 @@ async fn run() -> anyhow::Result<bool> {
     println!("{}", conditions(&settings)?);
     warn_if_busy();
     let secrets = Secrets::random();
-    let mut rows = Vec::new();
-    for config in configs {
-        eprintln!("bench: {} ({}) …", config.title(), config.key());
-        let row = measure(config, &settings, &secrets)
-            .await
-            .with_context(|| format!("the {} row", config.key()))?;
-        eprintln!(
-            "bench: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms",
-            row.wrk.requests_per_second,
-            bench::millis(row.wrk.p50),
-            bench::millis(row.wrk.p99)
-        );
-        rows.push((config, row));
+    // Rounds go through every row in turn, so that a burst of other work on the machine
+    // falls on all rows alike.
+    let mut runs: Vec<Vec<Row>> = vec![Vec::new(); configs.len()];
+    for round in 1..=settings.rounds {
+        for (config, runs) in configs.iter().zip(&mut runs) {
+            eprintln!(
+                "bench: round {round}/{}: {} ({}) …",
+                settings.rounds,
+                config.title(),
+                config.key()
+            );
+            let row = measure(*config, &settings, &secrets)
+                .await
+                .with_context(|| format!("the {} row", config.key()))?;
+            eprintln!(
+                "bench: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms",
+                row.wrk.requests_per_second,
+                bench::millis(row.wrk.p50),
+                bench::millis(row.wrk.p99)
+            );
+            runs.push(row);
+        }
     }
+    let rows: Vec<(Config, Row)> = configs
+        .iter()
+        .zip(runs)
+        .filter_map(|(config, runs)| Some((*config, bench::median_run(runs)?)))
+        .collect();
     let baseline = rows.iter().find(|(c, _)| *c == Config::Bare).map(|(_, row)| row.clone());
     let table_rows: Vec<Row> = rows.iter().map(|(_, row)| row.clone()).collect();
     println!(
-        "wrk -t{} -c{} -d{}s --latency after a {} s warm-up; Envoy --concurrency {}; load average at the end {}",
+        "wrk -t{} -c{} -d{}s --latency after a {} s warm-up; Envoy --concurrency {}; {}; load average at the end {}",
         load.threads,
         load.connections,
         load.duration.as_secs(),
         settings.warmup.as_secs(),
         settings.envoy_workers,
+        match settings.rounds {
+            1 => "one round".to_owned(),
+            n => format!("median of {n} rounds"),
+        },
         load_average()
     );
     println!();
     print!("{}", bench::table(&table_rows, baseline.as_ref()));
+    if settings.rounds > 1 {
+        println!();
+    }
+    for row in table_rows.iter().filter(|row| !row.rounds.is_empty()) {
+        let rates: Vec<String> = row.rounds.iter().map(|r| format!("{r:.0}")).collect();
+        println!("- {} req/s by round, sorted: {}", row.name, rates.join(", "));
+    }
     if let Some(bare) = &baseline {
         println!();
         let ratio = |config| {
@@ -293,11 +320,17 @@ async fn measure(config: Config, settings: &Settings, secrets: &Secrets) -> anyh
     probe(config, &http, &url, authorization.as_deref()).await.context("after the run")?;
 
     let answers = |i: usize| after.envoy_answers[i].saturating_sub(before.envoy_answers[i]);
+    let ledger_answers = after.ledger_answers.saturating_sub(before.ledger_answers);
+    let ledger_seconds = after.ledger_seconds - before.ledger_seconds;
     let counted = Counted {
         envoy_answers: [answers(0), answers(1), answers(2)],
-        ledger: config
-            .ledger_counter()
-            .map(|(what, _)| (what, after.ledger_count.saturating_sub(before.ledger_count))),
+        ledger: config.ledger_endpoint().map(|endpoint| (endpoint, ledger_answers)),
+    };
+    let ledger_mean = match (config.ledger_endpoint(), u32::try_from(ledger_answers)) {
+        (Some(_), Ok(answers @ 1..)) => {
+            Duration::try_from_secs_f64(ledger_seconds).ok().map(|total| total / answers)
+        }
+        _ => None,
     };
     let percent = |cpu: fn(&Snapshot) -> Duration| {
         cpu(&after).saturating_sub(cpu(&before)).as_secs_f64() / wall * 100.0
@@ -315,7 +348,9 @@ async fn measure(config: Config, settings: &Settings, secrets: &Secrets) -> anyh
         envoy_cpu: percent(|s| s.envoy_cpu),
         ledger_cpu: percent(|s| s.ledger_cpu),
         ledger_per_request,
+        ledger_mean,
         upstream_cpu: percent(|s| s.own_cpu),
+        rounds: Vec::new(),
     })
 }
 
@@ -391,8 +426,10 @@ struct Snapshot {
     own_cpu: Duration,
     /// `[2xx, 4xx, 5xx]` answered on the gateway listener.
     envoy_answers: [u64; 3],
-    /// The row's ledger counter (0 for rows that do not use the ledger).
-    ledger_count: u64,
+    /// 200s from the row's ledger endpoint, and the seconds the ledger took to give them
+    /// (0 for rows that do not use the ledger).
+    ledger_answers: u64,
+    ledger_seconds: f64,
 }
 
 impl Snapshot {
@@ -418,25 +455,32 @@ impl Snapshot {
                 .and_then(|s| s["value"].as_u64())
                 .with_context(|| format!("Envoy has no {name}"))
         };
-        let ledger_count = match config.ledger_counter() {
-            Some((_, name)) => {
+        let (ledger_answers, ledger_seconds) = match config.ledger_endpoint() {
+            Some(endpoint) => {
                 let text = http
-                    .get(format!("{}/metrics", stack.ledger.url()))
+                    .get(format!("{}{}", stack.ledger.url(), ledger_api::path::METRICS))
                     .send()
                     .await?
                     .error_for_status()?
                     .text()
                     .await?;
-                bench::prometheus_counter(&text, name)?
+                let sample = |suffix: &str| {
+                    let labels = format!("method=\"POST\",endpoint=\"{endpoint}\",status=\"200\"");
+                    let name = format!("paystile_ledger_http_request_duration_seconds_{suffix}");
+                    bench::prometheus_value(&text, &format!("{name}{{{labels}}}"))
+                };
+                // A count is a whole number, well below 2^53.
+                (sample("count")? as u64, sample("sum")?)
             }
-            None => 0,
+            None => (0, 0.0),
         };
         Ok(Snapshot {
             envoy_cpu: bench::cpu_time(stack.envoy.pid(), ticks)?,
             ledger_cpu: bench::cpu_time(stack.ledger.pid(), ticks)?,
             own_cpu: bench::cpu_time(std::process::id(), ticks)?,
             envoy_answers: [stat("2xx")?, stat("4xx")?, stat("5xx")?],
-            ledger_count,
+            ledger_answers,
+            ledger_seconds,
         })
     }
 }
