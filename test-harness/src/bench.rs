@@ -203,19 +203,24 @@ pub struct Row {
     pub name: String,
     pub wrk: WrkReport,
     pub counted: Counted,
-    /// Percent of one core during the run.
-    pub envoy_cpu: f64,
-    pub ledger_cpu: f64,
-    /// The ledger's CPU time per completed request.
-    pub ledger_per_request: Duration,
+    /// How long the measured run took, wrk's start to its report.
+    pub wall: Duration,
+    /// CPU time used during the run by Envoy, by the ledger, and by the benchmark process
+    /// (mostly the upstream's).
+    pub cpu: Cpu,
     /// The ledger's own mean time to answer the row's calls to it (from its metrics).
     pub ledger_mean: Option<Duration>,
-    /// The benchmark process's CPU, which is mostly the upstream's.
-    pub upstream_cpu: f64,
     /// Why the run does not count, if it does not.
     pub problems: Vec<String>,
     /// req/s of every round, when the row was measured more than once.
     pub rounds: Vec<f64>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cpu {
+    pub envoy: Duration,
+    pub ledger: Duration,
+    pub upstream: Duration,
 }
 
 /// One row from several runs of it: the run with the median req/s (the lower of the two
@@ -235,8 +240,8 @@ pub fn median_run(mut runs: Vec<Row>) -> Option<Row> {
 /// The table, as Markdown; `baseline` (bare Envoy's row) gives the ratios.
 pub fn table(rows: &[Row], baseline: Option<&Row>) -> String {
     let mut out = String::from(
-        "| configuration | req/s | p50 ms | p99 ms | vs bare | added p50 ms | Envoy CPU | ledger CPU | ledger µs/req | ledger mean ms | upstream CPU | answers (2xx/4xx/5xx) | check |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
+        "| configuration | req/s | p50 ms | p99 ms | vs bare | added p50 ms | Envoy CPU | ledger CPU | ledger mean ms | upstream CPU | answers (2xx/4xx/5xx) | check |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
     );
     for row in rows {
         let (ratio, added) = match baseline {
@@ -256,18 +261,24 @@ pub fn table(rows: &[Row], baseline: Option<&Row>) -> String {
             row.ledger_mean.map_or("–".into(), |mean| format!("{:.3}", millis(mean)));
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {:.3} | {:.3} | {ratio} | {added} | {:.0}% | {:.0}% | {:.1} | {ledger_mean} | {:.0}% | {ok}/{client}/{server} | {check} |",
+            "| {} | {:.0} | {:.3} | {:.3} | {ratio} | {added} | {} | {} | {ledger_mean} | {} | {ok}/{client}/{server} | {check} |",
             row.name,
             row.wrk.requests_per_second,
             millis(row.wrk.p50),
             millis(row.wrk.p99),
-            row.envoy_cpu,
-            row.ledger_cpu,
-            row.ledger_per_request.as_secs_f64() * 1e6,
-            row.upstream_cpu,
+            cpu_cell(row, row.cpu.envoy),
+            cpu_cell(row, row.cpu.ledger),
+            cpu_cell(row, row.cpu.upstream),
         );
     }
     out
+}
+
+/// `cpu` as a share of one core during the run, and per completed request.
+fn cpu_cell(row: &Row, cpu: Duration) -> String {
+    let share = cpu.as_secs_f64() / row.wall.as_secs_f64().max(f64::MIN_POSITIVE) * 100.0;
+    let per_request = cpu.as_secs_f64() * 1e6 / row.wrk.requests.max(1) as f64;
+    format!("{share:.0}% · {per_request:.0} µs")
 }
 
 pub fn millis(duration: Duration) -> f64 {
@@ -404,11 +415,13 @@ Transfer/sec:      4.08MB
             name: "bare Envoy".into(),
             wrk: report,
             counted: Counted { envoy_answers: [100_318, 0, 0], ledger: None },
-            envoy_cpu: 90.0,
-            ledger_cpu: 0.0,
-            ledger_per_request: Duration::ZERO,
+            wall: Duration::from_secs(10),
+            cpu: Cpu {
+                envoy: Duration::from_secs(9),
+                ledger: Duration::ZERO,
+                upstream: Duration::from_secs(4),
+            },
             ledger_mean: None,
-            upstream_cpu: 40.0,
             problems: Vec::new(),
             rounds: Vec::new(),
         };
@@ -427,6 +440,8 @@ Transfer/sec:      4.08MB
         assert!(lines[2].contains("| 1.00 | +0.000 |"), "{}", lines[2]);
         assert!(lines[3].contains("| 0.50 | +0.250 |"), "{}", lines[3]);
         assert!(lines[3].contains("| 1.250 |"), "{}", lines[3]);
+        // 9 s of 10 s, and 9 s over 100,318 requests; none for the ledger.
+        assert!(lines[2].contains("| 90% · 90 µs | 0% · 0 µs |"), "{}", lines[2]);
         assert!(lines[3].ends_with("| **FAILED**: 12 non-2xx |"), "{}", lines[3]);
     }
 
@@ -437,11 +452,9 @@ Transfer/sec:      4.08MB
             name: "bare Envoy".into(),
             wrk: WrkReport { requests_per_second: rate, ..report },
             counted: Counted { envoy_answers: [1, 0, 0], ledger: None },
-            envoy_cpu: rate / 100.0,
-            ledger_cpu: 0.0,
-            ledger_per_request: Duration::ZERO,
+            wall: Duration::from_secs_f64(rate),
+            cpu: Cpu::default(),
             ledger_mean: None,
-            upstream_cpu: 0.0,
             problems: problem.into_iter().map(str::to_owned).collect(),
             rounds: Vec::new(),
         };
@@ -452,7 +465,7 @@ Transfer/sec:      4.08MB
         ])
         .unwrap();
         assert_eq!(median.wrk.requests_per_second, 600.0);
-        assert_eq!(median.envoy_cpu, 6.0, "the figures come from the same run");
+        assert_eq!(median.wall.as_secs(), 600, "the figures come from the same run");
         assert_eq!(median.rounds, [300.0, 600.0, 900.0]);
         assert_eq!(median.problems, ["1 socket errors"]);
 

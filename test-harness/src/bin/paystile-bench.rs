@@ -6,7 +6,7 @@
 //!
 //! The environment sets the load: `PAYSTILE_BENCH_THREADS` (1), `PAYSTILE_BENCH_CONNECTIONS`
 //! (16), `PAYSTILE_BENCH_SECONDS` (10), `PAYSTILE_BENCH_WARMUP_SECONDS` (3), Envoy's
-//! `PAYSTILE_BENCH_ENVOY_WORKERS` (1), and `PAYSTILE_BENCH_ROUNDS` (1): with more, the rows
+//! `PAYSTILE_BENCH_ENVOY_WORKERS` (1), and `PAYSTILE_BENCH_ROUNDS` (3): the rows
 //! are measured in turn that many times and each shows its median run. Arguments name the rows
 //! to run (default: all).
 
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use paystile_harness::bench::{self, Counted, Expect, Load, Row};
+use paystile_harness::bench::{self, Counted, Cpu, Expect, Load, Row};
 use paystile_harness::e2e;
 use paystile_harness::paths;
 use paystile_harness::stack::{HttpFilter, Ports, Secrets, Stack, StackOptions};
@@ -148,7 +148,7 @@ impl Settings {
             load,
             warmup: Duration::from_secs(setting("PAYSTILE_BENCH_WARMUP_SECONDS", 3)?),
             envoy_workers: whole("PAYSTILE_BENCH_ENVOY_WORKERS", 1)?.max(1),
-            rounds: whole("PAYSTILE_BENCH_ROUNDS", 1)?.max(1),
+            rounds: whole("PAYSTILE_BENCH_ROUNDS", 3)?.max(1),
             ticks_per_second: bench::ticks_per_second()?,
         })
     }
@@ -315,7 +315,7 @@ async fn measure(config: Config, settings: &Settings, secrets: &Secrets) -> anyh
     let before = Snapshot::take(config, &stack, &http, settings.ticks_per_second).await?;
     let started = Instant::now();
     let report = bench::wrk(settings.load, &url, &headers).await?;
-    let wall = started.elapsed().as_secs_f64();
+    let wall = started.elapsed();
     let after = Snapshot::take(config, &stack, &http, settings.ticks_per_second).await?;
     probe(config, &http, &url, authorization.as_deref()).await.context("after the run")?;
 
@@ -332,24 +332,19 @@ async fn measure(config: Config, settings: &Settings, secrets: &Secrets) -> anyh
         }
         _ => None,
     };
-    let percent = |cpu: fn(&Snapshot) -> Duration| {
-        cpu(&after).saturating_sub(cpu(&before)).as_secs_f64() / wall * 100.0
-    };
-    let ledger_cpu = after.ledger_cpu.saturating_sub(before.ledger_cpu);
-    let ledger_per_request = match u32::try_from(report.requests.max(1)) {
-        Ok(requests) => ledger_cpu / requests,
-        Err(_) => Duration::ZERO,
-    };
+    let used = |cpu: fn(&Snapshot) -> Duration| cpu(&after).saturating_sub(cpu(&before));
     Ok(Row {
         name: config.title().to_owned(),
         problems: bench::problems(config.expect(), &report, &counted),
         wrk: report,
         counted,
-        envoy_cpu: percent(|s| s.envoy_cpu),
-        ledger_cpu: percent(|s| s.ledger_cpu),
-        ledger_per_request,
+        wall,
+        cpu: Cpu {
+            envoy: used(|s| s.envoy_cpu),
+            ledger: used(|s| s.ledger_cpu),
+            upstream: used(|s| s.own_cpu),
+        },
         ledger_mean,
-        upstream_cpu: percent(|s| s.own_cpu),
         rounds: Vec::new(),
     })
 }
