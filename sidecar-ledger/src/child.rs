@@ -65,7 +65,7 @@ impl LedgerProcess {
         format!("http://{}", self.address)
     }
 
-    fn pid(&self) -> u32 {
+    pub fn pid(&self) -> u32 {
         self.child.id()
     }
 

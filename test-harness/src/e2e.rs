@@ -13,7 +13,7 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use crate::paths;
-use crate::stack::{Ports, Secrets, Stack, StackOptions};
+use crate::stack::{HttpFilter, Ports, Secrets, Stack, StackOptions};
 
 /// How long settlement (commits sent from the filter's tick) may take to reach the ledger.
 const SETTLE_DEADLINE: Duration = Duration::from_secs(15);
@@ -86,6 +86,7 @@ impl TestStack {
             secrets: Secrets::random(),
             dir: dir.path().to_path_buf(),
             filter,
+            http_filter: HttpFilter::Paystile,
             ledger_args: ledger_args.iter().map(|a| (*a).to_owned()).collect(),
             envoy_workers: 2,
             verbose_logs,

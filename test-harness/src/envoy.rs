@@ -63,15 +63,37 @@ impl EnvoyConfig {
         set(self.wasm_filter()?, &["configuration", "value"], config.to_string().into())
     }
 
+    /// Puts `replacement` (an `http_filters` entry) in the paystile filter's place, or
+    /// removes the filter when `None`.
+    pub fn replace_filter(&mut self, replacement: Option<Value>) -> anyhow::Result<()> {
+        let filters = self.http_filters()?;
+        let list = filters.as_array_mut().context("envoy.yaml's http_filters is not a list")?;
+        let at = list
+            .iter()
+            .position(|filter| filter["name"] == FILTER)
+            .ok_or_else(|| anyhow!("envoy.yaml has no {FILTER:?}"))?;
+        match replacement {
+            Some(filter) => list[at] = filter,
+            None => {
+                list.remove(at);
+            }
+        }
+        Ok(())
+    }
+
     pub fn write(&self, path: &Path) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_vec_pretty(&self.0)?)
             .with_context(|| format!("cannot write {}", path.display()))
     }
 
-    fn wasm_filter(&mut self) -> anyhow::Result<&mut Value> {
+    fn http_filters(&mut self) -> anyhow::Result<&mut Value> {
         let listener = named(&mut self.0["static_resources"]["listeners"], LISTENER)?;
         let manager = named(&mut listener["filter_chains"][0]["filters"], CONNECTION_MANAGER)?;
-        let filter = named(&mut manager["typed_config"]["http_filters"], FILTER)?;
+        Ok(&mut manager["typed_config"]["http_filters"])
+    }
+
+    fn wasm_filter(&mut self) -> anyhow::Result<&mut Value> {
+        let filter = named(self.http_filters()?, FILTER)?;
         Ok(&mut filter["typed_config"]["config"])
     }
 }
@@ -182,6 +204,10 @@ impl EnvoyProcess {
         self.admin
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -210,4 +236,32 @@ fn gateway_address(listeners: &Value) -> anyhow::Result<SocketAddr> {
         .and_then(|p| u16::try_from(p).ok())
         .context("no listener port")?;
     Ok(SocketAddr::new(address.parse()?, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn filter_names(config: &mut EnvoyConfig) -> Vec<String> {
+        let filters = config.http_filters().unwrap().as_array().unwrap();
+        filters.iter().map(|f| f["name"].as_str().unwrap().to_owned()).collect()
+    }
+
+    #[test]
+    fn the_paystile_filter_can_be_replaced_or_removed() {
+        let router = "envoy.filters.http.router";
+        let mut config = EnvoyConfig::demo().unwrap();
+        assert_eq!(filter_names(&mut config), [FILTER, router]);
+
+        config.replace_filter(Some(json!({"name": "other"}))).unwrap();
+        assert_eq!(filter_names(&mut config), ["other", router]);
+        assert!(config.filter_config().is_err());
+        assert!(config.replace_filter(None).is_err(), "the paystile filter is gone already");
+
+        let mut bare = EnvoyConfig::demo().unwrap();
+        bare.replace_filter(None).unwrap();
+        assert_eq!(filter_names(&mut bare), [router]);
+    }
 }

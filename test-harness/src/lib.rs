@@ -4,9 +4,12 @@
 //! release filter `.wasm`, the real `paystile-ledger` binary on its SQLite file, and the demo
 //! [`upstream`]. The demo runs it on the default ports; tests run one per test on free ports.
 //!
+//! [`bench`] measures the gateway under wrk for `bench/run` (the `paystile-bench` binary).
+//!
 //! [`host`] is a proxy-wasm host on wasmtime that runs the same `.wasm` without a gateway,
 //! behaving like Envoy or like Kong, so that every filter path can be scripted.
 
+pub mod bench;
 pub mod e2e;
 pub mod envoy;
 pub mod host;

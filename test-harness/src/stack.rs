@@ -71,6 +71,8 @@ pub struct StackOptions {
     pub dir: PathBuf,
     /// Merged into the filter configuration of `envoy.yaml` (JSON merge patch, RFC 7396).
     pub filter: Value,
+    /// What runs where `envoy.yaml` has the paystile filter.
+    pub http_filter: HttpFilter,
     /// Extra `paystile-ledger serve` flags.
     pub ledger_args: Vec<String>,
     pub envoy_workers: u32,
@@ -78,6 +80,17 @@ pub struct StackOptions {
     /// `RUST_LOG=trace` for the ledger), for tests that read the logs; Envoy's own
     /// components stay at warning.
     pub verbose_logs: bool,
+}
+
+/// The HTTP filter in front of Envoy's router. Benchmarks compare the paystile filter with
+/// bare Envoy and with Envoy's own filters on the same stack.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HttpFilter {
+    Paystile,
+    /// Another filter (an `http_filters` entry) in the paystile filter's place.
+    Other(Value),
+    /// No filter before the router.
+    Nothing,
 }
 
 pub struct Stack {
@@ -179,6 +192,11 @@ impl Stack {
         merge_patch(&mut filter_config, &secrets);
         merge_patch(&mut filter_config, &options.filter);
         envoy_config.set_filter_config(&filter_config)?;
+        match options.http_filter {
+            HttpFilter::Paystile => {}
+            HttpFilter::Other(filter) => envoy_config.replace_filter(Some(filter))?,
+            HttpFilter::Nothing => envoy_config.replace_filter(None)?,
+        }
         let mut envoy_command = EnvoyCommand {
             config: envoy_config,
             config_path: dir.join("envoy.json"),

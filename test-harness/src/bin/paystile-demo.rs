@@ -6,7 +6,7 @@
 use std::process::ExitCode;
 
 use paystile_harness::paths;
-use paystile_harness::stack::{Ports, Secrets, Stack, StackOptions, random_key};
+use paystile_harness::stack::{HttpFilter, Ports, Secrets, Stack, StackOptions, random_key};
 use paystile_protocol::ledger_api::IssueTokenRequest;
 
 #[tokio::main]
@@ -38,6 +38,7 @@ async fn run() -> anyhow::Result<()> {
         secrets,
         dir: dir.clone(),
         filter: serde_json::json!({}),
+        http_filter: HttpFilter::Paystile,
         ledger_args: Vec::new(),
         envoy_workers: 2,
         verbose_logs: false,

@@ -1,0 +1,588 @@
+//! `bench/run`: the gateway benchmark. Runs each configuration in turn on free loopback ports,
+//! each on a fresh stack of the same upstream, release ledger and Envoy flags, where only the
+//! HTTP filter before Envoy's router changes: none (bare Envoy), Envoy's own `jwt_authn` on a
+//! Pay Token, or paystile (paid Pay Token calls, paid L402 calls, each without and with
+//! prefetched holds, 402 challenges). Loads each
+//! with wrk at fixed threads and connections after a warm-up, and prints one Markdown table.
+//!
+//! The environment sets the load: `PAYSTILE_BENCH_THREADS` (1), `PAYSTILE_BENCH_CONNECTIONS`
+//! (16), `PAYSTILE_BENCH_SECONDS` (10), `PAYSTILE_BENCH_WARMUP_SECONDS` (3), Envoy's
+//! `PAYSTILE_BENCH_ENVOY_WORKERS` (1), and `PAYSTILE_BENCH_ROUNDS` (3): the rows
+//! are measured in turn that many times and each shows its median run. Arguments name the rows
+//! to run (default: all).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use paystile_harness::bench::{self, Counted, Cpu, Expect, Load, Row};
+use paystile_harness::e2e;
+use paystile_harness::paths;
+use paystile_harness::stack::{HttpFilter, Ports, Secrets, Stack, StackOptions};
+use paystile_protocol::ledger_api::{self, IssueTokenRequest};
+use serde_json::{Value, json};
+
+/// The Pay Token's cap and the L402 credential's budget: far more than any run spends.
+const BUDGET_USDC: &str = "100000";
+/// Targets from the benchmark issue, on bare Envoy's row.
+const PAY_TOKEN_MIN_RATIO: f64 = 0.5;
+const ADDED_P50_MAX_MS: f64 = 0.5;
+const CHALLENGE_MIN_RATIO: f64 = 0.8;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Config {
+    Bare,
+    JwtAuthn,
+    PayToken,
+    L402,
+    /// The paid rows again with prefetched holds (`ledger.prefetch_holds`).
+    PayTokenPrefetch,
+    L402Prefetch,
+    Challenge,
+}
+
+/// The prefetch rows' `ledger.prefetch_holds`.
+const PREFETCH_HOLDS: u16 = 32;
+
+impl Config {
+    const ALL: [Config; 7] = [
+        Config::Bare,
+        Config::JwtAuthn,
+        Config::PayToken,
+        Config::L402,
+        Config::PayTokenPrefetch,
+        Config::L402Prefetch,
+        Config::Challenge,
+    ];
+
+    /// The name that selects the row on the command line.
+    fn key(self) -> &'static str {
+        match self {
+            Config::Bare => "bare",
+            Config::JwtAuthn => "jwt_authn",
+            Config::PayToken => "pay_token",
+            Config::L402 => "l402",
+            Config::PayTokenPrefetch => "pay_token_prefetch",
+            Config::L402Prefetch => "l402_prefetch",
+            Config::Challenge => "challenge",
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Config::Bare => "bare Envoy",
+            Config::JwtAuthn => "Envoy jwt_authn, HS256 Pay Token",
+            Config::PayToken => "paystile, paid Pay Token",
+            Config::L402 => "paystile, paid L402",
+            Config::PayTokenPrefetch => "paystile, paid Pay Token, prefetch 32",
+            Config::L402Prefetch => "paystile, paid L402, prefetch 32",
+            Config::Challenge => "paystile, 402 challenge",
+        }
+    }
+
+    fn http_filter(self, secrets: &Secrets) -> HttpFilter {
+        match self {
+            Config::Bare => HttpFilter::Nothing,
+            Config::JwtAuthn => HttpFilter::Other(jwt_authn(&secrets.token_secret)),
+            _ => HttpFilter::Paystile,
+        }
+    }
+
+    /// The filter's configuration beside the demo's.
+    fn filter_config(self) -> Value {
+        let prefetch_holds = match self {
+            Config::PayTokenPrefetch | Config::L402Prefetch => PREFETCH_HOLDS,
+            _ => 0,
+        };
+        json!({
+            "l402": {"budget_usdc": BUDGET_USDC},
+            "ledger": {"prefetch_holds": prefetch_holds},
+        })
+    }
+
+    fn expect(self) -> Expect {
+        match self {
+            Config::Challenge => Expect::PaymentRequired,
+            _ => Expect::Success,
+        }
+    }
+
+    /// The ledger endpoint the gateway calls once per answer (holds for paid calls, L402
+    /// challenges for 402s), which must have answered 200 that often.
+    fn ledger_endpoint(self) -> Option<&'static str> {
+        match self {
+            Config::Bare | Config::JwtAuthn => None,
+            Config::PayToken | Config::L402 | Config::PayTokenPrefetch | Config::L402Prefetch => {
+                Some(ledger_api::path::HOLDS)
+            }
+            Config::Challenge => Some(ledger_api::path::L402_CHALLENGES),
+        }
+    }
+
+    /// Whether every answer costs one call to [`Config::ledger_endpoint`]; prefetched holds
+    /// serve most calls without one.
+    fn one_ledger_call_per_answer(self) -> bool {
+        matches!(self, Config::PayToken | Config::L402 | Config::Challenge)
+    }
+}
+
+/// Envoy's JWT filter verifying Pay Tokens with the same HS256 key: a JWKS `oct` key whose
+/// `k` is the secret's bytes in base64url.
+fn jwt_authn(token_secret: &str) -> Value {
+    let jwks = json!({"keys": [{
+        "kty": "oct",
+        "alg": "HS256",
+        "k": URL_SAFE_NO_PAD.encode(token_secret.as_bytes()),
+    }]});
+    json!({
+        "name": "envoy.filters.http.jwt_authn",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": {"pay_token": {
+                "local_jwks": {"inline_string": jwks.to_string()},
+                // Like paystile, the upstream does not get the credential.
+                "forward": false,
+            }},
+            "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "pay_token"}}],
+        },
+    })
+}
+
+struct Settings {
+    load: Load,
+    warmup: Duration,
+    envoy_workers: u32,
+    rounds: u32,
+    ticks_per_second: u64,
+}
+
+fn setting(variable: &str, default: u64) -> anyhow::Result<u64> {
+    match std::env::var(variable) {
+        Ok(value) if !value.is_empty() => {
+            value.parse().with_context(|| format!("{variable}={value:?} is not a whole number"))
+        }
+        _ => Ok(default),
+    }
+}
+
+impl Settings {
+    fn from_env() -> anyhow::Result<Settings> {
+        let whole = |variable, default| {
+            setting(variable, default)
+                .and_then(|n| u32::try_from(n).with_context(|| format!("{variable} is too large")))
+        };
+        let load = Load {
+            threads: whole("PAYSTILE_BENCH_THREADS", 1)?,
+            connections: whole("PAYSTILE_BENCH_CONNECTIONS", 16)?,
+            duration: Duration::from_secs(setting("PAYSTILE_BENCH_SECONDS", 10)?),
+        };
+        if load.threads == 0 || load.connections < load.threads || load.duration.is_zero() {
+            bail!("wrk needs threads ≥ 1, connections ≥ threads and a duration ≥ 1 s");
+        }
+        Ok(Settings {
+            load,
+            warmup: Duration::from_secs(setting("PAYSTILE_BENCH_WARMUP_SECONDS", 3)?),
+            envoy_workers: whole("PAYSTILE_BENCH_ENVOY_WORKERS", 1)?.max(1),
+            rounds: whole("PAYSTILE_BENCH_ROUNDS", 3)?.max(1),
+            ticks_per_second: bench::ticks_per_second()?,
+        })
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(2),
+        Err(e) => {
+            eprintln!("paystile bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Whether every row counted.
+async fn run() -> anyhow::Result<bool> {
+    let settings = Settings::from_env()?;
+    let chosen: Vec<String> = std::env::args().skip(1).collect();
+    let configs: Vec<Config> = if chosen.is_empty() {
+        Config::ALL.to_vec()
+    } else {
+        chosen
+            .iter()
+            .map(|name| {
+                Config::ALL.into_iter().find(|c| c.key() == name).with_context(|| {
+                    let names: Vec<&str> = Config::ALL.iter().map(|c| c.key()).collect();
+                    format!("no row {name:?}; rows: {}", names.join(" "))
+                })
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+
+    let load = settings.load;
+    println!("{}", conditions(&settings)?);
+    warn_if_busy();
+    let secrets = Secrets::random();
+    // Rounds go through every row in turn, so that a burst of other work on the machine
+    // falls on all rows alike.
+    let mut runs: Vec<Vec<Row>> = vec![Vec::new(); configs.len()];
+    for round in 1..=settings.rounds {
+        for (config, runs) in configs.iter().zip(&mut runs) {
+            eprintln!(
+                "bench: round {round}/{}: {} ({}) …",
+                settings.rounds,
+                config.title(),
+                config.key()
+            );
+            let row = measure(*config, &settings, &secrets)
+                .await
+                .with_context(|| format!("the {} row", config.key()))?;
+            eprintln!(
+                "bench: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms",
+                row.wrk.requests_per_second,
+                bench::millis(row.wrk.p50),
+                bench::millis(row.wrk.p99)
+            );
+            runs.push(row);
+        }
+    }
+    let rows: Vec<(Config, Row)> = configs
+        .iter()
+        .zip(runs)
+        .filter_map(|(config, runs)| Some((*config, bench::median_run(runs)?)))
+        .collect();
+    let baseline = rows.iter().find(|(c, _)| *c == Config::Bare).map(|(_, row)| row.clone());
+    let table_rows: Vec<Row> = rows.iter().map(|(_, row)| row.clone()).collect();
+    println!(
+        "wrk -t{} -c{} -d{}s --latency after a {} s warm-up; Envoy --concurrency {}; {}; load average at the end {}",
+        load.threads,
+        load.connections,
+        load.duration.as_secs(),
+        settings.warmup.as_secs(),
+        settings.envoy_workers,
+        match settings.rounds {
+            1 => "one round".to_owned(),
+            n => format!("median of {n} rounds"),
+        },
+        load_average()
+    );
+    println!();
+    print!("{}", bench::table(&table_rows, baseline.as_ref()));
+    if settings.rounds > 1 {
+        println!();
+    }
+    for row in table_rows.iter().filter(|row| !row.rounds.is_empty()) {
+        let rates: Vec<String> = row.rounds.iter().map(|r| format!("{r:.0}")).collect();
+        println!("- {} req/s by round, sorted: {}", row.name, rates.join(", "));
+    }
+    if let Some(bare) = &baseline {
+        println!();
+        let ratio = |config| {
+            rows.iter()
+                .find(|(c, _)| *c == config)
+                .map(|(_, row)| row.wrk.requests_per_second / bare.wrk.requests_per_second)
+        };
+        for paid in [Config::PayToken, Config::PayTokenPrefetch] {
+            let added_p50 = rows
+                .iter()
+                .find(|(c, _)| *c == paid)
+                .map(|(_, row)| bench::millis(row.wrk.p50) - bench::millis(bare.wrk.p50));
+            target(&format!("{} req/s vs bare", paid.title()), ratio(paid), |r| {
+                (r >= PAY_TOKEN_MIN_RATIO, format!("{r:.2} (target ≥ {PAY_TOKEN_MIN_RATIO:.2})"))
+            });
+            target(&format!("{} added p50", paid.title()), added_p50, |ms| {
+                (ms <= ADDED_P50_MAX_MS, format!("{ms:+.3} ms (target ≤ {ADDED_P50_MAX_MS} ms)"))
+            });
+        }
+        target("402 challenge req/s vs bare", ratio(Config::Challenge), |r| {
+            (r >= CHALLENGE_MIN_RATIO, format!("{r:.2} (target ≥ {CHALLENGE_MIN_RATIO:.2})"))
+        });
+    }
+    let failed: Vec<&str> =
+        rows.iter().filter(|(_, row)| !row.problems.is_empty()).map(|(c, _)| c.key()).collect();
+    if !failed.is_empty() {
+        println!();
+        println!(
+            "FAILED rows (errors or unexpected answers; their figures do not count): {}",
+            failed.join(", ")
+        );
+    }
+    Ok(failed.is_empty())
+}
+
+fn target(name: &str, value: Option<f64>, judge: impl Fn(f64) -> (bool, String)) {
+    if let Some(value) = value {
+        let (pass, text) = judge(value);
+        println!("- {name}: {text}: {}", if pass { "pass" } else { "FAIL" });
+    }
+}
+
+/// One row: a fresh stack, a credential, a probe, a warm-up, the measured run.
+async fn measure(config: Config, settings: &Settings, secrets: &Secrets) -> anyhow::Result<Row> {
+    let dir = bench_dir().join(config.key());
+    // Each row starts from an empty ledger; the previous run's files are only for reading.
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+    }
+    let stack = Stack::start(StackOptions {
+        ports: Ports::ANY,
+        secrets: secrets.clone(),
+        dir,
+        filter: config.filter_config(),
+        http_filter: config.http_filter(secrets),
+        ledger_args: Vec::new(),
+        envoy_workers: settings.envoy_workers,
+        verbose_logs: false,
+    })
+    .await?;
+    let prefix = stack.filter_config["routes"][0]["path_prefix"]
+        .as_str()
+        .context("envoy.yaml's first route has no path_prefix")?;
+    let url = stack.gateway_url(&format!("{prefix}/oslo"));
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+
+    let authorization = credential(config, &stack, &http, &url).await?;
+    let headers: Vec<String> =
+        authorization.iter().map(|value| format!("Authorization: {value}")).collect();
+    probe(config, &http, &url, authorization.as_deref()).await.context("before the run")?;
+
+    if !settings.warmup.is_zero() {
+        let warmup = Load { duration: settings.warmup, ..settings.load };
+        bench::wrk(warmup, &url, &headers).await?;
+    }
+    let before = Snapshot::take(config, &stack, &http, settings.ticks_per_second).await?;
+    let started = Instant::now();
+    let report = bench::wrk(settings.load, &url, &headers).await?;
+    let wall = started.elapsed();
+    let after = Snapshot::take(config, &stack, &http, settings.ticks_per_second).await?;
+    probe(config, &http, &url, authorization.as_deref()).await.context("after the run")?;
+
+    let answers = |i: usize| after.envoy_answers[i].saturating_sub(before.envoy_answers[i]);
+    let ledger_answers = after.ledger_answers.saturating_sub(before.ledger_answers);
+    let ledger_seconds = after.ledger_seconds - before.ledger_seconds;
+    let counted = Counted {
+        envoy_answers: [answers(0), answers(1), answers(2)],
+        ledger: config
+            .ledger_endpoint()
+            .filter(|_| config.one_ledger_call_per_answer())
+            .map(|endpoint| (endpoint, ledger_answers)),
+    };
+    let ledger_mean = match (config.ledger_endpoint(), u32::try_from(ledger_answers)) {
+        (Some(_), Ok(answers @ 1..)) => {
+            Duration::try_from_secs_f64(ledger_seconds).ok().map(|total| total / answers)
+        }
+        _ => None,
+    };
+    let used = |cpu: fn(&Snapshot) -> Duration| cpu(&after).saturating_sub(cpu(&before));
+    Ok(Row {
+        name: config.title().to_owned(),
+        problems: bench::problems(config.expect(), &report, &counted),
+        wrk: report,
+        counted,
+        wall,
+        cpu: Cpu {
+            envoy: used(|s| s.envoy_cpu),
+            ledger: used(|s| s.ledger_cpu),
+            upstream: used(|s| s.own_cpu),
+        },
+        ledger_mean,
+        rounds: Vec::new(),
+    })
+}
+
+/// Where each row's ledger database, configs and logs go: `.paystile/bench/<row>`.
+fn bench_dir() -> PathBuf {
+    paths::repo_root().join(".paystile/bench")
+}
+
+/// The `Authorization` value the row's requests carry.
+async fn credential(
+    config: Config,
+    stack: &Stack,
+    http: &reqwest::Client,
+    url: &str,
+) -> anyhow::Result<Option<String>> {
+    match config {
+        Config::Bare | Config::Challenge => Ok(None),
+        Config::JwtAuthn | Config::PayToken | Config::PayTokenPrefetch => {
+            let service_id = stack.filter_config["service_id"].as_str().unwrap_or_default();
+            let token = stack
+                .admin
+                .issue_token(&IssueTokenRequest {
+                    service_id: service_id.to_owned(),
+                    limit_usdc: BUDGET_USDC.parse()?,
+                    buyer_id: "bench-agent".into(),
+                    buyer_tag: None,
+                    scope: None,
+                    expires_at: None,
+                    ttl_seconds: Some(24 * 3600),
+                    sandbox: false,
+                })
+                .await?;
+            Ok(Some(format!("Bearer {}", token.jwt)))
+        }
+        Config::L402 | Config::L402Prefetch => {
+            let challenged = e2e::read(http.get(url).send().await?).await?;
+            let (macaroon, invoice) = challenged.l402_challenge().with_context(|| {
+                format!("no L402 challenge in a {} answer: {}", challenged.status, challenged.text)
+            })?;
+            let paid = stack.admin.pay_sandbox_invoice(&invoice).await?;
+            Ok(Some(format!("L402 {macaroon}:{}", paid.preimage)))
+        }
+    }
+}
+
+/// One request by hand: the row's configuration gives the answer the row expects.
+async fn probe(
+    config: Config,
+    http: &reqwest::Client,
+    url: &str,
+    authorization: Option<&str>,
+) -> anyhow::Result<()> {
+    let mut request = http.get(url);
+    if let Some(authorization) = authorization {
+        request = request.header("authorization", authorization);
+    }
+    let answer = e2e::read(request.send().await?).await?;
+    let expected = match config.expect() {
+        Expect::Success => answer.status == 200,
+        Expect::PaymentRequired => answer.status == 402 && answer.l402_challenge().is_some(),
+    };
+    if !expected {
+        bail!("{:?} expected, got {}: {}", config.expect(), answer.status, answer.text);
+    }
+    Ok(())
+}
+
+/// The counters and CPU times read just before and just after a measured run.
+struct Snapshot {
+    envoy_cpu: Duration,
+    ledger_cpu: Duration,
+    /// This process: the upstream's tasks, and the idle client.
+    own_cpu: Duration,
+    /// `[2xx, 4xx, 5xx]` answered on the gateway listener.
+    envoy_answers: [u64; 3],
+    /// 200s from the row's ledger endpoint, and the seconds the ledger took to give them
+    /// (0 for rows that do not use the ledger).
+    ledger_answers: u64,
+    ledger_seconds: f64,
+}
+
+impl Snapshot {
+    async fn take(
+        config: Config,
+        stack: &Stack,
+        http: &reqwest::Client,
+        ticks: u64,
+    ) -> anyhow::Result<Snapshot> {
+        let stats: Value = http
+            .get(format!("http://{}/stats?format=json", stack.envoy.admin()))
+            .query(&[("filter", r"^http\.gateway\.downstream_rq_[245]xx$")])
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let stat = |class: &str| {
+            let name = format!("http.gateway.downstream_rq_{class}");
+            stats["stats"]
+                .as_array()
+                .and_then(|all| all.iter().find(|s| s["name"] == name.as_str()))
+                .and_then(|s| s["value"].as_u64())
+                .with_context(|| format!("Envoy has no {name}"))
+        };
+        let (ledger_answers, ledger_seconds) = match config.ledger_endpoint() {
+            Some(endpoint) => {
+                let text = http
+                    .get(format!("{}{}", stack.ledger.url(), ledger_api::path::METRICS))
+                    .send()
+                    .await?
+                    .error_for_status()?
+                    .text()
+                    .await?;
+                let sample = |suffix: &str| {
+                    let labels = format!("method=\"POST\",endpoint=\"{endpoint}\",status=\"200\"");
+                    let name = format!("paystile_ledger_http_request_duration_seconds_{suffix}");
+                    bench::prometheus_value(&text, &format!("{name}{{{labels}}}"))
+                };
+                // A count is a whole number, well below 2^53.
+                (sample("count")? as u64, sample("sum")?)
+            }
+            None => (0, 0.0),
+        };
+        Ok(Snapshot {
+            envoy_cpu: bench::cpu_time(stack.envoy.pid(), ticks)?,
+            ledger_cpu: bench::cpu_time(stack.ledger.pid(), ticks)?,
+            own_cpu: bench::cpu_time(std::process::id(), ticks)?,
+            envoy_answers: [stat("2xx")?, stat("4xx")?, stat("5xx")?],
+            ledger_answers,
+            ledger_seconds,
+        })
+    }
+}
+
+/// The machine and the software, as the table's caption.
+fn conditions(settings: &Settings) -> anyhow::Result<String> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|line| line.strip_prefix("model name").and_then(|l| l.split_once(':')))
+        .map_or("unknown", |(_, model)| model.trim());
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let envoy = command_line(paths::envoy_binary().as_os_str(), "--version")?;
+    // `<path>  version: <commit>/1.40.0/Clean/RELEASE/BoringSSL`
+    let envoy = envoy
+        .split_once("version: ")
+        .and_then(|(_, version)| version.split('/').nth(1))
+        .unwrap_or("unknown")
+        .to_owned();
+    let wrk = command_line("wrk".as_ref(), "--version")
+        .map(|v| v.lines().next().unwrap_or_default().to_owned())
+        .unwrap_or_default();
+    let ledger = paths::ledger_binary()?;
+    Ok(format!(
+        "machine: {cores} cores, {model}, Linux {}\nEnvoy {envoy} (--concurrency {}), {}, ledger {}\nload average at the start: {}\n",
+        kernel.trim(),
+        settings.envoy_workers,
+        wrk.split(" Copyright").next().unwrap_or_default().trim(),
+        ledger.display(),
+        load_average()
+    ))
+}
+
+fn command_line(program: &std::ffi::OsStr, argument: &str) -> anyhow::Result<String> {
+    let output = std::process::Command::new(program)
+        .arg(argument)
+        .output()
+        .with_context(|| format!("cannot run {}", program.to_string_lossy()))?;
+    // wrk prints its version on stderr and exits 1.
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    ))
+}
+
+/// Other work on the machine takes cores from the gateway and wrk: say so before the figures.
+fn warn_if_busy() {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let one_minute: f64 =
+        text.split_whitespace().next().and_then(|l| l.parse().ok()).unwrap_or(0.0);
+    if one_minute > cores / 2.0 {
+        eprintln!(
+            "bench: warning: the load average ({one_minute}) shows other work on these {cores} cores; \
+             the figures will be lower and noisier than on an idle machine"
+        );
+    }
+}
+
+/// `/proc/loadavg`'s 1, 5 and 15 minute averages.
+fn load_average() -> String {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    text.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
