@@ -109,6 +109,8 @@ struct RawL402 {
     capabilities: Option<Vec<String>>,
     #[serde(default)]
     accept_sandbox: bool,
+    #[serde(default)]
+    challenge_pool: Option<usize>,
 }
 
 /// What happens to a priced request when the ledger cannot be asked.
@@ -244,6 +246,10 @@ pub struct L402 {
     pub offer: ChallengeRequest,
     /// `offer` as the ledger's challenge endpoint takes it, serialized once.
     pub challenge_body: Vec<u8>,
+    /// The most challenges minted ahead per VM; 0: each 402 mints its own.
+    pub pool_capacity: usize,
+    /// Seconds a challenge minted ahead stays in the pool.
+    pub pool_max_age: u64,
 }
 
 impl fmt::Debug for L402 {
@@ -303,6 +309,12 @@ pub const MIN_HS256_SECRET_LEN: usize = 32;
 pub const MIN_L402_SECRET_LEN: usize = 32;
 /// A paid L402 credential stays valid for a day unless configured otherwise.
 pub const DEFAULT_L402_VALID_SECONDS: u64 = 86_400;
+/// L402 challenges minted ahead per VM, at most, unless configured otherwise.
+pub const DEFAULT_CHALLENGE_POOL: usize = 1024;
+pub const MAX_CHALLENGE_POOL: usize = 4096;
+/// A challenge minted ahead is handed out within a minute, or a tenth of the credential's
+/// validity if shorter: the validity (and the invoice's, at most an hour) counts from minting.
+pub const MAX_POOL_AGE_SECONDS: u64 = 60;
 
 impl Config {
     pub fn from_json(json: &[u8]) -> Result<Config, ConfigError> {
@@ -494,7 +506,18 @@ fn validate_l402(service_id: &str, l402: RawL402) -> Result<L402, ConfigError> {
         amount_msat,
         valid_seconds,
         capabilities,
+        count: None,
     };
+    let pool_capacity = match l402.challenge_pool.unwrap_or(DEFAULT_CHALLENGE_POOL) {
+        capacity @ 0..=MAX_CHALLENGE_POOL => capacity,
+        _ => {
+            return Err(invalid(
+                "l402.challenge_pool",
+                format!("must be between 0 (off) and {MAX_CHALLENGE_POOL}"),
+            ));
+        }
+    };
+    let pool_max_age = MAX_POOL_AGE_SECONDS.min(valid_seconds / 10);
     // Strings, integers and amounts always serialize.
     let challenge_body = serde_json::to_vec(&offer).unwrap_or_default();
     Ok(L402 {
@@ -502,6 +525,8 @@ fn validate_l402(service_id: &str, l402: RawL402) -> Result<L402, ConfigError> {
         accept_sandbox: l402.accept_sandbox,
         offer,
         challenge_body,
+        pool_capacity,
+        pool_max_age,
     })
 }
 
@@ -1001,6 +1026,11 @@ mod tests {
                 "l402.valid_seconds: must be between",
             ),
             (
+                with(|c| c["l402"] = l402(json!({"challenge_pool": 4097}))),
+                "l402.challenge_pool: must be between 0 (off) and 4096",
+            ),
+            (with(|c| c["l402"] = l402(json!({"challenge_pool": -1}))), "l402.challenge_pool"),
+            (
                 with(|c| {
                     c["l402"] = l402(json!({}));
                     c["service_id"] = json!("a:b");
@@ -1085,6 +1115,19 @@ mod tests {
         // 1 micro-USDC at 1500 sat/USDC is 1.5 msat: rounded up, never given away.
         assert_eq!(offer.amount_msat, 2);
         assert_eq!(offer.valid_seconds, DEFAULT_L402_VALID_SECONDS);
+        let pool = |json: &Value| {
+            let l402 = parse(json).unwrap().l402.unwrap();
+            (l402.pool_capacity, l402.pool_max_age)
+        };
+        assert_eq!(pool(&json), (DEFAULT_CHALLENGE_POOL, MAX_POOL_AGE_SECONDS));
+        let mut off = json.clone();
+        off["l402"]["challenge_pool"] = json!(0);
+        assert_eq!(pool(&off), (0, MAX_POOL_AGE_SECONDS));
+        // Under ten seconds of validity, a pooled challenge would go out too close to it.
+        let mut brief = json.clone();
+        brief["l402"]["challenge_pool"] = json!(8);
+        brief["l402"]["valid_seconds"] = json!(9);
+        assert_eq!(pool(&brief), (8, 0));
         let json = with(|c| {
             c["pay_token"] = json!(null);
             c["routes"] = json!([
@@ -1101,6 +1144,9 @@ mod tests {
         let body: Value = serde_json::from_slice(&l402.challenge_body).unwrap();
         assert_eq!(body["budgetUsdc"], "0.050000");
         assert!(!l402.accept_sandbox, "sandbox credentials are refused unless asked for");
+        assert_eq!(body.get("count"), None, "a 402 of its own asks for one challenge");
+        // A minute-long credential: pooled challenges go within a tenth of it.
+        assert_eq!((l402.pool_capacity, l402.pool_max_age), (DEFAULT_CHALLENGE_POOL, 6));
         assert!(!format!("{l402:?}").contains("32-characters"), "the secret leaks into Debug");
     }
 

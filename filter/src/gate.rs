@@ -7,7 +7,8 @@
 //! ```text
 //!  New ──unpriced──▶ Free ──────────────────────────────▶ (untouched)
 //!   │ bad credential ──▶ Done (401/403 answered locally)
-//!   │ no credential ──▶ Done (402) | AwaitingChallenge (L402 on) ──▶ Done (402; 503 when
+//!   │ no credential ──▶ Done (402, with a pooled L402 challenge if L402 is on)
+//!   │               └──▶ AwaitingChallenge (L402 on, pool empty) ──▶ Done (402; 503 when
 //!   │                    no L402 challenge can be minted and Pay Tokens are off)
 //!   ├─valid credential, a prefetched hold for it ──▶ Held (at once, no ledger call)
 //!   └─valid credential──▶ AwaitingLedger ─held──▶ Held ──response──▶ Done + commit|release
@@ -31,6 +32,7 @@ use paystile_protocol::{ErrorBody, ErrorCode, Usdc};
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, FailureMode, Metered, Route};
+use crate::pool::{self, ChallengePool, Refill, RefillOutcome};
 use crate::prefetch::{Entry, PoolKey, Prefetched};
 use crate::settle::Queued;
 
@@ -42,11 +44,13 @@ const RETRY_AFTER_SECONDS: &str = "1";
 
 /// Per-VM state shared by every request: the configuration, how the ledger answered last
 /// time (so that an outage is logged when it starts and ends, not once per call), and the
-/// holds prefetched for hot tokens.
+/// holds prefetched for hot tokens, and the L402 challenges minted ahead for this
+/// configuration's offer.
 pub struct Gate {
     config: Config,
     ledger_health: Cell<Health>,
     prefetched: Rc<RefCell<Prefetched>>,
+    challenges: RefCell<ChallengePool>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,8 +67,18 @@ impl Gate {
 
     /// A gate whose prefetched holds live in `prefetched`: the VM's, which outlives a
     /// reconfiguration (the holds of the old configuration are released at their age).
+    /// Challenges are the configuration's own: its offer made them.
     pub fn sharing(config: Config, prefetched: Rc<RefCell<Prefetched>>) -> Gate {
-        Gate { config, ledger_health: Cell::new(Health::Answering), prefetched }
+        let challenges = match &config.l402 {
+            Some(l402) => ChallengePool::new(l402.pool_capacity, l402.pool_max_age),
+            None => ChallengePool::new(0, 0),
+        };
+        Gate {
+            config,
+            ledger_health: Cell::new(Health::Answering),
+            prefetched,
+            challenges: RefCell::new(challenges),
+        }
     }
 
     pub fn config(&self) -> &Config {
@@ -104,6 +118,24 @@ impl Gate {
         // A cold token asks for one: occasional callers never lock more than a call's worth.
         reserve.count = if hot { ledger.prefetch_holds } else { 1 };
         Plan::Reserve(Some(Prefetch { key, count: reserve.count, at_ms: now_ms }))
+    }
+
+    /// The challenge pool's refill to send at `now_ms`, if it is due (from the root context's
+    /// tick, and again after each refill's reply).
+    pub fn next_refill(&self, now_ms: u64) -> Option<Refill> {
+        let l402 = self.config.l402.as_ref()?;
+        let timeout = u64::try_from(self.config.ledger.timeout.as_millis()).unwrap_or(u64::MAX);
+        self.challenges.borrow_mut().next_refill(&l402.offer, now_ms, timeout)
+    }
+
+    /// The ledger's reply to refill `id`.
+    pub fn on_refill_reply(&self, id: u64, reply: &LedgerReply, now_ms: u64) -> RefillOutcome {
+        self.challenges.borrow_mut().on_reply(id, reply, now_ms)
+    }
+
+    /// Refill `id` could not be sent.
+    pub fn on_refill_send_failed(&self, id: u64, now_ms: u64) {
+        self.challenges.borrow_mut().on_send_failed(id, now_ms);
     }
 
     fn note_ledger(&self, health: Health, status: Option<u16>) {
@@ -156,16 +188,15 @@ impl LocalResponse {
         LocalResponse { status: body.status(), headers, body: body.to_json() }
     }
 
-    /// A 402 with a challenge for each scheme that is on: L402's (minted by the ledger)
-    /// first, then the Bearer one.
+    /// A 402 with a challenge for each scheme that is on: L402's (`l402`, the header value of
+    /// a challenge the ledger minted) first, then the Bearer one.
     pub fn payment_required(
         config: &Config,
         body: &ErrorBody,
-        l402: Option<&L402Challenge>,
+        l402: Option<String>,
     ) -> LocalResponse {
         let mut response = LocalResponse::error(body);
-        if let Some(challenge) = l402 {
-            let value = l402::challenge(&challenge.macaroon, &challenge.invoice);
+        if let Some(value) = l402 {
             response.headers.push((headers::WWW_AUTHENTICATE, value));
         }
         if config.pay_token.is_some() {
@@ -220,6 +251,20 @@ struct Charge {
     metered: Option<Metered>,
 }
 
+/// A reserve sent to the ledger, with what its answer is read against.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Reserving {
+    /// The credential is an L402, whose spent budget is answered with a fresh challenge.
+    l402: bool,
+    /// The route's metering, if it is metered.
+    metered: Option<Metered>,
+    token_id: String,
+    /// Where the reserve's extra holds go, when it asked for some.
+    prefetch: Option<Prefetch>,
+    /// When the request came (Unix seconds).
+    now: u64,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 enum State {
     #[default]
@@ -227,16 +272,10 @@ enum State {
     /// Goes through without a charge: an unpriced route, or a priced one let through while
     /// the ledger is unavailable (`failed_open`).
     Free { failed_open: bool },
-    /// Waiting for the ledger's answer to a reserve; `l402` when the credential is one, whose
-    /// spent budget is answered with a fresh challenge; `metered` when the route is;
-    /// `prefetch` when its extra holds go to the pool.
-    AwaitingLedger {
-        l402: bool,
-        metered: Option<Metered>,
-        token_id: String,
-        prefetch: Option<Prefetch>,
-    },
-    /// Waiting for the ledger to mint an L402 challenge to answer `refusal` (a 402) with.
+    /// Waiting for the ledger's answer to a reserve.
+    AwaitingLedger(Reserving),
+    /// Waiting for the ledger to mint an L402 challenge to answer `refusal` (a 402) with: the
+    /// pool had none.
     AwaitingChallenge(Box<ErrorBody>),
     /// Forwarded with a hold, to be committed or released when the upstream answers.
     Held(Charge),
@@ -302,18 +341,19 @@ impl Exchange {
                     }
                     Plan::Reserve(prefetch) => prefetch,
                 };
-                self.state = State::AwaitingLedger {
+                self.state = State::AwaitingLedger(Reserving {
                     l402,
                     metered: route.metered.clone(),
                     token_id,
                     prefetch,
-                };
+                    now,
+                });
                 // Serializing strings, integers and amounts cannot fail.
                 let body = serde_json::to_vec(&reserve).unwrap_or_default();
                 RequestAction::CallLedger(LedgerCall { path: path::HOLDS, body })
             }
             Err(refusal) if refusal.code == ErrorCode::PaymentRequired => {
-                self.challenge(config, refusal)
+                self.challenge(gate, refusal, now)
             }
             Err(refusal) => self.respond(config, &refusal),
         }
@@ -322,9 +362,7 @@ impl Exchange {
     /// The ledger answered (or could not be reached).
     pub fn on_ledger_reply(&mut self, gate: &Gate, reply: LedgerReply) -> RequestAction {
         match std::mem::replace(&mut self.state, State::Done) {
-            State::AwaitingLedger { l402, metered, token_id, prefetch } => {
-                self.on_hold_reply(gate, reply, l402, metered, token_id, prefetch)
-            }
+            State::AwaitingLedger(reserving) => self.on_hold_reply(gate, reply, reserving),
             State::AwaitingChallenge(refusal) => {
                 let config = gate.config();
                 let challenge = read_challenge(&reply);
@@ -336,12 +374,12 @@ impl Exchange {
                     reply.status,
                 );
                 match challenge {
-                    Ok(challenge) => {
-                        let refusal = ErrorBody { sandbox: challenge.sandbox, ..*refusal };
+                    Ok((header, sandbox)) => {
+                        let refusal = ErrorBody { sandbox, ..*refusal };
                         RequestAction::Respond(LocalResponse::payment_required(
                             config,
                             &refusal,
-                            Some(&challenge),
+                            Some(header),
                         ))
                     }
                     // Without an L402 challenge, a Pay Token still pays: answer the 402 with its
@@ -365,11 +403,9 @@ impl Exchange {
         &mut self,
         gate: &Gate,
         reply: LedgerReply,
-        l402: bool,
-        metered: Option<Metered>,
-        token_id: String,
-        prefetch: Option<Prefetch>,
+        reserving: Reserving,
     ) -> RequestAction {
+        let Reserving { l402, metered, token_id, prefetch, now } = reserving;
         let config = gate.config();
         let answer = LedgerAnswer::read(&reply);
         gate.note_ledger(answer.health(), reply.status);
@@ -398,7 +434,7 @@ impl Exchange {
             LedgerAnswer::Refusal(refusal)
                 if l402 && refusal.code == ErrorCode::TokenLimitExceeded =>
             {
-                self.challenge(config, refusal)
+                self.challenge(gate, refusal, now)
             }
             LedgerAnswer::Refusal(refusal) => self.respond(config, &refusal),
             LedgerAnswer::Unreachable if config.failure_mode == FailureMode::Open => {
@@ -552,19 +588,25 @@ impl Exchange {
         })
     }
 
-    /// Answers `refusal` (a 402) with the challenges of every scheme that is on; L402's
-    /// must first be minted by the ledger.
-    fn challenge(&mut self, config: &Config, refusal: ErrorBody) -> RequestAction {
-        match &config.l402 {
-            Some(l402) => {
-                self.state = State::AwaitingChallenge(Box::new(refusal));
-                RequestAction::CallLedger(LedgerCall {
-                    path: path::L402_CHALLENGES,
-                    body: l402.challenge_body.clone(),
-                })
-            }
-            None => self.respond(config, &refusal),
+    /// Answers `refusal` (a 402) with the challenges of every scheme that is on. L402's
+    /// comes from the pool, or when it has none is minted by the ledger for this request.
+    fn challenge(&mut self, gate: &Gate, refusal: ErrorBody, now: u64) -> RequestAction {
+        let config = gate.config();
+        let Some(l402) = &config.l402 else { return self.respond(config, &refusal) };
+        if let Some(pooled) = gate.challenges.borrow_mut().take(now) {
+            self.state = State::Done;
+            let refusal = ErrorBody { sandbox: pooled.sandbox, ..refusal };
+            return RequestAction::Respond(LocalResponse::payment_required(
+                config,
+                &refusal,
+                Some(pooled.header),
+            ));
         }
+        self.state = State::AwaitingChallenge(Box::new(refusal));
+        RequestAction::CallLedger(LedgerCall {
+            path: path::L402_CHALLENGES,
+            body: l402.challenge_body.clone(),
+        })
     }
 }
 
@@ -760,26 +802,17 @@ impl LedgerAnswer {
     }
 }
 
-/// A challenge-minting call's reply: the challenge, or why there is none.
-fn read_challenge(reply: &LedgerReply) -> Result<L402Challenge, LedgerAnswer> {
+/// A challenge-minting call's reply: the challenge's header value and whether it is a
+/// sandbox one, or why there is none.
+fn read_challenge(reply: &LedgerReply) -> Result<(String, bool), LedgerAnswer> {
     match reply.status {
         None | Some(500..) => Err(LedgerAnswer::Unreachable),
         Some(200) => serde_json::from_slice::<L402Challenge>(&reply.body)
             .ok()
-            .filter(is_header_safe)
+            .and_then(|challenge| Some((pool::header_value(&challenge)?, challenge.sandbox)))
             .ok_or(LedgerAnswer::Confused),
         Some(_) => Err(LedgerAnswer::Confused),
     }
-}
-
-/// The macaroon (base64) and invoice (bech32) go into a quoted header parameter.
-fn is_header_safe(challenge: &L402Challenge) -> bool {
-    let base64 = |b: u8| b.is_ascii_alphanumeric() || b"+/=-_".contains(&b);
-    let within = |s: &str| (1..=4096).contains(&s.len());
-    within(&challenge.macaroon)
-        && within(&challenge.invoice)
-        && challenge.macaroon.bytes().all(base64)
-        && challenge.invoice.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 /// Charge ids go into headers: 1 to 64 characters of `[A-Za-z0-9_-]` (the ledger's are

@@ -4,8 +4,9 @@
 //! - untrusted headers are read with the `*_bytes` getters: the SDK's `String` getters
 //!   panic on non-UTF-8 values, and a panic kills the VM for every request on the worker;
 //! - nothing here calls `get_log_level`, `done`, gRPC or `get_status` (they trap on Kong);
-//! - commits and releases are dispatched from the root context's tick, never while
-//!   response headers are processed (Kong cannot dispatch there).
+//! - commits and releases, and the refills of the L402 challenge pool, are dispatched from
+//!   the root context's tick (or the reply to the previous one), never while response
+//!   headers are processed (Kong cannot dispatch there).
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -21,11 +22,14 @@ use crate::config::{Config, LedgerTarget};
 use crate::gate::{
     Exchange, Gate, HeaderEdit, LedgerCall, LedgerReply, LocalResponse, RequestAction, RequestHead,
 };
+use crate::pool::RefillOutcome;
 use crate::prefetch::Prefetched;
 use crate::settle::{BatchOutcome, Queued, SettleQueue};
 
 /// A ledger reply larger than this is not a reply of ours; it is read as no reply.
 const MAX_REPLY_BYTES: usize = 64 * 1024;
+/// The same for a batch of challenges: 256 of them at up to 4 KiB each.
+const MAX_REFILL_REPLY_BYTES: usize = 1024 * 1024;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -44,6 +48,8 @@ struct Root {
     queue: Rc<RefCell<SettleQueue>>,
     /// The dispatch token and batch id of the settle call this root has in flight.
     settling: Option<(u32, u64)>,
+    /// The dispatch token and refill id of the challenge pool's refill in flight.
+    refilling: Option<(u32, u64)>,
     /// The tick period asked for. Kong traps on a second `set_tick_period` for one root
     /// context, so a reconfiguration asks again only if the interval changed.
     tick_period: Option<Duration>,
@@ -51,7 +57,13 @@ struct Root {
 
 impl Root {
     fn new() -> Root {
-        Root { gate: None, queue: SETTLE_QUEUE.with(Rc::clone), settling: None, tick_period: None }
+        Root {
+            gate: None,
+            queue: SETTLE_QUEUE.with(Rc::clone),
+            settling: None,
+            refilling: None,
+            tick_period: None,
+        }
     }
 }
 
@@ -69,7 +81,10 @@ impl RootContext for Root {
                 if self.tick_period.replace(period) != Some(period) {
                     self.set_tick_period(period);
                 }
+                // The new gate has its own (empty) challenge pool: a refill in flight for
+                // the old one is not awaited. Prefetched holds are the VM's and stay.
                 self.gate = Some(Rc::new(Gate::sharing(config, PREFETCHED.with(Rc::clone))));
+                self.refilling = None;
                 true
             }
             Err(error) => {
@@ -80,18 +95,21 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        let Some(gate) = &self.gate else { return };
+        let Some(gate) = self.gate.clone() else { return };
         let ledger = &gate.config().ledger;
         let now = millis(self.get_current_time());
         let timeout = u64::try_from(ledger.timeout.as_millis()).unwrap_or(u64::MAX);
         for release in gate.prefetch_releases(now) {
             push(&self.queue, release);
         }
-        let Some(batch) = self.queue.borrow_mut().next_batch(now, timeout) else { return };
-        match dispatch(self, ledger, &batch.call) {
-            Some(token) => self.settling = Some((token, batch.id)),
-            None => self.queue.borrow_mut().on_send_failed(batch.id, now),
+        let batch = self.queue.borrow_mut().next_batch(now, timeout);
+        if let Some(batch) = batch {
+            match dispatch(self, ledger, &batch.call) {
+                Some(token) => self.settling = Some((token, batch.id)),
+                None => self.queue.borrow_mut().on_send_failed(batch.id, now),
+            }
         }
+        self.refill(&gate, now);
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -107,6 +125,31 @@ impl RootContext for Root {
     }
 }
 
+impl Root {
+    /// Sends the challenge pool's refill, if one is due.
+    fn refill(&mut self, gate: &Gate, now: u64) {
+        let Some(refill) = gate.next_refill(now) else { return };
+        match dispatch(self, &gate.config().ledger, &refill.call) {
+            Some(token) => self.refilling = Some((token, refill.id)),
+            None => gate.on_refill_send_failed(refill.id, now),
+        }
+    }
+
+    fn on_refill_reply(&mut self, id: u64, headers: usize, body_size: usize) {
+        let Some(gate) = self.gate.clone() else { return };
+        let reply = read_reply(self, headers, body_size, MAX_REFILL_REPLY_BYTES);
+        let now = millis(self.get_current_time());
+        if let RefillOutcome::Failed { retry_in_ms } = gate.on_refill_reply(id, &reply, now) {
+            log::warn!(
+                "paystile: minting L402 challenges ahead failed (status {:?}); each 402 mints its own until a refill in {retry_in_ms} ms succeeds",
+                reply.status
+            );
+        }
+        // A burst may have taken the pool below half again while the refill was away.
+        self.refill(&gate, now);
+    }
+}
+
 impl Context for Root {
     fn on_http_call_response(
         &mut self,
@@ -115,10 +158,14 @@ impl Context for Root {
         body_size: usize,
         _trailers: usize,
     ) {
+        if let Some((_, id)) = self.refilling.take_if(|(sent, _)| *sent == token) {
+            self.on_refill_reply(id, headers, body_size);
+            return;
+        }
         let Some((_, batch)) = self.settling.take_if(|(sent, _)| *sent == token) else {
             return;
         };
-        let reply = read_reply(self, headers, body_size);
+        let reply = read_reply(self, headers, body_size, MAX_REPLY_BYTES);
         let now = millis(self.get_current_time());
         let outcome = self.queue.borrow_mut().on_reply(batch, &reply, now);
         match outcome {
@@ -259,7 +306,7 @@ impl Context for Stream {
         _trailers: usize,
     ) {
         let Some(gate) = self.gate.clone() else { return };
-        let reply = read_reply(self, headers, body_size);
+        let reply = read_reply(self, headers, body_size, MAX_REPLY_BYTES);
         let action = self.exchange.on_ledger_reply(&gate, reply);
         self.perform(&gate, action, true);
     }
@@ -297,7 +344,13 @@ fn dispatch(context: &dyn Context, ledger: &LedgerTarget, call: &LedgerCall) -> 
     }
 }
 
-fn read_reply(context: &dyn Context, headers: usize, body_size: usize) -> LedgerReply {
+/// The reply to a dispatch; a body over `max_body` bytes is read as none.
+fn read_reply(
+    context: &dyn Context,
+    headers: usize,
+    body_size: usize,
+    max_body: usize,
+) -> LedgerReply {
     if headers == 0 {
         // The call failed without an answer (reset, refused connection).
         return LedgerReply::default();
@@ -305,7 +358,7 @@ fn read_reply(context: &dyn Context, headers: usize, body_size: usize) -> Ledger
     let status = context
         .get_http_call_response_header_bytes(":status")
         .and_then(|s| std::str::from_utf8(&s).ok().and_then(|s| s.parse().ok()));
-    let body = if body_size > MAX_REPLY_BYTES {
+    let body = if body_size > max_body {
         Vec::new()
     } else {
         context.get_http_call_response_body(0, body_size).unwrap_or_default()

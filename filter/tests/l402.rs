@@ -8,6 +8,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use paystile_filter::config::Config;
 use paystile_filter::gate::{Exchange, Gate, HeaderEdit, LedgerReply, RequestAction, RequestHead};
+use paystile_filter::pool::RefillOutcome;
 use paystile_protocol::ErrorCode;
 use paystile_protocol::l402::{self, Identifier, Offer};
 use paystile_protocol::ledger_api::{ChallengeRequest, ReserveRequest};
@@ -311,6 +312,92 @@ fn a_spent_l402_budget_is_answered_with_a_fresh_challenge() {
     let (status, _, headers) = answered(&action);
     assert_eq!(status, 402);
     assert_eq!(challenges(&headers), [r#"Bearer realm="paystile", error="payment_required""#]);
+}
+
+/// `count` distinct challenges, `lnbcrt<i>`, as the ledger answers a refill.
+fn batch_reply(count: usize) -> LedgerReply {
+    let challenges: Vec<Value> = (0..count)
+        .map(|i| {
+            json!({
+                "tokenId": format!("l402_{i:064x}"), "macaroon": format!("AgE{i}="),
+                "invoice": format!("lnbcrt{i}"), "paymentHash": "ab".repeat(32),
+                "budgetUsdc": "0.05", "amountMsat": 50000, "validUntil": NOW + 86_400,
+                "sandbox": false
+            })
+        })
+        .collect();
+    let body = json!({ "challenges": challenges }).to_string().into_bytes();
+    LedgerReply { status: Some(200), body }
+}
+
+/// One 402 minted by the ledger for its own request (the pool is empty), then the refill
+/// that 402 calls for, answered with `count` challenges.
+fn fill(gate: &Gate, count: usize) {
+    let mut exchange = Exchange::default();
+    let action = exchange.on_request_headers(gate, &head("/v1/forecast", None), NOW);
+    ledger_call(&action, "/v1/l402/challenges");
+    exchange.on_ledger_reply(gate, challenge_reply());
+    let refill = gate.next_refill(NOW * 1000).expect("a refill after a 402");
+    let asked: ChallengeRequest = serde_json::from_slice(&refill.call.body).unwrap();
+    assert_eq!(asked.count, Some(1), "one 402 seen: one challenge");
+    assert_eq!(
+        ChallengeRequest { count: None, ..asked },
+        gate.config().l402.as_ref().unwrap().offer
+    );
+    let outcome = gate.on_refill_reply(refill.id, &batch_reply(count), NOW * 1000);
+    assert_eq!(outcome, RefillOutcome::Filled { added: count });
+}
+
+#[test]
+fn a_pooled_challenge_answers_the_402_without_the_ledger_and_only_once() {
+    let gate = gate();
+    fill(&gate, 1);
+    let action = Exchange::default().on_request_headers(&gate, &head("/v1/forecast", None), NOW);
+    let (status, body, headers) = answered(&action);
+    assert_eq!((status, body.code), (402, ErrorCode::PaymentRequired));
+    assert_eq!(body.schemes, ["L402", "Bearer"]);
+    assert!(!body.sandbox);
+    assert_eq!(
+        challenges(&headers),
+        [
+            r#"L402 macaroon="AgE0=", invoice="lnbcrt0""#,
+            r#"Bearer realm="paystile", error="payment_required""#
+        ]
+    );
+    // Taken: the next 402 has the ledger mint its own, as with no pool.
+    let mut exchange = Exchange::default();
+    let action = exchange.on_request_headers(&gate, &head("/v1/forecast", None), NOW);
+    ledger_call(&action, "/v1/l402/challenges");
+    let (_, _, headers) = answered(&exchange.on_ledger_reply(&gate, challenge_reply()));
+    assert!(challenges(&headers)[0].contains("lnbcrt500n1pjexample"));
+}
+
+#[test]
+fn a_spent_l402_budget_takes_its_fresh_challenge_from_the_pool() {
+    let gate = gate();
+    fill(&gate, 1);
+    let mut exchange = Exchange::default();
+    reserve(&gate, &mut exchange, &paid());
+    let spent = json!({"error": "Token limit exceeded", "code": "token_limit_exceeded", "used": "0.05", "reserved": "0", "limit": "0.05", "price": "0.001"});
+    let action = exchange.on_ledger_reply(
+        &gate,
+        LedgerReply { status: Some(402), body: spent.to_string().into_bytes() },
+    );
+    let (status, body, headers) = answered(&action);
+    assert_eq!((status, body.code), (402, ErrorCode::TokenLimitExceeded));
+    assert_eq!(challenges(&headers)[0], r#"L402 macaroon="AgE0=", invoice="lnbcrt0""#);
+}
+
+#[test]
+fn a_pool_turned_off_or_without_l402_never_refills() {
+    let off = gate_with(|c| c["l402"]["challenge_pool"] = json!(0));
+    let bearer_only = gate_with(|c| c["l402"] = json!(null));
+    for gate in [off, bearer_only] {
+        for _ in 0..20 {
+            Exchange::default().on_request_headers(&gate, &head("/v1/forecast", None), NOW);
+        }
+        assert_eq!(gate.next_refill(NOW * 1000), None);
+    }
 }
 
 fn pay_token() -> String {

@@ -28,7 +28,7 @@ pub mod path {
     pub const OPENAPI: &str = "/openapi.json";
     /// `GET`: Prometheus metrics (open).
     pub const METRICS: &str = "/metrics";
-    /// `POST`: mint an L402 challenge, a macaroon and its invoice (gateway).
+    /// `POST`: mint L402 challenges, each a macaroon and its invoice (gateway).
     pub const L402_CHALLENGES: &str = "/v1/l402/challenges";
     /// `POST`: pay a sandbox invoice, answering its preimage (admin; sandbox backend only).
     pub const SANDBOX_PAYMENTS: &str = "/v1/sandbox/payments";
@@ -395,6 +395,21 @@ pub struct ChallengeRequest {
     /// Restricts the credential to routes with these capabilities; empty: every route.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub capabilities: Vec<String>,
+    /// How many challenges to mint, 1 to [`MAX_CHALLENGES_PER_CALL`], answered as
+    /// [`L402Challenges`]; absent: one, answered as a lone [`L402Challenge`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u16>,
+}
+
+/// The most challenges one `POST /v1/l402/challenges` mints.
+pub const MAX_CHALLENGES_PER_CALL: u16 = 256;
+
+/// `POST /v1/l402/challenges` with a `count`: that many challenges, each for its own token
+/// and invoice. A gateway hands each to one client only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct L402Challenges {
+    pub challenges: Vec<L402Challenge>,
 }
 
 /// A minted L402 challenge: the gateway answers 402 with

@@ -17,14 +17,14 @@ use axum::routing::{MethodFilter, on};
 use axum::{Json, Router};
 use paystile_protocol::ledger_api::{
     ChallengeRequest, ChargePage, ChargeQuery, ChildTokenRequest, DepositRequest,
-    IssueTokenRequest, ReserveRequest, SandboxPaymentRequest, SetTierRequest, SettleRequest,
-    SummaryQuery, path,
+    IssueTokenRequest, L402Challenges, ReserveRequest, SandboxPaymentRequest, SetTierRequest,
+    SettleRequest, SummaryQuery, path,
 };
 use paystile_protocol::{ErrorBody, ErrorCode};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::challenge::{ChallengeError, ChallengeMinter};
+use crate::challenge::{BATCH_TIME_BUDGET, ChallengeError, ChallengeMinter};
 use crate::ledger::{Ledger, LedgerError, now_millis};
 use crate::store::ReserveOutcome;
 use crate::{journal, telemetry};
@@ -316,10 +316,17 @@ async fn settle(
 async fn mint_challenge(
     State(minter): State<Minter>,
     ApiJson(request): ApiJson<ChallengeRequest>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Response, ApiError> {
     let minter = minter.ok_or_else(l402_off)?;
     let now = u64::try_from(now_millis() / 1000).unwrap_or(0);
-    Ok(Json(minter.mint(request, now).await?))
+    // Without a count, the answer keeps its original shape: one challenge.
+    Ok(match request.count {
+        None => Json(minter.mint(&request, now).await?).into_response(),
+        Some(_) => {
+            let challenges = minter.mint_batch(&request, now, BATCH_TIME_BUDGET).await?;
+            Json(L402Challenges { challenges }).into_response()
+        }
+    })
 }
 
 async fn pay_sandbox_invoice(
@@ -521,7 +528,7 @@ mod tests {
     /// field name and format in the document is the wire's.
     #[test]
     fn examples_are_what_the_protocol_types_read_and_write() {
-        let parsers: [(&str, RoundTrip); 27] = [
+        let parsers: [(&str, RoundTrip); 28] = [
             ("Usdc", round_trip::<Usdc>),
             ("ErrorBody", round_trip::<ErrorBody>),
             ("TokenGrant", round_trip::<TokenGrant>),
@@ -547,6 +554,7 @@ mod tests {
             ("ServiceSummary", round_trip::<ServiceSummary>),
             ("ChallengeRequest", round_trip::<ChallengeRequest>),
             ("L402Challenge", round_trip::<L402Challenge>),
+            ("L402Challenges", round_trip::<L402Challenges>),
             ("SandboxPaymentRequest", round_trip::<SandboxPaymentRequest>),
             ("SandboxPayment", round_trip::<SandboxPayment>),
         ];

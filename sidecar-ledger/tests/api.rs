@@ -5,6 +5,7 @@
 //! without it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use paystile_protocol::jws::Key;
 use paystile_protocol::l402;
 use paystile_protocol::ledger_api::{
     AccountView, ChargeStatus, ChildTokenRequest, Deposit, DepositRequest, Hold, IssueTokenRequest,
-    IssuedToken, L402Challenge, SettleResponse, SettleStatus, TokenView,
+    IssuedToken, L402Challenge, L402Challenges, SettleResponse, SettleStatus, TokenView,
 };
 use paystile_protocol::pay_token::{self, Scope, Validation};
 use paystile_protocol::{ErrorBody, ErrorCode, Usdc};
@@ -1115,6 +1116,25 @@ async fn sandbox_challenges_are_paid_by_the_sandbox_and_verify_inline(store: Bac
         .post("/v1/sandbox/payments", Some(ADMIN_KEY), &json!({"invoice": "lnbc1nope"}).to_string())
         .await;
     assert_eq!((status, answer["code"].as_str()), (400, Some("bad_request")), "{answer}");
+
+    // A batch: that many challenges, each its own token and invoice, each payable.
+    let mut batch = challenge_request();
+    batch["count"] = json!(8);
+    let (status, answer) =
+        ledger.post("/v1/l402/challenges", Some(GATEWAY_KEY), &batch.to_string()).await;
+    assert_eq!(status, 200, "{answer}");
+    let batch: L402Challenges = serde_json::from_value(answer).unwrap();
+    assert_eq!(batch.challenges.len(), 8);
+    let invoices: BTreeSet<&str> = batch.challenges.iter().map(|c| c.invoice.as_str()).collect();
+    let tokens: BTreeSet<&str> = batch.challenges.iter().map(|c| c.token_id.as_str()).collect();
+    assert_eq!((invoices.len(), tokens.len()), (8, 8));
+    let last = batch.challenges.last().unwrap();
+    let pay = json!({ "invoice": last.invoice }).to_string();
+    let (status, answer) = ledger.post("/v1/sandbox/payments", Some(ADMIN_KEY), &pay).await;
+    assert_eq!(status, 200, "{answer}");
+    let preimage = answer["preimage"].as_str().unwrap();
+    let grant = l402::verify(&last.macaroon, preimage, L402_SECRET.as_bytes(), &target).unwrap();
+    assert_eq!(grant.identifier.ledger_token_id(), last.token_id);
 }
 
 async fn bad_challenge_requests_get_400_and_l402_is_off_without_its_settings(store: Backend) {
@@ -1126,6 +1146,9 @@ async fn bad_challenge_requests_get_400_and_l402_is_off_without_its_settings(sto
         (json!({"serviceId": "a=b"}), "serviceId"),
         (json!({"validSeconds": 0}), "validSeconds"),
         (json!({"colour": "red"}), "unknown field"),
+        (json!({"count": 0}), "count must be between 1 and 256"),
+        (json!({"count": 257}), "count must be between 1 and 256"),
+        (json!({"count": -1}), "count"),
     ] {
         let mut body = challenge_request();
         for (key, value) in change.as_object().unwrap() {

@@ -1,13 +1,15 @@
 //! Cost per request of the release filter, run in the wasmtime proxy-wasm host
 //! (`paystile_harness::host`) as Envoy and as Kong would run it: no credential (with L402 on,
-//! where the ledger mints a challenge, and with Pay Tokens only, where the 402 is answered at
+//! where the 402 takes a challenge from the pool the ticks refill, or with the pool off, where
+//! the ledger mints one for the request; and with Pay Tokens only, where the 402 is answered at
 //! once), a Pay Token paid call and an L402 paid call (each with its share of the settle batch
 //! the next tick sends), and a Pay Token with a bad signature. For every path it reports wasm
 //! fuel per request (wasmtime charges about one unit per wasm instruction executed, none for
 //! `nop`, `drop`, `block`, `loop` and `end`: a count of guest work that does not depend on the
 //! machine) and wall time per request (the median of several runs of many requests on one VM,
 //! after warm-up runs), both split by phase: request headers, the ledger's reply, response
-//! headers, end of stream (`on_done`/`on_log`/`on_delete`) and the settle batch. Wall time
+//! headers, end of stream (`on_done`/`on_log`/`on_delete`), the settle batch and the pool's
+//! refills (real sandbox challenges, minted by the ledger's code before the bench). Wall time
 //! covers only the host calls into the guest: the guest's code (compiled by Cranelift, with
 //! fuel checks), the hostcalls it makes and the host's own bookkeeping; the scripting and the
 //! checks between calls are not timed. Every request is checked to have taken its path, so
@@ -18,12 +20,18 @@
 //! cargo bench -p paystile-harness --bench host
 //! ```
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use paystile_harness::host::{Action, Dispatch, Flavor, LEDGER_CLUSTER, Pairs, Reply, Vm, pairs};
+use paystile_ledger::challenge::ChallengeMinter;
+use paystile_ledger::invoice::InvoiceBackend;
+use paystile_ledger::invoice::sandbox::SandboxNode;
+use paystile_ledger::settings::Secret;
 use paystile_protocol::jws::Key;
 use paystile_protocol::l402::{self, Identifier, Offer};
+use paystile_protocol::ledger_api::{ChallengeRequest, L402Challenge};
 use paystile_protocol::pay_token::{self, PayTokenClaims, Scope};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -41,6 +49,11 @@ const KONG_LEDGER: &str = "127.0.0.1:8787";
 /// The host's clock (`Vm::now` at load); credentials stay valid an hour past it.
 const NOW: u64 = 1_900_000_000;
 
+/// With the pool on, the root context ticks every this many requests, 50 ms apart on the
+/// host's clock: 500 402s a second, which the pool's refills follow.
+const REQUESTS_PER_TICK: usize = 25;
+const TICK: Duration = Duration::from_millis(50);
+
 const HOLDS: &str = "/v1/holds";
 const CHALLENGES: &str = "/v1/l402/challenges";
 const SETTLE: &str = "/v1/holds/settle";
@@ -53,18 +66,21 @@ enum Phase {
     ResponseHeaders,
     End,
     Settle,
+    Refill,
 }
 
-const PHASES: [(Phase, &str); 5] = [
+const PHASES: [(Phase, &str); 6] = [
     (Phase::RequestHeaders, "request headers"),
     (Phase::LedgerReply, "ledger reply"),
     (Phase::ResponseHeaders, "response headers"),
     (Phase::End, "end of stream"),
     (Phase::Settle, "settle share"),
+    (Phase::Refill, "refill share"),
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Path {
+    ChallengePooled,
     ChallengeMinted,
     PayTokensOnly402,
     PayTokenPaid,
@@ -72,7 +88,8 @@ enum Path {
     BadSignature,
 }
 
-const PATHS: [Path; 5] = [
+const PATHS: [Path; 6] = [
+    Path::ChallengePooled,
     Path::ChallengeMinted,
     Path::PayTokensOnly402,
     Path::PayTokenPaid,
@@ -83,7 +100,8 @@ const PATHS: [Path; 5] = [
 impl Path {
     fn name(self) -> &'static str {
         match self {
-            Path::ChallengeMinted => "no credential, L402 on → 402",
+            Path::ChallengePooled => "no credential, L402 on → 402 (pooled challenge)",
+            Path::ChallengeMinted => "no credential, L402 pool off → 402 (minted for it)",
             Path::PayTokensOnly402 => "no credential, Pay Tokens only → 402",
             Path::PayTokenPaid => "Pay Token paid call → 200",
             Path::L402Paid => "L402 paid call → 200",
@@ -92,11 +110,12 @@ impl Path {
     }
 }
 
-/// Fuel and time spent in each phase over one run.
+/// Fuel and time spent in each phase over one run, and the challenges refilled.
 #[derive(Clone, Copy, Default)]
 struct Meter {
     fuel: [u64; PHASES.len()],
     time: [Duration; PHASES.len()],
+    refilled: u64,
 }
 
 impl Meter {
@@ -129,7 +148,11 @@ struct Script {
     pay_token: Pairs,
     l402: Pairs,
     bad_signature: Pairs,
+    /// The ledger's answer to a 402's own challenge call.
     challenge: Reply,
+    /// Real sandbox challenges, for the pool's refills (the same ones again each refill); the
+    /// first also answers each call for a single one.
+    minted: Vec<L402Challenge>,
     /// The ledger's hold for each request of a run, and the charge ids they carry.
     holds: Vec<Reply>,
     charge_ids: Vec<String>,
@@ -137,7 +160,7 @@ struct Script {
 }
 
 impl Script {
-    fn new(flavor: Flavor) -> anyhow::Result<Script> {
+    fn new(flavor: Flavor, minted: Vec<L402Challenge>) -> anyhow::Result<Script> {
         let upstream = match flavor {
             Flavor::Envoy => LEDGER_CLUSTER,
             Flavor::Kong => KONG_LEDGER,
@@ -154,11 +177,6 @@ impl Script {
             .collect();
         let results: Vec<Value> =
             charge_ids.iter().map(|id| json!({"chargeId": id, "status": "committed"})).collect();
-        let challenge = json!({
-            "tokenId": format!("l402_{}", "01".repeat(32)), "macaroon": "AgE=",
-            "invoice": "lnbcrt100n1x", "paymentHash": "00".repeat(32), "budgetUsdc": "0.01",
-            "amountMsat": 10_000, "validUntil": NOW + 3_600, "sandbox": false
-        });
         Ok(Script {
             flavor,
             upstream,
@@ -166,14 +184,15 @@ impl Script {
             pay_token: get(Some(&bearer(TOKEN_SECRET)?)),
             l402: get(Some(&l402_credential()?)),
             bad_signature: get(Some(&bearer("not-the-token-secret-0123456789abc")?)),
-            challenge: Reply::json(200, &challenge),
+            challenge: Reply::json(200, &serde_json::to_value(minted.first().context("none")?)?),
+            minted,
             holds,
             charge_ids,
             settled: Reply::json(200, &json!({ "results": results })),
         })
     }
 
-    /// A configured VM for `path`: L402 off only where the path says so.
+    /// A configured VM for `path`: L402 or its pool off only where the path says so.
     fn vm(&self, path: Path) -> anyhow::Result<Vm> {
         let mut config = json!({
             "service_id": "weather",
@@ -186,6 +205,9 @@ impl Script {
             && let Some(config) = config.as_object_mut()
         {
             config.remove("l402");
+        }
+        if path == Path::ChallengeMinted {
+            config["l402"]["challenge_pool"] = json!(0);
         }
         let mut vm = Vm::load(self.flavor)?;
         ensure!(vm.configure(config.to_string().as_bytes())?, "config refused: {:?}", vm.logs());
@@ -202,10 +224,18 @@ impl Script {
     }
 
     /// `PER_RUN` requests down `path` (and, for paid calls, the settle batch after them).
-    fn run(&self, vm: &mut Vm, path: Path) -> anyhow::Result<Meter> {
+    /// `warming`: the pool may still be learning the rate, and run dry.
+    fn run(&self, vm: &mut Vm, path: Path, warming: bool) -> anyhow::Result<Meter> {
         let mut meter = Meter::default();
         for i in 0..PER_RUN {
             match path {
+                Path::ChallengePooled => {
+                    if i % REQUESTS_PER_TICK == 0 {
+                        vm.advance(TICK);
+                        self.refill(vm, &mut meter)?;
+                    }
+                    self.pooled(vm, &mut meter, warming)?
+                }
                 Path::ChallengeMinted => self.challenged(vm, &mut meter)?,
                 Path::PayTokensOnly402 => {
                     self.answered_at_once(vm, &mut meter, &self.no_credential, 402)?
@@ -221,6 +251,45 @@ impl Script {
             self.settle(vm, &mut meter)?;
         }
         Ok(meter)
+    }
+
+    /// The tick, and the refills it (and each refill's reply) sends, answered with as many
+    /// challenges as asked for.
+    fn refill(&self, vm: &mut Vm, meter: &mut Meter) -> anyhow::Result<()> {
+        meter.measure(vm, Phase::Refill, Vm::tick)?;
+        let mut dispatches: VecDeque<Dispatch> = vm.take_dispatches().into();
+        while let Some(call) = dispatches.pop_front() {
+            ensure!(call.path() == CHALLENGES, "unexpected {call:?}");
+            let count = call.json()["count"].as_u64().context("a refill without a count")?;
+            let count = usize::try_from(count)?;
+            ensure!(count <= self.minted.len(), "asked for {count}");
+            let reply = Reply::json(200, &json!({ "challenges": &self.minted[..count] }));
+            meter.measure(vm, Phase::Refill, |vm| vm.reply(call.token, reply))?;
+            meter.refilled += u64::try_from(count)?;
+            dispatches.extend(vm.take_dispatches());
+        }
+        Ok(())
+    }
+
+    /// Request headers → local 402 with a pooled challenge; while `warming`, a 402 the pool
+    /// has nothing for is answered the way [`Script::challenged`] does.
+    fn pooled(&self, vm: &mut Vm, meter: &mut Meter, warming: bool) -> anyhow::Result<()> {
+        let headers = self.no_credential.clone();
+        let (id, _) = meter.measure(vm, Phase::RequestHeaders, |vm| vm.request_headers(headers))?;
+        let dispatches = vm.take_dispatches();
+        if let Some(call) = dispatches.first() {
+            ensure!(warming && dispatches.len() == 1, "the pool ran dry: {dispatches:?}");
+            let reply = self.challenge.clone();
+            meter.measure(vm, Phase::LedgerReply, |vm| vm.reply(call.token, reply))?;
+        }
+        let stream = vm.stream(id).context("no stream")?;
+        let response = stream.local_response.as_ref().context("no local response")?;
+        let challenges = response.headers_named("www-authenticate");
+        ensure!(
+            response.status == 402 && challenges.len() == 2 && challenges[0].starts_with("L402 "),
+            "not a 402 with an L402 challenge: {response:?}"
+        );
+        self.end(vm, meter, id)
     }
 
     /// Request headers → challenge dispatch → the ledger's challenge → local 402.
@@ -385,11 +454,11 @@ fn measure(script: &Script, path: Path) -> anyhow::Result<Row> {
     let mut vm = script.vm(path)?;
     ensure!(vm.now() == Duration::from_secs(NOW), "the host's clock moved: {:?}", vm.now());
     for _ in 0..WARM_UP_RUNS {
-        script.run(&mut vm, path)?;
+        script.run(&mut vm, path, true)?;
     }
     let mut runs = Vec::with_capacity(RUNS);
     for _ in 0..RUNS {
-        runs.push(script.run(&mut vm, path)?);
+        runs.push(script.run(&mut vm, path, false)?);
     }
     ensure!(vm.unimplemented_calls().is_empty(), "{:?}", vm.unimplemented_calls());
     let fuel_varies = runs.iter().any(|run| run.fuel != runs[0].fuel);
@@ -467,18 +536,40 @@ fn print_tables(rows: &[Row]) {
     }
     println!(
         "\nSettle share: the tick sending the batch of {PER_RUN} commits plus the ledger's reply, \
-         divided by {PER_RUN}. A dash: the path has no such phase."
+         divided by {PER_RUN}. Refill share: the ticks (one per {REQUESTS_PER_TICK} requests) and \
+         the refills they send with the ledger's replies, divided by {PER_RUN}. A dash: the path \
+         has no such phase."
     );
+}
+
+/// Real sandbox challenges for this bench's offer, as the ledger mints them.
+fn mint_challenges() -> anyhow::Result<Vec<L402Challenge>> {
+    let node = SandboxNode::new(L402_SECRET.as_bytes())?;
+    let minter = ChallengeMinter::new(Secret::new(L402_SECRET), InvoiceBackend::Sandbox(node));
+    let offer = ChallengeRequest {
+        service_id: "weather".into(),
+        budget_usdc: "0.01".parse()?,
+        amount_msat: 10_000,
+        valid_seconds: 86_400,
+        capabilities: vec![],
+        count: Some(256),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    Ok(runtime.block_on(minter.mint_batch(&offer, NOW, Duration::MAX))?)
 }
 
 fn main() -> anyhow::Result<()> {
     let started = Instant::now();
+    let minted = mint_challenges()?;
+    let minting = started.elapsed();
+    let bytes = serde_json::to_vec(&minted)?.len() / minted.len();
+    ensure!(minted.len() == 256, "minted {}", minted.len());
     // Compiles the module once for the process, before anything is timed.
     drop(Vm::load(Flavor::Envoy)?);
     let compiled = started.elapsed();
     let mut rows = Vec::new();
     for flavor in [Flavor::Envoy, Flavor::Kong] {
-        let script = Script::new(flavor)?;
+        let script = Script::new(flavor, minted.clone())?;
         for path in PATHS {
             let row =
                 measure(&script, path).with_context(|| format!("{flavor:?}: {}", path.name()))?;
@@ -486,6 +577,21 @@ fn main() -> anyhow::Result<()> {
         }
     }
     print_tables(&rows);
+    for row in rows.iter().filter(|row| row.median.refilled > 0) {
+        let fuel = row.median.fuel[Phase::Refill as usize] / row.median.refilled;
+        println!(
+            "{:?}: refills cost {} fuel per challenge ({} challenges in the median run).",
+            row.flavor,
+            thousands(fuel),
+            row.median.refilled
+        );
+    }
+    println!(
+        "\nA sandbox challenge is {bytes} bytes of JSON in a refill's reply; the ledger's code \
+         minted {} in {:.1} ms.",
+        minted.len(),
+        minting.as_secs_f64() * 1e3
+    );
     println!(
         "\nModule compiled in {:.2} s; whole bench {:.1} s.",
         compiled.as_secs_f64(),

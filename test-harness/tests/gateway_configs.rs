@@ -372,7 +372,7 @@ fn good_cases() -> Vec<Case> {
                 "l402": {
                     "secret": "an-l402-secret-of-32-characters!", "budget_usdc": "1.00",
                     "sats_per_usdc": 1000, "valid_seconds": 86400, "capabilities": ["report"],
-                    "accept_sandbox": true
+                    "accept_sandbox": true, "challenge_pool": 1024
                 },
                 "billable_statuses": ["2xx", "304"],
                 "failure_mode": "open"
@@ -410,6 +410,7 @@ fn good_cases() -> Vec<Case> {
             edit_l402(|c| {
                 c["l402"]["valid_seconds"] = Value::Null;
                 c["l402"]["capabilities"] = Value::Null;
+                c["l402"]["challenge_pool"] = Value::Null;
             }),
         ),
         good("a whole JSON number price", edit(|c| c["routes"][1]["price_usdc"] = json!(1))),
@@ -491,10 +492,12 @@ fn good_cases() -> Vec<Case> {
             "integers at their bounds",
             edit_l402(|c| {
                 c["l402"]["valid_seconds"] = json!(315_360_000);
+                c["l402"]["challenge_pool"] = json!(4096);
                 c["pay_token"]["leeway_seconds"] = json!(u64::MAX);
             }),
         ),
         good("no leeway", edit(|c| c["pay_token"]["leeway_seconds"] = json!(0))),
+        good("the challenge pool off", edit_l402(|c| c["l402"]["challenge_pool"] = json!(0))),
         good(
             "two keys with different kids, and two without",
             edit(|c| {
@@ -1019,6 +1022,16 @@ fn bad_cases() -> Vec<Case> {
             "a rate as a string",
             "l402.sats_per_usdc",
             edit_l402(|c| c["l402"]["sats_per_usdc"] = json!("1000")),
+        ),
+        bad(
+            "a challenge pool over 4096",
+            "l402.challenge_pool",
+            edit_l402(|c| c["l402"]["challenge_pool"] = json!(4097)),
+        ),
+        bad(
+            "a negative challenge pool",
+            "l402.challenge_pool",
+            edit_l402(|c| c["l402"]["challenge_pool"] = json!(-1)),
         ),
         bad(
             "credentials valid 0 seconds",

@@ -223,6 +223,117 @@ fn no_credential_gets_both_challenges_minted_by_the_ledger() {
     }
 }
 
+/// The ledger's challenge number `i`: invoice `lnbcrt<i>`.
+fn minted(i: usize) -> Value {
+    json!({
+        "tokenId": format!("l402_{i:064x}"), "macaroon": format!("AgE{i}="),
+        "invoice": format!("lnbcrt{i}"), "paymentHash": "00".repeat(32), "budgetUsdc": "0.01",
+        "amountMsat": 10_000, "validUntil": 1_900_086_400u64, "sandbox": false
+    })
+}
+
+/// A refill's answer: challenges `first..first + count`.
+fn batch(first: usize, count: usize) -> Reply {
+    let challenges: Vec<Value> = (first..first + count).map(minted).collect();
+    Reply::json(200, &json!({ "challenges": challenges }))
+}
+
+/// A 402 the pool answers: at once, without a dispatch. Its L402 challenge's invoice.
+fn pooled_402(vm: &mut Vm) -> String {
+    let (id, action) = vm.request_headers(get("/v1/forecast", None)).unwrap();
+    assert_eq!(action, Action::Pause);
+    assert!(vm.take_dispatches().is_empty(), "a pooled 402 calls nobody");
+    let response = vm.stream(id).unwrap().local_response.clone().expect("answered at once");
+    assert_eq!(response.status, 402);
+    let challenges = response.headers_named("www-authenticate");
+    assert_eq!(challenges.len(), 2, "{challenges:?}");
+    let (_, invoice) = l402::parse_challenge(&challenges[0]).unwrap();
+    vm.end(id).unwrap();
+    invoice.to_owned()
+}
+
+/// A 402 the pool has nothing for: the ledger mints its challenge, number `i`.
+fn minted_402(vm: &mut Vm, flavor: Flavor, i: usize) {
+    let (id, action) = vm.request_headers(get("/v1/forecast", None)).unwrap();
+    assert_eq!(action, Action::Pause);
+    let call = one_ledger_call(vm, flavor, "/v1/l402/challenges");
+    assert_eq!(call.json().get("count"), None, "a 402's own call asks for one");
+    vm.reply(call.token, Reply::json(200, &minted(i))).unwrap();
+    assert_eq!(answered(vm, id).0, 402);
+    vm.end(id).unwrap();
+}
+
+#[test]
+fn the_tick_mints_challenges_ahead_and_each_402_takes_its_own() {
+    for flavor in FLAVORS {
+        let mut vm = vm(flavor);
+        vm.tick().unwrap();
+        assert!(vm.take_dispatches().is_empty(), "{flavor:?}: nothing minted before a 402");
+        minted_402(&mut vm, flavor, 1_000);
+        // One 402 in the last minute: the tick asks for one.
+        vm.tick().unwrap();
+        let refill = one_ledger_call(&mut vm, flavor, "/v1/l402/challenges");
+        assert_eq!(refill.json()["count"], 1);
+        assert_eq!(refill.json()["amountMsat"], 10_000);
+        vm.reply(refill.token, batch(0, 1)).unwrap();
+        assert!(vm.take_dispatches().is_empty(), "{flavor:?}: full: no refill chained");
+        assert_eq!(pooled_402(&mut vm), "lnbcrt0");
+
+        // A burst: the pool is empty, so each 402 has its own minted, and the next tick
+        // asks for a batch (at least 16, or as many as the minute's 402s).
+        for i in 0..30 {
+            minted_402(&mut vm, flavor, 2_000 + i);
+        }
+        vm.tick().unwrap();
+        let refill = one_ledger_call(&mut vm, flavor, "/v1/l402/challenges");
+        assert_eq!(refill.json()["count"], 16, "{flavor:?}");
+        // The ledger minted 4 before its time budget ran out: still under half, so the
+        // reply's callback asks again at once (Kong allows a dispatch there).
+        vm.reply(refill.token, batch(10, 4)).unwrap();
+        let chained = one_ledger_call(&mut vm, flavor, "/v1/l402/challenges");
+        assert_eq!(chained.json()["count"], 16);
+        vm.reply(chained.token, batch(20, 16)).unwrap();
+        assert!(vm.take_dispatches().is_empty());
+        let handed: Vec<String> = (0..20).map(|_| pooled_402(&mut vm)).collect();
+        let expected: Vec<String> = (10..14).chain(20..36).map(|i| format!("lnbcrt{i}")).collect();
+        assert_eq!(handed, expected, "{flavor:?}: each once, oldest first");
+        // Drained: the next 402 falls back to a challenge of its own.
+        minted_402(&mut vm, flavor, 3_000);
+        assert!(vm.unimplemented_calls().is_empty(), "{:?}", vm.unimplemented_calls());
+    }
+}
+
+#[test]
+fn a_failed_refill_backs_off_and_402s_mint_their_own_meanwhile() {
+    for flavor in FLAVORS {
+        let mut vm = vm(flavor);
+        minted_402(&mut vm, flavor, 1);
+        vm.tick().unwrap();
+        let refill = one_ledger_call(&mut vm, flavor, "/v1/l402/challenges");
+        // An older ledger refuses the count as an unknown field.
+        let refused = json!({"error": "unknown field `count`", "code": "bad_request"});
+        vm.reply(refill.token, Reply::json(400, &refused)).unwrap();
+        assert!(vm.take_dispatches().is_empty(), "{flavor:?}: no retry straight away");
+        let logged = vm.logs().iter().any(|(_, m)| m.contains("minting L402 challenges ahead"));
+        assert!(logged, "{flavor:?}: {:?}", vm.logs());
+        vm.tick().unwrap();
+        assert!(vm.take_dispatches().is_empty(), "{flavor:?}: backing off");
+        minted_402(&mut vm, flavor, 2);
+        vm.advance(Duration::from_secs(1));
+        vm.tick().unwrap();
+        let again = one_ledger_call(&mut vm, flavor, "/v1/l402/challenges");
+        vm.reply(again.token, Reply::Reset).unwrap();
+        vm.advance(Duration::from_secs(1));
+        vm.tick().unwrap();
+        assert!(vm.take_dispatches().is_empty(), "{flavor:?}: the backoff doubled");
+        vm.advance(Duration::from_secs(1));
+        vm.tick().unwrap();
+        let third = one_ledger_call(&mut vm, flavor, "/v1/l402/challenges");
+        vm.reply(third.token, batch(0, 2)).unwrap();
+        assert_eq!(pooled_402(&mut vm), "lnbcrt0");
+    }
+}
+
 #[test]
 fn an_l402_credential_is_verified_in_the_wasm_and_held() {
     for flavor in FLAVORS {

@@ -3,6 +3,9 @@
 //! rows of the status table.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::collections::BTreeSet;
+use std::time::Duration;
+
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use paystile_harness::e2e::{TestStack, unix_now};
@@ -85,6 +88,54 @@ async fn a_client_buys_a_budget_spends_it_and_is_offered_more() {
     let envoy_log = stack.stack.envoy.log_text();
     assert!(!envoy_log.is_empty());
     assert!(!envoy_log.contains(preimage) && !envoy_log.contains(&macaroon));
+}
+
+/// How many `POST /v1/l402/challenges` the ledger has answered, from its metrics.
+async fn challenge_calls(stack: &TestStack) -> u64 {
+    let url = format!("{}/metrics", stack.stack.ledger.url());
+    let metrics = stack.http.get(url).send().await.unwrap().text().await.unwrap();
+    metrics
+        .lines()
+        .filter(|line| {
+            line.starts_with("paystile_ledger_http_request_duration_seconds_count{")
+                && line.contains(r#"endpoint="/v1/l402/challenges""#)
+        })
+        .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn anonymous_402s_take_challenges_minted_ahead_each_its_own_and_payable() {
+    let stack = stack("0.003").await;
+    const CALLS: usize = 40;
+    let mut invoices = BTreeSet::new();
+    let mut last = None;
+    for _ in 0..CALLS {
+        let challenged = stack.get("/v1/forecast/oslo", None, &[]).await.unwrap();
+        assert_eq!(
+            (challenged.status, challenged.code().as_deref()),
+            (402, Some("payment_required"))
+        );
+        assert_eq!(challenged.challenges.len(), 2, "{:?}", challenged.challenges);
+        let (_, invoice) = challenged.l402_challenge().unwrap();
+        assert!(invoices.insert(invoice.clone()), "{invoice} was handed out twice");
+        last = Some(challenged);
+        // A 402 every few ticks: the pool's refills keep up with them.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    // The first 402 of each worker has the ledger mint its own; refills then mint ahead,
+    // more at a time as the 402s go on.
+    let ledger_calls = challenge_calls(&stack).await;
+    assert!(
+        ledger_calls <= CALLS as u64 / 2,
+        "{ledger_calls} challenge calls for {CALLS} 402s: not served from the pool"
+    );
+
+    // A challenge handed out from the pool is payable, and buys calls.
+    let credential = stack.buy_l402(&last.unwrap()).await.unwrap();
+    let answer = stack.get("/v1/forecast/oslo", Some(&credential), &[]).await.unwrap();
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.header("x-remaining-usdc"), Some("0.002000"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
