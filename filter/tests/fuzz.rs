@@ -324,7 +324,7 @@ fn check(json: &[u8], config: Option<&Value>) -> Result<(), TestCaseError> {
                 {
                     let request =
                         RequestHead { method, path, authorization, idempotency_key: Some(b"k-1") };
-                    let _ = Exchange::default().on_request_headers(&gate, &request, NOW);
+                    let _ = Exchange::default().on_request_headers(&gate, &request, NOW * 1000);
                 }
             }
         }

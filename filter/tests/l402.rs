@@ -334,17 +334,17 @@ fn batch_reply(count: usize) -> LedgerReply {
 /// that 402 calls for, answered with `count` challenges.
 fn fill(gate: &Gate, count: usize) {
     let mut exchange = Exchange::default();
-    let action = exchange.on_request_headers(gate, &head("/v1/forecast", None), NOW);
+    let action = exchange.on_request_headers(gate, &head("/v1/forecast", None), NOW_MS);
     ledger_call(&action, "/v1/l402/challenges");
     exchange.on_ledger_reply(gate, challenge_reply());
-    let refill = gate.next_refill(NOW * 1000).expect("a refill after a 402");
+    let refill = gate.next_refill(NOW_MS).expect("a refill after a 402");
     let asked: ChallengeRequest = serde_json::from_slice(&refill.call.body).unwrap();
     assert_eq!(asked.count, Some(1), "one 402 seen: one challenge");
     assert_eq!(
         ChallengeRequest { count: None, ..asked },
         gate.config().l402.as_ref().unwrap().offer
     );
-    let outcome = gate.on_refill_reply(refill.id, &batch_reply(count), NOW * 1000);
+    let outcome = gate.on_refill_reply(refill.id, &batch_reply(count), NOW_MS);
     assert_eq!(outcome, RefillOutcome::Filled { added: count });
 }
 
@@ -352,7 +352,7 @@ fn fill(gate: &Gate, count: usize) {
 fn a_pooled_challenge_answers_the_402_without_the_ledger_and_only_once() {
     let gate = gate();
     fill(&gate, 1);
-    let action = Exchange::default().on_request_headers(&gate, &head("/v1/forecast", None), NOW);
+    let action = Exchange::default().on_request_headers(&gate, &head("/v1/forecast", None), NOW_MS);
     let (status, body, headers) = answered(&action);
     assert_eq!((status, body.code), (402, ErrorCode::PaymentRequired));
     assert_eq!(body.schemes, ["L402", "Bearer"]);
@@ -366,7 +366,7 @@ fn a_pooled_challenge_answers_the_402_without_the_ledger_and_only_once() {
     );
     // Taken: the next 402 has the ledger mint its own, as with no pool.
     let mut exchange = Exchange::default();
-    let action = exchange.on_request_headers(&gate, &head("/v1/forecast", None), NOW);
+    let action = exchange.on_request_headers(&gate, &head("/v1/forecast", None), NOW_MS);
     ledger_call(&action, "/v1/l402/challenges");
     let (_, _, headers) = answered(&exchange.on_ledger_reply(&gate, challenge_reply()));
     assert!(challenges(&headers)[0].contains("lnbcrt500n1pjexample"));
@@ -394,9 +394,9 @@ fn a_pool_turned_off_or_without_l402_never_refills() {
     let bearer_only = gate_with(|c| c["l402"] = json!(null));
     for gate in [off, bearer_only] {
         for _ in 0..20 {
-            Exchange::default().on_request_headers(&gate, &head("/v1/forecast", None), NOW);
+            Exchange::default().on_request_headers(&gate, &head("/v1/forecast", None), NOW_MS);
         }
-        assert_eq!(gate.next_refill(NOW * 1000), None);
+        assert_eq!(gate.next_refill(NOW_MS), None);
     }
 }
 
