@@ -9,7 +9,7 @@ use std::str::FromStr;
 use std::time::SystemTime;
 
 use bitcoin::hashes::{Hash, sha256};
-use bitcoin::secp256k1::{PublicKey, Secp256k1, SecretKey};
+use bitcoin::secp256k1::{PublicKey, Secp256k1, SecretKey, SignOnly};
 use hmac::{Hmac, KeyInit, Mac};
 use lightning_invoice::{Bolt11Invoice, Currency, InvoiceBuilder, PaymentSecret};
 use sha2::{Digest, Sha256};
@@ -20,6 +20,8 @@ use super::{Invoice, InvoiceError, InvoiceRequest};
 const MIN_FINAL_CLTV_EXPIRY_DELTA: u64 = 18;
 
 pub struct SandboxNode {
+    /// Made once: a new context costs as much as the signature it is made for.
+    secp: Secp256k1<SignOnly>,
     node_key: SecretKey,
     node_id: PublicKey,
     preimage_key: [u8; 32],
@@ -43,8 +45,10 @@ impl SandboxNode {
         let node_key = (0..=u8::MAX)
             .find_map(|n| SecretKey::from_slice(&derive(l402_secret, b"sandbox node key", n)).ok())
             .ok_or_else(|| InvoiceError::BadAnswer("no usable sandbox node key".into()))?;
+        let secp = Secp256k1::signing_only();
         Ok(SandboxNode {
-            node_id: PublicKey::from_secret_key(&Secp256k1::signing_only(), &node_key),
+            node_id: PublicKey::from_secret_key(&secp, &node_key),
+            secp,
             node_key,
             preimage_key: derive(l402_secret, b"sandbox preimages", 0),
         })
@@ -68,7 +72,7 @@ impl SandboxNode {
             .amount_milli_satoshis(request.amount_msat)
             .expiry_time(request.expiry)
             .build_signed(|message| {
-                Secp256k1::signing_only().sign_ecdsa_recoverable(message, &self.node_key)
+                self.secp.sign_ecdsa_recoverable(message, &self.node_key)
             })
             .map_err(|e| InvoiceError::BadAnswer(format!("cannot build the invoice: {e}")))?;
         Ok(Invoice { payment_hash, bolt11: invoice.to_string() })
