@@ -19,6 +19,7 @@ use paystile_protocol::ledger_api::{
 use paystile_protocol::pay_token::Scope;
 use paystile_protocol::{ErrorBody, Usdc};
 use prometheus_client::metrics::counter::Counter;
+use rusqlite::config::DbConfig;
 use rusqlite::types::Type;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params, params_from_iter};
 use tokio::sync::{mpsc, oneshot};
@@ -39,6 +40,9 @@ use crate::telemetry::wire_name;
 const MAX_BATCH: usize = 512;
 /// Operations waiting for the writer before callers wait to enqueue (backpressure).
 const QUEUE_DEPTH: usize = 8192;
+/// Prepared statements the writer keeps: more than the operations use, so that none of the
+/// hot path's is ever evicted and compiled again.
+const STATEMENT_CACHE: usize = 64;
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many have run.
 const MIGRATIONS: &[&str] = &[
@@ -92,6 +96,12 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(Duration::from_secs(5))?;
+        // rusqlite clears a cached statement's bindings when it is put back, and SQLite
+        // expires (re-prepares at the next step) any statement whose plan looked at a bound
+        // value, which its planner does for every join on `column = ?`: without the query
+        // planner stability guarantee, the hot path's joins were compiled anew on each call.
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         migrate(&mut conn)?;
         let reader = Connection::open_with_flags(
             path,
