@@ -694,7 +694,7 @@ fn reserve(
 fn settle(conn: &Connection, s: &Settlement, now: UnixMillis) -> Result<SettleStatus, StoreError> {
     let hold = conn
         .prepare_cached(
-            "SELECT c.charge_id, c.token_id, t.buyer_id, c.on_account, c.held_micros,
+            "SELECT c.charge_id, c.token_id, t.buyer_id, c.on_account, c.held_micros, t.parent_id,
                     c.status, c.hold_expires_at, t.revoked_at IS NOT NULL
              FROM charges c JOIN tokens t ON t.token_id = c.token_id
              WHERE c.charge_id = ?1",
@@ -702,9 +702,9 @@ fn settle(conn: &Connection, s: &Settlement, now: UnixMillis) -> Result<SettleSt
         .query_row(params![s.charge_id], |row| {
             Ok((
                 open_hold(row)?,
-                charge_status(row, 5)?,
-                row.get::<_, UnixMillis>(6)?,
-                row.get::<_, bool>(7)?,
+                charge_status(row, 6)?,
+                row.get::<_, UnixMillis>(7)?,
+                row.get::<_, bool>(8)?,
             ))
         })
         .optional()?;
@@ -734,9 +734,12 @@ struct OpenHold {
     buyer_id: String,
     on_account: bool,
     held: Usdc,
+    /// The token's parent, for a child token.
+    parent_id: Option<String>,
 }
 
-/// Reads an [`OpenHold`] from columns 0 to 4: charge id, token id, buyer id, on_account, held.
+/// Reads an [`OpenHold`] from columns 0 to 5: charge id, token id, buyer id, on_account, held,
+/// the token's parent.
 fn open_hold(row: &Row<'_>) -> rusqlite::Result<OpenHold> {
     Ok(OpenHold {
         charge_id: row.get(0)?,
@@ -744,6 +747,7 @@ fn open_hold(row: &Row<'_>) -> rusqlite::Result<OpenHold> {
         buyer_id: row.get(2)?,
         on_account: row.get(3)?,
         held: usdc(row, 4)?,
+        parent_id: row.get(5)?,
     })
 }
 
@@ -751,7 +755,7 @@ fn expire_holds(conn: &Connection, now: UnixMillis, limit: usize) -> Result<usiz
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let expired = conn
         .prepare_cached(
-            "SELECT c.charge_id, c.token_id, t.buyer_id, c.on_account, c.held_micros
+            "SELECT c.charge_id, c.token_id, t.buyer_id, c.on_account, c.held_micros, t.parent_id
              FROM charges c JOIN tokens t ON t.token_id = c.token_id
              WHERE c.status = 'held' AND c.hold_expires_at <= ?1
              ORDER BY c.hold_expires_at LIMIT ?2",
@@ -774,7 +778,7 @@ fn expire_buyer_holds(
 ) -> Result<usize, StoreError> {
     let expired = conn
         .prepare_cached(
-            "SELECT c.charge_id, c.token_id, t.buyer_id, c.on_account, c.held_micros
+            "SELECT c.charge_id, c.token_id, t.buyer_id, c.on_account, c.held_micros, t.parent_id
              FROM charges c JOIN tokens t ON t.token_id = c.token_id
              WHERE c.status = 'held' AND c.hold_expires_at <= ?1 AND t.buyer_id = ?2",
         )?
@@ -823,16 +827,26 @@ fn close_hold(
     )?
     .execute(params![status_name(status), now, upstream_status, committed, hold.charge_id])?;
     let (held, used) = (hold.held.micros_i64(), committed.unwrap_or(0));
-    conn.prepare_cached(
-        "WITH RECURSIVE chain (id) AS (
-             SELECT ?3 UNION ALL
-             SELECT t.parent_id FROM tokens t JOIN chain ON t.token_id = chain.id
-             WHERE t.parent_id IS NOT NULL
-         )
-         UPDATE tokens SET used_micros = used_micros + ?1, reserved_micros = reserved_micros - ?2
-         WHERE token_id IN (SELECT id FROM chain)",
-    )?
-    .execute(params![used, held, hold.token_id])?;
+    // Every level of the chain, one plain statement each: a recursive CTE (or RETURNING)
+    // builds a temporary table on every run, which costs more than the update itself.
+    let mut token_id = hold.token_id.clone();
+    let mut parent_id = hold.parent_id.clone();
+    for level in 1.. {
+        conn.prepare_cached(
+            "UPDATE tokens SET used_micros = used_micros + ?1,
+                               reserved_micros = reserved_micros - ?2
+             WHERE token_id = ?3",
+        )?
+        .execute(params![used, held, token_id])?;
+        let Some(parent) = parent_id else { break };
+        if level == MAX_CHAIN_LEN {
+            return Err(StoreError::Corrupt(format!("the chain of {} is too long", hold.token_id)));
+        }
+        parent_id = conn
+            .prepare_cached("SELECT parent_id FROM tokens WHERE token_id = ?1")?
+            .query_row(params![parent], |row| row.get(0))?;
+        token_id = parent;
+    }
     if hold.on_account {
         // Spent today counts commits on their UTC day: the first of a day starts it afresh.
         // The day only moves forward: a settler whose clock is behind adds nothing to today.
