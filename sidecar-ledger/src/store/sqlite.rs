@@ -50,6 +50,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("sqlite_0002_money.sql"),
     include_str!("sqlite_0003_buyers.sql"),
     include_str!("sqlite_0004_journal.sql"),
+    include_str!("sqlite_0005_charges.sql"),
 ];
 
 /// The columns [`token_record`] reads.
@@ -94,7 +95,6 @@ impl SqliteStore {
             return Err(StoreError::Corrupt(format!("cannot use WAL mode (got {mode})")));
         }
         conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(Duration::from_secs(5))?;
         // rusqlite clears a cached statement's bindings when it is put back, and SQLite
         // expires (re-prepares at the next step) any statement whose plan looked at a bound
@@ -451,6 +451,9 @@ impl SqliteStore {
     }
 }
 
+/// Brings the schema up to date, and turns foreign keys on. Migrations run with them off, as
+/// SQLite's procedure for rebuilding a table that others reference requires, and are
+/// checked against them before each commits.
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let applied: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
     let applied = usize::try_from(applied).unwrap_or(usize::MAX);
@@ -460,12 +463,20 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             MIGRATIONS.len()
         )));
     }
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
     for (version, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
+        if tx.prepare("PRAGMA foreign_key_check")?.exists([])? {
+            return Err(StoreError::Corrupt(format!(
+                "schema version {} would break a foreign key",
+                version + 1
+            )));
+        }
         tx.pragma_update(None, "user_version", i64::try_from(version + 1).unwrap_or(i64::MAX))?;
         tx.commit()?;
     }
+    conn.pragma_update(None, "foreign_keys", "ON")?;
     Ok(())
 }
 
@@ -1202,7 +1213,7 @@ mod tests {
         // old holds are on no account.
         let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0)).unwrap();
         assert_eq!(version, i64::try_from(MIGRATIONS.len()).unwrap());
-        assert_eq!(MIGRATIONS.len(), 4);
+        assert_eq!(MIGRATIONS.len(), 5);
         let token = conn
             .query_row("SELECT parent_id, sandbox FROM tokens WHERE token_id = 'tok'", [], |row| {
                 Ok((row.get::<_, Option<String>>(0)?, row.get::<_, bool>(1)?))
@@ -1213,5 +1224,19 @@ mod tests {
             .query_row("SELECT count(*) FROM charges WHERE on_account", [], |row| row.get(0))
             .unwrap();
         assert_eq!(on_account, 0);
+        // Version 5 rebuilt the charges: every row kept, statuses and foreign keys still
+        // checked.
+        let charges: i64 =
+            conn.query_row("SELECT count(*) FROM charges", [], |row| row.get(0)).unwrap();
+        assert_eq!(charges, 2);
+        let bad_status =
+            conn.execute("UPDATE charges SET status = 'lost' WHERE charge_id = 'ch_h'", []);
+        assert!(bad_status.is_err());
+        let dangling = conn.execute(
+            "INSERT INTO idempotency_keys (token_id, key, fingerprint, charge_id, created_at)
+             VALUES ('tok', 'k2', 'fp', 'ch_none', 8)",
+            [],
+        );
+        assert!(dangling.is_err());
     }
 }
