@@ -832,6 +832,63 @@ async fn two_ledgers_on_one_postgres_database_never_overspend() {
     assert_eq!((token.used_usdc, token.reserved_usdc), (usdc("0.08"), Usdc::ZERO));
 }
 
+/// PostgreSQL: a reserve that releases its buyer's expired holds locks their tokens with its
+/// own, in id order as every transaction locks tokens, never after its own. Another
+/// transaction that holds the lower token and then takes the reserve's is never deadlocked
+/// with it: the reserve waits for the lower token holding nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reserve_releasing_expired_holds_keeps_the_lock_order() {
+    let database = Arc::new(TestDatabase::create().await);
+    let args = ["--hold-ttl-seconds", "1", "--sweep-interval-seconds", "3600"];
+    let ledger = Arc::new(Ledger::start_on(Books::Postgres(database.clone()), &args));
+    // Both buyer-1's; tok_a sorts first. tok_a's hold expires, tok_b's is committed.
+    let stale = ledger.hold(&reserve_body("tok_a", "1", "0.4")).await;
+    let paid = ledger.hold(&reserve_body("tok_b", "1", "0.1")).await;
+    assert_eq!(ledger.settle(&[(&paid.charge_id, "commit")]).await, [SettleStatus::Committed]);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    let connect = || async {
+        let (client, connection) =
+            tokio_postgres::connect(&database.url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client
+    };
+    let (mut other, watcher) = (connect().await, connect().await);
+    let other = other.transaction().await.unwrap();
+    // Shorter than deadlock_timeout (1 s by default): a wait for a lock the reserve holds
+    // fails here before PostgreSQL would break a deadlock by aborting one side.
+    other.batch_execute("SET LOCAL lock_timeout = '500ms'").await.unwrap();
+    const LOCK: &str = "SELECT 1 FROM tokens WHERE token_id = $1 FOR NO KEY UPDATE";
+    other.query(LOCK, &[&"tok_a"]).await.unwrap();
+    let reserve = {
+        let ledger = ledger.clone();
+        tokio::spawn(async move { ledger.reserve(&reserve_body("tok_b", "1", "0.2")).await })
+    };
+    // Once the reserve waits for tok_a, this transaction takes tok_b, then lets both go.
+    let mut waiting = false;
+    while !waiting && !reserve.is_finished() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waiting = watcher
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = \
+                 current_database() AND cardinality(pg_blocking_pids(pid)) > 0)",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+    }
+    assert!(waiting, "the reserve did not wait for tok_a: {:?}", reserve.await);
+    let taken = other.query(LOCK, &[&"tok_b"]).await;
+    assert!(taken.is_ok(), "the reserve held tok_b while it waited for tok_a: {taken:?}");
+    other.commit().await.unwrap();
+    let answer = reserve.await.unwrap();
+    assert_eq!(answer.0, 200, "{answer:?}");
+    assert_eq!(ledger.admin.charge(&stale.charge_id).await.unwrap().status, ChargeStatus::Released);
+    let token = ledger.token("tok_a").await;
+    assert_eq!((token.used_usdc, token.reserved_usdc), (Usdc::ZERO, Usdc::ZERO));
+}
+
 async fn answered_operations_survive_kill_9_in_the_middle_of_concurrent_load(store: Backend) {
     let mut ledger = Ledger::start(store, &[]).await;
     let body = reserve_body("tok_durable", "100", "0.01");

@@ -2,7 +2,8 @@
 //!
 //! Every operation is one READ COMMITTED transaction that first locks the rows its decision
 //! rests on (`SELECT … FOR NO KEY UPDATE`): the tokens of the chains involved (a token and
-//! its ancestors), in token-id order, then the buyers' accounts involved, in buyer-id order.
+//! its ancestors), in token-id order and in one statement, then the buyers' accounts
+//! involved, in buyer-id order.
 //! A token's lock guards its counters, its charges' status and expiry, its Idempotency-Keys
 //! and the minting of children under it; an account's lock guards its balance, holds and
 //! deposits. So ledgers sharing the database take turns per token and per buyer, and each
@@ -102,28 +103,30 @@ macro_rules! select_token {
 }
 
 const SELECT_TOKEN: &str = concat!(select_token!(), " WHERE token_id = $1");
-/// The ids of the token `$1` and its ancestors, unlocked: parents never change, so a chain
-/// read once stays right, and its rows are then locked in id order.
-const CHAIN_IDS: &str = "WITH RECURSIVE chain (token_id, parent_id) AS (
-         SELECT token_id, parent_id FROM tokens WHERE token_id = $1
-         UNION ALL
-         SELECT p.token_id, p.parent_id FROM tokens p JOIN chain c ON p.token_id = c.parent_id
-     )
-     SELECT token_id FROM chain";
-/// The tokens `$1` names, locked until the transaction ends: the other ledgers' operations on
-/// them wait, and this one sees the state they left.
-const LOCK_TOKENS: &str = concat!(select_token!(), " WHERE token_id = ANY($1)", lock_in_order!());
-/// Locks the tokens of the charges `$1` names and their ancestors; answers each one's parent.
-const LOCK_CHAINS_OF_CHARGES: &str = concat!(
+/// Locks the token `$1` (if any) and the tokens of the charges `$2` names, with all their
+/// ancestors, in one statement and so in id order; answers them. Locked until the
+/// transaction ends: the other ledgers' operations on them wait, and this one sees the state
+/// they left.
+const LOCK_CHAINS: &str = concat!(
     "WITH RECURSIVE chain (token_id, parent_id) AS (
-         SELECT token_id, parent_id FROM tokens
-         WHERE token_id IN (SELECT token_id FROM charges WHERE charge_id = ANY($1))
+         SELECT token_id, parent_id FROM tokens WHERE token_id = $1
+         UNION
+         SELECT t.token_id, t.parent_id FROM tokens t JOIN charges c ON c.token_id = t.token_id
+         WHERE c.charge_id = ANY($2)
          UNION
          SELECT p.token_id, p.parent_id FROM tokens p JOIN chain c ON p.token_id = c.parent_id
-     )
-     SELECT token_id, parent_id FROM tokens WHERE token_id IN (SELECT token_id FROM chain)",
+     ) ",
+    select_token!(),
+    " WHERE token_id IN (SELECT token_id FROM chain)",
     lock_in_order!()
 );
+/// The holds past their TTL at `$3` of the buyer of the token `$1` (of the buyer `$2` if the
+/// token is unknown), and whether the token is known; read without a lock.
+const SURVEY_RESERVE: &str = "SELECT
+         EXISTS (SELECT 1 FROM tokens WHERE token_id = $1),
+         ARRAY(SELECT c.charge_id FROM charges c JOIN tokens t ON t.token_id = c.token_id
+               WHERE c.status = 'held' AND c.hold_expires_at <= $3
+                 AND t.buyer_id = coalesce((SELECT buyer_id FROM tokens WHERE token_id = $1), $2))";
 /// The token `$1` and its descendants.
 macro_rules! subtree {
     () => {
@@ -635,23 +638,31 @@ fn storable(id: &str) -> bool {
 /// Locks the token `token_id` and its ancestors (in id order); answers them, the token
 /// first, or nothing for an unknown token.
 async fn lock_chain(tx: &Transaction<'_>, token_id: &str) -> Result<Vec<TokenRecord>, StoreError> {
-    let ids: Vec<String> = query(tx, CHAIN_IDS, &[&token_id])
-        .await?
-        .iter()
-        .map(|row| row.try_get(0))
-        .collect::<Result<_, _>>()?;
-    if ids.is_empty() {
+    let (tokens, _) = lock_chains(tx, Some(token_id), &[] as &[&str]).await?;
+    if tokens.is_empty() {
         return Ok(Vec::new());
     }
-    let tokens = query(tx, LOCK_TOKENS, &[&ids])
-        .await?
-        .iter()
-        .map(|row| {
-            let token = token_record(row)?;
-            Ok((token.grant.token_id.clone(), token))
-        })
-        .collect::<Result<HashMap<_, _>, StoreError>>()?;
     into_chain(tokens, token_id)
+}
+
+/// Each locked token's parent.
+type Parents = HashMap<String, Option<String>>;
+
+/// Locks the chain of `token_id` and those of the charges `charge_ids` ([`LOCK_CHAINS`]);
+/// answers the tokens locked, by id, and each one's parent.
+async fn lock_chains(
+    tx: &Transaction<'_>,
+    token_id: Option<&str>,
+    charge_ids: &[impl ToSql + Sync],
+) -> Result<(HashMap<String, TokenRecord>, Parents), StoreError> {
+    let mut tokens = HashMap::new();
+    let mut parents = Parents::new();
+    for row in query(tx, LOCK_CHAINS, &[&token_id, &charge_ids]).await? {
+        let token = token_record(&row)?;
+        parents.insert(token.grant.token_id.clone(), token.parent_id.clone());
+        tokens.insert(token.grant.token_id.clone(), token);
+    }
+    Ok((tokens, parents))
 }
 
 /// Reserves `cmd`; `expired` is set to how many of the buyer's holds were released on read.
@@ -661,21 +672,23 @@ async fn reserve(
     expired: &mut usize,
 ) -> Result<ReserveOutcome, StoreError> {
     let token_id = cmd.token.token_id.as_str();
-    let mut chain = lock_chain(tx, token_id).await?;
-    if chain.is_empty() {
+    // Holds past their TTL count against no level of the chain nor the account, and keep no
+    // key in flight: the buyer's expired holds are released first. They are found before any
+    // lock is taken, and their chains locked with this token's in one statement, so in id
+    // order: locked after this chain, they would break the order every transaction follows,
+    // and deadlock (and retry) against one that holds one of them and waits for this chain.
+    let survey = query_one(tx, SURVEY_RESERVE, &[&token_id, &cmd.token.buyer_id, &cmd.now]).await?;
+    let (known, due): (bool, Vec<String>) = (survey.try_get(0)?, survey.try_get(1)?);
+    if !known {
         // Another ledger may be registering it right now: then this insert waits for that
         // one's transaction and does nothing, and the lock below finds its row. A token
         // registered here has no parent: children are minted by the ledger.
         insert_token(tx, &cmd.token, None, cmd.now, INSERT_TOKEN_IF_NEW).await?;
-        chain = lock_chain(tx, token_id).await?;
-        if chain.is_empty() {
-            return Err(StoreError::Corrupt(format!("token {token_id} vanished")));
-        }
     }
-    // Holds past their TTL count against no level of the chain nor the account, and keep no
-    // key in flight: the buyer's expired holds are released first (their chains locked after
-    // this one's, then the account, as every transaction locks accounts after tokens).
-    *expired = expire_buyer_holds(tx, &chain[0].grant.buyer_id, cmd.now).await?;
+    let (tokens, parents) = lock_chains(tx, Some(token_id), &due).await?;
+    let mut chain = into_chain(tokens, token_id)?;
+    // Then the accounts, as every transaction locks accounts after tokens.
+    *expired = release_locked(tx, &due, &parents, cmd.now).await?;
     if *expired > 0 {
         chain = lock_chain(tx, token_id).await?;
     }
@@ -869,21 +882,6 @@ struct Closing {
     upstream_status: Option<i32>,
 }
 
-/// Each locked token's parent.
-type Parents = HashMap<String, Option<String>>;
-
-/// Locks the chains of the charges `charge_ids` (see [`LOCK_CHAINS_OF_CHARGES`]).
-async fn lock_chains_of_charges(
-    tx: &Transaction<'_>,
-    charge_ids: &[impl ToSql + Sync],
-) -> Result<Parents, StoreError> {
-    query(tx, LOCK_CHAINS_OF_CHARGES, &[&charge_ids])
-        .await?
-        .iter()
-        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
-        .collect()
-}
-
 async fn settle(
     tx: &Transaction<'_>,
     settlements: &[Settlement],
@@ -894,7 +892,7 @@ async fn settle(
     let mut holds = HashMap::with_capacity(ids.len());
     let mut parents = Parents::new();
     if !ids.is_empty() {
-        parents = lock_chains_of_charges(tx, &ids).await?;
+        parents = lock_chains(tx, None, &ids).await?.1;
         let rows = query(
             tx,
             "SELECT c.charge_id, c.token_id, c.held_micros, c.status, c.hold_expires_at,
@@ -1013,7 +1011,21 @@ async fn release_due(
     if due.is_empty() {
         return Ok(0);
     }
-    let parents = lock_chains_of_charges(tx, due).await?;
+    let (_, parents) = lock_chains(tx, None, due).await?;
+    release_locked(tx, due, &parents, now).await
+}
+
+/// [`release_due`] once the chains of the holds `due` are locked (`parents` naming each
+/// locked token's parent).
+async fn release_locked(
+    tx: &Transaction<'_>,
+    due: &[String],
+    parents: &Parents,
+    now: UnixMillis,
+) -> Result<usize, StoreError> {
+    if due.is_empty() {
+        return Ok(0);
+    }
     // Again under the locks: another ledger's sweep, or a settle, may have closed some.
     let closing = query(
         tx,
@@ -1035,7 +1047,7 @@ async fn release_due(
         })
     })
     .collect::<Result<Vec<_>, StoreError>>()?;
-    close_holds(tx, &closing, &parents, now).await?;
+    close_holds(tx, &closing, parents, now).await?;
     Ok(closing.len())
 }
 
@@ -1288,6 +1300,15 @@ async fn query(
 ) -> Result<Vec<Row>, StoreError> {
     let statement = db.prepare_cached(sql).await?;
     Ok(db.query(&statement, params).await?)
+}
+
+async fn query_one(
+    db: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Row, StoreError> {
+    let statement = db.prepare_cached(sql).await?;
+    Ok(db.query_one(&statement, params).await?)
 }
 
 async fn query_opt(

@@ -19,6 +19,7 @@ use paystile_protocol::ledger_api::{
 use paystile_protocol::pay_token::Scope;
 use paystile_protocol::{ErrorBody, Usdc};
 use prometheus_client::metrics::counter::Counter;
+use rusqlite::config::DbConfig;
 use rusqlite::types::Type;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params, params_from_iter};
 use tokio::sync::{mpsc, oneshot};
@@ -39,6 +40,9 @@ use crate::telemetry::wire_name;
 const MAX_BATCH: usize = 512;
 /// Operations waiting for the writer before callers wait to enqueue (backpressure).
 const QUEUE_DEPTH: usize = 8192;
+/// Prepared statements the writer keeps: more than the operations use, so that none of the
+/// hot path's is ever evicted and compiled again.
+const STATEMENT_CACHE: usize = 64;
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many have run.
 const MIGRATIONS: &[&str] = &[
@@ -46,6 +50,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("sqlite_0002_money.sql"),
     include_str!("sqlite_0003_buyers.sql"),
     include_str!("sqlite_0004_journal.sql"),
+    include_str!("sqlite_0005_charges.sql"),
 ];
 
 /// The columns [`token_record`] reads.
@@ -90,8 +95,13 @@ impl SqliteStore {
             return Err(StoreError::Corrupt(format!("cannot use WAL mode (got {mode})")));
         }
         conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(Duration::from_secs(5))?;
+        // rusqlite clears a cached statement's bindings when it is put back, and SQLite
+        // expires (re-prepares at the next step) any statement whose plan looked at a bound
+        // value, which its planner does for every join on `column = ?`: without the query
+        // planner stability guarantee, the hot path's joins were compiled anew on each call.
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         migrate(&mut conn)?;
         let reader = Connection::open_with_flags(
             path,
@@ -441,6 +451,9 @@ impl SqliteStore {
     }
 }
 
+/// Brings the schema up to date, and turns foreign keys on. Migrations run with them off, as
+/// SQLite's procedure for rebuilding a table that others reference requires, and are
+/// checked against them before each commits.
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let applied: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
     let applied = usize::try_from(applied).unwrap_or(usize::MAX);
@@ -450,12 +463,20 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             MIGRATIONS.len()
         )));
     }
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
     for (version, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
+        if tx.prepare("PRAGMA foreign_key_check")?.exists([])? {
+            return Err(StoreError::Corrupt(format!(
+                "schema version {} would break a foreign key",
+                version + 1
+            )));
+        }
         tx.pragma_update(None, "user_version", i64::try_from(version + 1).unwrap_or(i64::MAX))?;
         tx.commit()?;
     }
+    conn.pragma_update(None, "foreign_keys", "ON")?;
     Ok(())
 }
 
@@ -512,10 +533,13 @@ fn in_savepoint<T>(
     if batch.poisoned.get() {
         return Err(StoreError::Corrupt("the transaction could not start".into()));
     }
-    batch.conn.execute_batch("SAVEPOINT op")?;
+    // Prepared once, like every statement of the hot path: parsing them anew for each
+    // operation cost more than running them.
+    let run = |sql| batch.conn.prepare_cached(sql).and_then(|mut statement| statement.execute([]));
+    run("SAVEPOINT op")?;
     let result = op(batch.conn);
     let closed = match &result {
-        Ok(_) => batch.conn.execute_batch("RELEASE op"),
+        Ok(_) => run("RELEASE op").map(drop),
         Err(_) => batch.conn.execute_batch("ROLLBACK TO op; RELEASE op"),
     };
     if let Err(e) = closed {
@@ -693,7 +717,7 @@ fn reserve(
 fn settle(conn: &Connection, s: &Settlement, now: UnixMillis) -> Result<SettleStatus, StoreError> {
     let hold = conn
         .prepare_cached(
-            "SELECT c.charge_id, c.token_id, t.buyer_id, c.on_account, c.held_micros,
+            "SELECT c.charge_id, c.token_id, t.buyer_id, c.on_account, c.held_micros, t.parent_id,
                     c.status, c.hold_expires_at, t.revoked_at IS NOT NULL
              FROM charges c JOIN tokens t ON t.token_id = c.token_id
              WHERE c.charge_id = ?1",
@@ -701,9 +725,9 @@ fn settle(conn: &Connection, s: &Settlement, now: UnixMillis) -> Result<SettleSt
         .query_row(params![s.charge_id], |row| {
             Ok((
                 open_hold(row)?,
-                charge_status(row, 5)?,
-                row.get::<_, UnixMillis>(6)?,
-                row.get::<_, bool>(7)?,
+                charge_status(row, 6)?,
+                row.get::<_, UnixMillis>(7)?,
+                row.get::<_, bool>(8)?,
             ))
         })
         .optional()?;
@@ -733,9 +757,12 @@ struct OpenHold {
     buyer_id: String,
     on_account: bool,
     held: Usdc,
+    /// The token's parent, for a child token.
+    parent_id: Option<String>,
 }
 
-/// Reads an [`OpenHold`] from columns 0 to 4: charge id, token id, buyer id, on_account, held.
+/// Reads an [`OpenHold`] from columns 0 to 5: charge id, token id, buyer id, on_account, held,
+/// the token's parent.
 fn open_hold(row: &Row<'_>) -> rusqlite::Result<OpenHold> {
     Ok(OpenHold {
         charge_id: row.get(0)?,
@@ -743,6 +770,7 @@ fn open_hold(row: &Row<'_>) -> rusqlite::Result<OpenHold> {
         buyer_id: row.get(2)?,
         on_account: row.get(3)?,
         held: usdc(row, 4)?,
+        parent_id: row.get(5)?,
     })
 }
 
@@ -750,7 +778,7 @@ fn expire_holds(conn: &Connection, now: UnixMillis, limit: usize) -> Result<usiz
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let expired = conn
         .prepare_cached(
-            "SELECT c.charge_id, c.token_id, t.buyer_id, c.on_account, c.held_micros
+            "SELECT c.charge_id, c.token_id, t.buyer_id, c.on_account, c.held_micros, t.parent_id
              FROM charges c JOIN tokens t ON t.token_id = c.token_id
              WHERE c.status = 'held' AND c.hold_expires_at <= ?1
              ORDER BY c.hold_expires_at LIMIT ?2",
@@ -763,6 +791,18 @@ fn expire_holds(conn: &Connection, now: UnixMillis, limit: usize) -> Result<usiz
     Ok(expired.len())
 }
 
+/// Whether any open hold is past its TTL at `now`: one probe of the open holds' expiry
+/// index. The sweeper keeps that set near empty, so this usually spares an operation the
+/// search through its buyer's tokens.
+fn any_hold_due(conn: &Connection, now: UnixMillis) -> Result<bool, StoreError> {
+    let due = conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM charges WHERE status = 'held' AND hold_expires_at <= ?1)",
+        )?
+        .query_row(params![now], |row| row.get(0))?;
+    Ok(due)
+}
+
 /// Releases every hold of the buyer whose TTL has passed (on read: the sweeper may lag).
 /// The buyer's, not just one token's: each level of a chain of delegation, and the buyer's
 /// account, count the holds of every token below them.
@@ -771,9 +811,21 @@ fn expire_buyer_holds(
     buyer_id: &str,
     now: UnixMillis,
 ) -> Result<usize, StoreError> {
+    if !any_hold_due(conn, now)? {
+        return Ok(0);
+    }
+    release_buyer_holds(conn, buyer_id, now)
+}
+
+/// [`expire_buyer_holds`] once some hold is known to be due.
+fn release_buyer_holds(
+    conn: &Connection,
+    buyer_id: &str,
+    now: UnixMillis,
+) -> Result<usize, StoreError> {
     let expired = conn
         .prepare_cached(
-            "SELECT c.charge_id, c.token_id, t.buyer_id, c.on_account, c.held_micros
+            "SELECT c.charge_id, c.token_id, t.buyer_id, c.on_account, c.held_micros, t.parent_id
              FROM charges c JOIN tokens t ON t.token_id = c.token_id
              WHERE c.status = 'held' AND c.hold_expires_at <= ?1 AND t.buyer_id = ?2",
         )?
@@ -792,12 +844,15 @@ fn expire_token_buyer_holds(
     buyer_id: Option<&str>,
     now: UnixMillis,
 ) -> Result<usize, StoreError> {
+    if !any_hold_due(conn, now)? {
+        return Ok(0);
+    }
     let stored = conn
         .prepare_cached("SELECT buyer_id FROM tokens WHERE token_id = ?1")?
         .query_row(params![token_id], |row| row.get::<_, String>(0))
         .optional()?;
     match stored.as_deref().or(buyer_id) {
-        Some(buyer_id) => expire_buyer_holds(conn, buyer_id, now),
+        Some(buyer_id) => release_buyer_holds(conn, buyer_id, now),
         None => Ok(0),
     }
 }
@@ -822,16 +877,26 @@ fn close_hold(
     )?
     .execute(params![status_name(status), now, upstream_status, committed, hold.charge_id])?;
     let (held, used) = (hold.held.micros_i64(), committed.unwrap_or(0));
-    conn.prepare_cached(
-        "WITH RECURSIVE chain (id) AS (
-             SELECT ?3 UNION ALL
-             SELECT t.parent_id FROM tokens t JOIN chain ON t.token_id = chain.id
-             WHERE t.parent_id IS NOT NULL
-         )
-         UPDATE tokens SET used_micros = used_micros + ?1, reserved_micros = reserved_micros - ?2
-         WHERE token_id IN (SELECT id FROM chain)",
-    )?
-    .execute(params![used, held, hold.token_id])?;
+    // Every level of the chain, one plain statement each: a recursive CTE (or RETURNING)
+    // builds a temporary table on every run, which costs more than the update itself.
+    let mut token_id = hold.token_id.clone();
+    let mut parent_id = hold.parent_id.clone();
+    for level in 1.. {
+        conn.prepare_cached(
+            "UPDATE tokens SET used_micros = used_micros + ?1,
+                               reserved_micros = reserved_micros - ?2
+             WHERE token_id = ?3",
+        )?
+        .execute(params![used, held, token_id])?;
+        let Some(parent) = parent_id else { break };
+        if level == MAX_CHAIN_LEN {
+            return Err(StoreError::Corrupt(format!("the chain of {} is too long", hold.token_id)));
+        }
+        parent_id = conn
+            .prepare_cached("SELECT parent_id FROM tokens WHERE token_id = ?1")?
+            .query_row(params![parent], |row| row.get(0))?;
+        token_id = parent;
+    }
     if hold.on_account {
         // Spent today counts commits on their UTC day: the first of a day starts it afresh.
         // The day only moves forward: a settler whose clock is behind adds nothing to today.
@@ -1157,7 +1222,7 @@ mod tests {
         // old holds are on no account.
         let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0)).unwrap();
         assert_eq!(version, i64::try_from(MIGRATIONS.len()).unwrap());
-        assert_eq!(MIGRATIONS.len(), 4);
+        assert_eq!(MIGRATIONS.len(), 5);
         let token = conn
             .query_row("SELECT parent_id, sandbox FROM tokens WHERE token_id = 'tok'", [], |row| {
                 Ok((row.get::<_, Option<String>>(0)?, row.get::<_, bool>(1)?))
@@ -1168,5 +1233,19 @@ mod tests {
             .query_row("SELECT count(*) FROM charges WHERE on_account", [], |row| row.get(0))
             .unwrap();
         assert_eq!(on_account, 0);
+        // Version 5 rebuilt the charges: every row kept, statuses and foreign keys still
+        // checked.
+        let charges: i64 =
+            conn.query_row("SELECT count(*) FROM charges", [], |row| row.get(0)).unwrap();
+        assert_eq!(charges, 2);
+        let bad_status =
+            conn.execute("UPDATE charges SET status = 'lost' WHERE charge_id = 'ch_h'", []);
+        assert!(bad_status.is_err());
+        let dangling = conn.execute(
+            "INSERT INTO idempotency_keys (token_id, key, fingerprint, charge_id, created_at)
+             VALUES ('tok', 'k2', 'fp', 'ch_none', 8)",
+            [],
+        );
+        assert!(dangling.is_err());
     }
 }
