@@ -4,14 +4,15 @@
 //! - Durable: `synchronous = FULL`, and no caller hears back before the transaction holding
 //!   its operation is committed, so every answer the ledger gave survives `kill -9` (and a
 //!   power cut).
-//! - Fast under load: operations that queue while a commit is syncing share the next one.
+//! - Fast under load: operations that queue while a commit is syncing share the next one,
+//!   and a batch waits a moment (at most 0.3 ms) for the callers the last one answered.
 //! - Atomic per operation: each runs in a savepoint, so one that fails rolls back alone.
 
 use std::cell::Cell;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use paystile_protocol::ledger_api::{
     ChargeStatus, Hold, SettleResult, SettleStatus, Settlement, TokenGrant,
@@ -22,6 +23,7 @@ use prometheus_client::metrics::counter::Counter;
 use rusqlite::config::DbConfig;
 use rusqlite::types::Type;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params, params_from_iter};
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
 use super::journal::{self, ChargeFilter, Dialect, Param, ServiceTotals, ServiceWindow};
@@ -40,6 +42,10 @@ use crate::telemetry::wire_name;
 const MAX_BATCH: usize = 512;
 /// Operations waiting for the writer before callers wait to enqueue (backpressure).
 const QUEUE_DEPTH: usize = 8192;
+/// How long a batch may wait for the callers of the last one to come back (see [`collect`]).
+const COLLECT_WAIT: Duration = Duration::from_micros(300);
+/// How often the writer looks for them meanwhile.
+const COLLECT_POLL: Duration = Duration::from_micros(20);
 /// Prepared statements the writer keeps: more than the operations use, so that none of the
 /// hot path's is ever evicted and compiled again.
 const STATEMENT_CACHE: usize = 64;
@@ -482,18 +488,38 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 
 /// The writer thread: take what is waiting, run it in one transaction, commit, answer.
 fn write_batches(conn: Connection, mut queue: mpsc::Receiver<Job>) {
+    let mut answered = 0;
     while let Some(first) = queue.blocking_recv() {
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
-            }
-        }
+        let jobs = collect(first, &mut queue, answered);
+        answered = jobs.len();
         let outcome = run_batch(&conn, jobs);
         if let Err(e) = outcome {
             tracing::error!(error = %e, "ledger transaction failed; its callers were told");
         }
+    }
+}
+
+/// The batch that starts with `first`: every operation waiting, and while fewer are waiting
+/// than the last batch answered, those that arrive within [`COLLECT_WAIT`]. Callers just
+/// answered send their next operation within microseconds, but a batch that starts before
+/// they do spends a disk sync on a few of them and the next sync on the rest: waiting keeps
+/// them in one batch (under a steady hot-token load, twice its size). A lone caller never
+/// waits.
+fn collect(first: Job, queue: &mut mpsc::Receiver<Job>, answered: usize) -> Vec<Job> {
+    let mut jobs = vec![first];
+    let deadline = Instant::now() + COLLECT_WAIT;
+    loop {
+        while jobs.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return jobs,
+            }
+        }
+        if jobs.len() >= answered.min(MAX_BATCH) || Instant::now() >= deadline {
+            return jobs;
+        }
+        thread::sleep(COLLECT_POLL);
     }
 }
 
