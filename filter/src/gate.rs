@@ -35,6 +35,7 @@ use crate::config::{Config, FailureMode, Metered, Route};
 use crate::pool::{self, ChallengePool, Refill, RefillOutcome};
 use crate::prefetch::{Entry, PoolKey, Prefetched};
 use crate::settle::Queued;
+use crate::verified::{Verified, VerifiedCache};
 
 /// The Pay Token challenge, beside L402's when both are on.
 const BEARER_CHALLENGE: &str = r#"Bearer realm="paystile", error="payment_required""#;
@@ -43,14 +44,15 @@ const BEARER_INVALID: &str = r#"Bearer realm="paystile", error="invalid_token""#
 const RETRY_AFTER_SECONDS: &str = "1";
 
 /// Per-VM state shared by every request: the configuration, how the ledger answered last
-/// time (so that an outage is logged when it starts and ends, not once per call), and the
-/// holds prefetched for hot tokens, and the L402 challenges minted ahead for this
-/// configuration's offer.
+/// time (so that an outage is logged when it starts and ends, not once per call), the
+/// holds prefetched for hot tokens, the L402 challenges minted ahead for this
+/// configuration's offer, and the credentials verified under this configuration.
 pub struct Gate {
     config: Config,
     ledger_health: Cell<Health>,
     prefetched: Rc<RefCell<Prefetched>>,
     challenges: RefCell<ChallengePool>,
+    verified: RefCell<VerifiedCache>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +80,7 @@ impl Gate {
             ledger_health: Cell::new(Health::Answering),
             prefetched,
             challenges: RefCell::new(challenges),
+            verified: RefCell::default(),
         }
     }
 
@@ -105,19 +108,32 @@ impl Gate {
         self.prefetched.borrow().waiting()
     }
 
-    /// How a call with a verified credential goes on: on a prefetched hold, or by a reserve
-    /// that asks for `prefetch_holds` holds (its `count`) when the token is hot.
+    /// Credentials kept verified.
+    pub fn verified_credentials(&self) -> usize {
+        self.verified.borrow().len()
+    }
+
+    /// How a call with a verified credential goes on: on a prefetched hold, or by a reserve.
+    /// When the token is hot and its pool is down to half a batch with no refill on its way,
+    /// this call's reserve asks for the next batch (`prefetch_holds` holds, its `count`), so
+    /// that the calls after it find holds waiting while it is answered. Any other call that
+    /// finds the pool empty reserves just its own hold.
     fn plan(&self, reserve: &mut ReserveRequest, now_ms: u64) -> Plan {
         let Some(key) = prefetch_key(&self.config, reserve) else { return Plan::Reserve(None) };
         let ledger = &self.config.ledger;
         let mut prefetched = self.prefetched.borrow_mut();
-        let hot = prefetched.note_call(&key.token_id, now_ms, ledger.prefetch_max_age_ms);
-        if let Some(entry) = prefetched.take(&key, now_ms, ledger.prefetch_max_age_ms) {
-            return Plan::Take(entry);
-        }
         // A cold token asks for one: occasional callers never lock more than a call's worth.
-        reserve.count = if hot { ledger.prefetch_holds } else { 1 };
-        Plan::Reserve(Some(Prefetch { key, count: reserve.count, at_ms: now_ms }))
+        let hot = prefetched.note_call(&key.token_id, now_ms, ledger.prefetch_max_age_ms);
+        let low_water = usize::from(ledger.prefetch_holds / 2);
+        let timeout = u64::try_from(ledger.timeout.as_millis()).unwrap_or(u64::MAX);
+        if hot && prefetched.start_refill(&key, low_water, now_ms, timeout) {
+            reserve.count = ledger.prefetch_holds;
+            return Plan::Reserve(Some(Prefetch { key, count: reserve.count, at_ms: now_ms }));
+        }
+        match prefetched.take(&key, now_ms, ledger.prefetch_max_age_ms) {
+            Some(entry) => Plan::Take(entry),
+            None => Plan::Reserve(None),
+        }
     }
 
     /// The challenge pool's refill to send at `now_ms`, if it is due (from the root context's
@@ -259,7 +275,7 @@ struct Reserving {
     /// The route's metering, if it is metered.
     metered: Option<Metered>,
     token_id: String,
-    /// Where the reserve's extra holds go, when it asked for some.
+    /// Where the reserve's extra holds go, when it is a pool's refill.
     prefetch: Option<Prefetch>,
     /// When the request came (Unix seconds).
     now: u64,
@@ -326,7 +342,7 @@ impl Exchange {
             // An upstream may trust X-Charge-Id as proof of payment: a client never sets it.
             return RequestAction::Forward(vec![HeaderEdit::Remove(headers::CHARGE_ID)]);
         };
-        match reserve_request(config, request, route, now) {
+        match reserve_request(gate, request, route, now) {
             Ok((mut reserve, l402)) => {
                 let token_id = reserve.token.token_id.clone();
                 let prefetch = match gate.plan(&mut reserve, now_ms) {
@@ -415,6 +431,9 @@ impl Exchange {
         {
             // The ledger refuses this token now: what this VM prefetched for it goes back.
             gate.prefetched.borrow_mut().drop_token(&token_id);
+        }
+        if let Some(prefetch) = &prefetch {
+            gate.prefetched.borrow_mut().end_refill(&prefetch.key);
         }
         match answer {
             LedgerAnswer::Hold(hold) => {
@@ -614,22 +633,63 @@ impl Exchange {
 /// passes, and whether its credential is an L402. A refusal with `payment_required` calls
 /// for a challenge.
 fn reserve_request(
-    config: &Config,
+    gate: &Gate,
     request: &RequestHead<'_>,
     route: &Route,
     now: u64,
 ) -> Result<(ReserveRequest, bool), ErrorBody> {
+    let config = gate.config();
+    let Some(authorization) = request.authorization else {
+        return Err(ErrorBody::payment_required(&config.service_id, route.price, &schemes(config)));
+    };
+    let capability = route.capability.as_deref();
+    let cached = gate.verified.borrow().get(authorization, capability, now).cloned();
+    let verified = match cached {
+        Some(verified) => verified,
+        None => {
+            let verified = verify_credential(config, authorization, route, now)?;
+            gate.verified.borrow_mut().insert(authorization, verified.clone(), now);
+            verified
+        }
+    };
+    let idempotency = match request.idempotency_key {
+        None => None,
+        Some(raw) => {
+            let key = headers::idempotency_key(raw)
+                .ok_or_else(|| ErrorBody::new(ErrorCode::InvalidIdempotencyKey))?;
+            Some(Idempotency { key: key.to_owned(), fingerprint: fingerprint(config, request) })
+        }
+    };
+    let reserve = ReserveRequest {
+        token: verified.token,
+        service_id: config.service_id.clone(),
+        price_usdc: route.price,
+        idempotency,
+        cap_usdc: verified.cap,
+        count: 1,
+    };
+    Ok((reserve, verified.l402))
+}
+
+/// Verifies the `Authorization` value for `route` at `now`: what a reserve carries, and
+/// the Unix seconds in which that holds.
+fn verify_credential(
+    config: &Config,
+    authorization: &[u8],
+    route: &Route,
+    now: u64,
+) -> Result<Verified, ErrorBody> {
     let payment_required =
         || ErrorBody::payment_required(&config.service_id, route.price, &schemes(config));
-    let credential = match request.authorization.map(credential::parse_authorization) {
-        None | Some(Ok(None)) => return Err(payment_required()),
-        Some(Err(_)) => return Err(ErrorBody::new(ErrorCode::InvalidCredential)),
-        Some(Ok(Some(credential))) => credential,
+    let credential = match credential::parse_authorization(authorization) {
+        Ok(None) => return Err(payment_required()),
+        Err(_) => return Err(ErrorBody::new(ErrorCode::InvalidCredential)),
+        Ok(Some(credential)) => credential,
     };
-    let (token, cap) = match credential {
+    match credential {
         Credential::Bearer(token) => {
             let Some(pay_token) = &config.pay_token else { return Err(payment_required()) };
-            (verify_pay_token(config, pay_token, token, now)?, None)
+            verify_pay_token(config, pay_token, token, now)
         }
         Credential::L402 { macaroon, preimage } => {
             let Some(l402) = &config.l402 else { return Err(payment_required()) };
@@ -653,27 +713,15 @@ fn reserve_request(
                 expires_at: grant.expires_at,
                 sandbox: grant.sandbox,
             };
-            (token, (grant.cap < grant.limit).then_some(grant.cap))
+            Ok(Verified {
+                token,
+                cap: (grant.cap < grant.limit).then_some(grant.cap),
+                l402: true,
+                capability: route.capability.clone(),
+                valid: 0..grant.valid_until.saturating_add(1),
+            })
         }
-    };
-    let idempotency = match request.idempotency_key {
-        None => None,
-        Some(raw) => {
-            let key = headers::idempotency_key(raw)
-                .ok_or_else(|| ErrorBody::new(ErrorCode::InvalidIdempotencyKey))?;
-            Some(Idempotency { key: key.to_owned(), fingerprint: fingerprint(config, request) })
-        }
-    };
-    let l402 = matches!(credential, Credential::L402 { .. });
-    let reserve = ReserveRequest {
-        token,
-        service_id: config.service_id.clone(),
-        price_usdc: route.price,
-        idempotency,
-        cap_usdc: cap,
-        count: 1,
-    };
-    Ok((reserve, l402))
+    }
 }
 
 /// The pool a reserve's call may be served from, when prefetching is on. Idempotent calls
@@ -711,7 +759,7 @@ fn verify_pay_token(
     pay_token: &crate::config::PayTokens,
     token: &str,
     now: u64,
-) -> Result<TokenGrant, ErrorBody> {
+) -> Result<Verified, ErrorBody> {
     let claims = pay_token::verify(token, &pay_token.keys, &pay_token.validation, now).map_err(
         |e| match e {
             PayTokenError::Expired | PayTokenError::NotYetValid => {
@@ -733,7 +781,13 @@ fn verify_pay_token(
     if !claims.allows_service(&config.service_id) {
         return Err(ErrorBody::new(ErrorCode::WrongService));
     }
-    Ok(TokenGrant::from(&claims))
+    Ok(Verified {
+        token: TokenGrant::from(&claims),
+        cap: None,
+        l402: false,
+        capability: None,
+        valid: claims.valid_during(&pay_token.validation),
+    })
 }
 
 fn l402_refusal(error: L402Error) -> ErrorBody {

@@ -6,6 +6,10 @@
 //! used at most once: [`Prefetched::take`] removes it. Entries no call took within the
 //! maximum age are released from the tick; a token whose reserve was refused, or whose
 //! settlement came back revoked or expired, loses all its entries at once.
+//!
+//! A pool is refilled ahead, before it runs dry, and by one reserve at a time: see
+//! [`Prefetched::start_refill`]. Concurrent batch reserves for one token would only queue
+//! behind each other on the ledger's writer.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -40,6 +44,8 @@ pub struct Entry {
 pub struct Prefetched {
     pools: HashMap<PoolKey, VecDeque<Entry>>,
     last_call_ms: HashMap<String, u64>,
+    /// The pools with a batch reserve on its way, and when it was sent (ms).
+    refilling: HashMap<PoolKey, u64>,
     /// Entries taken out of the pools (dropped tokens), to be released from the next tick.
     dropped: Vec<Queued>,
 }
@@ -76,6 +82,32 @@ impl Prefetched {
         taken
     }
 
+    /// Whether a call of `key` at `now_ms` should reserve the pool's next batch: when the
+    /// pool is down to `low_water` entries and no batch reserve is on its way (one sent more
+    /// than `timeout_ms` ago is taken as lost: its stream ended before the answer). If so,
+    /// the refill is noted as on its way until [`Prefetched::end_refill`].
+    pub fn start_refill(
+        &mut self,
+        key: &PoolKey,
+        low_water: usize,
+        now_ms: u64,
+        timeout_ms: u64,
+    ) -> bool {
+        let waiting = self.pools.get(key).map_or(0, VecDeque::len);
+        let in_flight =
+            self.refilling.get(key).is_some_and(|sent| now_ms.saturating_sub(*sent) <= timeout_ms);
+        if waiting > low_water || in_flight {
+            return false;
+        }
+        self.refilling.insert(key.clone(), now_ms);
+        true
+    }
+
+    /// The batch reserve for `key` has been answered, or failed.
+    pub fn end_refill(&mut self, key: &PoolKey) {
+        self.refilling.remove(key);
+    }
+
     /// Keeps the extra holds a reserve for `key` got, in the order they were reserved.
     pub fn add(&mut self, key: PoolKey, entries: Vec<Entry>) {
         if !entries.is_empty() {
@@ -96,7 +128,8 @@ impl Prefetched {
     }
 
     /// What to release now: the dropped tokens' entries and those past `max_age_ms`. Also
-    /// forgets tokens that have not called within it, so that only hot tokens are tracked.
+    /// forgets tokens that have not called within it, so that only hot tokens are tracked,
+    /// and refills sent longer ago than that, whose streams ended before their answers.
     pub fn releases(&mut self, now_ms: u64, max_age_ms: u64) -> Vec<Queued> {
         let mut releases = std::mem::take(&mut self.dropped);
         let stale = |entry: &Entry| now_ms.saturating_sub(entry.reserved_at_ms) >= max_age_ms;
@@ -110,6 +143,7 @@ impl Prefetched {
             !pool.is_empty()
         });
         self.last_call_ms.retain(|_, last| now_ms.saturating_sub(*last) <= max_age_ms);
+        self.refilling.retain(|_, sent| now_ms.saturating_sub(*sent) <= max_age_ms);
         releases
     }
 
@@ -213,6 +247,25 @@ mod tests {
         assert_eq!(released(&releases), ["ch_1", "ch_2", "ch_3"]);
         assert!(pool.releases(2, AGE).is_empty(), "released twice");
         assert_eq!(pool.waiting(), 1);
+    }
+
+    #[test]
+    fn one_refill_at_a_time_and_only_at_the_low_water_mark() {
+        let mut pool = Prefetched::default();
+        let (low_water, timeout) = (2, 100);
+        assert!(pool.start_refill(&key("tok_a"), low_water, 0, timeout), "an empty pool refills");
+        assert!(!pool.start_refill(&key("tok_a"), low_water, 1, timeout), "two on their way");
+        assert!(pool.start_refill(&key("tok_b"), low_water, 1, timeout), "pools are apart");
+        pool.add(key("tok_a"), vec![entry("ch_1", 0), entry("ch_2", 0), entry("ch_3", 0)]);
+        pool.end_refill(&key("tok_a"));
+        assert!(!pool.start_refill(&key("tok_a"), low_water, 2, timeout), "above low water");
+        pool.take(&key("tok_a"), 3, AGE);
+        assert!(pool.start_refill(&key("tok_a"), low_water, 3, timeout), "at low water");
+        // An answer that never came (its stream ended first) blocks no refill past the timeout.
+        assert!(!pool.start_refill(&key("tok_a"), low_water, 3 + timeout, timeout));
+        assert!(pool.start_refill(&key("tok_a"), low_water, 4 + timeout, timeout));
+        pool.releases(4 + timeout + AGE + 1, AGE);
+        assert!(pool.refilling.is_empty(), "the tick forgets lost refills");
     }
 
     #[test]

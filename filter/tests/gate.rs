@@ -160,7 +160,7 @@ fn bad_credentials_get_401_without_a_ledger_call() {
         tampered_payload,
         format!(
             "Bearer {}",
-            pay_token::sign(&claims(), &Key::hs256("another-secret-0123456789abcdef"))
+            pay_token::sign(&claims(), &Key::hs256("another-secret-0123456789abcdefgh"))
         ),
         // alg none: the payload, unsigned.
         format!("Bearer eyJhbGciOiJub25lIn0.{}.", header_and_payload.split_once('.').unwrap().1),
@@ -661,4 +661,41 @@ fn sandbox_pay_tokens_pass_only_where_accepted() {
     let token = bearer(&sandbox);
     let request = reserve(&demo, &mut Exchange::default(), &head("/v1/forecast", Some(&token)));
     assert!(request.token.sandbox, "the ledger is told to use the sandbox book");
+}
+
+#[test]
+fn a_verified_token_is_kept_for_its_next_calls_only_while_it_is_valid() {
+    let gate = gate();
+    let token = bearer(&PayTokenClaims { exp: NOW + 100, ..claims() });
+    let first = reserve(&gate, &mut Exchange::default(), &head("/v1/forecast", Some(&token)));
+    assert_eq!(gate.verified_credentials(), 1);
+    let again = reserve(&gate, &mut Exchange::default(), &head("/v1/forecast", Some(&token)));
+    assert_eq!(again, first, "a kept credential reserves exactly as a fresh one");
+    assert_eq!(gate.verified_credentials(), 1);
+    // Past exp plus the leeway (60 s), the kept verdict no longer serves.
+    let late = NOW_MS + 159_999;
+    let action =
+        Exchange::default().on_request_headers(&gate, &head("/v1/forecast", Some(&token)), late);
+    assert!(matches!(action, RequestAction::CallLedger(_)), "within the leeway: {action:?}");
+    let action = Exchange::default().on_request_headers(
+        &gate,
+        &head("/v1/forecast", Some(&token)),
+        late + 1,
+    );
+    assert_eq!(answered(&action).1.code, ErrorCode::TokenExpired);
+    // Refusals are never kept; a token one byte off is verified on its own, and refused.
+    let mut forged = token.clone().into_bytes();
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    let forged = String::from_utf8(forged).unwrap();
+    assert_eq!(refusal(&gate, &forged), (401, ErrorCode::InvalidCredential));
+    assert_eq!(refusal(&gate, &format!("{token}x")), (401, ErrorCode::InvalidCredential));
+    let early = bearer(&PayTokenClaims { nbf: Some(NOW + 3600), ..claims() });
+    assert_eq!(refusal(&gate, &early), (401, ErrorCode::TokenExpired));
+    assert_eq!(gate.verified_credentials(), 1);
+    // A gate with other keys (a new configuration) trusts none of them.
+    let rotated = gate_with(|c| {
+        c["pay_token"]["keys"][0]["secret"] = json!("another-secret-0123456789abcdefgh")
+    });
+    assert_eq!(refusal(&rotated, &token), (401, ErrorCode::InvalidCredential));
 }

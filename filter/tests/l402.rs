@@ -502,3 +502,36 @@ proptest! {
         prop_assert_eq!(status, 401);
     }
 }
+
+#[test]
+fn a_verified_l402_is_kept_only_for_the_capability_it_was_checked_for() {
+    let gate = gate();
+    let reports = credential(
+        &macaroon(&Offer { capabilities: vec!["reports".into()], ..offer() }),
+        &PREIMAGE,
+    );
+    for _ in 0..2 {
+        let action = Exchange::default().on_request_headers(
+            &gate,
+            &head("/v1/report", Some(&reports)),
+            NOW_MS,
+        );
+        ledger_call(&action, "/v1/holds");
+    }
+    assert_eq!(gate.verified_credentials(), 1);
+    assert_eq!(refusal(&gate, "/v1/forecast", &reports), (403, ErrorCode::WrongService));
+    // Kept through its last valid second, not after.
+    let end_ms = (NOW + 3_600) * 1000;
+    let action = Exchange::default().on_request_headers(
+        &gate,
+        &head("/v1/report", Some(&reports)),
+        end_ms + 999,
+    );
+    ledger_call(&action, "/v1/holds");
+    let action = Exchange::default().on_request_headers(
+        &gate,
+        &head("/v1/report", Some(&reports)),
+        end_ms + 1000,
+    );
+    assert_eq!(answered(&action).1.code, ErrorCode::TokenExpired);
+}

@@ -111,7 +111,7 @@ fn warmed(gate: &Gate, token: &str, extras: &[&str]) {
     let (_, cold) = call_answered(gate, token, NOW_MS, hold_reply("0.001", "ch_cold", &[]));
     assert_eq!(cold, Ok(1), "a token's first call asks for one hold");
     let (_, hot) = call_answered(gate, token, NOW_MS + 10, hold_reply("0.001", "ch_hot", extras));
-    assert_eq!(hot, Ok(4), "a hot token asks for prefetch_holds");
+    assert_eq!(hot, Ok(gate.config().ledger.prefetch_holds), "a hot token asks for a batch");
 }
 
 fn settlement_of(exchange: &mut Exchange, gate: &Gate, status: u16) -> Settlement {
@@ -125,6 +125,7 @@ fn a_hot_tokens_next_calls_go_on_at_once_each_on_its_own_prefetched_hold() {
     warmed(&gate, &token, &["ch_x1", "ch_x2", "ch_x3"]);
     assert_eq!(gate.prefetched_waiting(), 3);
     let mut served = Vec::new();
+    let mut refills = Vec::new();
     for i in 0..3 {
         let mut exchange = Exchange::default();
         let outcome =
@@ -146,19 +147,56 @@ fn a_hot_tokens_next_calls_go_on_at_once_each_on_its_own_prefetched_hold() {
         );
         assert_eq!(exchange.token_id(), Some("tok_hot"));
         served.push(charge_id);
+        if i == 0 {
+            // Down to half a batch (2 of prefetch_holds 4): this call reserves the next batch,
+            // and the calls after it go on without waiting for the answer.
+            let mut refill = Exchange::default();
+            let reserve =
+                call(&gate, &mut refill, &head("/v1/forecast", Some(&token)), NOW_MS + 20);
+            assert_eq!(reserve.map(|r| r.count), Ok(4));
+            refills.push(refill);
+        }
     }
     assert_eq!(served, ["ch_x1", "ch_x2", "ch_x3"], "each hold is used once, oldest first");
-    // The pool is empty: the next call reserves, hot, for another batch.
+    // The pool is empty and its refill on its way: the next call reserves just its own hold.
     let (_, next) = call_answered(&gate, &token, NOW_MS + 30, hold_reply("0.001", "ch_4", &[]));
+    assert_eq!(next, Ok(1));
+    assert_eq!(gate.prefetched_waiting(), 0);
+    // The refill's answer fills the pool for the calls after it.
+    let mut refill = refills.pop().unwrap();
+    let reply = hold_reply("0.001", "ch_5", &["ch_y1", "ch_y2", "ch_y3"]);
+    assert!(matches!(refill.on_ledger_reply(&gate, reply), RequestAction::Forward(_)));
+    let mut exchange = Exchange::default();
+    let outcome = call(&gate, &mut exchange, &head("/v1/forecast", Some(&token)), NOW_MS + 40);
+    assert_eq!(outcome.map(|r| r.count), Err("ch_y1".to_owned()));
+    let released: Vec<_> = gate
+        .prefetch_releases(NOW_MS + 5_000)
+        .into_iter()
+        .map(|r| r.settlement.charge_id)
+        .collect();
+    assert_eq!(released, ["ch_y2", "ch_y3"], "a used hold was released, or an unused one kept");
+}
+
+#[test]
+fn a_refill_that_fails_lets_the_next_call_refill() {
+    let gate = gate();
+    let token = bearer("tok_refill");
+    warmed(&gate, &token, &["ch_x1"]);
+    let mut refill = Exchange::default();
+    let reserve = call(&gate, &mut refill, &head("/v1/forecast", Some(&token)), NOW_MS + 20);
+    assert_eq!(reserve.map(|r| r.count), Ok(4), "at low water, the call refills");
+    // The ledger does not answer: the request fails closed, and the pool may refill again.
+    let action = refill.on_ledger_reply(&gate, LedgerReply::default());
+    assert_eq!(answered(&action).0, 503);
+    let (_, next) = call_answered(&gate, &token, NOW_MS + 21, hold_reply("0.001", "ch_2", &[]));
     assert_eq!(next, Ok(4));
-    assert!(gate.prefetch_releases(NOW_MS + 5_000).is_empty(), "a used hold was released");
 }
 
 #[test]
 fn a_prefetched_call_that_fails_or_never_answers_is_released() {
-    let gate = gate();
+    let gate = gate_with(|c| c["ledger"]["prefetch_holds"] = json!(8));
     let token = bearer("tok_fail");
-    warmed(&gate, &token, &["ch_x1", "ch_x2"]);
+    warmed(&gate, &token, &["ch_x1", "ch_x2", "ch_x3", "ch_x4", "ch_x5", "ch_x6"]);
     let mut failed = Exchange::default();
     call(&gate, &mut failed, &head("/v1/forecast", Some(&token)), NOW_MS + 20).unwrap_err();
     let settlement = settlement_of(&mut failed, &gate, 503);
@@ -224,16 +262,16 @@ fn warmed_with(gate: &Gate, token: &str, count: u16) {
 fn stale_prefetched_holds_are_released_from_the_tick_never_used() {
     let gate = gate();
     let token = bearer("tok_stale");
-    warmed(&gate, &token, &["ch_x1", "ch_x2"]);
+    warmed(&gate, &token, &["ch_x1", "ch_x2", "ch_x3"]);
     assert!(gate.prefetch_releases(NOW_MS + MAX_AGE - 1).is_empty());
     // The extras' age counts from the hot call's arrival (NOW_MS + 10).
     let mut exchange = Exchange::default();
     let reserve =
         call(&gate, &mut exchange, &head("/v1/forecast", Some(&token)), NOW_MS + 10 + MAX_AGE);
-    assert!(reserve.is_ok(), "a stale hold was used");
+    assert_eq!(reserve.map(|r| r.count), Ok(1), "a stale hold was used");
     let releases = gate.prefetch_releases(NOW_MS + 10 + MAX_AGE);
     let released: Vec<_> = releases.iter().map(|r| r.settlement.charge_id.as_str()).collect();
-    assert_eq!(released, ["ch_x1", "ch_x2"]);
+    assert_eq!(released, ["ch_x1", "ch_x2", "ch_x3"]);
     for release in &releases {
         assert_eq!(
             (release.settlement.outcome, release.settlement.upstream_status),
@@ -297,7 +335,8 @@ fn a_metered_prefetched_hold_is_committed_for_the_units_used() {
     let gate = gate();
     let token = bearer("tok_metered");
     let chat = || RequestHead { method: b"POST", ..head("/v1/chat", Some(&token)) };
-    for (at, charge, extras) in [(NOW_MS, "ch_1", &[][..]), (NOW_MS + 10, "ch_2", &["ch_x1"][..])] {
+    let batch = &["ch_x1", "ch_x2", "ch_x3"][..];
+    for (at, charge, extras) in [(NOW_MS, "ch_1", &[][..]), (NOW_MS + 10, "ch_2", batch)] {
         let mut exchange = Exchange::default();
         call(&gate, &mut exchange, &chat(), at).unwrap();
         exchange.on_ledger_reply(&gate, hold_reply("0.5", charge, extras));

@@ -206,6 +206,8 @@ pub struct Grant {
     pub cap: Usdc,
     /// The first `_valid_until` (Unix seconds): when the token ends.
     pub expires_at: u64,
+    /// The narrowest `_valid_until`: this copy of the credential verifies through it.
+    pub valid_until: u64,
     /// Bought with a sandbox invoice: the ledger meters it in its sandbox book.
     pub sandbox: bool,
 }
@@ -264,6 +266,7 @@ pub fn verify(
         limit: budget.first,
         cap: budget.narrowest,
         expires_at: valid_until.first,
+        valid_until: valid_until.narrowest,
         sandbox: caveats.sandbox,
     })
 }
@@ -428,6 +431,7 @@ mod tests {
             limit: "1.5".parse().unwrap(),
             cap: "1.5".parse().unwrap(),
             expires_at: 2_000,
+            valid_until: 2_000,
             sandbox: false,
         };
         for encoded in [
@@ -480,6 +484,9 @@ mod tests {
         let grant = check(&narrowed, &target(1_000)).unwrap();
         assert_eq!((grant.limit, grant.cap), ("1.5".parse().unwrap(), "0.25".parse().unwrap()));
         assert_eq!(grant.expires_at, 2_000, "the token's own end");
+        assert_eq!(grant.valid_until, 1_500, "this copy's end");
+        assert!(check(&narrowed, &target(1_500)).is_ok());
+        assert_eq!(check(&narrowed, &target(1_501)), Err(L402Error::Expired));
         assert_eq!(check(&narrowed, &target(1_600)), Err(L402Error::Expired));
 
         for widening in [

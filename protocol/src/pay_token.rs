@@ -6,6 +6,7 @@
 //! `buyerTag`, and the registered `exp`, `iat`, `nbf`, `iss`, `aud`.
 
 use core::fmt;
+use core::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
@@ -133,6 +134,15 @@ impl fmt::Display for PayTokenError {
     }
 }
 
+impl PayTokenClaims {
+    /// The Unix seconds in which the token is valid: from `nbf` (if any) to `exp`, the end
+    /// excluded, each widened by `validation`'s leeway.
+    pub fn valid_during(&self, validation: &Validation) -> Range<u64> {
+        let start = self.nbf.map_or(0, |nbf| nbf.saturating_sub(validation.leeway_seconds));
+        start..self.exp.saturating_add(validation.leeway_seconds)
+    }
+}
+
 /// Verifies a Pay Token at `now` (Unix seconds): signature, claims, time window, issuer and
 /// audience. Whether it may pay for a given service is `allows_service`'s question.
 pub fn verify(
@@ -145,10 +155,11 @@ pub fn verify(
     let claims: PayTokenClaims =
         serde_json::from_slice(&payload).map_err(|_| PayTokenError::InvalidClaims)?;
     claims.check_shape()?;
-    if now >= claims.exp.saturating_add(validation.leeway_seconds) {
+    let valid = claims.valid_during(validation);
+    if now >= valid.end {
         return Err(PayTokenError::Expired);
     }
-    if claims.nbf.is_some_and(|nbf| now.saturating_add(validation.leeway_seconds) < nbf) {
+    if now < valid.start {
         return Err(PayTokenError::NotYetValid);
     }
     if validation.issuer.as_ref().is_some_and(|issuer| claims.iss.as_ref() != Some(issuer)) {

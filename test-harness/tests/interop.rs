@@ -463,6 +463,7 @@ fn their_macaroons_verify_in_ours(library: Library) {
         limit: usdc("1.5"),
         cap: usdc(cap),
         expires_at: until,
+        valid_until: until,
         sandbox: false,
     };
 

@@ -71,9 +71,7 @@ impl SandboxNode {
             .min_final_cltv_expiry_delta(MIN_FINAL_CLTV_EXPIRY_DELTA)
             .amount_milli_satoshis(request.amount_msat)
             .expiry_time(request.expiry)
-            .build_signed(|message| {
-                self.secp.sign_ecdsa_recoverable(message, &self.node_key)
-            })
+            .build_signed(|message| self.secp.sign_ecdsa_recoverable(message, &self.node_key))
             .map_err(|e| InvoiceError::BadAnswer(format!("cannot build the invoice: {e}")))?;
         Ok(Invoice { payment_hash, bolt11: invoice.to_string() })
     }

@@ -1,0 +1,143 @@
+//! The credentials this VM has verified, so that a token's next calls skip the signature
+//! check and the claim parsing (most of a paid call's inline work), as Envoy's `jwt_authn`
+//! caches its verified tokens.
+//!
+//! An entry is found by the exact bytes of the `Authorization` value, compared in constant
+//! time, and used only within the time window the credential was verified for; it records
+//! only what the configuration's checks concluded, so a gate (one configuration) has its own
+//! cache. Revocation and budgets are the ledger's, checked on every reserve as before.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::ops::Range;
+
+use ctutils::CtEq;
+use paystile_protocol::Usdc;
+use paystile_protocol::ledger_api::TokenGrant;
+
+/// Credentials kept per VM; past this, expired entries go first, then an arbitrary one.
+pub const CAPACITY: usize = 1024;
+
+/// A verified credential: what its reserve carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verified {
+    pub token: TokenGrant,
+    /// The narrower cap a credential's copy carries (an attenuated L402), if any.
+    pub cap: Option<Usdc>,
+    /// An L402, whose spent budget is answered with a fresh challenge.
+    pub l402: bool,
+    /// The route capability an L402 was checked against (a Pay Token's checks ignore it).
+    pub capability: Option<String>,
+    /// The Unix seconds in which the credential verifies.
+    pub valid: Range<u64>,
+}
+
+#[derive(Debug, Default)]
+pub struct VerifiedCache {
+    /// By the keyed hash of the credential; a colliding credential replaces the entry.
+    entries: HashMap<u64, (Box<[u8]>, Verified)>,
+    hasher: RandomState,
+}
+
+impl VerifiedCache {
+    /// The entry for `credential` when it is valid at `now` for a route of `capability`.
+    pub fn get(&self, credential: &[u8], capability: Option<&str>, now: u64) -> Option<&Verified> {
+        let (stored, verified) = self.entries.get(&self.hasher.hash_one(credential))?;
+        let same: bool = stored.as_ref().ct_eq(credential).into();
+        let route_ok = !verified.l402 || verified.capability.as_deref() == capability;
+        (same && route_ok && verified.valid.contains(&now)).then_some(verified)
+    }
+
+    /// Keeps `verified` for `credential`, making room at `now` if the cache is full.
+    pub fn insert(&mut self, credential: &[u8], verified: Verified, now: u64) {
+        if self.entries.len() >= CAPACITY {
+            self.entries.retain(|_, (_, entry)| now < entry.valid.end);
+            if self.entries.len() >= CAPACITY
+                && let Some(key) = self.entries.keys().next().copied()
+            {
+                self.entries.remove(&key);
+            }
+        }
+        self.entries.insert(self.hasher.hash_one(credential), (credential.into(), verified));
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use paystile_protocol::pay_token::Scope;
+
+    use super::*;
+
+    fn verified(token_id: &str, valid: Range<u64>) -> Verified {
+        Verified {
+            token: TokenGrant {
+                token_id: token_id.into(),
+                buyer_id: "agent".into(),
+                buyer_tag: None,
+                service_id: Some("weather".into()),
+                scope: Scope::Single,
+                limit_usdc: Usdc::from_micros(1_000_000).unwrap_or(Usdc::ZERO),
+                expires_at: valid.end,
+                sandbox: false,
+            },
+            cap: None,
+            l402: false,
+            capability: None,
+            valid,
+        }
+    }
+
+    #[test]
+    fn an_entry_serves_only_its_exact_bytes_within_its_window() {
+        let mut cache = VerifiedCache::default();
+        cache.insert(b"Bearer a.b.c", verified("tok_1", 100..200), 100);
+        let id = |c: &VerifiedCache, bytes: &[u8], now| {
+            c.get(bytes, None, now).map(|v| v.token.token_id.clone())
+        };
+        assert_eq!(id(&cache, b"Bearer a.b.c", 100), Some("tok_1".into()));
+        assert_eq!(id(&cache, b"Bearer a.b.c", 199), Some("tok_1".into()));
+        assert_eq!(id(&cache, b"Bearer a.b.c", 200), None, "expired");
+        assert_eq!(id(&cache, b"Bearer a.b.c", 99), None, "not yet valid");
+        assert_eq!(id(&cache, b"Bearer a.b.d", 150), None, "other bytes");
+        assert_eq!(id(&cache, b"Bearer a.b.c ", 150), None, "a longer value");
+        assert_eq!(id(&cache, b"Bearer a.b.", 150), None, "a prefix");
+    }
+
+    #[test]
+    fn an_l402_entry_serves_only_the_capability_it_was_checked_for() {
+        let mut cache = VerifiedCache::default();
+        let entry = Verified { l402: true, capability: Some("read".into()), ..verified("l", 0..9) };
+        cache.insert(b"L402 m:p", entry, 0);
+        assert!(cache.get(b"L402 m:p", Some("read"), 1).is_some());
+        assert!(cache.get(b"L402 m:p", Some("write"), 1).is_none());
+        assert!(cache.get(b"L402 m:p", None, 1).is_none());
+        // A Pay Token's checks do not depend on the route.
+        cache.insert(b"Bearer t", verified("t", 0..9), 0);
+        assert!(cache.get(b"Bearer t", Some("write"), 1).is_some());
+    }
+
+    #[test]
+    fn a_full_cache_drops_expired_entries_first_and_stays_bounded() {
+        let mut cache = VerifiedCache::default();
+        for i in 0..CAPACITY {
+            let window = if i % 2 == 0 { 0..10 } else { 0..1000 };
+            cache.insert(format!("Bearer {i}").as_bytes(), verified("t", window), 0);
+        }
+        assert_eq!(cache.len(), CAPACITY);
+        cache.insert(b"Bearer new", verified("new", 0..1000), 50);
+        assert_eq!(cache.len(), CAPACITY / 2 + 1, "the expired half went");
+        assert!(cache.get(b"Bearer 1", None, 50).is_some(), "a live entry went");
+        for i in 0..CAPACITY {
+            cache.insert(format!("Bearer more {i}").as_bytes(), verified("t", 0..1000), 50);
+        }
+        assert_eq!(cache.len(), CAPACITY);
+    }
+}
