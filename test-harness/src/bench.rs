@@ -162,31 +162,14 @@ pub struct Counted {
 /// Why a run does not count: errors, or answers other than `expect`. Envoy and the ledger
 /// may count a few more than wrk (requests in flight when wrk stops), never fewer.
 pub fn problems(expect: Expect, wrk: &WrkReport, counted: &Counted) -> Vec<String> {
-    let mut problems = Vec::new();
-    if wrk.requests == 0 {
-        problems.push("no answer".to_owned());
-    }
-    if wrk.socket_errors > 0 {
-        problems.push(format!("{} socket errors", wrk.socket_errors));
-    }
+    let mut problems = wrk_problems(expect, wrk);
     let [ok, client, server] = counted.envoy_answers;
-    match expect {
-        Expect::Success => {
-            if wrk.non_2xx > 0 {
-                problems.push(format!("{} answers were not 2xx", wrk.non_2xx));
-            }
-            if client + server > 0 || ok < wrk.requests {
-                problems.push(format!("Envoy answered {ok} 2xx, {client} 4xx, {server} 5xx"));
-            }
-        }
-        Expect::PaymentRequired => {
-            if wrk.non_2xx != wrk.requests {
-                problems.push(format!("{} answers were 2xx or 3xx", wrk.requests - wrk.non_2xx));
-            }
-            if ok + server > 0 || client < wrk.requests {
-                problems.push(format!("Envoy answered {ok} 2xx, {client} 4xx, {server} 5xx"));
-            }
-        }
+    let unexpected = match expect {
+        Expect::Success => client + server > 0 || ok < wrk.requests,
+        Expect::PaymentRequired => ok + server > 0 || client < wrk.requests,
+    };
+    if unexpected {
+        problems.push(format!("Envoy answered {ok} 2xx, {client} 4xx, {server} 5xx"));
     }
     if let Some((what, count)) = counted.ledger
         && count < wrk.requests
@@ -210,6 +193,9 @@ pub struct Row {
     pub cpu: Cpu,
     /// The ledger's own mean time to answer the row's calls to it (from its metrics).
     pub ledger_mean: Option<Duration>,
+    /// A run on one connection after the loaded one: the latency a request sees without
+    /// queueing behind others (at saturation, p50 is mostly the queue: connections / rate).
+    pub one_connection: Option<WrkReport>,
     /// Why the run does not count, if it does not.
     pub problems: Vec<String>,
     /// req/s of every round, when the row was measured more than once.
@@ -237,11 +223,33 @@ pub fn median_run(mut runs: Vec<Row>) -> Option<Row> {
     Some(median)
 }
 
+/// What is wrong with a run by wrk's own account: no answer, socket errors, or answers of
+/// the wrong class.
+pub fn wrk_problems(expect: Expect, wrk: &WrkReport) -> Vec<String> {
+    let mut problems = Vec::new();
+    if wrk.requests == 0 {
+        problems.push("no answer".to_owned());
+    }
+    if wrk.socket_errors > 0 {
+        problems.push(format!("{} socket errors", wrk.socket_errors));
+    }
+    match expect {
+        Expect::Success if wrk.non_2xx > 0 => {
+            problems.push(format!("{} answers were not 2xx", wrk.non_2xx));
+        }
+        Expect::PaymentRequired if wrk.non_2xx != wrk.requests => {
+            problems.push(format!("{} answers were 2xx or 3xx", wrk.requests - wrk.non_2xx));
+        }
+        _ => {}
+    }
+    problems
+}
+
 /// The table, as Markdown; `baseline` (bare Envoy's row) gives the ratios.
 pub fn table(rows: &[Row], baseline: Option<&Row>) -> String {
     let mut out = String::from(
-        "| configuration | req/s | p50 ms | p99 ms | vs bare | added p50 ms | Envoy CPU | ledger CPU | ledger mean ms | upstream CPU | answers (2xx/4xx/5xx) | check |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
+        "| configuration | req/s | p50 ms | p99 ms | vs bare | added p50 ms | 1 conn: p50 ms | 1 conn: added p50 ms | Envoy CPU | ledger CPU | ledger mean ms | upstream CPU | answers (2xx/4xx/5xx) | check |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
     );
     for row in rows {
         let (ratio, added) = match baseline {
@@ -259,9 +267,15 @@ pub fn table(rows: &[Row], baseline: Option<&Row>) -> String {
         };
         let ledger_mean =
             row.ledger_mean.map_or("–".into(), |mean| format!("{:.3}", millis(mean)));
+        let one_p50 =
+            row.one_connection.map_or("–".into(), |one| format!("{:.3}", millis(one.p50)));
+        let one_added = match (row.one_connection, baseline.and_then(|bare| bare.one_connection)) {
+            (Some(one), Some(bare)) => format!("{:+.3}", millis(one.p50) - millis(bare.p50)),
+            _ => "–".into(),
+        };
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {:.3} | {:.3} | {ratio} | {added} | {} | {} | {ledger_mean} | {} | {ok}/{client}/{server} | {check} |",
+            "| {} | {:.0} | {:.3} | {:.3} | {ratio} | {added} | {one_p50} | {one_added} | {} | {} | {ledger_mean} | {} | {ok}/{client}/{server} | {check} |",
             row.name,
             row.wrk.requests_per_second,
             millis(row.wrk.p50),
@@ -422,6 +436,7 @@ Transfer/sec:      4.08MB
                 upstream: Duration::from_secs(4),
             },
             ledger_mean: None,
+            one_connection: Some(WrkReport { p50: Duration::from_micros(210), ..report }),
             problems: Vec::new(),
             rounds: Vec::new(),
         };
@@ -431,6 +446,7 @@ Transfer/sec:      4.08MB
             name: "paystile".into(),
             wrk: slower,
             ledger_mean: Some(Duration::from_micros(1250)),
+            one_connection: Some(WrkReport { p50: Duration::from_micros(290), ..report }),
             problems: vec!["12 non-2xx".into()],
             ..bare.clone()
         };
@@ -438,7 +454,8 @@ Transfer/sec:      4.08MB
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 4);
         assert!(lines[2].contains("| 1.00 | +0.000 |"), "{}", lines[2]);
-        assert!(lines[3].contains("| 0.50 | +0.250 |"), "{}", lines[3]);
+        assert!(lines[3].contains("| 0.50 | +0.250 | 0.290 | +0.080 |"), "{}", lines[3]);
+        assert!(lines[2].contains("| +0.000 | 0.210 | +0.000 |"), "{}", lines[2]);
         assert!(lines[3].contains("| 1.250 |"), "{}", lines[3]);
         // 9 s of 10 s, and 9 s over 100,318 requests; none for the ledger.
         assert!(lines[2].contains("| 90% · 90 µs | 0% · 0 µs |"), "{}", lines[2]);
@@ -455,6 +472,7 @@ Transfer/sec:      4.08MB
             wall: Duration::from_secs_f64(rate),
             cpu: Cpu::default(),
             ledger_mean: None,
+            one_connection: None,
             problems: problem.into_iter().map(str::to_owned).collect(),
             rounds: Vec::new(),
         };

@@ -7,9 +7,11 @@
 //!
 //! The environment sets the load: `PAYSTILE_BENCH_THREADS` (1), `PAYSTILE_BENCH_CONNECTIONS`
 //! (16), `PAYSTILE_BENCH_SECONDS` (10), `PAYSTILE_BENCH_WARMUP_SECONDS` (3), Envoy's
-//! `PAYSTILE_BENCH_ENVOY_WORKERS` (1), and `PAYSTILE_BENCH_ROUNDS` (3): the rows
-//! are measured in turn that many times and each shows its median run. Arguments name the rows
-//! to run (default: all).
+//! `PAYSTILE_BENCH_ENVOY_WORKERS` (1), the prefetch rows' `ledger.prefetch_holds`
+//! `PAYSTILE_BENCH_PREFETCH_HOLDS` (64), and `PAYSTILE_BENCH_ROUNDS` (3): the rows
+//! are measured in turn that many times and each shows its median run. After each loaded run,
+//! one connection for `PAYSTILE_BENCH_LATENCY_SECONDS` (5; 0: none) measures the latency a
+//! request sees without queueing. Arguments name the rows to run (default: all).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +38,8 @@ const CHALLENGE_MIN_RATIO: f64 = 0.8;
 enum Config {
     Bare,
     JwtAuthn,
+    /// paystile in the chain, on a path no route prices: the filter's fixed cost.
+    Unpriced,
     PayToken,
     L402,
     /// The paid rows again with prefetched holds (`ledger.prefetch_holds`).
@@ -44,13 +48,11 @@ enum Config {
     Challenge,
 }
 
-/// The prefetch rows' `ledger.prefetch_holds`.
-const PREFETCH_HOLDS: u16 = 32;
-
 impl Config {
-    const ALL: [Config; 7] = [
+    const ALL: [Config; 8] = [
         Config::Bare,
         Config::JwtAuthn,
+        Config::Unpriced,
         Config::PayToken,
         Config::L402,
         Config::PayTokenPrefetch,
@@ -62,6 +64,7 @@ impl Config {
     fn key(self) -> &'static str {
         match self {
             Config::Bare => "bare",
+            Config::Unpriced => "unpriced",
             Config::JwtAuthn => "jwt_authn",
             Config::PayToken => "pay_token",
             Config::L402 => "l402",
@@ -74,11 +77,12 @@ impl Config {
     fn title(self) -> &'static str {
         match self {
             Config::Bare => "bare Envoy",
+            Config::Unpriced => "paystile, unpriced route",
             Config::JwtAuthn => "Envoy jwt_authn, HS256 Pay Token",
             Config::PayToken => "paystile, paid Pay Token",
             Config::L402 => "paystile, paid L402",
-            Config::PayTokenPrefetch => "paystile, paid Pay Token, prefetch 32",
-            Config::L402Prefetch => "paystile, paid L402, prefetch 32",
+            Config::PayTokenPrefetch => "paystile, paid Pay Token, prefetched holds",
+            Config::L402Prefetch => "paystile, paid L402, prefetched holds",
             Config::Challenge => "paystile, 402 challenge",
         }
     }
@@ -92,9 +96,9 @@ impl Config {
     }
 
     /// The filter's configuration beside the demo's.
-    fn filter_config(self) -> Value {
+    fn filter_config(self, settings: &Settings) -> Value {
         let prefetch_holds = match self {
-            Config::PayTokenPrefetch | Config::L402Prefetch => PREFETCH_HOLDS,
+            Config::PayTokenPrefetch | Config::L402Prefetch => settings.prefetch_holds,
             _ => 0,
         };
         json!({
@@ -114,7 +118,7 @@ impl Config {
     /// challenges for 402s), which must have answered 200 that often.
     fn ledger_endpoint(self) -> Option<&'static str> {
         match self {
-            Config::Bare | Config::JwtAuthn => None,
+            Config::Bare | Config::JwtAuthn | Config::Unpriced => None,
             Config::PayToken | Config::L402 | Config::PayTokenPrefetch | Config::L402Prefetch => {
                 Some(ledger_api::path::HOLDS)
             }
@@ -153,6 +157,10 @@ fn jwt_authn(token_secret: &str) -> Value {
 
 struct Settings {
     load: Load,
+    /// The one-connection run's length (zero: none).
+    one_connection: Duration,
+    /// The prefetch rows' `ledger.prefetch_holds`.
+    prefetch_holds: u16,
     warmup: Duration,
     envoy_workers: u32,
     rounds: u32,
@@ -184,6 +192,11 @@ impl Settings {
         }
         Ok(Settings {
             load,
+            one_connection: Duration::from_secs(setting("PAYSTILE_BENCH_LATENCY_SECONDS", 5)?),
+            prefetch_holds: match setting("PAYSTILE_BENCH_PREFETCH_HOLDS", 64)? {
+                holds @ 1..=64 => holds as u16,
+                _ => bail!("PAYSTILE_BENCH_PREFETCH_HOLDS must be 1 to 64"),
+            },
             warmup: Duration::from_secs(setting("PAYSTILE_BENCH_WARMUP_SECONDS", 3)?),
             envoy_workers: whole("PAYSTILE_BENCH_ENVOY_WORKERS", 1)?.max(1),
             rounds: whole("PAYSTILE_BENCH_ROUNDS", 3)?.max(1),
@@ -257,12 +270,14 @@ async fn run() -> anyhow::Result<bool> {
     let baseline = rows.iter().find(|(c, _)| *c == Config::Bare).map(|(_, row)| row.clone());
     let table_rows: Vec<Row> = rows.iter().map(|(_, row)| row.clone()).collect();
     println!(
-        "wrk -t{} -c{} -d{}s --latency after a {} s warm-up; Envoy --concurrency {}; {}; load average at the end {}",
+        "wrk -t{} -c{} -d{}s --latency after a {} s warm-up, then -c1 for {} s; Envoy --concurrency {}; prefetched holds: ledger.prefetch_holds {}; {}; load average at the end {}",
         load.threads,
         load.connections,
         load.duration.as_secs(),
         settings.warmup.as_secs(),
+        settings.one_connection.as_secs(),
         settings.envoy_workers,
+        settings.prefetch_holds,
         match settings.rounds {
             1 => "one round".to_owned(),
             n => format!("median of {n} rounds"),
@@ -286,14 +301,27 @@ async fn run() -> anyhow::Result<bool> {
                 .map(|(_, row)| row.wrk.requests_per_second / bare.wrk.requests_per_second)
         };
         for paid in [Config::PayToken, Config::PayTokenPrefetch] {
-            let added_p50 = rows
-                .iter()
-                .find(|(c, _)| *c == paid)
-                .map(|(_, row)| bench::millis(row.wrk.p50) - bench::millis(bare.wrk.p50));
+            let row = rows.iter().find(|(c, _)| *c == paid).map(|(_, row)| row);
+            let added =
+                |p50: Duration, bare_p50: Duration| bench::millis(p50) - bench::millis(bare_p50);
             target(&format!("{} req/s vs bare", paid.title()), ratio(paid), |r| {
                 (r >= PAY_TOKEN_MIN_RATIO, format!("{r:.2} (target ≥ {PAY_TOKEN_MIN_RATIO:.2})"))
             });
-            target(&format!("{} added p50", paid.title()), added_p50, |ms| {
+            // At saturation every row's p50 is mostly its queue (connections / rate): it
+            // restates the rate. The latency target is judged on one connection.
+            let loaded = row.map(|row| added(row.wrk.p50, bare.wrk.p50));
+            if let Some(ms) = loaded {
+                println!(
+                    "- {} added p50 at {} connections: {ms:+.3} ms (the queue at saturation; not judged)",
+                    paid.title(),
+                    load.connections
+                );
+            }
+            let unloaded = row
+                .and_then(|row| row.one_connection)
+                .zip(bare.one_connection)
+                .map(|(one, bare)| added(one.p50, bare.p50));
+            target(&format!("{} added p50 on one connection", paid.title()), unloaded, |ms| {
                 (ms <= ADDED_P50_MAX_MS, format!("{ms:+.3} ms (target ≤ {ADDED_P50_MAX_MS} ms)"))
             });
         }
@@ -331,7 +359,7 @@ async fn measure(config: Config, settings: &Settings, secrets: &Secrets) -> anyh
         ports: Ports::ANY,
         secrets: secrets.clone(),
         dir,
-        filter: config.filter_config(),
+        filter: config.filter_config(settings),
         http_filter: config.http_filter(secrets),
         ledger_args: Vec::new(),
         envoy_workers: settings.envoy_workers,
@@ -341,7 +369,11 @@ async fn measure(config: Config, settings: &Settings, secrets: &Secrets) -> anyh
     let prefix = stack.filter_config["routes"][0]["path_prefix"]
         .as_str()
         .context("envoy.yaml's first route has no path_prefix")?;
-    let url = stack.gateway_url(&format!("{prefix}/oslo"));
+    let url = match config {
+        // Beside every priced route: envoy.yaml prices `/v1/forecast…` and one report.
+        Config::Unpriced => stack.gateway_url("/v1/unpriced/oslo"),
+        _ => stack.gateway_url(&format!("{prefix}/oslo")),
+    };
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
 
     let authorization = credential(config, &stack, &http, &url).await?;
@@ -359,6 +391,13 @@ async fn measure(config: Config, settings: &Settings, secrets: &Secrets) -> anyh
     let wall = started.elapsed();
     let after = Snapshot::take(config, &stack, &http, settings.ticks_per_second).await?;
     probe(config, &http, &url, authorization.as_deref()).await.context("after the run")?;
+    // The latency a request sees when it does not queue behind others.
+    let one_connection = if settings.one_connection.is_zero() {
+        None
+    } else {
+        let load = Load { threads: 1, connections: 1, duration: settings.one_connection };
+        Some(bench::wrk(load, &url, &headers).await?)
+    };
 
     let answers = |i: usize| after.envoy_answers[i].saturating_sub(before.envoy_answers[i]);
     let ledger_answers = after.ledger_answers.saturating_sub(before.ledger_answers);
@@ -377,9 +416,14 @@ async fn measure(config: Config, settings: &Settings, secrets: &Secrets) -> anyh
         _ => None,
     };
     let used = |cpu: fn(&Snapshot) -> Duration| cpu(&after).saturating_sub(cpu(&before));
+    let mut problems = bench::problems(config.expect(), &report, &counted);
+    if let Some(one) = &one_connection {
+        let one_problems = bench::wrk_problems(config.expect(), one);
+        problems.extend(one_problems.into_iter().map(|p| format!("on one connection: {p}")));
+    }
     Ok(Row {
         name: config.title().to_owned(),
-        problems: bench::problems(config.expect(), &report, &counted),
+        problems,
         wrk: report,
         counted,
         wall,
@@ -389,6 +433,7 @@ async fn measure(config: Config, settings: &Settings, secrets: &Secrets) -> anyh
             upstream: used(|s| s.own_cpu),
         },
         ledger_mean,
+        one_connection,
         rounds: Vec::new(),
     })
 }
@@ -406,7 +451,7 @@ async fn credential(
     url: &str,
 ) -> anyhow::Result<Option<String>> {
     match config {
-        Config::Bare | Config::Challenge => Ok(None),
+        Config::Bare | Config::Unpriced | Config::Challenge => Ok(None),
         Config::JwtAuthn | Config::PayToken | Config::PayTokenPrefetch => {
             let service_id = stack.filter_config["service_id"].as_str().unwrap_or_default();
             let token = stack
