@@ -3,7 +3,9 @@
 //! where the 402 takes a challenge from the pool the ticks refill, or with the pool off, where
 //! the ledger mints one for the request; and with Pay Tokens only, where the 402 is answered at
 //! once), a Pay Token paid call and an L402 paid call (each with its share of the settle batch
-//! the next tick sends), and a Pay Token with a bad signature. For every path it reports wasm
+//! the next tick sends; the same credential every call, so after the first the VM's verified
+//! credentials serve it), a Pay Token paid call with a token the VM has not seen (verified in
+//! full), and a Pay Token with a bad signature. For every path it reports wasm
 //! fuel per request (wasmtime charges about one unit per wasm instruction executed, none for
 //! `nop`, `drop`, `block`, `loop` and `end`: a count of guest work that does not depend on the
 //! machine) and wall time per request (the median of several runs of many requests on one VM,
@@ -21,6 +23,7 @@
 //! ```
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -84,15 +87,18 @@ enum Path {
     ChallengeMinted,
     PayTokensOnly402,
     PayTokenPaid,
+    /// Each call with a token the VM has not verified before.
+    PayTokenFirstUse,
     L402Paid,
     BadSignature,
 }
 
-const PATHS: [Path; 6] = [
+const PATHS: [Path; 7] = [
     Path::ChallengePooled,
     Path::ChallengeMinted,
     Path::PayTokensOnly402,
     Path::PayTokenPaid,
+    Path::PayTokenFirstUse,
     Path::L402Paid,
     Path::BadSignature,
 ];
@@ -104,6 +110,7 @@ impl Path {
             Path::ChallengeMinted => "no credential, L402 pool off → 402 (minted for it)",
             Path::PayTokensOnly402 => "no credential, Pay Tokens only → 402",
             Path::PayTokenPaid => "Pay Token paid call → 200",
+            Path::PayTokenFirstUse => "Pay Token paid call, token not seen before → 200",
             Path::L402Paid => "L402 paid call → 200",
             Path::BadSignature => "Pay Token, bad signature → 401",
         }
@@ -244,10 +251,14 @@ impl Script {
                     self.answered_at_once(vm, &mut meter, &self.bad_signature, 401)?
                 }
                 Path::PayTokenPaid => self.paid(vm, &mut meter, &self.pay_token, i)?,
+                Path::PayTokenFirstUse => {
+                    let fresh = get(Some(&bearer_with(TOKEN_SECRET, &unique_token_id())?));
+                    self.paid(vm, &mut meter, &fresh, i)?
+                }
                 Path::L402Paid => self.paid(vm, &mut meter, &self.l402, i)?,
             }
         }
-        if matches!(path, Path::PayTokenPaid | Path::L402Paid) {
+        if matches!(path, Path::PayTokenPaid | Path::PayTokenFirstUse | Path::L402Paid) {
             self.settle(vm, &mut meter)?;
         }
         Ok(meter)
@@ -408,9 +419,19 @@ fn get(authorization: Option<&str>) -> Pairs {
 }
 
 fn bearer(secret: &str) -> anyhow::Result<String> {
+    bearer_with(secret, "tok_bench")
+}
+
+/// A token id no earlier request of the process used.
+fn unique_token_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("tok_bench_{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+fn bearer_with(secret: &str, token_id: &str) -> anyhow::Result<String> {
     let claims = PayTokenClaims {
         sub: "agent".into(),
-        jti: "tok_bench".into(),
+        jti: token_id.into(),
         service_id: Some("weather".into()),
         limit_usdc: "1".parse()?,
         scope: Scope::Single,
