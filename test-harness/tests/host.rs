@@ -711,7 +711,7 @@ fn a_metered_call_commits_the_units_the_upstream_reports() {
 /// A VM that prefetches 4 holds for a hot token, kept up to 1 s.
 fn prefetching_vm(flavor: Flavor) -> Vm {
     let mut config = config(flavor);
-    config["ledger"]["prefetch_holds"] = json!(4);
+    config["ledger"]["prefetch_holds"] = json!(8);
     config["ledger"]["prefetch_max_age_ms"] = json!(1000);
     vm_with(flavor, &config)
 }
@@ -725,12 +725,15 @@ fn hold_with_extras(charge_id: &str, extras: &[&str]) -> Reply {
     )
 }
 
-/// A cold call, then a hot one whose reserve asks for 4 holds and gets `extras`; both answered
-/// 200 and ended. Their commits wait in the settle queue.
-fn warm_up(vm: &mut Vm, flavor: Flavor, extras: &[&str]) {
+/// A cold call, then a hot one whose reserve asks for 8 holds and gets 7 extras named
+/// `<prefix>1` to `<prefix>7`; both answered 200 and ended. Their commits wait in the settle
+/// queue.
+fn warm_up(vm: &mut Vm, flavor: Flavor, prefix: &str) {
+    let extras = extras(prefix);
+    let extras: Vec<&str> = extras.iter().map(String::as_str).collect();
     for (charge_id, count, reply) in [
         ("ch_cold", None, hold("ch_cold")),
-        ("ch_hot", Some(4), hold_with_extras("ch_hot", extras)),
+        ("ch_hot", Some(8), hold_with_extras("ch_hot", &extras)),
     ] {
         let (id, action) = vm.request_headers(get("/v1/forecast", Some(&bearer()))).unwrap();
         assert_eq!(action, Action::Pause);
@@ -745,6 +748,10 @@ fn warm_up(vm: &mut Vm, flavor: Flavor, extras: &[&str]) {
         vm.end(id).unwrap();
         vm.advance(Duration::from_millis(10));
     }
+}
+
+fn extras(prefix: &str) -> Vec<String> {
+    (1..=7).map(|i| format!("{prefix}{i}")).collect()
 }
 
 /// The settle batch the next tick sends, as (charge id, outcome) pairs, acknowledged with
@@ -766,7 +773,7 @@ fn settle_round(vm: &mut Vm, flavor: Flavor, status: &str) -> Vec<(String, Strin
 fn a_hot_tokens_calls_go_on_at_once_on_prefetched_holds_and_commit_on_the_tick() {
     for flavor in FLAVORS {
         let mut vm = prefetching_vm(flavor);
-        warm_up(&mut vm, flavor, &["ch_x1", "ch_x2", "ch_x3"]);
+        warm_up(&mut vm, flavor, "ch_x");
         assert_eq!(settle_round(&mut vm, flavor, "committed").len(), 2);
         for (i, charge_id) in ["ch_x1", "ch_x2", "ch_x3"].into_iter().enumerate() {
             let (id, action) = vm.request_headers(get("/v1/forecast", Some(&bearer()))).unwrap();
@@ -792,10 +799,10 @@ fn a_hot_tokens_calls_go_on_at_once_on_prefetched_holds_and_commit_on_the_tick()
             settle_round(&mut vm, flavor, "committed"),
             expected.map(|(a, b)| (a.to_owned(), b.to_owned()))
         );
-        // The pool is spent: the next call reserves again.
+        // The pool is down to half a batch: the next call reserves the next batch.
         vm.request_headers(get("/v1/forecast", Some(&bearer()))).unwrap();
         let call = one_ledger_call(&mut vm, flavor, "/v1/holds");
-        assert_eq!(call.json()["count"], 4);
+        assert_eq!(call.json()["count"], 8);
         assert!(vm.unimplemented_calls().is_empty(), "{:?}", vm.unimplemented_calls());
     }
 }
@@ -804,14 +811,15 @@ fn a_hot_tokens_calls_go_on_at_once_on_prefetched_holds_and_commit_on_the_tick()
 fn unused_prefetched_holds_are_released_at_their_age_and_a_revoked_token_loses_them() {
     for flavor in FLAVORS {
         let mut vm = prefetching_vm(flavor);
-        warm_up(&mut vm, flavor, &["ch_x1", "ch_x2", "ch_x3"]);
+        warm_up(&mut vm, flavor, "ch_x");
         settle_round(&mut vm, flavor, "committed");
         vm.advance(Duration::from_millis(1000));
         let released = settle_round(&mut vm, flavor, "released");
-        let expected = [("ch_x1", "release"), ("ch_x2", "release"), ("ch_x3", "release")];
-        assert_eq!(released, expected.map(|(a, b)| (a.to_owned(), b.to_owned())), "{flavor:?}");
+        let expected: Vec<_> =
+            extras("ch_x").into_iter().map(|id| (id, "release".into())).collect();
+        assert_eq!(released, expected, "{flavor:?}");
         // Quiet for a second, the token is cold again: warmed up anew.
-        warm_up(&mut vm, flavor, &["ch_y1", "ch_y2", "ch_y3"]);
+        warm_up(&mut vm, flavor, "ch_y");
         settle_round(&mut vm, flavor, "committed");
 
         // The token is revoked: the next commit comes back `revoked`, and the pool goes.
@@ -822,8 +830,9 @@ fn unused_prefetched_holds_are_released_at_their_age_and_a_revoked_token_loses_t
         let revoked = settle_round(&mut vm, flavor, "revoked");
         assert!(revoked.contains(&("ch_y1".to_owned(), "commit".to_owned())), "{revoked:?}");
         let released = settle_round(&mut vm, flavor, "released");
-        let expected = [("ch_y2", "release"), ("ch_y3", "release")];
-        assert_eq!(released, expected.map(|(a, b)| (a.to_owned(), b.to_owned())), "{flavor:?}");
+        let expected: Vec<_> =
+            extras("ch_y").into_iter().skip(1).map(|id| (id, "release".into())).collect();
+        assert_eq!(released, expected, "{flavor:?}");
         let (id, action) = vm.request_headers(get("/v1/forecast", Some(&bearer()))).unwrap();
         assert_eq!(action, Action::Pause, "{flavor:?}: a dropped hold was used");
         let call = one_ledger_call(&mut vm, flavor, "/v1/holds");
