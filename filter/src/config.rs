@@ -215,6 +215,13 @@ pub struct LedgerTarget {
     pub prefetch_max_age_ms: u64,
 }
 
+impl LedgerTarget {
+    /// [`LedgerTarget::timeout`] in milliseconds, the unit of the gate's clocks.
+    pub fn timeout_ms(&self) -> u64 {
+        u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
 /// The statuses of upstream answers that are charged.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Billable {

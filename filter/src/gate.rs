@@ -125,8 +125,7 @@ impl Gate {
         // A cold token asks for one: occasional callers never lock more than a call's worth.
         let hot = prefetched.note_call(&key.token_id, now_ms, ledger.prefetch_max_age_ms);
         let low_water = usize::from(ledger.prefetch_holds / 2);
-        let timeout = u64::try_from(ledger.timeout.as_millis()).unwrap_or(u64::MAX);
-        if hot && prefetched.start_refill(&key, low_water, now_ms, timeout) {
+        if hot && prefetched.start_refill(&key, low_water, now_ms, ledger.timeout_ms()) {
             reserve.count = ledger.prefetch_holds;
             return Plan::Reserve(Some(Prefetch { key, count: reserve.count, at_ms: now_ms }));
         }
@@ -140,7 +139,7 @@ impl Gate {
     /// tick, and again after each refill's reply).
     pub fn next_refill(&self, now_ms: u64) -> Option<Refill> {
         let l402 = self.config.l402.as_ref()?;
-        let timeout = u64::try_from(self.config.ledger.timeout.as_millis()).unwrap_or(u64::MAX);
+        let timeout = self.config.ledger.timeout_ms();
         self.challenges.borrow_mut().next_refill(&l402.offer, now_ms, timeout)
     }
 

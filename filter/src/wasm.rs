@@ -98,7 +98,7 @@ impl RootContext for Root {
         let Some(gate) = self.gate.clone() else { return };
         let ledger = &gate.config().ledger;
         let now = millis(self.get_current_time());
-        let timeout = u64::try_from(ledger.timeout.as_millis()).unwrap_or(u64::MAX);
+        let timeout = ledger.timeout_ms();
         for release in gate.prefetch_releases(now) {
             push(&self.queue, release);
         }

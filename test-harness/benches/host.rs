@@ -293,13 +293,7 @@ impl Script {
             let reply = self.challenge.clone();
             meter.measure(vm, Phase::LedgerReply, |vm| vm.reply(call.token, reply))?;
         }
-        let stream = vm.stream(id).context("no stream")?;
-        let response = stream.local_response.as_ref().context("no local response")?;
-        let challenges = response.headers_named("www-authenticate");
-        ensure!(
-            response.status == 402 && challenges.len() == 2 && challenges[0].starts_with("L402 "),
-            "not a 402 with an L402 challenge: {response:?}"
-        );
+        expect_l402_challenge(vm, id)?;
         self.end(vm, meter, id)
     }
 
@@ -312,13 +306,7 @@ impl Script {
         let call = self.one_call(vm, CHALLENGES)?;
         let reply = self.challenge.clone();
         meter.measure(vm, Phase::LedgerReply, |vm| vm.reply(call.token, reply))?;
-        let stream = vm.stream(id).context("no stream")?;
-        let response = stream.local_response.as_ref().context("no local response")?;
-        let challenges = response.headers_named("www-authenticate");
-        ensure!(
-            response.status == 402 && challenges.len() == 2 && challenges[0].starts_with("L402 "),
-            "not a 402 with an L402 challenge: {response:?}"
-        );
+        expect_l402_challenge(vm, id)?;
         self.end(vm, meter, id)
     }
 
@@ -420,6 +408,18 @@ fn get(authorization: Option<&str>) -> Pairs {
 
 fn bearer(secret: &str) -> anyhow::Result<String> {
     bearer_with(secret, "tok_bench")
+}
+
+/// Checks that stream `id` was answered locally with a 402 carrying an L402 challenge first.
+fn expect_l402_challenge(vm: &Vm, id: u32) -> anyhow::Result<()> {
+    let stream = vm.stream(id).context("no stream")?;
+    let response = stream.local_response.as_ref().context("no local response")?;
+    let challenges = response.headers_named("www-authenticate");
+    ensure!(
+        response.status == 402 && challenges.len() == 2 && challenges[0].starts_with("L402 "),
+        "not a 402 with an L402 challenge: {response:?}"
+    );
+    Ok(())
 }
 
 /// A token id no earlier request of the process used.
