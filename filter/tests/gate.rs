@@ -40,20 +40,7 @@ fn gate() -> Gate {
 }
 
 fn claims() -> PayTokenClaims {
-    PayTokenClaims {
-        sub: "agent-1".into(),
-        jti: "tok_1".into(),
-        service_id: Some("weather".into()),
-        limit_usdc: "0.01".parse().unwrap(),
-        scope: Scope::Single,
-        buyer_tag: None,
-        exp: NOW + 600,
-        iat: Some(NOW),
-        nbf: None,
-        iss: Some("paystile".into()),
-        aud: None,
-        sandbox: false,
-    }
+    support::claims("tok_1", "0.01", NOW)
 }
 
 fn bearer(claims: &PayTokenClaims) -> String {

@@ -402,20 +402,13 @@ fn a_pool_turned_off_or_without_l402_never_refills() {
 
 fn pay_token() -> String {
     use paystile_protocol::jws::Key;
-    use paystile_protocol::pay_token::{self, PayTokenClaims, Scope};
+    use paystile_protocol::pay_token::{self, PayTokenClaims};
     let claims = PayTokenClaims {
         sub: "agent".into(),
-        jti: "tok_1".into(),
-        service_id: Some("weather".into()),
-        limit_usdc: "0.05".parse().unwrap(),
-        scope: Scope::Single,
-        buyer_tag: None,
         exp: NOW + 60,
         iat: None,
-        nbf: None,
         iss: None,
-        aud: None,
-        sandbox: false,
+        ..support::claims("tok_1", "0.05", NOW)
     };
     format!("Bearer {}", pay_token::sign(&claims, &Key::hs256("pay-token-secret-0123456789abcdef")))
 }

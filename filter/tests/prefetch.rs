@@ -8,7 +8,7 @@ use paystile_filter::config::Config;
 use paystile_filter::gate::{Exchange, Gate, HeaderEdit, LedgerReply, RequestAction, RequestHead};
 use paystile_protocol::jws::Key;
 use paystile_protocol::ledger_api::{Outcome, ReserveRequest, Settlement};
-use paystile_protocol::pay_token::{self, PayTokenClaims, Scope};
+use paystile_protocol::pay_token;
 use serde_json::{Value, json};
 use support::{answered, head};
 
@@ -41,21 +41,7 @@ fn gate() -> Gate {
 }
 
 fn bearer(jti: &str) -> String {
-    let claims = PayTokenClaims {
-        sub: "agent-1".into(),
-        jti: jti.into(),
-        service_id: Some("weather".into()),
-        limit_usdc: "1".parse().unwrap(),
-        scope: Scope::Single,
-        buyer_tag: None,
-        exp: NOW + 600,
-        iat: Some(NOW),
-        nbf: None,
-        iss: Some("paystile".into()),
-        aud: None,
-        sandbox: false,
-    };
-    format!("Bearer {}", pay_token::sign(&claims, &Key::hs256(SECRET)))
+    format!("Bearer {}", pay_token::sign(&support::claims(jti, "1", NOW), &Key::hs256(SECRET)))
 }
 
 /// A hold answering a reserve, with `extras` granted beyond it.
