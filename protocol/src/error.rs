@@ -30,6 +30,7 @@ pub enum ErrorCode {
     BadRequest,
     Unauthorized,
     NotFound,
+    MethodNotAllowed,
     Internal,
 }
 
@@ -47,6 +48,7 @@ impl ErrorCode {
             | ErrorCode::DailyLimitExceeded => 402,
             ErrorCode::WrongService => 403,
             ErrorCode::NotFound => 404,
+            ErrorCode::MethodNotAllowed => 405,
             ErrorCode::IdempotencyKeyInUse => 409,
             ErrorCode::TokenRevoked
             | ErrorCode::IdempotencyKeyMismatch
@@ -84,6 +86,7 @@ impl ErrorCode {
             ErrorCode::BadRequest => "Bad request",
             ErrorCode::Unauthorized => "Missing or invalid API key",
             ErrorCode::NotFound => "Not found",
+            ErrorCode::MethodNotAllowed => "Method not allowed",
             ErrorCode::Internal => "Internal error",
         }
     }

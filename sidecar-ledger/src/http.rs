@@ -96,6 +96,8 @@ fn routes(ledger: Arc<Ledger>, minter: Minter, admin_key: ApiKey, gateway_key: A
         .map(|r| r.fallback(not_found))
         .with_state(ledger)
         .merge(l402)
+        // Last, so that it reaches every route (it is set per route, with its `Allow`).
+        .map(|r| r.method_not_allowed_fallback(method_not_allowed))
         .map(|r| r.layer(middleware::from_fn_with_state(timed, telemetry::time_requests)))
 }
 
@@ -185,6 +187,13 @@ async fn not_found() -> ApiError {
     ApiError(ErrorBody::with_message(ErrorCode::NotFound, "no such endpoint"))
 }
 
+async fn method_not_allowed() -> ApiError {
+    ApiError(ErrorBody::with_message(
+        ErrorCode::MethodNotAllowed,
+        "this endpoint does not take that method (see Allow)",
+    ))
+}
+
 async fn issue_token(
     State(ledger): State<Arc<Ledger>>,
     ApiJson(request): ApiJson<IssueTokenRequest>,
@@ -261,12 +270,43 @@ async fn charges(
     ApiQuery(query): ApiQuery<ChargeQuery>,
 ) -> Result<Response, ApiError> {
     let page = ledger.charges(query).await?;
-    let wants_csv = headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .any(|accept| accept.contains("text/csv"));
-    Ok(if wants_csv { csv_response(page) } else { Json(page).into_response() })
+    Ok(if prefers_csv(&headers) { csv_response(page) } else { Json(page).into_response() })
+}
+
+/// Whether `Accept` ranks `text/csv` above JSON (RFC 9110 §12.5.1): CSV must be acceptable
+/// (q > 0) and strictly preferred; a tie, or no `Accept`, answers JSON.
+fn prefers_csv(headers: &HeaderMap) -> bool {
+    let (mut csv, mut json) = (0, 0);
+    let ranges = headers.get_all(header::ACCEPT).into_iter().filter_map(|v| v.to_str().ok());
+    for range in ranges.flat_map(|value| value.split(',')) {
+        let mut parts = range.split(';');
+        let media = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
+        let Some(q) = parts.find_map(|p| p.trim().strip_prefix("q=")).map_or(Some(1000), quality)
+        else {
+            continue;
+        };
+        match media.as_str() {
+            "text/csv" | "text/*" => csv = csv.max(q),
+            "application/json" | "application/*" => json = json.max(q),
+            "*/*" => (csv, json) = (csv.max(q), json.max(q)),
+            _ => {}
+        }
+    }
+    csv > 0 && csv > json
+}
+
+/// A q-value in thousandths (`0.5` is 500); `None` if it is not one.
+fn quality(q: &str) -> Option<u16> {
+    let (whole, fraction) = q.split_once('.').unwrap_or((q, ""));
+    if fraction.len() > 3 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let thousandths = format!("{fraction:0<3}").parse::<u16>().ok()?;
+    match whole {
+        "0" => Some(thousandths),
+        "1" if thousandths == 0 => Some(1000),
+        _ => None,
+    }
 }
 
 async fn charges_csv(

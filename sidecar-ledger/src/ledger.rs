@@ -542,6 +542,11 @@ pub(crate) fn check_id(field: &str, value: &str) -> Result<(), LedgerError> {
     if value.is_empty() {
         return Err(LedgerError::Invalid(format!("{field} must not be empty")));
     }
+    // Ids are path segments of the admin API (`/v1/tokens/{id}`), where `.` and `..` are
+    // resolved away by clients and proxies: such a token could never be shown or revoked.
+    if value == "." || value == ".." {
+        return Err(LedgerError::Invalid(format!("{field} must not be `.` or `..`")));
+    }
     check_len(field, value)
 }
 

@@ -464,6 +464,7 @@ async fn bad_requests_get_400_with_a_message_and_change_nothing(store: Backend) 
         (r#"{"serviceId":"s","limitUsdc":"99999999999999999999","buyerId":"b"}"#, "too large"),
         (r#"{"serviceId":"s","limitUsdc":"0","buyerId":"b"}"#, "greater than 0"),
         (r#"{"serviceId":"","limitUsdc":"1","buyerId":"b"}"#, "serviceId must not be empty"),
+        (r#"{"serviceId":"s","limitUsdc":"1","buyerId":".."}"#, "buyerId must not be `.` or `..`"),
         (
             r#"{"serviceId":"s","limitUsdc":"1","buyerId":"b","ttlSeconds":5,"expiresAt":"2030-01-01T00:00:00Z"}"#,
             "at most one",
@@ -491,6 +492,7 @@ async fn bad_requests_get_400_with_a_message_and_change_nothing(store: Backend) 
         (reserve_body(&issued.token_id, "1", "0"), "priceUsdc must be greater than 0"),
         (reserve_body(&issued.token_id, "1", "0.0000001"), "more than 6 decimals"),
         (reserve_body("", "1", "0.1"), "token.tokenId must not be empty"),
+        (reserve_body(".", "1", "0.1"), "token.tokenId must not be `.` or `..`"),
         (with_key(valid.clone(), "", 'a'), "idempotency.key"),
         (with_key(valid.clone(), &"k".repeat(256), 'a'), "idempotency.key"),
         (bad_fingerprint, "fingerprint"),
@@ -1669,6 +1671,20 @@ mod journal {
         let (status, headers, accepted) = ledger.get("/v1/charges", Some("text/csv")).await;
         assert_eq!((status, accepted.as_str()), (200, csv.as_str()));
         assert!(headers.get("x-next-cursor").is_none());
+        // Only when CSV is acceptable and preferred over JSON (q-values; a tie is JSON).
+        for (accept, wants_csv) in [
+            ("application/json;q=0.5, text/csv", true),
+            ("TEXT/CSV; q=0.9, */*;q=0.1", true),
+            ("text/csv;q=0", false),
+            ("text/csv;q=0.2, application/json", false),
+            ("application/json, text/csv", false),
+            ("*/*", false),
+            ("text/csv;q=2", false),
+        ] {
+            let (_, headers, _) = ledger.get("/v1/charges", Some(accept)).await;
+            let csv_answer = headers["content-type"].to_str().unwrap().starts_with("text/csv");
+            assert_eq!(csv_answer, wants_csv, "Accept: {accept}");
+        }
         let (_, headers, first) = ledger.get("/v1/charges.csv?limit=1", None).await;
         assert_eq!(first.split_terminator("\r\n").count(), 2);
         let cursor = headers["x-next-cursor"].to_str().unwrap();
@@ -1929,6 +1945,20 @@ mod operability {
             }
         }
         assert_eq!(operations, 19);
+        // A known path with a method it does not take: 405, its methods, and a JSON body.
+        for (method, path, allow) in [
+            (reqwest::Method::DELETE, "/v1/charges", "GET,HEAD"),
+            (reqwest::Method::GET, "/v1/holds", "POST"),
+            (reqwest::Method::PATCH, "/healthz", "GET,HEAD"),
+        ] {
+            let request = ledger.http.request(method.clone(), url(path)).bearer_auth(ADMIN_KEY);
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 405, "{method} {path}");
+            assert_eq!(response.headers()["allow"], allow, "{method} {path}");
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["code"], "method_not_allowed", "{method} {path}");
+            assert!(body["error"].as_str().unwrap().contains("Allow"), "{body}");
+        }
     }
 
     /// An id in a path that cannot be one (a control character, bytes that are not UTF-8)
