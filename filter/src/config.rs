@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use paystile_protocol::jws::Key;
 use paystile_protocol::ledger_api::{ChallengeRequest, MAX_HOLDS_PER_RESERVE};
-use paystile_protocol::pay_token::{MAX_ID_LEN, Validation};
+use paystile_protocol::pay_token::{self, IdProblem, MAX_ID_LEN, Validation};
 use paystile_protocol::{UnitPrice, Usdc};
 use serde::Deserialize;
 
@@ -636,10 +636,12 @@ fn objects_where_expected(config: &serde_json::Value) -> Result<(), ConfigError>
 }
 
 fn check_id(field: &str, id: &str) -> Result<(), ConfigError> {
-    if id.is_empty() || id.len() > MAX_ID_LEN {
-        return Err(invalid(field, format!("must be 1 to {MAX_ID_LEN} bytes")));
-    }
-    Ok(())
+    pay_token::check_id(id).map_err(|problem| match problem {
+        IdProblem::Empty | IdProblem::TooLong => {
+            invalid(field, format!("must be 1 to {MAX_ID_LEN} bytes"))
+        }
+        other => invalid(field, other.to_string()),
+    })
 }
 
 fn validate_route(field: &str, route: RawRoute) -> Result<Route, ConfigError> {
@@ -891,6 +893,7 @@ mod tests {
                 "ledger.…: unknown field `…`, expected one of",
             ),
             (with(|c| c["service_id"] = json!("")), "service_id: must be 1 to 255 bytes"),
+            (with(|c| c["service_id"] = json!("..")), "service_id: must not be `.` or `..`"),
             (with(|c| c["routes"] = json!([])), "routes: list at least one route"),
             (
                 with(|c| c["routes"][1]["price_usdc"] = json!("0.0000001")),

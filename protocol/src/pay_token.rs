@@ -16,6 +16,45 @@ use crate::money::Usdc;
 /// The longest token id, buyer id, service id or buyer tag accepted.
 pub const MAX_ID_LEN: usize = 255;
 
+/// Why a string cannot be a token, buyer or service id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdProblem {
+    Empty,
+    TooLong,
+    /// `.` or `..`: ids are path segments of the ledger's admin API (`/v1/tokens/{id}`),
+    /// where clients and proxies resolve these away, so such a token could never be shown
+    /// or revoked.
+    DotSegment,
+    /// Ids end up in logs and CSV, and PostgreSQL's text cannot hold NUL at all.
+    ControlCharacter,
+}
+
+impl fmt::Display for IdProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IdProblem::Empty => f.write_str("must not be empty"),
+            IdProblem::TooLong => write!(f, "is longer than {MAX_ID_LEN} bytes"),
+            IdProblem::DotSegment => f.write_str("must not be `.` or `..`"),
+            IdProblem::ControlCharacter => f.write_str("must not contain control characters"),
+        }
+    }
+}
+
+/// The one rule for ids, shared by the filter (claims, configuration) and the ledger.
+pub fn check_id(id: &str) -> Result<(), IdProblem> {
+    if id.is_empty() {
+        Err(IdProblem::Empty)
+    } else if id.len() > MAX_ID_LEN {
+        Err(IdProblem::TooLong)
+    } else if id == "." || id == ".." {
+        Err(IdProblem::DotSegment)
+    } else if id.chars().any(char::is_control) {
+        Err(IdProblem::ControlCharacter)
+    } else {
+        Ok(())
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Scope {
@@ -83,7 +122,7 @@ impl PayTokenClaims {
     }
 
     fn check_shape(&self) -> Result<(), PayTokenError> {
-        let id_ok = |id: &str| !id.is_empty() && id.len() <= MAX_ID_LEN;
+        let id_ok = |id: &str| check_id(id).is_ok();
         if !id_ok(&self.sub) || !id_ok(&self.jti) {
             return Err(PayTokenError::InvalidClaims);
         }
@@ -284,6 +323,8 @@ mod tests {
             r#"{"sub":"b","jti":"t","serviceId":"s","limitUsdc":0.5,"exp":1900000000}"#,
             r#"{"sub":"b","jti":"t","serviceId":"s","limitUsdc":"5","exp":1.9e9}"#,
             r#"{"sub":"","jti":"t","serviceId":"s","limitUsdc":"5","exp":1900000000}"#,
+            r#"{"sub":"b","jti":"..","serviceId":"s","limitUsdc":"5","exp":1900000000}"#,
+            r#"{"sub":"b","jti":"t\u0000","serviceId":"s","limitUsdc":"5","exp":1900000000}"#,
             r#"{"sub":"b","jti":"t","serviceId":"s","limitUsdc":"5","exp":1900000000,"scope":"SOME"}"#,
             r#"{"sub":"b","sub":"c","jti":"t","serviceId":"s","limitUsdc":"5","exp":1900000000}"#,
             r#"[]"#,

@@ -12,7 +12,7 @@ use paystile_protocol::ledger_api::{
     DepositRequest, IssueTokenRequest, IssuedToken, MAX_HOLDS_PER_RESERVE, Outcome, ReserveRequest,
     SetTierRequest, SettleRequest, SettleResponse, TokenGrant, TokenView,
 };
-use paystile_protocol::pay_token::{self, Audience, MAX_ID_LEN, PayTokenClaims, Scope};
+use paystile_protocol::pay_token::{self, Audience, IdProblem, PayTokenClaims, Scope};
 use paystile_protocol::{ErrorBody, Usdc};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -98,7 +98,7 @@ impl Ledger {
         check_id("serviceId", &request.service_id)?;
         check_id("buyerId", &request.buyer_id)?;
         if let Some(tag) = &request.buyer_tag {
-            check_len("buyerTag", tag)?;
+            check_tag("buyerTag", tag)?;
         }
         if request.limit_usdc.is_zero() {
             return Err(LedgerError::Invalid("limitUsdc must be greater than 0".into()));
@@ -138,7 +138,7 @@ impl Ledger {
             check_id("serviceId", service)?;
         }
         if let Some(tag) = &request.buyer_tag {
-            check_len("buyerTag", tag)?;
+            check_tag("buyerTag", tag)?;
         }
         if request.limit_usdc.is_zero() {
             return Err(LedgerError::Invalid("limitUsdc must be greater than 0".into()));
@@ -327,7 +327,7 @@ impl Ledger {
             check_id("token.serviceId", service)?;
         }
         if let Some(tag) = &token.buyer_tag {
-            check_len("token.buyerTag", tag)?;
+            check_tag("token.buyerTag", tag)?;
         }
         if token.expires_at > MAX_EXPIRY_SECONDS {
             return Err(LedgerError::Invalid("token.expiresAt is out of range".into()));
@@ -527,27 +527,17 @@ fn check_account_id(buyer_id: &str) -> Result<(), LedgerError> {
     Ok(())
 }
 
-fn check_len(field: &str, value: &str) -> Result<(), LedgerError> {
-    if value.len() > MAX_ID_LEN {
-        return Err(LedgerError::Invalid(format!("{field} is longer than {MAX_ID_LEN} bytes")));
+/// A buyer tag follows the rule for ids, but may be empty, `.` or `..`: it is never a path
+/// segment.
+fn check_tag(field: &str, value: &str) -> Result<(), LedgerError> {
+    match pay_token::check_id(value) {
+        Ok(()) | Err(IdProblem::Empty | IdProblem::DotSegment) => Ok(()),
+        Err(problem) => Err(LedgerError::Invalid(format!("{field} {problem}"))),
     }
-    // Ids end up in logs and CSV, and PostgreSQL's text cannot hold NUL at all.
-    if value.chars().any(char::is_control) {
-        return Err(LedgerError::Invalid(format!("{field} must not contain control characters")));
-    }
-    Ok(())
 }
 
 pub(crate) fn check_id(field: &str, value: &str) -> Result<(), LedgerError> {
-    if value.is_empty() {
-        return Err(LedgerError::Invalid(format!("{field} must not be empty")));
-    }
-    // Ids are path segments of the admin API (`/v1/tokens/{id}`), where `.` and `..` are
-    // resolved away by clients and proxies: such a token could never be shown or revoked.
-    if value == "." || value == ".." {
-        return Err(LedgerError::Invalid(format!("{field} must not be `.` or `..`")));
-    }
-    check_len(field, value)
+    pay_token::check_id(value).map_err(|problem| LedgerError::Invalid(format!("{field} {problem}")))
 }
 
 /// `<prefix>_<128 random bits in hex>`.
