@@ -55,6 +55,15 @@ pub fn check_id(id: &str) -> Result<(), IdProblem> {
     }
 }
 
+/// The rule for a buyer tag (the buyer's own label): an id's, except that it may be empty or
+/// a dot segment, since it is never a path segment.
+pub fn check_tag(tag: &str) -> Result<(), IdProblem> {
+    match check_id(tag) {
+        Err(IdProblem::Empty | IdProblem::DotSegment) => Ok(()),
+        checked => checked,
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Scope {
@@ -127,7 +136,7 @@ impl PayTokenClaims {
             return Err(PayTokenError::InvalidClaims);
         }
         if self.service_id.as_deref().is_some_and(|s| !id_ok(s))
-            || self.buyer_tag.as_deref().is_some_and(|t| t.len() > MAX_ID_LEN)
+            || self.buyer_tag.as_deref().is_some_and(|t| check_tag(t).is_err())
         {
             return Err(PayTokenError::InvalidClaims);
         }
@@ -326,6 +335,7 @@ mod tests {
             r#"{"sub":"b","jti":"..","serviceId":"s","limitUsdc":"5","exp":1900000000}"#,
             r#"{"sub":"b","jti":"t\u0000","serviceId":"s","limitUsdc":"5","exp":1900000000}"#,
             r#"{"sub":"b","jti":"t","serviceId":"s","limitUsdc":"5","exp":1900000000,"scope":"SOME"}"#,
+            r#"{"sub":"b","jti":"t","serviceId":"s","limitUsdc":"5","exp":1900000000,"buyerTag":"a\nb"}"#,
             r#"{"sub":"b","sub":"c","jti":"t","serviceId":"s","limitUsdc":"5","exp":1900000000}"#,
             r#"[]"#,
             "not json",

@@ -12,7 +12,7 @@ use paystile_protocol::ledger_api::{
     DepositRequest, IssueTokenRequest, IssuedToken, MAX_HOLDS_PER_RESERVE, Outcome, ReserveRequest,
     SetTierRequest, SettleRequest, SettleResponse, TokenGrant, TokenView,
 };
-use paystile_protocol::pay_token::{self, Audience, IdProblem, PayTokenClaims, Scope};
+use paystile_protocol::pay_token::{self, Audience, PayTokenClaims, Scope};
 use paystile_protocol::{ErrorBody, Usdc};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -530,10 +530,8 @@ fn check_account_id(buyer_id: &str) -> Result<(), LedgerError> {
 /// A buyer tag follows the rule for ids, but may be empty, `.` or `..`: it is never a path
 /// segment.
 fn check_tag(field: &str, value: &str) -> Result<(), LedgerError> {
-    match pay_token::check_id(value) {
-        Ok(()) | Err(IdProblem::Empty | IdProblem::DotSegment) => Ok(()),
-        Err(problem) => Err(LedgerError::Invalid(format!("{field} {problem}"))),
-    }
+    pay_token::check_tag(value)
+        .map_err(|problem| LedgerError::Invalid(format!("{field} {problem}")))
 }
 
 pub(crate) fn check_id(field: &str, value: &str) -> Result<(), LedgerError> {
