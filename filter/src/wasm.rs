@@ -96,19 +96,11 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let Some(gate) = self.gate.clone() else { return };
-        let ledger = &gate.config().ledger;
         let now = millis(self.get_current_time());
-        let timeout = ledger.timeout_ms();
         for release in gate.prefetch_releases(now) {
             push(&self.queue, release);
         }
-        let batch = self.queue.borrow_mut().next_batch(now, timeout);
-        if let Some(batch) = batch {
-            match dispatch(self, ledger, &batch.call) {
-                Some(token) => self.settling = Some((token, batch.id)),
-                None => self.queue.borrow_mut().on_send_failed(batch.id, now),
-            }
-        }
+        self.settle(&gate.config().ledger, now);
         self.refill(&gate, now);
     }
 
@@ -126,6 +118,17 @@ impl RootContext for Root {
 }
 
 impl Root {
+    /// Sends the next settle batch, if one is due.
+    fn settle(&mut self, ledger: &LedgerTarget, now: u64) {
+        let Some(batch) = self.queue.borrow_mut().next_batch(now, ledger.timeout_ms()) else {
+            return;
+        };
+        match dispatch(self, ledger, &batch.call) {
+            Some(token) => self.settling = Some((token, batch.id)),
+            None => self.queue.borrow_mut().on_send_failed(batch.id, now),
+        }
+    }
+
     /// Sends the challenge pool's refill, if one is due.
     fn refill(&mut self, gate: &Gate, now: u64) {
         let Some(refill) = gate.next_refill(now) else { return };
@@ -189,6 +192,12 @@ impl Context for Root {
                     "paystile: the ledger refused a batch of {settlements} settlements as malformed"
                 );
             }
+        }
+        // A backlog goes on at once (a failed batch still waits for its backoff).
+        if self.queue.borrow().backlogged()
+            && let Some(gate) = self.gate.clone()
+        {
+            self.settle(&gate.config().ledger, now);
         }
     }
 }

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use paystile_filter::settle::MAX_BATCH;
 use paystile_harness::host::{Action, Dispatch, Flavor, LEDGER_CLUSTER, Reply, Vm, pairs};
 use paystile_protocol::jws::Key;
 use paystile_protocol::l402::{self, Identifier, Offer};
@@ -174,6 +175,41 @@ fn a_paid_call_holds_forwards_reports_and_commits_on_the_next_tick() {
         vm.tick().unwrap();
         assert!(vm.take_dispatches().is_empty(), "an acknowledged batch is not sent again");
         assert!(vm.unimplemented_calls().is_empty(), "{:?}", vm.unimplemented_calls());
+    }
+}
+
+#[test]
+fn a_settle_backlog_goes_out_batch_after_batch_not_one_batch_a_tick() {
+    for flavor in FLAVORS {
+        let mut vm = vm(flavor);
+        let bearer = bearer();
+        let calls = 2 * MAX_BATCH + 20;
+        for n in 0..calls {
+            let id = admitted(&mut vm, flavor, &bearer, &format!("ch_{n}"));
+            vm.response_headers(id, pairs(&[(":status", "200")])).unwrap();
+            vm.end(id).unwrap();
+        }
+        let mut sent = Vec::new();
+        let mut settle = |vm: &mut Vm| {
+            let call = one_ledger_call(vm, flavor, "/v1/holds/settle");
+            let ids: Vec<String> = call.json()["settlements"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["chargeId"].as_str().unwrap().to_owned())
+                .collect();
+            let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+            vm.reply(call.token, settled(&refs)).unwrap();
+            sent.push(ids.len());
+        };
+        vm.tick().unwrap();
+        settle(&mut vm);
+        // No tick in between: a full batch waiting goes as soon as the last is acknowledged.
+        settle(&mut vm);
+        assert!(vm.take_dispatches().is_empty(), "{flavor:?}: 20 waiting go with the tick");
+        vm.tick().unwrap();
+        settle(&mut vm);
+        assert_eq!(sent, [MAX_BATCH, MAX_BATCH, 20], "{flavor:?}");
     }
 }
 
