@@ -14,6 +14,7 @@ use tempfile::TempDir;
 
 use crate::paths;
 use crate::stack::{HttpFilter, Ports, Secrets, Stack, StackOptions};
+use crate::upstream::UpstreamMode;
 
 /// How long settlement (commits sent from the filter's tick) may take to reach the ledger.
 const SETTLE_DEADLINE: Duration = Duration::from_secs(15);
@@ -90,6 +91,7 @@ impl TestStack {
             ledger_args: ledger_args.iter().map(|a| (*a).to_owned()).collect(),
             envoy_workers: 2,
             verbose_logs,
+            upstream: UpstreamMode::Echo,
         })
         .await?;
         let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build()?;

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::envoy::{EnvoyConfig, EnvoyProcess};
 use crate::paths;
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamMode};
 
 /// The cluster names in `envoy-config/envoy.yaml`.
 const UPSTREAM_CLUSTER: &str = "demo_upstream";
@@ -80,6 +80,8 @@ pub struct StackOptions {
     /// `RUST_LOG=trace` for the ledger), for tests that read the logs; Envoy's own
     /// components stay at warning.
     pub verbose_logs: bool,
+    /// How the demo upstream answers.
+    pub upstream: UpstreamMode,
 }
 
 /// The HTTP filter in front of Envoy's router. Benchmarks compare the paystile filter with
@@ -144,10 +146,11 @@ impl Stack {
         std::fs::create_dir_all(dir)?;
         let localhost = |port| SocketAddr::from(([127, 0, 0, 1], port));
 
-        let upstream =
-            Upstream::start(localhost(options.ports.upstream)).await.with_context(|| {
-                format!("cannot start the demo upstream on port {}", options.ports.upstream)
-            })?;
+        let upstream = Upstream::start(localhost(options.ports.upstream), options.upstream)
+            .await
+            .with_context(|| {
+            format!("cannot start the demo upstream on port {}", options.ports.upstream)
+        })?;
 
         let database = dir.join("ledger.db");
         let mut envs: Vec<(String, String)> = vec![

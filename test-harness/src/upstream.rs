@@ -1,8 +1,9 @@
-//! The demo API behind the gateway, also the tests' upstream. It answers every request with
-//! what reached it (so a caller sees the `x-charge-id` it got, and that `authorization` did
-//! not arrive), and records each request for tests.
+//! The demo API behind the gateway, also the tests' and the benchmark's upstream.
 //!
-//! `/status/<code>` anywhere in a path answers with that status; `?delay_ms=<n>` waits first.
+//! As the demo's and the tests' upstream ([`UpstreamMode::Echo`]) it answers every request with
+//! what reached it (so a caller sees the `x-charge-id` it got, and that `authorization` did
+//! not arrive), and records each request for tests. `/status/<code>` anywhere in a path
+//! answers with that status; `?delay_ms=<n>` waits first.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -28,6 +29,19 @@ pub struct SeenRequest {
 
 type Seen = Arc<Mutex<Vec<SeenRequest>>>;
 
+/// How the upstream answers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum UpstreamMode {
+    /// Each request echoed as JSON, and recorded (the demo, the tests).
+    Echo,
+    /// 200 with [`FIXED_BODY`], nothing recorded: the benchmark's upstream, as cheap as an API
+    /// can be, so that what a row measures is the gateway in front of it.
+    Fixed,
+}
+
+/// The body of every [`UpstreamMode::Fixed`] answer.
+pub const FIXED_BODY: &str = r#"{"city":"oslo","forecast":"rain","celsius":"7.5"}"#;
+
 /// The running upstream; stops when dropped.
 pub struct Upstream {
     address: SocketAddr,
@@ -36,11 +50,14 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub async fn start(listen: SocketAddr) -> anyhow::Result<Upstream> {
+    pub async fn start(listen: SocketAddr, mode: UpstreamMode) -> anyhow::Result<Upstream> {
         let listener = TcpListener::bind(listen).await?;
         let address = listener.local_addr()?;
         let seen = Seen::default();
-        let app = Router::new().fallback(answer).with_state(seen.clone());
+        let app = match mode {
+            UpstreamMode::Echo => Router::new().fallback(echo).with_state(seen.clone()),
+            UpstreamMode::Fixed => Router::new().fallback(fixed),
+        };
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -63,7 +80,11 @@ impl Drop for Upstream {
     }
 }
 
-async fn answer(State(seen): State<Seen>, request: Request) -> Response {
+async fn fixed() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], FIXED_BODY).into_response()
+}
+
+async fn echo(State(seen): State<Seen>, request: Request) -> Response {
     let mut headers = BTreeMap::new();
     for (name, value) in request.headers() {
         let value = String::from_utf8_lossy(value.as_bytes()).into_owned();

@@ -24,6 +24,7 @@ use paystile_harness::bench::{self, Counted, Cpu, Expect, Load, Row};
 use paystile_harness::e2e;
 use paystile_harness::paths;
 use paystile_harness::stack::{HttpFilter, Ports, Secrets, Stack, StackOptions};
+use paystile_harness::upstream::{FIXED_BODY, UpstreamMode};
 use paystile_protocol::ledger_api::{self, IssueTokenRequest};
 use serde_json::{Value, json};
 
@@ -364,6 +365,7 @@ async fn measure(config: Config, settings: &Settings, secrets: &Secrets) -> anyh
         ledger_args: Vec::new(),
         envoy_workers: settings.envoy_workers,
         verbose_logs: false,
+        upstream: UpstreamMode::Fixed,
     })
     .await?;
     let prefix = stack.filter_config["routes"][0]["path_prefix"]
@@ -493,7 +495,8 @@ async fn probe(
     }
     let answer = e2e::read(request.send().await?).await?;
     let expected = match config.expect() {
-        Expect::Success => answer.status == 200,
+        // The upstream's answer, not one of the gateway's.
+        Expect::Success => answer.status == 200 && answer.text == FIXED_BODY,
         Expect::PaymentRequired => answer.status == 402 && answer.l402_challenge().is_some(),
     };
     if !expected {

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use paystile_harness::paths;
 use paystile_harness::stack::{HttpFilter, Ports, Secrets, Stack, StackOptions, random_key};
+use paystile_harness::upstream::UpstreamMode;
 use paystile_protocol::ledger_api::IssueTokenRequest;
 
 #[tokio::main]
@@ -42,6 +43,7 @@ async fn run() -> anyhow::Result<()> {
         ledger_args: Vec::new(),
         envoy_workers: 2,
         verbose_logs: false,
+        upstream: UpstreamMode::Echo,
     })
     .await?;
 
