@@ -2,8 +2,8 @@
 //! each on a fresh stack of the same upstream, release ledger and Envoy flags, where only the
 //! HTTP filter before Envoy's router changes: none (bare Envoy), Envoy's own `jwt_authn` on a
 //! Pay Token, or paystile (paid Pay Token calls, paid L402 calls, each without and with
-//! prefetched holds, 402 challenges). Loads each with wrk at fixed threads and connections
-//! after a warm-up, and prints one Markdown table.
+//! prefetched holds, 402 challenges with L402 on and with Pay Tokens only). Loads each with
+//! wrk at fixed threads and connections after a warm-up, and prints one Markdown table.
 //!
 //! The environment sets the load: `PAYSTILE_BENCH_THREADS` (1), `PAYSTILE_BENCH_CONNECTIONS`
 //! (16), `PAYSTILE_BENCH_SECONDS` (10), `PAYSTILE_BENCH_WARMUP_SECONDS` (3), Envoy's
