@@ -9,9 +9,10 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use paystile_filter::config::Config;
-use paystile_filter::gate::{Exchange, Gate, LedgerReply, RequestAction, RequestHead};
+use paystile_filter::gate::{Exchange, Gate, RequestAction, RequestHead};
+use paystile_filter::ledger::LedgerReply;
 use paystile_filter::pool::{MAX_BATCH, RefillOutcome};
-use paystile_protocol::jws::Key;
+use paystile_protocol::jws::SigningKey;
 use paystile_protocol::l402::{self, Identifier, Offer};
 use paystile_protocol::pay_token::{self, PayTokenClaims, Scope};
 use sha2::{Digest, Sha256};
@@ -48,7 +49,7 @@ fn pay_token() -> String {
         aud: None,
         sandbox: false,
     };
-    format!("Bearer {}", pay_token::sign(&claims, &Key::hs256(TOKEN_SECRET)))
+    format!("Bearer {}", pay_token::sign(&claims, &SigningKey::hs256(TOKEN_SECRET)))
 }
 
 fn l402_credential() -> String {

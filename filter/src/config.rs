@@ -5,11 +5,16 @@
 use std::fmt;
 use std::time::Duration;
 
+use paystile_protocol::credential::{L402Rules, PayTokenRules, Verifier};
+use paystile_protocol::jwk::Jwk;
 use paystile_protocol::jws::Key;
 use paystile_protocol::ledger_api::{ChallengeRequest, MAX_HOLDS_PER_RESERVE};
 use paystile_protocol::pay_token::{self, IdProblem, MAX_ID_LEN, Validation};
 use paystile_protocol::{UnitPrice, Usdc};
 use serde::Deserialize;
+
+use crate::ledger::LedgerTarget;
+use crate::routes::{self, Metered, PathMatch, Route};
 
 /// What the gateway's JSON says, before validation.
 #[derive(Deserialize)]
@@ -84,14 +89,29 @@ struct RawPayToken {
     accept_sandbox: bool,
 }
 
+/// A Pay Token key: an HS256 secret (`alg`, `secret`), or an Ed25519 public key as a JWK
+/// (`kty`, `crv`, `x`, and optionally `alg`, `use`), as the ledger's key set publishes it.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename = "a key")]
 struct RawKey {
     #[serde(default)]
     kid: Option<String>,
-    alg: String,
-    /// The key's bytes, as UTF-8 text.
-    secret: String,
+    #[serde(default)]
+    alg: Option<String>,
+    /// HS256: the key's bytes, as UTF-8 text.
+    #[serde(default)]
+    secret: Option<String>,
+    #[serde(default)]
+    kty: Option<String>,
+    #[serde(default)]
+    crv: Option<String>,
+    #[serde(default)]
+    x: Option<String>,
+    #[serde(default, rename = "use")]
+    use_: Option<String>,
+    /// A private JWK's `d`: refused, never read (a gateway must not be able to sign).
+    #[serde(default)]
+    d: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Deserialize)]
@@ -124,104 +144,6 @@ pub enum FailureMode {
     Open,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PathMatch {
-    Exact(String),
-    Prefix(String),
-}
-
-/// A priced (or, at price 0, explicitly free) route. The first route that matches decides.
-///
-/// Matching errs towards charging, because upstreams are forgiving: many route `/a/` and
-/// `/a;x` like `/a`, match paths regardless of case, and run a GET handler for HEAD. So the
-/// path is compared without `;` parameters, ignoring ASCII case, exact paths ignore
-/// trailing slashes, and a route priced for GET prices HEAD too.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Route {
-    pub path: PathMatch,
-    /// Upper-case methods; `None` matches every method.
-    pub methods: Option<Vec<String>>,
-    /// What a call holds: its price, or a metered route's maximum.
-    pub price: Usdc,
-    /// Priced by usage: the hold is committed in part, for the units the upstream reports.
-    pub metered: Option<Metered>,
-    /// What an L402 macaroon restricted to capabilities must grant to call this route.
-    pub capability: Option<String>,
-}
-
-/// How a metered route charges: `units × unit_price` (rounded up to a micro-USDC, capped at
-/// the route's maximum), the units read from the upstream's `units_header`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Metered {
-    pub unit_price: UnitPrice,
-    /// Lower case, as hosts hand header names over.
-    pub units_header: String,
-}
-
-impl Route {
-    /// `path` is a [`route_path`].
-    fn matches(&self, method: &[u8], path: &[u8]) -> bool {
-        let path_matches = match &self.path {
-            PathMatch::Exact(exact) => {
-                trim_slashes(path).eq_ignore_ascii_case(trim_slashes(exact.as_bytes()))
-            }
-            PathMatch::Prefix(prefix) => path
-                .get(..prefix.len())
-                .is_some_and(|start| start.eq_ignore_ascii_case(prefix.as_bytes())),
-        };
-        let method_matches = |m: &String| {
-            m.as_bytes().eq_ignore_ascii_case(method)
-                || (m == "GET" && method.eq_ignore_ascii_case(b"HEAD"))
-        };
-        path_matches
-            && self.methods.as_ref().is_none_or(|methods| methods.iter().any(method_matches))
-    }
-}
-
-/// The path routes compare: without the query, and without `;` parameters in any segment.
-fn route_path(path: &[u8]) -> Vec<u8> {
-    let path = path.split(|b| *b == b'?').next().unwrap_or(path);
-    let mut routed = Vec::with_capacity(path.len());
-    for (i, segment) in path.split(|b| *b == b'/').enumerate() {
-        if i > 0 {
-            routed.push(b'/');
-        }
-        routed.extend(segment.split(|b| *b == b';').next().unwrap_or(segment));
-    }
-    routed
-}
-
-/// `/a/b//` is `/a/b`; `/` stays `/`.
-fn trim_slashes(path: &[u8]) -> &[u8] {
-    let end = path.iter().rposition(|b| *b != b'/').map_or(path.len().min(1), |i| i + 1);
-    &path[..end]
-}
-
-/// Where and how to call the ledger.
-#[derive(Clone, Debug)]
-pub struct LedgerTarget {
-    /// Envoy/Istio: a cluster name; Kong: a resolvable `host:port`.
-    pub upstream: String,
-    pub authority: String,
-    pub timeout: Duration,
-    /// `Bearer <gateway key>`, ready to send.
-    pub authorization: String,
-    pub settle_interval: Duration,
-    /// Holds a reserve asks for when its token is hot on this VM (0: off, every call
-    /// reserved on its own); the extras serve the token's next calls without the ledger.
-    pub prefetch_holds: u16,
-    /// How long a prefetched hold may wait for a call before it is released unused; also
-    /// how recent a token's last call must be for the token to count as hot.
-    pub prefetch_max_age_ms: u64,
-}
-
-impl LedgerTarget {
-    /// [`LedgerTarget::timeout`] in milliseconds, the unit of the gate's clocks.
-    pub fn timeout_ms(&self) -> u64 {
-        u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX)
-    }
-}
-
 /// The statuses of upstream answers that are charged.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Billable {
@@ -235,21 +157,9 @@ impl Billable {
     }
 }
 
-/// How Pay Tokens are verified.
+/// What a 402 offers for L402, and how its challenges are minted ahead.
 #[derive(Clone, Debug)]
-pub struct PayTokens {
-    pub keys: Vec<Key>,
-    pub validation: Validation,
-    /// Whether sandbox Pay Tokens (charged to the ledger's sandbox book) are taken.
-    pub accept_sandbox: bool,
-}
-
-/// How L402 credentials are verified, and what a challenge offers.
-#[derive(Clone)]
-pub struct L402 {
-    pub secret: Vec<u8>,
-    /// Whether credentials bought with the ledger's sandbox invoices are taken (demos, tests).
-    pub accept_sandbox: bool,
+pub struct L402Offer {
     pub offer: ChallengeRequest,
     /// `offer` as the ledger's challenge endpoint takes it, serialized once.
     pub challenge_body: Vec<u8>,
@@ -259,20 +169,15 @@ pub struct L402 {
     pub pool_max_age: u64,
 }
 
-impl fmt::Debug for L402 {
-    /// Never prints the secret.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("L402").field("offer", &self.offer).finish_non_exhaustive()
-    }
-}
-
 #[derive(Clone, Debug)]
 pub struct Config {
     pub service_id: String,
     pub routes: Vec<Route>,
     pub ledger: LedgerTarget,
-    pub pay_token: Option<PayTokens>,
-    pub l402: Option<L402>,
+    /// How credentials are verified: the schemes taken, with their keys and rules.
+    pub verifier: Verifier,
+    /// What a 402 offers for L402, when L402 is on.
+    pub l402: Option<L402Offer>,
     pub billable: Billable,
     pub failure_mode: FailureMode,
 }
@@ -400,9 +305,10 @@ impl Config {
         }
         let pay_token = raw.pay_token.map(validate_pay_token).transpose()?;
         let l402 = raw.l402.map(|l402| validate_l402(&raw.service_id, l402)).transpose()?;
-        if let Some(l402) = &l402 {
+        if let Some((_, l402)) = &l402 {
             check_offer_opens_every_route(&l402.offer, &routes)?;
         }
+        let (l402_rules, l402) = l402.unzip();
 
         let statuses = raw.billable_statuses.unwrap_or_else(|| vec!["2xx".into()]);
         let billable = parse_billable(&statuses)?;
@@ -419,7 +325,7 @@ impl Config {
                 prefetch_holds,
                 prefetch_max_age_ms,
             },
-            pay_token,
+            verifier: Verifier { pay_token, l402: l402_rules },
             l402,
             billable,
             failure_mode: raw.failure_mode,
@@ -428,39 +334,25 @@ impl Config {
 
     /// The route that prices this request, if any; `path` may carry a query.
     pub fn route(&self, method: &[u8], path: &[u8]) -> Option<&Route> {
-        let path = route_path(path);
-        self.routes.iter().find(|route| route.matches(method, &path))
+        routes::find(&self.routes, method, path)
     }
 }
 
-fn validate_pay_token(pay_token: RawPayToken) -> Result<PayTokens, ConfigError> {
+fn validate_pay_token(pay_token: RawPayToken) -> Result<PayTokenRules, ConfigError> {
     if pay_token.keys.is_empty() {
         return Err(invalid("pay_token.keys", "list at least one key"));
     }
-    let mut keys = Vec::with_capacity(pay_token.keys.len());
-    for (i, key) in pay_token.keys.into_iter().enumerate() {
+    let mut keys: Vec<Key> = Vec::with_capacity(pay_token.keys.len());
+    for (i, raw) in pay_token.keys.into_iter().enumerate() {
         let field = format!("pay_token.keys[{i}]");
-        if key.alg != "HS256" {
-            return Err(invalid(format!("{field}.alg"), "only HS256 is supported"));
-        }
-        // RFC 7518 §3.2: an HS256 key has at least 256 bits.
-        if key.secret.chars().count() < MIN_HS256_SECRET_LEN {
-            return Err(invalid(
-                format!("{field}.secret"),
-                format!("must be at least {MIN_HS256_SECRET_LEN} characters (RFC 7518: 256 bits)"),
-            ));
-        }
-        let duplicate_kid = keys.iter().any(|k: &Key| k.kid() == key.kid.as_deref());
-        if key.kid.is_some() && duplicate_kid {
+        let duplicate_kid = keys.iter().any(|k| k.kid() == raw.kid.as_deref());
+        if raw.kid.is_some() && duplicate_kid {
             return Err(invalid(format!("{field}.kid"), "is used by another key"));
         }
-        let hs256 = Key::hs256(key.secret.into_bytes());
-        keys.push(match key.kid {
-            Some(kid) => hs256.with_kid(kid),
-            None => hs256,
-        });
+        let key = validate_key(&field, raw)?;
+        keys.push(key);
     }
-    Ok(PayTokens {
+    Ok(PayTokenRules {
         keys,
         validation: Validation {
             issuer: pay_token.issuer,
@@ -471,7 +363,68 @@ fn validate_pay_token(pay_token: RawPayToken) -> Result<PayTokens, ConfigError> 
     })
 }
 
-fn validate_l402(service_id: &str, l402: RawL402) -> Result<L402, ConfigError> {
+/// An HS256 secret or an Ed25519 public JWK, with its `kid`.
+fn validate_key(field: &str, raw: RawKey) -> Result<Key, ConfigError> {
+    if raw.d.is_some() {
+        return Err(invalid(
+            format!("{field}.d"),
+            "a private key: give the gateway the public JWK only (the ledger's /.well-known/jwks.json)",
+        ));
+    }
+    let key = match (raw.secret, raw.kty) {
+        (Some(secret), None) => {
+            if raw.alg.as_deref() != Some("HS256") {
+                return Err(invalid(
+                    format!("{field}.alg"),
+                    "must be HS256 for a secret (EdDSA keys are JWKs: kty, crv, x)",
+                ));
+            }
+            if raw.crv.is_some() || raw.x.is_some() || raw.use_.is_some() {
+                return Err(invalid(field, "give a secret or a JWK, not parts of both"));
+            }
+            // RFC 7518 §3.2: an HS256 key has at least 256 bits.
+            if secret.chars().count() < MIN_HS256_SECRET_LEN {
+                return Err(invalid(
+                    format!("{field}.secret"),
+                    format!(
+                        "must be at least {MIN_HS256_SECRET_LEN} characters (RFC 7518: 256 bits)"
+                    ),
+                ));
+            }
+            Key::hs256(secret.into_bytes())
+        }
+        (None, Some(kty)) => {
+            let jwk = Jwk {
+                kty,
+                crv: raw.crv.unwrap_or_default(),
+                x: raw.x.unwrap_or_default(),
+                d: None,
+                kid: None,
+                alg: raw.alg,
+                use_: raw.use_,
+            };
+            jwk.verifying_key().map_err(|e| invalid(format!("{field}.{}", e.field), e.problem))?
+        }
+        (Some(_), Some(_)) => {
+            return Err(invalid(field, "give a secret or a JWK, not parts of both"));
+        }
+        (None, None) if raw.alg.as_deref().is_some_and(|alg| alg != "HS256" && alg != "EdDSA") => {
+            return Err(invalid(format!("{field}.alg"), "only HS256 and EdDSA are supported"));
+        }
+        (None, None) => {
+            return Err(invalid(
+                field,
+                "give an HS256 secret (alg, secret) or an Ed25519 public JWK (kty, crv, x)",
+            ));
+        }
+    };
+    Ok(match raw.kid {
+        Some(kid) => key.with_kid(kid),
+        None => key,
+    })
+}
+
+fn validate_l402(service_id: &str, l402: RawL402) -> Result<(L402Rules, L402Offer), ConfigError> {
     if l402.secret.chars().count() < MIN_L402_SECRET_LEN {
         return Err(invalid(
             "l402.secret",
@@ -527,14 +480,8 @@ fn validate_l402(service_id: &str, l402: RawL402) -> Result<L402, ConfigError> {
     let pool_max_age = MAX_POOL_AGE_SECONDS.min(valid_seconds / 10);
     // Strings, integers and amounts always serialize.
     let challenge_body = serde_json::to_vec(&offer).unwrap_or_default();
-    Ok(L402 {
-        secret: l402.secret.into_bytes(),
-        accept_sandbox: l402.accept_sandbox,
-        offer,
-        challenge_body,
-        pool_capacity,
-        pool_max_age,
-    })
+    let rules = L402Rules { secret: l402.secret.into_bytes(), accept_sandbox: l402.accept_sandbox };
+    Ok((rules, L402Offer { offer, challenge_body, pool_capacity, pool_max_age }))
 }
 
 /// Every priced route answers a missing credential with the same L402 offer, so a buyer who
@@ -645,16 +592,18 @@ fn check_id(field: &str, id: &str) -> Result<(), ConfigError> {
 }
 
 fn validate_route(field: &str, route: RawRoute) -> Result<Route, ConfigError> {
-    let path = match (route.path, route.path_prefix) {
-        (Some(path), None) => (PathMatch::Exact(path), "path"),
-        (None, Some(prefix)) => (PathMatch::Prefix(prefix), "path_prefix"),
+    let (path, name) = match (route.path, route.path_prefix) {
+        (Some(path), None) => (path, "path"),
+        (None, Some(prefix)) => (prefix, "path_prefix"),
         _ => return Err(invalid(field, "give exactly one of path and path_prefix")),
     };
-    let (path, name) = path;
-    let (PathMatch::Exact(text) | PathMatch::Prefix(text)) = &path;
-    if !text.starts_with('/') {
+    if !path.starts_with('/') {
         return Err(invalid(format!("{field}.{name}"), "must start with /"));
     }
+    let path = match name {
+        "path" => PathMatch::Exact(path),
+        _ => PathMatch::prefix(&path),
+    };
     let methods = match route.methods {
         Some(methods) if methods.is_empty() => {
             return Err(invalid(
@@ -774,7 +723,7 @@ mod tests {
         assert_eq!(config.ledger.timeout, Duration::from_millis(1000));
         assert_eq!(config.ledger.authorization, "Bearer gateway-key-0123456789");
         assert_eq!((config.ledger.prefetch_holds, config.ledger.prefetch_max_age_ms), (0, 1000));
-        assert_eq!(config.pay_token.unwrap().validation.leeway_seconds, 60);
+        assert_eq!(config.verifier.pay_token.unwrap().validation.leeway_seconds, 60);
         assert!(config.l402.is_none());
         assert_eq!(config.failure_mode, FailureMode::Closed);
         assert!(config.billable.contains(200) && config.billable.contains(299));
@@ -805,7 +754,15 @@ mod tests {
         assert_eq!(price("GET", "/v1/report"), None);
         assert_eq!(price("POST", "/v1/report/x"), None);
         assert_eq!(price("GET", "/healthz"), None);
-        assert_eq!(config.route(b"GET", b"/v1/forecast\xff").map(|r| r.price.micros()), Some(1000));
+        assert_eq!(
+            config.route(b"GET", b"/v1/forecast/\xff").map(|r| r.price.micros()),
+            Some(1000)
+        );
+        // A prefix ends at a path segment: a free prefix covers nothing beside it.
+        assert_eq!(price("GET", "/v1/forecast/freedom").as_deref(), Some("0.001000"));
+        assert_eq!(price("GET", "/v1/forecast/free").as_deref(), Some("0.000000"));
+        assert_eq!(price("GET", "/v1/forecasts"), None);
+        assert_eq!(config.route(b"GET", b"/v1/forecast\xff"), None);
     }
 
     #[test]
@@ -828,11 +785,6 @@ mod tests {
         assert_eq!(price("GET", "/v1/report/more"), None, "an exact route priced a longer path");
         assert_eq!(price("GET", "/V1/FORECAST/oslo;x=1").as_deref(), Some("0.001000"));
         assert_eq!(price("GET", "/v1/fore;x/cast"), None);
-        assert_eq!(route_path(b"/a;b/c;d?e;f"), b"/a/c");
-        assert_eq!(
-            (trim_slashes(b"/"), trim_slashes(b"//"), trim_slashes(b"")),
-            (&b"/"[..], &b"/"[..], &b""[..])
-        );
     }
 
     #[test]
@@ -1063,7 +1015,39 @@ mod tests {
             ),
             (
                 with(|c| c["pay_token"]["keys"][0]["alg"] = json!("none")),
-                "pay_token.keys[0].alg: only HS256",
+                "pay_token.keys[0].alg: must be HS256 for a secret",
+            ),
+            (
+                with(|c| c["pay_token"]["keys"][0] = json!({"alg": "RS256"})),
+                "pay_token.keys[0].alg: only HS256 and EdDSA are supported",
+            ),
+            (
+                with(|c| c["pay_token"]["keys"][0] = json!({"kid": "a"})),
+                "pay_token.keys[0]: give an HS256 secret (alg, secret) or an Ed25519 public JWK",
+            ),
+            (
+                with(|c| c["pay_token"]["keys"][0] = ed25519(json!({"d": "secret-seed"}))),
+                "pay_token.keys[0].d: a private key",
+            ),
+            (
+                with(|c| c["pay_token"]["keys"][0] = ed25519(json!({"kty": "RSA"}))),
+                "pay_token.keys[0].kty: must be \"OKP\"",
+            ),
+            (
+                with(|c| c["pay_token"]["keys"][0] = ed25519(json!({"crv": "Ed448"}))),
+                "pay_token.keys[0].crv: must be \"Ed25519\"",
+            ),
+            (
+                with(|c| c["pay_token"]["keys"][0] = ed25519(json!({"alg": "HS256"}))),
+                "pay_token.keys[0].alg: must be \"EdDSA\"",
+            ),
+            (
+                with(|c| c["pay_token"]["keys"][0] = ed25519(json!({"x": "AAAA"}))),
+                "pay_token.keys[0].x: must be 32 bytes",
+            ),
+            (
+                with(|c| c["pay_token"]["keys"][0] = ed25519(json!({"secret": "s".repeat(40)}))),
+                "pay_token.keys[0]: give a secret or a JWK, not parts of both",
             ),
             (
                 with(|c| c["pay_token"]["keys"][0]["secret"] = json!("s".repeat(31))),
@@ -1090,6 +1074,36 @@ mod tests {
             parse(&with(|c| c["pay_token"]["keys"] = keys.clone())).unwrap_err().to_string();
         assert_eq!(error, "pay_token.keys[1].kid: is used by another key");
         assert!(Config::from_json(b"\xff\xfe").is_err());
+    }
+
+    /// An Ed25519 public JWK (RFC 8037 A.2) with `changes` applied.
+    fn ed25519(changes: Value) -> Value {
+        let mut jwk = json!({"kty": "OKP", "crv": "Ed25519", "kid": "2026-12",
+            "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo", "alg": "EdDSA", "use": "sig"});
+        for (key, value) in changes.as_object().unwrap() {
+            jwk[key] = value.clone();
+        }
+        jwk
+    }
+
+    #[test]
+    fn pay_token_keys_are_hs256_secrets_or_ed25519_public_jwks() {
+        let json = with(|c| {
+            c["pay_token"]["keys"] = json!([
+                ed25519(json!({})),
+                {"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"},
+                {"kid": "hs", "alg": "HS256", "secret": "a-pay-token-secret-of-32-chars!!"}
+            ]);
+        });
+        let keys = parse(&json).unwrap().verifier.pay_token.unwrap().keys;
+        assert_eq!(keys.len(), 3);
+        assert_eq!(keys[0].kid(), Some("2026-12"));
+        assert!(keys[0].ed25519_public().is_some() && keys[1].ed25519_public().is_some());
+        assert!(keys[2].ed25519_public().is_none());
+        // A private JWK's `d` is refused without being repeated.
+        let private =
+            with(|c| c["pay_token"]["keys"][0] = ed25519(json!({"d": "c2VjcmV0LXNlZWQ"})));
+        assert!(!parse(&private).unwrap_err().to_string().contains("c2VjcmV0"));
     }
 
     /// A valid `metered` section with `changes` applied.
@@ -1147,13 +1161,16 @@ mod tests {
             c["l402"] = l402(json!({"capabilities": ["read"], "valid_seconds": 60}));
         });
         let config = parse(&json).unwrap();
-        assert!(config.pay_token.is_none());
+        assert!(config.verifier.pay_token.is_none());
+        assert!(
+            !config.verifier.l402.unwrap().accept_sandbox,
+            "sandbox credentials are refused unless asked for"
+        );
         let l402 = config.l402.unwrap();
         assert_eq!((l402.offer.amount_msat, l402.offer.valid_seconds), (50_000, 60));
         assert_eq!(l402.offer.capabilities, ["read"]);
         let body: Value = serde_json::from_slice(&l402.challenge_body).unwrap();
         assert_eq!(body["budgetUsdc"], "0.050000");
-        assert!(!l402.accept_sandbox, "sandbox credentials are refused unless asked for");
         assert_eq!(body.get("count"), None, "a 402 of its own asks for one challenge");
         // A minute-long credential: pooled challenges go within a tenth of it.
         assert_eq!((l402.pool_capacity, l402.pool_max_age), (DEFAULT_CHALLENGE_POOL, 6));

@@ -21,27 +21,28 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
-use paystile_protocol::credential::{self, Credential};
-use paystile_protocol::headers::{self, APPLICATION_JSON};
-use paystile_protocol::l402::{self, L402Error};
+use paystile_protocol::credential::{self, Scheme, Verified};
+use paystile_protocol::headers;
+use paystile_protocol::l402::Capability;
 use paystile_protocol::ledger_api::{
-    Hold, Idempotency, L402Challenge, Outcome, ReserveRequest, Settlement, TokenGrant, path,
+    Hold, Idempotency, L402Challenge, Outcome, ReserveRequest, Settlement, path,
 };
-use paystile_protocol::pay_token::{self, PayTokenError, Scope};
+use paystile_protocol::verified::VerifiedCache;
 use paystile_protocol::{ErrorBody, ErrorCode, Usdc};
 use sha2::{Digest, Sha256};
 
-use crate::config::{Config, FailureMode, Metered, Route};
+use crate::answer::{self, HeaderEdit, LocalResponse};
+use crate::config::{Config, FailureMode};
+use crate::ledger::{
+    Health, LedgerAnswer, LedgerCall, LedgerReply, is_about_the_key, is_charge_id,
+};
 use crate::pool::{self, ChallengePool, Refill, RefillOutcome};
 use crate::prefetch::{Entry, PoolKey, Prefetched};
+use crate::routes::{Metered, Route};
 use crate::settle::Queued;
-use crate::verified::{Verified, VerifiedCache};
 
-/// The Pay Token challenge, beside L402's when both are on.
-const BEARER_CHALLENGE: &str = r#"Bearer realm="paystile", error="payment_required""#;
-const BEARER_INVALID: &str = r#"Bearer realm="paystile", error="invalid_token""#;
-/// Seconds a client should wait before retrying when the ledger is unavailable.
-const RETRY_AFTER_SECONDS: &str = "1";
+/// Credentials kept verified per VM (as Envoy's `jwt_authn` keeps its verified tokens).
+pub const VERIFIED_CAPACITY: usize = 1024;
 
 /// Per-VM state shared by every request: the configuration, how the ledger answered last
 /// time (so that an outage is logged when it starts and ends, not once per call), the
@@ -53,13 +54,6 @@ pub struct Gate {
     prefetched: Rc<RefCell<Prefetched>>,
     challenges: RefCell<ChallengePool>,
     verified: RefCell<VerifiedCache>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Health {
-    Answering,
-    Unreachable,
-    Confused,
 }
 
 impl Gate {
@@ -80,7 +74,7 @@ impl Gate {
             ledger_health: Cell::new(Health::Answering),
             prefetched,
             challenges: RefCell::new(challenges),
-            verified: RefCell::default(),
+            verified: RefCell::new(VerifiedCache::new(VERIFIED_CAPACITY)),
         }
     }
 
@@ -118,8 +112,10 @@ impl Gate {
     /// this call's reserve asks for the next batch (`prefetch_holds` holds, its `count`), so
     /// that the calls after it find holds waiting while it is answered. Any other call that
     /// finds the pool empty reserves just its own hold.
-    fn plan(&self, reserve: &mut ReserveRequest, now_ms: u64) -> Plan {
-        let Some(key) = prefetch_key(&self.config, reserve) else { return Plan::Reserve(None) };
+    fn plan(&self, reserve: &mut ReserveRequest, verified: &Verified, now_ms: u64) -> Plan {
+        let Some(key) = prefetch_key(&self.config, reserve, verified) else {
+            return Plan::Reserve(None);
+        };
         let ledger = &self.config.ledger;
         let mut prefetched = self.prefetched.borrow_mut();
         // A cold token asks for one: occasional callers never lock more than a call's worth.
@@ -177,67 +173,6 @@ pub struct RequestHead<'a> {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum HeaderEdit {
-    Set(&'static str, String),
-    Remove(&'static str),
-}
-
-/// A response the gateway sends itself.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LocalResponse {
-    pub status: u16,
-    pub headers: Vec<(&'static str, String)>,
-    pub body: Vec<u8>,
-}
-
-impl LocalResponse {
-    /// The JSON error answer for `body`, with the headers its code calls for (a 402's
-    /// challenges come from [`LocalResponse::payment_required`]).
-    pub fn error(body: &ErrorBody) -> LocalResponse {
-        let mut headers = vec![(headers::CONTENT_TYPE, APPLICATION_JSON.to_owned())];
-        match body.code.status() {
-            401 => headers.push((headers::WWW_AUTHENTICATE, BEARER_INVALID.to_owned())),
-            503 => headers.push((headers::RETRY_AFTER, RETRY_AFTER_SECONDS.to_owned())),
-            _ => {}
-        }
-        LocalResponse { status: body.status(), headers, body: body.to_json() }
-    }
-
-    /// A 402 with a challenge for each scheme that is on: L402's (`l402`, the header value of
-    /// a challenge the ledger minted) first, then the Bearer one.
-    pub fn payment_required(
-        config: &Config,
-        body: &ErrorBody,
-        l402: Option<String>,
-    ) -> LocalResponse {
-        let mut response = LocalResponse::error(body);
-        if let Some(value) = l402 {
-            response.headers.push((headers::WWW_AUTHENTICATE, value));
-        }
-        if config.pay_token.is_some() {
-            response.headers.push((headers::WWW_AUTHENTICATE, BEARER_CHALLENGE.to_owned()));
-        }
-        response
-    }
-}
-
-/// A call to the ledger: `POST <path>` with a JSON body. The adapter adds the target,
-/// the authority and the gateway key from the configuration.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LedgerCall {
-    pub path: &'static str,
-    pub body: Vec<u8>,
-}
-
-/// What came back from a ledger call. `status` is `None` when there was no answer at all
-/// (connection refused or reset).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct LedgerReply {
-    pub status: Option<u16>,
-    pub body: Vec<u8>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RequestAction {
     /// Send the request on upstream with these edits (resuming it if it was paused).
     Forward(Vec<HeaderEdit>),
@@ -269,8 +204,8 @@ struct Charge {
 /// A reserve sent to the ledger, with what its answer is read against.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Reserving {
-    /// The credential is an L402, whose spent budget is answered with a fresh challenge.
-    l402: bool,
+    /// The credential's scheme: a spent L402 is answered with a fresh challenge.
+    scheme: Scheme,
     /// The route's metering, if it is metered.
     metered: Option<Metered>,
     token_id: String,
@@ -342,9 +277,9 @@ impl Exchange {
             return RequestAction::Forward(vec![HeaderEdit::Remove(headers::CHARGE_ID)]);
         };
         match reserve_request(gate, request, route, now) {
-            Ok((mut reserve, l402)) => {
-                let token_id = reserve.token.token_id.clone();
-                let prefetch = match gate.plan(&mut reserve, now_ms) {
+            Ok((mut reserve, verified)) => {
+                let token_id = verified.token.token_id.clone();
+                let prefetch = match gate.plan(&mut reserve, &verified, now_ms) {
                     Plan::Take(entry) => {
                         let charge = Charge {
                             id: entry.charge_id,
@@ -357,7 +292,7 @@ impl Exchange {
                     Plan::Reserve(prefetch) => prefetch,
                 };
                 self.state = State::AwaitingLedger(Reserving {
-                    l402,
+                    scheme: verified.scheme,
                     metered: route.metered.clone(),
                     token_id,
                     prefetch,
@@ -399,7 +334,7 @@ impl Exchange {
                     }
                     // Without an L402 challenge, a Pay Token still pays: answer the 402 with its
                     // challenge alone. With L402 alone the client cannot pay: retry shortly.
-                    Err(_) if config.pay_token.is_some() => {
+                    Err(_) if config.verifier.pay_token.is_some() => {
                         let schemes = refusal.schemes.iter().filter(|s| *s != "L402").cloned();
                         let refusal = ErrorBody { schemes: schemes.collect(), ..*refusal };
                         self.respond(config, &refusal)
@@ -420,7 +355,7 @@ impl Exchange {
         reply: LedgerReply,
         reserving: Reserving,
     ) -> RequestAction {
-        let Reserving { l402, metered, token_id, prefetch, now } = reserving;
+        let Reserving { scheme, metered, token_id, prefetch, now } = reserving;
         let config = gate.config();
         let answer = LedgerAnswer::read(&reply);
         gate.note_ledger(answer.health(), reply.status);
@@ -450,7 +385,7 @@ impl Exchange {
             }
             // A spent L402 is answered with the means to buy more.
             LedgerAnswer::Refusal(refusal)
-                if l402 && refusal.code == ErrorCode::TokenLimitExceeded =>
+                if scheme == Scheme::L402 && refusal.code == ErrorCode::TokenLimitExceeded =>
             {
                 self.challenge(gate, refusal, now)
             }
@@ -629,24 +564,29 @@ impl Exchange {
 }
 
 /// Everything that can be checked without the ledger, inline: the reserve call if it
-/// passes, and whether its credential is an L402. A refusal with `payment_required` calls
-/// for a challenge.
+/// passes, and what its credential proves. A refusal with `payment_required` calls for a
+/// challenge.
 fn reserve_request(
     gate: &Gate,
     request: &RequestHead<'_>,
     route: &Route,
     now: u64,
-) -> Result<(ReserveRequest, bool), ErrorBody> {
+) -> Result<(ReserveRequest, Verified), ErrorBody> {
     let config = gate.config();
-    let Some(authorization) = request.authorization else {
-        return Err(ErrorBody::payment_required(&config.service_id, route.price, &schemes(config)));
-    };
-    let capability = route.capability.as_deref();
+    let payment_required = || answer::payment_required(config, route.price);
+    let Some(authorization) = request.authorization else { return Err(payment_required()) };
+    let capability = Capability::Route(route.capability.as_deref());
     let cached = gate.verified.borrow().get(authorization, capability, now).cloned();
     let verified = match cached {
         Some(verified) => verified,
         None => {
-            let verified = verify_credential(config, authorization, route, now)?;
+            let target = credential::Target { service_id: &config.service_id, capability, now };
+            let verified = credential::verify(authorization, &config.verifier, &target).map_err(
+                |refusal| match refusal {
+                    credential::Refusal::NotOffered => payment_required(),
+                    refusal => refusal.to_body(),
+                },
+            )?;
             gate.verified.borrow_mut().insert(authorization, verified.clone(), now);
             verified
         }
@@ -659,78 +599,26 @@ fn reserve_request(
             Some(Idempotency { key: key.to_owned(), fingerprint: fingerprint(config, request) })
         }
     };
+    // A verified credential is printable ASCII (the scheme's characters only).
+    let credential = String::from_utf8_lossy(authorization).into_owned();
     let reserve = ReserveRequest {
-        token: verified.token,
+        credential: credential.into(),
         service_id: config.service_id.clone(),
         price_usdc: route.price,
         idempotency,
-        cap_usdc: verified.cap,
         count: 1,
     };
-    Ok((reserve, verified.l402))
-}
-
-/// Verifies the `Authorization` value for `route` at `now`: what a reserve carries, and
-/// the Unix seconds in which that holds.
-fn verify_credential(
-    config: &Config,
-    authorization: &[u8],
-    route: &Route,
-    now: u64,
-) -> Result<Verified, ErrorBody> {
-    let payment_required =
-        || ErrorBody::payment_required(&config.service_id, route.price, &schemes(config));
-    let credential = match credential::parse_authorization(authorization) {
-        Ok(None) => return Err(payment_required()),
-        Err(_) => return Err(ErrorBody::new(ErrorCode::InvalidCredential)),
-        Ok(Some(credential)) => credential,
-    };
-    match credential {
-        Credential::Bearer(token) => {
-            let Some(pay_token) = &config.pay_token else { return Err(payment_required()) };
-            verify_pay_token(config, pay_token, token, now)
-        }
-        Credential::L402 { macaroon, preimage } => {
-            let Some(l402) = &config.l402 else { return Err(payment_required()) };
-            let target = l402::Target {
-                service_id: &config.service_id,
-                capability: route.capability.as_deref(),
-                now,
-                accept_sandbox: l402.accept_sandbox,
-            };
-            let grant =
-                l402::verify(macaroon, preimage, &l402.secret, &target).map_err(l402_refusal)?;
-            let token_id = grant.identifier.ledger_token_id();
-            let token = TokenGrant {
-                // An L402 holder is anonymous: each token is its own buyer.
-                buyer_id: token_id.clone(),
-                token_id,
-                buyer_tag: None,
-                service_id: Some(config.service_id.clone()),
-                scope: Scope::Single,
-                limit_usdc: grant.limit,
-                expires_at: grant.expires_at,
-                sandbox: grant.sandbox,
-            };
-            Ok(Verified {
-                token,
-                cap: (grant.cap < grant.limit).then_some(grant.cap),
-                l402: true,
-                capability: route.capability.clone(),
-                valid: 0..grant.valid_until.saturating_add(1),
-            })
-        }
-    }
+    Ok((reserve, verified))
 }
 
 /// The pool a reserve's call may be served from, when prefetching is on. Idempotent calls
 /// never are: the ledger must see each key.
-fn prefetch_key(config: &Config, reserve: &ReserveRequest) -> Option<PoolKey> {
+fn prefetch_key(config: &Config, reserve: &ReserveRequest, verified: &Verified) -> Option<PoolKey> {
     (config.ledger.prefetch_holds > 0 && reserve.idempotency.is_none()).then(|| PoolKey {
-        token_id: reserve.token.token_id.clone(),
+        token_id: verified.token.token_id.clone(),
         service_id: reserve.service_id.clone(),
         amount: reserve.price_usdc,
-        cap: reserve.cap_usdc,
+        cap: verified.cap,
     })
 }
 
@@ -753,108 +641,6 @@ fn extra_entries(hold: &Hold, prefetch: &Prefetch) -> Vec<Entry> {
         .collect()
 }
 
-fn verify_pay_token(
-    config: &Config,
-    pay_token: &crate::config::PayTokens,
-    token: &str,
-    now: u64,
-) -> Result<Verified, ErrorBody> {
-    let claims = pay_token::verify(token, &pay_token.keys, &pay_token.validation, now).map_err(
-        |e| match e {
-            PayTokenError::Expired | PayTokenError::NotYetValid => {
-                ErrorBody::new(ErrorCode::TokenExpired)
-            }
-            other => ErrorBody::with_message(
-                ErrorCode::InvalidCredential,
-                format!("Invalid credential: {other}"),
-            ),
-        },
-    )?;
-    // Sandbox tokens pay from the sandbox book: real service only where asked for.
-    if claims.sandbox && !pay_token.accept_sandbox {
-        return Err(ErrorBody::with_message(
-            ErrorCode::InvalidCredential,
-            "Invalid credential: a sandbox token, and this gateway takes real payments only",
-        ));
-    }
-    if !claims.allows_service(&config.service_id) {
-        return Err(ErrorBody::new(ErrorCode::WrongService));
-    }
-    Ok(Verified {
-        token: TokenGrant::from(&claims),
-        cap: None,
-        l402: false,
-        capability: None,
-        valid: claims.valid_during(&pay_token.validation),
-    })
-}
-
-fn l402_refusal(error: L402Error) -> ErrorBody {
-    let code = match error {
-        L402Error::WrongPreimage => ErrorCode::InvalidPreimage,
-        L402Error::Expired => ErrorCode::TokenExpired,
-        L402Error::WrongService | L402Error::CapabilityNotGranted => ErrorCode::WrongService,
-        L402Error::Malformed(_)
-        | L402Error::BadIdentifier
-        | L402Error::BadPreimageEncoding
-        | L402Error::BadSignature(_)
-        | L402Error::MissingCaveat(_)
-        | L402Error::WideningCaveat(_)
-        | L402Error::SandboxCredential => ErrorCode::InvalidCredential,
-    };
-    ErrorBody::with_message(code, format!("{}: {error}", code.default_message()))
-}
-
-/// The schemes a 402 lists in its body, in the order of its challenges.
-fn schemes(config: &Config) -> Vec<&'static str> {
-    let mut schemes = Vec::with_capacity(2);
-    if config.l402.is_some() {
-        schemes.push("L402");
-    }
-    if config.pay_token.is_some() {
-        schemes.push("Bearer");
-    }
-    schemes
-}
-
-/// What a reserve call's reply means.
-enum LedgerAnswer {
-    Hold(Hold),
-    /// A refusal to pass on to the client.
-    Refusal(ErrorBody),
-    /// No answer, a timeout or a server error: the ledger may be down or overloaded.
-    Unreachable,
-    /// An answer that is none of ours: a misconfigured ledger or route.
-    Confused,
-}
-
-impl LedgerAnswer {
-    fn health(&self) -> Health {
-        match self {
-            LedgerAnswer::Hold(_) | LedgerAnswer::Refusal(_) => Health::Answering,
-            LedgerAnswer::Unreachable => Health::Unreachable,
-            LedgerAnswer::Confused => Health::Confused,
-        }
-    }
-
-    fn read(reply: &LedgerReply) -> LedgerAnswer {
-        match reply.status {
-            // Envoy reports a refused connection or a timeout as its own 503 or 504.
-            None | Some(500..) => LedgerAnswer::Unreachable,
-            Some(200) => match serde_json::from_slice::<Hold>(&reply.body) {
-                Ok(hold) if is_charge_id(&hold.charge_id) => LedgerAnswer::Hold(hold),
-                _ => LedgerAnswer::Confused,
-            },
-            Some(status) => match serde_json::from_slice::<ErrorBody>(&reply.body) {
-                Ok(refusal) if is_ledger_refusal(refusal.code) && refusal.status() == status => {
-                    LedgerAnswer::Refusal(refusal)
-                }
-                _ => LedgerAnswer::Confused,
-            },
-        }
-    }
-}
-
 /// A challenge-minting call's reply: the challenge's header value and whether it is a
 /// sandbox one, or why there is none.
 fn read_challenge(reply: &LedgerReply) -> Result<(String, bool), LedgerAnswer> {
@@ -866,39 +652,6 @@ fn read_challenge(reply: &LedgerReply) -> Result<(String, bool), LedgerAnswer> {
             .ok_or(LedgerAnswer::Confused),
         Some(_) => Err(LedgerAnswer::Confused),
     }
-}
-
-/// Charge ids go into headers: 1 to 64 characters of `[A-Za-z0-9_-]` (the ledger's are
-/// `ch_` and 32 hex digits).
-fn is_charge_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
-/// The refusals the ledger may answer a reserve with, which the gateway passes on.
-fn is_ledger_refusal(code: ErrorCode) -> bool {
-    matches!(
-        code,
-        ErrorCode::TokenRevoked
-            | ErrorCode::WrongService
-            | ErrorCode::IdempotencyKeyExhausted
-            | ErrorCode::TokenLimitExceeded
-            | ErrorCode::InsufficientBalance
-            | ErrorCode::DailyLimitExceeded
-            | ErrorCode::IdempotencyKeyMismatch
-            | ErrorCode::IdempotencyKeyInUse
-    )
-}
-
-/// Refusals about an Idempotency-Key rather than the token: they say nothing of what else
-/// the token may pay for.
-fn is_about_the_key(code: ErrorCode) -> bool {
-    matches!(
-        code,
-        ErrorCode::IdempotencyKeyExhausted
-            | ErrorCode::IdempotencyKeyMismatch
-            | ErrorCode::IdempotencyKeyInUse
-    )
 }
 
 fn charged(charge: &Charge) -> Vec<HeaderEdit> {

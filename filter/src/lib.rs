@@ -1,18 +1,23 @@
 //! paystile's proxy-wasm filter.
 //!
-//! The decisions live in plain Rust ([`gate`] for one request, [`settle`] for the queue of
-//! commits and releases, [`prefetch`] for the holds reserved ahead for hot tokens, [`pool`]
-//! for the L402 challenges minted ahead, [`verified`] for the credentials already verified,
-//! [`config`] for the JSON configuration) and are tested natively.
-//! `wasm` is the thin proxy-wasm adapter, compiled for the `wasm32-wasip1` module a
-//! gateway loads.
+//! The decisions live in plain Rust and are tested natively: [`gate`] for one request,
+//! [`routes`] for which route prices it, [`answer`] for the answers the gateway makes itself,
+//! [`ledger`] for the calls to the ledger and what its replies mean, [`settle`] for the queue
+//! of commits and releases, [`ledgers`] for what the VM keeps per ledger, [`prefetch`] for the holds reserved ahead for hot tokens,
+//! [`pool`] for the L402 challenges minted ahead, and [`config`] for the JSON configuration.
+//! Credentials are verified by `paystile_protocol::credential`, as the ledger verifies them.
+//! `wasm` is the thin proxy-wasm adapter, compiled for the `wasm32-wasip1` module a gateway
+//! loads.
 
+pub mod answer;
 pub mod config;
 pub mod gate;
+pub mod ledger;
+pub mod ledgers;
 pub mod pool;
 pub mod prefetch;
+pub mod routes;
 pub mod settle;
-pub mod verified;
 
 #[cfg(target_arch = "wasm32")]
 mod wasm;

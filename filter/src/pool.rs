@@ -21,7 +21,7 @@ use paystile_protocol::ledger_api::{
     ChallengeRequest, L402Challenge, L402Challenges, MAX_CHALLENGES_PER_CALL, path,
 };
 
-use crate::gate::{LedgerCall, LedgerReply};
+use crate::ledger::{LedgerCall, LedgerReply};
 
 /// The fewest challenges a refill asks for, unless the 402s of the last max age were fewer.
 pub const MIN_BATCH: usize = 16;

@@ -10,17 +10,22 @@
 //! (10,000 a second at the default 50 ms), below what one Envoy worker serves with
 //! prefetched holds, and the queue would grow until holds expired unsettled.
 //!
-//! One queue serves a whole VM: a configuration reload replaces the root context, and the
-//! settlements of calls still in flight under the old one must not go with it. A batch
-//! whose reply never comes (its root context went away) is sent again after its timeout.
+//! The ledger answers each settlement: one it refuses as `invalid` is dropped alone (and
+//! logged), one its answer does not name is sent again, and a 200 whose body is not a
+//! settle answer counts as no answer.
+//!
+//! One queue serves each ledger for the whole VM (see `ledgers`): a configuration reload
+//! replaces the root context, and the settlements of calls still in flight under the old
+//! one must not go with it. A batch whose reply never comes (its root context went away) is
+//! sent again after its timeout.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use paystile_protocol::ledger_api::{
-    SettleRequest, SettleResponse, SettleStatus, Settlement, path,
+    SettleRequest, SettleResponse, SettleResult, SettleStatus, Settlement, path,
 };
 
-use crate::gate::{LedgerCall, LedgerReply};
+use crate::ledger::{LedgerCall, LedgerReply};
 
 /// The most settlements sent in one call.
 pub const MAX_BATCH: usize = 500;
@@ -64,17 +69,31 @@ pub struct Batch {
 /// What became of the batch in flight.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BatchOutcome {
-    /// The ledger settled it. `unsettled` counts holds it could not commit as asked
-    /// (expired, revoked, unknown), which deserve a log line; `lost_tokens` are the tokens
-    /// (each once) of holds found revoked or expired: the ledger commits none of their
-    /// holds any more, prefetched ones included.
-    Acknowledged { settled: usize, unsettled: usize, lost_tokens: Vec<String> },
-    /// Not acknowledged: queued again, next attempt in `retry_in_ms`.
+    /// The ledger answered it, settlement by settlement.
+    Answered(Answered),
+    /// Not acknowledged (no answer, an error status, or a 200 that is not a settle answer):
+    /// queued again, next attempt in `retry_in_ms`.
     Retrying { retry_in_ms: u64 },
     /// Refused as malformed (400): dropped, since sending it again cannot succeed.
     Dropped { settlements: usize },
     /// No batch was in flight.
     Stray,
+}
+
+/// What the ledger's answer to a batch said.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Answered {
+    /// Settlements the ledger answered with a final status.
+    pub settled: usize,
+    /// Of those, holds it could not commit as asked (expired, revoked, unknown).
+    pub unsettled: usize,
+    /// Settlements it refused as `invalid`, with its reason: dropped, never sent again.
+    pub invalid: Vec<(String, String)>,
+    /// Settlements its answer did not name: queued again.
+    pub requeued: usize,
+    /// The tokens (each once) of holds found revoked or expired: the ledger commits none of
+    /// their holds any more, prefetched ones included.
+    pub lost_tokens: Vec<String>,
 }
 
 impl SettleQueue {
@@ -96,11 +115,22 @@ impl SettleQueue {
     /// The next batch to send, if one is waiting, none is in flight and no backoff is
     /// running. `timeout_ms` is how long the call may take before it counts as lost.
     pub fn next_batch(&mut self, now_ms: u64, timeout_ms: u64) -> Option<Batch> {
+        self.take_batch(now_ms, timeout_ms, true)
+    }
+
+    /// The next batch to send even while a backoff runs: the VM is going away, and this is
+    /// the last chance to deliver what is waiting.
+    pub fn last_batch(&mut self, now_ms: u64, timeout_ms: u64) -> Option<Batch> {
+        self.take_batch(now_ms, timeout_ms, false)
+    }
+
+    fn take_batch(&mut self, now_ms: u64, timeout_ms: u64, backoff: bool) -> Option<Batch> {
         if let Some(lost) = self.in_flight.take_if(|f| now_ms >= f.deadline_ms) {
             log::warn!("paystile: no reply to a settle batch; sending it again");
             self.requeue(lost.settlements, now_ms);
         }
-        if self.in_flight.is_some() || self.waiting.is_empty() || now_ms < self.retry_at_ms {
+        let waiting_out_backoff = backoff && now_ms < self.retry_at_ms;
+        if self.in_flight.is_some() || self.waiting.is_empty() || waiting_out_backoff {
             return None;
         }
         let count = self.waiting.len().min(MAX_BATCH);
@@ -124,36 +154,21 @@ impl SettleQueue {
         };
         let batch = batch.settlements;
         match reply.status {
-            Some(200) => {
-                self.backoff_ms = 0;
-                self.retry_at_ms = 0;
-                let results = serde_json::from_slice::<SettleResponse>(&reply.body)
-                    .map(|r| r.results)
-                    .unwrap_or_default();
-                let unsettled = results
-                    .iter()
-                    .filter(|r| {
-                        matches!(
-                            r.status,
-                            SettleStatus::Expired | SettleStatus::Revoked | SettleStatus::Unknown
-                        )
-                    })
-                    .count();
-                let mut lost_tokens: Vec<String> = Vec::new();
-                for result in results
-                    .iter()
-                    .filter(|r| matches!(r.status, SettleStatus::Expired | SettleStatus::Revoked))
-                {
-                    let token = batch
-                        .iter()
-                        .find(|q| q.settlement.charge_id == result.charge_id)
-                        .map(|q| &q.token_id);
-                    if let Some(token) = token.filter(|t| !lost_tokens.contains(t)) {
-                        lost_tokens.push(token.clone());
+            Some(200) => match serde_json::from_slice::<SettleResponse>(&reply.body) {
+                Ok(response) => {
+                    self.backoff_ms = 0;
+                    self.retry_at_ms = 0;
+                    let (answered, unanswered) = answered(batch, response);
+                    if !unanswered.is_empty() {
+                        self.requeue(unanswered, now_ms);
                     }
+                    BatchOutcome::Answered(answered)
                 }
-                BatchOutcome::Acknowledged { settled: batch.len(), unsettled, lost_tokens }
-            }
+                Err(_) => {
+                    self.requeue(batch, now_ms);
+                    BatchOutcome::Retrying { retry_in_ms: self.backoff_ms }
+                }
+            },
             Some(400) => BatchOutcome::Dropped { settlements: batch.len() },
             _ => {
                 self.requeue(batch, now_ms);
@@ -169,6 +184,11 @@ impl SettleQueue {
         }
     }
 
+    /// Settlements waiting or in flight.
+    pub fn depth(&self) -> usize {
+        self.waiting.len() + self.in_flight.as_ref().map_or(0, |f| f.settlements.len())
+    }
+
     fn requeue(&mut self, batch: Vec<Queued>, now_ms: u64) {
         for settlement in batch.into_iter().rev() {
             self.waiting.push_front(settlement);
@@ -176,6 +196,42 @@ impl SettleQueue {
         self.backoff_ms = (self.backoff_ms * 2).clamp(FIRST_BACKOFF_MS, MAX_BACKOFF_MS);
         self.retry_at_ms = now_ms.saturating_add(self.backoff_ms);
     }
+}
+
+/// Sorts a batch by the ledger's answer: what it answered, and the settlements it did not
+/// name (to send again).
+fn answered(batch: Vec<Queued>, response: SettleResponse) -> (Answered, Vec<Queued>) {
+    let mut results: HashMap<String, SettleResult> =
+        response.results.into_iter().map(|r| (r.charge_id.clone(), r)).collect();
+    let mut answered = Answered::default();
+    let mut unanswered = Vec::new();
+    for queued in batch {
+        let Some(result) = results.remove(&queued.settlement.charge_id) else {
+            unanswered.push(queued);
+            continue;
+        };
+        match result.status {
+            SettleStatus::Invalid => {
+                let reason = result.error.unwrap_or_default();
+                answered.invalid.push((result.charge_id, reason));
+                continue;
+            }
+            SettleStatus::Expired | SettleStatus::Revoked => {
+                answered.unsettled += 1;
+                if !answered.lost_tokens.contains(&queued.token_id) {
+                    answered.lost_tokens.push(queued.token_id);
+                }
+            }
+            SettleStatus::Unknown => answered.unsettled += 1,
+            SettleStatus::Committed
+            | SettleStatus::Released
+            | SettleStatus::AlreadyCommitted
+            | SettleStatus::AlreadyReleased => {}
+        }
+        answered.settled += 1;
+    }
+    answered.requeued = unanswered.len();
+    (answered, unanswered)
 }
 
 #[cfg(test)]
@@ -203,13 +259,25 @@ mod tests {
         request.settlements.into_iter().map(|s| s.charge_id).collect()
     }
 
-    /// Settlements waiting or in flight.
     fn queued(queue: &SettleQueue) -> usize {
-        queue.waiting.len() + queue.in_flight.as_ref().map_or(0, |f| f.settlements.len())
+        queue.depth()
     }
 
     fn reply(status: Option<u16>, body: &str) -> LedgerReply {
         LedgerReply { status, body: body.as_bytes().to_vec() }
+    }
+
+    /// The ledger's 200 committing every settlement of `batch`.
+    fn committed(batch: &Batch) -> LedgerReply {
+        let results: Vec<_> = sent(batch)
+            .into_iter()
+            .map(|id| serde_json::json!({"chargeId": id, "status": "committed"}))
+            .collect();
+        reply(Some(200), &serde_json::json!({ "results": results }).to_string())
+    }
+
+    fn answered(settled: usize) -> BatchOutcome {
+        BatchOutcome::Answered(Answered { settled, ..Answered::default() })
     }
 
     #[test]
@@ -224,12 +292,8 @@ mod tests {
         assert_eq!(sent(&first).len(), MAX_BATCH);
         assert_eq!(sent(&first)[0], "ch_0");
         assert_eq!(queue.next_batch(0, TIMEOUT), None, "a second batch while one is in flight");
-        let outcome = queue.on_reply(first.id, &reply(Some(200), r#"{"results":[]}"#), 0);
-        let lost_tokens = Vec::new();
-        assert_eq!(
-            outcome,
-            BatchOutcome::Acknowledged { settled: MAX_BATCH, unsettled: 0, lost_tokens }
-        );
+        let outcome = queue.on_reply(first.id, &committed(&first), 0);
+        assert_eq!(outcome, answered(MAX_BATCH));
         assert_eq!(sent(&queue.next_batch(0, TIMEOUT).unwrap()), ["ch_500", "ch_501", "ch_502"]);
     }
 
@@ -244,7 +308,7 @@ mod tests {
         assert!(!queue.backlogged(), "{} waiting", MAX_BATCH - 1);
         queue.push(settlement(2 * MAX_BATCH));
         assert!(queue.backlogged());
-        queue.on_reply(first.id, &reply(Some(200), "{}"), 0);
+        queue.on_reply(first.id, &committed(&first), 0);
         assert_eq!(sent(&queue.next_batch(0, TIMEOUT).unwrap()).len(), MAX_BATCH);
         assert!(!queue.backlogged());
     }
@@ -269,10 +333,24 @@ mod tests {
         assert_eq!(queued(&queue), 2);
         // Success resets the backoff.
         let fourth = queue.next_batch(1_700, TIMEOUT).unwrap();
-        queue.on_reply(fourth.id, &reply(Some(200), "{}"), 1_700);
+        queue.on_reply(fourth.id, &committed(&fourth), 1_700);
         assert_eq!(queued(&queue), 0);
         queue.push(settlement(3));
         assert!(queue.next_batch(1_700, TIMEOUT).is_some());
+    }
+
+    /// When the VM goes, what waits is sent at once, backoff or not; still one batch at a time.
+    #[test]
+    fn the_last_batches_do_not_wait_out_the_backoff() {
+        let mut queue = SettleQueue::default();
+        queue.push(settlement(1));
+        let failed = queue.next_batch(0, TIMEOUT).unwrap();
+        queue.on_reply(failed.id, &reply(Some(503), ""), 0);
+        assert_eq!(queue.next_batch(1, TIMEOUT), None, "in backoff");
+        let last = queue.last_batch(1, TIMEOUT).unwrap();
+        assert_eq!(sent(&last), ["ch_1"]);
+        queue.push(settlement(2));
+        assert_eq!(queue.last_batch(1, TIMEOUT), None, "a second batch while one is in flight");
     }
 
     #[test]
@@ -303,7 +381,59 @@ mod tests {
         let outcome = queue.on_reply(batch.id, &reply(Some(200), body), 0);
         // ch_1 and ch_3 are both on tok_1: named once. An unknown hold says nothing of its token.
         let lost_tokens = vec!["tok_1".to_owned()];
-        assert_eq!(outcome, BatchOutcome::Acknowledged { settled: 5, unsettled: 3, lost_tokens });
+        let expected = Answered { settled: 5, unsettled: 3, lost_tokens, ..Answered::default() };
+        assert_eq!(outcome, BatchOutcome::Answered(expected));
+        assert_eq!(queued(&queue), 0);
+    }
+
+    /// One settlement the ledger refuses does not take the others with it: it is dropped
+    /// (with the ledger's reason), the others are settled, and nothing is sent again.
+    #[test]
+    fn an_invalid_settlement_is_dropped_alone() {
+        let mut queue = SettleQueue::default();
+        for i in 0..3 {
+            queue.push(settlement(i));
+        }
+        let batch = queue.next_batch(0, TIMEOUT).unwrap();
+        let body = r#"{"results":[{"chargeId":"ch_0","status":"committed"},
+            {"chargeId":"ch_1","status":"invalid","error":"amountUsdc 2 is more than the 1 held"},
+            {"chargeId":"ch_2","status":"already_committed"}]}"#;
+        let outcome = queue.on_reply(batch.id, &reply(Some(200), body), 0);
+        let invalid = vec![("ch_1".to_owned(), "amountUsdc 2 is more than the 1 held".to_owned())];
+        let expected = Answered { settled: 2, invalid, ..Answered::default() };
+        assert_eq!(outcome, BatchOutcome::Answered(expected));
+        assert_eq!(queued(&queue), 0);
+        assert_eq!(queue.next_batch(10_000, TIMEOUT), None);
+    }
+
+    /// Settlements the answer does not name are not acknowledged: they go again.
+    #[test]
+    fn settlements_missing_from_the_answer_are_sent_again() {
+        let mut queue = SettleQueue::default();
+        for i in 0..3 {
+            queue.push(settlement(i));
+        }
+        let batch = queue.next_batch(0, TIMEOUT).unwrap();
+        let body = r#"{"results":[{"chargeId":"ch_1","status":"committed"}]}"#;
+        let outcome = queue.on_reply(batch.id, &reply(Some(200), body), 0);
+        let expected = Answered { settled: 1, requeued: 2, ..Answered::default() };
+        assert_eq!(outcome, BatchOutcome::Answered(expected));
+        let again = queue.next_batch(FIRST_BACKOFF_MS, TIMEOUT).unwrap();
+        assert_eq!(sent(&again), ["ch_0", "ch_2"]);
+    }
+
+    /// A 200 whose body is not a settle answer (a proxy's page, a truncated body) is no
+    /// acknowledgement.
+    #[test]
+    fn a_200_that_is_not_a_settle_answer_is_retried() {
+        for body in ["", "<html>ok</html>", r#"{"results":"#, r#"{"results":[{"chargeId":1}]}"#] {
+            let mut queue = SettleQueue::default();
+            queue.push(settlement(1));
+            let batch = queue.next_batch(0, TIMEOUT).unwrap();
+            let outcome = queue.on_reply(batch.id, &reply(Some(200), body), 0);
+            assert_eq!(outcome, BatchOutcome::Retrying { retry_in_ms: FIRST_BACKOFF_MS }, "{body}");
+            assert_eq!(sent(&queue.next_batch(FIRST_BACKOFF_MS, TIMEOUT).unwrap()), ["ch_1"]);
+        }
     }
 
     #[test]
@@ -314,7 +444,7 @@ mod tests {
         let outcome = queue.on_reply(batch.id, &reply(Some(400), "{}"), 0);
         assert_eq!(outcome, BatchOutcome::Dropped { settlements: 1 });
         assert_eq!(queued(&queue), 0);
-        assert_eq!(queue.on_reply(batch.id, &reply(Some(200), "{}"), 0), BatchOutcome::Stray);
+        assert_eq!(queue.on_reply(batch.id, &committed(&batch), 0), BatchOutcome::Stray);
     }
 
     #[test]
@@ -342,10 +472,8 @@ mod tests {
         let again = queue.next_batch(lost_at + FIRST_BACKOFF_MS, TIMEOUT).unwrap();
         assert_eq!(sent(&again), ["ch_1", "ch_2"]);
         // The lost batch's reply arrives after all: it must not acknowledge the new one.
-        assert_eq!(queue.on_reply(lost.id, &reply(Some(200), "{}"), 3_000), BatchOutcome::Stray);
+        assert_eq!(queue.on_reply(lost.id, &committed(&lost), 3_000), BatchOutcome::Stray);
         assert_eq!(queued(&queue), 2);
-        let outcome = queue.on_reply(again.id, &reply(Some(200), "{}"), 3_000);
-        let lost_tokens = Vec::new();
-        assert_eq!(outcome, BatchOutcome::Acknowledged { settled: 2, unsettled: 0, lost_tokens });
+        assert_eq!(queue.on_reply(again.id, &committed(&again), 3_000), answered(2));
     }
 }

@@ -3,7 +3,8 @@
 //! Host-facing rules (see `shared/reference/proxy-wasm-hosts.md`):
 //! - untrusted headers are read with the `*_bytes` getters: the SDK's `String` getters
 //!   panic on non-UTF-8 values, and a panic kills the VM for every request on the worker;
-//! - nothing here calls `get_log_level`, `done`, gRPC or `get_status` (they trap on Kong);
+//! - nothing here calls `get_log_level`, gRPC or `get_status` (they trap on Kong), nor
+//!   `done` except after the host called `on_done` on the root (which Kong never does);
 //! - commits and releases, and the refills of the L402 challenge pool, are dispatched from
 //!   the root context's tick (or the reply to the previous one), never while response
 //!   headers are processed (Kong cannot dispatch there).
@@ -18,13 +19,13 @@ use paystile_protocol::{ErrorBody, ErrorCode};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 
-use crate::config::{Config, LedgerTarget};
-use crate::gate::{
-    Exchange, Gate, HeaderEdit, LedgerCall, LedgerReply, LocalResponse, RequestAction, RequestHead,
-};
+use crate::answer::{HeaderEdit, LocalResponse};
+use crate::config::Config;
+use crate::gate::{Exchange, Gate, RequestAction, RequestHead};
+use crate::ledger::{LedgerCall, LedgerReply, LedgerTarget};
+use crate::ledgers::{Books, Ledgers};
 use crate::pool::RefillOutcome;
-use crate::prefetch::Prefetched;
-use crate::settle::{BatchOutcome, Queued, SettleQueue};
+use crate::settle::{Answered, BatchOutcome, Queued};
 
 /// A ledger reply larger than this is not a reply of ours; it is read as no reply.
 const MAX_REPLY_BYTES: usize = 64 * 1024;
@@ -37,32 +38,36 @@ proxy_wasm::main! {{
 }}
 
 thread_local! {
-    /// The VM's one settle queue, shared by every root context (see `settle`).
-    static SETTLE_QUEUE: Rc<RefCell<SettleQueue>> = Rc::default();
-    /// The VM's prefetched holds, shared likewise: a reconfiguration must not strand them.
-    static PREFETCHED: Rc<RefCell<Prefetched>> = Rc::default();
+    /// The VM's settle queues and prefetched holds, per ledger, shared by every root
+    /// context (see `ledgers`).
+    static LEDGERS: RefCell<Ledgers> = RefCell::default();
 }
 
 struct Root {
     gate: Option<Rc<Gate>>,
-    queue: Rc<RefCell<SettleQueue>>,
-    /// The dispatch token and batch id of the settle call this root has in flight.
-    settling: Option<(u32, u64)>,
+    /// The books of this configuration's ledger.
+    books: Option<Rc<Books>>,
+    /// The settle calls this root has in flight: dispatch token, whose books, batch id.
+    settling: Vec<(u32, Rc<Books>, u64)>,
     /// The dispatch token and refill id of the challenge pool's refill in flight.
     refilling: Option<(u32, u64)>,
     /// The tick period asked for. Kong traps on a second `set_tick_period` for one root
     /// context, so a reconfiguration asks again only if the interval changed.
     tick_period: Option<Duration>,
+    /// The host asked this root to finish (`on_done`): it delivers what is queued, then
+    /// says it is done.
+    finishing: bool,
 }
 
 impl Root {
     fn new() -> Root {
         Root {
             gate: None,
-            queue: SETTLE_QUEUE.with(Rc::clone),
-            settling: None,
+            books: None,
+            settling: Vec::new(),
             refilling: None,
             tick_period: None,
+            finishing: false,
         }
     }
 }
@@ -82,8 +87,10 @@ impl RootContext for Root {
                     self.set_tick_period(period);
                 }
                 // The new gate has its own (empty) challenge pool: a refill in flight for
-                // the old one is not awaited. Prefetched holds are the VM's and stay.
-                self.gate = Some(Rc::new(Gate::sharing(config, PREFETCHED.with(Rc::clone))));
+                // the old one is not awaited. Prefetched holds are the ledger's and stay.
+                let books = LEDGERS.with(|ledgers| ledgers.borrow_mut().books(&config.ledger));
+                self.gate = Some(Rc::new(Gate::sharing(config, books.prefetched.clone())));
+                self.books = Some(books);
                 self.refilling = None;
                 true
             }
@@ -95,19 +102,23 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        let Some(gate) = self.gate.clone() else { return };
+        let (Some(gate), Some(books)) = (self.gate.clone(), self.books.clone()) else { return };
         let now = millis(self.get_current_time());
         for release in gate.prefetch_releases(now) {
-            push(&self.queue, release);
+            push(&books, release);
         }
-        self.settle(&gate.config().ledger, now);
+        // Every ledger's queue, this configuration's or not: a configuration that went away
+        // may have left settlements behind.
+        for books in LEDGERS.with(|ledgers| ledgers.borrow().all()) {
+            self.settle(&books, now, false);
+        }
         self.refill(&gate, now);
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Stream {
             gate: self.gate.clone(),
-            queue: self.queue.clone(),
+            books: self.books.clone(),
             exchange: Exchange::default(),
         }))
     }
@@ -118,14 +129,50 @@ impl RootContext for Root {
 }
 
 impl Root {
-    /// Sends the next settle batch, if one is due.
-    fn settle(&mut self, ledger: &LedgerTarget, now: u64) {
-        let Some(batch) = self.queue.borrow_mut().next_batch(now, ledger.timeout_ms()) else {
-            return;
+    /// Sends `books`' next settle batch, if one is due (`last`: at once, backoff or not).
+    fn settle(&mut self, books: &Rc<Books>, now: u64, last: bool) {
+        let ledger = books.target();
+        let timeout = ledger.timeout_ms();
+        let batch = if last {
+            books.queue.borrow_mut().last_batch(now, timeout)
+        } else {
+            books.queue.borrow_mut().next_batch(now, timeout)
         };
-        match dispatch(self, ledger, &batch.call) {
-            Some(token) => self.settling = Some((token, batch.id)),
-            None => self.queue.borrow_mut().on_send_failed(batch.id, now),
+        let Some(batch) = batch else { return };
+        match dispatch(self, &ledger, &batch.call) {
+            Some(token) => self.settling.push((token, books.clone(), batch.id)),
+            None => books.queue.borrow_mut().on_send_failed(batch.id, now),
+        }
+    }
+
+    fn on_settle_reply(&mut self, books: Rc<Books>, batch: u64, headers: usize, body: usize) {
+        let reply = read_reply(self, headers, body, MAX_REPLY_BYTES);
+        let now = millis(self.get_current_time());
+        let outcome = books.queue.borrow_mut().on_reply(batch, &reply, now);
+        match outcome {
+            BatchOutcome::Answered(answered) => report(&books, answered),
+            BatchOutcome::Stray => {}
+            BatchOutcome::Retrying { retry_in_ms } => {
+                log::warn!(
+                    "paystile: settling failed (status {:?}); retrying in {retry_in_ms} ms",
+                    reply.status
+                );
+            }
+            BatchOutcome::Dropped { settlements } => {
+                log::error!(
+                    "paystile: the ledger refused a batch of {settlements} settlements as malformed; dropped"
+                );
+            }
+        }
+        // A backlog goes on at once (a failed batch still waits for its backoff); a root
+        // that is finishing sends what is left.
+        if self.finishing {
+            self.settle(&books, now, true);
+            if self.settling.is_empty() {
+                self.done();
+            }
+        } else if books.queue.borrow().backlogged() {
+            self.settle(&books, now, false);
         }
     }
 
@@ -154,6 +201,19 @@ impl Root {
 }
 
 impl Context for Root {
+    /// The configuration goes away (a reload, its removal, the VM's end): whatever waits
+    /// is sent at once, and the host is told `done` once the replies are in. Envoy calls
+    /// this; Kong never does, and Envoy's SIGTERM stops the event loop without it (see the
+    /// README's "Stopping a gateway").
+    fn on_done(&mut self) -> bool {
+        self.finishing = true;
+        let now = millis(self.get_current_time());
+        for books in LEDGERS.with(|ledgers| ledgers.borrow().all()) {
+            self.settle(&books, now, true);
+        }
+        self.settling.is_empty()
+    }
+
     fn on_http_call_response(
         &mut self,
         token: u32,
@@ -165,46 +225,37 @@ impl Context for Root {
             self.on_refill_reply(id, headers, body_size);
             return;
         }
-        let Some((_, batch)) = self.settling.take_if(|(sent, _)| *sent == token) else {
-            return;
-        };
-        let reply = read_reply(self, headers, body_size, MAX_REPLY_BYTES);
-        let now = millis(self.get_current_time());
-        let outcome = self.queue.borrow_mut().on_reply(batch, &reply, now);
-        match outcome {
-            BatchOutcome::Acknowledged { unsettled: 0, .. } | BatchOutcome::Stray => {}
-            BatchOutcome::Acknowledged { settled, unsettled, lost_tokens } => {
-                log::warn!(
-                    "paystile: {unsettled} of {settled} settlements found their hold expired, revoked or unknown"
-                );
-                if let Some(gate) = &self.gate {
-                    gate.on_tokens_lost(&lost_tokens);
-                }
-            }
-            BatchOutcome::Retrying { retry_in_ms } => {
-                log::warn!(
-                    "paystile: settling failed (status {:?}); retrying in {retry_in_ms} ms",
-                    reply.status
-                );
-            }
-            BatchOutcome::Dropped { settlements } => {
-                log::error!(
-                    "paystile: the ledger refused a batch of {settlements} settlements as malformed"
-                );
-            }
+        if let Some(at) = self.settling.iter().position(|(sent, _, _)| *sent == token) {
+            let (_, books, batch) = self.settling.swap_remove(at);
+            self.on_settle_reply(books, batch, headers, body_size);
         }
-        // A backlog goes on at once (a failed batch still waits for its backoff).
-        if self.queue.borrow().backlogged()
-            && let Some(gate) = self.gate.clone()
-        {
-            self.settle(&gate.config().ledger, now);
-        }
+    }
+}
+
+/// Logs what a settle answer says beyond "settled", and forgets the prefetched holds of
+/// tokens the ledger no longer commits.
+fn report(books: &Books, answered: Answered) {
+    if answered.unsettled > 0 {
+        log::warn!(
+            "paystile: {} of {} settlements found their hold expired, revoked or unknown",
+            answered.unsettled,
+            answered.settled
+        );
+    }
+    for (charge_id, reason) in &answered.invalid {
+        log::error!(
+            "paystile: the ledger refused the settlement of {charge_id}: {reason}; dropped"
+        );
+    }
+    let mut prefetched = books.prefetched.borrow_mut();
+    for token_id in &answered.lost_tokens {
+        prefetched.drop_token(token_id);
     }
 }
 
 struct Stream {
     gate: Option<Rc<Gate>>,
-    queue: Rc<RefCell<SettleQueue>>,
+    books: Option<Rc<Books>>,
     exchange: Exchange,
 }
 
@@ -243,7 +294,9 @@ impl Stream {
 
     fn settle(&self, settlement: Settlement) {
         let token_id = self.exchange.token_id().unwrap_or_default().to_owned();
-        push(&self.queue, Queued { settlement, token_id });
+        if let Some(books) = &self.books {
+            push(books, Queued { settlement, token_id });
+        }
     }
 
     fn respond(&self, response: LocalResponse) {
@@ -321,8 +374,8 @@ impl Context for Stream {
     }
 }
 
-fn push(queue: &RefCell<SettleQueue>, queued: Queued) {
-    if queue.borrow_mut().push(queued) {
+fn push(books: &Books, queued: Queued) {
+    if books.queue.borrow_mut().push(queued) {
         log::error!(
             "paystile: settle queue full; dropped the oldest settlement (its hold will expire)"
         );

@@ -9,7 +9,7 @@
 
 use paystile_filter::config::Config;
 use paystile_filter::gate::{Exchange, Gate, RequestHead};
-use paystile_protocol::jws::Key;
+use paystile_protocol::jws::SigningKey;
 use paystile_protocol::pay_token::{self, PayTokenClaims, Scope};
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
@@ -302,7 +302,7 @@ fn bearer() -> String {
         aud: None,
         sandbox: false,
     };
-    format!("Bearer {}", pay_token::sign(&claims, &Key::hs256(TOKEN_SECRET).with_kid("k1")))
+    format!("Bearer {}", pay_token::sign(&claims, &SigningKey::hs256(TOKEN_SECRET).with_kid("k1")))
 }
 
 /// The parser's answer to `json`, checked: a refusal that names what is wrong without

@@ -4,9 +4,11 @@
 
 mod support;
 
+use paystile_filter::answer::HeaderEdit;
 use paystile_filter::config::Config;
-use paystile_filter::gate::{Exchange, Gate, HeaderEdit, LedgerReply, RequestAction, RequestHead};
-use paystile_protocol::jws::Key;
+use paystile_filter::gate::{Exchange, Gate, RequestAction, RequestHead};
+use paystile_filter::ledger::LedgerReply;
+use paystile_protocol::jws::SigningKey;
 use paystile_protocol::ledger_api::{Outcome, ReserveRequest, Settlement};
 use paystile_protocol::pay_token;
 use serde_json::{Value, json};
@@ -41,7 +43,10 @@ fn gate() -> Gate {
 }
 
 fn bearer(jti: &str) -> String {
-    format!("Bearer {}", pay_token::sign(&support::claims(jti, "1", NOW), &Key::hs256(SECRET)))
+    format!(
+        "Bearer {}",
+        pay_token::sign(&support::claims(jti, "1", NOW), &SigningKey::hs256(SECRET))
+    )
 }
 
 /// A hold answering a reserve, with `extras` granted beyond it.

@@ -1,7 +1,20 @@
-//! The `Authorization` header: which paystile credential, if any, a request carries.
+//! The `Authorization` header: which paystile credential, if any, a request carries, and what
+//! it proves. The gateway verifies it inline for each request; the ledger verifies it again
+//! before it spends for it, so that a gateway's key alone opens no buyer's money. Both use
+//! [`verify`], so every scheme is checked alike in both places.
 //!
 //! Parsing works on raw bytes because proxy-wasm hosts hand over whatever the client sent,
 //! and any bytes must give an answer (never a panic).
+
+use core::fmt;
+use core::ops::Range;
+
+use crate::jws::Key;
+use crate::l402::{self, Capability, L402Error};
+use crate::ledger_api::TokenGrant;
+use crate::money::Usdc;
+use crate::pay_token::{self, PayTokenError, Scope, Validation};
+use crate::{ErrorBody, ErrorCode};
 
 /// The longest `Authorization` value accepted; real Pay Tokens are well under 2 KiB.
 pub const MAX_AUTHORIZATION_LEN: usize = 8 * 1024;
@@ -72,9 +85,364 @@ fn trim_ascii_whitespace(bytes: &[u8]) -> &[u8] {
     &bytes[start..end]
 }
 
+/// A credential scheme paystile takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    /// A Pay Token, `Authorization: Bearer <jwt>`.
+    PayToken,
+    /// `Authorization: L402 <macaroon>:<preimage>`.
+    L402,
+}
+
+/// How credentials are verified: the schemes taken, with their keys and rules.
+#[derive(Clone, Debug, Default)]
+pub struct Verifier {
+    pub pay_token: Option<PayTokenRules>,
+    pub l402: Option<L402Rules>,
+}
+
+#[derive(Clone, Debug)]
+pub struct PayTokenRules {
+    pub keys: Vec<Key>,
+    pub validation: Validation,
+    /// Whether sandbox Pay Tokens (charged to the ledger's sandbox book) are taken.
+    pub accept_sandbox: bool,
+}
+
+#[derive(Clone)]
+pub struct L402Rules {
+    /// The secret macaroon root keys derive from.
+    pub secret: Vec<u8>,
+    /// Whether credentials bought with sandbox invoices are taken.
+    pub accept_sandbox: bool,
+}
+
+impl fmt::Debug for L402Rules {
+    /// Never prints the secret.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("L402Rules").field("accept_sandbox", &self.accept_sandbox).finish()
+    }
+}
+
+/// What a credential is checked for.
+#[derive(Clone, Copy, Debug)]
+pub struct Target<'a> {
+    pub service_id: &'a str,
+    pub capability: Capability<'a>,
+    /// Unix seconds.
+    pub now: u64,
+}
+
+/// A verified credential: the token it pays from, and what else holds for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verified {
+    pub token: TokenGrant,
+    /// The narrower cap the presented copy states for itself (an attenuated L402), if any:
+    /// calls must fit under it as well as under the token's limit.
+    pub cap: Option<Usdc>,
+    pub scheme: Scheme,
+    /// The route capability an L402 was checked for (a Pay Token's checks ignore routes).
+    pub capability: Option<String>,
+    /// The Unix seconds in which the credential verifies.
+    pub valid: Range<u64>,
+}
+
+/// Why a credential pays for nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// No credential of a scheme this verifier takes: the answer is a payment challenge.
+    NotOffered,
+    /// An `Authorization` of a paystile scheme that cannot be read.
+    Unreadable(CredentialError),
+    PayToken(PayTokenError),
+    /// A sandbox Pay Token where only real payments are taken.
+    SandboxToken,
+    /// A Pay Token bound to another service.
+    WrongService,
+    L402(L402Error),
+}
+
+impl Refusal {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Refusal::NotOffered => ErrorCode::PaymentRequired,
+            Refusal::PayToken(PayTokenError::Expired | PayTokenError::NotYetValid) => {
+                ErrorCode::TokenExpired
+            }
+            Refusal::Unreadable(_) | Refusal::PayToken(_) | Refusal::SandboxToken => {
+                ErrorCode::InvalidCredential
+            }
+            Refusal::WrongService => ErrorCode::WrongService,
+            Refusal::L402(error) => match error {
+                L402Error::WrongPreimage => ErrorCode::InvalidPreimage,
+                L402Error::Expired => ErrorCode::TokenExpired,
+                L402Error::WrongService | L402Error::CapabilityNotGranted => {
+                    ErrorCode::WrongService
+                }
+                L402Error::Malformed(_)
+                | L402Error::BadIdentifier
+                | L402Error::BadPreimageEncoding
+                | L402Error::BadSignature(_)
+                | L402Error::MissingCaveat(_)
+                | L402Error::WideningCaveat(_)
+                | L402Error::SandboxCredential => ErrorCode::InvalidCredential,
+            },
+        }
+    }
+
+    /// The error answer (a [`Refusal::NotOffered`] is answered with a challenge instead,
+    /// whose body the caller builds).
+    pub fn to_body(&self) -> ErrorBody {
+        let code = self.code();
+        match self {
+            Refusal::NotOffered | Refusal::Unreadable(_) | Refusal::WrongService => {
+                ErrorBody::new(code)
+            }
+            Refusal::PayToken(PayTokenError::Expired | PayTokenError::NotYetValid) => {
+                ErrorBody::new(code)
+            }
+            Refusal::PayToken(error) => {
+                ErrorBody::with_message(code, format!("Invalid credential: {error}"))
+            }
+            Refusal::SandboxToken => ErrorBody::with_message(
+                code,
+                "Invalid credential: a sandbox token, and this gateway takes real payments only",
+            ),
+            Refusal::L402(error) => {
+                ErrorBody::with_message(code, format!("{}: {error}", code.default_message()))
+            }
+        }
+    }
+}
+
+/// Verifies the `Authorization` value `authorization` for `target`: what the credential
+/// pays from, or why it pays for nothing.
+pub fn verify(
+    authorization: &[u8],
+    verifier: &Verifier,
+    target: &Target<'_>,
+) -> Result<Verified, Refusal> {
+    match parse_authorization(authorization).map_err(Refusal::Unreadable)? {
+        None => Err(Refusal::NotOffered),
+        Some(Credential::Bearer(token)) => {
+            let rules = verifier.pay_token.as_ref().ok_or(Refusal::NotOffered)?;
+            verify_pay_token(token, rules, target)
+        }
+        Some(Credential::L402 { macaroon, preimage }) => {
+            let rules = verifier.l402.as_ref().ok_or(Refusal::NotOffered)?;
+            verify_l402(macaroon, preimage, rules, target)
+        }
+    }
+}
+
+fn verify_pay_token(
+    token: &str,
+    rules: &PayTokenRules,
+    target: &Target<'_>,
+) -> Result<Verified, Refusal> {
+    let claims = pay_token::verify(token, &rules.keys, &rules.validation, target.now)
+        .map_err(Refusal::PayToken)?;
+    // Sandbox tokens pay from the sandbox book: a real service only where asked for.
+    if claims.sandbox && !rules.accept_sandbox {
+        return Err(Refusal::SandboxToken);
+    }
+    if !claims.allows_service(target.service_id) {
+        return Err(Refusal::WrongService);
+    }
+    Ok(Verified {
+        token: TokenGrant::from(&claims),
+        cap: None,
+        scheme: Scheme::PayToken,
+        capability: None,
+        valid: claims.valid_during(&rules.validation),
+    })
+}
+
+fn verify_l402(
+    macaroon: &str,
+    preimage: &str,
+    rules: &L402Rules,
+    target: &Target<'_>,
+) -> Result<Verified, Refusal> {
+    let l402_target = l402::Target {
+        service_id: target.service_id,
+        capability: target.capability,
+        now: target.now,
+        accept_sandbox: rules.accept_sandbox,
+    };
+    let grant =
+        l402::verify(macaroon, preimage, &rules.secret, &l402_target).map_err(Refusal::L402)?;
+    let token_id = grant.identifier.ledger_token_id();
+    let token = TokenGrant {
+        // An L402 holder is anonymous: each token is its own buyer.
+        buyer_id: token_id.clone(),
+        token_id,
+        buyer_tag: None,
+        service_id: Some(target.service_id.to_owned()),
+        scope: Scope::Single,
+        limit_usdc: grant.limit,
+        expires_at: grant.expires_at,
+        sandbox: grant.sandbox,
+    };
+    let capability = match target.capability {
+        Capability::Route(capability) => capability.map(str::to_owned),
+        Capability::Any => None,
+    };
+    Ok(Verified {
+        token,
+        cap: (grant.cap < grant.limit).then_some(grant.cap),
+        scheme: Scheme::L402,
+        capability,
+        valid: 0..grant.valid_until.saturating_add(1),
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    use sha2::{Digest, Sha256};
+
     use super::*;
+    use crate::jws::SigningKey;
+    use crate::l402::{Identifier, Offer};
+    use crate::pay_token::PayTokenClaims;
+
+    const NOW: u64 = 1_800_000_000;
+    const L402_SECRET: &[u8] = b"an l402 secret of enough length!";
+    const PREIMAGE: [u8; 32] = [7; 32];
+
+    fn signer() -> SigningKey {
+        SigningKey::ed25519(&[5; 32]).with_kid("2026-12")
+    }
+
+    fn verifier() -> Verifier {
+        Verifier {
+            pay_token: Some(PayTokenRules {
+                keys: vec![signer().verifying_key()],
+                validation: Validation::default(),
+                accept_sandbox: false,
+            }),
+            l402: Some(L402Rules { secret: L402_SECRET.to_vec(), accept_sandbox: true }),
+        }
+    }
+
+    fn target(capability: Capability<'static>) -> Target<'static> {
+        Target { service_id: "weather", capability, now: NOW }
+    }
+
+    fn claims() -> PayTokenClaims {
+        PayTokenClaims {
+            sub: "agent-7".into(),
+            jti: "tok_1".into(),
+            service_id: Some("weather".into()),
+            limit_usdc: "5".parse().unwrap(),
+            scope: Scope::Single,
+            buyer_tag: Some("crawler".into()),
+            exp: NOW + 60,
+            iat: None,
+            nbf: None,
+            iss: None,
+            aud: None,
+            sandbox: false,
+        }
+    }
+
+    fn bearer(claims: &PayTokenClaims, key: &SigningKey) -> String {
+        format!("Bearer {}", pay_token::sign(claims, key))
+    }
+
+    fn l402(extra_caveats: &[&[u8]], sandbox: bool) -> String {
+        let identifier =
+            Identifier { payment_hash: Sha256::digest(PREIMAGE).into(), token_id: [3; 32] };
+        let offer = Offer {
+            service_id: "weather".into(),
+            valid_until: NOW + 3_600,
+            budget: "0.05".parse().unwrap(),
+            capabilities: vec!["read".into()],
+            sandbox,
+        };
+        let mut macaroon = l402::mint(L402_SECRET, &identifier, &offer);
+        for caveat in extra_caveats {
+            macaroon.add_first_party_caveat(caveat);
+        }
+        format!("L402 {}:{}", l402::encode_macaroon(&macaroon), hex::encode(PREIMAGE))
+    }
+
+    #[test]
+    fn a_pay_token_proves_its_claims() {
+        let verified =
+            verify(bearer(&claims(), &signer()).as_bytes(), &verifier(), &target(Capability::Any))
+                .unwrap();
+        assert_eq!(verified.token, TokenGrant::from(&claims()));
+        assert_eq!((verified.scheme, verified.cap), (Scheme::PayToken, None));
+        assert_eq!(verified.valid, 0..NOW + 60);
+        // A key outside the set, another service, a sandbox token: refused.
+        let stranger = SigningKey::ed25519(&[6; 32]).with_kid("2026-12");
+        let refused = |authorization: String| {
+            verify(authorization.as_bytes(), &verifier(), &target(Capability::Any)).unwrap_err()
+        };
+        assert_eq!(refused(bearer(&claims(), &stranger)).code(), ErrorCode::InvalidCredential);
+        let maps = PayTokenClaims { service_id: Some("maps".into()), ..claims() };
+        assert_eq!(refused(bearer(&maps, &signer())), Refusal::WrongService);
+        let sandbox = PayTokenClaims { sandbox: true, ..claims() };
+        assert_eq!(refused(bearer(&sandbox, &signer())), Refusal::SandboxToken);
+        let expired = PayTokenClaims { exp: NOW - 1, ..claims() };
+        assert_eq!(refused(bearer(&expired, &signer())).code(), ErrorCode::TokenExpired);
+    }
+
+    #[test]
+    fn an_l402_proves_its_budget_and_the_cap_of_its_copy() {
+        let verified =
+            verify(l402(&[], true).as_bytes(), &verifier(), &target(Capability::Any)).unwrap();
+        let token_id = format!("l402_{}", "03".repeat(32));
+        assert_eq!(verified.token.token_id, token_id);
+        assert_eq!(verified.token.buyer_id, token_id, "each L402 token is its own buyer");
+        assert_eq!(verified.token.limit_usdc, "0.05".parse().unwrap());
+        assert_eq!(verified.token.expires_at, NOW + 3_600);
+        assert_eq!(verified.token.service_id.as_deref(), Some("weather"));
+        assert!(verified.token.sandbox, "the ledger meters it in its sandbox book");
+        assert_eq!((verified.scheme, verified.cap), (Scheme::L402, None));
+        // An attenuated copy states a lower cap.
+        let narrowed = l402(&[b"weather_budget_usdc=0.01"], false);
+        let verified = verify(narrowed.as_bytes(), &verifier(), &target(Capability::Any)).unwrap();
+        assert_eq!(verified.cap, Some("0.01".parse().unwrap()));
+        assert!(!verified.token.sandbox);
+    }
+
+    #[test]
+    fn a_gateway_checks_the_route_and_the_ledger_the_budget_only() {
+        let credential = l402(&[], false);
+        let check = |capability| verify(credential.as_bytes(), &verifier(), &target(capability));
+        assert!(check(Capability::Any).is_ok());
+        assert_eq!(
+            check(Capability::Route(Some("read"))).unwrap().capability.as_deref(),
+            Some("read")
+        );
+        assert_eq!(
+            check(Capability::Route(Some("write"))).unwrap_err().code(),
+            ErrorCode::WrongService
+        );
+    }
+
+    #[test]
+    fn what_is_not_offered_asks_for_a_challenge() {
+        let pay_tokens_only = Verifier { l402: None, ..verifier() };
+        let any = target(Capability::Any);
+        for authorization in ["Basic dXNlcg==", ""] {
+            assert_eq!(
+                verify(authorization.as_bytes(), &pay_tokens_only, &any),
+                Err(Refusal::NotOffered)
+            );
+        }
+        assert_eq!(
+            verify(l402(&[], false).as_bytes(), &pay_tokens_only, &any),
+            Err(Refusal::NotOffered)
+        );
+        assert_eq!(
+            verify(b"Bearer a b", &verifier(), &any).unwrap_err().code(),
+            ErrorCode::InvalidCredential
+        );
+        assert_eq!(Refusal::NotOffered.code(), ErrorCode::PaymentRequired);
+    }
 
     #[test]
     fn reads_bearer_tokens_case_insensitively() {

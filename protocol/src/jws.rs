@@ -1,15 +1,18 @@
 //! JSON Web Signature in compact serialization (RFC 7515), for the algorithms paystile's keys
-//! use: HS256 (RFC 7518 §3.2).
+//! use: HS256 (RFC 7518 §3.2), a shared secret that both signs and verifies, and EdDSA with
+//! Ed25519 (RFC 8037), whose public key only verifies: a gateway that holds it cannot mint.
 //!
 //! The algorithm belongs to the key. A token's `alg` header must name its key's algorithm and
-//! never chooses one, so `none` and every mismatch are refused. The MAC is computed over the
-//! exact base64url segments as received (never a re-serialization) and compared in constant
-//! time.
+//! never chooses one, so `none` and every mismatch are refused. The signature is checked over
+//! the exact base64url segments as received (never a re-serialization); MACs are compared in
+//! constant time, and Ed25519 signatures are checked strictly (RFC 8032 §5.1.7 with canonical
+//! encodings and no small-order keys), so that no second encoding of one signature verifies.
 
 use core::fmt;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use ed25519_dalek::{Signer as _, VerifyingKey};
 use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -22,28 +25,43 @@ pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Algorithm {
     Hs256,
+    EdDsa,
 }
 
 impl Algorithm {
     const fn name(self) -> &'static str {
         match self {
             Algorithm::Hs256 => "HS256",
+            Algorithm::EdDsa => "EdDSA",
         }
     }
 }
 
-/// A signing and verification key, with the one algorithm it may be used with.
+/// What a [`Key`] verifies with.
+#[derive(Clone)]
+enum Verifier {
+    Hs256(Vec<u8>),
+    Ed25519(VerifyingKey),
+}
+
+/// A verification key, with the one algorithm it may be used with.
 #[derive(Clone)]
 pub struct Key {
     kid: Option<String>,
-    algorithm: Algorithm,
-    secret: Vec<u8>,
+    verifier: Verifier,
 }
 
 impl Key {
     /// An HS256 key. HMAC accepts any key length; RFC 7518 asks for at least 32 bytes.
     pub fn hs256(secret: impl Into<Vec<u8>>) -> Key {
-        Key { kid: None, algorithm: Algorithm::Hs256, secret: secret.into() }
+        Key { kid: None, verifier: Verifier::Hs256(secret.into()) }
+    }
+
+    /// An Ed25519 public key (RFC 8037 `x`), if the 32 bytes encode a curve point.
+    pub fn ed25519(public: &[u8; 32]) -> Option<Key> {
+        let key = VerifyingKey::from_bytes(public).ok()?;
+        // A small-order key verifies signatures that anyone can make.
+        (!key.is_weak()).then_some(Key { kid: None, verifier: Verifier::Ed25519(key) })
     }
 
     /// Names the key; tokens that carry this `kid` are verified with it alone.
@@ -56,24 +74,118 @@ impl Key {
         self.kid.as_deref()
     }
 
-    fn mac(&self, signing_input: &[u8]) -> HmacSha256 {
-        // HMAC is defined for keys of every length, so this constructor cannot fail; the
-        // fallback keeps the signature of this function total without a panic path.
-        let mut mac = HmacSha256::new_from_slice(&self.secret)
-            .unwrap_or_else(|_| HmacSha256::new(&Default::default()));
-        mac.update(signing_input);
-        mac
+    /// The Ed25519 public key's 32 bytes (RFC 8037 `x`); `None` for a shared secret.
+    pub fn ed25519_public(&self) -> Option<[u8; 32]> {
+        match &self.verifier {
+            Verifier::Ed25519(key) => Some(key.to_bytes()),
+            Verifier::Hs256(_) => None,
+        }
+    }
+
+    fn algorithm(&self) -> Algorithm {
+        match self.verifier {
+            Verifier::Hs256(_) => Algorithm::Hs256,
+            Verifier::Ed25519(_) => Algorithm::EdDsa,
+        }
+    }
+
+    /// Whether `signature` signs `signing_input` under this key.
+    fn verifies(&self, signing_input: &[u8], signature: &[u8]) -> bool {
+        match &self.verifier {
+            // `verify_slice` compares in constant time.
+            Verifier::Hs256(secret) => mac(secret, signing_input).verify_slice(signature).is_ok(),
+            Verifier::Ed25519(key) => ed25519_dalek::Signature::from_slice(signature)
+                .is_ok_and(|signature| key.verify_strict(signing_input, &signature).is_ok()),
+        }
     }
 }
 
 impl fmt::Debug for Key {
-    /// Never prints the secret.
+    /// Never prints a secret.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Key")
             .field("kid", &self.kid)
-            .field("algorithm", &self.algorithm)
+            .field("algorithm", &self.algorithm())
             .finish_non_exhaustive()
     }
+}
+
+/// What a [`SigningKey`] signs with.
+#[derive(Clone)]
+enum Signer {
+    Hs256(Vec<u8>),
+    Ed25519(Box<ed25519_dalek::SigningKey>),
+}
+
+/// A key that signs: an HS256 secret, or an Ed25519 private key.
+#[derive(Clone)]
+pub struct SigningKey {
+    kid: Option<String>,
+    signer: Signer,
+}
+
+impl SigningKey {
+    pub fn hs256(secret: impl Into<Vec<u8>>) -> SigningKey {
+        SigningKey { kid: None, signer: Signer::Hs256(secret.into()) }
+    }
+
+    /// An Ed25519 private key from its 32-byte seed (RFC 8037 `d`).
+    pub fn ed25519(seed: &[u8; 32]) -> SigningKey {
+        let key = ed25519_dalek::SigningKey::from_bytes(seed);
+        SigningKey { kid: None, signer: Signer::Ed25519(Box::new(key)) }
+    }
+
+    /// Names the key: its tokens carry this `kid`.
+    pub fn with_kid(mut self, kid: impl Into<String>) -> SigningKey {
+        self.kid = Some(kid.into());
+        self
+    }
+
+    pub fn kid(&self) -> Option<&str> {
+        self.kid.as_deref()
+    }
+
+    /// The key that verifies what this one signs.
+    pub fn verifying_key(&self) -> Key {
+        let verifier = match &self.signer {
+            Signer::Hs256(secret) => Verifier::Hs256(secret.clone()),
+            Signer::Ed25519(key) => Verifier::Ed25519(key.verifying_key()),
+        };
+        Key { kid: self.kid.clone(), verifier }
+    }
+
+    fn algorithm(&self) -> Algorithm {
+        match self.signer {
+            Signer::Hs256(_) => Algorithm::Hs256,
+            Signer::Ed25519(_) => Algorithm::EdDsa,
+        }
+    }
+
+    fn sign(&self, signing_input: &[u8]) -> Vec<u8> {
+        match &self.signer {
+            Signer::Hs256(secret) => mac(secret, signing_input).finalize().into_bytes().to_vec(),
+            Signer::Ed25519(key) => key.sign(signing_input).to_bytes().to_vec(),
+        }
+    }
+}
+
+impl fmt::Debug for SigningKey {
+    /// Never prints the secret.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("kid", &self.kid)
+            .field("algorithm", &self.algorithm())
+            .finish_non_exhaustive()
+    }
+}
+
+fn mac(secret: &[u8], signing_input: &[u8]) -> HmacSha256 {
+    // HMAC is defined for keys of every length, so this constructor cannot fail; the
+    // fallback keeps the signature of this function total without a panic path.
+    let mut mac =
+        HmacSha256::new_from_slice(secret).unwrap_or_else(|_| HmacSha256::new(&Default::default()));
+    mac.update(signing_input);
+    mac
 }
 
 /// Why a compact JWS was refused.
@@ -119,10 +231,10 @@ fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, D:
     serde::de::IgnoredAny::deserialize(deserializer).map(|_| true)
 }
 
-/// Signs `payload` with `key`: `base64url(header).base64url(payload).base64url(mac)`.
-pub fn sign(payload: &[u8], key: &Key) -> String {
+/// Signs `payload` with `key`: `base64url(header).base64url(payload).base64url(signature)`.
+pub fn sign(payload: &[u8], key: &SigningKey) -> String {
     let header = Header {
-        alg: key.algorithm.name().to_owned(),
+        alg: key.algorithm().name().to_owned(),
         kid: key.kid.clone(),
         typ: Some("JWT".to_owned()),
         crit: false,
@@ -132,16 +244,17 @@ pub fn sign(payload: &[u8], key: &Key) -> String {
     let mut token = URL_SAFE_NO_PAD.encode(header);
     token.push('.');
     URL_SAFE_NO_PAD.encode_string(payload, &mut token);
-    let tag = key.mac(token.as_bytes()).finalize().into_bytes();
+    let signature = key.sign(token.as_bytes());
     token.push('.');
-    URL_SAFE_NO_PAD.encode_string(tag, &mut token);
+    URL_SAFE_NO_PAD.encode_string(signature, &mut token);
     token
 }
 
 /// Verifies a compact JWS against the configured keys and returns its payload bytes.
 ///
 /// A token with a `kid` is verified with that key only. A token without one is tried against
-/// every key (rotation without key ids). The payload is decoded only once the MAC is good.
+/// every key (rotation without key ids). The payload is decoded only once the signature is
+/// good.
 pub fn verify(token: &str, keys: &[Key]) -> Result<Vec<u8>, JwsError> {
     if token.len() > MAX_TOKEN_LEN {
         return Err(JwsError::Malformed);
@@ -165,12 +278,11 @@ pub fn verify(token: &str, keys: &[Key]) -> Result<Vec<u8>, JwsError> {
     }
     let mut algorithm_allowed = false;
     for key in candidates {
-        if key.algorithm.name() != header.alg {
+        if key.algorithm().name() != header.alg {
             continue;
         }
         algorithm_allowed = true;
-        // `verify_slice` compares in constant time.
-        if key.mac(signing_input.as_bytes()).verify_slice(&signature).is_ok() {
+        if key.verifies(signing_input.as_bytes(), &signature) {
             return decode_segment(payload);
         }
     }
@@ -228,14 +340,78 @@ mod tests {
 
     #[test]
     fn signs_what_it_verifies() {
-        let key = Key::hs256(b"0123456789abcdef0123456789abcdef".to_vec());
+        let key = SigningKey::hs256(b"0123456789abcdef0123456789abcdef".to_vec());
         let token = sign(br#"{"sub":"a"}"#, &key);
-        assert_eq!(verify(&token, &[key]).unwrap(), br#"{"sub":"a"}"#);
+        assert_eq!(verify(&token, &[key.verifying_key()]).unwrap(), br#"{"sub":"a"}"#);
+        let ed = SigningKey::ed25519(&[7; 32]).with_kid("e");
+        let token = sign(br#"{"sub":"a"}"#, &ed);
+        assert!(token.starts_with(&URL_SAFE_NO_PAD.encode(r#"{"alg":"EdDSA","kid":"e""#)));
+        assert_eq!(verify(&token, &[ed.verifying_key()]).unwrap(), br#"{"sub":"a"}"#);
+    }
+
+    /// RFC 8037 Appendix A.1 (the key) and A.4 (its signature of the A.4 payload).
+    const RFC_8037_D: &str = "nWGxne_9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A";
+    const RFC_8037_X: &str = "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo";
+    const RFC_8037_JWS: &str = "eyJhbGciOiJFZERTQSJ9.RXhhbXBsZSBvZiBFZDI1NTE5IHNpZ25pbmc.hgyY0il_MGCjP0JzlnLWG1PPOt7-09PGcvMg3AIbQR6dWbhijcNR4ki4iylGjg5BhVsPt9g7sVvpAr_MuM0KAg";
+
+    fn bytes32(b64: &str) -> [u8; 32] {
+        URL_SAFE_NO_PAD.decode(b64).unwrap().try_into().unwrap()
+    }
+
+    #[test]
+    fn verifies_and_signs_the_rfc_8037_ed25519_vector() {
+        let public = Key::ed25519(&bytes32(RFC_8037_X)).unwrap();
+        assert_eq!(
+            verify(RFC_8037_JWS, std::slice::from_ref(&public)).unwrap(),
+            b"Example of Ed25519 signing"
+        );
+        let private = SigningKey::ed25519(&bytes32(RFC_8037_D));
+        assert_eq!(private.verifying_key().ed25519_public(), Some(bytes32(RFC_8037_X)));
+        // Ed25519 is deterministic: the same header and payload sign to the vector itself.
+        let (input, signature) = RFC_8037_JWS.rsplit_once('.').unwrap();
+        assert_eq!(URL_SAFE_NO_PAD.encode(private.sign(input.as_bytes())), signature);
+        // Any other key, or a changed byte, is refused.
+        let other = SigningKey::ed25519(&[1; 32]).verifying_key();
+        assert_eq!(verify(RFC_8037_JWS, &[other]), Err(JwsError::BadSignature));
+        let flipped = format!("{input}.{}", signature.replacen('h', "i", 1));
+        assert_eq!(verify(&flipped, &[public]), Err(JwsError::BadSignature));
+    }
+
+    #[test]
+    fn ed25519_keys_that_verify_anything_are_refused() {
+        // The identity point (small order): every "signature" with R = identity, s = 0
+        // would verify under it.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        assert!(Key::ed25519(&identity).is_none());
+    }
+
+    #[test]
+    fn an_hs256_secret_never_verifies_an_eddsa_token_and_the_reverse() {
+        let ed = SigningKey::ed25519(&[7; 32]);
+        let hs = SigningKey::hs256(b"0123456789abcdef0123456789abcdef".to_vec());
+        let eddsa_token = sign(b"{}", &ed);
+        assert_eq!(verify(&eddsa_token, &[hs.verifying_key()]), Err(JwsError::AlgorithmNotAllowed));
+        assert_eq!(
+            verify(&sign(b"{}", &hs), &[ed.verifying_key()]),
+            Err(JwsError::AlgorithmNotAllowed)
+        );
+        // An EdDSA header over an HMAC of the public key's bytes (the classic confusion
+        // attack) is refused by the Ed25519 key.
+        let public = ed.verifying_key().ed25519_public().unwrap();
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"EdDSA"}"#),
+            URL_SAFE_NO_PAD.encode("{}")
+        );
+        let tag = mac(&public, input.as_bytes()).finalize().into_bytes();
+        let forged = format!("{input}.{}", URL_SAFE_NO_PAD.encode(tag));
+        assert_eq!(verify(&forged, &[ed.verifying_key()]), Err(JwsError::BadSignature));
     }
 
     fn token_with_header(header: &str, key: &[u8]) -> String {
         let input = format!("{}.{}", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode("{}"));
-        let tag = Key::hs256(key.to_vec()).mac(input.as_bytes()).finalize().into_bytes();
+        let tag = mac(key, input.as_bytes()).finalize().into_bytes();
         format!("{input}.{}", URL_SAFE_NO_PAD.encode(tag))
     }
 
@@ -260,18 +436,19 @@ mod tests {
 
     #[test]
     fn kid_selects_the_key() {
-        let old = Key::hs256(b"old-secret-old-secret-old-secret".to_vec()).with_kid("2025");
-        let new = Key::hs256(b"new-secret-new-secret-new-secret".to_vec()).with_kid("2026");
-        let keys = [old.clone(), new.clone()];
+        let old = SigningKey::hs256(b"old-secret-old-secret-old-secret".to_vec()).with_kid("2025");
+        let new = SigningKey::ed25519(&[2; 32]).with_kid("2026");
+        let keys = [old.verifying_key(), new.verifying_key()];
         assert!(verify(&sign(b"{}", &old), &keys).is_ok());
         assert!(verify(&sign(b"{}", &new), &keys).is_ok());
-        let unknown = Key::hs256(b"new-secret-new-secret-new-secret".to_vec()).with_kid("1999");
+        let unknown = SigningKey::ed25519(&[2; 32]).with_kid("1999");
         assert_eq!(verify(&sign(b"{}", &unknown), &keys), Err(JwsError::UnknownKey));
-        // Signed with the new secret but naming the old key: the old key alone is tried.
-        let crossed = Key::hs256(b"new-secret-new-secret-new-secret".to_vec()).with_kid("2025");
+        // Signed with the new key but naming the old one: the old key alone is tried.
+        let crossed =
+            SigningKey::hs256(b"new-secret-new-secret-new-secret".to_vec()).with_kid("2025");
         assert_eq!(verify(&sign(b"{}", &crossed), &keys), Err(JwsError::BadSignature));
         // Without a kid, every key is tried.
-        let anonymous = Key::hs256(b"old-secret-old-secret-old-secret".to_vec());
+        let anonymous = SigningKey::ed25519(&[2; 32]);
         assert!(verify(&sign(b"{}", &anonymous), &keys).is_ok());
     }
 
@@ -292,8 +469,9 @@ mod tests {
 
     #[test]
     fn refuses_malformed_compact_serializations() {
-        let key = Key::hs256(b"0123456789abcdef0123456789abcdef".to_vec());
-        let good = sign(b"{}", &key);
+        let signer = SigningKey::hs256(b"0123456789abcdef0123456789abcdef".to_vec());
+        let key = signer.verifying_key();
+        let good = sign(b"{}", &signer);
         let (input, sig) = good.rsplit_once('.').unwrap();
         let cases = [
             String::new(),
@@ -315,5 +493,9 @@ mod tests {
     fn debug_never_shows_the_secret() {
         let shown = format!("{:?}", Key::hs256(b"hunter2-hunter2".to_vec()).with_kid("k"));
         assert!(!shown.contains("hunter2"), "{shown}");
+        let shown = format!("{:?}", SigningKey::hs256(b"hunter2-hunter2".to_vec()));
+        assert!(!shown.contains("hunter2"), "{shown}");
+        let shown = format!("{:?}", SigningKey::ed25519(&[0x41; 32]));
+        assert!(!shown.contains("65, 65") && !shown.contains("4141"), "{shown}");
     }
 }

@@ -212,12 +212,21 @@ pub struct Grant {
     pub sandbox: bool,
 }
 
+/// Which routes a credential is checked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Capability<'a> {
+    /// A route, with the capability it declares (if any): what a gateway checks.
+    Route(Option<&'a str>),
+    /// Any route of the service: what the ledger checks, which meters budgets and leaves
+    /// routes to the gateway.
+    Any,
+}
+
 /// The request a credential is checked against.
 #[derive(Clone, Copy, Debug)]
 pub struct Target<'a> {
     pub service_id: &'a str,
-    /// The route's capability, if it declares one.
-    pub capability: Option<&'a str>,
+    pub capability: Capability<'a>,
     /// Unix seconds.
     pub now: u64,
     /// Whether credentials bought with sandbox invoices are taken.
@@ -255,8 +264,8 @@ pub fn verify(
     if target.now > valid_until.narrowest {
         return Err(L402Error::Expired);
     }
-    if let Some(granted) = &caveats.capabilities
-        && !target.capability.is_some_and(|wanted| granted.contains(&wanted))
+    if let (Some(granted), Capability::Route(wanted)) = (&caveats.capabilities, target.capability)
+        && !wanted.is_some_and(|wanted| granted.contains(&wanted))
     {
         return Err(L402Error::CapabilityNotGranted);
     }
@@ -400,7 +409,12 @@ mod tests {
     }
 
     fn target(now: u64) -> Target<'static> {
-        Target { service_id: "weather", capability: None, now, accept_sandbox: false }
+        Target {
+            service_id: "weather",
+            capability: Capability::Route(None),
+            now,
+            accept_sandbox: false,
+        }
     }
 
     fn check(m: &Macaroon, target: &Target<'_>) -> Result<Grant, L402Error> {
@@ -510,10 +524,13 @@ mod tests {
     fn capabilities_restrict_routes() {
         let offer = Offer { capabilities: vec!["read".into(), "search".into()], ..offer() };
         let m = mint(SECRET, &identifier(), &offer);
-        let with = |capability| Target { capability, ..target(1_000) };
+        let with =
+            |capability| Target { capability: Capability::Route(capability), ..target(1_000) };
         assert!(check(&m, &with(Some("search"))).is_ok());
         assert_eq!(check(&m, &with(Some("write"))), Err(L402Error::CapabilityNotGranted));
         assert_eq!(check(&m, &with(None)), Err(L402Error::CapabilityNotGranted));
+        // The ledger checks budgets, not routes.
+        assert!(check(&m, &Target { capability: Capability::Any, ..target(1_000) }).is_ok());
         // Without a capabilities caveat, every route is open.
         assert!(
             check(&mint(SECRET, &identifier(), &super::tests::offer()), &with(Some("write")))

@@ -33,26 +33,52 @@ pub mod path {
     /// `POST`: pay a sandbox invoice, answering its preimage (admin; sandbox backend only).
     pub const SANDBOX_PAYMENTS: &str = "/v1/sandbox/payments";
     pub const HEALTHZ: &str = "/healthz";
+    /// `GET`: the public keys of the ledger's EdDSA Pay Tokens, a JWK set (open).
+    pub const JWKS: &str = "/.well-known/jwks.json";
 }
 
-/// `POST /v1/holds`: hold `priceUsdc` against the token for one call to `serviceId`.
+/// `POST /v1/holds`: hold `priceUsdc` for one call to `serviceId`, paid with `credential`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ReserveRequest {
-    pub token: TokenGrant,
+    /// The `Authorization` value the call came with (`Bearer <Pay Token>`, `L402 …`). The
+    /// ledger verifies it itself and spends only for the token it proves: the gateway's key
+    /// alone opens nobody's money.
+    pub credential: Presented,
     pub service_id: String,
     pub price_usdc: Usdc,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency: Option<Idempotency>,
-    /// A lower limit the presented credential states for itself (an attenuated L402
-    /// macaroon's budget caveat): this call must fit under it as well as under the token's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cap_usdc: Option<Usdc>,
     /// Holds wanted for calls of this shape, 1 to [`MAX_HOLDS_PER_RESERVE`]: a gateway that
     /// sees a token call often serves its next calls from the extra holds, without a round
     /// trip each. Never more than 1 with `idempotency`.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub count: u16,
+}
+
+/// A credential as a gateway presents it to the ledger: the call's `Authorization` value,
+/// at most [`MAX_AUTHORIZATION_LEN`](crate::credential::MAX_AUTHORIZATION_LEN) bytes. Debug
+/// output shows `…`: no log ever carries it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Presented(String);
+
+impl Presented {
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl From<String> for Presented {
+    fn from(value: String) -> Presented {
+        Presented(value)
+    }
+}
+
+impl core::fmt::Debug for Presented {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("Presented(…)")
+    }
 }
 
 /// The most holds one reserve asks for.
@@ -66,8 +92,9 @@ fn is_one(count: &u16) -> bool {
     *count == 1
 }
 
-/// A token as the gateway verified it. The ledger registers a token it has not seen yet (one
-/// minted elsewhere with the shared key) from these claims; afterwards its own record rules.
+/// A token as a verified credential states it (see [`crate::credential::verify`]). The ledger
+/// registers a token it has not seen yet (one minted elsewhere with a key it trusts, or an
+/// L402 token) from these claims; afterwards its own record rules.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TokenGrant {
@@ -149,8 +176,8 @@ pub struct Settlement {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_status: Option<u16>,
     /// With `commit`: charge this much (greater than 0, at most the held amount) and release
-    /// the rest; absent: charge the held amount. A settle request naming more than a hold
-    /// holds is refused whole (400).
+    /// the rest; absent: charge the held amount. A settlement naming more than its hold holds
+    /// is answered `invalid`, alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub amount_usdc: Option<Usdc>,
 }
@@ -175,10 +202,25 @@ pub struct SettleResponse {
 pub struct SettleResult {
     pub charge_id: String,
     pub status: SettleStatus,
+    /// Why, for a settlement refused as `invalid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl SettleResult {
+    /// The answer to a settlement that cannot apply to its hold.
+    pub fn invalid(charge_id: &str, problem: String) -> SettleResult {
+        SettleResult {
+            charge_id: charge_id.to_owned(),
+            status: SettleStatus::Invalid,
+            error: Some(problem),
+        }
+    }
 }
 
 /// What settling one hold did. Settling is idempotent: a repeated settlement reports the
-/// first one's result as `already_*` and changes nothing.
+/// first one's result as `already_*` and changes nothing. Every status is final: a gateway
+/// sends a settlement again only when its answer named none for it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SettleStatus {
@@ -192,6 +234,10 @@ pub enum SettleStatus {
     Revoked,
     /// No such hold.
     Unknown,
+    /// The settlement cannot apply to its hold (an amount above what it holds, an amount
+    /// with a release): nothing was done, and sending it again cannot succeed. The others
+    /// of its request are settled as usual.
+    Invalid,
 }
 
 /// `POST /v1/tokens`.
@@ -543,15 +589,15 @@ mod tests {
 
     #[test]
     fn a_reserve_asks_for_one_hold_unless_it_says_more() {
-        let grant = json!({"tokenId": "tok_1", "buyerId": "b", "scope": "SINGLE",
-            "limitUsdc": "1.000000", "expiresAt": 1_900_000_000u64});
-        let one = json!({"token": grant, "serviceId": "weather", "priceUsdc": "0.001000"});
+        let one = json!({"credential": "Bearer a.b.c", "serviceId": "weather",
+            "priceUsdc": "0.001000"});
         let request: ReserveRequest = serde_json::from_value(one.clone()).unwrap();
         assert_eq!(request.count, 1);
         // Written as before when it asks for one: older ledgers read it unchanged.
         assert_eq!(serde_json::to_value(&request).unwrap(), one);
         let eight = ReserveRequest { count: 8, ..request };
         assert_eq!(serde_json::to_value(&eight).unwrap()["count"], 8);
+        assert!(!format!("{eight:?}").contains("a.b.c"), "a credential in debug output");
     }
 
     #[test]

@@ -7,12 +7,14 @@
 pub mod credential;
 pub mod error;
 pub mod headers;
+pub mod jwk;
 pub mod jws;
 pub mod l402;
 pub mod ledger_api;
 pub mod macaroon;
 pub mod money;
 pub mod pay_token;
+pub mod verified;
 
 pub use error::{ErrorBody, ErrorCode};
 pub use money::{UnitPrice, Usdc};

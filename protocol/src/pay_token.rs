@@ -10,7 +10,7 @@ use core::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-use crate::jws::{self, JwsError, Key};
+use crate::jws::{self, JwsError, Key, SigningKey};
 use crate::money::Usdc;
 
 /// The longest token id, buyer id, service id or buyer tag accepted.
@@ -221,7 +221,7 @@ pub fn verify(
 }
 
 /// Signs `claims` into a compact JWT with `key`.
-pub fn sign(claims: &PayTokenClaims, key: &Key) -> String {
+pub fn sign(claims: &PayTokenClaims, key: &SigningKey) -> String {
     // Claims are strings, integers and amounts: they always serialize.
     jws::sign(&serde_json::to_vec(claims).unwrap_or_default(), key)
 }
@@ -232,8 +232,8 @@ mod tests {
 
     const NOW: u64 = 1_800_000_000;
 
-    fn key() -> Key {
-        Key::hs256(b"paystile-test-secret-0123456789ab".to_vec())
+    fn key() -> SigningKey {
+        SigningKey::hs256(b"paystile-test-secret-0123456789ab".to_vec())
     }
 
     fn claims() -> PayTokenClaims {
@@ -257,7 +257,7 @@ mod tests {
         claims: &PayTokenClaims,
         validation: &Validation,
     ) -> Result<PayTokenClaims, PayTokenError> {
-        verify(&sign(claims, &key()), &[key()], validation, NOW)
+        verify(&sign(claims, &key()), &[key().verifying_key()], validation, NOW)
     }
 
     #[test]
@@ -268,7 +268,7 @@ mod tests {
     #[test]
     fn uses_lemoncake_claim_names() {
         let token = sign(&claims(), &key());
-        let payload = jws::verify(&token, &[key()]).unwrap();
+        let payload = jws::verify(&token, &[key().verifying_key()]).unwrap();
         let json: serde_json::Value = serde_json::from_slice(&payload).unwrap();
         assert_eq!(json["serviceId"], "weather");
         assert_eq!(json["limitUsdc"], "5.000000");
@@ -343,7 +343,7 @@ mod tests {
         for payload in payloads {
             let token = jws::sign(payload.as_bytes(), &key());
             assert_eq!(
-                verify(&token, &[key()], &Validation::default(), NOW),
+                verify(&token, &[key().verifying_key()], &Validation::default(), NOW),
                 Err(PayTokenError::InvalidClaims),
                 "{payload}"
             );

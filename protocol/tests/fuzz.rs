@@ -11,8 +11,8 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, KeyInit, Mac};
 use paystile_protocol::credential::{self, Credential};
-use paystile_protocol::jws::{self, Key};
-use paystile_protocol::l402::{self, Identifier, Offer, Target};
+use paystile_protocol::jws::{self, Key, SigningKey};
+use paystile_protocol::l402::{self, Capability, Identifier, Offer, Target};
 use paystile_protocol::macaroon::Macaroon;
 use paystile_protocol::pay_token::{self, MAX_ID_LEN, PayTokenClaims, Scope, Validation};
 use paystile_protocol::{Usdc, headers};
@@ -216,7 +216,7 @@ fn assert_claims_hold(claims: &PayTokenClaims) -> Result<(), TestCaseError> {
     prop_assert!(NOW < claims.exp, "{claims:?}");
     prop_assert!(claims.nbf.is_none_or(|nbf| nbf <= NOW), "{claims:?}");
     // An accepted token signs again to itself.
-    let again = pay_token::sign(claims, &Key::hs256(SECRET));
+    let again = pay_token::sign(claims, &SigningKey::hs256(SECRET));
     let read = pay_token::verify(&again, &[Key::hs256(SECRET)], &Validation::default(), NOW);
     prop_assert_eq!(read.as_ref(), Ok(claims));
     Ok(())
@@ -237,7 +237,12 @@ fn valid_l402() -> (Identifier, Offer, Macaroon) {
 }
 
 fn target() -> Target<'static> {
-    Target { service_id: SERVICE, capability: None, now: NOW, accept_sandbox: false }
+    Target {
+        service_id: SERVICE,
+        capability: Capability::Route(None),
+        now: NOW,
+        accept_sandbox: false,
+    }
 }
 
 /// Caveats as an attenuating holder could add them: known conditions with any values, and
@@ -278,7 +283,7 @@ proptest! {
     /// A valid Pay Token changed anywhere is refused, never read differently.
     #[test]
     fn a_changed_pay_token_is_refused(mutations in mutations()) {
-        let token = pay_token::sign(&claims(), &keys()[0]);
+        let token = pay_token::sign(&claims(), &SigningKey::hs256(SECRET).with_kid("k1"));
         let changed = mutate(token.clone().into_bytes(), &mutations);
         let Ok(changed) = String::from_utf8(changed) else { return Ok(()) };
         let verified = pay_token::verify(&changed, &keys(), &Validation::default(), NOW);

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use paystile_ledger::ledger::now_millis;
 use paystile_ledger::settings::{Database, PostgresUrl};
-use paystile_ledger::store::{ReserveCommand, ReserveOutcome, SettleOutcome, Store};
+use paystile_ledger::store::{ReserveCommand, ReserveOutcome, Store};
 use paystile_protocol::Usdc;
 use paystile_protocol::ledger_api::{Outcome, SettleStatus, Settlement, TokenGrant};
 use paystile_protocol::pay_token::Scope;
@@ -82,8 +82,7 @@ async fn commit(store: &Store, charge_ids: Vec<String>) -> anyhow::Result<()> {
             amount_usdc: None,
         })
         .collect();
-    let outcome = store.settle(settlements, now_millis()).await?;
-    let SettleOutcome::Settled(results) = outcome else { bail!("refused: {outcome:?}") };
+    let results = store.settle(settlements, now_millis()).await?;
     ensure!(results.iter().all(|r| r.status == SettleStatus::Committed), "{results:?}");
     Ok(())
 }

@@ -213,7 +213,7 @@ mod tests {
         );
         let target = l402::Target {
             service_id: "weather",
-            capability: None,
+            capability: l402::Capability::Route(None),
             now: 1_001,
             accept_sandbox: true,
         };
@@ -268,7 +268,7 @@ mod tests {
         assert_eq!(distinct(|c| &c.macaroon), challenges.len());
         let target = l402::Target {
             service_id: "weather",
-            capability: None,
+            capability: l402::Capability::Route(None),
             now: 1_001,
             accept_sandbox: true,
         };

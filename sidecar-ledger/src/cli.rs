@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::client::AdminClient;
 use crate::settings::{LogFormat, Options, Settings};
+use crate::token_keys::{self, TokenKeys};
 
 #[derive(Parser)]
 #[command(name = "paystile-ledger", version, about = "paystile's sidecar ledger")]
@@ -54,6 +55,16 @@ enum Command {
         #[command(subcommand)]
         command: ChargesCommand,
     },
+    /// The ledger's Ed25519 Pay Token key file (`--token-keys`): add or remove a key, or
+    /// print the public keys gateways are configured with. Works on the file; restart the
+    /// ledger to apply.
+    TokenKeys {
+        /// The key file.
+        #[arg(long, env = "PAYSTILE_TOKEN_KEYS")]
+        file: std::path::PathBuf,
+        #[command(subcommand)]
+        command: TokenKeysCommand,
+    },
     /// Pay an L402 invoice of this ledger's sandbox backend; prints its preimage.
     SandboxPay {
         #[command(flatten)]
@@ -61,6 +72,24 @@ enum Command {
         /// The BOLT11 invoice (lnbcrt…) from a 402's L402 challenge.
         invoice: String,
     },
+}
+
+#[derive(Subcommand)]
+enum TokenKeysCommand {
+    /// Make a new key that signs from the ledger's next start (the others keep verifying);
+    /// prints its public JWK. Creates the file (mode 0600) if needed.
+    Add {
+        /// The new key's id, e.g. the month it starts signing: 2026-12.
+        #[arg(long)]
+        kid: String,
+    },
+    /// Remove a key: tokens it signed stop verifying at the ledger's next start.
+    Remove {
+        #[arg(long)]
+        kid: String,
+    },
+    /// Print the public key set (what `GET /.well-known/jwks.json` serves).
+    Public,
 }
 
 #[derive(clap::Args)]
@@ -244,6 +273,24 @@ fn parse_scope(value: &str) -> Result<Scope, String> {
 pub fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(options) => serve(*options),
+        Command::TokenKeys { file, command } => {
+            let done = match command {
+                TokenKeysCommand::Add { kid } => {
+                    token_keys::add_key(&file, &kid).and_then(|jwk| print_or_say(&jwk))
+                }
+                TokenKeysCommand::Remove { kid } => token_keys::remove_key(&file, &kid),
+                TokenKeysCommand::Public => {
+                    TokenKeys::load(&file).and_then(|keys| print_or_say(&keys.public()))
+                }
+            };
+            match done {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("paystile-ledger: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Token { admin, command } => admin_call(admin, |client| async move {
             match command {
                 TokenCommand::Issue {
@@ -412,6 +459,10 @@ async fn export(client: &AdminClient, mut query: ChargeQuery) -> anyhow::Result<
             None => return Ok(out.flush()?),
         }
     }
+}
+
+fn print_or_say(value: &impl Serialize) -> Result<(), String> {
+    print_json(value).map_err(|e| e.to_string())
 }
 
 fn print_json(value: &impl Serialize) -> anyhow::Result<()> {

@@ -1,8 +1,9 @@
 //! The ledger's HTTP API (see `paystile_protocol::ledger_api`).
 //!
 //! Admin endpoints take `Authorization: Bearer <admin key>`, gateway endpoints the gateway
-//! key; `/healthz`, `/metrics` and `/openapi.json` are open. Every error is an `ErrorBody` with the status of its code.
+//! key; `/healthz`, `/metrics`, `/openapi.json` and `/.well-known/jwks.json` are open. Every error is an `ErrorBody` with the status of its code.
 
+use std::any::Any;
 use std::sync::Arc;
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
@@ -23,6 +24,7 @@ use paystile_protocol::ledger_api::{
 use paystile_protocol::{ErrorBody, ErrorCode};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::challenge::{BATCH_TIME_BUDGET, ChallengeError, ChallengeMinter};
 use crate::ledger::{Ledger, LedgerError, now_millis};
@@ -54,7 +56,23 @@ pub fn router(
     admin_key: ApiKey,
     gateway_key: ApiKey,
 ) -> Router {
-    routes(ledger, minter, admin_key, gateway_key).router
+    survive_panics(routes(ledger, minter, admin_key, gateway_key).router)
+}
+
+/// A handler that panics answers its own request with a 500 `internal` error, logged; the
+/// connection, the other requests and the process go on. The panic's message stays in the
+/// log: it may hold what a client sent.
+fn survive_panics(router: Router) -> Router {
+    router.layer(CatchPanicLayer::custom(|panic: Box<dyn Any + Send>| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(not a string)");
+        tracing::error!(panic = message, "a request handler panicked");
+        ApiError(ErrorBody::with_message(ErrorCode::Internal, "the ledger failed on this request"))
+            .into_response()
+    }))
 }
 
 /// The API, and the list of its routes.
@@ -89,6 +107,7 @@ fn routes(ledger: Arc<Ledger>, minter: Minter, admin_key: ApiKey, gateway_key: A
     let timed = ledger.clone();
     Routes::new()
         .get(path::HEALTHZ, healthz)
+        .get(path::JWKS, jwks)
         .get(path::METRICS, metrics)
         .get(path::OPENAPI, openapi)
         .merge(admin)
@@ -175,6 +194,11 @@ async fn require_key(State(key): State<ApiKey>, request: Request, next: Next) ->
 
 async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// The public keys of the Pay Tokens the ledger signs: what gateways verify with.
+async fn jwks(State(ledger): State<Arc<Ledger>>) -> Response {
+    Json(ledger.published_keys().clone()).into_response()
 }
 
 async fn metrics(State(ledger): State<Arc<Ledger>>) -> Result<Response, ApiError> {
@@ -494,7 +518,7 @@ mod tests {
     use paystile_protocol::Usdc;
     use paystile_protocol::ledger_api::{
         ChargePage, ChargeView, Hold, IssuedToken, L402Challenge, SandboxPayment, ServiceSummary,
-        SettleResponse, TokenGrant, TokenView,
+        SettleResponse, TokenView,
     };
     use serde::Serialize;
     use serde::de::DeserializeOwned;
@@ -537,7 +561,11 @@ mod tests {
             clock_offset_millis: 0,
             idempotency_retention: Duration::from_secs(86_400),
         };
-        let ledger = Arc::new(Ledger::new(store, None, limits));
+        let credentials = crate::ledger::Credentials {
+            verifier: Default::default(),
+            published: Default::default(),
+        };
+        let ledger = Arc::new(Ledger::new(store, None, credentials, limits));
         let routes = routes(ledger, None, ApiKey::new("a"), ApiKey::new("g"));
         let served: BTreeSet<(String, String)> = routes
             .listed
@@ -571,7 +599,7 @@ mod tests {
         let parsers: [(&str, RoundTrip); 28] = [
             ("Usdc", round_trip::<Usdc>),
             ("ErrorBody", round_trip::<ErrorBody>),
-            ("TokenGrant", round_trip::<TokenGrant>),
+            ("Jwks", round_trip::<paystile_protocol::jwk::Jwks>),
             ("Idempotency", round_trip::<paystile_protocol::ledger_api::Idempotency>),
             ("ReserveRequest", round_trip::<ReserveRequest>),
             ("Hold", round_trip::<Hold>),
@@ -682,5 +710,38 @@ mod tests {
             parameters("/v1/services/{serviceId}/summary"),
             fields(serde_json::to_value(&summary).unwrap())
         );
+    }
+
+    /// A handler that panics answers 500 `internal`, and the same connection and server go
+    /// on answering (with `panic = "abort"` in the release profile, the process died).
+    #[allow(clippy::panic)]
+    #[tokio::test]
+    async fn a_panicking_request_gets_a_500_and_the_ledger_goes_on() {
+        async fn panics() -> &'static str {
+            panic!("a bug")
+        }
+        let router = survive_panics(
+            Router::new()
+                .route("/panics", axum::routing::get(panics))
+                .route("/answers", axum::routing::get(|| async { "fine" })),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move { axum::serve(listener, router).await });
+        let client = reqwest::Client::new();
+
+        let failed = client.get(format!("{url}/panics")).send().await.unwrap();
+        assert_eq!(failed.status(), 500);
+        let body: ErrorBody = failed.json().await.unwrap();
+        assert_eq!(body.code, ErrorCode::Internal);
+        assert!(!body.error.contains("a bug"), "the panic's message reached the client");
+        for _ in 0..2 {
+            let answered = client.get(format!("{url}/answers")).send().await.unwrap();
+            assert_eq!(
+                (answered.status().as_u16(), answered.text().await.unwrap()),
+                (200, "fine".into())
+            );
+        }
+        server.abort();
     }
 }

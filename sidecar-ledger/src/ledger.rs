@@ -1,31 +1,37 @@
 //! The ledger's operations as its API offers them: input validation, ids, clocks and views
 //! around the store's atomic operations.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use paystile_protocol::credential::{self, Verified, Verifier};
 use paystile_protocol::headers;
-use paystile_protocol::jws::Key;
-use paystile_protocol::l402;
+use paystile_protocol::jwk::Jwks;
+use paystile_protocol::jws::SigningKey;
+use paystile_protocol::l402::{self, Capability};
 use paystile_protocol::ledger_api::{
     AccountView, BuyerRevocation, BuyerView, ChargeStatus, ChargeView, ChildTokenRequest, Deposit,
-    DepositRequest, IssueTokenRequest, IssuedToken, MAX_HOLDS_PER_RESERVE, Outcome, ReserveRequest,
-    SetTierRequest, SettleRequest, SettleResponse, TokenGrant, TokenView,
+    DepositRequest, IssueTokenRequest, IssuedToken, MAX_HOLDS_PER_RESERVE, ReserveRequest,
+    SetTierRequest, SettleRequest, SettleResponse, SettleResult, TokenGrant, TokenView,
 };
 use paystile_protocol::pay_token::{self, Audience, PayTokenClaims, Scope};
-use paystile_protocol::{ErrorBody, Usdc};
+use paystile_protocol::verified::VerifiedCache;
+use paystile_protocol::{ErrorBody, ErrorCode, Usdc};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::rules::{self, Account, ChildSpec, DailyLimits};
 use crate::store::{
-    ChargeRecord, DepositCommand, ReserveCommand, ReserveOutcome, SettleOutcome, Store, StoreError,
-    TokenRecord, UnixMillis,
+    ChargeRecord, DepositCommand, ReserveCommand, ReserveOutcome, Store, StoreError, TokenRecord,
+    UnixMillis,
 };
 use crate::telemetry::Metrics;
 
 /// The most holds (or Idempotency-Keys) one sweep releases (or forgets).
 const PER_SWEEP: usize = 10_000;
+
+/// Credentials kept verified: each is verified once per ledger process while it stays valid.
+const VERIFIED_CAPACITY: usize = 16_384;
 
 /// The most settlements accepted in one request.
 pub const MAX_SETTLEMENTS: usize = 10_000;
@@ -49,7 +55,7 @@ pub enum LedgerError {
 
 /// How the ledger signs the Pay Tokens it issues.
 pub struct TokenIssuer {
-    pub key: Key,
+    pub key: SigningKey,
     pub issuer: String,
     pub audience: Option<String>,
     pub default_ttl: Duration,
@@ -70,17 +76,68 @@ pub struct Limits {
     pub idempotency_retention: Duration,
 }
 
+/// How the ledger knows who pays: it verifies every credential a reserve presents itself,
+/// so that the gateway's key alone spends nobody's money.
+pub struct Credentials {
+    /// The keys and secrets credentials are verified with.
+    pub verifier: Verifier,
+    /// The Ed25519 keys' public halves, for `GET /.well-known/jwks.json`.
+    pub published: Jwks,
+}
+
 pub struct Ledger {
     store: Store,
     issuer: Option<TokenIssuer>,
+    credentials: Credentials,
+    /// What verified credentials proved, so that a token's next reserves skip the signature.
+    verified: Mutex<VerifiedCache>,
     limits: Limits,
     metrics: Metrics,
 }
 
 impl Ledger {
-    pub fn new(store: Store, issuer: Option<TokenIssuer>, limits: Limits) -> Ledger {
+    pub fn new(
+        store: Store,
+        issuer: Option<TokenIssuer>,
+        credentials: Credentials,
+        limits: Limits,
+    ) -> Ledger {
         let metrics = Metrics::new(store.expired_on_read());
-        Ledger { store, issuer, limits, metrics }
+        let verified = Mutex::new(VerifiedCache::new(VERIFIED_CAPACITY));
+        Ledger { store, issuer, credentials, verified, limits, metrics }
+    }
+
+    /// The public Pay Token keys gateways verify with.
+    pub fn published_keys(&self) -> &Jwks {
+        &self.credentials.published
+    }
+
+    /// What `request`'s credential proves, verified here (or found verified before).
+    fn verify(&self, request: &ReserveRequest, now: UnixMillis) -> Result<Verified, ErrorBody> {
+        let presented = request.credential.as_bytes();
+        let now = seconds(now);
+        // A poisoned lock only means a panic elsewhere mid-insert: the cache is still sound.
+        let mut cache = self.verified.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(verified) = cache.get(presented, Capability::Any, now) {
+            return Ok(verified.clone());
+        }
+        let target = credential::Target {
+            service_id: &request.service_id,
+            capability: Capability::Any,
+            now,
+        };
+        let verified = credential::verify(presented, &self.credentials.verifier, &target).map_err(
+            |refusal| match refusal {
+                // No credential of a scheme this ledger verifies: nothing proves who pays.
+                credential::Refusal::NotOffered => ErrorBody::with_message(
+                    ErrorCode::InvalidCredential,
+                    "Invalid credential: the ledger verifies no credential of this scheme",
+                ),
+                refusal => refusal.to_body(),
+            },
+        )?;
+        cache.insert(presented, verified.clone(), now);
+        Ok(verified)
     }
 
     /// Gives every open hold a full TTL from now. Run at start: while the ledger was down,
@@ -319,18 +376,12 @@ impl Ledger {
     }
 
     pub async fn reserve(&self, request: ReserveRequest) -> Result<ReserveOutcome, LedgerError> {
-        let token = &request.token;
-        check_id("token.tokenId", &token.token_id)?;
-        check_id("token.buyerId", &token.buyer_id)?;
         check_id("serviceId", &request.service_id)?;
-        if let Some(service) = &token.service_id {
-            check_id("token.serviceId", service)?;
-        }
-        if let Some(tag) = &token.buyer_tag {
-            check_tag("token.buyerTag", tag)?;
-        }
-        if token.expires_at > MAX_EXPIRY_SECONDS {
-            return Err(LedgerError::Invalid("token.expiresAt is out of range".into()));
+        if request.credential.as_bytes().len() > credential::MAX_AUTHORIZATION_LEN {
+            return Err(LedgerError::Invalid(format!(
+                "credential must be at most {} bytes",
+                credential::MAX_AUTHORIZATION_LEN
+            )));
         }
         if request.price_usdc.is_zero() {
             return Err(LedgerError::Invalid("priceUsdc must be greater than 0".into()));
@@ -359,23 +410,33 @@ impl Ledger {
             }
         }
         let now = self.now();
+        let verified = match self.verify(&request, now) {
+            Ok(verified) => verified,
+            Err(refusal) => {
+                self.metrics.credential_refused(&request, &refusal);
+                return Ok(ReserveOutcome::Refused(refusal));
+            }
+        };
+        if verified.token.expires_at > MAX_EXPIRY_SECONDS {
+            return Err(LedgerError::Invalid("the token's expiry is out of range".into()));
+        }
         let outcome = self
             .store
             .reserve(ReserveCommand {
                 charge_id: new_charge_id(now),
                 extra_charge_ids: (1..request.count).map(|_| new_charge_id(now)).collect(),
-                token: request.token.clone(),
+                token: verified.token.clone(),
                 service_id: request.service_id.clone(),
                 price: request.price_usdc,
                 idempotency: request.idempotency.clone(),
-                cap: request.cap_usdc,
+                cap: verified.cap,
                 now,
                 hold_expires_at: now.saturating_add(millis(self.limits.hold_ttl)),
                 max_replays: self.limits.max_replays,
                 daily_limits: self.limits.daily_limits.clone(),
             })
             .await?;
-        self.metrics.reserved(&request, &outcome);
+        self.metrics.reserved(&verified.token, &request, &outcome);
         Ok(outcome)
     }
 
@@ -385,28 +446,23 @@ impl Ledger {
                 "at most {MAX_SETTLEMENTS} settlements per request"
             )));
         }
-        for (i, settlement) in request.settlements.iter().enumerate() {
-            match (settlement.amount_usdc, settlement.outcome) {
-                (Some(_), Outcome::Release) => {
-                    return Err(LedgerError::Invalid(format!(
-                        "settlements[{i}]: amountUsdc is for commits only"
-                    )));
+        // A settlement that cannot apply is answered `invalid` on its own; the rest settle.
+        let (mut valid, mut refused) = (Vec::new(), Vec::new());
+        for (i, settlement) in request.settlements.into_iter().enumerate() {
+            match rules::settlement_problem(&settlement) {
+                Some(problem) => {
+                    refused.push((i, SettleResult::invalid(&settlement.charge_id, problem)))
                 }
-                (Some(amount), Outcome::Commit) if amount.is_zero() => {
-                    return Err(LedgerError::Invalid(format!(
-                        "settlements[{i}]: amountUsdc must be greater than 0 (release the hold instead)"
-                    )));
-                }
-                _ => {}
+                None => valid.push(settlement),
             }
         }
-        match self.store.settle(request.settlements.clone(), self.now()).await? {
-            SettleOutcome::Settled(results) => {
-                self.metrics.settled(&request.settlements, &results);
-                Ok(SettleResponse { results })
-            }
-            SettleOutcome::Invalid(problem) => Err(LedgerError::Invalid(problem)),
+        let settled = self.store.settle(valid.clone(), self.now()).await?;
+        self.metrics.settled(&valid, &settled);
+        let mut results = settled;
+        for (i, result) in refused {
+            results.insert(i, result);
         }
+        Ok(SettleResponse { results })
     }
 
     /// Releases holds whose TTL has passed: the buyer is never charged for a call whose

@@ -4,7 +4,7 @@
 //! one transaction. Keeping the rules here keeps every store (SQLite, PostgreSQL) to the same
 //! semantics and makes them testable without a database.
 
-use paystile_protocol::ledger_api::{ChargeStatus, Outcome, SettleStatus, TokenGrant};
+use paystile_protocol::ledger_api::{ChargeStatus, Outcome, SettleStatus, Settlement, TokenGrant};
 use paystile_protocol::pay_token::Scope;
 use paystile_protocol::{ErrorBody, ErrorCode, Usdc};
 
@@ -424,8 +424,20 @@ pub enum SettleDecision {
     Unchanged(SettleStatus),
 }
 
+/// What makes a settlement wrong whatever its hold: an amount with a release, or a commit of
+/// nothing. Such a settlement is answered `invalid`; the others of its request settle.
+pub fn settlement_problem(settlement: &Settlement) -> Option<String> {
+    match (settlement.amount_usdc, settlement.outcome) {
+        (Some(_), Outcome::Release) => Some("amountUsdc is for commits only".into()),
+        (Some(amount), Outcome::Commit) if amount.is_zero() => {
+            Some("amountUsdc must be greater than 0 (release the hold instead)".into())
+        }
+        _ => None,
+    }
+}
+
 /// The amount a commit charges: `requested` (a partial commit) or else all of `held`. More
-/// than held is refused, for the whole settle request: it is a client's bug, not an outcome.
+/// than held is refused for that settlement (`invalid`): it is a client's bug, not an outcome.
 pub fn commit_amount(requested: Option<Usdc>, held: Usdc) -> Result<Usdc, String> {
     match requested {
         None => Ok(held),

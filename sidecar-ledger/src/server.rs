@@ -5,13 +5,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::serve::ListenerExt;
-use paystile_protocol::jws::Key;
+use paystile_protocol::credential::{L402Rules, PayTokenRules, Verifier};
+use paystile_protocol::pay_token::Validation;
 use tokio::net::TcpListener;
 
 use crate::challenge::ChallengeMinter;
 use crate::http::{self, ApiKey};
 use crate::invoice::InvoiceBackend;
-use crate::ledger::{Ledger, Limits, TokenIssuer};
+use crate::ledger::{Credentials, Ledger, Limits, TokenIssuer};
 use crate::settings::Settings;
 use crate::store::Store;
 
@@ -19,18 +20,14 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let store = Store::open(&settings.database)
         .await
         .with_context(|| format!("cannot open the ledger database {}", settings.database))?;
-    let issuer = settings.token.as_ref().map(|token| {
-        let key = Key::hs256(token.secret.expose().as_bytes());
-        TokenIssuer {
-            key: match &token.kid {
-                Some(kid) => key.with_kid(kid),
-                None => key,
-            },
-            issuer: token.issuer.clone(),
-            audience: token.audience.clone(),
-            default_ttl: token.ttl,
-        }
+    let token = &settings.token;
+    let issuer = token.signing_key().map(|key| TokenIssuer {
+        key,
+        issuer: token.issuer.clone(),
+        audience: token.audience.clone(),
+        default_ttl: token.ttl,
     });
+    let credentials = credentials(&settings);
     let minter = match &settings.l402 {
         Some(l402) => {
             let backend = InvoiceBackend::new(&l402.backend, l402.secret.expose().as_bytes())
@@ -57,7 +54,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             "the ledger's clock is offset (tests only)"
         );
     }
-    let ledger = Arc::new(Ledger::new(store, issuer, limits));
+    let ledger = Arc::new(Ledger::new(store, issuer, credentials, limits));
     let reopened = ledger.reopen_holds().await.context("cannot reopen the open holds")?;
     if reopened > 0 {
         tracing::info!(reopened, "open holds given a new TTL for their gateways to settle");
@@ -89,6 +86,27 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
     tracing::info!("ledger stopped");
     Ok(())
+}
+
+/// Clock skew allowed on a Pay Token's `exp` and `nbf`, as the filter allows by default.
+const LEEWAY_SECONDS: u64 = 60;
+
+/// What the ledger verifies credentials with: every Pay Token key it has (its Ed25519 keys,
+/// the HS256 secret) and the L402 secret. Sandbox credentials are taken: they are metered in
+/// the sandbox book, and each gateway says whether it serves them. Issuer, audience and
+/// route capabilities are the gateways' to check; the ledger checks who pays, and how much.
+fn credentials(settings: &Settings) -> Credentials {
+    let keys = settings.token.verifying_keys();
+    let pay_token = (!keys.is_empty()).then(|| PayTokenRules {
+        keys,
+        validation: Validation { leeway_seconds: LEEWAY_SECONDS, ..Validation::default() },
+        accept_sandbox: true,
+    });
+    let l402 = settings.l402.as_ref().map(|l402| L402Rules {
+        secret: l402.secret.expose().as_bytes().to_vec(),
+        accept_sandbox: true,
+    });
+    Credentials { verifier: Verifier { pay_token, l402 }, published: settings.token.keys.public() }
 }
 
 /// Releases expired holds, then forgets Idempotency-Keys past their retention.

@@ -9,7 +9,10 @@ use std::time::Duration;
 use paystile_protocol::Usdc;
 use serde::Deserialize;
 
+use paystile_protocol::jws::{Key, SigningKey};
+
 use crate::rules::DailyLimits;
+use crate::token_keys::TokenKeys;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8787";
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://paystile-ledger.db";
@@ -41,11 +44,17 @@ pub struct Options {
     /// Key the gateway filter presents to reserve and settle holds. Required.
     #[arg(long, env = "PAYSTILE_GATEWAY_KEY", hide_env_values = true)]
     pub gateway_key: Option<String>,
-    /// HS256 key for the Pay Tokens the ledger issues (UTF-8 bytes, at least 32 characters).
-    /// Without it, the ledger only meters tokens minted elsewhere.
+    /// HS256 key of Pay Tokens (UTF-8 bytes, at least 32 characters): tokens minted
+    /// elsewhere with it are verified and metered, and the ledger issues with it when it has
+    /// no Ed25519 key (`token_keys`).
     #[arg(long, env = "PAYSTILE_TOKEN_SECRET", hide_env_values = true)]
     pub token_secret: Option<String>,
-    /// `kid` to put in issued tokens' headers (key rotation).
+    /// File of the ledger's Ed25519 Pay Token keys (a JWK set; `paystile-ledger token-keys
+    /// add` makes and rotates it): the first private key signs issued tokens, every key
+    /// verifies, and their public halves are published at /.well-known/jwks.json.
+    #[arg(long, env = "PAYSTILE_TOKEN_KEYS")]
+    pub token_keys: Option<PathBuf>,
+    /// `kid` to put in the headers of HS256 tokens it issues (key rotation).
     #[arg(long, env = "PAYSTILE_TOKEN_KID")]
     pub token_kid: Option<String>,
     /// `iss` of issued tokens [default: paystile].
@@ -243,13 +252,45 @@ impl fmt::Debug for PostgresUrl {
     }
 }
 
+/// Pay Token keys and what issued tokens say.
 #[derive(Clone, Debug)]
 pub struct TokenSettings {
-    pub secret: Secret,
+    /// The HS256 secret, if any.
+    pub secret: Option<Secret>,
+    /// The HS256 secret's `kid`.
     pub kid: Option<String>,
+    /// The Ed25519 keys of `token_keys`.
+    pub keys: TokenKeys,
     pub issuer: String,
     pub audience: Option<String>,
     pub ttl: Duration,
+}
+
+impl TokenSettings {
+    /// The key issued tokens are signed with: the first Ed25519 key, else the HS256 secret.
+    pub fn signing_key(&self) -> Option<SigningKey> {
+        if let Some(key) = &self.keys.signing {
+            return Some(key.clone());
+        }
+        let key = SigningKey::hs256(self.secret.as_ref()?.expose().as_bytes());
+        Some(match &self.kid {
+            Some(kid) => key.with_kid(kid),
+            None => key,
+        })
+    }
+
+    /// Every key a Pay Token may be signed with.
+    pub fn verifying_keys(&self) -> Vec<Key> {
+        let mut keys = self.keys.verifying.clone();
+        if let Some(secret) = &self.secret {
+            let key = Key::hs256(secret.expose().as_bytes());
+            keys.push(match &self.kid {
+                Some(kid) => key.with_kid(kid),
+                None => key,
+            });
+        }
+        keys
+    }
 }
 
 /// The shortest Pay Token secret accepted, as the filter requires.
@@ -282,7 +323,7 @@ pub struct Settings {
     pub database: Database,
     pub admin_key: Secret,
     pub gateway_key: Secret,
-    pub token: Option<TokenSettings>,
+    pub token: TokenSettings,
     pub hold_ttl: Duration,
     pub max_replays: u32,
     pub daily_limits: DailyLimits,
@@ -315,6 +356,7 @@ impl Options {
             admin_key: self.admin_key.or(lower.admin_key),
             gateway_key: self.gateway_key.or(lower.gateway_key),
             token_secret: self.token_secret.or(lower.token_secret),
+            token_keys: self.token_keys.or(lower.token_keys),
             token_kid: self.token_kid.or(lower.token_kid),
             token_issuer: self.token_issuer.or(lower.token_issuer),
             token_audience: self.token_audience.or(lower.token_audience),
@@ -365,7 +407,7 @@ impl Settings {
         if admin_key == gateway_key {
             return Err(problem("gateway_key", "must differ from admin_key"));
         }
-        let token = match options.token_secret {
+        let secret = match options.token_secret {
             // RFC 7518 §3.2: an HS256 key has at least 256 bits.
             Some(secret) if secret.chars().count() < MIN_TOKEN_SECRET_LEN => {
                 return Err(problem(
@@ -375,18 +417,23 @@ impl Settings {
                     ),
                 ));
             }
-            Some(secret) => Some(TokenSettings {
-                secret: Secret(secret),
-                kid: options.token_kid,
-                issuer: options.token_issuer.unwrap_or_else(|| "paystile".into()),
-                audience: options.token_audience,
-                ttl: Duration::from_secs(positive(
-                    "token_ttl_seconds",
-                    options.token_ttl_seconds,
-                    86_400,
-                )?),
-            }),
-            None => None,
+            secret => secret.map(Secret),
+        };
+        let keys = match &options.token_keys {
+            Some(path) => TokenKeys::load(path).map_err(|e| problem("token_keys", e))?,
+            None => TokenKeys::default(),
+        };
+        let token = TokenSettings {
+            secret,
+            kid: options.token_kid,
+            keys,
+            issuer: options.token_issuer.unwrap_or_else(|| "paystile".into()),
+            audience: options.token_audience,
+            ttl: Duration::from_secs(positive(
+                "token_ttl_seconds",
+                options.token_ttl_seconds,
+                86_400,
+            )?),
         };
         let database_url = options.database_url.unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
         let database = match database_url.strip_prefix("sqlite://") {
@@ -536,7 +583,9 @@ mod tests {
         assert_eq!(settings.database, Database::Sqlite("paystile-ledger.db".into()));
         assert_eq!(settings.hold_ttl, Duration::from_secs(120));
         assert_eq!(settings.idempotency_retention, Duration::from_secs(86_400));
-        assert!(settings.token.is_none());
+        assert!(
+            settings.token.signing_key().is_none() && settings.token.verifying_keys().is_empty()
+        );
     }
 
     #[test]

@@ -13,7 +13,9 @@ use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 use paystile_protocol::ErrorBody;
-use paystile_protocol::ledger_api::{ReserveRequest, SettleResult, SettleStatus, Settlement};
+use paystile_protocol::ledger_api::{
+    ReserveRequest, SettleResult, SettleStatus, Settlement, TokenGrant,
+};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -142,9 +144,8 @@ impl Metrics {
         Ok(text)
     }
 
-    /// Counts and logs a reserve's outcome.
-    pub fn reserved(&self, request: &ReserveRequest, outcome: &ReserveOutcome) {
-        let token = &request.token;
+    /// Counts and logs a reserve's outcome; `token` is what its credential proved.
+    pub fn reserved(&self, token: &TokenGrant, request: &ReserveRequest, outcome: &ReserveOutcome) {
         match outcome {
             ReserveOutcome::Held(hold) => {
                 if hold.replayed {
@@ -168,7 +169,7 @@ impl Metrics {
                     "reserve held"
                 );
             }
-            ReserveOutcome::Refused(refusal) => self.refused(request, refusal),
+            ReserveOutcome::Refused(refusal) => self.refused(token, request, refusal),
             ReserveOutcome::RefusedAgain(refusal) => tracing::debug!(
                 event = "refusal_replayed",
                 code = %wire_name(refusal.code),
@@ -179,17 +180,32 @@ impl Metrics {
         }
     }
 
-    fn refused(&self, request: &ReserveRequest, refusal: &ErrorBody) {
+    fn refused(&self, token: &TokenGrant, request: &ReserveRequest, refusal: &ErrorBody) {
         let code = wire_name(refusal.code);
         self.refusals.get_or_create(&CodeLabels { code: code.clone() }).inc();
         tracing::info!(
             event = "refusal",
             code = %code,
-            token_id = %request.token.token_id,
-            buyer_id = %request.token.buyer_id,
+            token_id = %token.token_id,
+            buyer_id = %token.buyer_id,
             service_id = %request.service_id,
             price_usdc = %request.price_usdc,
             "reserve refused"
+        );
+    }
+
+    /// Counts and logs a reserve whose credential the ledger does not accept: a gateway
+    /// that took it verifies with other keys than the ledger, or someone holding the gateway
+    /// key is trying to spend without a credential. The credential itself is never logged.
+    pub fn credential_refused(&self, request: &ReserveRequest, refusal: &ErrorBody) {
+        let code = wire_name(refusal.code);
+        self.refusals.get_or_create(&CodeLabels { code: code.clone() }).inc();
+        tracing::warn!(
+            event = "credential_refused",
+            code = %code,
+            reason = %refusal.error,
+            service_id = %request.service_id,
+            "reserve refused: its credential does not verify here"
         );
     }
 
@@ -203,7 +219,8 @@ impl Metrics {
                 SettleStatus::Expired => Some(self.expirations.clone()),
                 SettleStatus::AlreadyCommitted
                 | SettleStatus::AlreadyReleased
-                | SettleStatus::Unknown => None,
+                | SettleStatus::Unknown
+                | SettleStatus::Invalid => None,
             };
             if let Some(counter) = counter {
                 counter.inc();

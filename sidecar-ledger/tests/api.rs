@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use paystile_ledger::child::LedgerProcess;
 use paystile_ledger::client::{AdminClient, ClientError};
-use paystile_protocol::jws::Key;
+use paystile_protocol::jws::{self, Key, SigningKey};
 use paystile_protocol::l402;
 use paystile_protocol::ledger_api::{
     AccountView, ChargeStatus, ChildTokenRequest, Deposit, DepositRequest, Hold, IssueTokenRequest,
@@ -22,6 +22,7 @@ use paystile_protocol::ledger_api::{
 use paystile_protocol::pay_token::{self, Scope, Validation};
 use paystile_protocol::{ErrorBody, ErrorCode, Usdc};
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
 const ADMIN_KEY: &str = "test-admin-key-0123456789";
@@ -81,6 +82,7 @@ on_both_stores! {
     bad_challenge_requests_get_400_and_l402_is_off_without_its_settings,
     a_credential_stated_cap_lowers_the_limit_for_its_calls_only,
     an_l402_token_revoked_before_its_first_call_is_refused_at_it,
+    a_gateway_key_alone_spends_nobody_s_money,
     buyer_balances_are_debited_exactly_and_deposits_count_once,
     daily_limits_follow_the_tier_and_restart_at_utc_midnight,
     the_panic_button_revokes_every_token_and_voids_holds_in_flight(
@@ -96,7 +98,7 @@ on_both_stores! {
     admin_cli_manages_buyers_and_child_tokens,
     a_refused_reserve_stays_refused_for_its_key,
     partial_commits_charge_the_amount_and_release_the_rest,
-    settle_amounts_that_do_not_fit_get_400_and_change_nothing,
+    a_settlement_that_does_not_fit_is_refused_alone,
     holds_past_their_ttl_are_released_on_read,
     idempotency_keys_are_forgotten_after_their_retention_once_settled,
     a_partial_commit_debits_the_balance_and_every_level_of_a_chain_by_the_amount,
@@ -332,7 +334,7 @@ impl Ledger {
     }
 
     async fn reserve(&self, body: &Value) -> (u16, Value) {
-        self.post("/v1/holds", Some(GATEWAY_KEY), &body.to_string()).await
+        self.post("/v1/holds", Some(GATEWAY_KEY), &presented(body).to_string()).await
     }
 
     async fn hold(&self, body: &Value) -> Hold {
@@ -364,6 +366,55 @@ fn unix_now() -> u64 {
 
 fn usdc(amount: &str) -> Usdc {
     amount.parse().unwrap()
+}
+
+/// `body` as a gateway sends it: a body that describes its token as a `token` grant gets, in
+/// its place, the credential that proves it: a Pay Token with those claims, signed with the
+/// ledger's HS256 key (written as given, so that a test can make any claim).
+fn presented(body: &Value) -> Value {
+    let Some(token) = body.get("token") else { return body.clone() };
+    let mut claims = json!({
+        "sub": token["buyerId"], "jti": token["tokenId"], "limitUsdc": token["limitUsdc"],
+        "exp": token["expiresAt"], "scope": token.get("scope").unwrap_or(&json!("SINGLE")),
+    });
+    for (member, claim) in
+        [("serviceId", "serviceId"), ("buyerTag", "buyerTag"), ("sandbox", "sandbox")]
+    {
+        if let Some(value) = token.get(member) {
+            claims[claim] = value.clone();
+        }
+    }
+    let jwt = jws::sign(claims.to_string().as_bytes(), &SigningKey::hs256(TOKEN_SECRET));
+    let mut body = body.clone();
+    if let Some(body) = body.as_object_mut() {
+        body.remove("token");
+        body.insert("credential".into(), json!(format!("Bearer {jwt}")));
+    }
+    body
+}
+
+/// The `Authorization` value of a paid L402 for the 32-byte token id `id` (its ledger id is
+/// `l402_` and `id` in hex), buying `budget`, with `caveats` added by its holder.
+fn l402_credential(id: [u8; 32], budget: &str, sandbox: bool, caveats: &[&str]) -> String {
+    let preimage = [id[0]; 32];
+    let identifier =
+        l402::Identifier { payment_hash: Sha256::digest(preimage).into(), token_id: id };
+    let offer = l402::Offer {
+        service_id: "weather".into(),
+        valid_until: unix_now() + 3_600,
+        budget: usdc(budget),
+        capabilities: vec![],
+        sandbox,
+    };
+    let mut macaroon = l402::mint(L402_SECRET.as_bytes(), &identifier, &offer);
+    for caveat in caveats {
+        macaroon.add_first_party_caveat(caveat.as_bytes());
+    }
+    format!("L402 {}:{}", l402::encode_macaroon(&macaroon), hex::encode(preimage))
+}
+
+fn l402_body(credential: &str, price: &str) -> Value {
+    json!({"credential": credential, "serviceId": "weather", "priceUsdc": price})
 }
 
 /// A reserve body for `token_id` with cap `limit`, as the filter sends it.
@@ -403,7 +454,7 @@ async fn endpoints_require_their_own_key(store: Backend) {
     assert_eq!(health.status(), 200);
 
     let issue = json!({"serviceId": "s", "limitUsdc": "1", "buyerId": "b"}).to_string();
-    let hold = reserve_body("tok_x", "1", "0.1").to_string();
+    let hold = presented(&reserve_body("tok_x", "1", "0.1")).to_string();
     for (path, body, right_key, wrong_key) in [
         ("/v1/tokens", &issue, ADMIN_KEY, GATEWAY_KEY),
         ("/v1/holds", &hold, GATEWAY_KEY, ADMIN_KEY),
@@ -491,23 +542,32 @@ async fn bad_requests_get_400_with_a_message_and_change_nothing(store: Backend) 
     let reserve_cases = [
         (reserve_body(&issued.token_id, "1", "0"), "priceUsdc must be greater than 0"),
         (reserve_body(&issued.token_id, "1", "0.0000001"), "more than 6 decimals"),
-        (reserve_body("", "1", "0.1"), "token.tokenId must not be empty"),
-        (reserve_body(".", "1", "0.1"), "token.tokenId must not be `.` or `..`"),
         (with_key(valid.clone(), "", 'a'), "idempotency.key"),
         (with_key(valid.clone(), &"k".repeat(256), 'a'), "idempotency.key"),
         (bad_fingerprint, "fingerprint"),
-        (json!({"serviceId": "weather", "priceUsdc": "0.1"}), "missing field `token`"),
-        // PostgreSQL's text cannot hold NUL; no store is asked to.
-        (reserve_body("tok_\u{0}", "1", "0.1"), "control characters"),
+        (json!({"serviceId": "weather", "priceUsdc": "0.1"}), "missing field `credential`"),
         (
-            {
-                let mut body = valid.clone();
-                body["token"]["buyerTag"] = json!("tag\u{0}");
-                body
-            },
-            "control characters",
+            json!({"credential": format!("Bearer {}", "a".repeat(9000)),
+                "serviceId": "weather", "priceUsdc": "0.1"}),
+            "credential must be at most 8192 bytes",
         ),
     ];
+    // Claims no Pay Token may have: the credential is refused, as a gateway would refuse it.
+    let bad_claims = [
+        reserve_body("", "1", "0.1"),
+        reserve_body(".", "1", "0.1"),
+        // PostgreSQL's text cannot hold NUL; no store is asked to.
+        reserve_body("tok_\u{0}", "1", "0.1"),
+        {
+            let mut body = valid.clone();
+            body["token"]["buyerTag"] = json!("tag\u{0}");
+            body
+        },
+    ];
+    for body in bad_claims {
+        let (status, answer) = ledger.reserve(&body).await;
+        assert_eq!((status, answer["code"].as_str()), (401, Some("invalid_credential")), "{body}");
+    }
     for (body, message) in reserve_cases {
         let (status, answer) = ledger.reserve(&body).await;
         assert_eq!(status, 400, "{body}: {answer}");
@@ -893,7 +953,7 @@ async fn a_reserve_releasing_expired_holds_keeps_the_lock_order() {
 
 async fn answered_operations_survive_kill_9_in_the_middle_of_concurrent_load(store: Backend) {
     let mut ledger = Ledger::start(store, &[]).await;
-    let body = reserve_body("tok_durable", "100", "0.01");
+    let body = presented(&reserve_body("tok_durable", "100", "0.01"));
     let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let (url, http) = (ledger.process.url(), ledger.http.clone());
@@ -1162,7 +1222,7 @@ async fn sandbox_challenges_are_paid_by_the_sandbox_and_verify_inline(store: Bac
     let preimage = answer["preimage"].as_str().unwrap();
     let target = l402::Target {
         service_id: "weather",
-        capability: None,
+        capability: l402::Capability::Route(None),
         now: unix_now(),
         accept_sandbox: true,
     };
@@ -1233,25 +1293,94 @@ async fn bad_challenge_requests_get_400_and_l402_is_off_without_its_settings(sto
 }
 
 async fn a_credential_stated_cap_lowers_the_limit_for_its_calls_only(store: Backend) {
-    let ledger = Ledger::start(store, &[]).await;
-    let mut narrowed = reserve_body("l402_aa", "0.05", "0.02");
-    narrowed["capUsdc"] = json!("0.03");
+    let ledger = Ledger::start(store, &sandbox_args()).await;
+    let id = [0xaa; 32];
+    let narrowed =
+        l402_body(&l402_credential(id, "0.05", false, &["weather_budget_usdc=0.03"]), "0.02");
     ledger.hold(&narrowed).await;
     let (status, refusal) = ledger.reserve(&narrowed).await;
     assert_eq!((status, refusal["limit"].as_str()), (402, Some("0.030000")), "{refusal}");
     // The full credential still has the budget it paid for.
-    let full = reserve_body("l402_aa", "0.05", "0.02");
+    let full = l402_body(&l402_credential(id, "0.05", false, &[]), "0.02");
     assert_eq!(ledger.hold(&full).await.remaining_usdc, usdc("0.01"));
-    assert_eq!(ledger.token("l402_aa").await.limit_usdc, usdc("0.05"));
+    let token_id = format!("l402_{}", "aa".repeat(32));
+    assert_eq!(ledger.token(&token_id).await.limit_usdc, usdc("0.05"));
+}
+
+/// The gateway key reserves and settles; it is not a key to anybody's money. The ledger
+/// spends only for a credential it verifies itself: a grant naming another buyer, a token
+/// signed with a key the ledger does not hold, a forged L402 are refused, and nothing moves.
+async fn a_gateway_key_alone_spends_nobody_s_money(store: Backend) {
+    let ledger = Ledger::start(store, &sandbox_args()).await;
+    ledger.deposit("victim", "10", None).await;
+    let before = ledger.account("victim").await;
+    // What a gateway once sent: the claims of a token, for the ledger to believe.
+    let grant = json!({
+        "token": {"tokenId": "tok_forged", "buyerId": "victim", "serviceId": "weather",
+            "scope": "SINGLE", "limitUsdc": "10", "expiresAt": 4_000_000_000u64},
+        "serviceId": "weather", "priceUsdc": "5",
+    });
+    let (status, answer) = ledger.post("/v1/holds", Some(GATEWAY_KEY), &grant.to_string()).await;
+    assert_eq!((status, answer["code"].as_str()), (400, Some("bad_request")), "{answer}");
+    // A Pay Token for the victim signed with a key the ledger does not hold (anyone's),
+    // or with none at all.
+    let claims = json!({"sub": "victim", "jti": "tok_forged", "serviceId": "weather",
+        "limitUsdc": "10", "exp": 4_000_000_000u64});
+    let stranger = SigningKey::ed25519(&[9; 32]);
+    let unsigned = format!(
+        "{}.{}.",
+        base64_url(br#"{"alg":"none"}"#),
+        base64_url(claims.to_string().as_bytes())
+    );
+    let forged_l402 = {
+        let identifier =
+            l402::Identifier { payment_hash: Sha256::digest([1; 32]).into(), token_id: [1; 32] };
+        let offer = l402::Offer {
+            service_id: "weather".into(),
+            valid_until: unix_now() + 3_600,
+            budget: usdc("10"),
+            capabilities: vec![],
+            sandbox: false,
+        };
+        let macaroon = l402::mint(b"not-the-ledger-s-l402-secret-!!!", &identifier, &offer);
+        format!("L402 {}:{}", l402::encode_macaroon(&macaroon), hex::encode([1; 32]))
+    };
+    for credential in [
+        format!("Bearer {}", jws::sign(claims.to_string().as_bytes(), &stranger)),
+        format!("Bearer {unsigned}"),
+        forged_l402,
+        "Basic dmljdGltOnBhc3N3b3Jk".to_owned(),
+    ] {
+        let (status, answer) = ledger.reserve(&l402_body(&credential, "5")).await;
+        assert_eq!(
+            (status, answer["code"].as_str()),
+            (401, Some("invalid_credential")),
+            "{answer}"
+        );
+    }
+    assert_eq!(ledger.account("victim").await, before, "money moved");
+    let unknown = ledger.admin.token("tok_forged").await.unwrap_err();
+    assert!(matches!(unknown, ClientError::Refused { status: 404, .. }), "{unknown}");
+    // The victim's own credential, made with the ledger's key, pays as usual.
+    let mut own = reserve_body("tok_own", "10", "5");
+    own["token"]["buyerId"] = json!("victim");
+    ledger.hold(&own).await;
+    assert_eq!(ledger.account("victim").await.held_usdc, usdc("5"));
+}
+
+fn base64_url(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 async fn an_l402_token_revoked_before_its_first_call_is_refused_at_it(store: Backend) {
-    let ledger = Ledger::start(store, &[]).await;
+    let ledger = Ledger::start(store, &sandbox_args()).await;
     let unused = format!("l402_{}", "ab".repeat(32));
     let tombstone = ledger.admin.revoke_token(&unused).await.unwrap();
     assert!(tombstone.revoked);
     assert_eq!(tombstone.limit_usdc, Usdc::ZERO);
-    let (status, refusal) = ledger.reserve(&reserve_body(&unused, "0.05", "0.001")).await;
+    let paid = l402_body(&l402_credential([0xab; 32], "0.05", false, &[]), "0.001");
+    let (status, refusal) = ledger.reserve(&paid).await;
     assert_eq!((status, refusal["code"].as_str()), (422, Some("token_revoked")), "{refusal}");
     // Other unknown ids are still unknown: a typo is not silently "revoked".
     for unknown in ["tok_nope", "l402_nothex", &format!("l402_{}", "AB".repeat(32))] {
@@ -1824,6 +1953,8 @@ mod journal {
         let mut revoked = reserve_body("tok_r", "100", "0.1");
         revoked["token"]["buyerId"] = json!("carol");
         assert_eq!(ledger.reserve(&revoked).await.0, 422);
+        // A token for another service is refused when its credential is checked, before
+        // the books: the gateway refuses it there too, so it is no refusal of `maps`.
         let mut elsewhere = reserve_body("tok_w", "100", "0.1");
         elsewhere["serviceId"] = json!("maps");
         assert_eq!(ledger.reserve(&elsewhere).await.0, 403);
@@ -1856,7 +1987,7 @@ mod journal {
         assert_eq!(status, 200);
         let maps: ServiceSummary = serde_json::from_str(&body).unwrap();
         assert_eq!((maps.calls, maps.revenue_usdc), (1, usdc("7")));
-        assert_eq!(maps.refusals, [("wrong_service".to_owned(), 1)].into());
+        assert_eq!(maps.refusals, [].into());
         assert_eq!((maps.upstream_answered, maps.error_rate), (1, 0.0));
 
         // The window: everything above is in [start, now]; nothing before it.
@@ -1944,7 +2075,7 @@ mod operability {
                 operations += 1;
             }
         }
-        assert_eq!(operations, 19);
+        assert_eq!(operations, 20);
         // A known path with a method it does not take: 405, its methods, and a JSON body.
         for (method, path, allow) in [
             (reqwest::Method::DELETE, "/v1/charges", "GET,HEAD"),
@@ -2460,11 +2591,11 @@ async fn sandbox_tokens_charge_the_sandbox_book_only(store: Backend) {
     // Its children are sandbox tokens too.
     let child = ledger.child(&issued.token_id, "1").await;
     assert!(ledger.token(&child.token_id).await.sandbox);
-    // A sandbox credential first seen at a reserve (an L402 bought in the sandbox).
-    let mut l402 = reserve_body(&format!("l402_{}", "cd".repeat(32)), "5", "3");
-    l402["token"]["buyerId"] = json!("agent-7");
-    l402["token"]["sandbox"] = json!(true);
-    ledger.hold(&l402).await;
+    // A sandbox Pay Token of the buyer first seen at a reserve (minted elsewhere).
+    let mut sandbox = reserve_body("tok_sandbox_elsewhere", "5", "3");
+    sandbox["token"]["buyerId"] = json!("agent-7");
+    sandbox["token"]["sandbox"] = json!(true);
+    ledger.hold(&sandbox).await;
     let account = ledger.account("agent-7").await;
     assert_eq!(
         (account.balance_usdc, account.held_usdc, account.spent_today_usdc),
@@ -2647,38 +2778,53 @@ async fn partial_commits_charge_the_amount_and_release_the_rest(store: Backend) 
     assert_eq!(ledger.token("tok_metered").await.used_usdc, usdc("0.623457"));
 }
 
-async fn settle_amounts_that_do_not_fit_get_400_and_change_nothing(store: Backend) {
+/// A request the ledger cannot read is a 400 and settles nothing. A readable settlement that
+/// does not fit its hold is answered `invalid`, with why, and changes nothing; the others of
+/// its request settle (a gateway drops that one and keeps nothing else back).
+async fn a_settlement_that_does_not_fit_is_refused_alone(store: Backend) {
     let ledger = Ledger::start(store, &[]).await;
-    let body = reserve_body("tok_fit", "1", "0.25");
+    let body = reserve_body("tok_fit", "10", "0.25");
     let (first, second) = (ledger.hold(&body).await, ledger.hold(&body).await);
     let before = ledger.token("tok_fit").await;
     let ok = json!({"chargeId": first.charge_id, "outcome": "commit"});
     let with = |outcome: &str, amount: Value| json!({"chargeId": second.charge_id, "outcome": outcome, "amountUsdc": amount});
-    for (bad, message) in [
-        (
-            with("commit", json!("0.250001")),
-            "settlements[1]: amountUsdc 0.250001 is more than the 0.250000 held",
-        ),
+    for (unreadable, message) in [
         (with("commit", json!("0.0000001")), "more than 6 decimals"),
         (with("commit", json!("-0.1")), "negative"),
         (with("commit", json!(0.1)), "decimal strings"),
-        (with("commit", json!("0")), "settlements[1]: amountUsdc must be greater than 0"),
-        (with("release", json!("0.1")), "settlements[1]: amountUsdc is for commits only"),
     ] {
-        let (status, answer) = ledger.settle_raw(json!([ok, bad])).await;
+        let (status, answer) = ledger.settle_raw(json!([ok, unreadable])).await;
         assert_eq!(
             (status, answer["code"].as_str()),
             (400, Some("bad_request")),
-            "{bad}: {answer}"
+            "{unreadable}: {answer}"
         );
         let error = answer["error"].as_str().unwrap();
-        assert!(error.contains(message), "{bad}: {error}");
+        assert!(error.contains(message), "{unreadable}: {error}");
     }
-    // Neither hold was settled, the valid one included.
     assert_eq!(ledger.token("tok_fit").await, before);
-    for hold in [&first, &second] {
-        assert_eq!(ledger.admin.charge(&hold.charge_id).await.unwrap().status, ChargeStatus::Held);
+
+    for (misfit, message) in [
+        (with("commit", json!("0.250001")), "amountUsdc 0.250001 is more than the 0.250000 held"),
+        (with("commit", json!("0")), "amountUsdc must be greater than 0"),
+        (with("release", json!("0.1")), "amountUsdc is for commits only"),
+    ] {
+        let paid = ledger.hold(&body).await;
+        let ok = json!({"chargeId": paid.charge_id, "outcome": "commit"});
+        let (status, answer) = ledger.settle_raw(json!([ok, misfit])).await;
+        assert_eq!(status, 200, "{misfit}: {answer}");
+        let results = &answer["results"];
+        assert_eq!(results[0]["chargeId"], json!(paid.charge_id));
+        assert_eq!(results[0]["status"], "committed", "{answer}");
+        assert_eq!(results[1]["chargeId"], json!(second.charge_id));
+        assert_eq!(results[1]["status"], "invalid", "{answer}");
+        let error = results[1]["error"].as_str().unwrap();
+        assert!(error.contains(message), "{misfit}: {error}");
     }
+    // The misfit changed nothing: its hold is whole; the three others were committed.
+    let second = ledger.admin.charge(&second.charge_id).await.unwrap();
+    assert_eq!((second.status, second.held_usdc), (ChargeStatus::Held, usdc("0.25")));
+    assert_eq!(ledger.token("tok_fit").await.used_usdc, usdc("0.75"));
 }
 
 async fn holds_past_their_ttl_are_released_on_read(store: Backend) {

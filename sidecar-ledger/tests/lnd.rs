@@ -639,7 +639,7 @@ async fn the_ledger_binary_mints_challenges_with_lnds_invoices() {
     // Paying the fake's invoice reveals the preimage that makes the credential valid.
     let target = l402::Target {
         service_id: "weather",
-        capability: None,
+        capability: paystile_protocol::l402::Capability::Route(None),
         now: challenge.valid_until - 1,
         accept_sandbox: false,
     };

@@ -32,7 +32,7 @@ use paystile_ledger::challenge::ChallengeMinter;
 use paystile_ledger::invoice::InvoiceBackend;
 use paystile_ledger::invoice::sandbox::SandboxNode;
 use paystile_ledger::settings::Secret;
-use paystile_protocol::jws::Key;
+use paystile_protocol::jws::SigningKey;
 use paystile_protocol::l402::{self, Identifier, Offer};
 use paystile_protocol::ledger_api::{ChallengeRequest, L402Challenge};
 use paystile_protocol::pay_token::{self, PayTokenClaims, Scope};
@@ -443,7 +443,7 @@ fn bearer_with(secret: &str, token_id: &str) -> anyhow::Result<String> {
         aud: None,
         sandbox: false,
     };
-    Ok(format!("Bearer {}", pay_token::sign(&claims, &Key::hs256(secret))))
+    Ok(format!("Bearer {}", pay_token::sign(&claims, &SigningKey::hs256(secret))))
 }
 
 fn l402_credential() -> anyhow::Result<String> {

@@ -349,9 +349,29 @@ fn bad(name: &'static str, field: &'static str, config: Value) -> Case {
     Case { name, config, refused_at: Some(field) }
 }
 
+/// RFC 8037's example Ed25519 public key (appendix A.2).
+const ED25519_X: &str = "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo";
+
+/// An Ed25519 public JWK with `changes` merged in.
+fn jwk(changes: Value) -> Value {
+    let mut key = json!({"kty": "OKP", "crv": "Ed25519", "x": ED25519_X});
+    for (name, value) in changes.as_object().into_iter().flatten() {
+        key[name] = value.clone();
+    }
+    key
+}
+
 fn good_cases() -> Vec<Case> {
     vec![
         good("the minimal configuration", base()),
+        good("an Ed25519 public JWK", edit(|c| c["pay_token"]["keys"] = json!([jwk(json!({}))]))),
+        good(
+            "the ledger's published JWK beside an HS256 key",
+            edit(|c| {
+                let published = jwk(json!({"kid": "2026-12", "alg": "EdDSA", "use": "sig"}));
+                c["pay_token"]["keys"] = json!([published, c["pay_token"]["keys"][0].clone()]);
+            }),
+        ),
         good(
             "every field set",
             json!({
@@ -685,8 +705,43 @@ fn bad_cases() -> Vec<Case> {
         ),
         bad(
             "a key without alg",
-            "pay_token.keys[0]",
+            "pay_token.keys[0].alg",
             edit(|c| remove(&mut c["pay_token"]["keys"][0], "alg")),
+        ),
+        bad(
+            "a private JWK",
+            "pay_token.keys[0].d",
+            edit(|c| c["pay_token"]["keys"][0] = jwk(json!({"d": ED25519_X}))),
+        ),
+        bad(
+            "an RSA JWK",
+            "pay_token.keys[0].kty",
+            edit(|c| c["pay_token"]["keys"][0] = jwk(json!({"kty": "RSA"}))),
+        ),
+        bad(
+            "an Ed448 JWK",
+            "pay_token.keys[0].crv",
+            edit(|c| c["pay_token"]["keys"][0] = jwk(json!({"crv": "Ed448"}))),
+        ),
+        bad(
+            "a JWK of 31 bytes",
+            "pay_token.keys[0].x",
+            edit(|c| c["pay_token"]["keys"][0] = jwk(json!({"x": &ED25519_X[..42]}))),
+        ),
+        bad(
+            "a JWK with an HMAC alg",
+            "pay_token.keys[0].alg",
+            edit(|c| c["pay_token"]["keys"][0] = jwk(json!({"alg": "HS256"}))),
+        ),
+        bad(
+            "a JWK for encryption",
+            "pay_token.keys[0].use",
+            edit(|c| c["pay_token"]["keys"][0] = jwk(json!({"use": "enc"}))),
+        ),
+        bad(
+            "a JWK with a secret",
+            "pay_token.keys[0]",
+            edit(|c| c["pay_token"]["keys"][0] = jwk(json!({"secret": "s".repeat(40)}))),
         ),
         bad(
             "a key without secret",

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use paystile_filter::settle::MAX_BATCH;
 use paystile_harness::host::{Action, Dispatch, Flavor, LEDGER_CLUSTER, Reply, Vm, pairs};
-use paystile_protocol::jws::Key;
+use paystile_protocol::jws::SigningKey;
 use paystile_protocol::l402::{self, Identifier, Offer};
 use paystile_protocol::pay_token::{self, PayTokenClaims, Scope};
 use serde_json::{Value, json};
@@ -65,7 +65,7 @@ fn bearer() -> String {
         aud: None,
         sandbox: false,
     };
-    format!("Bearer {}", pay_token::sign(&claims, &Key::hs256(TOKEN_SECRET)))
+    format!("Bearer {}", pay_token::sign(&claims, &SigningKey::hs256(TOKEN_SECRET)))
 }
 
 fn l402_credential() -> String {
@@ -144,7 +144,9 @@ fn a_paid_call_holds_forwards_reports_and_commits_on_the_next_tick() {
         let (id, action) = vm.request_headers(headers).unwrap();
         assert_eq!(action, Action::Pause, "{flavor:?}");
         let call = one_ledger_call(&mut vm, flavor, "/v1/holds");
-        assert_eq!(call.json()["token"]["tokenId"], "tok_host");
+        // The ledger is given the credential itself, to verify: never a grant to trust.
+        assert_eq!(call.json()["credential"], bearer(), "{flavor:?}");
+        assert_eq!(call.json().get("token"), None);
         assert_eq!(call.json()["priceUsdc"], "0.001000");
         assert!(vm.stream(id).unwrap().resumed == 0, "paused until the ledger answers");
 
@@ -252,7 +254,8 @@ fn no_credential_gets_both_challenges_minted_by_the_ledger() {
             response.headers_named("www-authenticate"),
             [
                 r#"L402 macaroon="AgE=", invoice="lnbcrt100n1x""#,
-                r#"Bearer realm="paystile", error="payment_required""#
+                r#"Bearer realm="paystile", error="payment_required""#,
+                r#"L402 macaroon="AgE=", invoice="lnbcrt100n1x""#,
             ]
         );
         assert_eq!(vm.stream(id).unwrap().resumed, 0, "a refused request is never resumed");
@@ -282,7 +285,9 @@ fn pooled_402(vm: &mut Vm) -> String {
     let response = vm.stream(id).unwrap().local_response.clone().expect("answered at once");
     assert_eq!(response.status, 402);
     let challenges = response.headers_named("www-authenticate");
-    assert_eq!(challenges.len(), 2, "{challenges:?}");
+    // L402 first and last (for clients that keep one field), Bearer between.
+    assert_eq!(challenges.len(), 3, "{challenges:?}");
+    assert_eq!(challenges[0], challenges[2]);
     let (_, invoice) = l402::parse_challenge(&challenges[0]).unwrap();
     vm.end(id).unwrap();
     invoice.to_owned()
@@ -378,8 +383,7 @@ fn an_l402_credential_is_verified_in_the_wasm_and_held() {
             vm.request_headers(get("/v1/forecast", Some(&l402_credential()))).unwrap();
         assert_eq!(action, Action::Pause);
         let call = one_ledger_call(&mut vm, flavor, "/v1/holds");
-        assert_eq!(call.json()["token"]["tokenId"], format!("l402_{}", "08".repeat(32)));
-        assert_eq!(call.json()["token"]["limitUsdc"], "0.010000");
+        assert_eq!(call.json()["credential"], l402_credential(), "{flavor:?}");
         vm.reply(call.token, hold("ch_l402")).unwrap();
         assert_eq!(vm.stream(id).unwrap().request_header("authorization"), None);
         assert_eq!(vm.stream(id).unwrap().resumed, 1);

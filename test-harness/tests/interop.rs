@@ -178,7 +178,12 @@ fn caveat_ids(macaroon: &Macaroon) -> Vec<String> {
 }
 
 fn target(now: u64, capability: Option<&str>) -> Target<'_> {
-    Target { service_id: SERVICE, capability, now, accept_sandbox: false }
+    Target {
+        service_id: SERVICE,
+        capability: l402::Capability::Route(capability),
+        now,
+        accept_sandbox: false,
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -31,12 +31,20 @@ async fn stack(budget: &str) -> TestStack {
 async fn a_client_buys_a_budget_spends_it_and_is_offered_more() {
     let stack = stack("0.003").await;
 
-    // 1. No credential: both challenges, L402's first, with a checksummed regtest invoice.
+    // 1. No credential: both challenges, L402's first and last, with a checksummed regtest
+    // invoice. A client that keeps the first field (Go's `Header.Get`), the last (a dict of
+    // the headers) or the joined value finds the same L402 challenge, and Bearer is offered.
     let challenged = stack.get("/v1/forecast/oslo", None, &[]).await.unwrap();
     assert_eq!((challenged.status, challenged.code().as_deref()), (402, Some("payment_required")));
-    assert_eq!(challenged.challenges.len(), 2, "{:?}", challenged.challenges);
-    assert!(challenged.challenges[0].starts_with("L402 macaroon=\""));
-    assert!(challenged.challenges[1].starts_with("Bearer realm=\"paystile\""));
+    let fields = &challenged.challenges;
+    assert_eq!(fields.len(), 3, "{fields:?}");
+    assert!(fields[0].starts_with("L402 macaroon=\""));
+    assert!(fields[1].starts_with("Bearer realm=\"paystile\""));
+    let joined = fields.join(", ");
+    let first = l402::parse_challenge(&fields[0]).unwrap();
+    assert_eq!(l402::parse_challenge(&fields[2]), Some(first));
+    assert_eq!(l402::parse_challenge(&joined), Some(first));
+    assert!(joined.contains("Bearer realm=\"paystile\""));
     assert_eq!(challenged.json()["schemes"], json!(["L402", "Bearer"]));
     assert_eq!(challenged.json()["sandbox"], true);
     let (macaroon, invoice) = challenged.l402_challenge().unwrap();
@@ -116,7 +124,7 @@ async fn anonymous_402s_take_challenges_minted_ahead_each_its_own_and_payable() 
             (challenged.status, challenged.code().as_deref()),
             (402, Some("payment_required"))
         );
-        assert_eq!(challenged.challenges.len(), 2, "{:?}", challenged.challenges);
+        assert_eq!(challenged.challenges.len(), 3, "{:?}", challenged.challenges);
         let (_, invoice) = challenged.l402_challenge().unwrap();
         assert!(invoices.insert(invoice.clone()), "{invoice} was handed out twice");
         last = Some(challenged);

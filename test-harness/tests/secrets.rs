@@ -6,7 +6,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use paystile_harness::e2e::{TestStack, unix_now};
-use paystile_protocol::jws::Key;
+use paystile_protocol::jws::SigningKey;
 use paystile_protocol::pay_token::{self, PayTokenClaims, Scope};
 use reqwest::header::HeaderValue;
 use serde_json::json;
@@ -27,7 +27,7 @@ fn minted(secret: &str, service: &str, exp: u64) -> String {
         aud: None,
         sandbox: false,
     };
-    pay_token::sign(&claims, &Key::hs256(secret))
+    pay_token::sign(&claims, &SigningKey::hs256(secret))
 }
 
 /// A Pay Token, and its payload and signature alone (the header is the same in every token).

@@ -159,12 +159,14 @@ impl Store {
         }
     }
 
-    /// Settles every hold named, or none if any settlement is invalid for its hold.
+    /// Settles every hold named, one result per settlement in order; a settlement that does
+    /// not fit its hold ([`crate::rules::commit_amount`]) is answered `invalid` and changes
+    /// nothing.
     pub async fn settle(
         &self,
         settlements: Vec<Settlement>,
         now: UnixMillis,
-    ) -> Result<SettleOutcome, StoreError> {
+    ) -> Result<Vec<SettleResult>, StoreError> {
         match self {
             Store::Sqlite(store) => store.settle(settlements, now).await,
             Store::Postgres(store) => store.settle(settlements, now).await,
@@ -222,15 +224,6 @@ const PURGE_IDEMPOTENCY_KEYS: &str =
      LEFT JOIN charges c ON c.charge_id = k.charge_id
      WHERE k.created_at < $1 AND (k.charge_id IS NULL OR c.status <> 'held')
      LIMIT $2)";
-
-/// What a settle request did.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SettleOutcome {
-    Settled(Vec<SettleResult>),
-    /// A settlement does not fit its hold (see [`crate::rules::commit_amount`]): nothing was
-    /// settled.
-    Invalid(String),
-}
 
 impl Store {
     /// The journal: the charges `filter` selects, at most `filter.limit + 1` of them (one

@@ -35,9 +35,9 @@ use tokio_postgres::{NoTls, Row};
 use super::journal::{self, ChargeFilter, Dialect, Param, ServiceTotals, ServiceWindow};
 use super::{
     ALL_SCOPES, ALL_STATUSES, BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, FIRST_TIER,
-    KeyOutcome, PURGE_IDEMPOTENCY_KEYS, PriorKey, ReserveCommand, ReserveOutcome, SettleOutcome,
-    StoreError, TokenRecord, UnixMillis, into_chain, prior_use, refusal_json, scope_name,
-    seconds_to_millis, status_name,
+    KeyOutcome, PURGE_IDEMPOTENCY_KEYS, PriorKey, ReserveCommand, ReserveOutcome, StoreError,
+    TokenRecord, UnixMillis, into_chain, prior_use, refusal_json, scope_name, seconds_to_millis,
+    status_name,
 };
 use crate::rules::{self, Account, Admission, Books, ChildSpec, DepositDecision, SettleDecision};
 use crate::settings::PostgresUrl;
@@ -545,7 +545,7 @@ impl PostgresStore {
         &self,
         settlements: Vec<Settlement>,
         now: UnixMillis,
-    ) -> Result<SettleOutcome, StoreError> {
+    ) -> Result<Vec<SettleResult>, StoreError> {
         let settlements = settlements.as_slice();
         in_transaction!(&self.pool, |tx| settle(&tx, settlements, now).await?)
     }
@@ -886,7 +886,7 @@ async fn settle(
     tx: &Transaction<'_>,
     settlements: &[Settlement],
     now: UnixMillis,
-) -> Result<SettleOutcome, StoreError> {
+) -> Result<Vec<SettleResult>, StoreError> {
     let ids: Vec<&str> =
         settlements.iter().map(|s| s.charge_id.as_str()).filter(|id| storable(id)).collect();
     let mut holds = HashMap::with_capacity(ids.len());
@@ -917,15 +917,15 @@ async fn settle(
 
     let mut closing = Vec::new();
     let mut results = Vec::with_capacity(settlements.len());
-    for (i, s) in settlements.iter().enumerate() {
+    for s in settlements {
         let status = match holds.get_mut(&s.charge_id) {
             None => SettleStatus::Unknown,
             Some(hold) => {
                 let amount = match rules::commit_amount(s.amount_usdc, hold.held) {
                     Ok(amount) => amount,
-                    // Nothing is written before every settlement is decided: this changes nothing.
                     Err(problem) => {
-                        return Ok(SettleOutcome::Invalid(format!("settlements[{i}]: {problem}")));
+                        results.push(SettleResult::invalid(&s.charge_id, problem));
+                        continue;
                     }
                 };
                 let expired = now >= hold.hold_expires_at;
@@ -955,10 +955,10 @@ async fn settle(
                 result
             }
         };
-        results.push(SettleResult { charge_id: s.charge_id.clone(), status });
+        results.push(SettleResult { charge_id: s.charge_id.clone(), status, error: None });
     }
     close_holds(tx, &closing, &parents, now).await?;
-    Ok(SettleOutcome::Settled(results))
+    Ok(results)
 }
 
 async fn expire_holds(

@@ -29,9 +29,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::journal::{self, ChargeFilter, Dialect, Param, ServiceTotals, ServiceWindow};
 use super::{
     ALL_SCOPES, ALL_STATUSES, BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, FIRST_TIER,
-    KeyOutcome, PURGE_IDEMPOTENCY_KEYS, PriorKey, ReserveCommand, ReserveOutcome, SettleOutcome,
-    StoreError, TokenRecord, UnixMillis, prior_use, refusal_json, scope_name, seconds_to_millis,
-    status_name,
+    KeyOutcome, PURGE_IDEMPOTENCY_KEYS, PriorKey, ReserveCommand, ReserveOutcome, StoreError,
+    TokenRecord, UnixMillis, prior_use, refusal_json, scope_name, seconds_to_millis, status_name,
 };
 use crate::rules::{
     self, Account, Admission, Books, ChildSpec, DepositDecision, MAX_CHAIN_LEN, SettleDecision,
@@ -395,32 +394,27 @@ impl SqliteStore {
         &self,
         settlements: Vec<Settlement>,
         now: UnixMillis,
-    ) -> Result<SettleOutcome, StoreError> {
+    ) -> Result<Vec<SettleResult>, StoreError> {
         self.run(move |conn| {
-            // Every amount is checked before anything is settled: a request with one that
-            // does not fit its hold changes nothing.
-            for (i, s) in settlements.iter().enumerate() {
-                if s.amount_usdc.is_none() {
-                    continue;
-                }
-                let held = conn
-                    .prepare_cached("SELECT held_micros FROM charges WHERE charge_id = ?1")?
-                    .query_row(params![s.charge_id], |row| usdc(row, 0))
-                    .optional()?;
+            let mut results = Vec::with_capacity(settlements.len());
+            for s in &settlements {
+                let held = match s.amount_usdc {
+                    None => None,
+                    Some(_) => conn
+                        .prepare_cached("SELECT held_micros FROM charges WHERE charge_id = ?1")?
+                        .query_row(params![s.charge_id], |row| usdc(row, 0))
+                        .optional()?,
+                };
                 if let Some(Err(problem)) =
                     held.map(|held| rules::commit_amount(s.amount_usdc, held))
                 {
-                    return Ok(SettleOutcome::Invalid(format!("settlements[{i}]: {problem}")));
+                    results.push(SettleResult::invalid(&s.charge_id, problem));
+                    continue;
                 }
+                let status = settle(conn, s, now)?;
+                results.push(SettleResult { charge_id: s.charge_id.clone(), status, error: None });
             }
-            let results = settlements
-                .iter()
-                .map(|s| {
-                    let status = settle(conn, s, now)?;
-                    Ok(SettleResult { charge_id: s.charge_id.clone(), status })
-                })
-                .collect::<Result<_, StoreError>>()?;
-            Ok(SettleOutcome::Settled(results))
+            Ok(results)
         })
         .await
     }
