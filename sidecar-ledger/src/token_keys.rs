@@ -87,7 +87,7 @@ pub fn add_key(path: &Path, kid: &str) -> Result<Jwk, String> {
     set.keys.insert(0, private.clone());
     // Checked as the ledger will read it: a duplicate kid, say, is refused now.
     let keys = TokenKeys::from_set(&set).map_err(|e| format!("{}: {e}", path.display()))?;
-    write_private(path, &set)?;
+    write(path, &set)?;
     keys.signing
         .as_ref()
         .and_then(|signing| Jwk::public(&signing.verifying_key()))
@@ -108,11 +108,11 @@ pub fn remove_key(path: &Path, kid: &str) -> Result<(), String> {
     }
     TokenKeys::from_set(&set)
         .map_err(|e| format!("{}: {e} (the last key stays)", path.display()))?;
-    write_private(path, &set)
+    write(path, &set)
 }
 
 /// Writes `set` to `path` through a file only its owner may read, renamed into place.
-fn write_private(path: &Path, set: &Jwks) -> Result<(), String> {
+pub fn write(path: &Path, set: &Jwks) -> Result<(), String> {
     let text = serde_json::to_string_pretty(set).map_err(|e| e.to_string())?;
     let partial = path.with_extension("partial");
     let mut options = fs::OpenOptions::new();

@@ -191,12 +191,19 @@ pub async fn read(response: reqwest::Response) -> anyhow::Result<Answer> {
     Ok(Answer { status, headers, challenges, text })
 }
 
-/// Signs `claims` with PyJWT (an independent JWT implementation) using `secret` and `alg`.
-pub fn pyjwt(claims: &Value, secret: &str, algorithm: &str) -> anyhow::Result<String> {
-    const SCRIPT: &str = "import json, sys, jwt\nprint(jwt.encode(json.loads(sys.argv[1]), sys.argv[2], algorithm=sys.argv[3]))";
+/// Signs `claims` with PyJWT (an independent JWT implementation) with `alg`: `key` is the
+/// HS256 secret, or for EdDSA the private JWK (JSON), whose `kid` goes in the header.
+pub fn pyjwt(claims: &Value, key: &str, algorithm: &str) -> anyhow::Result<String> {
+    const SCRIPT: &str = "import json, sys, jwt
+claims, key, alg = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+headers = None
+if alg == 'EdDSA':
+    jwk = jwt.PyJWK(json.loads(key))
+    key, headers = jwk.key, {'kid': jwk.key_id}
+print(jwt.encode(claims, key, algorithm=alg, headers=headers))";
     let python = paths::python();
     let output = Command::new(&python)
-        .args(["-W", "ignore", "-c", SCRIPT, &claims.to_string(), secret, algorithm])
+        .args(["-W", "ignore", "-c", SCRIPT, &claims.to_string(), key, algorithm])
         .output()
         .with_context(|| {
             format!("cannot run {} (scripts/setup installs PyJWT)", python.display())

@@ -9,6 +9,8 @@ use std::process::Stdio;
 use anyhow::Context;
 use paystile_ledger::child::LedgerProcess;
 use paystile_ledger::client::AdminClient;
+use paystile_ledger::token_keys;
+use paystile_protocol::jwk::{Jwk, Jwks};
 use serde_json::Value;
 
 use crate::envoy::{EnvoyConfig, EnvoyProcess};
@@ -26,7 +28,10 @@ pub struct Secrets {
     pub admin_key: String,
     /// The key the filter presents to the ledger.
     pub gateway_key: String,
-    /// The HS256 Pay Token key (its UTF-8 bytes).
+    /// The ledger's Ed25519 Pay Token key (a private JWK): it signs the tokens the ledger
+    /// issues; the filter is given its public half.
+    pub token_key: Jwk,
+    /// The HS256 Pay Token key (its UTF-8 bytes), still accepted beside EdDSA.
     pub token_secret: String,
     /// The secret L402 macaroons' root keys derive from (its UTF-8 bytes).
     pub l402_secret: String,
@@ -37,10 +42,21 @@ impl Secrets {
         Secrets {
             admin_key: random_key("adm"),
             gateway_key: random_key("gw"),
+            token_key: new_token_key("paystile-1"),
             token_secret: random_key("pts"),
             l402_secret: random_key("l402"),
         }
     }
+
+    /// The public half of [`Secrets::token_key`], as gateways are configured with it.
+    pub fn token_public_key(&self) -> Option<Jwk> {
+        self.token_key.verifying_key().ok().as_ref().and_then(Jwk::public)
+    }
+}
+
+/// A new Ed25519 Pay Token key `kid`, as a private JWK.
+pub fn new_token_key(kid: &str) -> Jwk {
+    Jwk::private(&rand::random::<[u8; 32]>(), kid)
 }
 
 /// `<prefix>_<128 random bits in hex>`.
@@ -153,9 +169,13 @@ impl Stack {
         })?;
 
         let database = dir.join("ledger.db");
+        let token_keys = dir.join("token-keys.json");
+        token_keys::write(&token_keys, &Jwks { keys: vec![options.secrets.token_key.clone()] })
+            .map_err(anyhow::Error::msg)?;
         let mut envs: Vec<(String, String)> = vec![
             ("PAYSTILE_ADMIN_KEY".into(), options.secrets.admin_key.clone()),
             ("PAYSTILE_GATEWAY_KEY".into(), options.secrets.gateway_key.clone()),
+            ("PAYSTILE_TOKEN_KEYS".into(), token_keys.display().to_string()),
             ("PAYSTILE_TOKEN_SECRET".into(), options.secrets.token_secret.clone()),
             ("PAYSTILE_L402_SECRET".into(), options.secrets.l402_secret.clone()),
             // The stack is for demos and tests: L402 invoices come from the sandbox.
@@ -183,10 +203,14 @@ impl Stack {
         envoy_config.set_cluster_port(LEDGER_CLUSTER, ledger.address().port())?;
         envoy_config.set_filter_module(&paths::filter_wasm()?)?;
         let mut filter_config = envoy_config.filter_config()?;
+        let public_key =
+            options.secrets.token_public_key().context("the Pay Token key is not Ed25519")?;
         let secrets = serde_json::json!({
             "ledger": {"gateway_key": options.secrets.gateway_key},
             "pay_token": {
-                "keys": [{"alg": "HS256", "secret": options.secrets.token_secret}],
+                // The ledger's public key (what its /.well-known/jwks.json serves), and the
+                // HS256 secret for tokens minted with it.
+                "keys": [public_key, {"alg": "HS256", "secret": options.secrets.token_secret}],
                 "accept_sandbox": true,
             },
             // The ledger runs the sandbox backend, so the gateway takes its credentials.

@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use paystile_harness::e2e::{TestStack, pyjwt, unix_now};
-use paystile_harness::stack::merge_patch;
+use paystile_harness::stack::{merge_patch, new_token_key};
 use paystile_protocol::Usdc;
 use paystile_protocol::ledger_api::ChargeStatus;
 use serde_json::{Value, json};
@@ -124,6 +124,56 @@ async fn tokens_minted_with_pyjwt_and_the_shared_key_are_accepted_and_metered() 
     );
     let refused = stack.paid("/v1/forecast/lima", &jwt).await.unwrap();
     assert_eq!((refused.status, refused.code().as_deref()), (402, Some("token_limit_exceeded")));
+}
+
+/// EdDSA Pay Tokens: the ledger signs them with its private key and publishes the public
+/// one, which is all the gateway holds; tokens minted by PyJWT with the ledger's key pay too.
+/// A token signed by any other key (even one claiming the ledger's kid) gets 401, at the
+/// gateway and at the ledger.
+#[tokio::test(flavor = "multi_thread")]
+async fn eddsa_tokens_verify_with_the_published_key_and_a_stranger_s_get_401() {
+    let stack = TestStack::start().await.unwrap();
+    let secrets = &stack.stack.secrets;
+    let kid = secrets.token_key.kid.clone().unwrap();
+
+    let issued = stack.issue("0.01").await.unwrap();
+    let header = issued.jwt.split('.').next().unwrap();
+    let header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).unwrap()).unwrap();
+    assert_eq!((header["alg"].as_str(), header["kid"].as_str()), (Some("EdDSA"), Some(&*kid)));
+
+    let jwks_url = format!("{}/.well-known/jwks.json", stack.stack.ledger.url());
+    let jwks: Value = stack.http.get(jwks_url).send().await.unwrap().json().await.unwrap();
+    let public = serde_json::to_value(secrets.token_public_key().unwrap()).unwrap();
+    assert_eq!(jwks, json!({"keys": [public]}), "the published set is the public key alone");
+    assert_eq!(stack.stack.filter_config["pay_token"]["keys"][0], public);
+
+    let private = serde_json::to_string(&secrets.token_key).unwrap();
+    let claims = foreign_claims(&stack, "0.002");
+    let minted = pyjwt(&claims, &private, "EdDSA").unwrap();
+    for jwt in [&issued.jwt, &minted] {
+        let answer = stack.paid("/v1/forecast/quito", jwt).await.unwrap();
+        assert_eq!(answer.status, 200, "{answer:?}");
+        assert!(answer.header("x-charge-id").is_some());
+    }
+    stack.settled(claims["jti"].as_str().unwrap()).await.unwrap();
+
+    let stranger = serde_json::to_string(&new_token_key(&kid)).unwrap();
+    let forged = pyjwt(&foreign_claims(&stack, "0.002"), &stranger, "EdDSA").unwrap();
+    let refused = stack.paid("/v1/forecast/quito", &forged).await.unwrap();
+    assert_eq!((refused.status, refused.code().as_deref()), (401, Some("invalid_credential")));
+    // The gateway key does not make the ledger believe it either.
+    let reserve = json!({"credential": format!("Bearer {forged}"), "serviceId": stack.service_id(),
+        "priceUsdc": "0.001"});
+    let at_ledger = stack
+        .http
+        .post(format!("{}/v1/holds", stack.stack.ledger.url()))
+        .bearer_auth(&secrets.gateway_key)
+        .json(&reserve)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(at_ledger.status(), 401);
+    assert_eq!(stack.stack.upstream.seen().len(), 2, "the forged token reached the upstream");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -271,9 +321,30 @@ async fn expired_foreign_revoked_and_exhausted_tokens_get_their_statuses() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn path_tricks_do_not_dodge_a_price() {
-    let stack = TestStack::start().await.unwrap();
+    // A free prefix listed first, and a price on everything else: the free prefix ends at a
+    // path segment, so /docsecret is not under /docs.
+    let routes = json!({"routes": [
+        {"path_prefix": "/docs", "price_usdc": "0"},
+        {"path_prefix": "/v1/forecast", "price_usdc": "0.001"},
+        {"path": "/v1/premium/report", "methods": ["GET", "POST"], "price_usdc": "0.25"},
+        {"path_prefix": "/", "price_usdc": "0.002"}
+    ]});
+    let stack = TestStack::start_with(routes, &[]).await.unwrap();
     let gateway = stack.stack.envoy.gateway();
+    for path in ["/docs", "/docs/", "/docs/guide", "/docs?page=2"] {
+        let status =
+            tokio::task::spawn_blocking(move || raw_request(gateway, "GET", path)).await.unwrap();
+        assert_eq!(status, 200, "{path} is free");
+    }
+    let free_calls = stack.stack.upstream.seen().len();
     let priced = [
+        ("GET", "/docsecret/x"),
+        ("GET", "/docs-private"),
+        ("GET", "/docs/../docsecret/x"),
+        ("GET", "/docs/..%2Fdocsecret"),
+        ("GET", "/docs%2F..%2Fdocsecret"),
+        ("GET", "/docs;/../docsecret"),
+        ("GET", "/docsecret%2Fx"),
         ("GET", "/v1/forecast/x"),
         ("GET", "//v1/forecast/x"),
         ("GET", "/v1//forecast/x"),
@@ -298,7 +369,7 @@ async fn path_tricks_do_not_dodge_a_price() {
             tokio::task::spawn_blocking(move || raw_request(gateway, method, path)).await.unwrap();
         assert_eq!(status, 402, "{method} {path} was not priced");
     }
-    assert!(stack.stack.upstream.seen().is_empty());
+    assert_eq!(stack.stack.upstream.seen().len(), free_calls, "a priced call got through");
 }
 
 /// The status of `<method> <path>` sent byte for byte (an HTTP client would normalize it).

@@ -18,8 +18,6 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use paystile_harness::bench::{self, Counted, Cpu, Expect, Load, Row};
 use paystile_harness::e2e;
 use paystile_harness::paths;
@@ -96,7 +94,7 @@ impl Config {
     fn http_filter(self, secrets: &Secrets) -> HttpFilter {
         match self {
             Config::Bare => HttpFilter::Nothing,
-            Config::JwtAuthn => HttpFilter::Other(jwt_authn(&secrets.token_secret)),
+            Config::JwtAuthn => HttpFilter::Other(jwt_authn(secrets)),
             _ => HttpFilter::Paystile,
         }
     }
@@ -143,14 +141,10 @@ impl Config {
     }
 }
 
-/// Envoy's JWT filter verifying Pay Tokens with the same HS256 key: a JWKS `oct` key whose
-/// `k` is the secret's bytes in base64url.
-fn jwt_authn(token_secret: &str) -> Value {
-    let jwks = json!({"keys": [{
-        "kty": "oct",
-        "alg": "HS256",
-        "k": URL_SAFE_NO_PAD.encode(token_secret.as_bytes()),
-    }]});
+/// Envoy's JWT filter verifying the same Pay Tokens (the ledger's EdDSA ones) with the
+/// ledger's public key.
+fn jwt_authn(secrets: &Secrets) -> Value {
+    let jwks = json!({"keys": [secrets.token_public_key()]});
     json!({
         "name": "envoy.filters.http.jwt_authn",
         "typed_config": {

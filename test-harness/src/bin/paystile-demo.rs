@@ -6,7 +6,10 @@
 use std::process::ExitCode;
 
 use paystile_harness::paths;
-use paystile_harness::stack::{HttpFilter, Ports, Secrets, Stack, StackOptions, random_key};
+use paystile_harness::stack::{
+    HttpFilter, Ports, Secrets, Stack, StackOptions, new_token_key, random_key,
+};
+use paystile_protocol::jwk::Jwks;
 use paystile_harness::upstream::UpstreamMode;
 use paystile_protocol::ledger_api::IssueTokenRequest;
 
@@ -32,8 +35,20 @@ async fn run() -> anyhow::Result<()> {
     let (admin_key, made_up_admin) = from_env_or_made_up("PAYSTILE_ADMIN_KEY", "adm");
     let (token_secret, made_up_secret) = from_env_or_made_up("PAYSTILE_TOKEN_SECRET", "pts");
     let (l402_secret, made_up_l402) = from_env_or_made_up("PAYSTILE_L402_SECRET", "l402");
-    let secrets = Secrets { admin_key, token_secret, l402_secret, gateway_key: random_key("gw") };
     let dir = paths::repo_root().join(".paystile/demo");
+    // The ledger's Ed25519 signing key stays across demo runs, so tokens it issued still work.
+    let token_key = std::fs::read_to_string(dir.join("token-keys.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<Jwks>(&text).ok())
+        .and_then(|set| set.keys.into_iter().next())
+        .unwrap_or_else(|| new_token_key("demo-1"));
+    let secrets = Secrets {
+        admin_key,
+        token_key,
+        token_secret,
+        l402_secret,
+        gateway_key: random_key("gw"),
+    };
     let stack = Stack::start(StackOptions {
         ports: Ports::DEFAULT,
         secrets,
@@ -77,7 +92,16 @@ async fn run() -> anyhow::Result<()> {
     println!("  upstream  http://{}   demo API, echoes what reached it", stack.upstream.address());
     println!();
     println!("  PAYSTILE_ADMIN_KEY={}{}", stack.secrets.admin_key, made_up(made_up_admin));
-    println!("  PAYSTILE_TOKEN_SECRET={}{}", stack.secrets.token_secret, made_up(made_up_secret));
+    println!(
+        "  PAYSTILE_TOKEN_KEYS={}   the ledger's Ed25519 signing key (kid {})",
+        dir.join("token-keys.json").display(),
+        stack.secrets.token_key.kid.as_deref().unwrap_or("?")
+    );
+    println!(
+        "  PAYSTILE_TOKEN_SECRET={}{}   HS256, still accepted",
+        stack.secrets.token_secret,
+        made_up(made_up_secret)
+    );
     println!("  PAYSTILE_L402_SECRET={}{}", stack.secrets.l402_secret, made_up(made_up_l402));
     println!();
     println!(
@@ -86,9 +110,12 @@ async fn run() -> anyhow::Result<()> {
         route["path_prefix"].as_str().unwrap_or("?")
     );
     println!(
-        "A Pay Token was issued: {} with a cap of {} USDC. Paste this paid call:",
+        "A Pay Token was issued: {} with a cap of {} USDC, signed EdDSA by the ledger. The",
         token.token_id, token.limit_usdc
     );
+    println!("gateway holds only the ledger's public key: it verifies tokens, it cannot mint one");
+    println!("  curl -s {}/.well-known/jwks.json", stack.ledger.url());
+    println!("Paste this paid call:");
     println!();
     println!("curl -i -H 'Authorization: Bearer {}' {url}", token.jwt);
     println!();
