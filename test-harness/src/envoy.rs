@@ -81,6 +81,32 @@ impl EnvoyConfig {
         Ok(())
     }
 
+    /// Adds a listener `name` on a free port, a copy of the gateway's whose paystile filter
+    /// runs `filter_config` (in the same VM: the same `vm_id` and code).
+    pub fn add_gateway(&mut self, name: &str, filter_config: &Value) -> anyhow::Result<()> {
+        let listeners = &mut self.0["static_resources"]["listeners"];
+        let mut listener = named(listeners, LISTENER)?.clone();
+        listener["name"] = name.into();
+        set(&mut listener, &["address", "socket_address", "port_value"], 0.into())?;
+        let manager = named(&mut listener["filter_chains"][0]["filters"], CONNECTION_MANAGER)?;
+        set(&mut manager["typed_config"], &["stat_prefix"], name.into())?;
+        let filter = named(&mut manager["typed_config"]["http_filters"], FILTER)?;
+        let config = &mut filter["typed_config"]["config"];
+        set(config, &["configuration", "value"], filter_config.to_string().into())?;
+        listeners.as_array_mut().context("envoy.yaml's listeners is not a list")?.push(listener);
+        Ok(())
+    }
+
+    /// Adds a cluster `name`, a copy of `like` sending to `port` on loopback.
+    pub fn add_cluster(&mut self, like: &str, name: &str, port: u16) -> anyhow::Result<()> {
+        let clusters = &mut self.0["static_resources"]["clusters"];
+        let mut cluster = named(clusters, like)?.clone();
+        cluster["name"] = name.into();
+        cluster["load_assignment"]["cluster_name"] = name.into();
+        clusters.as_array_mut().context("envoy.yaml's clusters is not a list")?.push(cluster);
+        self.set_cluster_port(name, port)
+    }
+
     pub fn write(&self, path: &Path) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_vec_pretty(&self.0)?)
             .with_context(|| format!("cannot write {}", path.display()))
@@ -188,7 +214,7 @@ impl EnvoyProcess {
                         .await?
                         .json()
                         .await?;
-                    self.gateway = gateway_address(&listeners)?;
+                    self.gateway = listener_address(&listeners, LISTENER)?;
                     return Ok(());
                 }
             }
@@ -198,6 +224,15 @@ impl EnvoyProcess {
 
     pub fn gateway(&self) -> SocketAddr {
         self.gateway
+    }
+
+    /// The address of the listener `name`.
+    pub async fn listener(&self, name: &str) -> anyhow::Result<SocketAddr> {
+        let listeners: Value = reqwest::get(format!("http://{}/listeners?format=json", self.admin))
+            .await?
+            .json()
+            .await?;
+        listener_address(&listeners, name)
     }
 
     pub fn admin(&self) -> SocketAddr {
@@ -226,9 +261,12 @@ impl Drop for EnvoyProcess {
     }
 }
 
-fn gateway_address(listeners: &Value) -> anyhow::Result<SocketAddr> {
+fn listener_address(listeners: &Value, name: &str) -> anyhow::Result<SocketAddr> {
     let statuses = listeners["listener_statuses"].as_array().context("no listener_statuses")?;
-    let gateway = statuses.iter().find(|l| l["name"] == LISTENER).context("no gateway listener")?;
+    let gateway = statuses
+        .iter()
+        .find(|l| l["name"] == name)
+        .with_context(|| format!("no listener {name:?}"))?;
     let socket = &gateway["local_address"]["socket_address"];
     let address = socket["address"].as_str().context("no listener address")?;
     let port = socket["port_value"]

@@ -267,6 +267,26 @@ impl Stack {
         Ok(())
     }
 
+    /// Adds a gateway (an Envoy listener) `name` running the paystile filter with
+    /// `filter_config`, whose `ledger.upstream` is made a new cluster sending to
+    /// `ledger_port`, and restarts Envoy with it. The filter runs in the same VM as the
+    /// gateway's (the shipped `vm_id`). Answers the new listener's address.
+    pub async fn add_gateway(
+        &mut self,
+        name: &str,
+        filter_config: &Value,
+        ledger_port: u16,
+    ) -> anyhow::Result<SocketAddr> {
+        let cluster = format!("{LEDGER_CLUSTER}_{name}");
+        let mut filter_config = filter_config.clone();
+        filter_config["ledger"]["upstream"] = cluster.clone().into();
+        let config = &mut self.envoy_command.config;
+        config.add_cluster(LEDGER_CLUSTER, &cluster, ledger_port)?;
+        config.add_gateway(name, &filter_config)?;
+        self.restart_envoy().await?;
+        self.envoy.listener(name).await
+    }
+
     pub fn ledger_log(&self) -> String {
         std::fs::read_to_string(&self.ledger_command.log).unwrap_or_default()
     }

@@ -9,8 +9,8 @@ use paystile_harness::paths;
 use paystile_harness::stack::{
     HttpFilter, Ports, Secrets, Stack, StackOptions, new_token_key, random_key,
 };
-use paystile_protocol::jwk::Jwks;
 use paystile_harness::upstream::UpstreamMode;
+use paystile_protocol::jwk::Jwks;
 use paystile_protocol::ledger_api::IssueTokenRequest;
 
 #[tokio::main]
@@ -42,13 +42,8 @@ async fn run() -> anyhow::Result<()> {
         .and_then(|text| serde_json::from_str::<Jwks>(&text).ok())
         .and_then(|set| set.keys.into_iter().next())
         .unwrap_or_else(|| new_token_key("demo-1"));
-    let secrets = Secrets {
-        admin_key,
-        token_key,
-        token_secret,
-        l402_secret,
-        gateway_key: random_key("gw"),
-    };
+    let secrets =
+        Secrets { admin_key, token_key, token_secret, l402_secret, gateway_key: random_key("gw") };
     let stack = Stack::start(StackOptions {
         ports: Ports::DEFAULT,
         secrets,
@@ -126,7 +121,7 @@ async fn run() -> anyhow::Result<()> {
     println!();
     println!("Or pay with L402 (sandbox invoices: regtest, no real money moves):");
     println!("  1. the challenge's macaroon=\"M\" and invoice=\"I\":");
-    println!("     curl -si {url} | grep -i 'www-authenticate: L402'");
+    println!("     curl -si {url} | grep -im1 'www-authenticate: L402'");
     println!("  2. pay I through the sandbox; prints the preimage P:");
     println!("     {ledger_cli} sandbox-pay I");
     println!("  3. call with the credential:");
