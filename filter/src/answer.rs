@@ -3,7 +3,7 @@
 //! adds its own here.
 
 use paystile_protocol::headers::{self, APPLICATION_JSON};
-use paystile_protocol::{ErrorBody, Usdc};
+use paystile_protocol::{ErrorBody, ErrorCode, Usdc};
 
 use crate::config::Config;
 
@@ -22,6 +22,8 @@ pub enum HeaderEdit {
 /// A response the gateway sends itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalResponse {
+    /// What the answer says, for the metrics.
+    pub code: ErrorCode,
     pub status: u16,
     pub headers: Vec<(&'static str, String)>,
     pub body: Vec<u8>,
@@ -37,7 +39,7 @@ impl LocalResponse {
             503 => headers.push((headers::RETRY_AFTER, RETRY_AFTER_SECONDS.to_owned())),
             _ => {}
         }
-        LocalResponse { status: body.status(), headers, body: body.to_json() }
+        LocalResponse { code: body.code, status: body.status(), headers, body: body.to_json() }
     }
 
     /// A 402 with a challenge for each scheme that is on: `l402` is the header value of a

@@ -31,6 +31,8 @@ struct Raw {
     billable_statuses: Option<Vec<String>>,
     #[serde(default)]
     failure_mode: FailureMode,
+    #[serde(default)]
+    metrics: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -180,6 +182,9 @@ pub struct Config {
     pub l402: Option<L402Offer>,
     pub billable: Billable,
     pub failure_mode: FailureMode,
+    /// Whether to report the filter's metrics through the host's metrics calls (see
+    /// `metrics`). Off for Kong 3.4 to 3.7, whose ngx_wasm_module traps on them.
+    pub metrics: bool,
 }
 
 /// A configuration the filter refuses, with the path of the field at fault.
@@ -329,6 +334,7 @@ impl Config {
             l402,
             billable,
             failure_mode: raw.failure_mode,
+            metrics: raw.metrics.unwrap_or(true),
         })
     }
 

@@ -14,16 +14,19 @@ use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use paystile_protocol::headers;
+use paystile_protocol::ledger_api::Outcome;
 use paystile_protocol::ledger_api::Settlement;
 use paystile_protocol::{ErrorBody, ErrorCode};
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
 
 use crate::answer::{HeaderEdit, LocalResponse};
 use crate::config::Config;
 use crate::gate::{Exchange, Gate, RequestAction, RequestHead};
 use crate::ledger::{LedgerCall, LedgerReply, LedgerTarget};
 use crate::ledgers::{Books, Ledgers};
+use crate::metrics::{self, Counter, Gauge};
 use crate::pool::RefillOutcome;
 use crate::settle::{Answered, BatchOutcome, Queued};
 
@@ -41,6 +44,65 @@ thread_local! {
     /// The VM's settle queues and prefetched holds, per ledger, shared by every root
     /// context (see `ledgers`).
     static LEDGERS: RefCell<Ledgers> = RefCell::default();
+    /// The VM's metric ids, once a configuration with metrics on has defined them.
+    static METRICS: RefCell<Option<MetricIds>> = const { RefCell::new(None) };
+}
+
+/// The host's ids of the VM's metrics (see `metrics`).
+struct MetricIds {
+    counters: Vec<(Counter, u32)>,
+    gauges: Vec<(Gauge, u32)>,
+}
+
+impl MetricIds {
+    /// Defines every metric. The SDK's `define_metric` panics on a status other than OK:
+    /// hosts that have the call answer OK (Envoy, Kong 3.8+); Kong 3.4 to 3.7 trap on it,
+    /// which is why a configuration can turn metrics off.
+    fn define() -> MetricIds {
+        let counters = Counter::all()
+            .into_iter()
+            .filter_map(|c| {
+                Some((c, hostcalls::define_metric(MetricType::Counter, &c.name()).ok()?))
+            })
+            .collect();
+        let gauges = Gauge::ALL
+            .into_iter()
+            .filter_map(|g| Some((g, hostcalls::define_metric(MetricType::Gauge, g.name()).ok()?)))
+            .collect();
+        MetricIds { counters, gauges }
+    }
+}
+
+/// Adds `by` to `counter`, if metrics are on.
+fn count(counter: Counter, by: usize) {
+    if by == 0 {
+        return;
+    }
+    METRICS.with(|metrics| {
+        let metrics = metrics.borrow();
+        let id = metrics.as_ref().and_then(|m| m.counters.iter().find(|(c, _)| *c == counter));
+        if let Some((_, id)) = id {
+            let _ = hostcalls::increment_metric(*id, i64::try_from(by).unwrap_or(i64::MAX));
+        }
+    });
+}
+
+/// Sets `gauge`, if metrics are on.
+fn record(gauge: Gauge, value: usize) {
+    METRICS.with(|metrics| {
+        let metrics = metrics.borrow();
+        let id = metrics.as_ref().and_then(|m| m.gauges.iter().find(|(g, _)| *g == gauge));
+        if let Some((_, id)) = id {
+            let _ = hostcalls::record_metric(*id, u64::try_from(value).unwrap_or(u64::MAX));
+        }
+    });
+}
+
+/// Counts a ledger call's answer that says the ledger is in trouble.
+fn note_ledger(status: Option<u16>) {
+    if let Some(counter) = metrics::ledger_trouble(status) {
+        count(counter, 1);
+    }
 }
 
 struct Root {
@@ -73,6 +135,11 @@ impl Root {
 }
 
 impl RootContext for Root {
+    fn on_vm_start(&mut self, _size: usize) -> bool {
+        log::info!("paystile filter {} starting", env!("CARGO_PKG_VERSION"));
+        true
+    }
+
     fn on_configure(&mut self, _size: usize) -> bool {
         let json = self.get_plugin_configuration().unwrap_or_default();
         match Config::from_json(&json) {
@@ -82,6 +149,11 @@ impl RootContext for Root {
                     config.routes.len(),
                     config.service_id
                 );
+                if config.metrics {
+                    METRICS.with(|metrics| {
+                        metrics.borrow_mut().get_or_insert_with(MetricIds::define);
+                    });
+                }
                 let period = config.ledger.settle_interval;
                 if self.tick_period.replace(period) != Some(period) {
                     self.set_tick_period(period);
@@ -109,9 +181,14 @@ impl RootContext for Root {
         }
         // Every ledger's queue, this configuration's or not: a configuration that went away
         // may have left settlements behind.
+        let (mut queued, mut prefetched) = (0, 0);
         for books in LEDGERS.with(|ledgers| ledgers.borrow().all()) {
             self.settle(&books, now, false);
+            queued += books.queue.borrow().depth();
+            prefetched += books.prefetched.borrow().waiting();
         }
+        record(Gauge::SettleQueue, queued);
+        record(Gauge::PrefetchedHolds, prefetched);
         self.refill(&gate, now);
     }
 
@@ -147,6 +224,7 @@ impl Root {
 
     fn on_settle_reply(&mut self, books: Rc<Books>, batch: u64, headers: usize, body: usize) {
         let reply = read_reply(self, headers, body, MAX_REPLY_BYTES);
+        note_ledger(reply.status);
         let now = millis(self.get_current_time());
         let outcome = books.queue.borrow_mut().on_reply(batch, &reply, now);
         match outcome {
@@ -159,6 +237,7 @@ impl Root {
                 );
             }
             BatchOutcome::Dropped { settlements } => {
+                count(Counter::SettleDropped, settlements);
                 log::error!(
                     "paystile: the ledger refused a batch of {settlements} settlements as malformed; dropped"
                 );
@@ -188,6 +267,7 @@ impl Root {
     fn on_refill_reply(&mut self, id: u64, headers: usize, body_size: usize) {
         let Some(gate) = self.gate.clone() else { return };
         let reply = read_reply(self, headers, body_size, MAX_REFILL_REPLY_BYTES);
+        note_ledger(reply.status);
         let now = millis(self.get_current_time());
         if let RefillOutcome::Failed { retry_in_ms } = gate.on_refill_reply(id, &reply, now) {
             log::warn!(
@@ -235,6 +315,8 @@ impl Context for Root {
 /// Logs what a settle answer says beyond "settled", and forgets the prefetched holds of
 /// tokens the ledger no longer commits.
 fn report(books: &Books, answered: Answered) {
+    count(Counter::SettleAnswered, answered.settled);
+    count(Counter::SettleDropped, answered.invalid.len());
     if answered.unsettled > 0 {
         log::warn!(
             "paystile: {} of {} settlements found their hold expired, revoked or unknown",
@@ -293,6 +375,13 @@ impl Stream {
     }
 
     fn settle(&self, settlement: Settlement) {
+        count(
+            match settlement.outcome {
+                Outcome::Commit => Counter::Paid,
+                Outcome::Release => Counter::Released,
+            },
+            1,
+        );
         let token_id = self.exchange.token_id().unwrap_or_default().to_owned();
         if let Some(books) = &self.books {
             push(books, Queued { settlement, token_id });
@@ -300,6 +389,7 @@ impl Stream {
     }
 
     fn respond(&self, response: LocalResponse) {
+        count(Counter::Refused(response.code), 1);
         let headers =
             response.headers.iter().map(|(name, value)| (*name, value.as_str())).collect();
         self.send_http_response(u32::from(response.status), headers, Some(&response.body));
@@ -369,13 +459,16 @@ impl Context for Stream {
     ) {
         let Some(gate) = self.gate.clone() else { return };
         let reply = read_reply(self, headers, body_size, MAX_REPLY_BYTES);
+        note_ledger(reply.status);
         let action = self.exchange.on_ledger_reply(&gate, reply);
         self.perform(&gate, action, true);
     }
 }
 
 fn push(books: &Books, queued: Queued) {
+    count(Counter::SettleQueued, 1);
     if books.queue.borrow_mut().push(queued) {
+        count(Counter::SettleDropped, 1);
         log::error!(
             "paystile: settle queue full; dropped the oldest settlement (its hold will expire)"
         );

@@ -881,3 +881,80 @@ fn unused_prefetched_holds_are_released_at_their_age_and_a_revoked_token_loses_t
         assert_eq!(answered(&vm, id).0, 422);
     }
 }
+
+/// The filter's counters and gauges, through the metrics hostcalls, on Envoy and on Kong
+/// 3.8+ (where an increment of a gauge would trap): a paid call, a 402, a ledger outage, a
+/// settlement the ledger refuses, and the queue and prefetched holds as gauges.
+#[test]
+fn metrics_count_what_the_filter_does() {
+    for flavor in FLAVORS {
+        let mut config = config(flavor);
+        config["ledger"]["prefetch_holds"] = json!(4);
+        // Pay Tokens alone: a 402 is answered at once.
+        config.as_object_mut().unwrap().remove("l402");
+        let mut vm = vm_with(flavor, &config);
+        let bearer = bearer();
+        assert_eq!(vm.metric("paystile_paid"), Some(0), "{flavor:?}: defined at configure");
+
+        // Paid and committed.
+        let id = admitted(&mut vm, flavor, &bearer, "ch_1");
+        vm.response_headers(id, pairs(&[(":status", "200")])).unwrap();
+        vm.end(id).unwrap();
+        // Held, then released (the upstream failed).
+        let id = admitted(&mut vm, flavor, &bearer, "ch_2");
+        vm.response_headers(id, pairs(&[(":status", "500")])).unwrap();
+        vm.end(id).unwrap();
+        // No credential: a 402; a bad one: a 401.
+        let (id, _) = vm.request_headers(get("/v1/forecast", None)).unwrap();
+        vm.end(id).unwrap();
+        let (id, _) = vm.request_headers(get("/v1/forecast", Some("Bearer x.y.z"))).unwrap();
+        vm.end(id).unwrap();
+        // The ledger times out, then resets: 503s.
+        for reply in [Reply::status(504), Reply::Reset] {
+            let (id, _) = vm.request_headers(get("/v1/forecast/x", Some(&bearer))).unwrap();
+            let call = one_ledger_call(&mut vm, flavor, "/v1/holds");
+            vm.reply(call.token, reply).unwrap();
+            vm.end(id).unwrap();
+        }
+        assert_eq!(vm.metric("paystile_paid"), Some(1), "{flavor:?}");
+        assert_eq!(vm.metric("paystile_released"), Some(1));
+        assert_eq!(vm.metric("paystile_refused_payment_required"), Some(1));
+        assert_eq!(vm.metric("paystile_refused_invalid_credential"), Some(1));
+        assert_eq!(vm.metric("paystile_refused_ledger_unavailable"), Some(2));
+        assert_eq!(vm.metric("paystile_ledger_timeouts"), Some(1));
+        assert_eq!(vm.metric("paystile_ledger_errors"), Some(1));
+        assert_eq!(vm.metric("paystile_settle_queued"), Some(2));
+
+        vm.tick().unwrap();
+        assert_eq!(vm.metric("paystile_settle_queue"), Some(2), "{flavor:?}");
+        let settle = one_ledger_call(&mut vm, flavor, "/v1/holds/settle");
+        let results = json!({"results": [{"chargeId": "ch_1", "status": "committed"},
+            {"chargeId": "ch_2", "status": "invalid", "error": "amountUsdc is for commits only"}]});
+        vm.reply(settle.token, Reply::json(200, &results)).unwrap();
+        assert_eq!(vm.metric("paystile_settle_answered"), Some(1));
+        assert_eq!(vm.metric("paystile_settle_dropped"), Some(1));
+        assert!(vm.logs().iter().any(|(_, line)| line.contains("refused the settlement of ch_2")));
+        vm.tick().unwrap();
+        assert_eq!(vm.metric("paystile_settle_queue"), Some(0));
+        assert_eq!(vm.metric("paystile_prefetched_holds"), Some(0));
+        assert!(vm.unimplemented_calls().is_empty(), "{:?}", vm.unimplemented_calls());
+    }
+}
+
+/// Kong 3.4 to 3.7 trap on every metrics hostcall: with `"metrics": false` the filter makes
+/// none, and it still logs its version at start.
+#[test]
+fn with_metrics_off_no_metric_is_defined() {
+    for flavor in FLAVORS {
+        let mut config = config(flavor);
+        config["metrics"] = json!(false);
+        let mut vm = vm_with(flavor, &config);
+        let id = admitted(&mut vm, flavor, &bearer(), "ch_1");
+        vm.response_headers(id, pairs(&[(":status", "200")])).unwrap();
+        vm.end(id).unwrap();
+        vm.tick().unwrap();
+        assert_eq!(vm.metrics_defined(), 0, "{flavor:?}");
+        let version = format!("paystile filter {} starting", env!("CARGO_PKG_VERSION"));
+        assert!(vm.logs().iter().any(|(_, line)| *line == version), "{:?}", vm.logs());
+    }
+}

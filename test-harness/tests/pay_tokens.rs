@@ -75,6 +75,23 @@ async fn a_paid_call_reaches_the_upstream_charged_and_without_the_credential() {
     );
     assert_eq!(charge.service_id, stack.service_id());
 
+    // Envoy's /stats shows the filter's counters (summed over its workers' VMs), and the
+    // filter logged its version at start.
+    let stats_url =
+        format!("http://{}/stats?format=json&filter=paystile", stack.stack.envoy.admin());
+    let stats: Value = stack.http.get(stats_url).send().await.unwrap().json().await.unwrap();
+    let stat = |name: &str| {
+        let stats = stats["stats"].as_array().unwrap();
+        stats.iter().find(|s| s["name"] == name).map(|s| s["value"].clone())
+    };
+    assert_eq!(stat("wasmcustom.paystile_paid"), Some(json!(1)), "{stats}");
+    assert_eq!(stat("wasmcustom.paystile_settle_queued"), Some(json!(1)));
+    assert_eq!(stat("wasmcustom.paystile_settle_answered"), Some(json!(1)));
+    assert_eq!(stat("wasmcustom.paystile_refused_payment_required"), Some(json!(0)));
+    assert!(stat("wasmcustom.paystile_settle_queue").is_some(), "{stats}");
+    let started = format!("paystile filter {} starting", env!("CARGO_PKG_VERSION"));
+    assert!(stack.stack.envoy.log_text().contains(&started));
+
     // The credential appears in no log.
     let envoy_log = stack.stack.envoy.log_text();
     let ledger_log = stack.stack.ledger_log();

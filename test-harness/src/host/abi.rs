@@ -11,7 +11,7 @@ use anyhow::{Result, anyhow, bail};
 use wasmtime::{Caller, Extern, Linker, Module, Val};
 
 use super::pairs::{self, Pairs};
-use super::{Dispatch, Flavor, HostState, LocalResponse, Phase};
+use super::{Dispatch, Flavor, HostState, LocalResponse, Metric, MetricKind, Phase};
 
 mod status {
     pub const OK: i32 = 0;
@@ -68,6 +68,10 @@ const IMPLEMENTED: &[&str] = &[
     "proxy_set_effective_context",
     "proxy_get_property",
     "proxy_set_property",
+    "proxy_define_metric",
+    "proxy_increment_metric",
+    "proxy_record_metric",
+    "proxy_get_metric",
 ];
 
 pub(super) fn link(linker: &mut Linker<HostState>, module: &Module) -> Result<()> {
@@ -87,6 +91,10 @@ pub(super) fn link(linker: &mut Linker<HostState>, module: &Module) -> Result<()
     linker.func_wrap("env", "proxy_set_effective_context", set_effective_context)?;
     linker.func_wrap("env", "proxy_get_property", get_property)?;
     linker.func_wrap("env", "proxy_set_property", set_property)?;
+    linker.func_wrap("env", "proxy_define_metric", define_metric)?;
+    linker.func_wrap("env", "proxy_increment_metric", increment_metric)?;
+    linker.func_wrap("env", "proxy_record_metric", record_metric)?;
+    linker.func_wrap("env", "proxy_get_metric", get_metric)?;
     linker.func_wrap("wasi_snapshot_preview1", "fd_write", fd_write)?;
     linker.func_wrap("wasi_snapshot_preview1", "environ_sizes_get", environ_sizes_get)?;
     linker.func_wrap("wasi_snapshot_preview1", "environ_get", |_: Ctx<'_>, _: i32, _: i32| 0)?;
@@ -532,6 +540,96 @@ fn set_property(
     };
     caller.data_mut().properties.insert(path, value);
     Ok(status::OK)
+}
+
+/// `proxy_define_metric`: a counter (0), gauge (1) or histogram (2) by name; defining a name
+/// again answers the same id (as Envoy and ngx_wasm_module do).
+fn define_metric(
+    mut caller: Ctx<'_>,
+    kind: i32,
+    name_ptr: i32,
+    name_len: i32,
+    ret_id: i32,
+) -> Result<i32> {
+    if let Some(status) = enter(&mut caller, "proxy_define_metric")? {
+        return Ok(status);
+    }
+    let Some(name) = read(&mut caller, name_ptr, name_len) else {
+        return Ok(status::INVALID_MEMORY_ACCESS);
+    };
+    let kind = match kind {
+        0 => MetricKind::Counter,
+        1 => MetricKind::Gauge,
+        2 => MetricKind::Histogram,
+        _ => return Ok(status::BAD_ARGUMENT),
+    };
+    let name = String::from_utf8_lossy(&name).into_owned();
+    let metrics = &mut caller.data_mut().metrics;
+    let id = match metrics.iter().position(|m| m.name == name) {
+        Some(at) => at,
+        None => {
+            metrics.push(Metric { name, kind, value: 0 });
+            metrics.len() - 1
+        }
+    };
+    Ok(write(&mut caller, ret_id, &(id as u32).to_le_bytes()))
+}
+
+/// `proxy_increment_metric`. ngx_wasm_module traps on a gauge ("metric not a counter");
+/// Envoy adds to it. A counter never goes down.
+fn increment_metric(mut caller: Ctx<'_>, id: i32, offset: i64) -> Result<i32> {
+    if let Some(status) = enter(&mut caller, "proxy_increment_metric")? {
+        return Ok(status);
+    }
+    let state = caller.data_mut();
+    let flavor = state.flavor;
+    let Some(metric) = state.metrics.get_mut(id as u32 as usize) else {
+        return Ok(status::NOT_FOUND);
+    };
+    match (metric.kind, flavor) {
+        (MetricKind::Counter, _) if offset < 0 => Ok(status::BAD_ARGUMENT),
+        (MetricKind::Gauge, Flavor::Kong) | (MetricKind::Histogram, Flavor::Kong) => {
+            bail!(
+                "host trap (internal error): could not increment metric id \"{id}\": metric not a counter"
+            )
+        }
+        _ => {
+            metric.value = metric.value.saturating_add(offset);
+            Ok(status::OK)
+        }
+    }
+}
+
+/// `proxy_record_metric`: sets a gauge. A counter is only incremented (ngx_wasm_module
+/// refuses to record one; so does this host, on both flavors).
+fn record_metric(mut caller: Ctx<'_>, id: i32, value: i64) -> Result<i32> {
+    if let Some(status) = enter(&mut caller, "proxy_record_metric")? {
+        return Ok(status);
+    }
+    let state = caller.data_mut();
+    let flavor = state.flavor;
+    let Some(metric) = state.metrics.get_mut(id as u32 as usize) else {
+        return Ok(status::NOT_FOUND);
+    };
+    match (metric.kind, flavor) {
+        (MetricKind::Counter, Flavor::Kong) => bail!("host trap: cannot record a counter"),
+        (MetricKind::Counter, Flavor::Envoy) => Ok(status::BAD_ARGUMENT),
+        _ => {
+            metric.value = value;
+            Ok(status::OK)
+        }
+    }
+}
+
+fn get_metric(mut caller: Ctx<'_>, id: i32, ret_value: i32) -> Result<i32> {
+    if let Some(status) = enter(&mut caller, "proxy_get_metric")? {
+        return Ok(status);
+    }
+    let Some(metric) = caller.data().metrics.get(id as u32 as usize) else {
+        return Ok(status::NOT_FOUND);
+    };
+    let value = metric.value as u64;
+    Ok(write(&mut caller, ret_value, &value.to_le_bytes()))
 }
 
 /// WASI `fd_write`: stdout and stderr go to the host's record (the SDK's panic message).

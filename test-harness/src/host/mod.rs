@@ -7,7 +7,10 @@
 //! with its callback on the root id, and the SDK's switch to the stream's context. In
 //! [`Flavor::Kong`] it behaves like ngx_wasm_module where that differs from Envoy: its
 //! not-yet-implemented hostcalls trap, pause and dispatch are refused while response headers
-//! are processed, and dispatch targets are `host:port`.
+//! are processed, dispatch targets are `host:port`, and an increment of a gauge traps. Its
+//! Kong is 3.8 or later (ngx_wasm_module 0.4+, which has the metrics calls); on Kong 3.4 to
+//! 3.7 they trap, so a configuration for those turns metrics off, and tests check that the
+//! filter then makes none of these calls.
 //!
 //! A test drives one VM: [`Vm::request_headers`] for a new stream, then the dispatches it
 //! made ([`Vm::take_dispatches`]), the ledger's answers ([`Vm::reply`]), the local response
@@ -155,6 +158,21 @@ enum Phase {
     CallResponse,
 }
 
+/// A metric the guest defined.
+#[derive(Clone, Debug)]
+struct Metric {
+    name: String,
+    kind: MetricKind,
+    value: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MetricKind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
 /// What the host keeps; the hostcalls in `abi.rs` read and change it.
 struct HostState {
     flavor: Flavor,
@@ -189,6 +207,8 @@ struct HostState {
     unimplemented: Vec<String>,
     /// Properties by path (segments joined with NUL, as the ABI passes them).
     properties: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// The metrics defined, their index their id.
+    metrics: Vec<Metric>,
 }
 
 impl HostState {
@@ -302,6 +322,7 @@ impl Vm {
             failures: Vec::new(),
             unimplemented: Vec::new(),
             properties: BTreeMap::new(),
+            metrics: Vec::new(),
         };
         let mut store = Store::new(engine, state);
         store.set_fuel(FUEL)?;
@@ -507,6 +528,16 @@ impl Vm {
     /// What the guest wrote to stdout and stderr (a panic message, say).
     pub fn stdio(&self) -> String {
         String::from_utf8_lossy(&self.store.data().stdio).into_owned()
+    }
+
+    /// The value of the metric `name`, if the filter defined it.
+    pub fn metric(&self, name: &str) -> Option<i64> {
+        self.store.data().metrics.iter().find(|m| m.name == name).map(|m| m.value)
+    }
+
+    /// How many metrics the filter defined.
+    pub fn metrics_defined(&self) -> usize {
+        self.store.data().metrics.len()
     }
 
     /// Hostcalls the filter made that this host (and, for some, Kong) does not implement.
