@@ -1168,6 +1168,7 @@ fn bad_cases() -> Vec<Case> {
             edit(|c| c["failure_mode"] = json!("Closed")),
         ),
         bad("failure mode null", "failure_mode", edit(|c| c["failure_mode"] = Value::Null)),
+        bad("metrics as a string", "metrics", edit(|c| c["metrics"] = json!("off"))),
     ]
 }
 
