@@ -288,6 +288,10 @@ impl Context for Root {
     fn on_done(&mut self) -> bool {
         self.finishing = true;
         let now = millis(self.get_current_time());
+        let waiting: usize = LEDGERS.with(|ledgers| {
+            ledgers.borrow().all().iter().map(|books| books.queue.borrow().depth()).sum()
+        });
+        log::info!("paystile: the configuration is going away; delivering {waiting} settlements");
         for books in LEDGERS.with(|ledgers| ledgers.borrow().all()) {
             self.settle(&books, now, true);
         }

@@ -247,6 +247,31 @@ impl EnvoyProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Stops Envoy without losing a charge, the README's way: `scripts/drain-gateway` (the
+    /// listeners drained, requests in flight finished, the filter's queued settlements
+    /// delivered), then SIGTERM. Answers whether the drain completed within `timeout`.
+    pub async fn stop_gracefully(&mut self, timeout: Duration) -> anyhow::Result<bool> {
+        let script = paths::repo_root().join("scripts/drain-gateway");
+        let drained = tokio::process::Command::new(&script)
+            .args([self.admin.to_string(), timeout.as_secs().to_string()])
+            .status()
+            .await
+            .with_context(|| format!("cannot run {}", script.display()))?
+            .success();
+        let status = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status()?;
+        if !status.success() {
+            bail!("kill -TERM {} failed", self.pid());
+        }
+        let stop_deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait()?.is_none() {
+            if Instant::now() > stop_deadline {
+                bail!("Envoy did not stop within 10 s of its SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(drained)
+    }
+
     /// `kill -9`: the filter's queued settlements die with it.
     pub fn kill(&mut self) -> std::io::Result<()> {
         self.child.kill()?;

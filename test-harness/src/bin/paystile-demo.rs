@@ -44,7 +44,7 @@ async fn run() -> anyhow::Result<()> {
         .unwrap_or_else(|| new_token_key("demo-1"));
     let secrets =
         Secrets { admin_key, token_key, token_secret, l402_secret, gateway_key: random_key("gw") };
-    let stack = Stack::start(StackOptions {
+    let mut stack = Stack::start(StackOptions {
         ports: Ports::DEFAULT,
         secrets,
         dir: dir.clone(),
@@ -135,6 +135,9 @@ async fn run() -> anyhow::Result<()> {
         interrupted = tokio::signal::ctrl_c() => interrupted?,
         _ = terminate.recv() => {}
     }
-    println!("stopping");
+    println!("stopping: draining the gateway (scripts/drain-gateway), then the rest");
+    if !stack.envoy.stop_gracefully(std::time::Duration::from_secs(10)).await? {
+        println!("the gateway did not drain within 10 s; some calls may go unpaid");
+    }
     Ok(())
 }
