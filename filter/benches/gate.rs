@@ -12,6 +12,7 @@ use paystile_filter::config::Config;
 use paystile_filter::gate::{Exchange, Gate, RequestAction, RequestHead};
 use paystile_filter::ledger::LedgerReply;
 use paystile_filter::pool::{MAX_BATCH, RefillOutcome};
+use paystile_protocol::jwk::Jwk;
 use paystile_protocol::jws::SigningKey;
 use paystile_protocol::l402::{self, Identifier, Offer};
 use paystile_protocol::pay_token::{self, PayTokenClaims, Scope};
@@ -22,6 +23,9 @@ const NOW_MS: u64 = NOW * 1000;
 const TOKEN_SECRET: &str = "bench-token-secret-0123456789abcdef";
 const L402_SECRET: &str = "bench-l402-secret-of-32-characters";
 
+/// The seed of the bench's Ed25519 Pay Token key.
+const ED25519_SEED: [u8; 32] = [5; 32];
+
 const CONFIG: &str = r#"{
     "service_id": "weather",
     "routes": [{"path_prefix": "/v1/forecast", "price_usdc": "0.001"}],
@@ -31,10 +35,21 @@ const CONFIG: &str = r#"{
 }"#;
 
 fn gate() -> Gate {
-    Gate::new(Config::from_json(CONFIG.as_bytes()).unwrap())
+    let mut config: serde_json::Value = serde_json::from_str(CONFIG).unwrap();
+    let public = Jwk::public(&SigningKey::ed25519(&ED25519_SEED).verifying_key()).unwrap();
+    config["pay_token"]["keys"].as_array_mut().unwrap().push(serde_json::to_value(public).unwrap());
+    Gate::new(Config::from_json(config.to_string().as_bytes()).unwrap())
 }
 
 fn pay_token() -> String {
+    signed(&SigningKey::hs256(TOKEN_SECRET))
+}
+
+fn eddsa_pay_token() -> String {
+    signed(&SigningKey::ed25519(&ED25519_SEED))
+}
+
+fn signed(key: &SigningKey) -> String {
     let claims = PayTokenClaims {
         sub: "agent-1".into(),
         jti: "tok_0123456789abcdef0123456789abcdef".into(),
@@ -49,7 +64,7 @@ fn pay_token() -> String {
         aud: None,
         sandbox: false,
     };
-    format!("Bearer {}", pay_token::sign(&claims, &SigningKey::hs256(TOKEN_SECRET)))
+    format!("Bearer {}", pay_token::sign(&claims, key))
 }
 
 fn l402_credential() -> String {
@@ -168,10 +183,17 @@ fn measure_pooled(gate: &Gate) -> (u128, u128) {
 fn main() {
     let gate = gate();
     let pay_token = pay_token();
+    let eddsa = eddsa_pay_token();
     let l402 = l402_credential();
-    let mut bad = pay_token.clone();
-    bad.pop();
-    bad.push('A');
+    // A character of the signature changed: a bad signature, never cached, so verified in
+    // full each time.
+    let forged = |token: &str| {
+        let mut bytes = token.as_bytes().to_vec();
+        let at = bytes.len() - 10;
+        bytes[at] = if bytes[at] == b'A' { b'B' } else { b'A' };
+        String::from_utf8(bytes).unwrap()
+    };
+    let (bad, bad_eddsa) = (forged(&pay_token), forged(&eddsa));
     println!("{:<44} {:>8}", "path (inline work in the gate)", "ns/req");
     let (pooled, refill) = measure_pooled(&gate);
     println!("{:<44} {pooled:>8}", "no credential: 402 with a pooled challenge");
@@ -188,8 +210,10 @@ fn main() {
     );
     for (name, authorization, calls_ledger) in [
         ("Pay Token: verify, reserve body", Some(pay_token.as_str()), true),
+        ("EdDSA Pay Token: verify, reserve body", Some(eddsa.as_str()), true),
         ("L402: verify, reserve body", Some(l402.as_str()), true),
         ("Pay Token with a bad signature: 401", Some(bad.as_str()), false),
+        ("EdDSA Pay Token, bad signature: 401", Some(bad_eddsa.as_str()), false),
     ] {
         println!("{name:<44} {:>8}", measure(&gate, authorization, calls_ledger));
     }
