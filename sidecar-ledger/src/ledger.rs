@@ -20,10 +20,10 @@ use paystile_protocol::{ErrorBody, ErrorCode, Usdc};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use crate::domain::{TokenRecord, UnixMillis};
 use crate::rules::{self, Account, ChildSpec, DailyLimits};
 use crate::store::{
-    ChargeRecord, DepositCommand, ReserveCommand, ReserveOutcome, Store, StoreError, TokenRecord,
-    UnixMillis,
+    ChargeRecord, DepositCommand, ReserveCommand, ReserveOutcome, Store, StoreError,
 };
 use crate::telemetry::Metrics;
 

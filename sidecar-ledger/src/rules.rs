@@ -8,7 +8,7 @@ use paystile_protocol::ledger_api::{ChargeStatus, Outcome, SettleStatus, Settlem
 use paystile_protocol::pay_token::Scope;
 use paystile_protocol::{ErrorBody, ErrorCode, Usdc};
 
-use crate::store::{TokenRecord, UnixMillis};
+use crate::domain::{TokenRecord, UnixMillis};
 
 /// The most tokens in one chain of delegation: a root and seven generations of children.
 /// Every reserve and settle touches each of them, so the chain stays short.

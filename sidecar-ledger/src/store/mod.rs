@@ -23,6 +23,7 @@ pub use journal::{ChargeFilter, ServiceTotals, ServiceWindow};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
+use crate::domain::{TokenRecord, UnixMillis};
 use crate::rules::{
     self, Account, Books, Call, ChildSpec, DailyLimits, MAX_CHAIN_LEN, PriorOutcome, PriorUse,
 };
@@ -244,9 +245,6 @@ impl Store {
     }
 }
 
-/// Milliseconds since the Unix epoch: every timestamp the stores keep.
-pub type UnixMillis = i64;
-
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
@@ -297,34 +295,6 @@ impl From<tokio_postgres::Error> for StoreError {
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(e: deadpool_postgres::PoolError) -> StoreError {
         StoreError::Unavailable(Arc::new(e))
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TokenRecord {
-    pub grant: TokenGrant,
-    pub used: Usdc,
-    pub reserved: Usdc,
-    pub revoked: bool,
-    /// The token it was minted under, for a child token.
-    pub parent_id: Option<String>,
-}
-
-impl TokenRecord {
-    /// A token as first registered: nothing spent.
-    pub fn new(grant: TokenGrant) -> TokenRecord {
-        TokenRecord {
-            grant,
-            used: Usdc::ZERO,
-            reserved: Usdc::ZERO,
-            revoked: false,
-            parent_id: None,
-        }
-    }
-
-    /// What is left for new calls: the limit minus everything spent or on hold.
-    pub fn remaining(&self) -> Usdc {
-        self.grant.limit_usdc.saturating_sub(self.used).saturating_sub(self.reserved)
     }
 }
 
