@@ -7,6 +7,7 @@
 //! that share their books.
 
 mod journal;
+mod migrations;
 mod postgres;
 mod sqlite;
 

@@ -33,6 +33,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::journal::{self, ChargeFilter, Dialect, Param, ServiceTotals, ServiceWindow};
+use super::migrations::MIGRATIONS;
 use super::{
     ALL_SCOPES, ALL_STATUSES, BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, FIRST_TIER,
     KeyOutcome, PURGE_IDEMPOTENCY_KEYS, PriorKey, ReserveCommand, ReserveOutcome, StoreError,
@@ -54,36 +55,6 @@ const MAX_ATTEMPTS: u32 = 8;
 /// The advisory lock under which migrations run ("paystile" in ASCII): ledgers starting
 /// together take turns, and the second finds the schema up to date.
 const MIGRATION_LOCK: i64 = 0x7061_7973_7469_6c65;
-
-struct Migration {
-    version: i64,
-    name: &'static str,
-    sql: &'static str,
-}
-
-/// Schema versions, applied in order; `schema_migrations` records each one applied.
-const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "0001_initial",
-        sql: include_str!("postgres_migrations/0001_initial.sql"),
-    },
-    Migration {
-        version: 2,
-        name: "0002_money",
-        sql: include_str!("postgres_migrations/0002_money.sql"),
-    },
-    Migration {
-        version: 3,
-        name: "0003_buyers",
-        sql: include_str!("postgres_migrations/0003_buyers.sql"),
-    },
-    Migration {
-        version: 4,
-        name: "0004_journal",
-        sql: include_str!("postgres_migrations/0004_journal.sql"),
-    },
-];
 
 /// Ends a `SELECT token_id FROM tokens …` that locks several tokens: in id order, the same
 /// in every transaction, so that two of them cannot each hold a lock the other waits for.
@@ -224,7 +195,7 @@ impl PostgresStore {
             )));
         }
         for migration in MIGRATIONS.iter().filter(|m| m.version > applied) {
-            tx.batch_execute(migration.sql).await?;
+            tx.batch_execute(migration.postgres).await?;
             tx.execute(
                 "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
                 &[&migration.version, &migration.name],
@@ -1416,27 +1387,4 @@ async fn record_refusal(
     )
     .await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every file in postgres_migrations/ is listed, in order: one left out would never run.
-    #[test]
-    fn every_migration_file_is_applied_in_order() {
-        let dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/store/postgres_migrations");
-        let mut files: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
-            .collect();
-        files.sort();
-        let listed: Vec<String> = MIGRATIONS.iter().map(|m| format!("{}.sql", m.name)).collect();
-        assert_eq!(files, listed);
-        for (i, migration) in MIGRATIONS.iter().enumerate() {
-            assert_eq!(migration.version, i64::try_from(i + 1).unwrap());
-            assert!(migration.name.starts_with(&format!("{:04}_", migration.version)));
-        }
-    }
 }

@@ -27,6 +27,7 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
 use super::journal::{self, ChargeFilter, Dialect, Param, ServiceTotals, ServiceWindow};
+use super::migrations::MIGRATIONS;
 use super::{
     ALL_SCOPES, ALL_STATUSES, BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, FIRST_TIER,
     KeyOutcome, PURGE_IDEMPOTENCY_KEYS, PriorKey, ReserveCommand, ReserveOutcome, StoreError,
@@ -48,15 +49,6 @@ const COLLECT_POLL: Duration = Duration::from_micros(20);
 /// Prepared statements the writer keeps: more than the operations use, so that none of the
 /// hot path's is ever evicted and compiled again.
 const STATEMENT_CACHE: usize = 64;
-
-/// Schema versions, applied in order; `PRAGMA user_version` records how many have run.
-const MIGRATIONS: &[&str] = &[
-    include_str!("sqlite_schema.sql"),
-    include_str!("sqlite_0002_money.sql"),
-    include_str!("sqlite_0003_buyers.sql"),
-    include_str!("sqlite_0004_journal.sql"),
-    include_str!("sqlite_0005_charges.sql"),
-];
 
 /// The columns [`token_record`] reads.
 macro_rules! select_token {
@@ -464,16 +456,16 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         )));
     }
     conn.pragma_update(None, "foreign_keys", "OFF")?;
-    for (version, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+    for migration in MIGRATIONS.iter().skip(applied) {
         let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
+        tx.execute_batch(migration.sqlite)?;
         if tx.prepare("PRAGMA foreign_key_check")?.exists([])? {
             return Err(StoreError::Corrupt(format!(
                 "schema version {} would break a foreign key",
-                version + 1
+                migration.version
             )));
         }
-        tx.pragma_update(None, "user_version", i64::try_from(version + 1).unwrap_or(i64::MAX))?;
+        tx.pragma_update(None, "user_version", migration.version)?;
         tx.commit()?;
     }
     conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -1196,7 +1188,7 @@ mod tests {
     #[test]
     fn version_1_books_migrate_with_their_meaning() {
         let mut conn = Connection::open_in_memory().unwrap();
-        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.execute_batch(MIGRATIONS[0].sqlite).unwrap();
         conn.pragma_update(None, "user_version", 1).unwrap();
         conn.execute_batch(
             "INSERT INTO tokens (token_id, buyer_id, scope, limit_micros, used_micros,
