@@ -9,6 +9,7 @@
 mod journal;
 mod migrations;
 mod postgres;
+mod sql;
 mod sqlite;
 
 use std::collections::HashMap;
@@ -26,7 +27,8 @@ pub use sqlite::SqliteStore;
 
 use crate::domain::{TokenRecord, UnixMillis};
 use crate::rules::{
-    self, Account, Books, Call, ChildSpec, DailyLimits, MAX_CHAIN_LEN, PriorOutcome, PriorUse,
+    self, Account, Admission, Books, Call, ChildSpec, DailyLimits, DepositDecision, MAX_CHAIN_LEN,
+    PriorOutcome, PriorUse,
 };
 use crate::settings::Database;
 
@@ -215,18 +217,6 @@ impl Store {
     }
 }
 
-/// The statement both stores purge old Idempotency-Keys with: `$1` the cutoff, `$2` how many.
-/// A key whose charge is still held stays (its request is in flight).
-// The age is tested on the deleted row itself too: PostgreSQL re-checks only those
-// conditions after waiting for a row lock, and a reserve that reused the key meanwhile made
-// it young again.
-const PURGE_IDEMPOTENCY_KEYS: &str =
-    "DELETE FROM idempotency_keys WHERE created_at < $1 AND (token_id, key) IN (
-     SELECT k.token_id, k.key FROM idempotency_keys k
-     LEFT JOIN charges c ON c.charge_id = k.charge_id
-     WHERE k.created_at < $1 AND (k.charge_id IS NULL OR c.status <> 'held')
-     LIMIT $2)";
-
 impl Store {
     /// The journal: the charges `filter` selects, at most `filter.limit + 1` of them (one
     /// more than a page says that another follows).
@@ -336,6 +326,35 @@ pub struct DepositCommand {
     pub now: UnixMillis,
 }
 
+impl DepositCommand {
+    /// The deposit's answer on `account`, `prior` being the deposit made earlier under its
+    /// reference (id, amount, when). A record not `replayed` is a credit, which the store
+    /// then writes: the balance becomes `balance`, and the deposit is inserted.
+    fn record(
+        &self,
+        account: &Account,
+        prior: Option<(String, Usdc, UnixMillis)>,
+    ) -> Result<Result<DepositRecord, ErrorBody>, StoreError> {
+        Ok(match rules::deposit(account, self.amount, prior.as_ref().map(|p| p.1)) {
+            Err(refusal) => Err(refusal),
+            Ok(DepositDecision::Replay) => {
+                let (deposit_id, amount, created_at) = prior.ok_or_else(|| {
+                    StoreError::Corrupt("a replay without a prior deposit".into())
+                })?;
+                let balance = account.balance;
+                Ok(DepositRecord { deposit_id, amount, created_at, balance, replayed: true })
+            }
+            Ok(DepositDecision::Credit { balance }) => Ok(DepositRecord {
+                deposit_id: self.deposit_id.clone(),
+                amount: self.amount,
+                created_at: self.now,
+                balance,
+                replayed: false,
+            }),
+        })
+    }
+}
+
 /// A deposit made (now, or earlier under the same reference), and the balance after it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DepositRecord {
@@ -393,6 +412,84 @@ impl ReserveCommand {
     }
 }
 
+impl ReserveCommand {
+    /// What this reserve does once its `books` and its key's `prior` use are read: the
+    /// decision every dialect takes alike, and then writes.
+    fn step(
+        &self,
+        books: &Books<'_>,
+        prior: Option<PriorKey>,
+    ) -> Result<ReserveStep<'_>, StoreError> {
+        let used = prior_use(&prior);
+        Ok(match rules::admit_books(books, &self.call(), used, self.max_replays) {
+            Err(refusal) => {
+                let key =
+                    self.idempotency.as_ref().filter(|_| rules::records_refusal(&refusal, used));
+                ReserveStep::Refuse { refusal, key }
+            }
+            Ok(Admission::ReplayRefusal) => match prior.map(|prior| prior.outcome) {
+                Some(KeyOutcome::Refused(refusal)) => ReserveStep::RefuseAgain(refusal),
+                _ => return Err(StoreError::Corrupt("a refusal replay without a refusal".into())),
+            },
+            Ok(Admission::Replay) => match (prior.map(|prior| prior.outcome), &self.idempotency) {
+                (Some(KeyOutcome::Charge { charge_id, .. }), Some(idempotency)) => {
+                    ReserveStep::Replay { charge_id, key: &idempotency.key }
+                }
+                _ => return Err(StoreError::Corrupt("a replay without a prior charge".into())),
+            },
+            Ok(Admission::Hold { remaining }) => ReserveStep::Hold {
+                holds: self.holds(books, remaining),
+                on_account: books.debited_account().is_some(),
+            },
+        })
+    }
+
+    /// The holds to insert, each with its Idempotency-Key: the first carries the call's, if
+    /// any; extras (never with a key) are ordinary holds of the same call shape.
+    fn hold_rows<'a>(
+        &'a self,
+        holds: &Holds<'a>,
+    ) -> impl Iterator<Item = (&'a str, Option<&'a str>)> + 'a {
+        let key = self.idempotency.as_ref().map(|i| i.key.as_str());
+        std::iter::once((self.charge_id.as_str(), key))
+            .chain(holds.extra_ids.iter().map(|id| (id.as_str(), None)))
+    }
+
+    /// The answer once `holds` are placed.
+    fn held(&self, holds: &Holds<'_>) -> ReserveOutcome {
+        ReserveOutcome::Held(Hold {
+            charge_id: self.charge_id.clone(),
+            amount_usdc: self.price,
+            remaining_usdc: holds.remaining,
+            replayed: false,
+            extra_charge_ids: holds.extra_ids.to_vec(),
+        })
+    }
+}
+
+/// A replay's answer: the key's `first` charge, and what the `chain` has left.
+fn replayed(first: ChargeRecord, chain: &[TokenRecord]) -> ReserveOutcome {
+    ReserveOutcome::Held(Hold {
+        amount_usdc: first.committed.unwrap_or(first.held),
+        charge_id: first.charge_id,
+        remaining_usdc: rules::chain_remaining(chain),
+        replayed: true,
+        extra_charge_ids: Vec::new(),
+    })
+}
+
+/// What a reserve writes, as [`ReserveCommand::step`] decided it.
+enum ReserveStep<'a> {
+    /// A fresh refusal: counted for the journal, and kept under `key` if given.
+    Refuse { refusal: ErrorBody, key: Option<&'a Idempotency> },
+    /// The refusal the key recorded, answered again: nothing is written.
+    RefuseAgain(ErrorBody),
+    /// A retry of a charged request: one more replay of the key, answered with its charge.
+    Replay { charge_id: String, key: &'a str },
+    /// The holds to place, on the buyer's account too when `on_account`.
+    Hold { holds: Holds<'a>, on_account: bool },
+}
+
 /// The holds a reserve places once its first one is admitted.
 pub struct Holds<'a> {
     /// The extra holds' ids.
@@ -419,14 +516,14 @@ pub enum KeyOutcome {
 }
 
 impl PriorKey {
-    /// Reads a key's columns: the charge (id and status) or the refusal (JSON) it keeps.
-    fn read(
-        fingerprint: String,
-        replays: u32,
-        charge: Option<(String, ChargeStatus)>,
-        refusal: Option<String>,
-    ) -> Result<PriorKey, StoreError> {
-        let outcome = match (charge, refusal) {
+    /// Reads a key as [`sql::PRIOR_KEY`] selects it: the charge (id and status) or the
+    /// refusal it keeps.
+    fn read(row: &impl sql::Columns) -> Result<PriorKey, StoreError> {
+        let charge = match row.opt_text(2)? {
+            Some(charge_id) => Some((charge_id, sql::charge_status(row, 3)?)),
+            None => None,
+        };
+        let outcome = match (charge, row.opt_text(4)?) {
             (Some((charge_id, status)), None) => KeyOutcome::Charge { charge_id, status },
             (None, Some(refusal)) => KeyOutcome::Refused(
                 serde_json::from_str(&refusal)
@@ -434,7 +531,7 @@ impl PriorKey {
             ),
             _ => return Err(StoreError::Corrupt("an idempotency key keeps no outcome".into())),
         };
-        Ok(PriorKey { fingerprint, replays, outcome })
+        Ok(PriorKey { fingerprint: row.text(0)?, replays: sql::small(row, 1, "replays")?, outcome })
     }
 }
 
@@ -510,11 +607,3 @@ fn scope_name(scope: Scope) -> &'static str {
 }
 
 const ALL_SCOPES: [Scope; 2] = [Scope::Single, Scope::All];
-
-/// A token's expiry (Unix seconds) as the stores keep it (Unix ms).
-fn seconds_to_millis(seconds: u64) -> Result<UnixMillis, StoreError> {
-    i64::try_from(seconds)
-        .ok()
-        .and_then(|s| s.checked_mul(1000))
-        .ok_or_else(|| StoreError::Corrupt(format!("time {seconds} is out of range")))
-}
