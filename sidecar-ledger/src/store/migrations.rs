@@ -28,6 +28,7 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     migration!(3, "0003_buyers"),
     migration!(4, "0004_journal"),
     migration!(5, "0005_charges"),
+    migration!(6, "0006_refusals"),
 ];
 
 #[cfg(test)]

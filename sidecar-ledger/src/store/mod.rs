@@ -15,11 +15,11 @@ mod sqlite;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use paystile_protocol::Usdc;
 use paystile_protocol::ledger_api::{
     ChargeStatus, Hold, Idempotency, SettleResult, Settlement, TokenGrant,
 };
 use paystile_protocol::pay_token::Scope;
-use paystile_protocol::{ErrorBody, Usdc};
 
 pub use journal::{ChargeFilter, ServiceTotals, ServiceWindow};
 pub use postgres::PostgresStore;
@@ -28,7 +28,7 @@ pub use sqlite::SqliteStore;
 use crate::domain::{TokenRecord, UnixMillis};
 use crate::rules::{
     self, Account, Admission, Books, Call, ChildSpec, DailyLimits, DepositDecision, MAX_CHAIN_LEN,
-    PriorOutcome, PriorUse,
+    PriorOutcome, PriorUse, Refusal,
 };
 use crate::settings::Database;
 
@@ -87,7 +87,7 @@ impl Store {
         parent_id: String,
         spec: ChildSpec,
         now: UnixMillis,
-    ) -> Result<Option<Result<TokenRecord, ErrorBody>>, StoreError> {
+    ) -> Result<Option<Result<TokenRecord, Refusal>>, StoreError> {
         match self {
             Store::Sqlite(store) => store.mint_child(parent_id, spec, now).await,
             Store::Postgres(store) => store.mint_child(parent_id, spec, now).await,
@@ -98,7 +98,7 @@ impl Store {
     pub async fn deposit(
         &self,
         command: DepositCommand,
-    ) -> Result<Result<DepositRecord, ErrorBody>, StoreError> {
+    ) -> Result<Result<DepositRecord, Refusal>, StoreError> {
         match self {
             Store::Sqlite(store) => store.deposit(command).await,
             Store::Postgres(store) => store.deposit(command).await,
@@ -334,7 +334,7 @@ impl DepositCommand {
         &self,
         account: &Account,
         prior: Option<(String, Usdc, UnixMillis)>,
-    ) -> Result<Result<DepositRecord, ErrorBody>, StoreError> {
+    ) -> Result<Result<DepositRecord, Refusal>, StoreError> {
         Ok(match rules::deposit(account, self.amount, prior.as_ref().map(|p| p.1)) {
             Err(refusal) => Err(refusal),
             Ok(DepositDecision::Replay) => {
@@ -481,9 +481,9 @@ fn replayed(first: ChargeRecord, chain: &[TokenRecord]) -> ReserveOutcome {
 /// What a reserve writes, as [`ReserveCommand::step`] decided it.
 enum ReserveStep<'a> {
     /// A fresh refusal: counted for the journal, and kept under `key` if given.
-    Refuse { refusal: ErrorBody, key: Option<&'a Idempotency> },
+    Refuse { refusal: Refusal, key: Option<&'a Idempotency> },
     /// The refusal the key recorded, answered again: nothing is written.
-    RefuseAgain(ErrorBody),
+    RefuseAgain(Refusal),
     /// A retry of a charged request: one more replay of the key, answered with its charge.
     Replay { charge_id: String, key: &'a str },
     /// The holds to place, on the buyer's account too when `on_account`.
@@ -512,7 +512,7 @@ pub struct PriorKey {
 #[derive(Clone, Debug)]
 pub enum KeyOutcome {
     Charge { charge_id: String, status: ChargeStatus },
-    Refused(ErrorBody),
+    Refused(Refusal),
 }
 
 impl PriorKey {
@@ -525,10 +525,7 @@ impl PriorKey {
         };
         let outcome = match (charge, row.opt_text(4)?) {
             (Some((charge_id, status)), None) => KeyOutcome::Charge { charge_id, status },
-            (None, Some(refusal)) => KeyOutcome::Refused(
-                serde_json::from_str(&refusal)
-                    .map_err(|e| StoreError::Corrupt(format!("a recorded refusal: {e}")))?,
-            ),
+            (None, Some(code)) => KeyOutcome::Refused(KeptRefusal::read(row, code, 5)?),
             _ => return Err(StoreError::Corrupt("an idempotency key keeps no outcome".into())),
         };
         Ok(PriorKey { fingerprint: row.text(0)?, replays: sql::small(row, 1, "replays")?, outcome })
@@ -547,19 +544,101 @@ pub fn prior_use(prior: &Option<PriorKey>) -> Option<PriorUse<'_>> {
     })
 }
 
-/// A refusal as a key keeps it.
-fn refusal_json(refusal: &ErrorBody) -> Result<String, StoreError> {
-    serde_json::to_string(refusal)
-        .map_err(|e| StoreError::Corrupt(format!("cannot record a refusal: {e}")))
+/// A refusal as an Idempotency-Key keeps it: its code, and the amounts its answer needs
+/// (micro-USDC), in the order of `refusal_columns!`.
+struct KeptRefusal {
+    code: &'static str,
+    price: Option<i64>,
+    limit: Option<i64>,
+    used: Option<i64>,
+    reserved: Option<i64>,
+    available: Option<i64>,
+    tier: Option<i32>,
+}
+
+impl KeptRefusal {
+    /// The columns of `refusal`; only the refusals of a request are kept
+    /// ([`rules::records_refusal`]).
+    fn of(refusal: &Refusal) -> Result<KeptRefusal, StoreError> {
+        let code = |code| KeptRefusal {
+            code,
+            price: None,
+            limit: None,
+            used: None,
+            reserved: None,
+            available: None,
+            tier: None,
+        };
+        let micros = |amount: &Usdc| Some(amount.micros_i64());
+        Ok(match refusal {
+            Refusal::TokenRevoked => code("token_revoked"),
+            Refusal::WrongService => code("wrong_service"),
+            Refusal::NoToken => code("internal"),
+            Refusal::TokenLimitExceeded { used, reserved, limit, price } => KeptRefusal {
+                price: micros(price),
+                limit: micros(limit),
+                used: micros(used),
+                reserved: micros(reserved),
+                ..code("token_limit_exceeded")
+            },
+            Refusal::InsufficientBalance { available, price } => KeptRefusal {
+                price: micros(price),
+                available: micros(available),
+                ..code("insufficient_balance")
+            },
+            Refusal::DailyLimitExceeded { limit, tier, used, price } => KeptRefusal {
+                price: micros(price),
+                limit: micros(limit),
+                used: micros(used),
+                tier: Some(i32::try_from(*tier).map_err(|_| sql::corrupt("tier", tier))?),
+                ..code("daily_limit_exceeded")
+            },
+            other => {
+                return Err(StoreError::Corrupt(format!("cannot keep the refusal {other:?}")));
+            }
+        })
+    }
+
+    /// The refusal kept as `code`, its amounts in the columns from `first` on.
+    fn read(row: &impl sql::Columns, code: String, first: usize) -> Result<Refusal, StoreError> {
+        let amount = |offset: usize| {
+            let index = first + offset;
+            match row.opt_int(index)? {
+                Some(_) => sql::usdc(row, index),
+                None => Err(StoreError::Corrupt(format!("a kept {code} lacks an amount"))),
+            }
+        };
+        Ok(match code.as_str() {
+            "token_revoked" => Refusal::TokenRevoked,
+            "wrong_service" => Refusal::WrongService,
+            "internal" => Refusal::NoToken,
+            "token_limit_exceeded" => Refusal::TokenLimitExceeded {
+                price: amount(0)?,
+                limit: amount(1)?,
+                used: amount(2)?,
+                reserved: amount(3)?,
+            },
+            "insufficient_balance" => {
+                Refusal::InsufficientBalance { price: amount(0)?, available: amount(4)? }
+            }
+            "daily_limit_exceeded" => Refusal::DailyLimitExceeded {
+                price: amount(0)?,
+                limit: amount(1)?,
+                used: amount(2)?,
+                tier: sql::small(row, first + 5, "tier")?,
+            },
+            _ => return Err(sql::corrupt("kept refusal", code)),
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReserveOutcome {
     Held(Hold),
-    Refused(ErrorBody),
+    Refused(Refusal),
     /// The refusal an Idempotency-Key recorded, answered again: no new refusal (the journal
     /// and the metrics count it once, when it was first refused).
-    RefusedAgain(ErrorBody),
+    RefusedAgain(Refusal),
 }
 
 /// The tier of an account opened by a deposit.

@@ -23,10 +23,10 @@ use std::time::Duration;
 use deadpool_postgres::{
     GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction,
 };
+use paystile_protocol::Usdc;
 use paystile_protocol::ledger_api::{
     ChargeStatus, SettleResult, SettleStatus, Settlement, TokenGrant,
 };
-use paystile_protocol::{ErrorBody, Usdc};
 use prometheus_client::metrics::counter::Counter;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
@@ -36,11 +36,11 @@ use super::journal::{self, ChargeFilter, Dialect, Param, ServiceTotals, ServiceW
 use super::migrations::MIGRATIONS;
 use super::sql::{self, Columns, insert_token, select_account, select_token, subtree};
 use super::{
-    BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, FIRST_TIER, PriorKey, ReserveCommand,
-    ReserveOutcome, ReserveStep, StoreError, TokenRecord, UnixMillis, into_chain, refusal_json,
+    BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, FIRST_TIER, KeptRefusal, PriorKey,
+    ReserveCommand, ReserveOutcome, ReserveStep, StoreError, TokenRecord, UnixMillis, into_chain,
     replayed, scope_name, status_name,
 };
-use crate::rules::{self, Account, Books, ChildSpec, SettleDecision};
+use crate::rules::{self, Account, Books, ChildSpec, Refusal, SettleDecision};
 use crate::settings::PostgresUrl;
 use crate::telemetry::wire_name;
 
@@ -250,7 +250,7 @@ impl PostgresStore {
         parent_id: String,
         spec: ChildSpec,
         now: UnixMillis,
-    ) -> Result<Option<Result<TokenRecord, ErrorBody>>, StoreError> {
+    ) -> Result<Option<Result<TokenRecord, Refusal>>, StoreError> {
         if !storable(&parent_id) {
             return Ok(None);
         }
@@ -275,7 +275,7 @@ impl PostgresStore {
     pub async fn deposit(
         &self,
         cmd: DepositCommand,
-    ) -> Result<Result<DepositRecord, ErrorBody>, StoreError> {
+    ) -> Result<Result<DepositRecord, Refusal>, StoreError> {
         let cmd = &cmd;
         in_transaction!(&self.pool, |tx| {
             let buyer_id = cmd.buyer_id.as_str();
@@ -582,11 +582,24 @@ async fn reserve(
         ReserveStep::Refuse { refusal, key } => {
             record_refusal(tx, cmd, token.grant.sandbox, &refusal).await?;
             if let Some(idempotency) = key {
-                let refusal = refusal_json(&refusal)?;
+                let kept = KeptRefusal::of(&refusal)?;
+                let (key, fingerprint) = (&idempotency.key, &idempotency.fingerprint);
                 execute(
                     tx,
                     sql::KEY_REFUSED,
-                    &[&token_id, &idempotency.key, &idempotency.fingerprint, &refusal, &cmd.now],
+                    &[
+                        &token_id,
+                        key,
+                        fingerprint,
+                        &cmd.now,
+                        &kept.code,
+                        &kept.price,
+                        &kept.limit,
+                        &kept.used,
+                        &kept.reserved,
+                        &kept.available,
+                        &kept.tier,
+                    ],
                 )
                 .await?;
             }
@@ -1090,12 +1103,12 @@ async fn record_refusal(
     tx: &Transaction<'_>,
     cmd: &ReserveCommand,
     sandbox: bool,
-    refusal: &ErrorBody,
+    refusal: &Refusal,
 ) -> Result<(), StoreError> {
     execute(
         tx,
         sql::INSERT_REFUSAL,
-        &[&cmd.service_id, &cmd.token.token_id, &wire_name(refusal.code), &cmd.now, &sandbox],
+        &[&cmd.service_id, &cmd.token.token_id, &wire_name(refusal.code()), &cmd.now, &sandbox],
     )
     .await?;
     Ok(())

@@ -66,6 +66,15 @@ macro_rules! charge_columns {
 }
 pub(super) use charge_columns;
 
+/// A refusal's columns in `idempotency_keys`, in the order [`KeptRefusal`](super::KeptRefusal)
+/// reads and writes them.
+macro_rules! refusal_columns {
+    () => {
+        "refusal_code, refusal_price_micros, refusal_limit_micros, refusal_used_micros,
+         refusal_reserved_micros, refusal_available_micros, refusal_tier"
+    };
+}
+
 pub(super) const SELECT_TOKEN: &str = concat!(select_token!(), " WHERE token_id = $1");
 pub(super) const SELECT_BUYER_TOKENS: &str =
     concat!(select_token!(), " WHERE buyer_id = $1 ORDER BY created_at, token_id");
@@ -113,20 +122,34 @@ pub(super) const HOLD_ON_ACCOUNT: &str =
     "UPDATE buyers SET held_micros = held_micros + $1 WHERE buyer_id = $2";
 
 /// The key `$2` of the token `$1`, as [`PriorKey`](super::PriorKey) reads it.
-pub(super) const PRIOR_KEY: &str =
-    "SELECT k.fingerprint, k.replays, k.charge_id, c.status, k.refusal
-     FROM idempotency_keys k LEFT JOIN charges c ON c.charge_id = k.charge_id
-     WHERE k.token_id = $1 AND k.key = $2";
-pub(super) const KEY_REFUSED: &str =
-    "INSERT INTO idempotency_keys (token_id, key, fingerprint, refusal, created_at)
-     VALUES ($1, $2, $3, $4, $5)
-     ON CONFLICT (token_id, key) DO UPDATE SET charge_id = NULL,
-         refusal = excluded.refusal, replays = 0, created_at = excluded.created_at";
+pub(super) const PRIOR_KEY: &str = concat!(
+    "SELECT k.fingerprint, k.replays, k.charge_id, c.status, ",
+    refusal_columns!(),
+    " FROM idempotency_keys k LEFT JOIN charges c ON c.charge_id = k.charge_id
+     WHERE k.token_id = $1 AND k.key = $2"
+);
+/// Keeps a refusal under the key `$2` of the token `$1`: `$5` to `$11` as
+/// [`KeptRefusal`](super::KeptRefusal) holds them.
+pub(super) const KEY_REFUSED: &str = concat!(
+    "INSERT INTO idempotency_keys (token_id, key, fingerprint, created_at, ",
+    refusal_columns!(),
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+     ON CONFLICT (token_id, key) DO UPDATE SET charge_id = NULL, replays = 0,
+         created_at = excluded.created_at, refusal_code = excluded.refusal_code,
+         refusal_price_micros = excluded.refusal_price_micros,
+         refusal_limit_micros = excluded.refusal_limit_micros,
+         refusal_used_micros = excluded.refusal_used_micros,
+         refusal_reserved_micros = excluded.refusal_reserved_micros,
+         refusal_available_micros = excluded.refusal_available_micros,
+         refusal_tier = excluded.refusal_tier"
+);
 pub(super) const KEY_CHARGED: &str =
     "INSERT INTO idempotency_keys (token_id, key, fingerprint, charge_id, created_at)
      VALUES ($1, $2, $3, $4, $5)
-     ON CONFLICT (token_id, key) DO UPDATE SET charge_id = excluded.charge_id,
-         refusal = NULL, replays = 0, created_at = excluded.created_at";
+     ON CONFLICT (token_id, key) DO UPDATE SET charge_id = excluded.charge_id, replays = 0,
+         created_at = excluded.created_at, refusal_code = NULL, refusal_price_micros = NULL,
+         refusal_limit_micros = NULL, refusal_used_micros = NULL,
+         refusal_reserved_micros = NULL, refusal_available_micros = NULL, refusal_tier = NULL";
 pub(super) const KEY_REPLAYED: &str =
     "UPDATE idempotency_keys SET replays = replays + 1 WHERE token_id = $1 AND key = $2";
 /// Purges old Idempotency-Keys: `$1` the cutoff, `$2` how many. A key whose charge is still

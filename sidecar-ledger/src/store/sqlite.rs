@@ -14,10 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use paystile_protocol::Usdc;
 use paystile_protocol::ledger_api::{
     ChargeStatus, SettleResult, SettleStatus, Settlement, TokenGrant,
 };
-use paystile_protocol::{ErrorBody, Usdc};
 use prometheus_client::metrics::counter::Counter;
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, Params, Row, params, params_from_iter};
@@ -28,11 +28,11 @@ use super::journal::{self, ChargeFilter, Dialect, Param, ServiceTotals, ServiceW
 use super::migrations::MIGRATIONS;
 use super::sql::{self, Columns};
 use super::{
-    BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, FIRST_TIER, PriorKey, ReserveCommand,
-    ReserveOutcome, ReserveStep, StoreError, TokenRecord, UnixMillis, refusal_json, replayed,
+    BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, FIRST_TIER, KeptRefusal, PriorKey,
+    ReserveCommand, ReserveOutcome, ReserveStep, StoreError, TokenRecord, UnixMillis, replayed,
     scope_name, status_name,
 };
-use crate::rules::{self, Account, Books, ChildSpec, MAX_CHAIN_LEN, SettleDecision};
+use crate::rules::{self, Account, Books, ChildSpec, MAX_CHAIN_LEN, Refusal, SettleDecision};
 use crate::telemetry::wire_name;
 
 /// The most operations committed in one transaction.
@@ -178,7 +178,7 @@ impl SqliteStore {
         parent_id: String,
         spec: ChildSpec,
         now: UnixMillis,
-    ) -> Result<Option<Result<TokenRecord, ErrorBody>>, StoreError> {
+    ) -> Result<Option<Result<TokenRecord, Refusal>>, StoreError> {
         self.run(move |conn| {
             let chain = load_chain(conn, &parent_id)?;
             if chain.is_empty() {
@@ -198,7 +198,7 @@ impl SqliteStore {
     pub async fn deposit(
         &self,
         cmd: DepositCommand,
-    ) -> Result<Result<DepositRecord, ErrorBody>, StoreError> {
+    ) -> Result<Result<DepositRecord, Refusal>, StoreError> {
         self.run(move |conn| {
             execute(conn, sql::OPEN_ACCOUNT, params![cmd.buyer_id, FIRST_TIER, cmd.now])?;
             let account = load_account(conn, &cmd.buyer_id)?
@@ -530,6 +530,7 @@ fn reserve(
         ReserveStep::Refuse { refusal, key } => {
             record_refusal(conn, cmd, token.grant.sandbox, &refusal)?;
             if let Some(idempotency) = key {
+                let kept = KeptRefusal::of(&refusal)?;
                 execute(
                     conn,
                     sql::KEY_REFUSED,
@@ -537,8 +538,14 @@ fn reserve(
                         token_id,
                         idempotency.key,
                         idempotency.fingerprint,
-                        refusal_json(&refusal)?,
-                        cmd.now
+                        cmd.now,
+                        kept.code,
+                        kept.price,
+                        kept.limit,
+                        kept.used,
+                        kept.reserved,
+                        kept.available,
+                        kept.tier
                     ],
                 )?;
             }
@@ -938,12 +945,12 @@ fn record_refusal(
     conn: &Connection,
     cmd: &ReserveCommand,
     sandbox: bool,
-    refusal: &ErrorBody,
+    refusal: &Refusal,
 ) -> Result<(), StoreError> {
     execute(
         conn,
         sql::INSERT_REFUSAL,
-        params![cmd.service_id, cmd.token.token_id, wire_name(refusal.code), cmd.now, sandbox],
+        params![cmd.service_id, cmd.token.token_id, wire_name(refusal.code()), cmd.now, sandbox],
     )?;
     Ok(())
 }
@@ -951,6 +958,7 @@ fn record_refusal(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::KeyOutcome;
 
     /// Books written by version 1 keep their meaning: a committed charge charged all it held,
     /// and an Idempotency-Key still names its charge.
@@ -983,7 +991,7 @@ mod tests {
         assert_eq!((committed("ch_c"), committed("ch_h")), (Some(3), None));
         let key = conn
             .query_row(
-                "SELECT charge_id, refusal, replays, created_at FROM idempotency_keys",
+                "SELECT charge_id, refusal_code, replays, created_at FROM idempotency_keys",
                 [],
                 |row| {
                     Ok((
@@ -997,13 +1005,16 @@ mod tests {
             .unwrap();
         assert_eq!(key, (Some("ch_c".into()), None, 2, 7));
         // A key keeps exactly one outcome.
-        let both = conn.execute("UPDATE idempotency_keys SET refusal = '{}' WHERE key = 'k'", []);
+        let both = conn.execute(
+            "UPDATE idempotency_keys SET refusal_code = 'token_revoked' WHERE key = 'k'",
+            [],
+        );
         assert!(both.is_err());
         // Version 3 (buyers) on top of version 2 (money): old tokens are root, real tokens,
         // old holds are on no account.
         let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0)).unwrap();
         assert_eq!(version, i64::try_from(MIGRATIONS.len()).unwrap());
-        assert_eq!(MIGRATIONS.len(), 5);
+        assert_eq!(MIGRATIONS.len(), 6);
         let token = conn
             .query_row("SELECT parent_id, sandbox FROM tokens WHERE token_id = 'tok'", [], |row| {
                 Ok((row.get::<_, Option<String>>(0)?, row.get::<_, bool>(1)?))
@@ -1028,5 +1039,71 @@ mod tests {
             [],
         );
         assert!(dangling.is_err());
+    }
+
+    /// Version 6 keeps a recorded refusal as its code and amounts: a refusal recorded as
+    /// JSON by version 5 is answered again byte for byte as it was.
+    #[test]
+    fn refusals_recorded_as_json_are_kept_as_columns_and_answered_alike() {
+        let usdc = |s: &str| s.parse::<Usdc>().unwrap();
+        let refusals = [
+            Refusal::TokenRevoked,
+            Refusal::WrongService,
+            Refusal::TokenLimitExceeded {
+                used: usdc("0.005"),
+                reserved: usdc("0.004"),
+                limit: usdc("0.01"),
+                price: usdc("0.002"),
+            },
+            Refusal::InsufficientBalance { available: usdc("1.23"), price: usdc("1.230001") },
+            Refusal::DailyLimitExceeded {
+                limit: usdc("1000"),
+                tier: 2,
+                used: usdc("999.5"),
+                price: usdc("0.75"),
+            },
+        ];
+        let mut conn = Connection::open_in_memory().unwrap();
+        for migration in &MIGRATIONS[..5] {
+            conn.execute_batch(migration.sqlite).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 5).unwrap();
+        conn.execute_batch(
+            "INSERT INTO tokens (token_id, buyer_id, scope, limit_micros, expires_at, created_at)
+             VALUES ('tok', 'b', 'SINGLE', 10, 0, 0)",
+        )
+        .unwrap();
+        for (i, refusal) in refusals.iter().enumerate() {
+            conn.execute(
+                "INSERT INTO idempotency_keys (token_id, key, fingerprint, refusal, created_at)
+                 VALUES ('tok', ?1, 'fp', ?2, 0)",
+                params![format!("k{i}"), serde_json::to_string(&refusal.body()).unwrap()],
+            )
+            .unwrap();
+        }
+        // A code version 5 never recorded is forgotten.
+        conn.execute_batch(
+            "INSERT INTO idempotency_keys (token_id, key, fingerprint, refusal, created_at)
+             VALUES ('tok', 'odd', 'fp', '{\"error\":\"x\",\"code\":\"payment_required\"}', 0)",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        for (i, refusal) in refusals.iter().enumerate() {
+            let key = format!("k{i}");
+            let prior =
+                query_opt(&conn, sql::PRIOR_KEY, params!["tok", key], |row| PriorKey::read(row))
+                    .unwrap()
+                    .unwrap();
+            let KeyOutcome::Refused(kept) = prior.outcome else { panic!("{key} kept a charge") };
+            assert_eq!(&kept, refusal);
+            assert_eq!(
+                serde_json::to_string(&kept.body()).unwrap(),
+                serde_json::to_string(&refusal.body()).unwrap()
+            );
+        }
+        let odd =
+            query_opt(&conn, sql::PRIOR_KEY, params!["tok", "odd"], |row| PriorKey::read(row))
+                .unwrap();
+        assert!(odd.is_none());
     }
 }
