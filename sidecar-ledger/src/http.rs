@@ -365,7 +365,7 @@ async fn reserve(
     Ok(match ledger.reserve(request).await? {
         ReserveOutcome::Held(hold) => Json(hold).into_response(),
         ReserveOutcome::Refused(refusal) | ReserveOutcome::RefusedAgain(refusal) => {
-            ApiError(refusal).into_response()
+            ApiError(refusal.body()).into_response()
         }
     })
 }
@@ -424,7 +424,7 @@ impl From<LedgerError> for ApiError {
         let code = match &error {
             LedgerError::Invalid(_) | LedgerError::IssuingDisabled => ErrorCode::BadRequest,
             LedgerError::NotFound(_) => ErrorCode::NotFound,
-            LedgerError::Refused(body) => return ApiError(body.clone()),
+            LedgerError::Refused(refusal) => return ApiError(refusal.body()),
             LedgerError::Store(store) => {
                 tracing::error!(error = %store, "store failure");
                 return ApiError(ErrorBody::new(ErrorCode::Internal));

@@ -9,8 +9,9 @@ use paystile_protocol::ledger_api::{
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use crate::domain::UnixMillis;
 use crate::ledger::{Ledger, LedgerError, charge_view, check_id};
-use crate::store::{ChargeFilter, ServiceWindow, UnixMillis};
+use crate::store::{ChargeFilter, ServiceWindow};
 
 /// A page's size when the query names none.
 pub const DEFAULT_LIMIT: u32 = 100;

@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use paystile_protocol::Usdc;
 use paystile_protocol::credential::{self, Verified, Verifier};
 use paystile_protocol::headers;
 use paystile_protocol::jwk::Jwks;
@@ -16,14 +17,13 @@ use paystile_protocol::ledger_api::{
 };
 use paystile_protocol::pay_token::{self, Audience, PayTokenClaims, Scope};
 use paystile_protocol::verified::VerifiedCache;
-use paystile_protocol::{ErrorBody, ErrorCode, Usdc};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::rules::{self, Account, ChildSpec, DailyLimits};
+use crate::domain::{TokenRecord, UnixMillis};
+use crate::rules::{self, Account, ChildSpec, DailyLimits, Refusal};
 use crate::store::{
-    ChargeRecord, DepositCommand, ReserveCommand, ReserveOutcome, Store, StoreError, TokenRecord,
-    UnixMillis,
+    ChargeRecord, DepositCommand, ReserveCommand, ReserveOutcome, Store, StoreError,
 };
 use crate::telemetry::Metrics;
 
@@ -45,8 +45,8 @@ pub enum LedgerError {
     #[error("{0} not found")]
     NotFound(&'static str),
     /// The books refuse the operation (a revoked parent, a reused deposit reference, …).
-    #[error("{}", .0.error)]
-    Refused(ErrorBody),
+    #[error("{0}")]
+    Refused(Refusal),
     #[error("token issuing is off: the ledger has no token secret (PAYSTILE_TOKEN_SECRET)")]
     IssuingDisabled,
     #[error(transparent)]
@@ -113,7 +113,7 @@ impl Ledger {
     }
 
     /// What `request`'s credential proves, verified here (or found verified before).
-    fn verify(&self, request: &ReserveRequest, now: UnixMillis) -> Result<Verified, ErrorBody> {
+    fn verify(&self, request: &ReserveRequest, now: UnixMillis) -> Result<Verified, Refusal> {
         let presented = request.credential.as_bytes();
         let now = seconds(now);
         // A poisoned lock only means a panic elsewhere mid-insert: the cache is still sound.
@@ -126,16 +126,8 @@ impl Ledger {
             capability: Capability::Any,
             now,
         };
-        let verified = credential::verify(presented, &self.credentials.verifier, &target).map_err(
-            |refusal| match refusal {
-                // No credential of a scheme this ledger verifies: nothing proves who pays.
-                credential::Refusal::NotOffered => ErrorBody::with_message(
-                    ErrorCode::InvalidCredential,
-                    "Invalid credential: the ledger verifies no credential of this scheme",
-                ),
-                refusal => refusal.to_body(),
-            },
-        )?;
+        let verified = credential::verify(presented, &self.credentials.verifier, &target)
+            .map_err(Refusal::Credential)?;
         cache.insert(presented, verified.clone(), now);
         Ok(verified)
     }

@@ -6,6 +6,7 @@ pub mod challenge;
 pub mod child;
 pub mod cli;
 pub mod client;
+pub mod domain;
 pub mod http;
 pub mod invoice;
 pub mod journal;

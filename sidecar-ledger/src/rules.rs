@@ -4,11 +4,12 @@
 //! one transaction. Keeping the rules here keeps every store (SQLite, PostgreSQL) to the same
 //! semantics and makes them testable without a database.
 
+use paystile_protocol::credential;
 use paystile_protocol::ledger_api::{ChargeStatus, Outcome, SettleStatus, Settlement, TokenGrant};
 use paystile_protocol::pay_token::Scope;
 use paystile_protocol::{ErrorBody, ErrorCode, Usdc};
 
-use crate::store::{TokenRecord, UnixMillis};
+use crate::domain::{TokenRecord, UnixMillis};
 
 /// The most tokens in one chain of delegation: a root and seven generations of children.
 /// Every reserve and settle touches each of them, so the chain stays short.
@@ -73,14 +74,11 @@ impl DailyLimits {
         self.0.get(index).or(self.0.last()).copied().unwrap_or(Usdc::ZERO)
     }
 
-    pub fn check_tier(&self, tier: u32) -> Result<(), ErrorBody> {
+    pub fn check_tier(&self, tier: u32) -> Result<(), Refusal> {
         if (1..=self.tiers()).contains(&tier) {
             return Ok(());
         }
-        Err(ErrorBody::with_message(
-            ErrorCode::BadRequest,
-            format!("tier must be 1 to {} (the ledger's daily_limits_usdc)", self.tiers()),
-        ))
+        Err(Refusal::UnknownTier { tiers: self.tiers() })
     }
 }
 
@@ -124,9 +122,9 @@ pub fn admit_books(
     call: &Call<'_>,
     prior: Option<PriorUse<'_>>,
     max_replays: u32,
-) -> Result<Admission, ErrorBody> {
+) -> Result<Admission, Refusal> {
     let Some((token, ancestors)) = books.chain.split_first() else {
-        return Err(ErrorBody::new(ErrorCode::Internal));
+        return Err(Refusal::NoToken);
     };
     let mut remaining = match admit(token, call, prior, max_replays)? {
         replay @ (Admission::Replay | Admission::ReplayRefusal) => return Ok(replay),
@@ -134,7 +132,7 @@ pub fn admit_books(
     };
     for ancestor in ancestors {
         if ancestor.revoked {
-            return Err(ErrorBody::new(ErrorCode::TokenRevoked));
+            return Err(Refusal::TokenRevoked);
         }
         let limit = ancestor.grant.limit_usdc;
         let after = ancestor
@@ -142,34 +140,27 @@ pub fn admit_books(
             .checked_add(ancestor.reserved)
             .and_then(|spent| spent.checked_add(call.price))
             .filter(|after| *after <= limit)
-            .ok_or_else(|| {
-                ErrorBody::token_limit_exceeded(ancestor.used, ancestor.reserved, limit, call.price)
+            .ok_or(Refusal::TokenLimitExceeded {
+                used: ancestor.used,
+                reserved: ancestor.reserved,
+                limit,
+                price: call.price,
             })?;
         remaining = remaining.min(limit.saturating_sub(after));
     }
     if let Some(account) = books.debited_account() {
         let available = account.available();
         if call.price > available {
-            return Err(ErrorBody {
-                price: Some(call.price),
-                ..ErrorBody::with_message(
-                    ErrorCode::InsufficientBalance,
-                    format!("Insufficient balance: {available} USDC available"),
-                )
-            });
+            return Err(Refusal::InsufficientBalance { available, price: call.price });
         }
         let limit = books.daily_limits.of_tier(account.tier);
         let used = account.used_on(books.today);
         if used.checked_add(call.price).is_none_or(|after| after > limit) {
-            return Err(ErrorBody {
-                price: Some(call.price),
-                ..ErrorBody::with_message(
-                    ErrorCode::DailyLimitExceeded,
-                    format!(
-                        "Daily limit exceeded: {limit} USDC a day (tier {}), {used} USDC spent or held today",
-                        account.tier
-                    ),
-                )
+            return Err(Refusal::DailyLimitExceeded {
+                limit,
+                tier: account.tier,
+                used,
+                price: call.price,
             });
         }
     }
@@ -223,38 +214,34 @@ pub struct ChildSpec {
 /// A child may narrow its parent, never widen it: a cap within what the parent has left, the
 /// parent's service if the parent is bound to one, an expiry no later than the parent's; it
 /// has the parent's buyer and sandbox flag.
-pub fn child_grant(chain: &[TokenRecord], spec: &ChildSpec) -> Result<TokenGrant, ErrorBody> {
-    let invalid = |message: String| Err(ErrorBody::with_message(ErrorCode::BadRequest, message));
-    let Some(parent) = chain.first() else { return Err(ErrorBody::new(ErrorCode::NotFound)) };
+pub fn child_grant(chain: &[TokenRecord], spec: &ChildSpec) -> Result<TokenGrant, Refusal> {
+    let Some(parent) = chain.first() else { return Err(Refusal::NoParent) };
     if chain.iter().any(|token| token.revoked) {
-        return Err(ErrorBody::new(ErrorCode::TokenRevoked));
+        return Err(Refusal::TokenRevoked);
     }
     let grant = &parent.grant;
     if spec.now >= grant.expires_at {
-        return invalid("the parent token has expired".into());
+        return Err(Refusal::ParentExpired);
     }
     if chain.len() >= MAX_CHAIN_LEN {
-        return invalid(format!("a chain of delegation holds at most {MAX_CHAIN_LEN} tokens"));
+        return Err(Refusal::ChainTooLong);
     }
     if spec.limit > parent.remaining() {
-        return invalid(format!(
-            "limitUsdc {} is more than the parent's remaining {}",
-            spec.limit,
-            parent.remaining()
-        ));
+        return Err(Refusal::OverParentRemaining {
+            limit: spec.limit,
+            remaining: parent.remaining(),
+        });
     }
     let scope = spec.scope.unwrap_or(grant.scope);
     let service_id = spec.service_id.clone().or_else(|| grant.service_id.clone());
     if grant.scope == Scope::Single && (scope != Scope::Single || service_id != grant.service_id) {
-        return invalid("the parent pays for its own service only, and so does its child".into());
+        return Err(Refusal::ParentServiceOnly);
     }
     if scope == Scope::Single && service_id.is_none() {
-        return invalid("serviceId is required with scope SINGLE".into());
+        return Err(Refusal::ServiceRequired);
     }
     let expires_at = match spec.expires_at {
-        Some(at) if at > grant.expires_at => {
-            return invalid("the child must not outlive its parent".into());
-        }
+        Some(at) if at > grant.expires_at => return Err(Refusal::OutlivesParent),
         Some(at) => at,
         None => spec.default_expires_at.min(grant.expires_at),
     };
@@ -285,19 +272,13 @@ pub fn deposit(
     account: &Account,
     amount: Usdc,
     prior: Option<Usdc>,
-) -> Result<DepositDecision, ErrorBody> {
+) -> Result<DepositDecision, Refusal> {
     match prior {
         Some(prior) if prior == amount => Ok(DepositDecision::Replay),
-        Some(prior) => Err(ErrorBody::with_message(
-            ErrorCode::IdempotencyKeyMismatch,
-            format!("this reference was already used for a deposit of {prior} USDC"),
-        )),
+        Some(prior) => Err(Refusal::ReferenceReused { amount: prior }),
         None => match account.balance.checked_add(amount) {
             Some(balance) => Ok(DepositDecision::Credit { balance }),
-            None => Err(ErrorBody::with_message(
-                ErrorCode::BadRequest,
-                "the balance would exceed the largest amount the ledger keeps",
-            )),
+            None => Err(Refusal::BalanceOverflow),
         },
     }
 }
@@ -352,12 +333,12 @@ pub enum Admission {
 /// an ancestor's in a chain of delegation (`token_revoked`, `token_limit_exceeded`), the
 /// buyer's account (`insufficient_balance`, `daily_limit_exceeded`). A deposit or a new UTC
 /// day does not turn a recorded refusal into a charge: the retry needs a new key.
-pub fn records_refusal(refusal: &ErrorBody, prior: Option<PriorUse<'_>>) -> bool {
+pub fn records_refusal(refusal: &Refusal, prior: Option<PriorUse<'_>>) -> bool {
     let about_the_key = matches!(
-        refusal.code,
-        ErrorCode::IdempotencyKeyMismatch
-            | ErrorCode::IdempotencyKeyInUse
-            | ErrorCode::IdempotencyKeyExhausted
+        refusal,
+        Refusal::IdempotencyKeyMismatch
+            | Refusal::IdempotencyKeyInUse
+            | Refusal::IdempotencyKeyExhausted
     );
     let keeps_an_outcome =
         prior.is_some_and(|prior| prior.outcome != PriorOutcome::Charge(ChargeStatus::Released));
@@ -376,25 +357,25 @@ pub fn admit(
     call: &Call<'_>,
     prior: Option<PriorUse<'_>>,
     max_replays: u32,
-) -> Result<Admission, ErrorBody> {
+) -> Result<Admission, Refusal> {
     if token.revoked {
-        return Err(ErrorBody::new(ErrorCode::TokenRevoked));
+        return Err(Refusal::TokenRevoked);
     }
     let grant = &token.grant;
     if grant.scope == Scope::Single && grant.service_id.as_deref() != Some(call.service_id) {
-        return Err(ErrorBody::new(ErrorCode::WrongService));
+        return Err(Refusal::WrongService);
     }
     if let Some(prior) = prior {
         if call.fingerprint != Some(prior.fingerprint) {
-            return Err(ErrorBody::new(ErrorCode::IdempotencyKeyMismatch));
+            return Err(Refusal::IdempotencyKeyMismatch);
         }
         match prior.outcome {
             PriorOutcome::Refused => return Ok(Admission::ReplayRefusal),
             PriorOutcome::Charge(ChargeStatus::Held) => {
-                return Err(ErrorBody::new(ErrorCode::IdempotencyKeyInUse));
+                return Err(Refusal::IdempotencyKeyInUse);
             }
             PriorOutcome::Charge(ChargeStatus::Committed) if prior.replays >= max_replays => {
-                return Err(ErrorBody::new(ErrorCode::IdempotencyKeyExhausted));
+                return Err(Refusal::IdempotencyKeyExhausted);
             }
             PriorOutcome::Charge(ChargeStatus::Committed) => return Ok(Admission::Replay),
             // The first attempt was not charged (its upstream failed, or its outcome never
@@ -409,7 +390,158 @@ pub fn admit(
         Some(after) if after <= limit => {
             Ok(Admission::Hold { remaining: limit.saturating_sub(after) })
         }
-        _ => Err(ErrorBody::token_limit_exceeded(token.used, token.reserved, limit, call.price)),
+        _ => Err(Refusal::TokenLimitExceeded {
+            used: token.used,
+            reserved: token.reserved,
+            limit,
+            price: call.price,
+        }),
+    }
+}
+
+/// Why the books refuse an operation. The API's answer for each is [`Refusal::body`], the one
+/// place a refusal is worded; the stores keep a recorded one as its variant and amounts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    TokenRevoked,
+    WrongService,
+    /// The token's (or an ancestor's) limit cannot take the price.
+    TokenLimitExceeded {
+        used: Usdc,
+        reserved: Usdc,
+        limit: Usdc,
+        price: Usdc,
+    },
+    /// The buyer's balance, minus its holds, cannot take the price.
+    InsufficientBalance {
+        available: Usdc,
+        price: Usdc,
+    },
+    /// What the buyer spent or holds today, plus the price, is past its tier's daily limit.
+    DailyLimitExceeded {
+        limit: Usdc,
+        tier: u32,
+        used: Usdc,
+        price: Usdc,
+    },
+    IdempotencyKeyMismatch,
+    IdempotencyKeyInUse,
+    IdempotencyKeyExhausted,
+    /// The store asked about no token at all: its bug, not the caller's.
+    NoToken,
+    /// A child asked for under a token that does not exist.
+    NoParent,
+    ParentExpired,
+    ChainTooLong,
+    /// A child asking for more than its parent has left.
+    OverParentRemaining {
+        limit: Usdc,
+        remaining: Usdc,
+    },
+    /// A child of a `SINGLE` token asking for another service, or for any.
+    ParentServiceOnly,
+    ServiceRequired,
+    OutlivesParent,
+    /// A deposit reference already used for a deposit of another `amount`.
+    ReferenceReused {
+        amount: Usdc,
+    },
+    /// A deposit that would take the balance past the largest amount kept.
+    BalanceOverflow,
+    /// A tier outside the configured daily limits' `tiers`.
+    UnknownTier {
+        tiers: u32,
+    },
+    /// The credential a reserve presented pays for nothing here.
+    Credential(credential::Refusal),
+}
+
+impl Refusal {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Refusal::TokenRevoked => ErrorCode::TokenRevoked,
+            Refusal::WrongService => ErrorCode::WrongService,
+            Refusal::TokenLimitExceeded { .. } => ErrorCode::TokenLimitExceeded,
+            Refusal::InsufficientBalance { .. } => ErrorCode::InsufficientBalance,
+            Refusal::DailyLimitExceeded { .. } => ErrorCode::DailyLimitExceeded,
+            Refusal::IdempotencyKeyMismatch | Refusal::ReferenceReused { .. } => {
+                ErrorCode::IdempotencyKeyMismatch
+            }
+            Refusal::IdempotencyKeyInUse => ErrorCode::IdempotencyKeyInUse,
+            Refusal::IdempotencyKeyExhausted => ErrorCode::IdempotencyKeyExhausted,
+            Refusal::NoToken => ErrorCode::Internal,
+            Refusal::NoParent => ErrorCode::NotFound,
+            Refusal::ParentExpired
+            | Refusal::ChainTooLong
+            | Refusal::OverParentRemaining { .. }
+            | Refusal::ParentServiceOnly
+            | Refusal::ServiceRequired
+            | Refusal::OutlivesParent
+            | Refusal::BalanceOverflow
+            | Refusal::UnknownTier { .. } => ErrorCode::BadRequest,
+            // No credential of a scheme this ledger verifies: nothing proves who pays.
+            Refusal::Credential(credential::Refusal::NotOffered) => ErrorCode::InvalidCredential,
+            Refusal::Credential(refusal) => refusal.code(),
+        }
+    }
+
+    /// The answer the API gives for this refusal.
+    pub fn body(&self) -> ErrorBody {
+        let code = self.code();
+        let message = |message: String| ErrorBody::with_message(code, message);
+        match self {
+            Refusal::TokenLimitExceeded { used, reserved, limit, price } => {
+                ErrorBody::token_limit_exceeded(*used, *reserved, *limit, *price)
+            }
+            Refusal::InsufficientBalance { available, price } => ErrorBody {
+                price: Some(*price),
+                ..message(format!("Insufficient balance: {available} USDC available"))
+            },
+            Refusal::DailyLimitExceeded { limit, tier, used, price } => ErrorBody {
+                price: Some(*price),
+                ..message(format!(
+                    "Daily limit exceeded: {limit} USDC a day (tier {tier}), {used} USDC spent or held today"
+                ))
+            },
+            Refusal::ParentExpired => message("the parent token has expired".into()),
+            Refusal::ChainTooLong => {
+                message(format!("a chain of delegation holds at most {MAX_CHAIN_LEN} tokens"))
+            }
+            Refusal::OverParentRemaining { limit, remaining } => message(format!(
+                "limitUsdc {limit} is more than the parent's remaining {remaining}"
+            )),
+            Refusal::ParentServiceOnly => {
+                message("the parent pays for its own service only, and so does its child".into())
+            }
+            Refusal::ServiceRequired => message("serviceId is required with scope SINGLE".into()),
+            Refusal::OutlivesParent => message("the child must not outlive its parent".into()),
+            Refusal::ReferenceReused { amount } => {
+                message(format!("this reference was already used for a deposit of {amount} USDC"))
+            }
+            Refusal::BalanceOverflow => {
+                message("the balance would exceed the largest amount the ledger keeps".into())
+            }
+            Refusal::UnknownTier { tiers } => {
+                message(format!("tier must be 1 to {tiers} (the ledger's daily_limits_usdc)"))
+            }
+            Refusal::Credential(credential::Refusal::NotOffered) => message(
+                "Invalid credential: the ledger verifies no credential of this scheme".into(),
+            ),
+            Refusal::Credential(refusal) => refusal.to_body(),
+            Refusal::TokenRevoked
+            | Refusal::WrongService
+            | Refusal::IdempotencyKeyMismatch
+            | Refusal::IdempotencyKeyInUse
+            | Refusal::IdempotencyKeyExhausted
+            | Refusal::NoToken
+            | Refusal::NoParent => ErrorBody::new(code),
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.body().error)
     }
 }
 
@@ -509,8 +641,30 @@ mod tests {
         Admission::Hold { remaining: usdc(remaining) }
     }
 
-    fn code(result: Result<Admission, ErrorBody>) -> ErrorCode {
-        result.unwrap_err().code
+    fn code(result: Result<Admission, Refusal>) -> ErrorCode {
+        result.unwrap_err().code()
+    }
+
+    /// A refusal of `code` (any amounts): what `records_refusal` judges by.
+    fn refusal_of(code: ErrorCode) -> Refusal {
+        let zero = Usdc::ZERO;
+        match code {
+            ErrorCode::TokenLimitExceeded => {
+                Refusal::TokenLimitExceeded { used: zero, reserved: zero, limit: zero, price: zero }
+            }
+            ErrorCode::InsufficientBalance => {
+                Refusal::InsufficientBalance { available: zero, price: zero }
+            }
+            ErrorCode::DailyLimitExceeded => {
+                Refusal::DailyLimitExceeded { limit: zero, tier: 1, used: zero, price: zero }
+            }
+            ErrorCode::WrongService => Refusal::WrongService,
+            ErrorCode::TokenRevoked => Refusal::TokenRevoked,
+            ErrorCode::IdempotencyKeyMismatch => Refusal::IdempotencyKeyMismatch,
+            ErrorCode::IdempotencyKeyInUse => Refusal::IdempotencyKeyInUse,
+            ErrorCode::IdempotencyKeyExhausted => Refusal::IdempotencyKeyExhausted,
+            other => panic!("no refusal of {other:?} here"),
+        }
     }
 
     #[test]
@@ -520,7 +674,7 @@ mod tests {
             Ok(hold("0"))
         );
         let refused =
-            admit(&token("0.010", "0.005", "0.005"), &call("0.001"), None, 5).unwrap_err();
+            admit(&token("0.010", "0.005", "0.005"), &call("0.001"), None, 5).unwrap_err().body();
         assert_eq!(refused.code, ErrorCode::TokenLimitExceeded);
         assert_eq!((refused.used, refused.reserved), (Some(usdc("0.005")), Some(usdc("0.005"))));
         assert_eq!((refused.limit, refused.price), (Some(usdc("0.010")), Some(usdc("0.001"))));
@@ -531,7 +685,7 @@ mod tests {
     fn a_presented_cap_can_lower_the_limit_but_never_raise_it() {
         let narrowed = Call { cap: usdc("0.5"), ..call("0.25") };
         assert_eq!(admit(&token("1", "0.25", "0"), &narrowed, None, 5), Ok(hold("0")));
-        let refused = admit(&token("1", "0.25", "0.25"), &narrowed, None, 5).unwrap_err();
+        let refused = admit(&token("1", "0.25", "0.25"), &narrowed, None, 5).unwrap_err().body();
         assert_eq!(refused.limit, Some(usdc("0.5")));
         let widened = Call { cap: usdc("5"), ..call("0.25") };
         assert_eq!(admit(&token("1", "0", "0"), &widened, None, 5), Ok(hold("0.75")));
@@ -616,7 +770,7 @@ mod tests {
         assert_eq!(code(refused("fp2")), ErrorCode::IdempotencyKeyMismatch);
         let recorded = |code, outcome: Option<PriorOutcome>| {
             let prior = outcome.map(|outcome| PriorUse { fingerprint: "fp1", outcome, replays: 0 });
-            records_refusal(&ErrorBody::new(code), prior)
+            records_refusal(&refusal_of(code), prior)
         };
         assert!(recorded(ErrorCode::TokenLimitExceeded, None));
         assert!(recorded(ErrorCode::WrongService, None));
@@ -727,7 +881,8 @@ mod tests {
         assert_eq!(fits, Ok(hold("98.77")));
         let refused =
             admit_books(&books(&chain, Some(&funded), &limits), &call("1.230001"), None, 5)
-                .unwrap_err();
+                .unwrap_err()
+                .body();
         assert_eq!(refused.code, ErrorCode::InsufficientBalance);
         assert_eq!(refused.error, "Insufficient balance: 1.230000 USDC available");
         assert_eq!(refused.price, Some(usdc("1.230001")));
@@ -748,7 +903,7 @@ mod tests {
             admit_books(&books, &call(price), None, 5)
         };
         assert!(admit_on(&rich("3", "6", 1), "1", DAY).is_ok(), "3 + 6 + 1 = the limit");
-        let refused = admit_on(&rich("3", "6", 1), "1.000001", DAY).unwrap_err();
+        let refused = admit_on(&rich("3", "6", 1), "1.000001", DAY).unwrap_err().body();
         assert_eq!(refused.code, ErrorCode::DailyLimitExceeded);
         assert_eq!(
             refused.error,
@@ -787,8 +942,9 @@ mod tests {
             admit_books(&books(&chain, None, &limits), &call("0.3"), None, 5),
             Ok(hold("0"))
         );
-        let refused =
-            admit_books(&books(&chain, None, &limits), &call("0.300001"), None, 5).unwrap_err();
+        let refused = admit_books(&books(&chain, None, &limits), &call("0.300001"), None, 5)
+            .unwrap_err()
+            .body();
         assert_eq!(refused.code, ErrorCode::TokenLimitExceeded);
         assert_eq!(refused.limit, Some(usdc("5")), "the parent refused");
         let mut revoked_root = chain.clone();
@@ -820,7 +976,7 @@ mod tests {
         assert_eq!((child.buyer_id.as_str(), child.limit_usdc), ("buyer", usdc("0.3")));
         assert_eq!((child.service_id.as_deref(), child.scope), (Some("weather"), Scope::Single));
         assert_eq!(child.expires_at, 3_000_000_000, "the default, within the parent's expiry");
-        let bad = |spec: ChildSpec| child_grant(&parent, &spec).unwrap_err().error;
+        let bad = |spec: ChildSpec| child_grant(&parent, &spec).unwrap_err().body().error;
         assert!(bad(spec("0.300001")).contains("remaining 0.300000"));
         assert!(bad(ChildSpec { scope: Some(Scope::All), ..spec("0.1") }).contains("own service"));
         assert!(
@@ -836,9 +992,12 @@ mod tests {
         let maps = ChildSpec { service_id: Some("maps".into()), ..spec("0.1") };
         assert_eq!(child_grant(&[all], &maps).unwrap().service_id.as_deref(), Some("maps"));
         let revoked = [token("1", "0", "0"), TokenRecord { revoked: true, ..token("1", "0", "0") }];
-        assert_eq!(child_grant(&revoked, &spec("0.1")).unwrap_err().code, ErrorCode::TokenRevoked);
+        assert_eq!(
+            child_grant(&revoked, &spec("0.1")).unwrap_err().code(),
+            ErrorCode::TokenRevoked
+        );
         let deep = vec![token("1", "0", "0"); MAX_CHAIN_LEN];
-        assert!(child_grant(&deep, &spec("0.1")).unwrap_err().error.contains("at most 8"));
+        assert!(child_grant(&deep, &spec("0.1")).unwrap_err().body().error.contains("at most 8"));
         assert!(child_grant(&deep[1..], &spec("0.1")).is_ok());
     }
 
@@ -851,8 +1010,11 @@ mod tests {
         );
         assert_eq!(deposit(&funded, usdc("2"), Some(usdc("2"))), Ok(DepositDecision::Replay));
         let reused = deposit(&funded, usdc("2"), Some(usdc("3"))).unwrap_err();
-        assert_eq!(reused.code, ErrorCode::IdempotencyKeyMismatch);
+        assert_eq!(reused.code(), ErrorCode::IdempotencyKeyMismatch);
         let full = Account { balance: Usdc::MAX, ..funded };
-        assert_eq!(deposit(&full, usdc("0.000001"), None).unwrap_err().code, ErrorCode::BadRequest);
+        assert_eq!(
+            deposit(&full, usdc("0.000001"), None).unwrap_err().code(),
+            ErrorCode::BadRequest
+        );
     }
 }

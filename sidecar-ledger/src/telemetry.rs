@@ -12,7 +12,6 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
-use paystile_protocol::ErrorBody;
 use paystile_protocol::ledger_api::{
     ReserveRequest, SettleResult, SettleStatus, Settlement, TokenGrant,
 };
@@ -23,6 +22,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::ledger::Ledger;
+use crate::rules::Refusal;
 use crate::store::ReserveOutcome;
 
 /// The `Content-Type` of [`Metrics::render`]'s text (what Prometheus negotiates for it).
@@ -172,7 +172,7 @@ impl Metrics {
             ReserveOutcome::Refused(refusal) => self.refused(token, request, refusal),
             ReserveOutcome::RefusedAgain(refusal) => tracing::debug!(
                 event = "refusal_replayed",
-                code = %wire_name(refusal.code),
+                code = %wire_name(refusal.code()),
                 token_id = %token.token_id,
                 service_id = %request.service_id,
                 "recorded refusal answered again"
@@ -180,8 +180,8 @@ impl Metrics {
         }
     }
 
-    fn refused(&self, token: &TokenGrant, request: &ReserveRequest, refusal: &ErrorBody) {
-        let code = wire_name(refusal.code);
+    fn refused(&self, token: &TokenGrant, request: &ReserveRequest, refusal: &Refusal) {
+        let code = wire_name(refusal.code());
         self.refusals.get_or_create(&CodeLabels { code: code.clone() }).inc();
         tracing::info!(
             event = "refusal",
@@ -197,13 +197,13 @@ impl Metrics {
     /// Counts and logs a reserve whose credential the ledger does not accept: a gateway
     /// that took it verifies with other keys than the ledger, or someone holding the gateway
     /// key is trying to spend without a credential. The credential itself is never logged.
-    pub fn credential_refused(&self, request: &ReserveRequest, refusal: &ErrorBody) {
-        let code = wire_name(refusal.code);
+    pub fn credential_refused(&self, request: &ReserveRequest, refusal: &Refusal) {
+        let code = wire_name(refusal.code());
         self.refusals.get_or_create(&CodeLabels { code: code.clone() }).inc();
         tracing::warn!(
             event = "credential_refused",
             code = %code,
-            reason = %refusal.error,
+            reason = %refusal,
             service_id = %request.service_id,
             "reserve refused: its credential does not verify here"
         );

@@ -4,7 +4,8 @@
 use paystile_protocol::Usdc;
 use paystile_protocol::ledger_api::ChargeStatus;
 
-use super::{UnixMillis, status_name};
+use super::sql::{self, Columns, charge_columns};
+use super::{StoreError, UnixMillis, status_name};
 
 /// Which charges to list: every filter given must match. Oldest first, by `created_at`, then
 /// `charge_id` in byte order.
@@ -65,9 +66,7 @@ pub(super) struct Dialect {
 }
 
 /// The columns of a charge (`charges c JOIN tokens t`) both stores read, in this order.
-pub(super) const CHARGE_COLUMNS: &str = "c.charge_id, c.token_id, t.buyer_id, c.service_id, \
-     c.held_micros, c.status, c.idempotency_key, c.upstream_status, c.created_at, c.settled_at, \
-     c.committed_micros, t.sandbox";
+const CHARGE_COLUMNS: &str = charge_columns!();
 
 /// The statement listing `filter`'s charges (at most `limit + 1` rows: the extra one says
 /// whether another page follows), and its parameters.
@@ -149,6 +148,23 @@ pub(super) fn totals_query(dialect: &Dialect) -> String {
         p(3),
         p(4)
     )
+}
+
+/// The totals as [`totals_query`] selects them, with the `refusals` read apart.
+pub(super) fn totals(
+    row: &impl Columns,
+    refusals: Vec<(String, u64)>,
+) -> Result<ServiceTotals, StoreError> {
+    Ok(ServiceTotals {
+        calls: sql::count(row, 0)?,
+        committed: sql::count(row, 1)?,
+        released: sql::count(row, 2)?,
+        held: sql::count(row, 3)?,
+        revenue: sql::usdc(row, 4)?,
+        upstream_answered: sql::count(row, 5)?,
+        upstream_errors: sql::count(row, 6)?,
+        refusals,
+    })
 }
 
 /// A service's refusals by code in a window and book. Parameters: service id, from, to,

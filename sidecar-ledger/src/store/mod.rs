@@ -7,24 +7,28 @@
 //! that share their books.
 
 mod journal;
+mod migrations;
 mod postgres;
+mod sql;
 mod sqlite;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use paystile_protocol::Usdc;
 use paystile_protocol::ledger_api::{
     ChargeStatus, Hold, Idempotency, SettleResult, Settlement, TokenGrant,
 };
 use paystile_protocol::pay_token::Scope;
-use paystile_protocol::{ErrorBody, Usdc};
 
 pub use journal::{ChargeFilter, ServiceTotals, ServiceWindow};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
+use crate::domain::{TokenRecord, UnixMillis};
 use crate::rules::{
-    self, Account, Books, Call, ChildSpec, DailyLimits, MAX_CHAIN_LEN, PriorOutcome, PriorUse,
+    self, Account, Admission, Books, Call, ChildSpec, DailyLimits, DepositDecision, MAX_CHAIN_LEN,
+    PriorOutcome, PriorUse, Refusal,
 };
 use crate::settings::Database;
 
@@ -83,7 +87,7 @@ impl Store {
         parent_id: String,
         spec: ChildSpec,
         now: UnixMillis,
-    ) -> Result<Option<Result<TokenRecord, ErrorBody>>, StoreError> {
+    ) -> Result<Option<Result<TokenRecord, Refusal>>, StoreError> {
         match self {
             Store::Sqlite(store) => store.mint_child(parent_id, spec, now).await,
             Store::Postgres(store) => store.mint_child(parent_id, spec, now).await,
@@ -94,7 +98,7 @@ impl Store {
     pub async fn deposit(
         &self,
         command: DepositCommand,
-    ) -> Result<Result<DepositRecord, ErrorBody>, StoreError> {
+    ) -> Result<Result<DepositRecord, Refusal>, StoreError> {
         match self {
             Store::Sqlite(store) => store.deposit(command).await,
             Store::Postgres(store) => store.deposit(command).await,
@@ -213,18 +217,6 @@ impl Store {
     }
 }
 
-/// The statement both stores purge old Idempotency-Keys with: `$1` the cutoff, `$2` how many.
-/// A key whose charge is still held stays (its request is in flight).
-// The age is tested on the deleted row itself too: PostgreSQL re-checks only those
-// conditions after waiting for a row lock, and a reserve that reused the key meanwhile made
-// it young again.
-const PURGE_IDEMPOTENCY_KEYS: &str =
-    "DELETE FROM idempotency_keys WHERE created_at < $1 AND (token_id, key) IN (
-     SELECT k.token_id, k.key FROM idempotency_keys k
-     LEFT JOIN charges c ON c.charge_id = k.charge_id
-     WHERE k.created_at < $1 AND (k.charge_id IS NULL OR c.status <> 'held')
-     LIMIT $2)";
-
 impl Store {
     /// The journal: the charges `filter` selects, at most `filter.limit + 1` of them (one
     /// more than a page says that another follows).
@@ -243,9 +235,6 @@ impl Store {
         }
     }
 }
-
-/// Milliseconds since the Unix epoch: every timestamp the stores keep.
-pub type UnixMillis = i64;
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
@@ -301,34 +290,6 @@ impl From<deadpool_postgres::PoolError> for StoreError {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TokenRecord {
-    pub grant: TokenGrant,
-    pub used: Usdc,
-    pub reserved: Usdc,
-    pub revoked: bool,
-    /// The token it was minted under, for a child token.
-    pub parent_id: Option<String>,
-}
-
-impl TokenRecord {
-    /// A token as first registered: nothing spent.
-    pub fn new(grant: TokenGrant) -> TokenRecord {
-        TokenRecord {
-            grant,
-            used: Usdc::ZERO,
-            reserved: Usdc::ZERO,
-            revoked: false,
-            parent_id: None,
-        }
-    }
-
-    /// What is left for new calls: the limit minus everything spent or on hold.
-    pub fn remaining(&self) -> Usdc {
-        self.grant.limit_usdc.saturating_sub(self.used).saturating_sub(self.reserved)
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChargeRecord {
     pub charge_id: String,
     pub token_id: String,
@@ -363,6 +324,35 @@ pub struct DepositCommand {
     pub amount: Usdc,
     pub reference: Option<String>,
     pub now: UnixMillis,
+}
+
+impl DepositCommand {
+    /// The deposit's answer on `account`, `prior` being the deposit made earlier under its
+    /// reference (id, amount, when). A record not `replayed` is a credit, which the store
+    /// then writes: the balance becomes `balance`, and the deposit is inserted.
+    fn record(
+        &self,
+        account: &Account,
+        prior: Option<(String, Usdc, UnixMillis)>,
+    ) -> Result<Result<DepositRecord, Refusal>, StoreError> {
+        Ok(match rules::deposit(account, self.amount, prior.as_ref().map(|p| p.1)) {
+            Err(refusal) => Err(refusal),
+            Ok(DepositDecision::Replay) => {
+                let (deposit_id, amount, created_at) = prior.ok_or_else(|| {
+                    StoreError::Corrupt("a replay without a prior deposit".into())
+                })?;
+                let balance = account.balance;
+                Ok(DepositRecord { deposit_id, amount, created_at, balance, replayed: true })
+            }
+            Ok(DepositDecision::Credit { balance }) => Ok(DepositRecord {
+                deposit_id: self.deposit_id.clone(),
+                amount: self.amount,
+                created_at: self.now,
+                balance,
+                replayed: false,
+            }),
+        })
+    }
 }
 
 /// A deposit made (now, or earlier under the same reference), and the balance after it.
@@ -422,6 +412,84 @@ impl ReserveCommand {
     }
 }
 
+impl ReserveCommand {
+    /// What this reserve does once its `books` and its key's `prior` use are read: the
+    /// decision every dialect takes alike, and then writes.
+    fn step(
+        &self,
+        books: &Books<'_>,
+        prior: Option<PriorKey>,
+    ) -> Result<ReserveStep<'_>, StoreError> {
+        let used = prior_use(&prior);
+        Ok(match rules::admit_books(books, &self.call(), used, self.max_replays) {
+            Err(refusal) => {
+                let key =
+                    self.idempotency.as_ref().filter(|_| rules::records_refusal(&refusal, used));
+                ReserveStep::Refuse { refusal, key }
+            }
+            Ok(Admission::ReplayRefusal) => match prior.map(|prior| prior.outcome) {
+                Some(KeyOutcome::Refused(refusal)) => ReserveStep::RefuseAgain(refusal),
+                _ => return Err(StoreError::Corrupt("a refusal replay without a refusal".into())),
+            },
+            Ok(Admission::Replay) => match (prior.map(|prior| prior.outcome), &self.idempotency) {
+                (Some(KeyOutcome::Charge { charge_id, .. }), Some(idempotency)) => {
+                    ReserveStep::Replay { charge_id, key: &idempotency.key }
+                }
+                _ => return Err(StoreError::Corrupt("a replay without a prior charge".into())),
+            },
+            Ok(Admission::Hold { remaining }) => ReserveStep::Hold {
+                holds: self.holds(books, remaining),
+                on_account: books.debited_account().is_some(),
+            },
+        })
+    }
+
+    /// The holds to insert, each with its Idempotency-Key: the first carries the call's, if
+    /// any; extras (never with a key) are ordinary holds of the same call shape.
+    fn hold_rows<'a>(
+        &'a self,
+        holds: &Holds<'a>,
+    ) -> impl Iterator<Item = (&'a str, Option<&'a str>)> + 'a {
+        let key = self.idempotency.as_ref().map(|i| i.key.as_str());
+        std::iter::once((self.charge_id.as_str(), key))
+            .chain(holds.extra_ids.iter().map(|id| (id.as_str(), None)))
+    }
+
+    /// The answer once `holds` are placed.
+    fn held(&self, holds: &Holds<'_>) -> ReserveOutcome {
+        ReserveOutcome::Held(Hold {
+            charge_id: self.charge_id.clone(),
+            amount_usdc: self.price,
+            remaining_usdc: holds.remaining,
+            replayed: false,
+            extra_charge_ids: holds.extra_ids.to_vec(),
+        })
+    }
+}
+
+/// A replay's answer: the key's `first` charge, and what the `chain` has left.
+fn replayed(first: ChargeRecord, chain: &[TokenRecord]) -> ReserveOutcome {
+    ReserveOutcome::Held(Hold {
+        amount_usdc: first.committed.unwrap_or(first.held),
+        charge_id: first.charge_id,
+        remaining_usdc: rules::chain_remaining(chain),
+        replayed: true,
+        extra_charge_ids: Vec::new(),
+    })
+}
+
+/// What a reserve writes, as [`ReserveCommand::step`] decided it.
+enum ReserveStep<'a> {
+    /// A fresh refusal: counted for the journal, and kept under `key` if given.
+    Refuse { refusal: Refusal, key: Option<&'a Idempotency> },
+    /// The refusal the key recorded, answered again: nothing is written.
+    RefuseAgain(Refusal),
+    /// A retry of a charged request: one more replay of the key, answered with its charge.
+    Replay { charge_id: String, key: &'a str },
+    /// The holds to place, on the buyer's account too when `on_account`.
+    Hold { holds: Holds<'a>, on_account: bool },
+}
+
 /// The holds a reserve places once its first one is admitted.
 pub struct Holds<'a> {
     /// The extra holds' ids.
@@ -444,26 +512,23 @@ pub struct PriorKey {
 #[derive(Clone, Debug)]
 pub enum KeyOutcome {
     Charge { charge_id: String, status: ChargeStatus },
-    Refused(ErrorBody),
+    Refused(Refusal),
 }
 
 impl PriorKey {
-    /// Reads a key's columns: the charge (id and status) or the refusal (JSON) it keeps.
-    fn read(
-        fingerprint: String,
-        replays: u32,
-        charge: Option<(String, ChargeStatus)>,
-        refusal: Option<String>,
-    ) -> Result<PriorKey, StoreError> {
-        let outcome = match (charge, refusal) {
+    /// Reads a key as [`sql::PRIOR_KEY`] selects it: the charge (id and status) or the
+    /// refusal it keeps.
+    fn read(row: &impl sql::Columns) -> Result<PriorKey, StoreError> {
+        let charge = match row.opt_text(2)? {
+            Some(charge_id) => Some((charge_id, sql::charge_status(row, 3)?)),
+            None => None,
+        };
+        let outcome = match (charge, row.opt_text(4)?) {
             (Some((charge_id, status)), None) => KeyOutcome::Charge { charge_id, status },
-            (None, Some(refusal)) => KeyOutcome::Refused(
-                serde_json::from_str(&refusal)
-                    .map_err(|e| StoreError::Corrupt(format!("a recorded refusal: {e}")))?,
-            ),
+            (None, Some(code)) => KeyOutcome::Refused(KeptRefusal::read(row, code, 5)?),
             _ => return Err(StoreError::Corrupt("an idempotency key keeps no outcome".into())),
         };
-        Ok(PriorKey { fingerprint, replays, outcome })
+        Ok(PriorKey { fingerprint: row.text(0)?, replays: sql::small(row, 1, "replays")?, outcome })
     }
 }
 
@@ -479,19 +544,101 @@ pub fn prior_use(prior: &Option<PriorKey>) -> Option<PriorUse<'_>> {
     })
 }
 
-/// A refusal as a key keeps it.
-fn refusal_json(refusal: &ErrorBody) -> Result<String, StoreError> {
-    serde_json::to_string(refusal)
-        .map_err(|e| StoreError::Corrupt(format!("cannot record a refusal: {e}")))
+/// A refusal as an Idempotency-Key keeps it: its code, and the amounts its answer needs
+/// (micro-USDC), in the order of `refusal_columns!`.
+struct KeptRefusal {
+    code: &'static str,
+    price: Option<i64>,
+    limit: Option<i64>,
+    used: Option<i64>,
+    reserved: Option<i64>,
+    available: Option<i64>,
+    tier: Option<i32>,
+}
+
+impl KeptRefusal {
+    /// The columns of `refusal`; only the refusals of a request are kept
+    /// ([`rules::records_refusal`]).
+    fn of(refusal: &Refusal) -> Result<KeptRefusal, StoreError> {
+        let code = |code| KeptRefusal {
+            code,
+            price: None,
+            limit: None,
+            used: None,
+            reserved: None,
+            available: None,
+            tier: None,
+        };
+        let micros = |amount: &Usdc| Some(amount.micros_i64());
+        Ok(match refusal {
+            Refusal::TokenRevoked => code("token_revoked"),
+            Refusal::WrongService => code("wrong_service"),
+            Refusal::NoToken => code("internal"),
+            Refusal::TokenLimitExceeded { used, reserved, limit, price } => KeptRefusal {
+                price: micros(price),
+                limit: micros(limit),
+                used: micros(used),
+                reserved: micros(reserved),
+                ..code("token_limit_exceeded")
+            },
+            Refusal::InsufficientBalance { available, price } => KeptRefusal {
+                price: micros(price),
+                available: micros(available),
+                ..code("insufficient_balance")
+            },
+            Refusal::DailyLimitExceeded { limit, tier, used, price } => KeptRefusal {
+                price: micros(price),
+                limit: micros(limit),
+                used: micros(used),
+                tier: Some(i32::try_from(*tier).map_err(|_| sql::corrupt("tier", tier))?),
+                ..code("daily_limit_exceeded")
+            },
+            other => {
+                return Err(StoreError::Corrupt(format!("cannot keep the refusal {other:?}")));
+            }
+        })
+    }
+
+    /// The refusal kept as `code`, its amounts in the columns from `first` on.
+    fn read(row: &impl sql::Columns, code: String, first: usize) -> Result<Refusal, StoreError> {
+        let amount = |offset: usize| {
+            let index = first + offset;
+            match row.opt_int(index)? {
+                Some(_) => sql::usdc(row, index),
+                None => Err(StoreError::Corrupt(format!("a kept {code} lacks an amount"))),
+            }
+        };
+        Ok(match code.as_str() {
+            "token_revoked" => Refusal::TokenRevoked,
+            "wrong_service" => Refusal::WrongService,
+            "internal" => Refusal::NoToken,
+            "token_limit_exceeded" => Refusal::TokenLimitExceeded {
+                price: amount(0)?,
+                limit: amount(1)?,
+                used: amount(2)?,
+                reserved: amount(3)?,
+            },
+            "insufficient_balance" => {
+                Refusal::InsufficientBalance { price: amount(0)?, available: amount(4)? }
+            }
+            "daily_limit_exceeded" => Refusal::DailyLimitExceeded {
+                price: amount(0)?,
+                limit: amount(1)?,
+                used: amount(2)?,
+                tier: sql::small(row, first + 5, "tier")?,
+            },
+            _ => return Err(sql::corrupt("kept refusal", code)),
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReserveOutcome {
     Held(Hold),
-    Refused(ErrorBody),
+    Refused(Refusal),
     /// The refusal an Idempotency-Key recorded, answered again: no new refusal (the journal
     /// and the metrics count it once, when it was first refused).
-    RefusedAgain(ErrorBody),
+    RefusedAgain(Refusal),
 }
 
 /// The tier of an account opened by a deposit.
@@ -539,11 +686,3 @@ fn scope_name(scope: Scope) -> &'static str {
 }
 
 const ALL_SCOPES: [Scope; 2] = [Scope::Single, Scope::All];
-
-/// A token's expiry (Unix seconds) as the stores keep it (Unix ms).
-fn seconds_to_millis(seconds: u64) -> Result<UnixMillis, StoreError> {
-    i64::try_from(seconds)
-        .ok()
-        .and_then(|s| s.checked_mul(1000))
-        .ok_or_else(|| StoreError::Corrupt(format!("time {seconds} is out of range")))
-}

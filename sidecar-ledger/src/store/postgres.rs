@@ -23,23 +23,24 @@ use std::time::Duration;
 use deadpool_postgres::{
     GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction,
 };
+use paystile_protocol::Usdc;
 use paystile_protocol::ledger_api::{
-    ChargeStatus, Hold, SettleResult, SettleStatus, Settlement, TokenGrant,
+    ChargeStatus, SettleResult, SettleStatus, Settlement, TokenGrant,
 };
-use paystile_protocol::{ErrorBody, Usdc};
 use prometheus_client::metrics::counter::Counter;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::journal::{self, ChargeFilter, Dialect, Param, ServiceTotals, ServiceWindow};
+use super::migrations::MIGRATIONS;
+use super::sql::{self, Columns, insert_token, select_account, select_token, subtree};
 use super::{
-    ALL_SCOPES, ALL_STATUSES, BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, FIRST_TIER,
-    KeyOutcome, PURGE_IDEMPOTENCY_KEYS, PriorKey, ReserveCommand, ReserveOutcome, StoreError,
-    TokenRecord, UnixMillis, into_chain, prior_use, refusal_json, scope_name, seconds_to_millis,
-    status_name,
+    BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, FIRST_TIER, KeptRefusal, PriorKey,
+    ReserveCommand, ReserveOutcome, ReserveStep, StoreError, TokenRecord, UnixMillis, into_chain,
+    replayed, scope_name, status_name,
 };
-use crate::rules::{self, Account, Admission, Books, ChildSpec, DepositDecision, SettleDecision};
+use crate::rules::{self, Account, Books, ChildSpec, Refusal, SettleDecision};
 use crate::settings::PostgresUrl;
 use crate::telemetry::wire_name;
 
@@ -55,36 +56,6 @@ const MAX_ATTEMPTS: u32 = 8;
 /// together take turns, and the second finds the schema up to date.
 const MIGRATION_LOCK: i64 = 0x7061_7973_7469_6c65;
 
-struct Migration {
-    version: i64,
-    name: &'static str,
-    sql: &'static str,
-}
-
-/// Schema versions, applied in order; `schema_migrations` records each one applied.
-const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "0001_initial",
-        sql: include_str!("postgres_migrations/0001_initial.sql"),
-    },
-    Migration {
-        version: 2,
-        name: "0002_money",
-        sql: include_str!("postgres_migrations/0002_money.sql"),
-    },
-    Migration {
-        version: 3,
-        name: "0003_buyers",
-        sql: include_str!("postgres_migrations/0003_buyers.sql"),
-    },
-    Migration {
-        version: 4,
-        name: "0004_journal",
-        sql: include_str!("postgres_migrations/0004_journal.sql"),
-    },
-];
-
 /// Ends a `SELECT token_id FROM tokens …` that locks several tokens: in id order, the same
 /// in every transaction, so that two of them cannot each hold a lock the other waits for.
 macro_rules! lock_in_order {
@@ -93,16 +64,6 @@ macro_rules! lock_in_order {
     };
 }
 
-/// The columns [`token_record`] reads.
-macro_rules! select_token {
-    () => {
-        "SELECT token_id, buyer_id, buyer_tag, service_id, scope, limit_micros, expires_at,
-                used_micros, reserved_micros, revoked_at IS NOT NULL, parent_id, sandbox
-         FROM tokens"
-    };
-}
-
-const SELECT_TOKEN: &str = concat!(select_token!(), " WHERE token_id = $1");
 /// Locks the token `$1` (if any) and the tokens of the charges `$2` names, with all their
 /// ancestors, in one statement and so in id order; answers them. Locked until the
 /// transaction ends: the other ledgers' operations on them wait, and this one sees the state
@@ -127,31 +88,8 @@ const SURVEY_RESERVE: &str = "SELECT
          ARRAY(SELECT c.charge_id FROM charges c JOIN tokens t ON t.token_id = c.token_id
                WHERE c.status = 'held' AND c.hold_expires_at <= $3
                  AND t.buyer_id = coalesce((SELECT buyer_id FROM tokens WHERE token_id = $1), $2))";
-/// The token `$1` and its descendants.
-macro_rules! subtree {
-    () => {
-        "WITH RECURSIVE tree (token_id) AS (
-             SELECT token_id FROM tokens WHERE token_id = $1
-             UNION ALL
-             SELECT t.token_id FROM tokens t JOIN tree ON t.parent_id = tree.token_id
-         )"
-    };
-}
-const SELECT_ACCOUNT: &str = "SELECT balance_micros, held_micros, tier, spent_day, spent_micros
-     FROM buyers WHERE buyer_id = $1";
 /// A buyer's account, locked: after every token lock the transaction takes.
-const LOCK_ACCOUNT: &str = "SELECT balance_micros, held_micros, tier, spent_day, spent_micros
-     FROM buyers WHERE buyer_id = $1 FOR NO KEY UPDATE";
-
-macro_rules! insert_token {
-    () => {
-        "INSERT INTO tokens (token_id, buyer_id, buyer_tag, service_id, scope, limit_micros,
-                             expires_at, created_at, parent_id, sandbox)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
-    };
-}
-
-const INSERT_TOKEN: &str = insert_token!();
+const LOCK_ACCOUNT: &str = concat!(select_account!(), " FOR NO KEY UPDATE");
 const INSERT_TOKEN_IF_NEW: &str = concat!(insert_token!(), " ON CONFLICT (token_id) DO NOTHING");
 
 /// A pool of connections to one database; cheap to clone.
@@ -224,7 +162,7 @@ impl PostgresStore {
             )));
         }
         for migration in MIGRATIONS.iter().filter(|m| m.version > applied) {
-            tx.batch_execute(migration.sql).await?;
+            tx.batch_execute(migration.postgres).await?;
             tx.execute(
                 "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
                 &[&migration.version, &migration.name],
@@ -238,7 +176,7 @@ impl PostgresStore {
 
     pub async fn insert_token(&self, token: TokenGrant, now: UnixMillis) -> Result<(), StoreError> {
         let client = self.pool.get().await?;
-        insert_token(&client, &token, None, now, INSERT_TOKEN).await
+        insert_token(&client, &token, None, now, sql::INSERT_TOKEN).await
     }
 
     pub async fn token(
@@ -251,10 +189,10 @@ impl PostgresStore {
         }
         let token_id = token_id.as_str();
         let (token, expired) = in_transaction!(&self.pool, |tx| {
-            match load_token(&tx, SELECT_TOKEN, token_id).await? {
+            match load_token(&tx, token_id).await? {
                 Some(token) => match expire_buyer_holds(&tx, &token.grant.buyer_id, now).await? {
                     0 => (Some(token), 0),
-                    expired => (load_token(&tx, SELECT_TOKEN, token_id).await?, expired),
+                    expired => (load_token(&tx, token_id).await?, expired),
                 },
                 None => (None, 0),
             }
@@ -302,17 +240,8 @@ impl PostgresStore {
                 &[&token_id],
             )
             .await?;
-            execute(
-                &tx,
-                concat!(
-                    subtree!(),
-                    " UPDATE tokens SET revoked_at = coalesce(revoked_at, $2)
-                     WHERE token_id IN (SELECT token_id FROM tree)"
-                ),
-                &[&token_id, &now],
-            )
-            .await?;
-            load_token(&tx, SELECT_TOKEN, token_id).await?
+            execute(&tx, sql::REVOKE_SUBTREE, &[&token_id, &now]).await?;
+            load_token(&tx, token_id).await?
         })
     }
 
@@ -321,7 +250,7 @@ impl PostgresStore {
         parent_id: String,
         spec: ChildSpec,
         now: UnixMillis,
-    ) -> Result<Option<Result<TokenRecord, ErrorBody>>, StoreError> {
+    ) -> Result<Option<Result<TokenRecord, Refusal>>, StoreError> {
         if !storable(&parent_id) {
             return Ok(None);
         }
@@ -334,7 +263,7 @@ impl PostgresStore {
                 Some(match rules::child_grant(&chain, spec) {
                     Err(refusal) => Err(refusal),
                     Ok(grant) => {
-                        insert_token(&tx, &grant, Some(parent_id), now, INSERT_TOKEN).await?;
+                        insert_token(&tx, &grant, Some(parent_id), now, sql::INSERT_TOKEN).await?;
                         let parent_id = Some(parent_id.to_owned());
                         Ok(TokenRecord { parent_id, ..TokenRecord::new(grant) })
                     }
@@ -346,75 +275,38 @@ impl PostgresStore {
     pub async fn deposit(
         &self,
         cmd: DepositCommand,
-    ) -> Result<Result<DepositRecord, ErrorBody>, StoreError> {
+    ) -> Result<Result<DepositRecord, Refusal>, StoreError> {
         let cmd = &cmd;
         in_transaction!(&self.pool, |tx| {
             let buyer_id = cmd.buyer_id.as_str();
-            execute(
-                &tx,
-                "INSERT INTO buyers (buyer_id, tier, created_at) VALUES ($1, $2, $3)
-                 ON CONFLICT (buyer_id) DO NOTHING",
-                &[&buyer_id, &tier_i32(FIRST_TIER)?, &cmd.now],
-            )
-            .await?;
+            execute(&tx, sql::OPEN_ACCOUNT, &[&buyer_id, &tier_i32(FIRST_TIER)?, &cmd.now]).await?;
             let account = load_account(&tx, LOCK_ACCOUNT, buyer_id)
                 .await?
                 .ok_or_else(|| StoreError::Corrupt("an account vanished".into()))?;
             // Read under the account's lock: a concurrent deposit under the same reference
             // has committed by now, or waits.
             let prior = match &cmd.reference {
-                Some(reference) => query_opt(
-                    &tx,
-                    "SELECT deposit_id, amount_micros, created_at FROM deposits
-                     WHERE buyer_id = $1 AND reference = $2",
-                    &[&buyer_id, reference],
-                )
-                .await?
-                .map(|row| -> Result<_, StoreError> {
-                    Ok((row.try_get::<_, String>(0)?, usdc(&row, 1)?, row.try_get(2)?))
-                })
-                .transpose()?,
+                Some(reference) => query_opt(&tx, sql::PRIOR_DEPOSIT, &[&buyer_id, reference])
+                    .await?
+                    .as_ref()
+                    .map(sql::prior_deposit)
+                    .transpose()?,
                 None => None,
             };
-            match rules::deposit(&account, cmd.amount, prior.as_ref().map(|p| p.1)) {
-                Err(refusal) => Err(refusal),
-                Ok(DepositDecision::Replay) => {
-                    let (deposit_id, amount, created_at) = prior.ok_or_else(|| {
-                        StoreError::Corrupt("a replay without a prior deposit".into())
-                    })?;
-                    let balance = account.balance;
-                    Ok(DepositRecord { deposit_id, amount, created_at, balance, replayed: true })
-                }
-                Ok(DepositDecision::Credit { balance }) => {
-                    execute(
-                        &tx,
-                        "UPDATE buyers SET balance_micros = $1 WHERE buyer_id = $2",
-                        &[&balance.micros_i64(), &buyer_id],
-                    )
-                    .await?;
-                    execute(
-                        &tx,
-                        "INSERT INTO deposits (deposit_id, buyer_id, amount_micros, reference,
-                                               created_at)
-                         VALUES ($1, $2, $3, $4, $5)",
-                        &[
-                            &cmd.deposit_id,
-                            &buyer_id,
-                            &cmd.amount.micros_i64(),
-                            &cmd.reference,
-                            &cmd.now,
-                        ],
-                    )
-                    .await?;
-                    Ok(DepositRecord {
-                        deposit_id: cmd.deposit_id.clone(),
-                        amount: cmd.amount,
-                        created_at: cmd.now,
-                        balance,
-                        replayed: false,
-                    })
-                }
+            let record = cmd.record(&account, prior)?;
+            if let Ok(credit) = &record
+                && !credit.replayed
+            {
+                execute(&tx, sql::SET_BALANCE, &[&credit.balance.micros_i64(), &buyer_id]).await?;
+                let amount = cmd.amount.micros_i64();
+                execute(
+                    &tx,
+                    sql::INSERT_DEPOSIT,
+                    &[&cmd.deposit_id, &buyer_id, &amount, &cmd.reference, &cmd.now],
+                )
+                .await?;
             }
+            record
         })
     }
 
@@ -426,14 +318,8 @@ impl PostgresStore {
     ) -> Result<Account, StoreError> {
         let (buyer_id, tier) = (buyer_id.as_str(), tier_i32(tier)?);
         in_transaction!(&self.pool, |tx| {
-            execute(
-                &tx,
-                "INSERT INTO buyers (buyer_id, tier, created_at) VALUES ($1, $2, $3)
-                 ON CONFLICT (buyer_id) DO UPDATE SET tier = excluded.tier",
-                &[&buyer_id, &tier, &now],
-            )
-            .await?;
-            load_account(&tx, SELECT_ACCOUNT, buyer_id)
+            execute(&tx, sql::SET_TIER, &[&buyer_id, &tier, &now]).await?;
+            load_account(&tx, sql::SELECT_ACCOUNT, buyer_id)
                 .await?
                 .ok_or_else(|| StoreError::Corrupt("an account vanished".into()))?
         })
@@ -450,16 +336,12 @@ impl PostgresStore {
         let buyer_id = buyer_id.as_str();
         let (buyer, expired) = in_transaction!(&self.pool, |tx| {
             let expired = expire_buyer_holds(&tx, buyer_id, now).await?;
-            let account = load_account(&tx, SELECT_ACCOUNT, buyer_id).await?;
-            let tokens = query(
-                &tx,
-                concat!(select_token!(), " WHERE buyer_id = $1 ORDER BY created_at, token_id"),
-                &[&buyer_id],
-            )
-            .await?
-            .iter()
-            .map(token_record)
-            .collect::<Result<_, _>>()?;
+            let account = load_account(&tx, sql::SELECT_ACCOUNT, buyer_id).await?;
+            let tokens = query(&tx, sql::SELECT_BUYER_TOKENS, &[&buyer_id])
+                .await?
+                .iter()
+                .map(sql::token_record)
+                .collect::<Result<_, _>>()?;
             (BuyerRecord { account, tokens }, expired)
         })?;
         self.count_expired(expired);
@@ -485,21 +367,9 @@ impl PostgresStore {
                 &[&buyer_id],
             )
             .await?;
-            let revoked = execute(
-                &tx,
-                "UPDATE tokens SET revoked_at = $1 WHERE buyer_id = $2 AND revoked_at IS NULL",
-                &[&now, &buyer_id],
-            )
-            .await?;
-            let known = revoked > 0
-                || query_opt(
-                    &tx,
-                    "SELECT 1 FROM buyers WHERE buyer_id = $1
-                     UNION ALL SELECT 1 FROM tokens WHERE buyer_id = $1 LIMIT 1",
-                    &[&buyer_id],
-                )
-                .await?
-                .is_some();
+            let revoked = execute(&tx, sql::REVOKE_BUYER, &[&now, &buyer_id]).await?;
+            let known =
+                revoked > 0 || query_opt(&tx, sql::BUYER_KNOWN, &[&buyer_id]).await?.is_some();
             known.then_some(revoked)
         })
     }
@@ -514,13 +384,7 @@ impl PostgresStore {
         }
         let charge_id = charge_id.as_str();
         let (charge, expired) = in_transaction!(&self.pool, |tx| {
-            let buyer = query_opt(
-                &tx,
-                "SELECT t.buyer_id FROM charges c JOIN tokens t ON t.token_id = c.token_id
-                 WHERE c.charge_id = $1",
-                &[&charge_id],
-            )
-            .await?;
+            let buyer = query_opt(&tx, sql::CHARGE_BUYER, &[&charge_id]).await?;
             let expired = match buyer {
                 Some(buyer) => expire_buyer_holds(&tx, buyer.try_get(0)?, now).await?,
                 None => 0,
@@ -594,7 +458,7 @@ impl PostgresStore {
     ) -> Result<usize, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let client = self.pool.get().await?;
-        let purged = execute(&client, PURGE_IDEMPOTENCY_KEYS, &[&before, &limit]).await?;
+        let purged = execute(&client, sql::PURGE_IDEMPOTENCY_KEYS, &[&before, &limit]).await?;
         Ok(usize::try_from(purged).unwrap_or(usize::MAX))
     }
 }
@@ -658,7 +522,7 @@ async fn lock_chains(
     let mut tokens = HashMap::new();
     let mut parents = Parents::new();
     for row in query(tx, LOCK_CHAINS, &[&token_id, &charge_ids]).await? {
-        let token = token_record(&row)?;
+        let token = sql::token_record(&row)?;
         parents.insert(token.grant.token_id.clone(), token.parent_id.clone());
         tokens.insert(token.grant.token_id.clone(), token);
     }
@@ -707,156 +571,83 @@ async fn reserve(
     };
 
     let prior = match &cmd.idempotency {
-        Some(idempotency) => query_opt(
-            tx,
-            "SELECT k.fingerprint, k.replays, k.charge_id, c.status, k.refusal
-             FROM idempotency_keys k LEFT JOIN charges c ON c.charge_id = k.charge_id
-             WHERE k.token_id = $1 AND k.key = $2",
-            &[&token_id, &idempotency.key],
-        )
-        .await?
-        .map(|row| -> Result<_, StoreError> {
-            let replays: i32 = row.try_get(1)?;
-            let charge = match row.try_get::<_, Option<String>>(2)? {
-                Some(charge_id) => Some((charge_id, named(&row, 3, &ALL_STATUSES, status_name)?)),
-                None => None,
-            };
-            PriorKey::read(
-                row.try_get(0)?,
-                u32::try_from(replays).map_err(|_| corrupt("replays", replays))?,
-                charge,
-                row.try_get(4)?,
-            )
-        })
-        .transpose()?,
+        Some(idempotency) => query_opt(tx, sql::PRIOR_KEY, &[&token_id, &idempotency.key])
+            .await?
+            .as_ref()
+            .map(PriorKey::read)
+            .transpose()?,
         None => None,
     };
-    let remaining = match rules::admit_books(
-        &books,
-        &cmd.call(),
-        prior_use(&prior),
-        cmd.max_replays,
-    ) {
-        Err(refusal) => {
-            // Counted for the journal: a fresh refusal only, never a recorded one answered
-            // again (below).
+    match cmd.step(&books, prior)? {
+        ReserveStep::Refuse { refusal, key } => {
             record_refusal(tx, cmd, token.grant.sandbox, &refusal).await?;
-            if let Some(idempotency) = &cmd.idempotency
-                && rules::records_refusal(&refusal, prior_use(&prior))
-            {
+            if let Some(idempotency) = key {
+                let kept = KeptRefusal::of(&refusal)?;
+                let (key, fingerprint) = (&idempotency.key, &idempotency.fingerprint);
                 execute(
                     tx,
-                    "INSERT INTO idempotency_keys (token_id, key, fingerprint, refusal, created_at)
-                     VALUES ($1, $2, $3, $4, $5)
-                     ON CONFLICT (token_id, key) DO UPDATE SET charge_id = NULL,
-                         refusal = excluded.refusal, replays = 0, created_at = excluded.created_at",
+                    sql::KEY_REFUSED,
                     &[
                         &token_id,
-                        &idempotency.key,
-                        &idempotency.fingerprint,
-                        &refusal_json(&refusal)?,
+                        key,
+                        fingerprint,
                         &cmd.now,
+                        &kept.code,
+                        &kept.price,
+                        &kept.limit,
+                        &kept.used,
+                        &kept.reserved,
+                        &kept.available,
+                        &kept.tier,
                     ],
                 )
                 .await?;
             }
-            return Ok(ReserveOutcome::Refused(refusal));
+            Ok(ReserveOutcome::Refused(refusal))
         }
-        Ok(Admission::ReplayRefusal) => match prior.map(|prior| prior.outcome) {
-            Some(KeyOutcome::Refused(refusal)) => {
-                return Ok(ReserveOutcome::RefusedAgain(refusal));
-            }
-            _ => return Err(StoreError::Corrupt("a refusal replay without a refusal".into())),
-        },
-        Ok(Admission::Replay) => {
-            let (first, key) = match (prior.map(|prior| prior.outcome), &cmd.idempotency) {
-                (Some(KeyOutcome::Charge { charge_id, .. }), Some(idempotency)) => {
-                    (charge_id, &idempotency.key)
-                }
-                _ => return Err(StoreError::Corrupt("a replay without a prior charge".into())),
-            };
-            execute(
-                tx,
-                "UPDATE idempotency_keys SET replays = replays + 1 WHERE token_id = $1 AND key = $2",
-                &[&token_id, key],
-            )
-            .await?;
-            let first = load_charge(tx, &first)
+        ReserveStep::RefuseAgain(refusal) => Ok(ReserveOutcome::RefusedAgain(refusal)),
+        ReserveStep::Replay { charge_id, key } => {
+            execute(tx, sql::KEY_REPLAYED, &[&token_id, &key]).await?;
+            let first = load_charge(tx, &charge_id)
                 .await?
                 .ok_or_else(|| StoreError::Corrupt("an idempotency key names no charge".into()))?;
-            return Ok(ReserveOutcome::Held(Hold {
-                amount_usdc: first.committed.unwrap_or(first.held),
-                charge_id: first.charge_id,
-                remaining_usdc: rules::chain_remaining(&chain),
-                replayed: true,
-                extra_charge_ids: Vec::new(),
-            }));
+            Ok(replayed(first, &chain))
         }
-        Ok(Admission::Hold { remaining }) => remaining,
-    };
-
-    let price = cmd.price.micros_i64();
-    let on_account = books.debited_account().is_some();
-    let holds = cmd.holds(&books, remaining);
-    // The first hold carries the Idempotency-Key, if any; extras (never with a key) are
-    // ordinary holds of the same call shape, in the same transaction.
-    for (charge_id, key) in std::iter::once((&cmd.charge_id, cmd.idempotency.as_ref()))
-        .chain(holds.extra_ids.iter().map(|id| (id, None)))
-    {
-        let key = key.map(|i| i.key.as_str());
-        execute(
-            tx,
-            "INSERT INTO charges (charge_id, token_id, service_id, held_micros, status,
-                                  idempotency_key, created_at, hold_expires_at, on_account)
-             VALUES ($1, $2, $3, $4, 'held', $5, $6, $7, $8)",
-            &[
-                charge_id,
-                &token_id,
-                &cmd.service_id,
-                &price,
-                &key,
-                &cmd.now,
-                &cmd.hold_expires_at,
-                &on_account,
-            ],
-        )
-        .await?;
+        ReserveStep::Hold { holds, on_account } => {
+            let price = cmd.price.micros_i64();
+            for (charge_id, key) in cmd.hold_rows(&holds) {
+                let (expires, service) = (&cmd.hold_expires_at, &cmd.service_id);
+                execute(
+                    tx,
+                    sql::INSERT_HOLD,
+                    &[&charge_id, &token_id, service, &price, &key, &cmd.now, expires, &on_account],
+                )
+                .await?;
+            }
+            // Held at every level of the chain, and on the account.
+            let total = holds.total.micros_i64();
+            let levels: Vec<&str> = chain.iter().map(|t| t.grant.token_id.as_str()).collect();
+            execute(
+                tx,
+                "UPDATE tokens SET reserved_micros = reserved_micros + $1 WHERE token_id = ANY($2)",
+                &[&total, &levels],
+            )
+            .await?;
+            if on_account {
+                execute(tx, sql::HOLD_ON_ACCOUNT, &[&total, &token.grant.buyer_id]).await?;
+            }
+            if let Some(idempotency) = &cmd.idempotency {
+                let (key, fingerprint) = (&idempotency.key, &idempotency.fingerprint);
+                execute(
+                    tx,
+                    sql::KEY_CHARGED,
+                    &[&token_id, key, fingerprint, &cmd.charge_id, &cmd.now],
+                )
+                .await?;
+            }
+            Ok(cmd.held(&holds))
+        }
     }
-    // Held at every level of the chain, and on the account.
-    let total = holds.total.micros_i64();
-    let levels: Vec<&str> = chain.iter().map(|t| t.grant.token_id.as_str()).collect();
-    execute(
-        tx,
-        "UPDATE tokens SET reserved_micros = reserved_micros + $1 WHERE token_id = ANY($2)",
-        &[&total, &levels],
-    )
-    .await?;
-    if on_account {
-        execute(
-            tx,
-            "UPDATE buyers SET held_micros = held_micros + $1 WHERE buyer_id = $2",
-            &[&total, &token.grant.buyer_id],
-        )
-        .await?;
-    }
-    if let Some(idempotency) = &cmd.idempotency {
-        execute(
-            tx,
-            "INSERT INTO idempotency_keys (token_id, key, fingerprint, charge_id, created_at)
-             VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (token_id, key) DO UPDATE SET charge_id = excluded.charge_id,
-                 refusal = NULL, replays = 0, created_at = excluded.created_at",
-            &[&token_id, &idempotency.key, &idempotency.fingerprint, &cmd.charge_id, &cmd.now],
-        )
-        .await?;
-    }
-    Ok(ReserveOutcome::Held(Hold {
-        charge_id: cmd.charge_id.clone(),
-        amount_usdc: cmd.price,
-        remaining_usdc: holds.remaining,
-        replayed: false,
-        extra_charge_ids: holds.extra_ids.to_vec(),
-    }))
 }
 
 /// A held charge as settling sees it, kept up to date through the batch (which may name a
@@ -905,8 +696,8 @@ async fn settle(
         for row in rows {
             let hold = OpenHold {
                 token_id: row.try_get(1)?,
-                held: usdc(&row, 2)?,
-                status: named(&row, 3, &ALL_STATUSES, status_name)?,
+                held: sql::usdc(&row, 2)?,
+                status: sql::charge_status(&row, 3)?,
                 hold_expires_at: row.try_get(4)?,
                 revoked: row.try_get(5)?,
                 account: row.try_get(6)?,
@@ -1040,7 +831,7 @@ async fn release_locked(
         Ok(Closing {
             charge_id: row.try_get(0)?,
             token_id: row.try_get(1)?,
-            held: usdc(row, 2)?,
+            held: sql::usdc(row, 2)?,
             account: row.try_get(3)?,
             charged: None,
             upstream_status: None,
@@ -1175,7 +966,7 @@ async fn insert_token(
     now: UnixMillis,
     statement: &str,
 ) -> Result<(), StoreError> {
-    let expires_at = seconds_to_millis(token.expires_at)?;
+    let expires_at = sql::seconds_to_millis(token.expires_at)?;
     execute(
         db,
         statement,
@@ -1196,99 +987,40 @@ async fn insert_token(
     Ok(())
 }
 
-/// Reads a token with `statement` ([`SELECT_TOKEN`]).
 async fn load_token(
     db: &impl GenericClient,
-    statement: &str,
     token_id: &str,
 ) -> Result<Option<TokenRecord>, StoreError> {
-    query_opt(db, statement, &[&token_id]).await?.as_ref().map(token_record).transpose()
+    query_opt(db, sql::SELECT_TOKEN, &[&token_id])
+        .await?
+        .as_ref()
+        .map(sql::token_record)
+        .transpose()
 }
 
-/// Reads an account with `statement`: [`SELECT_ACCOUNT`], or [`LOCK_ACCOUNT`] to lock it too.
+/// Reads an account with `statement`: [`sql::SELECT_ACCOUNT`], or [`LOCK_ACCOUNT`] to lock
+/// it too.
 async fn load_account(
     db: &impl GenericClient,
     statement: &str,
     buyer_id: &str,
 ) -> Result<Option<Account>, StoreError> {
-    let Some(row) = query_opt(db, statement, &[&buyer_id]).await? else {
-        return Ok(None);
-    };
-    let tier: i32 = row.try_get(2)?;
-    Ok(Some(Account {
-        balance: usdc(&row, 0)?,
-        held: usdc(&row, 1)?,
-        tier: u32::try_from(tier).map_err(|_| corrupt("tier", tier))?,
-        spent_day: row.try_get(3)?,
-        spent: usdc(&row, 4)?,
-    }))
+    query_opt(db, statement, &[&buyer_id]).await?.as_ref().map(sql::account).transpose()
 }
 
 fn tier_i32(tier: u32) -> Result<i32, StoreError> {
-    i32::try_from(tier).map_err(|_| corrupt("tier", tier))
-}
-
-/// Reads the columns of `select_token!`.
-fn token_record(row: &Row) -> Result<TokenRecord, StoreError> {
-    let expires_at: i64 = row.try_get(6)?;
-    Ok(TokenRecord {
-        grant: TokenGrant {
-            token_id: row.try_get(0)?,
-            buyer_id: row.try_get(1)?,
-            buyer_tag: row.try_get(2)?,
-            service_id: row.try_get(3)?,
-            scope: named(row, 4, &ALL_SCOPES, scope_name)?,
-            limit_usdc: usdc(row, 5)?,
-            expires_at: u64::try_from(expires_at / 1000).unwrap_or(0),
-            sandbox: row.try_get(11)?,
-        },
-        used: usdc(row, 7)?,
-        reserved: usdc(row, 8)?,
-        revoked: row.try_get(9)?,
-        parent_id: row.try_get(10)?,
-    })
+    i32::try_from(tier).map_err(|_| sql::corrupt("tier", tier))
 }
 
 async fn load_charge(
     db: &impl GenericClient,
     charge_id: &str,
 ) -> Result<Option<ChargeRecord>, StoreError> {
-    let row = query_opt(
-        db,
-        &format!(
-            "SELECT {} FROM charges c JOIN tokens t ON t.token_id = c.token_id
-             WHERE c.charge_id = $1",
-            journal::CHARGE_COLUMNS
-        ),
-        &[&charge_id],
-    )
-    .await?;
-    row.as_ref().map(charge_record).transpose()
-}
-
-/// A charge as [`journal::CHARGE_COLUMNS`] selects it.
-fn charge_record(row: &Row) -> Result<ChargeRecord, StoreError> {
-    let upstream_status = row
-        .try_get::<_, Option<i32>>(7)?
-        .map(|status| u16::try_from(status).map_err(|_| corrupt("upstream status", status)))
-        .transpose()?;
-    Ok(ChargeRecord {
-        charge_id: row.try_get(0)?,
-        token_id: row.try_get(1)?,
-        buyer_id: row.try_get(2)?,
-        service_id: row.try_get(3)?,
-        held: usdc(row, 4)?,
-        committed: match row.try_get::<_, Option<i64>>(10)? {
-            Some(_) => Some(usdc(row, 10)?),
-            None => None,
-        },
-        status: named(row, 5, &ALL_STATUSES, status_name)?,
-        idempotency_key: row.try_get(6)?,
-        upstream_status,
-        created_at: row.try_get(8)?,
-        settled_at: row.try_get(9)?,
-        sandbox: row.try_get(11)?,
-    })
+    query_opt(db, sql::SELECT_CHARGE, &[&charge_id])
+        .await?
+        .as_ref()
+        .map(sql::charge_record)
+        .transpose()
 }
 
 // Each statement is prepared once per connection (deadpool's statement cache).
@@ -1329,33 +1061,13 @@ async fn execute(
     Ok(db.execute(&statement, params).await?)
 }
 
-fn corrupt(what: &str, value: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(format!("bad {what} {value}"))
-}
-
-fn usdc(row: &Row, index: usize) -> Result<Usdc, StoreError> {
-    let micros: i64 = row.try_get(index)?;
-    Usdc::from_micros_i64(micros).ok_or_else(|| corrupt("amount", micros))
-}
-
-/// Reads a TEXT column holding one of `values`, as written by `name`.
-fn named<T: Copy>(
-    row: &Row,
-    index: usize,
-    values: &[T],
-    name: fn(T) -> &'static str,
-) -> Result<T, StoreError> {
-    let text: &str = row.try_get(index)?;
-    values.iter().copied().find(|value| name(*value) == text).ok_or_else(|| corrupt("value", text))
-}
-
 // The journal.
 
 const DIALECT: Dialect = Dialect { placeholder: |n| format!("${n}"), byte_order: " COLLATE \"C\"" };
 
 impl PostgresStore {
     pub async fn charges(&self, filter: ChargeFilter) -> Result<Vec<ChargeRecord>, StoreError> {
-        let (sql, params) = journal::charges_query(&filter, &DIALECT);
+        let (statement, params) = journal::charges_query(&filter, &DIALECT);
         let params: Vec<Box<dyn ToSql + Sync + Send>> = params
             .into_iter()
             .map(|param| -> Box<dyn ToSql + Sync + Send> {
@@ -1369,36 +1081,21 @@ impl PostgresStore {
         let params: Vec<&(dyn ToSql + Sync)> =
             params.iter().map(|param| &**param as &(dyn ToSql + Sync)).collect();
         let client = self.pool.get().await?;
-        query(&client, &sql, &params).await?.iter().map(charge_record).collect()
+        query(&client, &statement, &params).await?.iter().map(sql::charge_record).collect()
     }
 
     pub async fn service_totals(&self, window: ServiceWindow) -> Result<ServiceTotals, StoreError> {
         let client = self.pool.get().await?;
         let params: [&(dyn ToSql + Sync); 4] =
             [&window.service_id, &window.from, &window.to, &window.sandbox];
-        let rows = query(&client, &journal::totals_query(&DIALECT), &params).await?;
-        let row = rows.first().ok_or_else(|| StoreError::Corrupt("no totals".into()))?;
         let refusals = query(&client, &journal::refusals_query(&DIALECT), &params)
             .await?
             .iter()
-            .map(|row| Ok((row.try_get(0)?, count(row, 1)?)))
+            .map(|row| Ok((row.text(0)?, sql::count(row, 1)?)))
             .collect::<Result<_, StoreError>>()?;
-        Ok(ServiceTotals {
-            calls: count(row, 0)?,
-            committed: count(row, 1)?,
-            released: count(row, 2)?,
-            held: count(row, 3)?,
-            revenue: usdc(row, 4)?,
-            upstream_answered: count(row, 5)?,
-            upstream_errors: count(row, 6)?,
-            refusals,
-        })
+        let row = query_one(&client, &journal::totals_query(&DIALECT), &params).await?;
+        journal::totals(&row, refusals)
     }
-}
-
-fn count(row: &Row, index: usize) -> Result<u64, StoreError> {
-    let count: i64 = row.try_get(index)?;
-    u64::try_from(count).map_err(|_| corrupt("count", count))
 }
 
 /// Counts a refused reserve for its service's summary, in the reserve's transaction.
@@ -1406,37 +1103,13 @@ async fn record_refusal(
     tx: &Transaction<'_>,
     cmd: &ReserveCommand,
     sandbox: bool,
-    refusal: &ErrorBody,
+    refusal: &Refusal,
 ) -> Result<(), StoreError> {
     execute(
         tx,
-        "INSERT INTO refusals (service_id, token_id, code, created_at, sandbox)
-         VALUES ($1, $2, $3, $4, $5)",
-        &[&cmd.service_id, &cmd.token.token_id, &wire_name(refusal.code), &cmd.now, &sandbox],
+        sql::INSERT_REFUSAL,
+        &[&cmd.service_id, &cmd.token.token_id, &wire_name(refusal.code()), &cmd.now, &sandbox],
     )
     .await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every file in postgres_migrations/ is listed, in order: one left out would never run.
-    #[test]
-    fn every_migration_file_is_applied_in_order() {
-        let dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/store/postgres_migrations");
-        let mut files: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
-            .collect();
-        files.sort();
-        let listed: Vec<String> = MIGRATIONS.iter().map(|m| format!("{}.sql", m.name)).collect();
-        assert_eq!(files, listed);
-        for (i, migration) in MIGRATIONS.iter().enumerate() {
-            assert_eq!(migration.version, i64::try_from(i + 1).unwrap());
-            assert!(migration.name.starts_with(&format!("{:04}_", migration.version)));
-        }
-    }
 }

@@ -14,27 +14,25 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use paystile_protocol::Usdc;
 use paystile_protocol::ledger_api::{
-    ChargeStatus, Hold, SettleResult, SettleStatus, Settlement, TokenGrant,
+    ChargeStatus, SettleResult, SettleStatus, Settlement, TokenGrant,
 };
-use paystile_protocol::pay_token::Scope;
-use paystile_protocol::{ErrorBody, Usdc};
 use prometheus_client::metrics::counter::Counter;
 use rusqlite::config::DbConfig;
-use rusqlite::types::Type;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params, params_from_iter};
+use rusqlite::{Connection, OpenFlags, Params, Row, params, params_from_iter};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
 use super::journal::{self, ChargeFilter, Dialect, Param, ServiceTotals, ServiceWindow};
+use super::migrations::MIGRATIONS;
+use super::sql::{self, Columns};
 use super::{
-    ALL_SCOPES, ALL_STATUSES, BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, FIRST_TIER,
-    KeyOutcome, PURGE_IDEMPOTENCY_KEYS, PriorKey, ReserveCommand, ReserveOutcome, StoreError,
-    TokenRecord, UnixMillis, prior_use, refusal_json, scope_name, seconds_to_millis, status_name,
+    BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, FIRST_TIER, KeptRefusal, PriorKey,
+    ReserveCommand, ReserveOutcome, ReserveStep, StoreError, TokenRecord, UnixMillis, replayed,
+    scope_name, status_name,
 };
-use crate::rules::{
-    self, Account, Admission, Books, ChildSpec, DepositDecision, MAX_CHAIN_LEN, SettleDecision,
-};
+use crate::rules::{self, Account, Books, ChildSpec, MAX_CHAIN_LEN, Refusal, SettleDecision};
 use crate::telemetry::wire_name;
 
 /// The most operations committed in one transaction.
@@ -48,24 +46,6 @@ const COLLECT_POLL: Duration = Duration::from_micros(20);
 /// Prepared statements the writer keeps: more than the operations use, so that none of the
 /// hot path's is ever evicted and compiled again.
 const STATEMENT_CACHE: usize = 64;
-
-/// Schema versions, applied in order; `PRAGMA user_version` records how many have run.
-const MIGRATIONS: &[&str] = &[
-    include_str!("sqlite_schema.sql"),
-    include_str!("sqlite_0002_money.sql"),
-    include_str!("sqlite_0003_buyers.sql"),
-    include_str!("sqlite_0004_journal.sql"),
-    include_str!("sqlite_0005_charges.sql"),
-];
-
-/// The columns [`token_record`] reads.
-macro_rules! select_token {
-    () => {
-        "SELECT token_id, buyer_id, buyer_tag, service_id, scope, limit_micros, expires_at,
-                used_micros, reserved_micros, revoked_at IS NOT NULL, parent_id, sandbox
-         FROM tokens"
-    };
-}
 
 /// A handle on the writer thread; cheap to clone. The thread ends when every handle is gone.
 #[derive(Clone)]
@@ -187,16 +167,7 @@ impl SqliteStore {
             {
                 insert_token(conn, grant, None, now)?;
             }
-            // The token and its descendants: a parent's revocation ends its delegations.
-            conn.execute(
-                "WITH RECURSIVE tree (id) AS (
-                     SELECT ?2 UNION ALL
-                     SELECT t.token_id FROM tokens t JOIN tree ON t.parent_id = tree.id
-                 )
-                 UPDATE tokens SET revoked_at = coalesce(revoked_at, ?1)
-                 WHERE token_id IN (SELECT id FROM tree)",
-                params![now, token_id],
-            )?;
+            execute(conn, sql::REVOKE_SUBTREE, params![token_id, now])?;
             load_token(conn, &token_id)
         })
         .await
@@ -207,7 +178,7 @@ impl SqliteStore {
         parent_id: String,
         spec: ChildSpec,
         now: UnixMillis,
-    ) -> Result<Option<Result<TokenRecord, ErrorBody>>, StoreError> {
+    ) -> Result<Option<Result<TokenRecord, Refusal>>, StoreError> {
         self.run(move |conn| {
             let chain = load_chain(conn, &parent_id)?;
             if chain.is_empty() {
@@ -227,68 +198,41 @@ impl SqliteStore {
     pub async fn deposit(
         &self,
         cmd: DepositCommand,
-    ) -> Result<Result<DepositRecord, ErrorBody>, StoreError> {
+    ) -> Result<Result<DepositRecord, Refusal>, StoreError> {
         self.run(move |conn| {
-            conn.execute(
-                "INSERT INTO buyers (buyer_id, tier, created_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (buyer_id) DO NOTHING",
-                params![cmd.buyer_id, FIRST_TIER, cmd.now],
-            )?;
+            execute(conn, sql::OPEN_ACCOUNT, params![cmd.buyer_id, FIRST_TIER, cmd.now])?;
             let account = load_account(conn, &cmd.buyer_id)?
                 .ok_or_else(|| StoreError::Corrupt("an account vanished".into()))?;
             let prior = match &cmd.reference {
-                Some(reference) => conn
-                    .prepare_cached(
-                        "SELECT deposit_id, amount_micros, created_at FROM deposits
-                         WHERE buyer_id = ?1 AND reference = ?2",
-                    )?
-                    .query_row(params![cmd.buyer_id, reference], |row| {
-                        Ok((row.get::<_, String>(0)?, usdc(row, 1)?, row.get(2)?))
-                    })
-                    .optional()?,
+                Some(reference) => {
+                    query_opt(conn, sql::PRIOR_DEPOSIT, params![cmd.buyer_id, reference], |row| {
+                        sql::prior_deposit(row)
+                    })?
+                }
                 None => None,
             };
-            match rules::deposit(&account, cmd.amount, prior.as_ref().map(|p| p.1)) {
-                Err(refusal) => Ok(Err(refusal)),
-                Ok(DepositDecision::Replay) => {
-                    let (deposit_id, amount, created_at) = prior.ok_or_else(|| {
-                        StoreError::Corrupt("a replay without a prior deposit".into())
-                    })?;
-                    let balance = account.balance;
-                    Ok(Ok(DepositRecord {
-                        deposit_id,
-                        amount,
-                        created_at,
-                        balance,
-                        replayed: true,
-                    }))
-                }
-                Ok(DepositDecision::Credit { balance }) => {
-                    conn.execute(
-                        "UPDATE buyers SET balance_micros = ?1 WHERE buyer_id = ?2",
-                        params![balance.micros_i64(), cmd.buyer_id],
-                    )?;
-                    conn.execute(
-                        "INSERT INTO deposits (deposit_id, buyer_id, amount_micros, reference,
-                                               created_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5)",
-                        params![
-                            cmd.deposit_id,
-                            cmd.buyer_id,
-                            cmd.amount.micros_i64(),
-                            cmd.reference,
-                            cmd.now
-                        ],
-                    )?;
-                    Ok(Ok(DepositRecord {
-                        deposit_id: cmd.deposit_id,
-                        amount: cmd.amount,
-                        created_at: cmd.now,
-                        balance,
-                        replayed: false,
-                    }))
-                }
+            let record = cmd.record(&account, prior)?;
+            if let Ok(credit) = &record
+                && !credit.replayed
+            {
+                execute(
+                    conn,
+                    sql::SET_BALANCE,
+                    params![credit.balance.micros_i64(), cmd.buyer_id],
+                )?;
+                execute(
+                    conn,
+                    sql::INSERT_DEPOSIT,
+                    params![
+                        cmd.deposit_id,
+                        cmd.buyer_id,
+                        cmd.amount.micros_i64(),
+                        cmd.reference,
+                        cmd.now
+                    ],
+                )?;
             }
+            Ok(record)
         })
         .await
     }
@@ -300,11 +244,7 @@ impl SqliteStore {
         now: UnixMillis,
     ) -> Result<Account, StoreError> {
         self.run(move |conn| {
-            conn.execute(
-                "INSERT INTO buyers (buyer_id, tier, created_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (buyer_id) DO UPDATE SET tier = excluded.tier",
-                params![buyer_id, tier, now],
-            )?;
+            execute(conn, sql::SET_TIER, params![buyer_id, tier, now])?;
             load_account(conn, &buyer_id)?
                 .ok_or_else(|| StoreError::Corrupt("an account vanished".into()))
         })
@@ -320,13 +260,9 @@ impl SqliteStore {
             .run(move |conn| {
                 let expired = expire_buyer_holds(conn, &buyer_id, now)?;
                 let account = load_account(conn, &buyer_id)?;
-                let tokens = conn
-                    .prepare_cached(concat!(
-                        select_token!(),
-                        " WHERE buyer_id = ?1 ORDER BY created_at, token_id"
-                    ))?
-                    .query_map(params![buyer_id], token_record)?
-                    .collect::<Result<_, _>>()?;
+                let tokens = query_all(conn, sql::SELECT_BUYER_TOKENS, params![buyer_id], |row| {
+                    sql::token_record(row)
+                })?;
                 Ok((BuyerRecord { account, tokens }, expired))
             })
             .await?;
@@ -340,15 +276,9 @@ impl SqliteStore {
         now: UnixMillis,
     ) -> Result<Option<u64>, StoreError> {
         self.run(move |conn| {
-            let revoked = conn.execute(
-                "UPDATE tokens SET revoked_at = ?1 WHERE buyer_id = ?2 AND revoked_at IS NULL",
-                params![now, buyer_id],
-            )?;
+            let revoked = execute(conn, sql::REVOKE_BUYER, params![now, buyer_id])?;
             let known = revoked > 0
-                || load_account(conn, &buyer_id)?.is_some()
-                || conn
-                    .prepare_cached("SELECT 1 FROM tokens WHERE buyer_id = ?1 LIMIT 1")?
-                    .exists(params![buyer_id])?;
+                || query_opt(conn, sql::BUYER_KNOWN, params![buyer_id], |_| Ok(()))?.is_some();
             Ok(known.then(|| u64::try_from(revoked).unwrap_or(u64::MAX)))
         })
         .await
@@ -361,13 +291,8 @@ impl SqliteStore {
     ) -> Result<Option<ChargeRecord>, StoreError> {
         let (charge, expired) = self
             .run(move |conn| {
-                let buyer_id = conn
-                    .prepare_cached(
-                        "SELECT t.buyer_id FROM charges c JOIN tokens t ON t.token_id = c.token_id
-                         WHERE c.charge_id = ?1",
-                    )?
-                    .query_row(params![charge_id], |row| row.get::<_, String>(0))
-                    .optional()?;
+                let buyer_id =
+                    query_opt(conn, sql::CHARGE_BUYER, params![charge_id], |row| row.text(0))?;
                 let expired = match buyer_id {
                     Some(buyer_id) => expire_buyer_holds(conn, &buyer_id, now)?,
                     None => 0,
@@ -400,10 +325,12 @@ impl SqliteStore {
             for s in &settlements {
                 let held = match s.amount_usdc {
                     None => None,
-                    Some(_) => conn
-                        .prepare_cached("SELECT held_micros FROM charges WHERE charge_id = ?1")?
-                        .query_row(params![s.charge_id], |row| usdc(row, 0))
-                        .optional()?,
+                    Some(_) => query_opt(
+                        conn,
+                        "SELECT held_micros FROM charges WHERE charge_id = ?1",
+                        params![s.charge_id],
+                        |row| sql::usdc(row, 0),
+                    )?,
                 };
                 if let Some(Err(problem)) =
                     held.map(|held| rules::commit_amount(s.amount_usdc, held))
@@ -444,10 +371,8 @@ impl SqliteStore {
         limit: usize,
     ) -> Result<usize, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.run(move |conn| {
-            Ok(conn.prepare_cached(PURGE_IDEMPOTENCY_KEYS)?.execute(params![before, limit])?)
-        })
-        .await
+        self.run(move |conn| execute(conn, sql::PURGE_IDEMPOTENCY_KEYS, params![before, limit]))
+            .await
     }
 }
 
@@ -464,16 +389,16 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         )));
     }
     conn.pragma_update(None, "foreign_keys", "OFF")?;
-    for (version, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+    for migration in MIGRATIONS.iter().skip(applied) {
         let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
+        tx.execute_batch(migration.sqlite)?;
         if tx.prepare("PRAGMA foreign_key_check")?.exists([])? {
             return Err(StoreError::Corrupt(format!(
                 "schema version {} would break a foreign key",
-                version + 1
+                migration.version
             )));
         }
-        tx.pragma_update(None, "user_version", i64::try_from(version + 1).unwrap_or(i64::MAX))?;
+        tx.pragma_update(None, "user_version", migration.version)?;
         tx.commit()?;
     }
     conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -593,164 +518,103 @@ fn reserve(
         today: rules::utc_day(cmd.now),
         daily_limits: &cmd.daily_limits,
     };
-
     let prior = match &cmd.idempotency {
-        Some(idempotency) => conn
-            .prepare_cached(
-                "SELECT k.fingerprint, k.replays, k.charge_id, c.status, k.refusal
-                 FROM idempotency_keys k LEFT JOIN charges c ON c.charge_id = k.charge_id
-                 WHERE k.token_id = ?1 AND k.key = ?2",
-            )?
-            .query_row(params![token_id, idempotency.key], |row| {
-                let charge = match row.get::<_, Option<String>>(2)? {
-                    Some(charge_id) => Some((charge_id, charge_status(row, 3)?)),
-                    None => None,
-                };
-                Ok((row.get::<_, String>(0)?, row.get::<_, u32>(1)?, charge, row.get(4)?))
-            })
-            .optional()?
-            .map(|(fingerprint, replays, charge, refusal)| {
-                PriorKey::read(fingerprint, replays, charge, refusal)
-            })
-            .transpose()?,
+        Some(idempotency) => {
+            query_opt(conn, sql::PRIOR_KEY, params![token_id, idempotency.key], |row| {
+                PriorKey::read(row)
+            })?
+        }
         None => None,
     };
-    let remaining = match rules::admit_books(
-        &books,
-        &cmd.call(),
-        prior_use(&prior),
-        cmd.max_replays,
-    ) {
-        Err(refusal) => {
-            // Counted for the journal: a fresh refusal only, never a recorded one answered
-            // again (below).
+    match cmd.step(&books, prior)? {
+        ReserveStep::Refuse { refusal, key } => {
             record_refusal(conn, cmd, token.grant.sandbox, &refusal)?;
-            if let Some(idempotency) = &cmd.idempotency
-                && rules::records_refusal(&refusal, prior_use(&prior))
-            {
-                conn.prepare_cached(
-                    "INSERT INTO idempotency_keys (token_id, key, fingerprint, refusal, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5)
-                     ON CONFLICT (token_id, key) DO UPDATE SET charge_id = NULL,
-                         refusal = excluded.refusal, replays = 0, created_at = excluded.created_at",
-                )?
-                .execute(params![
-                    token_id,
-                    idempotency.key,
-                    idempotency.fingerprint,
-                    refusal_json(&refusal)?,
-                    cmd.now
-                ])?;
+            if let Some(idempotency) = key {
+                let kept = KeptRefusal::of(&refusal)?;
+                execute(
+                    conn,
+                    sql::KEY_REFUSED,
+                    params![
+                        token_id,
+                        idempotency.key,
+                        idempotency.fingerprint,
+                        cmd.now,
+                        kept.code,
+                        kept.price,
+                        kept.limit,
+                        kept.used,
+                        kept.reserved,
+                        kept.available,
+                        kept.tier
+                    ],
+                )?;
             }
-            return Ok(ReserveOutcome::Refused(refusal));
+            Ok(ReserveOutcome::Refused(refusal))
         }
-        Ok(Admission::ReplayRefusal) => match prior.map(|prior| prior.outcome) {
-            Some(KeyOutcome::Refused(refusal)) => {
-                return Ok(ReserveOutcome::RefusedAgain(refusal));
-            }
-            _ => return Err(StoreError::Corrupt("a refusal replay without a refusal".into())),
-        },
-        Ok(Admission::Replay) => {
-            let (first, key) = match (prior.map(|prior| prior.outcome), &cmd.idempotency) {
-                (Some(KeyOutcome::Charge { charge_id, .. }), Some(idempotency)) => {
-                    (charge_id, &idempotency.key)
-                }
-                _ => return Err(StoreError::Corrupt("a replay without a prior charge".into())),
-            };
-            conn.prepare_cached(
-                "UPDATE idempotency_keys SET replays = replays + 1 WHERE token_id = ?1 AND key = ?2",
-            )?
-            .execute(params![token_id, key])?;
-            let first = load_charge(conn, &first)?
+        ReserveStep::RefuseAgain(refusal) => Ok(ReserveOutcome::RefusedAgain(refusal)),
+        ReserveStep::Replay { charge_id, key } => {
+            execute(conn, sql::KEY_REPLAYED, params![token_id, key])?;
+            let first = load_charge(conn, &charge_id)?
                 .ok_or_else(|| StoreError::Corrupt("an idempotency key names no charge".into()))?;
-            return Ok(ReserveOutcome::Held(Hold {
-                amount_usdc: first.committed.unwrap_or(first.held),
-                charge_id: first.charge_id,
-                remaining_usdc: rules::chain_remaining(&chain),
-                replayed: true,
-                extra_charge_ids: Vec::new(),
-            }));
+            Ok(replayed(first, &chain))
         }
-        Ok(Admission::Hold { remaining }) => remaining,
-    };
-
-    let on_account = books.debited_account().is_some();
-    let holds = cmd.holds(&books, remaining);
-    // The first hold carries the Idempotency-Key, if any; extras (never with a key) are
-    // ordinary holds of the same call shape, in the same transaction.
-    for (charge_id, key) in std::iter::once((&cmd.charge_id, cmd.idempotency.as_ref()))
-        .chain(holds.extra_ids.iter().map(|id| (id, None)))
-    {
-        conn.prepare_cached(
-            "INSERT INTO charges (charge_id, token_id, service_id, held_micros, status,
-                                  idempotency_key, created_at, hold_expires_at, on_account)
-             VALUES (?1, ?2, ?3, ?4, 'held', ?5, ?6, ?7, ?8)",
-        )?
-        .execute(params![
-            charge_id,
-            token_id,
-            cmd.service_id,
-            cmd.price.micros_i64(),
-            key.map(|i| &i.key),
-            cmd.now,
-            cmd.hold_expires_at,
-            on_account,
-        ])?;
+        ReserveStep::Hold { holds, on_account } => {
+            for (charge_id, key) in cmd.hold_rows(&holds) {
+                execute(
+                    conn,
+                    sql::INSERT_HOLD,
+                    params![
+                        charge_id,
+                        token_id,
+                        cmd.service_id,
+                        cmd.price.micros_i64(),
+                        key,
+                        cmd.now,
+                        cmd.hold_expires_at,
+                        on_account,
+                    ],
+                )?;
+            }
+            // Held at every level of the chain, and on the account.
+            let total = holds.total.micros_i64();
+            for level in &chain {
+                execute(conn, RESERVE_ON_TOKEN, params![total, level.grant.token_id])?;
+            }
+            if on_account {
+                execute(conn, sql::HOLD_ON_ACCOUNT, params![total, token.grant.buyer_id])?;
+            }
+            if let Some(idempotency) = &cmd.idempotency {
+                execute(
+                    conn,
+                    sql::KEY_CHARGED,
+                    params![
+                        token_id,
+                        idempotency.key,
+                        idempotency.fingerprint,
+                        cmd.charge_id,
+                        cmd.now
+                    ],
+                )?;
+            }
+            Ok(cmd.held(&holds))
+        }
     }
-    // Held at every level of the chain, and on the account.
-    for level in &chain {
-        conn.prepare_cached(
-            "UPDATE tokens SET reserved_micros = reserved_micros + ?1 WHERE token_id = ?2",
-        )?
-        .execute(params![holds.total.micros_i64(), level.grant.token_id])?;
-    }
-    if on_account {
-        conn.prepare_cached(
-            "UPDATE buyers SET held_micros = held_micros + ?1 WHERE buyer_id = ?2",
-        )?
-        .execute(params![holds.total.micros_i64(), token.grant.buyer_id])?;
-    }
-    if let Some(idempotency) = &cmd.idempotency {
-        conn.prepare_cached(
-            "INSERT INTO idempotency_keys (token_id, key, fingerprint, charge_id, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (token_id, key) DO UPDATE SET charge_id = excluded.charge_id,
-                 refusal = NULL, replays = 0, created_at = excluded.created_at",
-        )?
-        .execute(params![
-            token_id,
-            idempotency.key,
-            idempotency.fingerprint,
-            cmd.charge_id,
-            cmd.now
-        ])?;
-    }
-    Ok(ReserveOutcome::Held(Hold {
-        charge_id: cmd.charge_id.clone(),
-        amount_usdc: cmd.price,
-        remaining_usdc: holds.remaining,
-        replayed: false,
-        extra_charge_ids: holds.extra_ids.to_vec(),
-    }))
 }
 
+/// One level of a chain's hold (PostgreSQL holds on every level in one statement).
+const RESERVE_ON_TOKEN: &str =
+    "UPDATE tokens SET reserved_micros = reserved_micros + ?1 WHERE token_id = ?2";
+
 fn settle(conn: &Connection, s: &Settlement, now: UnixMillis) -> Result<SettleStatus, StoreError> {
-    let hold = conn
-        .prepare_cached(
-            "SELECT c.charge_id, c.token_id, t.buyer_id, c.on_account, c.held_micros, t.parent_id,
-                    c.status, c.hold_expires_at, t.revoked_at IS NOT NULL
-             FROM charges c JOIN tokens t ON t.token_id = c.token_id
-             WHERE c.charge_id = ?1",
-        )?
-        .query_row(params![s.charge_id], |row| {
-            Ok((
-                open_hold(row)?,
-                charge_status(row, 6)?,
-                row.get::<_, UnixMillis>(7)?,
-                row.get::<_, bool>(8)?,
-            ))
-        })
-        .optional()?;
+    let hold = query_opt(
+        conn,
+        "SELECT c.charge_id, c.token_id, t.buyer_id, c.on_account, c.held_micros, t.parent_id,
+                c.status, c.hold_expires_at, t.revoked_at IS NOT NULL
+         FROM charges c JOIN tokens t ON t.token_id = c.token_id
+         WHERE c.charge_id = ?1",
+        params![s.charge_id],
+        |row| Ok((open_hold(row)?, sql::charge_status(row, 6)?, row.int(7)?, row.flag(8)?)),
+    )?;
     let Some((hold, status, hold_expires_at, revoked)) = hold else {
         return Ok(SettleStatus::Unknown);
     };
@@ -783,28 +647,28 @@ struct OpenHold {
 
 /// Reads an [`OpenHold`] from columns 0 to 5: charge id, token id, buyer id, on_account, held,
 /// the token's parent.
-fn open_hold(row: &Row<'_>) -> rusqlite::Result<OpenHold> {
+fn open_hold(row: &Row<'_>) -> Result<OpenHold, StoreError> {
     Ok(OpenHold {
-        charge_id: row.get(0)?,
-        token_id: row.get(1)?,
-        buyer_id: row.get(2)?,
-        on_account: row.get(3)?,
-        held: usdc(row, 4)?,
-        parent_id: row.get(5)?,
+        charge_id: row.text(0)?,
+        token_id: row.text(1)?,
+        buyer_id: row.text(2)?,
+        on_account: row.flag(3)?,
+        held: sql::usdc(row, 4)?,
+        parent_id: row.opt_text(5)?,
     })
 }
 
 fn expire_holds(conn: &Connection, now: UnixMillis, limit: usize) -> Result<usize, StoreError> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let expired = conn
-        .prepare_cached(
-            "SELECT c.charge_id, c.token_id, t.buyer_id, c.on_account, c.held_micros, t.parent_id
-             FROM charges c JOIN tokens t ON t.token_id = c.token_id
-             WHERE c.status = 'held' AND c.hold_expires_at <= ?1
-             ORDER BY c.hold_expires_at LIMIT ?2",
-        )?
-        .query_map(params![now, limit], open_hold)?
-        .collect::<Result<Vec<_>, _>>()?;
+    let expired = query_all(
+        conn,
+        "SELECT c.charge_id, c.token_id, t.buyer_id, c.on_account, c.held_micros, t.parent_id
+         FROM charges c JOIN tokens t ON t.token_id = c.token_id
+         WHERE c.status = 'held' AND c.hold_expires_at <= ?1
+         ORDER BY c.hold_expires_at LIMIT ?2",
+        params![now, limit],
+        open_hold,
+    )?;
     for hold in &expired {
         close_hold(conn, hold, None, now, None)?;
     }
@@ -843,14 +707,14 @@ fn release_buyer_holds(
     buyer_id: &str,
     now: UnixMillis,
 ) -> Result<usize, StoreError> {
-    let expired = conn
-        .prepare_cached(
-            "SELECT c.charge_id, c.token_id, t.buyer_id, c.on_account, c.held_micros, t.parent_id
-             FROM charges c JOIN tokens t ON t.token_id = c.token_id
-             WHERE c.status = 'held' AND c.hold_expires_at <= ?1 AND t.buyer_id = ?2",
-        )?
-        .query_map(params![now, buyer_id], open_hold)?
-        .collect::<Result<Vec<_>, _>>()?;
+    let expired = query_all(
+        conn,
+        "SELECT c.charge_id, c.token_id, t.buyer_id, c.on_account, c.held_micros, t.parent_id
+         FROM charges c JOIN tokens t ON t.token_id = c.token_id
+         WHERE c.status = 'held' AND c.hold_expires_at <= ?1 AND t.buyer_id = ?2",
+        params![now, buyer_id],
+        open_hold,
+    )?;
     for hold in &expired {
         close_hold(conn, hold, None, now, None)?;
     }
@@ -867,10 +731,12 @@ fn expire_token_buyer_holds(
     if !any_hold_due(conn, now)? {
         return Ok(0);
     }
-    let stored = conn
-        .prepare_cached("SELECT buyer_id FROM tokens WHERE token_id = ?1")?
-        .query_row(params![token_id], |row| row.get::<_, String>(0))
-        .optional()?;
+    let stored = query_opt(
+        conn,
+        "SELECT buyer_id FROM tokens WHERE token_id = ?1",
+        params![token_id],
+        |row| row.text(0),
+    )?;
     match stored.as_deref().or(buyer_id) {
         Some(buyer_id) => release_buyer_holds(conn, buyer_id, now),
         None => Ok(0),
@@ -943,52 +809,28 @@ fn insert_token(
     parent_id: Option<&str>,
     now: UnixMillis,
 ) -> Result<(), StoreError> {
-    let expires_at = seconds_to_millis(token.expires_at)?;
-    conn.prepare_cached(
-        "INSERT INTO tokens (token_id, buyer_id, buyer_tag, service_id, scope, limit_micros,
-                             expires_at, created_at, parent_id, sandbox)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-    )?
-    .execute(params![
-        token.token_id,
-        token.buyer_id,
-        token.buyer_tag,
-        token.service_id,
-        scope_name(token.scope),
-        token.limit_usdc.micros_i64(),
-        expires_at,
-        now,
-        parent_id,
-        token.sandbox,
-    ])?;
+    let expires_at = sql::seconds_to_millis(token.expires_at)?;
+    execute(
+        conn,
+        sql::INSERT_TOKEN,
+        params![
+            token.token_id,
+            token.buyer_id,
+            token.buyer_tag,
+            token.service_id,
+            scope_name(token.scope),
+            token.limit_usdc.micros_i64(),
+            expires_at,
+            now,
+            parent_id,
+            token.sandbox,
+        ],
+    )?;
     Ok(())
 }
 
-fn token_record(row: &Row<'_>) -> rusqlite::Result<TokenRecord> {
-    Ok(TokenRecord {
-        grant: TokenGrant {
-            token_id: row.get(0)?,
-            buyer_id: row.get(1)?,
-            buyer_tag: row.get(2)?,
-            service_id: row.get(3)?,
-            scope: scope(row, 4)?,
-            limit_usdc: usdc(row, 5)?,
-            expires_at: u64::try_from(row.get::<_, i64>(6)? / 1000).unwrap_or(0),
-            sandbox: row.get(11)?,
-        },
-        used: usdc(row, 7)?,
-        reserved: usdc(row, 8)?,
-        revoked: row.get(9)?,
-        parent_id: row.get(10)?,
-    })
-}
-
 fn load_token(conn: &Connection, token_id: &str) -> Result<Option<TokenRecord>, StoreError> {
-    let token = conn
-        .prepare_cached(concat!(select_token!(), " WHERE token_id = ?1"))?
-        .query_row(params![token_id], token_record)
-        .optional()?;
-    Ok(token)
+    query_opt(conn, sql::SELECT_TOKEN, params![token_id], |row| sql::token_record(row))
 }
 
 /// The token and its ancestors, the token first; empty for an unknown token.
@@ -1011,88 +853,43 @@ fn load_chain(conn: &Connection, token_id: &str) -> Result<Vec<TokenRecord>, Sto
 }
 
 fn load_account(conn: &Connection, buyer_id: &str) -> Result<Option<Account>, StoreError> {
-    let account = conn
-        .prepare_cached(
-            "SELECT balance_micros, held_micros, tier, spent_day, spent_micros
-             FROM buyers WHERE buyer_id = ?1",
-        )?
-        .query_row(params![buyer_id], |row| {
-            Ok(Account {
-                balance: usdc(row, 0)?,
-                held: usdc(row, 1)?,
-                tier: row.get(2)?,
-                spent_day: row.get(3)?,
-                spent: usdc(row, 4)?,
-            })
-        })
-        .optional()?;
-    Ok(account)
+    query_opt(conn, sql::SELECT_ACCOUNT, params![buyer_id], |row| sql::account(row))
 }
 
 fn load_charge(conn: &Connection, charge_id: &str) -> Result<Option<ChargeRecord>, StoreError> {
-    let charge = conn
-        .prepare_cached(&format!(
-            "SELECT {} FROM charges c JOIN tokens t ON t.token_id = c.token_id
-             WHERE c.charge_id = ?1",
-            journal::CHARGE_COLUMNS
-        ))?
-        .query_row(params![charge_id], charge_record)
-        .optional()?;
-    Ok(charge)
+    query_opt(conn, sql::SELECT_CHARGE, params![charge_id], |row| sql::charge_record(row))
 }
 
-/// A charge as [`journal::CHARGE_COLUMNS`] selects it.
-fn charge_record(row: &Row<'_>) -> rusqlite::Result<ChargeRecord> {
-    Ok(ChargeRecord {
-        charge_id: row.get(0)?,
-        token_id: row.get(1)?,
-        buyer_id: row.get(2)?,
-        service_id: row.get(3)?,
-        held: usdc(row, 4)?,
-        committed: match row.get::<_, Option<i64>>(10)? {
-            Some(_) => Some(usdc(row, 10)?),
-            None => None,
-        },
-        status: charge_status(row, 5)?,
-        idempotency_key: row.get(6)?,
-        upstream_status: row.get(7)?,
-        created_at: row.get(8)?,
-        settled_at: row.get(9)?,
-        sandbox: row.get(11)?,
-    })
+// Each statement is prepared once (the writer's statement cache).
+
+fn execute(conn: &Connection, sql: &str, params: impl Params) -> Result<usize, StoreError> {
+    Ok(conn.prepare_cached(sql)?.execute(params)?)
 }
 
-fn conversion_error(index: usize, ty: Type, what: String) -> rusqlite::Error {
-    rusqlite::Error::FromSqlConversionFailure(index, ty, what.into())
+fn query_opt<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl Params,
+    read: impl FnOnce(&Row<'_>) -> Result<T, StoreError>,
+) -> Result<Option<T>, StoreError> {
+    let mut statement = conn.prepare_cached(sql)?;
+    let mut rows = statement.query(params)?;
+    rows.next()?.map(read).transpose()
 }
 
-fn usdc(row: &Row<'_>, index: usize) -> rusqlite::Result<Usdc> {
-    let micros: i64 = row.get(index)?;
-    Usdc::from_micros_i64(micros)
-        .ok_or_else(|| conversion_error(index, Type::Integer, format!("bad amount {micros}")))
-}
-
-fn charge_status(row: &Row<'_>, index: usize) -> rusqlite::Result<ChargeStatus> {
-    named(row, index, &ALL_STATUSES, status_name)
-}
-
-fn scope(row: &Row<'_>, index: usize) -> rusqlite::Result<Scope> {
-    named(row, index, &ALL_SCOPES, scope_name)
-}
-
-/// Reads a TEXT column holding one of `values`, as written by `name`.
-fn named<T: Copy>(
-    row: &Row<'_>,
-    index: usize,
-    values: &[T],
-    name: fn(T) -> &'static str,
-) -> rusqlite::Result<T> {
-    let text = row.get_ref(index)?.as_str()?;
-    values
-        .iter()
-        .copied()
-        .find(|value| name(*value) == text)
-        .ok_or_else(|| conversion_error(index, Type::Text, format!("unknown value {text}")))
+fn query_all<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl Params,
+    read: impl Fn(&Row<'_>) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let mut statement = conn.prepare_cached(sql)?;
+    let mut rows = statement.query(params)?;
+    let mut all = Vec::new();
+    while let Some(row) = rows.next()? {
+        all.push(read(row)?);
+    }
+    Ok(all)
 }
 
 // The journal.
@@ -1117,17 +914,13 @@ impl SqliteStore {
 
     pub async fn charges(&self, filter: ChargeFilter) -> Result<Vec<ChargeRecord>, StoreError> {
         self.read(move |conn| {
-            let (sql, params) = journal::charges_query(&filter, &DIALECT);
+            let (statement, params) = journal::charges_query(&filter, &DIALECT);
             let params = params.into_iter().map(|param| match param {
                 Param::Text(text) => rusqlite::types::Value::Text(text),
                 Param::Int(int) => rusqlite::types::Value::Integer(int),
                 Param::Bool(flag) => rusqlite::types::Value::Integer(i64::from(flag)),
             });
-            let mut statement = conn.prepare_cached(&sql)?;
-            let charges = statement
-                .query_map(params_from_iter(params), charge_record)?
-                .collect::<Result<_, _>>()?;
-            Ok(charges)
+            query_all(conn, &statement, params_from_iter(params), |row| sql::charge_record(row))
         })
         .await
     }
@@ -1135,35 +928,16 @@ impl SqliteStore {
     pub async fn service_totals(&self, window: ServiceWindow) -> Result<ServiceTotals, StoreError> {
         self.read(move |conn| {
             let params = params![window.service_id, window.from, window.to, window.sandbox];
-            let mut totals = conn.prepare_cached(&journal::totals_query(&DIALECT))?.query_row(
-                params,
-                |row| {
-                    Ok(ServiceTotals {
-                        calls: count(row, 0)?,
-                        committed: count(row, 1)?,
-                        released: count(row, 2)?,
-                        held: count(row, 3)?,
-                        revenue: usdc(row, 4)?,
-                        upstream_answered: count(row, 5)?,
-                        upstream_errors: count(row, 6)?,
-                        refusals: Vec::new(),
-                    })
-                },
-            )?;
-            totals.refusals = conn
-                .prepare_cached(&journal::refusals_query(&DIALECT))?
-                .query_map(params, |row| Ok((row.get(0)?, count(row, 1)?)))?
-                .collect::<Result<_, _>>()?;
-            Ok(totals)
+            let refusals = query_all(conn, &journal::refusals_query(&DIALECT), params, |row| {
+                Ok((row.text(0)?, sql::count(row, 1)?))
+            })?;
+            query_opt(conn, &journal::totals_query(&DIALECT), params, |row| {
+                journal::totals(row, refusals)
+            })?
+            .ok_or_else(|| StoreError::Corrupt("no totals".into()))
         })
         .await
     }
-}
-
-fn count(row: &Row<'_>, index: usize) -> rusqlite::Result<u64> {
-    let count: i64 = row.get(index)?;
-    u64::try_from(count)
-        .map_err(|_| conversion_error(index, Type::Integer, format!("bad count {count}")))
 }
 
 /// Counts a refused reserve for its service's summary, in the reserve's transaction.
@@ -1171,32 +945,27 @@ fn record_refusal(
     conn: &Connection,
     cmd: &ReserveCommand,
     sandbox: bool,
-    refusal: &ErrorBody,
+    refusal: &Refusal,
 ) -> Result<(), StoreError> {
-    conn.prepare_cached(
-        "INSERT INTO refusals (service_id, token_id, code, created_at, sandbox)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![
-        cmd.service_id,
-        cmd.token.token_id,
-        wire_name(refusal.code),
-        cmd.now,
-        sandbox
-    ])?;
+    execute(
+        conn,
+        sql::INSERT_REFUSAL,
+        params![cmd.service_id, cmd.token.token_id, wire_name(refusal.code()), cmd.now, sandbox],
+    )?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::KeyOutcome;
 
     /// Books written by version 1 keep their meaning: a committed charge charged all it held,
     /// and an Idempotency-Key still names its charge.
     #[test]
     fn version_1_books_migrate_with_their_meaning() {
         let mut conn = Connection::open_in_memory().unwrap();
-        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.execute_batch(MIGRATIONS[0].sqlite).unwrap();
         conn.pragma_update(None, "user_version", 1).unwrap();
         conn.execute_batch(
             "INSERT INTO tokens (token_id, buyer_id, scope, limit_micros, used_micros,
@@ -1222,7 +991,7 @@ mod tests {
         assert_eq!((committed("ch_c"), committed("ch_h")), (Some(3), None));
         let key = conn
             .query_row(
-                "SELECT charge_id, refusal, replays, created_at FROM idempotency_keys",
+                "SELECT charge_id, refusal_code, replays, created_at FROM idempotency_keys",
                 [],
                 |row| {
                     Ok((
@@ -1236,13 +1005,16 @@ mod tests {
             .unwrap();
         assert_eq!(key, (Some("ch_c".into()), None, 2, 7));
         // A key keeps exactly one outcome.
-        let both = conn.execute("UPDATE idempotency_keys SET refusal = '{}' WHERE key = 'k'", []);
+        let both = conn.execute(
+            "UPDATE idempotency_keys SET refusal_code = 'token_revoked' WHERE key = 'k'",
+            [],
+        );
         assert!(both.is_err());
         // Version 3 (buyers) on top of version 2 (money): old tokens are root, real tokens,
         // old holds are on no account.
         let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0)).unwrap();
         assert_eq!(version, i64::try_from(MIGRATIONS.len()).unwrap());
-        assert_eq!(MIGRATIONS.len(), 5);
+        assert_eq!(MIGRATIONS.len(), 6);
         let token = conn
             .query_row("SELECT parent_id, sandbox FROM tokens WHERE token_id = 'tok'", [], |row| {
                 Ok((row.get::<_, Option<String>>(0)?, row.get::<_, bool>(1)?))
@@ -1267,5 +1039,71 @@ mod tests {
             [],
         );
         assert!(dangling.is_err());
+    }
+
+    /// Version 6 keeps a recorded refusal as its code and amounts: a refusal recorded as
+    /// JSON by version 5 is answered again byte for byte as it was.
+    #[test]
+    fn refusals_recorded_as_json_are_kept_as_columns_and_answered_alike() {
+        let usdc = |s: &str| s.parse::<Usdc>().unwrap();
+        let refusals = [
+            Refusal::TokenRevoked,
+            Refusal::WrongService,
+            Refusal::TokenLimitExceeded {
+                used: usdc("0.005"),
+                reserved: usdc("0.004"),
+                limit: usdc("0.01"),
+                price: usdc("0.002"),
+            },
+            Refusal::InsufficientBalance { available: usdc("1.23"), price: usdc("1.230001") },
+            Refusal::DailyLimitExceeded {
+                limit: usdc("1000"),
+                tier: 2,
+                used: usdc("999.5"),
+                price: usdc("0.75"),
+            },
+        ];
+        let mut conn = Connection::open_in_memory().unwrap();
+        for migration in &MIGRATIONS[..5] {
+            conn.execute_batch(migration.sqlite).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 5).unwrap();
+        conn.execute_batch(
+            "INSERT INTO tokens (token_id, buyer_id, scope, limit_micros, expires_at, created_at)
+             VALUES ('tok', 'b', 'SINGLE', 10, 0, 0)",
+        )
+        .unwrap();
+        for (i, refusal) in refusals.iter().enumerate() {
+            conn.execute(
+                "INSERT INTO idempotency_keys (token_id, key, fingerprint, refusal, created_at)
+                 VALUES ('tok', ?1, 'fp', ?2, 0)",
+                params![format!("k{i}"), serde_json::to_string(&refusal.body()).unwrap()],
+            )
+            .unwrap();
+        }
+        // A code version 5 never recorded is forgotten.
+        conn.execute_batch(
+            "INSERT INTO idempotency_keys (token_id, key, fingerprint, refusal, created_at)
+             VALUES ('tok', 'odd', 'fp', '{\"error\":\"x\",\"code\":\"payment_required\"}', 0)",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        for (i, refusal) in refusals.iter().enumerate() {
+            let key = format!("k{i}");
+            let prior =
+                query_opt(&conn, sql::PRIOR_KEY, params!["tok", key], |row| PriorKey::read(row))
+                    .unwrap()
+                    .unwrap();
+            let KeyOutcome::Refused(kept) = prior.outcome else { panic!("{key} kept a charge") };
+            assert_eq!(&kept, refusal);
+            assert_eq!(
+                serde_json::to_string(&kept.body()).unwrap(),
+                serde_json::to_string(&refusal.body()).unwrap()
+            );
+        }
+        let odd =
+            query_opt(&conn, sql::PRIOR_KEY, params!["tok", "odd"], |row| PriorKey::read(row))
+                .unwrap();
+        assert!(odd.is_none());
     }
 }

@@ -1,0 +1,3 @@
+-- Version 5 (as the SQLite schema's version 5): nothing to change here. SQLite rebuilt its
+-- charges so that their status is checked by comparisons, which its IN (…) made costly;
+-- PostgreSQL checks an IN list at no such cost.

@@ -1,0 +1,374 @@
+//! What both dialects share of their statements: the SQL text, written once, and the readers
+//! of the rows it answers.
+//!
+//! Placeholders are PostgreSQL's `$n`. SQLite takes `$1` as a parameter named "$1" and
+//! numbers named parameters in the order they first appear, so `$n` binds positionally there
+//! too as long as `$1, $2, …` first appear in that order: every statement here does (a test
+//! checks it against SQLite's own numbering).
+
+use paystile_protocol::Usdc;
+use paystile_protocol::ledger_api::{ChargeStatus, TokenGrant};
+use paystile_protocol::pay_token::Scope;
+
+use super::{
+    ALL_SCOPES, ALL_STATUSES, ChargeRecord, StoreError, TokenRecord, UnixMillis, scope_name,
+    status_name,
+};
+use crate::rules::Account;
+
+/// The columns [`token_record`] reads.
+macro_rules! select_token {
+    () => {
+        "SELECT token_id, buyer_id, buyer_tag, service_id, scope, limit_micros, expires_at,
+                used_micros, reserved_micros, revoked_at IS NOT NULL, parent_id, sandbox
+         FROM tokens"
+    };
+}
+pub(super) use select_token;
+
+macro_rules! insert_token {
+    () => {
+        "INSERT INTO tokens (token_id, buyer_id, buyer_tag, service_id, scope, limit_micros,
+                             expires_at, created_at, parent_id, sandbox)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+    };
+}
+pub(super) use insert_token;
+
+/// The columns [`account`] reads.
+macro_rules! select_account {
+    () => {
+        "SELECT balance_micros, held_micros, tier, spent_day, spent_micros
+         FROM buyers WHERE buyer_id = $1"
+    };
+}
+pub(super) use select_account;
+
+/// The token `$1` and its descendants.
+macro_rules! subtree {
+    () => {
+        "WITH RECURSIVE tree (token_id) AS (
+             SELECT token_id FROM tokens WHERE token_id = $1
+             UNION ALL
+             SELECT t.token_id FROM tokens t JOIN tree ON t.parent_id = tree.token_id
+         )"
+    };
+}
+pub(super) use subtree;
+
+/// The columns of a charge (`charges c JOIN tokens t`) [`charge_record`] reads, in order.
+macro_rules! charge_columns {
+    () => {
+        "c.charge_id, c.token_id, t.buyer_id, c.service_id, c.held_micros, c.status, \
+         c.idempotency_key, c.upstream_status, c.created_at, c.settled_at, c.committed_micros, \
+         t.sandbox"
+    };
+}
+pub(super) use charge_columns;
+
+/// A refusal's columns in `idempotency_keys`, in the order [`KeptRefusal`](super::KeptRefusal)
+/// reads and writes them.
+macro_rules! refusal_columns {
+    () => {
+        "refusal_code, refusal_price_micros, refusal_limit_micros, refusal_used_micros,
+         refusal_reserved_micros, refusal_available_micros, refusal_tier"
+    };
+}
+
+pub(super) const SELECT_TOKEN: &str = concat!(select_token!(), " WHERE token_id = $1");
+pub(super) const SELECT_BUYER_TOKENS: &str =
+    concat!(select_token!(), " WHERE buyer_id = $1 ORDER BY created_at, token_id");
+pub(super) const INSERT_TOKEN: &str = insert_token!();
+/// Revokes the token `$1` and its descendants at `$2`: a parent's revocation ends its
+/// delegations. A second revoke keeps the first time.
+pub(super) const REVOKE_SUBTREE: &str = concat!(
+    subtree!(),
+    " UPDATE tokens SET revoked_at = coalesce(revoked_at, $2)
+     WHERE token_id IN (SELECT token_id FROM tree)"
+);
+pub(super) const REVOKE_BUYER: &str =
+    "UPDATE tokens SET revoked_at = $1 WHERE buyer_id = $2 AND revoked_at IS NULL";
+/// Whether the buyer `$1` has an account or a token.
+pub(super) const BUYER_KNOWN: &str = "SELECT 1 FROM buyers WHERE buyer_id = $1
+     UNION ALL SELECT 1 FROM tokens WHERE buyer_id = $1 LIMIT 1";
+
+pub(super) const SELECT_ACCOUNT: &str = select_account!();
+/// Opens the account `$1` at tier `$2` unless it exists.
+pub(super) const OPEN_ACCOUNT: &str = "INSERT INTO buyers (buyer_id, tier, created_at)
+     VALUES ($1, $2, $3) ON CONFLICT (buyer_id) DO NOTHING";
+pub(super) const SET_TIER: &str = "INSERT INTO buyers (buyer_id, tier, created_at)
+     VALUES ($1, $2, $3) ON CONFLICT (buyer_id) DO UPDATE SET tier = excluded.tier";
+pub(super) const SET_BALANCE: &str = "UPDATE buyers SET balance_micros = $1 WHERE buyer_id = $2";
+/// The deposit of buyer `$1` under reference `$2`, as [`prior_deposit`] reads it.
+pub(super) const PRIOR_DEPOSIT: &str = "SELECT deposit_id, amount_micros, created_at FROM deposits
+     WHERE buyer_id = $1 AND reference = $2";
+pub(super) const INSERT_DEPOSIT: &str =
+    "INSERT INTO deposits (deposit_id, buyer_id, amount_micros, reference, created_at)
+     VALUES ($1, $2, $3, $4, $5)";
+
+pub(super) const SELECT_CHARGE: &str = concat!(
+    "SELECT ",
+    charge_columns!(),
+    " FROM charges c JOIN tokens t ON t.token_id = c.token_id WHERE c.charge_id = $1"
+);
+pub(super) const CHARGE_BUYER: &str = "SELECT t.buyer_id FROM charges c
+     JOIN tokens t ON t.token_id = c.token_id WHERE c.charge_id = $1";
+/// A hold placed by a reserve: `$5` its Idempotency-Key, if any.
+pub(super) const INSERT_HOLD: &str =
+    "INSERT INTO charges (charge_id, token_id, service_id, held_micros, status, idempotency_key,
+                          created_at, hold_expires_at, on_account)
+     VALUES ($1, $2, $3, $4, 'held', $5, $6, $7, $8)";
+pub(super) const HOLD_ON_ACCOUNT: &str =
+    "UPDATE buyers SET held_micros = held_micros + $1 WHERE buyer_id = $2";
+
+/// The key `$2` of the token `$1`, as [`PriorKey`](super::PriorKey) reads it.
+pub(super) const PRIOR_KEY: &str = concat!(
+    "SELECT k.fingerprint, k.replays, k.charge_id, c.status, ",
+    refusal_columns!(),
+    " FROM idempotency_keys k LEFT JOIN charges c ON c.charge_id = k.charge_id
+     WHERE k.token_id = $1 AND k.key = $2"
+);
+/// Keeps a refusal under the key `$2` of the token `$1`: `$5` to `$11` as
+/// [`KeptRefusal`](super::KeptRefusal) holds them.
+pub(super) const KEY_REFUSED: &str = concat!(
+    "INSERT INTO idempotency_keys (token_id, key, fingerprint, created_at, ",
+    refusal_columns!(),
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+     ON CONFLICT (token_id, key) DO UPDATE SET charge_id = NULL, replays = 0,
+         created_at = excluded.created_at, refusal_code = excluded.refusal_code,
+         refusal_price_micros = excluded.refusal_price_micros,
+         refusal_limit_micros = excluded.refusal_limit_micros,
+         refusal_used_micros = excluded.refusal_used_micros,
+         refusal_reserved_micros = excluded.refusal_reserved_micros,
+         refusal_available_micros = excluded.refusal_available_micros,
+         refusal_tier = excluded.refusal_tier"
+);
+pub(super) const KEY_CHARGED: &str =
+    "INSERT INTO idempotency_keys (token_id, key, fingerprint, charge_id, created_at)
+     VALUES ($1, $2, $3, $4, $5)
+     ON CONFLICT (token_id, key) DO UPDATE SET charge_id = excluded.charge_id, replays = 0,
+         created_at = excluded.created_at, refusal_code = NULL, refusal_price_micros = NULL,
+         refusal_limit_micros = NULL, refusal_used_micros = NULL,
+         refusal_reserved_micros = NULL, refusal_available_micros = NULL, refusal_tier = NULL";
+pub(super) const KEY_REPLAYED: &str =
+    "UPDATE idempotency_keys SET replays = replays + 1 WHERE token_id = $1 AND key = $2";
+/// Purges old Idempotency-Keys: `$1` the cutoff, `$2` how many. A key whose charge is still
+/// held stays (its request is in flight).
+// The age is tested on the deleted row itself too: PostgreSQL re-checks only those
+// conditions after waiting for a row lock, and a reserve that reused the key meanwhile made
+// it young again.
+pub(super) const PURGE_IDEMPOTENCY_KEYS: &str =
+    "DELETE FROM idempotency_keys WHERE created_at < $1 AND (token_id, key) IN (
+     SELECT k.token_id, k.key FROM idempotency_keys k
+     LEFT JOIN charges c ON c.charge_id = k.charge_id
+     WHERE k.created_at < $1 AND (k.charge_id IS NULL OR c.status <> 'held')
+     LIMIT $2)";
+
+/// Counts a fresh refused reserve for its service's summary.
+pub(super) const INSERT_REFUSAL: &str =
+    "INSERT INTO refusals (service_id, token_id, code, created_at, sandbox)
+     VALUES ($1, $2, $3, $4, $5)";
+
+/// A row of either driver, read by column index. Integers are read whatever their width
+/// (PostgreSQL's INTEGER and BIGINT, SQLite's one INTEGER).
+pub(super) trait Columns {
+    fn text(&self, index: usize) -> Result<String, StoreError>;
+    fn opt_text(&self, index: usize) -> Result<Option<String>, StoreError>;
+    fn opt_int(&self, index: usize) -> Result<Option<i64>, StoreError>;
+    fn flag(&self, index: usize) -> Result<bool, StoreError>;
+
+    fn int(&self, index: usize) -> Result<i64, StoreError> {
+        self.opt_int(index)?.ok_or_else(|| corrupt("NULL in column", index))
+    }
+}
+
+impl Columns for rusqlite::Row<'_> {
+    fn text(&self, index: usize) -> Result<String, StoreError> {
+        Ok(self.get(index)?)
+    }
+    fn opt_text(&self, index: usize) -> Result<Option<String>, StoreError> {
+        Ok(self.get(index)?)
+    }
+    fn opt_int(&self, index: usize) -> Result<Option<i64>, StoreError> {
+        Ok(self.get(index)?)
+    }
+    fn flag(&self, index: usize) -> Result<bool, StoreError> {
+        Ok(self.get(index)?)
+    }
+}
+
+impl Columns for tokio_postgres::Row {
+    fn text(&self, index: usize) -> Result<String, StoreError> {
+        Ok(self.try_get(index)?)
+    }
+    fn opt_text(&self, index: usize) -> Result<Option<String>, StoreError> {
+        Ok(self.try_get(index)?)
+    }
+    fn opt_int(&self, index: usize) -> Result<Option<i64>, StoreError> {
+        use tokio_postgres::types::Type;
+        let ty = self.columns().get(index).map(|column| column.type_().clone());
+        Ok(match ty {
+            Some(Type::INT2) => self.try_get::<_, Option<i16>>(index)?.map(i64::from),
+            Some(Type::INT4) => self.try_get::<_, Option<i32>>(index)?.map(i64::from),
+            _ => self.try_get(index)?,
+        })
+    }
+    fn flag(&self, index: usize) -> Result<bool, StoreError> {
+        Ok(self.try_get(index)?)
+    }
+}
+
+pub(super) fn corrupt(what: &str, value: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("bad {what} {value}"))
+}
+
+pub(super) fn usdc(row: &impl Columns, index: usize) -> Result<Usdc, StoreError> {
+    let micros = row.int(index)?;
+    Usdc::from_micros_i64(micros).ok_or_else(|| corrupt("amount", micros))
+}
+
+fn opt_usdc(row: &impl Columns, index: usize) -> Result<Option<Usdc>, StoreError> {
+    match row.opt_int(index)? {
+        Some(_) => usdc(row, index).map(Some),
+        None => Ok(None),
+    }
+}
+
+pub(super) fn count(row: &impl Columns, index: usize) -> Result<u64, StoreError> {
+    let count = row.int(index)?;
+    u64::try_from(count).map_err(|_| corrupt("count", count))
+}
+
+pub(super) fn small(row: &impl Columns, index: usize, what: &str) -> Result<u32, StoreError> {
+    let value = row.int(index)?;
+    u32::try_from(value).map_err(|_| corrupt(what, value))
+}
+
+/// Reads a TEXT column holding one of `values`, as written by `name`.
+fn named<T: Copy>(
+    row: &impl Columns,
+    index: usize,
+    values: &[T],
+    name: fn(T) -> &'static str,
+) -> Result<T, StoreError> {
+    let text = row.text(index)?;
+    values.iter().copied().find(|value| name(*value) == text).ok_or_else(|| corrupt("value", text))
+}
+
+pub(super) fn charge_status(row: &impl Columns, index: usize) -> Result<ChargeStatus, StoreError> {
+    named(row, index, &ALL_STATUSES, status_name)
+}
+
+fn scope(row: &impl Columns, index: usize) -> Result<Scope, StoreError> {
+    named(row, index, &ALL_SCOPES, scope_name)
+}
+
+/// A token as `select_token!` selects it.
+pub(super) fn token_record(row: &impl Columns) -> Result<TokenRecord, StoreError> {
+    Ok(TokenRecord {
+        grant: TokenGrant {
+            token_id: row.text(0)?,
+            buyer_id: row.text(1)?,
+            buyer_tag: row.opt_text(2)?,
+            service_id: row.opt_text(3)?,
+            scope: scope(row, 4)?,
+            limit_usdc: usdc(row, 5)?,
+            expires_at: u64::try_from(row.int(6)? / 1000).unwrap_or(0),
+            sandbox: row.flag(11)?,
+        },
+        used: usdc(row, 7)?,
+        reserved: usdc(row, 8)?,
+        revoked: row.flag(9)?,
+        parent_id: row.opt_text(10)?,
+    })
+}
+
+/// An account as `select_account!` selects it.
+pub(super) fn account(row: &impl Columns) -> Result<Account, StoreError> {
+    Ok(Account {
+        balance: usdc(row, 0)?,
+        held: usdc(row, 1)?,
+        tier: small(row, 2, "tier")?,
+        spent_day: row.int(3)?,
+        spent: usdc(row, 4)?,
+    })
+}
+
+/// A charge as `charge_columns!` selects it.
+pub(super) fn charge_record(row: &impl Columns) -> Result<ChargeRecord, StoreError> {
+    let upstream_status = row
+        .opt_int(7)?
+        .map(|status| u16::try_from(status).map_err(|_| corrupt("upstream status", status)))
+        .transpose()?;
+    Ok(ChargeRecord {
+        charge_id: row.text(0)?,
+        token_id: row.text(1)?,
+        buyer_id: row.text(2)?,
+        service_id: row.text(3)?,
+        held: usdc(row, 4)?,
+        committed: opt_usdc(row, 10)?,
+        status: charge_status(row, 5)?,
+        idempotency_key: row.opt_text(6)?,
+        upstream_status,
+        created_at: row.int(8)?,
+        settled_at: row.opt_int(9)?,
+        sandbox: row.flag(11)?,
+    })
+}
+
+/// A deposit as [`PRIOR_DEPOSIT`] selects it: id, amount, when.
+pub(super) fn prior_deposit(row: &impl Columns) -> Result<(String, Usdc, UnixMillis), StoreError> {
+    Ok((row.text(0)?, usdc(row, 1)?, row.int(2)?))
+}
+
+/// A token's expiry (Unix seconds) as the stores keep it (Unix ms).
+pub(super) fn seconds_to_millis(seconds: u64) -> Result<UnixMillis, StoreError> {
+    i64::try_from(seconds)
+        .ok()
+        .and_then(|s| s.checked_mul(1000))
+        .ok_or_else(|| StoreError::Corrupt(format!("time {seconds} is out of range")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every shared statement, each numbering its `$n` in the order SQLite does.
+    #[test]
+    fn sqlite_numbers_every_shared_placeholder_as_postgresql_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        drop(super::super::SqliteStore::open(&path).unwrap());
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        for sql in [
+            SELECT_TOKEN,
+            SELECT_BUYER_TOKENS,
+            INSERT_TOKEN,
+            REVOKE_SUBTREE,
+            REVOKE_BUYER,
+            BUYER_KNOWN,
+            SELECT_ACCOUNT,
+            OPEN_ACCOUNT,
+            SET_TIER,
+            SET_BALANCE,
+            PRIOR_DEPOSIT,
+            INSERT_DEPOSIT,
+            SELECT_CHARGE,
+            CHARGE_BUYER,
+            INSERT_HOLD,
+            HOLD_ON_ACCOUNT,
+            PRIOR_KEY,
+            KEY_REFUSED,
+            KEY_CHARGED,
+            KEY_REPLAYED,
+            PURGE_IDEMPOTENCY_KEYS,
+            INSERT_REFUSAL,
+        ] {
+            let statement = conn.prepare(sql).unwrap();
+            for index in 1..=statement.parameter_count() {
+                let name = statement.parameter_name(index);
+                assert_eq!(name, Some(format!("${index}").as_str()), "{sql}");
+            }
+        }
+    }
+}
