@@ -5,16 +5,21 @@
 use std::fmt;
 use std::time::Duration;
 
-use paystile_protocol::credential::{L402Rules, PayTokenRules, Verifier};
-use paystile_protocol::jwk::Jwk;
-use paystile_protocol::jws::Key;
+use paystile_protocol::credential::Verifier;
 use paystile_protocol::ledger_api::{ChallengeRequest, MAX_HOLDS_PER_RESERVE};
-use paystile_protocol::pay_token::{self, IdProblem, MAX_ID_LEN, Validation};
+use paystile_protocol::pay_token::{self, IdProblem, MAX_ID_LEN};
 use paystile_protocol::{UnitPrice, Usdc};
 use serde::Deserialize;
 
 use crate::ledger::LedgerTarget;
 use crate::routes::{self, Metered, PathMatch, Route};
+
+mod credentials;
+
+use credentials::{
+    RawL402, RawPayToken, check_offer_opens_every_route, is_caveat_safe, validate_l402,
+    validate_pay_token,
+};
 
 /// What the gateway's JSON says, before validation.
 #[derive(Deserialize)]
@@ -75,64 +80,6 @@ struct RawLedger {
     prefetch_holds: Option<u16>,
     #[serde(default)]
     prefetch_max_age_ms: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename = "the Pay Token settings")]
-struct RawPayToken {
-    keys: Vec<RawKey>,
-    #[serde(default)]
-    issuer: Option<String>,
-    #[serde(default)]
-    audience: Option<String>,
-    #[serde(default)]
-    leeway_seconds: Option<u64>,
-    #[serde(default)]
-    accept_sandbox: bool,
-}
-
-/// A Pay Token key: an HS256 secret (`alg`, `secret`), or an Ed25519 public key as a JWK
-/// (`kty`, `crv`, `x`, and optionally `alg`, `use`), as the ledger's key set publishes it.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename = "a key")]
-struct RawKey {
-    #[serde(default)]
-    kid: Option<String>,
-    #[serde(default)]
-    alg: Option<String>,
-    /// HS256: the key's bytes, as UTF-8 text.
-    #[serde(default)]
-    secret: Option<String>,
-    #[serde(default)]
-    kty: Option<String>,
-    #[serde(default)]
-    crv: Option<String>,
-    #[serde(default)]
-    x: Option<String>,
-    #[serde(default, rename = "use")]
-    use_: Option<String>,
-    /// A private JWK's `d`: refused, never read (a gateway must not be able to sign).
-    #[serde(default)]
-    d: Option<serde::de::IgnoredAny>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename = "the L402 settings")]
-struct RawL402 {
-    /// The secret macaroon root keys derive from, as UTF-8 text; the ledger has the same.
-    secret: String,
-    /// What one payment buys.
-    budget_usdc: Usdc,
-    /// The exchange rate the invoice's amount is computed at.
-    sats_per_usdc: u64,
-    #[serde(default)]
-    valid_seconds: Option<u64>,
-    #[serde(default)]
-    capabilities: Option<Vec<String>>,
-    #[serde(default)]
-    accept_sandbox: bool,
-    #[serde(default)]
-    challenge_pool: Option<usize>,
 }
 
 /// What happens to a priced request when the ledger cannot be asked.
@@ -342,187 +289,6 @@ impl Config {
     pub fn route(&self, method: &[u8], path: &[u8]) -> Option<&Route> {
         routes::find(&self.routes, method, path)
     }
-}
-
-fn validate_pay_token(pay_token: RawPayToken) -> Result<PayTokenRules, ConfigError> {
-    if pay_token.keys.is_empty() {
-        return Err(invalid("pay_token.keys", "list at least one key"));
-    }
-    let mut keys: Vec<Key> = Vec::with_capacity(pay_token.keys.len());
-    for (i, raw) in pay_token.keys.into_iter().enumerate() {
-        let field = format!("pay_token.keys[{i}]");
-        let duplicate_kid = keys.iter().any(|k| k.kid() == raw.kid.as_deref());
-        if raw.kid.is_some() && duplicate_kid {
-            return Err(invalid(format!("{field}.kid"), "is used by another key"));
-        }
-        let key = validate_key(&field, raw)?;
-        keys.push(key);
-    }
-    Ok(PayTokenRules {
-        keys,
-        validation: Validation {
-            issuer: pay_token.issuer,
-            audience: pay_token.audience,
-            leeway_seconds: pay_token.leeway_seconds.unwrap_or(DEFAULT_LEEWAY_SECONDS),
-        },
-        accept_sandbox: pay_token.accept_sandbox,
-    })
-}
-
-/// An HS256 secret or an Ed25519 public JWK, with its `kid`.
-fn validate_key(field: &str, raw: RawKey) -> Result<Key, ConfigError> {
-    if raw.d.is_some() {
-        return Err(invalid(
-            format!("{field}.d"),
-            "a private key: give the gateway the public JWK only (the ledger's /.well-known/jwks.json)",
-        ));
-    }
-    let key = match (raw.secret, raw.kty) {
-        (Some(secret), None) => {
-            if raw.alg.as_deref() != Some("HS256") {
-                return Err(invalid(
-                    format!("{field}.alg"),
-                    "must be HS256 for a secret (EdDSA keys are JWKs: kty, crv, x)",
-                ));
-            }
-            if raw.crv.is_some() || raw.x.is_some() || raw.use_.is_some() {
-                return Err(invalid(field, "give a secret or a JWK, not parts of both"));
-            }
-            // RFC 7518 §3.2: an HS256 key has at least 256 bits.
-            if secret.chars().count() < MIN_HS256_SECRET_LEN {
-                return Err(invalid(
-                    format!("{field}.secret"),
-                    format!(
-                        "must be at least {MIN_HS256_SECRET_LEN} characters (RFC 7518: 256 bits)"
-                    ),
-                ));
-            }
-            Key::hs256(secret.into_bytes())
-        }
-        (None, Some(kty)) => {
-            let jwk = Jwk {
-                kty,
-                crv: raw.crv.unwrap_or_default(),
-                x: raw.x.unwrap_or_default(),
-                d: None,
-                kid: None,
-                alg: raw.alg,
-                use_: raw.use_,
-            };
-            jwk.verifying_key().map_err(|e| invalid(format!("{field}.{}", e.field), e.problem))?
-        }
-        (Some(_), Some(_)) => {
-            return Err(invalid(field, "give a secret or a JWK, not parts of both"));
-        }
-        (None, None) if raw.alg.as_deref().is_some_and(|alg| alg != "HS256" && alg != "EdDSA") => {
-            return Err(invalid(format!("{field}.alg"), "only HS256 and EdDSA are supported"));
-        }
-        (None, None) => {
-            return Err(invalid(
-                field,
-                "give an HS256 secret (alg, secret) or an Ed25519 public JWK (kty, crv, x)",
-            ));
-        }
-    };
-    Ok(match raw.kid {
-        Some(kid) => key.with_kid(kid),
-        None => key,
-    })
-}
-
-fn validate_l402(service_id: &str, l402: RawL402) -> Result<(L402Rules, L402Offer), ConfigError> {
-    if l402.secret.chars().count() < MIN_L402_SECRET_LEN {
-        return Err(invalid(
-            "l402.secret",
-            format!("must be at least {MIN_L402_SECRET_LEN} characters"),
-        ));
-    }
-    if !is_caveat_safe(service_id) {
-        return Err(invalid(
-            "service_id",
-            "with l402, must be visible ASCII without , = : (it goes into macaroon caveats)",
-        ));
-    }
-    if l402.budget_usdc.is_zero() {
-        return Err(invalid("l402.budget_usdc", "must be greater than 0"));
-    }
-    // budget (micro-USDC) × sats per USDC = msat × 1000: round up to a whole msat.
-    let amount_msat = u128::from(l402.budget_usdc.micros())
-        .checked_mul(u128::from(l402.sats_per_usdc))
-        .map(|micro_msat| micro_msat.div_ceil(1000))
-        .and_then(|msat| u64::try_from(msat).ok())
-        .filter(|msat| *msat > 0)
-        .ok_or_else(|| {
-            invalid("l402.sats_per_usdc", "must be greater than 0, and the invoice within range")
-        })?;
-    let valid_seconds = match l402.valid_seconds.unwrap_or(DEFAULT_L402_VALID_SECONDS) {
-        seconds @ 1..=315_360_000 => seconds,
-        _ => return Err(invalid("l402.valid_seconds", "must be between 1 and 315360000")),
-    };
-    let capabilities = l402.capabilities.unwrap_or_default();
-    if let Some(bad) = capabilities.iter().position(|c| !is_caveat_safe(c)) {
-        return Err(invalid(
-            format!("l402.capabilities[{bad}]"),
-            "must be 1 to 255 visible ASCII characters without , = :",
-        ));
-    }
-    let offer = ChallengeRequest {
-        service_id: service_id.to_owned(),
-        budget_usdc: l402.budget_usdc,
-        amount_msat,
-        valid_seconds,
-        capabilities,
-        count: None,
-    };
-    let pool_capacity = match l402.challenge_pool.unwrap_or(DEFAULT_CHALLENGE_POOL) {
-        capacity @ 0..=MAX_CHALLENGE_POOL => capacity,
-        _ => {
-            return Err(invalid(
-                "l402.challenge_pool",
-                format!("must be between 0 (off) and {MAX_CHALLENGE_POOL}"),
-            ));
-        }
-    };
-    let pool_max_age = MAX_POOL_AGE_SECONDS.min(valid_seconds / 10);
-    // Strings, integers and amounts always serialize.
-    let challenge_body = serde_json::to_vec(&offer).unwrap_or_default();
-    let rules = L402Rules { secret: l402.secret.into_bytes(), accept_sandbox: l402.accept_sandbox };
-    Ok((rules, L402Offer { offer, challenge_body, pool_capacity, pool_max_age }))
-}
-
-/// Every priced route answers a missing credential with the same L402 offer, so a buyer who
-/// pays it must be able to call the route: the budget covers at least one call, and a
-/// capability-restricted offer grants the route's capability.
-fn check_offer_opens_every_route(
-    offer: &ChallengeRequest,
-    routes: &[Route],
-) -> Result<(), ConfigError> {
-    for (i, route) in routes.iter().enumerate().filter(|(_, r)| !r.price.is_zero()) {
-        if route.price > offer.budget_usdc {
-            return Err(invalid(
-                "l402.budget_usdc",
-                format!(
-                    "must cover one call of every priced route; routes[{i}] costs {}",
-                    route.price
-                ),
-            ));
-        }
-        let granted = |c: &String| offer.capabilities.contains(c);
-        if !offer.capabilities.is_empty() && !route.capability.as_ref().is_some_and(granted) {
-            return Err(invalid(
-                format!("routes[{i}].capability"),
-                "must be one of l402.capabilities: a paid L402 credential could not call this route",
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Text that fits in a `condition=value[,value]` caveat.
-fn is_caveat_safe(value: &str) -> bool {
-    !value.is_empty()
-        && value.len() <= MAX_ID_LEN
-        && value.bytes().all(|b| b.is_ascii_graphic() && !b",=:".contains(&b))
 }
 
 /// Where the JSON could not be read, as `serde_path_to_error` shows it, except that a key that
