@@ -575,35 +575,32 @@ fn define_metric(
     Ok(write(&mut caller, ret_id, &(id as u32).to_le_bytes()))
 }
 
+/// How a metric changes.
+#[derive(Clone, Copy)]
+enum MetricChange {
+    Increment(i64),
+    Record(i64),
+}
+
 /// `proxy_increment_metric`. ngx_wasm_module traps on a gauge ("metric not a counter");
 /// Envoy adds to it. A counter never goes down.
-fn increment_metric(mut caller: Ctx<'_>, id: i32, offset: i64) -> Result<i32> {
-    if let Some(status) = enter(&mut caller, "proxy_increment_metric")? {
-        return Ok(status);
-    }
-    let state = caller.data_mut();
-    let flavor = state.flavor;
-    let Some(metric) = state.metrics.get_mut(id as u32 as usize) else {
-        return Ok(status::NOT_FOUND);
-    };
-    match (metric.kind, flavor) {
-        (MetricKind::Counter, _) if offset < 0 => Ok(status::BAD_ARGUMENT),
-        (MetricKind::Gauge, Flavor::Kong) | (MetricKind::Histogram, Flavor::Kong) => {
-            bail!(
-                "host trap (internal error): could not increment metric id \"{id}\": metric not a counter"
-            )
-        }
-        _ => {
-            metric.value = metric.value.saturating_add(offset);
-            Ok(status::OK)
-        }
-    }
+fn increment_metric(caller: Ctx<'_>, id: i32, offset: i64) -> Result<i32> {
+    change_metric(caller, "proxy_increment_metric", id, MetricChange::Increment(offset))
 }
 
 /// `proxy_record_metric`: sets a gauge. A counter is only incremented (ngx_wasm_module
 /// refuses to record one; so does this host, on both flavors).
-fn record_metric(mut caller: Ctx<'_>, id: i32, value: i64) -> Result<i32> {
-    if let Some(status) = enter(&mut caller, "proxy_record_metric")? {
+fn record_metric(caller: Ctx<'_>, id: i32, value: i64) -> Result<i32> {
+    change_metric(caller, "proxy_record_metric", id, MetricChange::Record(value))
+}
+
+fn change_metric(
+    mut caller: Ctx<'_>,
+    hostcall: &str,
+    id: i32,
+    change: MetricChange,
+) -> Result<i32> {
+    if let Some(status) = enter(&mut caller, hostcall)? {
         return Ok(status);
     }
     let state = caller.data_mut();
@@ -611,10 +608,24 @@ fn record_metric(mut caller: Ctx<'_>, id: i32, value: i64) -> Result<i32> {
     let Some(metric) = state.metrics.get_mut(id as u32 as usize) else {
         return Ok(status::NOT_FOUND);
     };
-    match (metric.kind, flavor) {
-        (MetricKind::Counter, Flavor::Kong) => bail!("host trap: cannot record a counter"),
-        (MetricKind::Counter, Flavor::Envoy) => Ok(status::BAD_ARGUMENT),
-        _ => {
+    match (change, metric.kind, flavor) {
+        (MetricChange::Increment(offset), MetricKind::Counter, _) if offset < 0 => {
+            Ok(status::BAD_ARGUMENT)
+        }
+        (MetricChange::Increment(_), MetricKind::Gauge | MetricKind::Histogram, Flavor::Kong) => {
+            bail!(
+                "host trap (internal error): could not increment metric id \"{id}\": metric not a counter"
+            )
+        }
+        (MetricChange::Record(_), MetricKind::Counter, Flavor::Kong) => {
+            bail!("host trap: cannot record a counter")
+        }
+        (MetricChange::Record(_), MetricKind::Counter, Flavor::Envoy) => Ok(status::BAD_ARGUMENT),
+        (MetricChange::Increment(offset), _, _) => {
+            metric.value = metric.value.saturating_add(offset);
+            Ok(status::OK)
+        }
+        (MetricChange::Record(value), _, _) => {
             metric.value = value;
             Ok(status::OK)
         }
