@@ -958,3 +958,31 @@ fn with_metrics_off_no_metric_is_defined() {
         assert!(vm.logs().iter().any(|(_, line)| *line == version), "{:?}", vm.logs());
     }
 }
+
+/// When Envoy finishes the root context (the configuration goes away), what is queued goes
+/// to the ledger at once, backoff or not; the root says `done` once the ledger has answered.
+#[test]
+fn a_finished_configuration_delivers_its_queue_before_it_is_done() {
+    let mut finishing = vm(Flavor::Envoy);
+    for (n, status) in [(1, "200"), (2, "200")] {
+        let id = admitted(&mut finishing, Flavor::Envoy, &bearer(), &format!("ch_{n}"));
+        finishing.response_headers(id, pairs(&[(":status", status)])).unwrap();
+        finishing.end(id).unwrap();
+    }
+    // The ledger fails once: the next attempt waits for a backoff.
+    finishing.tick().unwrap();
+    let failed = one_ledger_call(&mut finishing, Flavor::Envoy, "/v1/holds/settle");
+    finishing.reply(failed.token, Reply::status(503)).unwrap();
+
+    assert!(!finishing.finish().unwrap(), "done before the queue was delivered");
+    let last = one_ledger_call(&mut finishing, Flavor::Envoy, "/v1/holds/settle");
+    assert_eq!(last.json()["settlements"].as_array().unwrap().len(), 2);
+    assert!(!finishing.root_done());
+    finishing.reply(last.token, settled(&["ch_1", "ch_2"])).unwrap();
+    assert!(finishing.root_done(), "the root did not say done once its queue was delivered");
+    assert!(finishing.take_dispatches().is_empty());
+
+    // With nothing queued, a root is done at once.
+    let mut idle = vm(Flavor::Envoy);
+    assert!(idle.finish().unwrap());
+}

@@ -11,7 +11,7 @@ use anyhow::{Result, anyhow, bail};
 use wasmtime::{Caller, Extern, Linker, Module, Val};
 
 use super::pairs::{self, Pairs};
-use super::{Dispatch, Flavor, HostState, LocalResponse, Metric, MetricKind, Phase};
+use super::{Dispatch, Flavor, HostState, LocalResponse, Metric, MetricKind, Phase, RootState};
 
 mod status {
     pub const OK: i32 = 0;
@@ -36,7 +36,6 @@ mod buffer {
 /// ngx_wasm_module's hostcalls that trap ("host trap (function not yet implemented)").
 const KONG_NYI: &[&str] = &[
     "proxy_get_log_level",
-    "proxy_done",
     "proxy_get_status",
     "proxy_close_stream",
     "proxy_continue_response",
@@ -72,6 +71,7 @@ const IMPLEMENTED: &[&str] = &[
     "proxy_increment_metric",
     "proxy_record_metric",
     "proxy_get_metric",
+    "proxy_done",
 ];
 
 pub(super) fn link(linker: &mut Linker<HostState>, module: &Module) -> Result<()> {
@@ -95,6 +95,7 @@ pub(super) fn link(linker: &mut Linker<HostState>, module: &Module) -> Result<()
     linker.func_wrap("env", "proxy_increment_metric", increment_metric)?;
     linker.func_wrap("env", "proxy_record_metric", record_metric)?;
     linker.func_wrap("env", "proxy_get_metric", get_metric)?;
+    linker.func_wrap("env", "proxy_done", done)?;
     linker.func_wrap("wasi_snapshot_preview1", "fd_write", fd_write)?;
     linker.func_wrap("wasi_snapshot_preview1", "environ_sizes_get", environ_sizes_get)?;
     linker.func_wrap("wasi_snapshot_preview1", "environ_get", |_: Ctx<'_>, _: i32, _: i32| 0)?;
@@ -573,6 +574,23 @@ fn define_metric(
         }
     };
     Ok(write(&mut caller, ret_id, &(id as u32).to_le_bytes()))
+}
+
+/// `proxy_done`: the root context has finished what its `on_done` started. Envoy answers
+/// NOT_FOUND when no `on_done` is pending; ngx_wasm_module traps (not implemented).
+fn done(mut caller: Ctx<'_>) -> Result<i32> {
+    if let Some(status) = enter(&mut caller, "proxy_done")? {
+        return Ok(status);
+    }
+    let state = caller.data_mut();
+    if state.flavor == Flavor::Kong {
+        bail!("host trap (function not yet implemented): proxy_done");
+    }
+    if state.root_state != RootState::Finishing {
+        return Ok(status::NOT_FOUND);
+    }
+    state.root_state = RootState::Done;
+    Ok(status::OK)
 }
 
 /// How a metric changes.

@@ -158,6 +158,15 @@ enum Phase {
     CallResponse,
 }
 
+/// Where the root context is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RootState {
+    Running,
+    /// Its `on_done` asked for time: it calls `proxy_done` when it has finished.
+    Finishing,
+    Done,
+}
+
 /// A metric the guest defined.
 #[derive(Clone, Debug)]
 struct Metric {
@@ -209,6 +218,7 @@ struct HostState {
     properties: BTreeMap<Vec<u8>, Vec<u8>>,
     /// The metrics defined, their index their id.
     metrics: Vec<Metric>,
+    root_state: RootState,
 }
 
 impl HostState {
@@ -323,6 +333,7 @@ impl Vm {
             unimplemented: Vec::new(),
             properties: BTreeMap::new(),
             metrics: Vec::new(),
+            root_state: RootState::Running,
         };
         let mut store = Store::new(engine, state);
         store.set_fuel(FUEL)?;
@@ -489,6 +500,28 @@ impl Vm {
 
     pub fn tick_period(&self) -> Duration {
         self.store.data().tick_period
+    }
+
+    /// `proxy_on_done` on the root context, as Envoy calls it when the configuration goes
+    /// away (and at SIGTERM): whether the root is done at once. If not, it is done when it
+    /// calls `proxy_done` ([`Vm::root_done`]). Kong never calls it.
+    pub fn finish(&mut self) -> anyhow::Result<bool> {
+        if self.store.data().flavor == Flavor::Kong {
+            bail!("Kong never calls on_done on a root context");
+        }
+        self.store.data_mut().root_state = RootState::Finishing;
+        let done = self.in_phase(Phase::Setup, ROOT_ID, |vm| {
+            vm.exports.done.call(&mut vm.store, ROOT_ID as i32)
+        })?;
+        if done != 0 {
+            self.store.data_mut().root_state = RootState::Done;
+        }
+        Ok(done != 0)
+    }
+
+    /// Whether the root context is done (its `on_done` said so, or it called `proxy_done`).
+    pub fn root_done(&self) -> bool {
+        self.store.data().root_state == RootState::Done
     }
 
     /// Moves the host's clock (`proxy_get_current_time_nanoseconds`) forward.
