@@ -11,8 +11,11 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use paystile_ledger::child::LedgerProcess;
 use paystile_ledger::client::{AdminClient, ClientError};
+use paystile_ledger::token_keys;
 use paystile_protocol::jws::{self, Key, SigningKey};
 use paystile_protocol::l402;
 use paystile_protocol::ledger_api::{
@@ -83,6 +86,7 @@ on_both_stores! {
     a_credential_stated_cap_lowers_the_limit_for_its_calls_only,
     an_l402_token_revoked_before_its_first_call_is_refused_at_it,
     a_gateway_key_alone_spends_nobody_s_money,
+    eddsa_keys_sign_are_published_and_rotate_by_kid,
     buyer_balances_are_debited_exactly_and_deposits_count_once,
     daily_limits_follow_the_tier_and_restart_at_utc_midnight,
     the_panic_button_revokes_every_token_and_voids_holds_in_flight(
@@ -317,6 +321,9 @@ impl Ledger {
             Stdio::inherit(),
         )
         .unwrap();
+        // Connections kept alive to the dead process would fail their next request.
+        self.admin = AdminClient::new(&self.process.url(), ADMIN_KEY);
+        self.http = reqwest::Client::new();
     }
 
     async fn post(&self, path: &str, key: Option<&str>, body: &str) -> (u16, Value) {
@@ -1307,6 +1314,53 @@ async fn a_credential_stated_cap_lowers_the_limit_for_its_calls_only(store: Back
     assert_eq!(ledger.token(&token_id).await.limit_usdc, usdc("0.05"));
 }
 
+/// The ledger signs with the first key of its key file and publishes every key's public
+/// half; a new key signs from the next start while the old one still verifies, and a key
+/// removed verifies nothing more.
+async fn eddsa_keys_sign_are_published_and_rotate_by_kid(store: Backend) {
+    let dir = tempfile::TempDir::new().unwrap();
+    let keys = dir.path().join("token-keys.json");
+    let first = token_keys::add_key(&keys, "2026-11").unwrap();
+    let mut ledger = Ledger::start(store, &["--token-keys", keys.to_str().unwrap()]).await;
+    let jwks = |ledger: &Ledger| {
+        let url = format!("{}/.well-known/jwks.json", ledger.process.url());
+        let http = ledger.http.clone();
+        async move { http.get(url).send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let kid = |jwt: &str| {
+        let header = URL_SAFE_NO_PAD.decode(jwt.split('.').next().unwrap()).unwrap();
+        let header: Value = serde_json::from_slice(&header).unwrap();
+        assert_eq!(header["alg"], "EdDSA");
+        header["kid"].as_str().unwrap().to_owned()
+    };
+    let old = ledger.admin.issue_token(&issue_request("1")).await.unwrap();
+    assert_eq!(kid(&old.jwt), "2026-11");
+    assert_eq!(jwks(&ledger).await, json!({"keys": [first]}));
+    assert_eq!(pays(&ledger, &old.jwt).await, 200);
+
+    let second = token_keys::add_key(&keys, "2026-12").unwrap();
+    ledger.crash_and_restart();
+    let new = ledger.admin.issue_token(&issue_request("1")).await.unwrap();
+    assert_eq!(kid(&new.jwt), "2026-12");
+    assert_eq!(jwks(&ledger).await, json!({"keys": [second, first]}));
+    for jwt in [&old.jwt, &new.jwt] {
+        assert_eq!(pays(&ledger, jwt).await, 200);
+    }
+
+    token_keys::remove_key(&keys, "2026-11").unwrap();
+    ledger.crash_and_restart();
+    assert_eq!(pays(&ledger, &old.jwt).await, 401, "a removed key still verifies");
+    assert_eq!(pays(&ledger, &new.jwt).await, 200);
+    assert_eq!(jwks(&ledger).await, json!({"keys": [second]}));
+}
+
+/// The status of a reserve paid with the Pay Token `jwt`.
+async fn pays(ledger: &Ledger, jwt: &str) -> u16 {
+    let body =
+        json!({"credential": format!("Bearer {jwt}"), "serviceId": "weather", "priceUsdc": "0.1"});
+    ledger.post("/v1/holds", Some(GATEWAY_KEY), &body.to_string()).await.0
+}
+
 /// The gateway key reserves and settles; it is not a key to anybody's money. The ledger
 /// spends only for a credential it verifies itself: a grant naming another buyer, a token
 /// signed with a key the ledger does not hold, a forged L402 are refused, and nothing moves.
@@ -1369,8 +1423,7 @@ async fn a_gateway_key_alone_spends_nobody_s_money(store: Backend) {
 }
 
 fn base64_url(bytes: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    URL_SAFE_NO_PAD.encode(bytes)
 }
 
 async fn an_l402_token_revoked_before_its_first_call_is_refused_at_it(store: Backend) {
