@@ -7,7 +7,10 @@
 //! path is compared without its query and `;` parameters, ignoring ASCII case; exact paths
 //! ignore trailing slashes; and a route priced for GET prices HEAD too. A prefix ends at a
 //! path segment: `/docs` covers `/docs` and `/docs/…`, never `/docsecret`, so that a free
-//! prefix listed first cannot open a priced neighbour. The first route that matches decides.
+//! prefix listed first cannot open a priced neighbour; a segment may also start with what an
+//! upstream decodes as a slash (`%2F`, `%5C`, `\`). A free route never covers a path that
+//! an upstream may resolve elsewhere (a dot segment, an encoded slash or dot). The first
+//! route that matches decides.
 
 use paystile_protocol::{UnitPrice, Usdc};
 
@@ -64,7 +67,7 @@ impl PathMatch {
             PathMatch::Prefix(prefix) => {
                 let (start, rest) = path.split_at(prefix.len().min(path.len()));
                 start.eq_ignore_ascii_case(prefix.as_bytes())
-                    && (rest.is_empty() || rest.starts_with(b"/"))
+                    && (rest.is_empty() || starts_segment(rest))
             }
         }
     }
@@ -77,6 +80,11 @@ impl Route {
             m.as_bytes().eq_ignore_ascii_case(method)
                 || (m == "GET" && method.eq_ignore_ascii_case(b"HEAD"))
         };
+        // A free route never covers a path the upstream may resolve elsewhere: `/free/..%2F`
+        // must not make a priced neighbour free (priced routes match such paths as usual).
+        if self.price.is_zero() && may_resolve_elsewhere(path) {
+            return false;
+        }
         self.path.matches(path)
             && self.methods.as_ref().is_none_or(|methods| methods.iter().any(method_matches))
     }
@@ -99,6 +107,26 @@ fn route_path(path: &[u8]) -> Vec<u8> {
         routed.extend(segment.split(|b| *b == b';').next().unwrap_or(segment));
     }
     routed
+}
+
+/// Whether `rest`, what follows a prefix, starts a new path segment: a `/`, or what an
+/// upstream may decode as one (`\`, `%2F`, `%5C`). Otherwise `/api%2Fdata` would dodge a
+/// price on `/api` where the gateway does not decode slashes (Envoy can; Kong does not).
+fn starts_segment(rest: &[u8]) -> bool {
+    let encoded = |code: &[u8]| rest.get(..3).is_some_and(|start| start.eq_ignore_ascii_case(code));
+    rest.starts_with(b"/") || rest.starts_with(b"\\") || encoded(b"%2f") || encoded(b"%5c")
+}
+
+/// Whether an upstream may route `path` elsewhere than it reads: it holds a dot segment, or
+/// a slash, backslash or dot that the upstream may decode.
+fn may_resolve_elsewhere(path: &[u8]) -> bool {
+    let lower = path.to_ascii_lowercase();
+    let holds = |what: &[u8]| lower.windows(what.len()).any(|w| w == what);
+    holds(b"%2f")
+        || holds(b"%5c")
+        || holds(b"%2e")
+        || holds(b"\\")
+        || path.split(|b| *b == b'/').any(|segment| segment == b".." || segment == b".")
 }
 
 /// `/a/b//` is `/a/b`; `/` stays `/`.
@@ -136,6 +164,32 @@ mod tests {
         assert_eq!(PathMatch::prefix("//"), all);
         for path in ["/", "/a", "/docs/x?y"] {
             assert!(matches(&all, path), "{path}");
+        }
+    }
+
+    /// A priced prefix also covers what an upstream may decode into a path below it; a free
+    /// one covers no path an upstream may resolve elsewhere.
+    #[test]
+    fn encoded_slashes_and_dot_segments_err_towards_charging() {
+        let price = Usdc::from_micros(1_000).unwrap();
+        let api = Route { price, ..route(PathMatch::prefix("/api")) };
+        let priced =
+            |request: &str| find(std::slice::from_ref(&api), b"GET", request.as_bytes()).is_some();
+        for covered in ["/api%2Fdata", "/api%2fdata", "/api\\data", "/api%5Cdata", "/api/../x"] {
+            assert!(priced(covered), "{covered}");
+        }
+        assert!(!priced("/apis"));
+        let docs = PathMatch::prefix("/docs");
+        for elsewhere in [
+            "/docs/../secret",
+            "/docs/./x",
+            "/docs/..%2Fsecret",
+            "/docs/%2e%2e/secret",
+            "/docs/%2E%2E/secret",
+            "/docs\\..\\secret",
+            "/docs/a%5csecret",
+        ] {
+            assert!(!matches(&docs, elsewhere), "{elsewhere}");
         }
     }
 

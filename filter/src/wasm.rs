@@ -116,9 +116,16 @@ struct Root {
     /// The tick period asked for. Kong traps on a second `set_tick_period` for one root
     /// context, so a reconfiguration asks again only if the interval changed.
     tick_period: Option<Duration>,
-    /// The host asked this root to finish (`on_done`): it delivers what is queued, then
-    /// says it is done.
-    finishing: bool,
+    /// Where the root is in its life: the host asks it to finish (`on_done`), it delivers
+    /// what is queued, then says it is done, once.
+    life: Life,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Life {
+    Running,
+    Finishing,
+    Done,
 }
 
 impl Root {
@@ -129,7 +136,7 @@ impl Root {
             settling: Vec::new(),
             refilling: None,
             tick_period: None,
-            finishing: false,
+            life: Life::Running,
         }
     }
 }
@@ -227,6 +234,7 @@ impl Root {
         note_ledger(reply.status);
         let now = millis(self.get_current_time());
         let outcome = books.queue.borrow_mut().on_reply(batch, &reply, now);
+        let answered = matches!(outcome, BatchOutcome::Answered(_));
         match outcome {
             BatchOutcome::Answered(answered) => report(&books, answered),
             BatchOutcome::Stray => {}
@@ -243,15 +251,21 @@ impl Root {
                 );
             }
         }
-        // A backlog goes on at once (a failed batch still waits for its backoff); a root
-        // that is finishing sends what is left.
-        if self.finishing {
-            self.settle(&books, now, true);
-            if self.settling.is_empty() {
-                self.done();
+        match self.life {
+            // A backlog goes on at once (a failed batch still waits for its backoff).
+            Life::Running if books.queue.borrow().backlogged() => self.settle(&books, now, false),
+            Life::Running | Life::Done => {}
+            // What is left goes while the ledger answers; one that fails is not retried in
+            // a loop while the VM goes away (those holds expire unpaid).
+            Life::Finishing => {
+                if answered {
+                    self.settle(&books, now, true);
+                }
+                if self.settling.is_empty() {
+                    self.life = Life::Done;
+                    self.done();
+                }
             }
-        } else if books.queue.borrow().backlogged() {
-            self.settle(&books, now, false);
         }
     }
 
@@ -286,7 +300,7 @@ impl Context for Root {
     /// this; Kong never does, and Envoy's SIGTERM stops the event loop without it (see the
     /// README's "Stopping a gateway").
     fn on_done(&mut self) -> bool {
-        self.finishing = true;
+        self.life = Life::Finishing;
         let now = millis(self.get_current_time());
         let waiting: usize = LEDGERS.with(|ledgers| {
             ledgers.borrow().all().iter().map(|books| books.queue.borrow().depth()).sum()
@@ -295,7 +309,10 @@ impl Context for Root {
         for books in LEDGERS.with(|ledgers| ledgers.borrow().all()) {
             self.settle(&books, now, true);
         }
-        self.settling.is_empty()
+        if self.settling.is_empty() {
+            self.life = Life::Done;
+        }
+        self.life == Life::Done
     }
 
     fn on_http_call_response(

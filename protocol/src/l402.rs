@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 
 use crate::macaroon::{Macaroon, MacaroonError};
 use crate::money::Usdc;
+use crate::pay_token;
 
 /// The location paystile writes into the macaroons it mints.
 pub const LOCATION: &str = "paystile";
@@ -357,8 +358,11 @@ impl<'a> Caveats<'a> {
             let Some(suffix) = condition.strip_prefix(service_id) else { continue };
             match suffix {
                 VALID_UNTIL_SUFFIX => {
-                    let until: u64 =
-                        value.parse().map_err(|_| L402Error::MissingCaveat("valid_until"))?;
+                    let until: u64 = value
+                        .parse()
+                        .ok()
+                        .filter(|until| *until <= pay_token::MAX_EXPIRY_SECONDS)
+                        .ok_or(L402Error::MissingCaveat("valid_until"))?;
                     caveats.valid_until =
                         Some(Narrowed::narrow(caveats.valid_until, until, "valid_until")?);
                 }
@@ -558,6 +562,10 @@ mod tests {
         assert_eq!(check(&bare, &target(0)), Err(L402Error::MissingCaveat(SERVICES)));
         bare.add_first_party_caveat(b"services=weather:0");
         assert_eq!(check(&bare, &target(0)), Err(L402Error::MissingCaveat("valid_until")));
+        // Past the year 9999: unreadable, as the ledger's books could not hold it.
+        let mut far = bare.clone();
+        far.add_first_party_caveat(b"weather_valid_until=253402300800");
+        assert_eq!(check(&far, &target(0)), Err(L402Error::MissingCaveat("valid_until")));
         bare.add_first_party_caveat(b"weather_valid_until=10");
         assert_eq!(check(&bare, &target(0)), Err(L402Error::MissingCaveat("budget")));
         bare.add_first_party_caveat(b"weather_budget_usdc=0.0000001");

@@ -593,7 +593,7 @@ mod tests {
             "priceUsdc": "0.001000"});
         let request: ReserveRequest = serde_json::from_value(one.clone()).unwrap();
         assert_eq!(request.count, 1);
-        // Written as before when it asks for one: older ledgers read it unchanged.
+        // `count` is left out when it asks for one.
         assert_eq!(serde_json::to_value(&request).unwrap(), one);
         let eight = ReserveRequest { count: 8, ..request };
         assert_eq!(serde_json::to_value(&eight).unwrap()["count"], 8);

@@ -15,6 +15,9 @@ use crate::money::Usdc;
 
 /// The longest token id, buyer id, service id or buyer tag accepted.
 pub const MAX_ID_LEN: usize = 255;
+/// The latest expiry a credential may have: the end of year 9999, as far as RFC 3339 (and the
+/// ledger's journal) goes. A later one is a malformed credential, not a valid one.
+pub const MAX_EXPIRY_SECONDS: u64 = 253_402_300_799;
 
 /// Why a string cannot be a token, buyer or service id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,6 +144,9 @@ impl PayTokenClaims {
             return Err(PayTokenError::InvalidClaims);
         }
         if self.scope == Scope::Single && self.service_id.is_none() {
+            return Err(PayTokenError::InvalidClaims);
+        }
+        if self.exp > MAX_EXPIRY_SECONDS {
             return Err(PayTokenError::InvalidClaims);
         }
         Ok(())
@@ -320,6 +326,14 @@ mod tests {
         assert!(all.allows_service("maps"));
         let unbound = PayTokenClaims { service_id: None, ..claims() };
         assert_eq!(check(&unbound, &Validation::default()), Err(PayTokenError::InvalidClaims));
+    }
+
+    #[test]
+    fn an_expiry_past_the_year_9999_is_malformed() {
+        let last = PayTokenClaims { exp: MAX_EXPIRY_SECONDS, ..claims() };
+        assert!(check(&last, &Validation::default()).is_ok());
+        let beyond = PayTokenClaims { exp: MAX_EXPIRY_SECONDS + 1, ..claims() };
+        assert_eq!(check(&beyond, &Validation::default()), Err(PayTokenError::InvalidClaims));
     }
 
     #[test]

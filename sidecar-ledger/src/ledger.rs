@@ -15,7 +15,7 @@ use paystile_protocol::ledger_api::{
     DepositRequest, IssueTokenRequest, IssuedToken, MAX_HOLDS_PER_RESERVE, ReserveRequest,
     SetTierRequest, SettleRequest, SettleResponse, SettleResult, TokenGrant, TokenView,
 };
-use paystile_protocol::pay_token::{self, Audience, PayTokenClaims, Scope};
+use paystile_protocol::pay_token::{self, Audience, MAX_EXPIRY_SECONDS, PayTokenClaims, Scope};
 use paystile_protocol::verified::VerifiedCache;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -35,8 +35,6 @@ const VERIFIED_CAPACITY: usize = 16_384;
 
 /// The most settlements accepted in one request.
 pub const MAX_SETTLEMENTS: usize = 10_000;
-/// The latest expiry accepted: the end of year 9999, as far as RFC 3339 goes.
-const MAX_EXPIRY_SECONDS: u64 = 253_402_300_799;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -117,10 +115,11 @@ impl Ledger {
         let presented = request.credential.as_bytes();
         let now = seconds(now);
         // A poisoned lock only means a panic elsewhere mid-insert: the cache is still sound.
-        let mut cache = self.verified.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(verified) = cache.get(presented, Capability::Any, now) {
+        let cache = || self.verified.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(verified) = cache().get(presented, Capability::Any, now) {
             return Ok(verified.clone());
         }
+        // Verified without the lock: a signature check must not hold up every other reserve.
         let target = credential::Target {
             service_id: &request.service_id,
             capability: Capability::Any,
@@ -128,7 +127,7 @@ impl Ledger {
         };
         let verified = credential::verify(presented, &self.credentials.verifier, &target)
             .map_err(Refusal::Credential)?;
-        cache.insert(presented, verified.clone(), now);
+        cache().insert(presented, verified.clone(), now);
         Ok(verified)
     }
 
@@ -409,9 +408,6 @@ impl Ledger {
                 return Ok(ReserveOutcome::Refused(refusal));
             }
         };
-        if verified.token.expires_at > MAX_EXPIRY_SECONDS {
-            return Err(LedgerError::Invalid("the token's expiry is out of range".into()));
-        }
         let outcome = self
             .store
             .reserve(ReserveCommand {

@@ -115,16 +115,26 @@ pub fn remove_key(path: &Path, kid: &str) -> Result<(), String> {
 pub fn write(path: &Path, set: &Jwks) -> Result<(), String> {
     let text = serde_json::to_string_pretty(set).map_err(|e| e.to_string())?;
     let partial = path.with_extension("partial");
+    // A new file, so that its mode is ours: a leftover one may be readable by others.
     let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     let write = |options: &fs::OpenOptions| -> std::io::Result<()> {
+        match fs::remove_file(&partial) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         let mut file = options.open(&partial)?;
         file.write_all(text.as_bytes())?;
         file.write_all(b"\n")?;
         file.sync_all()?;
-        fs::rename(&partial, path)
+        fs::rename(&partial, path)?;
+        // The rename itself survives a crash once the directory is synced.
+        match path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+            Some(dir) => fs::File::open(dir)?.sync_all(),
+            None => fs::File::open(".")?.sync_all(),
+        }
     };
     write(&options).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
@@ -134,6 +144,23 @@ mod tests {
     use paystile_protocol::jws;
 
     use super::*;
+
+    /// The key file is readable by its owner only, even over a leftover partial file that
+    /// others could read.
+    #[cfg(unix)]
+    #[test]
+    fn the_key_file_is_its_owner_s_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("token-keys.json");
+        fs::write(path.with_extension("partial"), "left over").unwrap();
+        fs::set_permissions(path.with_extension("partial"), fs::Permissions::from_mode(0o644))
+            .unwrap();
+        add_key(&path, "2026-12").unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(!path.with_extension("partial").exists());
+    }
 
     #[test]
     fn a_removed_key_no_longer_verifies_and_the_last_one_stays() {

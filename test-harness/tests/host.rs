@@ -985,4 +985,16 @@ fn a_finished_configuration_delivers_its_queue_before_it_is_done() {
     // With nothing queued, a root is done at once.
     let mut idle = vm(Flavor::Envoy);
     assert!(idle.finish().unwrap());
+
+    // A ledger that fails while the root finishes is not retried in a loop: the root gives
+    // up (those holds expire unpaid) and says done.
+    let mut failing = vm(Flavor::Envoy);
+    let id = admitted(&mut failing, Flavor::Envoy, &bearer(), "ch_3");
+    failing.response_headers(id, pairs(&[(":status", "200")])).unwrap();
+    failing.end(id).unwrap();
+    assert!(!failing.finish().unwrap());
+    let last = one_ledger_call(&mut failing, Flavor::Envoy, "/v1/holds/settle");
+    failing.reply(last.token, Reply::status(503)).unwrap();
+    assert!(failing.take_dispatches().is_empty(), "retried at once while finishing");
+    assert!(failing.root_done());
 }

@@ -81,7 +81,10 @@ fn kong_traps_on_the_hostcalls_it_has_not_implemented_and_envoy_does_not() {
         let wasm = guest("", &calls(call), CONTINUE);
         let mut envoy = Vm::load_bytes(&wasm, Flavor::Envoy).unwrap();
         assert_eq!(envoy.request_headers(request()).unwrap().1, Action::Continue, "{call}");
-        assert_eq!(envoy.unimplemented_calls().len(), 1, "recorded: {call}");
+        // Envoy has `proxy_done` (NOT_FOUND unless a root's on_done is pending); this host
+        // implements it. The others it records as not implemented.
+        let recorded = if call == "(call $done)" { 0 } else { 1 };
+        assert_eq!(envoy.unimplemented_calls().len(), recorded, "recorded: {call}");
 
         let mut kong = Vm::load_bytes(&wasm, Flavor::Kong).unwrap();
         let error = kong.request_headers(request()).unwrap_err();

@@ -253,6 +253,21 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the store has shut down")]
     Closed,
+    /// An operation panicked (a bug): it was rolled back and failed alone; the store goes on.
+    #[error("an operation failed on a bug: {0}")]
+    Panicked(String),
+}
+
+impl StoreError {
+    /// The error of an operation that panicked with `panic`.
+    pub(crate) fn panicked(panic: &(dyn std::any::Any + Send)) -> StoreError {
+        let message = panic
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        StoreError::Panicked(message.to_owned())
+    }
 }
 
 /// An error and its causes on one line. tokio-postgres keeps the cause (the server's message,

@@ -9,8 +9,9 @@
 //! - Atomic per operation: each runs in a savepoint, so one that fails rolls back alone.
 
 use std::cell::Cell;
+use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -482,7 +483,10 @@ fn in_savepoint<T>(
     // operation cost more than running them.
     let run = |sql| batch.conn.prepare_cached(sql).and_then(|mut statement| statement.execute([]));
     run("SAVEPOINT op")?;
-    let result = op(batch.conn);
+    // A panic (a bug) fails this operation alone, rolled back like an error: it must not
+    // take the writer thread, and every later operation, with it.
+    let result = panic::catch_unwind(AssertUnwindSafe(|| op(batch.conn)))
+        .unwrap_or_else(|panic| Err(StoreError::panicked(&*panic)));
     let closed = match &result {
         Ok(_) => run("RELEASE op").map(drop),
         Err(_) => batch.conn.execute_batch("ROLLBACK TO op; RELEASE op"),
@@ -619,7 +623,7 @@ fn settle(conn: &Connection, s: &Settlement, now: UnixMillis) -> Result<SettleSt
         return Ok(SettleStatus::Unknown);
     };
     let upstream_status = s.upstream_status.map(i64::from);
-    // Checked for the whole request before any settlement ran.
+    // The caller answered a settlement that does not fit its hold `invalid` before this.
     let amount = rules::commit_amount(s.amount_usdc, hold.held).map_err(StoreError::Corrupt)?;
     match rules::settle(status, now >= hold_expires_at, revoked, s.outcome, amount) {
         SettleDecision::Unchanged(result) => Ok(result),
@@ -905,8 +909,10 @@ impl SqliteStore {
     {
         let reader = self.reader.clone();
         tokio::task::spawn_blocking(move || {
-            let conn = reader.lock().map_err(|_| StoreError::Closed)?;
-            op(&conn)
+            // A read that panicked left the connection as it was (reads change nothing).
+            let conn = reader.lock().unwrap_or_else(PoisonError::into_inner);
+            panic::catch_unwind(AssertUnwindSafe(|| op(&conn)))
+                .unwrap_or_else(|panic| Err(StoreError::panicked(&*panic)))
         })
         .await
         .map_err(|_| StoreError::Closed)?
@@ -959,6 +965,35 @@ fn record_refusal(
 mod tests {
     use super::*;
     use crate::store::KeyOutcome;
+
+    /// A bug that panics inside one operation fails that operation, rolled back; the writer
+    /// thread and the reader go on serving the others.
+    #[allow(clippy::panic)]
+    #[tokio::test]
+    async fn a_panicking_operation_fails_alone_and_the_store_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("ledger.db")).unwrap();
+        let write = store
+            .run(|conn| -> Result<(), StoreError> {
+                conn.execute_batch("CREATE TABLE half_done (x)")?;
+                panic!("a bug")
+            })
+            .await;
+        assert!(matches!(&write, Err(StoreError::Panicked(m)) if m == "a bug"), "{write:?}");
+        let read = store.read(|_| -> Result<(), StoreError> { panic!("a read bug") }).await;
+        assert!(matches!(read, Err(StoreError::Panicked(_))), "{read:?}");
+        for _ in 0..2 {
+            let tables = store
+                .read(|conn| {
+                    let sql = "SELECT count(*) FROM sqlite_master WHERE name = 'half_done'";
+                    Ok(conn.query_row(sql, [], |row| row.get::<_, i64>(0))?)
+                })
+                .await
+                .unwrap();
+            assert_eq!(tables, 0, "the panicking operation was not rolled back");
+            store.run(|conn| Ok(conn.execute_batch("SELECT 1")?)).await.unwrap();
+        }
+    }
 
     /// Books written by version 1 keep their meaning: a committed charge charged all it held,
     /// and an Idempotency-Key still names its charge.
