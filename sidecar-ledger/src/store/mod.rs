@@ -190,8 +190,8 @@ impl Store {
     /// nor a settlement's `expired` reports.
     pub fn expired_on_read(&self) -> prometheus_client::metrics::counter::Counter {
         match self {
-            Store::Sqlite(store) => store.expired_on_read(),
-            Store::Postgres(store) => store.expired_on_read(),
+            Store::Sqlite(store) => store.expired_on_read.counter(),
+            Store::Postgres(store) => store.expired_on_read.counter(),
         }
     }
 
@@ -233,6 +233,22 @@ impl Store {
             Store::Sqlite(store) => store.service_totals(window).await,
             Store::Postgres(store) => store.service_totals(window).await,
         }
+    }
+}
+
+/// The holds a store released on read (an operation on their buyer found them past their
+/// TTL), counted once each release has committed: what neither the sweeper's answer nor a
+/// settlement's `expired` reports.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ExpiredOnRead(prometheus_client::metrics::counter::Counter);
+
+impl ExpiredOnRead {
+    pub(crate) fn count(&self, expired: usize) {
+        self.0.inc_by(u64::try_from(expired).unwrap_or(u64::MAX));
+    }
+
+    pub(crate) fn counter(&self) -> prometheus_client::metrics::counter::Counter {
+        self.0.clone()
     }
 }
 

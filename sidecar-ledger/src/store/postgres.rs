@@ -27,7 +27,6 @@ use paystile_protocol::Usdc;
 use paystile_protocol::ledger_api::{
     ChargeStatus, SettleResult, SettleStatus, Settlement, TokenGrant,
 };
-use prometheus_client::metrics::counter::Counter;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
@@ -36,9 +35,9 @@ use super::journal::{self, ChargeFilter, Dialect, Param, ServiceTotals, ServiceW
 use super::migrations::MIGRATIONS;
 use super::sql::{self, Columns, insert_token, select_account, select_token, subtree};
 use super::{
-    BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, FIRST_TIER, KeptRefusal, PriorKey,
-    ReserveCommand, ReserveOutcome, ReserveStep, StoreError, TokenRecord, UnixMillis, into_chain,
-    replayed, scope_name, status_name,
+    BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, ExpiredOnRead, FIRST_TIER,
+    KeptRefusal, PriorKey, ReserveCommand, ReserveOutcome, ReserveStep, StoreError, TokenRecord,
+    UnixMillis, into_chain, replayed, scope_name, status_name,
 };
 use crate::rules::{self, Account, Books, ChildSpec, Refusal, SettleDecision};
 use crate::settings::PostgresUrl;
@@ -98,7 +97,7 @@ pub struct PostgresStore {
     pool: Pool,
     /// Holds released on read (past their TTL when an operation touched their buyer),
     /// counted once their transaction has committed.
-    expired_on_read: Counter,
+    pub(super) expired_on_read: ExpiredOnRead,
 }
 
 /// Runs `$body` (which may use `$tx` and `?`) in a transaction on a pooled connection and
@@ -134,7 +133,7 @@ impl PostgresStore {
             .wait_timeout(Some(WAIT_TIMEOUT))
             .build()
             .map_err(|e| StoreError::Setup(format!("cannot build the connection pool: {e}")))?;
-        let store = PostgresStore { pool, expired_on_read: Counter::default() };
+        let store = PostgresStore { pool, expired_on_read: ExpiredOnRead::default() };
         store.migrate().await?;
         Ok(store)
     }
@@ -197,17 +196,8 @@ impl PostgresStore {
                 None => (None, 0),
             }
         })?;
-        self.count_expired(expired);
+        self.expired_on_read.count(expired);
         Ok(token)
-    }
-
-    /// Counts holds released on read, once their transaction has committed.
-    fn count_expired(&self, expired: usize) {
-        self.expired_on_read.inc_by(u64::try_from(expired).unwrap_or(u64::MAX));
-    }
-
-    pub fn expired_on_read(&self) -> Counter {
-        self.expired_on_read.clone()
     }
 
     /// Revokes the token (once; a second revoke keeps the first time). An unknown token is
@@ -344,7 +334,7 @@ impl PostgresStore {
                 .collect::<Result<_, _>>()?;
             (BuyerRecord { account, tokens }, expired)
         })?;
-        self.count_expired(expired);
+        self.expired_on_read.count(expired);
         Ok(buyer)
     }
 
@@ -391,7 +381,7 @@ impl PostgresStore {
             };
             (load_charge(&tx, charge_id).await?, expired)
         })?;
-        self.count_expired(expired);
+        self.expired_on_read.count(expired);
         Ok(charge)
     }
 
@@ -401,7 +391,7 @@ impl PostgresStore {
             let mut expired = 0;
             (reserve(&tx, command, &mut expired).await?, expired)
         })?;
-        self.count_expired(expired);
+        self.expired_on_read.count(expired);
         Ok(outcome)
     }
 

@@ -19,7 +19,6 @@ use paystile_protocol::Usdc;
 use paystile_protocol::ledger_api::{
     ChargeStatus, SettleResult, SettleStatus, Settlement, TokenGrant,
 };
-use prometheus_client::metrics::counter::Counter;
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, Params, Row, params, params_from_iter};
 use tokio::sync::mpsc::error::TryRecvError;
@@ -29,9 +28,9 @@ use super::journal::{self, ChargeFilter, Dialect, Param, ServiceTotals, ServiceW
 use super::migrations::MIGRATIONS;
 use super::sql::{self, Columns};
 use super::{
-    BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, FIRST_TIER, KeptRefusal, PriorKey,
-    ReserveCommand, ReserveOutcome, ReserveStep, StoreError, TokenRecord, UnixMillis, replayed,
-    scope_name, status_name,
+    BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, ExpiredOnRead, FIRST_TIER,
+    KeptRefusal, PriorKey, ReserveCommand, ReserveOutcome, ReserveStep, StoreError, TokenRecord,
+    UnixMillis, replayed, scope_name, status_name,
 };
 use crate::rules::{self, Account, Books, ChildSpec, MAX_CHAIN_LEN, Refusal, SettleDecision};
 use crate::telemetry::wire_name;
@@ -57,7 +56,7 @@ pub struct SqliteStore {
     reader: Arc<Mutex<Connection>>,
     /// Holds released on read (past their TTL when an operation touched their buyer),
     /// counted once their transaction has committed.
-    expired_on_read: Counter,
+    pub(super) expired_on_read: ExpiredOnRead,
 }
 
 /// The transaction a batch of jobs runs in.
@@ -103,7 +102,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             jobs,
             reader: Arc::new(Mutex::new(reader)),
-            expired_on_read: Counter::default(),
+            expired_on_read: ExpiredOnRead::default(),
         })
     }
 
@@ -140,17 +139,8 @@ impl SqliteStore {
                 Ok((load_token(conn, &token_id)?, expired))
             })
             .await?;
-        self.count_expired(expired);
+        self.expired_on_read.count(expired);
         Ok(token)
-    }
-
-    /// Counts holds released on read, once their transaction has committed.
-    fn count_expired(&self, expired: usize) {
-        self.expired_on_read.inc_by(u64::try_from(expired).unwrap_or(u64::MAX));
-    }
-
-    pub fn expired_on_read(&self) -> Counter {
-        self.expired_on_read.clone()
     }
 
     /// Revokes the token (once; a second revoke keeps the first time). An unknown token is
@@ -267,7 +257,7 @@ impl SqliteStore {
                 Ok((BuyerRecord { account, tokens }, expired))
             })
             .await?;
-        self.count_expired(expired);
+        self.expired_on_read.count(expired);
         Ok(buyer)
     }
 
@@ -301,7 +291,7 @@ impl SqliteStore {
                 Ok((load_charge(conn, &charge_id)?, expired))
             })
             .await?;
-        self.count_expired(expired);
+        self.expired_on_read.count(expired);
         Ok(charge)
     }
 
@@ -312,7 +302,7 @@ impl SqliteStore {
                 Ok((reserve(conn, &command, &mut expired)?, expired))
             })
             .await?;
-        self.count_expired(expired);
+        self.expired_on_read.count(expired);
         Ok(outcome)
     }
 
