@@ -81,7 +81,7 @@ impl Config {
         match self {
             Config::Bare => "bare Envoy",
             Config::Unpriced => "paystile, unpriced route",
-            Config::JwtAuthn => "Envoy jwt_authn, HS256 Pay Token",
+            Config::JwtAuthn => "Envoy jwt_authn, EdDSA Pay Token",
             Config::PayToken => "paystile, paid Pay Token",
             Config::L402 => "paystile, paid L402",
             Config::PayTokenPrefetch => "paystile, paid Pay Token, prefetched holds",
