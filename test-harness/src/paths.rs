@@ -37,6 +37,19 @@ pub fn ledger_binary() -> anyhow::Result<PathBuf> {
     Ok(binary)
 }
 
+/// The benchmark's do-nothing wasm filter (`bench/wasm-floor`), as `bench/run` builds it.
+pub fn floor_wasm() -> anyhow::Result<PathBuf> {
+    let target = profile_dir()?.parent().map(Path::to_path_buf).context("no target directory")?;
+    let wasm = target.join("wasm32-wasip1/release/paystile_wasm_floor.wasm");
+    if !wasm.is_file() {
+        bail!(
+            "no floor filter at {}: build it with `cargo build --release --target wasm32-wasip1 -p paystile-wasm-floor` (bench/run does)",
+            wasm.display()
+        );
+    }
+    Ok(wasm)
+}
+
 /// The release filter module (`$PAYSTILE_FILTER_WASM` overrides). Refused when older than
 /// the filter's sources, so that tests never run a stale build.
 pub fn filter_wasm() -> anyhow::Result<PathBuf> {

@@ -13,7 +13,7 @@
 //! one connection for `PAYSTILE_BENCH_LATENCY_SECONDS` (5; 0: none) measures the latency a
 //! request sees without queueing. Arguments name the rows to run (default: all).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,8 @@ const CHALLENGE_MIN_RATIO: f64 = 0.8;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Config {
     Bare,
+    /// A proxy-wasm filter that does nothing (`bench/wasm-floor`): what any wasm filter pays.
+    WasmFloor,
     JwtAuthn,
     /// paystile in the chain, on a path no route prices: the filter's fixed cost.
     Unpriced,
@@ -50,8 +52,9 @@ enum Config {
 }
 
 impl Config {
-    const ALL: [Config; 9] = [
+    const ALL: [Config; 10] = [
         Config::Bare,
+        Config::WasmFloor,
         Config::JwtAuthn,
         Config::Unpriced,
         Config::PayToken,
@@ -66,6 +69,7 @@ impl Config {
     fn key(self) -> &'static str {
         match self {
             Config::Bare => "bare",
+            Config::WasmFloor => "wasm_floor",
             Config::Unpriced => "unpriced",
             Config::JwtAuthn => "jwt_authn",
             Config::PayToken => "pay_token",
@@ -80,6 +84,7 @@ impl Config {
     fn title(self) -> &'static str {
         match self {
             Config::Bare => "bare Envoy",
+            Config::WasmFloor => "a do-nothing wasm filter (the floor)",
             Config::Unpriced => "paystile, unpriced route",
             Config::JwtAuthn => "Envoy jwt_authn, EdDSA Pay Token",
             Config::PayToken => "paystile, paid Pay Token",
@@ -91,12 +96,13 @@ impl Config {
         }
     }
 
-    fn http_filter(self, secrets: &Secrets) -> HttpFilter {
-        match self {
+    fn http_filter(self, secrets: &Secrets) -> anyhow::Result<HttpFilter> {
+        Ok(match self {
             Config::Bare => HttpFilter::Nothing,
+            Config::WasmFloor => HttpFilter::Other(wasm_floor(&paths::floor_wasm()?)?),
             Config::JwtAuthn => HttpFilter::Other(jwt_authn(secrets)),
             _ => HttpFilter::Paystile,
-        }
+        })
     }
 
     /// The filter's configuration beside the demo's.
@@ -124,9 +130,11 @@ impl Config {
     /// challenges for 402s), which must have answered 200 that often.
     fn ledger_endpoint(self) -> Option<&'static str> {
         match self {
-            Config::Bare | Config::JwtAuthn | Config::Unpriced | Config::ChallengePayTokenOnly => {
-                None
-            }
+            Config::Bare
+            | Config::WasmFloor
+            | Config::JwtAuthn
+            | Config::Unpriced
+            | Config::ChallengePayTokenOnly => None,
             Config::PayToken | Config::L402 | Config::PayTokenPrefetch | Config::L402Prefetch => {
                 Some(ledger_api::path::HOLDS)
             }
@@ -139,6 +147,28 @@ impl Config {
     fn one_ledger_call_per_answer(self) -> bool {
         matches!(self, Config::PayToken | Config::L402)
     }
+}
+
+/// The do-nothing filter `wasm` in the paystile filter's place, in its own VM, with the
+/// same runtime and failure policy.
+fn wasm_floor(wasm: &Path) -> anyhow::Result<Value> {
+    let filename = wasm.to_str().context("the floor filter's path is not UTF-8")?;
+    Ok(json!({
+        "name": "wasm_floor",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": "wasm_floor",
+                "root_id": "wasm_floor",
+                "failure_policy": "FAIL_CLOSED",
+                "vm_config": {
+                    "vm_id": "wasm_floor",
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": filename}},
+                },
+            },
+        },
+    }))
 }
 
 /// Envoy's JWT filter verifying the same Pay Tokens (the ledger's EdDSA ones) with the
@@ -297,6 +327,19 @@ async fn run() -> anyhow::Result<bool> {
         let rates: Vec<String> = row.rounds.iter().map(|r| format!("{r:.0}")).collect();
         println!("- {} req/s by round, sorted: {}", row.name, rates.join(", "));
     }
+    // What paystile's own work costs, apart from what any wasm filter costs in this Envoy.
+    if let Some((_, floor)) = rows.iter().find(|(c, _)| *c == Config::WasmFloor) {
+        println!();
+        for (config, row) in
+            rows.iter().filter(|(c, _)| !matches!(c, Config::Bare | Config::WasmFloor))
+        {
+            println!(
+                "- {} req/s vs the wasm floor: {:.2}",
+                config.title(),
+                row.wrk.requests_per_second / floor.wrk.requests_per_second
+            );
+        }
+    }
     if let Some(bare) = &baseline {
         println!();
         let ratio = |config| {
@@ -366,7 +409,7 @@ async fn measure(config: Config, settings: &Settings, secrets: &Secrets) -> anyh
         secrets: secrets.clone(),
         dir,
         filter: config.filter_config(settings),
-        http_filter: config.http_filter(secrets),
+        http_filter: config.http_filter(secrets)?,
         ledger_args: Vec::new(),
         envoy_workers: settings.envoy_workers,
         verbose_logs: false,
@@ -378,7 +421,7 @@ async fn measure(config: Config, settings: &Settings, secrets: &Secrets) -> anyh
         .context("envoy.yaml's first route has no path_prefix")?;
     let url = match config {
         // Beside every priced route: envoy.yaml prices `/v1/forecast…` and one report.
-        Config::Unpriced => stack.gateway_url("/v1/unpriced/oslo"),
+        Config::Unpriced | Config::WasmFloor => stack.gateway_url("/v1/unpriced/oslo"),
         _ => stack.gateway_url(&format!("{prefix}/oslo")),
     };
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
@@ -458,9 +501,11 @@ async fn credential(
     url: &str,
 ) -> anyhow::Result<Option<String>> {
     match config {
-        Config::Bare | Config::Unpriced | Config::Challenge | Config::ChallengePayTokenOnly => {
-            Ok(None)
-        }
+        Config::Bare
+        | Config::WasmFloor
+        | Config::Unpriced
+        | Config::Challenge
+        | Config::ChallengePayTokenOnly => Ok(None),
         Config::JwtAuthn | Config::PayToken | Config::PayTokenPrefetch => {
             let service_id = stack.filter_config["service_id"].as_str().unwrap_or_default();
             let token = stack
