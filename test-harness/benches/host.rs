@@ -410,13 +410,18 @@ fn bearer(secret: &str) -> anyhow::Result<String> {
     bearer_with(secret, "tok_bench")
 }
 
-/// Checks that stream `id` was answered locally with a 402 carrying an L402 challenge first.
+/// Checks that stream `id` was answered locally with a 402 carrying an L402 challenge first
+/// and last, Bearer between.
 fn expect_l402_challenge(vm: &Vm, id: u32) -> anyhow::Result<()> {
     let stream = vm.stream(id).context("no stream")?;
     let response = stream.local_response.as_ref().context("no local response")?;
     let challenges = response.headers_named("www-authenticate");
     ensure!(
-        response.status == 402 && challenges.len() == 2 && challenges[0].starts_with("L402 "),
+        response.status == 402
+            && challenges.len() == 3
+            && challenges[0].starts_with("L402 ")
+            && challenges[1].starts_with("Bearer ")
+            && challenges[2] == challenges[0],
         "not a 402 with an L402 challenge: {response:?}"
     );
     Ok(())
