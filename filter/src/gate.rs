@@ -88,15 +88,6 @@ impl Gate {
         self.prefetched.borrow_mut().releases(now_ms, self.config.ledger.prefetch_max_age_ms)
     }
 
-    /// The ledger no longer commits holds of these tokens (a settlement came back revoked or
-    /// expired): their prefetched holds are released, and their next calls reserve anew.
-    pub fn on_tokens_lost(&self, token_ids: &[String]) {
-        let mut prefetched = self.prefetched.borrow_mut();
-        for token_id in token_ids {
-            prefetched.drop_token(token_id);
-        }
-    }
-
     /// Prefetched holds waiting for a call.
     pub fn prefetched_waiting(&self) -> usize {
         self.prefetched.borrow().waiting()
@@ -112,18 +103,16 @@ impl Gate {
     /// this call's reserve asks for the next batch (`prefetch_holds` holds, its `count`), so
     /// that the calls after it find holds waiting while it is answered. Any other call that
     /// finds the pool empty reserves just its own hold.
-    fn plan(&self, reserve: &mut ReserveRequest, verified: &Verified, now_ms: u64) -> Plan {
-        let Some(key) = prefetch_key(&self.config, reserve, verified) else {
-            return Plan::Reserve(None);
-        };
+    fn plan(&self, key: Option<PoolKey>, now_ms: u64) -> Plan {
+        let Some(key) = key else { return Plan::Reserve(None) };
         let ledger = &self.config.ledger;
         let mut prefetched = self.prefetched.borrow_mut();
         // A cold token asks for one: occasional callers never lock more than a call's worth.
         let hot = prefetched.note_call(&key.token_id, now_ms, ledger.prefetch_max_age_ms);
         let low_water = usize::from(ledger.prefetch_holds / 2);
         if hot && prefetched.start_refill(&key, low_water, now_ms, ledger.timeout_ms()) {
-            reserve.count = ledger.prefetch_holds;
-            return Plan::Reserve(Some(Prefetch { key, count: reserve.count, at_ms: now_ms }));
+            let count = ledger.prefetch_holds;
+            return Plan::Reserve(Some(Prefetch { key, count, at_ms: now_ms }));
         }
         match prefetched.take(&key, now_ms, ledger.prefetch_max_age_ms) {
             Some(entry) => Plan::Take(entry),
@@ -276,20 +265,31 @@ impl Exchange {
             // An upstream may trust X-Charge-Id as proof of payment: a client never sets it.
             return RequestAction::Forward(vec![HeaderEdit::Remove(headers::CHARGE_ID)]);
         };
-        match reserve_request(gate, request, route, now) {
-            Ok((mut reserve, verified)) => {
+        match check_inline(gate, request, route, now) {
+            Ok((verified, idempotency)) => {
                 let token_id = verified.token.token_id.clone();
-                let prefetch = match gate.plan(&mut reserve, &verified, now_ms) {
+                let key = prefetch_key(config, route, &verified, idempotency.is_some());
+                let prefetch = match gate.plan(key, now_ms) {
                     Plan::Take(entry) => {
                         let charge = Charge {
                             id: entry.charge_id,
-                            amount: reserve.price_usdc,
+                            amount: route.price,
                             remaining: entry.remaining,
                             metered: route.metered.clone(),
                         };
                         return self.hold(charge, token_id, false);
                     }
                     Plan::Reserve(prefetch) => prefetch,
+                };
+                // Only a call that goes to the ledger carries its credential there.
+                let authorization = request.authorization.unwrap_or_default();
+                let reserve = ReserveRequest {
+                    // A verified credential is printable ASCII (the scheme's characters only).
+                    credential: String::from_utf8_lossy(authorization).into_owned().into(),
+                    service_id: config.service_id.clone(),
+                    price_usdc: route.price,
+                    idempotency,
+                    count: prefetch.as_ref().map_or(1, |p| p.count),
                 };
                 self.state = State::AwaitingLedger(Reserving {
                     scheme: verified.scheme,
@@ -563,15 +563,14 @@ impl Exchange {
     }
 }
 
-/// Everything that can be checked without the ledger, inline: the reserve call if it
-/// passes, and what its credential proves. A refusal with `payment_required` calls for a
-/// challenge.
-fn reserve_request(
+/// Everything that can be checked without the ledger, inline: what the credential proves,
+/// and the Idempotency-Key. A refusal with `payment_required` calls for a challenge.
+fn check_inline(
     gate: &Gate,
     request: &RequestHead<'_>,
     route: &Route,
     now: u64,
-) -> Result<(ReserveRequest, Verified), ErrorBody> {
+) -> Result<(Verified, Option<Idempotency>), ErrorBody> {
     let config = gate.config();
     let payment_required = || answer::payment_required(config, route.price);
     let Some(authorization) = request.authorization else { return Err(payment_required()) };
@@ -599,25 +598,21 @@ fn reserve_request(
             Some(Idempotency { key: key.to_owned(), fingerprint: fingerprint(config, request) })
         }
     };
-    // A verified credential is printable ASCII (the scheme's characters only).
-    let credential = String::from_utf8_lossy(authorization).into_owned();
-    let reserve = ReserveRequest {
-        credential: credential.into(),
-        service_id: config.service_id.clone(),
-        price_usdc: route.price,
-        idempotency,
-        count: 1,
-    };
-    Ok((reserve, verified))
+    Ok((verified, idempotency))
 }
 
 /// The pool a reserve's call may be served from, when prefetching is on. Idempotent calls
 /// never are: the ledger must see each key.
-fn prefetch_key(config: &Config, reserve: &ReserveRequest, verified: &Verified) -> Option<PoolKey> {
-    (config.ledger.prefetch_holds > 0 && reserve.idempotency.is_none()).then(|| PoolKey {
+fn prefetch_key(
+    config: &Config,
+    route: &Route,
+    verified: &Verified,
+    idempotent: bool,
+) -> Option<PoolKey> {
+    (config.ledger.prefetch_holds > 0 && !idempotent).then(|| PoolKey {
         token_id: verified.token.token_id.clone(),
-        service_id: reserve.service_id.clone(),
-        amount: reserve.price_usdc,
+        service_id: config.service_id.clone(),
+        amount: route.price,
         cap: verified.cap,
     })
 }
