@@ -416,9 +416,9 @@ async fn a_thousand_tokens_spent_by_twenty_agents_are_each_exact() {
 
 /// Envoy stopped under load the way the README says (`scripts/drain-gateway`: listeners
 /// drained, the filter's queued settlements delivered; then SIGTERM): every response that
-/// carried an `X-Charge-Id` is committed, and no hold is left open. (A bare SIGTERM under the
-/// same load left 1 to 20 of about 350 answered charges uncommitted in the runs measured for
-/// issue 15.)
+/// carried an `X-Charge-Id` is committed, and no hold is left open. (A bare SIGTERM under
+/// the same load, measured by hand for issue 15, left 1 to 13 of about 340 answered charges
+/// uncommitted.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_gateway_stopped_under_load_commits_every_charge_it_answered() {
     const CLIENTS: usize = 12;

@@ -127,7 +127,10 @@ async fn run() -> anyhow::Result<()> {
     println!("  3. call with the credential:");
     println!("     curl -i -H 'Authorization: L402 M:P' {url}");
     println!();
-    println!("Ctrl-C stops the stack.");
+    println!("The filter's counters (paid, refused by code, settlements queued and delivered):");
+    println!("  curl -s 'http://{}/stats?filter=paystile'", stack.envoy.admin());
+    println!();
+    println!("Ctrl-C stops the stack, draining the gateway first (scripts/drain-gateway).");
 
     // Ctrl-C or a TERM: return, so that the stack's processes are stopped on the way out.
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
