@@ -128,7 +128,7 @@ async fn run() -> anyhow::Result<()> {
     println!("     curl -i -H 'Authorization: L402 M:P' {url}");
     println!();
     println!("The filter's counters (paid, refused by code, settlements queued and delivered):");
-    println!("  curl -s 'http://{}/stats?filter=paystile'", stack.envoy.admin());
+    println!("  curl -s 'http://{}/stats?filter=wasmcustom'", stack.envoy.admin());
     println!();
     println!("Ctrl-C stops the stack, draining the gateway first (scripts/drain-gateway).");
 
