@@ -370,6 +370,17 @@ impl Exchange {
             gate.prefetched.borrow_mut().end_refill(&prefetch.key);
         }
         match answer {
+            LedgerAnswer::Hold(hold) if gate.prefetched.borrow().is_revoked(&token_id) => {
+                // Held before the revocation, read after this VM heard of it: the call must
+                // not go on (its hold can no longer commit), and the holds go back.
+                let mut prefetched = gate.prefetched.borrow_mut();
+                let unused = hold.extra_charge_ids.into_iter().chain([hold.charge_id]);
+                // A replayed charge was committed by an earlier call: nothing to give back.
+                for charge_id in unused.filter(|_| !hold.replayed) {
+                    prefetched.release_unused(&token_id, charge_id);
+                }
+                self.respond(config, &ErrorBody::new(ErrorCode::TokenRevoked))
+            }
             LedgerAnswer::Hold(hold) => {
                 if let Some(prefetch) = prefetch.filter(|_| !hold.replayed) {
                     let extras = extra_entries(&hold, &prefetch);

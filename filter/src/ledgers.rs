@@ -1,5 +1,5 @@
-//! What a VM keeps for each ledger it talks to: the settlements waiting for it and the holds
-//! prefetched from it.
+//! What a VM keeps for each ledger it talks to: the settlements waiting for it, the holds
+//! prefetched from it and the watch on its revocations.
 //!
 //! Envoy runs every filter configuration with the same `vm_id` and code in one VM, and each
 //! configuration may name its own ledger. A hold belongs to the ledger that made it: its
@@ -14,6 +14,7 @@ use std::rc::Rc;
 use crate::ledger::LedgerTarget;
 use crate::prefetch::Prefetched;
 use crate::settle::SettleQueue;
+use crate::watch::Watch;
 
 /// One ledger's settlements and prefetched holds.
 #[derive(Debug)]
@@ -22,6 +23,8 @@ pub struct Books {
     target: RefCell<LedgerTarget>,
     pub queue: RefCell<SettleQueue>,
     pub prefetched: Rc<RefCell<Prefetched>>,
+    /// The watch on the ledger's revocations, kept while holds are prefetched from it.
+    pub watch: RefCell<Watch>,
 }
 
 impl Books {
@@ -55,6 +58,7 @@ impl Ledgers {
             target: RefCell::new(target.clone()),
             queue: RefCell::default(),
             prefetched: Rc::default(),
+            watch: RefCell::default(),
         });
         self.books.push(books.clone());
         books

@@ -48,6 +48,10 @@ pub struct Prefetched {
     refilling: HashMap<PoolKey, u64>,
     /// Entries taken out of the pools (dropped tokens), to be released from the next tick.
     dropped: Vec<Queued>,
+    /// Tokens the ledger's revocation feed named, until when they are remembered (ms): a
+    /// reserve the ledger answered before the revocation, read after it, must neither
+    /// serve its call nor fill a pool.
+    revoked: HashMap<String, u64>,
 }
 
 impl Prefetched {
@@ -74,7 +78,7 @@ impl Prefetched {
                 taken = Some(entry);
                 break;
             }
-            self.dropped.push(release(key, entry));
+            self.dropped.push(release(&key.token_id, entry.charge_id));
         }
         if pool.is_empty() {
             self.pools.remove(key);
@@ -108,10 +112,40 @@ impl Prefetched {
         self.refilling.remove(key);
     }
 
-    /// Keeps the extra holds a reserve for `key` got, in the order they were reserved.
+    /// Keeps the extra holds a reserve for `key` got, in the order they were reserved (a
+    /// revoked token's are released instead).
     pub fn add(&mut self, key: PoolKey, entries: Vec<Entry>) {
-        if !entries.is_empty() {
+        if self.revoked.contains_key(&key.token_id) {
+            self.dropped
+                .extend(entries.into_iter().map(|entry| release(&key.token_id, entry.charge_id)));
+        } else if !entries.is_empty() {
             self.pools.entry(key).or_default().extend(entries);
+        }
+    }
+
+    /// The ledger revoked `token_id`: its entries are released, and until `now_ms +
+    /// remember_ms` holds the ledger made for it before the revocation are not used.
+    pub fn revoke(&mut self, token_id: &str, now_ms: u64, remember_ms: u64) {
+        self.drop_token(token_id);
+        self.revoked.insert(token_id.to_owned(), now_ms.saturating_add(remember_ms));
+    }
+
+    /// Whether a revocation of `token_id` was heard lately.
+    pub fn is_revoked(&self, token_id: &str) -> bool {
+        self.revoked.contains_key(token_id)
+    }
+
+    /// Releases, from the next tick, the hold `charge_id` of `token_id` that no call will use.
+    pub fn release_unused(&mut self, token_id: &str, charge_id: String) {
+        self.dropped.push(release(token_id, charge_id));
+    }
+
+    /// Gives up every entry: the revocation feed started over, so which tokens were
+    /// revoked meanwhile is unknown.
+    pub fn drop_all(&mut self) {
+        for (key, pool) in self.pools.drain() {
+            self.dropped
+                .extend(pool.into_iter().map(|entry| release(&key.token_id, entry.charge_id)));
         }
     }
 
@@ -122,7 +156,8 @@ impl Prefetched {
             self.pools.keys().filter(|key| key.token_id == token_id).cloned().collect();
         for key in keys {
             if let Some(pool) = self.pools.remove(&key) {
-                self.dropped.extend(pool.into_iter().map(|entry| release(&key, entry)));
+                self.dropped
+                    .extend(pool.into_iter().map(|entry| release(&key.token_id, entry.charge_id)));
             }
         }
     }
@@ -137,13 +172,14 @@ impl Prefetched {
             // Entries are added in reserve order: the oldest are at the front.
             while pool.front().is_some_and(stale) {
                 if let Some(entry) = pool.pop_front() {
-                    releases.push(release(key, entry));
+                    releases.push(release(&key.token_id, entry.charge_id));
                 }
             }
             !pool.is_empty()
         });
         self.last_call_ms.retain(|_, last| now_ms.saturating_sub(*last) <= max_age_ms);
         self.refilling.retain(|_, sent| now_ms.saturating_sub(*sent) <= max_age_ms);
+        self.revoked.retain(|_, until| now_ms < *until);
         releases
     }
 
@@ -153,15 +189,15 @@ impl Prefetched {
     }
 }
 
-fn release(key: &PoolKey, entry: Entry) -> Queued {
+fn release(token_id: &str, charge_id: String) -> Queued {
     Queued {
         settlement: Settlement {
-            charge_id: entry.charge_id,
+            charge_id,
             outcome: Outcome::Release,
             upstream_status: None,
             amount_usdc: None,
         },
-        token_id: key.token_id.clone(),
+        token_id: token_id.to_owned(),
     }
 }
 

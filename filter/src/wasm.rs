@@ -29,6 +29,7 @@ use crate::ledgers::{Books, Ledgers};
 use crate::metrics::{self, Counter, Gauge};
 use crate::pool::RefillOutcome;
 use crate::settle::{Answered, BatchOutcome, Queued};
+use crate::watch::{Heard, POLL_TIMEOUT_MS};
 
 /// A ledger reply larger than this is not a reply of ours; it is read as no reply.
 const MAX_REPLY_BYTES: usize = 64 * 1024;
@@ -46,6 +47,20 @@ thread_local! {
     static LEDGERS: RefCell<Ledgers> = RefCell::default();
     /// The VM's metric ids, once a configuration with metrics on has defined them.
     static METRICS: RefCell<Option<MetricIds>> = const { RefCell::new(None) };
+    /// The VM's name to the ledgers it watches: random, so that every worker's VM (and a
+    /// restarted one) is told apart.
+    static WATCHER: String = watcher_name();
+}
+
+/// `vm-` and 64 random bits in hex (from WASI's `random_get`); a host without randomness
+/// gets the host's clock in nanoseconds instead, which still tells its VMs apart.
+fn watcher_name() -> String {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        let now = hostcalls::get_current_time().map(since_epoch).unwrap_or_default();
+        bytes = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX).to_le_bytes();
+    }
+    format!("vm-{}", hex::encode(bytes))
 }
 
 /// The host's ids of the VM's metrics (see `metrics`).
@@ -113,6 +128,8 @@ struct Root {
     settling: Vec<(u32, Rc<Books>, u64)>,
     /// The dispatch token and refill id of the challenge pool's refill in flight.
     refilling: Option<(u32, u64)>,
+    /// The revocation polls this root has in flight: dispatch token, whose books, poll id.
+    watching: Vec<(u32, Rc<Books>, u64)>,
     /// The tick period asked for. Kong traps on a second `set_tick_period` for one root
     /// context, so a reconfiguration asks again only if the interval changed.
     tick_period: Option<Duration>,
@@ -135,6 +152,7 @@ impl Root {
             books: None,
             settling: Vec::new(),
             refilling: None,
+            watching: Vec::new(),
             tick_period: None,
             life: Life::Running,
         }
@@ -191,6 +209,7 @@ impl RootContext for Root {
         let (mut queued, mut prefetched) = (0, 0);
         for books in LEDGERS.with(|ledgers| ledgers.borrow().all()) {
             self.settle(&books, now, false);
+            self.watch(&books, now);
             queued += books.queue.borrow().depth();
             prefetched += books.prefetched.borrow().waiting();
         }
@@ -223,7 +242,7 @@ impl Root {
             books.queue.borrow_mut().next_batch(now, timeout)
         };
         let Some(batch) = batch else { return };
-        match dispatch(self, &ledger, &batch.call) {
+        match post(self, &ledger, &batch.call) {
             Some(token) => self.settling.push((token, books.clone(), batch.id)),
             None => books.queue.borrow_mut().on_send_failed(batch.id, now),
         }
@@ -269,10 +288,60 @@ impl Root {
         }
     }
 
+    /// Sends `books`' next revocation poll, if its holds are prefetched and one is due.
+    fn watch(&mut self, books: &Rc<Books>, now: u64) {
+        let ledger = books.target();
+        if ledger.prefetch_holds == 0 || self.life != Life::Running {
+            return;
+        }
+        let poll = WATCHER.with(|watcher| books.watch.borrow_mut().next_poll(watcher, now));
+        let Some(poll) = poll else { return };
+        let timeout = Duration::from_millis(POLL_TIMEOUT_MS);
+        match dispatch(self, &ledger, "GET", &poll.path, None, timeout) {
+            Some(token) => self.watching.push((token, books.clone(), poll.id)),
+            None => books.watch.borrow_mut().on_send_failed(poll.id, now),
+        }
+    }
+
+    fn on_watch_reply(&mut self, books: Rc<Books>, poll: u64, headers: usize, body: usize) {
+        let reply = read_reply(self, headers, body, MAX_REPLY_BYTES);
+        let now = millis(self.get_current_time());
+        match books.watch.borrow_mut().on_reply(poll, &reply, now) {
+            Heard::Revoked { token_ids, all } => {
+                let ledger = books.target();
+                // A reserve answered before a revocation arrives within the call timeout.
+                let remember = ledger.timeout_ms().saturating_add(ledger.prefetch_max_age_ms);
+                let mut prefetched = books.prefetched.borrow_mut();
+                if all {
+                    prefetched.drop_all();
+                }
+                for token_id in &token_ids {
+                    prefetched.revoke(token_id, now, remember);
+                }
+                if !token_ids.is_empty() {
+                    log::info!(
+                        "paystile: {} revoked tokens' prefetched holds dropped",
+                        token_ids.len()
+                    );
+                }
+            }
+            Heard::Failed { retry_in_ms } => {
+                note_ledger(reply.status);
+                log::warn!(
+                    "paystile: watching the ledger's revocations failed (status {:?}); again in {retry_in_ms} ms",
+                    reply.status
+                );
+            }
+            Heard::Stray => {}
+        }
+        // The next poll goes at once: it tells the ledger what this VM has applied.
+        self.watch(&books, now);
+    }
+
     /// Sends the challenge pool's refill, if one is due.
     fn refill(&mut self, gate: &Gate, now: u64) {
         let Some(refill) = gate.next_refill(now) else { return };
-        match dispatch(self, &gate.config().ledger, &refill.call) {
+        match post(self, &gate.config().ledger, &refill.call) {
             Some(token) => self.refilling = Some((token, refill.id)),
             None => gate.on_refill_send_failed(refill.id, now),
         }
@@ -329,6 +398,9 @@ impl Context for Root {
         if let Some(at) = self.settling.iter().position(|(sent, _, _)| *sent == token) {
             let (_, books, batch) = self.settling.swap_remove(at);
             self.on_settle_reply(books, batch, headers, body_size);
+        } else if let Some(at) = self.watching.iter().position(|(sent, _, _)| *sent == token) {
+            let (_, books, poll) = self.watching.swap_remove(at);
+            self.on_watch_reply(books, poll, headers, body_size);
         }
     }
 }
@@ -380,7 +452,7 @@ impl Stream {
                 }
                 Action::Continue
             }
-            RequestAction::CallLedger(call) => match dispatch(self, &gate.config().ledger, &call) {
+            RequestAction::CallLedger(call) => match post(self, &gate.config().ledger, &call) {
                 Some(_) => Action::Pause,
                 None => {
                     let action = self.exchange.on_ledger_reply(gate, LedgerReply::default());
@@ -497,21 +569,29 @@ fn push(books: &Books, queued: Queued) {
 }
 
 /// `POST`s `call` to the ledger; the token of the dispatch, or `None` if the host refused it.
-fn dispatch(context: &dyn Context, ledger: &LedgerTarget, call: &LedgerCall) -> Option<u32> {
-    let headers = vec![
-        (":method", "POST"),
-        (":path", call.path),
+fn post(context: &dyn Context, ledger: &LedgerTarget, call: &LedgerCall) -> Option<u32> {
+    dispatch(context, ledger, "POST", call.path, Some(&call.body), ledger.timeout)
+}
+
+/// Calls the ledger; the token of the dispatch, or `None` if the host refused it.
+fn dispatch(
+    context: &dyn Context,
+    ledger: &LedgerTarget,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Option<u32> {
+    let mut headers = vec![
+        (":method", method),
+        (":path", path),
         (":authority", ledger.authority.as_str()),
         (headers::AUTHORIZATION, ledger.authorization.as_str()),
-        (headers::CONTENT_TYPE, headers::APPLICATION_JSON),
     ];
-    match context.dispatch_http_call(
-        &ledger.upstream,
-        headers,
-        Some(&call.body),
-        vec![],
-        ledger.timeout,
-    ) {
+    if body.is_some() {
+        headers.push((headers::CONTENT_TYPE, headers::APPLICATION_JSON));
+    }
+    match context.dispatch_http_call(&ledger.upstream, headers, body, vec![], timeout) {
         Ok(token) => Some(token),
         Err(status) => {
             log::warn!("paystile: cannot call the ledger at {:?}: {status:?}", ledger.upstream);

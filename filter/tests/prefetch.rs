@@ -378,3 +378,35 @@ fn extra_holds_that_do_not_fit_the_request_are_not_kept() {
     call_answered(&gate, &token, NOW_MS + 10, hold_reply("0.002", "ch_hot", &["ch_1"])).1.unwrap();
     assert_eq!(gate.prefetched_waiting(), 0);
 }
+
+/// The kill switch with prefetched holds: the ledger's revocation feed names the token while
+/// a batch reserve for it is on its way. Its pool is released at once, and the reserve's
+/// answer (held before the revocation, read after it) neither serves its call nor fills the
+/// pool: every hold it brought is released.
+#[test]
+fn a_revocation_heard_drops_the_pool_and_refuses_a_hold_answered_before_it() {
+    let prefetched: Rc<RefCell<Prefetched>> = Rc::default();
+    let gate = gate_sharing(|_| {}, prefetched.clone());
+    let token = bearer("tok_kill");
+    warmed(&gate, &token, &["ch_x1", "ch_x2"]);
+    // At low water (2 of 4): the next call reserves the next batch.
+    let mut refill = Exchange::default();
+    let reserve = call(&gate, &mut refill, &head("/v1/forecast", Some(&token)), NOW_MS + 20);
+    assert_eq!(reserve.map(|r| r.count), Ok(4));
+    prefetched.borrow_mut().revoke("tok_kill", NOW_MS + 21, 2_000);
+    assert_eq!(gate.prefetched_waiting(), 0, "the pool outlived the revocation");
+    let reply = hold_reply("0.001", "ch_late", &["ch_y1", "ch_y2", "ch_y3"]);
+    let action = refill.on_ledger_reply(&gate, reply);
+    let (status, body, _) = answered(&action);
+    assert_eq!((status, body.code), (422, paystile_protocol::ErrorCode::TokenRevoked));
+    assert_eq!(refill.on_end(), None, "a refused call settles nothing itself");
+    assert_eq!(gate.prefetched_waiting(), 0, "the late batch filled the pool");
+    let mut released: Vec<String> =
+        gate.prefetch_releases(NOW_MS + 22).into_iter().map(|r| r.settlement.charge_id).collect();
+    released.sort();
+    assert_eq!(released, ["ch_late", "ch_x1", "ch_x2", "ch_y1", "ch_y2", "ch_y3"]);
+    // Once the revocation is old enough that no reserve from before it can still be
+    // answered, the token is forgotten: the ledger refuses its reserves itself.
+    gate.prefetch_releases(NOW_MS + 21 + 2_000);
+    assert!(!prefetched.borrow().is_revoked("tok_kill"));
+}

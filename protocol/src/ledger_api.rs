@@ -13,6 +13,9 @@ pub mod path {
     pub const HOLDS: &str = "/v1/holds";
     /// `POST`: commit or release a batch of holds (gateway).
     pub const SETTLEMENTS: &str = "/v1/holds/settle";
+    /// `GET ?watcher=…&after=…`: the revocations that voided open holds, long-polled by each
+    /// gateway VM that prefetches holds (gateway).
+    pub const REVOCATIONS: &str = "/v1/revocations";
     /// `POST`: issue a Pay Token; `GET /{id}`, `POST /{id}/revoke` (admin).
     pub const TOKENS: &str = "/v1/tokens";
     /// `GET /{id}`: a buyer's account and tokens; `POST /{id}/deposits`, `PUT /{id}/tier`,
@@ -80,6 +83,10 @@ impl core::fmt::Debug for Presented {
         f.write_str("Presented(…)")
     }
 }
+
+/// How long a revocation watch poll waits for a revocation before it answers empty (ms):
+/// a gateway gives the poll this long and some more before it takes it as lost.
+pub const WATCH_WAIT_MS: u64 = 20_000;
 
 /// The most holds one reserve asks for.
 pub const MAX_HOLDS_PER_RESERVE: u16 = 64;
@@ -319,6 +326,41 @@ pub struct TokenView {
     pub parent_id: Option<String>,
     #[serde(default, skip_serializing_if = "core::ops::Not::not")]
     pub sandbox: bool,
+    /// In a revoke's answer: the gateway VMs that have dropped the token's prefetched holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateways: Option<GatewayConfirmations>,
+}
+
+/// Which gateway VMs watching the ledger's revocations have applied a revocation before
+/// its answer (see [`RevocationFeed`]). A VM listed as unconfirmed may still serve the
+/// revoked tokens' calls from holds it prefetched, for at most its `prefetch_max_age_ms`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayConfirmations {
+    pub confirmed: Vec<String>,
+    pub unconfirmed: Vec<String>,
+}
+
+/// `GET /v1/revocations`'s query: who asks (an id the VM made up for itself, as a token id
+/// is written), and the feed position it has applied.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WatchQuery {
+    pub watcher: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<u64>,
+}
+
+/// `GET /v1/revocations?watcher=<id>&after=<seq>`: the tokens whose open holds were voided
+/// by revocations after `seq`, answered as soon as there is one (or empty after a wait).
+/// The next poll's `after` tells the ledger that this watcher has applied them. Without
+/// `after`, the answer is at once: the current `seq` and no tokens.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevocationFeed {
+    /// The feed's position once these are applied: the next poll's `after`.
+    pub seq: u64,
+    pub token_ids: Vec<String>,
 }
 
 /// `POST /v1/buyers/{buyerId}/deposits`: credit a buyer's prepaid balance. With a
@@ -391,6 +433,9 @@ pub struct BuyerRevocation {
     pub buyer_id: String,
     /// Tokens this call revoked (those revoked before are not counted).
     pub revoked_tokens: u64,
+    /// The gateway VMs that have dropped the buyer's prefetched holds.
+    #[serde(default)]
+    pub gateways: GatewayConfirmations,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

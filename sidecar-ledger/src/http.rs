@@ -19,7 +19,7 @@ use axum::{Json, Router};
 use paystile_protocol::ledger_api::{
     ChallengeRequest, ChargePage, ChargeQuery, ChildTokenRequest, DepositRequest,
     IssueTokenRequest, L402Challenges, ReserveRequest, SandboxPaymentRequest, SetTierRequest,
-    SettleRequest, SummaryQuery, path,
+    SettleRequest, SummaryQuery, WatchQuery, path,
 };
 use paystile_protocol::{ErrorBody, ErrorCode};
 use sha2::{Digest, Sha256};
@@ -103,6 +103,7 @@ fn routes(ledger: Arc<Ledger>, minter: Minter, admin_key: ApiKey, gateway_key: A
     let gateway = Routes::new()
         .post(path::HOLDS, reserve)
         .post(path::SETTLEMENTS, settle)
+        .get(path::REVOCATIONS, watch_revocations)
         .map(|r| r.route_layer(middleware::from_fn_with_state(gateway_key, require_key)));
     let timed = ledger.clone();
     Routes::new()
@@ -237,6 +238,13 @@ async fn revoke_token(
     ApiPath(token_id): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(ledger.revoke_token(token_id).await?))
+}
+
+async fn watch_revocations(
+    State(ledger): State<Arc<Ledger>>,
+    ApiQuery(query): ApiQuery<WatchQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(ledger.watch_revocations(query.watcher, query.after).await?))
 }
 
 async fn mint_child(
@@ -596,7 +604,7 @@ mod tests {
     /// field name and format in the document is the wire's.
     #[test]
     fn examples_are_what_the_protocol_types_read_and_write() {
-        let parsers: [(&str, RoundTrip); 28] = [
+        let parsers: [(&str, RoundTrip); 30] = [
             ("Usdc", round_trip::<Usdc>),
             ("ErrorBody", round_trip::<ErrorBody>),
             ("Jwks", round_trip::<paystile_protocol::jwk::Jwks>),
@@ -617,6 +625,11 @@ mod tests {
             ("AccountView", round_trip::<paystile_protocol::ledger_api::AccountView>),
             ("BuyerView", round_trip::<paystile_protocol::ledger_api::BuyerView>),
             ("BuyerRevocation", round_trip::<paystile_protocol::ledger_api::BuyerRevocation>),
+            (
+                "GatewayConfirmations",
+                round_trip::<paystile_protocol::ledger_api::GatewayConfirmations>,
+            ),
+            ("RevocationFeed", round_trip::<paystile_protocol::ledger_api::RevocationFeed>),
             ("ChargeView", round_trip::<ChargeView>),
             ("ChargePage", round_trip::<ChargePage>),
             ("ServiceSummary", round_trip::<ServiceSummary>),

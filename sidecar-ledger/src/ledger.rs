@@ -12,13 +12,15 @@ use paystile_protocol::jws::SigningKey;
 use paystile_protocol::l402::{self, Capability};
 use paystile_protocol::ledger_api::{
     AccountView, BuyerRevocation, BuyerView, ChargeStatus, ChargeView, ChildTokenRequest, Deposit,
-    DepositRequest, IssueTokenRequest, IssuedToken, MAX_HOLDS_PER_RESERVE, ReserveRequest,
-    SetTierRequest, SettleRequest, SettleResponse, SettleResult, TokenGrant, TokenView,
+    DepositRequest, GatewayConfirmations, IssueTokenRequest, IssuedToken, MAX_HOLDS_PER_RESERVE,
+    ReserveRequest, RevocationFeed, SetTierRequest, SettleRequest, SettleResponse, SettleResult,
+    TokenGrant, TokenView, WATCH_WAIT_MS,
 };
 use paystile_protocol::pay_token::{self, Audience, MAX_EXPIRY_SECONDS, PayTokenClaims, Scope};
 use paystile_protocol::verified::VerifiedCache;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use tokio::sync::Notify;
 
 use crate::domain::{TokenRecord, UnixMillis};
 use crate::rules::{self, Account, ChildSpec, DailyLimits, Refusal};
@@ -83,8 +85,32 @@ pub struct Credentials {
     pub published: Jwks,
 }
 
+/// How the revocation feed's changes reach the watch polls and the revokes that wait for
+/// them. This process's own changes wake them at once; other processes' (ledgers sharing a
+/// PostgreSQL database) are found by looking at the store every `backstop`.
+struct Watch {
+    fed: Notify,
+    seen: Notify,
+    backstop: Duration,
+}
+
+/// Feed entries answered to one watch poll at most; the rest go to the next.
+const FEED_PAGE: usize = 1_000;
+/// How long a revoke waits for the watching gateway VMs to apply it.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
+/// A watcher not heard from for this long is no longer waited for: a VM polls again as
+/// soon as its poll is answered, and a poll is answered within [`WATCH_WAIT_MS`].
+const WATCHER_LIVE: Duration = Duration::from_millis(WATCH_WAIT_MS + 10_000);
+/// A watcher not heard from for this long is forgotten.
+const WATCHER_FORGOTTEN: Duration = Duration::from_secs(3600);
+
+fn millis_i64(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
 pub struct Ledger {
     store: Store,
+    watch: Watch,
     issuer: Option<TokenIssuer>,
     credentials: Credentials,
     /// What verified credentials proved, so that a token's next reserves skip the signature.
@@ -102,7 +128,10 @@ impl Ledger {
     ) -> Ledger {
         let metrics = Metrics::new(store.expired_on_read());
         let verified = Mutex::new(VerifiedCache::new(VERIFIED_CAPACITY));
-        Ledger { store, issuer, credentials, verified, limits, metrics }
+        let backstop =
+            if store.is_shared() { Duration::from_millis(25) } else { Duration::from_secs(1) };
+        let watch = Watch { fed: Notify::new(), seen: Notify::new(), backstop };
+        Ledger { store, watch, issuer, credentials, verified, limits, metrics }
     }
 
     /// The public Pay Token keys gateways verify with.
@@ -296,9 +325,81 @@ impl Ledger {
     /// in flight are released instead of committed, as with one token's kill switch.
     pub async fn revoke_buyer(&self, buyer_id: String) -> Result<BuyerRevocation, LedgerError> {
         let revoked = self.store.revoke_buyer(buyer_id.clone(), self.now()).await?;
-        let revoked_tokens = revoked.ok_or(LedgerError::NotFound("buyer"))?;
+        let revoked_tokens = revoked.value.ok_or(LedgerError::NotFound("buyer"))?;
         tracing::warn!(%buyer_id, revoked_tokens, "every token of the buyer revoked");
-        Ok(BuyerRevocation { buyer_id, revoked_tokens })
+        let gateways = self.confirm(revoked.feed_seq).await?;
+        Ok(BuyerRevocation { buyer_id, revoked_tokens, gateways })
+    }
+
+    /// A gateway VM's revocation watch (`watcher` names it): records that it has applied
+    /// the feed up to `after`, then answers the feed past it as soon as there is any, or
+    /// empty after [`WATCH_WAIT_MS`]. Without `after` (a VM that holds nothing yet) the
+    /// answer is at once: the feed's head.
+    pub async fn watch_revocations(
+        &self,
+        watcher: String,
+        after: Option<u64>,
+    ) -> Result<RevocationFeed, LedgerError> {
+        check_id("watcher", &watcher)?;
+        let Some(after) = after else {
+            let head = self.store.revocations_after(u64::MAX, 0).await?;
+            self.seen(watcher, head.seq).await?;
+            return Ok(head);
+        };
+        self.seen(watcher, after).await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(WATCH_WAIT_MS);
+        loop {
+            let fed = self.watch.fed.notified();
+            tokio::pin!(fed);
+            fed.as_mut().enable();
+            let feed = self.store.revocations_after(after, FEED_PAGE).await?;
+            // A position behind the watcher's: the feed started over (a new database).
+            if !feed.token_ids.is_empty() || feed.seq < after {
+                return Ok(feed);
+            }
+            let backstop = tokio::time::Instant::now() + self.watch.backstop;
+            tokio::select! {
+                () = fed => {}
+                () = tokio::time::sleep_until(backstop.min(deadline)) => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(feed);
+            }
+        }
+    }
+
+    async fn seen(&self, watcher: String, seq: u64) -> Result<(), LedgerError> {
+        let now = self.now();
+        let forget_before = now.saturating_sub(millis_i64(WATCHER_FORGOTTEN));
+        self.store.watcher_seen(watcher, seq, now, forget_before).await?;
+        self.watch.seen.notify_waiters();
+        Ok(())
+    }
+
+    /// Waits until every live watcher has applied the feed up to `seq` (a revocation's
+    /// entries), for at most [`CONFIRM_TIMEOUT`]; answers which have and which have not.
+    async fn confirm(&self, seq: Option<u64>) -> Result<GatewayConfirmations, LedgerError> {
+        let Some(seq) = seq else { return Ok(GatewayConfirmations::default()) };
+        self.watch.fed.notify_waiters();
+        let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
+        loop {
+            let seen = self.watch.seen.notified();
+            tokio::pin!(seen);
+            seen.as_mut().enable();
+            let live_since = self.now().saturating_sub(millis_i64(WATCHER_LIVE));
+            let watchers = self.store.watchers(seq, live_since).await?;
+            if watchers.unconfirmed.is_empty() || tokio::time::Instant::now() >= deadline {
+                if !watchers.unconfirmed.is_empty() {
+                    tracing::warn!(unconfirmed = ?watchers.unconfirmed, "gateway VMs did not confirm a revocation in time");
+                }
+                return Ok(watchers);
+            }
+            let backstop = tokio::time::Instant::now() + self.watch.backstop;
+            tokio::select! {
+                () = seen => {}
+                () = tokio::time::sleep_until(backstop.min(deadline)) => {}
+            }
+        }
     }
 
     fn account_view(&self, account: &Account, today: i64) -> AccountView {
@@ -342,10 +443,11 @@ impl Ledger {
             expires_at: 0,
             sandbox: false,
         });
-        let token = self.store.revoke_token(token_id, unused_l402, self.now()).await?;
-        let token = token.ok_or(LedgerError::NotFound("token"))?;
+        let revoked = self.store.revoke_token(token_id, unused_l402, self.now()).await?;
+        let token = revoked.value.ok_or(LedgerError::NotFound("token"))?;
         tracing::info!(token_id = %token.grant.token_id, "token revoked");
-        Ok(token_view(token))
+        let gateways = self.confirm(revoked.feed_seq).await?;
+        Ok(TokenView { gateways: Some(gateways), ..token_view(token) })
     }
 
     /// The books, for the journal's queries (see `crate::journal`).
@@ -493,6 +595,7 @@ fn token_view(token: TokenRecord) -> TokenView {
         expires_at: rfc3339_seconds(grant.expires_at),
         parent_id: token.parent_id,
         sandbox: grant.sandbox,
+        gateways: None,
     }
 }
 

@@ -2128,7 +2128,7 @@ mod operability {
                 operations += 1;
             }
         }
-        assert_eq!(operations, 20);
+        assert_eq!(operations, 21);
         // A known path with a method it does not take: 405, its methods, and a JSON body.
         for (method, path, allow) in [
             (reqwest::Method::DELETE, "/v1/charges", "GET,HEAD"),
@@ -3298,5 +3298,178 @@ mod prefetched_holds {
         let token = ledger.token("tok_pool").await;
         assert_eq!(committed, 50, "holds committed");
         assert_eq!((token.used_usdc, token.reserved_usdc), (usdc(CAP), Usdc::ZERO));
+    }
+}
+
+/// The revocation feed gateway VMs watch, and revokes that wait for them to apply it.
+mod revocation_watch {
+    use super::*;
+
+    on_both_stores! {
+        a_revoke_reaches_every_watcher_and_answers_once_they_applied_it(
+            flavor = "multi_thread",
+            worker_threads = 4
+        ),
+        bad_watch_requests_get_400_or_401(flavor = "multi_thread", worker_threads = 2),
+    }
+
+    /// `GET /v1/revocations` as gateway VM `watcher` asks it.
+    async fn watch(url: String, watcher: &'static str, after: Option<u64>) -> (u16, Value) {
+        let mut query = vec![("watcher", watcher.to_owned())];
+        query.extend(after.map(|after| ("after", after.to_string())));
+        let response = reqwest::Client::new()
+            .get(format!("{url}/v1/revocations"))
+            .query(&query)
+            .bearer_auth(GATEWAY_KEY)
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A poll that waits: answered with entries past `after`.
+    fn poll(url: &str, watcher: &'static str, after: u64) -> tokio::task::JoinHandle<(u16, Value)> {
+        tokio::spawn(watch(url.to_owned(), watcher, Some(after)))
+    }
+
+    fn fed(answer: (u16, Value)) -> (u64, Vec<String>) {
+        assert_eq!(answer.0, 200, "{}", answer.1);
+        let feed: paystile_protocol::ledger_api::RevocationFeed =
+            serde_json::from_value(answer.1).unwrap();
+        (feed.seq, feed.token_ids)
+    }
+
+    fn prefetching(token_id: &str) -> Value {
+        let mut body = reserve_body(token_id, "1", "0.01");
+        body["count"] = json!(4);
+        body
+    }
+
+    fn names(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| (*n).to_owned()).collect()
+    }
+
+    async fn a_revoke_reaches_every_watcher_and_answers_once_they_applied_it(store: Backend) {
+        let ledger = Ledger::start(store, &[]).await;
+        // With shared books, the VMs watch another ledger process than the one revoking.
+        let other = match &ledger.books {
+            Books::Postgres(database) => {
+                Some(Ledger::start_on(Books::Postgres(database.clone()), &[]))
+            }
+            Books::Sqlite(_) => None,
+        };
+        let url = other.as_ref().unwrap_or(&ledger).process.url();
+        let (start, none) = fed(watch(url.clone(), "vm-a", None).await);
+        assert_eq!((start, none.len()), (0, 0));
+        fed(watch(url.clone(), "vm-b", None).await);
+
+        // A token without open holds: nothing any VM could have prefetched, nothing to wait for.
+        ledger
+            .settle(&[(
+                &ledger.hold(&reserve_body("tok_idle", "1", "0.01")).await.charge_id,
+                "commit",
+            )])
+            .await;
+        let idle = ledger.admin.revoke_token("tok_idle").await.unwrap();
+        assert_eq!(idle.gateways, Some(Default::default()));
+
+        // A token with prefetched holds, and a child of it with a hold of its own.
+        ledger.hold(&prefetching("tok_hot")).await;
+        let issued = ledger.admin.issue_token(&issue_request("1")).await.unwrap();
+        let child = ledger.child(&issued.token_id, "0.5").await;
+        let child_reserve = json!({"credential": format!("Bearer {}", child.jwt),
+            "serviceId": "weather", "priceUsdc": "0.01", "count": 4});
+        ledger.hold(&child_reserve).await;
+
+        let (a, b) = (poll(&url, "vm-a", start), poll(&url, "vm-b", start));
+        let admin = ledger.admin.clone();
+        let parent = issued.token_id.clone();
+        let revoke = tokio::spawn(async move { admin.revoke_token(&parent).await.unwrap() });
+        // Each watcher hears of the descendant with open holds (the parent has none).
+        let (seq, tokens) = fed(a.await.unwrap());
+        assert_eq!(tokens, std::slice::from_ref(&child.token_id));
+        assert!(seq > start);
+        assert_eq!(fed(b.await.unwrap()), (seq, tokens));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!revoke.is_finished(), "the revoke answered before any VM applied it");
+        // vm-a's next poll says it applied it; the revoke still waits for vm-b.
+        let a = poll(&url, "vm-a", seq);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!revoke.is_finished(), "the revoke answered before vm-b applied it");
+        let b = poll(&url, "vm-b", seq);
+        let revoked = revoke.await.unwrap();
+        assert!(revoked.revoked);
+        let gateways = revoked.gateways.unwrap();
+        assert_eq!((gateways.confirmed, gateways.unconfirmed), (names(&["vm-a", "vm-b"]), vec![]));
+
+        // vm-b stops asking: the next revoke answers at its timeout, naming it.
+        let revoked = ledger.admin.revoke_token("tok_hot");
+        let (revoked, a_heard, b_heard) = tokio::join!(
+            revoked,
+            async {
+                let (next, tokens) = fed(a.await.unwrap());
+                // vm-a applies it and asks again.
+                let again = poll(&url, "vm-a", next);
+                (tokens, again)
+            },
+            b
+        );
+        let (a_tokens, a_again) = a_heard;
+        assert_eq!(a_tokens, ["tok_hot"]);
+        assert_eq!(fed(b_heard.unwrap()).1, ["tok_hot"]);
+        let gateways = revoked.unwrap().gateways.unwrap();
+        assert_eq!(
+            (gateways.confirmed, gateways.unconfirmed),
+            (names(&["vm-a"]), names(&["vm-b"]))
+        );
+
+        // The panic button feeds the buyer's tokens that have open holds.
+        ledger.hold(&prefetching("tok_b1")).await;
+        ledger.hold(&prefetching("tok_b2")).await;
+        let panic = ledger.admin.revoke_buyer("buyer-1");
+        let (panic, heard) = tokio::join!(panic, async {
+            let (next, mut tokens) = fed(a_again.await.unwrap());
+            tokens.sort();
+            let again = poll(&url, "vm-a", next);
+            (tokens, again)
+        });
+        let (tokens, again) = heard;
+        // tok_hot, revoked before, still has open holds: fed again, as a second revoke is.
+        assert_eq!(tokens, ["tok_b1", "tok_b2", "tok_hot"]);
+        let panic = panic.unwrap();
+        assert_eq!(panic.gateways.confirmed, names(&["vm-a"]));
+        // vm-b is still within its liveness (it asked less than a poll's wait ago).
+        assert_eq!(panic.gateways.unconfirmed, names(&["vm-b"]));
+        again.abort();
+    }
+
+    async fn bad_watch_requests_get_400_or_401(store: Backend) {
+        let ledger = Ledger::start(store, &[]).await;
+        let url = format!("{}/v1/revocations", ledger.process.url());
+        let http = reqwest::Client::new();
+        let unkeyed = http.get(&url).query(&[("watcher", "vm-a")]).send().await.unwrap();
+        assert_eq!(unkeyed.status(), 401);
+        let admin_keyed =
+            http.get(&url).query(&[("watcher", "vm-a")]).bearer_auth(ADMIN_KEY).send().await;
+        assert_eq!(admin_keyed.unwrap().status(), 401);
+        for query in [
+            "",
+            "?watcher=",
+            "?watcher=vm-a&after=-1",
+            "?watcher=vm-a&after=x",
+            "?watcher=vm-a&since=3",
+            "?watcher=vm%00a",
+        ] {
+            let answer = http.get(format!("{url}{query}")).bearer_auth(GATEWAY_KEY).send().await;
+            let answer = answer.unwrap();
+            assert_eq!(answer.status(), 400, "{query}");
+            let body: Value = answer.json().await.unwrap();
+            assert_eq!(body["code"], "bad_request", "{query}: {body}");
+            assert!(!body["error"].as_str().unwrap().is_empty());
+        }
+        // None of them counts as a watcher: a revoke with open holds waits for nobody.
+        ledger.hold(&prefetching("tok_w")).await;
+        let revoked = ledger.admin.revoke_token("tok_w").await.unwrap();
+        assert_eq!(revoked.gateways, Some(Default::default()));
     }
 }

@@ -882,6 +882,58 @@ fn unused_prefetched_holds_are_released_at_their_age_and_a_revoked_token_loses_t
     }
 }
 
+/// The kill switch through the adapter: a prefetching VM keeps one revocation poll open
+/// from its root context (sent again at once when answered, from the position applied); a
+/// poll that names the token drops its pool at once, and the token's next call reserves.
+#[test]
+fn a_revocation_poll_drops_the_tokens_prefetched_holds_and_polls_again_from_there() {
+    for flavor in FLAVORS {
+        let mut vm = prefetching_vm(flavor);
+        vm.tick().unwrap();
+        let polls = vm.take_watch_polls();
+        assert_eq!(polls.len(), 1, "{flavor:?}: {polls:?}");
+        let poll = &polls[0];
+        let watcher = poll.path().strip_prefix("/v1/revocations?watcher=vm-").unwrap().to_owned();
+        assert_eq!(watcher.len(), 16, "{flavor:?}: 64 random bits: {watcher}");
+        assert_eq!(poll.header("authorization"), Some(format!("Bearer {GATEWAY_KEY}")));
+        assert_eq!(poll.timeout, Duration::from_secs(25), "the ledger's wait and some more");
+        vm.tick().unwrap();
+        assert!(vm.take_watch_polls().is_empty(), "{flavor:?}: a second poll while one waits");
+        vm.reply(poll.token, Reply::json(200, &json!({"seq": 4, "tokenIds": []}))).unwrap();
+        let polls = vm.take_watch_polls();
+        assert_eq!(polls.len(), 1, "{flavor:?}: answered, the next poll goes at once");
+        assert_eq!(polls[0].path(), format!("/v1/revocations?watcher=vm-{watcher}&after=4"));
+
+        warm_up(&mut vm, flavor, "ch_x");
+        settle_round(&mut vm, flavor, "committed");
+        let revocation = json!({"seq": 5, "tokenIds": ["tok_other", "tok_host"]});
+        vm.reply(polls[0].token, Reply::json(200, &revocation)).unwrap();
+        let next = vm.take_watch_polls();
+        assert_eq!(next.len(), 1);
+        assert!(next[0].path().ends_with("&after=5"), "{flavor:?}: {}", next[0].path());
+        // The pool went: the next call reserves, and the tick releases every extra.
+        let (id, action) = vm.request_headers(get("/v1/forecast", Some(&bearer()))).unwrap();
+        assert_eq!(action, Action::Pause, "{flavor:?}: a dropped hold was used");
+        let call = one_ledger_call(&mut vm, flavor, "/v1/holds");
+        let refusal = json!({"error": "Token revoked", "code": "token_revoked"});
+        vm.reply(call.token, Reply::json(422, &refusal)).unwrap();
+        assert_eq!(answered(&vm, id).0, 422);
+        let released = settle_round(&mut vm, flavor, "released");
+        let expected: Vec<_> =
+            extras("ch_x").into_iter().map(|id| (id, "release".into())).collect();
+        assert_eq!(released, expected, "{flavor:?}");
+        // A failed poll is sent again after a pause, from the same position.
+        vm.reply(next[0].token, Reply::status(503)).unwrap();
+        vm.tick().unwrap();
+        assert!(vm.take_watch_polls().is_empty(), "{flavor:?}: retried without a pause");
+        vm.advance(Duration::from_millis(250));
+        vm.tick().unwrap();
+        let retried = vm.take_watch_polls();
+        assert_eq!(retried.len(), 1, "{flavor:?}");
+        assert!(retried[0].path().ends_with("&after=5"));
+    }
+}
+
 /// The filter's counters and gauges, through the metrics hostcalls, on Envoy and on Kong
 /// 3.8+ (where an increment of a gauge would trap): a paid call, a 402, a ledger outage, a
 /// settlement the ledger refuses, and the queue and prefetched holds as gauges.

@@ -29,6 +29,7 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     migration!(4, "0004_journal"),
     migration!(5, "0005_charges"),
     migration!(6, "0006_refusals"),
+    migration!(7, "0007_revocations"),
 ];
 
 #[cfg(test)]

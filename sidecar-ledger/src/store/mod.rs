@@ -17,7 +17,8 @@ use std::sync::Arc;
 
 use paystile_protocol::Usdc;
 use paystile_protocol::ledger_api::{
-    ChargeStatus, Hold, Idempotency, SettleResult, Settlement, TokenGrant,
+    ChargeStatus, GatewayConfirmations, Hold, Idempotency, RevocationFeed, SettleResult,
+    Settlement, TokenGrant,
 };
 use paystile_protocol::pay_token::Scope;
 
@@ -31,6 +32,38 @@ use crate::rules::{
     PriorOutcome, PriorUse, Refusal,
 };
 use crate::settings::Database;
+
+/// A revocation's answer, and the revocation feed's position after the entries it added:
+/// `None` when no revoked token had open holds (no gateway can hold any to drop).
+#[derive(Debug)]
+pub struct Revoked<T> {
+    pub value: T,
+    pub feed_seq: Option<u64>,
+}
+
+/// A feed position as the database keeps it (a signed 64-bit integer).
+fn seq_i64(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+/// The feed answer for `entries` (position, token), in order, read when the feed's last
+/// position was `head`: without entries the watcher is at the head.
+fn feed(entries: Vec<(i64, String)>, head: i64) -> RevocationFeed {
+    let last = entries.last().map_or(head, |(seq, _)| *seq);
+    RevocationFeed {
+        seq: u64::try_from(last).unwrap_or(0),
+        token_ids: entries.into_iter().map(|(_, token_id)| token_id).collect(),
+    }
+}
+
+/// Watchers (id, whether it applied the position asked about), as confirmations.
+fn confirmations(watchers: Vec<(String, bool)>) -> GatewayConfirmations {
+    let (confirmed, unconfirmed) = watchers.into_iter().partition::<Vec<_>, _>(|(_, seen)| *seen);
+    GatewayConfirmations {
+        confirmed: confirmed.into_iter().map(|(id, _)| id).collect(),
+        unconfirmed: unconfirmed.into_iter().map(|(id, _)| id).collect(),
+    }
+}
 
 /// The ledger's store; every operation is one atomic transaction.
 #[derive(Clone)]
@@ -67,13 +100,14 @@ impl Store {
         }
     }
 
-    /// Revokes the token; an unknown one is registered as `unknown` first, if given.
+    /// Revokes the token and its descendants; an unknown one is registered as `unknown`
+    /// first, if given. Those with open holds go on the revocation feed.
     pub async fn revoke_token(
         &self,
         token_id: String,
         unknown: Option<TokenGrant>,
         now: UnixMillis,
-    ) -> Result<Option<TokenRecord>, StoreError> {
+    ) -> Result<Revoked<Option<TokenRecord>>, StoreError> {
         match self {
             Store::Sqlite(store) => store.revoke_token(token_id, unknown, now).await,
             Store::Postgres(store) => store.revoke_token(token_id, unknown, now).await,
@@ -137,10 +171,55 @@ impl Store {
         &self,
         buyer_id: String,
         now: UnixMillis,
-    ) -> Result<Option<u64>, StoreError> {
+    ) -> Result<Revoked<Option<u64>>, StoreError> {
         match self {
             Store::Sqlite(store) => store.revoke_buyer(buyer_id, now).await,
             Store::Postgres(store) => store.revoke_buyer(buyer_id, now).await,
+        }
+    }
+
+    /// Whether other processes may write the books too (and the revocation feed): then a
+    /// watch must look at the store for revocations this process was not told of.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Store::Postgres(_))
+    }
+
+    /// The revocation feed after `after`: at most `limit` entries.
+    pub async fn revocations_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<RevocationFeed, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.revocations_after(after, limit).await,
+            Store::Postgres(store) => store.revocations_after(after, limit).await,
+        }
+    }
+
+    /// Records that `watcher` has applied the feed up to `seq` at `now`, and forgets the
+    /// watchers not heard from since `forget_before`.
+    pub async fn watcher_seen(
+        &self,
+        watcher: String,
+        seq: u64,
+        now: UnixMillis,
+        forget_before: UnixMillis,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(store) => store.watcher_seen(watcher, seq, now, forget_before).await,
+            Store::Postgres(store) => store.watcher_seen(watcher, seq, now, forget_before).await,
+        }
+    }
+
+    /// The watchers heard from since `live_since`, split by whether they applied `seq`.
+    pub async fn watchers(
+        &self,
+        seq: u64,
+        live_since: UnixMillis,
+    ) -> Result<GatewayConfirmations, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.watchers(seq, live_since).await,
+            Store::Postgres(store) => store.watchers(seq, live_since).await,
         }
     }
 

@@ -25,7 +25,8 @@ use deadpool_postgres::{
 };
 use paystile_protocol::Usdc;
 use paystile_protocol::ledger_api::{
-    ChargeStatus, SettleResult, SettleStatus, Settlement, TokenGrant,
+    ChargeStatus, GatewayConfirmations, RevocationFeed, SettleResult, SettleStatus, Settlement,
+    TokenGrant,
 };
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
@@ -36,8 +37,9 @@ use super::migrations::MIGRATIONS;
 use super::sql::{self, Columns, insert_token, select_account, select_token, subtree};
 use super::{
     BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, ExpiredOnRead, FIRST_TIER,
-    KeptRefusal, PriorKey, ReserveCommand, ReserveOutcome, ReserveStep, StoreError, TokenRecord,
-    UnixMillis, into_chain, replayed, scope_name, status_name,
+    KeptRefusal, PriorKey, ReserveCommand, ReserveOutcome, ReserveStep, Revoked, StoreError,
+    TokenRecord, UnixMillis, confirmations, feed, into_chain, replayed, scope_name, seq_i64,
+    status_name,
 };
 use crate::rules::{self, Account, Books, ChildSpec, Refusal, SettleDecision};
 use crate::settings::PostgresUrl;
@@ -207,9 +209,9 @@ impl PostgresStore {
         token_id: String,
         unknown: Option<TokenGrant>,
         now: UnixMillis,
-    ) -> Result<Option<TokenRecord>, StoreError> {
+    ) -> Result<Revoked<Option<TokenRecord>>, StoreError> {
         if !storable(&token_id) {
-            return Ok(None);
+            return Ok(Revoked { value: None, feed_seq: None });
         }
         let (token_id, unknown) = (token_id.as_str(), unknown.as_ref());
         in_transaction!(&self.pool, |tx| {
@@ -231,7 +233,8 @@ impl PostgresStore {
             )
             .await?;
             execute(&tx, sql::REVOKE_SUBTREE, &[&token_id, &now]).await?;
-            load_token(&tx, token_id).await?
+            let feed_seq = feed_revocation(&tx, sql::FEED_SUBTREE, &[&token_id, &now]).await?;
+            Revoked { value: load_token(&tx, token_id).await?, feed_seq }
         })
     }
 
@@ -342,9 +345,9 @@ impl PostgresStore {
         &self,
         buyer_id: String,
         now: UnixMillis,
-    ) -> Result<Option<u64>, StoreError> {
+    ) -> Result<Revoked<Option<u64>>, StoreError> {
         if !storable(&buyer_id) {
-            return Ok(None);
+            return Ok(Revoked { value: None, feed_seq: None });
         }
         let buyer_id = buyer_id.as_str();
         in_transaction!(&self.pool, |tx| {
@@ -360,8 +363,56 @@ impl PostgresStore {
             let revoked = execute(&tx, sql::REVOKE_BUYER, &[&now, &buyer_id]).await?;
             let known =
                 revoked > 0 || query_opt(&tx, sql::BUYER_KNOWN, &[&buyer_id]).await?.is_some();
-            known.then_some(revoked)
+            let feed_seq = feed_revocation(&tx, sql::FEED_BUYER, &[&now, &buyer_id]).await?;
+            Revoked { value: known.then_some(revoked), feed_seq }
         })
+    }
+
+    /// The revocation feed after `after`: at most `limit` entries.
+    pub async fn revocations_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<RevocationFeed, StoreError> {
+        let client = self.pool.get().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = query(&client, sql::FEED_AFTER, &[&seq_i64(after), &limit]).await?;
+        let entries = rows
+            .iter()
+            .map(|row| Ok((row.try_get::<_, i64>(0)?, row.try_get::<_, String>(1)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let head: i64 = query_one(&client, sql::FEED_HEAD, &[]).await?.try_get(0)?;
+        Ok(feed(entries, head))
+    }
+
+    /// Records that `watcher` has applied the feed up to `seq` at `now`, and forgets the
+    /// watchers not heard from since `forget_before`.
+    pub async fn watcher_seen(
+        &self,
+        watcher: String,
+        seq: u64,
+        now: UnixMillis,
+        forget_before: UnixMillis,
+    ) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        execute(&client, sql::WATCHER_SEEN, &[&watcher, &seq_i64(seq), &now]).await?;
+        execute(&client, sql::WATCHERS_GONE, &[&forget_before]).await?;
+        Ok(())
+    }
+
+    /// The watchers heard from since `live_since`, split by whether they applied `seq`.
+    pub async fn watchers(
+        &self,
+        seq: u64,
+        live_since: UnixMillis,
+    ) -> Result<GatewayConfirmations, StoreError> {
+        let client = self.pool.get().await?;
+        let rows = query(&client, sql::WATCHERS_LIVE, &[&seq_i64(seq), &live_since]).await?;
+        let rows = rows
+            .iter()
+            .map(|row| Ok((row.try_get::<_, String>(0)?, row.try_get::<_, bool>(1)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(confirmations(rows))
     }
 
     pub async fn charge(
@@ -1014,6 +1065,22 @@ async fn load_charge(
 }
 
 // Each statement is prepared once per connection (deadpool's statement cache).
+
+/// Adds a revocation's feed entries (`insert`, which adds the tokens with open holds) and
+/// answers the feed's position after them, or `None` if it added none. The table's lock,
+/// held to the commit, makes the order of positions the order of commits.
+async fn feed_revocation(
+    tx: &Transaction<'_>,
+    insert: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Option<u64>, StoreError> {
+    tx.batch_execute("LOCK TABLE revocations IN EXCLUSIVE MODE").await?;
+    if execute(tx, insert, params).await? == 0 {
+        return Ok(None);
+    }
+    let head: i64 = query_one(tx, sql::FEED_HEAD, &[]).await?.try_get(0)?;
+    Ok(Some(u64::try_from(head).unwrap_or(0)))
+}
 
 async fn query(
     db: &impl GenericClient,

@@ -88,6 +88,33 @@ pub(super) const REVOKE_SUBTREE: &str = concat!(
 );
 pub(super) const REVOKE_BUYER: &str =
     "UPDATE tokens SET revoked_at = $1 WHERE buyer_id = $2 AND revoked_at IS NULL";
+/// The feed entries of a token `$1` revoked at `$2`: it and each descendant with open holds
+/// (what gateway VMs may have prefetched). The holds stay open until settled or expired;
+/// none can commit any more.
+pub(super) const FEED_SUBTREE: &str = concat!(
+    subtree!(),
+    " INSERT INTO revocations (token_id, revoked_at)
+     SELECT DISTINCT token_id, CAST($2 AS BIGINT) FROM charges
+     WHERE status = 'held' AND token_id IN (SELECT token_id FROM tree)"
+);
+/// The feed entries of the buyer `$2`'s tokens revoked at `$1`: those with open holds.
+pub(super) const FEED_BUYER: &str = "INSERT INTO revocations (token_id, revoked_at)
+     SELECT DISTINCT c.token_id, CAST($1 AS BIGINT) FROM charges c
+     JOIN tokens t ON t.token_id = c.token_id
+     WHERE c.status = 'held' AND t.buyer_id = $2";
+pub(super) const FEED_HEAD: &str = "SELECT coalesce(max(seq), 0) FROM revocations";
+pub(super) const FEED_AFTER: &str =
+    "SELECT seq, token_id FROM revocations WHERE seq > $1 ORDER BY seq LIMIT $2";
+/// A watcher `$1` has applied the feed up to `$2`, at `$3`.
+pub(super) const WATCHER_SEEN: &str = "INSERT INTO watchers (watcher_id, seen_seq, seen_at)
+     VALUES ($1, $2, $3)
+     ON CONFLICT (watcher_id) DO UPDATE SET seen_seq = excluded.seen_seq, seen_at = excluded.seen_at";
+/// Forgets watchers that have not asked since `$1`: gateway VMs that went away.
+pub(super) const WATCHERS_GONE: &str = "DELETE FROM watchers WHERE seen_at < $1";
+/// The watchers that asked since `$2`, and whether each has applied the feed up to `$1`.
+pub(super) const WATCHERS_LIVE: &str = "SELECT watcher_id, seen_seq >= $1 FROM watchers
+     WHERE seen_at >= $2 ORDER BY watcher_id";
+
 /// Whether the buyer `$1` has an account or a token.
 pub(super) const BUYER_KNOWN: &str = "SELECT 1 FROM buyers WHERE buyer_id = $1
      UNION ALL SELECT 1 FROM tokens WHERE buyer_id = $1 LIMIT 1";

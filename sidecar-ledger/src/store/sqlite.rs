@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use paystile_protocol::Usdc;
 use paystile_protocol::ledger_api::{
-    ChargeStatus, SettleResult, SettleStatus, Settlement, TokenGrant,
+    ChargeStatus, GatewayConfirmations, RevocationFeed, SettleResult, SettleStatus, Settlement,
+    TokenGrant,
 };
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, Params, Row, params, params_from_iter};
@@ -29,8 +30,8 @@ use super::migrations::MIGRATIONS;
 use super::sql::{self, Columns};
 use super::{
     BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, ExpiredOnRead, FIRST_TIER,
-    KeptRefusal, PriorKey, ReserveCommand, ReserveOutcome, ReserveStep, StoreError, TokenRecord,
-    UnixMillis, replayed, scope_name, status_name,
+    KeptRefusal, PriorKey, ReserveCommand, ReserveOutcome, ReserveStep, Revoked, StoreError,
+    TokenRecord, UnixMillis, confirmations, feed, replayed, scope_name, seq_i64, status_name,
 };
 use crate::rules::{self, Account, Books, ChildSpec, MAX_CHAIN_LEN, Refusal, SettleDecision};
 use crate::telemetry::wire_name;
@@ -151,7 +152,7 @@ impl SqliteStore {
         token_id: String,
         unknown: Option<TokenGrant>,
         now: UnixMillis,
-    ) -> Result<Option<TokenRecord>, StoreError> {
+    ) -> Result<Revoked<Option<TokenRecord>>, StoreError> {
         self.run(move |conn| {
             if let Some(grant) = &unknown
                 && load_token(conn, &token_id)?.is_none()
@@ -159,7 +160,8 @@ impl SqliteStore {
                 insert_token(conn, grant, None, now)?;
             }
             execute(conn, sql::REVOKE_SUBTREE, params![token_id, now])?;
-            load_token(conn, &token_id)
+            let fed = execute(conn, sql::FEED_SUBTREE, params![token_id, now])?;
+            Ok(Revoked { value: load_token(conn, &token_id)?, feed_seq: feed_head(conn, fed)? })
         })
         .await
     }
@@ -265,12 +267,68 @@ impl SqliteStore {
         &self,
         buyer_id: String,
         now: UnixMillis,
-    ) -> Result<Option<u64>, StoreError> {
+    ) -> Result<Revoked<Option<u64>>, StoreError> {
         self.run(move |conn| {
             let revoked = execute(conn, sql::REVOKE_BUYER, params![now, buyer_id])?;
             let known = revoked > 0
                 || query_opt(conn, sql::BUYER_KNOWN, params![buyer_id], |_| Ok(()))?.is_some();
-            Ok(known.then(|| u64::try_from(revoked).unwrap_or(u64::MAX)))
+            let fed = execute(conn, sql::FEED_BUYER, params![now, buyer_id])?;
+            Ok(Revoked {
+                value: known.then(|| u64::try_from(revoked).unwrap_or(u64::MAX)),
+                feed_seq: feed_head(conn, fed)?,
+            })
+        })
+        .await
+    }
+
+    /// The revocation feed after `after`: at most `limit` entries.
+    pub async fn revocations_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<RevocationFeed, StoreError> {
+        self.run(move |conn| {
+            let entries = query_all(
+                conn,
+                sql::FEED_AFTER,
+                params![seq_i64(after), i64::try_from(limit).unwrap_or(i64::MAX)],
+                |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?)),
+            )?;
+            let head = conn.prepare_cached(sql::FEED_HEAD)?.query_row([], |row| row.get(0))?;
+            Ok(feed(entries, head))
+        })
+        .await
+    }
+
+    /// Records that `watcher` has applied the feed up to `seq` at `now`, and forgets the
+    /// watchers not heard from since `forget_before`.
+    pub async fn watcher_seen(
+        &self,
+        watcher: String,
+        seq: u64,
+        now: UnixMillis,
+        forget_before: UnixMillis,
+    ) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            execute(conn, sql::WATCHER_SEEN, params![watcher, seq_i64(seq), now])?;
+            execute(conn, sql::WATCHERS_GONE, params![forget_before])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The watchers heard from since `live_since`, split by whether they applied `seq`.
+    pub async fn watchers(
+        &self,
+        seq: u64,
+        live_since: UnixMillis,
+    ) -> Result<GatewayConfirmations, StoreError> {
+        self.run(move |conn| {
+            let rows =
+                query_all(conn, sql::WATCHERS_LIVE, params![seq_i64(seq), live_since], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, bool>(1)?))
+                })?;
+            Ok(confirmations(rows))
         })
         .await
     }
@@ -856,6 +914,16 @@ fn load_charge(conn: &Connection, charge_id: &str) -> Result<Option<ChargeRecord
 
 // Each statement is prepared once (the writer's statement cache).
 
+/// The feed's position once a revocation that added `fed` entries has committed; `None` if
+/// it added none. The single writer orders feed entries by commit.
+fn feed_head(conn: &Connection, fed: usize) -> Result<Option<u64>, StoreError> {
+    if fed == 0 {
+        return Ok(None);
+    }
+    let head: i64 = conn.prepare_cached(sql::FEED_HEAD)?.query_row([], |row| row.get(0))?;
+    Ok(Some(u64::try_from(head).unwrap_or(0)))
+}
+
 fn execute(conn: &Connection, sql: &str, params: impl Params) -> Result<usize, StoreError> {
     Ok(conn.prepare_cached(sql)?.execute(params)?)
 }
@@ -1039,7 +1107,7 @@ mod tests {
         // old holds are on no account.
         let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0)).unwrap();
         assert_eq!(version, i64::try_from(MIGRATIONS.len()).unwrap());
-        assert_eq!(MIGRATIONS.len(), 6);
+        assert_eq!(MIGRATIONS.len(), 7);
         let token = conn
             .query_row("SELECT parent_id, sandbox FROM tokens WHERE token_id = 'tok'", [], |row| {
                 Ok((row.get::<_, Option<String>>(0)?, row.get::<_, bool>(1)?))

@@ -113,6 +113,12 @@ impl Dispatch {
         self.header(":path").unwrap_or_default()
     }
 
+    /// A poll of the ledger's revocation feed (`GET /v1/revocations?…`).
+    pub fn is_watch_poll(&self) -> bool {
+        self.header(":method").as_deref() == Some("GET")
+            && self.path().starts_with(paystile_protocol::ledger_api::path::REVOCATIONS)
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
     }
@@ -199,6 +205,8 @@ struct HostState {
     call_headers: Option<Pairs>,
     call_body: Option<Vec<u8>>,
     dispatches: Vec<Dispatch>,
+    /// Revocation polls [`Vm::take_dispatches`] set aside.
+    watch_polls: Vec<Dispatch>,
     /// Dispatches not answered yet, with the context that made them.
     pending: BTreeMap<u32, u32>,
     next_token: u32,
@@ -321,6 +329,7 @@ impl Vm {
             call_headers: None,
             call_body: None,
             dispatches: Vec::new(),
+            watch_polls: Vec::new(),
             pending: BTreeMap::new(),
             next_token: 1,
             tick_period: Duration::ZERO,
@@ -454,9 +463,21 @@ impl Vm {
         Ok(())
     }
 
-    /// The dispatches made since the last call, oldest first.
+    /// The dispatches made since the last call, oldest first, but for the revocation
+    /// watch's polls: a ledger holds those open while nothing is revoked, so they wait for
+    /// a test that is about them ([`Vm::take_watch_polls`]).
     pub fn take_dispatches(&mut self) -> Vec<Dispatch> {
-        std::mem::take(&mut self.store.data_mut().dispatches)
+        let state = self.store.data_mut();
+        let (polls, others): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut state.dispatches).into_iter().partition(Dispatch::is_watch_poll);
+        state.watch_polls.extend(polls);
+        others
+    }
+
+    /// The revocation watch's polls made and not yet taken, oldest first.
+    pub fn take_watch_polls(&mut self) -> Vec<Dispatch> {
+        self.take_dispatches();
+        std::mem::take(&mut self.store.data_mut().watch_polls)
     }
 
     /// Delivers the outcome of dispatch `token` to the root context, as Envoy does (the SDK
