@@ -8,7 +8,7 @@
 //! which gateway key), outlives the configurations (a reload must not strand a queue), and
 //! any root context's tick flushes every ledger's queue.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use crate::ledger::LedgerTarget;
@@ -25,6 +25,9 @@ pub struct Books {
     pub prefetched: Rc<RefCell<Prefetched>>,
     /// The watch on the ledger's revocations, kept while holds are prefetched from it.
     pub watch: RefCell<Watch>,
+    /// The prefetched holds added and gone (taken or given back) as last reported in the
+    /// VM's counters.
+    pub prefetch_reported: Cell<(u64, u64)>,
 }
 
 impl Books {
@@ -59,6 +62,7 @@ impl Ledgers {
             queue: RefCell::default(),
             prefetched: Rc::default(),
             watch: RefCell::default(),
+            prefetch_reported: Cell::default(),
         });
         self.books.push(books.clone());
         books

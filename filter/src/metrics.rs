@@ -27,6 +27,8 @@ pub enum Counter {
     SettleQueued,
     SettleAnswered,
     SettleDropped,
+    PrefetchAdded,
+    PrefetchGone,
 }
 
 /// A gauge.
@@ -67,6 +69,8 @@ impl Counter {
             Counter::SettleQueued,
             Counter::SettleAnswered,
             Counter::SettleDropped,
+            Counter::PrefetchAdded,
+            Counter::PrefetchGone,
         ];
         all.extend(REFUSALS.map(Counter::Refused));
         all
@@ -82,6 +86,8 @@ impl Counter {
             Counter::SettleQueued => "settle_queued",
             Counter::SettleAnswered => "settle_answered",
             Counter::SettleDropped => "settle_dropped",
+            Counter::PrefetchAdded => "prefetch_added",
+            Counter::PrefetchGone => "prefetch_gone",
         };
         format!("paystile_{name}")
     }

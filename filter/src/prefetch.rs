@@ -52,6 +52,9 @@ pub struct Prefetched {
     /// reserve the ledger answered before the revocation, read after it, must neither
     /// serve its call nor fill a pool.
     revoked: HashMap<String, u64>,
+    /// Entries ever added to a pool: with [`Prefetched::waiting`], what the VM's metrics
+    /// report (added, and gone: taken or given back).
+    entered: u64,
 }
 
 impl Prefetched {
@@ -119,6 +122,7 @@ impl Prefetched {
             self.dropped
                 .extend(entries.into_iter().map(|entry| release(&key.token_id, entry.charge_id)));
         } else if !entries.is_empty() {
+            self.entered += entries.len() as u64;
             self.pools.entry(key).or_default().extend(entries);
         }
     }
@@ -181,6 +185,11 @@ impl Prefetched {
         self.refilling.retain(|_, sent| now_ms.saturating_sub(*sent) <= max_age_ms);
         self.revoked.retain(|_, until| now_ms < *until);
         releases
+    }
+
+    /// Entries ever added to a pool.
+    pub fn entered(&self) -> u64 {
+        self.entered
     }
 
     /// Holds waiting for a call, over every pool.

@@ -113,6 +113,28 @@ fn record(gauge: Gauge, value: usize) {
     });
 }
 
+/// Counts the prefetched holds `books` added and those gone since the last report: summed
+/// over the workers' VMs, their difference is what waits in pools (scripts/drain-gateway
+/// waits for it to be 0; a gauge would show one VM's value only).
+fn report_prefetched(books: &Books) {
+    let (entered, waiting) = {
+        let prefetched = books.prefetched.borrow();
+        (prefetched.entered(), u64::try_from(prefetched.waiting()).unwrap_or(u64::MAX))
+    };
+    let now = (entered, entered.saturating_sub(waiting));
+    let (added, gone) = books.prefetch_reported.replace(now);
+    let delta = |total: u64, reported: u64| usize::try_from(total.saturating_sub(reported));
+    count(Counter::PrefetchAdded, delta(now.0, added).unwrap_or(usize::MAX));
+    count(Counter::PrefetchGone, delta(now.1, gone).unwrap_or(usize::MAX));
+}
+
+/// [`report_prefetched`] for every ledger's books.
+fn report_all_prefetched() {
+    for books in LEDGERS.with(|ledgers| ledgers.borrow().all()) {
+        report_prefetched(&books);
+    }
+}
+
 /// Counts a ledger call's answer that says the ledger is in trouble.
 fn note_ledger(status: Option<u16>) {
     if let Some(counter) = metrics::ledger_trouble(status) {
@@ -215,6 +237,7 @@ impl RootContext for Root {
         }
         record(Gauge::SettleQueue, queued);
         record(Gauge::PrefetchedHolds, prefetched);
+        report_all_prefetched();
         self.refill(&gate, now);
     }
 
@@ -376,6 +399,16 @@ impl Context for Root {
         });
         log::info!("paystile: the configuration is going away; delivering {waiting} settlements");
         for books in LEDGERS.with(|ledgers| ledgers.borrow().all()) {
+            // Prefetched holds no call will take go back with the rest, not at their TTL.
+            let unused = {
+                let mut prefetched = books.prefetched.borrow_mut();
+                prefetched.drop_all();
+                prefetched.releases(now, books.target().prefetch_max_age_ms)
+            };
+            for release in unused {
+                push(&books, release);
+            }
+            report_prefetched(&books);
             self.settle(&books, now, true);
         }
         if self.settling.is_empty() {
@@ -402,6 +435,7 @@ impl Context for Root {
             let (_, books, poll) = self.watching.swap_remove(at);
             self.on_watch_reply(books, poll, headers, body_size);
         }
+        report_all_prefetched();
     }
 }
 
@@ -509,7 +543,11 @@ impl HttpContext for Stream {
         };
         let now = millis(self.get_current_time());
         let action = self.exchange.on_request_headers(&gate, &request, now);
-        self.perform(&gate, action, false)
+        let action = self.perform(&gate, action, false);
+        if let Some(books) = &self.books {
+            report_prefetched(books);
+        }
+        action
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
@@ -555,6 +593,9 @@ impl Context for Stream {
         note_ledger(reply.status);
         let action = self.exchange.on_ledger_reply(&gate, reply);
         self.perform(&gate, action, true);
+        if let Some(books) = &self.books {
+            report_prefetched(books);
+        }
     }
 }
 

@@ -4,11 +4,12 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use paystile_harness::e2e::TestStack;
 use paystile_protocol::Usdc;
+use paystile_protocol::ledger_api::{ChargeQuery, ChargeStatus};
 use serde_json::json;
 
 const CALLS: u64 = 40;
@@ -134,4 +135,84 @@ async fn a_revoke_under_load_answers_once_no_worker_serves_the_token_any_more() 
         "charged after the revocation: {settled:?}, at it {revoked:?}"
     );
     assert_eq!(settled.used_usdc, revoked.used_usdc, "a hold in flight at the revoke was charged");
+}
+
+/// Near the cap, with the default configuration (holds prefetched) and calls spread over
+/// Envoy's two workers: the token spends its cap exactly, no more and nothing left over,
+/// and a hold prefetched on one worker never sits unused for much longer than its maximum
+/// age while the other worker's calls are refused for want of budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn near_the_cap_workers_spend_it_exactly_and_idle_holds_go_back_at_their_age() {
+    const CLIENTS: usize = 8;
+    const CALLS: u64 = 60;
+    let stack = TestStack::start().await.unwrap();
+    let price = stack.forecast_price();
+    let token = stack.issue(&price.checked_mul(CALLS).unwrap().to_string()).await.unwrap();
+    let served = Arc::new(AtomicU64::new(0));
+    let url = stack.stack.gateway_url("/v1/forecast/cap");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let (served, url, jwt) = (served.clone(), url.clone(), token.jwt.clone());
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let mut refused = 0;
+                for i in 0.. {
+                    if served.load(Ordering::SeqCst) >= CALLS
+                        || tokio::time::Instant::now() > deadline
+                    {
+                        break;
+                    }
+                    let answer = http.get(format!("{url}-{c}-{i}")).bearer_auth(&jwt).send().await;
+                    match answer.unwrap().status().as_u16() {
+                        200 => {
+                            served.fetch_add(1, Ordering::SeqCst);
+                        }
+                        402 => {
+                            refused += 1;
+                            // Budget held elsewhere: try again shortly.
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        other => panic!("unexpected {other}"),
+                    }
+                }
+                refused
+            })
+        })
+        .collect();
+    let mut refused = 0;
+    for client in clients {
+        refused += client.await.unwrap();
+    }
+    assert_eq!(served.load(Ordering::SeqCst), CALLS, "{refused} refused; the cap was not spent");
+    let settled = stack.settled(&token.token_id).await.unwrap();
+    assert_eq!(settled.used_usdc, settled.limit_usdc, "{settled:?}");
+    let paid: Vec<_> = stack
+        .stack
+        .upstream
+        .seen()
+        .into_iter()
+        .filter(|request| request.path.starts_with("/v1/forecast/cap"))
+        .collect();
+    assert_eq!(paid.len() as u64, CALLS, "the upstream saw more calls than the cap pays");
+    let (reserves, holds) = reserves_and_holds(&stack).await;
+    assert!(holds > reserves, "no hold was prefetched ({reserves} reserves, {holds} holds)");
+    // Every hold released unused went back within its age, a tick and a settle round trip.
+    let query = ChargeQuery {
+        token_id: Some(token.token_id.clone()),
+        status: Some(ChargeStatus::Released),
+        limit: Some(1000),
+        ..ChargeQuery::default()
+    };
+    let page = stack.stack.admin.charges(&query).await.unwrap();
+    for charge in page.charges.iter().filter(|c| c.upstream_status.is_none()) {
+        let created = at(&charge.created_at);
+        let released = at(charge.settled_at.as_deref().unwrap());
+        let idle = (released - created).whole_milliseconds();
+        assert!(idle < 1000 + 1000, "{} sat unused for {idle} ms", charge.charge_id);
+    }
+}
+
+fn at(rfc3339: &str) -> time::OffsetDateTime {
+    time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339).unwrap()
 }

@@ -161,6 +161,10 @@ pub const DEFAULT_LEDGER_AUTHORITY: &str = "paystile-ledger";
 pub const DEFAULT_LEDGER_TIMEOUT_MS: u64 = 1000;
 pub const DEFAULT_SETTLE_INTERVAL_MS: u64 = 50;
 pub const DEFAULT_PREFETCH_MAX_AGE_MS: u64 = 1000;
+/// Holds a hot token's reserve asks for by default: its next calls then go on without a
+/// ledger round trip, one call in eight waiting for the next batch (the pool is refilled at
+/// half). The revocation watch keeps the kill switch instant (see `watch`).
+pub const DEFAULT_PREFETCH_HOLDS: u16 = 16;
 /// Prefetched holds must be used or released well within the ledger's hold TTL (a minute
 /// by default), and live long enough to serve a hot token's next calls.
 pub const PREFETCH_MAX_AGE_RANGE_MS: std::ops::RangeInclusive<u64> = 100..=10_000;
@@ -231,7 +235,7 @@ impl Config {
             ledger.settle_interval_ms,
             DEFAULT_SETTLE_INTERVAL_MS,
         )?;
-        let prefetch_holds = match ledger.prefetch_holds.unwrap_or(0) {
+        let prefetch_holds = match ledger.prefetch_holds.unwrap_or(DEFAULT_PREFETCH_HOLDS) {
             holds @ 0..=MAX_HOLDS_PER_RESERVE => holds,
             _ => {
                 return Err(invalid(
@@ -494,7 +498,7 @@ mod tests {
         assert_eq!(config.ledger.authority, "paystile-ledger");
         assert_eq!(config.ledger.timeout, Duration::from_millis(1000));
         assert_eq!(config.ledger.authorization, "Bearer gateway-key-0123456789");
-        assert_eq!((config.ledger.prefetch_holds, config.ledger.prefetch_max_age_ms), (0, 1000));
+        assert_eq!((config.ledger.prefetch_holds, config.ledger.prefetch_max_age_ms), (16, 1000));
         assert_eq!(config.verifier.pay_token.unwrap().validation.leeway_seconds, 60);
         assert!(config.l402.is_none());
         assert_eq!(config.failure_mode, FailureMode::Closed);
