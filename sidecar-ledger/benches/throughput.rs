@@ -13,7 +13,8 @@
 //!   on one hot token (both ledgers take turns at its row lock), then with a token of its own
 //!   per client (different tokens, which should scale with the clients).
 //!
-//! `cargo bench -p paystile-ledger --bench throughput` prints one table. After each run it
+//! `cargo bench -p paystile-ledger --bench throughput` prints one table (`-- PostgreSQL`: only
+//! the rows whose store's name contains that). After each run it
 //! checks the books through every store: each token's spend equals the pairs counted on it,
 //! and nothing is left on hold. For PostgreSQL it also prints the write transactions the
 //! server committed per second during the run (the transaction ids it handed out, which
@@ -213,11 +214,16 @@ async fn main() -> anyhow::Result<()> {
         ("PostgreSQL, 2 stores", &postgres, 2, Tokens::Hot, [2, 8, 64]),
         ("PostgreSQL, 2 stores", &postgres, 2, Tokens::PerClient, [2, 8, 64]),
     ];
+    // Cargo passes `--bench`; any other argument picks rows.
+    let only = std::env::args().skip(1).find(|arg| !arg.starts_with("--")).unwrap_or_default();
     println!("| store | token | mode | clients | pairs/s | PostgreSQL xacts/s | pairs/xact |");
     println!("|---|---|---|--:|--:|--:|--:|");
     let mut hot_pairs = [0, 0];
     let mut run_id = 0;
     for (name, database, count, tokens, client_counts) in rows {
+        if !name.contains(&only) {
+            continue;
+        }
         let mut stores = Vec::new();
         for _ in 0..count {
             stores.push(Store::open(database).await?);
