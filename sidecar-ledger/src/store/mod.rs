@@ -381,6 +381,13 @@ pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// What [`postgres`]'s retries need of an error: the store's error it carries.
+impl AsRef<StoreError> for StoreError {
+    fn as_ref(&self) -> &StoreError {
+        self
+    }
+}
+
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> StoreError {
         StoreError::Database(Arc::new(e))

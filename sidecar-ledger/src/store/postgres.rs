@@ -1,6 +1,6 @@
 //! PostgreSQL: one set of books for several ledger processes (or machines).
 //!
-//! Every operation is one READ COMMITTED transaction that first locks the rows its decision
+//! Every operation runs in a READ COMMITTED transaction that first locks the rows its decision
 //! rests on (`SELECT … FOR NO KEY UPDATE`): the tokens of the chains involved (a token and
 //! its ancestors), in token-id order and in one statement, then the buyers' accounts
 //! involved, in buyer-id order.
@@ -14,8 +14,13 @@
 //! transactions from deadlocking; a transaction PostgreSQL aborts all the same (deadlock,
 //! serialization failure) was rolled back whole, and runs again.
 //!
+//! The hot path (reserves without an Idempotency-Key, settlements) runs through [`writer`]:
+//! many operations per transaction, one COMMIT (group commit), locks taken as above.
+//!
 //! `FOR NO KEY UPDATE` rather than `FOR UPDATE`: it excludes the other ledgers just the same,
 //! but not the foreign-key checks of rows inserted under the token.
+
+mod writer;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -25,8 +30,7 @@ use deadpool_postgres::{
 };
 use paystile_protocol::Usdc;
 use paystile_protocol::ledger_api::{
-    ChargeStatus, GatewayConfirmations, RevocationFeed, SettleResult, SettleStatus, Settlement,
-    TokenGrant,
+    ChargeStatus, GatewayConfirmations, RevocationFeed, SettleResult, Settlement, TokenGrant,
 };
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
@@ -41,9 +45,10 @@ use super::{
     TokenRecord, UnixMillis, confirmations, feed, into_chain, replayed, scope_name, seq_i64,
     status_name,
 };
-use crate::rules::{self, Account, Books, ChildSpec, Refusal, SettleDecision};
+use crate::rules::{self, Account, Books, ChildSpec, Refusal};
 use crate::settings::PostgresUrl;
 use crate::telemetry::wire_name;
+use writer::{Done, Work, Writer};
 
 /// Connections per ledger process. Operations on one token take turns anyway; more
 /// connections serve more tokens at once, at a cost to the server per connection.
@@ -65,13 +70,13 @@ macro_rules! lock_in_order {
     };
 }
 
-/// Locks the token `$1` (if any) and the tokens of the charges `$2` names, with all their
-/// ancestors, in one statement and so in id order; answers them. Locked until the
+/// Locks the tokens `$1` and the tokens of the charges `$2` names, with all their ancestors,
+/// in one statement and so in id order; answers them. Locked until the
 /// transaction ends: the other ledgers' operations on them wait, and this one sees the state
 /// they left.
 const LOCK_CHAINS: &str = concat!(
     "WITH RECURSIVE chain (token_id, parent_id) AS (
-         SELECT token_id, parent_id FROM tokens WHERE token_id = $1
+         SELECT token_id, parent_id FROM tokens WHERE token_id = ANY($1)
          UNION
          SELECT t.token_id, t.parent_id FROM tokens t JOIN charges c ON c.token_id = t.token_id
          WHERE c.charge_id = ANY($2)
@@ -97,6 +102,9 @@ const INSERT_TOKEN_IF_NEW: &str = concat!(insert_token!(), " ON CONFLICT (token_
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    /// Runs the hot path's writes (reserves without an Idempotency-Key, settlements) in
+    /// batches, one transaction each (group commit).
+    writer: Writer,
     /// Holds released on read (past their TTL when an operation touched their buyer),
     /// counted once their transaction has committed.
     pub(super) expired_on_read: ExpiredOnRead,
@@ -113,7 +121,7 @@ macro_rules! in_transaction {
             let $tx = client.transaction().await?;
             let value = $body;
             $tx.commit().await?;
-            Ok(value)
+            Ok::<_, StoreError>(value)
         })
         .await
     }};
@@ -135,7 +143,8 @@ impl PostgresStore {
             .wait_timeout(Some(WAIT_TIMEOUT))
             .build()
             .map_err(|e| StoreError::Setup(format!("cannot build the connection pool: {e}")))?;
-        let store = PostgresStore { pool, expired_on_read: ExpiredOnRead::default() };
+        let writer = Writer::start(pool.clone());
+        let store = PostgresStore { pool, writer, expired_on_read: ExpiredOnRead::default() };
         store.migrate().await?;
         Ok(store)
     }
@@ -436,12 +445,22 @@ impl PostgresStore {
         Ok(charge)
     }
 
+    /// A reserve without an Idempotency-Key joins the writer's next batch. One with a key runs
+    /// in a transaction of its own (the batch does not keep keys): slower on a hot token, and
+    /// ordered with the batches by the same locks.
     pub async fn reserve(&self, command: ReserveCommand) -> Result<ReserveOutcome, StoreError> {
-        let command = &command;
-        let (outcome, expired) = in_transaction!(&self.pool, |tx| {
-            let mut expired = 0;
-            (reserve(&tx, command, &mut expired).await?, expired)
-        })?;
+        let (outcome, expired) = if command.idempotency.is_none() {
+            match self.writer.run(Work::Reserve(Box::new(command))).await? {
+                Done::Reserved(outcome, expired) => (outcome, expired),
+                Done::Settled(_) => return Err(StoreError::Corrupt("a reserve settled".into())),
+            }
+        } else {
+            let command = &command;
+            in_transaction!(&self.pool, |tx| {
+                let mut expired = 0;
+                (reserve(&tx, command, &mut expired).await?, expired)
+            })?
+        };
         self.expired_on_read.count(expired);
         Ok(outcome)
     }
@@ -451,8 +470,10 @@ impl PostgresStore {
         settlements: Vec<Settlement>,
         now: UnixMillis,
     ) -> Result<Vec<SettleResult>, StoreError> {
-        let settlements = settlements.as_slice();
-        in_transaction!(&self.pool, |tx| settle(&tx, settlements, now).await?)
+        match self.writer.run(Work::Settle(settlements, now)).await? {
+            Done::Settled(results) => Ok(results),
+            Done::Reserved(..) => Err(StoreError::Corrupt("a settlement reserved".into())),
+        }
     }
 
     /// Moves the expiry of every open hold to `until` at the earliest; answers how many.
@@ -507,16 +528,17 @@ impl PostgresStore {
 /// Runs `attempt`, one whole transaction, again while PostgreSQL aborts it as a deadlock or a
 /// serialization failure: it was rolled back whole, so running it again is safe. Any other
 /// error (a lost connection above all, when a COMMIT's fate is unknown) is final.
-async fn retrying<T, F, Fut>(mut attempt: F) -> Result<T, StoreError>
+async fn retrying<T, E, F, Fut>(mut attempt: F) -> Result<T, E>
 where
+    E: AsRef<StoreError>,
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, StoreError>>,
+    Fut: Future<Output = Result<T, E>>,
 {
     let mut attempts = 1;
     loop {
         match attempt().await {
-            Err(e) if attempts < MAX_ATTEMPTS && is_transient(&e) => {
-                tracing::debug!(error = %e, attempts, "transaction aborted; running it again");
+            Err(e) if attempts < MAX_ATTEMPTS && is_transient(e.as_ref()) => {
+                tracing::debug!(error = %e.as_ref(), attempts, "transaction aborted; running it again");
                 // A short, growing, random pause, so that the parties do not collide again.
                 let pause = rand::random_range(1..=5 * u64::from(attempts));
                 tokio::time::sleep(Duration::from_millis(pause)).await;
@@ -543,7 +565,7 @@ fn storable(id: &str) -> bool {
 /// Locks the token `token_id` and its ancestors (in id order); answers them, the token
 /// first, or nothing for an unknown token.
 async fn lock_chain(tx: &Transaction<'_>, token_id: &str) -> Result<Vec<TokenRecord>, StoreError> {
-    let (tokens, _) = lock_chains(tx, Some(token_id), &[] as &[&str]).await?;
+    let (tokens, _) = lock_chains(tx, &[token_id], &[] as &[&str]).await?;
     if tokens.is_empty() {
         return Ok(Vec::new());
     }
@@ -553,16 +575,16 @@ async fn lock_chain(tx: &Transaction<'_>, token_id: &str) -> Result<Vec<TokenRec
 /// Each locked token's parent.
 type Parents = HashMap<String, Option<String>>;
 
-/// Locks the chain of `token_id` and those of the charges `charge_ids` ([`LOCK_CHAINS`]);
+/// Locks the chains of `token_ids` and those of the charges `charge_ids` ([`LOCK_CHAINS`]);
 /// answers the tokens locked, by id, and each one's parent.
 async fn lock_chains(
     tx: &Transaction<'_>,
-    token_id: Option<&str>,
+    token_ids: &[&str],
     charge_ids: &[impl ToSql + Sync],
 ) -> Result<(HashMap<String, TokenRecord>, Parents), StoreError> {
     let mut tokens = HashMap::new();
     let mut parents = Parents::new();
-    for row in query(tx, LOCK_CHAINS, &[&token_id, &charge_ids]).await? {
+    for row in query(tx, LOCK_CHAINS, &[&token_ids, &charge_ids]).await? {
         let token = sql::token_record(&row)?;
         parents.insert(token.grant.token_id.clone(), token.parent_id.clone());
         tokens.insert(token.grant.token_id.clone(), token);
@@ -590,7 +612,7 @@ async fn reserve(
         // registered here has no parent: children are minted by the ledger.
         insert_token(tx, &cmd.token, None, cmd.now, INSERT_TOKEN_IF_NEW).await?;
     }
-    let (tokens, parents) = lock_chains(tx, Some(token_id), &due).await?;
+    let (tokens, parents) = lock_chains(tx, &[token_id], &due).await?;
     let mut chain = into_chain(tokens, token_id)?;
     // Then the accounts, as every transaction locks accounts after tokens.
     *expired = release_locked(tx, &due, &parents, cmd.now).await?;
@@ -691,18 +713,6 @@ async fn reserve(
     }
 }
 
-/// A held charge as settling sees it, kept up to date through the batch (which may name a
-/// charge twice).
-struct OpenHold {
-    token_id: String,
-    /// The buyer whose account holds it, if one does.
-    account: Option<String>,
-    held: Usdc,
-    status: ChargeStatus,
-    hold_expires_at: UnixMillis,
-    revoked: bool,
-}
-
 /// A hold to close: committed for `charged` (which becomes used; the rest of the hold is
 /// freed), or released (all of it freed) when `charged` is `None`.
 struct Closing {
@@ -712,85 +722,6 @@ struct Closing {
     held: Usdc,
     charged: Option<Usdc>,
     upstream_status: Option<i32>,
-}
-
-async fn settle(
-    tx: &Transaction<'_>,
-    settlements: &[Settlement],
-    now: UnixMillis,
-) -> Result<Vec<SettleResult>, StoreError> {
-    let ids: Vec<&str> =
-        settlements.iter().map(|s| s.charge_id.as_str()).filter(|id| storable(id)).collect();
-    let mut holds = HashMap::with_capacity(ids.len());
-    let mut parents = Parents::new();
-    if !ids.is_empty() {
-        parents = lock_chains(tx, None, &ids).await?.1;
-        let rows = query(
-            tx,
-            "SELECT c.charge_id, c.token_id, c.held_micros, c.status, c.hold_expires_at,
-                    t.revoked_at IS NOT NULL, CASE WHEN c.on_account THEN t.buyer_id END
-             FROM charges c JOIN tokens t ON t.token_id = c.token_id
-             WHERE c.charge_id = ANY($1)",
-            &[&ids],
-        )
-        .await?;
-        for row in rows {
-            let hold = OpenHold {
-                token_id: row.try_get(1)?,
-                held: sql::usdc(&row, 2)?,
-                status: sql::charge_status(&row, 3)?,
-                hold_expires_at: row.try_get(4)?,
-                revoked: row.try_get(5)?,
-                account: row.try_get(6)?,
-            };
-            holds.insert(row.try_get::<_, String>(0)?, hold);
-        }
-    }
-
-    let mut closing = Vec::new();
-    let mut results = Vec::with_capacity(settlements.len());
-    for s in settlements {
-        let status = match holds.get_mut(&s.charge_id) {
-            None => SettleStatus::Unknown,
-            Some(hold) => {
-                let amount = match rules::commit_amount(s.amount_usdc, hold.held) {
-                    Ok(amount) => amount,
-                    Err(problem) => {
-                        results.push(SettleResult::invalid(&s.charge_id, problem));
-                        continue;
-                    }
-                };
-                let expired = now >= hold.hold_expires_at;
-                let (closed, result) =
-                    match rules::settle(hold.status, expired, hold.revoked, s.outcome, amount) {
-                        SettleDecision::Unchanged(result) => (None, result),
-                        SettleDecision::Commit(amount) => {
-                            (Some(Some(amount)), SettleStatus::Committed)
-                        }
-                        SettleDecision::Release(result) => (Some(None), result),
-                    };
-                if let Some(charged) = closed {
-                    hold.status = if charged.is_some() {
-                        ChargeStatus::Committed
-                    } else {
-                        ChargeStatus::Released
-                    };
-                    closing.push(Closing {
-                        charge_id: s.charge_id.clone(),
-                        token_id: hold.token_id.clone(),
-                        account: hold.account.clone(),
-                        held: hold.held,
-                        charged,
-                        upstream_status: s.upstream_status.map(i32::from),
-                    });
-                }
-                result
-            }
-        };
-        results.push(SettleResult { charge_id: s.charge_id.clone(), status, error: None });
-    }
-    close_holds(tx, &closing, &parents, now).await?;
-    Ok(results)
 }
 
 async fn expire_holds(
@@ -843,7 +774,7 @@ async fn release_due(
     if due.is_empty() {
         return Ok(0);
     }
-    let (_, parents) = lock_chains(tx, None, due).await?;
+    let (_, parents) = lock_chains(tx, &[], due).await?;
     release_locked(tx, due, &parents, now).await
 }
 
