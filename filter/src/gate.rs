@@ -20,6 +20,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use paystile_protocol::credential::{self, Scheme, Verified};
 use paystile_protocol::headers;
@@ -80,6 +81,12 @@ impl Gate {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The route that prices a request of `method` to `path`, if any: only then does the
+    /// gate need the request's credential, its Idempotency-Key and the clock.
+    pub fn priced_route(&self, method: &[u8], path: &[u8]) -> Option<&Route> {
+        self.config.route(method, path).filter(|route| !route.price.is_zero())
     }
 
     /// The prefetched holds to release at `now_ms` (from the tick): those no call took
@@ -257,14 +264,29 @@ impl Exchange {
         request: &RequestHead<'_>,
         now_ms: u64,
     ) -> RequestAction {
+        match gate.priced_route(request.method, request.path) {
+            Some(route) => self.on_priced_request(gate, route, request, now_ms),
+            None => self.on_free_request(),
+        }
+    }
+
+    /// A request no route prices goes on, free.
+    pub fn on_free_request(&mut self) -> RequestAction {
+        self.state = State::Free { failed_open: false };
+        // An upstream may trust X-Charge-Id as proof of payment: a client never sets it.
+        RequestAction::Forward(vec![HeaderEdit::Remove(headers::CHARGE_ID)])
+    }
+
+    /// A request `route` prices ([`Gate::priced_route`]); `now_ms` is Unix milliseconds.
+    pub fn on_priced_request(
+        &mut self,
+        gate: &Gate,
+        route: &Route,
+        request: &RequestHead<'_>,
+        now_ms: u64,
+    ) -> RequestAction {
         let now = now_ms / 1000;
         let config = gate.config();
-        let Some(route) = config.route(request.method, request.path).filter(|r| !r.price.is_zero())
-        else {
-            self.state = State::Free { failed_open: false };
-            // An upstream may trust X-Charge-Id as proof of payment: a client never sets it.
-            return RequestAction::Forward(vec![HeaderEdit::Remove(headers::CHARGE_ID)]);
-        };
         match check_inline(gate, request, route, now) {
             Ok((verified, idempotency)) => {
                 let token_id = verified.token.token_id.clone();
@@ -581,7 +603,7 @@ fn check_inline(
     request: &RequestHead<'_>,
     route: &Route,
     now: u64,
-) -> Result<(Verified, Option<Idempotency>), ErrorBody> {
+) -> Result<(Arc<Verified>, Option<Idempotency>), ErrorBody> {
     let config = gate.config();
     let payment_required = || answer::payment_required(config, route.price);
     let Some(authorization) = request.authorization else { return Err(payment_required()) };
@@ -597,6 +619,7 @@ fn check_inline(
                     refusal => refusal.to_body(),
                 },
             )?;
+            let verified = Arc::new(verified);
             gate.verified.borrow_mut().insert(authorization, verified.clone(), now);
             verified
         }

@@ -55,6 +55,8 @@ pub struct Prefetched {
     /// Entries ever added to a pool: with [`Prefetched::waiting`], what the VM's metrics
     /// report (added, and gone: taken or given back).
     entered: u64,
+    /// Entries in the pools, kept as they come and go: read after every call.
+    waiting: usize,
 }
 
 impl Prefetched {
@@ -77,6 +79,7 @@ impl Prefetched {
         let pool = self.pools.get_mut(key)?;
         let mut taken = None;
         while let Some(entry) = pool.pop_front() {
+            self.waiting -= 1;
             if now_ms.saturating_sub(entry.reserved_at_ms) < max_age_ms {
                 taken = Some(entry);
                 break;
@@ -123,6 +126,7 @@ impl Prefetched {
                 .extend(entries.into_iter().map(|entry| release(&key.token_id, entry.charge_id)));
         } else if !entries.is_empty() {
             self.entered += entries.len() as u64;
+            self.waiting += entries.len();
             self.pools.entry(key).or_default().extend(entries);
         }
     }
@@ -147,6 +151,7 @@ impl Prefetched {
     /// Gives up every entry: the revocation feed started over, so which tokens were
     /// revoked meanwhile is unknown.
     pub fn drop_all(&mut self) {
+        self.waiting = 0;
         for (key, pool) in self.pools.drain() {
             self.dropped
                 .extend(pool.into_iter().map(|entry| release(&key.token_id, entry.charge_id)));
@@ -160,6 +165,7 @@ impl Prefetched {
             self.pools.keys().filter(|key| key.token_id == token_id).cloned().collect();
         for key in keys {
             if let Some(pool) = self.pools.remove(&key) {
+                self.waiting -= pool.len();
                 self.dropped
                     .extend(pool.into_iter().map(|entry| release(&key.token_id, entry.charge_id)));
             }
@@ -176,6 +182,7 @@ impl Prefetched {
             // Entries are added in reserve order: the oldest are at the front.
             while pool.front().is_some_and(stale) {
                 if let Some(entry) = pool.pop_front() {
+                    self.waiting -= 1;
                     releases.push(release(&key.token_id, entry.charge_id));
                 }
             }
@@ -194,7 +201,7 @@ impl Prefetched {
 
     /// Holds waiting for a call, over every pool.
     pub fn waiting(&self) -> usize {
-        self.pools.values().map(VecDeque::len).sum()
+        self.waiting
     }
 }
 

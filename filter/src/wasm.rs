@@ -533,16 +533,22 @@ impl HttpContext for Stream {
         };
         let method = self.get_http_request_header_bytes(":method").unwrap_or_default();
         let path = self.get_http_request_header_bytes(":path").unwrap_or_default();
-        let authorization = self.get_http_request_header_bytes(headers::AUTHORIZATION);
-        let idempotency_key = self.get_http_request_header_bytes(headers::IDEMPOTENCY_KEY);
-        let request = RequestHead {
-            method: &method,
-            path: &path,
-            authorization: authorization.as_deref(),
-            idempotency_key: idempotency_key.as_deref(),
+        // A free route needs neither the credential nor the clock: each read is a host call.
+        let action = match gate.priced_route(&method, &path) {
+            None => self.exchange.on_free_request(),
+            Some(route) => {
+                let authorization = self.get_http_request_header_bytes(headers::AUTHORIZATION);
+                let idempotency_key = self.get_http_request_header_bytes(headers::IDEMPOTENCY_KEY);
+                let request = RequestHead {
+                    method: &method,
+                    path: &path,
+                    authorization: authorization.as_deref(),
+                    idempotency_key: idempotency_key.as_deref(),
+                };
+                let now = millis(self.get_current_time());
+                self.exchange.on_priced_request(&gate, route, &request, now)
+            }
         };
-        let now = millis(self.get_current_time());
-        let action = self.exchange.on_request_headers(&gate, &request, now);
         let action = self.perform(&gate, action, false);
         if let Some(books) = &self.books {
             report_prefetched(books);

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
 
 use ctutils::CtEq;
 
@@ -19,7 +20,8 @@ use crate::l402::Capability;
 #[derive(Debug)]
 pub struct VerifiedCache {
     /// By the keyed hash of the credential; a colliding credential replaces the entry.
-    entries: HashMap<u64, (Box<[u8]>, Verified)>,
+    /// Shared, so that a call found here costs a count, not a copy of the claims.
+    entries: HashMap<u64, (Box<[u8]>, Arc<Verified>)>,
     hasher: RandomState,
     /// Entries kept; past this, expired entries go first, then arbitrary ones.
     capacity: usize,
@@ -38,7 +40,7 @@ impl VerifiedCache {
         credential: &[u8],
         capability: Capability<'_>,
         now: u64,
-    ) -> Option<&Verified> {
+    ) -> Option<&Arc<Verified>> {
         let (stored, verified) = self.entries.get(&self.hasher.hash_one(credential))?;
         let same: bool = stored.as_ref().ct_eq(credential).into();
         let wanted = match capability {
@@ -52,7 +54,7 @@ impl VerifiedCache {
     /// Keeps `verified` for `credential`, making room at `now` if the cache is full: expired
     /// entries go, then arbitrary ones down to three quarters, so that the scan runs once per
     /// quarter of the capacity in new credentials at most, not on each.
-    pub fn insert(&mut self, credential: &[u8], verified: Verified, now: u64) {
+    pub fn insert(&mut self, credential: &[u8], verified: Arc<Verified>, now: u64) {
         if self.entries.len() >= self.capacity {
             self.entries.retain(|_, (_, entry)| now < entry.valid.end);
             let excess = self.entries.len().saturating_sub(self.capacity / 4 * 3);
@@ -84,8 +86,8 @@ mod tests {
 
     const CAPACITY: usize = 1024;
 
-    fn verified(token_id: &str, valid: Range<u64>) -> Verified {
-        Verified {
+    fn verified(token_id: &str, valid: Range<u64>) -> Arc<Verified> {
+        Arc::new(Verified {
             token: TokenGrant {
                 token_id: token_id.into(),
                 buyer_id: "agent".into(),
@@ -100,7 +102,7 @@ mod tests {
             scheme: Scheme::PayToken,
             capability: None,
             valid,
-        }
+        })
     }
 
     #[test]
@@ -125,9 +127,9 @@ mod tests {
         let entry = Verified {
             scheme: Scheme::L402,
             capability: Some("read".into()),
-            ..verified("l", 0..9)
+            ..Verified::clone(&verified("l", 0..9))
         };
-        cache.insert(b"L402 m:p", entry, 0);
+        cache.insert(b"L402 m:p", Arc::new(entry), 0);
         let route = Capability::Route;
         assert!(cache.get(b"L402 m:p", route(Some("read")), 1).is_some());
         assert!(cache.get(b"L402 m:p", route(Some("write")), 1).is_none());

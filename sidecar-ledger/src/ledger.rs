@@ -146,7 +146,7 @@ impl Ledger {
         // A poisoned lock only means a panic elsewhere mid-insert: the cache is still sound.
         let cache = || self.verified.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(verified) = cache().get(presented, Capability::Any, now) {
-            return Ok(verified.clone());
+            return Ok(Verified::clone(verified));
         }
         // Verified without the lock: a signature check must not hold up every other reserve.
         let target = credential::Target {
@@ -156,7 +156,7 @@ impl Ledger {
         };
         let verified = credential::verify(presented, &self.credentials.verifier, &target)
             .map_err(Refusal::Credential)?;
-        cache().insert(presented, verified.clone(), now);
+        cache().insert(presented, Arc::new(verified.clone()), now);
         Ok(verified)
     }
 

@@ -4,7 +4,9 @@
 //! the ledger mints one for the request; and with Pay Tokens only, where the 402 is answered at
 //! once), a Pay Token paid call and an L402 paid call (each with its share of the settle batch
 //! the next tick sends; the same credential every call, so after the first the VM's verified
-//! credentials serve it), a Pay Token paid call with a token the VM has not seen (verified in
+//! credentials serve it; each call reserved, `ledger.prefetch_holds` 0), a Pay Token paid
+//! call in the default configuration (holds prefetched 16 a reserve: most calls go on at once
+//! on one), a Pay Token paid call with a token the VM has not seen (verified in
 //! full), and a Pay Token with a bad signature. For every path it reports wasm
 //! fuel per request (wasmtime charges about one unit per wasm instruction executed, none for
 //! `nop`, `drop`, `block`, `loop` and `end`: a count of guest work that does not depend on the
@@ -55,6 +57,8 @@ const NOW: u64 = 1_900_000_000;
 /// With the pool on, the root context ticks every this many requests, 50 ms apart on the
 /// host's clock: 500 402s a second, which the pool's refills follow.
 const REQUESTS_PER_TICK: usize = 25;
+/// The prefetched path's `ledger.prefetch_holds` (the default).
+const PREFETCH_HOLDS: u16 = 16;
 const TICK: Duration = Duration::from_millis(50);
 
 const HOLDS: &str = "/v1/holds";
@@ -87,17 +91,21 @@ enum Path {
     ChallengeMinted,
     PayTokensOnly402,
     PayTokenPaid,
+    /// The default configuration's warm path: most calls go on at once on a hold the VM
+    /// prefetched (`ledger.prefetch_holds` 16), the rest reserve the next batch.
+    PayTokenPrefetched,
     /// Each call with a token the VM has not verified before.
     PayTokenFirstUse,
     L402Paid,
     BadSignature,
 }
 
-const PATHS: [Path; 7] = [
+const PATHS: [Path; 8] = [
     Path::ChallengePooled,
     Path::ChallengeMinted,
     Path::PayTokensOnly402,
     Path::PayTokenPaid,
+    Path::PayTokenPrefetched,
     Path::PayTokenFirstUse,
     Path::L402Paid,
     Path::BadSignature,
@@ -109,7 +117,8 @@ impl Path {
             Path::ChallengePooled => "no credential, L402 on → 402 (pooled challenge)",
             Path::ChallengeMinted => "no credential, L402 pool off → 402 (minted for it)",
             Path::PayTokensOnly402 => "no credential, Pay Tokens only → 402",
-            Path::PayTokenPaid => "Pay Token paid call → 200",
+            Path::PayTokenPaid => "Pay Token paid call, each reserved → 200",
+            Path::PayTokenPrefetched => "Pay Token paid call, prefetched holds (default) → 200",
             Path::PayTokenFirstUse => "Pay Token paid call, token not seen before → 200",
             Path::L402Paid => "L402 paid call → 200",
             Path::BadSignature => "Pay Token, bad signature → 401",
@@ -163,7 +172,6 @@ struct Script {
     /// The ledger's hold for each request of a run, and the charge ids they carry.
     holds: Vec<Reply>,
     charge_ids: Vec<String>,
-    settled: Reply,
 }
 
 impl Script {
@@ -182,8 +190,6 @@ impl Script {
                 )
             })
             .collect();
-        let results: Vec<Value> =
-            charge_ids.iter().map(|id| json!({"chargeId": id, "status": "committed"})).collect();
         Ok(Script {
             flavor,
             upstream,
@@ -195,7 +201,6 @@ impl Script {
             minted,
             holds,
             charge_ids,
-            settled: Reply::json(200, &json!({ "results": results })),
         })
     }
 
@@ -204,7 +209,8 @@ impl Script {
         let mut config = json!({
             "service_id": "weather",
             "routes": [{"path_prefix": "/v1/forecast", "price_usdc": "0.001"}],
-            "ledger": {"upstream": self.upstream, "gateway_key": GATEWAY_KEY, "timeout_ms": 800},
+            "ledger": {"upstream": self.upstream, "gateway_key": GATEWAY_KEY, "timeout_ms": 800,
+                "prefetch_holds": 0},
             "pay_token": {"keys": [{"alg": "HS256", "secret": TOKEN_SECRET}]},
             "l402": {"secret": L402_SECRET, "budget_usdc": "0.01", "sats_per_usdc": 1000},
         });
@@ -215,6 +221,9 @@ impl Script {
         }
         if path == Path::ChallengeMinted {
             config["l402"]["challenge_pool"] = json!(0);
+        }
+        if path == Path::PayTokenPrefetched {
+            config["ledger"]["prefetch_holds"] = json!(PREFETCH_HOLDS);
         }
         let mut vm = Vm::load(self.flavor)?;
         ensure!(vm.configure(config.to_string().as_bytes())?, "config refused: {:?}", vm.logs());
@@ -234,6 +243,8 @@ impl Script {
     /// `warming`: the pool may still be learning the rate, and run dry.
     fn run(&self, vm: &mut Vm, path: Path, warming: bool) -> anyhow::Result<Meter> {
         let mut meter = Meter::default();
+        // The charge ids the prefetched path's calls went on with, in order.
+        let mut served = Vec::new();
         for i in 0..PER_RUN {
             match path {
                 Path::ChallengePooled => {
@@ -251,6 +262,10 @@ impl Script {
                     self.answered_at_once(vm, &mut meter, &self.bad_signature, 401)?
                 }
                 Path::PayTokenPaid => self.paid(vm, &mut meter, &self.pay_token, i)?,
+                Path::PayTokenPrefetched => {
+                    let charge_id = self.prefetched(vm, &mut meter)?;
+                    served.push(charge_id);
+                }
                 Path::PayTokenFirstUse => {
                     let fresh = get(Some(&bearer_with(TOKEN_SECRET, &unique_token_id())?));
                     self.paid(vm, &mut meter, &fresh, i)?
@@ -259,7 +274,10 @@ impl Script {
             }
         }
         if matches!(path, Path::PayTokenPaid | Path::PayTokenFirstUse | Path::L402Paid) {
-            self.settle(vm, &mut meter)?;
+            self.settle(vm, &mut meter, &self.charge_ids)?;
+        }
+        if path == Path::PayTokenPrefetched {
+            self.settle(vm, &mut meter, &served)?;
         }
         Ok(meter)
     }
@@ -372,17 +390,59 @@ impl Script {
         Ok(())
     }
 
-    /// The tick that sends the run's commits, and the ledger's acknowledgement.
-    fn settle(&self, vm: &mut Vm, meter: &mut Meter) -> anyhow::Result<()> {
+    /// Request headers → (a reserve for the next batch, answered with `PREFETCH_HOLDS` − 1
+    /// extras, or at once on a prefetched hold) → response headers 200 → end of stream; the
+    /// charge id the call went on with.
+    fn prefetched(&self, vm: &mut Vm, meter: &mut Meter) -> anyhow::Result<String> {
+        let headers = self.pay_token.clone();
+        let (id, action) =
+            meter.measure(vm, Phase::RequestHeaders, |vm| vm.request_headers(headers))?;
+        let dispatches = vm.take_dispatches();
+        if let Some(call) = dispatches.first() {
+            ensure!(dispatches.len() == 1 && action == Action::Pause, "{dispatches:?}");
+            ensure!(call.path() == HOLDS, "unexpected {call:?}");
+            let count = call.json()["count"].as_u64().unwrap_or(1);
+            let mut ids: Vec<String> = (0..count).map(|_| unique_charge_id()).collect();
+            let first = ids.remove(0);
+            let hold = Reply::json(
+                200,
+                &json!({"chargeId": first, "amountUsdc": "0.001", "remainingUsdc": "0.999",
+                    "replayed": false, "extraChargeIds": ids}),
+            );
+            meter.measure(vm, Phase::LedgerReply, |vm| vm.reply(call.token, hold))?;
+        } else {
+            ensure!(action == Action::Continue, "paused without a reserve");
+        }
+        let stream = vm.stream(id).context("no stream")?;
+        ensure!(stream.resumed <= 1 && stream.local_response.is_none(), "not forwarded");
+        let charge_id = stream.request_header("x-charge-id").context("no charge id")?;
+        let response = pairs(&[(":status", "200")]);
+        meter.measure(vm, Phase::ResponseHeaders, |vm| vm.response_headers(id, response))?;
+        let stream = vm.stream(id).context("no stream")?;
+        ensure!(
+            stream.response_header("x-charge-id").as_ref() == Some(&charge_id),
+            "no charge reported: {:?}",
+            stream.response_headers
+        );
+        ensure!(vm.take_dispatches().is_empty(), "a dispatch outside the tick");
+        self.end(vm, meter, id)?;
+        Ok(charge_id)
+    }
+
+    /// The tick that sends the run's commits (of `charge_ids`, in order), and the ledger's
+    /// acknowledgement.
+    fn settle(&self, vm: &mut Vm, meter: &mut Meter, charge_ids: &[String]) -> anyhow::Result<()> {
         meter.measure(vm, Phase::Settle, Vm::tick)?;
         let call = self.one_call(vm, SETTLE)?;
         let settlements = call.json()["settlements"].as_array().cloned().unwrap_or_default();
         let committed = settlements
             .iter()
-            .zip(&self.charge_ids)
+            .zip(charge_ids)
             .all(|(s, id)| s["chargeId"].as_str() == Some(id.as_str()) && s["outcome"] == "commit");
         ensure!(settlements.len() == PER_RUN && committed, "unexpected batch {settlements:?}");
-        let reply = self.settled.clone();
+        let results: Vec<Value> =
+            charge_ids.iter().map(|id| json!({"chargeId": id, "status": "committed"})).collect();
+        let reply = Reply::json(200, &json!({ "results": results }));
         meter.measure(vm, Phase::Settle, |vm| vm.reply(call.token, reply))?;
         // Acknowledged: the next tick has nothing to send (a tick's cost, not a request's).
         vm.tick()?;
@@ -428,6 +488,11 @@ fn expect_l402_challenge(vm: &Vm, id: u32) -> anyhow::Result<()> {
 }
 
 /// A token id no earlier request of the process used.
+fn unique_charge_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("ch_prefetched_{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
 fn unique_token_id() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     format!("tok_bench_{}", NEXT.fetch_add(1, Ordering::Relaxed))

@@ -1,8 +1,9 @@
 //! `bench/run`: the gateway benchmark. Runs each configuration in turn on free loopback ports,
 //! each on a fresh stack of the same upstream, release ledger and Envoy flags, where only the
 //! HTTP filter before Envoy's router changes: none (bare Envoy), Envoy's own `jwt_authn` on a
-//! Pay Token, or paystile (paid Pay Token calls, paid L402 calls, each without and with
-//! prefetched holds, 402 challenges with L402 on and with Pay Tokens only). Loads each with
+//! Pay Token, or paystile (paid Pay Token calls and paid L402 calls, each in the default
+//! configuration and with more holds prefetched, Pay Token calls each reserved, 402
+//! challenges with L402 on and with Pay Tokens only). Loads each with
 //! wrk at fixed threads and connections after a warm-up, and prints one Markdown table.
 //!
 //! The environment sets the load: `PAYSTILE_BENCH_THREADS` (1), `PAYSTILE_BENCH_CONNECTIONS`
@@ -390,7 +391,8 @@ async fn run() -> anyhow::Result<bool> {
                 (g <= L402_MAX_GAP, format!("{:.0} % (target ≤ 10 %)", g * 100.0))
             });
         }
-        for paid in [Config::PayToken] {
+        {
+            let paid = Config::PayToken;
             let row = rows.iter().find(|(c, _)| *c == paid).map(|(_, row)| row);
             let added =
                 |p50: Duration, bare_p50: Duration| bench::millis(p50) - bench::millis(bare_p50);
