@@ -118,6 +118,10 @@ async fn run() -> anyhow::Result<()> {
     let ledger_cli =
         format!("PAYSTILE_ADMIN_KEY={} target/debug/paystile-ledger", stack.secrets.admin_key);
     println!("  {ledger_cli} token show {}", token.token_id);
+    println!(
+        "Its kill switch answers once every gateway worker has dropped the holds it prefetched for the token (\"gateways\"); the paid call then gets 422:"
+    );
+    println!("  {ledger_cli} token revoke {}", token.token_id);
     println!();
     println!("Or pay with L402 (sandbox invoices: regtest, no real money moves):");
     println!("  1. the challenge's macaroon=\"M\" and invoice=\"I\":");
