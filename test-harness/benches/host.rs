@@ -5,8 +5,7 @@
 //! once), a Pay Token paid call and an L402 paid call (each with its share of the settle batch
 //! the next tick sends; the same credential every call, so after the first the VM's verified
 //! credentials serve it; each call reserved, `ledger.prefetch_holds` 0), a Pay Token paid
-//! call in the default configuration (holds prefetched 16 a reserve: most calls go on at once
-//! on one), a Pay Token paid call with a token the VM has not seen (verified in
+//! call with holds prefetched, 16 a reserve (most calls go on at once on one), a Pay Token paid call with a token the VM has not seen (verified in
 //! full), and a Pay Token with a bad signature. For every path it reports wasm
 //! fuel per request (wasmtime charges about one unit per wasm instruction executed, none for
 //! `nop`, `drop`, `block`, `loop` and `end`: a count of guest work that does not depend on the
@@ -57,7 +56,8 @@ const NOW: u64 = 1_900_000_000;
 /// With the pool on, the root context ticks every this many requests, 50 ms apart on the
 /// host's clock: 500 402s a second, which the pool's refills follow.
 const REQUESTS_PER_TICK: usize = 25;
-/// The prefetched path's `ledger.prefetch_holds` (the default).
+/// The prefetched path's `ledger.prefetch_holds` (the default was 16 when its figures were
+/// published; the path's fuel per call hardly depends on it).
 const PREFETCH_HOLDS: u16 = 16;
 const TICK: Duration = Duration::from_millis(50);
 
@@ -91,8 +91,8 @@ enum Path {
     ChallengeMinted,
     PayTokensOnly402,
     PayTokenPaid,
-    /// The default configuration's warm path: most calls go on at once on a hold the VM
-    /// prefetched (`ledger.prefetch_holds` 16), the rest reserve the next batch.
+    /// The warm path with holds prefetched, the default: most calls go on at once on a hold
+    /// the VM prefetched (`ledger.prefetch_holds` 16), the rest reserve the next batch.
     PayTokenPrefetched,
     /// Each call with a token the VM has not verified before.
     PayTokenFirstUse,
@@ -118,7 +118,7 @@ impl Path {
             Path::ChallengeMinted => "no credential, L402 pool off → 402 (minted for it)",
             Path::PayTokensOnly402 => "no credential, Pay Tokens only → 402",
             Path::PayTokenPaid => "Pay Token paid call, each reserved → 200",
-            Path::PayTokenPrefetched => "Pay Token paid call, prefetched holds (default) → 200",
+            Path::PayTokenPrefetched => "Pay Token paid call, prefetched holds (16) → 200",
             Path::PayTokenFirstUse => "Pay Token paid call, token not seen before → 200",
             Path::L402Paid => "L402 paid call → 200",
             Path::BadSignature => "Pay Token, bad signature → 401",

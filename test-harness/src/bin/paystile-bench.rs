@@ -48,7 +48,7 @@ enum Config {
     JwtAuthn,
     /// paystile in the chain, on a path no route prices: the filter's fixed cost.
     Unpriced,
-    /// The paid rows in the default configuration (holds prefetched, 16 a batch).
+    /// The paid rows in the default configuration (holds prefetched, 32 a batch).
     PayToken,
     L402,
     /// The paid rows again with `ledger.prefetch_holds` as set for the bench (64).
@@ -101,8 +101,8 @@ impl Config {
             Config::JwtAuthn => "Envoy jwt_authn, EdDSA Pay Token",
             Config::PayToken => "paystile, paid Pay Token, default config",
             Config::L402 => "paystile, paid L402, default config",
-            Config::PayTokenPrefetch => "paystile, paid Pay Token, prefetch_holds 64",
-            Config::L402Prefetch => "paystile, paid L402, prefetch_holds 64",
+            Config::PayTokenPrefetch => "paystile, paid Pay Token, bench prefetch_holds",
+            Config::L402Prefetch => "paystile, paid L402, bench prefetch_holds",
             Config::PayTokenEachReserved => "paystile, paid Pay Token, each call reserved",
             Config::Challenge => "paystile, 402 challenge",
             Config::ChallengePayTokenOnly => "paystile, 402, Pay Tokens only (no L402)",
