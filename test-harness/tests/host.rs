@@ -809,6 +809,17 @@ fn settle_round(vm: &mut Vm, flavor: Flavor, status: &str) -> Vec<(String, Strin
         .collect()
 }
 
+/// The token's next call finds no prefetched hold: it reserves, and the ledger answers that
+/// the token is revoked.
+fn reserved_and_refused_as_revoked(vm: &mut Vm, flavor: Flavor) {
+    let (id, action) = vm.request_headers(get("/v1/forecast", Some(&bearer()))).unwrap();
+    assert_eq!(action, Action::Pause, "{flavor:?}: a dropped hold was used");
+    let call = one_ledger_call(vm, flavor, "/v1/holds");
+    let refusal = json!({"error": "Token revoked", "code": "token_revoked"});
+    vm.reply(call.token, Reply::json(422, &refusal)).unwrap();
+    assert_eq!(answered(vm, id).0, 422);
+}
+
 #[test]
 fn a_hot_tokens_calls_go_on_at_once_on_prefetched_holds_and_commit_on_the_tick() {
     for flavor in FLAVORS {
@@ -873,12 +884,7 @@ fn unused_prefetched_holds_are_released_at_their_age_and_a_revoked_token_loses_t
         let expected: Vec<_> =
             extras("ch_y").into_iter().skip(1).map(|id| (id, "release".into())).collect();
         assert_eq!(released, expected, "{flavor:?}");
-        let (id, action) = vm.request_headers(get("/v1/forecast", Some(&bearer()))).unwrap();
-        assert_eq!(action, Action::Pause, "{flavor:?}: a dropped hold was used");
-        let call = one_ledger_call(&mut vm, flavor, "/v1/holds");
-        let refusal = json!({"error": "Token revoked", "code": "token_revoked"});
-        vm.reply(call.token, Reply::json(422, &refusal)).unwrap();
-        assert_eq!(answered(&vm, id).0, 422);
+        reserved_and_refused_as_revoked(&mut vm, flavor);
     }
 }
 
@@ -912,12 +918,7 @@ fn a_revocation_poll_drops_the_tokens_prefetched_holds_and_polls_again_from_ther
         assert_eq!(next.len(), 1);
         assert!(next[0].path().ends_with("&after=5"), "{flavor:?}: {}", next[0].path());
         // The pool went: the next call reserves, and the tick releases every extra.
-        let (id, action) = vm.request_headers(get("/v1/forecast", Some(&bearer()))).unwrap();
-        assert_eq!(action, Action::Pause, "{flavor:?}: a dropped hold was used");
-        let call = one_ledger_call(&mut vm, flavor, "/v1/holds");
-        let refusal = json!({"error": "Token revoked", "code": "token_revoked"});
-        vm.reply(call.token, Reply::json(422, &refusal)).unwrap();
-        assert_eq!(answered(&vm, id).0, 422);
+        reserved_and_refused_as_revoked(&mut vm, flavor);
         let released = settle_round(&mut vm, flavor, "released");
         let expected: Vec<_> =
             extras("ch_x").into_iter().map(|id| (id, "release".into())).collect();

@@ -46,14 +46,17 @@ fn seq_i64(seq: u64) -> i64 {
     i64::try_from(seq).unwrap_or(i64::MAX)
 }
 
-/// The feed answer for `entries` (position, token), in order, read when the feed's last
-/// position was `head`: without entries the watcher is at the head.
-fn feed(entries: Vec<(i64, String)>, head: i64) -> RevocationFeed {
-    let last = entries.last().map_or(head, |(seq, _)| *seq);
-    RevocationFeed {
-        seq: u64::try_from(last).unwrap_or(0),
-        token_ids: entries.into_iter().map(|(_, token_id)| token_id).collect(),
-    }
+/// The feed answer to a watcher at `after`: `entries` (position, token) past it, in order,
+/// and `head`, the feed's last position read after them. Without entries the watcher stays
+/// where it is: a revocation committed between the two reads is answered by its next poll,
+/// never skipped. Only a head behind it (the feed started over) moves it back.
+fn feed(after: u64, entries: Vec<(i64, String)>, head: i64) -> RevocationFeed {
+    let head = u64::try_from(head).unwrap_or(0);
+    let seq = match entries.last() {
+        Some((last, _)) => u64::try_from(*last).unwrap_or(0),
+        None => after.min(head),
+    };
+    RevocationFeed { seq, token_ids: entries.into_iter().map(|(_, token_id)| token_id).collect() }
 }
 
 /// Watchers (id, whether it applied the position asked about), as confirmations.
@@ -803,3 +806,22 @@ fn scope_name(scope: Scope) -> &'static str {
 }
 
 const ALL_SCOPES: [Scope; 2] = [Scope::Single, Scope::All];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_feed_answer_never_moves_a_watcher_past_entries_it_did_not_see() {
+        let entries = vec![(7, "tok_a".to_owned()), (8, "tok_b".to_owned())];
+        let answer = feed(5, entries, 8);
+        assert_eq!((answer.seq, answer.token_ids), (8, vec!["tok_a".into(), "tok_b".into()]));
+        // No entries past 5 were read, but entry 6 committed before the head was: the
+        // watcher stays at 5 and its next poll gets entry 6.
+        assert_eq!(feed(5, Vec::new(), 6).seq, 5);
+        // A head behind the watcher: the feed started over.
+        assert_eq!(feed(12, Vec::new(), 3).seq, 3);
+        // A new watcher (no position) starts at the head.
+        assert_eq!(feed(u64::MAX, Vec::new(), 9).seq, 9);
+    }
+}

@@ -391,7 +391,7 @@ impl PostgresStore {
             .map(|row| Ok((row.try_get::<_, i64>(0)?, row.try_get::<_, String>(1)?)))
             .collect::<Result<Vec<_>, StoreError>>()?;
         let head: i64 = query_one(&client, sql::FEED_HEAD, &[]).await?.try_get(0)?;
-        Ok(feed(entries, head))
+        Ok(feed(after, entries, head))
     }
 
     /// Records that `watcher` has applied the feed up to `seq` at `now`, and forgets the

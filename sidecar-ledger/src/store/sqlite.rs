@@ -287,7 +287,7 @@ impl SqliteStore {
         after: u64,
         limit: usize,
     ) -> Result<RevocationFeed, StoreError> {
-        self.run(move |conn| {
+        self.read(move |conn| {
             let entries = query_all(
                 conn,
                 sql::FEED_AFTER,
@@ -295,7 +295,7 @@ impl SqliteStore {
                 |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?)),
             )?;
             let head = conn.prepare_cached(sql::FEED_HEAD)?.query_row([], |row| row.get(0))?;
-            Ok(feed(entries, head))
+            Ok(feed(after, entries, head))
         })
         .await
     }
@@ -323,7 +323,7 @@ impl SqliteStore {
         seq: u64,
         live_since: UnixMillis,
     ) -> Result<GatewayConfirmations, StoreError> {
-        self.run(move |conn| {
+        self.read(move |conn| {
             let rows =
                 query_all(conn, sql::WATCHERS_LIVE, params![seq_i64(seq), live_since], |row| {
                     Ok((row.get::<_, String>(0)?, row.get::<_, bool>(1)?))
