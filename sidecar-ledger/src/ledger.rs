@@ -101,7 +101,9 @@ pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
 /// A watcher not heard from for this long is no longer waited for: a VM polls again as
 /// soon as its poll is answered, and a poll is answered within [`WATCH_WAIT_MS`].
 const WATCHER_LIVE: Duration = Duration::from_millis(WATCH_WAIT_MS + 10_000);
-/// A watcher not heard from for this long is forgotten.
+/// A watcher not heard from for this long is forgotten, and so are the revocation feed's
+/// entries: a VM that polls is never that far behind, and the holds a VM away that long
+/// prefetched have aged out of its pools (and the ledger refuses a revoked token anyway).
 const WATCHER_FORGOTTEN: Duration = Duration::from_secs(3600);
 
 fn millis_i64(duration: Duration) -> i64 {
@@ -575,6 +577,12 @@ impl Ledger {
     pub async fn purge_idempotency_keys(&self) -> Result<usize, LedgerError> {
         let before = self.now().saturating_sub(millis(self.limits.idempotency_retention));
         Ok(self.store.purge_idempotency_keys(before, PER_SWEEP).await?)
+    }
+
+    /// Forgets the revocation feed's entries no watcher can still need.
+    pub async fn prune_revocations(&self) -> Result<usize, LedgerError> {
+        let before = self.now().saturating_sub(millis_i64(WATCHER_FORGOTTEN));
+        Ok(self.store.prune_revocations(before).await?)
     }
 }
 

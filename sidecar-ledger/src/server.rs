@@ -109,7 +109,8 @@ fn credentials(settings: &Settings) -> Credentials {
     Credentials { verifier: Verifier { pay_token, l402 }, published: settings.token.keys.public() }
 }
 
-/// Releases expired holds, then forgets Idempotency-Keys past their retention.
+/// Releases expired holds, then forgets Idempotency-Keys past their retention and old
+/// revocation feed entries.
 async fn sweep_expired_holds(ledger: Arc<Ledger>, every: Duration) {
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -124,6 +125,11 @@ async fn sweep_expired_holds(ledger: Arc<Ledger>, every: Duration) {
             Ok(0) => {}
             Ok(purged) => tracing::debug!(purged, "forgot Idempotency-Keys past their retention"),
             Err(e) => tracing::error!(error = %e, "cannot purge old Idempotency-Keys"),
+        }
+        match ledger.prune_revocations().await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::debug!(pruned, "forgot old revocation feed entries"),
+            Err(e) => tracing::error!(error = %e, "cannot prune the revocation feed"),
         }
     }
 }

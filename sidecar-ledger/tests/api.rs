@@ -3311,6 +3311,10 @@ mod revocation_watch {
             worker_threads = 4
         ),
         bad_watch_requests_get_400_or_401(flavor = "multi_thread", worker_threads = 2),
+        entries_an_hour_old_are_forgotten_but_never_the_head(
+            flavor = "multi_thread",
+            worker_threads = 2
+        ),
     }
 
     /// `GET /v1/revocations` as gateway VM `watcher` asks it.
@@ -3441,6 +3445,37 @@ mod revocation_watch {
         // vm-b is still within its liveness (it asked less than a poll's wait ago).
         assert_eq!(panic.gateways.unconfirmed, names(&["vm-b"]));
         again.abort();
+    }
+
+    async fn entries_an_hour_old_are_forgotten_but_never_the_head(store: Backend) {
+        let mut ledger = Ledger::start(store, &[]).await;
+        for token in ["tok_old1", "tok_old2"] {
+            ledger.hold(&prefetching(token)).await;
+            ledger.admin.revoke_token(token).await.unwrap();
+        }
+        let url = ledger.process.url();
+        let (head, tokens) = fed(watch(url, "vm-a", Some(0)).await);
+        assert_eq!(tokens, ["tok_old1", "tok_old2"]);
+
+        // Two hours later the sweeper forgets the entries, all but the head.
+        ledger.restart_with(&["--clock-offset-seconds", "7200"]);
+        let url = ledger.process.url();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (seq, tokens) = fed(watch(url.clone(), "vm-a", Some(0)).await);
+            assert_eq!(seq, head, "the head moved");
+            if tokens == ["tok_old2"] {
+                break;
+            }
+            assert_eq!(tokens, ["tok_old1", "tok_old2"]);
+            assert!(tokio::time::Instant::now() < deadline, "the old entry was never forgotten");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // A new watcher starts at the head, and the next revocation comes after it.
+        assert_eq!(fed(watch(url.clone(), "vm-new", None).await), (head, vec![]));
+        ledger.hold(&prefetching("tok_new")).await;
+        ledger.admin.revoke_token("tok_new").await.unwrap();
+        assert_eq!(fed(watch(url, "vm-new", Some(head)).await).1, ["tok_new"]);
     }
 
     async fn bad_watch_requests_get_400_or_401(store: Backend) {

@@ -297,6 +297,15 @@ impl Store {
             Store::Postgres(store) => store.purge_idempotency_keys(before, limit).await,
         }
     }
+
+    /// Forgets the revocation feed's entries recorded before `before`, the last one kept;
+    /// answers how many.
+    pub async fn prune_revocations(&self, before: UnixMillis) -> Result<usize, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.prune_revocations(before).await,
+            Store::Postgres(store) => store.prune_revocations(before).await,
+        }
+    }
 }
 
 impl Store {

@@ -523,6 +523,14 @@ impl PostgresStore {
         let purged = execute(&client, sql::PURGE_IDEMPOTENCY_KEYS, &[&before, &limit]).await?;
         Ok(usize::try_from(purged).unwrap_or(usize::MAX))
     }
+
+    /// Takes no table lock: a revoke inserting meanwhile adds the new head, which this
+    /// keeps (its subquery sees the committed rows only, all older).
+    pub async fn prune_revocations(&self, before: UnixMillis) -> Result<usize, StoreError> {
+        let client = self.pool.get().await?;
+        let pruned = execute(&client, sql::PRUNE_FEED, &[&before]).await?;
+        Ok(usize::try_from(pruned).unwrap_or(usize::MAX))
+    }
 }
 
 /// Runs `attempt`, one whole transaction, again while PostgreSQL aborts it as a deadlock or a

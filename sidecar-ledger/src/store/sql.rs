@@ -103,6 +103,10 @@ pub(super) const FEED_BUYER: &str = "INSERT INTO revocations (token_id, revoked_
      JOIN tokens t ON t.token_id = c.token_id
      WHERE c.status = 'held' AND t.buyer_id = $2";
 pub(super) const FEED_HEAD: &str = "SELECT coalesce(max(seq), 0) FROM revocations";
+/// Forgets the feed entries recorded before `$1`, but never the last one: it is the feed's
+/// head, and a head that went back would tell every watcher that the feed started over.
+pub(super) const PRUNE_FEED: &str = "DELETE FROM revocations
+     WHERE revoked_at < $1 AND seq < (SELECT max(seq) FROM revocations)";
 pub(super) const FEED_AFTER: &str =
     "SELECT seq, token_id FROM revocations WHERE seq > $1 ORDER BY seq LIMIT $2";
 /// A watcher `$1` has applied the feed up to `$2`, at `$3`.

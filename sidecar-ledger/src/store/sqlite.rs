@@ -423,6 +423,10 @@ impl SqliteStore {
         self.run(move |conn| execute(conn, sql::PURGE_IDEMPOTENCY_KEYS, params![before, limit]))
             .await
     }
+
+    pub async fn prune_revocations(&self, before: UnixMillis) -> Result<usize, StoreError> {
+        self.run(move |conn| execute(conn, sql::PRUNE_FEED, params![before])).await
+    }
 }
 
 /// Brings the schema up to date, and turns foreign keys on. Migrations run with them off, as
