@@ -312,6 +312,11 @@ impl Exchange {
                     price_usdc: route.price,
                     idempotency,
                     count: prefetch.as_ref().map_or(1, |p| p.count),
+                    // Extras answered after the call to the ledger timed out would be
+                    // dropped here and hold the token's budget at the ledger until their TTL.
+                    extras_until_ms: prefetch
+                        .as_ref()
+                        .map(|_| now_ms.saturating_add(config.ledger.timeout_ms())),
                 };
                 self.state = State::AwaitingLedger(Reserving {
                     scheme: verified.scheme,

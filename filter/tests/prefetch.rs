@@ -232,6 +232,26 @@ fn cold_tokens_ask_for_one_hold_and_idempotent_calls_never_prefetch() {
 }
 
 #[test]
+fn a_batch_reserve_says_until_when_its_extras_are_wanted() {
+    let gate = gate();
+    let token = bearer("tok_deadline");
+    let reserve_at = |now_ms, reply| {
+        let mut exchange = Exchange::default();
+        let reserve = call(&gate, &mut exchange, &head("/v1/forecast", Some(&token)), now_ms);
+        exchange.on_ledger_reply(&gate, reply);
+        reserve.unwrap()
+    };
+    // One hold: nothing would be orphaned beyond it.
+    let cold = reserve_at(NOW_MS, hold_reply("0.001", "ch_1", &[]));
+    assert_eq!((cold.count, cold.extras_until_ms), (1, None));
+    // A batch: wanted until this call to the ledger times out, after which its answer
+    // would be dropped.
+    let hot = reserve_at(NOW_MS + 10, hold_reply("0.001", "ch_2", &["ch_x1"]));
+    let timeout = gate.config().ledger.timeout_ms();
+    assert_eq!((hot.count, hot.extras_until_ms), (4, Some(NOW_MS + 10 + timeout)));
+}
+
+#[test]
 fn prefetching_off_reserves_every_call_on_its_own() {
     let gate = gate_with(|c| c["ledger"]["prefetch_holds"] = json!(0));
     let token = bearer("tok_off");

@@ -57,6 +57,12 @@ pub struct ReserveRequest {
     /// trip each. Never more than 1 with `idempotency`.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub count: u16,
+    /// With `count` > 1: when the gateway stops waiting for this answer (Unix milliseconds,
+    /// its clock). A reserve the ledger reads later (it was stalled, or the request queued)
+    /// grants the first hold only: extras nobody will take would hold the token's budget
+    /// until their TTL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extras_until_ms: Option<u64>,
 }
 
 /// A credential as a gateway presents it to the ledger: the call's `Authorization` value,
@@ -640,8 +646,10 @@ mod tests {
         assert_eq!(request.count, 1);
         // `count` is left out when it asks for one.
         assert_eq!(serde_json::to_value(&request).unwrap(), one);
-        let eight = ReserveRequest { count: 8, ..request };
+        let eight =
+            ReserveRequest { count: 8, extras_until_ms: Some(1_700_000_000_500), ..request };
         assert_eq!(serde_json::to_value(&eight).unwrap()["count"], 8);
+        assert_eq!(serde_json::to_value(&eight).unwrap()["extrasUntilMs"], 1_700_000_000_500u64);
         assert!(!format!("{eight:?}").contains("a.b.c"), "a credential in debug output");
     }
 

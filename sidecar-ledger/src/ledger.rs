@@ -470,7 +470,10 @@ impl Ledger {
         Ok(charge_view(charge))
     }
 
-    pub async fn reserve(&self, request: ReserveRequest) -> Result<ReserveOutcome, LedgerError> {
+    pub async fn reserve(
+        &self,
+        mut request: ReserveRequest,
+    ) -> Result<ReserveOutcome, LedgerError> {
         check_id("serviceId", &request.service_id)?;
         if request.credential.as_bytes().len() > credential::MAX_AUTHORIZATION_LEN {
             return Err(LedgerError::Invalid(format!(
@@ -502,6 +505,15 @@ impl Ledger {
                 return Err(LedgerError::Invalid(
                     "idempotency.fingerprint must be a hex SHA-256".into(),
                 ));
+            }
+        }
+        // The gateway's deadline is on its wall clock: compared with ours, never the offset
+        // clock of tests.
+        if let Some(until) = request.extras_until_ms.filter(|_| request.count > 1) {
+            let late_by = u64::try_from(now_millis()).unwrap_or(0).saturating_sub(until);
+            if late_by > 0 {
+                self.metrics.late_prefetch(&request, late_by);
+                request.count = 1;
             }
         }
         let now = self.now();

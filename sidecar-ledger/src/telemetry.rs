@@ -61,6 +61,7 @@ pub struct Metrics {
     registry: Registry,
     holds: Counter,
     prefetched: Counter,
+    late_prefetches: Counter,
     replays: Counter,
     commits: Counter,
     releases: Family<ReleaseLabels, Counter>,
@@ -83,6 +84,7 @@ impl Metrics {
             registry: Registry::with_prefix("paystile_ledger"),
             holds: Counter::default(),
             prefetched: Counter::default(),
+            late_prefetches: Counter::default(),
             replays: Counter::default(),
             commits: Counter::default(),
             releases: Family::default(),
@@ -100,6 +102,11 @@ impl Metrics {
             "prefetched_holds",
             "Holds placed beyond a reserve's first, for a gateway to serve a hot token's next calls",
             metrics.prefetched.clone(),
+        );
+        registry.register(
+            "late_prefetches",
+            "Reserves read after their gateway stopped waiting (extrasUntilMs): granted their first hold only. Many of them with a responsive ledger mean the gateways' clocks are behind the ledger's",
+            metrics.late_prefetches.clone(),
         );
         registry.register(
             "replays",
@@ -145,6 +152,18 @@ impl Metrics {
     }
 
     /// Counts and logs a reserve's outcome; `token` is what its credential proved.
+    /// A reserve for extra holds read after its gateway stopped waiting.
+    pub fn late_prefetch(&self, request: &ReserveRequest, late_by_ms: u64) {
+        self.late_prefetches.inc();
+        tracing::debug!(
+            event = "late_prefetch",
+            service_id = %request.service_id,
+            count = request.count,
+            late_by_ms,
+            "reserve read after its gateway stopped waiting: no extra holds"
+        );
+    }
+
     pub fn reserved(&self, token: &TokenGrant, request: &ReserveRequest, outcome: &ReserveOutcome) {
         match outcome {
             ReserveOutcome::Held(hold) => {

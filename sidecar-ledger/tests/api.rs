@@ -3097,6 +3097,7 @@ mod prefetched_holds {
         extra_holds_take_at_most_a_quarter_of_what_is_left,
         bad_counts_get_400_and_hold_nothing,
         a_refused_first_hold_brings_no_extra_and_revocation_voids_them,
+        a_reserve_read_after_its_gateway_stopped_waiting_gets_no_extras,
         clients_reserving_eight_at_once_never_exceed_the_cap(
             flavor = "multi_thread",
             worker_threads = 4
@@ -3241,6 +3242,34 @@ mod prefetched_holds {
         assert_eq!((status, refusal["code"].as_str()), (422, Some("token_revoked")));
         let token = ledger.token(&issued.token_id).await;
         assert_eq!((token.used_usdc, token.reserved_usdc), (Usdc::ZERO, usdc("0.01")));
+    }
+
+    async fn a_reserve_read_after_its_gateway_stopped_waiting_gets_no_extras(store: Backend) {
+        let ledger = Ledger::start(store, &[]).await;
+        let now_ms = unix_now() * 1000;
+        let until = |ms: u64| {
+            let mut body = asking(reserve_body("tok_late", "1", "0.01"), 4);
+            body["extrasUntilMs"] = json!(ms);
+            body
+        };
+        // The gateway still waits: extras as usual.
+        let waited = ledger.hold(&until(now_ms + 60_000)).await;
+        assert_eq!(waited.extra_charge_ids.len(), 3);
+        // It stopped waiting a second ago: the first hold only, the budget not held for
+        // extras nobody will take.
+        let late = ledger.hold(&until(now_ms - 1_000)).await;
+        assert!(late.extra_charge_ids.is_empty(), "{late:?}");
+        assert_eq!(ledger.token("tok_late").await.reserved_usdc, usdc("0.05"));
+        let metrics = ledger
+            .http
+            .get(format!("{}/metrics", ledger.process.url()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(metrics.contains("\npaystile_ledger_late_prefetches_total 1\n"), "{metrics}");
     }
 
     /// 16 clients each reserve 8 holds at a time and commit all they get, until refused: the

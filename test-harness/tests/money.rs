@@ -224,6 +224,7 @@ async fn answered_charges_survive_kill_9_of_the_ledger_under_load() {
         price_usdc: price,
         idempotency: None,
         count: 1,
+        extras_until_ms: None,
     };
     let orphan = stack
         .http
