@@ -9,6 +9,13 @@ pub const REMAINING_USDC: &str = "x-remaining-usdc";
 pub const WWW_AUTHENTICATE: &str = "www-authenticate";
 pub const RETRY_AFTER: &str = "retry-after";
 pub const CONTENT_TYPE: &str = "content-type";
+/// x402 v2: the 402's offers, the client's payment, the settlement's answer.
+pub const PAYMENT_REQUIRED: &str = "payment-required";
+pub const PAYMENT_SIGNATURE: &str = "payment-signature";
+pub const PAYMENT_RESPONSE: &str = "payment-response";
+/// x402 v1: the client's payment and the settlement's answer (v1's offers are the body).
+pub const X_PAYMENT: &str = "x-payment";
+pub const X_PAYMENT_RESPONSE: &str = "x-payment-response";
 
 pub const APPLICATION_JSON: &str = "application/json";
 

@@ -17,6 +17,7 @@ pub mod macaroon;
 pub mod money;
 pub mod pay_token;
 pub mod verified;
+pub mod x402;
 
 pub use error::{ErrorBody, ErrorCode};
 pub use money::{UnitPrice, Usdc};

@@ -4,7 +4,9 @@
 //! - macaroons, both ways, with pymacaroons (PyPI) and the npm `macaroon` package
 //!   (go-macaroon's JavaScript port): what we mint verifies in theirs, under their own
 //!   caveat checkers, and what they mint verifies in `l402::verify`; a wrong key fails in all;
-//! - sandbox BOLT11 invoices, with PyPI's `bolt11` decoder.
+//! - sandbox BOLT11 invoices, with PyPI's `bolt11` decoder;
+//! - x402, with the `x402` Python package, the client agents pay with: it reads the 402s we
+//!   write (v2 header, v1 body) and pays them, and what it signs passes `x402::Payment::check`.
 //!
 //! The helpers are `test-harness/interop/*.{py,mjs}` (JSON on stdin, JSON on stdout).
 //! scripts/setup installs their packages into `.venv` and `test-harness/interop/node_modules`;
@@ -24,6 +26,7 @@ use paystile_ledger::invoice::sandbox::SandboxNode;
 use paystile_protocol::Usdc;
 use paystile_protocol::l402::{self, Grant, Identifier, L402Error, Offer, Target};
 use paystile_protocol::macaroon::{Macaroon, MacaroonError};
+use paystile_protocol::x402::{self, PaymentRequired, Resource, X402Error};
 use serde_json::{Value, json};
 
 const SECRET: &[u8] = b"paystile interop tests: the L402 secret";
@@ -637,4 +640,88 @@ fn sandbox_invoices_decode_in_python_bolt11() {
         refused["error"].as_str().is_some_and(|e| e.contains("Bech32")),
         "a changed character must fail the checksum: {refused}"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// x402, with the x402 Python package.
+
+/// anvil's second test account (its well-known key): the payer.
+const X402_KEY: &str = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
+
+fn x402_offers() -> [x402::Offer; 2] {
+    let pay_to = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC".parse().unwrap();
+    [
+        // A sandbox token at anvil's first contract address.
+        x402::Offer {
+            chain_id: 31337,
+            asset: "0x5FbDB2315678afecb367f032d93F642f64180aa3".parse().unwrap(),
+            name: "USD Coin".into(),
+            version: "2".into(),
+            pay_to,
+            max_timeout_seconds: 60,
+        },
+        // USDC on Base Sepolia: an asset the package knows.
+        x402::Offer {
+            chain_id: 84532,
+            asset: "0x036CbD53842c5426634e7929541eC2318f3dCF7e".parse().unwrap(),
+            name: "USDC".into(),
+            version: "2".into(),
+            pay_to,
+            max_timeout_seconds: 300,
+        },
+    ]
+}
+
+/// The package handles a 402 of `headers` and `body` and answers the header it pays with.
+fn x402_pays(headers: Value, body: Option<String>) -> (String, String, String) {
+    let [sandbox, _] = x402_offers();
+    let answer = helper(
+        paths::python(),
+        "x402_pay.py",
+        &json!({
+            "key": X402_KEY, "url": "http://127.0.0.1:10000/v1/forecast/x", "headers": headers,
+            "body": body,
+            // As an agent's owner would allow a sandbox's token.
+            "allow": [{"network": sandbox.network(), "asset": sandbox.asset.to_checksum(None)}],
+        }),
+    );
+    eprintln!("{}", answer["library"]);
+    let headers = answer["headers"].as_object().unwrap();
+    assert_eq!(headers.len(), 1, "{answer}");
+    let (name, value) = headers.iter().next().unwrap();
+    (name.clone(), value.as_str().unwrap().to_owned(), answer["payer"].as_str().unwrap().to_owned())
+}
+
+#[test]
+fn the_x402_client_pays_our_402s_and_we_verify_what_it_signs() {
+    let offers = x402_offers();
+    let resource = Resource {
+        url: "http://127.0.0.1:10000/v1/forecast/x".into(),
+        description: None,
+        mime_type: Some("application/json".into()),
+    };
+
+    // v2: the PAYMENT-REQUIRED header, both offers; the client takes the first.
+    let required = PaymentRequired {
+        x402_version: 2,
+        error: Some("payment required".into()),
+        resource: resource.clone(),
+        accepts: offers.iter().map(|offer| offer.requirements(1000)).collect(),
+    };
+    let (name, value, payer) =
+        x402_pays(json!({"PAYMENT-REQUIRED": required.header_value()}), None);
+    assert_eq!(name, "PAYMENT-SIGNATURE");
+    let payment = x402::Payment::decode(value.as_bytes(), x402::Version::V2).unwrap();
+    let checked = payment.check(&offers, 1000, unix_now()).unwrap();
+    assert_eq!((checked.payer, checked.offer), (payer.parse().unwrap(), 0));
+    assert_eq!(payment.check(&offers, 999, unix_now()), Err(X402Error::ValueMismatch));
+
+    // v1: the 402 body alone, as a v1 client reads it, with the offer v1 can name.
+    let body = json!({"x402Version": 1, "error": "payment required",
+        "accepts": [offers[1].requirements_v1(2500, &resource)]});
+    let (name, value, payer) = x402_pays(json!({}), Some(body.to_string()));
+    assert_eq!(name, "X-PAYMENT");
+    let payment = x402::Payment::decode(value.as_bytes(), x402::Version::V1).unwrap();
+    let checked = payment.check(&offers, 2500, unix_now()).unwrap();
+    assert_eq!((checked.payer, checked.offer), (payer.parse().unwrap(), 1));
 }

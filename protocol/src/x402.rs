@@ -1,0 +1,752 @@
+//! x402: a call paid by a signed USDC transfer. The `exact` scheme on EVM chains: an EIP-3009
+//! `TransferWithAuthorization` for the call's price, signed with EIP-712 under the token's
+//! domain, in the wire formats of x402 v2 (`PAYMENT-REQUIRED`, `PAYMENT-SIGNATURE`,
+//! `PAYMENT-RESPONSE`: base64 JSON headers) and v1 (the 402 body, `X-PAYMENT`,
+//! `X-PAYMENT-RESPONSE`); the header names are in [`crate::headers`]. Facts checked against
+//! the x402 spec and the `x402` 2.25 Python package: DESIGN.md, "x402".
+//!
+//! What a gateway can check alone is checked here: the shape, the offer it answers, the
+//! amount, the validity window and the signature. What only the chain knows (the payer's
+//! balance, whether the nonce is still unused there) is the settlement's to find out.
+
+pub use alloy_primitives::{Address, B256};
+use alloy_primitives::{U256, keccak256};
+use alloy_sol_types::{Eip712Domain, SolStruct, SolValue, sol};
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+use k256::ecdsa::{RecoveryId, Signature, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+sol! {
+    /// EIP-3009's signed message (USDC's `transferWithAuthorization`).
+    struct TransferWithAuthorization {
+        address from;
+        address to;
+        uint256 value;
+        uint256 validAfter;
+        uint256 validBefore;
+        bytes32 nonce;
+    }
+}
+
+/// The only scheme: the exact price, transferred by an EIP-3009 authorization.
+pub const SCHEME_EXACT: &str = "exact";
+/// The longest payment header read: a 65-byte signature and an authorization take about
+/// 1.5 KB in base64, an echoed v2 offer about as much again.
+pub const MAX_PAYMENT_HEADER_LEN: usize = 8192;
+/// Validity an authorization must have left, as the reference facilitator requires: time to
+/// settle it.
+pub const MIN_VALIDITY_SECONDS: u64 = 6;
+
+/// What a seller accepts: an EIP-3009 token (USDC, or a sandbox's) on one chain, paid to
+/// `pay_to`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Offer {
+    pub chain_id: u64,
+    /// The token contract: the EIP-712 domain's `verifyingContract`.
+    pub asset: Address,
+    /// The token's EIP-712 domain name and version ("USD Coin" and "2" for USDC on Base).
+    pub name: String,
+    pub version: String,
+    pub pay_to: Address,
+    /// How long an authorization for this offer may stay valid: the `maxTimeoutSeconds`
+    /// offered, and the bound on how far ahead `validBefore` may be.
+    pub max_timeout_seconds: u64,
+}
+
+impl Offer {
+    /// CAIP-2, as v2 names networks.
+    pub fn network(&self) -> String {
+        format!("eip155:{}", self.chain_id)
+    }
+
+    /// The v2 requirements for a call of `amount` atomic units (micro-USDC).
+    pub fn requirements(&self, amount: u64) -> PaymentRequirements {
+        PaymentRequirements {
+            scheme: SCHEME_EXACT.into(),
+            network: self.network(),
+            amount: amount.to_string(),
+            asset: self.asset.to_checksum(None),
+            pay_to: self.pay_to.to_checksum(None),
+            max_timeout_seconds: self.max_timeout_seconds,
+            extra: Some(serde_json::json!({"name": self.name, "version": self.version})),
+        }
+    }
+
+    /// The v1 form, for clients that read the 402 body: the network by its v1 name where it
+    /// has one, else as CAIP-2.
+    pub fn requirements_v1(&self, amount: u64, resource: &Resource) -> RequirementsV1 {
+        let v2 = self.requirements(amount);
+        RequirementsV1 {
+            scheme: v2.scheme,
+            network: v1_network_name(self.chain_id).map_or(v2.network, str::to_owned),
+            max_amount_required: v2.amount,
+            resource: resource.url.clone(),
+            description: resource.description.clone().unwrap_or_default(),
+            mime_type: resource.mime_type.clone().unwrap_or_default(),
+            pay_to: v2.pay_to,
+            max_timeout_seconds: v2.max_timeout_seconds,
+            asset: v2.asset,
+            extra: v2.extra,
+        }
+    }
+
+    fn domain(&self) -> Eip712Domain {
+        Eip712Domain::new(
+            Some(self.name.clone().into()),
+            Some(self.version.clone().into()),
+            Some(U256::from(self.chain_id)),
+            Some(self.asset),
+            None,
+        )
+    }
+}
+
+/// The chains v1 names (the x402 package's v1 table, those of USDC's chains we know).
+const V1_NETWORKS: [(&str, u64); 2] = [("base", 8453), ("base-sepolia", 84532)];
+
+fn v1_network_name(chain_id: u64) -> Option<&'static str> {
+    V1_NETWORKS.iter().find(|(_, id)| *id == chain_id).map(|(name, _)| *name)
+}
+
+/// A network as either version names it: CAIP-2 `eip155:<chain id>`, or a v1 name.
+pub fn chain_id(network: &str) -> Option<u64> {
+    match network.strip_prefix("eip155:") {
+        // Digits only: `u64::from_str` would also take a leading `+`.
+        Some(id) if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) => id.parse().ok(),
+        Some(_) => None,
+        None => V1_NETWORKS.iter().find(|(name, _)| *name == network).map(|(_, id)| *id),
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Resource {
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mime_type: Option<String>,
+}
+
+/// One way to pay (v2).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentRequirements {
+    pub scheme: String,
+    pub network: String,
+    /// Atomic units of `asset`, in decimal.
+    pub amount: String,
+    pub asset: String,
+    pub pay_to: String,
+    pub max_timeout_seconds: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra: Option<Value>,
+}
+
+/// One way to pay (v1).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequirementsV1 {
+    pub scheme: String,
+    pub network: String,
+    pub max_amount_required: String,
+    pub resource: String,
+    pub description: String,
+    pub mime_type: String,
+    pub pay_to: String,
+    pub max_timeout_seconds: u64,
+    pub asset: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra: Option<Value>,
+}
+
+/// The v2 402: the `PAYMENT-REQUIRED` header's JSON.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentRequired {
+    pub x402_version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub resource: Resource,
+    pub accepts: Vec<PaymentRequirements>,
+}
+
+impl PaymentRequired {
+    /// The `PAYMENT-REQUIRED` header's value: standard base64 (padded) of the JSON.
+    pub fn header_value(&self) -> String {
+        // Serializing strings and integers cannot fail.
+        STANDARD.encode(serde_json::to_vec(self).unwrap_or_default())
+    }
+}
+
+/// The settlement's answer: the `PAYMENT-RESPONSE` (v2) and `X-PAYMENT-RESPONSE` (v1)
+/// header's JSON, and a facilitator's `/settle` answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SettleResponse {
+    pub success: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payer: Option<String>,
+    /// The transaction hash; empty when none was sent.
+    pub transaction: String,
+    pub network: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount: Option<String>,
+}
+
+impl SettleResponse {
+    pub fn header_value(&self) -> String {
+        STANDARD.encode(serde_json::to_vec(self).unwrap_or_default())
+    }
+}
+
+/// Which header a payment came in, and so which version answers it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Version {
+    /// `X-PAYMENT`.
+    V1,
+    /// `PAYMENT-SIGNATURE`.
+    V2,
+}
+
+/// The `exact` EVM payload, as sent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExactPayload {
+    /// 65 bytes (r, s, v), `0x`-hex.
+    pub signature: String,
+    pub authorization: AuthorizationWire,
+}
+
+/// The authorization's fields as sent: addresses and `0x`-hex, integers in decimal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationWire {
+    pub from: String,
+    pub to: String,
+    pub value: String,
+    pub valid_after: String,
+    pub valid_before: String,
+    pub nonce: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PayloadV2 {
+    x402_version: u32,
+    accepted: PaymentRequirements,
+    payload: ExactPayload,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PayloadV1 {
+    x402_version: u32,
+    scheme: String,
+    network: String,
+    payload: ExactPayload,
+}
+
+/// A payment header, read: what it pays with, and how.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Payment {
+    pub version: Version,
+    pub scheme: String,
+    pub chain_id: u64,
+    /// The offer the client says it accepted (v2 only): its asset and recipient must be
+    /// what the gateway offers.
+    pub accepted: Option<(Address, Address)>,
+    pub authorization: Authorization,
+    signature: [u8; 65],
+}
+
+/// The signed transfer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Authorization {
+    pub from: Address,
+    pub to: Address,
+    pub value: U256,
+    pub valid_after: U256,
+    pub valid_before: U256,
+    pub nonce: B256,
+}
+
+/// Why a payment is refused. [`X402Error::reason`] is the x402 name for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum X402Error {
+    /// Not base64 JSON of a payment, or a field that does not parse.
+    Malformed(&'static str),
+    UnsupportedVersion,
+    UnsupportedScheme,
+    /// No offer on that network (or for that asset or recipient).
+    NetworkNotOffered,
+    RecipientMismatch,
+    ValueMismatch,
+    NotYetValid,
+    /// Past `validBefore`, or too close to it to settle.
+    Expired,
+    /// Valid further ahead than the offer's `maxTimeoutSeconds`.
+    ValidTooLong,
+    /// Not `from`'s signature, or a high-s one.
+    InvalidSignature,
+}
+
+impl X402Error {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            X402Error::Malformed(_) => "invalid_payload",
+            X402Error::UnsupportedVersion => "invalid_x402_version",
+            X402Error::UnsupportedScheme => "unsupported_scheme",
+            X402Error::NetworkNotOffered => "network_mismatch",
+            X402Error::RecipientMismatch => "invalid_exact_evm_payload_recipient_mismatch",
+            X402Error::ValueMismatch => "invalid_exact_evm_payload_authorization_value_mismatch",
+            X402Error::NotYetValid => "invalid_exact_evm_payload_authorization_valid_after",
+            X402Error::Expired | X402Error::ValidTooLong => {
+                "invalid_exact_evm_payload_authorization_valid_before"
+            }
+            X402Error::InvalidSignature => "invalid_exact_evm_payload_signature",
+        }
+    }
+}
+
+impl core::fmt::Display for X402Error {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            X402Error::Malformed(what) => write!(f, "malformed x402 payment: {what}"),
+            X402Error::UnsupportedVersion => f.write_str("x402Version must be 1 or 2"),
+            X402Error::UnsupportedScheme => f.write_str("only the exact scheme is accepted"),
+            X402Error::NetworkNotOffered => {
+                f.write_str("the payment's network, asset or recipient is not offered")
+            }
+            X402Error::RecipientMismatch => f.write_str("the transfer is not to the payee"),
+            X402Error::ValueMismatch => f.write_str("the transfer is not of the price"),
+            X402Error::NotYetValid => f.write_str("the authorization is not valid yet"),
+            X402Error::Expired => f.write_str("the authorization expires too soon"),
+            X402Error::ValidTooLong => {
+                f.write_str("the authorization is valid for longer than maxTimeoutSeconds")
+            }
+            X402Error::InvalidSignature => f.write_str("the signature is not the payer's"),
+        }
+    }
+}
+
+/// A payment checked against what is offered: who pays, with which offer, under which id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checked {
+    pub payer: Address,
+    /// The index of the offer paid with.
+    pub offer: usize,
+    /// One authorization's id wherever it is presented: the hash of (chain id, asset,
+    /// payer, nonce). The token contract spends each (payer, nonce) once; the ledger keys the
+    /// payment by this, so that it pays for one call on one gateway only.
+    pub payment_id: B256,
+}
+
+impl Payment {
+    /// Reads a payment header's value (`PAYMENT-SIGNATURE` for v2, `X-PAYMENT` for v1).
+    /// Any bytes are answered: a payment, or why not.
+    pub fn decode(value: &[u8], version: Version) -> Result<Payment, X402Error> {
+        if value.len() > MAX_PAYMENT_HEADER_LEN {
+            return Err(X402Error::Malformed("the header is too long"));
+        }
+        // The reference clients pad; some encoders do not.
+        let json = STANDARD
+            .decode(value)
+            .or_else(|_| STANDARD_NO_PAD.decode(value))
+            .map_err(|_| X402Error::Malformed("the header is not base64"))?;
+        let (x402_version, scheme, network, accepted, payload) = match version {
+            Version::V2 => {
+                let p: PayloadV2 = serde_json::from_slice(&json)
+                    .map_err(|_| X402Error::Malformed("not a v2 payment payload"))?;
+                let accepted = (
+                    address(&p.accepted.asset, "accepted.asset")?,
+                    address(&p.accepted.pay_to, "accepted.payTo")?,
+                );
+                (p.x402_version, p.accepted.scheme, p.accepted.network, Some(accepted), p.payload)
+            }
+            Version::V1 => {
+                let p: PayloadV1 = serde_json::from_slice(&json)
+                    .map_err(|_| X402Error::Malformed("not a v1 payment payload"))?;
+                (p.x402_version, p.scheme, p.network, None, p.payload)
+            }
+        };
+        let expected = match version {
+            Version::V1 => 1,
+            Version::V2 => 2,
+        };
+        if x402_version != expected {
+            return Err(X402Error::UnsupportedVersion);
+        }
+        let chain_id = chain_id(&network).ok_or(X402Error::NetworkNotOffered)?;
+        let wire = &payload.authorization;
+        let authorization = Authorization {
+            from: address(&wire.from, "authorization.from")?,
+            to: address(&wire.to, "authorization.to")?,
+            value: uint(&wire.value, "authorization.value")?,
+            valid_after: uint(&wire.valid_after, "authorization.validAfter")?,
+            valid_before: uint(&wire.valid_before, "authorization.validBefore")?,
+            nonce: hex_bytes::<32>(&wire.nonce)
+                .map(B256::from)
+                .ok_or(X402Error::Malformed("authorization.nonce must be 32 bytes of hex"))?,
+        };
+        let signature = hex_bytes::<65>(&payload.signature)
+            .ok_or(X402Error::Malformed("signature must be 65 bytes of hex"))?;
+        Ok(Payment { version, scheme, chain_id, accepted, authorization, signature })
+    }
+
+    /// Checks the payment for a call of `amount` atomic units against `offers` at `now` (Unix
+    /// seconds): the scheme, an offer on its network (and, in v2, the asset and recipient it
+    /// says it accepted), the recipient, the exact amount, the validity window, and last,
+    /// the costliest, the signature.
+    pub fn check(&self, offers: &[Offer], amount: u64, now: u64) -> Result<Checked, X402Error> {
+        if self.scheme != SCHEME_EXACT {
+            return Err(X402Error::UnsupportedScheme);
+        }
+        let (index, offer) = offers
+            .iter()
+            .enumerate()
+            .find(|(_, offer)| {
+                offer.chain_id == self.chain_id
+                    && self.accepted.is_none_or(|(asset, pay_to)| {
+                        asset == offer.asset && pay_to == offer.pay_to
+                    })
+            })
+            .ok_or(X402Error::NetworkNotOffered)?;
+        let auth = &self.authorization;
+        if auth.to != offer.pay_to {
+            return Err(X402Error::RecipientMismatch);
+        }
+        if auth.value != U256::from(amount) {
+            return Err(X402Error::ValueMismatch);
+        }
+        if auth.valid_after > U256::from(now) {
+            return Err(X402Error::NotYetValid);
+        }
+        if auth.valid_before < U256::from(now.saturating_add(MIN_VALIDITY_SECONDS)) {
+            return Err(X402Error::Expired);
+        }
+        // A second of slack: clients count `maxTimeoutSeconds` from their own clock.
+        let latest = now.saturating_add(offer.max_timeout_seconds).saturating_add(1);
+        if auth.valid_before > U256::from(latest) {
+            return Err(X402Error::ValidTooLong);
+        }
+        let digest = self.signed_struct().eip712_signing_hash(&offer.domain());
+        if recover(&digest, &self.signature)? != auth.from {
+            return Err(X402Error::InvalidSignature);
+        }
+        Ok(Checked { payer: auth.from, offer: index, payment_id: self.payment_id(offer.asset) })
+    }
+
+    fn signed_struct(&self) -> TransferWithAuthorization {
+        let auth = &self.authorization;
+        TransferWithAuthorization {
+            from: auth.from,
+            to: auth.to,
+            value: auth.value,
+            validAfter: auth.valid_after,
+            validBefore: auth.valid_before,
+            nonce: auth.nonce,
+        }
+    }
+
+    fn payment_id(&self, asset: Address) -> B256 {
+        let auth = &self.authorization;
+        keccak256((U256::from(self.chain_id), asset, auth.from, auth.nonce).abi_encode())
+    }
+}
+
+/// The address whose key made `signature` (r, s, v; v 27/28 or 0/1) over `digest`. A high-s
+/// signature is refused: its twin with low s is the same signature, and would be another
+/// byte string for the same payment.
+fn recover(digest: &B256, signature: &[u8; 65]) -> Result<Address, X402Error> {
+    let (rs, v) = signature.split_at(64);
+    let parity = match v[0] {
+        0 | 27 => false,
+        1 | 28 => true,
+        _ => return Err(X402Error::InvalidSignature),
+    };
+    let signature = Signature::from_slice(rs).map_err(|_| X402Error::InvalidSignature)?;
+    if signature.normalize_s() != signature {
+        return Err(X402Error::InvalidSignature);
+    }
+    let id = RecoveryId::new(parity, false);
+    let key = VerifyingKey::recover_from_prehash(digest.as_slice(), &signature, id)
+        .map_err(|_| X402Error::InvalidSignature)?;
+    let point = key.to_sec1_point(false);
+    // An Ethereum address: the last 20 bytes of the Keccak of the uncompressed point's x, y.
+    Ok(Address::from_slice(&keccak256(&point.as_bytes()[1..])[12..]))
+}
+
+fn address(text: &str, field: &'static str) -> Result<Address, X402Error> {
+    hex_bytes::<20>(text).map(Address::from).ok_or(X402Error::Malformed(field))
+}
+
+/// `0x` and exactly `N` bytes of hex, either case.
+fn hex_bytes<const N: usize>(text: &str) -> Option<[u8; N]> {
+    let digits = text.strip_prefix("0x").or_else(|| text.strip_prefix("0X"))?;
+    let mut bytes = [0; N];
+    hex::decode_to_slice(digits, &mut bytes).ok()?;
+    Some(bytes)
+}
+
+/// A uint256 in decimal: digits only, no sign, at most 78 of them.
+fn uint(text: &str, field: &'static str) -> Result<U256, X402Error> {
+    if text.is_empty() || text.len() > 78 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(X402Error::Malformed(field));
+    }
+    U256::from_str_radix(text, 10).map_err(|_| X402Error::Malformed(field))
+}
+
+#[cfg(test)]
+mod tests {
+    use alloy_primitives::address;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+
+    // Signed by the x402 Python package (2.25.0, `test-harness/interop/x402_pay.py`) with
+    // anvil's second test key, 0x59c6…690d, paying 0x3C44…93BC.
+    /// A v2 `PAYMENT-SIGNATURE`: 1000 units of a token at anvil's first contract address on
+    /// chain 31337, domain "USD Coin" "2", signed at [`V2_NOW`] for 60 s.
+    const V2_HEADER: &str = "eyJ4NDAyVmVyc2lvbiI6MiwicGF5bG9hZCI6eyJhdXRob3JpemF0aW9uIjp7ImZyb20iOiIweDcwOTk3OTcwQzUxODEyZGMzQTAxMEM3ZDAxYjUwZTBkMTdkYzc5QzgiLCJ0byI6IjB4M0M0NENkRGRCNmE5MDBmYTJiNTg1ZGQyOTllMDNkMTJGQTQyOTNCQyIsInZhbHVlIjoiMTAwMCIsInZhbGlkQWZ0ZXIiOiIwIiwidmFsaWRCZWZvcmUiOiIxNzk2NjcxNTg1Iiwibm9uY2UiOiIweDgyMmJmNDMxOTA1ZTAyYjNhMTAzYTEzOWFjNzM2MDkwNTJiZTI0ZTM1Y2JiYTNhYjc5YTA3Mzk5NDI4ZGZlOTgifSwic2lnbmF0dXJlIjoiMHhlMmE0Mzk5ZmQzMzg1MjBmNmQ2NmU4MGZkMWViZDhkYzNkYTJhOTFmZmM5ZTMxZGUwZjE1ZTBkY2NjMzc1MGY4MTI5NzFmYzdjNjlhM2EyNTJiOWUzNmJjYWVlYzkyYTZhNjFhMjY2OTFiZGY3MTZkOTA4MWUxMzEyZGM1ZWE0ZjFjIn0sImFjY2VwdGVkIjp7InNjaGVtZSI6ImV4YWN0IiwibmV0d29yayI6ImVpcDE1NTozMTMzNyIsImFzc2V0IjoiMHg1RmJEQjIzMTU2NzhhZmVjYjM2N2YwMzJkOTNGNjQyZjY0MTgwYWEzIiwiYW1vdW50IjoiMTAwMCIsInBheVRvIjoiMHgzQzQ0Q2REZEI2YTkwMGZhMmI1ODVkZDI5OWUwM2QxMkZBNDI5M0JDIiwibWF4VGltZW91dFNlY29uZHMiOjYwLCJleHRyYSI6eyJuYW1lIjoiVVNEIENvaW4iLCJ2ZXJzaW9uIjoiMiJ9fSwicmVzb3VyY2UiOnsidXJsIjoiaHR0cDovLzEyNy4wLjAuMToxMDAwMC92MS9mb3JlY2FzdC94IiwibWltZVR5cGUiOiJhcHBsaWNhdGlvbi9qc29uIn19";
+    const V2_NOW: u64 = 1_796_671_525;
+    /// A v1 `X-PAYMENT`: 2500 units of USDC on Base Sepolia, signed at [`V1_NOW`] for 300 s.
+    const V1_HEADER: &str = "eyJ4NDAyVmVyc2lvbiI6MSwic2NoZW1lIjoiZXhhY3QiLCJuZXR3b3JrIjoiYmFzZS1zZXBvbGlhIiwicGF5bG9hZCI6eyJhdXRob3JpemF0aW9uIjp7ImZyb20iOiIweDcwOTk3OTcwQzUxODEyZGMzQTAxMEM3ZDAxYjUwZTBkMTdkYzc5QzgiLCJ0byI6IjB4M0M0NENkRGRCNmE5MDBmYTJiNTg1ZGQyOTllMDNkMTJGQTQyOTNCQyIsInZhbHVlIjoiMjUwMCIsInZhbGlkQWZ0ZXIiOiIxNzk2NjcwOTIzIiwidmFsaWRCZWZvcmUiOiIxNzk2NjcxODIzIiwibm9uY2UiOiIweDYwMDEwMTM2OTMzYzFhMWZkZGE3Y2U5YzIxNDUwZDk2ZmQwOGNlZmJjMDM3ZjJiMTg1NWJlODU0ZTNhMDY1N2UifSwic2lnbmF0dXJlIjoiMHg3MWM2NWRjNDUxYWY4ZTQ2ODEyZjdhMGM4NjJmY2ZkODVjNjMxZTlmNTBkMWRmNmM2MjIxZTY2Y2EyNmUxMDI1NjM4YzNmZGI3YzlmYzNjOWQ2NmM2NTM4OTc5MTNiM2NiODUyYjliNmNmNzJiOWUyZGIwMTQ5MGIyMTBhYmVmYzFiIn19";
+    const V1_NOW: u64 = 1_796_671_523;
+    const PAYER: Address = address!("0x70997970C51812dc3A010C7d01b50e0d17dc79C8");
+    const PAY_TO: Address = address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC");
+
+    fn anvil() -> Offer {
+        Offer {
+            chain_id: 31337,
+            asset: address!("0x5FbDB2315678afecb367f032d93F642f64180aa3"),
+            name: "USD Coin".into(),
+            version: "2".into(),
+            pay_to: PAY_TO,
+            max_timeout_seconds: 60,
+        }
+    }
+
+    fn base_sepolia() -> Offer {
+        Offer {
+            chain_id: 84532,
+            asset: address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e"),
+            name: "USDC".into(),
+            version: "2".into(),
+            pay_to: PAY_TO,
+            max_timeout_seconds: 300,
+        }
+    }
+
+    fn v2() -> Payment {
+        Payment::decode(V2_HEADER.as_bytes(), Version::V2).unwrap()
+    }
+
+    /// The header's JSON, changed by `change`, encoded again.
+    fn altered(header: &str, change: impl FnOnce(&mut Value)) -> String {
+        let mut json: Value = serde_json::from_slice(&STANDARD.decode(header).unwrap()).unwrap();
+        change(&mut json);
+        STANDARD.encode(json.to_string())
+    }
+
+    #[test]
+    fn a_payment_the_x402_client_signed_is_the_payers_for_the_price() {
+        let checked = v2().check(&[base_sepolia(), anvil()], 1000, V2_NOW).unwrap();
+        assert_eq!((checked.payer, checked.offer), (PAYER, 1));
+        let v1 = Payment::decode(V1_HEADER.as_bytes(), Version::V1).unwrap();
+        assert_eq!(v1.chain_id, 84532);
+        let checked_v1 = v1.check(&[anvil(), base_sepolia()], 2500, V1_NOW).unwrap();
+        assert_eq!((checked_v1.payer, checked_v1.offer), (PAYER, 1));
+        // One authorization, one id; another authorization, another.
+        assert_eq!(
+            v2().check(&[anvil()], 1000, V2_NOW + 10).unwrap().payment_id,
+            checked.payment_id
+        );
+        assert_ne!(checked_v1.payment_id, checked.payment_id);
+        let expected = keccak256(
+            (U256::from(31337u64), anvil().asset, PAYER, v2().authorization.nonce).abi_encode(),
+        );
+        assert_eq!(checked.payment_id, expected);
+    }
+
+    #[test]
+    fn each_term_of_the_offer_is_checked() {
+        let payment = v2();
+        let check = |offer: Offer, amount, now| payment.check(&[offer], amount, now);
+        assert_eq!(check(anvil(), 999, V2_NOW), Err(X402Error::ValueMismatch));
+        assert_eq!(check(anvil(), 1001, V2_NOW), Err(X402Error::ValueMismatch));
+        // The client accepted an offer for another payee or asset than any we make.
+        let elsewhere = Offer { pay_to: PAYER, ..anvil() };
+        assert_eq!(check(elsewhere, 1000, V2_NOW), Err(X402Error::NetworkNotOffered));
+        assert_eq!(check(base_sepolia(), 1000, V2_NOW), Err(X402Error::NetworkNotOffered));
+        // Within 6 s of validBefore there is no time left to settle it.
+        assert_eq!(check(anvil(), 1000, V2_NOW + 55), Err(X402Error::Expired));
+        assert!(check(anvil(), 1000, V2_NOW + 54).is_ok());
+        // Valid for longer than the offer allows (signed for 60 s, offered 30).
+        let short = Offer { max_timeout_seconds: 30, ..anvil() };
+        assert_eq!(check(short, 1000, V2_NOW), Err(X402Error::ValidTooLong));
+        // Another domain: the signature does not recover the payer.
+        let renamed = Offer { name: "USDC".into(), ..anvil() };
+        assert_eq!(check(renamed, 1000, V2_NOW), Err(X402Error::InvalidSignature));
+        // v1's window opens 600 s before its signing.
+        let v1 = Payment::decode(V1_HEADER.as_bytes(), Version::V1).unwrap();
+        assert_eq!(v1.check(&[base_sepolia()], 2500, V1_NOW - 601), Err(X402Error::NotYetValid));
+    }
+
+    #[test]
+    fn a_changed_field_or_a_high_s_twin_fails_the_signature() {
+        for (field, value) in [
+            ("from", "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"),
+            ("nonce", "0x0000000000000000000000000000000000000000000000000000000000000001"),
+            ("validAfter", "1"),
+        ] {
+            let header =
+                altered(V2_HEADER, |json| json["payload"]["authorization"][field] = json!(value));
+            let payment = Payment::decode(header.as_bytes(), Version::V2).unwrap();
+            assert_eq!(
+                payment.check(&[anvil()], 1000, V2_NOW),
+                Err(X402Error::InvalidSignature),
+                "{field}"
+            );
+        }
+        // (r, n - s, v ^ 1) is the same signature to ecrecover; only the low-s form is taken.
+        let mut signature = v2().signature;
+        let n = U256::from_str_radix(
+            "fffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141",
+            16,
+        )
+        .unwrap();
+        let s = U256::from_be_slice(&signature[32..64]);
+        signature[32..64].copy_from_slice(&(n - s).to_be_bytes::<32>());
+        signature[64] ^= 1;
+        let twin = altered(V2_HEADER, |json| {
+            json["payload"]["signature"] = json!(format!("0x{}", hex::encode(signature)));
+        });
+        let payment = Payment::decode(twin.as_bytes(), Version::V2).unwrap();
+        assert_eq!(payment.check(&[anvil()], 1000, V2_NOW), Err(X402Error::InvalidSignature));
+    }
+
+    #[test]
+    fn malformed_payments_are_refused_with_the_field_named() {
+        let decode = |header: &str| Payment::decode(header.as_bytes(), Version::V2);
+        assert_eq!(decode("not base64!"), Err(X402Error::Malformed("the header is not base64")));
+        assert_eq!(
+            Payment::decode(V1_HEADER.as_bytes(), Version::V2),
+            Err(X402Error::Malformed("not a v2 payment payload"))
+        );
+        let cases: [(&str, &str, Value, X402Error); 6] = [
+            ("authorization", "value", json!("-1"), X402Error::Malformed("authorization.value")),
+            ("authorization", "value", json!("1e3"), X402Error::Malformed("authorization.value")),
+            ("authorization", "to", json!("0x1234"), X402Error::Malformed("authorization.to")),
+            (
+                "authorization",
+                "nonce",
+                json!("0x00"),
+                X402Error::Malformed("authorization.nonce must be 32 bytes of hex"),
+            ),
+            (
+                "authorization",
+                "validBefore",
+                json!(""),
+                X402Error::Malformed("authorization.validBefore"),
+            ),
+            (
+                "authorization",
+                "validAfter",
+                json!("1".repeat(79)),
+                X402Error::Malformed("authorization.validAfter"),
+            ),
+        ];
+        for (outer, field, value, error) in cases {
+            let header = altered(V2_HEADER, |json| json["payload"][outer][field] = value);
+            assert_eq!(decode(&header), Err(error), "{field}");
+        }
+        let short = altered(V2_HEADER, |json| json["payload"]["signature"] = json!("0xabcd"));
+        assert_eq!(decode(&short), Err(X402Error::Malformed("signature must be 65 bytes of hex")));
+        let v3 = altered(V2_HEADER, |json| json["x402Version"] = json!(3));
+        assert_eq!(decode(&v3), Err(X402Error::UnsupportedVersion));
+        let upto = altered(V2_HEADER, |json| json["accepted"]["scheme"] = json!("upto"));
+        assert_eq!(
+            decode(&upto).unwrap().check(&[anvil()], 1000, V2_NOW),
+            Err(X402Error::UnsupportedScheme)
+        );
+        let solana =
+            altered(V2_HEADER, |json| json["accepted"]["network"] = json!("solana:5eykt4"));
+        assert_eq!(decode(&solana), Err(X402Error::NetworkNotOffered));
+        let long = "A".repeat(MAX_PAYMENT_HEADER_LEN + 1);
+        assert_eq!(decode(&long), Err(X402Error::Malformed("the header is too long")));
+    }
+
+    #[test]
+    fn networks_are_caip2_or_a_v1_name() {
+        assert_eq!(chain_id("eip155:8453"), Some(8453));
+        assert_eq!(chain_id("base-sepolia"), Some(84532));
+        for bad in [
+            "eip155:",
+            "eip155:+1",
+            "eip155:0x1",
+            "eip155:99999999999999999999",
+            "polygon",
+            "solana:5eykt4",
+        ] {
+            assert_eq!(chain_id(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_402_offers_read_as_the_spec_names_them() {
+        let resource = Resource {
+            url: "http://127.0.0.1:10000/v1/forecast".into(),
+            description: None,
+            mime_type: Some("application/json".into()),
+        };
+        let required = PaymentRequired {
+            x402_version: 2,
+            error: Some("payment required".into()),
+            resource: resource.clone(),
+            accepts: vec![anvil().requirements(1000)],
+        };
+        let json: Value =
+            serde_json::from_slice(&STANDARD.decode(required.header_value()).unwrap()).unwrap();
+        assert_eq!(
+            json["accepts"][0],
+            json!({"scheme": "exact", "network": "eip155:31337", "amount": "1000",
+                "asset": "0x5FbDB2315678afecb367f032d93F642f64180aa3",
+                "payTo": "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC", "maxTimeoutSeconds": 60,
+                "extra": {"name": "USD Coin", "version": "2"}})
+        );
+        assert_eq!(json["resource"], json!({"url": resource.url, "mimeType": "application/json"}));
+        let v1 = serde_json::to_value(base_sepolia().requirements_v1(2500, &resource)).unwrap();
+        assert_eq!(
+            (&v1["network"], &v1["maxAmountRequired"]),
+            (&json!("base-sepolia"), &json!("2500"))
+        );
+        assert_eq!(anvil().requirements_v1(1, &resource).network, "eip155:31337");
+    }
+
+    proptest! {
+        #[test]
+        fn any_header_is_answered_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            for version in [Version::V1, Version::V2] {
+                let _ = Payment::decode(&bytes, version);
+                let _ = Payment::decode(STANDARD.encode(&bytes).as_bytes(), version);
+            }
+        }
+
+        #[test]
+        fn a_changed_byte_never_pays(index in 0..V2_HEADER.len(), byte in any::<u8>()) {
+            let mut header = V2_HEADER.as_bytes().to_vec();
+            header[index] = byte;
+            if let Ok(payment) = Payment::decode(&header, Version::V2)
+                && payment.check(&[anvil()], 1000, V2_NOW).is_ok()
+            {
+                prop_assert_eq!(payment, v2());
+            }
+        }
+    }
+}
