@@ -9,9 +9,9 @@
 //! amount, the validity window and the signature. What only the chain knows (the payer's
 //! balance, whether the nonce is still unused there) is the settlement's to find out.
 
-pub use alloy_primitives::{Address, B256};
-use alloy_primitives::{U256, keccak256};
-use alloy_sol_types::{Eip712Domain, SolStruct, SolValue, sol};
+use alloy_primitives::keccak256;
+pub use alloy_primitives::{Address, B256, U256};
+use alloy_sol_types::{Eip712Domain, SolCall, SolStruct, SolValue, sol};
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
 use k256::ecdsa::{RecoveryId, Signature, VerifyingKey};
@@ -28,6 +28,20 @@ sol! {
         uint256 validBefore;
         bytes32 nonce;
     }
+
+    /// The token's function that spends it, with a 65-byte signature split (USDC's and the
+    /// reference facilitator's form for plain accounts).
+    function transferWithAuthorization(
+        address from,
+        address to,
+        uint256 value,
+        uint256 validAfter,
+        uint256 validBefore,
+        bytes32 nonce,
+        uint8 v,
+        bytes32 r,
+        bytes32 s
+    );
 }
 
 /// The only scheme: the exact price, transferred by an EIP-3009 authorization.
@@ -439,6 +453,30 @@ impl Payment {
             return Err(X402Error::InvalidSignature);
         }
         Ok(Checked { payer: auth.from, offer: index, payment_id: self.payment_id(offer.asset) })
+    }
+
+    /// The calldata of the token's `transferWithAuthorization` that settles this payment:
+    /// what a settler sends to the asset's contract.
+    pub fn transfer_calldata(&self) -> Vec<u8> {
+        let auth = &self.authorization;
+        let (r, s) = self.signature[..64].split_at(32);
+        // v as the contract's ecrecover takes it: 27 or 28.
+        let v = match self.signature[64] {
+            0 | 1 => self.signature[64] + 27,
+            v => v,
+        };
+        transferWithAuthorizationCall {
+            from: auth.from,
+            to: auth.to,
+            value: auth.value,
+            validAfter: auth.valid_after,
+            validBefore: auth.valid_before,
+            nonce: auth.nonce,
+            v,
+            r: B256::from_slice(r),
+            s: B256::from_slice(s),
+        }
+        .abi_encode()
     }
 
     fn signed_struct(&self) -> TransferWithAuthorization {

@@ -6,7 +6,8 @@
 //!   caveat checkers, and what they mint verifies in `l402::verify`; a wrong key fails in all;
 //! - sandbox BOLT11 invoices, with PyPI's `bolt11` decoder;
 //! - x402, with the `x402` Python package, the client agents pay with: it reads the 402s we
-//!   write (v2 header, v1 body) and pays them, and what it signs passes `x402::Payment::check`.
+//!   write (v2 header, v1 body) and pays them, what it signs passes `x402::Payment::check`,
+//!   and on a real EVM node (anvil) our sandbox USDC settles it, once.
 //!
 //! The helpers are `test-harness/interop/*.{py,mjs}` (JSON on stdin, JSON on stdout).
 //! scripts/setup installs their packages into `.venv` and `test-harness/interop/node_modules`;
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use paystile_harness::chain::{self, Anvil};
 use paystile_harness::e2e::unix_now;
 use paystile_harness::paths;
 use paystile_ledger::invoice::InvoiceRequest;
@@ -675,6 +677,14 @@ fn x402_offers() -> [x402::Offer; 2] {
 /// The package handles a 402 of `headers` and `body` and answers the header it pays with.
 fn x402_pays(headers: Value, body: Option<String>) -> (String, String, String) {
     let [sandbox, _] = x402_offers();
+    x402_pays_allowing(&sandbox, headers, body)
+}
+
+fn x402_pays_allowing(
+    sandbox: &x402::Offer,
+    headers: Value,
+    body: Option<String>,
+) -> (String, String, String) {
     let answer = helper(
         paths::python(),
         "x402_pay.py",
@@ -724,4 +734,48 @@ fn the_x402_client_pays_our_402s_and_we_verify_what_it_signs() {
     let payment = x402::Payment::decode(value.as_bytes(), x402::Version::V1).unwrap();
     let checked = payment.check(&offers, 2500, unix_now()).unwrap();
     assert_eq!((checked.payer, checked.offer), (payer.parse().unwrap(), 1));
+}
+
+#[tokio::test]
+async fn what_the_x402_client_signs_settles_on_anvil_once() {
+    let anvil = Anvil::start().unwrap();
+    let token = anvil.deploy_sandbox_usdc().await.unwrap();
+    let (payer, payee): (x402::Address, x402::Address) =
+        (chain::ACCOUNTS[0].0.parse().unwrap(), chain::ACCOUNTS[1].0.parse().unwrap());
+    anvil.mint(token, payer, 5_000_000).await.unwrap();
+    let offer = x402::Offer {
+        chain_id: anvil.chain_id().await.unwrap(),
+        asset: token,
+        name: "USD Coin".into(),
+        version: "2".into(),
+        pay_to: payee,
+        max_timeout_seconds: 60,
+    };
+    let required = PaymentRequired {
+        x402_version: 2,
+        error: None,
+        resource: Resource {
+            url: "http://127.0.0.1:10000/v1/forecast".into(),
+            description: None,
+            mime_type: None,
+        },
+        accepts: vec![offer.requirements(1000)],
+    };
+    let (_, header, _) =
+        x402_pays_allowing(&offer, json!({"PAYMENT-REQUIRED": required.header_value()}), None);
+    let payment = x402::Payment::decode(header.as_bytes(), x402::Version::V2).unwrap();
+    let checked = payment.check(std::slice::from_ref(&offer), 1000, unix_now()).unwrap();
+    assert_eq!(checked.payer, payer);
+
+    // A settler (any account: EIP-3009 lets anyone submit it) sends the transfer.
+    let settler = chain::ACCOUNTS[2].0;
+    let calldata = payment.transfer_calldata();
+    let receipt = anvil.send(settler, Some(token), &calldata).await.unwrap();
+    assert_eq!(receipt["status"], "0x1", "{receipt}");
+    assert_eq!(anvil.balance(token, payer).await.unwrap(), x402::U256::from(4_999_000));
+    assert_eq!(anvil.balance(token, payee).await.unwrap(), x402::U256::from(1000));
+    // The same authorization again: the token refuses it, nothing moves.
+    let again = anvil.send(settler, Some(token), &calldata).await.unwrap();
+    assert_eq!(again["status"], "0x0", "{again}");
+    assert_eq!(anvil.balance(token, payee).await.unwrap(), x402::U256::from(1000));
 }

@@ -1,0 +1,187 @@
+//! A local EVM chain for x402: anvil (npm `@foundry-rs/anvil`) on a free loopback port, with
+//! paystile's sandbox USDC (`contracts/SandboxUsdc.sol`, compiled by the pinned npm `solc`)
+//! deployed and minted to whoever needs it. Spoken to over plain JSON-RPC, with anvil's
+//! unlocked development accounts sending the transactions.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use alloy_primitives::U256;
+use alloy_sol_types::{SolCall, sol};
+use anyhow::{Context, bail, ensure};
+use paystile_protocol::x402::Address;
+use serde_json::{Value, json};
+
+use crate::paths;
+
+sol! {
+    function mint(address to, uint256 value);
+    function balanceOf(address who) returns (uint256);
+}
+
+/// anvil's first development account: it deploys and mints (the token's owner).
+pub const DEPLOYER: &str = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266";
+/// The development accounts after it, with their well-known keys: payers and payees.
+pub const ACCOUNTS: [(&str, &str); 3] = [
+    (
+        "0x70997970C51812dc3A010C7d01b50e0d17dc79C8",
+        "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d",
+    ),
+    (
+        "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC",
+        "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a",
+    ),
+    (
+        "0x90F79bf6EB2c4f870365E785982E1f101E93b906",
+        "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6",
+    ),
+];
+
+/// A running anvil, killed when dropped.
+pub struct Anvil {
+    child: Child,
+    url: String,
+    http: reqwest::Client,
+}
+
+impl Anvil {
+    /// Starts anvil on a free loopback port (chain id 31337, blocks mined on each
+    /// transaction) and waits until it listens.
+    pub fn start() -> anyhow::Result<Anvil> {
+        let binary = anvil_binary();
+        let mut child = Command::new(&binary)
+            .args(["--host", "127.0.0.1", "--port", "0", "--chain-id", "31337"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot run {} (run scripts/setup)", binary.display()))?;
+        let stdout = child.stdout.take().context("anvil has no stdout")?;
+        let (found, listening) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if let Some(address) = line.strip_prefix("Listening on ") {
+                    let _ = found.send(address.trim().to_owned());
+                }
+            }
+        });
+        let address = match listening.recv_timeout(Duration::from_secs(30)) {
+            Ok(address) => address,
+            Err(_) => {
+                let _ = child.kill();
+                bail!("anvil did not start listening within 30 s");
+            }
+        };
+        Ok(Anvil { child, url: format!("http://{address}"), http: reqwest::Client::new() })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// One JSON-RPC call; its `result`.
+    pub async fn rpc(&self, method: &str, params: Value) -> anyhow::Result<Value> {
+        let request = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+        let answer: Value = self
+            .http
+            .post(&self.url)
+            .json(&request)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        if let Some(error) = answer.get("error") {
+            bail!("{method}: {error}");
+        }
+        answer.get("result").cloned().with_context(|| format!("{method}: no result in {answer}"))
+    }
+
+    pub async fn chain_id(&self) -> anyhow::Result<u64> {
+        quantity(&self.rpc("eth_chainId", json!([])).await?)
+    }
+
+    /// Sends a transaction from unlocked account `from` and answers its receipt (anvil mines
+    /// it at once). A reverted transaction is a receipt with status 0, not an error.
+    pub async fn send(
+        &self,
+        from: &str,
+        to: Option<Address>,
+        data: &[u8],
+    ) -> anyhow::Result<Value> {
+        let mut transaction = json!({"from": from, "data": format!("0x{}", hex::encode(data))});
+        if let Some(to) = to {
+            transaction["to"] = json!(to.to_checksum(None));
+        }
+        let hash = self.rpc("eth_sendTransaction", json!([transaction])).await?;
+        self.rpc("eth_getTransactionReceipt", json!([hash])).await
+    }
+
+    /// `eth_call` at the latest block: the raw answer.
+    pub async fn call(&self, to: Address, data: &[u8]) -> anyhow::Result<Vec<u8>> {
+        let call = json!({"to": to.to_checksum(None), "data": format!("0x{}", hex::encode(data))});
+        let answer = self.rpc("eth_call", json!([call, "latest"])).await?;
+        let text = answer.as_str().context("eth_call answered no data")?;
+        Ok(hex::decode(text.trim_start_matches("0x"))?)
+    }
+
+    /// Deploys the sandbox USDC from [`DEPLOYER`]; answers its address.
+    pub async fn deploy_sandbox_usdc(&self) -> anyhow::Result<Address> {
+        let receipt = self.send(DEPLOYER, None, &sandbox_usdc_bytecode()?).await?;
+        ensure!(receipt["status"] == "0x1", "the sandbox USDC's deployment failed: {receipt}");
+        let address = receipt["contractAddress"].as_str().context("no contract address")?;
+        Ok(address.parse()?)
+    }
+
+    /// Mints `amount` atomic units of the sandbox USDC at `token` to `to`.
+    pub async fn mint(&self, token: Address, to: Address, amount: u64) -> anyhow::Result<()> {
+        let data = mintCall { to, value: U256::from(amount) }.abi_encode();
+        let receipt = self.send(DEPLOYER, Some(token), &data).await?;
+        ensure!(receipt["status"] == "0x1", "mint failed: {receipt}");
+        Ok(())
+    }
+
+    /// `who`'s balance of `token`, in atomic units.
+    pub async fn balance(&self, token: Address, who: Address) -> anyhow::Result<U256> {
+        let answer = self.call(token, &balanceOfCall { who }.abi_encode()).await?;
+        Ok(balanceOfCall::abi_decode_returns(&answer)?)
+    }
+}
+
+impl Drop for Anvil {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The anvil binary npm installed: `$PAYSTILE_ANVIL`, else the interop packages'.
+pub fn anvil_binary() -> PathBuf {
+    std::env::var_os("PAYSTILE_ANVIL")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| paths::interop_dir().join("node_modules/.bin/anvil"), PathBuf::from)
+}
+
+/// The sandbox USDC's creation bytecode, compiled now by the pinned solc
+/// (`test-harness/interop/solc_build.mjs`).
+pub fn sandbox_usdc_bytecode() -> anyhow::Result<Vec<u8>> {
+    let script = paths::interop_dir().join("solc_build.mjs");
+    let output = Command::new(paths::node())
+        .arg(&script)
+        .output()
+        .with_context(|| format!("cannot run node {} (run scripts/setup)", script.display()))?;
+    ensure!(output.status.success(), "solc failed: {}", String::from_utf8_lossy(&output.stderr));
+    let built: Value = serde_json::from_slice(&output.stdout)?;
+    let bytecode = built["bytecode"].as_str().context("solc printed no bytecode")?;
+    Ok(hex::decode(bytecode.trim_start_matches("0x"))?)
+}
+
+/// A JSON-RPC quantity (`0x`-hex).
+fn quantity(value: &Value) -> anyhow::Result<u64> {
+    let text = value.as_str().with_context(|| format!("not a quantity: {value}"))?;
+    Ok(u64::from_str_radix(text.trim_start_matches("0x"), 16)?)
+}
