@@ -18,13 +18,16 @@
 //! error (a statement refused, corrupt data, a bug) rolls the batch back whole, and then each
 //! of its jobs runs again alone, so the error stays that job's. A savepoint per job would keep
 //! the others without running them again, but costs round trips, and past 64 in a transaction
-//! PostgreSQL's snapshots overflow their subtransaction cache, slowing every backend.
+//! PostgreSQL's snapshots overflow their subtransaction cache, slowing every backend. A panic
+//! anywhere else in a batch (a bug in reading or writing the books) fails that batch's callers
+//! with `Panicked`, and the writer goes on with the next.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::panic::{self, AssertUnwindSafe};
 use std::time::Duration;
 
 use deadpool_postgres::{Pool, Transaction};
+use futures_util::FutureExt as _;
 use futures_util::future::{try_join, try_join_all, try_join3};
 use paystile_protocol::Usdc;
 use paystile_protocol::ledger_api::{ChargeStatus, SettleResult, SettleStatus, Settlement};
@@ -76,7 +79,7 @@ pub(super) struct Writer {
 impl Writer {
     pub(super) fn start(pool: Pool) -> Writer {
         let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
-        tokio::spawn(write_batches(pool, queue));
+        tokio::spawn(write_batches(queue, move |work| run_jobs(pool.clone(), work)));
         Writer { jobs }
     }
 
@@ -88,39 +91,56 @@ impl Writer {
     }
 }
 
-/// The writer task: take what is waiting, run it in one transaction, commit, answer.
-async fn write_batches(pool: Pool, mut queue: mpsc::Receiver<Job>) {
+/// The writer task: take what is waiting, have `run` run it (in one transaction, committed
+/// once), answer each caller. A panic in `run` (a bug outside a job's decision, which
+/// [`run_batch`] catches itself) fails that batch's callers, not the task: every later
+/// reserve and settlement would fail with it.
+async fn write_batches<F, Fut>(mut queue: mpsc::Receiver<Job>, mut run: F)
+where
+    F: FnMut(Vec<Work>) -> Fut,
+    Fut: Future<Output = Vec<Result<Done, StoreError>>>,
+{
     let mut answered = 0;
     while let Some(first) = queue.recv().await {
         let jobs = collect(first, &mut queue, answered).await;
         answered = jobs.len();
-        let work: Vec<&Work> = jobs.iter().map(|job| &job.work).collect();
-        match retrying(|| run_batch(&pool, &work)).await {
-            Ok(done) => {
-                for (job, done) in jobs.into_iter().zip(done) {
-                    // The caller may have gone away (client disconnect); nothing to tell then.
-                    let _ = job.answer.send(Ok(done));
-                }
+        let (work, answers): (Vec<Work>, Vec<_>) =
+            jobs.into_iter().map(|job| (job.work, job.answer)).unzip();
+        let results = AssertUnwindSafe(run(work)).catch_unwind().await.unwrap_or_else(|panic| {
+            let error = StoreError::panicked(&*panic);
+            tracing::error!(error = %error, "a ledger batch panicked; its callers were told");
+            answers.iter().map(|_| Err(error.clone())).collect()
+        });
+        for (answer, result) in answers.into_iter().zip(results) {
+            // The caller may have gone away (client disconnect); nothing to tell then.
+            let _ = answer.send(result);
+        }
+    }
+}
+
+/// Runs one batch's work in one transaction; if that fails in a way that may be one job's,
+/// runs each job again alone, so that the error stays that job's. Answers each job's result.
+async fn run_jobs(pool: Pool, work: Vec<Work>) -> Vec<Result<Done, StoreError>> {
+    let all: Vec<&Work> = work.iter().collect();
+    match retrying(|| run_batch(&pool, &all)).await {
+        Ok(done) => done.into_iter().map(Ok).collect(),
+        Err(aborted) if aborted.alone && work.len() > 1 => {
+            tracing::debug!(error = %aborted.error, "batch failed; running its jobs alone");
+            let mut results = Vec::with_capacity(work.len());
+            for job in &work {
+                let alone = [job];
+                let done = retrying(|| run_batch(&pool, &alone)).await;
+                results.push(done.map_err(|a| a.error).and_then(|done| {
+                    done.into_iter()
+                        .next()
+                        .ok_or_else(|| StoreError::Corrupt("a batch of one answered none".into()))
+                }));
             }
-            Err(aborted) if aborted.alone && jobs.len() > 1 => {
-                tracing::debug!(error = %aborted.error, "batch failed; running its jobs alone");
-                for job in jobs {
-                    let alone = [&job.work];
-                    let done = retrying(|| run_batch(&pool, &alone)).await;
-                    let done = done.map_err(|a| a.error).and_then(|done| {
-                        done.into_iter().next().ok_or_else(|| {
-                            StoreError::Corrupt("a batch of one answered none".into())
-                        })
-                    });
-                    let _ = job.answer.send(done);
-                }
-            }
-            Err(aborted) => {
-                tracing::error!(error = %aborted.error, "ledger transaction failed; its callers were told");
-                for job in jobs {
-                    let _ = job.answer.send(Err(aborted.error.clone()));
-                }
-            }
+            results
+        }
+        Err(aborted) => {
+            tracing::error!(error = %aborted.error, "ledger transaction failed; its callers were told");
+            work.iter().map(|_| Err(aborted.error.clone())).collect()
         }
     }
 }
@@ -877,12 +897,36 @@ mod tests {
             answers.push(answered);
         }
         drop(jobs);
-        write_batches(store.pool.clone(), queue).await;
+        let pool = store.pool.clone();
+        write_batches(queue, move |work| run_jobs(pool.clone(), work)).await;
         let mut results = Vec::new();
         for answered in answers {
             results.push(answered.await.unwrap());
         }
         results
+    }
+
+    /// No database: the writer's loop alone, with a runner whose first batch panics.
+    #[tokio::test]
+    async fn a_batch_that_panics_fails_its_callers_and_the_writer_goes_on() {
+        let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
+        let writer = Writer { jobs };
+        let mut batches = 0;
+        tokio::spawn(write_batches(queue, move |work: Vec<Work>| {
+            batches += 1;
+            let first = batches == 1;
+            async move {
+                assert!(!first, "a bug in reading the books");
+                work.iter().map(|_| Ok(Done::Settled(Vec::new()))).collect()
+            }
+        }));
+        let failed = writer.run(settle(&[])).await;
+        assert!(
+            matches!(&failed, Err(StoreError::Panicked(m)) if m == "a bug in reading the books"),
+            "{:?}",
+            failed.err()
+        );
+        assert!(matches!(writer.run(settle(&[])).await, Ok(Done::Settled(_))));
     }
 
     fn held(result: &Result<Done, StoreError>) -> bool {
