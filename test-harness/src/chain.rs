@@ -105,8 +105,9 @@ impl Anvil {
         quantity(&self.rpc("eth_chainId", json!([])).await?)
     }
 
-    /// Sends a transaction from unlocked account `from` and answers its receipt (anvil mines
-    /// it at once). A reverted transaction is a receipt with status 0, not an error.
+    /// Sends a transaction from unlocked account `from` and answers its receipt, once mined
+    /// (anvil mines each transaction as it comes, but its receipt may lag the hash by a few
+    /// milliseconds). A reverted transaction is a receipt with status 0, not an error.
     pub async fn send(
         &self,
         from: &str,
@@ -118,7 +119,15 @@ impl Anvil {
             transaction["to"] = json!(to.to_checksum(None));
         }
         let hash = self.rpc("eth_sendTransaction", json!([transaction])).await?;
-        self.rpc("eth_getTransactionReceipt", json!([hash])).await
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let receipt = self.rpc("eth_getTransactionReceipt", json!([hash])).await?;
+            if !receipt.is_null() {
+                return Ok(receipt);
+            }
+            ensure!(tokio::time::Instant::now() < deadline, "{hash} was not mined within 10 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// `eth_call` at the latest block: the raw answer.
