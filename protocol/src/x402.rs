@@ -52,6 +52,9 @@ pub const MAX_PAYMENT_HEADER_LEN: usize = 8192;
 /// Validity an authorization must have left, as the reference facilitator requires: time to
 /// settle it.
 pub const MIN_VALIDITY_SECONDS: u64 = 6;
+/// How far ahead of ours a client's clock may be: it sets `validBefore` to its now plus
+/// `maxTimeoutSeconds`, which may be no further ahead than ours plus this.
+pub const CLIENT_CLOCK_AHEAD_SECONDS: u64 = 30;
 
 /// What a seller accepts: an EIP-3009 token (USDC, or a sandbox's) on one chain, paid to
 /// `pay_to`.
@@ -413,23 +416,37 @@ impl Payment {
     }
 
     /// Checks the payment for a call of `amount` atomic units against `offers` at `now` (Unix
-    /// seconds): the scheme, an offer on its network (and, in v2, the asset and recipient it
-    /// says it accepted), the recipient, the exact amount, the validity window, and last,
-    /// the costliest, the signature.
+    /// seconds): the scheme, an offer on its network (in v2, the one with the asset and
+    /// recipient it says it accepted; v1 does not say, so each offer on the network is
+    /// tried), the recipient, the exact amount, the validity window, and last, the costliest,
+    /// the signature. A refusal is the first offer's reason.
     pub fn check(&self, offers: &[Offer], amount: u64, now: u64) -> Result<Checked, X402Error> {
         if self.scheme != SCHEME_EXACT {
             return Err(X402Error::UnsupportedScheme);
         }
-        let (index, offer) = offers
-            .iter()
-            .enumerate()
-            .find(|(_, offer)| {
-                offer.chain_id == self.chain_id
-                    && self.accepted.is_none_or(|(asset, pay_to)| {
-                        asset == offer.asset && pay_to == offer.pay_to
-                    })
-            })
-            .ok_or(X402Error::NetworkNotOffered)?;
+        let mut refusal = None;
+        let candidates = offers.iter().enumerate().filter(|(_, offer)| {
+            offer.chain_id == self.chain_id
+                && self
+                    .accepted
+                    .is_none_or(|(asset, pay_to)| asset == offer.asset && pay_to == offer.pay_to)
+        });
+        for (index, offer) in candidates {
+            match self.check_offer(offer, amount, now) {
+                Ok(payer) => {
+                    let payment_id = self.payment_id(offer.asset);
+                    return Ok(Checked { payer, offer: index, payment_id });
+                }
+                Err(error) => {
+                    refusal.get_or_insert(error);
+                }
+            }
+        }
+        Err(refusal.unwrap_or(X402Error::NetworkNotOffered))
+    }
+
+    /// [`Payment::check`] against one offer; answers the payer.
+    fn check_offer(&self, offer: &Offer, amount: u64, now: u64) -> Result<Address, X402Error> {
         let auth = &self.authorization;
         if auth.to != offer.pay_to {
             return Err(X402Error::RecipientMismatch);
@@ -443,8 +460,10 @@ impl Payment {
         if auth.valid_before < U256::from(now.saturating_add(MIN_VALIDITY_SECONDS)) {
             return Err(X402Error::Expired);
         }
-        // A second of slack: clients count `maxTimeoutSeconds` from their own clock.
-        let latest = now.saturating_add(offer.max_timeout_seconds).saturating_add(1);
+        // Clients count `maxTimeoutSeconds` from their own clock.
+        let latest = now
+            .saturating_add(offer.max_timeout_seconds)
+            .saturating_add(CLIENT_CLOCK_AHEAD_SECONDS);
         if auth.valid_before > U256::from(latest) {
             return Err(X402Error::ValidTooLong);
         }
@@ -452,7 +471,7 @@ impl Payment {
         if recover(&digest, &self.signature)? != auth.from {
             return Err(X402Error::InvalidSignature);
         }
-        Ok(Checked { payer: auth.from, offer: index, payment_id: self.payment_id(offer.asset) })
+        Ok(auth.from)
     }
 
     /// The calldata of the token's `transferWithAuthorization` that settles this payment:
@@ -625,14 +644,21 @@ mod tests {
         // Within 6 s of validBefore there is no time left to settle it.
         assert_eq!(check(anvil(), 1000, V2_NOW + 55), Err(X402Error::Expired));
         assert!(check(anvil(), 1000, V2_NOW + 54).is_ok());
-        // Valid for longer than the offer allows (signed for 60 s, offered 30).
-        let short = Offer { max_timeout_seconds: 30, ..anvil() };
+        // Valid for longer than the offer allows, past a client clock 30 s ahead: signed for
+        // 60 s, offered 29 (and 30 is taken).
+        let short = Offer { max_timeout_seconds: 29, ..anvil() };
         assert_eq!(check(short, 1000, V2_NOW), Err(X402Error::ValidTooLong));
+        assert!(check(Offer { max_timeout_seconds: 30, ..anvil() }, 1000, V2_NOW).is_ok());
         // Another domain: the signature does not recover the payer.
         let renamed = Offer { name: "USDC".into(), ..anvil() };
         assert_eq!(check(renamed, 1000, V2_NOW), Err(X402Error::InvalidSignature));
-        // v1's window opens 600 s before its signing.
+        // v1 names no asset: each offer on its network is tried, and the first reason told.
         let v1 = Payment::decode(V1_HEADER.as_bytes(), Version::V1).unwrap();
+        let other = Offer { name: "Other".into(), asset: anvil().asset, ..base_sepolia() };
+        let checked = v1.check(&[other.clone(), base_sepolia()], 2500, V1_NOW).unwrap();
+        assert_eq!((checked.payer, checked.offer), (PAYER, 1));
+        assert_eq!(v1.check(&[other], 2500, V1_NOW), Err(X402Error::InvalidSignature));
+        // v1's window opens 600 s before its signing.
         assert_eq!(v1.check(&[base_sepolia()], 2500, V1_NOW - 601), Err(X402Error::NotYetValid));
     }
 
