@@ -454,6 +454,8 @@ impl Payment {
         if auth.value != U256::from(amount) {
             return Err(X402Error::ValueMismatch);
         }
+        // As the reference facilitator: `validAfter` may be now (the token itself wants a
+        // block after it; clients send 0, or ten minutes ago).
         if auth.valid_after > U256::from(now) {
             return Err(X402Error::NotYetValid);
         }

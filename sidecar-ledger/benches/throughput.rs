@@ -76,6 +76,7 @@ async fn reserve(store: &Store, token_id: &str, n: u64) -> anyhow::Result<String
         .reserve(ReserveCommand {
             charge_id: charge_id.clone(),
             extra_charge_ids: Vec::new(),
+            extras_until: None,
             token: grant(token_id),
             service_id: "bench".into(),
             price: price(),

@@ -470,10 +470,7 @@ impl Ledger {
         Ok(charge_view(charge))
     }
 
-    pub async fn reserve(
-        &self,
-        mut request: ReserveRequest,
-    ) -> Result<ReserveOutcome, LedgerError> {
+    pub async fn reserve(&self, request: ReserveRequest) -> Result<ReserveOutcome, LedgerError> {
         check_id("serviceId", &request.service_id)?;
         if request.credential.as_bytes().len() > credential::MAX_AUTHORIZATION_LEN {
             return Err(LedgerError::Invalid(format!(
@@ -507,15 +504,6 @@ impl Ledger {
                 ));
             }
         }
-        // The gateway's deadline is on its wall clock: compared with ours, never the offset
-        // clock of tests.
-        if let Some(until) = request.extras_until_ms.filter(|_| request.count > 1) {
-            let late_by = u64::try_from(now_millis()).unwrap_or(0).saturating_sub(until);
-            if late_by > 0 {
-                self.metrics.late_prefetch(&request, late_by);
-                request.count = 1;
-            }
-        }
         let now = self.now();
         let verified = match self.verify(&request, now) {
             Ok(verified) => verified,
@@ -529,6 +517,9 @@ impl Ledger {
             .reserve(ReserveCommand {
                 charge_id: new_charge_id(now),
                 extra_charge_ids: (1..request.count).map(|_| new_charge_id(now)).collect(),
+                // The gateway's deadline is on its wall clock: judged by ours, never the
+                // offset clock of tests.
+                extras_until: request.extras_until_ms.filter(|_| request.count > 1),
                 token: verified.token.clone(),
                 service_id: request.service_id.clone(),
                 price: request.price_usdc,
@@ -540,6 +531,12 @@ impl Ledger {
                 daily_limits: self.limits.daily_limits.clone(),
             })
             .await?;
+        if let (ReserveOutcome::Held(hold), Some(until)) = (&outcome, request.extras_until_ms) {
+            let late_by = u64::try_from(now_millis()).unwrap_or(0).saturating_sub(until);
+            if request.count > 1 && hold.extra_charge_ids.is_empty() && late_by > 0 {
+                self.metrics.late_prefetch(&request, late_by);
+            }
+        }
         self.metrics.reserved(&verified.token, &request, &outcome);
         Ok(outcome)
     }

@@ -105,7 +105,7 @@ impl Metrics {
         );
         registry.register(
             "late_prefetches",
-            "Reserves read after their gateway stopped waiting (extrasUntilMs): granted their first hold only. Many of them with a responsive ledger mean the gateways' clocks are behind the ledger's",
+            "Reserves decided after their gateway stopped waiting (extrasUntilMs): granted their first hold only. Many of them with a responsive ledger mean the gateways' clocks are behind the ledger's",
             metrics.late_prefetches.clone(),
         );
         registry.register(
@@ -151,8 +151,7 @@ impl Metrics {
         Ok(text)
     }
 
-    /// Counts and logs a reserve's outcome; `token` is what its credential proved.
-    /// A reserve for extra holds read after its gateway stopped waiting.
+    /// A reserve for extra holds decided after its gateway stopped waiting.
     pub fn late_prefetch(&self, request: &ReserveRequest, late_by_ms: u64) {
         self.late_prefetches.inc();
         tracing::debug!(
@@ -160,10 +159,11 @@ impl Metrics {
             service_id = %request.service_id,
             count = request.count,
             late_by_ms,
-            "reserve read after its gateway stopped waiting: no extra holds"
+            "reserve decided after its gateway stopped waiting: no extra holds"
         );
     }
 
+    /// Counts and logs a reserve's outcome; `token` is what its credential proved.
     pub fn reserved(&self, token: &TokenGrant, request: &ReserveRequest, outcome: &ReserveOutcome) {
         match outcome {
             ReserveOutcome::Held(hold) => {

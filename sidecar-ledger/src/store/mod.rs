@@ -502,6 +502,9 @@ pub struct ReserveCommand {
     /// Fresh ids for the extra holds asked for (`count - 1` of them), used as far as they
     /// are granted ([`crate::rules::extra_holds`]).
     pub extra_charge_ids: Vec<String>,
+    /// When the gateway stops waiting for the answer (Unix ms, wall clock): extras decided
+    /// later are not granted. Judged when the store decides, after any wait in its queue.
+    pub extras_until: Option<u64>,
     pub token: TokenGrant,
     pub service_id: String,
     pub price: Usdc,
@@ -528,7 +531,11 @@ impl ReserveCommand {
 
     /// The holds to place, the first having left `remaining`: the extras the rules grant.
     pub fn holds(&self, books: &Books<'_>, remaining: Usdc) -> Holds<'_> {
-        let wanted = u16::try_from(self.extra_charge_ids.len()).unwrap_or(u16::MAX);
+        let late = self
+            .extras_until
+            .is_some_and(|until| u64::try_from(crate::ledger::now_millis()).unwrap_or(0) > until);
+        let wanted =
+            if late { 0 } else { u16::try_from(self.extra_charge_ids.len()).unwrap_or(u16::MAX) };
         let granted = rules::extra_holds(books, &self.call(), remaining, wanted);
         let extra_ids = self.extra_charge_ids.get(..usize::from(granted)).unwrap_or_default();
         // Within `remaining`, itself within the token's limit: these never overflow.

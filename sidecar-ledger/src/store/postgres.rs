@@ -524,8 +524,8 @@ impl PostgresStore {
         Ok(usize::try_from(purged).unwrap_or(usize::MAX))
     }
 
-    /// Takes no table lock: a revoke inserting meanwhile adds the new head, which this
-    /// keeps (its subquery sees the committed rows only, all older).
+    /// Waits for a revoke holding the feed's lock (its EXCLUSIVE lock conflicts with the
+    /// DELETE's); the head this keeps is the newest row committed before it started.
     pub async fn prune_revocations(&self, before: UnixMillis) -> Result<usize, StoreError> {
         let client = self.pool.get().await?;
         let pruned = execute(&client, sql::PRUNE_FEED, &[&before]).await?;

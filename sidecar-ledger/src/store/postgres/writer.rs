@@ -852,6 +852,7 @@ mod tests {
         Work::Reserve(Box::new(ReserveCommand {
             charge_id: charge_id.into(),
             extra_charge_ids: Vec::new(),
+            extras_until: None,
             token: TokenGrant {
                 token_id: token_id.into(),
                 buyer_id: "buyer".into(),
@@ -950,6 +951,34 @@ mod tests {
     async fn books(store: &PostgresStore, token_id: &str) -> (Usdc, Usdc) {
         let token = store.token(token_id.into(), NOW).await.unwrap().unwrap();
         (token.used, token.reserved)
+    }
+
+    /// A batch reserve whose gateway stopped waiting while it sat in the queue is decided
+    /// without extras: the deadline is judged when the writer decides, not when it arrived.
+    #[tokio::test]
+    async fn extras_decided_past_their_deadline_are_not_granted() {
+        let database = Database::create().await;
+        let store = database.store().await;
+        let with_extras = |charge_id: &str, until_ms: u64| {
+            let Work::Reserve(mut command) = reserve(charge_id, "tok_late", 100) else {
+                unreachable!()
+            };
+            command.extra_charge_ids = (1..4).map(|i| format!("{charge_id}_x{i}")).collect();
+            command.extras_until = Some(until_ms);
+            Work::Reserve(command)
+        };
+        let now_ms = u64::try_from(crate::ledger::now_millis()).unwrap();
+        let answers = one_batch(
+            &store,
+            vec![with_extras("ch_waited", now_ms + 60_000), with_extras("ch_late", now_ms - 1)],
+        )
+        .await;
+        let extras = |answer: &Result<Done, StoreError>| match answer {
+            Ok(Done::Reserved(ReserveOutcome::Held(hold), _)) => hold.extra_charge_ids.len(),
+            _ => panic!("not held"),
+        };
+        assert_eq!((extras(&answers[0]), extras(&answers[1])), (3, 0));
+        assert_eq!(books(&store, "tok_late").await, (Usdc::ZERO, usdc(5)));
     }
 
     /// In one batch each job is decided on the books the jobs before it left, as if they
