@@ -58,8 +58,8 @@ pub struct ReserveRequest {
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub count: u16,
     /// With `count` > 1: when the gateway stops waiting for this answer (Unix milliseconds,
-    /// its clock). A reserve the ledger reads later (it was stalled, or the request queued)
-    /// grants the first hold only: extras nobody will take would hold the token's budget
+    /// its clock). A reserve the ledger decides later (it was stalled, or the request waited
+    /// in its queue) grants the first hold only: extras nobody will take would hold the token's budget
     /// until their TTL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extras_until_ms: Option<u64>,
