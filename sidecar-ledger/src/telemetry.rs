@@ -105,7 +105,7 @@ impl Metrics {
         );
         registry.register(
             "late_prefetches",
-            "Reserves decided after their gateway stopped waiting (extrasUntilMs): granted their first hold only. Many of them with a responsive ledger mean the gateways' clocks are behind the ledger's",
+            "Batch reserves answered past their gateway's deadline (extrasUntilMs) with their first hold only: extras decided after the deadline are not granted. Many of them from a prompt ledger mean the gateways' clocks are behind the ledger's",
             metrics.late_prefetches.clone(),
         );
         registry.register(
@@ -151,7 +151,7 @@ impl Metrics {
         Ok(text)
     }
 
-    /// A reserve for extra holds decided after its gateway stopped waiting.
+    /// A reserve for extra holds answered past its gateway's deadline, without extras.
     pub fn late_prefetch(&self, request: &ReserveRequest, late_by_ms: u64) {
         self.late_prefetches.inc();
         tracing::debug!(
@@ -159,7 +159,7 @@ impl Metrics {
             service_id = %request.service_id,
             count = request.count,
             late_by_ms,
-            "reserve decided after its gateway stopped waiting: no extra holds"
+            "batch reserve answered past its gateway's deadline: no extra holds"
         );
     }
 
