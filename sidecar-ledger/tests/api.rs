@@ -2241,7 +2241,7 @@ mod operability {
             .collect()
     }
 
-    async fn metrics(ledger: &Ledger) -> HashMap<String, f64> {
+    pub(super) async fn metrics(ledger: &Ledger) -> HashMap<String, f64> {
         // Open, like /healthz: no key.
         let response =
             ledger.http.get(format!("{}/metrics", ledger.process.url())).send().await.unwrap();
@@ -2253,7 +2253,7 @@ mod operability {
         samples(&text)
     }
 
-    fn value(samples: &HashMap<String, f64>, series: &str) -> f64 {
+    pub(super) fn value(samples: &HashMap<String, f64>, series: &str) -> f64 {
         samples.get(series).copied().unwrap_or(0.0)
     }
 
@@ -3260,16 +3260,8 @@ mod prefetched_holds {
         let late = ledger.hold(&until(now_ms - 1_000)).await;
         assert!(late.extra_charge_ids.is_empty(), "{late:?}");
         assert_eq!(ledger.token("tok_late").await.reserved_usdc, usdc("0.05"));
-        let metrics = ledger
-            .http
-            .get(format!("{}/metrics", ledger.process.url()))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        assert!(metrics.contains("\npaystile_ledger_late_prefetches_total 1\n"), "{metrics}");
+        let metrics = operability::metrics(&ledger).await;
+        assert_eq!(operability::value(&metrics, "paystile_ledger_late_prefetches_total"), 1.0);
     }
 
     /// 16 clients each reserve 8 holds at a time and commit all they get, until refused: the

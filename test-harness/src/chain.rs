@@ -4,7 +4,6 @@
 //! unlocked development accounts sending the transactions.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -24,21 +23,13 @@ sol! {
 
 /// anvil's first development account: it deploys and mints (the token's owner).
 pub const DEPLOYER: &str = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266";
-/// The development accounts after it, with their well-known keys: payers and payees.
-pub const ACCOUNTS: [(&str, &str); 3] = [
-    (
-        "0x70997970C51812dc3A010C7d01b50e0d17dc79C8",
-        "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d",
-    ),
-    (
-        "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC",
-        "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a",
-    ),
-    (
-        "0x90F79bf6EB2c4f870365E785982E1f101E93b906",
-        "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6",
-    ),
-];
+/// anvil's second development account, and its well-known key: the payer, who signs.
+pub const PAYER: &str = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8";
+pub const PAYER_KEY: &str = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
+/// The third: the payee (an offer's `payTo`).
+pub const PAYEE: &str = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC";
+/// The fourth: a settler, which submits a payer's authorization.
+pub const SETTLER: &str = "0x90F79bf6EB2c4f870365E785982E1f101E93b906";
 
 /// A running anvil, killed when dropped.
 pub struct Anvil {
@@ -51,7 +42,7 @@ impl Anvil {
     /// Starts anvil on a free loopback port (chain id 31337, blocks mined on each
     /// transaction) and waits until it listens.
     pub fn start() -> anyhow::Result<Anvil> {
-        let binary = anvil_binary();
+        let binary = paths::anvil();
         let mut child = Command::new(&binary)
             .args(["--host", "127.0.0.1", "--port", "0", "--chain-id", "31337"])
             .stdin(Stdio::null())
@@ -79,12 +70,8 @@ impl Anvil {
         Ok(Anvil { child, url: format!("http://{address}"), http: reqwest::Client::new() })
     }
 
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
     /// One JSON-RPC call; its `result`.
-    pub async fn rpc(&self, method: &str, params: Value) -> anyhow::Result<Value> {
+    async fn rpc(&self, method: &str, params: Value) -> anyhow::Result<Value> {
         let request = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
         let answer: Value = self
             .http
@@ -131,7 +118,7 @@ impl Anvil {
     }
 
     /// `eth_call` at the latest block: the raw answer.
-    pub async fn call(&self, to: Address, data: &[u8]) -> anyhow::Result<Vec<u8>> {
+    async fn call(&self, to: Address, data: &[u8]) -> anyhow::Result<Vec<u8>> {
         let call = json!({"to": to.to_checksum(None), "data": format!("0x{}", hex::encode(data))});
         let answer = self.rpc("eth_call", json!([call, "latest"])).await?;
         let text = answer.as_str().context("eth_call answered no data")?;
@@ -168,16 +155,9 @@ impl Drop for Anvil {
     }
 }
 
-/// The anvil binary npm installed: `$PAYSTILE_ANVIL`, else the interop packages'.
-pub fn anvil_binary() -> PathBuf {
-    std::env::var_os("PAYSTILE_ANVIL")
-        .filter(|v| !v.is_empty())
-        .map_or_else(|| paths::interop_dir().join("node_modules/.bin/anvil"), PathBuf::from)
-}
-
 /// The sandbox USDC's creation bytecode, compiled now by the pinned solc
 /// (`test-harness/interop/solc_build.mjs`).
-pub fn sandbox_usdc_bytecode() -> anyhow::Result<Vec<u8>> {
+fn sandbox_usdc_bytecode() -> anyhow::Result<Vec<u8>> {
     let script = paths::interop_dir().join("solc_build.mjs");
     let output = Command::new(paths::node())
         .arg(&script)

@@ -94,6 +94,12 @@ pub fn node() -> PathBuf {
     from_env("PAYSTILE_NODE").unwrap_or_else(|| PathBuf::from("node"))
 }
 
+/// anvil, the local EVM node of the x402 sandbox: `$PAYSTILE_ANVIL`, else the one npm
+/// installed with the interop packages (scripts/setup).
+pub fn anvil() -> PathBuf {
+    from_env("PAYSTILE_ANVIL").unwrap_or_else(|| interop_dir().join("node_modules/.bin/anvil"))
+}
+
 /// The interop helper scripts, with their npm packages in `node_modules` (scripts/setup).
 pub fn interop_dir() -> PathBuf {
     repo_root().join("test-harness/interop")

@@ -647,11 +647,8 @@ fn sandbox_invoices_decode_in_python_bolt11() {
 // ---------------------------------------------------------------------------------------
 // x402, with the x402 Python package.
 
-/// anvil's second test account (its well-known key): the payer.
-const X402_KEY: &str = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
-
 fn x402_offers() -> [x402::Offer; 2] {
-    let pay_to = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC".parse().unwrap();
+    let pay_to = chain::PAYEE.parse().unwrap();
     [
         // A sandbox token at anvil's first contract address.
         x402::Offer {
@@ -689,7 +686,7 @@ fn x402_pays_allowing(
         paths::python(),
         "x402_pay.py",
         &json!({
-            "key": X402_KEY, "url": "http://127.0.0.1:10000/v1/forecast/x", "headers": headers,
+            "key": chain::PAYER_KEY, "url": "http://127.0.0.1:10000/v1/forecast/x", "headers": headers,
             "body": body,
             // As an agent's owner would allow a sandbox's token.
             "allow": [{"network": sandbox.network(), "asset": sandbox.asset.to_checksum(None)}],
@@ -741,7 +738,7 @@ async fn what_the_x402_client_signs_settles_on_anvil_once() {
     let anvil = Anvil::start().unwrap();
     let token = anvil.deploy_sandbox_usdc().await.unwrap();
     let (payer, payee): (x402::Address, x402::Address) =
-        (chain::ACCOUNTS[0].0.parse().unwrap(), chain::ACCOUNTS[1].0.parse().unwrap());
+        (chain::PAYER.parse().unwrap(), chain::PAYEE.parse().unwrap());
     anvil.mint(token, payer, 5_000_000).await.unwrap();
     let offer = x402::Offer {
         chain_id: anvil.chain_id().await.unwrap(),
@@ -768,7 +765,7 @@ async fn what_the_x402_client_signs_settles_on_anvil_once() {
     assert_eq!(checked.payer, payer);
 
     // A settler (any account: EIP-3009 lets anyone submit it) sends the transfer.
-    let settler = chain::ACCOUNTS[2].0;
+    let settler = chain::SETTLER;
     let calldata = payment.transfer_calldata();
     let receipt = anvil.send(settler, Some(token), &calldata).await.unwrap();
     assert_eq!(receipt["status"], "0x1", "{receipt}");
