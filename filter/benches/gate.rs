@@ -90,6 +90,7 @@ fn request(authorization: Option<&str>) -> RequestHead<'_> {
         path: b"/v1/forecast/oslo?days=3",
         authorization: authorization.map(str::as_bytes),
         idempotency_key: Some(b"order-42"),
+        ..RequestHead::default()
     }
 }
 

@@ -3,9 +3,12 @@
 //! adds its own here.
 
 use paystile_protocol::headers::{self, APPLICATION_JSON};
+use paystile_protocol::x402::{PaymentRequired, Resource};
 use paystile_protocol::{ErrorBody, ErrorCode, Usdc};
 
 use crate::config::Config;
+use crate::gate::RequestHead;
+use crate::routes::Route;
 
 /// The Pay Token challenge, beside L402's when both are on.
 const BEARER_CHALLENGE: &str = r#"Bearer realm="paystile", error="payment_required""#;
@@ -50,11 +53,41 @@ impl LocalResponse {
     /// requests join them with `, `. So the L402 challenge goes first and again last, with
     /// the Bearer challenge between: every reading finds a usable L402 challenge first, and
     /// Bearer is still offered (aperture sends its challenge twice for the same reason).
+    ///
+    /// With `x402`, the x402 offer goes in the v2 `PAYMENT-REQUIRED` header and, for v1
+    /// clients, in the body (`x402Version`, `accepts`), beside the body's `error` and `code`.
     pub fn payment_required(
         config: &Config,
         body: &ErrorBody,
         l402: Option<String>,
+        x402: Option<&X402Ask>,
     ) -> LocalResponse {
+        let offer = x402.zip(config.verifier.x402.as_ref().map(|rules| &rules.offer));
+        let Some((ask, offer)) = offer else {
+            return LocalResponse::challenges(config, body, l402);
+        };
+        let amount = ask.price.micros();
+        let resource = Resource { url: ask.resource.clone(), description: None, mime_type: None };
+        let body = ErrorBody {
+            x402_version: Some(1),
+            accepts: vec![offer.requirements_v1(amount, &resource)],
+            ..body.clone()
+        };
+        let required = PaymentRequired {
+            x402_version: 2,
+            error: Some(body.error.clone()),
+            resource,
+            accepts: vec![offer.requirements(amount)],
+        };
+        let mut response = LocalResponse::challenges(config, &body, l402);
+        response.headers.push((headers::PAYMENT_REQUIRED, required.header_value()));
+        // As the reference servers: an offer is never cached (its price and terms may change).
+        response.headers.push((headers::CACHE_CONTROL, NO_STORE.to_owned()));
+        response
+    }
+
+    /// [`LocalResponse::payment_required`]'s `WWW-Authenticate` challenges.
+    fn challenges(config: &Config, body: &ErrorBody, l402: Option<String>) -> LocalResponse {
         let mut response = LocalResponse::error(body);
         let bearer = config.verifier.pay_token.is_some();
         match l402 {
@@ -73,19 +106,52 @@ impl LocalResponse {
     }
 }
 
+const NO_STORE: &str = "no-store";
+
+/// What an x402 payment for a call must pay, and for which resource.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct X402Ask {
+    pub price: Usdc,
+    /// The request's URL (`scheme://authority/path`, or its path alone when the host
+    /// does not say).
+    pub resource: String,
+}
+
+/// What x402 asks of a call to `route`, if x402 is offered there: on every fixed-price
+/// route (a metered call's price is known only once it is served, and an x402 payment is
+/// of an exact amount).
+pub fn x402_ask(config: &Config, route: &Route, request: &RequestHead<'_>) -> Option<Box<X402Ask>> {
+    if config.verifier.x402.is_none() || route.metered.is_some() {
+        return None;
+    }
+    let path = String::from_utf8_lossy(request.path);
+    let resource = match (request.scheme, request.authority) {
+        (Some(scheme), Some(authority)) => format!(
+            "{}://{}{path}",
+            String::from_utf8_lossy(scheme),
+            String::from_utf8_lossy(authority)
+        ),
+        _ => path.into_owned(),
+    };
+    Some(Box::new(X402Ask { price: route.price, resource }))
+}
+
 /// The 402 body for a priced route called without a credential it takes.
-pub fn payment_required(config: &Config, price: Usdc) -> ErrorBody {
-    ErrorBody::payment_required(&config.service_id, price, &schemes(config))
+pub fn payment_required(config: &Config, route: &Route) -> ErrorBody {
+    ErrorBody::payment_required(&config.service_id, route.price, &schemes(config, route))
 }
 
 /// The schemes a 402 lists in its body, in the order of its challenges.
-fn schemes(config: &Config) -> Vec<&'static str> {
-    let mut schemes = Vec::with_capacity(2);
+fn schemes(config: &Config, route: &Route) -> Vec<&'static str> {
+    let mut schemes = Vec::with_capacity(3);
     if config.l402.is_some() {
         schemes.push("L402");
     }
     if config.verifier.pay_token.is_some() {
         schemes.push("Bearer");
+    }
+    if config.verifier.x402.is_some() && route.metered.is_none() {
+        schemes.push("x402");
     }
     schemes
 }

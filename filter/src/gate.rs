@@ -18,6 +18,7 @@
 //!                          └ unreachable ──▶ Done (503) | Free (fail open)
 //! ```
 
+use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -29,10 +30,11 @@ use paystile_protocol::ledger_api::{
     Hold, Idempotency, L402Challenge, Outcome, ReserveRequest, Settlement, path,
 };
 use paystile_protocol::verified::VerifiedCache;
+use paystile_protocol::x402;
 use paystile_protocol::{ErrorBody, ErrorCode, Usdc};
 use sha2::{Digest, Sha256};
 
-use crate::answer::{self, HeaderEdit, LocalResponse};
+use crate::answer::{self, HeaderEdit, LocalResponse, X402Ask};
 use crate::config::{Config, FailureMode};
 use crate::ledger::{
     Health, LedgerAnswer, LedgerCall, LedgerReply, is_about_the_key, is_charge_id,
@@ -166,6 +168,12 @@ pub struct RequestHead<'a> {
     pub path: &'a [u8],
     pub authorization: Option<&'a [u8]>,
     pub idempotency_key: Option<&'a [u8]>,
+    /// An x402 payment header's value and version (`PAYMENT-SIGNATURE` is v2, `X-PAYMENT`
+    /// v1); the host reads them only when x402 is on.
+    pub payment: Option<(&'a [u8], x402::Version)>,
+    /// `:scheme` and `:authority`, for the resource an x402 offer names (x402 on only).
+    pub scheme: Option<&'a [u8]>,
+    pub authority: Option<&'a [u8]>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -195,6 +203,49 @@ struct Charge {
     remaining: Usdc,
     /// How to price a metered route's call once its usage is known; `amount` is its maximum.
     metered: Option<Metered>,
+    /// The x402 payment it is paid with, for the answer's `PAYMENT-RESPONSE`.
+    x402: Option<Box<X402Receipt>>,
+}
+
+/// What a billed x402 call's answer reports of its payment (settled once the call is
+/// committed: the ledger's settlement job sends the transfer).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct X402Receipt {
+    version: x402::Version,
+    payer: String,
+    network: String,
+    amount: u64,
+}
+
+impl X402Receipt {
+    fn of(verified: &Verified) -> Option<Box<X402Receipt>> {
+        let paid = verified.x402.as_deref()?;
+        Some(Box::new(X402Receipt {
+            version: paid.payment.version,
+            payer: paid.checked.payer.to_checksum(None),
+            network: paid.network.clone(),
+            amount: verified.token.limit_usdc.micros(),
+        }))
+    }
+
+    /// `PAYMENT-RESPONSE` (v2) or `X-PAYMENT-RESPONSE` (v1). The call is served before the
+    /// transfer is sent (`settle: after`), so no transaction is known yet: the answer says
+    /// `settlement_pending`, and the charge id finds the transaction in the ledger's journal.
+    fn header(&self) -> HeaderEdit {
+        let response = x402::SettleResponse {
+            success: true,
+            error_reason: Some("settlement_pending".into()),
+            payer: Some(self.payer.clone()),
+            transaction: String::new(),
+            network: self.network.clone(),
+            amount: Some(self.amount.to_string()),
+        };
+        let name = match self.version {
+            x402::Version::V1 => headers::X_PAYMENT_RESPONSE,
+            x402::Version::V2 => headers::PAYMENT_RESPONSE,
+        };
+        HeaderEdit::Set(name, response.header_value())
+    }
 }
 
 /// A reserve sent to the ledger, with what its answer is read against.
@@ -209,6 +260,7 @@ struct Reserving {
     prefetch: Option<Prefetch>,
     /// When the request came (Unix seconds).
     now: u64,
+    x402: Option<Box<X402Receipt>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -254,6 +306,9 @@ pub struct Exchange {
     state: State,
     /// The token a hold was placed on, kept once the call is settled.
     token_id: Option<String>,
+    /// What an x402 payment for this call must be, when x402 is offered for it: each 402
+    /// the call is answered with carries the offer.
+    x402: Option<Box<X402Ask>>,
 }
 
 impl Exchange {
@@ -287,7 +342,15 @@ impl Exchange {
     ) -> RequestAction {
         let now = now_ms / 1000;
         let config = gate.config();
-        match check_inline(gate, request, route, now) {
+        self.x402 = answer::x402_ask(config, route, request);
+        // An x402 payment is taken where x402 is offered; elsewhere `Authorization` is read.
+        let presented: Option<Cow<'_, [u8]>> = match request.payment {
+            Some((payment, version)) if self.x402.is_some() => {
+                Some(Cow::Owned(credential::x402_presented(version, payment).into_bytes()))
+            }
+            _ => request.authorization.map(Cow::Borrowed),
+        };
+        match check_inline(gate, presented.as_deref(), request, route, now) {
             Ok((verified, idempotency)) => {
                 let token_id = verified.token.token_id.clone();
                 let key = prefetch_key(config, route, &verified, idempotency.is_some());
@@ -298,16 +361,17 @@ impl Exchange {
                             amount: route.price,
                             remaining: entry.remaining,
                             metered: route.metered.clone(),
+                            x402: None,
                         };
-                        return self.hold(charge, token_id, false);
+                        return self.hold(config, charge, token_id, false);
                     }
                     Plan::Reserve(prefetch) => prefetch,
                 };
                 // Only a call that goes to the ledger carries its credential there.
-                let authorization = request.authorization.unwrap_or_default();
+                let presented = presented.as_deref().unwrap_or_default();
                 let reserve = ReserveRequest {
                     // A verified credential is printable ASCII (the scheme's characters only).
-                    credential: String::from_utf8_lossy(authorization).into_owned().into(),
+                    credential: String::from_utf8_lossy(presented).into_owned().into(),
                     service_id: config.service_id.clone(),
                     price_usdc: route.price,
                     idempotency,
@@ -324,6 +388,7 @@ impl Exchange {
                     token_id,
                     prefetch,
                     now,
+                    x402: X402Receipt::of(&verified),
                 });
                 // Serializing strings, integers and amounts cannot fail.
                 let body = serde_json::to_vec(&reserve).unwrap_or_default();
@@ -357,11 +422,12 @@ impl Exchange {
                             config,
                             &refusal,
                             Some(header),
+                            self.x402.as_deref(),
                         ))
                     }
-                    // Without an L402 challenge, a Pay Token still pays: answer the 402 with its
-                    // challenge alone. With L402 alone the client cannot pay: retry shortly.
-                    Err(_) if config.verifier.pay_token.is_some() => {
+                    // Without an L402 challenge, a Pay Token or x402 still pays: answer the 402
+                    // with their challenges. With L402 alone the client cannot pay: retry shortly.
+                    Err(_) if config.verifier.pay_token.is_some() || self.x402.is_some() => {
                         let schemes = refusal.schemes.iter().filter(|s| *s != "L402").cloned();
                         let refusal = ErrorBody { schemes: schemes.collect(), ..*refusal };
                         self.respond(config, &refusal)
@@ -382,7 +448,7 @@ impl Exchange {
         reply: LedgerReply,
         reserving: Reserving,
     ) -> RequestAction {
-        let Reserving { scheme, metered, token_id, prefetch, now } = reserving;
+        let Reserving { scheme, metered, token_id, prefetch, now, x402 } = reserving;
         let config = gate.config();
         let answer = LedgerAnswer::read(&reply);
         gate.note_ledger(answer.health(), reply.status);
@@ -418,8 +484,9 @@ impl Exchange {
                     amount: hold.amount_usdc,
                     remaining: hold.remaining_usdc,
                     metered,
+                    x402,
                 };
-                self.hold(charge, token_id, hold.replayed)
+                self.hold(config, charge, token_id, hold.replayed)
             }
             // A spent L402 is answered with the means to buy more.
             LedgerAnswer::Refusal(refusal)
@@ -430,10 +497,9 @@ impl Exchange {
             LedgerAnswer::Refusal(refusal) => self.respond(config, &refusal),
             LedgerAnswer::Unreachable if config.failure_mode == FailureMode::Open => {
                 self.state = State::Free { failed_open: true };
-                RequestAction::Forward(vec![
-                    HeaderEdit::Remove(headers::AUTHORIZATION),
-                    HeaderEdit::Remove(headers::CHARGE_ID),
-                ])
+                let mut edits = credential_removals(config);
+                edits.push(HeaderEdit::Remove(headers::CHARGE_ID));
+                RequestAction::Forward(edits)
             }
             // A ledger that answers nonsense (a wrong gateway key, say) is a misconfiguration:
             // failing open there would give every call away, so it always fails closed.
@@ -443,12 +509,16 @@ impl Exchange {
         }
     }
 
-    /// Forwards the request on `charge`.
-    fn hold(&mut self, charge: Charge, token_id: String, replayed: bool) -> RequestAction {
-        let edits = vec![
-            HeaderEdit::Remove(headers::AUTHORIZATION),
-            HeaderEdit::Set(headers::CHARGE_ID, charge.id.clone()),
-        ];
+    /// Forwards the request on `charge`, without its credential.
+    fn hold(
+        &mut self,
+        config: &Config,
+        charge: Charge,
+        token_id: String,
+        replayed: bool,
+    ) -> RequestAction {
+        let mut edits = credential_removals(config);
+        edits.push(HeaderEdit::Set(headers::CHARGE_ID, charge.id.clone()));
         self.token_id = Some(token_id);
         self.state = if replayed { State::Replayed(charge) } else { State::Held(charge) };
         RequestAction::Forward(edits)
@@ -573,7 +643,7 @@ impl Exchange {
     fn respond(&mut self, config: &Config, refusal: &ErrorBody) -> RequestAction {
         self.state = State::Done;
         RequestAction::Respond(if refusal.status() == 402 {
-            LocalResponse::payment_required(config, refusal, None)
+            LocalResponse::payment_required(config, refusal, None, self.x402.as_deref())
         } else {
             LocalResponse::error(refusal)
         })
@@ -591,6 +661,7 @@ impl Exchange {
                 config,
                 &refusal,
                 Some(pooled.header),
+                self.x402.as_deref(),
             ));
         }
         self.state = State::AwaitingChallenge(Box::new(refusal));
@@ -605,27 +676,37 @@ impl Exchange {
 /// and the Idempotency-Key. A refusal with `payment_required` calls for a challenge.
 fn check_inline(
     gate: &Gate,
+    presented: Option<&[u8]>,
     request: &RequestHead<'_>,
     route: &Route,
     now: u64,
 ) -> Result<(Arc<Verified>, Option<Idempotency>), ErrorBody> {
     let config = gate.config();
-    let payment_required = || answer::payment_required(config, route.price);
-    let Some(authorization) = request.authorization else { return Err(payment_required()) };
+    let payment_required = || answer::payment_required(config, route);
+    let Some(presented) = presented else { return Err(payment_required()) };
     let capability = Capability::Route(route.capability.as_deref());
-    let cached = gate.verified.borrow().get(authorization, capability, now).cloned();
+    let cached = gate.verified.borrow().get(presented, capability, now).cloned();
     let verified = match cached {
         Some(verified) => verified,
         None => {
-            let target = credential::Target { service_id: &config.service_id, capability, now };
-            let verified = credential::verify(authorization, &config.verifier, &target).map_err(
-                |refusal| match refusal {
-                    credential::Refusal::NotOffered => payment_required(),
-                    refusal => refusal.to_body(),
-                },
-            )?;
+            let target = credential::Target {
+                service_id: &config.service_id,
+                capability,
+                price: route.price,
+                now,
+            };
+            let verified =
+                credential::verify(presented, &config.verifier, &target).map_err(|refusal| {
+                    match refusal {
+                        credential::Refusal::NotOffered => payment_required(),
+                        refusal => refusal.to_body(),
+                    }
+                })?;
             let verified = Arc::new(verified);
-            gate.verified.borrow_mut().insert(authorization, verified.clone(), now);
+            // An x402 payment pays for one call: it is never presented again to any use.
+            if verified.scheme != Scheme::X402 {
+                gate.verified.borrow_mut().insert(presented, verified.clone(), now);
+            }
             verified
         }
     };
@@ -648,7 +729,8 @@ fn prefetch_key(
     verified: &Verified,
     idempotent: bool,
 ) -> Option<PoolKey> {
-    (config.ledger.prefetch_holds > 0 && !idempotent).then(|| PoolKey {
+    let reusable = verified.scheme != Scheme::X402;
+    (config.ledger.prefetch_holds > 0 && !idempotent && reusable).then(|| PoolKey {
         token_id: verified.token.token_id.clone(),
         service_id: config.service_id.clone(),
         amount: route.price,
@@ -689,11 +771,24 @@ fn read_challenge(reply: &LedgerReply) -> Result<(String, bool), LedgerAnswer> {
 }
 
 fn charged(charge: &Charge) -> Vec<HeaderEdit> {
-    vec![
+    let mut edits = vec![
         HeaderEdit::Set(headers::CHARGE_ID, charge.id.clone()),
         HeaderEdit::Set(headers::AMOUNT_USDC, charge.amount.to_string()),
         HeaderEdit::Set(headers::REMAINING_USDC, charge.remaining.to_string()),
-    ]
+    ];
+    edits.extend(charge.x402.as_ref().map(|receipt| receipt.header()));
+    edits
+}
+
+/// The headers that carry credentials, removed before the upstream: `Authorization`, and
+/// the x402 payment headers when x402 is on.
+fn credential_removals(config: &Config) -> Vec<HeaderEdit> {
+    let mut edits = vec![HeaderEdit::Remove(headers::AUTHORIZATION)];
+    if config.verifier.x402.is_some() {
+        edits.push(HeaderEdit::Remove(headers::PAYMENT_SIGNATURE));
+        edits.push(HeaderEdit::Remove(headers::X_PAYMENT));
+    }
+    edits
 }
 
 /// What a metered call costs for the `units` header's value: `None` when the header is

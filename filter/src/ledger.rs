@@ -112,6 +112,8 @@ fn is_ledger_refusal(code: ErrorCode) -> bool {
         ErrorCode::InvalidCredential
             | ErrorCode::TokenExpired
             | ErrorCode::InvalidPreimage
+            | ErrorCode::InvalidPayment
+            | ErrorCode::PaymentAlreadyUsed
             | ErrorCode::TokenRevoked
             | ErrorCode::WrongService
             | ErrorCode::IdempotencyKeyExhausted

@@ -13,10 +13,10 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use paystile_protocol::headers;
 use paystile_protocol::ledger_api::Outcome;
 use paystile_protocol::ledger_api::Settlement;
 use paystile_protocol::{ErrorBody, ErrorCode};
+use paystile_protocol::{headers, x402};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
@@ -539,11 +539,22 @@ impl HttpContext for Stream {
             Some(route) => {
                 let authorization = self.get_http_request_header_bytes(headers::AUTHORIZATION);
                 let idempotency_key = self.get_http_request_header_bytes(headers::IDEMPOTENCY_KEY);
+                // x402's headers only where it is on: each read is a host call.
+                let x402 = gate.config().verifier.x402.is_some();
+                let read =
+                    |name| if x402 { self.get_http_request_header_bytes(name) } else { None };
+                let payment = read(headers::PAYMENT_SIGNATURE)
+                    .map(|value| (value, x402::Version::V2))
+                    .or_else(|| read(headers::X_PAYMENT).map(|value| (value, x402::Version::V1)));
+                let (scheme, authority) = (read(":scheme"), read(":authority"));
                 let request = RequestHead {
                     method: &method,
                     path: &path,
                     authorization: authorization.as_deref(),
                     idempotency_key: idempotency_key.as_deref(),
+                    payment: payment.as_ref().map(|(value, version)| (value.as_slice(), *version)),
+                    scheme: scheme.as_deref(),
+                    authority: authority.as_deref(),
                 };
                 let now = millis(self.get_current_time());
                 self.exchange.on_priced_request(&gate, route, &request, now)

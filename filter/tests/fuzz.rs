@@ -322,8 +322,13 @@ fn check(json: &[u8], config: Option<&Value>) -> Result<(), TestCaseError> {
                 for authorization in
                     [None, Some(bearer.as_bytes()), Some(b"L402 AgE:00".as_slice())]
                 {
-                    let request =
-                        RequestHead { method, path, authorization, idempotency_key: Some(b"k-1") };
+                    let request = RequestHead {
+                        method,
+                        path,
+                        authorization,
+                        idempotency_key: Some(b"k-1"),
+                        ..RequestHead::default()
+                    };
                     let _ = Exchange::default().on_request_headers(&gate, &request, NOW * 1000);
                 }
             }

@@ -480,6 +480,7 @@ proptest! {
             path: &path,
             authorization: authorization.as_deref(),
             idempotency_key: key.as_deref(),
+            ..RequestHead::default()
         };
         let priced = gate.config().route(&method, &path).is_some_and(|r| !r.price.is_zero());
         let action = Exchange::default().on_request_headers(&gate, &request, NOW_MS);

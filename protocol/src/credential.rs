@@ -14,6 +14,7 @@ use crate::l402::{self, Capability, L402Error};
 use crate::ledger_api::TokenGrant;
 use crate::money::Usdc;
 use crate::pay_token::{self, PayTokenError, Scope, Validation};
+use crate::x402::{self, X402Error};
 use crate::{ErrorBody, ErrorCode};
 
 /// The longest `Authorization` value accepted; real Pay Tokens are well under 2 KiB.
@@ -26,6 +27,19 @@ pub enum Credential<'a> {
     Bearer(&'a str),
     /// `Authorization: L402 <base64 macaroon>:<hex preimage>` (or the older `LSAT`).
     L402 { macaroon: &'a str, preimage: &'a str },
+    /// An x402 payment header's value, as a gateway presents it to the ledger
+    /// ([`x402_presented`]): `x402v2 <PAYMENT-SIGNATURE>` or `x402v1 <X-PAYMENT>`.
+    /// The payment's bytes are read by [`x402::Payment::decode`], which answers any.
+    X402 { version: x402::Version, payment: &'a [u8] },
+}
+
+/// How a gateway presents an x402 payment header's value to the ledger, as the credential.
+pub fn x402_presented(version: x402::Version, payment: &[u8]) -> String {
+    let scheme = match version {
+        x402::Version::V1 => "x402v1",
+        x402::Version::V2 => "x402v2",
+    };
+    format!("{scheme} {}", String::from_utf8_lossy(payment))
 }
 
 /// An `Authorization` header that names a paystile scheme but cannot be read.
@@ -47,10 +61,18 @@ pub fn parse_authorization(value: &[u8]) -> Result<Option<Credential<'_>>, Crede
     let scheme_end = value.iter().position(|b| *b == b' ').unwrap_or(value.len());
     let (scheme, rest) = value.split_at(scheme_end);
     let is_l402 = scheme.eq_ignore_ascii_case(b"l402") || scheme.eq_ignore_ascii_case(b"lsat");
-    if !is_l402 && !scheme.eq_ignore_ascii_case(b"bearer") {
+    let x402 = match scheme {
+        b"x402v1" => Some(x402::Version::V1),
+        b"x402v2" => Some(x402::Version::V2),
+        _ => None,
+    };
+    if !is_l402 && x402.is_none() && !scheme.eq_ignore_ascii_case(b"bearer") {
         return Ok(None);
     }
     let token = trim_ascii_whitespace(rest);
+    if let Some(version) = x402 {
+        return Ok(Some(Credential::X402 { version, payment: token }));
+    }
     if token.is_empty() {
         return Err(CredentialError::Empty);
     }
@@ -92,6 +114,8 @@ pub enum Scheme {
     PayToken,
     /// `Authorization: L402 <macaroon>:<preimage>`.
     L402,
+    /// An x402 payment (`PAYMENT-SIGNATURE` or `X-PAYMENT`): one call's exact price.
+    X402,
 }
 
 /// How credentials are verified: the schemes taken, with their keys and rules.
@@ -99,6 +123,7 @@ pub enum Scheme {
 pub struct Verifier {
     pub pay_token: Option<PayTokenRules>,
     pub l402: Option<L402Rules>,
+    pub x402: Option<X402Rules>,
 }
 
 #[derive(Clone, Debug)]
@@ -117,6 +142,14 @@ pub struct L402Rules {
     pub accept_sandbox: bool,
 }
 
+#[derive(Clone, Debug)]
+pub struct X402Rules {
+    /// What is accepted: the chain, the token and its EIP-712 domain, the payee.
+    pub offer: x402::Offer,
+    /// Whether the signature is verified here, or left to the ledger (which always does).
+    pub signature: x402::Signature,
+}
+
 impl fmt::Debug for L402Rules {
     /// Never prints the secret.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -129,6 +162,8 @@ impl fmt::Debug for L402Rules {
 pub struct Target<'a> {
     pub service_id: &'a str,
     pub capability: Capability<'a>,
+    /// The call's price: an x402 payment must be of exactly it.
+    pub price: Usdc,
     /// Unix seconds.
     pub now: u64,
 }
@@ -145,6 +180,17 @@ pub struct Verified {
     pub capability: Option<String>,
     /// The Unix seconds in which the credential verifies.
     pub valid: Range<u64>,
+    /// An x402 payment's terms, for its answer and its settlement.
+    pub x402: Option<Box<X402Paid>>,
+}
+
+/// An x402 payment, checked: what the ledger settles, and what the answer reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct X402Paid {
+    pub payment: x402::Payment,
+    pub checked: x402::Checked,
+    /// The network paid on, as the payment's version names it.
+    pub network: String,
 }
 
 /// Why a credential pays for nothing.
@@ -160,6 +206,7 @@ pub enum Refusal {
     /// A Pay Token bound to another service.
     WrongService,
     L402(L402Error),
+    X402(X402Error),
 }
 
 impl Refusal {
@@ -187,6 +234,8 @@ impl Refusal {
                 | L402Error::WideningCaveat(_)
                 | L402Error::SandboxCredential => ErrorCode::InvalidCredential,
             },
+            // As the x402 spec answers a payment that does not verify: 402, with the offer.
+            Refusal::X402(_) => ErrorCode::InvalidPayment,
         }
     }
 
@@ -211,6 +260,10 @@ impl Refusal {
             Refusal::L402(error) => {
                 ErrorBody::with_message(code, format!("{}: {error}", code.default_message()))
             }
+            Refusal::X402(error) => ErrorBody::with_message(
+                code,
+                format!("{}: {error} ({})", code.default_message(), error.reason()),
+            ),
         }
     }
 }
@@ -232,7 +285,49 @@ pub fn verify(
             let rules = verifier.l402.as_ref().ok_or(Refusal::NotOffered)?;
             verify_l402(macaroon, preimage, rules, target)
         }
+        Some(Credential::X402 { version, payment }) => {
+            let rules = verifier.x402.as_ref().ok_or(Refusal::NotOffered)?;
+            verify_x402(version, payment, rules, target)
+        }
     }
+}
+
+/// An x402 payment pays once, for one call: it is a token of its own, whose limit is the
+/// transfer's value and whose buyer is the payer (`x402::token_id`, `x402::buyer_id`).
+fn verify_x402(
+    version: x402::Version,
+    payment: &[u8],
+    rules: &X402Rules,
+    target: &Target<'_>,
+) -> Result<Verified, Refusal> {
+    let payment = x402::Payment::decode(payment, version).map_err(Refusal::X402)?;
+    let offers = core::slice::from_ref(&rules.offer);
+    let checked = payment
+        .check_with(offers, target.price.micros(), target.now, rules.signature)
+        .map_err(Refusal::X402)?;
+    let valid_before = u64::try_from(payment.authorization.valid_before).unwrap_or(u64::MAX);
+    let token = TokenGrant {
+        token_id: x402::token_id(&checked.payment_id),
+        buyer_id: x402::buyer_id(&checked.payer),
+        buyer_tag: None,
+        service_id: Some(target.service_id.to_owned()),
+        scope: Scope::Single,
+        limit_usdc: target.price,
+        expires_at: valid_before,
+        sandbox: false,
+    };
+    let network = match version {
+        x402::Version::V2 => rules.offer.network(),
+        x402::Version::V1 => rules.offer.network_v1(),
+    };
+    Ok(Verified {
+        token,
+        cap: None,
+        scheme: Scheme::X402,
+        capability: None,
+        valid: 0..valid_before,
+        x402: Some(Box::new(X402Paid { payment, checked, network })),
+    })
 }
 
 fn verify_pay_token(
@@ -255,6 +350,7 @@ fn verify_pay_token(
         scheme: Scheme::PayToken,
         capability: None,
         valid: claims.valid_during(&rules.validation),
+        x402: None,
     })
 }
 
@@ -294,6 +390,7 @@ fn verify_l402(
         scheme: Scheme::L402,
         capability,
         valid: 0..grant.valid_until.saturating_add(1),
+        x402: None,
     })
 }
 
@@ -322,11 +419,28 @@ mod tests {
                 accept_sandbox: false,
             }),
             l402: Some(L402Rules { secret: L402_SECRET.to_vec(), accept_sandbox: true }),
+            x402: Some(X402Rules { offer: anvil_offer(), signature: x402::Signature::Verify }),
         }
     }
 
+    /// What the x402 vector (`testdata/x402-v2-payment.b64`) pays: 1000 units to the
+    /// sandbox token on anvil, signed at [`X402_NOW`] for 60 s.
+    fn anvil_offer() -> x402::Offer {
+        x402::Offer {
+            chain_id: 31337,
+            asset: "0x5FbDB2315678afecb367f032d93F642f64180aa3".parse().unwrap(),
+            name: "USD Coin".into(),
+            version: "2".into(),
+            pay_to: "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC".parse().unwrap(),
+            max_timeout_seconds: 60,
+        }
+    }
+
+    const X402_V2: &str = include_str!("../testdata/x402-v2-payment.b64");
+    const X402_NOW: u64 = 1_796_671_525;
+
     fn target(capability: Capability<'static>) -> Target<'static> {
-        Target { service_id: "weather", capability, now: NOW }
+        Target { service_id: "weather", capability, price: "0.001".parse().unwrap(), now: NOW }
     }
 
     fn claims() -> PayTokenClaims {
@@ -442,6 +556,44 @@ mod tests {
             ErrorCode::InvalidCredential
         );
         assert_eq!(Refusal::NotOffered.code(), ErrorCode::PaymentRequired);
+    }
+
+    #[test]
+    fn an_x402_payment_is_a_one_call_token_of_its_payer() {
+        let presented = x402_presented(x402::Version::V2, X402_V2.trim().as_bytes());
+        let at = |now, price: &str| Target {
+            now,
+            price: price.parse().unwrap(),
+            ..target(Capability::Route(Some("write")))
+        };
+        let verified = verify(presented.as_bytes(), &verifier(), &at(X402_NOW, "0.001")).unwrap();
+        let paid = verified.x402.as_deref().unwrap();
+        assert_eq!(verified.scheme, Scheme::X402);
+        assert_eq!(verified.token.token_id, x402::token_id(&paid.checked.payment_id));
+        assert!(x402::is_token_id(&verified.token.token_id));
+        assert_eq!(verified.token.buyer_id, "x402_0x70997970c51812dc3a010c7d01b50e0d17dc79c8");
+        assert_eq!(verified.token.limit_usdc, "0.001".parse().unwrap());
+        assert_eq!(verified.token.expires_at, X402_NOW + 60);
+        assert_eq!(paid.network, "eip155:31337");
+        // Another price, a tampered signature, x402 off: refused as a payment, or not offered.
+        let refused = |presented: &str, verifier: &Verifier| {
+            verify(presented.as_bytes(), verifier, &at(X402_NOW, "0.002")).unwrap_err()
+        };
+        let wrong_price = refused(&presented, &verifier());
+        assert_eq!(wrong_price, Refusal::X402(X402Error::ValueMismatch));
+        assert_eq!(wrong_price.code(), ErrorCode::InvalidPayment);
+        assert_eq!(wrong_price.to_body().status(), 402);
+        assert!(wrong_price.to_body().error.contains("value_mismatch"));
+        let off = Verifier { x402: None, ..verifier() };
+        assert_eq!(refused(&presented, &off), Refusal::NotOffered);
+        assert_eq!(
+            parse_authorization(b"x402v1 e30="),
+            Ok(Some(Credential::X402 { version: x402::Version::V1, payment: b"e30=" }))
+        );
+        // Any payment bytes are the decoder's to refuse, as an invalid payment.
+        let unreadable = verify(b"x402v2 \xff", &verifier(), &at(X402_NOW, "0.001"));
+        assert_eq!(unreadable.unwrap_err().code(), ErrorCode::InvalidPayment);
+        assert_eq!(parse_authorization(b"x402v3 e30="), Ok(None));
     }
 
     #[test]

@@ -21,6 +21,10 @@ pub enum ErrorCode {
     InsufficientBalance,
     DailyLimitExceeded,
     InvalidPreimage,
+    /// An x402 payment that does not pay for the call (answered as x402 does: 402).
+    InvalidPayment,
+    /// An x402 payment that already paid for a call.
+    PaymentAlreadyUsed,
     InvalidIdempotencyKey,
     IdempotencyKeyMismatch,
     IdempotencyKeyInUse,
@@ -45,7 +49,9 @@ impl ErrorCode {
             ErrorCode::PaymentRequired
             | ErrorCode::TokenLimitExceeded
             | ErrorCode::InsufficientBalance
-            | ErrorCode::DailyLimitExceeded => 402,
+            | ErrorCode::DailyLimitExceeded
+            | ErrorCode::InvalidPayment
+            | ErrorCode::PaymentAlreadyUsed => 402,
             ErrorCode::WrongService => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
@@ -70,6 +76,10 @@ impl ErrorCode {
             ErrorCode::InsufficientBalance => "Insufficient balance",
             ErrorCode::DailyLimitExceeded => "Daily limit exceeded",
             ErrorCode::InvalidPreimage => "Invalid preimage",
+            ErrorCode::InvalidPayment => "Invalid payment",
+            ErrorCode::PaymentAlreadyUsed => {
+                "This payment was already used: sign a new one for this call"
+            }
             ErrorCode::InvalidIdempotencyKey => {
                 "Idempotency-Key must be 1 to 255 printable ASCII characters"
             }
@@ -119,6 +129,12 @@ pub struct ErrorBody {
     /// True when the L402 challenge's invoice comes from the ledger's sandbox backend.
     #[serde(default, skip_serializing_if = "core::ops::Not::not")]
     pub sandbox: bool,
+    /// x402 v1, for clients that read the 402's body: the version of `accepts` (1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x402_version: Option<u32>,
+    /// x402 v1: the payments that would pay for the call.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accepts: Vec<crate::x402::RequirementsV1>,
 }
 
 impl ErrorBody {
@@ -137,6 +153,8 @@ impl ErrorBody {
             service_id: None,
             schemes: Vec::new(),
             sandbox: false,
+            x402_version: None,
+            accepts: Vec::new(),
         }
     }
 
@@ -192,6 +210,8 @@ mod tests {
             (ErrorCode::InsufficientBalance, 402, "insufficient_balance"),
             (ErrorCode::DailyLimitExceeded, 402, "daily_limit_exceeded"),
             (ErrorCode::InvalidPreimage, 401, "invalid_preimage"),
+            (ErrorCode::InvalidPayment, 402, "invalid_payment"),
+            (ErrorCode::PaymentAlreadyUsed, 402, "payment_already_used"),
             (ErrorCode::IdempotencyKeyMismatch, 422, "idempotency_key_mismatch"),
             (ErrorCode::IdempotencyKeyInUse, 409, "idempotency_key_in_use"),
             (ErrorCode::IdempotencyKeyExhausted, 422, "idempotency_key_exhausted"),

@@ -9,6 +9,7 @@ pub const REMAINING_USDC: &str = "x-remaining-usdc";
 pub const WWW_AUTHENTICATE: &str = "www-authenticate";
 pub const RETRY_AFTER: &str = "retry-after";
 pub const CONTENT_TYPE: &str = "content-type";
+pub const CACHE_CONTROL: &str = "cache-control";
 /// x402 v2: the 402's offers, the client's payment, the settlement's answer.
 pub const PAYMENT_REQUIRED: &str = "payment-required";
 pub const PAYMENT_SIGNATURE: &str = "payment-signature";

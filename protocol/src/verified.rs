@@ -102,6 +102,7 @@ mod tests {
             scheme: Scheme::PayToken,
             capability: None,
             valid,
+            x402: None,
         })
     }
 

@@ -14,7 +14,9 @@ pub use alloy_primitives::{Address, B256, U256};
 use alloy_sol_types::{Eip712Domain, SolCall, SolStruct, SolValue, sol};
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
-use k256::ecdsa::{RecoveryId, Signature, VerifyingKey};
+/// A payer's key, as [`sign`] takes it.
+pub use k256::ecdsa::SigningKey;
+use k256::ecdsa::{RecoveryId, Signature as EcdsaSignature, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -48,7 +50,8 @@ sol! {
 pub const SCHEME_EXACT: &str = "exact";
 /// The longest payment header read: a 65-byte signature and an authorization take about
 /// 1.5 KB in base64, an echoed v2 offer about as much again.
-pub const MAX_PAYMENT_HEADER_LEN: usize = 8192;
+/// Kept under the ledger's limit on a presented credential with the scheme it is sent under.
+pub const MAX_PAYMENT_HEADER_LEN: usize = 8176;
 /// Validity an authorization must have left, as the reference facilitator requires: time to
 /// settle it.
 pub const MIN_VALIDITY_SECONDS: u64 = 6;
@@ -91,13 +94,18 @@ impl Offer {
         }
     }
 
+    /// The network as v1 names it: its v1 name where it has one, else CAIP-2.
+    pub fn network_v1(&self) -> String {
+        v1_network_name(self.chain_id).map_or_else(|| self.network(), str::to_owned)
+    }
+
     /// The v1 form, for clients that read the 402 body: the network by its v1 name where it
     /// has one, else as CAIP-2.
     pub fn requirements_v1(&self, amount: u64, resource: &Resource) -> RequirementsV1 {
         let v2 = self.requirements(amount);
         RequirementsV1 {
             scheme: v2.scheme,
-            network: v1_network_name(self.chain_id).map_or(v2.network, str::to_owned),
+            network: self.network_v1(),
             max_amount_required: v2.amount,
             resource: resource.url.clone(),
             description: resource.description.clone().unwrap_or_default(),
@@ -117,6 +125,107 @@ impl Offer {
             Some(self.asset),
             None,
         )
+    }
+}
+
+/// `maxTimeoutSeconds` offered unless configured: what the reference servers offer.
+pub const DEFAULT_MAX_TIMEOUT_SECONDS: u64 = 60;
+/// The longest `maxTimeoutSeconds` a seller may offer: an authorization valid for longer
+/// would keep its payment's id (and the chance to settle it) that long.
+pub const MAX_MAX_TIMEOUT_SECONDS: u64 = 3600;
+
+/// USDC where x402 clients know it: chain, contract, EIP-712 name and version.
+const KNOWN_USDC: [(u64, Address, &str, &str); 2] = [
+    (
+        8453,
+        alloy_primitives::address!("0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"),
+        "USD Coin",
+        "2",
+    ),
+    (84532, alloy_primitives::address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e"), "USDC", "2"),
+];
+
+/// A seller's offer as its settings state it; the token may be left out on chains where
+/// USDC is known (Base, Base Sepolia).
+#[derive(Clone, Copy, Debug)]
+pub struct OfferSettings<'a> {
+    /// CAIP-2 (`eip155:8453`) or a v1 name (`base`).
+    pub network: &'a str,
+    pub pay_to: &'a str,
+    pub asset: Option<&'a str>,
+    pub asset_name: Option<&'a str>,
+    pub asset_version: Option<&'a str>,
+    pub max_timeout_seconds: Option<u64>,
+}
+
+/// Settings that make no offer: the field at fault (as the settings name it, `pay_to`) and
+/// why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OfferError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl Offer {
+    /// The offer `settings` describe, checked.
+    pub fn from_settings(settings: &OfferSettings<'_>) -> Result<Offer, OfferError> {
+        let error = |field, message: &str| OfferError { field, message: message.to_owned() };
+        let chain_id = chain_id(settings.network).ok_or_else(|| {
+            error(
+                "network",
+                "must be eip155:<chain id> (eip155:8453 is Base), base or base-sepolia",
+            )
+        })?;
+        let pay_to = address(settings.pay_to, "pay_to")
+            .map_err(|_| error("pay_to", "must be an address, 0x and 40 hex digits"))?;
+        if pay_to == Address::ZERO {
+            return Err(error("pay_to", "must not be the zero address"));
+        }
+        let known = KNOWN_USDC.iter().find(|(id, ..)| *id == chain_id);
+        let asset = match (settings.asset, known) {
+            (Some(asset), _) => address(asset, "asset")
+                .map_err(|_| error("asset", "must be the token's address, 0x and 40 hex digits"))?,
+            (None, Some((_, usdc, ..))) => *usdc,
+            (None, None) => {
+                return Err(error(
+                    "asset",
+                    "name the token's address: USDC is known on Base and Base Sepolia only",
+                ));
+            }
+        };
+        // USDC's domain where the asset is the known USDC; any other token states its own.
+        let known = known.filter(|(_, usdc, ..)| *usdc == asset);
+        let name = settings.asset_name.or(known.map(|k| k.2));
+        let version = settings.asset_version.or(known.map(|k| k.3));
+        let (Some(name), Some(version)) = (name, version) else {
+            let field = if name.is_none() { "asset_name" } else { "asset_version" };
+            return Err(error(field, "give the token's EIP-712 domain name and version"));
+        };
+        if name.is_empty() || version.is_empty() {
+            return Err(error(
+                "asset_name",
+                "the EIP-712 domain's name and version are never empty",
+            ));
+        }
+        let max_timeout_seconds =
+            settings.max_timeout_seconds.unwrap_or(DEFAULT_MAX_TIMEOUT_SECONDS);
+        if !(MIN_VALIDITY_SECONDS * 2..=MAX_MAX_TIMEOUT_SECONDS).contains(&max_timeout_seconds) {
+            return Err(OfferError {
+                field: "max_timeout_seconds",
+                message: format!(
+                    "must be between {} and {MAX_MAX_TIMEOUT_SECONDS}",
+                    MIN_VALIDITY_SECONDS * 2
+                ),
+            });
+        }
+        Ok(Offer {
+            chain_id,
+            asset,
+            name: name.to_owned(),
+            version: version.to_owned(),
+            pay_to,
+            max_timeout_seconds,
+        })
     }
 }
 
@@ -293,7 +402,7 @@ pub struct Authorization {
 }
 
 /// Why a payment is refused. [`X402Error::reason`] is the x402 name for it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum X402Error {
     /// Not base64 JSON of a payment, or a field that does not parse.
     Malformed(&'static str),
@@ -349,6 +458,35 @@ impl core::fmt::Display for X402Error {
             X402Error::InvalidSignature => f.write_str("the signature is not the payer's"),
         }
     }
+}
+
+/// Token ids of x402 payments start with this; the rest is the payment id in hex.
+pub const TOKEN_ID_PREFIX: &str = "x402_";
+
+/// The ledger's token for a payment: `x402_<payment id, 64 hex>`.
+pub fn token_id(payment_id: &B256) -> String {
+    format!("{TOKEN_ID_PREFIX}{}", hex::encode(payment_id))
+}
+
+/// The ledger's buyer for a payer: `x402_0x<address, lowercase hex>`. Such buyers have no
+/// prepaid account: each payment is its own token.
+pub fn buyer_id(payer: &Address) -> String {
+    format!("{TOKEN_ID_PREFIX}0x{}", hex::encode(payer))
+}
+
+/// Whether `token_id` is an x402 payment's.
+pub fn is_token_id(token_id: &str) -> bool {
+    token_id.strip_prefix(TOKEN_ID_PREFIX).is_some_and(|hex| {
+        hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// Whether [`Payment::check_with`] verifies the signature.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signature {
+    Verify,
+    /// The terms only: the shape, offer, amount and window.
+    TermsOnly,
 }
 
 /// A payment checked against what is offered: who pays, with which offer, under which id.
@@ -421,6 +559,18 @@ impl Payment {
     /// tried), the recipient, the exact amount, the validity window, and last, the costliest,
     /// the signature. A refusal is the first offer's reason.
     pub fn check(&self, offers: &[Offer], amount: u64, now: u64) -> Result<Checked, X402Error> {
+        self.check_with(offers, amount, now, Signature::Verify)
+    }
+
+    /// [`Payment::check`] with the signature checked or not: a gateway whose ledger checks
+    /// it anyway may leave it out (`from` is then the payer it claims to be).
+    pub fn check_with(
+        &self,
+        offers: &[Offer],
+        amount: u64,
+        now: u64,
+        signature: Signature,
+    ) -> Result<Checked, X402Error> {
         if self.scheme != SCHEME_EXACT {
             return Err(X402Error::UnsupportedScheme);
         }
@@ -432,7 +582,7 @@ impl Payment {
                     .is_none_or(|(asset, pay_to)| asset == offer.asset && pay_to == offer.pay_to)
         });
         for (index, offer) in candidates {
-            match self.check_offer(offer, amount, now) {
+            match self.check_offer(offer, amount, now, signature) {
                 Ok(payer) => {
                     let payment_id = self.payment_id(offer.asset);
                     return Ok(Checked { payer, offer: index, payment_id });
@@ -446,7 +596,13 @@ impl Payment {
     }
 
     /// [`Payment::check`] against one offer; answers the payer.
-    fn check_offer(&self, offer: &Offer, amount: u64, now: u64) -> Result<Address, X402Error> {
+    fn check_offer(
+        &self,
+        offer: &Offer,
+        amount: u64,
+        now: u64,
+        signature: Signature,
+    ) -> Result<Address, X402Error> {
         let auth = &self.authorization;
         if auth.to != offer.pay_to {
             return Err(X402Error::RecipientMismatch);
@@ -468,6 +624,9 @@ impl Payment {
             .saturating_add(CLIENT_CLOCK_AHEAD_SECONDS);
         if auth.valid_before > U256::from(latest) {
             return Err(X402Error::ValidTooLong);
+        }
+        if signature == Signature::TermsOnly {
+            return Ok(auth.from);
         }
         let digest = self.signed_struct().eip712_signing_hash(&offer.domain());
         if recover(&digest, &self.signature)? != auth.from {
@@ -518,6 +677,76 @@ impl Payment {
     }
 }
 
+/// What a client signs: an `exact` payment of `amount` atomic units under `offer`, valid
+/// in `window` (Unix seconds: `validAfter`, `validBefore`), with a fresh random `nonce`.
+#[derive(Clone, Copy, Debug)]
+pub struct Terms<'a> {
+    pub offer: &'a Offer,
+    pub amount: u64,
+    pub window: (u64, u64),
+    pub nonce: B256,
+}
+
+/// Signs `terms` with `key`, as an x402 client does: the payment header's value for
+/// `version` (`PAYMENT-SIGNATURE` for v2, `X-PAYMENT` for v1).
+pub fn sign(key: &SigningKey, terms: &Terms<'_>, version: Version) -> String {
+    let offer = terms.offer;
+    let authorization = Authorization {
+        from: address_of(key.verifying_key()),
+        to: offer.pay_to,
+        value: U256::from(terms.amount),
+        valid_after: U256::from(terms.window.0),
+        valid_before: U256::from(terms.window.1),
+        nonce: terms.nonce,
+    };
+    let payment = Payment {
+        version,
+        scheme: SCHEME_EXACT.into(),
+        chain_id: offer.chain_id,
+        accepted: Some((offer.asset, offer.pay_to)),
+        authorization,
+        signature: [0; 65],
+    };
+    let digest = payment.signed_struct().eip712_signing_hash(&offer.domain());
+    let (signature, recovery) = key.sign_prehash_recoverable(digest.as_slice());
+    let mut bytes = [0u8; 65];
+    bytes[..64].copy_from_slice(&signature.to_bytes());
+    bytes[64] = 27 + u8::from(recovery.is_y_odd());
+    let auth = &payment.authorization;
+    let payload = ExactPayload {
+        signature: format!("0x{}", hex::encode(bytes)),
+        authorization: AuthorizationWire {
+            from: auth.from.to_checksum(None),
+            to: auth.to.to_checksum(None),
+            value: auth.value.to_string(),
+            valid_after: auth.valid_after.to_string(),
+            valid_before: auth.valid_before.to_string(),
+            nonce: format!("0x{}", hex::encode(auth.nonce)),
+        },
+    };
+    let json = match version {
+        Version::V2 => serde_json::json!({
+            "x402Version": 2,
+            "accepted": offer.requirements(terms.amount),
+            "payload": payload,
+        }),
+        Version::V1 => serde_json::json!({
+            "x402Version": 1,
+            "scheme": SCHEME_EXACT,
+            "network": offer.network_v1(),
+            "payload": payload,
+        }),
+    };
+    STANDARD.encode(json.to_string())
+}
+
+/// The Ethereum address of `key`: the last 20 bytes of the Keccak of its uncompressed
+/// point's x and y.
+pub fn address_of(key: &VerifyingKey) -> Address {
+    let point = key.to_sec1_point(false);
+    Address::from_slice(&keccak256(&point.as_bytes()[1..])[12..])
+}
+
 /// The address whose key made `signature` (r, s, v; v 27/28 or 0/1) over `digest`. A high-s
 /// signature is refused: its twin with low s is the same signature, and would be another
 /// byte string for the same payment.
@@ -528,16 +757,14 @@ fn recover(digest: &B256, signature: &[u8; 65]) -> Result<Address, X402Error> {
         1 | 28 => true,
         _ => return Err(X402Error::InvalidSignature),
     };
-    let signature = Signature::from_slice(rs).map_err(|_| X402Error::InvalidSignature)?;
+    let signature = EcdsaSignature::from_slice(rs).map_err(|_| X402Error::InvalidSignature)?;
     if signature.normalize_s() != signature {
         return Err(X402Error::InvalidSignature);
     }
     let id = RecoveryId::new(parity, false);
     let key = VerifyingKey::recover_from_prehash(digest.as_slice(), &signature, id)
         .map_err(|_| X402Error::InvalidSignature)?;
-    let point = key.to_sec1_point(false);
-    // An Ethereum address: the last 20 bytes of the Keccak of the uncompressed point's x, y.
-    Ok(Address::from_slice(&keccak256(&point.as_bytes()[1..])[12..]))
+    Ok(address_of(&key))
 }
 
 fn address(text: &str, field: &'static str) -> Result<Address, X402Error> {
@@ -631,6 +858,82 @@ mod tests {
             (U256::from(31337u64), anvil().asset, PAYER, v2().authorization.nonce).abi_encode(),
         );
         assert_eq!(checked.payment_id, expected);
+    }
+
+    #[test]
+    fn what_we_sign_verifies_as_the_clients_do_and_terms_only_skips_the_signature() {
+        // anvil's second test key, as the vector's payer.
+        let key = SigningKey::from_slice(
+            &hex::decode("59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d")
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(address_of(key.verifying_key()), PAYER);
+        let terms = Terms {
+            offer: &anvil(),
+            amount: 1000,
+            window: (0, V2_NOW + 60),
+            nonce: B256::repeat_byte(9),
+        };
+        for version in [Version::V2, Version::V1] {
+            let header = sign(&key, &terms, version);
+            let payment = Payment::decode(header.as_bytes(), version).unwrap();
+            let checked = payment.check(&[anvil()], 1000, V2_NOW).unwrap();
+            assert_eq!(checked.payer, PAYER);
+        }
+        // Another signer's signature under the payer's name: refused unless terms only.
+        let stranger = SigningKey::from_slice(&[7; 32]).unwrap();
+        let forged = altered(&sign(&stranger, &terms, Version::V2), |json| {
+            json["payload"]["authorization"]["from"] = json!(PAYER.to_checksum(None));
+        });
+        let forged = Payment::decode(forged.as_bytes(), Version::V2).unwrap();
+        assert_eq!(forged.check(&[anvil()], 1000, V2_NOW), Err(X402Error::InvalidSignature));
+        let terms_only = forged.check_with(&[anvil()], 1000, V2_NOW, Signature::TermsOnly);
+        assert_eq!(terms_only.unwrap().payer, PAYER);
+        assert_eq!(
+            forged.check_with(&[anvil()], 999, V2_NOW, Signature::TermsOnly),
+            Err(X402Error::ValueMismatch)
+        );
+    }
+
+    #[test]
+    fn settings_make_an_offer_with_usdc_known_on_base() {
+        let settings = OfferSettings {
+            network: "base",
+            pay_to: "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC",
+            asset: None,
+            asset_name: None,
+            asset_version: None,
+            max_timeout_seconds: None,
+        };
+        let base = Offer::from_settings(&settings).unwrap();
+        assert_eq!(
+            (base.chain_id, base.name.as_str(), base.version.as_str()),
+            (8453, "USD Coin", "2")
+        );
+        assert_eq!(base.asset, address!("0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"));
+        assert_eq!(base.max_timeout_seconds, DEFAULT_MAX_TIMEOUT_SECONDS);
+        let sepolia =
+            Offer::from_settings(&OfferSettings { network: "eip155:84532", ..settings }).unwrap();
+        assert_eq!(sepolia.name, "USDC");
+        let sandbox = OfferSettings {
+            network: "eip155:31337",
+            asset: Some("0x5FbDB2315678afecb367f032d93F642f64180aa3"),
+            asset_name: Some("USD Coin"),
+            asset_version: Some("2"),
+            ..settings
+        };
+        assert_eq!(Offer::from_settings(&sandbox).unwrap(), anvil());
+        let field =
+            |settings: OfferSettings<'_>| Offer::from_settings(&settings).unwrap_err().field;
+        assert_eq!(field(OfferSettings { network: "eip155:x", ..settings }), "network");
+        assert_eq!(field(OfferSettings { pay_to: "0x3C44", ..settings }), "pay_to");
+        assert_eq!(field(OfferSettings { network: "eip155:1", ..settings }), "asset");
+        assert_eq!(field(OfferSettings { asset_name: None, ..sandbox }), "asset_name");
+        assert_eq!(
+            field(OfferSettings { max_timeout_seconds: Some(7200), ..settings }),
+            "max_timeout_seconds"
+        );
     }
 
     #[test]

@@ -412,7 +412,7 @@ proptest! {
     /// the characters its scheme allows, taken from the header as sent.
     #[test]
     fn any_authorization_header_gets_an_answer(
-        scheme in prop::sample::select(vec!["Bearer", "bearer", "L402", "LSAT", "lsat", "Basic", "", "Bearer\t"]),
+        scheme in prop::sample::select(vec!["Bearer", "bearer", "L402", "LSAT", "lsat", "Basic", "", "Bearer\t", "x402v1", "x402v2", "X402v2"]),
         gap in prop::sample::select(vec![" ", "  ", "\t", "", " \r\n "]),
         rest in prop_oneof![
             bytes(300),
@@ -437,6 +437,9 @@ proptest! {
             Ok(Some(Credential::L402 { macaroon, preimage })) => {
                 prop_assert!(!macaroon.is_empty() && macaroon.chars().all(b64token) && within(macaroon));
                 prop_assert!(!preimage.is_empty() && preimage.chars().all(|c| c.is_ascii_hexdigit()));
+            }
+            Ok(Some(Credential::X402 { payment, .. })) => {
+                prop_assert!(payment.is_empty() || value.windows(payment.len()).any(|w| w == payment));
             }
             Ok(None) | Err(_) => {}
         }

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use paystile_protocol::Usdc;
-use paystile_protocol::credential::{self, Verified, Verifier};
+use paystile_protocol::credential::{self, Scheme, Verified, Verifier};
 use paystile_protocol::headers;
 use paystile_protocol::jwk::Jwks;
 use paystile_protocol::jws::SigningKey;
@@ -154,11 +154,15 @@ impl Ledger {
         let target = credential::Target {
             service_id: &request.service_id,
             capability: Capability::Any,
+            price: request.price_usdc,
             now,
         };
         let verified = credential::verify(presented, &self.credentials.verifier, &target)
             .map_err(Refusal::Credential)?;
-        cache().insert(presented, Arc::new(verified.clone()), now);
+        // An x402 payment pays for one call: its next presentation is refused by the books.
+        if verified.scheme != Scheme::X402 {
+            cache().insert(presented, Arc::new(verified.clone()), now);
+        }
         Ok(verified)
     }
 

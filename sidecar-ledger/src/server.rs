@@ -106,7 +106,10 @@ fn credentials(settings: &Settings) -> Credentials {
         secret: l402.secret.expose().as_bytes().to_vec(),
         accept_sandbox: true,
     });
-    Credentials { verifier: Verifier { pay_token, l402 }, published: settings.token.keys.public() }
+    Credentials {
+        verifier: Verifier { pay_token, l402, x402: None },
+        published: settings.token.keys.public(),
+    }
 }
 
 /// Releases expired holds, then forgets Idempotency-Keys past their retention and old

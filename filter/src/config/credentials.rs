@@ -4,11 +4,12 @@
 //! and what it could mint (see the README's "Security").
 
 use paystile_protocol::Usdc;
-use paystile_protocol::credential::{L402Rules, PayTokenRules};
+use paystile_protocol::credential::{L402Rules, PayTokenRules, X402Rules};
 use paystile_protocol::jwk::Jwk;
 use paystile_protocol::jws::Key;
 use paystile_protocol::ledger_api::ChallengeRequest;
 use paystile_protocol::pay_token::{MAX_ID_LEN, Validation};
+use paystile_protocol::x402::{Offer, OfferSettings, Signature};
 use serde::Deserialize;
 
 use super::{
@@ -74,6 +75,42 @@ pub(super) struct RawL402 {
     accept_sandbox: bool,
     #[serde(default)]
     challenge_pool: Option<usize>,
+}
+
+/// What x402 payments are taken for: one offer (a chain, a token and its EIP-712 domain, a
+/// payee), as the ledger's settings state it too.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename = "the x402 settings")]
+pub(super) struct RawX402 {
+    network: String,
+    pay_to: String,
+    #[serde(default)]
+    asset: Option<String>,
+    #[serde(default)]
+    asset_name: Option<String>,
+    #[serde(default)]
+    asset_version: Option<String>,
+    #[serde(default)]
+    max_timeout_seconds: Option<u64>,
+    /// Verify each payment's signature here as well as in the ledger: a forged payment is
+    /// then refused without a ledger call, at the price of an ECDSA recovery in the wasm.
+    #[serde(default)]
+    verify_signatures: bool,
+}
+
+pub(super) fn validate_x402(x402: RawX402) -> Result<X402Rules, ConfigError> {
+    let settings = OfferSettings {
+        network: &x402.network,
+        pay_to: &x402.pay_to,
+        asset: x402.asset.as_deref(),
+        asset_name: x402.asset_name.as_deref(),
+        asset_version: x402.asset_version.as_deref(),
+        max_timeout_seconds: x402.max_timeout_seconds,
+    };
+    let offer = Offer::from_settings(&settings)
+        .map_err(|error| invalid(format!("x402.{}", error.field), error.message))?;
+    let signature = if x402.verify_signatures { Signature::Verify } else { Signature::TermsOnly };
+    Ok(X402Rules { offer, signature })
 }
 
 pub(super) fn validate_pay_token(pay_token: RawPayToken) -> Result<PayTokenRules, ConfigError> {

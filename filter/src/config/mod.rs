@@ -17,8 +17,8 @@ use crate::routes::{self, Metered, PathMatch, Route};
 mod credentials;
 
 use credentials::{
-    RawL402, RawPayToken, check_offer_opens_every_route, is_caveat_safe, validate_l402,
-    validate_pay_token,
+    RawL402, RawPayToken, RawX402, check_offer_opens_every_route, is_caveat_safe, validate_l402,
+    validate_pay_token, validate_x402,
 };
 
 /// What the gateway's JSON says, before validation.
@@ -32,6 +32,8 @@ struct Raw {
     pay_token: Option<RawPayToken>,
     #[serde(default)]
     l402: Option<RawL402>,
+    #[serde(default)]
+    x402: Option<RawX402>,
     #[serde(default)]
     billable_statuses: Option<Vec<String>>,
     #[serde(default)]
@@ -258,9 +260,10 @@ impl Config {
             ));
         }
 
-        if raw.pay_token.is_none() && raw.l402.is_none() {
-            return Err(invalid("pay_token", "configure pay_token, l402, or both"));
+        if raw.pay_token.is_none() && raw.l402.is_none() && raw.x402.is_none() {
+            return Err(invalid("pay_token", "configure pay_token, l402, x402, or several"));
         }
+        let x402 = raw.x402.map(validate_x402).transpose()?;
         let pay_token = raw.pay_token.map(validate_pay_token).transpose()?;
         let l402 = raw.l402.map(|l402| validate_l402(&raw.service_id, l402)).transpose()?;
         if let Some((_, l402)) = &l402 {
@@ -283,7 +286,7 @@ impl Config {
                 prefetch_holds,
                 prefetch_max_age_ms,
             },
-            verifier: Verifier { pay_token, l402: l402_rules },
+            verifier: Verifier { pay_token, l402: l402_rules, x402 },
             l402,
             billable,
             failure_mode: raw.failure_mode,
@@ -736,7 +739,7 @@ mod tests {
             (with(|c| c["pay_token"]["keys"] = json!([])), "pay_token.keys: list at least one key"),
             (
                 with(|c| c["pay_token"] = json!(null)),
-                "pay_token: configure pay_token, l402, or both",
+                "pay_token: configure pay_token, l402, x402, or several",
             ),
             (
                 with(|c| c["l402"] = l402(json!({"secret": "short"}))),

@@ -27,7 +27,7 @@ pub fn head<'a>(path: &'a str, authorization: Option<&'a str>) -> RequestHead<'a
         method: b"GET",
         path: path.as_bytes(),
         authorization: authorization.map(str::as_bytes),
-        idempotency_key: None,
+        ..RequestHead::default()
     }
 }
 
