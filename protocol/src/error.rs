@@ -78,7 +78,7 @@ impl ErrorCode {
             ErrorCode::InvalidPreimage => "Invalid preimage",
             ErrorCode::InvalidPayment => "Invalid payment",
             ErrorCode::PaymentAlreadyUsed => {
-                "This payment was already used: sign a new one for this call"
+                "This payment already paid for a call, or pays for one in flight: sign a new one"
             }
             ErrorCode::InvalidIdempotencyKey => {
                 "Idempotency-Key must be 1 to 255 printable ASCII characters"

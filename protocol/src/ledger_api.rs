@@ -476,6 +476,25 @@ pub struct ChargeView {
     /// Charged to the sandbox book.
     #[serde(default, skip_serializing_if = "core::ops::Not::not")]
     pub sandbox: bool,
+    /// Paid with x402: where the payment's settlement on chain is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settlement: Option<SettlementView>,
+}
+
+/// An x402 payment's settlement on chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SettlementView {
+    /// `pending` (not sent yet, or its charge not committed yet), `submitted` (sent, awaiting
+    /// its receipt), `settled`, `failed` (never will: see `reason`), or `void` (no call was
+    /// charged for it).
+    pub status: String,
+    /// The transaction's hash, once one was sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transaction: Option<String>,
+    /// Why it failed, or why its last attempt did not settle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// `POST /v1/l402/challenges`: what a payment buys, as the service's gateway offers it.
@@ -561,6 +580,11 @@ pub struct ChargeQuery {
     pub service_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<ChargeStatus>,
+    /// Only charges paid with x402 whose settlement is in this state (`pending`,
+    /// `submitted`, `settled`, `failed`, `void`): `failed` lists the served calls that went
+    /// unpaid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settlement: Option<String>,
     /// `true`: only the sandbox book's charges; `false`: only the live book's; absent: both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<bool>,

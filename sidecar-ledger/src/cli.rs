@@ -230,6 +230,10 @@ struct ChargeFilters {
     /// held, committed or released.
     #[arg(long, value_parser = parse_status)]
     status: Option<ChargeStatus>,
+    /// x402-paid charges whose settlement is pending, submitted, settled, failed or void
+    /// (failed: the served calls that went unpaid).
+    #[arg(long)]
+    settlement: Option<String>,
     /// true: the sandbox book only; false: the live book only [default: both].
     #[arg(long)]
     sandbox: Option<bool>,
@@ -248,6 +252,7 @@ impl ChargeFilters {
             buyer_id: self.buyer_id,
             service_id: self.service_id,
             status: self.status,
+            settlement: self.settlement,
             sandbox: self.sandbox,
             from: self.from,
             to: self.to,

@@ -604,7 +604,7 @@ mod tests {
     /// field name and format in the document is the wire's.
     #[test]
     fn examples_are_what_the_protocol_types_read_and_write() {
-        let parsers: [(&str, RoundTrip); 30] = [
+        let parsers: [(&str, RoundTrip); 31] = [
             ("Usdc", round_trip::<Usdc>),
             ("ErrorBody", round_trip::<ErrorBody>),
             ("Jwks", round_trip::<paystile_protocol::jwk::Jwks>),
@@ -631,6 +631,7 @@ mod tests {
             ),
             ("RevocationFeed", round_trip::<paystile_protocol::ledger_api::RevocationFeed>),
             ("ChargeView", round_trip::<ChargeView>),
+            ("SettlementView", round_trip::<paystile_protocol::ledger_api::SettlementView>),
             ("ChargePage", round_trip::<ChargePage>),
             ("ServiceSummary", round_trip::<ServiceSummary>),
             ("ChallengeRequest", round_trip::<ChallengeRequest>),
@@ -695,6 +696,7 @@ mod tests {
             buyer_id: Some(String::new()),
             service_id: Some(String::new()),
             status: Some(paystile_protocol::ledger_api::ChargeStatus::Held),
+            settlement: Some(String::new()),
             sandbox: Some(false),
             from: Some(String::new()),
             to: Some(String::new()),

@@ -11,7 +11,7 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::domain::UnixMillis;
 use crate::ledger::{Ledger, LedgerError, charge_view, check_id};
-use crate::store::{ChargeFilter, ServiceWindow};
+use crate::store::{ChargeFilter, ServiceWindow, SettlementStatus};
 
 /// A page's size when the query names none.
 pub const DEFAULT_LIMIT: u32 = 100;
@@ -44,6 +44,7 @@ impl Ledger {
             buyer_id: query.buyer_id,
             service_id: query.service_id,
             status: query.status,
+            settlement: query.settlement.as_deref().map(settlement_status).transpose()?,
             sandbox: query.sandbox,
             from,
             to,
@@ -106,6 +107,15 @@ impl Ledger {
 /// `from` (inclusive) and `to` (exclusive) as Unix ms; `from` must come before `to`. Charges
 /// are stamped in whole milliseconds, so each bound becomes the first millisecond at or after
 /// it: a charge is at or after the instant exactly when it is at or after that millisecond.
+/// A settlement status as the journal's `settlement` filter names it.
+fn settlement_status(name: &str) -> Result<SettlementStatus, LedgerError> {
+    SettlementStatus::ALL.into_iter().find(|status| status.name() == name).ok_or_else(|| {
+        LedgerError::Invalid(
+            "settlement must be pending, submitted, settled, failed or void".into(),
+        )
+    })
+}
+
 fn window(
     from: Option<&str>,
     to: Option<&str>,
@@ -156,7 +166,7 @@ fn decode_cursor(cursor: &str) -> Result<(UnixMillis, String), LedgerError> {
 }
 
 /// The CSV export's columns: `ChargeView`'s fields (`sandbox` as `true` or `false`).
-const CSV_HEADER: [&str; 12] = [
+const CSV_HEADER: [&str; 15] = [
     "chargeId",
     "tokenId",
     "buyerId",
@@ -169,6 +179,9 @@ const CSV_HEADER: [&str; 12] = [
     "createdAt",
     "settledAt",
     "sandbox",
+    "settlement",
+    "transaction",
+    "settlementReason",
 ];
 
 /// Charges as RFC 4180 CSV: a header line, then a record per charge, CRLF line ends; a field
@@ -188,6 +201,7 @@ pub fn csv(charges: &[ChargeView], header: bool) -> String {
         let amount = charge.amount_usdc.to_string();
         let held = charge.held_usdc.to_string();
         let upstream = charge.upstream_status.map(|s| s.to_string()).unwrap_or_default();
+        let settlement = charge.settlement.as_ref();
         push_record(
             &mut out,
             [
@@ -203,6 +217,9 @@ pub fn csv(charges: &[ChargeView], header: bool) -> String {
                 &charge.created_at,
                 charge.settled_at.as_deref().unwrap_or_default(),
                 if charge.sandbox { "true" } else { "false" },
+                settlement.map(|s| s.status.as_str()).unwrap_or_default(),
+                settlement.and_then(|s| s.transaction.as_deref()).unwrap_or_default(),
+                settlement.and_then(|s| s.reason.as_deref()).unwrap_or_default(),
             ]
             .into_iter(),
         );

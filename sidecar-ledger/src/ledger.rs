@@ -14,10 +14,11 @@ use paystile_protocol::ledger_api::{
     AccountView, BuyerRevocation, BuyerView, ChargeStatus, ChargeView, ChildTokenRequest, Deposit,
     DepositRequest, GatewayConfirmations, IssueTokenRequest, IssuedToken, MAX_HOLDS_PER_RESERVE,
     ReserveRequest, RevocationFeed, SetTierRequest, SettleRequest, SettleResponse, SettleResult,
-    TokenGrant, TokenView, WATCH_WAIT_MS,
+    SettlementView, TokenGrant, TokenView, WATCH_WAIT_MS,
 };
 use paystile_protocol::pay_token::{self, Audience, MAX_EXPIRY_SECONDS, PayTokenClaims, Scope};
 use paystile_protocol::verified::VerifiedCache;
+use paystile_protocol::x402;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::sync::Notify;
@@ -25,7 +26,8 @@ use tokio::sync::Notify;
 use crate::domain::{TokenRecord, UnixMillis};
 use crate::rules::{self, Account, ChildSpec, DailyLimits, Refusal};
 use crate::store::{
-    ChargeRecord, DepositCommand, ReserveCommand, ReserveOutcome, Store, StoreError,
+    ChargeRecord, DepositCommand, PaymentSettlement, ReserveCommand, ReserveOutcome, Store,
+    StoreError, X402PaymentRecord,
 };
 use crate::telemetry::Metrics;
 
@@ -516,6 +518,20 @@ impl Ledger {
                 return Ok(ReserveOutcome::Refused(refusal));
             }
         };
+        if let Some(paid) = &verified.x402 {
+            // Recorded before its hold: what a committed charge was paid with is always known.
+            self.store
+                .record_x402_payment(X402PaymentRecord {
+                    token_id: verified.token.token_id.clone(),
+                    payer: paid.checked.payer.to_checksum(None),
+                    network: paid.network.clone(),
+                    amount: verified.token.limit_usdc,
+                    valid_before: verified.token.expires_at,
+                    payment: String::from_utf8_lossy(request.credential.as_bytes()).into_owned(),
+                    now,
+                })
+                .await?;
+        }
         let outcome = self
             .store
             .reserve(ReserveCommand {
@@ -535,6 +551,15 @@ impl Ledger {
                 daily_limits: self.limits.daily_limits.clone(),
             })
             .await?;
+        // A payment pays one call: its token's limit taken means it paid (or pays) another.
+        let outcome = match outcome {
+            ReserveOutcome::Refused(Refusal::TokenLimitExceeded { .. })
+                if verified.x402.is_some() =>
+            {
+                ReserveOutcome::Refused(Refusal::PaymentUsed)
+            }
+            outcome => outcome,
+        };
         if let (ReserveOutcome::Held(hold), Some(until)) = (&outcome, request.extras_until_ms) {
             let late_by = u64::try_from(now_millis()).unwrap_or(0).saturating_sub(until);
             if request.count > 1 && hold.extra_charge_ids.is_empty() && late_by > 0 {
@@ -638,6 +663,15 @@ pub(crate) fn charge_view(charge: ChargeRecord) -> ChargeView {
         created_at: rfc3339_millis(charge.created_at),
         settled_at: charge.settled_at.map(rfc3339_millis),
         sandbox: charge.sandbox,
+        settlement: charge.settlement.map(|settlement| settlement_view(&settlement)),
+    }
+}
+
+pub(crate) fn settlement_view(settlement: &PaymentSettlement) -> SettlementView {
+    SettlementView {
+        status: settlement.status.name().to_owned(),
+        transaction: settlement.transaction.clone(),
+        reason: settlement.reason.clone(),
     }
 }
 
@@ -690,6 +724,12 @@ fn check_account_id(buyer_id: &str) -> Result<(), LedgerError> {
         return Err(LedgerError::Invalid(format!(
             "buyerId: {}… ids are L402 buyers, prepaid by Lightning; they have no account",
             l402::TOKEN_ID_PREFIX
+        )));
+    }
+    if buyer_id.starts_with(x402::TOKEN_ID_PREFIX) {
+        return Err(LedgerError::Invalid(format!(
+            "buyerId: {}… ids are x402 payers, who pay each call on chain; they have no account",
+            x402::TOKEN_ID_PREFIX
         )));
     }
     Ok(())

@@ -14,6 +14,7 @@ pub mod ledger;
 pub mod rules;
 pub mod server;
 pub mod settings;
+pub mod settlement;
 pub mod store;
 pub mod telemetry;
 pub mod token_keys;

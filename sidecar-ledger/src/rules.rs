@@ -454,6 +454,8 @@ pub enum Refusal {
     },
     /// The credential a reserve presented pays for nothing here.
     Credential(credential::Refusal),
+    /// An x402 payment that already paid for a call (or holds one in flight).
+    PaymentUsed,
 }
 
 impl Refusal {
@@ -482,6 +484,7 @@ impl Refusal {
             // No credential of a scheme this ledger verifies: nothing proves who pays.
             Refusal::Credential(credential::Refusal::NotOffered) => ErrorCode::InvalidCredential,
             Refusal::Credential(refusal) => refusal.code(),
+            Refusal::PaymentUsed => ErrorCode::PaymentAlreadyUsed,
         }
     }
 
@@ -534,7 +537,8 @@ impl Refusal {
             | Refusal::IdempotencyKeyInUse
             | Refusal::IdempotencyKeyExhausted
             | Refusal::NoToken
-            | Refusal::NoParent => ErrorBody::new(code),
+            | Refusal::NoParent
+            | Refusal::PaymentUsed => ErrorBody::new(code),
         }
     }
 }

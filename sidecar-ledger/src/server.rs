@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::serve::ListenerExt;
-use paystile_protocol::credential::{L402Rules, PayTokenRules, Verifier};
+use paystile_protocol::credential::{L402Rules, PayTokenRules, Verifier, X402Rules};
 use paystile_protocol::pay_token::Validation;
+use paystile_protocol::x402::Signature;
 use tokio::net::TcpListener;
 
 use crate::challenge::ChallengeMinter;
@@ -14,6 +15,7 @@ use crate::http::{self, ApiKey};
 use crate::invoice::InvoiceBackend;
 use crate::ledger::{Credentials, Ledger, Limits, TokenIssuer};
 use crate::settings::Settings;
+use crate::settlement::Settlements;
 use crate::store::Store;
 
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
@@ -54,6 +56,11 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             "the ledger's clock is offset (tests only)"
         );
     }
+    if let Some(x402) = &settings.x402 {
+        let settlements =
+            Settlements::new(store.clone(), x402).await.context("cannot set up x402 settlement")?;
+        tokio::spawn(settlements.run(SETTLEMENT_INTERVAL));
+    }
     let ledger = Arc::new(Ledger::new(store, issuer, credentials, limits));
     let reopened = ledger.reopen_holds().await.context("cannot reopen the open holds")?;
     if reopened > 0 {
@@ -88,11 +95,14 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How often due x402 settlements are looked for.
+const SETTLEMENT_INTERVAL: Duration = Duration::from_millis(250);
+
 /// Clock skew allowed on a Pay Token's `exp` and `nbf`, as the filter allows by default.
 const LEEWAY_SECONDS: u64 = 60;
 
 /// What the ledger verifies credentials with: every Pay Token key it has (its Ed25519 keys,
-/// the HS256 secret) and the L402 secret. Sandbox credentials are taken: they are metered in
+/// the HS256 secret), the L402 secret and the x402 offer. Sandbox credentials are taken: they are metered in
 /// the sandbox book, and each gateway says whether it serves them. Issuer, audience and
 /// route capabilities are the gateways' to check; the ledger checks who pays, and how much.
 fn credentials(settings: &Settings) -> Credentials {
@@ -106,8 +116,13 @@ fn credentials(settings: &Settings) -> Credentials {
         secret: l402.secret.expose().as_bytes().to_vec(),
         accept_sandbox: true,
     });
+    // The ledger always checks an x402 payment's signature: it is what it settles.
+    let x402 = settings
+        .x402
+        .as_ref()
+        .map(|x402| X402Rules { offer: x402.offer.clone(), signature: Signature::Verify });
     Credentials {
-        verifier: Verifier { pay_token, l402, x402: None },
+        verifier: Verifier { pay_token, l402, x402 },
         published: settings.token.keys.public(),
     }
 }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use paystile_protocol::Usdc;
+use paystile_protocol::x402::{Offer, OfferSettings};
 use serde::Deserialize;
 
 use paystile_protocol::jws::{Key, SigningKey};
@@ -110,6 +111,47 @@ pub struct Options {
     /// it, the system roots verify LND's certificate.
     #[arg(long, env = "PAYSTILE_LND_TLS_CERT")]
     pub lnd_tls_cert: Option<PathBuf>,
+    /// The chain x402 payments are taken on: eip155:<chain id> (eip155:8453 is Base), base
+    /// or base-sepolia. With x402_pay_to, x402 is on; the filter offers the same.
+    #[arg(long, env = "PAYSTILE_X402_NETWORK")]
+    pub x402_network: Option<String>,
+    /// The seller's address, which x402 payments transfer to.
+    #[arg(long, env = "PAYSTILE_X402_PAY_TO")]
+    pub x402_pay_to: Option<String>,
+    /// The token's address [default: USDC, on Base and Base Sepolia].
+    #[arg(long, env = "PAYSTILE_X402_ASSET")]
+    pub x402_asset: Option<String>,
+    /// The token's EIP-712 domain name [default: USDC's, on Base and Base Sepolia].
+    #[arg(long, env = "PAYSTILE_X402_ASSET_NAME")]
+    pub x402_asset_name: Option<String>,
+    /// The token's EIP-712 domain version [default: USDC's, on Base and Base Sepolia].
+    #[arg(long, env = "PAYSTILE_X402_ASSET_VERSION")]
+    pub x402_asset_version: Option<String>,
+    /// How long a payment may stay valid, as the filter offers it [default: 60].
+    #[arg(long, env = "PAYSTILE_X402_MAX_TIMEOUT_SECONDS")]
+    pub x402_max_timeout_seconds: Option<u64>,
+    /// Who settles payments: `direct` (this ledger sends each transfer to x402_rpc_url with
+    /// its settler key) or `facilitator` (an x402 facilitator at x402_facilitator_url).
+    #[arg(long, env = "PAYSTILE_X402_SETTLEMENT", value_enum)]
+    pub x402_settlement: Option<SettlementKind>,
+    /// The chain's JSON-RPC URL (direct settlement).
+    #[arg(long, env = "PAYSTILE_X402_RPC_URL")]
+    pub x402_rpc_url: Option<String>,
+    /// The settler's private key, 0x and 64 hex digits (direct settlement): it pays the gas
+    /// of each transfer, and can move nobody's tokens but its own.
+    #[arg(long, env = "PAYSTILE_X402_SETTLER_KEY", hide_env_values = true)]
+    pub x402_settler_key: Option<String>,
+    /// The x402 facilitator's base URL, e.g. https://x402.org/facilitator (facilitator
+    /// settlement).
+    #[arg(long, env = "PAYSTILE_X402_FACILITATOR_URL")]
+    pub x402_facilitator_url: Option<String>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SettlementKind {
+    Direct,
+    Facilitator,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -317,6 +359,19 @@ pub struct LndSettings {
     pub tls_cert: Option<PathBuf>,
 }
 
+/// x402: what is accepted, and who settles it.
+#[derive(Clone, Debug)]
+pub struct X402Settings {
+    pub offer: Offer,
+    pub settlement: SettlementSettings,
+}
+
+#[derive(Clone, Debug)]
+pub enum SettlementSettings {
+    Direct { rpc_url: String, settler_key: Secret },
+    Facilitator { url: String },
+}
+
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub listen: SocketAddr,
@@ -332,6 +387,7 @@ pub struct Settings {
     pub sweep_interval: Duration,
     pub log_format: LogFormat,
     pub l402: Option<L402Settings>,
+    pub x402: Option<X402Settings>,
 }
 
 /// A setting that is missing or wrong; the message names it.
@@ -375,6 +431,18 @@ impl Options {
             lnd_url: self.lnd_url.or(lower.lnd_url),
             lnd_macaroon: self.lnd_macaroon.or(lower.lnd_macaroon),
             lnd_tls_cert: self.lnd_tls_cert.or(lower.lnd_tls_cert),
+            x402_network: self.x402_network.or(lower.x402_network),
+            x402_pay_to: self.x402_pay_to.or(lower.x402_pay_to),
+            x402_asset: self.x402_asset.or(lower.x402_asset),
+            x402_asset_name: self.x402_asset_name.or(lower.x402_asset_name),
+            x402_asset_version: self.x402_asset_version.or(lower.x402_asset_version),
+            x402_max_timeout_seconds: self
+                .x402_max_timeout_seconds
+                .or(lower.x402_max_timeout_seconds),
+            x402_settlement: self.x402_settlement.or(lower.x402_settlement),
+            x402_rpc_url: self.x402_rpc_url.or(lower.x402_rpc_url),
+            x402_settler_key: self.x402_settler_key.or(lower.x402_settler_key),
+            x402_facilitator_url: self.x402_facilitator_url.or(lower.x402_facilitator_url),
         }
     }
 }
@@ -397,6 +465,7 @@ impl Settings {
 
     fn from_options(options: Options) -> Result<Settings, SettingsError> {
         let l402 = l402_settings(&options)?;
+        let x402 = x402_settings(&options)?;
         let admin_key =
             required_key("admin_key", "--admin-key, PAYSTILE_ADMIN_KEY", options.admin_key)?;
         let gateway_key = required_key(
@@ -498,8 +567,72 @@ impl Settings {
             )?),
             log_format: options.log_format.unwrap_or_default(),
             l402,
+            x402,
         })
     }
+}
+
+fn x402_settings(options: &Options) -> Result<Option<X402Settings>, SettingsError> {
+    let (network, pay_to) = match (&options.x402_network, &options.x402_pay_to) {
+        (None, None) => {
+            if options.x402_settlement.is_some() {
+                return Err(problem("x402_network", "required when x402_settlement is set"));
+            }
+            return Ok(None);
+        }
+        (Some(network), Some(pay_to)) => (network, pay_to),
+        (None, Some(_)) => return Err(problem("x402_network", "required with x402_pay_to")),
+        (Some(_), None) => return Err(problem("x402_pay_to", "required with x402_network")),
+    };
+    let offer = Offer::from_settings(&OfferSettings {
+        network,
+        pay_to,
+        asset: options.x402_asset.as_deref(),
+        asset_name: options.x402_asset_name.as_deref(),
+        asset_version: options.x402_asset_version.as_deref(),
+        max_timeout_seconds: options.x402_max_timeout_seconds,
+    })
+    .map_err(|error| {
+        let field = match error.field {
+            "network" => "x402_network",
+            "pay_to" => "x402_pay_to",
+            "asset" => "x402_asset",
+            "asset_name" => "x402_asset_name",
+            "asset_version" => "x402_asset_version",
+            _ => "x402_max_timeout_seconds",
+        };
+        problem(field, error.message)
+    })?;
+    let url = |field, value: &Option<String>| -> Result<String, SettingsError> {
+        let value = value.clone().ok_or_else(|| problem(field, "required"))?;
+        if !value.starts_with("https://") && !value.starts_with("http://") {
+            return Err(problem(field, "expected an http:// or https:// URL"));
+        }
+        Ok(value)
+    };
+    let settlement = match options.x402_settlement {
+        None => {
+            return Err(problem("x402_settlement", "required with x402: direct or facilitator"));
+        }
+        Some(SettlementKind::Direct) => {
+            let rpc_url = url("x402_rpc_url", &options.x402_rpc_url)?;
+            let key = options
+                .x402_settler_key
+                .clone()
+                .ok_or_else(|| problem("x402_settler_key", "required with direct settlement"))?;
+            let digits = key.strip_prefix("0x").unwrap_or(&key);
+            if digits.len() != 64 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(problem("x402_settler_key", "expected 0x and 64 hex digits"));
+            }
+            SettlementSettings::Direct { rpc_url, settler_key: Secret(key) }
+        }
+        Some(SettlementKind::Facilitator) => SettlementSettings::Facilitator {
+            url: url("x402_facilitator_url", &options.x402_facilitator_url)?
+                .trim_end_matches('/')
+                .to_owned(),
+        },
+    };
+    Ok(Some(X402Settings { offer, settlement }))
 }
 
 fn l402_settings(options: &Options) -> Result<Option<L402Settings>, SettingsError> {

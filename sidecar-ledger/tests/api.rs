@@ -3529,3 +3529,150 @@ mod revocation_watch {
         assert_eq!(revoked.gateways, Some(Default::default()));
     }
 }
+
+/// x402 payments at the ledger, as any gateway sharing it presents them: verified here,
+/// signature included, each a one-call token; settled after commit (here against a node
+/// that does not answer, so each attempt is retried and says why).
+mod x402_payments {
+    use paystile_protocol::x402::{self, B256, Offer, SigningKey, Terms, Version};
+
+    use super::*;
+
+    on_both_stores! {
+        a_payment_pays_one_call_once_and_its_settlement_waits_for_the_chain,
+        payments_that_do_not_pay_for_the_call_are_refused_as_x402_does,
+    }
+
+    const ASSET: &str = "0x5FbDB2315678afecb367f032d93F642f64180aa3";
+    const PAY_TO: &str = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC";
+
+    fn offer() -> Offer {
+        Offer {
+            chain_id: 31337,
+            asset: ASSET.parse().unwrap(),
+            name: "USD Coin".into(),
+            version: "2".into(),
+            pay_to: PAY_TO.parse().unwrap(),
+            max_timeout_seconds: 60,
+        }
+    }
+
+    /// A ledger taking [`offer`], settling directly through a node nobody listens for.
+    async fn ledger(store: Backend) -> Ledger {
+        Ledger::start(
+            store,
+            &[
+                "--x402-network=eip155:31337",
+                &format!("--x402-pay-to={PAY_TO}"),
+                &format!("--x402-asset={ASSET}"),
+                "--x402-asset-name=USD Coin",
+                "--x402-asset-version=2",
+                "--x402-settlement=direct",
+                "--x402-rpc-url=http://127.0.0.1:9",
+                "--x402-settler-key=0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6",
+            ],
+        )
+        .await
+    }
+
+    fn payment(key: &SigningKey, amount: u64, valid_before: u64) -> String {
+        let terms = Terms {
+            offer: &offer(),
+            amount,
+            window: (0, valid_before),
+            nonce: B256::from(rand::random::<[u8; 32]>()),
+        };
+        format!("x402v2 {}", x402::sign(key, &terms, Version::V2))
+    }
+
+    fn body(credential: &str, price: &str) -> Value {
+        json!({"credential": credential, "serviceId": "weather", "priceUsdc": price})
+    }
+
+    fn now() -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+    }
+
+    async fn a_payment_pays_one_call_once_and_its_settlement_waits_for_the_chain(store: Backend) {
+        let ledger = ledger(store).await;
+        let key = SigningKey::from_slice(&[0x31; 32]).unwrap();
+        let payer = x402::address_of(key.verifying_key());
+        let credential = payment(&key, 1000, now() + 60);
+        let hold = ledger.hold(&body(&credential, "0.001")).await;
+        assert_eq!((hold.amount_usdc, hold.remaining_usdc), (usdc("0.001"), Usdc::ZERO));
+        // Again, before or after its call is settled: the authorization has paid.
+        for round in 0..2 {
+            let (status, refusal) = ledger.reserve(&body(&credential, "0.001")).await;
+            assert_eq!((status, refusal["code"].as_str()), (402, Some("payment_already_used")));
+            if round == 0 {
+                assert_eq!(
+                    ledger.settle(&[(&hold.charge_id, "commit")]).await,
+                    [SettleStatus::Committed]
+                );
+            }
+        }
+        let charge = ledger.admin.charge(&hold.charge_id).await.unwrap();
+        assert_eq!(charge.buyer_id, format!("x402_0x{}", hex::encode(payer)));
+        assert!(charge.token_id.starts_with("x402_"), "{charge:?}");
+        // The node does not answer: the settlement stays pending, saying why.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let settlement = loop {
+            let charge = ledger.admin.charge(&hold.charge_id).await.unwrap();
+            let settlement = charge.settlement.unwrap();
+            if settlement.reason.is_some() {
+                break settlement;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{settlement:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(settlement.status, "pending");
+        assert!(settlement.reason.unwrap().contains("did not answer"));
+        // x402 payers have no account.
+        let (status, answer) = ledger
+            .post(
+                &format!("/v1/buyers/{}/deposits", charge.buyer_id),
+                Some(ADMIN_KEY),
+                r#"{"amountUsdc":"1"}"#,
+            )
+            .await;
+        assert_eq!(status, 400, "{answer}");
+    }
+
+    async fn payments_that_do_not_pay_for_the_call_are_refused_as_x402_does(store: Backend) {
+        let ledger = ledger(store).await;
+        let key = SigningKey::from_slice(&[0x32; 32]).unwrap();
+        let forged = {
+            let stranger = SigningKey::from_slice(&[0x33; 32]).unwrap();
+            let header = payment(&stranger, 1000, now() + 60);
+            let header = header.trim_start_matches("x402v2 ");
+            let mut json: Value = serde_json::from_slice(
+                &base64::engine::general_purpose::STANDARD.decode(header).unwrap(),
+            )
+            .unwrap();
+            json["payload"]["authorization"]["from"] =
+                json!(x402::address_of(key.verifying_key()).to_checksum(None));
+            format!("x402v2 {}", base64::engine::general_purpose::STANDARD.encode(json.to_string()))
+        };
+        let cases = [
+            (forged, "0.001", "signature"),
+            (payment(&key, 1000, now() + 60), "0.002", "value_mismatch"),
+            (payment(&key, 1000, now() + 3), "0.001", "valid_before"),
+            (payment(&key, 1000, now() + 3600), "0.001", "valid_before"),
+            ("x402v2 bm90IGpzb24=".into(), "0.001", "invalid_payload"),
+        ];
+        for (credential, price, reason) in cases {
+            let (status, refusal) = ledger.reserve(&body(&credential, price)).await;
+            assert_eq!(
+                (status, refusal["code"].as_str()),
+                (402, Some("invalid_payment")),
+                "{refusal}"
+            );
+            assert!(refusal["error"].as_str().unwrap().contains(reason), "{refusal}");
+        }
+        // Without x402 settings the ledger takes no payment: nothing proves who pays.
+        let plain = Ledger::start(store, &[]).await;
+        let (status, refusal) =
+            plain.reserve(&body(&payment(&key, 1000, now() + 60), "0.001")).await;
+        assert_eq!((status, refusal["code"].as_str()), (401, Some("invalid_credential")));
+    }
+}

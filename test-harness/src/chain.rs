@@ -28,8 +28,65 @@ pub const PAYER: &str = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8";
 pub const PAYER_KEY: &str = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
 /// The third: the payee (an offer's `payTo`).
 pub const PAYEE: &str = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC";
-/// The fourth: a settler, which submits a payer's authorization.
+/// The fourth: a settler, which submits a payer's authorization, and its key.
 pub const SETTLER: &str = "0x90F79bf6EB2c4f870365E785982E1f101E93b906";
+pub const SETTLER_KEY: &str = "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6";
+/// What the sandbox mints to the payer: 100 USDC.
+pub const PAYER_FUNDS: u64 = 100_000_000;
+
+/// An x402 sandbox: anvil with the sandbox USDC deployed and [`PAYER_FUNDS`] minted to
+/// [`PAYER`], and the settings with which a filter offers it and a ledger settles it
+/// (`direct`, with [`SETTLER_KEY`]) to [`PAYEE`].
+pub struct X402Sandbox {
+    pub anvil: Anvil,
+    pub token: Address,
+}
+
+impl X402Sandbox {
+    pub async fn start() -> anyhow::Result<X402Sandbox> {
+        let anvil = Anvil::start()?;
+        let token = anvil.deploy_sandbox_usdc().await?;
+        anvil.mint(token, PAYER.parse()?, PAYER_FUNDS).await?;
+        Ok(X402Sandbox { anvil, token })
+    }
+
+    pub fn network(&self) -> &'static str {
+        "eip155:31337"
+    }
+
+    /// The filter's `x402` section.
+    pub fn filter_config(&self) -> Value {
+        json!({
+            "network": self.network(),
+            "asset": self.token.to_checksum(None),
+            "asset_name": "USD Coin",
+            "asset_version": "2",
+            "pay_to": PAYEE,
+        })
+    }
+
+    /// `paystile-ledger serve` flags that take and settle the same offer.
+    pub fn ledger_args(&self) -> Vec<String> {
+        [
+            ("--x402-network", self.network().to_owned()),
+            ("--x402-pay-to", PAYEE.to_owned()),
+            ("--x402-asset", self.token.to_checksum(None)),
+            ("--x402-asset-name", "USD Coin".to_owned()),
+            ("--x402-asset-version", "2".to_owned()),
+            ("--x402-settlement", "direct".to_owned()),
+            ("--x402-rpc-url", self.anvil.url().to_owned()),
+            ("--x402-settler-key", SETTLER_KEY.to_owned()),
+        ]
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_owned(), value])
+        .collect()
+    }
+
+    /// `who`'s sandbox USDC, in micro-USDC.
+    pub async fn balance(&self, who: &str) -> anyhow::Result<U256> {
+        self.anvil.balance(self.token, who.parse()?).await
+    }
+}
 
 /// A running anvil, killed when dropped.
 pub struct Anvil {
@@ -68,6 +125,11 @@ impl Anvil {
             }
         };
         Ok(Anvil { child, url: format!("http://{address}"), http: reqwest::Client::new() })
+    }
+
+    /// The JSON-RPC URL.
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     /// One JSON-RPC call; its `result`.

@@ -4,8 +4,8 @@
 use paystile_protocol::Usdc;
 use paystile_protocol::ledger_api::ChargeStatus;
 
-use super::sql::{self, Columns, charge_columns};
-use super::{StoreError, UnixMillis, status_name};
+use super::sql::{self, Columns, charge_columns, charges_joined};
+use super::{SettlementStatus, StoreError, UnixMillis, status_name};
 
 /// Which charges to list: every filter given must match. Oldest first, by `created_at`, then
 /// `charge_id` in byte order.
@@ -15,6 +15,8 @@ pub struct ChargeFilter {
     pub buyer_id: Option<String>,
     pub service_id: Option<String>,
     pub status: Option<ChargeStatus>,
+    /// Only charges paid with x402 whose settlement is in this state.
+    pub settlement: Option<SettlementStatus>,
     /// Only the sandbox book (`Some(true)`) or only the live one (`Some(false)`).
     pub sandbox: Option<bool>,
     /// Inclusive.
@@ -65,8 +67,9 @@ pub(super) struct Dialect {
     pub byte_order: &'static str,
 }
 
-/// The columns of a charge (`charges c JOIN tokens t`) both stores read, in this order.
+/// The columns of a charge both stores read, in this order, and where they come from.
 const CHARGE_COLUMNS: &str = charge_columns!();
+const CHARGES_JOINED: &str = charges_joined!();
 
 /// The statement listing `filter`'s charges (at most `limit + 1` rows: the extra one says
 /// whether another page follows), and its parameters.
@@ -91,6 +94,10 @@ pub(super) fn charges_query(filter: &ChargeFilter, dialect: &Dialect) -> (String
     if let Some(status) = filter.status {
         let p = bind(Param::Text(status_name(status).to_owned()), &mut params);
         conditions.push(format!("c.status = {p}"));
+    }
+    if let Some(settlement) = filter.settlement {
+        let p = bind(Param::Text(settlement.name().to_owned()), &mut params);
+        conditions.push(format!("p.status = {p}"));
     }
     if let Some(sandbox) = filter.sandbox {
         let p = bind(Param::Bool(sandbox), &mut params);
@@ -120,7 +127,7 @@ pub(super) fn charges_query(filter: &ChargeFilter, dialect: &Dialect) -> (String
         format!("WHERE {}", conditions.join(" AND "))
     };
     let sql = format!(
-        "SELECT {CHARGE_COLUMNS} FROM charges c JOIN tokens t ON t.token_id = c.token_id \
+        "SELECT {CHARGE_COLUMNS} FROM {CHARGES_JOINED} \
          {conditions} ORDER BY c.created_at, c.charge_id{order} LIMIT {limit}"
     );
     (sql, params)

@@ -30,6 +30,7 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     migration!(5, "0005_charges"),
     migration!(6, "0006_refusals"),
     migration!(7, "0007_revocations"),
+    migration!(8, "0008_x402_payments"),
 ];
 
 #[cfg(test)]

@@ -308,6 +308,120 @@ impl Store {
     }
 }
 
+/// x402 payments and their settlement jobs.
+impl Store {
+    /// Records a payment when it is first reserved (again: nothing changes).
+    pub async fn record_x402_payment(&self, record: X402PaymentRecord) -> Result<(), StoreError> {
+        let amount = record.amount.micros_i64();
+        let valid_before = i64::try_from(record.valid_before).unwrap_or(i64::MAX);
+        let X402PaymentRecord { token_id, payer, network, payment, now, .. } = record;
+        match self {
+            Store::Sqlite(store) => {
+                let params = (token_id, payer, network, amount, valid_before, payment, now);
+                store.execute(sql::RECORD_X402_PAYMENT, params).await.map(drop)
+            }
+            Store::Postgres(store) => store
+                .execute(
+                    sql::RECORD_X402_PAYMENT,
+                    &[&token_id, &payer, &network, &amount, &valid_before, &payment, &now],
+                )
+                .await
+                .map(drop),
+        }
+    }
+
+    /// The settlements due at `now`, at most `limit`.
+    pub async fn due_settlements(
+        &self,
+        now: UnixMillis,
+        limit: usize,
+    ) -> Result<Vec<SettlementJob>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        match self {
+            Store::Sqlite(store) => {
+                // On the reader: the writer is the books' bottleneck, and due jobs are claimed
+                // there anyway.
+                store
+                    .read_all(sql::DUE_SETTLEMENTS, (now, limit), |row| sql::settlement_job(row))
+                    .await
+            }
+            Store::Postgres(store) => {
+                store.query(sql::DUE_SETTLEMENTS, &[&now, &limit], sql::settlement_job).await
+            }
+        }
+    }
+
+    /// Takes `job` until `until`: false when another worker took it first.
+    pub async fn claim_settlement(
+        &self,
+        job: &SettlementJob,
+        until: UnixMillis,
+    ) -> Result<bool, StoreError> {
+        let token_id = job.token_id.clone();
+        let changed = match self {
+            Store::Sqlite(store) => {
+                store.execute(sql::CLAIM_SETTLEMENT, (until, token_id, job.due_at)).await? == 1
+            }
+            Store::Postgres(store) => {
+                store.execute(sql::CLAIM_SETTLEMENT, &[&until, &token_id, &job.due_at]).await? == 1
+            }
+        };
+        Ok(changed)
+    }
+
+    pub async fn update_settlement(
+        &self,
+        token_id: String,
+        update: SettlementUpdate,
+        now: UnixMillis,
+    ) -> Result<(), StoreError> {
+        let SettlementUpdate { status, tx_hash, raw_tx, attempts, next_attempt_at, reason } =
+            update;
+        let status = status.name();
+        let attempts = i64::from(attempts);
+        match self {
+            Store::Sqlite(store) => {
+                let params =
+                    (status, tx_hash, raw_tx, attempts, next_attempt_at, reason, now, token_id);
+                store.execute(sql::UPDATE_SETTLEMENT, params).await.map(drop)
+            }
+            Store::Postgres(store) => store
+                .execute(
+                    sql::UPDATE_SETTLEMENT,
+                    &[
+                        &status,
+                        &tx_hash,
+                        &raw_tx,
+                        &attempts,
+                        &next_attempt_at,
+                        &reason,
+                        &now,
+                        &token_id,
+                    ],
+                )
+                .await
+                .map(drop),
+        }
+    }
+
+    /// Voids the pending payments valid before `valid_before` (Unix seconds) that no charge
+    /// held or committed; answers how many.
+    pub async fn void_unused_payments(
+        &self,
+        valid_before: u64,
+        now: UnixMillis,
+    ) -> Result<usize, StoreError> {
+        let valid_before = i64::try_from(valid_before).unwrap_or(i64::MAX);
+        match self {
+            Store::Sqlite(store) => store.execute(sql::VOID_PAYMENTS, (now, valid_before)).await,
+            Store::Postgres(store) => {
+                let changed = store.execute(sql::VOID_PAYMENTS, &[&now, &valid_before]).await?;
+                Ok(usize::try_from(changed).unwrap_or(usize::MAX))
+            }
+        }
+    }
+}
+
 impl Store {
     /// The journal: the charges `filter` selects, at most `filter.limit + 1` of them (one
     /// more than a page says that another follows).
@@ -435,6 +549,92 @@ pub struct ChargeRecord {
     pub settled_at: Option<UnixMillis>,
     /// Charged to the sandbox book (its token is a sandbox token).
     pub sandbox: bool,
+    /// Paid with an x402 payment: where its settlement is.
+    pub settlement: Option<PaymentSettlement>,
+}
+
+/// Where an x402 payment's settlement on chain is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SettlementStatus {
+    /// Not sent yet (or its charge not committed yet).
+    Pending,
+    /// A transaction was signed and sent; its receipt is awaited.
+    Submitted,
+    Settled,
+    /// It will never settle: `reason` says why.
+    Failed,
+    /// No call was charged for it, and none can be: nothing to settle.
+    Void,
+}
+
+impl SettlementStatus {
+    pub const ALL: [SettlementStatus; 5] = [
+        SettlementStatus::Pending,
+        SettlementStatus::Submitted,
+        SettlementStatus::Settled,
+        SettlementStatus::Failed,
+        SettlementStatus::Void,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SettlementStatus::Pending => "pending",
+            SettlementStatus::Submitted => "submitted",
+            SettlementStatus::Settled => "settled",
+            SettlementStatus::Failed => "failed",
+            SettlementStatus::Void => "void",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PaymentSettlement {
+    pub status: SettlementStatus,
+    /// The transaction's hash, once one was signed.
+    pub transaction: Option<String>,
+    /// Why it failed, or why its last attempt did not succeed.
+    pub reason: Option<String>,
+}
+
+/// An x402 payment, as the ledger records it when it is first reserved.
+#[derive(Clone, Debug)]
+pub struct X402PaymentRecord {
+    pub token_id: String,
+    pub payer: String,
+    pub network: String,
+    pub amount: Usdc,
+    /// Unix seconds.
+    pub valid_before: u64,
+    /// The presented credential (`x402v2 <header>`).
+    pub payment: String,
+    pub now: UnixMillis,
+}
+
+/// A settlement that is due: what its worker needs.
+#[derive(Clone, Debug)]
+pub struct SettlementJob {
+    pub token_id: String,
+    pub payment: String,
+    pub status: SettlementStatus,
+    pub tx_hash: Option<String>,
+    /// The signed transaction, sent again (never another) until it is mined.
+    pub raw_tx: Option<String>,
+    pub attempts: u32,
+    /// When it was due: the claim compares it.
+    pub due_at: UnixMillis,
+    /// Unix seconds.
+    pub valid_before: u64,
+}
+
+/// A settlement's new state.
+#[derive(Clone, Debug)]
+pub struct SettlementUpdate {
+    pub status: SettlementStatus,
+    pub tx_hash: Option<String>,
+    pub raw_tx: Option<String>,
+    pub attempts: u32,
+    pub next_attempt_at: UnixMillis,
+    pub reason: Option<String>,
 }
 
 /// A buyer as the admin API shows it.

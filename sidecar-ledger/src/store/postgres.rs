@@ -1057,6 +1057,26 @@ async fn execute(
     Ok(db.execute(&statement, params).await?)
 }
 
+/// One statement, outside any other work's transaction (x402 settlements).
+impl PostgresStore {
+    pub(super) async fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, StoreError> {
+        execute(&self.pool.get().await?, sql, params).await
+    }
+
+    pub(super) async fn query<T>(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        read: impl Fn(&Row) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        query(&self.pool.get().await?, sql, params).await?.iter().map(read).collect()
+    }
+}
+
 // The journal.
 
 const DIALECT: Dialect = Dialect { placeholder: |n| format!("${n}"), byte_order: " COLLATE \"C\"" };

@@ -11,8 +11,8 @@ use paystile_protocol::ledger_api::{ChargeStatus, TokenGrant};
 use paystile_protocol::pay_token::Scope;
 
 use super::{
-    ALL_SCOPES, ALL_STATUSES, ChargeRecord, StoreError, TokenRecord, UnixMillis, scope_name,
-    status_name,
+    ALL_SCOPES, ALL_STATUSES, ChargeRecord, PaymentSettlement, SettlementJob, SettlementStatus,
+    StoreError, TokenRecord, UnixMillis, scope_name, status_name,
 };
 use crate::rules::Account;
 
@@ -56,15 +56,24 @@ macro_rules! subtree {
 }
 pub(super) use subtree;
 
-/// The columns of a charge (`charges c JOIN tokens t`) [`charge_record`] reads, in order.
+/// The columns of a charge (from [`charges_joined`]) [`charge_record`] reads, in order.
 macro_rules! charge_columns {
     () => {
         "c.charge_id, c.token_id, t.buyer_id, c.service_id, c.held_micros, c.status, \
          c.idempotency_key, c.upstream_status, c.created_at, c.settled_at, c.committed_micros, \
-         t.sandbox"
+         t.sandbox, p.status, p.tx_hash, p.reason"
     };
 }
 pub(super) use charge_columns;
+
+/// A charge with its token, and its x402 payment's settlement if it was paid so.
+macro_rules! charges_joined {
+    () => {
+        "charges c JOIN tokens t ON t.token_id = c.token_id \
+         LEFT JOIN x402_payments p ON p.token_id = c.token_id"
+    };
+}
+pub(super) use charges_joined;
 
 /// A refusal's columns in `idempotency_keys`, in the order [`KeptRefusal`](super::KeptRefusal)
 /// reads and writes them.
@@ -137,11 +146,39 @@ pub(super) const INSERT_DEPOSIT: &str =
     "INSERT INTO deposits (deposit_id, buyer_id, amount_micros, reference, created_at)
      VALUES ($1, $2, $3, $4, $5)";
 
-pub(super) const SELECT_CHARGE: &str = concat!(
-    "SELECT ",
-    charge_columns!(),
-    " FROM charges c JOIN tokens t ON t.token_id = c.token_id WHERE c.charge_id = $1"
-);
+pub(super) const SELECT_CHARGE: &str =
+    concat!("SELECT ", charge_columns!(), " FROM ", charges_joined!(), " WHERE c.charge_id = $1");
+
+/// An x402 payment, recorded when it is first reserved; again, nothing changes.
+pub(super) const RECORD_X402_PAYMENT: &str = "INSERT INTO x402_payments
+         (token_id, payer, network, amount_micros, valid_before, payment, status,
+          next_attempt_at, created_at, updated_at)
+     VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $7, $7)
+     ON CONFLICT (token_id) DO NOTHING";
+/// The settlements due at `$1` (as [`settlement_job`] reads them), oldest first, at most
+/// `$2`: those of payments a committed charge was paid with.
+pub(super) const DUE_SETTLEMENTS: &str = "SELECT p.token_id, p.payment, p.status, p.tx_hash,
+         p.raw_tx, p.attempts, p.next_attempt_at, p.valid_before
+     FROM x402_payments p
+     WHERE (p.status = 'pending' OR p.status = 'submitted') AND p.next_attempt_at <= $1
+       AND EXISTS (SELECT 1 FROM charges c WHERE c.token_id = p.token_id AND c.status = 'committed')
+     ORDER BY p.next_attempt_at LIMIT $2";
+/// Takes the settlement of `$2`, seen due at `$3`, until `$1`: another worker (a ledger on
+/// the same database) that saw it due too finds it changed, and leaves it.
+pub(super) const CLAIM_SETTLEMENT: &str = "UPDATE x402_payments SET next_attempt_at = $1
+     WHERE token_id = $2 AND next_attempt_at = $3 AND (status = 'pending' OR status = 'submitted')";
+/// The settlement of `$8` is now as the other parameters say.
+pub(super) const UPDATE_SETTLEMENT: &str = "UPDATE x402_payments
+     SET status = $1, tx_hash = $2, raw_tx = $3, attempts = $4, next_attempt_at = $5,
+         reason = $6, updated_at = $7
+     WHERE token_id = $8";
+/// Payments valid before `$2` (Unix seconds) that no charge held or committed: no call was
+/// charged for them and none can be now. `$1`: now.
+pub(super) const VOID_PAYMENTS: &str = "UPDATE x402_payments SET status = 'void', updated_at = $1
+     WHERE status = 'pending' AND valid_before < $2
+       AND NOT EXISTS (SELECT 1 FROM charges c
+                       WHERE c.token_id = x402_payments.token_id AND c.status <> 'released')";
+
 pub(super) const CHARGE_BUYER: &str = "SELECT t.buyer_id FROM charges c
      JOIN tokens t ON t.token_id = c.token_id WHERE c.charge_id = $1";
 /// A hold placed by a reserve: `$5` its Idempotency-Key, if any.
@@ -344,6 +381,35 @@ pub(super) fn charge_record(row: &impl Columns) -> Result<ChargeRecord, StoreErr
         created_at: row.int(8)?,
         settled_at: row.opt_int(9)?,
         sandbox: row.flag(11)?,
+        settlement: match row.opt_text(12)? {
+            None => None,
+            Some(status) => Some(PaymentSettlement {
+                status: settlement_status(&status)?,
+                transaction: row.opt_text(13)?,
+                reason: row.opt_text(14)?,
+            }),
+        },
+    })
+}
+
+fn settlement_status(name: &str) -> Result<SettlementStatus, StoreError> {
+    SettlementStatus::ALL
+        .into_iter()
+        .find(|status| status.name() == name)
+        .ok_or_else(|| corrupt("settlement status", name))
+}
+
+/// A settlement as [`DUE_SETTLEMENTS`] selects it.
+pub(super) fn settlement_job(row: &impl Columns) -> Result<SettlementJob, StoreError> {
+    Ok(SettlementJob {
+        token_id: row.text(0)?,
+        payment: row.text(1)?,
+        status: settlement_status(&row.text(2)?)?,
+        tx_hash: row.opt_text(3)?,
+        raw_tx: row.opt_text(4)?,
+        attempts: u32::try_from(row.int(5)?).unwrap_or(u32::MAX),
+        due_at: row.int(6)?,
+        valid_before: u64::try_from(row.int(7)?).unwrap_or(0),
     })
 }
 
@@ -394,6 +460,12 @@ mod tests {
             KEY_REPLAYED,
             PURGE_IDEMPOTENCY_KEYS,
             INSERT_REFUSAL,
+            PRUNE_FEED,
+            RECORD_X402_PAYMENT,
+            DUE_SETTLEMENTS,
+            CLAIM_SETTLEMENT,
+            UPDATE_SETTLEMENT,
+            VOID_PAYMENTS,
         ] {
             let statement = conn.prepare(sql).unwrap();
             for index in 1..=statement.parameter_count() {

@@ -958,6 +958,30 @@ fn query_all<T>(
     Ok(all)
 }
 
+/// One statement (x402 settlements): a write runs in the writer's next transaction.
+impl SqliteStore {
+    pub(super) async fn execute<P>(&self, sql: &'static str, params: P) -> Result<usize, StoreError>
+    where
+        P: Params + Send + 'static,
+    {
+        self.run(move |conn| execute(conn, sql, params)).await
+    }
+
+    /// Reads with one statement, on the read-only connection.
+    pub(super) async fn read_all<T, P>(
+        &self,
+        sql: &'static str,
+        params: P,
+        read: impl Fn(&Row<'_>) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<Vec<T>, StoreError>
+    where
+        T: Send + 'static,
+        P: Params + Send + 'static,
+    {
+        self.read(move |conn| query_all(conn, sql, params, read)).await
+    }
+}
+
 // The journal.
 
 const DIALECT: Dialect = Dialect { placeholder: |n| format!("?{n}"), byte_order: "" };
@@ -1111,7 +1135,7 @@ mod tests {
         // old holds are on no account.
         let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0)).unwrap();
         assert_eq!(version, i64::try_from(MIGRATIONS.len()).unwrap());
-        assert_eq!(MIGRATIONS.len(), 7);
+        assert_eq!(MIGRATIONS.len(), 8);
         let token = conn
             .query_row("SELECT parent_id, sandbox FROM tokens WHERE token_id = 'tok'", [], |row| {
                 Ok((row.get::<_, Option<String>>(0)?, row.get::<_, bool>(1)?))

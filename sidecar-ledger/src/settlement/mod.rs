@@ -1,0 +1,312 @@
+//! x402 settlement: each payment whose call was charged is transferred on chain, by a
+//! durable job in the books (`x402_payments`). A job is taken by one worker at a time (a
+//! lease, so that ledgers sharing a database never run one twice), retried with backoff
+//! while the chain or the facilitator cannot be reached, and ends `settled` or `failed`
+//! with the reason, which the journal shows on the charge.
+//!
+//! `direct` signs one transaction per payment and keeps it before sending it: a retry sends
+//! the same transaction again, never a second one.
+
+mod direct;
+mod facilitator;
+
+use std::time::Duration;
+
+use paystile_protocol::credential::{self, Credential};
+use paystile_protocol::x402::{B256, Offer, Payment};
+
+use crate::domain::UnixMillis;
+use crate::ledger::now_millis;
+use crate::settings::{SettlementSettings, X402Settings};
+use crate::store::{SettlementJob, SettlementStatus, SettlementUpdate, Store, StoreError};
+use direct::{Direct, Mined};
+use facilitator::{Facilitator, Settled};
+
+/// Settlements taken per round.
+const PER_ROUND: usize = 16;
+/// How long a worker holds a job it took: longer than any attempt takes.
+const LEASE: Duration = Duration::from_secs(120);
+/// The longest wait between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// How long after its authorization expired a sent transaction is still waited for: a
+/// transaction mined later would have reverted.
+const MINING_GRACE_SECONDS: u64 = 600;
+
+/// Why an attempt did not settle.
+#[derive(Debug)]
+pub enum Trouble {
+    /// It may succeed later (no answer, a node or facilitator in trouble).
+    Retry(String),
+    /// It never will (the transfer reverts, the facilitator refuses): the reason.
+    Final(String),
+}
+
+enum Backend {
+    Direct(Direct),
+    Facilitator(Facilitator),
+}
+
+pub struct Settlements {
+    store: Store,
+    backend: Backend,
+}
+
+impl Settlements {
+    pub async fn new(store: Store, x402: &X402Settings) -> anyhow::Result<Settlements> {
+        let backend = match &x402.settlement {
+            SettlementSettings::Direct { rpc_url, settler_key } => {
+                let direct = Direct::new(rpc_url, settler_key, &x402.offer)?;
+                check_chain(&direct, &x402.offer).await?;
+                tracing::info!(settler = %direct.settler(), %rpc_url, "x402 settlement: direct");
+                Backend::Direct(direct)
+            }
+            SettlementSettings::Facilitator { url } => {
+                tracing::info!(%url, "x402 settlement: facilitator");
+                Backend::Facilitator(Facilitator::new(url, &x402.offer)?)
+            }
+        };
+        Ok(Settlements { store, backend })
+    }
+
+    /// Runs rounds every `every`, for as long as the ledger runs.
+    pub async fn run(self, every: Duration) {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            if let Err(e) = self.round().await {
+                tracing::error!(error = %e, "x402 settlement round failed");
+            }
+        }
+    }
+
+    /// Attempts the settlements that are due, and voids the payments nobody was charged
+    /// for; answers how many settlements were attempted.
+    pub async fn round(&self) -> Result<usize, StoreError> {
+        let now = now_millis();
+        let valid_until = u64::try_from(now / 1000).unwrap_or(0);
+        let voided = self.store.void_unused_payments(valid_until, now).await?;
+        if voided > 0 {
+            tracing::debug!(voided, "x402 payments no call was charged for are void");
+        }
+        let mut jobs = self.store.due_settlements(now, PER_ROUND).await?;
+        tracing::trace!(due = jobs.len(), "x402 settlements due");
+        // Sent transactions first: one signed now must not take the nonce of one sent before.
+        jobs.sort_by_key(|job| job.status != SettlementStatus::Submitted);
+        let mut attempted = 0;
+        for job in jobs {
+            if !self.store.claim_settlement(&job, now.saturating_add(millis(LEASE))).await? {
+                continue;
+            }
+            attempted += 1;
+            let update = self.attempt(&job).await?;
+            match update.status {
+                SettlementStatus::Settled => tracing::info!(
+                    token_id = %job.token_id, transaction = ?update.tx_hash, "x402 payment settled"
+                ),
+                SettlementStatus::Failed => tracing::warn!(
+                    token_id = %job.token_id, reason = ?update.reason, "x402 payment will not settle"
+                ),
+                _ => tracing::debug!(
+                    token_id = %job.token_id, reason = ?update.reason, "x402 settlement retried later"
+                ),
+            }
+            self.store.update_settlement(job.token_id.clone(), update, now_millis()).await?;
+        }
+        Ok(attempted)
+    }
+
+    /// One attempt at `job`: its new state.
+    async fn attempt(&self, job: &SettlementJob) -> Result<SettlementUpdate, StoreError> {
+        let attempts = job.attempts.saturating_add(1);
+        let now = now_millis();
+        let failed = |reason: String, tx_hash: Option<String>| SettlementUpdate {
+            status: SettlementStatus::Failed,
+            tx_hash,
+            raw_tx: None,
+            attempts,
+            next_attempt_at: now,
+            reason: Some(reason),
+        };
+        let Some((header, payment)) = read_payment(&job.payment) else {
+            return Ok(failed("the recorded payment cannot be read".into(), None));
+        };
+        let now_seconds = u64::try_from(now / 1000).unwrap_or(0);
+        let expired = now_seconds >= job.valid_before;
+        match (&self.backend, job.status) {
+            (_, SettlementStatus::Pending) if expired => Ok(failed(
+                "the authorization expired (validBefore) before its charge was settled".into(),
+                None,
+            )),
+            (Backend::Direct(direct), SettlementStatus::Pending) => {
+                let signed = match direct.sign(&payment).await {
+                    Ok(signed) => signed,
+                    Err(trouble) => return Ok(self.after(job, trouble, None, None)),
+                };
+                let tx_hash = Some(signed.hash.to_string());
+                let raw_tx = Some(hex::encode(&signed.raw));
+                // Kept before it is sent: whatever happens next, it is this one that is sent.
+                let submitted = SettlementUpdate {
+                    status: SettlementStatus::Submitted,
+                    tx_hash: tx_hash.clone(),
+                    raw_tx: raw_tx.clone(),
+                    attempts,
+                    next_attempt_at: now.saturating_add(millis(LEASE)),
+                    reason: None,
+                };
+                self.store.update_settlement(job.token_id.clone(), submitted, now).await?;
+                if let Err(trouble) = direct.send(&signed.raw).await {
+                    tracing::debug!(?trouble, "sending the settlement");
+                }
+                Ok(self.mined(direct, job, &payment, signed.hash, &signed.raw, attempts).await)
+            }
+            (Backend::Direct(direct), _) => {
+                let hash = job.tx_hash.as_deref().and_then(|h| h.parse::<B256>().ok());
+                let raw = job.raw_tx.as_deref().and_then(|r| hex::decode(r).ok());
+                let (Some(hash), Some(raw)) = (hash, raw) else {
+                    return Ok(failed("the recorded transaction cannot be read".into(), None));
+                };
+                Ok(self.mined(direct, job, &payment, hash, &raw, attempts).await)
+            }
+            (Backend::Facilitator(facilitator), _) => {
+                match facilitator.settle(header.as_bytes(), &payment).await {
+                    Ok(Settled::Confirmed(tx)) => Ok(settled(tx, attempts, now)),
+                    Ok(Settled::Pending(tx)) => Ok(SettlementUpdate {
+                        status: SettlementStatus::Submitted,
+                        tx_hash: Some(tx),
+                        raw_tx: None,
+                        attempts,
+                        next_attempt_at: now.saturating_add(backoff(attempts)),
+                        reason: Some("settlement_pending".into()),
+                    }),
+                    Err(trouble) => Ok(self.after(job, trouble, job.tx_hash.clone(), None)),
+                }
+            }
+        }
+    }
+
+    /// A sent transaction's fate: settled, failed, or sent again and looked at later.
+    async fn mined(
+        &self,
+        direct: &Direct,
+        job: &SettlementJob,
+        payment: &Payment,
+        hash: B256,
+        raw: &[u8],
+        attempts: u32,
+    ) -> SettlementUpdate {
+        let now = now_millis();
+        let tx_hash = Some(hash.to_string());
+        match direct.mined(hash, payment).await {
+            Ok(Mined::Transferred) => settled(hash.to_string(), attempts, now),
+            Ok(Mined::Reverted(reason)) => SettlementUpdate {
+                status: SettlementStatus::Failed,
+                tx_hash,
+                raw_tx: None,
+                attempts,
+                next_attempt_at: now,
+                reason: Some(reason),
+            },
+            Ok(Mined::NotYet) => {
+                let lost = u64::try_from(now / 1000).unwrap_or(0)
+                    > job.valid_before.saturating_add(MINING_GRACE_SECONDS);
+                if lost {
+                    let reason = "the transaction was not mined before the authorization expired";
+                    return self.after(job, Trouble::Final(reason.into()), tx_hash, None);
+                }
+                // Sent again: the node may have lost it. The same bytes, the same hash.
+                if let Err(trouble) = direct.send(raw).await {
+                    tracing::debug!(?trouble, "sending the settlement again");
+                }
+                let waiting = Trouble::Retry("waiting for the transaction to be mined".into());
+                self.after(job, waiting, tx_hash, Some(hex::encode(raw)))
+            }
+            Err(trouble) => self.after(job, trouble, tx_hash, Some(hex::encode(raw))),
+        }
+    }
+
+    /// The state after an attempt that did not settle: retried later (in the state it was
+    /// in, with its transaction if one was sent), or failed.
+    fn after(
+        &self,
+        job: &SettlementJob,
+        trouble: Trouble,
+        tx_hash: Option<String>,
+        raw_tx: Option<String>,
+    ) -> SettlementUpdate {
+        let attempts = job.attempts.saturating_add(1);
+        let now = now_millis();
+        match trouble {
+            Trouble::Final(reason) => SettlementUpdate {
+                status: SettlementStatus::Failed,
+                tx_hash,
+                raw_tx: None,
+                attempts,
+                next_attempt_at: now,
+                reason: Some(reason),
+            },
+            Trouble::Retry(reason) => SettlementUpdate {
+                status: if tx_hash.is_some() {
+                    SettlementStatus::Submitted
+                } else {
+                    SettlementStatus::Pending
+                },
+                tx_hash,
+                raw_tx,
+                attempts,
+                next_attempt_at: now.saturating_add(backoff(attempts)),
+                reason: Some(reason),
+            },
+        }
+    }
+}
+
+fn settled(tx_hash: String, attempts: u32, now: UnixMillis) -> SettlementUpdate {
+    SettlementUpdate {
+        status: SettlementStatus::Settled,
+        tx_hash: Some(tx_hash),
+        raw_tx: None,
+        attempts,
+        next_attempt_at: now,
+        reason: None,
+    }
+}
+
+/// The payment a job settles, from the credential its gateway presented: the header's
+/// value, and the payment it reads as.
+fn read_payment(presented: &str) -> Option<(String, Payment)> {
+    match credential::parse_authorization(presented.as_bytes()) {
+        Ok(Some(Credential::X402 { version, payment })) => {
+            let decoded = Payment::decode(payment, version).ok()?;
+            Some((String::from_utf8_lossy(payment).into_owned(), decoded))
+        }
+        _ => None,
+    }
+}
+
+/// Half a second, doubled with each attempt, at most [`MAX_BACKOFF`].
+fn backoff(attempts: u32) -> i64 {
+    let wait = Duration::from_millis(500).saturating_mul(1 << attempts.min(16));
+    millis(wait.min(MAX_BACKOFF))
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Refuses an RPC URL that serves another chain than the offer's: every settlement would
+/// fail (or, worse, go to a token of the same address elsewhere). One that cannot be
+/// reached yet is waited for.
+async fn check_chain(direct: &Direct, offer: &Offer) -> anyhow::Result<()> {
+    match direct.chain_id().await {
+        Ok(id) if id == offer.chain_id => Ok(()),
+        Ok(id) => anyhow::bail!(
+            "x402_rpc_url serves chain {id}, and x402_network is chain {}",
+            offer.chain_id
+        ),
+        Err(trouble) => {
+            tracing::warn!(?trouble, "cannot reach x402_rpc_url yet; settlements wait for it");
+            Ok(())
+        }
+    }
+}
