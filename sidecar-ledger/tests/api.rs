@@ -1549,7 +1549,7 @@ mod journal {
         let (_, _, csv) = ledger.get("/v1/charges.csv?sandbox=true", None).await;
         let row = csv.split_terminator("\r\n").nth(1).unwrap();
         assert!(row.starts_with(&format!("{played},tok_s,buyer-1,weather,2.000000,2.000000,")));
-        assert!(row.ends_with(",true"), "{row}");
+        assert!(row.ends_with(",true,,,"), "{row}");
         let (_, _, csv) = ledger.get("/v1/charges.csv?sandbox=false", None).await;
         let row = csv.split_terminator("\r\n").nth(1).unwrap();
         assert!(row.starts_with(&format!("{partial},tok_p,dana,weather,0.400000,1.000000,")));
@@ -1833,16 +1833,16 @@ mod journal {
             lines,
             [
                 "chargeId,tokenId,buyerId,serviceId,amountUsdc,heldUsdc,status,upstreamStatus,\
-                 idempotencyKey,createdAt,settledAt,sandbox"
+                 idempotencyKey,createdAt,settledAt,sandbox,settlement,transaction,settlementReason"
                     .to_owned(),
                 format!(
                     "{plain},tok_csv,\"buyer,\"\"quoted\"\"\",weather,0.500000,0.500000,committed,200,,\
-                     {},{},false",
+                     {},{},false,,,",
                     page.charges[0].created_at,
                     page.charges[0].settled_at.as_deref().unwrap()
                 ),
                 format!(
-                    "{keyed},tok_csv2,buyer-1,weather,0.000001,0.000001,held,,\"k,\"\"1\"\"\",{},,false",
+                    "{keyed},tok_csv2,buyer-1,weather,0.000001,0.000001,held,,\"k,\"\"1\"\"\",{},,false,,,",
                     page.charges[1].created_at
                 ),
             ]
@@ -1945,7 +1945,7 @@ mod journal {
         let row = csv.split_terminator("\r\n").nth(1).unwrap();
         let expected = format!(
             "{id},'-tok,'@buyer,'+svc,0.100000,0.100000,held,,\
-             \"'=HYPERLINK(\"\"http://127.0.0.1/\"\",\"\"x\"\")\",{},,false",
+             \"'=HYPERLINK(\"\"http://127.0.0.1/\"\",\"\"x\"\")\",{},,false,,,",
             charge.created_at
         );
         assert_eq!(row, expected);

@@ -31,6 +31,9 @@ pub const PAYEE: &str = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC";
 /// The fourth: a settler, which submits a payer's authorization, and its key.
 pub const SETTLER: &str = "0x90F79bf6EB2c4f870365E785982E1f101E93b906";
 pub const SETTLER_KEY: &str = "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6";
+/// The fifth: the facilitator's settler, and its key.
+pub const FACILITATOR_KEY: &str =
+    "0x47e179ec197488593b187f80a00eb0da91f1b9d0b13f8733639f19c30a34926a";
 /// What the sandbox mints to the payer: 100 USDC.
 pub const PAYER_FUNDS: u64 = 100_000_000;
 
@@ -65,26 +68,76 @@ impl X402Sandbox {
         })
     }
 
-    /// `paystile-ledger serve` flags that take and settle the same offer.
+    /// `paystile-ledger serve` flags that take and settle the same offer, directly.
     pub fn ledger_args(&self) -> Vec<String> {
+        self.ledger_args_settling(&[
+            ("--x402-settlement", "direct"),
+            ("--x402-rpc-url", self.anvil.url()),
+            ("--x402-settler-key", SETTLER_KEY),
+        ])
+    }
+
+    /// The same offer, settled by the facilitator at `url`.
+    pub fn ledger_args_with_facilitator(&self, url: &str) -> Vec<String> {
+        self.ledger_args_settling(&[
+            ("--x402-settlement", "facilitator"),
+            ("--x402-facilitator-url", url),
+        ])
+    }
+
+    fn ledger_args_settling(&self, settlement: &[(&str, &str)]) -> Vec<String> {
+        let settlement = settlement.iter().map(|(flag, value)| (*flag, (*value).to_owned()));
         [
             ("--x402-network", self.network().to_owned()),
             ("--x402-pay-to", PAYEE.to_owned()),
             ("--x402-asset", self.token.to_checksum(None)),
             ("--x402-asset-name", "USD Coin".to_owned()),
             ("--x402-asset-version", "2".to_owned()),
-            ("--x402-settlement", "direct".to_owned()),
-            ("--x402-rpc-url", self.anvil.url().to_owned()),
-            ("--x402-settler-key", SETTLER_KEY.to_owned()),
         ]
         .into_iter()
+        .chain(settlement)
         .flat_map(|(flag, value)| [flag.to_owned(), value])
         .collect()
     }
 
+    /// The x402 Python package's facilitator (`interop/x402_facilitator.py`), settling on
+    /// this sandbox's anvil with [`FACILITATOR_KEY`].
+    pub fn start_facilitator(&self) -> anyhow::Result<Facilitator> {
+        let script = paths::interop_dir().join("x402_facilitator.py");
+        let mut child = Command::new(paths::python())
+            .arg(&script)
+            .args(["--key", FACILITATOR_KEY, "--rpc-url", self.anvil.url()])
+            .args(["--network", self.network()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot run {} (run scripts/setup)", script.display()))?;
+        let stdout = child.stdout.take().context("the facilitator has no stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let Some(url) = line.trim().strip_prefix("listening on ") else {
+            let _ = child.kill();
+            bail!("the facilitator did not start: {line:?}");
+        };
+        Ok(Facilitator { url: url.to_owned(), child })
+    }
     /// `who`'s sandbox USDC, in micro-USDC.
     pub async fn balance(&self, who: &str) -> anyhow::Result<U256> {
         self.anvil.balance(self.token, who.parse()?).await
+    }
+}
+
+/// A running facilitator, killed when dropped.
+pub struct Facilitator {
+    pub url: String,
+    child: Child,
+}
+
+impl Drop for Facilitator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

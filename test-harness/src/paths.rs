@@ -94,10 +94,22 @@ pub fn node() -> PathBuf {
     from_env("PAYSTILE_NODE").unwrap_or_else(|| PathBuf::from("node"))
 }
 
-/// anvil, the local EVM node of the x402 sandbox: `$PAYSTILE_ANVIL`, else the one npm
-/// installed with the interop packages (scripts/setup).
+/// anvil, the local EVM node of the x402 sandbox: `$PAYSTILE_ANVIL`, else the binary npm
+/// installed with the interop packages (scripts/setup), from the platform's package
+/// (`@foundry-rs/anvil-<os>-<arch>`). Not `.bin/anvil`: that is a Node.js launcher, and
+/// killing it would leave the node it started running.
 pub fn anvil() -> PathBuf {
-    from_env("PAYSTILE_ANVIL").unwrap_or_else(|| interop_dir().join("node_modules/.bin/anvil"))
+    from_env("PAYSTILE_ANVIL").unwrap_or_else(|| {
+        let packages = interop_dir().join("node_modules/@foundry-rs");
+        std::fs::read_dir(&packages)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|entry| entry.file_name().to_string_lossy().starts_with("anvil-"))
+            .map(|entry| entry.path().join("bin/anvil"))
+            .find(|binary| binary.is_file())
+            .unwrap_or_else(|| interop_dir().join("node_modules/.bin/anvil"))
+    })
 }
 
 /// The interop helper scripts, with their npm packages in `node_modules` (scripts/setup).

@@ -20,7 +20,10 @@ use serde_json::{Value, json};
 const SETTLE_DEADLINE: Duration = Duration::from_secs(20);
 
 async fn stack(sandbox: &X402Sandbox) -> TestStack {
-    let args = sandbox.ledger_args();
+    stack_settling(sandbox, sandbox.ledger_args()).await
+}
+
+async fn stack_settling(sandbox: &X402Sandbox, args: Vec<String>) -> TestStack {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     TestStack::start_with(json!({"x402": sandbox.filter_config()}), &args).await.unwrap()
 }
@@ -235,4 +238,34 @@ async fn payments_off_the_offer_are_refused_with_402_and_never_reach_the_upstrea
         assert!(answer.header("payment-required").is_some());
     }
     assert!(stack.stack.upstream.seen().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_facilitator_settles_for_a_ledger_without_a_key_and_its_refusals_are_kept() {
+    let sandbox = X402Sandbox::start().await.unwrap();
+    let facilitator = sandbox.start_facilitator().unwrap();
+    let stack =
+        stack_settling(&sandbox, sandbox.ledger_args_with_facilitator(&facilitator.url)).await;
+    let price = stack.forecast_price().micros();
+    let payment = sign(&sandbox, &payer_key(), price);
+    let served =
+        stack.get("/v1/forecast/oslo", None, &[("payment-signature", &payment)]).await.unwrap();
+    assert_eq!(served.status, 200, "{}", served.text);
+    let charge = settled(&stack, served.header("x-charge-id").unwrap()).await;
+    let settlement = charge.settlement.unwrap();
+    assert_eq!(settlement.status, "settled", "{settlement:?}");
+    assert!(settlement.transaction.unwrap().starts_with("0x"));
+    assert_eq!(sandbox.balance(PAYEE).await.unwrap(), U256::from(price));
+
+    // A payer with nothing: the facilitator refuses, and the charge says why.
+    let broke = SigningKey::from_slice(&rand::random::<[u8; 32]>()).unwrap();
+    let payment = sign(&sandbox, &broke, price);
+    let served =
+        stack.get("/v1/forecast/oslo", None, &[("payment-signature", &payment)]).await.unwrap();
+    assert_eq!(served.status, 200, "{}", served.text);
+    let charge = settled(&stack, served.header("x-charge-id").unwrap()).await;
+    let settlement = charge.settlement.unwrap();
+    assert_eq!(settlement.status, "failed", "{settlement:?}");
+    assert!(settlement.reason.unwrap().contains("the facilitator refused"));
+    assert_eq!(sandbox.balance(PAYEE).await.unwrap(), U256::from(price));
 }

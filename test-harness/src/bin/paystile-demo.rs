@@ -1,10 +1,13 @@
 //! `scripts/demo`: the paystile demo stack on the default ports, with a paid `curl` to paste.
 //!
 //! Uses `PAYSTILE_ADMIN_KEY`, `PAYSTILE_TOKEN_SECRET` and `PAYSTILE_L402_SECRET` when set, and
-//! makes up (and prints) dev values when not. L402 invoices come from the ledger's sandbox. State (the ledger's database, configs, logs) goes to `.paystile/demo`.
+//! makes up (and prints) dev values when not. L402 invoices come from the ledger's sandbox;
+//! x402 payments settle on a local anvil with the sandbox USDC, whose demo wallet is funded.
+//! State (the ledger's database, configs, logs) goes to `.paystile/demo`.
 
 use std::process::ExitCode;
 
+use paystile_harness::chain::{PAYER, PAYER_FUNDS, PAYER_KEY, X402Sandbox};
 use paystile_harness::paths;
 use paystile_harness::stack::{
     HttpFilter, Ports, Secrets, Stack, StackOptions, new_token_key, random_key,
@@ -44,13 +47,14 @@ async fn run() -> anyhow::Result<()> {
         .unwrap_or_else(|| new_token_key("demo-1"));
     let secrets =
         Secrets { admin_key, token_key, token_secret, l402_secret, gateway_key: random_key("gw") };
+    let x402 = X402Sandbox::start().await?;
     let mut stack = Stack::start(StackOptions {
         ports: Ports::DEFAULT,
         secrets,
         dir: dir.clone(),
-        filter: serde_json::json!({}),
+        filter: serde_json::json!({"x402": x402.filter_config()}),
         http_filter: HttpFilter::Paystile,
-        ledger_args: Vec::new(),
+        ledger_args: x402.ledger_args(),
         envoy_workers: 2,
         verbose_logs: false,
         upstream: UpstreamMode::Echo,
@@ -85,6 +89,11 @@ async fn run() -> anyhow::Result<()> {
     );
     println!("  ledger    {}   sidecar ledger on SQLite", stack.ledger.url());
     println!("  upstream  http://{}   demo API, echoes what reached it", stack.upstream.address());
+    println!(
+        "  chain     {}   anvil (chain 31337), sandbox USDC at {}",
+        x402.anvil.url(),
+        x402.token.to_checksum(None)
+    );
     println!();
     println!("  PAYSTILE_ADMIN_KEY={}{}", stack.secrets.admin_key, made_up(made_up_admin));
     println!(
@@ -130,6 +139,21 @@ async fn run() -> anyhow::Result<()> {
     println!("     {ledger_cli} sandbox-pay I");
     println!("  3. call with the credential:");
     println!("     curl -i -H 'Authorization: L402 M:P' {url}");
+    println!();
+    println!(
+        "Or pay with x402: a signed USDC transfer, settled on the local chain. The demo wallet"
+    );
+    println!(
+        "{PAYER} holds {} sandbox USDC; the x402 Python package pays the call with it:",
+        paystile_protocol::Usdc::from_micros(PAYER_FUNDS).unwrap_or_default()
+    );
+    println!(
+        "  .venv/bin/python test-harness/interop/x402_fetch.py --key {PAYER_KEY} --allow {}:{} {url}",
+        x402.network(),
+        x402.token.to_checksum(None)
+    );
+    println!("The ledger settles it on chain once the call is answered; see the transfer with:");
+    println!("  {ledger_cli} charge <chargeId from the answer>");
     println!();
     println!("The filter's counters (paid, refused by code, settlements queued and delivered):");
     println!("  curl -s 'http://{}/stats?filter=wasmcustom'", stack.envoy.admin());
