@@ -52,6 +52,31 @@ pub async fn wrk(load: Load, url: &str, headers: &[String]) -> anyhow::Result<Wr
     parse_wrk(&text).with_context(|| format!("cannot read wrk's report:\n{text}"))
 }
 
+/// Runs `wrk --latency` against `url` with the Lua `script` making each request.
+pub async fn wrk_script(
+    load: Load,
+    url: &str,
+    script: &std::path::Path,
+) -> anyhow::Result<WrkReport> {
+    let output = tokio::process::Command::new("wrk")
+        .arg(format!("-t{}", load.threads))
+        .arg(format!("-c{}", load.connections))
+        .arg(format!("-d{}s", load.duration.as_secs().max(1)))
+        .arg("--latency")
+        .arg("-s")
+        .arg(script)
+        .arg(url)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .context("cannot run wrk (bench/run installs it: apt-get install -y wrk)")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!("wrk failed ({}): {text}{}", output.status, String::from_utf8_lossy(&output.stderr));
+    }
+    parse_wrk(&text).with_context(|| format!("cannot read wrk's report:\n{text}"))
+}
+
 /// Reads wrk's text report (with `--latency`).
 pub fn parse_wrk(text: &str) -> anyhow::Result<WrkReport> {
     let mut requests = None;

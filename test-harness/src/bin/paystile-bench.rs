@@ -20,11 +20,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use paystile_harness::bench::{self, Counted, Cpu, Expect, Load, Row};
+use paystile_harness::chain::{PAYER_KEY, X402Sandbox};
 use paystile_harness::e2e;
 use paystile_harness::paths;
 use paystile_harness::stack::{HttpFilter, Ports, Secrets, Stack, StackOptions};
 use paystile_harness::upstream::{FIXED_BODY, UpstreamMode};
 use paystile_protocol::ledger_api::{self, IssueTokenRequest};
+use paystile_protocol::x402;
 use serde_json::{Value, json};
 
 /// The Pay Token's cap and the L402 credential's budget: far more than any run spends.
@@ -59,10 +61,15 @@ enum Config {
     Challenge,
     /// 402s with L402 off: the gateway's own 402 path, without an invoice to mint.
     ChallengePayTokenOnly,
+    /// 402s with x402 offered beside L402 and Pay Tokens.
+    ChallengeX402,
+    /// Paid x402 calls: each with a payment of its own (one pays one call), reserved at the
+    /// ledger, which verifies its signature and settles it on a local anvil.
+    X402,
 }
 
 impl Config {
-    const ALL: [Config; 11] = [
+    const ALL: [Config; 13] = [
         Config::Bare,
         Config::WasmFloor,
         Config::JwtAuthn,
@@ -74,6 +81,8 @@ impl Config {
         Config::PayTokenEachReserved,
         Config::Challenge,
         Config::ChallengePayTokenOnly,
+        Config::ChallengeX402,
+        Config::X402,
     ];
 
     /// The name that selects the row on the command line.
@@ -90,6 +99,8 @@ impl Config {
             Config::PayTokenEachReserved => "pay_token_reserved",
             Config::Challenge => "challenge",
             Config::ChallengePayTokenOnly => "challenge_pay_token",
+            Config::ChallengeX402 => "challenge_x402",
+            Config::X402 => "x402",
         }
     }
 
@@ -106,6 +117,8 @@ impl Config {
             Config::PayTokenEachReserved => "paystile, paid Pay Token, each call reserved",
             Config::Challenge => "paystile, 402 challenge",
             Config::ChallengePayTokenOnly => "paystile, 402, Pay Tokens only (no L402)",
+            Config::ChallengeX402 => "paystile, 402 challenge, x402 offered too",
+            Config::X402 => "paystile, paid x402, a payment per call",
         }
     }
 
@@ -118,8 +131,9 @@ impl Config {
         })
     }
 
-    /// The filter's configuration beside the demo's.
-    fn filter_config(self, settings: &Settings) -> Value {
+    /// The filter's configuration beside the demo's; `x402` is the x402 sandbox's offer, for
+    /// the rows that take x402.
+    fn filter_config(self, settings: &Settings, x402: Option<Value>) -> Value {
         // A merge patch: null leaves the default, and removes the demo's l402 section.
         let prefetch_holds = match self {
             Config::PayTokenPrefetch | Config::L402Prefetch => json!(settings.prefetch_holds),
@@ -130,12 +144,18 @@ impl Config {
             Config::ChallengePayTokenOnly => Value::Null,
             _ => json!({"budget_usdc": BUDGET_USDC}),
         };
-        json!({"l402": l402, "ledger": {"prefetch_holds": prefetch_holds}})
+        json!({
+            "l402": l402,
+            "ledger": {"prefetch_holds": prefetch_holds},
+            "x402": x402.unwrap_or(Value::Null),
+        })
     }
 
     fn expect(self) -> Expect {
         match self {
-            Config::Challenge | Config::ChallengePayTokenOnly => Expect::PaymentRequired,
+            Config::Challenge | Config::ChallengePayTokenOnly | Config::ChallengeX402 => {
+                Expect::PaymentRequired
+            }
             _ => Expect::Success,
         }
     }
@@ -153,15 +173,20 @@ impl Config {
             | Config::L402
             | Config::PayTokenPrefetch
             | Config::L402Prefetch
-            | Config::PayTokenEachReserved => Some(ledger_api::path::HOLDS),
-            Config::Challenge => Some(ledger_api::path::L402_CHALLENGES),
+            | Config::PayTokenEachReserved
+            | Config::X402 => Some(ledger_api::path::HOLDS),
+            Config::Challenge | Config::ChallengeX402 => Some(ledger_api::path::L402_CHALLENGES),
         }
     }
 
     /// Whether every answer costs one call to [`Config::ledger_endpoint`]; prefetched holds
     /// serve most calls without one, and pooled challenges most 402s.
     fn one_ledger_call_per_answer(self) -> bool {
-        self == Config::PayTokenEachReserved
+        matches!(self, Config::PayTokenEachReserved | Config::X402)
+    }
+
+    fn takes_x402(self) -> bool {
+        matches!(self, Config::ChallengeX402 | Config::X402)
     }
 }
 
@@ -446,13 +471,20 @@ async fn measure(config: Config, settings: &Settings, secrets: &Secrets) -> anyh
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
     }
+    // The x402 rows offer the sandbox's token; only the paid row's ledger settles on it.
+    let sandbox = if config.takes_x402() { Some(X402Sandbox::start().await?) } else { None };
+    let ledger_args = match (&sandbox, config) {
+        (Some(sandbox), Config::X402) => sandbox.ledger_args(),
+        _ => Vec::new(),
+    };
+    let payments = dir.join("payments");
     let stack = Stack::start(StackOptions {
         ports: Ports::ANY,
         secrets: secrets.clone(),
         dir,
-        filter: config.filter_config(settings),
+        filter: config.filter_config(settings, sandbox.as_ref().map(X402Sandbox::filter_config)),
         http_filter: config.http_filter(secrets)?,
-        ledger_args: Vec::new(),
+        ledger_args,
         envoy_workers: settings.envoy_workers,
         verbose_logs: false,
         upstream: UpstreamMode::Fixed,
@@ -471,24 +503,51 @@ async fn measure(config: Config, settings: &Settings, secrets: &Secrets) -> anyh
     let authorization = credential(config, &stack, &http, &url).await?;
     let headers: Vec<String> =
         authorization.iter().map(|value| format!("Authorization: {value}")).collect();
-    probe(config, &http, &url, authorization.as_deref()).await.context("before the run")?;
+    // A paid x402 row signs a payment for each request ahead of each wrk run (one pays
+    // one call), and its wrk sends them in turn.
+    let paying = match (&sandbox, config) {
+        (Some(sandbox), Config::X402) => Some(Paying::new(sandbox, &stack, payments)?),
+        _ => None,
+    };
+    let wrk = |load: Load| {
+        let (url, headers, paying) = (&url, &headers, &paying);
+        async move {
+            match paying {
+                Some(paying) => bench::wrk_script(load, url, &paying.script).await,
+                None => bench::wrk(load, url, headers).await,
+            }
+        }
+    };
+    // Signed before each run is measured: the CPU it takes is the client's, not the row's.
+    let prepare = |load: Load| paying.as_ref().map_or(Ok(()), |paying| paying.prepare(load));
+    let probe_headers = || -> anyhow::Result<Vec<(&'static str, String)>> {
+        Ok(match (&paying, &authorization) {
+            (Some(paying), _) => vec![("payment-signature", paying.sign(1)?.remove(0))],
+            (None, Some(authorization)) => vec![("authorization", authorization.clone())],
+            (None, None) => Vec::new(),
+        })
+    };
+    probe(config, &http, &url, &probe_headers()?).await.context("before the run")?;
 
     if !settings.warmup.is_zero() {
         let warmup = Load { duration: settings.warmup, ..settings.load };
-        bench::wrk(warmup, &url, &headers).await?;
+        prepare(warmup)?;
+        wrk(warmup).await?;
     }
+    prepare(settings.load)?;
     let before = Snapshot::take(config, &stack, &http, settings.ticks_per_second).await?;
     let started = Instant::now();
-    let report = bench::wrk(settings.load, &url, &headers).await?;
+    let report = wrk(settings.load).await?;
     let wall = started.elapsed();
     let after = Snapshot::take(config, &stack, &http, settings.ticks_per_second).await?;
-    probe(config, &http, &url, authorization.as_deref()).await.context("after the run")?;
+    probe(config, &http, &url, &probe_headers()?).await.context("after the run")?;
     // The latency a request sees when it does not queue behind others.
     let one_connection = if settings.one_connection.is_zero() {
         None
     } else {
         let load = Load { threads: 1, connections: 1, duration: settings.one_connection };
-        Some(bench::wrk(load, &url, &headers).await?)
+        prepare(load)?;
+        Some(wrk(load).await?)
     };
 
     let answers = |i: usize| after.envoy_answers[i].saturating_sub(before.envoy_answers[i]);
@@ -530,6 +589,92 @@ async fn measure(config: Config, settings: &Settings, secrets: &Secrets) -> anyh
     })
 }
 
+/// Payments signed per second of a paid x402 run, per wrk thread: more than the row can
+/// answer here. A run that used them all would send the rest unpaid, and its 402s would
+/// mark the row as failed.
+const X402_PAYMENTS_PER_SECOND: u64 = 6_000;
+
+/// The paid x402 row's payments: signed by the sandbox's funded payer, for the route's
+/// price, fresh for each wrk run (an authorization is valid for the offer's 60 s), written
+/// one file per wrk thread, which its Lua script sends in turn.
+struct Paying {
+    key: x402::SigningKey,
+    offer: x402::Offer,
+    price: u64,
+    dir: PathBuf,
+    /// The Lua script that sends them.
+    script: PathBuf,
+}
+
+impl Paying {
+    fn new(sandbox: &X402Sandbox, stack: &Stack, dir: PathBuf) -> anyhow::Result<Paying> {
+        let key = x402::SigningKey::from_slice(&hex::decode(PAYER_KEY.trim_start_matches("0x"))?)?;
+        let x402 = &stack.filter_config["x402"];
+        let text = |field: &str| x402[field].as_str().unwrap_or_default().to_owned();
+        let offer = x402::Offer {
+            chain_id: 31337,
+            asset: sandbox.token,
+            name: text("asset_name"),
+            version: text("asset_version"),
+            pay_to: text("pay_to").parse()?,
+            max_timeout_seconds: x402::DEFAULT_MAX_TIMEOUT_SECONDS,
+        };
+        let price: paystile_protocol::Usdc = stack.filter_config["routes"][0]["price_usdc"]
+            .as_str()
+            .context("the first route has no price")?
+            .parse()?;
+        std::fs::create_dir_all(&dir)?;
+        let script = dir.join("pay.lua");
+        std::fs::write(&script, PAYING_SCRIPT.replace("@DIR@", &dir.to_string_lossy()))?;
+        Ok(Paying { key, offer, price: price.micros(), dir, script })
+    }
+
+    /// `count` payments, each under a random nonce, valid from now for the offer's timeout.
+    fn sign(&self, count: u64) -> anyhow::Result<Vec<String>> {
+        let now = e2e::unix_now();
+        let window = (0, now + self.offer.max_timeout_seconds);
+        Ok((0..count)
+            .map(|_| {
+                let nonce = x402::B256::from(rand::random::<[u8; 32]>());
+                let terms = x402::Terms { offer: &self.offer, amount: self.price, window, nonce };
+                x402::sign(&self.key, &terms, x402::Version::V2)
+            })
+            .collect())
+    }
+
+    /// Signs the payments of a run under `load`, a file for each wrk thread.
+    fn prepare(&self, load: Load) -> anyhow::Result<()> {
+        let per_thread = X402_PAYMENTS_PER_SECOND * load.duration.as_secs().max(1);
+        for thread in 0..load.threads {
+            let payments = self.sign(per_thread)?.join("\n");
+            std::fs::write(self.dir.join(format!("payments-{thread}.txt")), payments)?;
+        }
+        Ok(())
+    }
+}
+
+/// wrk's Lua: each thread sends its own payments, one per request; past the last, none.
+const PAYING_SCRIPT: &str = r#"
+local threads = 0
+function setup(thread)
+  thread:set("id", threads)
+  threads = threads + 1
+end
+function init(args)
+  payments = {}
+  for line in io.lines(string.format("@DIR@/payments-%d.txt", id)) do
+    payments[#payments + 1] = line
+  end
+  sent = 0
+end
+function request()
+  sent = sent + 1
+  local payment = payments[sent]
+  if payment == nil then return wrk.format() end
+  return wrk.format(nil, nil, {["PAYMENT-SIGNATURE"] = payment})
+end
+"#;
+
 /// Where each row's ledger database, configs and logs go: `.paystile/bench/<row>`.
 fn bench_dir() -> PathBuf {
     paths::repo_root().join(".paystile/bench")
@@ -547,7 +692,9 @@ async fn credential(
         | Config::WasmFloor
         | Config::Unpriced
         | Config::Challenge
-        | Config::ChallengePayTokenOnly => Ok(None),
+        | Config::ChallengePayTokenOnly
+        | Config::ChallengeX402
+        | Config::X402 => Ok(None),
         Config::JwtAuthn
         | Config::PayToken
         | Config::PayTokenPrefetch
@@ -584,20 +731,21 @@ async fn probe(
     config: Config,
     http: &reqwest::Client,
     url: &str,
-    authorization: Option<&str>,
+    headers: &[(&str, String)],
 ) -> anyhow::Result<()> {
     let mut request = http.get(url);
-    if let Some(authorization) = authorization {
-        request = request.header("authorization", authorization);
+    for (name, value) in headers {
+        request = request.header(*name, value);
     }
     let answer = e2e::read(request.send().await?).await?;
     let expected = match config.expect() {
         // The upstream's answer, not one of the gateway's.
         Expect::Success => answer.status == 200 && answer.text == FIXED_BODY,
-        // An L402 challenge exactly when L402 is on.
+        // An L402 challenge exactly when L402 is on, an x402 offer when x402 is.
         Expect::PaymentRequired => {
             answer.status == 402
-                && answer.l402_challenge().is_some() == (config == Config::Challenge)
+                && answer.l402_challenge().is_some() == (config != Config::ChallengePayTokenOnly)
+                && answer.header("payment-required").is_some() == config.takes_x402()
         }
     };
     if !expected {
