@@ -3,12 +3,14 @@
 //! adds its own here.
 
 use paystile_protocol::headers::{self, APPLICATION_JSON};
-use paystile_protocol::x402::{PaymentRequired, Resource};
-use paystile_protocol::{ErrorBody, ErrorCode, Usdc};
+use std::sync::Arc;
+
+use paystile_protocol::x402::{PaymentRequired, RequirementsV1, Resource};
+use paystile_protocol::{ErrorBody, ErrorCode};
 
 use crate::config::Config;
 use crate::gate::RequestHead;
-use crate::routes::Route;
+use crate::routes::{Route, X402Terms};
 
 /// The Pay Token challenge, beside L402's when both are on.
 const BEARER_CHALLENGE: &str = r#"Bearer realm="paystile", error="payment_required""#;
@@ -62,22 +64,17 @@ impl LocalResponse {
         l402: Option<String>,
         x402: Option<&X402Ask>,
     ) -> LocalResponse {
-        let offer = x402.zip(config.verifier.x402.as_ref().map(|rules| &rules.offer));
-        let Some((ask, offer)) = offer else {
+        let Some(ask) = x402 else {
             return LocalResponse::challenges(config, body, l402);
         };
-        let amount = ask.price.micros();
         let resource = Resource { url: ask.resource.clone(), description: None, mime_type: None };
-        let body = ErrorBody {
-            x402_version: Some(1),
-            accepts: vec![offer.requirements_v1(amount, &resource)],
-            ..body.clone()
-        };
+        let v1 = RequirementsV1 { resource: ask.resource.clone(), ..ask.terms.v1.clone() };
+        let body = ErrorBody { x402_version: Some(1), accepts: vec![v1], ..body.clone() };
         let required = PaymentRequired {
             x402_version: 2,
             error: Some(body.error.clone()),
             resource,
-            accepts: vec![offer.requirements(amount)],
+            accepts: vec![ask.terms.v2.clone()],
         };
         let mut response = LocalResponse::challenges(config, &body, l402);
         response.headers.push((headers::PAYMENT_REQUIRED, required.header_value()));
@@ -111,19 +108,15 @@ const NO_STORE: &str = "no-store";
 /// What an x402 payment for a call must pay, and for which resource.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct X402Ask {
-    pub price: Usdc,
+    pub terms: Arc<X402Terms>,
     /// The request's URL (`scheme://authority/path`, or its path alone when the host
     /// does not say).
     pub resource: String,
 }
 
-/// What x402 asks of a call to `route`, if x402 is offered there: on every fixed-price
-/// route (a metered call's price is known only once it is served, and an x402 payment is
-/// of an exact amount).
-pub fn x402_ask(config: &Config, route: &Route, request: &RequestHead<'_>) -> Option<Box<X402Ask>> {
-    if config.verifier.x402.is_none() || route.metered.is_some() {
-        return None;
-    }
+/// What x402 asks of a call to `route`, if x402 is offered there (see `Route::x402`).
+pub fn x402_ask(route: &Route, request: &RequestHead<'_>) -> Option<Box<X402Ask>> {
+    let terms = route.x402.clone()?;
     let path = String::from_utf8_lossy(request.path);
     let resource = match (request.scheme, request.authority) {
         (Some(scheme), Some(authority)) => format!(
@@ -133,7 +126,7 @@ pub fn x402_ask(config: &Config, route: &Route, request: &RequestHead<'_>) -> Op
         ),
         _ => path.into_owned(),
     };
-    Some(Box::new(X402Ask { price: route.price, resource }))
+    Some(Box::new(X402Ask { terms, resource }))
 }
 
 /// The 402 body for a priced route called without a credential it takes.
@@ -150,7 +143,7 @@ fn schemes(config: &Config, route: &Route) -> Vec<&'static str> {
     if config.verifier.pay_token.is_some() {
         schemes.push("Bearer");
     }
-    if config.verifier.x402.is_some() && route.metered.is_none() {
+    if route.x402.is_some() {
         schemes.push("x402");
     }
     schemes

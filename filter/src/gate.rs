@@ -342,7 +342,7 @@ impl Exchange {
     ) -> RequestAction {
         let now = now_ms / 1000;
         let config = gate.config();
-        self.x402 = answer::x402_ask(config, route, request);
+        self.x402 = answer::x402_ask(route, request);
         // An x402 payment is taken where x402 is offered; elsewhere `Authorization` is read.
         let presented: Option<Cow<'_, [u8]>> = match request.payment {
             Some((payment, version)) if self.x402.is_some() => {

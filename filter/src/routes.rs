@@ -12,6 +12,9 @@
 //! an upstream may resolve elsewhere (a dot segment, an encoded slash or dot). The first
 //! route that matches decides.
 
+use std::sync::Arc;
+
+use paystile_protocol::x402::{PaymentRequirements, RequirementsV1};
 use paystile_protocol::{UnitPrice, Usdc};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,6 +36,17 @@ pub struct Route {
     pub metered: Option<Metered>,
     /// What an L402 macaroon restricted to capabilities must grant to call this route.
     pub capability: Option<String>,
+    /// What an x402 payment for a call must be, when x402 is offered here (fixed-price
+    /// routes, with x402 on): made once with the configuration, as each 402 shows it.
+    pub x402: Option<Arc<X402Terms>>,
+}
+
+/// The x402 offer of a route, for its price: v2's requirements and v1's (whose resource
+/// each 402 fills in).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct X402Terms {
+    pub v2: PaymentRequirements,
+    pub v1: RequirementsV1,
 }
 
 /// How a metered route charges: `units × unit_price` (rounded up to a micro-USDC, capped at
@@ -140,7 +154,14 @@ mod tests {
     use super::*;
 
     fn route(path: PathMatch) -> Route {
-        Route { path, methods: None, price: Usdc::ZERO, metered: None, capability: None }
+        Route {
+            path,
+            methods: None,
+            price: Usdc::ZERO,
+            metered: None,
+            capability: None,
+            x402: None,
+        }
     }
 
     fn matches(path: &PathMatch, request: &str) -> bool {

@@ -3,16 +3,18 @@
 //! of the field at fault, and the gateway then refuses the configuration.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use paystile_protocol::credential::Verifier;
 use paystile_protocol::ledger_api::{ChallengeRequest, MAX_HOLDS_PER_RESERVE};
 use paystile_protocol::pay_token::{self, IdProblem, MAX_ID_LEN};
+use paystile_protocol::x402::{Offer, Resource};
 use paystile_protocol::{UnitPrice, Usdc};
 use serde::Deserialize;
 
 use crate::ledger::LedgerTarget;
-use crate::routes::{self, Metered, PathMatch, Route};
+use crate::routes::{self, Metered, PathMatch, Route, X402Terms};
 
 mod credentials;
 
@@ -205,7 +207,7 @@ impl Config {
         if raw.routes.is_empty() {
             return Err(invalid("routes", "list at least one route"));
         }
-        let routes = raw
+        let mut routes = raw
             .routes
             .into_iter()
             .enumerate()
@@ -264,6 +266,9 @@ impl Config {
             return Err(invalid("pay_token", "configure pay_token, l402, x402, or several"));
         }
         let x402 = raw.x402.map(validate_x402).transpose()?;
+        if let Some(rules) = &x402 {
+            offer_x402(&mut routes, &rules.offer);
+        }
         let pay_token = raw.pay_token.map(validate_pay_token).transpose()?;
         let l402 = raw.l402.map(|l402| validate_l402(&raw.service_id, l402)).transpose()?;
         if let Some((_, l402)) = &l402 {
@@ -297,6 +302,19 @@ impl Config {
     /// The route that prices this request, if any; `path` may carry a query.
     pub fn route(&self, method: &[u8], path: &[u8]) -> Option<&Route> {
         routes::find(&self.routes, method, path)
+    }
+}
+
+/// Gives every fixed-price route its x402 terms: a metered call's price is known only once it
+/// is served, and an x402 payment is of an exact amount.
+fn offer_x402(routes: &mut [Route], offer: &Offer) {
+    let no_resource = Resource { url: String::new(), description: None, mime_type: None };
+    for route in routes.iter_mut().filter(|r| r.metered.is_none() && !r.price.is_zero()) {
+        let amount = route.price.micros();
+        route.x402 = Some(Arc::new(X402Terms {
+            v2: offer.requirements(amount),
+            v1: offer.requirements_v1(amount, &no_resource),
+        }));
     }
 }
 
@@ -415,7 +433,7 @@ fn validate_route(field: &str, route: RawRoute) -> Result<Route, ConfigError> {
         }
         _ => return Err(invalid(field, "give exactly one of price_usdc and metered")),
     };
-    Ok(Route { path, methods, price, metered, capability: route.capability })
+    Ok(Route { path, methods, price, metered, capability: route.capability, x402: None })
 }
 
 /// The most a metered call holds, and how it is metered.
