@@ -215,6 +215,8 @@ struct X402Receipt {
     payer: String,
     network: String,
     amount: u64,
+    /// The transfer's transaction, when it was settled before the call was served.
+    transaction: Option<String>,
 }
 
 impl X402Receipt {
@@ -225,18 +227,23 @@ impl X402Receipt {
             payer: paid.checked.payer.to_checksum(None),
             network: paid.network.clone(),
             amount: verified.token.limit_usdc.micros(),
+            transaction: None,
         }))
     }
 
-    /// `PAYMENT-RESPONSE` (v2) or `X-PAYMENT-RESPONSE` (v1). The call is served before the
-    /// transfer is sent (`settle: after`), so no transaction is known yet: the answer says
+    /// `PAYMENT-RESPONSE` (v2) or `X-PAYMENT-RESPONSE` (v1): the transaction, when the
+    /// transfer was settled before the call (`settle: before`). Otherwise it is sent once
+    /// the call is answered (`settle: after`), so none is known yet: the answer says
     /// `settlement_pending`, and the charge id finds the transaction in the ledger's journal.
     fn header(&self) -> HeaderEdit {
         let response = x402::SettleResponse {
             success: true,
-            error_reason: Some("settlement_pending".into()),
+            error_reason: match self.transaction {
+                Some(_) => None,
+                None => Some("settlement_pending".into()),
+            },
             payer: Some(self.payer.clone()),
-            transaction: String::new(),
+            transaction: self.transaction.clone().unwrap_or_default(),
             network: self.network.clone(),
             amount: Some(self.amount.to_string()),
         };
@@ -369,6 +376,8 @@ impl Exchange {
                 };
                 // Only a call that goes to the ledger carries its credential there.
                 let presented = presented.as_deref().unwrap_or_default();
+                // `settle: before`: the ledger answers once the transfer is on chain.
+                let settle_first = route.settle_before && verified.scheme == Scheme::X402;
                 let reserve = ReserveRequest {
                     // A verified credential is printable ASCII (the scheme's characters only).
                     credential: String::from_utf8_lossy(presented).into_owned().into(),
@@ -381,6 +390,7 @@ impl Exchange {
                     extras_until_ms: prefetch
                         .as_ref()
                         .map(|_| now_ms.saturating_add(config.ledger.timeout_ms())),
+                    settle_first,
                 };
                 self.state = State::AwaitingLedger(Reserving {
                     scheme: verified.scheme,
@@ -392,7 +402,8 @@ impl Exchange {
                 });
                 // Serializing strings, integers and amounts cannot fail.
                 let body = serde_json::to_vec(&reserve).unwrap_or_default();
-                RequestAction::CallLedger(LedgerCall { path: path::HOLDS, body })
+                let timeout = settle_first.then_some(config.ledger.settle_first_timeout);
+                RequestAction::CallLedger(LedgerCall { path: path::HOLDS, body, timeout })
             }
             Err(refusal) if refusal.code == ErrorCode::PaymentRequired => {
                 self.challenge(gate, refusal, now)
@@ -479,6 +490,12 @@ impl Exchange {
                     let extras = extra_entries(&hold, &prefetch);
                     gate.prefetched.borrow_mut().add(prefetch.key, extras);
                 }
+                // Settled before it is served: the charge is committed, and the answer
+                // reports the transaction.
+                let settled = hold.transaction.is_some();
+                let x402 = x402.map(|receipt| {
+                    Box::new(X402Receipt { transaction: hold.transaction, ..*receipt })
+                });
                 let charge = Charge {
                     id: hold.charge_id,
                     amount: hold.amount_usdc,
@@ -486,7 +503,7 @@ impl Exchange {
                     metered,
                     x402,
                 };
-                self.hold(config, charge, token_id, hold.replayed)
+                self.hold(config, charge, token_id, hold.replayed || settled)
             }
             // A spent L402 is answered with the means to buy more.
             LedgerAnswer::Refusal(refusal)
@@ -668,6 +685,7 @@ impl Exchange {
         RequestAction::CallLedger(LedgerCall {
             path: path::L402_CHALLENGES,
             body: l402.challenge_body.clone(),
+            timeout: None,
         })
     }
 }

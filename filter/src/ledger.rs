@@ -24,6 +24,8 @@ pub struct LedgerTarget {
     /// How long a prefetched hold may wait for a call before it is released unused; also
     /// how recent a token's last call must be for the token to count as hot.
     pub prefetch_max_age_ms: u64,
+    /// How long a reserve that settles an x402 payment first may take (`settle: before`).
+    pub settle_first_timeout: Duration,
 }
 
 impl LedgerTarget {
@@ -39,6 +41,8 @@ impl LedgerTarget {
 pub struct LedgerCall {
     pub path: &'static str,
     pub body: Vec<u8>,
+    /// Longer than the configured timeout, for a call that waits on a chain.
+    pub timeout: Option<Duration>,
 }
 
 /// What came back from a ledger call. `status` is `None` when there was no answer at all

@@ -88,6 +88,7 @@ mod tests {
             settle_interval: Duration::from_millis(50),
             prefetch_holds: 0,
             prefetch_max_age_ms: 1_000,
+            settle_first_timeout: Duration::ZERO,
         }
     }
 

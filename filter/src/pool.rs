@@ -159,7 +159,7 @@ impl ChallengePool {
         Some(Refill {
             id: self.sent,
             count,
-            call: LedgerCall { path: path::L402_CHALLENGES, body },
+            call: LedgerCall { path: path::L402_CHALLENGES, body, timeout: None },
         })
     }
 

@@ -39,6 +39,9 @@ pub struct Route {
     /// What an x402 payment for a call must be, when x402 is offered here (fixed-price
     /// routes, with x402 on): made once with the configuration, as each 402 shows it.
     pub x402: Option<Arc<X402Terms>>,
+    /// An x402 payment is settled on chain before the upstream is called (`settle:
+    /// before`), rather than after it answered.
+    pub settle_before: bool,
 }
 
 /// The x402 offer of a route, for its price: v2's requirements and v1's (whose resource
@@ -161,6 +164,7 @@ mod tests {
             metered: None,
             capability: None,
             x402: None,
+            settle_before: false,
         }
     }
 

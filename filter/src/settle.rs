@@ -144,7 +144,10 @@ impl SettleQueue {
         // A second of slack over the call's own timeout, after which the host answers.
         let deadline_ms = now_ms.saturating_add(timeout_ms).saturating_add(1_000);
         self.in_flight = Some(InFlight { id: self.sent, settlements, deadline_ms });
-        Some(Batch { id: self.sent, call: LedgerCall { path: path::SETTLEMENTS, body } })
+        Some(Batch {
+            id: self.sent,
+            call: LedgerCall { path: path::SETTLEMENTS, body, timeout: None },
+        })
     }
 
     /// The ledger's reply to batch `id`.

@@ -628,7 +628,14 @@ fn push(books: &Books, queued: Queued) {
 
 /// `POST`s `call` to the ledger; the token of the dispatch, or `None` if the host refused it.
 fn post(context: &dyn Context, ledger: &LedgerTarget, call: &LedgerCall) -> Option<u32> {
-    dispatch(context, ledger, "POST", call.path, Some(&call.body), ledger.timeout)
+    dispatch(
+        context,
+        ledger,
+        "POST",
+        call.path,
+        Some(&call.body),
+        call.timeout.unwrap_or(ledger.timeout),
+    )
 }
 
 /// Calls the ledger; the token of the dispatch, or `None` if the host refused it.

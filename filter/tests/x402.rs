@@ -327,3 +327,72 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_route_that_settles_before_waits_for_the_transfer_and_reports_it_whatever_the_upstream_says() {
+    let gate = gate_with(|c| {
+        c["routes"][1]["settle"] = json!("before");
+        c["x402"]["settle_timeout_ms"] = json!(20_000);
+    });
+    let payment = payment(1000, Version::V2);
+    let mut exchange = Exchange::default();
+    let RequestAction::CallLedger(call) =
+        exchange.on_request_headers(&gate, &paying("/v1/forecast", &payment, Version::V2), NOW_MS)
+    else {
+        panic!("a payment goes to the ledger")
+    };
+    let reserve: ReserveRequest = serde_json::from_slice(&call.body).unwrap();
+    assert!(reserve.settle_first);
+    assert_eq!(call.timeout, Some(std::time::Duration::from_secs(20)));
+    let tx = format!("0x{}", "ab".repeat(32));
+    let hold = json!({"chargeId": "ch_3", "amountUsdc": "0.001", "remainingUsdc": "0", "replayed": false, "transaction": tx});
+    exchange.on_ledger_reply(
+        &gate,
+        LedgerReply { status: Some(200), body: hold.to_string().into_bytes() },
+    );
+    // Settled and committed by the ledger: charged even for an upstream error, and nothing
+    // left to settle.
+    let step = exchange.on_response_headers(&gate, Some(502), None);
+    assert_eq!(step.settlement, None);
+    let receipt = step
+        .edits
+        .iter()
+        .find_map(|edit| match edit {
+            HeaderEdit::Set("payment-response", value) => Some(decoded(value)),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(
+        (receipt["transaction"].as_str(), receipt.get("errorReason")),
+        (Some(tx.as_str()), None)
+    );
+    assert!(step.edits.contains(&HeaderEdit::Set("x-amount-usdc", "0.001000".into())));
+    // A Pay Token call on the same route reserves as ever: settling first is x402's.
+    let pay_token_call = Exchange::default().on_request_headers(
+        &gate,
+        &head("/v1/forecast", Some("Bearer not.a.token")),
+        NOW_MS,
+    );
+    assert!(matches!(pay_token_call, RequestAction::Respond(_)));
+}
+
+#[test]
+fn settling_before_needs_a_fixed_price_and_x402() {
+    let refused = |change: fn(&mut Value)| {
+        let mut json = config_json();
+        change(&mut json);
+        Config::from_json(json.to_string().as_bytes()).unwrap_err().to_string()
+    };
+    let metered = refused(|c| c["routes"][0]["settle"] = json!("before"));
+    assert!(metered.starts_with("routes[0].settle: before needs a fixed price"), "{metered}");
+    let without = refused(|c| {
+        c["routes"][1]["settle"] = json!("before");
+        c.as_object_mut().unwrap().remove("x402");
+    });
+    assert!(without.starts_with("routes[1].settle: before settles x402 payments"), "{without}");
+    assert!(refused(|c| c["routes"][1]["settle"] = json!("later")).contains("unknown variant"));
+    assert!(
+        refused(|c| c["x402"]["settle_timeout_ms"] = json!(10))
+            .starts_with("x402.settle_timeout_ms")
+    );
+}

@@ -63,6 +63,11 @@ pub struct ReserveRequest {
     /// until their TTL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extras_until_ms: Option<u64>,
+    /// With an x402 payment, on a route that settles before it serves: the ledger answers
+    /// the hold only once the transfer is confirmed on chain (and the charge committed), or
+    /// refuses the payment with the reason it did not settle.
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub settle_first: bool,
 }
 
 /// A credential as a gateway presents it to the ledger: the call's `Authorization` value,
@@ -171,6 +176,10 @@ pub struct Hold {
     /// hold left (so that one gateway never takes a token's last budget); possibly none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra_charge_ids: Vec<String>,
+    /// With `settleFirst`: the confirmed transfer's transaction. The charge is committed
+    /// already, and nothing must be settled for this call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transaction: Option<String>,
 }
 
 /// `POST /v1/holds/settle`: the outcomes of calls whose upstream has answered.
@@ -685,9 +694,11 @@ mod tests {
             remaining_usdc: Usdc::from_micros(5000).unwrap(),
             replayed: false,
             extra_charge_ids: Vec::new(),
+            transaction: None,
         };
         let json = serde_json::to_value(&hold).unwrap();
         assert_eq!(json.get("extraChargeIds"), None);
+        assert_eq!(json.get("transaction"), None);
         assert_eq!(serde_json::from_value::<Hold>(json).unwrap(), hold);
         let extra = Hold { extra_charge_ids: vec!["ch_2".into(), "ch_3".into()], ..hold };
         let json = serde_json::to_value(&extra).unwrap();

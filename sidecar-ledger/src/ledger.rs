@@ -12,9 +12,9 @@ use paystile_protocol::jws::SigningKey;
 use paystile_protocol::l402::{self, Capability};
 use paystile_protocol::ledger_api::{
     AccountView, BuyerRevocation, BuyerView, ChargeStatus, ChargeView, ChildTokenRequest, Deposit,
-    DepositRequest, GatewayConfirmations, IssueTokenRequest, IssuedToken, MAX_HOLDS_PER_RESERVE,
-    ReserveRequest, RevocationFeed, SetTierRequest, SettleRequest, SettleResponse, SettleResult,
-    SettlementView, TokenGrant, TokenView, WATCH_WAIT_MS,
+    DepositRequest, GatewayConfirmations, Hold, IssueTokenRequest, IssuedToken,
+    MAX_HOLDS_PER_RESERVE, Outcome, ReserveRequest, RevocationFeed, SetTierRequest, SettleRequest,
+    SettleResponse, SettleResult, Settlement, SettlementView, TokenGrant, TokenView, WATCH_WAIT_MS,
 };
 use paystile_protocol::pay_token::{self, Audience, MAX_EXPIRY_SECONDS, PayTokenClaims, Scope};
 use paystile_protocol::verified::VerifiedCache;
@@ -25,6 +25,7 @@ use tokio::sync::Notify;
 
 use crate::domain::{TokenRecord, UnixMillis};
 use crate::rules::{self, Account, ChildSpec, DailyLimits, Refusal};
+use crate::settlement::Settlements;
 use crate::store::{
     ChargeRecord, DepositCommand, PaymentSettlement, ReserveCommand, ReserveOutcome, Store,
     StoreError, X402PaymentRecord,
@@ -121,7 +122,13 @@ pub struct Ledger {
     verified: Mutex<VerifiedCache>,
     limits: Limits,
     metrics: Metrics,
+    /// x402 settlement, when x402 is on: `settle: before` reserves settle through it.
+    settlements: Option<Arc<Settlements>>,
 }
+
+/// How long a `settle: before` reserve waits for its transfer at most: past it the hold is
+/// released and the payment refused (the gateway gives up sooner, by its settings).
+const SETTLE_FIRST_WITHIN: Duration = Duration::from_secs(120);
 
 impl Ledger {
     pub fn new(
@@ -135,7 +142,12 @@ impl Ledger {
         let backstop =
             if store.is_shared() { Duration::from_millis(25) } else { Duration::from_secs(1) };
         let watch = Watch { fed: Notify::new(), seen: Notify::new(), backstop };
-        Ledger { store, watch, issuer, credentials, verified, limits, metrics }
+        Ledger { store, watch, issuer, credentials, verified, limits, metrics, settlements: None }
+    }
+
+    /// This ledger with x402 settlement.
+    pub fn settling_with(self, settlements: Arc<Settlements>) -> Ledger {
+        Ledger { settlements: Some(settlements), ..self }
     }
 
     /// The public Pay Token keys gateways verify with.
@@ -558,6 +570,9 @@ impl Ledger {
             {
                 ReserveOutcome::Refused(Refusal::PaymentUsed)
             }
+            ReserveOutcome::Held(hold) if request.settle_first && verified.x402.is_some() => {
+                self.settle_first(hold, &verified.token.token_id).await?
+            }
             outcome => outcome,
         };
         if let (ReserveOutcome::Held(hold), Some(until)) = (&outcome, request.extras_until_ms) {
@@ -568,6 +583,37 @@ impl Ledger {
         }
         self.metrics.reserved(&verified.token, &request, &outcome);
         Ok(outcome)
+    }
+
+    /// `settle: before`: the payment of `hold` is settled on chain now; then its charge is
+    /// committed and the hold answered with the transaction, or else released and the
+    /// payment refused with the reason.
+    async fn settle_first(
+        &self,
+        hold: Hold,
+        token_id: &str,
+    ) -> Result<ReserveOutcome, LedgerError> {
+        let settled = match &self.settlements {
+            Some(settlements) => settlements.settle_now(token_id, SETTLE_FIRST_WITHIN).await,
+            None => Err("this ledger settles no x402 payment".into()),
+        };
+        let outcome = match &settled {
+            Ok(_) => Outcome::Commit,
+            Err(_) => Outcome::Release,
+        };
+        let settlement = Settlement {
+            charge_id: hold.charge_id.clone(),
+            outcome,
+            upstream_status: None,
+            amount_usdc: None,
+        };
+        self.store.settle(vec![settlement], self.now()).await?;
+        Ok(match settled {
+            Ok(transaction) => {
+                ReserveOutcome::Held(Hold { transaction: Some(transaction), ..hold })
+            }
+            Err(reason) => ReserveOutcome::Refused(Refusal::PaymentNotSettled(reason)),
+        })
     }
 
     pub async fn settle(&self, request: SettleRequest) -> Result<SettleResponse, LedgerError> {

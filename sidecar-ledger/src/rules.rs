@@ -456,6 +456,8 @@ pub enum Refusal {
     Credential(credential::Refusal),
     /// An x402 payment that already paid for a call (or holds one in flight).
     PaymentUsed,
+    /// An x402 payment to settle before the call that did not settle: the reason.
+    PaymentNotSettled(String),
 }
 
 impl Refusal {
@@ -485,6 +487,7 @@ impl Refusal {
             Refusal::Credential(credential::Refusal::NotOffered) => ErrorCode::InvalidCredential,
             Refusal::Credential(refusal) => refusal.code(),
             Refusal::PaymentUsed => ErrorCode::PaymentAlreadyUsed,
+            Refusal::PaymentNotSettled(_) => ErrorCode::InvalidPayment,
         }
     }
 
@@ -531,6 +534,9 @@ impl Refusal {
                 "Invalid credential: the ledger verifies no credential of this scheme".into(),
             ),
             Refusal::Credential(refusal) => refusal.to_body(),
+            Refusal::PaymentNotSettled(reason) => {
+                message(format!("Invalid payment: it did not settle on chain: {reason}"))
+            }
             Refusal::TokenRevoked
             | Refusal::WrongService
             | Refusal::IdempotencyKeyMismatch

@@ -56,12 +56,15 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             "the ledger's clock is offset (tests only)"
         );
     }
+    let mut ledger = Ledger::new(store.clone(), issuer, credentials, limits);
     if let Some(x402) = &settings.x402 {
         let settlements =
-            Settlements::new(store.clone(), x402).await.context("cannot set up x402 settlement")?;
-        tokio::spawn(settlements.run(SETTLEMENT_INTERVAL));
+            Settlements::new(store, x402).await.context("cannot set up x402 settlement")?;
+        let settlements = Arc::new(settlements);
+        tokio::spawn(settlements.clone().run(SETTLEMENT_INTERVAL));
+        ledger = ledger.settling_with(settlements);
     }
-    let ledger = Arc::new(Ledger::new(store, issuer, credentials, limits));
+    let ledger = Arc::new(ledger);
     let reopened = ledger.reopen_holds().await.context("cannot reopen the open holds")?;
     if reopened > 0 {
         tracing::info!(reopened, "open holds given a new TTL for their gateways to settle");

@@ -151,6 +151,7 @@ async fn an_authorization_pays_one_call_on_one_route_of_one_gateway() {
         idempotency: None,
         count: 1,
         extras_until_ms: None,
+        settle_first: false,
     };
     let other_gateway = stack
         .http
@@ -268,4 +269,58 @@ async fn a_facilitator_settles_for_a_ledger_without_a_key_and_its_refusals_are_k
     assert_eq!(settlement.status, "failed", "{settlement:?}");
     assert!(settlement.reason.unwrap().contains("the facilitator refused"));
     assert_eq!(sandbox.balance(PAYEE).await.unwrap(), U256::from(price));
+}
+
+/// A stack whose `/v1/before…` route settles x402 payments before the upstream is called.
+async fn settling_first(sandbox: &X402Sandbox) -> TestStack {
+    let args = sandbox.ledger_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let routes = json!([
+        {"path_prefix": "/v1/forecast", "price_usdc": "0.001"},
+        {"path_prefix": "/v1/before", "price_usdc": "0.002", "settle": "before"}
+    ]);
+    TestStack::start_with(json!({"x402": sandbox.filter_config(), "routes": routes}), &args)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_route_that_settles_before_serves_only_once_the_transfer_is_on_chain() {
+    let sandbox = X402Sandbox::start().await.unwrap();
+    let stack = settling_first(&sandbox).await;
+    let payment = sign(&sandbox, &payer_key(), 2000);
+    let served =
+        stack.get("/v1/before/report", None, &[("payment-signature", &payment)]).await.unwrap();
+    assert_eq!(served.status, 200, "{}", served.text);
+    // Already on chain when the answer arrives: no waiting for a settlement job.
+    assert_eq!(sandbox.balance(PAYEE).await.unwrap(), U256::from(2000u64));
+    let receipt = decoded(served.header("payment-response").unwrap());
+    assert!(receipt.get("errorReason").is_none(), "{receipt}");
+    let charge = stack.stack.admin.charge(served.header("x-charge-id").unwrap()).await.unwrap();
+    let settlement = charge.settlement.unwrap();
+    assert_eq!(settlement.status, "settled");
+    assert_eq!(receipt["transaction"].as_str(), settlement.transaction.as_deref());
+    assert_eq!(charge.status, paystile_protocol::ledger_api::ChargeStatus::Committed);
+
+    // The money moved before the upstream answered: an upstream error is charged all the same.
+    let payment = sign(&sandbox, &payer_key(), 2000);
+    let failed = stack.get("/v1/before/status/502", None, &[("payment-signature", &payment)]).await;
+    let failed = failed.unwrap();
+    assert_eq!((failed.status, failed.header("x-amount-usdc")), (502, Some("0.002000")));
+    assert_eq!(sandbox.balance(PAYEE).await.unwrap(), U256::from(4000u64));
+
+    // A payment that cannot settle is refused before the upstream sees the call.
+    let seen = stack.stack.upstream.seen().len();
+    let broke = SigningKey::from_slice(&rand::random::<[u8; 32]>()).unwrap();
+    let payment = sign(&sandbox, &broke, 2000);
+    let refused =
+        stack.get("/v1/before/report", None, &[("payment-signature", &payment)]).await.unwrap();
+    assert_eq!((refused.status, refused.code().as_deref()), (402, Some("invalid_payment")));
+    assert!(
+        refused.json()["error"].as_str().unwrap().contains("exceeds balance"),
+        "{}",
+        refused.text
+    );
+    assert_eq!(stack.stack.upstream.seen().len(), seen);
+    assert_eq!(sandbox.balance(PAYEE).await.unwrap(), U256::from(4000u64));
 }

@@ -3,6 +3,8 @@
 //! with, and the offer a 402 makes). What a gateway holds here decides what it can verify
 //! and what it could mint (see the README's "Security").
 
+use std::time::Duration;
+
 use paystile_protocol::Usdc;
 use paystile_protocol::credential::{L402Rules, PayTokenRules, X402Rules};
 use paystile_protocol::jwk::Jwk;
@@ -96,9 +98,17 @@ pub(super) struct RawX402 {
     /// then refused without a ledger call, at the price of an ECDSA recovery in the wasm.
     #[serde(default)]
     verify_signatures: bool,
+    /// How long a reserve on a `settle: before` route may wait for the transfer's receipt.
+    #[serde(default)]
+    settle_timeout_ms: Option<u64>,
 }
 
-pub(super) fn validate_x402(x402: RawX402) -> Result<X402Rules, ConfigError> {
+/// A `settle: before` reserve waits this long unless configured: a few blocks of a chain
+/// like Base (2 s each), and the ledger's retries of a node that does not answer at once.
+pub const DEFAULT_SETTLE_TIMEOUT_MS: u64 = 15_000;
+
+/// The x402 rules, and how long a `settle: before` reserve may take.
+pub(super) fn validate_x402(x402: RawX402) -> Result<(X402Rules, Duration), ConfigError> {
     let settings = OfferSettings {
         network: &x402.network,
         pay_to: &x402.pay_to,
@@ -110,7 +120,11 @@ pub(super) fn validate_x402(x402: RawX402) -> Result<X402Rules, ConfigError> {
     let offer = Offer::from_settings(&settings)
         .map_err(|error| invalid(format!("x402.{}", error.field), error.message))?;
     let signature = if x402.verify_signatures { Signature::Verify } else { Signature::TermsOnly };
-    Ok(X402Rules { offer, signature })
+    let timeout = match x402.settle_timeout_ms.unwrap_or(DEFAULT_SETTLE_TIMEOUT_MS) {
+        ms @ 1_000..=120_000 => Duration::from_millis(ms),
+        _ => return Err(invalid("x402.settle_timeout_ms", "must be between 1000 and 120000")),
+    };
+    Ok((X402Rules { offer, signature }, timeout))
 }
 
 pub(super) fn validate_pay_token(pay_token: RawPayToken) -> Result<PayTokenRules, ConfigError> {

@@ -59,6 +59,19 @@ struct RawRoute {
     metered: Option<RawMetered>,
     #[serde(default)]
     capability: Option<String>,
+    #[serde(default)]
+    settle: Option<Settle>,
+}
+
+/// When an x402 payment is settled on chain: after the upstream answered (the default:
+/// the call is served at once, and the seller carries the risk that the payer's balance is
+/// gone by then), or before the upstream is called.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Settle {
+    #[default]
+    After,
+    Before,
 }
 
 #[derive(Deserialize)]
@@ -265,10 +278,22 @@ impl Config {
         if raw.pay_token.is_none() && raw.l402.is_none() && raw.x402.is_none() {
             return Err(invalid("pay_token", "configure pay_token, l402, x402, or several"));
         }
-        let x402 = raw.x402.map(validate_x402).transpose()?;
-        if let Some(rules) = &x402 {
-            offer_x402(&mut routes, &rules.offer);
-        }
+        let (x402, settle_first_timeout) = match raw.x402 {
+            Some(raw) => {
+                let (rules, timeout) = validate_x402(raw)?;
+                offer_x402(&mut routes, &rules.offer);
+                (Some(rules), timeout)
+            }
+            None => {
+                if let Some(i) = routes.iter().position(|route| route.settle_before) {
+                    return Err(invalid(
+                        format!("routes[{i}].settle"),
+                        "before settles x402 payments: configure x402",
+                    ));
+                }
+                (None, Duration::ZERO)
+            }
+        };
         let pay_token = raw.pay_token.map(validate_pay_token).transpose()?;
         let l402 = raw.l402.map(|l402| validate_l402(&raw.service_id, l402)).transpose()?;
         if let Some((_, l402)) = &l402 {
@@ -290,6 +315,7 @@ impl Config {
                 settle_interval,
                 prefetch_holds,
                 prefetch_max_age_ms,
+                settle_first_timeout,
             },
             verifier: Verifier { pay_token, l402: l402_rules, x402 },
             l402,
@@ -433,7 +459,22 @@ fn validate_route(field: &str, route: RawRoute) -> Result<Route, ConfigError> {
         }
         _ => return Err(invalid(field, "give exactly one of price_usdc and metered")),
     };
-    Ok(Route { path, methods, price, metered, capability: route.capability, x402: None })
+    let settle_before = route.settle.unwrap_or_default() == Settle::Before;
+    if settle_before && metered.is_some() {
+        return Err(invalid(
+            format!("{field}.settle"),
+            "before needs a fixed price: a metered call's price is known once it is served",
+        ));
+    }
+    Ok(Route {
+        path,
+        methods,
+        price,
+        metered,
+        capability: route.capability,
+        x402: None,
+        settle_before,
+    })
 }
 
 /// The most a metered call holds, and how it is metered.

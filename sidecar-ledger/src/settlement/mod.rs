@@ -22,6 +22,8 @@ use crate::store::{SettlementJob, SettlementStatus, SettlementUpdate, Store, Sto
 use direct::{Direct, Mined};
 use facilitator::{Facilitator, Settled};
 
+/// How often a settlement the ledger waits for is looked at again.
+const SETTLE_NOW_POLL: Duration = Duration::from_millis(100);
 /// Settlements taken per round.
 const PER_ROUND: usize = 16;
 /// How long a worker holds a job it took: longer than any attempt takes.
@@ -69,7 +71,7 @@ impl Settlements {
     }
 
     /// Runs rounds every `every`, for as long as the ledger runs.
-    pub async fn run(self, every: Duration) {
+    pub async fn run(self: std::sync::Arc<Self>, every: Duration) {
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -114,6 +116,46 @@ impl Settlements {
             self.store.update_settlement(job.token_id.clone(), update, now_millis()).await?;
         }
         Ok(attempted)
+    }
+
+    /// Settles the payment `token_id` now, whose charge is held, not committed (`settle:
+    /// before`: the background rounds take committed charges only): attempts until it is
+    /// settled (its transaction) or failed, or `within` has passed (the reason, either way).
+    /// Past `within`, a transaction already sent may still be mined: its job says so.
+    pub async fn settle_now(&self, token_id: &str, within: Duration) -> Result<String, String> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let job = self.store.settlement_job(token_id.to_owned()).await;
+            let job = job.map_err(|e| format!("the books cannot be read: {e}"))?;
+            let Some(job) = job else { return Err("the payment was not recorded".into()) };
+            let lease = now_millis().saturating_add(millis(LEASE));
+            let claimed = self.store.claim_settlement(&job, lease).await;
+            if claimed.map_err(|e| format!("the books cannot be written: {e}"))? {
+                let update = self.attempt(&job).await.map_err(|e| e.to_string())?;
+                let final_state = match update.status {
+                    SettlementStatus::Settled => {
+                        Some(Ok(update.tx_hash.clone().unwrap_or_default()))
+                    }
+                    SettlementStatus::Failed => {
+                        Some(Err(update.reason.clone().unwrap_or_else(|| "failed".into())))
+                    }
+                    _ => None,
+                };
+                let reason = update.reason.clone();
+                let written =
+                    self.store.update_settlement(token_id.to_owned(), update, now_millis());
+                written.await.map_err(|e| format!("the books cannot be written: {e}"))?;
+                if let Some(state) = final_state {
+                    return state;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(reason.unwrap_or_else(|| "not confirmed in time".into()));
+                }
+            } else if tokio::time::Instant::now() >= deadline {
+                return Err("not confirmed in time".into());
+            }
+            tokio::time::sleep(SETTLE_NOW_POLL).await;
+        }
     }
 
     /// One attempt at `job`: its new state.

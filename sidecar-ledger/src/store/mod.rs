@@ -351,6 +351,23 @@ impl Store {
         }
     }
 
+    /// The settlement of the payment `token_id`, if it was recorded.
+    pub async fn settlement_job(
+        &self,
+        token_id: String,
+    ) -> Result<Option<SettlementJob>, StoreError> {
+        let jobs = match self {
+            Store::Sqlite(store) => {
+                let read = |row: &rusqlite::Row<'_>| sql::settlement_job(row);
+                store.read_all(sql::SELECT_SETTLEMENT, (token_id,), read).await?
+            }
+            Store::Postgres(store) => {
+                store.query(sql::SELECT_SETTLEMENT, &[&token_id], sql::settlement_job).await?
+            }
+        };
+        Ok(jobs.into_iter().next())
+    }
+
     /// Takes `job` until `until`: false when another worker took it first.
     pub async fn claim_settlement(
         &self,
@@ -799,6 +816,7 @@ impl ReserveCommand {
             remaining_usdc: holds.remaining,
             replayed: false,
             extra_charge_ids: holds.extra_ids.to_vec(),
+            transaction: None,
         })
     }
 }
@@ -811,6 +829,7 @@ fn replayed(first: ChargeRecord, chain: &[TokenRecord]) -> ReserveOutcome {
         remaining_usdc: rules::chain_remaining(chain),
         replayed: true,
         extra_charge_ids: Vec::new(),
+        transaction: None,
     })
 }
 

@@ -163,6 +163,10 @@ pub(super) const DUE_SETTLEMENTS: &str = "SELECT p.token_id, p.payment, p.status
      WHERE (p.status = 'pending' OR p.status = 'submitted') AND p.next_attempt_at <= $1
        AND EXISTS (SELECT 1 FROM charges c WHERE c.token_id = p.token_id AND c.status = 'committed')
      ORDER BY p.next_attempt_at LIMIT $2";
+/// The settlement of the payment `$1`, as [`settlement_job`] reads it.
+pub(super) const SELECT_SETTLEMENT: &str = "SELECT p.token_id, p.payment, p.status, p.tx_hash,
+         p.raw_tx, p.attempts, p.next_attempt_at, p.valid_before
+     FROM x402_payments p WHERE p.token_id = $1";
 /// Takes the settlement of `$2`, seen due at `$3`, until `$1`: another worker (a ledger on
 /// the same database) that saw it due too finds it changed, and leaves it.
 pub(super) const CLAIM_SETTLEMENT: &str = "UPDATE x402_payments SET next_attempt_at = $1
@@ -466,6 +470,7 @@ mod tests {
             CLAIM_SETTLEMENT,
             UPDATE_SETTLEMENT,
             VOID_PAYMENTS,
+            SELECT_SETTLEMENT,
         ] {
             let statement = conn.prepare(sql).unwrap();
             for index in 1..=statement.parameter_count() {
