@@ -117,16 +117,21 @@ pub struct X402Ask {
 /// What x402 asks of a call to `route`, if x402 is offered there (see `Route::x402`).
 pub fn x402_ask(route: &Route, request: &RequestHead<'_>) -> Option<Box<X402Ask>> {
     let terms = route.x402.clone()?;
+    Some(Box::new(X402Ask { terms, resource: resource(request) }))
+}
+
+/// The request's URL (`scheme://authority/path`, or its path alone when the host does not
+/// say), as an x402 offer names its resource.
+pub fn resource(request: &RequestHead<'_>) -> String {
     let path = String::from_utf8_lossy(request.path);
-    let resource = match (request.scheme, request.authority) {
+    match (request.scheme, request.authority) {
         (Some(scheme), Some(authority)) => format!(
             "{}://{}{path}",
             String::from_utf8_lossy(scheme),
             String::from_utf8_lossy(authority)
         ),
         _ => path.into_owned(),
-    };
-    Some(Box::new(X402Ask { terms, resource }))
+    }
 }
 
 /// The 402 body for a priced route called without a credential it takes.

@@ -27,7 +27,8 @@ use paystile_protocol::credential::{self, Scheme, Verified};
 use paystile_protocol::headers;
 use paystile_protocol::l402::Capability;
 use paystile_protocol::ledger_api::{
-    Hold, Idempotency, L402Challenge, Outcome, ReserveRequest, Settlement, path,
+    Hold, Idempotency, L402Challenge, Outcome, ReserveRequest, Settlement, TopUp, TopUpRequest,
+    path,
 };
 use paystile_protocol::verified::VerifiedCache;
 use paystile_protocol::x402;
@@ -41,6 +42,7 @@ use crate::ledger::{
 };
 use crate::pool::{self, ChallengePool, Refill, RefillOutcome};
 use crate::prefetch::{Entry, PoolKey, Prefetched};
+use crate::routes::X402Terms;
 use crate::routes::{Metered, Route};
 use crate::settle::Queued;
 
@@ -89,6 +91,12 @@ impl Gate {
     /// gate need the request's credential, its Idempotency-Key and the clock.
     pub fn priced_route(&self, method: &[u8], path: &[u8]) -> Option<&Route> {
         self.config.route(method, path).filter(|route| !route.price.is_zero())
+    }
+
+    /// Whether a request to `path` (its query aside) is a top-up ([`Config::top_up`]).
+    pub fn is_top_up(&self, path: &[u8]) -> bool {
+        let path = path.split(|b| *b == b'?').next().unwrap_or_default();
+        self.config.top_up.as_ref().is_some_and(|top_up| top_up.path.as_bytes() == path)
     }
 
     /// The prefetched holds to release at `now_ms` (from the tick): those no call took
@@ -184,6 +192,8 @@ pub enum RequestAction {
     CallLedger(LedgerCall),
     /// Answer the client; the request goes no further.
     Respond(LocalResponse),
+    /// Answer the client with what it bought (a top-up): not a refusal.
+    Sell(LocalResponse),
     /// Nothing to do (a callback in a state that expects none).
     Nothing,
 }
@@ -286,6 +296,8 @@ enum State {
     Held(Charge),
     /// Forwarded as a retry of a request already charged: report that charge, settle nothing.
     Replayed(Charge),
+    /// Waiting for the ledger's answer to a top-up paid with this payment.
+    AwaitingTopUp(Box<X402Receipt>),
     /// Answered locally, or settled.
     Done,
 }
@@ -412,10 +424,123 @@ impl Exchange {
         }
     }
 
+    /// A request to the top-up path ([`Gate::is_top_up`]): `?amount_usdc=<amount>` bought
+    /// with an x402 payment of exactly that. Without a payment, the 402 offers it; with one
+    /// checked inline, the ledger settles it, credits the payer and issues the Pay Token,
+    /// which is the answer.
+    pub fn on_top_up(
+        &mut self,
+        gate: &Gate,
+        request: &RequestHead<'_>,
+        now_ms: u64,
+    ) -> RequestAction {
+        let config = gate.config();
+        let (Some(top_up), Some(rules)) = (&config.top_up, &config.verifier.x402) else {
+            return self.on_free_request();
+        };
+        let amount = match top_up_amount(request.path) {
+            Some(amount) if (top_up.min..=top_up.max).contains(&amount) => amount,
+            _ => {
+                let message = format!(
+                    "amount_usdc must be given in the query, {} to {} USDC",
+                    top_up.min, top_up.max
+                );
+                let refusal = ErrorBody::with_message(ErrorCode::BadRequest, message);
+                return self.respond(config, &refusal);
+            }
+        };
+        let no_resource = x402::Resource { url: String::new(), description: None, mime_type: None };
+        let micros = amount.micros();
+        let terms = Arc::new(X402Terms {
+            v2: rules.offer.requirements(micros),
+            v1: rules.offer.requirements_v1(micros, &no_resource),
+        });
+        self.x402 = Some(Box::new(X402Ask { terms, resource: answer::resource(request) }));
+        let Some((payment, version)) = request.payment else {
+            let refusal = ErrorBody::payment_required(&config.service_id, amount, &["x402"]);
+            return self.respond(config, &refusal);
+        };
+        let presented = credential::x402_presented(version, payment);
+        let target = credential::Target {
+            service_id: &config.service_id,
+            capability: Capability::Any,
+            price: amount,
+            now: now_ms / 1000,
+        };
+        let verified = match credential::verify(presented.as_bytes(), &config.verifier, &target) {
+            Ok(verified) => verified,
+            Err(refusal) => return self.respond(config, &refusal.to_body()),
+        };
+        let Some(receipt) = X402Receipt::of(&verified) else {
+            return self.respond(config, &ErrorBody::new(ErrorCode::InvalidPayment));
+        };
+        let top_up = TopUpRequest {
+            credential: presented.into(),
+            service_id: config.service_id.clone(),
+            amount_usdc: amount,
+        };
+        self.state = State::AwaitingTopUp(receipt);
+        // Serializing strings and amounts cannot fail.
+        let body = serde_json::to_vec(&top_up).unwrap_or_default();
+        let timeout = Some(config.ledger.settle_first_timeout);
+        RequestAction::CallLedger(LedgerCall { path: path::X402_TOP_UPS, body, timeout })
+    }
+
+    /// The ledger's answer to a top-up: the Pay Token bought, with the transaction in
+    /// `PAYMENT-RESPONSE`, or the refusal (a 402 with the offer again).
+    fn on_top_up_reply(
+        &mut self,
+        gate: &Gate,
+        reply: &LedgerReply,
+        receipt: X402Receipt,
+    ) -> RequestAction {
+        let config = gate.config();
+        let answer = match reply.status {
+            None | Some(500..) => Err(LedgerAnswer::Unreachable),
+            Some(200) => serde_json::from_slice::<TopUp>(&reply.body)
+                .map_err(|_| LedgerAnswer::Confused)
+                .map(Ok),
+            Some(status) => match serde_json::from_slice::<ErrorBody>(&reply.body) {
+                Ok(refusal) if refusal.status() == status => Ok(Err(refusal)),
+                _ => Err(LedgerAnswer::Confused),
+            },
+        };
+        gate.note_ledger(
+            match &answer {
+                Ok(_) => Health::Answering,
+                Err(answer) => answer.health(),
+            },
+            reply.status,
+        );
+        match answer {
+            Ok(Ok(top_up)) => {
+                self.state = State::Done;
+                let receipt = X402Receipt { transaction: Some(top_up.transaction), ..receipt };
+                let HeaderEdit::Set(name, value) = receipt.header() else {
+                    return RequestAction::Nothing;
+                };
+                RequestAction::Sell(LocalResponse {
+                    // Not a refusal: a sale is never counted as one.
+                    code: ErrorCode::PaymentRequired,
+                    status: 200,
+                    headers: vec![
+                        (headers::CONTENT_TYPE, headers::APPLICATION_JSON.to_owned()),
+                        (name, value),
+                    ],
+                    body: reply.body.clone(),
+                })
+            }
+            Ok(Err(refusal)) => self.respond(config, &refusal),
+            // Nothing is sold without the ledger: never open.
+            Err(_) => self.respond(config, &ErrorBody::new(ErrorCode::LedgerUnavailable)),
+        }
+    }
+
     /// The ledger answered (or could not be reached).
     pub fn on_ledger_reply(&mut self, gate: &Gate, reply: LedgerReply) -> RequestAction {
         match std::mem::replace(&mut self.state, State::Done) {
             State::AwaitingLedger(reserving) => self.on_hold_reply(gate, reply, reserving),
+            State::AwaitingTopUp(receipt) => self.on_top_up_reply(gate, &reply, *receipt),
             State::AwaitingChallenge(refusal) => {
                 let config = gate.config();
                 let challenge = read_challenge(&reply);
@@ -821,6 +946,15 @@ fn metered_cost(metered: &Metered, max: Usdc, units: Option<&[u8]>) -> Option<Us
         count.checked_mul(10).and_then(|c| c.checked_add(u64::from(digit - b'0')))
     });
     Some(metered.unit_price.cost(count.unwrap_or(u64::MAX), max))
+}
+
+/// A top-up's `amount_usdc` query parameter, if it reads as an amount.
+fn top_up_amount(path: &[u8]) -> Option<Usdc> {
+    let query = path.splitn(2, |b| *b == b'?').nth(1)?;
+    query.split(|b| *b == b'&').find_map(|pair| {
+        let value = pair.strip_prefix(b"amount_usdc=")?;
+        core::str::from_utf8(value).ok()?.parse().ok()
+    })
 }
 
 fn unbilled() -> Vec<HeaderEdit> {

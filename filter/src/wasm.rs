@@ -497,6 +497,12 @@ impl Stream {
                 self.respond(response);
                 Action::Pause
             }
+            RequestAction::Sell(response) => {
+                let headers =
+                    response.headers.iter().map(|(name, value)| (*name, value.as_str())).collect();
+                self.send_http_response(u32::from(response.status), headers, Some(&response.body));
+                Action::Pause
+            }
             RequestAction::Nothing => Action::Continue,
         }
     }
@@ -534,9 +540,10 @@ impl HttpContext for Stream {
         let method = self.get_http_request_header_bytes(":method").unwrap_or_default();
         let path = self.get_http_request_header_bytes(":path").unwrap_or_default();
         // A free route needs neither the credential nor the clock: each read is a host call.
-        let action = match gate.priced_route(&method, &path) {
-            None => self.exchange.on_free_request(),
-            Some(route) => {
+        let top_up = gate.is_top_up(&path);
+        let action = match gate.priced_route(&method, &path).filter(|_| !top_up) {
+            None if !top_up => self.exchange.on_free_request(),
+            route => {
                 let authorization = self.get_http_request_header_bytes(headers::AUTHORIZATION);
                 let idempotency_key = self.get_http_request_header_bytes(headers::IDEMPOTENCY_KEY);
                 // x402's headers only where it is on: each read is a host call.
@@ -557,7 +564,10 @@ impl HttpContext for Stream {
                     authority: authority.as_deref(),
                 };
                 let now = millis(self.get_current_time());
-                self.exchange.on_priced_request(&gate, route, &request, now)
+                match route {
+                    Some(route) => self.exchange.on_priced_request(&gate, route, &request, now),
+                    None => self.exchange.on_top_up(&gate, &request, now),
+                }
             }
         };
         let action = self.perform(&gate, action, false);

@@ -396,3 +396,56 @@ fn settling_before_needs_a_fixed_price_and_x402() {
             .starts_with("x402.settle_timeout_ms")
     );
 }
+
+#[test]
+fn a_top_up_asks_for_the_amount_and_answers_what_the_ledger_sold() {
+    let gate = gate_with(|c| c["x402"]["top_up"] = json!({"path": "/top-up", "max_usdc": "10"}));
+    assert!(gate.is_top_up(b"/top-up?amount_usdc=2") && !gate.is_top_up(b"/top-up/x"));
+    let at = |path| RequestHead { method: b"POST", ..head(path, None) };
+    let (status, body, headers) =
+        answered(&Exchange::default().on_top_up(&gate, &at("/top-up?amount_usdc=2"), NOW_MS));
+    assert_eq!((status, body.schemes.as_slice()), (402, ["x402".to_owned()].as_slice()));
+    assert_eq!(
+        decoded(header(&headers, "payment-required").unwrap())["accepts"][0]["amount"],
+        "2000000"
+    );
+    for bad in
+        ["/top-up", "/top-up?amount_usdc=11", "/top-up?amount_usdc=0.01", "/top-up?amount_usdc=x"]
+    {
+        let (status, body, _) = answered(&Exchange::default().on_top_up(&gate, &at(bad), NOW_MS));
+        assert_eq!((status, body.code), (400, ErrorCode::BadRequest), "{bad}");
+    }
+    // Paid: the ledger settles, credits and issues; its answer is the sale.
+    let paid = payment(2_000_000, Version::V2);
+    let mut exchange = Exchange::default();
+    let request =
+        RequestHead { method: b"POST", ..paying("/top-up?amount_usdc=2", &paid, Version::V2) };
+    let RequestAction::CallLedger(call) = exchange.on_top_up(&gate, &request, NOW_MS) else {
+        panic!("a paid top-up goes to the ledger")
+    };
+    assert_eq!(call.path, "/v1/x402/top-ups");
+    let sent: Value = serde_json::from_slice(&call.body).unwrap();
+    assert_eq!(sent["amountUsdc"], "2.000000");
+    let sold = json!({"buyerId": "0xabc", "amountUsdc": "2", "transaction": "0x01", "balanceUsdc": "2", "token": {"tokenId": "tok_1", "jwt": "a.b.c", "limitUsdc": "2", "expiresAt": "2030-01-01T00:00:00Z"}});
+    let action = exchange.on_ledger_reply(
+        &gate,
+        LedgerReply { status: Some(200), body: sold.to_string().into_bytes() },
+    );
+    let RequestAction::Sell(response) = action else { panic!("{action:?}") };
+    assert_eq!(response.status, 200);
+    assert_eq!(serde_json::from_slice::<Value>(&response.body).unwrap(), sold);
+    assert_eq!(
+        decoded(header(&response.headers, "payment-response").unwrap())["transaction"],
+        "0x01"
+    );
+    // A payment of another amount is refused inline.
+    let short = payment(1_000_000, Version::V2);
+    let request = paying("/top-up?amount_usdc=2", &short, Version::V2);
+    let (status, body, _) = answered(&Exchange::default().on_top_up(&gate, &request, NOW_MS));
+    assert_eq!((status, body.code), (402, ErrorCode::InvalidPayment));
+    // Bad settings are refused with the field named.
+    let mut json = config_json();
+    json["x402"]["top_up"] = json!({"path": "top-up"});
+    let error = Config::from_json(json.to_string().as_bytes()).unwrap_err().to_string();
+    assert!(error.starts_with("x402.top_up.path"), "{error}");
+}

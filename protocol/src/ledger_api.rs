@@ -33,6 +33,8 @@ pub mod path {
     pub const METRICS: &str = "/metrics";
     /// `POST`: mint L402 challenges, each a macaroon and its invoice (gateway).
     pub const L402_CHALLENGES: &str = "/v1/l402/challenges";
+    /// `POST`: an x402 payment that buys a prepaid balance and a Pay Token (gateway).
+    pub const X402_TOP_UPS: &str = "/v1/x402/top-ups";
     /// `POST`: pay a sandbox invoice, answering its preimage (admin; sandbox backend only).
     pub const SANDBOX_PAYMENTS: &str = "/v1/sandbox/payments";
     pub const HEALTHZ: &str = "/healthz";
@@ -316,6 +318,32 @@ pub struct IssuedToken {
     pub limit_usdc: Usdc,
     /// RFC 3339.
     pub expires_at: String,
+}
+
+/// `POST /v1/x402/top-ups`: `amountUsdc` paid with the x402 payment `credential`
+/// (`x402v2 …` or `x402v1 …`, as a reserve presents it), for `serviceId`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TopUpRequest {
+    pub credential: Presented,
+    pub service_id: String,
+    pub amount_usdc: Usdc,
+}
+
+/// A top-up's answer: the payment settled on chain, the payer's prepaid account credited
+/// with it, and a Pay Token with that cap for the service (when the ledger issues tokens).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TopUp {
+    /// The payer's address: its account, and the token's buyer.
+    pub buyer_id: String,
+    pub amount_usdc: Usdc,
+    /// The transfer's transaction.
+    pub transaction: String,
+    /// The account's balance after the deposit.
+    pub balance_usdc: Usdc,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<IssuedToken>,
 }
 
 /// `GET /v1/tokens/{tokenId}`.

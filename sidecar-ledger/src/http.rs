@@ -19,7 +19,7 @@ use axum::{Json, Router};
 use paystile_protocol::ledger_api::{
     ChallengeRequest, ChargePage, ChargeQuery, ChildTokenRequest, DepositRequest,
     IssueTokenRequest, L402Challenges, ReserveRequest, SandboxPaymentRequest, SetTierRequest,
-    SettleRequest, SummaryQuery, WatchQuery, path,
+    SettleRequest, SummaryQuery, TopUpRequest, WatchQuery, path,
 };
 use paystile_protocol::{ErrorBody, ErrorCode};
 use sha2::{Digest, Sha256};
@@ -27,7 +27,7 @@ use subtle::ConstantTimeEq;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::challenge::{BATCH_TIME_BUDGET, ChallengeError, ChallengeMinter};
-use crate::ledger::{Ledger, LedgerError, now_millis};
+use crate::ledger::{Ledger, LedgerError, TopUpOutcome, now_millis};
 use crate::store::ReserveOutcome;
 use crate::{journal, telemetry};
 
@@ -103,6 +103,7 @@ fn routes(ledger: Arc<Ledger>, minter: Minter, admin_key: ApiKey, gateway_key: A
     let gateway = Routes::new()
         .post(path::HOLDS, reserve)
         .post(path::SETTLEMENTS, settle)
+        .post(path::X402_TOP_UPS, top_up)
         .get(path::REVOCATIONS, watch_revocations)
         .map(|r| r.route_layer(middleware::from_fn_with_state(gateway_key, require_key)));
     let timed = ledger.clone();
@@ -378,6 +379,17 @@ async fn reserve(
     })
 }
 
+/// An x402 top-up: a prepaid balance and a Pay Token, bought through a gateway.
+async fn top_up(
+    State(ledger): State<Arc<Ledger>>,
+    ApiJson(request): ApiJson<TopUpRequest>,
+) -> Result<Response, ApiError> {
+    Ok(match ledger.top_up(request).await? {
+        TopUpOutcome::ToppedUp(top_up) => Json(top_up).into_response(),
+        TopUpOutcome::Refused(refusal) => ApiError(refusal.body()).into_response(),
+    })
+}
+
 async fn settle(
     State(ledger): State<Arc<Ledger>>,
     ApiJson(request): ApiJson<SettleRequest>,
@@ -604,7 +616,7 @@ mod tests {
     /// field name and format in the document is the wire's.
     #[test]
     fn examples_are_what_the_protocol_types_read_and_write() {
-        let parsers: [(&str, RoundTrip); 31] = [
+        let parsers: [(&str, RoundTrip); 33] = [
             ("Usdc", round_trip::<Usdc>),
             ("ErrorBody", round_trip::<ErrorBody>),
             ("Jwks", round_trip::<paystile_protocol::jwk::Jwks>),
@@ -632,6 +644,8 @@ mod tests {
             ("RevocationFeed", round_trip::<paystile_protocol::ledger_api::RevocationFeed>),
             ("ChargeView", round_trip::<ChargeView>),
             ("SettlementView", round_trip::<paystile_protocol::ledger_api::SettlementView>),
+            ("TopUpRequest", round_trip::<TopUpRequest>),
+            ("TopUp", round_trip::<paystile_protocol::ledger_api::TopUp>),
             ("ChargePage", round_trip::<ChargePage>),
             ("ServiceSummary", round_trip::<ServiceSummary>),
             ("ChallengeRequest", round_trip::<ChallengeRequest>),

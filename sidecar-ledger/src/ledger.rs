@@ -14,7 +14,8 @@ use paystile_protocol::ledger_api::{
     AccountView, BuyerRevocation, BuyerView, ChargeStatus, ChargeView, ChildTokenRequest, Deposit,
     DepositRequest, GatewayConfirmations, Hold, IssueTokenRequest, IssuedToken,
     MAX_HOLDS_PER_RESERVE, Outcome, ReserveRequest, RevocationFeed, SetTierRequest, SettleRequest,
-    SettleResponse, SettleResult, Settlement, SettlementView, TokenGrant, TokenView, WATCH_WAIT_MS,
+    SettleResponse, SettleResult, Settlement, SettlementView, TokenGrant, TokenView, TopUp,
+    TopUpRequest, WATCH_WAIT_MS,
 };
 use paystile_protocol::pay_token::{self, Audience, MAX_EXPIRY_SECONDS, PayTokenClaims, Scope};
 use paystile_protocol::verified::VerifiedCache;
@@ -27,8 +28,8 @@ use crate::domain::{TokenRecord, UnixMillis};
 use crate::rules::{self, Account, ChildSpec, DailyLimits, Refusal};
 use crate::settlement::Settlements;
 use crate::store::{
-    ChargeRecord, DepositCommand, PaymentSettlement, ReserveCommand, ReserveOutcome, Store,
-    StoreError, X402PaymentRecord,
+    ChargeRecord, DepositCommand, PaymentKind, PaymentSettlement, ReserveCommand, ReserveOutcome,
+    Store, StoreError, X402PaymentRecord,
 };
 use crate::telemetry::Metrics;
 
@@ -124,6 +125,13 @@ pub struct Ledger {
     metrics: Metrics,
     /// x402 settlement, when x402 is on: `settle: before` reserves settle through it.
     settlements: Option<Arc<Settlements>>,
+}
+
+/// A top-up: done, or refused.
+#[derive(Debug)]
+pub enum TopUpOutcome {
+    ToppedUp(TopUp),
+    Refused(Refusal),
 }
 
 /// How long a `settle: before` reserve waits for its transfer at most: past it the hold is
@@ -530,19 +538,14 @@ impl Ledger {
                 return Ok(ReserveOutcome::Refused(refusal));
             }
         };
-        if let Some(paid) = &verified.x402 {
+        if verified.x402.is_some() {
             // Recorded before its hold: what a committed charge was paid with is always known.
-            self.store
-                .record_x402_payment(X402PaymentRecord {
-                    token_id: verified.token.token_id.clone(),
-                    payer: paid.checked.payer.to_checksum(None),
-                    network: paid.network.clone(),
-                    amount: verified.token.limit_usdc,
-                    valid_before: verified.token.expires_at,
-                    payment: String::from_utf8_lossy(request.credential.as_bytes()).into_owned(),
-                    now,
-                })
-                .await?;
+            let presented = String::from_utf8_lossy(request.credential.as_bytes()).into_owned();
+            let (kind, _) =
+                self.record_payment(&verified, PaymentKind::Call, presented, now).await?;
+            if kind != PaymentKind::Call {
+                return Ok(ReserveOutcome::Refused(Refusal::PaymentUsed));
+            }
         }
         let outcome = self
             .store
@@ -583,6 +586,119 @@ impl Ledger {
         }
         self.metrics.reserved(&verified.token, &request, &outcome);
         Ok(outcome)
+    }
+
+    /// Records the x402 payment `verified` proves, taken for `kind`: what it was first taken
+    /// for, and whether that was now.
+    async fn record_payment(
+        &self,
+        verified: &Verified,
+        kind: PaymentKind,
+        presented: String,
+        now: UnixMillis,
+    ) -> Result<(PaymentKind, bool), LedgerError> {
+        let Some(paid) = &verified.x402 else {
+            return Err(LedgerError::Invalid("credential must be an x402 payment".into()));
+        };
+        Ok(self
+            .store
+            .record_x402_payment(X402PaymentRecord {
+                token_id: verified.token.token_id.clone(),
+                kind,
+                payer: paid.checked.payer.to_checksum(None),
+                network: paid.network.clone(),
+                amount: verified.token.limit_usdc,
+                valid_before: verified.token.expires_at,
+                payment: presented,
+                now,
+            })
+            .await?)
+    }
+
+    /// A top-up: `amountUsdc` paid with an x402 payment, settled on chain now; the payer's
+    /// prepaid account (its address) is credited with it, once (the deposit's reference is
+    /// the payment), and a Pay Token with that cap for the service is issued to it, when
+    /// this ledger issues tokens. A payment taken before, for a call or a top-up, is refused.
+    pub async fn top_up(&self, request: TopUpRequest) -> Result<TopUpOutcome, LedgerError> {
+        check_id("serviceId", &request.service_id)?;
+        if request.amount_usdc.is_zero() {
+            return Err(LedgerError::Invalid("amountUsdc must be greater than 0".into()));
+        }
+        if request.credential.as_bytes().len() > credential::MAX_AUTHORIZATION_LEN {
+            return Err(LedgerError::Invalid(format!(
+                "credential must be at most {} bytes",
+                credential::MAX_AUTHORIZATION_LEN
+            )));
+        }
+        let now = self.now();
+        let target = credential::Target {
+            service_id: &request.service_id,
+            capability: Capability::Any,
+            price: request.amount_usdc,
+            now: seconds(now),
+        };
+        let presented = request.credential.as_bytes();
+        let verified = match credential::verify(presented, &self.credentials.verifier, &target) {
+            Ok(verified) if verified.scheme == Scheme::X402 => verified,
+            Ok(_) => {
+                return Err(LedgerError::Invalid("credential must be an x402 payment".into()));
+            }
+            Err(refusal) => return Ok(TopUpOutcome::Refused(Refusal::Credential(refusal))),
+        };
+        let presented = String::from_utf8_lossy(presented).into_owned();
+        let (_, first) = self.record_payment(&verified, PaymentKind::TopUp, presented, now).await?;
+        if !first {
+            return Ok(TopUpOutcome::Refused(Refusal::PaymentUsed));
+        }
+        let token_id = &verified.token.token_id;
+        let settled = match &self.settlements {
+            Some(settlements) => settlements.settle_now(token_id, SETTLE_FIRST_WITHIN).await,
+            None => Err("this ledger settles no x402 payment".into()),
+        };
+        let transaction = match settled {
+            Ok(transaction) => transaction,
+            Err(reason) => return Ok(TopUpOutcome::Refused(Refusal::PaymentNotSettled(reason))),
+        };
+        let Some(paid) = &verified.x402 else {
+            return Err(LedgerError::Invalid("credential must be an x402 payment".into()));
+        };
+        let buyer_id = paid.checked.payer.to_checksum(None);
+        let deposit = self
+            .deposit(
+                buyer_id.clone(),
+                DepositRequest {
+                    amount_usdc: request.amount_usdc,
+                    reference: Some(token_id.clone()),
+                },
+            )
+            .await?;
+        if deposit.replayed {
+            return Ok(TopUpOutcome::Refused(Refusal::PaymentUsed));
+        }
+        let token = match &self.issuer {
+            Some(_) => Some(
+                self.issue_token(IssueTokenRequest {
+                    service_id: request.service_id,
+                    limit_usdc: request.amount_usdc,
+                    buyer_id: buyer_id.clone(),
+                    buyer_tag: None,
+                    scope: None,
+                    expires_at: None,
+                    ttl_seconds: None,
+                    sandbox: false,
+                })
+                .await?,
+            ),
+            None => None,
+        };
+        tracing::info!(%buyer_id, amount = %request.amount_usdc, %transaction, "x402 top-up");
+        Ok(TopUpOutcome::ToppedUp(TopUp {
+            buyer_id,
+            amount_usdc: request.amount_usdc,
+            transaction,
+            balance_usdc: deposit.balance_usdc,
+            token,
+        }))
     }
 
     /// `settle: before`: the payment of `hold` is settled on chain now; then its charge is

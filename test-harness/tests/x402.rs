@@ -324,3 +324,47 @@ async fn a_route_that_settles_before_serves_only_once_the_transfer_is_on_chain()
     assert_eq!(stack.stack.upstream.seen().len(), seen);
     assert_eq!(sandbox.balance(PAYEE).await.unwrap(), U256::from(4000u64));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_top_up_buys_a_pay_token_and_a_balance_with_one_settled_payment() {
+    let sandbox = X402Sandbox::start().await.unwrap();
+    let args = sandbox.ledger_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut x402 = sandbox.filter_config();
+    x402["top_up"] = json!({"path": "/paystile/top-up", "min_usdc": "1", "max_usdc": "50"});
+    let stack = TestStack::start_with(json!({"x402": x402}), &args).await.unwrap();
+
+    // The offer is for the amount asked; an amount out of bounds is a 400.
+    let offered = stack.get("/paystile/top-up?amount_usdc=5", None, &[]).await.unwrap();
+    assert_eq!((offered.status, offered.code().as_deref()), (402, Some("payment_required")));
+    let required = decoded(offered.header("payment-required").unwrap());
+    assert_eq!(required["accepts"][0]["amount"], "5000000");
+    let small = stack.get("/paystile/top-up?amount_usdc=0.5", None, &[]).await.unwrap();
+    assert_eq!((small.status, small.code().as_deref()), (400, Some("bad_request")));
+
+    // Paid: settled before anything is credited, then the token is the answer.
+    let payment = sign(&sandbox, &payer_key(), 5_000_000);
+    let header = [("payment-signature", payment.as_str())];
+    let bought = stack.get("/paystile/top-up?amount_usdc=5", None, &header).await.unwrap();
+    assert_eq!(bought.status, 200, "{}", bought.text);
+    assert_eq!(sandbox.balance(PAYEE).await.unwrap(), U256::from(5_000_000u64));
+    let top_up = bought.json();
+    assert_eq!(top_up["buyerId"], PAYER);
+    assert_eq!(top_up["balanceUsdc"], "5.000000");
+    let receipt = decoded(bought.header("payment-response").unwrap());
+    assert_eq!(receipt["transaction"], top_up["transaction"]);
+    assert!(stack.stack.upstream.seen().is_empty(), "a top-up never reaches the upstream");
+
+    // The token pays calls as any Pay Token, against the token and the payer's balance.
+    let jwt = top_up["token"]["jwt"].as_str().unwrap();
+    let paid = stack.paid("/v1/forecast/oslo", jwt).await.unwrap();
+    assert_eq!((paid.status, paid.header("x-amount-usdc")), (200, Some("0.001000")));
+    stack.settled(top_up["token"]["tokenId"].as_str().unwrap()).await.unwrap();
+    let account = stack.stack.admin.buyer(PAYER).await.unwrap().account.unwrap();
+    assert_eq!(account.balance_usdc.to_string(), "4.999000");
+
+    // The same payment again, for a top-up or a call: used.
+    let again = stack.get("/paystile/top-up?amount_usdc=5", None, &header).await.unwrap();
+    assert_eq!((again.status, again.code().as_deref()), (402, Some("payment_already_used")));
+    assert_eq!(sandbox.balance(PAYEE).await.unwrap(), U256::from(5_000_000u64));
+}

@@ -98,17 +98,53 @@ pub(super) struct RawX402 {
     /// then refused without a ledger call, at the price of an ECDSA recovery in the wasm.
     #[serde(default)]
     verify_signatures: bool,
-    /// How long a reserve on a `settle: before` route may wait for the transfer's receipt.
+    /// How long a reserve on a `settle: before` route (or a top-up) may wait for the
+    /// transfer's receipt.
     #[serde(default)]
     settle_timeout_ms: Option<u64>,
+    #[serde(default)]
+    top_up: Option<RawTopUp>,
 }
+
+/// A path on the gateway that sells a prepaid balance and a Pay Token for x402.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename = "the x402 top-up settings")]
+struct RawTopUp {
+    path: String,
+    #[serde(default)]
+    min_usdc: Option<Usdc>,
+    #[serde(default)]
+    max_usdc: Option<Usdc>,
+}
+
+/// The top-up path: `POST <path>?amount_usdc=<amount>`, paid with x402, answers the ledger's
+/// top-up (the Pay Token bought) with the transaction in `PAYMENT-RESPONSE`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopUp {
+    pub path: String,
+    pub min: Usdc,
+    pub max: Usdc,
+}
+
+/// A top-up buys at least this much unless configured otherwise.
+pub const DEFAULT_TOP_UP_MIN_USDC: Usdc = match Usdc::from_micros(100_000) {
+    Some(amount) => amount,
+    None => Usdc::ZERO,
+};
+/// And at most this much.
+pub const DEFAULT_TOP_UP_MAX_USDC: Usdc = match Usdc::from_micros(100_000_000) {
+    Some(amount) => amount,
+    None => Usdc::ZERO,
+};
 
 /// A `settle: before` reserve waits this long unless configured: a few blocks of a chain
 /// like Base (2 s each), and the ledger's retries of a node that does not answer at once.
 pub const DEFAULT_SETTLE_TIMEOUT_MS: u64 = 15_000;
 
-/// The x402 rules, and how long a `settle: before` reserve may take.
-pub(super) fn validate_x402(x402: RawX402) -> Result<(X402Rules, Duration), ConfigError> {
+/// The x402 rules, how long a `settle: before` reserve may take, and the top-up path.
+pub(super) fn validate_x402(
+    x402: RawX402,
+) -> Result<(X402Rules, Duration, Option<TopUp>), ConfigError> {
     let settings = OfferSettings {
         network: &x402.network,
         pay_to: &x402.pay_to,
@@ -124,7 +160,24 @@ pub(super) fn validate_x402(x402: RawX402) -> Result<(X402Rules, Duration), Conf
         ms @ 1_000..=120_000 => Duration::from_millis(ms),
         _ => return Err(invalid("x402.settle_timeout_ms", "must be between 1000 and 120000")),
     };
-    Ok((X402Rules { offer, signature }, timeout))
+    let top_up = match x402.top_up {
+        None => None,
+        Some(raw) => {
+            if !raw.path.starts_with('/') || raw.path.contains(['?', '#']) {
+                return Err(invalid("x402.top_up.path", "must be a path: /…, without ? or #"));
+            }
+            let min = raw.min_usdc.unwrap_or(DEFAULT_TOP_UP_MIN_USDC);
+            let max = raw.max_usdc.unwrap_or(DEFAULT_TOP_UP_MAX_USDC);
+            if min.is_zero() || max < min {
+                return Err(invalid(
+                    "x402.top_up.max_usdc",
+                    "min_usdc must be greater than 0, and max_usdc at least min_usdc",
+                ));
+            }
+            Some(TopUp { path: raw.path, min, max })
+        }
+    };
+    Ok((X402Rules { offer, signature }, timeout, top_up))
 }
 
 pub(super) fn validate_pay_token(pay_token: RawPayToken) -> Result<PayTokenRules, ConfigError> {

@@ -18,6 +18,7 @@ use crate::routes::{self, Metered, PathMatch, Route, X402Terms};
 
 mod credentials;
 
+pub use credentials::TopUp;
 use credentials::{
     RawL402, RawPayToken, RawX402, check_offer_opens_every_route, is_caveat_safe, validate_l402,
     validate_pay_token, validate_x402,
@@ -144,6 +145,8 @@ pub struct Config {
     pub verifier: Verifier,
     /// What a 402 offers for L402, when L402 is on.
     pub l402: Option<L402Offer>,
+    /// The path that sells a prepaid balance and a Pay Token for x402, if any.
+    pub top_up: Option<TopUp>,
     pub billable: Billable,
     pub failure_mode: FailureMode,
     /// Whether to report the filter's metrics through the host's metrics calls (see
@@ -278,11 +281,11 @@ impl Config {
         if raw.pay_token.is_none() && raw.l402.is_none() && raw.x402.is_none() {
             return Err(invalid("pay_token", "configure pay_token, l402, x402, or several"));
         }
-        let (x402, settle_first_timeout) = match raw.x402 {
+        let (x402, settle_first_timeout, top_up) = match raw.x402 {
             Some(raw) => {
-                let (rules, timeout) = validate_x402(raw)?;
+                let (rules, timeout, top_up) = validate_x402(raw)?;
                 offer_x402(&mut routes, &rules.offer);
-                (Some(rules), timeout)
+                (Some(rules), timeout, top_up)
             }
             None => {
                 if let Some(i) = routes.iter().position(|route| route.settle_before) {
@@ -291,7 +294,7 @@ impl Config {
                         "before settles x402 payments: configure x402",
                     ));
                 }
-                (None, Duration::ZERO)
+                (None, Duration::ZERO, None)
             }
         };
         let pay_token = raw.pay_token.map(validate_pay_token).transpose()?;
@@ -319,6 +322,7 @@ impl Config {
             },
             verifier: Verifier { pay_token, l402: l402_rules, x402 },
             l402,
+            top_up,
             billable,
             failure_mode: raw.failure_mode,
             metrics: raw.metrics.unwrap_or(true),

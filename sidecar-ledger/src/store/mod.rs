@@ -24,6 +24,7 @@ use paystile_protocol::pay_token::Scope;
 
 pub use journal::{ChargeFilter, ServiceTotals, ServiceWindow};
 pub use postgres::PostgresStore;
+use sql::Columns as _;
 pub use sqlite::SqliteStore;
 
 use crate::domain::{TokenRecord, UnixMillis};
@@ -310,24 +311,56 @@ impl Store {
 
 /// x402 payments and their settlement jobs.
 impl Store {
-    /// Records a payment when it is first reserved (again: nothing changes).
-    pub async fn record_x402_payment(&self, record: X402PaymentRecord) -> Result<(), StoreError> {
+    /// Records a payment when it is first taken (again: nothing changes); answers what it
+    /// was first taken for, and whether that was now.
+    pub async fn record_x402_payment(
+        &self,
+        record: X402PaymentRecord,
+    ) -> Result<(PaymentKind, bool), StoreError> {
         let amount = record.amount.micros_i64();
         let valid_before = i64::try_from(record.valid_before).unwrap_or(i64::MAX);
-        let X402PaymentRecord { token_id, payer, network, payment, now, .. } = record;
-        match self {
+        let X402PaymentRecord { token_id, kind, payer, network, payment, now, .. } = record;
+        let kind_name = kind.name();
+        let (inserted, first) = match self {
             Store::Sqlite(store) => {
-                let params = (token_id, payer, network, amount, valid_before, payment, now);
-                store.execute(sql::RECORD_X402_PAYMENT, params).await.map(drop)
+                let params = (
+                    token_id.clone(),
+                    kind_name,
+                    payer,
+                    network,
+                    amount,
+                    valid_before,
+                    payment,
+                    now,
+                );
+                let inserted = store.execute(sql::RECORD_X402_PAYMENT, params).await?;
+                let read = |row: &rusqlite::Row<'_>| row.text(0);
+                let first = store.read_all(sql::X402_PAYMENT_KIND, (token_id,), read).await?;
+                (inserted == 1, first)
             }
-            Store::Postgres(store) => store
-                .execute(
-                    sql::RECORD_X402_PAYMENT,
-                    &[&token_id, &payer, &network, &amount, &valid_before, &payment, &now],
-                )
-                .await
-                .map(drop),
-        }
+            Store::Postgres(store) => {
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+                    &token_id,
+                    &kind_name,
+                    &payer,
+                    &network,
+                    &amount,
+                    &valid_before,
+                    &payment,
+                    &now,
+                ];
+                let inserted = store.execute(sql::RECORD_X402_PAYMENT, &params).await?;
+                let read = |row: &tokio_postgres::Row| row.text(0);
+                let first = store.query(sql::X402_PAYMENT_KIND, &[&token_id], read).await?;
+                (inserted == 1, first)
+            }
+        };
+        let first = first.first().map(String::as_str);
+        let kind = PaymentKind::ALL
+            .into_iter()
+            .find(|kind| Some(kind.name()) == first)
+            .ok_or_else(|| StoreError::Corrupt(format!("x402 payment kind {first:?}")))?;
+        Ok((kind, inserted))
     }
 
     /// The settlements due at `now`, at most `limit`.
@@ -613,10 +646,31 @@ pub struct PaymentSettlement {
     pub reason: Option<String>,
 }
 
-/// An x402 payment, as the ledger records it when it is first reserved.
+/// What an x402 payment is taken for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PaymentKind {
+    /// One call: its charge is what it pays.
+    Call,
+    /// A prepaid balance, and a Pay Token on it.
+    TopUp,
+}
+
+impl PaymentKind {
+    pub const ALL: [PaymentKind; 2] = [PaymentKind::Call, PaymentKind::TopUp];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PaymentKind::Call => "call",
+            PaymentKind::TopUp => "top-up",
+        }
+    }
+}
+
+/// An x402 payment, as the ledger records it when it is first taken.
 #[derive(Clone, Debug)]
 pub struct X402PaymentRecord {
     pub token_id: String,
+    pub kind: PaymentKind,
     pub payer: String,
     pub network: String,
     pub amount: Usdc,

@@ -151,10 +151,12 @@ pub(super) const SELECT_CHARGE: &str =
 
 /// An x402 payment, recorded when it is first reserved; again, nothing changes.
 pub(super) const RECORD_X402_PAYMENT: &str = "INSERT INTO x402_payments
-         (token_id, payer, network, amount_micros, valid_before, payment, status,
+         (token_id, kind, payer, network, amount_micros, valid_before, payment, status,
           next_attempt_at, created_at, updated_at)
-     VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $7, $7)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', $8, $8, $8)
      ON CONFLICT (token_id) DO NOTHING";
+/// What the payment `$1` was first taken for.
+pub(super) const X402_PAYMENT_KIND: &str = "SELECT kind FROM x402_payments WHERE token_id = $1";
 /// The settlements due at `$1` (as [`settlement_job`] reads them), oldest first, at most
 /// `$2`: those of payments a committed charge was paid with.
 pub(super) const DUE_SETTLEMENTS: &str = "SELECT p.token_id, p.payment, p.status, p.tx_hash,
@@ -471,6 +473,7 @@ mod tests {
             UPDATE_SETTLEMENT,
             VOID_PAYMENTS,
             SELECT_SETTLEMENT,
+            X402_PAYMENT_KIND,
         ] {
             let statement = conn.prepare(sql).unwrap();
             for index in 1..=statement.parameter_count() {

@@ -16,6 +16,9 @@ use paystile_harness::upstream::UpstreamMode;
 use paystile_protocol::jwk::Jwks;
 use paystile_protocol::ledger_api::IssueTokenRequest;
 
+/// Where the demo gateway sells Pay Tokens for x402.
+const TOP_UP_PATH: &str = "/paystile/top-up";
+
 #[tokio::main]
 async fn main() -> ExitCode {
     match run().await {
@@ -48,11 +51,13 @@ async fn run() -> anyhow::Result<()> {
     let secrets =
         Secrets { admin_key, token_key, token_secret, l402_secret, gateway_key: random_key("gw") };
     let x402 = X402Sandbox::start().await?;
+    let mut x402_config = x402.filter_config();
+    x402_config["top_up"] = serde_json::json!({"path": TOP_UP_PATH});
     let mut stack = Stack::start(StackOptions {
         ports: Ports::DEFAULT,
         secrets,
         dir: dir.clone(),
-        filter: serde_json::json!({"x402": x402.filter_config()}),
+        filter: serde_json::json!({"x402": x402_config}),
         http_filter: HttpFilter::Paystile,
         ledger_args: x402.ledger_args(),
         envoy_workers: 2,
@@ -154,6 +159,15 @@ async fn run() -> anyhow::Result<()> {
     );
     println!("The ledger settles it on chain once the call is answered; see the transfer with:");
     println!("  {ledger_cli} charge <chargeId from the answer>");
+    println!(
+        "Or buy a Pay Token (1 USDC, settled first, on the wallet's prepaid balance) with it:"
+    );
+    println!(
+        "  .venv/bin/python test-harness/interop/x402_fetch.py --key {PAYER_KEY} --allow {}:{} '{}'",
+        x402.network(),
+        x402.token.to_checksum(None),
+        stack.gateway_url(&format!("{TOP_UP_PATH}?amount_usdc=1"))
+    );
     println!();
     println!("The filter's counters (paid, refused by code, settlements queued and delivered):");
     println!("  curl -s 'http://{}/stats?filter=wasmcustom'", stack.envoy.admin());

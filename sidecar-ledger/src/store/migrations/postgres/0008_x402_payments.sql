@@ -4,6 +4,9 @@
 
 CREATE TABLE x402_payments (
     token_id        TEXT PRIMARY KEY,
+    -- What it pays for: one call (`call`), or a prepaid balance and a Pay Token (`top-up`).
+    -- A payment is taken for one of them, once.
+    kind            TEXT NOT NULL CHECK (kind = 'call' OR kind = 'top-up'),
     payer           TEXT NOT NULL,
     network         TEXT NOT NULL,
     amount_micros   BIGINT NOT NULL CHECK (amount_micros > 0),
