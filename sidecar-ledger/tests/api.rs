@@ -2128,7 +2128,7 @@ mod operability {
                 operations += 1;
             }
         }
-        assert_eq!(operations, 21);
+        assert_eq!(operations, 22);
         // A known path with a method it does not take: 405, its methods, and a JSON body.
         for (method, path, allow) in [
             (reqwest::Method::DELETE, "/v1/charges", "GET,HEAD"),

@@ -6,7 +6,8 @@
 //! the next tick sends; the same credential every call, so after the first the VM's verified
 //! credentials serve it; each call reserved, `ledger.prefetch_holds` 0), a Pay Token paid
 //! call with holds prefetched, 16 a reserve (most calls go on at once on one), a Pay Token paid call with a token the VM has not seen (verified in
-//! full), and a Pay Token with a bad signature. For every path it reports wasm
+//! full), a Pay Token with a bad signature, and an x402 paid call (its terms checked in the
+//! wasm, and with `x402.verify_signatures` its EIP-712 signature recovered there too). For every path it reports wasm
 //! fuel per request (wasmtime charges about one unit per wasm instruction executed, none for
 //! `nop`, `drop`, `block`, `loop` and `end`: a count of guest work that does not depend on the
 //! machine) and wall time per request (the median of several runs of many requests on one VM,
@@ -37,6 +38,7 @@ use paystile_protocol::jws::SigningKey;
 use paystile_protocol::l402::{self, Identifier, Offer};
 use paystile_protocol::ledger_api::{ChallengeRequest, L402Challenge};
 use paystile_protocol::pay_token::{self, PayTokenClaims, Scope};
+use paystile_protocol::x402;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -98,9 +100,14 @@ enum Path {
     PayTokenFirstUse,
     L402Paid,
     BadSignature,
+    /// An x402 payment (a new one each call in real life; the filter keeps none), its terms
+    /// checked in the wasm and its signature left to the ledger (the default).
+    X402Paid,
+    /// The same with `x402.verify_signatures`: the EIP-712 signature recovered in the wasm.
+    X402PaidVerified,
 }
 
-const PATHS: [Path; 8] = [
+const PATHS: [Path; 10] = [
     Path::ChallengePooled,
     Path::ChallengeMinted,
     Path::PayTokensOnly402,
@@ -109,6 +116,8 @@ const PATHS: [Path; 8] = [
     Path::PayTokenFirstUse,
     Path::L402Paid,
     Path::BadSignature,
+    Path::X402Paid,
+    Path::X402PaidVerified,
 ];
 
 impl Path {
@@ -122,6 +131,8 @@ impl Path {
             Path::PayTokenFirstUse => "Pay Token paid call, token not seen before → 200",
             Path::L402Paid => "L402 paid call → 200",
             Path::BadSignature => "Pay Token, bad signature → 401",
+            Path::X402Paid => "x402 paid call, terms checked, signature left to the ledger → 200",
+            Path::X402PaidVerified => "x402 paid call, signature verified in the wasm → 200",
         }
     }
 }
@@ -164,6 +175,7 @@ struct Script {
     pay_token: Pairs,
     l402: Pairs,
     bad_signature: Pairs,
+    x402: Pairs,
     /// The ledger's answer to a 402's own challenge call.
     challenge: Reply,
     /// Real sandbox challenges, for the pool's refills (the same ones again each refill); the
@@ -197,6 +209,7 @@ impl Script {
             pay_token: get(Some(&bearer(TOKEN_SECRET)?)),
             l402: get(Some(&l402_credential()?)),
             bad_signature: get(Some(&bearer("not-the-token-secret-0123456789abc")?)),
+            x402: x402_payment()?,
             challenge: Reply::json(200, &serde_json::to_value(minted.first().context("none")?)?),
             minted,
             holds,
@@ -224,6 +237,13 @@ impl Script {
         }
         if path == Path::PayTokenPrefetched {
             config["ledger"]["prefetch_holds"] = json!(PREFETCH_HOLDS);
+        }
+        if matches!(path, Path::X402Paid | Path::X402PaidVerified) {
+            config["x402"] = json!({
+                "network": "eip155:31337", "asset": X402_ASSET, "asset_name": "USD Coin",
+                "asset_version": "2", "pay_to": X402_PAY_TO,
+                "verify_signatures": path == Path::X402PaidVerified,
+            });
         }
         let mut vm = Vm::load(self.flavor)?;
         ensure!(vm.configure(config.to_string().as_bytes())?, "config refused: {:?}", vm.logs());
@@ -271,9 +291,19 @@ impl Script {
                     self.paid(vm, &mut meter, &fresh, i)?
                 }
                 Path::L402Paid => self.paid(vm, &mut meter, &self.l402, i)?,
+                Path::X402Paid | Path::X402PaidVerified => {
+                    self.paid(vm, &mut meter, &self.x402, i)?
+                }
             }
         }
-        if matches!(path, Path::PayTokenPaid | Path::PayTokenFirstUse | Path::L402Paid) {
+        let settled = [
+            Path::PayTokenPaid,
+            Path::PayTokenFirstUse,
+            Path::L402Paid,
+            Path::X402Paid,
+            Path::X402PaidVerified,
+        ];
+        if settled.contains(&path) {
             self.settle(vm, &mut meter, &self.charge_ids)?;
         }
         if path == Path::PayTokenPrefetched {
@@ -464,6 +494,28 @@ fn get(authorization: Option<&str>) -> Pairs {
         headers.push((b"authorization".to_vec(), authorization.as_bytes().to_vec()));
     }
     headers
+}
+
+const X402_ASSET: &str = "0x5FbDB2315678afecb367f032d93F642f64180aa3";
+const X402_PAY_TO: &str = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC";
+
+/// A request with an x402 payment of the route's price, valid for a minute at [`NOW`].
+fn x402_payment() -> anyhow::Result<Pairs> {
+    let offer = x402::Offer {
+        chain_id: 31337,
+        asset: X402_ASSET.parse()?,
+        name: "USD Coin".into(),
+        version: "2".into(),
+        pay_to: X402_PAY_TO.parse()?,
+        max_timeout_seconds: 60,
+    };
+    let key = x402::SigningKey::from_slice(&[0x42; 32])?;
+    let terms =
+        x402::Terms { offer: &offer, amount: 1000, window: (0, NOW + 60), nonce: x402::B256::ZERO };
+    let mut headers = get(None);
+    let payment = x402::sign(&key, &terms, x402::Version::V2);
+    headers.push((b"payment-signature".to_vec(), payment.into_bytes()));
+    Ok(headers)
 }
 
 fn bearer(secret: &str) -> anyhow::Result<String> {
