@@ -245,7 +245,7 @@ impl X402Receipt {
     /// transfer was settled before the call (`settle: before`). Otherwise it is sent once
     /// the call is answered (`settle: after`), so none is known yet: the answer says
     /// `settlement_pending`, and the charge id finds the transaction in the ledger's journal.
-    fn header(&self) -> HeaderEdit {
+    fn header(&self) -> (&'static str, String) {
         let response = x402::SettleResponse {
             success: true,
             error_reason: match self.transaction {
@@ -261,7 +261,7 @@ impl X402Receipt {
             x402::Version::V1 => headers::X_PAYMENT_RESPONSE,
             x402::Version::V2 => headers::PAYMENT_RESPONSE,
         };
-        HeaderEdit::Set(name, response.header_value())
+        (name, response.header_value())
     }
 }
 
@@ -278,6 +278,8 @@ struct Reserving {
     /// When the request came (Unix seconds).
     now: u64,
     x402: Option<Box<X402Receipt>>,
+    /// Settled before it is served: such a call never goes through unpaid.
+    settle_first: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -367,7 +369,12 @@ impl Exchange {
             Some((payment, version)) if self.x402.is_some() => {
                 Some(Cow::Owned(credential::x402_presented(version, payment).into_bytes()))
             }
-            _ => request.authorization.map(Cow::Borrowed),
+            // The x402 schemes are the gateway's way of presenting a payment header to the
+            // ledger, never a client's `Authorization`: a client's is answered as none.
+            _ => request
+                .authorization
+                .filter(|value| !value.trim_ascii_start().starts_with(b"x402v"))
+                .map(Cow::Borrowed),
         };
         match check_inline(gate, presented.as_deref(), request, route, now) {
             Ok((verified, idempotency)) => {
@@ -390,6 +397,7 @@ impl Exchange {
                 let presented = presented.as_deref().unwrap_or_default();
                 // `settle: before`: the ledger answers once the transfer is on chain.
                 let settle_first = route.settle_before && verified.scheme == Scheme::X402;
+                let settle_timeout = config.ledger.settle_first_timeout;
                 let reserve = ReserveRequest {
                     // A verified credential is printable ASCII (the scheme's characters only).
                     credential: String::from_utf8_lossy(presented).into_owned().into(),
@@ -402,7 +410,11 @@ impl Exchange {
                     extras_until_ms: prefetch
                         .as_ref()
                         .map(|_| now_ms.saturating_add(config.ledger.timeout_ms())),
-                    settle_first,
+                    settle_until_ms: settle_first.then(|| {
+                        now_ms.saturating_add(
+                            u64::try_from(settle_timeout.as_millis()).unwrap_or(u64::MAX),
+                        )
+                    }),
                 };
                 self.state = State::AwaitingLedger(Reserving {
                     scheme: verified.scheme,
@@ -411,10 +423,11 @@ impl Exchange {
                     prefetch,
                     now,
                     x402: X402Receipt::of(&verified),
+                    settle_first,
                 });
                 // Serializing strings, integers and amounts cannot fail.
                 let body = serde_json::to_vec(&reserve).unwrap_or_default();
-                let timeout = settle_first.then_some(config.ledger.settle_first_timeout);
+                let timeout = settle_first.then_some(settle_timeout);
                 RequestAction::CallLedger(LedgerCall { path: path::HOLDS, body, timeout })
             }
             Err(refusal) if refusal.code == ErrorCode::PaymentRequired => {
@@ -474,16 +487,23 @@ impl Exchange {
         let Some(receipt) = X402Receipt::of(&verified) else {
             return self.respond(config, &ErrorBody::new(ErrorCode::InvalidPayment));
         };
+        let timeout = config.ledger.settle_first_timeout;
         let top_up = TopUpRequest {
             credential: presented.into(),
             service_id: config.service_id.clone(),
             amount_usdc: amount,
+            settle_until_ms: Some(
+                now_ms.saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+            ),
         };
         self.state = State::AwaitingTopUp(receipt);
         // Serializing strings and amounts cannot fail.
         let body = serde_json::to_vec(&top_up).unwrap_or_default();
-        let timeout = Some(config.ledger.settle_first_timeout);
-        RequestAction::CallLedger(LedgerCall { path: path::X402_TOP_UPS, body, timeout })
+        RequestAction::CallLedger(LedgerCall {
+            path: path::X402_TOP_UPS,
+            body,
+            timeout: Some(timeout),
+        })
     }
 
     /// The ledger's answer to a top-up: the Pay Token bought, with the transaction in
@@ -516,9 +536,7 @@ impl Exchange {
             Ok(Ok(top_up)) => {
                 self.state = State::Done;
                 let receipt = X402Receipt { transaction: Some(top_up.transaction), ..receipt };
-                let HeaderEdit::Set(name, value) = receipt.header() else {
-                    return RequestAction::Nothing;
-                };
+                let (name, value) = receipt.header();
                 RequestAction::Sell(LocalResponse {
                     // Not a refusal: a sale is never counted as one.
                     code: ErrorCode::PaymentRequired,
@@ -584,7 +602,7 @@ impl Exchange {
         reply: LedgerReply,
         reserving: Reserving,
     ) -> RequestAction {
-        let Reserving { scheme, metered, token_id, prefetch, now, x402 } = reserving;
+        let Reserving { scheme, metered, token_id, prefetch, now, x402, settle_first } = reserving;
         let config = gate.config();
         let answer = LedgerAnswer::read(&reply);
         gate.note_ledger(answer.health(), reply.status);
@@ -637,7 +655,9 @@ impl Exchange {
                 self.challenge(gate, refusal, now)
             }
             LedgerAnswer::Refusal(refusal) => self.respond(config, &refusal),
-            LedgerAnswer::Unreachable if config.failure_mode == FailureMode::Open => {
+            LedgerAnswer::Unreachable
+                if config.failure_mode == FailureMode::Open && !settle_first =>
+            {
                 self.state = State::Free { failed_open: true };
                 let mut edits = credential_removals(config);
                 edits.push(HeaderEdit::Remove(headers::CHARGE_ID));
@@ -919,7 +939,10 @@ fn charged(charge: &Charge) -> Vec<HeaderEdit> {
         HeaderEdit::Set(headers::AMOUNT_USDC, charge.amount.to_string()),
         HeaderEdit::Set(headers::REMAINING_USDC, charge.remaining.to_string()),
     ];
-    edits.extend(charge.x402.as_ref().map(|receipt| receipt.header()));
+    if let Some(receipt) = &charge.x402 {
+        let (name, value) = receipt.header();
+        edits.push(HeaderEdit::Set(name, value));
+    }
     edits
 }
 

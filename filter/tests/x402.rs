@@ -342,7 +342,7 @@ fn a_route_that_settles_before_waits_for_the_transfer_and_reports_it_whatever_th
         panic!("a payment goes to the ledger")
     };
     let reserve: ReserveRequest = serde_json::from_slice(&call.body).unwrap();
-    assert!(reserve.settle_first);
+    assert_eq!(reserve.settle_until_ms, Some(NOW_MS + 20_000));
     assert_eq!(call.timeout, Some(std::time::Duration::from_secs(20)));
     let tx = format!("0x{}", "ab".repeat(32));
     let hold = json!({"chargeId": "ch_3", "amountUsdc": "0.001", "remainingUsdc": "0", "replayed": false, "transaction": tx});
@@ -448,4 +448,28 @@ fn a_top_up_asks_for_the_amount_and_answers_what_the_ledger_sold() {
     json["x402"]["top_up"] = json!({"path": "top-up"});
     let error = Config::from_json(json.to_string().as_bytes()).unwrap_err().to_string();
     assert!(error.starts_with("x402.top_up.path"), "{error}");
+}
+
+#[test]
+fn a_payment_is_taken_from_its_headers_only_and_a_settle_first_call_never_goes_unpaid() {
+    // `x402v2 …` is how the gateway presents a payment to the ledger: in a client's
+    // Authorization (here on a metered route, where x402 is not offered) it is no credential.
+    let gate = gate_with(|c| c["failure_mode"] = json!("open"));
+    let smuggled = format!("x402v2 {}", payment(1000, Version::V2));
+    let (status, body, _) = answered(&Exchange::default().on_request_headers(
+        &gate,
+        &head("/v1/metered", Some(&smuggled)),
+        NOW_MS,
+    ));
+    assert_eq!((status, body.code), (402, ErrorCode::PaymentRequired));
+    // Failing open lets a reserved call through unpaid; a call to settle first, never.
+    let gate = gate_with(|c| {
+        c["failure_mode"] = json!("open");
+        c["routes"][1]["settle"] = json!("before");
+    });
+    let paid = payment(1000, Version::V2);
+    let mut exchange = Exchange::default();
+    exchange.on_request_headers(&gate, &paying("/v1/forecast", &paid, Version::V2), NOW_MS);
+    let (status, body, _) = answered(&exchange.on_ledger_reply(&gate, LedgerReply::default()));
+    assert_eq!((status, body.code), (503, ErrorCode::LedgerUnavailable));
 }

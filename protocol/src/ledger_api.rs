@@ -65,11 +65,12 @@ pub struct ReserveRequest {
     /// until their TTL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extras_until_ms: Option<u64>,
-    /// With an x402 payment, on a route that settles before it serves: the ledger answers
-    /// the hold only once the transfer is confirmed on chain (and the charge committed), or
-    /// refuses the payment with the reason it did not settle.
-    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
-    pub settle_first: bool,
+    /// With an x402 payment, on a route that settles before it serves: when the gateway
+    /// stops waiting (Unix milliseconds, its clock). The ledger answers the hold only once
+    /// the transfer is confirmed on chain (and the charge committed), or refuses the payment
+    /// with the reason it did not settle, before then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settle_until_ms: Option<u64>,
 }
 
 /// A credential as a gateway presents it to the ledger: the call's `Authorization` value,
@@ -328,6 +329,10 @@ pub struct TopUpRequest {
     pub credential: Presented,
     pub service_id: String,
     pub amount_usdc: Usdc,
+    /// When the gateway stops waiting (Unix milliseconds, its clock): the payment is settled
+    /// before then, or refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settle_until_ms: Option<u64>,
 }
 
 /// A top-up's answer: the payment settled on chain, the payer's prepaid account credited

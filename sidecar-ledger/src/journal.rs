@@ -104,9 +104,6 @@ impl Ledger {
     }
 }
 
-/// `from` (inclusive) and `to` (exclusive) as Unix ms; `from` must come before `to`. Charges
-/// are stamped in whole milliseconds, so each bound becomes the first millisecond at or after
-/// it: a charge is at or after the instant exactly when it is at or after that millisecond.
 /// A settlement status as the journal's `settlement` filter names it.
 fn settlement_status(name: &str) -> Result<SettlementStatus, LedgerError> {
     SettlementStatus::ALL.into_iter().find(|status| status.name() == name).ok_or_else(|| {
@@ -116,6 +113,9 @@ fn settlement_status(name: &str) -> Result<SettlementStatus, LedgerError> {
     })
 }
 
+/// `from` (inclusive) and `to` (exclusive) as Unix ms; `from` must come before `to`. Charges
+/// are stamped in whole milliseconds, so each bound becomes the first millisecond at or after
+/// it: a charge is at or after the instant exactly when it is at or after that millisecond.
 fn window(
     from: Option<&str>,
     to: Option<&str>,

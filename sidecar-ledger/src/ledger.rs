@@ -14,8 +14,8 @@ use paystile_protocol::ledger_api::{
     AccountView, BuyerRevocation, BuyerView, ChargeStatus, ChargeView, ChildTokenRequest, Deposit,
     DepositRequest, GatewayConfirmations, Hold, IssueTokenRequest, IssuedToken,
     MAX_HOLDS_PER_RESERVE, Outcome, ReserveRequest, RevocationFeed, SetTierRequest, SettleRequest,
-    SettleResponse, SettleResult, Settlement, SettlementView, TokenGrant, TokenView, TopUp,
-    TopUpRequest, WATCH_WAIT_MS,
+    SettleResponse, SettleResult, SettleStatus, Settlement, SettlementView, TokenGrant, TokenView,
+    TopUp, TopUpRequest, WATCH_WAIT_MS,
 };
 use paystile_protocol::pay_token::{self, Audience, MAX_EXPIRY_SECONDS, PayTokenClaims, Scope};
 use paystile_protocol::verified::VerifiedCache;
@@ -26,10 +26,10 @@ use tokio::sync::Notify;
 
 use crate::domain::{TokenRecord, UnixMillis};
 use crate::rules::{self, Account, ChildSpec, DailyLimits, Refusal};
-use crate::settlement::Settlements;
+use crate::settlement::{Settlements, Unsettled};
 use crate::store::{
-    ChargeRecord, DepositCommand, PaymentKind, PaymentSettlement, ReserveCommand, ReserveOutcome,
-    Store, StoreError, X402PaymentRecord,
+    ChargeRecord, DepositCommand, PaymentKind, PaymentSettlement, RecordedPayment, ReserveCommand,
+    ReserveOutcome, SettlementStatus, Store, StoreError, X402PaymentRecord,
 };
 use crate::telemetry::Metrics;
 
@@ -134,9 +134,11 @@ pub enum TopUpOutcome {
     Refused(Refusal),
 }
 
-/// How long a `settle: before` reserve waits for its transfer at most: past it the hold is
-/// released and the payment refused (the gateway gives up sooner, by its settings).
+/// How long a `settle: before` reserve (or a top-up) waits for its transfer at most; the
+/// caller's deadline and half the hold TTL bound it too.
 const SETTLE_FIRST_WITHIN: Duration = Duration::from_secs(120);
+/// Kept between the settlement's deadline and the caller's, for the answer to reach it.
+const SETTLE_FIRST_MARGIN_MS: u64 = 500;
 
 impl Ledger {
     pub fn new(
@@ -541,10 +543,15 @@ impl Ledger {
         if verified.x402.is_some() {
             // Recorded before its hold: what a committed charge was paid with is always known.
             let presented = String::from_utf8_lossy(request.credential.as_bytes()).into_owned();
-            let (kind, _) =
+            let recorded =
                 self.record_payment(&verified, PaymentKind::Call, presented, now).await?;
-            if kind != PaymentKind::Call {
+            if recorded.kind != PaymentKind::Call {
                 return Ok(ReserveOutcome::Refused(Refusal::PaymentUsed));
+            }
+            // A payment that failed to settle pays for nothing: it would fail again.
+            if recorded.settlement.status == SettlementStatus::Failed {
+                let reason = recorded.settlement.reason.unwrap_or_else(|| "it failed".into());
+                return Ok(ReserveOutcome::Refused(Refusal::PaymentNotSettled(reason)));
             }
         }
         let outcome = self
@@ -573,8 +580,12 @@ impl Ledger {
             {
                 ReserveOutcome::Refused(Refusal::PaymentUsed)
             }
-            ReserveOutcome::Held(hold) if request.settle_first && verified.x402.is_some() => {
-                self.settle_first(hold, &verified.token.token_id).await?
+            // A replay's charge is committed: its payment was settled for its first call.
+            ReserveOutcome::Held(hold) if verified.x402.is_some() && !hold.replayed => {
+                match request.settle_until_ms {
+                    Some(until) => self.settle_first(hold, &verified.token.token_id, until).await?,
+                    None => ReserveOutcome::Held(hold),
+                }
             }
             outcome => outcome,
         };
@@ -596,7 +607,7 @@ impl Ledger {
         kind: PaymentKind,
         presented: String,
         now: UnixMillis,
-    ) -> Result<(PaymentKind, bool), LedgerError> {
+    ) -> Result<RecordedPayment, LedgerError> {
         let Some(paid) = &verified.x402 else {
             return Err(LedgerError::Invalid("credential must be an x402 payment".into()));
         };
@@ -646,18 +657,14 @@ impl Ledger {
             Err(refusal) => return Ok(TopUpOutcome::Refused(Refusal::Credential(refusal))),
         };
         let presented = String::from_utf8_lossy(presented).into_owned();
-        let (_, first) = self.record_payment(&verified, PaymentKind::TopUp, presented, now).await?;
-        if !first {
+        let recorded = self.record_payment(&verified, PaymentKind::TopUp, presented, now).await?;
+        if !recorded.first {
             return Ok(TopUpOutcome::Refused(Refusal::PaymentUsed));
         }
         let token_id = &verified.token.token_id;
-        let settled = match &self.settlements {
-            Some(settlements) => settlements.settle_now(token_id, SETTLE_FIRST_WITHIN).await,
-            None => Err("this ledger settles no x402 payment".into()),
-        };
-        let transaction = match settled {
+        let transaction = match self.settle_now(token_id, request.settle_until_ms).await {
             Ok(transaction) => transaction,
-            Err(reason) => return Ok(TopUpOutcome::Refused(Refusal::PaymentNotSettled(reason))),
+            Err(refusal) => return Ok(TopUpOutcome::Refused(refusal)),
         };
         let Some(paid) = &verified.x402 else {
             return Err(LedgerError::Invalid("credential must be an x402 payment".into()));
@@ -701,6 +708,26 @@ impl Ledger {
         }))
     }
 
+    /// Settles the payment `token_id` now, before the caller's deadline `until_ms` (its
+    /// clock; with a margin for the answer to reach it) and well within the hold TTL: its
+    /// transaction, or the refusal: the payment's own (402 `invalid_payment`) or the
+    /// chain's or facilitator's silence (503).
+    async fn settle_now(&self, token_id: &str, until_ms: Option<u64>) -> Result<String, Refusal> {
+        let Some(settlements) = &self.settlements else {
+            return Err(Refusal::PaymentNotSettled("this ledger settles no x402 payment".into()));
+        };
+        let caller = until_ms
+            .map(|until| until.saturating_sub(u64::try_from(now_millis()).unwrap_or(0)))
+            .map_or(SETTLE_FIRST_WITHIN, |left| {
+                Duration::from_millis(left.saturating_sub(SETTLE_FIRST_MARGIN_MS))
+            });
+        let within = caller.min(SETTLE_FIRST_WITHIN).min(self.limits.hold_ttl / 2);
+        settlements.settle_now(token_id, within).await.map_err(|unsettled| match unsettled {
+            Unsettled::Refused(reason) => Refusal::PaymentNotSettled(reason),
+            Unsettled::Unavailable(reason) => Refusal::SettlementUnavailable(reason),
+        })
+    }
+
     /// `settle: before`: the payment of `hold` is settled on chain now; then its charge is
     /// committed and the hold answered with the transaction, or else released and the
     /// payment refused with the reason.
@@ -708,27 +735,28 @@ impl Ledger {
         &self,
         hold: Hold,
         token_id: &str,
+        until_ms: u64,
     ) -> Result<ReserveOutcome, LedgerError> {
-        let settled = match &self.settlements {
-            Some(settlements) => settlements.settle_now(token_id, SETTLE_FIRST_WITHIN).await,
-            None => Err("this ledger settles no x402 payment".into()),
-        };
-        let outcome = match &settled {
-            Ok(_) => Outcome::Commit,
-            Err(_) => Outcome::Release,
-        };
+        let settled = self.settle_now(token_id, Some(until_ms)).await;
+        let outcome = if settled.is_ok() { Outcome::Commit } else { Outcome::Release };
         let settlement = Settlement {
             charge_id: hold.charge_id.clone(),
             outcome,
             upstream_status: None,
             amount_usdc: None,
         };
-        self.store.settle(vec![settlement], self.now()).await?;
+        let results = self.store.settle(vec![settlement], self.now()).await?;
+        let committed = results.first().is_some_and(|r| r.status == SettleStatus::Committed);
         Ok(match settled {
-            Ok(transaction) => {
+            Ok(transaction) if committed => {
                 ReserveOutcome::Held(Hold { transaction: Some(transaction), ..hold })
             }
-            Err(reason) => ReserveOutcome::Refused(Refusal::PaymentNotSettled(reason)),
+            // Settled, but its hold is gone (expired, or its token revoked meanwhile): the
+            // call is not served; the payment's job says it was settled.
+            Ok(transaction) => ReserveOutcome::Refused(Refusal::PaymentNotSettled(format!(
+                "its hold ended while it settled (transaction {transaction})"
+            ))),
+            Err(refusal) => ReserveOutcome::Refused(refusal),
         })
     }
 

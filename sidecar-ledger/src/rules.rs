@@ -458,6 +458,9 @@ pub enum Refusal {
     PaymentUsed,
     /// An x402 payment to settle before the call that did not settle: the reason.
     PaymentNotSettled(String),
+    /// An x402 payment to settle before the call that could not be settled in time (the
+    /// chain's node or the facilitator did not answer, a transaction not mined yet).
+    SettlementUnavailable(String),
 }
 
 impl Refusal {
@@ -488,6 +491,7 @@ impl Refusal {
             Refusal::Credential(refusal) => refusal.code(),
             Refusal::PaymentUsed => ErrorCode::PaymentAlreadyUsed,
             Refusal::PaymentNotSettled(_) => ErrorCode::InvalidPayment,
+            Refusal::SettlementUnavailable(_) => ErrorCode::LedgerUnavailable,
         }
     }
 
@@ -537,6 +541,9 @@ impl Refusal {
             Refusal::PaymentNotSettled(reason) => {
                 message(format!("Invalid payment: it did not settle on chain: {reason}"))
             }
+            Refusal::SettlementUnavailable(reason) => message(format!(
+                "The payment could not be settled in time ({reason}); retry shortly"
+            )),
             Refusal::TokenRevoked
             | Refusal::WrongService
             | Refusal::IdempotencyKeyMismatch

@@ -3676,3 +3676,69 @@ mod x402_payments {
         assert_eq!((status, refusal["code"].as_str()), (401, Some("invalid_credential")));
     }
 }
+
+mod x402_settling_first {
+    use paystile_protocol::x402::{self, B256, Offer, SigningKey, Terms, Version};
+
+    use super::*;
+
+    on_both_stores! {
+        a_payment_the_chain_cannot_settle_in_time_is_503_and_its_hold_released,
+    }
+
+    /// With `settleUntilMs`, a ledger whose node does not answer cannot settle before the
+    /// gateway's deadline: 503, the hold released, nothing charged; the payment is still
+    /// pending (nothing was sent), and may pay a later call.
+    async fn a_payment_the_chain_cannot_settle_in_time_is_503_and_its_hold_released(
+        store: Backend,
+    ) {
+        let pay_to = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC";
+        let asset = "0x5FbDB2315678afecb367f032d93F642f64180aa3";
+        let ledger = Ledger::start(
+            store,
+            &[
+                "--x402-network=eip155:31337",
+                &format!("--x402-pay-to={pay_to}"),
+                &format!("--x402-asset={asset}"),
+                "--x402-asset-name=USD Coin",
+                "--x402-asset-version=2",
+                "--x402-settlement=direct",
+                "--x402-rpc-url=http://127.0.0.1:9",
+                "--x402-settler-key=0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6",
+            ],
+        )
+        .await;
+        let offer = Offer {
+            chain_id: 31337,
+            asset: asset.parse().unwrap(),
+            name: "USD Coin".into(),
+            version: "2".into(),
+            pay_to: pay_to.parse().unwrap(),
+            max_timeout_seconds: 60,
+        };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        let key = SigningKey::from_slice(&[0x34; 32]).unwrap();
+        let terms = Terms {
+            offer: &offer,
+            amount: 1000,
+            window: (0, now.as_secs() + 60),
+            nonce: B256::repeat_byte(5),
+        };
+        let header = x402::sign(&key, &terms, Version::V2);
+        let until = u64::try_from(now.as_millis()).unwrap() + 2_000;
+        let body = json!({
+            "credential": format!("x402v2 {header}"), "serviceId": "weather",
+            "priceUsdc": "0.001", "settleUntilMs": until,
+        });
+        let (status, refusal) = ledger.reserve(&body).await;
+        assert_eq!(
+            (status, refusal["code"].as_str()),
+            (503, Some("ledger_unavailable")),
+            "{refusal}"
+        );
+        let payment = x402::Payment::decode(header.as_bytes(), Version::V2).unwrap();
+        let checked = payment.check(&[offer], 1000, now.as_secs()).unwrap();
+        let token = ledger.token(&x402::token_id(&checked.payment_id)).await;
+        assert_eq!((token.reserved_usdc, token.used_usdc), (Usdc::ZERO, Usdc::ZERO));
+    }
+}

@@ -225,7 +225,7 @@ async fn answered_charges_survive_kill_9_of_the_ledger_under_load() {
         idempotency: None,
         count: 1,
         extras_until_ms: None,
-        settle_first: false,
+        settle_until_ms: None,
     };
     let orphan = stack
         .http

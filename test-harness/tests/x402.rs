@@ -151,7 +151,7 @@ async fn an_authorization_pays_one_call_on_one_route_of_one_gateway() {
         idempotency: None,
         count: 1,
         extras_until_ms: None,
-        settle_first: false,
+        settle_until_ms: None,
     };
     let other_gateway = stack
         .http
@@ -212,6 +212,11 @@ async fn a_call_the_upstream_fails_is_never_settled_and_a_payer_without_funds_is
     let unpaid = stack.stack.admin.charges(&query).await.unwrap();
     let ids: Vec<&str> = unpaid.charges.iter().map(|c| c.charge_id.as_str()).collect();
     assert_eq!(ids, [charge.charge_id.as_str()]);
+    // Presented again, a payment that failed pays for nothing: it would fail again.
+    let again = stack.get("/v1/forecast/oslo", None, &[("payment-signature", &payment)]).await;
+    let again = again.unwrap();
+    assert_eq!((again.status, again.code().as_deref()), (402, Some("invalid_payment")));
+    assert!(again.json()["error"].as_str().unwrap().contains("exceeds balance"), "{}", again.text);
 }
 
 #[tokio::test(flavor = "multi_thread")]

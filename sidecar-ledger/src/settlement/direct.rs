@@ -16,6 +16,10 @@ use crate::settings::Secret;
 
 pub struct Direct {
     provider: RootProvider<Ethereum>,
+    /// Held from signing a transaction (its nonce: the settler's count of pending ones)
+    /// until it is sent: two signed at once would take one nonce, and one of them could
+    /// never be mined. Ledgers sharing a database need a settler key each.
+    nonce: tokio::sync::Mutex<()>,
     wallet: EthereumWallet,
     settler: Address,
     chain_id: u64,
@@ -48,6 +52,7 @@ impl Direct {
         let url = rpc_url.parse().map_err(|_| anyhow::anyhow!("x402_rpc_url is not a URL"))?;
         Ok(Direct {
             provider: RootProvider::new_http(url),
+            nonce: tokio::sync::Mutex::new(()),
             wallet: EthereumWallet::from(signer),
             settler,
             chain_id: offer.chain_id,
@@ -57,6 +62,11 @@ impl Direct {
 
     pub fn settler(&self) -> Address {
         self.settler
+    }
+
+    /// The settler's nonce, taken from [`Direct::sign`] until the transaction is sent.
+    pub async fn exclusive(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.nonce.lock().await
     }
 
     /// The chain the RPC URL serves: it must be the offer's.
@@ -126,12 +136,21 @@ impl Direct {
 
 /// An RPC error, judged: a node that reverted the transfer has said it will never settle;
 /// anything else (no answer, an overloaded node, a settler short of gas money) may pass.
+///
+/// A window not open yet reverts too, and will pass. The reasons kept never carry the RPC
+/// URL (it may hold an API key): a node that does not answer is logged, not quoted.
 fn trouble(error: TransportError) -> Trouble {
     match error.as_error_resp() {
+        Some(payload) if payload.message.contains("not yet valid") => {
+            Trouble::Retry(payload.message.to_string())
+        }
         Some(payload) if payload.message.contains("revert") => {
             Trouble::Final(payload.message.to_string())
         }
         Some(payload) => Trouble::Retry(format!("the node answered: {}", payload.message)),
-        None => Trouble::Retry(format!("the node did not answer: {error}")),
+        None => {
+            tracing::debug!(%error, "the chain's node did not answer");
+            Trouble::Retry("the node did not answer".into())
+        }
     }
 }

@@ -59,13 +59,10 @@ impl Facilitator {
             "paymentPayload": payload,
             "paymentRequirements": requirements,
         });
-        let response = self
-            .http
-            .post(&self.settle_url)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| Trouble::Retry(format!("the facilitator did not answer: {e}")))?;
+        let response = self.http.post(&self.settle_url).json(&body).send().await.map_err(|e| {
+            // Its URL may hold an API key: kept out of the reason.
+            Trouble::Retry(format!("the facilitator did not answer: {}", e.without_url()))
+        })?;
         let status = response.status();
         if status.is_server_error() {
             return Err(Trouble::Retry(format!("the facilitator answered {status}")));

@@ -22,6 +22,10 @@ use crate::store::{SettlementJob, SettlementStatus, SettlementUpdate, Store, Sto
 use direct::{Direct, Mined};
 use facilitator::{Facilitator, Settled};
 
+/// How often payments nobody was charged for are looked for, to void them.
+const VOID_EVERY: Duration = Duration::from_secs(60);
+/// How soon a sent transaction's receipt is looked for again.
+const RECEIPT_POLL: Duration = Duration::from_millis(250);
 /// How often a settlement the ledger waits for is looked at again.
 const SETTLE_NOW_POLL: Duration = Duration::from_millis(100);
 /// Settlements taken per round.
@@ -33,6 +37,16 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// How long after its authorization expired a sent transaction is still waited for: a
 /// transaction mined later would have reverted.
 const MINING_GRACE_SECONDS: u64 = 600;
+
+/// Why a payment was not settled now.
+#[derive(Debug)]
+pub enum Unsettled {
+    /// It never will be: the reason.
+    Refused(String),
+    /// It could not be within the time given (a node or facilitator that does not answer,
+    /// a transaction not mined yet): the reason.
+    Unavailable(String),
+}
 
 /// Why an attempt did not settle.
 #[derive(Debug)]
@@ -59,45 +73,56 @@ impl Settlements {
             SettlementSettings::Direct { rpc_url, settler_key } => {
                 let direct = Direct::new(rpc_url, settler_key, &x402.offer)?;
                 check_chain(&direct, &x402.offer).await?;
-                tracing::info!(settler = %direct.settler(), %rpc_url, "x402 settlement: direct");
+                tracing::info!(settler = %direct.settler(), "x402 settlement: direct");
                 Backend::Direct(direct)
             }
             SettlementSettings::Facilitator { url } => {
-                tracing::info!(%url, "x402 settlement: facilitator");
+                tracing::info!("x402 settlement: facilitator");
                 Backend::Facilitator(Facilitator::new(url, &x402.offer)?)
             }
         };
         Ok(Settlements { store, backend })
     }
 
-    /// Runs rounds every `every`, for as long as the ledger runs.
+    /// Runs rounds every `every`, for as long as the ledger runs, and voids the payments
+    /// nobody was charged for every [`VOID_EVERY`].
     pub async fn run(self: std::sync::Arc<Self>, every: Duration) {
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut voided_at = tokio::time::Instant::now();
         loop {
             ticks.tick().await;
+            if voided_at.elapsed() >= VOID_EVERY {
+                voided_at = tokio::time::Instant::now();
+                let now = now_millis();
+                let valid_until = u64::try_from(now / 1000).unwrap_or(0);
+                match self.store.void_unused_payments(valid_until, now).await {
+                    Ok(0) => {}
+                    Ok(voided) => {
+                        tracing::debug!(voided, "x402 payments nobody was charged for are void")
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot void unused x402 payments"),
+                }
+            }
             if let Err(e) = self.round().await {
                 tracing::error!(error = %e, "x402 settlement round failed");
             }
         }
     }
 
-    /// Attempts the settlements that are due, and voids the payments nobody was charged
-    /// for; answers how many settlements were attempted.
+    /// Attempts the settlements that are due; answers how many were attempted.
     pub async fn round(&self) -> Result<usize, StoreError> {
         let now = now_millis();
-        let valid_until = u64::try_from(now / 1000).unwrap_or(0);
-        let voided = self.store.void_unused_payments(valid_until, now).await?;
-        if voided > 0 {
-            tracing::debug!(voided, "x402 payments no call was charged for are void");
-        }
         let mut jobs = self.store.due_settlements(now, PER_ROUND).await?;
         tracing::trace!(due = jobs.len(), "x402 settlements due");
         // Sent transactions first: one signed now must not take the nonce of one sent before.
         jobs.sort_by_key(|job| job.status != SettlementStatus::Submitted);
         let mut attempted = 0;
         for job in jobs {
-            if !self.store.claim_settlement(&job, now.saturating_add(millis(LEASE))).await? {
+            // Leased from now: the attempts before it in this round took their time.
+            let claimed_at = now_millis();
+            let lease = claimed_at.saturating_add(millis(LEASE));
+            if !self.store.claim_settlement(&job, claimed_at, lease).await? {
                 continue;
             }
             attempted += 1;
@@ -118,41 +143,57 @@ impl Settlements {
         Ok(attempted)
     }
 
-    /// Settles the payment `token_id` now, whose charge is held, not committed (`settle:
-    /// before`: the background rounds take committed charges only): attempts until it is
-    /// settled (its transaction) or failed, or `within` has passed (the reason, either way).
-    /// Past `within`, a transaction already sent may still be mined: its job says so.
-    pub async fn settle_now(&self, token_id: &str, within: Duration) -> Result<String, String> {
+    /// Settles the payment `token_id` now (`settle: before`, top-ups): attempts until it is
+    /// settled (its transaction) or failed, or `within` has passed. A payment whose
+    /// settlement is final already (settled for another use, failed, void) is not settled
+    /// again. Past `within`, a transaction already sent is followed by the rounds.
+    pub async fn settle_now(&self, token_id: &str, within: Duration) -> Result<String, Unsettled> {
         let deadline = tokio::time::Instant::now() + within;
+        let books = |e: StoreError| Unsettled::Unavailable(format!("the books failed: {e}"));
+        let mut first_look = true;
         loop {
-            let job = self.store.settlement_job(token_id.to_owned()).await;
-            let job = job.map_err(|e| format!("the books cannot be read: {e}"))?;
-            let Some(job) = job else { return Err("the payment was not recorded".into()) };
-            let lease = now_millis().saturating_add(millis(LEASE));
-            let claimed = self.store.claim_settlement(&job, lease).await;
-            if claimed.map_err(|e| format!("the books cannot be written: {e}"))? {
-                let update = self.attempt(&job).await.map_err(|e| e.to_string())?;
-                let final_state = match update.status {
+            let job = self.store.settlement_job(token_id.to_owned()).await.map_err(books)?;
+            let Some(job) = job else {
+                return Err(Unsettled::Refused("the payment was not recorded".into()));
+            };
+            // Final at the first look: settled (or not) for another use. Final later: the
+            // rounds, which follow every sent transaction, finished it meanwhile.
+            let first = std::mem::replace(&mut first_look, false);
+            match job.status {
+                SettlementStatus::Pending | SettlementStatus::Submitted => {}
+                SettlementStatus::Settled if !first => return Ok(job.tx_hash.unwrap_or_default()),
+                SettlementStatus::Settled => {
+                    return Err(Unsettled::Refused("it was settled before".into()));
+                }
+                SettlementStatus::Failed | SettlementStatus::Void if !first => {
+                    return Err(Unsettled::Refused(job.reason.unwrap_or_else(|| "failed".into())));
+                }
+                SettlementStatus::Failed | SettlementStatus::Void => {
+                    return Err(Unsettled::Refused("it did not settle before".into()));
+                }
+            }
+            let now = now_millis();
+            let lease = now.saturating_add(millis(LEASE));
+            if self.store.claim_settlement(&job, now, lease).await.map_err(books)? {
+                let update = self.attempt(&job).await.map_err(books)?;
+                let outcome = match update.status {
                     SettlementStatus::Settled => {
                         Some(Ok(update.tx_hash.clone().unwrap_or_default()))
                     }
-                    SettlementStatus::Failed => {
-                        Some(Err(update.reason.clone().unwrap_or_else(|| "failed".into())))
-                    }
+                    SettlementStatus::Failed => Some(Err(Unsettled::Refused(
+                        update.reason.clone().unwrap_or_else(|| "it failed".into()),
+                    ))),
                     _ => None,
                 };
-                let reason = update.reason.clone();
                 let written =
                     self.store.update_settlement(token_id.to_owned(), update, now_millis());
-                written.await.map_err(|e| format!("the books cannot be written: {e}"))?;
-                if let Some(state) = final_state {
-                    return state;
+                written.await.map_err(books)?;
+                if let Some(outcome) = outcome {
+                    return outcome;
                 }
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(reason.unwrap_or_else(|| "not confirmed in time".into()));
-                }
-            } else if tokio::time::Instant::now() >= deadline {
-                return Err("not confirmed in time".into());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Unsettled::Unavailable("not confirmed in time".into()));
             }
             tokio::time::sleep(SETTLE_NOW_POLL).await;
         }
@@ -181,6 +222,7 @@ impl Settlements {
                 None,
             )),
             (Backend::Direct(direct), SettlementStatus::Pending) => {
+                let nonce = direct.exclusive().await;
                 let signed = match direct.sign(&payment).await {
                     Ok(signed) => signed,
                     Err(trouble) => return Ok(self.after(job, trouble, None, None)),
@@ -200,6 +242,7 @@ impl Settlements {
                 if let Err(trouble) = direct.send(&signed.raw).await {
                     tracing::debug!(?trouble, "sending the settlement");
                 }
+                drop(nonce);
                 Ok(self.mined(direct, job, &payment, signed.hash, &signed.raw, attempts).await)
             }
             (Backend::Direct(direct), _) => {
@@ -260,8 +303,14 @@ impl Settlements {
                 if let Err(trouble) = direct.send(raw).await {
                     tracing::debug!(?trouble, "sending the settlement again");
                 }
-                let waiting = Trouble::Retry("waiting for the transaction to be mined".into());
-                self.after(job, waiting, tx_hash, Some(hex::encode(raw)))
+                SettlementUpdate {
+                    status: SettlementStatus::Submitted,
+                    tx_hash,
+                    raw_tx: Some(hex::encode(raw)),
+                    attempts: job.attempts.saturating_add(1),
+                    next_attempt_at: now.saturating_add(millis(RECEIPT_POLL)),
+                    reason: Some("waiting for the transaction to be mined".into()),
+                }
             }
             Err(trouble) => self.after(job, trouble, tx_hash, Some(hex::encode(raw))),
         }

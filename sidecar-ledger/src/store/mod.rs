@@ -24,7 +24,6 @@ use paystile_protocol::pay_token::Scope;
 
 pub use journal::{ChargeFilter, ServiceTotals, ServiceWindow};
 pub use postgres::PostgresStore;
-use sql::Columns as _;
 pub use sqlite::SqliteStore;
 
 use crate::domain::{TokenRecord, UnixMillis};
@@ -312,16 +311,16 @@ impl Store {
 /// x402 payments and their settlement jobs.
 impl Store {
     /// Records a payment when it is first taken (again: nothing changes); answers what it
-    /// was first taken for, and whether that was now.
+    /// was first taken for, whether that was now, and where its settlement is.
     pub async fn record_x402_payment(
         &self,
         record: X402PaymentRecord,
-    ) -> Result<(PaymentKind, bool), StoreError> {
+    ) -> Result<RecordedPayment, StoreError> {
         let amount = record.amount.micros_i64();
         let valid_before = i64::try_from(record.valid_before).unwrap_or(i64::MAX);
         let X402PaymentRecord { token_id, kind, payer, network, payment, now, .. } = record;
         let kind_name = kind.name();
-        let (inserted, first) = match self {
+        let (inserted, rows) = match self {
             Store::Sqlite(store) => {
                 let params = (
                     token_id.clone(),
@@ -334,9 +333,10 @@ impl Store {
                     now,
                 );
                 let inserted = store.execute(sql::RECORD_X402_PAYMENT, params).await?;
-                let read = |row: &rusqlite::Row<'_>| row.text(0);
-                let first = store.read_all(sql::X402_PAYMENT_KIND, (token_id,), read).await?;
-                (inserted == 1, first)
+                let read = |row: &rusqlite::Row<'_>| sql::recorded_payment(row);
+                let rows =
+                    store.read_all(sql::X402_PAYMENT_KIND, (token_id.clone(),), read).await?;
+                (inserted == 1, rows)
             }
             Store::Postgres(store) => {
                 let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
@@ -350,17 +350,17 @@ impl Store {
                     &now,
                 ];
                 let inserted = store.execute(sql::RECORD_X402_PAYMENT, &params).await?;
-                let read = |row: &tokio_postgres::Row| row.text(0);
-                let first = store.query(sql::X402_PAYMENT_KIND, &[&token_id], read).await?;
-                (inserted == 1, first)
+                let rows = store
+                    .query(sql::X402_PAYMENT_KIND, &[&token_id], sql::recorded_payment)
+                    .await?;
+                (inserted == 1, rows)
             }
         };
-        let first = first.first().map(String::as_str);
-        let kind = PaymentKind::ALL
+        let (kind, settlement) = rows
             .into_iter()
-            .find(|kind| Some(kind.name()) == first)
-            .ok_or_else(|| StoreError::Corrupt(format!("x402 payment kind {first:?}")))?;
-        Ok((kind, inserted))
+            .next()
+            .ok_or_else(|| StoreError::Corrupt(format!("x402 payment {token_id} not recorded")))?;
+        Ok(RecordedPayment { kind, first: inserted, settlement })
     }
 
     /// The settlements due at `now`, at most `limit`.
@@ -401,19 +401,24 @@ impl Store {
         Ok(jobs.into_iter().next())
     }
 
-    /// Takes `job` until `until`: false when another worker took it first.
+    /// Takes `job`, due by `now`, until `until`: false when another worker took it first,
+    /// or it is not due yet.
     pub async fn claim_settlement(
         &self,
         job: &SettlementJob,
+        now: UnixMillis,
         until: UnixMillis,
     ) -> Result<bool, StoreError> {
         let token_id = job.token_id.clone();
         let changed = match self {
             Store::Sqlite(store) => {
-                store.execute(sql::CLAIM_SETTLEMENT, (until, token_id, job.due_at)).await? == 1
+                let params = (until, token_id, job.due_at, now);
+                store.execute(sql::CLAIM_SETTLEMENT, params).await? == 1
             }
             Store::Postgres(store) => {
-                store.execute(sql::CLAIM_SETTLEMENT, &[&until, &token_id, &job.due_at]).await? == 1
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+                    [&until, &token_id, &job.due_at, &now];
+                store.execute(sql::CLAIM_SETTLEMENT, &params).await? == 1
             }
         };
         Ok(changed)
@@ -666,6 +671,15 @@ impl PaymentKind {
     }
 }
 
+/// A payment as it was recorded: what it was first taken for, whether that was now, and
+/// where its settlement is.
+#[derive(Clone, Debug)]
+pub struct RecordedPayment {
+    pub kind: PaymentKind,
+    pub first: bool,
+    pub settlement: PaymentSettlement,
+}
+
 /// An x402 payment, as the ledger records it when it is first taken.
 #[derive(Clone, Debug)]
 pub struct X402PaymentRecord {
@@ -695,6 +709,8 @@ pub struct SettlementJob {
     pub due_at: UnixMillis,
     /// Unix seconds.
     pub valid_before: u64,
+    /// Why its last attempt did not settle, or why it failed.
+    pub reason: Option<String>,
 }
 
 /// A settlement's new state.

@@ -11,8 +11,8 @@ use paystile_protocol::ledger_api::{ChargeStatus, TokenGrant};
 use paystile_protocol::pay_token::Scope;
 
 use super::{
-    ALL_SCOPES, ALL_STATUSES, ChargeRecord, PaymentSettlement, SettlementJob, SettlementStatus,
-    StoreError, TokenRecord, UnixMillis, scope_name, status_name,
+    ALL_SCOPES, ALL_STATUSES, ChargeRecord, PaymentKind, PaymentSettlement, SettlementJob,
+    SettlementStatus, StoreError, TokenRecord, UnixMillis, scope_name, status_name,
 };
 use crate::rules::Account;
 
@@ -155,29 +155,36 @@ pub(super) const RECORD_X402_PAYMENT: &str = "INSERT INTO x402_payments
           next_attempt_at, created_at, updated_at)
      VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', $8, $8, $8)
      ON CONFLICT (token_id) DO NOTHING";
-/// What the payment `$1` was first taken for.
-pub(super) const X402_PAYMENT_KIND: &str = "SELECT kind FROM x402_payments WHERE token_id = $1";
+/// What the payment `$1` was first taken for, and where its settlement is.
+pub(super) const X402_PAYMENT_KIND: &str =
+    "SELECT kind, status, tx_hash, reason FROM x402_payments WHERE token_id = $1";
 /// The settlements due at `$1` (as [`settlement_job`] reads them), oldest first, at most
-/// `$2`: those of payments a committed charge was paid with.
+/// `$2`: those of payments a committed charge was paid with, and every transaction sent (a
+/// settlement whose caller stopped waiting is followed to its end all the same).
 pub(super) const DUE_SETTLEMENTS: &str = "SELECT p.token_id, p.payment, p.status, p.tx_hash,
-         p.raw_tx, p.attempts, p.next_attempt_at, p.valid_before
+         p.raw_tx, p.attempts, p.next_attempt_at, p.valid_before, p.reason
      FROM x402_payments p
      WHERE (p.status = 'pending' OR p.status = 'submitted') AND p.next_attempt_at <= $1
-       AND EXISTS (SELECT 1 FROM charges c WHERE c.token_id = p.token_id AND c.status = 'committed')
+       AND (p.status = 'submitted'
+            OR EXISTS (SELECT 1 FROM charges c
+                       WHERE c.token_id = p.token_id AND c.status = 'committed'))
      ORDER BY p.next_attempt_at LIMIT $2";
 /// The settlement of the payment `$1`, as [`settlement_job`] reads it.
 pub(super) const SELECT_SETTLEMENT: &str = "SELECT p.token_id, p.payment, p.status, p.tx_hash,
-         p.raw_tx, p.attempts, p.next_attempt_at, p.valid_before
+         p.raw_tx, p.attempts, p.next_attempt_at, p.valid_before, p.reason
      FROM x402_payments p WHERE p.token_id = $1";
-/// Takes the settlement of `$2`, seen due at `$3`, until `$1`: another worker (a ledger on
-/// the same database) that saw it due too finds it changed, and leaves it.
+/// Takes the settlement of `$2`, seen due at `$3` and due by `$4` (now), until `$1`: another
+/// worker (a ledger on the same database) that saw it due too finds it changed, and leaves
+/// it; one that finds it taken (due later) leaves it too.
 pub(super) const CLAIM_SETTLEMENT: &str = "UPDATE x402_payments SET next_attempt_at = $1
-     WHERE token_id = $2 AND next_attempt_at = $3 AND (status = 'pending' OR status = 'submitted')";
-/// The settlement of `$8` is now as the other parameters say.
+     WHERE token_id = $2 AND next_attempt_at = $3 AND next_attempt_at <= $4
+       AND (status = 'pending' OR status = 'submitted')";
+/// The settlement of `$8` is now as the other parameters say, unless it is final already
+/// (a late write never undoes a settled or failed one).
 pub(super) const UPDATE_SETTLEMENT: &str = "UPDATE x402_payments
      SET status = $1, tx_hash = $2, raw_tx = $3, attempts = $4, next_attempt_at = $5,
          reason = $6, updated_at = $7
-     WHERE token_id = $8";
+     WHERE token_id = $8 AND (status = 'pending' OR status = 'submitted')";
 /// Payments valid before `$2` (Unix seconds) that no charge held or committed: no call was
 /// charged for them and none can be now. `$1`: now.
 pub(super) const VOID_PAYMENTS: &str = "UPDATE x402_payments SET status = 'void', updated_at = $1
@@ -405,6 +412,23 @@ fn settlement_status(name: &str) -> Result<SettlementStatus, StoreError> {
         .ok_or_else(|| corrupt("settlement status", name))
 }
 
+/// A payment as [`X402_PAYMENT_KIND`] selects it.
+pub(super) fn recorded_payment(
+    row: &impl Columns,
+) -> Result<(PaymentKind, PaymentSettlement), StoreError> {
+    let kind = row.text(0)?;
+    let kind = PaymentKind::ALL
+        .into_iter()
+        .find(|k| k.name() == kind)
+        .ok_or_else(|| corrupt("x402 payment kind", kind))?;
+    let settlement = PaymentSettlement {
+        status: settlement_status(&row.text(1)?)?,
+        transaction: row.opt_text(2)?,
+        reason: row.opt_text(3)?,
+    };
+    Ok((kind, settlement))
+}
+
 /// A settlement as [`DUE_SETTLEMENTS`] selects it.
 pub(super) fn settlement_job(row: &impl Columns) -> Result<SettlementJob, StoreError> {
     Ok(SettlementJob {
@@ -416,6 +440,7 @@ pub(super) fn settlement_job(row: &impl Columns) -> Result<SettlementJob, StoreE
         attempts: u32::try_from(row.int(5)?).unwrap_or(u32::MAX),
         due_at: row.int(6)?,
         valid_before: u64::try_from(row.int(7)?).unwrap_or(0),
+        reason: row.opt_text(8)?,
     })
 }
 

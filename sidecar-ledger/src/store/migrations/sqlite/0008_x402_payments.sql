@@ -29,4 +29,3 @@ CREATE TABLE x402_payments (
 
 CREATE INDEX x402_payments_due ON x402_payments (next_attempt_at)
     WHERE status = 'pending' OR status = 'submitted';
-CREATE INDEX x402_payments_by_status ON x402_payments (status, created_at);
