@@ -3541,6 +3541,34 @@ mod x402_payments {
     on_both_stores! {
         a_payment_pays_one_call_once_and_its_settlement_waits_for_the_chain,
         payments_that_do_not_pay_for_the_call_are_refused_as_x402_does,
+        one_payment_on_two_gateways_at_once_pays_one_call(
+            flavor = "multi_thread",
+            worker_threads = 4
+        ),
+    }
+
+    /// Two gateways present one payment at the same moment, many times over: one hold each
+    /// time, the other refused.
+    async fn one_payment_on_two_gateways_at_once_pays_one_call(store: Backend) {
+        let ledger = Arc::new(ledger(store).await);
+        let key = SigningKey::from_slice(&[0x35; 32]).unwrap();
+        for _ in 0..20 {
+            let credential = payment(&key, 1000, now() + 60);
+            let reserve =
+                |ledger: Arc<Ledger>, body: Value| async move { ledger.reserve(&body).await };
+            let body = body(&credential, "0.001");
+            let (a, b) = tokio::join!(
+                tokio::spawn(reserve(ledger.clone(), body.clone())),
+                tokio::spawn(reserve(ledger.clone(), body))
+            );
+            let mut answers = [a.unwrap(), b.unwrap()];
+            answers.sort_by_key(|(status, _)| *status);
+            assert_eq!(answers[0].0, 200, "{answers:?}");
+            assert_eq!(
+                (answers[1].0, answers[1].1["code"].as_str()),
+                (402, Some("payment_already_used"))
+            );
+        }
     }
 
     const ASSET: &str = "0x5FbDB2315678afecb367f032d93F642f64180aa3";
