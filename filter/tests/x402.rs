@@ -2,7 +2,7 @@
 //! one-call token, and the answer's `PAYMENT-RESPONSE`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-// Its Pay Token helpers are the other test binaries'.
+// Some of its helpers are the other test binaries'.
 #[allow(dead_code)]
 mod support;
 
@@ -13,12 +13,15 @@ use paystile_filter::config::Config;
 use paystile_filter::gate::{Exchange, Gate, RequestAction, RequestHead};
 use paystile_filter::ledger::LedgerReply;
 use paystile_protocol::ErrorCode;
+use paystile_protocol::jws;
 use paystile_protocol::ledger_api::{Outcome, ReserveRequest};
+use paystile_protocol::pay_token;
 use paystile_protocol::x402::{self, B256, Offer, SigningKey, Terms, Version};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use support::{answered, head};
 
+const SECRET: &str = "gate-test-secret-0123456789abcdef";
 const NOW: u64 = 1_900_000_000;
 const NOW_MS: u64 = NOW * 1000;
 const ASSET: &str = "0x5FbDB2315678afecb367f032d93F642f64180aa3";
@@ -32,7 +35,7 @@ fn config_json() -> Value {
             {"path_prefix": "/v1/forecast", "price_usdc": "0.001"}
         ],
         "ledger": {"upstream": "paystile_ledger", "gateway_key": "gateway-key-0123456789"},
-        "pay_token": {"keys": [{"alg": "HS256", "secret": "gate-test-secret-0123456789abcdef"}]},
+        "pay_token": {"keys": [{"alg": "HS256", "secret": SECRET}]},
         "x402": {"network": "eip155:31337", "asset": ASSET, "asset_name": "USD Coin", "asset_version": "2", "pay_to": PAY_TO}
     })
 }
@@ -368,12 +371,15 @@ fn a_route_that_settles_before_waits_for_the_transfer_and_reports_it_whatever_th
     );
     assert!(step.edits.contains(&HeaderEdit::Set("x-amount-usdc", "0.001000".into())));
     // A Pay Token call on the same route reserves as ever: settling first is x402's.
-    let pay_token_call = Exchange::default().on_request_headers(
-        &gate,
-        &head("/v1/forecast", Some("Bearer not.a.token")),
-        NOW_MS,
-    );
-    assert!(matches!(pay_token_call, RequestAction::Respond(_)));
+    let claims = support::claims("tok_1", "0.01", NOW);
+    let token = format!("Bearer {}", pay_token::sign(&claims, &jws::SigningKey::hs256(SECRET)));
+    let pay_token_call =
+        Exchange::default().on_request_headers(&gate, &head("/v1/forecast", Some(&token)), NOW_MS);
+    let RequestAction::CallLedger(call) = pay_token_call else {
+        panic!("a Pay Token call reserves: {pay_token_call:?}")
+    };
+    let reserve: ReserveRequest = serde_json::from_slice(&call.body).unwrap();
+    assert_eq!((reserve.settle_until_ms, call.timeout), (None, None));
 }
 
 #[test]

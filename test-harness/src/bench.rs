@@ -30,26 +30,11 @@ pub struct WrkReport {
 
 /// Runs `wrk --latency` against `url` with `headers` (`Name: value`).
 pub async fn wrk(load: Load, url: &str, headers: &[String]) -> anyhow::Result<WrkReport> {
-    let mut command = tokio::process::Command::new("wrk");
-    command
-        .arg(format!("-t{}", load.threads))
-        .arg(format!("-c{}", load.connections))
-        .arg(format!("-d{}s", load.duration.as_secs().max(1)))
-        .arg("--latency");
+    let mut command = wrk_command(load);
     for header in headers {
         command.arg("-H").arg(header);
     }
-    let output = command
-        .arg(url)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .context("cannot run wrk (bench/run installs it: apt-get install -y wrk)")?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        bail!("wrk failed ({}): {text}{}", output.status, String::from_utf8_lossy(&output.stderr));
-    }
-    parse_wrk(&text).with_context(|| format!("cannot read wrk's report:\n{text}"))
+    run_wrk(command, url).await
 }
 
 /// Runs `wrk --latency` against `url` with the Lua `script` making each request.
@@ -58,13 +43,23 @@ pub async fn wrk_script(
     url: &str,
     script: &std::path::Path,
 ) -> anyhow::Result<WrkReport> {
-    let output = tokio::process::Command::new("wrk")
+    let mut command = wrk_command(load);
+    command.arg("-s").arg(script);
+    run_wrk(command, url).await
+}
+
+fn wrk_command(load: Load) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new("wrk");
+    command
         .arg(format!("-t{}", load.threads))
         .arg(format!("-c{}", load.connections))
         .arg(format!("-d{}s", load.duration.as_secs().max(1)))
-        .arg("--latency")
-        .arg("-s")
-        .arg(script)
+        .arg("--latency");
+    command
+}
+
+async fn run_wrk(mut command: tokio::process::Command, url: &str) -> anyhow::Result<WrkReport> {
+    let output = command
         .arg(url)
         .kill_on_drop(true)
         .output()

@@ -11,7 +11,7 @@ use std::time::Duration;
 use alloy_primitives::U256;
 use alloy_sol_types::{SolCall, sol};
 use anyhow::{Context, bail, ensure};
-use paystile_protocol::x402::Address;
+use paystile_protocol::x402::{Address, Offer, OfferSettings, SigningKey};
 use serde_json::{Value, json};
 
 use crate::paths;
@@ -34,6 +34,15 @@ pub const SETTLER_KEY: &str = "0x7c852118294e51e653712a81e05800f419141751be58f60
 /// The fifth: the facilitator's settler, and its key.
 pub const FACILITATOR_KEY: &str =
     "0x47e179ec197488593b187f80a00eb0da91f1b9d0b13f8733639f19c30a34926a";
+/// The sandbox USDC's EIP-712 domain: USDC's (`contracts/SandboxUsdc.sol`).
+const ASSET_NAME: &str = "USD Coin";
+const ASSET_VERSION: &str = "2";
+
+/// [`PAYER_KEY`], as a client signs with it.
+pub fn payer_key() -> anyhow::Result<SigningKey> {
+    Ok(SigningKey::from_slice(&hex::decode(PAYER_KEY.trim_start_matches("0x"))?)?)
+}
+
 /// What the sandbox mints to the payer: 100 USDC.
 pub const PAYER_FUNDS: u64 = 100_000_000;
 
@@ -57,13 +66,28 @@ impl X402Sandbox {
         "eip155:31337"
     }
 
+    /// The offer a filter and a ledger configured by [`X402Sandbox::filter_config`] and
+    /// [`X402Sandbox::ledger_args`] make: what a client signs for.
+    pub fn offer(&self) -> anyhow::Result<Offer> {
+        let asset = self.token.to_checksum(None);
+        let settings = OfferSettings {
+            network: self.network(),
+            pay_to: PAYEE,
+            asset: Some(&asset),
+            asset_name: Some(ASSET_NAME),
+            asset_version: Some(ASSET_VERSION),
+            max_timeout_seconds: None,
+        };
+        Offer::from_settings(&settings).map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.message))
+    }
+
     /// The filter's `x402` section.
     pub fn filter_config(&self) -> Value {
         json!({
             "network": self.network(),
             "asset": self.token.to_checksum(None),
-            "asset_name": "USD Coin",
-            "asset_version": "2",
+            "asset_name": ASSET_NAME,
+            "asset_version": ASSET_VERSION,
             "pay_to": PAYEE,
         })
     }
@@ -91,8 +115,8 @@ impl X402Sandbox {
             ("--x402-network", self.network().to_owned()),
             ("--x402-pay-to", PAYEE.to_owned()),
             ("--x402-asset", self.token.to_checksum(None)),
-            ("--x402-asset-name", "USD Coin".to_owned()),
-            ("--x402-asset-version", "2".to_owned()),
+            ("--x402-asset-name", ASSET_NAME.to_owned()),
+            ("--x402-asset-version", ASSET_VERSION.to_owned()),
         ]
         .into_iter()
         .chain(settlement)

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use paystile_harness::chain::{PAYEE, PAYER, PAYER_FUNDS, PAYER_KEY, X402Sandbox};
+use paystile_harness::chain::{self, PAYEE, PAYER, PAYER_FUNDS, PAYER_KEY, X402Sandbox};
 use paystile_harness::e2e::{TestStack, unix_now};
 use paystile_harness::paths;
 use paystile_protocol::ledger_api::{ChargeQuery, ChargeView, ReserveRequest};
@@ -29,14 +29,7 @@ async fn stack_settling(sandbox: &X402Sandbox, args: Vec<String>) -> TestStack {
 }
 
 fn offer(sandbox: &X402Sandbox) -> Offer {
-    Offer {
-        chain_id: 31337,
-        asset: sandbox.token,
-        name: "USD Coin".into(),
-        version: "2".into(),
-        pay_to: PAYEE.parse().unwrap(),
-        max_timeout_seconds: 60,
-    }
+    sandbox.offer().unwrap()
 }
 
 /// A payment of `amount` micro-USDC by `key`, valid for a minute, under a random nonce.
@@ -48,7 +41,7 @@ fn sign(sandbox: &X402Sandbox, key: &SigningKey, amount: u64) -> String {
 }
 
 fn payer_key() -> SigningKey {
-    SigningKey::from_slice(&hex::decode(PAYER_KEY.trim_start_matches("0x")).unwrap()).unwrap()
+    chain::payer_key().unwrap()
 }
 
 /// The x402 Python package's client pays `url`: its answer (`x402_fetch.py`).

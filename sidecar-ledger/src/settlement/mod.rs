@@ -15,7 +15,6 @@ use std::time::Duration;
 use paystile_protocol::credential::{self, Credential};
 use paystile_protocol::x402::{B256, Offer, Payment};
 
-use crate::domain::UnixMillis;
 use crate::ledger::now_millis;
 use crate::settings::{SettlementSettings, X402Settings};
 use crate::store::{SettlementJob, SettlementStatus, SettlementUpdate, Store, StoreError};
@@ -156,8 +155,8 @@ impl Settlements {
             let Some(job) = job else {
                 return Err(Unsettled::Refused("the payment was not recorded".into()));
             };
-            // Final at the first look: settled (or not) for another use. Final later: the
-            // rounds, which follow every sent transaction, finished it meanwhile.
+            // Final at the first look: settled (or not) for another use. Final later: this
+            // call's attempt, or a round (rounds follow every sent transaction), finished it.
             let first = std::mem::replace(&mut first_look, false);
             match job.status {
                 SettlementStatus::Pending | SettlementStatus::Submitted => {}
@@ -176,20 +175,14 @@ impl Settlements {
             let lease = now.saturating_add(millis(LEASE));
             if self.store.claim_settlement(&job, now, lease).await.map_err(books)? {
                 let update = self.attempt(&job).await.map_err(books)?;
-                let outcome = match update.status {
-                    SettlementStatus::Settled => {
-                        Some(Ok(update.tx_hash.clone().unwrap_or_default()))
-                    }
-                    SettlementStatus::Failed => Some(Err(Unsettled::Refused(
-                        update.reason.clone().unwrap_or_else(|| "it failed".into()),
-                    ))),
-                    _ => None,
-                };
+                let done =
+                    matches!(update.status, SettlementStatus::Settled | SettlementStatus::Failed);
                 let written =
                     self.store.update_settlement(token_id.to_owned(), update, now_millis());
                 written.await.map_err(books)?;
-                if let Some(outcome) = outcome {
-                    return outcome;
+                // Its final state is answered by the next look, as a round's would be.
+                if done {
+                    continue;
                 }
             }
             if tokio::time::Instant::now() >= deadline {
@@ -201,23 +194,14 @@ impl Settlements {
 
     /// One attempt at `job`: its new state.
     async fn attempt(&self, job: &SettlementJob) -> Result<SettlementUpdate, StoreError> {
-        let attempts = job.attempts.saturating_add(1);
-        let now = now_millis();
-        let failed = |reason: String, tx_hash: Option<String>| SettlementUpdate {
-            status: SettlementStatus::Failed,
-            tx_hash,
-            raw_tx: None,
-            attempts,
-            next_attempt_at: now,
-            reason: Some(reason),
-        };
         let Some((header, payment)) = read_payment(&job.payment) else {
-            return Ok(failed("the recorded payment cannot be read".into(), None));
+            return Ok(failed(job, "the recorded payment cannot be read".into(), None));
         };
-        let now_seconds = u64::try_from(now / 1000).unwrap_or(0);
+        let now_seconds = u64::try_from(now_millis() / 1000).unwrap_or(0);
         let expired = now_seconds >= job.valid_before;
         match (&self.backend, job.status) {
             (_, SettlementStatus::Pending) if expired => Ok(failed(
+                job,
                 "the authorization expired (validBefore) before its charge was settled".into(),
                 None,
             )),
@@ -225,141 +209,131 @@ impl Settlements {
                 let nonce = direct.exclusive().await;
                 let signed = match direct.sign(&payment).await {
                     Ok(signed) => signed,
-                    Err(trouble) => return Ok(self.after(job, trouble, None, None)),
+                    Err(trouble) => return Ok(after(job, trouble, None, None)),
                 };
                 let tx_hash = Some(signed.hash.to_string());
                 let raw_tx = Some(hex::encode(&signed.raw));
                 // Kept before it is sent: whatever happens next, it is this one that is sent.
-                let submitted = SettlementUpdate {
-                    status: SettlementStatus::Submitted,
-                    tx_hash: tx_hash.clone(),
-                    raw_tx: raw_tx.clone(),
-                    attempts,
-                    next_attempt_at: now.saturating_add(millis(LEASE)),
-                    reason: None,
-                };
-                self.store.update_settlement(job.token_id.clone(), submitted, now).await?;
+                let submitted = later(job, tx_hash, raw_tx, LEASE, None);
+                self.store.update_settlement(job.token_id.clone(), submitted, now_millis()).await?;
                 if let Err(trouble) = direct.send(&signed.raw).await {
                     tracing::debug!(?trouble, "sending the settlement");
                 }
                 drop(nonce);
-                Ok(self.mined(direct, job, &payment, signed.hash, &signed.raw, attempts).await)
+                Ok(mined(direct, job, &payment, signed.hash, &signed.raw).await)
             }
             (Backend::Direct(direct), _) => {
                 let hash = job.tx_hash.as_deref().and_then(|h| h.parse::<B256>().ok());
                 let raw = job.raw_tx.as_deref().and_then(|r| hex::decode(r).ok());
                 let (Some(hash), Some(raw)) = (hash, raw) else {
-                    return Ok(failed("the recorded transaction cannot be read".into(), None));
+                    return Ok(failed(job, "the recorded transaction cannot be read".into(), None));
                 };
-                Ok(self.mined(direct, job, &payment, hash, &raw, attempts).await)
+                Ok(mined(direct, job, &payment, hash, &raw).await)
             }
             (Backend::Facilitator(facilitator), _) => {
                 match facilitator.settle(header.as_bytes(), &payment).await {
-                    Ok(Settled::Confirmed(tx)) => Ok(settled(tx, attempts, now)),
-                    Ok(Settled::Pending(tx)) => Ok(SettlementUpdate {
-                        status: SettlementStatus::Submitted,
-                        tx_hash: Some(tx),
-                        raw_tx: None,
-                        attempts,
-                        next_attempt_at: now.saturating_add(backoff(attempts)),
-                        reason: Some("settlement_pending".into()),
-                    }),
-                    Err(trouble) => Ok(self.after(job, trouble, job.tx_hash.clone(), None)),
+                    Ok(Settled::Confirmed(tx)) => Ok(settled(job, tx)),
+                    Ok(Settled::Pending(tx)) => {
+                        let wait = backoff(job.attempts.saturating_add(1));
+                        Ok(later(job, Some(tx), None, wait, Some("settlement_pending".into())))
+                    }
+                    Err(trouble) => Ok(after(job, trouble, job.tx_hash.clone(), None)),
                 }
             }
-        }
-    }
-
-    /// A sent transaction's fate: settled, failed, or sent again and looked at later.
-    async fn mined(
-        &self,
-        direct: &Direct,
-        job: &SettlementJob,
-        payment: &Payment,
-        hash: B256,
-        raw: &[u8],
-        attempts: u32,
-    ) -> SettlementUpdate {
-        let now = now_millis();
-        let tx_hash = Some(hash.to_string());
-        match direct.mined(hash, payment).await {
-            Ok(Mined::Transferred) => settled(hash.to_string(), attempts, now),
-            Ok(Mined::Reverted(reason)) => SettlementUpdate {
-                status: SettlementStatus::Failed,
-                tx_hash,
-                raw_tx: None,
-                attempts,
-                next_attempt_at: now,
-                reason: Some(reason),
-            },
-            Ok(Mined::NotYet) => {
-                let lost = u64::try_from(now / 1000).unwrap_or(0)
-                    > job.valid_before.saturating_add(MINING_GRACE_SECONDS);
-                if lost {
-                    let reason = "the transaction was not mined before the authorization expired";
-                    return self.after(job, Trouble::Final(reason.into()), tx_hash, None);
-                }
-                // Sent again: the node may have lost it. The same bytes, the same hash.
-                if let Err(trouble) = direct.send(raw).await {
-                    tracing::debug!(?trouble, "sending the settlement again");
-                }
-                SettlementUpdate {
-                    status: SettlementStatus::Submitted,
-                    tx_hash,
-                    raw_tx: Some(hex::encode(raw)),
-                    attempts: job.attempts.saturating_add(1),
-                    next_attempt_at: now.saturating_add(millis(RECEIPT_POLL)),
-                    reason: Some("waiting for the transaction to be mined".into()),
-                }
-            }
-            Err(trouble) => self.after(job, trouble, tx_hash, Some(hex::encode(raw))),
-        }
-    }
-
-    /// The state after an attempt that did not settle: retried later (in the state it was
-    /// in, with its transaction if one was sent), or failed.
-    fn after(
-        &self,
-        job: &SettlementJob,
-        trouble: Trouble,
-        tx_hash: Option<String>,
-        raw_tx: Option<String>,
-    ) -> SettlementUpdate {
-        let attempts = job.attempts.saturating_add(1);
-        let now = now_millis();
-        match trouble {
-            Trouble::Final(reason) => SettlementUpdate {
-                status: SettlementStatus::Failed,
-                tx_hash,
-                raw_tx: None,
-                attempts,
-                next_attempt_at: now,
-                reason: Some(reason),
-            },
-            Trouble::Retry(reason) => SettlementUpdate {
-                status: if tx_hash.is_some() {
-                    SettlementStatus::Submitted
-                } else {
-                    SettlementStatus::Pending
-                },
-                tx_hash,
-                raw_tx,
-                attempts,
-                next_attempt_at: now.saturating_add(backoff(attempts)),
-                reason: Some(reason),
-            },
         }
     }
 }
 
-fn settled(tx_hash: String, attempts: u32, now: UnixMillis) -> SettlementUpdate {
+/// A sent transaction's fate: settled, failed, or sent again and looked at later.
+async fn mined(
+    direct: &Direct,
+    job: &SettlementJob,
+    payment: &Payment,
+    hash: B256,
+    raw: &[u8],
+) -> SettlementUpdate {
+    let tx_hash = Some(hash.to_string());
+    match direct.mined(hash, payment).await {
+        Ok(Mined::Transferred) => settled(job, hash.to_string()),
+        Ok(Mined::Reverted(reason)) => failed(job, reason, tx_hash),
+        Ok(Mined::NotYet) => {
+            let now_seconds = u64::try_from(now_millis() / 1000).unwrap_or(0);
+            if now_seconds > job.valid_before.saturating_add(MINING_GRACE_SECONDS) {
+                let reason = "the transaction was not mined before the authorization expired";
+                return failed(job, reason.into(), tx_hash);
+            }
+            // Sent again: the node may have lost it. The same bytes, the same hash.
+            if let Err(trouble) = direct.send(raw).await {
+                tracing::debug!(?trouble, "sending the settlement again");
+            }
+            let reason = Some("waiting for the transaction to be mined".into());
+            later(job, tx_hash, Some(hex::encode(raw)), RECEIPT_POLL, reason)
+        }
+        Err(trouble) => after(job, trouble, tx_hash, Some(hex::encode(raw))),
+    }
+}
+
+/// The state after an attempt at `job` that did not settle: retried after the backoff (in
+/// the state it was in, with its transaction if one was sent), or failed.
+fn after(
+    job: &SettlementJob,
+    trouble: Trouble,
+    tx_hash: Option<String>,
+    raw_tx: Option<String>,
+) -> SettlementUpdate {
+    match trouble {
+        Trouble::Final(reason) => failed(job, reason, tx_hash),
+        Trouble::Retry(reason) => {
+            let wait = backoff(job.attempts.saturating_add(1));
+            later(job, tx_hash, raw_tx, wait, Some(reason))
+        }
+    }
+}
+
+/// `job` settled by the transaction `tx_hash`.
+fn settled(job: &SettlementJob, tx_hash: String) -> SettlementUpdate {
+    final_state(job, SettlementStatus::Settled, Some(tx_hash), None)
+}
+
+/// `job` will never settle: `reason`.
+fn failed(job: &SettlementJob, reason: String, tx_hash: Option<String>) -> SettlementUpdate {
+    final_state(job, SettlementStatus::Failed, tx_hash, Some(reason))
+}
+
+fn final_state(
+    job: &SettlementJob,
+    status: SettlementStatus,
+    tx_hash: Option<String>,
+    reason: Option<String>,
+) -> SettlementUpdate {
     SettlementUpdate {
-        status: SettlementStatus::Settled,
-        tx_hash: Some(tx_hash),
+        status,
+        tx_hash,
         raw_tx: None,
-        attempts,
-        next_attempt_at: now,
-        reason: None,
+        attempts: job.attempts.saturating_add(1),
+        next_attempt_at: now_millis(),
+        reason,
+    }
+}
+
+/// `job` attempted again after `wait`: submitted when a transaction was sent (`tx_hash`,
+/// and the signed bytes a direct settlement sends again), else still pending.
+fn later(
+    job: &SettlementJob,
+    tx_hash: Option<String>,
+    raw_tx: Option<String>,
+    wait: Duration,
+    reason: Option<String>,
+) -> SettlementUpdate {
+    let status =
+        if tx_hash.is_some() { SettlementStatus::Submitted } else { SettlementStatus::Pending };
+    SettlementUpdate {
+        status,
+        tx_hash,
+        raw_tx,
+        attempts: job.attempts.saturating_add(1),
+        next_attempt_at: now_millis().saturating_add(millis(wait)),
+        reason,
     }
 }
 
@@ -376,9 +350,8 @@ fn read_payment(presented: &str) -> Option<(String, Payment)> {
 }
 
 /// Half a second, doubled with each attempt, at most [`MAX_BACKOFF`].
-fn backoff(attempts: u32) -> i64 {
-    let wait = Duration::from_millis(500).saturating_mul(1 << attempts.min(16));
-    millis(wait.min(MAX_BACKOFF))
+fn backoff(attempts: u32) -> Duration {
+    Duration::from_millis(500).saturating_mul(1 << attempts.min(16)).min(MAX_BACKOFF)
 }
 
 fn millis(duration: Duration) -> i64 {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use paystile_harness::bench::{self, Counted, Cpu, Expect, Load, Row};
-use paystile_harness::chain::{PAYER_KEY, X402Sandbox};
+use paystile_harness::chain::{self, X402Sandbox};
 use paystile_harness::e2e;
 use paystile_harness::paths;
 use paystile_harness::stack::{HttpFilter, Ports, Secrets, Stack, StackOptions};
@@ -608,17 +608,7 @@ struct Paying {
 
 impl Paying {
     fn new(sandbox: &X402Sandbox, stack: &Stack, dir: PathBuf) -> anyhow::Result<Paying> {
-        let key = x402::SigningKey::from_slice(&hex::decode(PAYER_KEY.trim_start_matches("0x"))?)?;
-        let x402 = &stack.filter_config["x402"];
-        let text = |field: &str| x402[field].as_str().unwrap_or_default().to_owned();
-        let offer = x402::Offer {
-            chain_id: 31337,
-            asset: sandbox.token,
-            name: text("asset_name"),
-            version: text("asset_version"),
-            pay_to: text("pay_to").parse()?,
-            max_timeout_seconds: x402::DEFAULT_MAX_TIMEOUT_SECONDS,
-        };
+        let (key, offer) = (chain::payer_key()?, sandbox.offer()?);
         let price: paystile_protocol::Usdc = stack.filter_config["routes"][0]["price_usdc"]
             .as_str()
             .context("the first route has no price")?
