@@ -33,6 +33,8 @@ pub enum ErrorCode {
     // Answers of the ledger's own API.
     BadRequest,
     Unauthorized,
+    /// A valid key that may not do this (a buyer key on an admin endpoint).
+    Forbidden,
     NotFound,
     MethodNotAllowed,
     Internal,
@@ -52,7 +54,7 @@ impl ErrorCode {
             | ErrorCode::DailyLimitExceeded
             | ErrorCode::InvalidPayment
             | ErrorCode::PaymentAlreadyUsed => 402,
-            ErrorCode::WrongService => 403,
+            ErrorCode::WrongService | ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::IdempotencyKeyInUse => 409,
@@ -95,6 +97,7 @@ impl ErrorCode {
             ErrorCode::LedgerUnavailable => "Payment ledger unavailable, retry shortly",
             ErrorCode::BadRequest => "Bad request",
             ErrorCode::Unauthorized => "Missing or invalid API key",
+            ErrorCode::Forbidden => "This key may not do that",
             ErrorCode::NotFound => "Not found",
             ErrorCode::MethodNotAllowed => "Method not allowed",
             ErrorCode::Internal => "Internal error",

@@ -40,6 +40,16 @@ pub mod path {
     pub const HEALTHZ: &str = "/healthz";
     /// `GET`: the public keys of the ledger's EdDSA Pay Tokens, a JWK set (open).
     pub const JWKS: &str = "/.well-known/jwks.json";
+    /// `GET`: who a key is: the admin, or a buyer and its key (admin or buyer key).
+    pub const WHOAMI: &str = "/v1/whoami";
+    /// A buyer's own API (buyer key): `GET` its account and tokens; `POST /tokens`,
+    /// `GET /tokens/{id}`, `POST /tokens/{id}/revoke`, `POST /tokens/{id}/children`,
+    /// `POST /revoke` (its panic button), `GET /charges`, `/charges.csv`, `/charges/{id}`.
+    pub const ME: &str = "/v1/me";
+    /// `GET`: the tokens and buyers that spent the most (admin).
+    pub const TOP_SPENDERS: &str = "/v1/top-spenders";
+    /// `GET`: the web console, a page and its assets (open; it asks for a key).
+    pub const CONSOLE: &str = "/console";
 }
 
 /// `POST /v1/holds`: hold `priceUsdc` for one call to `serviceId`, paid with `credential`.
@@ -738,4 +748,215 @@ mod tests {
         assert_eq!(json["extraChargeIds"], json!(["ch_2", "ch_3"]));
         assert_eq!(serde_json::from_value::<Hold>(json).unwrap(), extra);
     }
+}
+
+/// Who holds a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The seller: the admin key.
+    Admin,
+    /// A buyer: one of its buyer keys.
+    Buyer,
+}
+
+/// `GET /v1/whoami`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Whoami {
+    pub role: Role,
+    /// A buyer's key (never the secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<BuyerKeyView>,
+    /// The services the ledger sells (its `services` setting); empty: it names none.
+    pub services: Vec<String>,
+}
+
+/// `POST /v1/buyers/{buyerId}/keys`: a key with which the buyer manages its own tokens
+/// and reads its own account and charges.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BuyerKeyRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// The services the key may issue tokens for; empty: any the ledger sells.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
+    /// The largest cap of a token the key may issue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_limit_usdc: Option<Usdc>,
+}
+
+/// A buyer key as listed: never its secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BuyerKeyView {
+    pub key_id: String,
+    pub buyer_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    pub services: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_limit_usdc: Option<Usdc>,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339, to the minute: when the key was last presented.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<String>,
+    /// RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
+}
+
+/// A new buyer key: `key` is shown this once; the ledger keeps only its hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuedBuyerKey {
+    pub key: String,
+    #[serde(flatten)]
+    pub view: BuyerKeyView,
+}
+
+/// `GET /v1/buyers/{buyerId}/keys`: newest first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BuyerKeys {
+    pub keys: Vec<BuyerKeyView>,
+}
+
+/// `POST /v1/me/tokens`: a Pay Token a buyer issues for itself, within its balance, its
+/// tier's daily limit and what its key allows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BuyerTokenRequest {
+    pub service_id: String,
+    pub limit_usdc: Usdc,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buyer_tag: Option<String>,
+    /// RFC 3339; at most one of `expiresAt` and `ttlSeconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
+}
+
+/// `GET /v1/services`: the services the ledger sells, and every service with a charge or a
+/// refusal, in byte order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceList {
+    pub services: Vec<String>,
+}
+
+/// How far back a series goes, and its buckets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SeriesWindow {
+    /// 60 one-minute buckets.
+    #[default]
+    Hour,
+    /// 24 one-hour buckets.
+    Day,
+    /// 30 one-day buckets.
+    Month,
+}
+
+impl SeriesWindow {
+    /// The bucket's width and how many buckets.
+    pub const fn buckets(self) -> (u64, u32) {
+        match self {
+            SeriesWindow::Hour => (60, 60),
+            SeriesWindow::Day => (3600, 24),
+            SeriesWindow::Month => (86_400, 30),
+        }
+    }
+}
+
+/// `GET /v1/services/{serviceId}/series`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SeriesQuery {
+    #[serde(default)]
+    pub window: SeriesWindow,
+    /// `true`: the sandbox book instead of the live one.
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub sandbox: bool,
+}
+
+/// A service's calls over time: every bucket of the window, oldest first, the last one
+/// holding now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSeries {
+    pub service_id: String,
+    pub window: SeriesWindow,
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub sandbox: bool,
+    pub bucket_seconds: u64,
+    /// RFC 3339: the first bucket's start (inclusive).
+    pub from: String,
+    /// RFC 3339: the last bucket's end (exclusive).
+    pub to: String,
+    pub buckets: Vec<SeriesBucket>,
+}
+
+/// One bucket of a [`ServiceSeries`]: what [`ServiceSummary`] counts, for its time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SeriesBucket {
+    /// RFC 3339.
+    pub start: String,
+    pub calls: u64,
+    pub committed: u64,
+    pub released: u64,
+    pub revenue_usdc: Usdc,
+    /// Reserves refused, by error code.
+    pub refusals: std::collections::BTreeMap<String, u64>,
+    pub upstream_answered: u64,
+    pub upstream_errors: u64,
+}
+
+/// `GET /v1/top-spenders`: committed charges in `[from, to)` (RFC 3339), in one book.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TopSpendersQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub sandbox: bool,
+    /// 1 to 100; 10 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// The tokens and buyers that spent the most, most first (ties by id).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TopSpenders {
+    pub tokens: Vec<TokenSpend>,
+    pub buyers: Vec<BuyerSpend>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenSpend {
+    pub token_id: String,
+    pub buyer_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buyer_tag: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_id: Option<String>,
+    pub spent_usdc: Usdc,
+    pub calls: u64,
+    pub revoked: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BuyerSpend {
+    pub buyer_id: String,
+    pub spent_usdc: Usdc,
+    pub calls: u64,
 }

@@ -1,5 +1,6 @@
-//! The `paystile-ledger` command line: `serve`, and admin subcommands that call a running
-//! ledger's admin API (one for each admin endpoint).
+//! The `paystile-ledger` command line: `serve`, admin subcommands that call a running
+//! ledger's admin API (one for each admin endpoint), and `me`, a buyer's own API with its
+//! buyer key.
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -7,12 +8,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use paystile_protocol::Usdc;
 use paystile_protocol::ledger_api::{
-    ChargeQuery, ChargeStatus, ChildTokenRequest, DepositRequest, IssueTokenRequest, SummaryQuery,
+    BuyerKeyRequest, BuyerTokenRequest, ChargeQuery, ChargeStatus, ChildTokenRequest,
+    DepositRequest, IssueTokenRequest, SummaryQuery,
 };
 use paystile_protocol::pay_token::Scope;
 use serde::Serialize;
 
-use crate::client::AdminClient;
+use crate::client::{AdminClient, BuyerClient, ClientError};
 use crate::settings::{LogFormat, Options, Settings};
 use crate::token_keys::{self, TokenKeys};
 
@@ -65,6 +67,13 @@ enum Command {
         #[command(subcommand)]
         command: TokenKeysCommand,
     },
+    /// A buyer's own tokens, account and charges, with one of its buyer keys.
+    Me {
+        #[command(flatten)]
+        buyer: BuyerArgs,
+        #[command(subcommand)]
+        command: MeCommand,
+    },
     /// Pay an L402 invoice of this ledger's sandbox backend; prints its preimage.
     SandboxPay {
         #[command(flatten)]
@@ -105,6 +114,75 @@ struct AdminArgs {
     /// The ledger's admin key.
     #[arg(long, env = "PAYSTILE_ADMIN_KEY", hide_env_values = true, global = true)]
     admin_key: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct BuyerArgs {
+    /// The ledger to talk to.
+    #[arg(
+        long,
+        env = "PAYSTILE_LEDGER_URL",
+        default_value = "http://127.0.0.1:8787",
+        global = true
+    )]
+    ledger_url: String,
+    /// A buyer key (pbk_…), from `paystile-ledger buyer key-create`.
+    #[arg(long, env = "PAYSTILE_BUYER_KEY", hide_env_values = true, global = true)]
+    buyer_key: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum MeCommand {
+    /// Show the balance, spend today, tier, limits and every token with its spend.
+    Show,
+    /// Issue a Pay Token for an agent (within the balance, the tier's daily limit and what
+    /// the key allows) and print it (the JWT is in "jwt").
+    Issue {
+        #[arg(long)]
+        service_id: String,
+        /// The cap, in USDC (up to 6 decimals).
+        #[arg(long)]
+        limit_usdc: Usdc,
+        #[arg(long)]
+        buyer_tag: Option<String>,
+        /// Lifetime in seconds [default: the ledger's].
+        #[arg(long, conflicts_with = "expires_at")]
+        ttl_seconds: Option<u64>,
+        /// Expiry as an RFC 3339 time.
+        #[arg(long)]
+        expires_at: Option<String>,
+    },
+    /// Show one of the buyer's tokens.
+    Token { token_id: String },
+    /// Revoke one of the buyer's tokens at once (kill switch).
+    Revoke { token_id: String },
+    /// Revoke every one of the buyer's tokens at once (panic button).
+    Panic,
+    /// Mint a child token under one of the buyer's tokens.
+    Child {
+        parent_id: String,
+        #[arg(long)]
+        limit_usdc: Usdc,
+        #[arg(long)]
+        ttl_seconds: Option<u64>,
+    },
+    /// Print one page of the buyer's charges (JSON), oldest first.
+    Charges {
+        #[arg(long)]
+        token_id: Option<String>,
+        #[arg(long)]
+        service_id: Option<String>,
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        limit: Option<u32>,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Write every one of the buyer's charges as CSV to standard output.
+    Export,
 }
 
 #[derive(Subcommand)]
@@ -178,6 +256,23 @@ enum BuyerCommand {
     SetTier { buyer_id: String, tier: u32 },
     /// Revoke every token of the buyer at once (panic button).
     Revoke { buyer_id: String },
+    /// Make a key with which the buyer manages its own tokens (`paystile-ledger me`, the
+    /// console); prints it, shown this once.
+    KeyCreate {
+        buyer_id: String,
+        #[arg(long)]
+        label: Option<String>,
+        /// A service the key may issue tokens for (repeat for more) [default: any].
+        #[arg(long = "service")]
+        services: Vec<String>,
+        /// The largest cap of a token the key may issue, in USDC.
+        #[arg(long)]
+        max_limit_usdc: Option<Usdc>,
+    },
+    /// List the buyer's keys with their last use (never the keys themselves).
+    Keys { buyer_id: String },
+    /// Revoke one of the buyer's keys.
+    KeyRevoke { buyer_id: String, key_id: String },
 }
 
 #[derive(Subcommand)]
@@ -358,6 +453,64 @@ pub fn main() -> ExitCode {
                 BuyerCommand::Revoke { buyer_id } => {
                     print_json(&client.revoke_buyer(&buyer_id).await?)
                 }
+                BuyerCommand::KeyCreate { buyer_id, label, services, max_limit_usdc } => {
+                    let request = BuyerKeyRequest { label, services, max_limit_usdc };
+                    print_json(&client.create_buyer_key(&buyer_id, &request).await?)
+                }
+                BuyerCommand::Keys { buyer_id } => print_json(&client.buyer_keys(&buyer_id).await?),
+                BuyerCommand::KeyRevoke { buyer_id, key_id } => {
+                    print_json(&client.revoke_buyer_key(&buyer_id, &key_id).await?)
+                }
+            }
+        }),
+        Command::Me { buyer, command } => buyer_call(buyer, |client| async move {
+            match command {
+                MeCommand::Show => print_json(&client.me().await?),
+                MeCommand::Issue { service_id, limit_usdc, buyer_tag, ttl_seconds, expires_at } => {
+                    let request = BuyerTokenRequest {
+                        service_id,
+                        limit_usdc,
+                        buyer_tag,
+                        expires_at,
+                        ttl_seconds,
+                    };
+                    print_json(&client.issue_token(&request).await?)
+                }
+                MeCommand::Token { token_id } => print_json(&client.token(&token_id).await?),
+                MeCommand::Revoke { token_id } => {
+                    print_json(&client.revoke_token(&token_id).await?)
+                }
+                MeCommand::Panic => print_json(&client.revoke_all().await?),
+                MeCommand::Child { parent_id, limit_usdc, ttl_seconds } => {
+                    let request = ChildTokenRequest {
+                        limit_usdc,
+                        service_id: None,
+                        scope: None,
+                        buyer_tag: None,
+                        expires_at: None,
+                        ttl_seconds,
+                    };
+                    print_json(&client.mint_child(&parent_id, &request).await?)
+                }
+                MeCommand::Charges { token_id, service_id, from, to, limit, cursor } => {
+                    let query = ChargeQuery {
+                        token_id,
+                        service_id,
+                        from,
+                        to,
+                        limit,
+                        cursor,
+                        ..ChargeQuery::default()
+                    };
+                    print_json(&client.charges(&query).await?)
+                }
+                MeCommand::Export => {
+                    let query = ChargeQuery {
+                        limit: Some(crate::journal::MAX_LIMIT),
+                        ..Default::default()
+                    };
+                    export(async |query| client.charges_csv(query).await, query).await
+                }
             }
         }),
         Command::Charge { admin, charge_id } => {
@@ -369,7 +522,11 @@ pub fn main() -> ExitCode {
                     print_json(&client.charges(&filters.query(limit, cursor)).await?)
                 }
                 ChargesCommand::Export { filters, page_size } => {
-                    export(&client, filters.query(Some(page_size), None)).await
+                    export(
+                        async |query| client.charges_csv(query).await,
+                        filters.query(Some(page_size), None),
+                    )
+                    .await
                 }
                 ChargesCommand::Summary { service_id, from, to, sandbox } => print_json(
                     &client
@@ -433,6 +590,23 @@ where
         eprintln!("paystile-ledger: the admin key is required (--admin-key or PAYSTILE_ADMIN_KEY)");
         return ExitCode::from(2);
     };
+    run(call(AdminClient::new(&admin.ledger_url, &admin_key)))
+}
+
+fn buyer_call<F, Fut>(buyer: BuyerArgs, call: F) -> ExitCode
+where
+    F: FnOnce(BuyerClient) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let Some(buyer_key) = buyer.buyer_key else {
+        eprintln!("paystile-ledger: a buyer key is required (--buyer-key or PAYSTILE_BUYER_KEY)");
+        return ExitCode::from(2);
+    };
+    run(call(BuyerClient::new(&buyer.ledger_url, &buyer_key)))
+}
+
+/// Runs a subcommand's call to the ledger.
+fn run(call: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -440,7 +614,7 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(call(AdminClient::new(&admin.ledger_url, &admin_key))) {
+    match runtime.block_on(call) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("paystile-ledger: {e}");
@@ -450,11 +624,14 @@ where
 }
 
 /// Writes every page of `query` as one CSV document: the header once, then each page's rows.
-async fn export(client: &AdminClient, mut query: ChargeQuery) -> anyhow::Result<()> {
+async fn export(
+    page: impl AsyncFn(&ChargeQuery) -> Result<(String, Option<String>), ClientError>,
+    mut query: ChargeQuery,
+) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     let mut first = true;
     loop {
-        let (csv, next) = client.charges_csv(&query).await?;
+        let (csv, next) = page(&query).await?;
         let rows =
             if first { csv.as_str() } else { csv.split_once("\r\n").map_or("", |(_, rows)| rows) };
         out.write_all(rows.as_bytes())?;

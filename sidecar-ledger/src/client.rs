@@ -1,10 +1,12 @@
-//! A client for the ledger's admin API, used by the admin subcommands (and by tests).
+//! Clients for the ledger's admin API and a buyer's own API, used by the command line's
+//! subcommands (and by tests).
 
 use paystile_protocol::ErrorBody;
 use paystile_protocol::ledger_api::{
-    BuyerRevocation, BuyerView, ChargePage, ChargeQuery, ChargeView, ChildTokenRequest, Deposit,
-    DepositRequest, IssueTokenRequest, IssuedToken, SandboxPayment, SandboxPaymentRequest,
-    ServiceSummary, SetTierRequest, SummaryQuery, TokenView, path,
+    BuyerKeyRequest, BuyerKeyView, BuyerKeys, BuyerRevocation, BuyerTokenRequest, BuyerView,
+    ChargePage, ChargeQuery, ChargeView, ChildTokenRequest, Deposit, DepositRequest,
+    IssueTokenRequest, IssuedBuyerKey, IssuedToken, SandboxPayment, SandboxPaymentRequest,
+    ServiceSummary, SetTierRequest, SummaryQuery, TokenView, Whoami, path,
 };
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::de::DeserializeOwned;
@@ -24,11 +26,12 @@ pub enum ClientError {
     Unexpected { status: u16, body: String },
 }
 
+/// A client for the admin API, with the admin key.
 #[derive(Clone)]
 pub struct AdminClient {
     http: reqwest::Client,
     base_url: String,
-    admin_key: String,
+    key: String,
 }
 
 impl AdminClient {
@@ -36,8 +39,32 @@ impl AdminClient {
         AdminClient {
             http: reqwest::Client::new(),
             base_url: base_url.trim_end_matches('/').to_owned(),
-            admin_key: admin_key.to_owned(),
+            key: admin_key.to_owned(),
         }
+    }
+
+    /// A new key for the buyer (shown this once).
+    pub async fn create_buyer_key(
+        &self,
+        buyer_id: &str,
+        request: &BuyerKeyRequest,
+    ) -> Result<IssuedBuyerKey, ClientError> {
+        let url = self.id_url(path::BUYERS, buyer_id, "/keys");
+        self.call(self.http.post(url).json(request)).await
+    }
+
+    pub async fn buyer_keys(&self, buyer_id: &str) -> Result<BuyerKeys, ClientError> {
+        self.call(self.http.get(self.id_url(path::BUYERS, buyer_id, "/keys"))).await
+    }
+
+    pub async fn revoke_buyer_key(
+        &self,
+        buyer_id: &str,
+        key_id: &str,
+    ) -> Result<BuyerKeyView, ClientError> {
+        let key = utf8_percent_encode(key_id, ID_SEGMENT);
+        let url = self.id_url(path::BUYERS, buyer_id, &format!("/keys/{key}/revoke"));
+        self.call(self.http.post(url)).await
     }
 
     pub async fn issue_token(
@@ -109,19 +136,7 @@ impl AdminClient {
         &self,
         query: &ChargeQuery,
     ) -> Result<(String, Option<String>), ClientError> {
-        let request = self.http.get(self.url(path::CHARGES_CSV)).query(query);
-        let response = request.bearer_auth(&self.admin_key).send().await?;
-        let status = response.status().as_u16();
-        let next = response
-            .headers()
-            .get(crate::journal::NEXT_CURSOR_HEADER)
-            .and_then(|cursor| cursor.to_str().ok())
-            .map(str::to_owned);
-        let body = response.bytes().await?;
-        match String::from_utf8(body.to_vec()) {
-            Ok(csv) if (200..300).contains(&status) => Ok((csv, next)),
-            _ => Err(refusal(status, &body)),
-        }
+        self.csv(path::CHARGES_CSV, query).await
     }
 
     pub async fn service_summary(
@@ -146,7 +161,7 @@ impl AdminClient {
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<T, ClientError> {
-        let response = request.bearer_auth(&self.admin_key).send().await?;
+        let response = request.bearer_auth(&self.key).send().await?;
         let status = response.status().as_u16();
         let body = response.bytes().await?;
         if (200..300).contains(&status)
@@ -155,6 +170,96 @@ impl AdminClient {
             return Ok(value);
         }
         Err(refusal(status, &body))
+    }
+
+    /// A journal page at `path` as CSV, and the next page's cursor.
+    async fn csv(
+        &self,
+        path: &str,
+        query: &ChargeQuery,
+    ) -> Result<(String, Option<String>), ClientError> {
+        let request = self.http.get(self.url(path)).query(query);
+        let response = request.bearer_auth(&self.key).send().await?;
+        let status = response.status().as_u16();
+        let next = response
+            .headers()
+            .get(crate::journal::NEXT_CURSOR_HEADER)
+            .and_then(|cursor| cursor.to_str().ok())
+            .map(str::to_owned);
+        let body = response.bytes().await?;
+        match String::from_utf8(body.to_vec()) {
+            Ok(csv) if (200..300).contains(&status) => Ok((csv, next)),
+            _ => Err(refusal(status, &body)),
+        }
+    }
+}
+
+/// A client for a buyer's own API (`/v1/me…`), with one of its buyer keys.
+#[derive(Clone)]
+pub struct BuyerClient(AdminClient);
+
+impl BuyerClient {
+    pub fn new(base_url: &str, buyer_key: &str) -> BuyerClient {
+        BuyerClient(AdminClient::new(base_url, buyer_key))
+    }
+
+    pub async fn whoami(&self) -> Result<Whoami, ClientError> {
+        self.0.call(self.0.http.get(self.0.url(path::WHOAMI))).await
+    }
+
+    /// The buyer's account and tokens.
+    pub async fn me(&self) -> Result<BuyerView, ClientError> {
+        self.0.call(self.0.http.get(self.0.url(path::ME))).await
+    }
+
+    pub async fn issue_token(
+        &self,
+        request: &BuyerTokenRequest,
+    ) -> Result<IssuedToken, ClientError> {
+        let url = self.0.url(&format!("{}/tokens", path::ME));
+        self.0.call(self.0.http.post(url).json(request)).await
+    }
+
+    pub async fn token(&self, token_id: &str) -> Result<TokenView, ClientError> {
+        let url = self.0.id_url(&format!("{}/tokens", path::ME), token_id, "");
+        self.0.call(self.0.http.get(url)).await
+    }
+
+    /// The kill switch on one of the buyer's tokens.
+    pub async fn revoke_token(&self, token_id: &str) -> Result<TokenView, ClientError> {
+        let url = self.0.id_url(&format!("{}/tokens", path::ME), token_id, "/revoke");
+        self.0.call(self.0.http.post(url)).await
+    }
+
+    pub async fn mint_child(
+        &self,
+        parent_id: &str,
+        request: &ChildTokenRequest,
+    ) -> Result<IssuedToken, ClientError> {
+        let url = self.0.id_url(&format!("{}/tokens", path::ME), parent_id, "/children");
+        self.0.call(self.0.http.post(url).json(request)).await
+    }
+
+    /// The panic button: every one of the buyer's tokens.
+    pub async fn revoke_all(&self) -> Result<BuyerRevocation, ClientError> {
+        self.0.call(self.0.http.post(self.0.url(&format!("{}/revoke", path::ME)))).await
+    }
+
+    pub async fn charges(&self, query: &ChargeQuery) -> Result<ChargePage, ClientError> {
+        let url = self.0.url(&format!("{}/charges", path::ME));
+        self.0.call(self.0.http.get(url).query(query)).await
+    }
+
+    pub async fn charges_csv(
+        &self,
+        query: &ChargeQuery,
+    ) -> Result<(String, Option<String>), ClientError> {
+        self.0.csv(&format!("{}/charges.csv", path::ME), query).await
+    }
+
+    pub async fn charge(&self, charge_id: &str) -> Result<ChargeView, ClientError> {
+        let url = self.0.id_url(&format!("{}/charges", path::ME), charge_id, "");
+        self.0.call(self.0.http.get(url)).await
     }
 }
 

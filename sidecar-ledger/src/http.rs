@@ -7,7 +7,7 @@ use std::any::Any;
 use std::sync::Arc;
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::extract::{Extension, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::handler::Handler;
 use axum::http::HeaderMap;
 use axum::http::request::Parts;
@@ -17,19 +17,21 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, on};
 use axum::{Json, Router};
 use paystile_protocol::ledger_api::{
-    ChallengeRequest, ChargePage, ChargeQuery, ChildTokenRequest, DepositRequest,
-    IssueTokenRequest, L402Challenges, ReserveRequest, SandboxPaymentRequest, SetTierRequest,
-    SettleRequest, SummaryQuery, TopUpRequest, WatchQuery, path,
+    BuyerKeyRequest, BuyerTokenRequest, ChallengeRequest, ChargePage, ChargeQuery,
+    ChildTokenRequest, DepositRequest, IssueTokenRequest, L402Challenges, ReserveRequest, Role,
+    SandboxPaymentRequest, SeriesQuery, SetTierRequest, SettleRequest, SummaryQuery,
+    TopSpendersQuery, TopUpRequest, WatchQuery, Whoami, path,
 };
 use paystile_protocol::{ErrorBody, ErrorCode};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tower_http::catch_panic::CatchPanicLayer;
 
+use crate::buyer_access::BuyerKey;
 use crate::challenge::{BATCH_TIME_BUDGET, ChallengeError, ChallengeMinter};
 use crate::ledger::{Ledger, LedgerError, TopUpOutcome, now_millis};
 use crate::store::ReserveOutcome;
-use crate::{journal, telemetry};
+use crate::{console, journal, telemetry};
 
 /// An API key, kept as its SHA-256 so that comparing takes the same time whatever the
 /// presented key's length or content.
@@ -75,17 +77,19 @@ fn survive_panics(router: Router) -> Router {
     }))
 }
 
-/// The API, and the list of its routes.
+/// The API, and the list of its routes (the console's page is not part of the API).
 fn routes(ledger: Arc<Ledger>, minter: Minter, admin_key: ApiKey, gateway_key: ApiKey) -> Routes {
+    let access = Access { admin_key, ledger: ledger.clone() };
     let l402 = Routes::new()
         .post(path::L402_CHALLENGES, mint_challenge)
         .map(|r| r.route_layer(middleware::from_fn_with_state(gateway_key.clone(), require_key)))
         .merge(
             Routes::new().post(path::SANDBOX_PAYMENTS, pay_sandbox_invoice).map(|r| {
-                r.route_layer(middleware::from_fn_with_state(admin_key.clone(), require_key))
+                r.route_layer(middleware::from_fn_with_state(access.clone(), require_admin))
             }),
         )
         .with_state(minter);
+    let buyer_keys = format!("{}/{{buyer_id}}/keys", path::BUYERS);
     let admin = Routes::new()
         .post(path::TOKENS, issue_token)
         .get(&format!("{}/{{token_id}}", path::TOKENS), token)
@@ -95,11 +99,32 @@ fn routes(ledger: Arc<Ledger>, minter: Minter, admin_key: ApiKey, gateway_key: A
         .post(&format!("{}/{{buyer_id}}/deposits", path::BUYERS), deposit)
         .put(&format!("{}/{{buyer_id}}/tier", path::BUYERS), set_tier)
         .post(&format!("{}/{{buyer_id}}/revoke", path::BUYERS), revoke_buyer)
+        .post(&buyer_keys, create_buyer_key)
+        .get(&buyer_keys, list_buyer_keys)
+        .post(&format!("{buyer_keys}/{{key_id}}/revoke"), revoke_buyer_key)
         .get(&format!("{}/{{charge_id}}", path::CHARGES), charge)
         .get(path::CHARGES, charges)
         .get(path::CHARGES_CSV, charges_csv)
+        .get(path::SERVICES, services)
         .get(&format!("{}/{{service_id}}/summary", path::SERVICES), service_summary)
-        .map(|r| r.route_layer(middleware::from_fn_with_state(admin_key, require_key)));
+        .get(&format!("{}/{{service_id}}/series", path::SERVICES), service_series)
+        .get(path::TOP_SPENDERS, top_spenders)
+        .map(|r| r.route_layer(middleware::from_fn_with_state(access.clone(), require_admin)));
+    let me = path::ME;
+    let buyer = Routes::new()
+        .get(me, own_buyer)
+        .post(&format!("{me}/tokens"), issue_own_token)
+        .get(&format!("{me}/tokens/{{token_id}}"), own_token)
+        .post(&format!("{me}/tokens/{{token_id}}/revoke"), revoke_own_token)
+        .post(&format!("{me}/tokens/{{token_id}}/children"), mint_own_child)
+        .post(&format!("{me}/revoke"), revoke_own_tokens)
+        .get(&format!("{me}/charges"), own_charges)
+        .get(&format!("{me}/charges.csv"), own_charges_csv)
+        .get(&format!("{me}/charges/{{charge_id}}"), own_charge)
+        .map(|r| r.route_layer(middleware::from_fn_with_state(access.clone(), require_buyer)));
+    let anyone_with_a_key = Routes::new()
+        .get(path::WHOAMI, whoami)
+        .map(|r| r.route_layer(middleware::from_fn_with_state(access, identify)));
     let gateway = Routes::new()
         .post(path::HOLDS, reserve)
         .post(path::SETTLEMENTS, settle)
@@ -113,8 +138,10 @@ fn routes(ledger: Arc<Ledger>, minter: Minter, admin_key: ApiKey, gateway_key: A
         .get(path::METRICS, metrics)
         .get(path::OPENAPI, openapi)
         .merge(admin)
+        .merge(buyer)
+        .merge(anyone_with_a_key)
         .merge(gateway)
-        .map(|r| r.fallback(not_found))
+        .map(|r| r.merge(console::router()).fallback(not_found))
         .with_state(ledger)
         .merge(l402)
         // Last, so that it reaches every route (it is set per route, with its `Allow`).
@@ -184,14 +211,101 @@ async fn openapi() -> Response {
 }
 
 async fn require_key(State(key): State<ApiKey>, request: Request, next: Next) -> Response {
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "));
-    match presented {
+    match bearer(&request) {
         Some(presented) if key.admits(presented) => next.run(request).await,
         _ => ApiError(ErrorBody::new(ErrorCode::Unauthorized)).into_response(),
     }
+}
+
+/// What the admin and buyer endpoints need to tell who calls.
+#[derive(Clone)]
+struct Access {
+    admin_key: ApiKey,
+    ledger: Arc<Ledger>,
+}
+
+/// Who a request's key is.
+#[derive(Clone)]
+enum Caller {
+    Admin,
+    Buyer(BuyerKey),
+}
+
+impl Access {
+    /// The caller, or 401: a wrong key, a revoked one and one that never existed answer
+    /// alike.
+    async fn caller(&self, presented: Option<Vec<u8>>) -> Result<Caller, ApiError> {
+        let unauthorized = || ApiError(ErrorBody::new(ErrorCode::Unauthorized));
+        let presented = presented.ok_or_else(unauthorized)?;
+        if self.admin_key.admits(&presented) {
+            return Ok(Caller::Admin);
+        }
+        match self.ledger.buyer_key(&presented).await? {
+            Some(key) => Ok(Caller::Buyer(key)),
+            None => Err(unauthorized()),
+        }
+    }
+}
+
+fn bearer(request: &Request) -> Option<&[u8]> {
+    request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "))
+}
+
+fn forbidden(message: &str) -> Response {
+    ApiError(ErrorBody::with_message(ErrorCode::Forbidden, message)).into_response()
+}
+
+async fn require_admin(State(access): State<Access>, request: Request, next: Next) -> Response {
+    // Owned: a request is not `Sync`, so the lookup's future must not borrow it.
+    let caller = access.caller(bearer(&request).map(<[u8]>::to_vec)).await;
+    match caller {
+        Ok(Caller::Admin) => next.run(request).await,
+        Ok(Caller::Buyer(_)) => forbidden("a buyer key reaches the buyer's own API only (/v1/me)"),
+        Err(error) => error.into_response(),
+    }
+}
+
+/// Lets buyer keys in, each as its buyer (a [`BuyerKey`] extension).
+async fn require_buyer(State(access): State<Access>, mut request: Request, next: Next) -> Response {
+    // Owned: a request is not `Sync`, so the lookup's future must not borrow it.
+    let caller = access.caller(bearer(&request).map(<[u8]>::to_vec)).await;
+    match caller {
+        Ok(Caller::Buyer(key)) => {
+            request.extensions_mut().insert(key);
+            next.run(request).await
+        }
+        Ok(Caller::Admin) => {
+            forbidden("the admin key has no buyer of its own: use /v1/buyers/{buyerId}")
+        }
+        Err(error) => error.into_response(),
+    }
+}
+
+/// Lets any key in, as its [`Caller`].
+async fn identify(State(access): State<Access>, mut request: Request, next: Next) -> Response {
+    // Owned: a request is not `Sync`, so the lookup's future must not borrow it.
+    let caller = access.caller(bearer(&request).map(<[u8]>::to_vec)).await;
+    match caller {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn whoami(
+    State(ledger): State<Arc<Ledger>>,
+    Extension(caller): Extension<Caller>,
+) -> Json<Whoami> {
+    let services = ledger.services().to_vec();
+    Json(match caller {
+        Caller::Admin => Whoami { role: Role::Admin, key: None, services },
+        Caller::Buyer(key) => Whoami { role: Role::Buyer, key: Some(key.view()), services },
+    })
 }
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -367,6 +481,121 @@ async fn service_summary(
     Ok(Json(ledger.service_summary(service_id, query).await?))
 }
 
+async fn services(State(ledger): State<Arc<Ledger>>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(ledger.service_list().await?))
+}
+
+async fn service_series(
+    State(ledger): State<Arc<Ledger>>,
+    ApiPath(service_id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<SeriesQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(ledger.service_series(service_id, query).await?))
+}
+
+async fn top_spenders(
+    State(ledger): State<Arc<Ledger>>,
+    ApiQuery(query): ApiQuery<TopSpendersQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(ledger.top_spenders(query).await?))
+}
+
+async fn create_buyer_key(
+    State(ledger): State<Arc<Ledger>>,
+    ApiPath(buyer_id): ApiPath<String>,
+    ApiJson(request): ApiJson<BuyerKeyRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok((StatusCode::CREATED, Json(ledger.create_buyer_key(buyer_id, request).await?)))
+}
+
+async fn list_buyer_keys(
+    State(ledger): State<Arc<Ledger>>,
+    ApiPath(buyer_id): ApiPath<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(ledger.buyer_keys(buyer_id).await?))
+}
+
+async fn revoke_buyer_key(
+    State(ledger): State<Arc<Ledger>>,
+    ApiPath((buyer_id, key_id)): ApiPath<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(ledger.revoke_buyer_key(buyer_id, key_id).await?))
+}
+
+async fn own_buyer(
+    State(ledger): State<Arc<Ledger>>,
+    Extension(key): Extension<BuyerKey>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(ledger.own_buyer(&key).await?))
+}
+
+async fn issue_own_token(
+    State(ledger): State<Arc<Ledger>>,
+    Extension(key): Extension<BuyerKey>,
+    ApiJson(request): ApiJson<BuyerTokenRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok((StatusCode::CREATED, Json(ledger.issue_own_token(&key, request).await?)))
+}
+
+async fn own_token(
+    State(ledger): State<Arc<Ledger>>,
+    Extension(key): Extension<BuyerKey>,
+    ApiPath(token_id): ApiPath<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(ledger.own_token(&key, token_id).await?))
+}
+
+async fn revoke_own_token(
+    State(ledger): State<Arc<Ledger>>,
+    Extension(key): Extension<BuyerKey>,
+    ApiPath(token_id): ApiPath<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(ledger.revoke_own_token(&key, token_id).await?))
+}
+
+async fn mint_own_child(
+    State(ledger): State<Arc<Ledger>>,
+    Extension(key): Extension<BuyerKey>,
+    ApiPath(parent_id): ApiPath<String>,
+    ApiJson(request): ApiJson<ChildTokenRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok((StatusCode::CREATED, Json(ledger.mint_own_child(&key, parent_id, request).await?)))
+}
+
+async fn revoke_own_tokens(
+    State(ledger): State<Arc<Ledger>>,
+    Extension(key): Extension<BuyerKey>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(ledger.revoke_own_tokens(&key).await?))
+}
+
+async fn own_charge(
+    State(ledger): State<Arc<Ledger>>,
+    Extension(key): Extension<BuyerKey>,
+    ApiPath(charge_id): ApiPath<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(ledger.own_charge(&key, charge_id).await?))
+}
+
+/// The buyer's own journal: JSON, or CSV when the client prefers it.
+async fn own_charges(
+    State(ledger): State<Arc<Ledger>>,
+    Extension(key): Extension<BuyerKey>,
+    headers: HeaderMap,
+    ApiQuery(query): ApiQuery<ChargeQuery>,
+) -> Result<Response, ApiError> {
+    let page = ledger.own_charges(&key, query).await?;
+    Ok(if prefers_csv(&headers) { csv_response(page) } else { Json(page).into_response() })
+}
+
+async fn own_charges_csv(
+    State(ledger): State<Arc<Ledger>>,
+    Extension(key): Extension<BuyerKey>,
+    ApiQuery(query): ApiQuery<ChargeQuery>,
+) -> Result<Response, ApiError> {
+    Ok(csv_response(ledger.own_charges(&key, query).await?))
+}
+
 async fn reserve(
     State(ledger): State<Arc<Ledger>>,
     ApiJson(request): ApiJson<ReserveRequest>,
@@ -537,8 +766,9 @@ mod tests {
 
     use paystile_protocol::Usdc;
     use paystile_protocol::ledger_api::{
-        ChargePage, ChargeView, Hold, IssuedToken, L402Challenge, SandboxPayment, ServiceSummary,
-        SettleResponse, TokenView,
+        BuyerKeyView, BuyerKeys, BuyerSpend, ChargePage, ChargeView, Hold, IssuedBuyerKey,
+        IssuedToken, L402Challenge, SandboxPayment, SeriesBucket, SeriesWindow, ServiceList,
+        ServiceSeries, ServiceSummary, SettleResponse, TokenSpend, TokenView, TopSpenders,
     };
     use serde::Serialize;
     use serde::de::DeserializeOwned;
@@ -616,7 +846,7 @@ mod tests {
     /// field name and format in the document is the wire's.
     #[test]
     fn examples_are_what_the_protocol_types_read_and_write() {
-        let parsers: [(&str, RoundTrip); 33] = [
+        let parsers: [(&str, RoundTrip); 45] = [
             ("Usdc", round_trip::<Usdc>),
             ("ErrorBody", round_trip::<ErrorBody>),
             ("Jwks", round_trip::<paystile_protocol::jwk::Jwks>),
@@ -653,6 +883,18 @@ mod tests {
             ("L402Challenges", round_trip::<L402Challenges>),
             ("SandboxPaymentRequest", round_trip::<SandboxPaymentRequest>),
             ("SandboxPayment", round_trip::<SandboxPayment>),
+            ("Whoami", round_trip::<Whoami>),
+            ("BuyerKeyRequest", round_trip::<BuyerKeyRequest>),
+            ("BuyerKeyView", round_trip::<BuyerKeyView>),
+            ("IssuedBuyerKey", round_trip::<IssuedBuyerKey>),
+            ("BuyerKeys", round_trip::<BuyerKeys>),
+            ("BuyerTokenRequest", round_trip::<BuyerTokenRequest>),
+            ("ServiceList", round_trip::<ServiceList>),
+            ("ServiceSeries", round_trip::<ServiceSeries>),
+            ("SeriesBucket", round_trip::<SeriesBucket>),
+            ("TopSpenders", round_trip::<TopSpenders>),
+            ("TokenSpend", round_trip::<TokenSpend>),
+            ("BuyerSpend", round_trip::<BuyerSpend>),
         ];
         let document = document();
         let schemas = document["components"]["schemas"].as_object().unwrap();
@@ -664,7 +906,8 @@ mod tests {
                 for key in example.as_object().unwrap().keys() {
                     assert!(properties.contains_key(key), "{name}.{key} is not a property");
                 }
-                for required in schema["required"].as_array().unwrap() {
+                // OpenAPI 3.0 wants `required` left out rather than empty.
+                for required in schema["required"].as_array().into_iter().flatten() {
                     assert!(example.get(required.as_str().unwrap()).is_some(), "{name}.{required}");
                 }
             }
@@ -695,7 +938,7 @@ mod tests {
         )
         .unwrap();
         let written = journal::csv(&[charge], true);
-        for path in ["/v1/charges", "/v1/charges.csv"] {
+        for path in ["/v1/charges", "/v1/charges.csv", "/v1/me/charges", "/v1/me/charges.csv"] {
             let example = &document["paths"][path]["get"]["responses"]["200"]["content"]["text/csv"]
                 ["example"];
             assert_eq!(example.as_str(), Some(written.as_str()), "{path}");
@@ -719,6 +962,13 @@ mod tests {
         };
         let summary =
             SummaryQuery { sandbox: true, from: Some(String::new()), to: Some(String::new()) };
+        let series = SeriesQuery { window: SeriesWindow::Day, sandbox: true };
+        let top = TopSpendersQuery {
+            from: Some(String::new()),
+            to: Some(String::new()),
+            sandbox: true,
+            limit: Some(1),
+        };
         let fields = |query: Value| -> BTreeSet<String> {
             query.as_object().unwrap().keys().cloned().collect()
         };
@@ -735,10 +985,17 @@ mod tests {
         let charge_fields = fields(serde_json::to_value(&full).unwrap());
         assert_eq!(parameters("/v1/charges"), charge_fields);
         assert_eq!(parameters("/v1/charges.csv"), charge_fields);
+        assert_eq!(parameters("/v1/me/charges"), charge_fields);
+        assert_eq!(parameters("/v1/me/charges.csv"), charge_fields);
         assert_eq!(
             parameters("/v1/services/{serviceId}/summary"),
             fields(serde_json::to_value(&summary).unwrap())
         );
+        assert_eq!(
+            parameters("/v1/services/{serviceId}/series"),
+            fields(serde_json::to_value(&series).unwrap())
+        );
+        assert_eq!(parameters("/v1/top-spenders"), fields(serde_json::to_value(&top).unwrap()));
     }
 
     /// A handler that panics answers 500 `internal`, and the same connection and server go

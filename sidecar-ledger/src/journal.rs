@@ -4,14 +4,16 @@
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use paystile_protocol::ledger_api::{
-    ChargePage, ChargeQuery, ChargeStatus, ChargeView, ServiceSummary, SummaryQuery,
+    BuyerSpend, ChargePage, ChargeQuery, ChargeStatus, ChargeView, SeriesBucket, SeriesQuery,
+    ServiceList, ServiceSeries, ServiceSummary, SummaryQuery, TokenSpend, TopSpenders,
+    TopSpendersQuery,
 };
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::domain::UnixMillis;
-use crate::ledger::{Ledger, LedgerError, charge_view, check_id};
-use crate::store::{ChargeFilter, ServiceWindow, SettlementStatus};
+use crate::ledger::{Ledger, LedgerError, charge_view, check_id, rfc3339_millis};
+use crate::store::{ChargeFilter, ServiceTotals, ServiceWindow, SettlementStatus, SpendWindow};
 
 /// A page's size when the query names none.
 pub const DEFAULT_LIMIT: u32 = 100;
@@ -101,6 +103,110 @@ impl Ledger {
             upstream_errors: totals.upstream_errors,
             error_rate,
         })
+    }
+}
+
+/// How far back `GET /v1/services` looks for services with charges or refusals.
+const SERVICES_SEEN_WITHIN_MS: UnixMillis = 31 * 86_400_000;
+/// The top spenders' default and largest count.
+const TOP_DEFAULT: u32 = 10;
+const TOP_MAX: u32 = 100;
+
+impl Ledger {
+    /// The services the ledger sells, and every service with a charge or a refusal in the
+    /// last month (the longest series), each once, in byte order.
+    pub async fn service_list(&self) -> Result<ServiceList, LedgerError> {
+        let since = self.now().saturating_sub(SERVICES_SEEN_WITHIN_MS);
+        let mut services = self.store().service_ids(since).await?;
+        services.extend(self.services().iter().cloned());
+        services.sort();
+        services.dedup();
+        Ok(ServiceList { services })
+    }
+
+    /// A service's calls, revenue, refusals and upstream errors per bucket of `query`'s
+    /// window, which ends with the bucket that holds now (buckets are aligned to UTC).
+    pub async fn service_series(
+        &self,
+        service_id: String,
+        query: SeriesQuery,
+    ) -> Result<ServiceSeries, LedgerError> {
+        check_id("serviceId", &service_id)?;
+        let (seconds, count) = query.window.buckets();
+        let width = i64::try_from(seconds).unwrap_or(i64::MAX).saturating_mul(1000);
+        let to = (self.now().div_euclid(width) + 1).saturating_mul(width);
+        let from = to.saturating_sub(width.saturating_mul(i64::from(count)));
+        self.release_expired_holds().await?;
+        let window =
+            ServiceWindow { service_id: service_id.clone(), sandbox: query.sandbox, from, to };
+        let mut found = self.store().service_series(window, width).await?.into_iter().peekable();
+        let buckets = (0..i64::from(count))
+            .map(|bucket| {
+                let totals = found
+                    .next_if(|(number, _)| *number == bucket)
+                    .map(|(_, totals)| totals)
+                    .unwrap_or_default();
+                series_bucket(from.saturating_add(bucket.saturating_mul(width)), totals)
+            })
+            .collect();
+        Ok(ServiceSeries {
+            service_id,
+            window: query.window,
+            sandbox: query.sandbox,
+            bucket_seconds: seconds,
+            from: rfc3339_millis(from),
+            to: rfc3339_millis(to),
+            buckets,
+        })
+    }
+
+    /// The tokens and the buyers whose committed charges in the window add up to the most.
+    pub async fn top_spenders(&self, query: TopSpendersQuery) -> Result<TopSpenders, LedgerError> {
+        let limit = query.limit.unwrap_or(TOP_DEFAULT);
+        if !(1..=TOP_MAX).contains(&limit) {
+            return Err(LedgerError::Invalid(format!("limit must be 1 to {TOP_MAX}")));
+        }
+        let (from, to) = window(query.from.as_deref(), query.to.as_deref())?;
+        let (tokens, buyers) = self
+            .store()
+            .top_spenders(SpendWindow {
+                from: from.unwrap_or(UnixMillis::MIN),
+                to: to.unwrap_or(UnixMillis::MAX),
+                sandbox: query.sandbox,
+                limit: usize::try_from(limit).unwrap_or(usize::MAX),
+            })
+            .await?;
+        Ok(TopSpenders {
+            tokens: tokens
+                .into_iter()
+                .map(|token| TokenSpend {
+                    token_id: token.token_id,
+                    buyer_id: token.buyer_id,
+                    buyer_tag: token.buyer_tag,
+                    service_id: token.service_id,
+                    spent_usdc: token.spent,
+                    calls: token.calls,
+                    revoked: token.revoked,
+                })
+                .collect(),
+            buyers: buyers
+                .into_iter()
+                .map(|(buyer_id, spent_usdc, calls)| BuyerSpend { buyer_id, spent_usdc, calls })
+                .collect(),
+        })
+    }
+}
+
+fn series_bucket(start: UnixMillis, totals: ServiceTotals) -> SeriesBucket {
+    SeriesBucket {
+        start: rfc3339_millis(start),
+        calls: totals.calls,
+        committed: totals.committed,
+        released: totals.released,
+        revenue_usdc: totals.revenue,
+        refusals: totals.refusals.into_iter().collect(),
+        upstream_answered: totals.upstream_answered,
+        upstream_errors: totals.upstream_errors,
     }
 }
 

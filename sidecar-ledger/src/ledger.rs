@@ -125,6 +125,8 @@ pub struct Ledger {
     metrics: Metrics,
     /// x402 settlement, when x402 is on: `settle: before` reserves settle through it.
     settlements: Option<Arc<Settlements>>,
+    /// The services buyers may issue tokens for (byte order); empty: any.
+    services: Vec<String>,
 }
 
 /// A top-up: done, or refused.
@@ -152,12 +154,33 @@ impl Ledger {
         let backstop =
             if store.is_shared() { Duration::from_millis(25) } else { Duration::from_secs(1) };
         let watch = Watch { fed: Notify::new(), seen: Notify::new(), backstop };
-        Ledger { store, watch, issuer, credentials, verified, limits, metrics, settlements: None }
+        Ledger {
+            store,
+            watch,
+            issuer,
+            credentials,
+            verified,
+            limits,
+            metrics,
+            settlements: None,
+            services: Vec::new(),
+        }
     }
 
     /// This ledger with x402 settlement.
     pub fn settling_with(self, settlements: Arc<Settlements>) -> Ledger {
         Ledger { settlements: Some(settlements), ..self }
+    }
+
+    /// This ledger selling `services` only (byte order, each once): buyers issue tokens for
+    /// these alone.
+    pub fn selling(self, services: Vec<String>) -> Ledger {
+        Ledger { services, ..self }
+    }
+
+    /// The services the ledger sells; empty: it names none, and takes any.
+    pub fn services(&self) -> &[String] {
+        &self.services
     }
 
     /// The public Pay Token keys gateways verify with.
@@ -339,10 +362,16 @@ impl Ledger {
     }
 
     pub async fn buyer(&self, buyer_id: String) -> Result<BuyerView, LedgerError> {
-        let buyer = self.store.buyer(buyer_id.clone(), self.now()).await?;
+        let buyer = self.buyer_view(buyer_id).await?;
         if buyer.account.is_none() && buyer.tokens.is_empty() {
             return Err(LedgerError::NotFound("buyer"));
         }
+        Ok(buyer)
+    }
+
+    /// The buyer's account, if any, and tokens (none, for a buyer the books do not know).
+    pub(crate) async fn buyer_view(&self, buyer_id: String) -> Result<BuyerView, LedgerError> {
+        let buyer = self.store.buyer(buyer_id.clone(), self.now()).await?;
         let today = rules::utc_day(self.now());
         Ok(BuyerView {
             account: buyer.account.map(|account| self.account_view(&account, today)),
@@ -432,7 +461,7 @@ impl Ledger {
         }
     }
 
-    fn account_view(&self, account: &Account, today: i64) -> AccountView {
+    pub(crate) fn account_view(&self, account: &Account, today: i64) -> AccountView {
         let daily_limit = self.limits.daily_limits.of_tier(account.tier);
         AccountView {
             balance_usdc: account.balance,
@@ -446,7 +475,7 @@ impl Ledger {
     }
 
     /// The ledger's clock: the system's, moved by the test-only offset.
-    fn now(&self) -> UnixMillis {
+    pub(crate) fn now(&self) -> UnixMillis {
         now_millis().saturating_add(self.limits.clock_offset_millis)
     }
 
@@ -883,7 +912,7 @@ fn sign(issuer: &TokenIssuer, claims: PayTokenClaims) -> IssuedToken {
 }
 
 /// The expiry (Unix seconds) a request asks for with `expiresAt` or `ttlSeconds`, if any.
-fn expiry(
+pub(crate) fn expiry(
     expires_at: &Option<String>,
     ttl_seconds: Option<u64>,
     now_seconds: u64,
@@ -908,7 +937,7 @@ fn expiry(
 
 /// A buyer id an account may be opened for. L402 holders are prepaid by Lightning, each
 /// token its own anonymous buyer: an account would meter them twice.
-fn check_account_id(buyer_id: &str) -> Result<(), LedgerError> {
+pub(crate) fn check_account_id(buyer_id: &str) -> Result<(), LedgerError> {
     check_id("buyerId", buyer_id)?;
     if buyer_id.starts_with(l402::TOKEN_ID_PREFIX) {
         return Err(LedgerError::Invalid(format!(
@@ -927,7 +956,7 @@ fn check_account_id(buyer_id: &str) -> Result<(), LedgerError> {
 
 /// A buyer tag follows the rule for ids, but may be empty, `.` or `..`: it is never a path
 /// segment.
-fn check_tag(field: &str, value: &str) -> Result<(), LedgerError> {
+pub(crate) fn check_tag(field: &str, value: &str) -> Result<(), LedgerError> {
     pay_token::check_tag(value)
         .map_err(|problem| LedgerError::Invalid(format!("{field} {problem}")))
 }
@@ -937,7 +966,7 @@ pub(crate) fn check_id(field: &str, value: &str) -> Result<(), LedgerError> {
 }
 
 /// `<prefix>_<128 random bits in hex>`.
-fn new_id(prefix: &str) -> String {
+pub(crate) fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", hex::encode(rand::random::<[u8; 16]>()))
 }
 
@@ -955,7 +984,7 @@ pub fn now_millis() -> UnixMillis {
     i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
 }
 
-fn seconds(millis: UnixMillis) -> u64 {
+pub(crate) fn seconds(millis: UnixMillis) -> u64 {
     u64::try_from(millis / 1000).unwrap_or(0)
 }
 

@@ -2,10 +2,12 @@
 //! Pay Token or L402 credential, commits or releases the hold once the upstream has answered,
 //! mints L402 challenges, and issues and revokes tokens. See DESIGN.md for the API contract.
 
+pub mod buyer_access;
 pub mod challenge;
 pub mod child;
 pub mod cli;
 pub mod client;
+pub mod console;
 pub mod domain;
 pub mod http;
 pub mod invoice;

@@ -56,7 +56,8 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             "the ledger's clock is offset (tests only)"
         );
     }
-    let mut ledger = Ledger::new(store.clone(), issuer, credentials, limits);
+    let mut ledger =
+        Ledger::new(store.clone(), issuer, credentials, limits).selling(settings.services.clone());
     if let Some(x402) = &settings.x402 {
         let settlements =
             Settlements::new(store, x402).await.context("cannot set up x402 settlement")?;

@@ -78,6 +78,10 @@ pub struct Options {
     /// [default: 10,1000,50000]. Applies to buyers with an account.
     #[arg(long, env = "PAYSTILE_DAILY_LIMITS_USDC", value_delimiter = ',')]
     pub daily_limits_usdc: Option<Vec<Usdc>>,
+    /// The services this ledger sells, comma-separated: buyers issue tokens for these only,
+    /// and the console lists them. Unset: any service id.
+    #[arg(long, env = "PAYSTILE_SERVICES", value_delimiter = ',')]
+    pub services: Option<Vec<String>>,
     /// Test only: seconds added to the ledger's clock (days roll over at UTC midnight).
     #[arg(long, env = "PAYSTILE_CLOCK_OFFSET_SECONDS", hide = true, allow_hyphen_values = true)]
     #[serde(skip)]
@@ -382,6 +386,8 @@ pub struct Settings {
     pub hold_ttl: Duration,
     pub max_replays: u32,
     pub daily_limits: DailyLimits,
+    /// The services buyers may issue tokens for; empty: any.
+    pub services: Vec<String>,
     pub clock_offset_seconds: i64,
     pub idempotency_retention: Duration,
     pub sweep_interval: Duration,
@@ -420,6 +426,7 @@ impl Options {
             hold_ttl_seconds: self.hold_ttl_seconds.or(lower.hold_ttl_seconds),
             max_replays: self.max_replays.or(lower.max_replays),
             daily_limits_usdc: self.daily_limits_usdc.or(lower.daily_limits_usdc),
+            services: self.services.or(lower.services),
             clock_offset_seconds: self.clock_offset_seconds.or(lower.clock_offset_seconds),
             idempotency_retention_seconds: self
                 .idempotency_retention_seconds
@@ -546,6 +553,7 @@ impl Settings {
                 Some(limits) => DailyLimits::new(limits)
                     .ok_or_else(|| problem("daily_limits_usdc", "give at least one tier"))?,
             },
+            services: services(options.services)?,
             clock_offset_seconds: options.clock_offset_seconds.unwrap_or(0),
             idempotency_retention: Duration::from_secs(
                 match options.idempotency_retention_seconds.unwrap_or(MIN_IDEMPOTENCY_RETENTION) {
@@ -570,6 +578,18 @@ impl Settings {
             x402,
         })
     }
+}
+
+/// The services given, each a valid id, once each, in byte order.
+fn services(given: Option<Vec<String>>) -> Result<Vec<String>, SettingsError> {
+    let mut services = given.unwrap_or_default();
+    for service in &services {
+        paystile_protocol::pay_token::check_id(service)
+            .map_err(|id_problem| problem("services", format!("a service id {id_problem}")))?;
+    }
+    services.sort();
+    services.dedup();
+    Ok(services)
 }
 
 fn x402_settings(options: &Options) -> Result<Option<X402Settings>, SettingsError> {

@@ -14,13 +14,15 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use paystile_ledger::child::LedgerProcess;
-use paystile_ledger::client::{AdminClient, ClientError};
+use paystile_ledger::client::{AdminClient, BuyerClient, ClientError};
 use paystile_ledger::token_keys;
 use paystile_protocol::jws::{self, Key, SigningKey};
 use paystile_protocol::l402;
 use paystile_protocol::ledger_api::{
-    AccountView, ChargeStatus, ChildTokenRequest, Deposit, DepositRequest, Hold, IssueTokenRequest,
-    IssuedToken, L402Challenge, L402Challenges, SettleResponse, SettleStatus, TokenView,
+    AccountView, BuyerKeyRequest, BuyerTokenRequest, ChargeQuery, ChargeStatus, ChildTokenRequest,
+    Deposit, DepositRequest, Hold, IssueTokenRequest, IssuedBuyerKey, IssuedToken, L402Challenge,
+    L402Challenges, Role, SeriesBucket, ServiceSeries, SettleResponse, SettleStatus, TokenView,
+    TopSpenders,
 };
 use paystile_protocol::pay_token::{self, Scope, Validation};
 use paystile_protocol::{ErrorBody, ErrorCode, Usdc};
@@ -108,6 +110,9 @@ on_both_stores! {
     a_partial_commit_debits_the_balance_and_every_level_of_a_chain_by_the_amount,
     expired_holds_are_released_on_read_at_every_level_and_on_the_account,
     buyer_refusals_stay_refused_for_their_key,
+    buyer_keys_reach_their_own_buyer_only,
+    buyers_issue_tokens_within_their_balance_tier_and_key,
+    series_and_top_spenders_add_up_to_the_journal,
 }
 
 /// The PostgreSQL server the suite makes its databases on: `PAYSTILE_TEST_POSTGRES_URL`, or
@@ -2082,19 +2087,25 @@ mod operability {
         assert_eq!(response.status(), 200);
         let document: Value = response.json().await.unwrap();
         assert!(document["openapi"].as_str().unwrap().starts_with("3."));
+        let buyer_key = buyer_key(&ledger, "buyer-x", &BuyerKeyRequest::default()).await.key;
         let admin_only = [json!({"adminKey": []})];
         let gateway_only = [json!({"gatewayKey": []})];
+        let buyer_only = [json!({"buyerKey": []})];
+        let admin_or_buyer = [json!({"adminKey": []}), json!({"buyerKey": []})];
         let mut operations = 0;
         for (path, methods) in document["paths"].as_object().unwrap() {
             let concrete = path.replace("{tokenId}", "tok_x").replace("{chargeId}", "ch_x");
-            let concrete =
-                concrete.replace("{serviceId}", "weather").replace("{buyerId}", "buyer-x");
+            let concrete = concrete
+                .replace("{serviceId}", "weather")
+                .replace("{buyerId}", "buyer-x")
+                .replace("{keyId}", "bk_x");
             for (method, operation) in methods.as_object().unwrap() {
                 let security = operation["security"].as_array().unwrap();
                 let key = match security.as_slice() {
                     [] => None,
-                    s if s == admin_only => Some(ADMIN_KEY),
+                    s if s == admin_only || s == admin_or_buyer => Some(ADMIN_KEY),
                     s if s == gateway_only => Some(GATEWAY_KEY),
+                    s if s == buyer_only => Some(buyer_key.as_str()),
                     other => panic!("{path}: unexpected security {other:?}"),
                 };
                 let method: reqwest::Method = method.to_ascii_uppercase().parse().unwrap();
@@ -2105,7 +2116,7 @@ mod operability {
                 if let Some(key) = key {
                     // The other API's key, a wrong one, the right one without its scheme or
                     // with a byte more: each refused before the handler reads the request.
-                    let other = if key == ADMIN_KEY { GATEWAY_KEY } else { ADMIN_KEY };
+                    let other = if key == GATEWAY_KEY { ADMIN_KEY } else { GATEWAY_KEY };
                     for authorization in [
                         format!("Bearer {other}"),
                         "Bearer not-the-key-0123456789".to_owned(),
@@ -2128,7 +2139,7 @@ mod operability {
                 operations += 1;
             }
         }
-        assert_eq!(operations, 22);
+        assert_eq!(operations, 38);
         // A known path with a method it does not take: 405, its methods, and a JSON body.
         for (method, path, allow) in [
             (reqwest::Method::DELETE, "/v1/charges", "GET,HEAD"),
@@ -2154,6 +2165,7 @@ mod operability {
         let document: Value =
             ledger.http.get(url("/openapi.json")).send().await.unwrap().json().await.unwrap();
         let schemas = &document["components"]["schemas"];
+        let buyer_key = buyer_key(&ledger, "buyer-x", &BuyerKeyRequest::default()).await.key;
         let mut operations = 0;
         for (path, methods) in document["paths"].as_object().unwrap() {
             if !path.contains('{') {
@@ -2162,6 +2174,7 @@ mod operability {
             for (method, operation) in methods.as_object().unwrap() {
                 let key = match operation["security"][0].as_object().unwrap().keys().next() {
                     Some(scheme) if scheme == "adminKey" => ADMIN_KEY,
+                    Some(scheme) if scheme == "buyerKey" => buyer_key.as_str(),
                     other => panic!("{method} {path}: unexpected security {other:?}"),
                 };
                 // A body the route takes: its schema's example.
@@ -2198,7 +2211,7 @@ mod operability {
                 operations += 1;
             }
         }
-        assert_eq!(operations, 9);
+        assert_eq!(operations, 17);
     }
 
     /// The method label is one of HTTP's own methods or `other`: made-up methods, which any
@@ -3769,4 +3782,377 @@ mod x402_settling_first {
         let token = ledger.token(&x402::token_id(&checked.payment_id)).await;
         assert_eq!((token.reserved_usdc, token.used_usdc), (Usdc::ZERO, Usdc::ZERO));
     }
+}
+
+// Buyer keys: a buyer's own API, and nothing else.
+
+/// A buyer key, created through the admin API.
+async fn buyer_key(ledger: &Ledger, buyer_id: &str, request: &BuyerKeyRequest) -> IssuedBuyerKey {
+    ledger.admin.create_buyer_key(buyer_id, request).await.unwrap()
+}
+
+fn own_token_request(service: &str, limit: &str) -> BuyerTokenRequest {
+    BuyerTokenRequest {
+        service_id: service.into(),
+        limit_usdc: usdc(limit),
+        buyer_tag: None,
+        expires_at: None,
+        ttl_seconds: Some(600),
+    }
+}
+
+/// A call paid with `jwt` for `service`, reserved and committed: its charge id.
+async fn charged(ledger: &Ledger, jwt: &str, service: &str, price: &str) -> String {
+    let body =
+        json!({"credential": format!("Bearer {jwt}"), "serviceId": service, "priceUsdc": price});
+    let (status, hold) = ledger.post("/v1/holds", Some(GATEWAY_KEY), &body.to_string()).await;
+    assert_eq!(status, 200, "{hold}");
+    let charge_id = hold["chargeId"].as_str().unwrap().to_owned();
+    assert_eq!(ledger.settle(&[(&charge_id, "commit")]).await, [SettleStatus::Committed]);
+    charge_id
+}
+
+/// `method path` with `key`: the status and the error code.
+async fn answer(ledger: &Ledger, method: &str, path: &str, key: Option<&str>) -> (u16, Value) {
+    let url = format!("{}{path}", ledger.process.url());
+    let mut request = ledger
+        .http
+        .request(method.parse().unwrap(), url)
+        .header("content-type", "application/json")
+        .body("{}");
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Every endpoint a buyer key reaches answers for its own buyer only: another buyer's
+/// tokens and charges are not found, and nothing of theirs changes; a buyer key on an
+/// admin endpoint is forbidden, the admin key on a buyer's; a wrong, revoked or unknown key
+/// gets the same 401.
+async fn buyer_keys_reach_their_own_buyer_only(store: Backend) {
+    let ledger = Ledger::start(store, &["--services", "weather"]).await;
+    for buyer in ["alice", "bob"] {
+        ledger.deposit(buyer, "5", None).await;
+    }
+    let alice_key = buyer_key(&ledger, "alice", &BuyerKeyRequest::default()).await;
+    let bob_key = buyer_key(&ledger, "bob", &BuyerKeyRequest::default()).await;
+    assert!(alice_key.key.starts_with("pbk_") && alice_key.key != bob_key.key);
+    let alice = BuyerClient::new(&ledger.process.url(), &alice_key.key);
+    let bob = BuyerClient::new(&ledger.process.url(), &bob_key.key);
+    let alices = alice.issue_token(&own_token_request("weather", "1")).await.unwrap();
+    let bobs = bob.issue_token(&own_token_request("weather", "1")).await.unwrap();
+    let bobs_charge = charged(&ledger, &bobs.jwt, "weather", "0.25").await;
+    let alices_charge = charged(&ledger, &alices.jwt, "weather", "0.1").await;
+
+    // Alice's key on Bob's things: not found, every way in.
+    let not_found = |(status, body): (u16, Value)| {
+        assert_eq!((status, body["code"].as_str()), (404, Some("not_found")), "{body}");
+    };
+    let bob_token = &bobs.token_id;
+    not_found(
+        answer(&ledger, "GET", &format!("/v1/me/tokens/{bob_token}"), Some(&alice_key.key)).await,
+    );
+    not_found(
+        answer(&ledger, "POST", &format!("/v1/me/tokens/{bob_token}/revoke"), Some(&alice_key.key))
+            .await,
+    );
+    let child = json!({"limitUsdc": "0.1"}).to_string();
+    let (status, body) = ledger_post_with(
+        &ledger,
+        &format!("/v1/me/tokens/{bob_token}/children"),
+        &alice_key.key,
+        &child,
+    )
+    .await;
+    not_found((status, body));
+    not_found(
+        answer(&ledger, "GET", &format!("/v1/me/charges/{bobs_charge}"), Some(&alice_key.key))
+            .await,
+    );
+    not_found(answer(&ledger, "GET", "/v1/me/charges?buyerId=bob", Some(&alice_key.key)).await);
+    let by_bobs_token = ChargeQuery { token_id: Some(bob_token.clone()), ..Default::default() };
+    assert!(alice.charges(&by_bobs_token).await.unwrap().charges.is_empty());
+    let (csv, _) = alice.charges_csv(&by_bobs_token).await.unwrap();
+    assert_eq!(csv.lines().count(), 1, "only the header: {csv}");
+
+    // Alice sees her own, and only hers.
+    let me = alice.me().await.unwrap();
+    assert_eq!(me.buyer_id, "alice");
+    let tokens: Vec<&str> = me.tokens.iter().map(|t| t.token_id.as_str()).collect();
+    assert_eq!(tokens, [alices.token_id.as_str()]);
+    assert_eq!(me.tokens[0].used_usdc, usdc("0.1"));
+    assert_eq!(me.account.unwrap().balance_usdc, usdc("4.9"));
+    let page = alice.charges(&ChargeQuery::default()).await.unwrap();
+    let charges: Vec<&str> = page.charges.iter().map(|c| c.charge_id.as_str()).collect();
+    assert_eq!(charges, [alices_charge.as_str()]);
+    assert_eq!(alice.charge(&alices_charge).await.unwrap().buyer_id, "alice");
+    let (csv, _) = alice.charges_csv(&ChargeQuery::default()).await.unwrap();
+    assert!(csv.contains(&alices_charge) && !csv.contains(&bobs_charge), "{csv}");
+
+    // Her panic button and kill switch reach her tokens alone.
+    let child = alice.mint_child(&alices.token_id, &child_request("0.2")).await.unwrap();
+    assert_eq!(
+        alice.token(&child.token_id).await.unwrap().parent_id.as_deref(),
+        Some(alices.token_id.as_str())
+    );
+    assert!(alice.revoke_token(&child.token_id).await.unwrap().revoked);
+    assert_eq!(alice.revoke_all().await.unwrap().revoked_tokens, 1);
+    assert!(ledger.token(&alices.token_id).await.revoked);
+    let bobs_view = ledger.token(bob_token).await;
+    assert!(!bobs_view.revoked, "Bob's token was revoked by Alice's key");
+    assert_eq!(bobs_view.used_usdc, usdc("0.25"));
+    assert_eq!(ledger.admin.buyer("bob").await.unwrap().tokens.len(), 1, "a child under Bob's");
+
+    // A buyer key on every admin endpoint: forbidden, and nothing done.
+    let admin_endpoints = [
+        ("POST", "/v1/tokens".to_owned()),
+        ("GET", format!("/v1/tokens/{bob_token}")),
+        ("POST", format!("/v1/tokens/{bob_token}/revoke")),
+        ("POST", format!("/v1/tokens/{bob_token}/children")),
+        ("GET", "/v1/buyers/bob".to_owned()),
+        ("POST", "/v1/buyers/alice/deposits".to_owned()),
+        ("PUT", "/v1/buyers/alice/tier".to_owned()),
+        ("POST", "/v1/buyers/bob/revoke".to_owned()),
+        ("POST", "/v1/buyers/alice/keys".to_owned()),
+        ("GET", "/v1/buyers/bob/keys".to_owned()),
+        ("POST", format!("/v1/buyers/bob/keys/{}/revoke", bob_key.view.key_id)),
+        ("GET", format!("/v1/charges/{bobs_charge}")),
+        ("GET", "/v1/charges".to_owned()),
+        ("GET", "/v1/charges.csv".to_owned()),
+        ("GET", "/v1/services".to_owned()),
+        ("GET", "/v1/services/weather/summary".to_owned()),
+        ("GET", "/v1/services/weather/series".to_owned()),
+        ("GET", "/v1/top-spenders".to_owned()),
+        ("POST", "/v1/sandbox/payments".to_owned()),
+    ];
+    for (method, path) in &admin_endpoints {
+        let (status, body) = answer(&ledger, method, path, Some(&alice_key.key)).await;
+        assert_eq!((status, body["code"].as_str()), (403, Some("forbidden")), "{method} {path}");
+    }
+    assert!(!ledger.token(bob_token).await.revoked);
+    assert_eq!(ledger.admin.buyer_keys("bob").await.unwrap().keys[0].revoked_at, None);
+
+    // The admin key on a buyer's endpoints: forbidden (it has no buyer of its own).
+    let me_endpoints = [
+        ("GET", "/v1/me".to_owned()),
+        ("POST", "/v1/me/tokens".to_owned()),
+        ("GET", format!("/v1/me/tokens/{bob_token}")),
+        ("POST", format!("/v1/me/tokens/{bob_token}/revoke")),
+        ("POST", format!("/v1/me/tokens/{bob_token}/children")),
+        ("POST", "/v1/me/revoke".to_owned()),
+        ("GET", "/v1/me/charges".to_owned()),
+        ("GET", "/v1/me/charges.csv".to_owned()),
+        ("GET", format!("/v1/me/charges/{bobs_charge}")),
+    ];
+    for (method, path) in &me_endpoints {
+        let (status, body) = answer(&ledger, method, path, Some(ADMIN_KEY)).await;
+        assert_eq!((status, body["code"].as_str()), (403, Some("forbidden")), "{method} {path}");
+    }
+
+    // Unknown, revoked, malformed or missing: one 401, whatever the endpoint.
+    ledger.admin.revoke_buyer_key("bob", &bob_key.view.key_id).await.unwrap();
+    let unknown = format!("pbk_{}", "0".repeat(64));
+    let mut unauthorized = Vec::new();
+    for key in
+        [Some(bob_key.key.as_str()), Some(unknown.as_str()), Some("pbk_"), Some(GATEWAY_KEY), None]
+    {
+        for (method, path) in
+            me_endpoints.iter().chain(&admin_endpoints).chain(&[("GET", "/v1/whoami".to_owned())])
+        {
+            let (status, body) = answer(&ledger, method, path, key).await;
+            assert_eq!(status, 401, "{method} {path} {key:?}");
+            unauthorized.push(body);
+        }
+    }
+    assert!(unauthorized.windows(2).all(|pair| pair[0] == pair[1]), "401s differ");
+    assert!(!ledger.token(bob_token).await.revoked, "a revoked key still revoked");
+
+    // The keys as the admin lists them: last used, revoked, never the key.
+    let keys = ledger.admin.buyer_keys("alice").await.unwrap().keys;
+    assert_eq!(keys.len(), 1);
+    assert!(keys[0].last_used_at.is_some() && keys[0].revoked_at.is_none());
+    let listed = serde_json::to_string(&keys).unwrap();
+    assert!(!listed.contains(&alice_key.key));
+    let bobs_keys = ledger.admin.buyer_keys("bob").await.unwrap().keys;
+    assert!(bobs_keys[0].revoked_at.is_some());
+    let whoami = alice.whoami().await.unwrap();
+    assert_eq!((whoami.role, whoami.services), (Role::Buyer, vec!["weather".to_owned()]));
+    assert_eq!(whoami.key.unwrap().buyer_id, "alice");
+}
+
+async fn ledger_post_with(ledger: &Ledger, path: &str, key: &str, body: &str) -> (u16, Value) {
+    ledger.post(path, Some(key), body).await
+}
+
+/// A buyer issues tokens for itself within its balance, its tier's daily limit and what
+/// its key allows; each refusal says why, and issues nothing. What it issues pays.
+async fn buyers_issue_tokens_within_their_balance_tier_and_key(store: Backend) {
+    let ledger =
+        Ledger::start(store, &["--services", "weather,maps", "--daily-limits-usdc", "3,100"]).await;
+    let key = buyer_key(&ledger, "carol", &BuyerKeyRequest::default()).await;
+    let carol = BuyerClient::new(&ledger.process.url(), &key.key);
+    let refused = async |request: BuyerTokenRequest, says: &str| match carol
+        .issue_token(&request)
+        .await
+        .unwrap_err()
+    {
+        ClientError::Refused { status, body } => {
+            assert_eq!((status, body.code), (400, ErrorCode::BadRequest));
+            assert!(body.error.contains(says), "{:?} does not say {says:?}", body.error);
+        }
+        other => panic!("{other}"),
+    };
+    refused(own_token_request("weather", "1"), "no prepaid balance").await;
+    ledger.deposit("carol", "5", None).await;
+    refused(own_token_request("weather", "5.000001"), "above your available balance, 5.000000")
+        .await;
+    refused(own_token_request("weather", "3.5"), "above your tier's daily limit, 3.000000").await;
+    refused(own_token_request("nope", "1"), "unknown service \"nope\"").await;
+    let past = BuyerTokenRequest {
+        expires_at: Some("2020-01-01T00:00:00Z".into()),
+        ttl_seconds: None,
+        ..own_token_request("weather", "1")
+    };
+    refused(past, "expire in the future").await;
+    refused(own_token_request("weather", "0"), "greater than 0").await;
+    assert!(carol.me().await.unwrap().tokens.is_empty(), "a refused request issued a token");
+
+    // Within every bound: a token that pays, for Carol.
+    let issued = carol.issue_token(&own_token_request("weather", "3")).await.unwrap();
+    let claims = pay_token::verify(
+        &issued.jwt,
+        &[Key::hs256(TOKEN_SECRET)],
+        &Validation::default(),
+        unix_now(),
+    )
+    .unwrap();
+    assert_eq!((claims.sub.as_str(), claims.service_id.as_deref()), ("carol", Some("weather")));
+    charged(&ledger, &issued.jwt, "weather", "0.5").await;
+    assert_eq!(carol.token(&issued.token_id).await.unwrap().used_usdc, usdc("0.5"));
+
+    // A key the seller narrowed: its services, its largest cap.
+    let narrow = BuyerKeyRequest {
+        label: Some("agent fleet".into()),
+        services: vec!["maps".into()],
+        max_limit_usdc: Some(usdc("1")),
+    };
+    let narrow =
+        BuyerClient::new(&ledger.process.url(), &buyer_key(&ledger, "carol", &narrow).await.key);
+    let refused_narrow = async |request: BuyerTokenRequest, says: &str| {
+        let error = narrow.issue_token(&request).await.unwrap_err();
+        assert!(
+            matches!(&error, ClientError::Refused { status: 400, body } if body.error.contains(says)),
+            "{error}"
+        );
+    };
+    refused_narrow(own_token_request("weather", "1"), "issues tokens for maps only").await;
+    refused_narrow(own_token_request("maps", "1.5"), "above this key's largest cap, 1.000000")
+        .await;
+    narrow.issue_token(&own_token_request("maps", "1")).await.unwrap();
+    assert_eq!(carol.me().await.unwrap().tokens.len(), 2);
+
+    // A key may only name services the ledger sells; the buyer's CLI does what the API does.
+    let bad = BuyerKeyRequest { services: vec!["nope".into()], ..Default::default() };
+    assert!(is_status(
+        ledger.admin.create_buyer_key("carol", &bad).await.unwrap_err(),
+        400,
+        ErrorCode::BadRequest
+    ));
+    let cli = |args: &[&str]| {
+        let output = std::process::Command::new(ledger_binary())
+            .args(args)
+            .args(["--ledger-url", &ledger.process.url()])
+            .env("PAYSTILE_BUYER_KEY", &key.key)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice::<Value>(&output.stdout).unwrap()
+    };
+    let by_cli = cli(&["me", "issue", "--service-id", "maps", "--limit-usdc", "0.5"]);
+    let token_id = by_cli["tokenId"].as_str().unwrap();
+    assert_eq!(cli(&["me", "token", token_id])["buyerId"], "carol");
+    assert_eq!(cli(&["me", "show"])["tokens"].as_array().unwrap().len(), 3);
+    assert_eq!(cli(&["me", "revoke", token_id])["revoked"], true);
+    assert_eq!(cli(&["me", "panic"])["revokedTokens"], 2);
+    assert!(ledger.admin.buyer("carol").await.unwrap().tokens.iter().all(|t| t.revoked));
+}
+
+/// What the console draws: a service's calls, revenue, refusals and upstream errors per
+/// minute add up to its summary; the top spenders are ordered by what they spent.
+async fn series_and_top_spenders_add_up_to_the_journal(store: Backend) {
+    let ledger = Ledger::start(store, &["--services", "maps"]).await;
+    let big = ledger.admin.issue_token(&issue_request("5")).await.unwrap();
+    let small = ledger
+        .admin
+        .issue_token(&IssueTokenRequest { buyer_id: "agent-8".into(), ..issue_request("0.2") })
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        charged(&ledger, &big.jwt, "weather", "0.4").await;
+    }
+    charged(&ledger, &small.jwt, "weather", "0.15").await;
+    // A refusal (over the cap) and a release.
+    let over = json!({"credential": format!("Bearer {}", small.jwt), "serviceId": "weather", "priceUsdc": "0.1"});
+    let (status, _) = ledger.post("/v1/holds", Some(GATEWAY_KEY), &over.to_string()).await;
+    assert_eq!(status, 402);
+    let released = json!({"credential": format!("Bearer {}", big.jwt), "serviceId": "weather", "priceUsdc": "0.3"});
+    let (_, hold) = ledger.post("/v1/holds", Some(GATEWAY_KEY), &released.to_string()).await;
+    ledger.settle(&[(hold["chargeId"].as_str().unwrap(), "release")]).await;
+
+    let get = async |path: &str| -> Value {
+        let (status, body) = answer(&ledger, "GET", path, Some(ADMIN_KEY)).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        body
+    };
+    let series: ServiceSeries =
+        serde_json::from_value(get("/v1/services/weather/series?window=hour").await).unwrap();
+    assert_eq!((series.buckets.len(), series.bucket_seconds), (60, 60));
+    let sum = |field: fn(&SeriesBucket) -> u64| series.buckets.iter().map(field).sum::<u64>();
+    assert_eq!((sum(|b| b.calls), sum(|b| b.committed), sum(|b| b.released)), (5, 4, 1));
+    let revenue = series
+        .buckets
+        .iter()
+        .fold(Usdc::ZERO, |total, b| total.checked_add(b.revenue_usdc).unwrap());
+    assert_eq!(revenue, usdc("1.35"));
+    let refusals: u64 =
+        series.buckets.iter().filter_map(|b| b.refusals.get("token_limit_exceeded")).sum();
+    assert_eq!(refusals, 1);
+    // The last bucket holds now; each bucket starts a minute after the one before.
+    assert!(series.buckets.last().unwrap().calls >= 1 || series.buckets[58].calls >= 1);
+    let summary = get("/v1/services/weather/summary").await;
+    assert_eq!(summary["calls"], 5);
+    assert_eq!(summary["revenueUsdc"], "1.350000");
+    for window in ["day", "month"] {
+        let series: ServiceSeries = serde_json::from_value(
+            get(&format!("/v1/services/weather/series?window={window}")).await,
+        )
+        .unwrap();
+        assert_eq!(series.buckets.iter().map(|b| b.calls).sum::<u64>(), 5, "{window}");
+    }
+    let (status, body) =
+        answer(&ledger, "GET", "/v1/services/weather/series?window=year", Some(ADMIN_KEY)).await;
+    assert_eq!((status, body["code"].as_str()), (400, Some("bad_request")));
+
+    let top: TopSpenders = serde_json::from_value(get("/v1/top-spenders?limit=5").await).unwrap();
+    let tokens: Vec<(&str, Usdc, u64)> =
+        top.tokens.iter().map(|t| (t.token_id.as_str(), t.spent_usdc, t.calls)).collect();
+    assert_eq!(
+        tokens,
+        [(big.token_id.as_str(), usdc("1.2"), 3), (small.token_id.as_str(), usdc("0.15"), 1)]
+    );
+    let buyers: Vec<(&str, Usdc)> =
+        top.buyers.iter().map(|b| (b.buyer_id.as_str(), b.spent_usdc)).collect();
+    assert_eq!(buyers, [("agent-7", usdc("1.2")), ("agent-8", usdc("0.15"))]);
+    let top_one: TopSpenders =
+        serde_json::from_value(get("/v1/top-spenders?limit=1").await).unwrap();
+    assert_eq!(top_one.tokens.len(), 1);
+    let future: TopSpenders =
+        serde_json::from_value(get("/v1/top-spenders?from=2999-01-01T00:00:00Z").await).unwrap();
+    assert!(future.tokens.is_empty() && future.buyers.is_empty());
+
+    // The ledger's services, and those with calls.
+    assert_eq!(get("/v1/services").await["services"], json!(["maps", "weather"]));
 }

@@ -38,7 +38,7 @@ pub struct ServiceWindow {
 }
 
 /// What a store counts for a [`ServiceWindow`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceTotals {
     pub calls: u64,
     pub committed: u64,
@@ -133,21 +133,24 @@ pub(super) fn charges_query(filter: &ChargeFilter, dialect: &Dialect) -> (String
     (sql, params)
 }
 
-/// A service's charge counts in a window and book: `calls, committed, released, held, revenue
-/// (micro-USDC: what the commits charged, not what they held), upstream answered, upstream
-/// 5xx`. Parameters: service id, from, to, sandbox.
+/// What [`totals`] reads of a service's charges, from `charges c JOIN tokens t`: `calls,
+/// committed, released, held, revenue (micro-USDC: what the commits charged, not what they
+/// held), upstream answered, upstream 5xx`.
+// CAST: PostgreSQL sums BIGINTs as NUMERIC.
+const TOTALS_COLUMNS: &str = "count(*),
+    count(*) FILTER (WHERE c.status = 'committed'),
+    count(*) FILTER (WHERE c.status = 'released'),
+    count(*) FILTER (WHERE c.status = 'held'),
+    CAST(coalesce(sum(c.committed_micros) FILTER (WHERE c.status = 'committed'), 0) AS BIGINT),
+    count(c.upstream_status),
+    count(*) FILTER (WHERE c.upstream_status BETWEEN 500 AND 599)";
+
+/// A service's charge counts in a window and book ([`TOTALS_COLUMNS`]). Parameters: service
+/// id, from, to, sandbox.
 pub(super) fn totals_query(dialect: &Dialect) -> String {
     let p = dialect.placeholder;
-    // CAST: PostgreSQL sums BIGINTs as NUMERIC.
     format!(
-        "SELECT count(*),
-                count(*) FILTER (WHERE c.status = 'committed'),
-                count(*) FILTER (WHERE c.status = 'released'),
-                count(*) FILTER (WHERE c.status = 'held'),
-                CAST(coalesce(sum(c.committed_micros) FILTER (WHERE c.status = 'committed'), 0)
-                     AS BIGINT),
-                count(c.upstream_status),
-                count(*) FILTER (WHERE c.upstream_status BETWEEN 500 AND 599)
+        "SELECT {TOTALS_COLUMNS}
          FROM charges c JOIN tokens t ON t.token_id = c.token_id
          WHERE c.service_id = {} AND c.created_at >= {} AND c.created_at < {} AND t.sandbox = {}",
         p(1),
@@ -155,6 +158,137 @@ pub(super) fn totals_query(dialect: &Dialect) -> String {
         p(3),
         p(4)
     )
+}
+
+/// A service's charge counts per bucket: the bucket's number (from 0 at `from`), then
+/// [`TOTALS_COLUMNS`]; buckets without charges are left out. Parameters: from, the bucket's
+/// width (ms), service id, to, sandbox.
+pub(super) fn series_query(dialect: &Dialect) -> String {
+    let p = dialect.placeholder;
+    format!(
+        "SELECT (c.created_at - {from}) / {width}, {TOTALS_COLUMNS}
+         FROM charges c JOIN tokens t ON t.token_id = c.token_id
+         WHERE c.service_id = {service} AND c.created_at >= {from} AND c.created_at < {to}
+           AND t.sandbox = {sandbox}
+         GROUP BY 1 ORDER BY 1",
+        from = p(1),
+        width = p(2),
+        service = p(3),
+        to = p(4),
+        sandbox = p(5),
+    )
+}
+
+/// A service's refusals per bucket and code: bucket, code, count. Parameters as
+/// [`series_query`]'s.
+pub(super) fn series_refusals_query(dialect: &Dialect) -> String {
+    let p = dialect.placeholder;
+    format!(
+        "SELECT (created_at - {from}) / {width}, code, count(*) FROM refusals
+         WHERE service_id = {service} AND created_at >= {from} AND created_at < {to}
+           AND sandbox = {sandbox}
+         GROUP BY 1, 2 ORDER BY 1, 2",
+        from = p(1),
+        width = p(2),
+        service = p(3),
+        to = p(4),
+        sandbox = p(5),
+    )
+}
+
+/// One bucket's row of [`series_query`]: its number and totals (refusals apart).
+pub(super) fn bucket_totals(row: &impl Columns) -> Result<(i64, ServiceTotals), StoreError> {
+    let counts = |i| sql::count(row, i);
+    Ok((
+        row.int(0)?,
+        ServiceTotals {
+            calls: counts(1)?,
+            committed: counts(2)?,
+            released: counts(3)?,
+            held: counts(4)?,
+            revenue: sql::usdc(row, 5)?,
+            upstream_answered: counts(6)?,
+            upstream_errors: counts(7)?,
+            refusals: Vec::new(),
+        },
+    ))
+}
+
+/// The services with a charge or a refusal since `$1`.
+pub(super) const SERVICE_IDS: &str = "SELECT service_id FROM charges WHERE created_at >= $1
+    UNION SELECT service_id FROM refusals WHERE created_at >= $1";
+
+/// Committed charges in `[from, to)` of one book, the most spent first: the top spenders.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpendWindow {
+    pub from: UnixMillis,
+    pub to: UnixMillis,
+    pub sandbox: bool,
+    pub limit: usize,
+}
+
+/// A token's committed spend in a [`SpendWindow`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenSpendRecord {
+    pub token_id: String,
+    pub buyer_id: String,
+    pub buyer_tag: Option<String>,
+    pub service_id: Option<String>,
+    pub spent: Usdc,
+    pub calls: u64,
+    pub revoked: bool,
+}
+
+/// The tokens that spent most: token, buyer, tag, service, spent, calls, revoked.
+/// Parameters: from, to, sandbox, limit.
+pub(super) fn top_tokens_query(dialect: &Dialect) -> String {
+    let (p, order) = (dialect.placeholder, dialect.byte_order);
+    format!(
+        "SELECT t.token_id, t.buyer_id, t.buyer_tag, t.service_id,
+                CAST(sum(c.committed_micros) AS BIGINT), count(*), t.revoked_at IS NOT NULL
+         FROM charges c JOIN tokens t ON t.token_id = c.token_id
+         WHERE c.status = 'committed' AND c.created_at >= {} AND c.created_at < {}
+           AND t.sandbox = {}
+         GROUP BY t.token_id
+         ORDER BY 5 DESC, t.token_id{order} LIMIT {}",
+        p(1),
+        p(2),
+        p(3),
+        p(4)
+    )
+}
+
+pub(super) fn token_spend(row: &impl Columns) -> Result<TokenSpendRecord, StoreError> {
+    Ok(TokenSpendRecord {
+        token_id: row.text(0)?,
+        buyer_id: row.text(1)?,
+        buyer_tag: row.opt_text(2)?,
+        service_id: row.opt_text(3)?,
+        spent: sql::usdc(row, 4)?,
+        calls: sql::count(row, 5)?,
+        revoked: row.flag(6)?,
+    })
+}
+
+/// The buyers that spent most: buyer, spent, calls. Parameters as [`top_tokens_query`]'s.
+pub(super) fn top_buyers_query(dialect: &Dialect) -> String {
+    let (p, order) = (dialect.placeholder, dialect.byte_order);
+    format!(
+        "SELECT t.buyer_id, CAST(sum(c.committed_micros) AS BIGINT), count(*)
+         FROM charges c JOIN tokens t ON t.token_id = c.token_id
+         WHERE c.status = 'committed' AND c.created_at >= {} AND c.created_at < {}
+           AND t.sandbox = {}
+         GROUP BY t.buyer_id
+         ORDER BY 2 DESC, t.buyer_id{order} LIMIT {}",
+        p(1),
+        p(2),
+        p(3),
+        p(4)
+    )
+}
+
+pub(super) fn buyer_spend(row: &impl Columns) -> Result<(String, Usdc, u64), StoreError> {
+    Ok((row.text(0)?, sql::usdc(row, 1)?, sql::count(row, 2)?))
 }
 
 /// The totals as [`totals_query`] selects them, with the `refusals` read apart.

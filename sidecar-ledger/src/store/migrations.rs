@@ -31,6 +31,7 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     migration!(6, "0006_refusals"),
     migration!(7, "0007_revocations"),
     migration!(8, "0008_x402_payments"),
+    migration!(9, "0009_buyer_keys"),
 ];
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use paystile_protocol::ledger_api::{
 };
 use paystile_protocol::pay_token::Scope;
 
-pub use journal::{ChargeFilter, ServiceTotals, ServiceWindow};
+pub use journal::{ChargeFilter, ServiceTotals, ServiceWindow, SpendWindow, TokenSpendRecord};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
@@ -493,6 +493,136 @@ impl Store {
             Store::Sqlite(store) => store.service_totals(window).await,
             Store::Postgres(store) => store.service_totals(window).await,
         }
+    }
+}
+
+// Buyer keys, and the console's views of the journal.
+impl Store {
+    pub async fn insert_buyer_key(&self, key: NewBuyerKey) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(store) => store.insert_buyer_key(key).await,
+            Store::Postgres(store) => store.insert_buyer_key(key).await,
+        }
+    }
+
+    /// The buyer's keys, newest first, revoked ones included.
+    pub async fn buyer_keys(&self, buyer_id: String) -> Result<Vec<BuyerKeyRecord>, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.buyer_keys(buyer_id).await,
+            Store::Postgres(store) => store.buyer_keys(buyer_id).await,
+        }
+    }
+
+    /// The unrevoked key whose hash is `key_hash` (hex SHA-256).
+    pub async fn live_buyer_key(
+        &self,
+        key_hash: String,
+    ) -> Result<Option<BuyerKeyRecord>, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.live_buyer_key(key_hash).await,
+            Store::Postgres(store) => store.live_buyer_key(key_hash).await,
+        }
+    }
+
+    /// Revokes the buyer's key `key_id` (once); `None` if the buyer has no such key.
+    pub async fn revoke_buyer_key(
+        &self,
+        buyer_id: String,
+        key_id: String,
+        now: UnixMillis,
+    ) -> Result<Option<BuyerKeyRecord>, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.revoke_buyer_key(buyer_id, key_id, now).await,
+            Store::Postgres(store) => store.revoke_buyer_key(buyer_id, key_id, now).await,
+        }
+    }
+
+    /// Records that the key was presented at `now`.
+    pub async fn touch_buyer_key(&self, key_id: String, now: UnixMillis) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(store) => store.touch_buyer_key(key_id, now).await,
+            Store::Postgres(store) => store.touch_buyer_key(key_id, now).await,
+        }
+    }
+
+    /// The services with a charge or a refusal since `since`, in no order.
+    pub async fn service_ids(&self, since: UnixMillis) -> Result<Vec<String>, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.service_ids(since).await,
+            Store::Postgres(store) => store.service_ids(since).await,
+        }
+    }
+
+    /// A service's totals per bucket of `width` ms from `window.from`, refusals included;
+    /// buckets with neither a charge nor a refusal are left out.
+    pub async fn service_series(
+        &self,
+        window: ServiceWindow,
+        width: i64,
+    ) -> Result<Vec<(i64, ServiceTotals)>, StoreError> {
+        let (mut buckets, refusals) = match self {
+            Store::Sqlite(store) => store.service_series(window, width).await?,
+            Store::Postgres(store) => store.service_series(window, width).await?,
+        };
+        for (bucket, code, count) in refusals {
+            let at = match buckets.binary_search_by_key(&bucket, |(b, _)| *b) {
+                Ok(at) => at,
+                Err(at) => {
+                    buckets.insert(at, (bucket, ServiceTotals::default()));
+                    at
+                }
+            };
+            buckets[at].1.refusals.push((code, count));
+        }
+        Ok(buckets)
+    }
+
+    /// The tokens and the buyers that spent the most in `window`.
+    pub async fn top_spenders(
+        &self,
+        window: SpendWindow,
+    ) -> Result<(Vec<TokenSpendRecord>, Vec<(String, Usdc, u64)>), StoreError> {
+        match self {
+            Store::Sqlite(store) => store.top_spenders(window).await,
+            Store::Postgres(store) => store.top_spenders(window).await,
+        }
+    }
+}
+
+/// A buyer key as stored; its hash stays in the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuyerKeyRecord {
+    pub key_id: String,
+    pub buyer_id: String,
+    pub label: Option<String>,
+    /// Empty: any service.
+    pub services: Vec<String>,
+    pub max_limit: Option<Usdc>,
+    pub created_at: UnixMillis,
+    pub last_used_at: Option<UnixMillis>,
+    pub revoked_at: Option<UnixMillis>,
+}
+
+/// A buyer key to store: the record, and the hash a presented key is found by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewBuyerKey {
+    pub record: BuyerKeyRecord,
+    /// Hex SHA-256 of the key.
+    pub key_hash: String,
+}
+
+impl NewBuyerKey {
+    /// The row's parameters after the key id and buyer id: hash, label, services (JSON),
+    /// cap (micro-USDC), creation time.
+    fn columns(&self) -> (String, Option<String>, String, Option<i64>, UnixMillis) {
+        let record = &self.record;
+        (
+            self.key_hash.clone(),
+            record.label.clone(),
+            serde_json::Value::from(record.services.clone()).to_string(),
+            record.max_limit.map(Usdc::micros_i64),
+            record.created_at,
+        )
     }
 }
 

@@ -36,14 +36,16 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
-use super::journal::{self, ChargeFilter, Dialect, Param, ServiceTotals, ServiceWindow};
+use super::journal::{
+    self, ChargeFilter, Dialect, Param, ServiceTotals, ServiceWindow, SpendWindow, TokenSpendRecord,
+};
 use super::migrations::MIGRATIONS;
 use super::sql::{self, Columns, insert_token, select_account, select_token, subtree};
 use super::{
-    BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, ExpiredOnRead, FIRST_TIER,
-    KeptRefusal, PriorKey, ReserveCommand, ReserveOutcome, ReserveStep, Revoked, StoreError,
-    TokenRecord, UnixMillis, confirmations, feed, into_chain, replayed, scope_name, seq_i64,
-    status_name,
+    BuyerKeyRecord, BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, ExpiredOnRead,
+    FIRST_TIER, KeptRefusal, NewBuyerKey, PriorKey, ReserveCommand, ReserveOutcome, ReserveStep,
+    Revoked, StoreError, TokenRecord, UnixMillis, confirmations, feed, into_chain, replayed,
+    scope_name, seq_i64, status_name,
 };
 use crate::rules::{self, Account, Books, ChildSpec, Refusal};
 use crate::settings::PostgresUrl;
@@ -1111,6 +1113,113 @@ impl PostgresStore {
             .collect::<Result<_, StoreError>>()?;
         let row = query_one(&client, &journal::totals_query(&DIALECT), &params).await?;
         journal::totals(&row, refusals)
+    }
+}
+
+// Buyer keys, and the console's views of the journal.
+impl PostgresStore {
+    pub async fn insert_buyer_key(&self, key: NewBuyerKey) -> Result<(), StoreError> {
+        let (hash, label, services, max_limit, created_at) = key.columns();
+        let record = &key.record;
+        let client = self.pool.get().await?;
+        execute(
+            &client,
+            sql::INSERT_BUYER_KEY,
+            &[&record.key_id, &record.buyer_id, &hash, &label, &services, &max_limit, &created_at],
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn buyer_keys(&self, buyer_id: String) -> Result<Vec<BuyerKeyRecord>, StoreError> {
+        let client = self.pool.get().await?;
+        query(&client, sql::SELECT_BUYER_KEYS, &[&buyer_id])
+            .await?
+            .iter()
+            .map(sql::buyer_key)
+            .collect()
+    }
+
+    pub async fn live_buyer_key(
+        &self,
+        key_hash: String,
+    ) -> Result<Option<BuyerKeyRecord>, StoreError> {
+        let client = self.pool.get().await?;
+        query_opt(&client, sql::SELECT_LIVE_BUYER_KEY, &[&key_hash])
+            .await?
+            .as_ref()
+            .map(sql::buyer_key)
+            .transpose()
+    }
+
+    pub async fn revoke_buyer_key(
+        &self,
+        buyer_id: String,
+        key_id: String,
+        now: UnixMillis,
+    ) -> Result<Option<BuyerKeyRecord>, StoreError> {
+        let client = self.pool.get().await?;
+        execute(&client, sql::REVOKE_BUYER_KEY, &[&now, &key_id, &buyer_id]).await?;
+        query_opt(&client, sql::SELECT_BUYER_KEY, &[&key_id, &buyer_id])
+            .await?
+            .as_ref()
+            .map(sql::buyer_key)
+            .transpose()
+    }
+
+    pub async fn touch_buyer_key(&self, key_id: String, now: UnixMillis) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        execute(&client, sql::TOUCH_BUYER_KEY, &[&now, &key_id]).await.map(drop)
+    }
+
+    pub async fn service_ids(&self, since: UnixMillis) -> Result<Vec<String>, StoreError> {
+        let client = self.pool.get().await?;
+        query(&client, journal::SERVICE_IDS, &[&since])
+            .await?
+            .iter()
+            .map(|row| row.text(0))
+            .collect()
+    }
+
+    pub async fn service_series(
+        &self,
+        window: ServiceWindow,
+        width: i64,
+    ) -> Result<(Vec<(i64, ServiceTotals)>, Vec<(i64, String, u64)>), StoreError> {
+        let client = self.pool.get().await?;
+        let params: [&(dyn ToSql + Sync); 5] =
+            [&window.from, &width, &window.service_id, &window.to, &window.sandbox];
+        let buckets = query(&client, &journal::series_query(&DIALECT), &params)
+            .await?
+            .iter()
+            .map(journal::bucket_totals)
+            .collect::<Result<_, _>>()?;
+        let refusals = query(&client, &journal::series_refusals_query(&DIALECT), &params)
+            .await?
+            .iter()
+            .map(|row| Ok((row.int(0)?, row.text(1)?, sql::count(row, 2)?)))
+            .collect::<Result<_, StoreError>>()?;
+        Ok((buckets, refusals))
+    }
+
+    pub async fn top_spenders(
+        &self,
+        window: SpendWindow,
+    ) -> Result<(Vec<TokenSpendRecord>, Vec<(String, Usdc, u64)>), StoreError> {
+        let client = self.pool.get().await?;
+        let limit = i64::try_from(window.limit).unwrap_or(i64::MAX);
+        let params: [&(dyn ToSql + Sync); 4] = [&window.from, &window.to, &window.sandbox, &limit];
+        let tokens = query(&client, &journal::top_tokens_query(&DIALECT), &params)
+            .await?
+            .iter()
+            .map(journal::token_spend)
+            .collect::<Result<_, _>>()?;
+        let buyers = query(&client, &journal::top_buyers_query(&DIALECT), &params)
+            .await?
+            .iter()
+            .map(journal::buyer_spend)
+            .collect::<Result<_, _>>()?;
+        Ok((tokens, buyers))
     }
 }
 

@@ -11,8 +11,8 @@ use paystile_protocol::ledger_api::{ChargeStatus, TokenGrant};
 use paystile_protocol::pay_token::Scope;
 
 use super::{
-    ALL_SCOPES, ALL_STATUSES, ChargeRecord, PaymentKind, PaymentSettlement, SettlementJob,
-    SettlementStatus, StoreError, TokenRecord, UnixMillis, scope_name, status_name,
+    ALL_SCOPES, ALL_STATUSES, BuyerKeyRecord, ChargeRecord, PaymentKind, PaymentSettlement,
+    SettlementJob, SettlementStatus, StoreError, TokenRecord, UnixMillis, scope_name, status_name,
 };
 use crate::rules::Account;
 
@@ -83,6 +83,31 @@ macro_rules! refusal_columns {
          refusal_reserved_micros, refusal_available_micros, refusal_tier"
     };
 }
+
+/// The columns [`buyer_key`] reads.
+macro_rules! select_buyer_key {
+    () => {
+        "SELECT key_id, buyer_id, label, services, max_limit_micros, created_at, last_used_at,
+                revoked_at
+         FROM buyer_keys"
+    };
+}
+
+pub(super) const INSERT_BUYER_KEY: &str = "INSERT INTO buyer_keys
+    (key_id, buyer_id, key_hash, label, services, max_limit_micros, created_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7)";
+pub(super) const SELECT_BUYER_KEYS: &str =
+    concat!(select_buyer_key!(), " WHERE buyer_id = $1 ORDER BY created_at DESC, key_id DESC");
+pub(super) const SELECT_BUYER_KEY: &str =
+    concat!(select_buyer_key!(), " WHERE key_id = $1 AND buyer_id = $2");
+/// The key a presented one hashes to, unless revoked.
+pub(super) const SELECT_LIVE_BUYER_KEY: &str =
+    concat!(select_buyer_key!(), " WHERE key_hash = $1 AND revoked_at IS NULL");
+/// Revokes once: a second revoke keeps the first time.
+pub(super) const REVOKE_BUYER_KEY: &str = "UPDATE buyer_keys
+    SET revoked_at = coalesce(revoked_at, $1) WHERE key_id = $2 AND buyer_id = $3";
+pub(super) const TOUCH_BUYER_KEY: &str =
+    "UPDATE buyer_keys SET last_used_at = $1 WHERE key_id = $2";
 
 pub(super) const SELECT_TOKEN: &str = concat!(select_token!(), " WHERE token_id = $1");
 pub(super) const SELECT_BUYER_TOKENS: &str =
@@ -450,6 +475,20 @@ pub(super) fn prior_deposit(row: &impl Columns) -> Result<(String, Usdc, UnixMil
 }
 
 /// A token's expiry (Unix seconds) as the stores keep it (Unix ms).
+pub(super) fn buyer_key(row: &impl Columns) -> Result<BuyerKeyRecord, StoreError> {
+    let services = row.text(3)?;
+    Ok(BuyerKeyRecord {
+        key_id: row.text(0)?,
+        buyer_id: row.text(1)?,
+        label: row.opt_text(2)?,
+        services: serde_json::from_str(&services).map_err(|_| corrupt("services", services))?,
+        max_limit: opt_usdc(row, 4)?,
+        created_at: row.int(5)?,
+        last_used_at: row.opt_int(6)?,
+        revoked_at: row.opt_int(7)?,
+    })
+}
+
 pub(super) fn seconds_to_millis(seconds: u64) -> Result<UnixMillis, StoreError> {
     i64::try_from(seconds)
         .ok()
@@ -499,6 +538,12 @@ mod tests {
             VOID_PAYMENTS,
             SELECT_SETTLEMENT,
             X402_PAYMENT_KIND,
+            INSERT_BUYER_KEY,
+            SELECT_BUYER_KEYS,
+            SELECT_BUYER_KEY,
+            SELECT_LIVE_BUYER_KEY,
+            REVOKE_BUYER_KEY,
+            TOUCH_BUYER_KEY,
         ] {
             let statement = conn.prepare(sql).unwrap();
             for index in 1..=statement.parameter_count() {

@@ -25,13 +25,16 @@ use rusqlite::{Connection, OpenFlags, Params, Row, params, params_from_iter};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
-use super::journal::{self, ChargeFilter, Dialect, Param, ServiceTotals, ServiceWindow};
+use super::journal::{
+    self, ChargeFilter, Dialect, Param, ServiceTotals, ServiceWindow, SpendWindow, TokenSpendRecord,
+};
 use super::migrations::MIGRATIONS;
 use super::sql::{self, Columns};
 use super::{
-    BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, ExpiredOnRead, FIRST_TIER,
-    KeptRefusal, PriorKey, ReserveCommand, ReserveOutcome, ReserveStep, Revoked, StoreError,
-    TokenRecord, UnixMillis, confirmations, feed, replayed, scope_name, seq_i64, status_name,
+    BuyerKeyRecord, BuyerRecord, ChargeRecord, DepositCommand, DepositRecord, ExpiredOnRead,
+    FIRST_TIER, KeptRefusal, NewBuyerKey, PriorKey, ReserveCommand, ReserveOutcome, ReserveStep,
+    Revoked, StoreError, TokenRecord, UnixMillis, confirmations, feed, replayed, scope_name,
+    seq_i64, status_name,
 };
 use crate::rules::{self, Account, Books, ChildSpec, MAX_CHAIN_LEN, Refusal, SettleDecision};
 use crate::telemetry::wire_name;
@@ -1032,6 +1035,110 @@ impl SqliteStore {
     }
 }
 
+// Buyer keys, and the console's views of the journal.
+impl SqliteStore {
+    pub async fn insert_buyer_key(&self, key: NewBuyerKey) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            let (hash, label, services, max_limit, created_at) = key.columns();
+            let record = &key.record;
+            execute(
+                conn,
+                sql::INSERT_BUYER_KEY,
+                params![
+                    record.key_id,
+                    record.buyer_id,
+                    hash,
+                    label,
+                    services,
+                    max_limit,
+                    created_at
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn buyer_keys(&self, buyer_id: String) -> Result<Vec<BuyerKeyRecord>, StoreError> {
+        self.read(move |conn| {
+            query_all(conn, sql::SELECT_BUYER_KEYS, params![buyer_id], |row| sql::buyer_key(row))
+        })
+        .await
+    }
+
+    pub async fn live_buyer_key(
+        &self,
+        key_hash: String,
+    ) -> Result<Option<BuyerKeyRecord>, StoreError> {
+        self.read(move |conn| {
+            query_opt(conn, sql::SELECT_LIVE_BUYER_KEY, params![key_hash], |row| {
+                sql::buyer_key(row)
+            })
+        })
+        .await
+    }
+
+    pub async fn revoke_buyer_key(
+        &self,
+        buyer_id: String,
+        key_id: String,
+        now: UnixMillis,
+    ) -> Result<Option<BuyerKeyRecord>, StoreError> {
+        self.run(move |conn| {
+            execute(conn, sql::REVOKE_BUYER_KEY, params![now, key_id, buyer_id])?;
+            query_opt(conn, sql::SELECT_BUYER_KEY, params![key_id, buyer_id], |row| {
+                sql::buyer_key(row)
+            })
+        })
+        .await
+    }
+
+    pub async fn touch_buyer_key(&self, key_id: String, now: UnixMillis) -> Result<(), StoreError> {
+        self.execute(sql::TOUCH_BUYER_KEY, (now, key_id)).await.map(drop)
+    }
+
+    pub async fn service_ids(&self, since: UnixMillis) -> Result<Vec<String>, StoreError> {
+        self.read_all(journal::SERVICE_IDS, (since,), |row| row.text(0)).await
+    }
+
+    pub async fn service_series(
+        &self,
+        window: ServiceWindow,
+        width: i64,
+    ) -> Result<(Vec<(i64, ServiceTotals)>, Vec<(i64, String, u64)>), StoreError> {
+        self.read(move |conn| {
+            let params = params![window.from, width, window.service_id, window.to, window.sandbox];
+            let buckets = query_all(conn, &journal::series_query(&DIALECT), params, |row| {
+                journal::bucket_totals(row)
+            })?;
+            let refusals =
+                query_all(conn, &journal::series_refusals_query(&DIALECT), params, |row| {
+                    Ok((row.int(0)?, row.text(1)?, sql::count(row, 2)?))
+                })?;
+            Ok((buckets, refusals))
+        })
+        .await
+    }
+
+    pub async fn top_spenders(
+        &self,
+        window: SpendWindow,
+    ) -> Result<(Vec<TokenSpendRecord>, Vec<(String, Usdc, u64)>), StoreError> {
+        self.read(move |conn| {
+            let limit = i64::try_from(window.limit).unwrap_or(i64::MAX);
+            let params = params![window.from, window.to, window.sandbox, limit];
+            let tokens = query_all(conn, &journal::top_tokens_query(&DIALECT), params, |row| {
+                journal::token_spend(row)
+            })?;
+            let buyers = query_all(conn, &journal::top_buyers_query(&DIALECT), params, |row| {
+                journal::buyer_spend(row)
+            })?;
+            Ok((tokens, buyers))
+        })
+        .await
+    }
+}
+
 /// Counts a refused reserve for its service's summary, in the reserve's transaction.
 fn record_refusal(
     conn: &Connection,
@@ -1135,7 +1242,7 @@ mod tests {
         // old holds are on no account.
         let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0)).unwrap();
         assert_eq!(version, i64::try_from(MIGRATIONS.len()).unwrap());
-        assert_eq!(MIGRATIONS.len(), 8);
+        assert_eq!(MIGRATIONS.len(), 9);
         let token = conn
             .query_row("SELECT parent_id, sandbox FROM tokens WHERE token_id = 'tok'", [], |row| {
                 Ok((row.get::<_, Option<String>>(0)?, row.get::<_, bool>(1)?))
