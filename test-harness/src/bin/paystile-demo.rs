@@ -8,16 +8,19 @@
 use std::process::ExitCode;
 
 use paystile_harness::chain::{PAYER, PAYER_FUNDS, PAYER_KEY, X402Sandbox};
+use paystile_harness::envoy::EnvoyConfig;
 use paystile_harness::paths;
 use paystile_harness::stack::{
     HttpFilter, Ports, Secrets, Stack, StackOptions, new_token_key, random_key,
 };
 use paystile_harness::upstream::UpstreamMode;
 use paystile_protocol::jwk::Jwks;
-use paystile_protocol::ledger_api::IssueTokenRequest;
+use paystile_protocol::ledger_api::{BuyerKeyRequest, DepositRequest, IssueTokenRequest};
 
 /// Where the demo gateway sells Pay Tokens for x402.
 const TOP_UP_PATH: &str = "/paystile/top-up";
+/// The buyer whose key the demo prints, for the console and `paystile-ledger me`.
+const DEMO_BUYER: &str = "demo-buyer";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -53,13 +56,18 @@ async fn run() -> anyhow::Result<()> {
     let x402 = X402Sandbox::start().await?;
     let mut x402_config = x402.filter_config();
     x402_config["top_up"] = serde_json::json!({"path": TOP_UP_PATH});
+    // The ledger sells the demo filter's service: buyers issue tokens for it in the console.
+    let service_id =
+        EnvoyConfig::demo()?.filter_config()?["service_id"].as_str().unwrap_or_default().to_owned();
+    let mut ledger_args = x402.ledger_args();
+    ledger_args.extend(["--services".to_owned(), service_id.clone()]);
     let mut stack = Stack::start(StackOptions {
         ports: Ports::DEFAULT,
         secrets,
         dir: dir.clone(),
         filter: serde_json::json!({"x402": x402_config}),
         http_filter: HttpFilter::Paystile,
-        ledger_args: x402.ledger_args(),
+        ledger_args,
         envoy_workers: 2,
         verbose_logs: false,
         upstream: UpstreamMode::Echo,
@@ -67,7 +75,6 @@ async fn run() -> anyhow::Result<()> {
     .await?;
 
     let route = stack.filter_config["routes"][0].clone();
-    let service_id = stack.filter_config["service_id"].as_str().unwrap_or_default().to_owned();
     let token = stack
         .admin
         .issue_token(&IssueTokenRequest {
@@ -80,6 +87,16 @@ async fn run() -> anyhow::Result<()> {
             ttl_seconds: Some(24 * 3600),
             sandbox: false,
         })
+        .await?;
+    // A prepaid buyer with its own key: once per demo database (the deposit's reference).
+    let seed = DepositRequest { amount_usdc: "10".parse()?, reference: Some("demo-seed".into()) };
+    stack.admin.deposit(DEMO_BUYER, &seed).await?;
+    let buyer_key = stack
+        .admin
+        .create_buyer_key(
+            DEMO_BUYER,
+            &BuyerKeyRequest { label: Some("demo".into()), ..BuyerKeyRequest::default() },
+        )
         .await?;
     let priced_path = format!("{}/oslo", route["path_prefix"].as_str().unwrap_or("/v1/forecast"));
     let url = stack.gateway_url(&priced_path);
@@ -168,6 +185,15 @@ async fn run() -> anyhow::Result<()> {
         x402.token.to_checksum(None),
         stack.gateway_url(&format!("{TOP_UP_PATH}?amount_usdc=1"))
     );
+    println!();
+    println!("The web console, on the ledger (log in with PAYSTILE_ADMIN_KEY as the seller, or as");
+    println!("{DEMO_BUYER}, 10 USDC prepaid, with its buyer key: issue a token, call, kill it):");
+    println!("  {}/console", stack.ledger.url());
+    println!("  buyer key: {}", buyer_key.key);
+    println!(
+        "The buyer's CLI does the same: PAYSTILE_BUYER_KEY=<key> target/debug/paystile-ledger me show"
+    );
+    println!("A seller gives a buyer a key with: {ledger_cli} buyer key-create <buyerId>");
     println!();
     println!("The filter's counters (paid, refused by code, settlements queued and delivered):");
     println!("  curl -s 'http://{}/stats?filter=wasmcustom'", stack.envoy.admin());
