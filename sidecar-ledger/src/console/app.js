@@ -16,6 +16,14 @@
     month: { ms: 30 * 24 * 3600e3, label: 'last 30 days', unit: 'day' },
   };
   const BUYER_CHARGES_MS = 30 * 24 * 3600e3;
+  // What the charge listings show until another status is chosen: the calls that were paid
+  // for. A gateway that prefetches holds leaves many released, zero-amount holds besides.
+  const DEFAULT_STATUS = 'committed';
+  // Shown for a value that is not there; drawn in the text font (see `.blank` in the style)
+  // so that it looks the same in monospaced and proportional places.
+  const BLANK = '\u2014';
+  // The smallest width of a spend bar's fill once something is spent, so it stays visible.
+  const MIN_SPEND_SHARE = 0.02;
   // The SVG namespace's name (an identifier, nothing is fetched from it), spelt in two parts
   // so that the page's files hold no URL of another site.
   const SVG_NS = ['http:', '', 'www.w3.org', '2000', 'svg'].join('/');
@@ -31,7 +39,8 @@
     pollAgain: false,
     pollTimer: null,
     window: 'hour',
-    journal: { buyerId: '', tokenId: '', status: '' }, // the applied filters
+    journal: { buyerId: '', tokenId: '', status: DEFAULT_STATUS }, // the applied filters
+    buyerStatus: DEFAULT_STATUS, // the buyer's charges' status filter
     buyerId: null, // the buyer the seller looked up
     tails: {}, // newest-charges state per listing (see newestCharges)
     services: new Map(), // service id -> its section's parts
@@ -67,6 +76,8 @@
   function setText(node, text) {
     const value = text == null ? '' : String(text);
     if (node.textContent !== value) node.textContent = value;
+    const blank = value === BLANK;
+    if (node.classList.contains('blank') !== blank) node.classList.toggle('blank', blank);
   }
 
   function setAttr(node, name, value) {
@@ -83,7 +94,7 @@
   }
 
   function usdc(amount) {
-    return amount == null ? '—' : `${amount} USDC`;
+    return amount == null ? BLANK : `${amount} USDC`;
   }
 
   /** A ratio of two money strings, for widths and heights only (never shown as money). */
@@ -228,7 +239,8 @@
 
   /**
    * An action that changes money or access: confirm, send, report, refresh.
-   * `send` returns the success message; `onError` also gets the API's message.
+   * `send` returns the success message. The API's message on failure goes to `onError` when
+   * given (a form that shows its own errors: then not to the top banner too), else to #error.
    */
   async function act(message, options, send, onError) {
     const ok = await confirmAction(message, options);
@@ -243,8 +255,12 @@
       return true;
     } catch (err) {
       if (session !== state.session) return false;
-      failure(err.message);
-      if (onError) onError(err.message);
+      if (onError) {
+        clearMessages();
+        onError(err.message);
+      } else {
+        failure(err.message);
+      }
       if (err.status === 401) expireSession();
       else refreshNow();
       return false;
@@ -274,6 +290,7 @@
     time: (iso, extra = {}) => ({ kind: 'time', iso, ...extra }),
     money: (amount, extra = {}) => ({ kind: 'text', text: amount ?? '—', cls: `num mono ${extra.cls || ''}`.trim(), title: extra.title }),
     spend: (token) => ({ kind: 'spend', token }),
+    status: (charge) => ({ kind: 'status', charge }),
     buttons: (list) => ({ kind: `buttons:${list.map((b) => b.cls).join(',')}`, list }),
   };
 
@@ -283,7 +300,9 @@
       td.dataset.kind = spec.kind;
       buildCell(td, spec);
     }
-    setAttr(td, 'class', spec.cls || null);
+    // A missing value's dash gets `.blank` here too, so a poll leaves the class alone.
+    const blank = spec.kind === 'text' && (spec.text ?? BLANK) === BLANK;
+    setAttr(td, 'class', [spec.cls, blank ? 'blank' : null].filter(Boolean).join(' ') || null);
     updateCell(td, spec);
   }
 
@@ -294,6 +313,9 @@
         break;
       case 'time':
         td.append(h('time'));
+        break;
+      case 'status':
+        td.append(h('span', { class: 'status' }), h('span', { class: 'upstream mono' }));
         break;
       case 'spend':
         td.append(
@@ -329,14 +351,30 @@
         setAttr(time, 'title', spec.iso || null);
         break;
       }
+      case 'status': {
+        const c = spec.charge;
+        const [status, upstream] = td.children;
+        setText(status, c.sandbox ? `${c.status} (sandbox)` : c.status);
+        setAttr(status, 'class', `status status-${c.status}`);
+        const answered = c.upstreamStatus != null;
+        setText(upstream, answered ? String(c.upstreamStatus) : '');
+        setAttr(td, 'title', answered ? `${c.status}, upstream answered ${c.upstreamStatus}` : `${c.status}, no upstream answer`);
+        break;
+      }
       case 'spend': {
         const t = spec.token;
         const [used, bar] = td.children;
         const [reserved, fill] = bar.children;
         setText(used, `${t.usedUsdc} / ${t.limitUsdc}`);
+        // The exact amount is in data-used-usdc and the label; the bar only has to show that
+        // something was spent (or held), so a tiny share gets a small but visible width.
         const usedShare = ratio(t.usedUsdc, t.limitUsdc);
-        const heldShare = Math.min(1, usedShare + ratio(t.reservedUsdc || '0', t.limitUsdc));
-        fill.style.width = `${(usedShare * 100).toFixed(2)}%`;
+        const reservedShare = ratio(t.reservedUsdc || '0', t.limitUsdc);
+        const fillShare = usedShare > 0 ? Math.max(usedShare, MIN_SPEND_SHARE) : 0;
+        const heldShare = reservedShare > 0
+          ? Math.min(1, Math.max(usedShare + reservedShare, fillShare + MIN_SPEND_SHARE))
+          : fillShare;
+        fill.style.width = `${(Math.min(1, fillShare) * 100).toFixed(2)}%`;
         reserved.style.width = `${(heldShare * 100).toFixed(2)}%`;
         setAttr(fill, 'data-used-usdc', t.usedUsdc);
         const label = `${t.usedUsdc} of ${t.limitUsdc} USDC used, ${t.reservedUsdc || '0.000000'} held by calls in flight, ${t.remainingUsdc ?? '—'} left`;
@@ -387,7 +425,7 @@
     }
     for (const tr of existing.values()) tr.remove();
     if (index === 0) {
-      const columns = table.tHead ? table.tHead.rows[0].cells.length : 1;
+      const columns = table.tHead ? Array.from(table.tHead.rows[0].cells).filter((th) => !th.hidden).length : 1;
       tbody.append(h('tr', { class: 'empty-row' }, h('td', { colspan: columns, text: emptyText })));
     }
   }
@@ -428,7 +466,8 @@
     return { rows: rows.slice().reverse(), complete };
   }
 
-  function chargeRow(c, withBuyer, withSettlement) {
+  /** A charge's row; the status cell also holds the upstream's HTTP status when it answered. */
+  function chargeRow(c, { withBuyer = false, withSettlement = false } = {}) {
     const list = [
       cells.time(c.createdAt),
       cells.id(c.chargeId),
@@ -439,12 +478,11 @@
       cells.text(c.serviceId, { cls: 'mono' }),
       cells.money(c.amountUsdc),
       cells.money(c.heldUsdc),
-      cells.text(c.sandbox ? `${c.status} (sandbox)` : c.status, { cls: `status status-${c.status}` }),
-      cells.text(c.upstreamStatus != null ? String(c.upstreamStatus) : '—', { cls: 'mono' }),
+      cells.status(c),
     );
     if (withSettlement) {
       const st = c.settlement;
-      list.push(cells.text(st ? st.status : '—', {
+      list.push(cells.text(st ? st.status : BLANK, {
         title: st ? [st.transaction, st.reason].filter(Boolean).join(' — ') || null : null,
       }));
     }
@@ -525,7 +563,10 @@
     setText($('login-error'), '');
     $('login-key').value = '';
     if (!seller) setupTokenForm();
-    else updateWindowButtons();
+    else {
+      updateWindowButtons();
+      describeFilters();
+    }
     refreshNow();
   }
 
@@ -541,7 +582,8 @@
     state.tails = {};
     state.buyerId = null;
     state.window = 'hour';
-    state.journal = { buyerId: '', tokenId: '', status: '' };
+    state.journal = { buyerId: '', tokenId: '', status: DEFAULT_STATUS };
+    state.buyerStatus = DEFAULT_STATUS;
     try {
       sessionStorage.removeItem(KEY_STORAGE);
     } catch (_) {
@@ -566,7 +608,7 @@
 
   /** Nothing of one session stays on the page for the next. */
   function clearViews() {
-    for (const id of ['balance', 'spent-today', 'remaining-today', 'daily-limit', 'balance-total', 'balance-held', 'buyer-tier-own']) setText($(id), '—');
+    for (const id of ['balance', 'spent-today', 'remaining-today', 'daily-limit', 'balance-total', 'balance-held', 'buyer-tier-own']) setText($(id), BLANK);
     for (const id of ['tokens', 'buyer-charges', 'top-tokens', 'top-buyers', 'holds', 'journal', 'buyer-tokens', 'buyer-keys']) clearTable($(id));
     for (const parts of state.services.values()) parts.section.remove();
     state.services.clear();
@@ -574,6 +616,8 @@
     show($('buyer-detail'), false);
     for (const id of ['token-error', 'token-hint', 'journal-filters', 'holds-count', 'live', 'role', 'whoami', 'buyer-detail-status']) setText($(id), '');
     for (const form of ['token-form', 'journal-form', 'buyer-form', 'deposit-form', 'tier-form', 'key-form']) $(form).reset();
+    $('buyer-charges-status').value = DEFAULT_STATUS;
+    show($('journal-settlement'), false);
     setServiceControl([]);
   }
 
@@ -670,18 +714,30 @@
       api('GET', '/v1/me').then((me) => {
         if (session === state.session) renderMe(me);
       }),
-      newestCharges('buyer', '/v1/me/charges', {}, from).then(({ rows }) => {
+      newestCharges('buyer', '/v1/me/charges', buyerChargesParams(), from).then(({ rows }) => {
         if (session === state.session) {
-          syncRows($('buyer-charges'), 'data-charge-id', rows, (c) => c.chargeId, (c) => chargeRow(c, false, false), 'No charges in the last 30 days.');
+          const status = state.buyerStatus;
+          const empty = status ? `No ${status} charges in the last 30 days.` : 'No charges in the last 30 days.';
+          syncRows($('buyer-charges'), 'data-charge-id', rows, (c) => c.chargeId, (c) => chargeRow(c), empty);
         }
       }),
     ]);
   }
 
+  function buyerChargesParams() {
+    return { status: state.buyerStatus };
+  }
+
+  function chooseBuyerStatus() {
+    state.buyerStatus = $('buyer-charges-status').value;
+    clearTable($('buyer-charges'));
+    refreshNow();
+  }
+
   function renderAccount(account, ids) {
     if (!account) {
       setText($(ids.available), 'no prepaid account');
-      for (const id of ids.rest) setText($(id), '—');
+      for (const id of ids.rest) setText($(id), BLANK);
       return;
     }
     setText($(ids.available), usdc(account.availableUsdc));
@@ -730,8 +786,8 @@
     const buyerTag = $('token-tag').value.trim();
     const problem = !serviceId ? 'Choose a service.' : !limitUsdc ? 'Enter a cap in USDC.' : null;
     if (problem) {
+      clearMessages();
       setText($('token-error'), problem);
-      failure(problem);
       return;
     }
     const body = { serviceId, limitUsdc };
@@ -740,8 +796,8 @@
     if (expiry) {
       const at = new Date(expiry);
       if (Number.isNaN(at.getTime())) {
+        clearMessages();
         setText($('token-error'), 'The expiry is not a valid time.');
-        failure('The expiry is not a valid time.');
         return;
       }
       body.expiresAt = at.toISOString();
@@ -856,14 +912,14 @@
         const value = h('dd', { class: `${cls} mono` });
         return { node: h('div', { class: 'stat' }, h('dt', { text: label }), value), value };
       };
-      const calls = stat('calls', 'Calls');
+      const calls = stat('calls', 'Calls answered');
       const revenue = stat('revenue', 'Revenue');
       const errorRate = stat('error-rate', 'Upstream errors');
       const refusals = h('ul', { class: 'refusals' });
       const chart = s('svg', { class: 'chart', role: 'img', focusable: 'false' });
       const legend = h('ul', { class: 'legend' },
-        h('li', null, h('span', { class: 'swatch swatch-committed', 'aria-hidden': 'true' }), 'committed calls'),
-        h('li', null, h('span', { class: 'swatch swatch-uncommitted', 'aria-hidden': 'true' }), 'released or held'),
+        h('li', null, h('span', { class: 'swatch swatch-committed', 'aria-hidden': 'true' }), 'calls charged'),
+        h('li', null, h('span', { class: 'swatch swatch-uncommitted', 'aria-hidden': 'true' }), 'answered, not charged'),
         h('li', null, h('span', { class: 'swatch swatch-refusals', 'aria-hidden': 'true' }), 'refusals'),
         h('li', null, h('span', { class: 'swatch swatch-revenue', 'aria-hidden': 'true' }), 'revenue (right axis)'),
         h('li', null, h('span', { class: 'swatch swatch-errors', 'aria-hidden': 'true' }), 'upstream error rate (strip)'),
@@ -884,13 +940,34 @@
     return parts;
   }
 
+  /**
+   * A bucket's (or a window's) calls: those the upstream answered. Charges are not calls: a
+   * gateway that prefetches holds takes some ahead and releases the unused ones (amount 0,
+   * no upstream status). `charged` is the committed part of the answered calls.
+   */
+  function answeredCalls(b) {
+    const answered = Math.max(0, Number(b.upstreamAnswered) || 0);
+    const committed = Math.max(0, Number(b.committed) || 0);
+    const charged = Math.min(committed, answered);
+    return { answered, committed, charged, uncharged: answered - charged, errors: Math.max(0, Number(b.upstreamErrors) || 0) };
+  }
+
   function renderService(id, series, summary, index) {
     const parts = serviceSection(id, index);
-    setText(parts.calls, String(summary.calls ?? 0));
-    setAttr(parts.calls, 'title', `${summary.committed ?? 0} committed, ${summary.released ?? 0} released, ${summary.held ?? 0} held`);
+    // The window's calls and error rate from its buckets (what the chart shows).
+    const totals = (series.buckets || []).reduce((sum, b) => {
+      const k = answeredCalls(b);
+      sum.answered += k.answered;
+      sum.committed += k.committed;
+      sum.uncharged += k.uncharged;
+      sum.errors += k.errors;
+      return sum;
+    }, { answered: 0, committed: 0, uncharged: 0, errors: 0 });
+    setText(parts.calls, String(totals.answered));
+    setAttr(parts.calls, 'title', `${totals.answered} call${totals.answered === 1 ? '' : 's'} answered by the upstream: ${totals.committed} charged, ${totals.uncharged} not charged`);
     setText(parts.revenue, usdc(summary.revenueUsdc));
-    setText(parts.errorRate, percent(summary.errorRate ?? 0));
-    setAttr(parts.errorRate, 'title', `${summary.upstreamErrors ?? 0} errors of ${summary.upstreamAnswered ?? 0} upstream answers`);
+    setText(parts.errorRate, totals.answered ? percent(totals.errors / totals.answered) : BLANK);
+    setAttr(parts.errorRate, 'title', totals.answered ? `${totals.errors} error${totals.errors === 1 ? '' : 's'} of ${totals.answered} upstream answers` : 'no upstream answers in this window');
     const refusals = Object.entries(summary.refusals || {}).filter(([, n]) => n > 0).sort((a, b) => b[1] - a[1]);
     const items = refusals.length
       ? refusals.map(([code, n]) => h('li', null, h('span', { class: 'mono', text: code }), `: ${n}`))
@@ -918,7 +995,10 @@
     return Object.values(refusals || {}).reduce((a, n) => a + (Number(n) || 0), 0);
   }
 
-  /** Bars (committed, the rest of the calls, refusals stacked), a revenue line, an error strip. */
+  /**
+   * Bars of the calls the upstream answered (charged, then answered but not charged, in a
+   * lighter shade), refusals stacked above, a revenue line, an error-rate strip.
+   */
   function drawChart(svg, id, series) {
     const W = 720;
     const H = 240;
@@ -934,7 +1014,7 @@
     const barW = Math.max(1, band * 0.72);
     const win = series.window || state.window;
 
-    const maxCount = niceCeil(Math.max(0, ...buckets.map((b) => (b.calls || 0) + sumRefusals(b.refusals))));
+    const maxCount = niceCeil(Math.max(0, ...buckets.map((b) => answeredCalls(b).answered + sumRefusals(b.refusals))));
     let maxRevenue = null;
     let maxRevenueValue = 0;
     for (const b of buckets) {
@@ -949,9 +1029,9 @@
     const unit = { 60: 'minute', 3600: 'hour', 86400: 'day' }[series.bucketSeconds] || WINDOWS[win]?.unit || 'bucket';
     svg.setAttribute('viewBox', `0 0 ${W} ${H}`);
     svg.setAttribute('preserveAspectRatio', 'xMidYMid meet');
-    svg.setAttribute('aria-label', `${id}: calls, refusals and revenue per ${unit}, ${WINDOWS[win]?.label || win}`);
+    svg.setAttribute('aria-label', `${id}: calls answered, refusals and revenue per ${unit}, ${WINDOWS[win]?.label || win}`);
 
-    const nodes = [s('title', { text: `${id}: calls, refusals and revenue per ${unit}` })];
+    const nodes = [s('title', { text: `${id}: calls answered, refusals and revenue per ${unit}` })];
 
     // Grid and left axis (counts).
     for (const fraction of [0, 0.5, 1]) {
@@ -974,15 +1054,12 @@
     buckets.forEach((b, i) => {
       const x = M.left + i * band;
       const barX = x + (band - barW) / 2;
-      const calls = b.calls || 0;
-      const committed = Math.min(b.committed || 0, calls);
+      const { answered, charged, uncharged, errors } = answeredCalls(b);
       const refused = sumRefusals(b.refusals);
       const codes = Object.entries(b.refusals || {}).filter(([, k]) => k > 0).map(([code, k]) => `${code} ${k}`).join(', ');
-      const answered = b.upstreamAnswered || 0;
-      const errors = b.upstreamErrors || 0;
       const tip = [
         bucketLabel(b.start, win, true),
-        `${calls} call${calls === 1 ? '' : 's'}: ${committed} committed, ${b.released || 0} released, ${Math.max(0, calls - committed - (b.released || 0))} held`,
+        `${answered} call${answered === 1 ? '' : 's'} answered: ${charged} charged, ${uncharged} not charged`,
         `revenue ${b.revenueUsdc ?? '0'} USDC`,
         `refusals ${refused}${codes ? ` (${codes})` : ''}`,
         answered ? `upstream errors ${errors} of ${answered} (${percent(errors / answered)})` : 'no upstream answers',
@@ -990,17 +1067,19 @@
 
       const group = s('g', { class: 'bucket', 'data-start': b.start });
       group.append(s('rect', { class: 'hit', x, y: M.top, width: band, height: plotH }, s('title', { text: tip })));
-      const callsTop = y(calls);
+      // The whole answered bar in the charged colour, its uncharged top part over it.
+      const callsTop = y(answered);
       group.append(s('rect', {
         class: 'bar-calls', x: barX, y: callsTop, width: barW, height: baseY - callsTop,
-        'data-calls': calls, 'data-committed': committed,
+        'data-calls': answered, 'data-committed': charged,
       }, s('title', { text: tip })));
-      if (calls > committed) {
-        const top = y(calls);
-        group.append(s('rect', { class: 'bar-uncommitted', x: barX, y: top, width: barW, height: y(committed) - top }, s('title', { text: tip })));
+      if (uncharged > 0) {
+        group.append(s('rect', {
+          class: 'bar-uncommitted', x: barX, y: callsTop, width: barW, height: y(charged) - callsTop, 'data-uncharged': uncharged,
+        }, s('title', { text: tip })));
       }
       if (refused > 0) {
-        const top = y(calls + refused);
+        const top = y(answered + refused);
         group.append(s('rect', { class: 'bar-refusals', x: barX, y: top, width: barW, height: callsTop - top, 'data-refusals': refused }, s('title', { text: tip })));
       }
       const mark = s('rect', {
@@ -1078,16 +1157,18 @@
   async function pollJournal(session, win, from) {
     const { rows } = await newestCharges(`journal:${win}`, '/v1/charges', journalParams(), from);
     if (session !== state.session || win !== state.window) return;
-    syncRows($('journal'), 'data-charge-id', rows, (c) => c.chargeId, (c) => chargeRow(c, true, true), 'No charges match.');
+    // The settlement column only when a charge shown has one (most books settle none).
+    const withSettlement = rows.some((c) => c.settlement);
+    show($('journal-settlement'), withSettlement);
+    syncRows($('journal'), 'data-charge-id', rows, (c) => c.chargeId, (c) => chargeRow(c, { withBuyer: true, withSettlement }), 'No charges match.');
   }
 
   function describeFilters() {
     const f = state.journal;
-    const parts = [];
-    if (f.buyerId) parts.push(`buyer ${f.buyerId}`);
-    if (f.tokenId) parts.push(`token ${f.tokenId}`);
-    if (f.status) parts.push(`status ${f.status}`);
-    setText($('journal-filters'), parts.length ? `Filtered by ${parts.join(', ')}.` : '');
+    const parts = [f.status ? `${f.status} charges` : 'charges of every status'];
+    if (f.buyerId) parts.push(`of buyer ${f.buyerId}`);
+    if (f.tokenId) parts.push(`with token ${f.tokenId}`);
+    setText($('journal-filters'), `Showing ${parts.join(' ')}.`);
   }
 
   function applyJournal(event) {
@@ -1360,7 +1441,8 @@
     $('token-form').addEventListener('submit', issueToken);
     $('panic').addEventListener('click', panic);
     onRowButton('tokens', 'data-token-id', { kill: killToken });
-    $('buyer-csv').addEventListener('click', () => csvButton($('buyer-csv'), '/v1/me/charges.csv', {}));
+    $('buyer-charges-status').addEventListener('change', chooseBuyerStatus);
+    $('buyer-csv').addEventListener('click', () => csvButton($('buyer-csv'), '/v1/me/charges.csv', buyerChargesParams()));
     $('new-token-copy').addEventListener('click', () => copyFrom(() => $('new-token-jwt').value));
     $('new-token-hide').addEventListener('click', forgetSecrets);
 
