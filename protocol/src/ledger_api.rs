@@ -619,7 +619,7 @@ pub struct SandboxPayment {
 }
 
 /// `GET /v1/charges` (and its CSV export): the journal, filtered, oldest first (by creation
-/// time, then charge id), one page at a time. Times are RFC 3339; `from` is inclusive, `to`
+/// time, then charge id; or newest first with `order=desc`), one page at a time. Times are RFC 3339; `from` is inclusive, `to`
 /// exclusive.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -650,6 +650,18 @@ pub struct ChargeQuery {
     /// A previous page's `nextCursor`: this page starts after its last charge.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cursor: Option<String>,
+    /// `asc` (oldest first, the default) or `desc` (newest first: the latest charges in one
+    /// page, then older ones page by page).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<ChargeOrder>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChargeOrder {
+    #[default]
+    Asc,
+    Desc,
 }
 
 /// One page of the journal. `nextCursor` is null on the last page.

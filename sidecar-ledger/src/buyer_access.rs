@@ -8,6 +8,7 @@ use paystile_protocol::ledger_api::{
     ChargePage, ChargeQuery, ChargeView, ChildTokenRequest, IssueTokenRequest, IssuedBuyerKey,
     IssuedToken, TokenView,
 };
+use paystile_protocol::pay_token::Scope;
 use sha2::{Digest, Sha256};
 
 use crate::domain::UnixMillis;
@@ -134,8 +135,12 @@ impl Ledger {
             return Ok(None);
         };
         let now = self.now();
-        if key.last_used_at.is_none_or(|at| now - at >= LAST_USED_PRECISION_MS) {
-            self.store().touch_buyer_key(key.key_id.clone(), now).await?;
+        // Best effort: a key's last use is for its owner's information, and a write that
+        // fails must not refuse a request that only reads.
+        if key.last_used_at.is_none_or(|at| now - at >= LAST_USED_PRECISION_MS)
+            && let Err(error) = self.store().touch_buyer_key(key.key_id.clone(), now).await
+        {
+            tracing::warn!(key_id = %key.key_id, %error, "cannot record a buyer key's use");
         }
         Ok(Some(BuyerKey(key)))
     }
@@ -167,24 +172,8 @@ impl Ledger {
     ) -> Result<IssuedToken, LedgerError> {
         let key = &key.0;
         check_id("serviceId", &request.service_id)?;
-        self.check_sold(&request.service_id)?;
-        if !key.services.is_empty() && !key.services.contains(&request.service_id) {
-            return Err(LedgerError::Invalid(format!(
-                "serviceId: this key issues tokens for {} only",
-                key.services.join(", ")
-            )));
-        }
         let limit = request.limit_usdc;
-        if limit.is_zero() {
-            return Err(LedgerError::Invalid("limitUsdc must be greater than 0".into()));
-        }
-        if let Some(max) = key.max_limit
-            && limit > max
-        {
-            return Err(LedgerError::Invalid(format!(
-                "limitUsdc {limit} is above this key's largest cap, {max} USDC"
-            )));
-        }
+        self.check_key_allows(key, Some(&request.service_id), Scope::Single, limit)?;
         // Checked before the account, so that a past expiry is named whatever the balance.
         expiry(&request.expires_at, request.ttl_seconds, seconds(self.now()))?;
         let now = self.now();
@@ -243,15 +232,56 @@ impl Ledger {
         self.revoke_token(token_id).await
     }
 
-    /// A child of one of the buyer's own tokens.
+    /// A child of one of the buyer's own tokens, within what the key allows: a key limited
+    /// to some services or caps mints no wider child under a token another key (or the
+    /// seller) issued.
     pub async fn mint_own_child(
         &self,
         key: &BuyerKey,
         parent_id: String,
         request: ChildTokenRequest,
     ) -> Result<IssuedToken, LedgerError> {
-        self.own_token(key, parent_id.clone()).await?;
+        let parent = self.own_token(key, parent_id.clone()).await?;
+        let service = request.service_id.as_deref().or(parent.service_id.as_deref());
+        let scope = request.scope.unwrap_or(parent.scope);
+        self.check_key_allows(&key.0, service, scope, request.limit_usdc)?;
         self.mint_child(parent_id, request).await
+    }
+
+    /// Whether `key` may issue a token for `service` with `scope` and cap `limit`: a
+    /// service the ledger sells, one of the key's when it names some (and then bound to it),
+    /// a cap greater than 0 and within the key's largest.
+    fn check_key_allows(
+        &self,
+        key: &BuyerKeyRecord,
+        service: Option<&str>,
+        scope: Scope,
+        limit: Usdc,
+    ) -> Result<(), LedgerError> {
+        if let Some(service) = service {
+            self.check_sold(service)?;
+        }
+        if !key.services.is_empty() {
+            let allowed = scope == Scope::Single
+                && service.is_some_and(|service| key.services.iter().any(|s| s == service));
+            if !allowed {
+                return Err(LedgerError::Invalid(format!(
+                    "serviceId: this key issues tokens for {} only",
+                    key.services.join(", ")
+                )));
+            }
+        }
+        if limit.is_zero() {
+            return Err(LedgerError::Invalid("limitUsdc must be greater than 0".into()));
+        }
+        if let Some(max) = key.max_limit
+            && limit > max
+        {
+            return Err(LedgerError::Invalid(format!(
+                "limitUsdc {limit} is above this key's largest cap, {max} USDC"
+            )));
+        }
+        Ok(())
     }
 
     /// The panic button, on the buyer's own tokens.

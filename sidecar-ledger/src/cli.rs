@@ -353,6 +353,7 @@ impl ChargeFilters {
             to: self.to,
             limit,
             cursor,
+            order: None,
         }
     }
 }

@@ -959,6 +959,7 @@ mod tests {
             to: Some(String::new()),
             limit: Some(1),
             cursor: Some(String::new()),
+            order: Some(paystile_protocol::ledger_api::ChargeOrder::Desc),
         };
         let summary =
             SummaryQuery { sandbox: true, from: Some(String::new()), to: Some(String::new()) };

@@ -4,8 +4,8 @@
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use paystile_protocol::ledger_api::{
-    BuyerSpend, ChargePage, ChargeQuery, ChargeStatus, ChargeView, SeriesBucket, SeriesQuery,
-    ServiceList, ServiceSeries, ServiceSummary, SummaryQuery, TokenSpend, TopSpenders,
+    BuyerSpend, ChargeOrder, ChargePage, ChargeQuery, ChargeStatus, ChargeView, SeriesBucket,
+    SeriesQuery, ServiceList, ServiceSeries, ServiceSummary, SummaryQuery, TokenSpend, TopSpenders,
     TopSpendersQuery,
 };
 use time::OffsetDateTime;
@@ -51,6 +51,7 @@ impl Ledger {
             from,
             to,
             after: query.cursor.as_deref().map(decode_cursor).transpose()?,
+            newest_first: query.order == Some(ChargeOrder::Desc),
             limit,
         };
         self.release_expired_holds().await?;
@@ -108,16 +109,35 @@ impl Ledger {
 
 /// How far back `GET /v1/services` looks for services with charges or refusals.
 const SERVICES_SEEN_WITHIN_MS: UnixMillis = 31 * 86_400_000;
+/// How long `GET /v1/services` answers from the services it last looked up.
+const SERVICES_SEEN_FOR_MS: UnixMillis = 60_000;
 /// The top spenders' default and largest count.
 const TOP_DEFAULT: u32 = 10;
 const TOP_MAX: u32 = 100;
 
 impl Ledger {
     /// The services the ledger sells, and every service with a charge or a refusal in the
-    /// last month (the longest series), each once, in byte order.
+    /// last month (the longest series), each once, in byte order. The month's services are
+    /// looked up at most once every [`SERVICES_SEEN_FOR_MS`]: a console asks on every poll,
+    /// and the lookup reads a month of charges.
     pub async fn service_list(&self) -> Result<ServiceList, LedgerError> {
-        let since = self.now().saturating_sub(SERVICES_SEEN_WITHIN_MS);
-        let mut services = self.store().service_ids(since).await?;
+        let now = self.now();
+        let cached = self
+            .seen_services
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+            .filter(|(at, _)| now.saturating_sub(*at) < SERVICES_SEEN_FOR_MS);
+        let mut services = match cached {
+            Some((_, services)) => services,
+            None => {
+                let since = now.saturating_sub(SERVICES_SEEN_WITHIN_MS);
+                let seen = self.store().service_ids(since).await?;
+                *self.seen_services.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) =
+                    Some((now, seen.clone()));
+                seen
+            }
+        };
         services.extend(self.services().iter().cloned());
         services.sort();
         services.dedup();

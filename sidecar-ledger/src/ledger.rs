@@ -127,6 +127,8 @@ pub struct Ledger {
     settlements: Option<Arc<Settlements>>,
     /// The services buyers may issue tokens for (byte order); empty: any.
     services: Vec<String>,
+    /// The services with calls lately, and when they were looked up (`GET /v1/services`).
+    pub(crate) seen_services: Mutex<Option<(UnixMillis, Vec<String>)>>,
 }
 
 /// A top-up: done, or refused.
@@ -164,6 +166,7 @@ impl Ledger {
             metrics,
             settlements: None,
             services: Vec::new(),
+            seen_services: Mutex::new(None),
         }
     }
 

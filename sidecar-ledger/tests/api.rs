@@ -19,10 +19,10 @@ use paystile_ledger::token_keys;
 use paystile_protocol::jws::{self, Key, SigningKey};
 use paystile_protocol::l402;
 use paystile_protocol::ledger_api::{
-    AccountView, BuyerKeyRequest, BuyerTokenRequest, ChargeQuery, ChargeStatus, ChildTokenRequest,
-    Deposit, DepositRequest, Hold, IssueTokenRequest, IssuedBuyerKey, IssuedToken, L402Challenge,
-    L402Challenges, Role, SeriesBucket, ServiceSeries, SettleResponse, SettleStatus, TokenView,
-    TopSpenders,
+    AccountView, BuyerKeyRequest, BuyerTokenRequest, ChargeOrder, ChargeQuery, ChargeStatus,
+    ChildTokenRequest, Deposit, DepositRequest, Hold, IssueTokenRequest, IssuedBuyerKey,
+    IssuedToken, L402Challenge, L402Challenges, Role, SeriesBucket, ServiceSeries, SettleResponse,
+    SettleStatus, TokenView, TopSpenders,
 };
 use paystile_protocol::pay_token::{self, Scope, Validation};
 use paystile_protocol::{ErrorBody, ErrorCode, Usdc};
@@ -3860,14 +3860,8 @@ async fn buyer_keys_reach_their_own_buyer_only(store: Backend) {
             .await,
     );
     let child = json!({"limitUsdc": "0.1"}).to_string();
-    let (status, body) = ledger_post_with(
-        &ledger,
-        &format!("/v1/me/tokens/{bob_token}/children"),
-        &alice_key.key,
-        &child,
-    )
-    .await;
-    not_found((status, body));
+    let children = format!("/v1/me/tokens/{bob_token}/children");
+    not_found(ledger.post(&children, Some(&alice_key.key), &child).await);
     not_found(
         answer(&ledger, "GET", &format!("/v1/me/charges/{bobs_charge}"), Some(&alice_key.key))
             .await,
@@ -3983,10 +3977,6 @@ async fn buyer_keys_reach_their_own_buyer_only(store: Backend) {
     assert_eq!(whoami.key.unwrap().buyer_id, "alice");
 }
 
-async fn ledger_post_with(ledger: &Ledger, path: &str, key: &str, body: &str) -> (u16, Value) {
-    ledger.post(path, Some(key), body).await
-}
-
 /// A buyer issues tokens for itself within its balance, its tier's daily limit and what
 /// its key allows; each refusal says why, and issues nothing. What it issues pays.
 async fn buyers_issue_tokens_within_their_balance_tier_and_key(store: Backend) {
@@ -4053,6 +4043,31 @@ async fn buyers_issue_tokens_within_their_balance_tier_and_key(store: Backend) {
         .await;
     narrow.issue_token(&own_token_request("maps", "1")).await.unwrap();
     assert_eq!(carol.me().await.unwrap().tokens.len(), 2);
+    // Nor wider through a child of a token the seller issued to Carol for every service.
+    let wide = IssueTokenRequest {
+        buyer_id: "carol".into(),
+        scope: Some(Scope::All),
+        ..issue_request("2")
+    };
+    let wide = ledger.admin.issue_token(&wide).await.unwrap();
+    let refused_child = async |request: ChildTokenRequest, says: &str| {
+        let error = narrow.mint_child(&wide.token_id, &request).await.unwrap_err();
+        assert!(
+            matches!(&error, ClientError::Refused { status: 400, body } if body.error.contains(says)),
+            "{error}"
+        );
+    };
+    refused_child(child_request("0.5"), "issues tokens for maps only").await;
+    let maps_child = |limit: &str| ChildTokenRequest {
+        service_id: Some("maps".into()),
+        scope: Some(Scope::Single),
+        ..child_request(limit)
+    };
+    refused_child(maps_child("1.5"), "above this key's largest cap").await;
+    let child = narrow.mint_child(&wide.token_id, &maps_child("1")).await.unwrap();
+    let child = narrow.token(&child.token_id).await.unwrap();
+    assert_eq!((child.service_id.as_deref(), child.scope), (Some("maps"), Scope::Single));
+    assert_eq!(carol.me().await.unwrap().tokens.len(), 4);
 
     // A key may only name services the ledger sells; the buyer's CLI does what the API does.
     let bad = BuyerKeyRequest { services: vec!["nope".into()], ..Default::default() };
@@ -4074,9 +4089,9 @@ async fn buyers_issue_tokens_within_their_balance_tier_and_key(store: Backend) {
     let by_cli = cli(&["me", "issue", "--service-id", "maps", "--limit-usdc", "0.5"]);
     let token_id = by_cli["tokenId"].as_str().unwrap();
     assert_eq!(cli(&["me", "token", token_id])["buyerId"], "carol");
-    assert_eq!(cli(&["me", "show"])["tokens"].as_array().unwrap().len(), 3);
+    assert_eq!(cli(&["me", "show"])["tokens"].as_array().unwrap().len(), 5);
     assert_eq!(cli(&["me", "revoke", token_id])["revoked"], true);
-    assert_eq!(cli(&["me", "panic"])["revokedTokens"], 2);
+    assert_eq!(cli(&["me", "panic"])["revokedTokens"], 4);
     assert!(ledger.admin.buyer("carol").await.unwrap().tokens.iter().all(|t| t.revoked));
 }
 
@@ -4120,8 +4135,18 @@ async fn series_and_top_spenders_add_up_to_the_journal(store: Backend) {
     let refusals: u64 =
         series.buckets.iter().filter_map(|b| b.refusals.get("token_limit_exceeded")).sum();
     assert_eq!(refusals, 1);
-    // The last bucket holds now; each bucket starts a minute after the one before.
-    assert!(series.buckets.last().unwrap().calls >= 1 || series.buckets[58].calls >= 1);
+    // Whole UTC minutes, each bucket a minute after the one before, the last holding now.
+    let at = |rfc3339: &str| {
+        use time::format_description::well_known::Rfc3339;
+        time::OffsetDateTime::parse(rfc3339, &Rfc3339).unwrap().unix_timestamp()
+    };
+    let (from, to) = (at(&series.from), at(&series.to));
+    assert_eq!((from % 60, to - from), (0, 3600));
+    for (i, bucket) in series.buckets.iter().enumerate() {
+        assert_eq!(at(&bucket.start), from + 60 * i64::try_from(i).unwrap(), "bucket {i}");
+    }
+    let now = i64::try_from(unix_now()).unwrap();
+    assert!(to - 60 <= now && now < to + 1, "now {now} is not in the last bucket of {from}..{to}");
     let summary = get("/v1/services/weather/summary").await;
     assert_eq!(summary["calls"], 5);
     assert_eq!(summary["revenueUsdc"], "1.350000");
@@ -4152,6 +4177,23 @@ async fn series_and_top_spenders_add_up_to_the_journal(store: Backend) {
     let future: TopSpenders =
         serde_json::from_value(get("/v1/top-spenders?from=2999-01-01T00:00:00Z").await).unwrap();
     assert!(future.tokens.is_empty() && future.buyers.is_empty());
+
+    // The journal newest first: the reverse of oldest first, page after page.
+    let oldest_first = ledger.admin.charges(&ChargeQuery::default()).await.unwrap().charges;
+    let mut newest_first = Vec::new();
+    let mut query =
+        ChargeQuery { order: Some(ChargeOrder::Desc), limit: Some(2), ..Default::default() };
+    loop {
+        let page = ledger.admin.charges(&query).await.unwrap();
+        newest_first.extend(page.charges.into_iter().map(|c| c.charge_id));
+        match page.next_cursor {
+            Some(cursor) => query.cursor = Some(cursor),
+            None => break,
+        }
+    }
+    let mut expected: Vec<String> = oldest_first.into_iter().map(|c| c.charge_id).collect();
+    expected.reverse();
+    assert_eq!((newest_first.len(), &newest_first), (5, &expected));
 
     // The ledger's services, and those with calls.
     assert_eq!(get("/v1/services").await["services"], json!(["maps", "weather"]));

@@ -7,8 +7,8 @@ use paystile_protocol::ledger_api::ChargeStatus;
 use super::sql::{self, Columns, charge_columns, charges_joined};
 use super::{SettlementStatus, StoreError, UnixMillis, status_name};
 
-/// Which charges to list: every filter given must match. Oldest first, by `created_at`, then
-/// `charge_id` in byte order.
+/// Which charges to list: every filter given must match. Oldest (or newest) first, by
+/// `created_at`, then `charge_id` in byte order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChargeFilter {
     pub token_id: Option<String>,
@@ -23,8 +23,11 @@ pub struct ChargeFilter {
     pub from: Option<UnixMillis>,
     /// Exclusive.
     pub to: Option<UnixMillis>,
-    /// Only charges after this one (its creation time and id): the keyset of the last page.
+    /// Only charges after this one (its creation time and id) in `newest_first`'s order:
+    /// the keyset of the last page.
     pub after: Option<(UnixMillis, String)>,
+    /// Newest first instead of oldest first.
+    pub newest_first: bool,
     pub limit: usize,
 }
 
@@ -112,10 +115,11 @@ pub(super) fn charges_query(filter: &ChargeFilter, dialect: &Dialect) -> (String
         conditions.push(format!("c.created_at < {p}"));
     }
     let order = dialect.byte_order;
+    let (past, direction) = if filter.newest_first { ("<", " DESC") } else { (">", "") };
     if let Some((at, id)) = &filter.after {
         let at = bind(Param::Int(*at), &mut params);
         let id = bind(Param::Text(id.clone()), &mut params);
-        conditions.push(format!("(c.created_at, c.charge_id{order}) > ({at}, {id})"));
+        conditions.push(format!("(c.created_at, c.charge_id{order}) {past} ({at}, {id})"));
     }
     let limit = bind(
         Param::Int(i64::try_from(filter.limit).unwrap_or(i64::MAX).saturating_add(1)),
@@ -128,7 +132,7 @@ pub(super) fn charges_query(filter: &ChargeFilter, dialect: &Dialect) -> (String
     };
     let sql = format!(
         "SELECT {CHARGE_COLUMNS} FROM {CHARGES_JOINED} \
-         {conditions} ORDER BY c.created_at, c.charge_id{order} LIMIT {limit}"
+         {conditions} ORDER BY c.created_at{direction}, c.charge_id{order}{direction} LIMIT {limit}"
     );
     (sql, params)
 }
