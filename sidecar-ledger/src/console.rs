@@ -14,10 +14,11 @@ const SCRIPT: &str = include_str!("console/app.js");
 const STYLE: &str = include_str!("console/style.css");
 
 /// Only this origin's script and style run: no inline script, no other site's, and nothing
-/// may frame the page (clickjacking a revoke button).
+/// may frame the page (clickjacking a revoke button). Trusted Types make the browser refuse
+/// any write of a string as markup or script, so the page can only show data as text.
 const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
     style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; \
-    form-action 'none'; frame-ancestors 'none'";
+    form-action 'none'; frame-ancestors 'none'; require-trusted-types-for 'script'";
 
 pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()

@@ -5,15 +5,19 @@
 
 (() => {
   const KEY_STORAGE = 'paystile.console.key';
+  // How often the page reads again: the buyer's view and the seller's hour every 2 s, the
+  // seller's day and month (whose buckets move slowly) every 5 s.
   const POLL_MS = 2000;
-  const PAGE_LIMIT = 1000; // the API's largest page
-  const SHOWN_ROWS = 50;
-  const MAX_PAGES_PER_POLL = 10;
+  const PAGE_LIMIT = 1000; // the API's largest page (CSV exports)
+  const SHOWN_ROWS = 50; // one newest-first page of a listing
   const MAX_CSV_PAGES = 500;
+  // The list of services changes rarely: read again after this long, or at login and on a
+  // window change.
+  const SERVICES_MAX_AGE_MS = 60e3;
   const WINDOWS = {
-    hour: { ms: 3600e3, label: 'last hour', unit: 'minute' },
-    day: { ms: 24 * 3600e3, label: 'last day', unit: 'hour' },
-    month: { ms: 30 * 24 * 3600e3, label: 'last 30 days', unit: 'day' },
+    hour: { ms: 3600e3, label: 'last hour', unit: 'minute', pollMs: POLL_MS },
+    day: { ms: 24 * 3600e3, label: 'last day', unit: 'hour', pollMs: 5000 },
+    month: { ms: 30 * 24 * 3600e3, label: 'last 30 days', unit: 'day', pollMs: 5000 },
   };
   const BUYER_CHARGES_MS = 30 * 24 * 3600e3;
   // What the charge listings show until another status is chosen: the calls that were paid
@@ -42,7 +46,8 @@
     journal: { buyerId: '', tokenId: '', status: DEFAULT_STATUS }, // the applied filters
     buyerStatus: DEFAULT_STATUS, // the buyer's charges' status filter
     buyerId: null, // the buyer the seller looked up
-    tails: {}, // newest-charges state per listing (see newestCharges)
+    serviceList: null, // { ids, at }: the last GET /v1/services (see serviceIds)
+    windowFrom: null, // { window, from }: the start of the window the series last gave
     services: new Map(), // service id -> its section's parts
   };
 
@@ -64,10 +69,19 @@
     return node;
   }
 
+  /**
+   * Attributes are set by name from this script only; an event handler attribute would be
+   * code (a Trusted Types sink under the page's policy), so none is ever set.
+   */
+  function checkAttrName(name) {
+    if (/^on/i.test(name)) throw new Error(`refused to set the attribute ${name}`);
+  }
+
   function applyAttrs(node, attrs) {
     if (!attrs) return;
     for (const [name, value] of Object.entries(attrs)) {
       if (value == null || value === false) continue;
+      checkAttrName(name);
       if (name === 'text') node.textContent = String(value);
       else node.setAttribute(name, value === true ? '' : String(value));
     }
@@ -81,6 +95,7 @@
   }
 
   function setAttr(node, name, value) {
+    checkAttrName(name);
     if (value == null || value === false) {
       if (node.hasAttribute(name)) node.removeAttribute(name);
     } else {
@@ -106,21 +121,43 @@
   }
 
   function localTime(iso) {
-    if (!iso) return '—';
+    if (!iso) return BLANK;
     const at = new Date(iso);
     if (Number.isNaN(at.getTime())) return String(iso);
     return at.toLocaleString(undefined, { dateStyle: 'short', timeStyle: 'medium' });
   }
 
   function percent(fraction) {
-    if (!Number.isFinite(fraction)) return '—';
+    if (!Number.isFinite(fraction)) return BLANK;
     return `${(fraction * 100).toFixed(1)}%`;
   }
 
-  function later(a, b) {
-    if (!a) return b;
-    if (!b) return a;
-    return Date.parse(a) >= Date.parse(b) ? a : b;
+  // Money as exact integers of micro-USDC (6 decimals): sums never go through floats.
+  const MICRO = 1000000n;
+
+  /** "1.234567" -> 1234567n; null for anything that is not a plain decimal amount. */
+  function toMicro(amount) {
+    const m = /^\s*(-?)(\d*)(?:\.(\d*))?\s*$/.exec(amount == null ? '' : String(amount));
+    if (!m || (!m[2] && !m[3])) return null;
+    const whole = BigInt(m[2] || '0');
+    // More than 6 decimals never comes from the API; cut them rather than round.
+    const frac = BigInt(((m[3] || '') + '000000').slice(0, 6));
+    const micro = whole * MICRO + frac;
+    return m[1] ? -micro : micro;
+  }
+
+  /** 1234567n -> "1.234567". */
+  function fromMicro(micro) {
+    const negative = micro < 0n;
+    const abs = negative ? -micro : micro;
+    return `${negative ? '-' : ''}${abs / MICRO}.${String(abs % MICRO).padStart(6, '0')}`;
+  }
+
+  /** The exact sum of money strings, formatted with 6 decimals (missing ones count 0). */
+  function sumUsdc(amounts) {
+    let total = 0n;
+    for (const amount of amounts) total += toMicro(amount) ?? 0n;
+    return fromMicro(total);
   }
 
   function seg(id) {
@@ -288,7 +325,7 @@
     text: (text, extra = {}) => ({ kind: 'text', text, ...extra }),
     id: (id, extra = {}) => ({ kind: 'id', text: id, ...extra }),
     time: (iso, extra = {}) => ({ kind: 'time', iso, ...extra }),
-    money: (amount, extra = {}) => ({ kind: 'text', text: amount ?? '—', cls: `num mono ${extra.cls || ''}`.trim(), title: extra.title }),
+    money: (amount, extra = {}) => ({ kind: 'text', text: amount ?? BLANK, cls: `num mono ${extra.cls || ''}`.trim(), title: extra.title }),
     spend: (token) => ({ kind: 'spend', token }),
     status: (charge) => ({ kind: 'status', charge }),
     buttons: (list) => ({ kind: `buttons:${list.map((b) => b.cls).join(',')}`, list }),
@@ -335,12 +372,12 @@
   function updateCell(td, spec) {
     switch (spec.kind) {
       case 'text':
-        setText(td, spec.text ?? '—');
+        setText(td, spec.text ?? BLANK);
         setAttr(td, 'title', spec.title ?? null);
         break;
       case 'id': {
         const span = td.firstChild;
-        setText(span, spec.text ?? '—');
+        setText(span, spec.text ?? BLANK);
         setAttr(span, 'title', spec.text ?? null);
         break;
       }
@@ -377,7 +414,8 @@
         fill.style.width = `${(Math.min(1, fillShare) * 100).toFixed(2)}%`;
         reserved.style.width = `${(heldShare * 100).toFixed(2)}%`;
         setAttr(fill, 'data-used-usdc', t.usedUsdc);
-        const label = `${t.usedUsdc} of ${t.limitUsdc} USDC used, ${t.reservedUsdc || '0.000000'} held by calls in flight, ${t.remainingUsdc ?? '—'} left`;
+        const left = t.remainingUsdc != null ? `, ${t.remainingUsdc} left` : '';
+        const label = `${t.usedUsdc} of ${t.limitUsdc} USDC used, ${t.reservedUsdc || '0.000000'} held by calls in flight${left}`;
         setAttr(bar, 'aria-label', label);
         setAttr(bar, 'title', label);
         break;
@@ -437,33 +475,12 @@
   // ---------------------------------------------------------------- charges, newest first
 
   /**
-   * The newest `SHOWN_ROWS` charges of a listing that pages oldest first. The first read
-   * goes from the window's start following cursors; later reads start at the oldest charge
-   * kept, so a poll fetches only that and what came since (and sees the kept ones' updates).
+   * The newest `SHOWN_ROWS` charges of a listing since `from`: one newest-first page
+   * (`order=desc`; its `nextCursor` would go on to older ones, which are not shown).
    */
-  async function newestCharges(name, path, params, from) {
-    const signature = JSON.stringify([path, params]);
-    let tail = state.tails[name];
-    if (!tail || tail.signature !== signature) tail = { signature, rows: [] };
-    let start = from;
-    if (tail.rows.length >= SHOWN_ROWS) start = later(from, tail.rows[0].createdAt);
-    let rows = [];
-    let cursor = null;
-    let complete = false;
-    for (let page = 0; page < MAX_PAGES_PER_POLL; page += 1) {
-      const answer = await api('GET', path + query({ ...params, from: start, limit: PAGE_LIMIT, cursor }));
-      rows = rows.concat(answer.charges || []).slice(-SHOWN_ROWS);
-      cursor = answer.nextCursor;
-      if (!cursor) {
-        complete = true;
-        break;
-      }
-    }
-    // Older rows than the window's start (kept from a previous window) drop out here.
-    const fromMs = from ? Date.parse(from) : -Infinity;
-    rows = rows.filter((c) => !(Date.parse(c.createdAt) < fromMs));
-    state.tails[name] = { signature, rows };
-    return { rows: rows.slice().reverse(), complete };
+  async function newestCharges(path, params, from) {
+    const page = await api('GET', path + query({ ...params, from, order: 'desc', limit: SHOWN_ROWS }));
+    return { rows: (page.charges || []).slice(0, SHOWN_ROWS), more: Boolean(page.nextCursor) };
   }
 
   /** A charge's row; the status cell also holds the upstream's HTTP status when it answered. */
@@ -483,7 +500,7 @@
     if (withSettlement) {
       const st = c.settlement;
       list.push(cells.text(st ? st.status : BLANK, {
-        title: st ? [st.transaction, st.reason].filter(Boolean).join(' — ') || null : null,
+        title: st ? [st.transaction, st.reason].filter(Boolean).join('; ') || null : null,
       }));
     }
     return { cells: list, cls: c.sandbox ? 'sandbox' : null };
@@ -541,6 +558,8 @@
     state.key = key;
     state.whoami = whoami;
     state.role = whoami.role === 'admin' ? 'admin' : 'buyer';
+    state.serviceList = null;
+    state.windowFrom = null;
     try {
       sessionStorage.setItem(KEY_STORAGE, key);
     } catch (_) {
@@ -579,7 +598,8 @@
     state.pollAgain = false;
     clearTimeout(state.pollTimer);
     state.pollTimer = null;
-    state.tails = {};
+    state.serviceList = null;
+    state.windowFrom = null;
     state.buyerId = null;
     state.window = 'hour';
     state.journal = { buyerId: '', tokenId: '', status: DEFAULT_STATUS };
@@ -660,10 +680,16 @@
           state.pollAgain = false;
           poll();
         } else {
-          state.pollTimer = setTimeout(poll, POLL_MS);
+          state.pollTimer = setTimeout(poll, pollInterval());
         }
       }
     }
+  }
+
+  /** The pause between two polls: the seller's day and month move slower than the hour. */
+  function pollInterval() {
+    if (state.role === 'admin') return WINDOWS[state.window]?.pollMs ?? POLL_MS;
+    return POLL_MS;
   }
 
   /** Runs the reads together; each renders itself; the first failure is thrown at the end. */
@@ -710,13 +736,13 @@
 
   async function pollBuyer(session) {
     const from = new Date(Date.now() - BUYER_CHARGES_MS).toISOString();
+    const status = state.buyerStatus;
     await settleAll(session, [
       api('GET', '/v1/me').then((me) => {
         if (session === state.session) renderMe(me);
       }),
-      newestCharges('buyer', '/v1/me/charges', buyerChargesParams(), from).then(({ rows }) => {
-        if (session === state.session) {
-          const status = state.buyerStatus;
+      newestCharges('/v1/me/charges', buyerChargesParams(), from).then(({ rows }) => {
+        if (session === state.session && status === state.buyerStatus) {
           const empty = status ? `No ${status} charges in the last 30 days.` : 'No charges in the last 30 days.';
           syncRows($('buyer-charges'), 'data-charge-id', rows, (c) => c.chargeId, (c) => chargeRow(c), empty);
         }
@@ -760,13 +786,13 @@
 
   function tokenRow(t, buttonCls, label, aria) {
     const st = tokenState(t);
-    const service = t.serviceId || (t.scope === 'ALL' ? 'any service' : '—');
+    const service = t.serviceId || (t.scope === 'ALL' ? 'any service' : BLANK);
     const tag = [t.buyerTag, t.sandbox ? 'sandbox' : null, t.parentId ? `child of ${t.parentId}` : null].filter(Boolean).join(' · ');
     return {
       cells: [
         cells.id(t.tokenId),
         cells.text(service, { cls: 'token-service mono' }),
-        cells.text(tag || '—', { title: tag || null, cls: 'tag-cell' }),
+        cells.text(tag || BLANK, { title: tag || null, cls: 'tag-cell' }),
         cells.spend(t),
         cells.text(st, { cls: `token-state state-${st}` }),
         cells.time(t.expiresAt),
@@ -847,7 +873,13 @@
 
   // ---------------------------------------------------------------- seller view
 
+  /**
+   * The start of the window the figures cover: the series' own `from` (aligned to UTC by
+   * the ledger) once a series of this window has been read, else the last `ms` until now.
+   */
   function windowStart() {
+    const known = state.windowFrom;
+    if (known && known.window === state.window && known.from) return known.from;
     return new Date(Date.now() - WINDOWS[state.window].ms).toISOString();
   }
 
@@ -861,34 +893,65 @@
   function chooseWindow(name) {
     if (state.window === name) return;
     state.window = name;
+    state.windowFrom = null;
+    state.serviceList = null; // read the services again with the new window
     updateWindowButtons();
     refreshNow();
   }
 
-  async function pollSeller(session) {
-    const win = state.window;
-    const from = windowStart();
-    const tasks = [
-      api('GET', '/v1/services').then((answer) => pollServices(session, win, answer.services || [])),
-      api('GET', `/v1/top-spenders${query({ from, limit: 10 })}`).then((top) => {
-        if (session === state.session && win === state.window) renderTopSpenders(top);
-      }),
-      api('GET', `/v1/charges${query({ status: 'held', limit: PAGE_LIMIT })}`).then((page) => {
-        if (session === state.session) renderHolds(page);
-      }),
-      pollJournal(session, win, from),
-    ];
-    if (state.buyerId) tasks.push(pollBuyerDetail(session, state.buyerId));
-    await settleAll(session, tasks);
+  /**
+   * The services' ids: GET /v1/services at most once a minute (and at login or a window
+   * change). Should a read fail, the last list stands in while there is one.
+   */
+  async function serviceIds() {
+    const known = state.serviceList;
+    if (known && Date.now() - known.at < SERVICES_MAX_AGE_MS) return known.ids;
+    try {
+      const answer = await api('GET', '/v1/services');
+      const ids = answer.services || [];
+      state.serviceList = { ids, at: Date.now() };
+      return ids;
+    } catch (err) {
+      if (known && err.status !== 401) return known.ids;
+      throw err;
+    }
   }
 
-  async function pollServices(session, win, ids) {
-    const results = await Promise.allSettled(ids.map(async (id) => {
-      const series = await api('GET', `/v1/services/${seg(id)}/series${query({ window: win })}`);
-      const summary = await api('GET', `/v1/services/${seg(id)}/summary${query({ from: series.from })}`);
-      return { id, series, summary };
-    }));
-    if (session !== state.session || win !== state.window) return;
+  /**
+   * One poll of the seller's page. The series go first: their `from` is the start of the
+   * window that top spenders and the journal then cover too, so every figure on the page
+   * counts the same calls. The live holds and an open buyer do not depend on it.
+   */
+  async function pollSeller(session) {
+    const win = state.window;
+    const sideTasks = [
+      api('GET', `/v1/charges${query({ status: 'held', order: 'desc', limit: SHOWN_ROWS })}`).then((page) => {
+        if (session === state.session) renderHolds(page);
+      }),
+    ];
+    if (state.buyerId) sideTasks.push(pollBuyerDetail(session, state.buyerId));
+    const windowTasks = (async () => {
+      const from = await pollServices(session, win);
+      if (session !== state.session || win !== state.window) return;
+      await settleAll(session, [
+        api('GET', `/v1/top-spenders${query({ from, limit: 10 })}`).then((top) => {
+          if (session === state.session && win === state.window) renderTopSpenders(top);
+        }),
+        pollJournal(session, win, from),
+      ]);
+    })();
+    await settleAll(session, [windowTasks, ...sideTasks]);
+  }
+
+  /**
+   * Reads every service's series of the window and draws them: the window's `from` as the
+   * series gave it (every service's is the same for one window), or the local window start
+   * when there is no series to ask. A failed series is thrown after the others are drawn.
+   */
+  async function pollServices(session, win) {
+    const ids = await serviceIds();
+    const results = await Promise.allSettled(ids.map((id) => api('GET', `/v1/services/${seg(id)}/series${query({ window: win })}`)));
+    if (session !== state.session || win !== state.window) return windowStart();
     const wanted = new Set(ids);
     for (const [id, parts] of state.services) {
       if (!wanted.has(id)) {
@@ -897,12 +960,19 @@
       }
     }
     let failed = null;
+    let from = null;
     results.forEach((r, i) => {
-      if (r.status === 'fulfilled') renderService(r.value.id, r.value.series, r.value.summary, i);
-      else failed = failed || r.reason;
+      if (r.status === 'fulfilled') {
+        from = from || r.value.from || null;
+        renderService(ids[i], r.value, i);
+      } else {
+        failed = failed || r.reason;
+      }
     });
     show($('services-empty'), ids.length === 0);
+    if (from) state.windowFrom = { window: win, from };
     if (failed) throw failed;
+    return windowStart();
   }
 
   function serviceSection(id, index) {
@@ -912,7 +982,7 @@
         const value = h('dd', { class: `${cls} mono` });
         return { node: h('div', { class: 'stat' }, h('dt', { text: label }), value), value };
       };
-      const calls = stat('calls', 'Calls answered');
+      const calls = stat('calls', 'Calls');
       const revenue = stat('revenue', 'Revenue');
       const errorRate = stat('error-rate', 'Upstream errors');
       const refusals = h('ul', { class: 'refusals' });
@@ -941,34 +1011,48 @@
   }
 
   /**
-   * A bucket's (or a window's) calls: those the upstream answered. Charges are not calls: a
-   * gateway that prefetches holds takes some ahead and releases the unused ones (amount 0,
-   * no upstream status). `charged` is the committed part of the answered calls.
+   * A bucket's calls: those the upstream answered, or the committed charges when there are
+   * more of them (a call charged before it is served, x402 `settle: before`, is committed
+   * with no upstream status). Charges alone are not calls: a gateway that prefetches holds
+   * takes some ahead and releases the unused ones (amount 0, no upstream status).
+   * `charged` = committed, `uncharged` = the calls answered but not charged. The error rate
+   * stays errors / upstream answers.
    */
-  function answeredCalls(b) {
+  function bucketCalls(b) {
     const answered = Math.max(0, Number(b.upstreamAnswered) || 0);
     const committed = Math.max(0, Number(b.committed) || 0);
-    const charged = Math.min(committed, answered);
-    return { answered, committed, charged, uncharged: answered - charged, errors: Math.max(0, Number(b.upstreamErrors) || 0) };
+    const calls = Math.max(answered, committed);
+    return { calls, answered, charged: committed, uncharged: calls - committed, errors: Math.max(0, Number(b.upstreamErrors) || 0) };
   }
 
-  function renderService(id, series, summary, index) {
+  /** The window's figures from its buckets (what the chart shows): no separate summary. */
+  function windowTotals(buckets) {
+    const totals = { calls: 0, answered: 0, charged: 0, uncharged: 0, errors: 0, refusals: {} };
+    for (const b of buckets) {
+      const k = bucketCalls(b);
+      totals.calls += k.calls;
+      totals.answered += k.answered;
+      totals.charged += k.charged;
+      totals.uncharged += k.uncharged;
+      totals.errors += k.errors;
+      for (const [code, n] of Object.entries(b.refusals || {})) {
+        const count = Number(n) || 0;
+        if (count > 0) totals.refusals[code] = (totals.refusals[code] || 0) + count;
+      }
+    }
+    totals.revenueUsdc = sumUsdc(buckets.map((b) => b.revenueUsdc));
+    return totals;
+  }
+
+  function renderService(id, series, index) {
     const parts = serviceSection(id, index);
-    // The window's calls and error rate from its buckets (what the chart shows).
-    const totals = (series.buckets || []).reduce((sum, b) => {
-      const k = answeredCalls(b);
-      sum.answered += k.answered;
-      sum.committed += k.committed;
-      sum.uncharged += k.uncharged;
-      sum.errors += k.errors;
-      return sum;
-    }, { answered: 0, committed: 0, uncharged: 0, errors: 0 });
-    setText(parts.calls, String(totals.answered));
-    setAttr(parts.calls, 'title', `${totals.answered} call${totals.answered === 1 ? '' : 's'} answered by the upstream: ${totals.committed} charged, ${totals.uncharged} not charged`);
-    setText(parts.revenue, usdc(summary.revenueUsdc));
+    const totals = windowTotals(series.buckets || []);
+    setText(parts.calls, String(totals.calls));
+    setAttr(parts.calls, 'title', `${totals.calls} call${totals.calls === 1 ? '' : 's'}: ${totals.charged} charged, ${totals.uncharged} answered but not charged`);
+    setText(parts.revenue, usdc(totals.revenueUsdc));
     setText(parts.errorRate, totals.answered ? percent(totals.errors / totals.answered) : BLANK);
     setAttr(parts.errorRate, 'title', totals.answered ? `${totals.errors} error${totals.errors === 1 ? '' : 's'} of ${totals.answered} upstream answers` : 'no upstream answers in this window');
-    const refusals = Object.entries(summary.refusals || {}).filter(([, n]) => n > 0).sort((a, b) => b[1] - a[1]);
+    const refusals = Object.entries(totals.refusals).sort((a, b) => b[1] - a[1] || (a[0] < b[0] ? -1 : 1));
     const items = refusals.length
       ? refusals.map(([code, n]) => h('li', null, h('span', { class: 'mono', text: code }), `: ${n}`))
       : [h('li', { class: 'muted', text: 'none' })];
@@ -1014,14 +1098,15 @@
     const barW = Math.max(1, band * 0.72);
     const win = series.window || state.window;
 
-    const maxCount = niceCeil(Math.max(0, ...buckets.map((b) => answeredCalls(b).answered + sumRefusals(b.refusals))));
+    const maxCount = niceCeil(Math.max(0, ...buckets.map((b) => bucketCalls(b).calls + sumRefusals(b.refusals))));
+    // The largest bucket's revenue, compared exactly; heights only then go through Number.
     let maxRevenue = null;
-    let maxRevenueValue = 0;
+    let maxRevenueMicro = 0n;
     for (const b of buckets) {
-      const v = Number.parseFloat(b.revenueUsdc);
-      if (Number.isFinite(v) && v > maxRevenueValue) {
-        maxRevenueValue = v;
-        maxRevenue = b.revenueUsdc;
+      const v = toMicro(b.revenueUsdc);
+      if (v != null && v > maxRevenueMicro) {
+        maxRevenueMicro = v;
+        maxRevenue = fromMicro(v);
       }
     }
     const y = (count) => baseY - (count / maxCount) * plotH;
@@ -1029,9 +1114,9 @@
     const unit = { 60: 'minute', 3600: 'hour', 86400: 'day' }[series.bucketSeconds] || WINDOWS[win]?.unit || 'bucket';
     svg.setAttribute('viewBox', `0 0 ${W} ${H}`);
     svg.setAttribute('preserveAspectRatio', 'xMidYMid meet');
-    svg.setAttribute('aria-label', `${id}: calls answered, refusals and revenue per ${unit}, ${WINDOWS[win]?.label || win}`);
+    svg.setAttribute('aria-label', `${id}: calls, refusals and revenue per ${unit}, ${WINDOWS[win]?.label || win}`);
 
-    const nodes = [s('title', { text: `${id}: calls answered, refusals and revenue per ${unit}` })];
+    const nodes = [s('title', { text: `${id}: calls, refusals and revenue per ${unit}` })];
 
     // Grid and left axis (counts).
     for (const fraction of [0, 0.5, 1]) {
@@ -1054,12 +1139,12 @@
     buckets.forEach((b, i) => {
       const x = M.left + i * band;
       const barX = x + (band - barW) / 2;
-      const { answered, charged, uncharged, errors } = answeredCalls(b);
+      const { calls, answered, charged, uncharged, errors } = bucketCalls(b);
       const refused = sumRefusals(b.refusals);
       const codes = Object.entries(b.refusals || {}).filter(([, k]) => k > 0).map(([code, k]) => `${code} ${k}`).join(', ');
       const tip = [
         bucketLabel(b.start, win, true),
-        `${answered} call${answered === 1 ? '' : 's'} answered: ${charged} charged, ${uncharged} not charged`,
+        `${calls} call${calls === 1 ? '' : 's'}: ${charged} charged, ${uncharged} answered but not charged`,
         `revenue ${b.revenueUsdc ?? '0'} USDC`,
         `refusals ${refused}${codes ? ` (${codes})` : ''}`,
         answered ? `upstream errors ${errors} of ${answered} (${percent(errors / answered)})` : 'no upstream answers',
@@ -1067,11 +1152,11 @@
 
       const group = s('g', { class: 'bucket', 'data-start': b.start });
       group.append(s('rect', { class: 'hit', x, y: M.top, width: band, height: plotH }, s('title', { text: tip })));
-      // The whole answered bar in the charged colour, its uncharged top part over it.
-      const callsTop = y(answered);
+      // The whole calls bar in the charged colour, its uncharged top part over it.
+      const callsTop = y(calls);
       group.append(s('rect', {
         class: 'bar-calls', x: barX, y: callsTop, width: barW, height: baseY - callsTop,
-        'data-calls': answered, 'data-committed': charged,
+        'data-calls': calls, 'data-committed': charged,
       }, s('title', { text: tip })));
       if (uncharged > 0) {
         group.append(s('rect', {
@@ -1079,7 +1164,7 @@
         }, s('title', { text: tip })));
       }
       if (refused > 0) {
-        const top = y(answered + refused);
+        const top = y(calls + refused);
         group.append(s('rect', { class: 'bar-refusals', x: barX, y: top, width: barW, height: callsTop - top, 'data-refusals': refused }, s('title', { text: tip })));
       }
       const mark = s('rect', {
@@ -1091,7 +1176,7 @@
       group.append(mark);
       nodes.push(group);
 
-      const rev = maxRevenueValue > 0 ? ratio(b.revenueUsdc, maxRevenue) : 0;
+      const rev = maxRevenueMicro > 0n ? Number(toMicro(b.revenueUsdc) ?? 0n) / Number(maxRevenueMicro) : 0;
       points.push(`${(x + band / 2).toFixed(1)},${(baseY - rev * plotH).toFixed(1)}`);
 
       if (i % labelEvery === 0) {
@@ -1112,7 +1197,7 @@
         cells.id(t.tokenId),
         cells.id(t.buyerId),
         cells.text(t.serviceId || 'any', { cls: 'mono' }),
-        cells.text(t.buyerTag || '—', { title: t.buyerTag || null, cls: 'tag-cell' }),
+        cells.text(t.buyerTag || BLANK, { title: t.buyerTag || null, cls: 'tag-cell' }),
         cells.money(t.spentUsdc),
         cells.text(String(t.calls ?? 0), { cls: 'num' }),
         cells.buttons([{ cls: 'btn-danger revoke', label: 'Revoke', aria: `Revoke token ${t.tokenId}` }]),
@@ -1131,11 +1216,10 @@
     }), 'No spending in this window.');
   }
 
+  /** The newest 50 holds (one newest-first page); "50+" when there are more. */
   function renderHolds(page) {
-    const all = page.charges || [];
-    const holds = all.slice(-SHOWN_ROWS).reverse();
-    const count = page.nextCursor ? `more than ${all.length}` : `${all.length}`;
-    setText($('holds-count'), all.length > holds.length ? `${count}, newest ${holds.length} shown` : count);
+    const holds = (page.charges || []).slice(0, SHOWN_ROWS);
+    setText($('holds-count'), page.nextCursor ? `${holds.length}+` : `${holds.length}`);
     syncRows($('holds'), 'data-charge-id', holds, (c) => c.chargeId, (c) => ({
       cells: [
         cells.time(c.createdAt),
@@ -1155,8 +1239,9 @@
   }
 
   async function pollJournal(session, win, from) {
-    const { rows } = await newestCharges(`journal:${win}`, '/v1/charges', journalParams(), from);
-    if (session !== state.session || win !== state.window) return;
+    const filters = state.journal;
+    const { rows } = await newestCharges('/v1/charges', journalParams(), from);
+    if (session !== state.session || win !== state.window || filters !== state.journal) return;
     // The settlement column only when a charge shown has one (most books settle none).
     const withSettlement = rows.some((c) => c.settlement);
     show($('journal-settlement'), withSettlement);
@@ -1218,9 +1303,9 @@
       return {
         cells: [
           cells.id(k.keyId),
-          cells.text(k.label || '—', { title: k.label || null }),
+          cells.text(k.label || BLANK, { title: k.label || null }),
           cells.text(k.services && k.services.length ? k.services.join(', ') : 'any', { cls: 'mono' }),
-          cells.money(k.maxLimitUsdc || '—'),
+          cells.money(k.maxLimitUsdc || null),
           cells.time(k.createdAt),
           cells.time(k.lastUsedAt),
           cells.text(st, { cls: `key-state state-${st}`, title: k.revokedAt || null }),
