@@ -37,6 +37,21 @@ pub fn ledger_binary() -> anyhow::Result<PathBuf> {
     Ok(binary)
 }
 
+/// The `paystile-agent` binary built beside this one (`$PAYSTILE_AGENT_BIN` overrides).
+pub fn agent_binary() -> anyhow::Result<PathBuf> {
+    let binary = match from_env("PAYSTILE_AGENT_BIN") {
+        Some(binary) => binary,
+        None => profile_dir()?.join("paystile-agent"),
+    };
+    if !binary.is_file() {
+        bail!(
+            "no agent binary at {}: build it with `cargo build -p paystile-agent`",
+            binary.display()
+        );
+    }
+    Ok(binary)
+}
+
 /// The benchmark's do-nothing wasm filter (`bench/wasm-floor`), as `bench/run` builds it.
 pub fn floor_wasm() -> anyhow::Result<PathBuf> {
     let target = profile_dir()?.parent().map(Path::to_path_buf).context("no target directory")?;
