@@ -19,6 +19,24 @@ use paystile_protocol::ledger_api::{BuyerKeyRequest, DepositRequest, IssueTokenR
 
 /// Where the demo gateway sells Pay Tokens for x402.
 const TOP_UP_PATH: &str = "/paystile/top-up";
+/// What an agent may spend in the commands and the MCP configuration the demo prints.
+const AGENT_LIMITS: &str = "--budget-usdc 0.05 --max-price-usdc 0.01";
+/// An L402 payment buys the demo route's whole budget (`l402.budget_usdc`, 1 USDC) at once.
+const L402_AGENT_LIMITS: &str = "--budget-usdc 2 --max-price-usdc 0.01";
+
+fn agent_token_request(service_id: &str) -> anyhow::Result<IssueTokenRequest> {
+    Ok(IssueTokenRequest {
+        service_id: service_id.to_owned(),
+        limit_usdc: "0.05".parse()?,
+        buyer_id: "demo-agent".into(),
+        buyer_tag: None,
+        scope: None,
+        expires_at: None,
+        ttl_seconds: Some(24 * 3600),
+        sandbox: false,
+    })
+}
+
 /// The buyer whose key the demo prints, for the console and `paystile-ledger me`.
 const DEMO_BUYER: &str = "demo-buyer";
 
@@ -75,17 +93,14 @@ async fn run() -> anyhow::Result<()> {
     .await?;
 
     let route = stack.filter_config["routes"][0].clone();
-    let token = stack
+    let token = stack.admin.issue_token(&agent_token_request(&service_id)?).await?;
+    // The agent's own Pay Token, for the MCP server's configuration.
+    let agent_token = stack
         .admin
         .issue_token(&IssueTokenRequest {
-            service_id: service_id.clone(),
-            limit_usdc: "0.05".parse()?,
-            buyer_id: "demo-agent".into(),
-            buyer_tag: None,
-            scope: None,
-            expires_at: None,
-            ttl_seconds: Some(24 * 3600),
-            sandbox: false,
+            buyer_id: "demo-mcp-agent".into(),
+            buyer_tag: Some("claude-desktop".into()),
+            ..agent_token_request(&service_id)?
         })
         .await?;
     // A prepaid buyer with its own key: once per demo database (the deposit's reference).
@@ -185,6 +200,42 @@ async fn run() -> anyhow::Result<()> {
         x402.token.to_checksum(None),
         stack.gateway_url(&format!("{TOP_UP_PATH}?amount_usdc=1"))
     );
+    println!();
+    // The agent's client: next to this binary (scripts/demo builds it).
+    let agent = std::env::current_exe()?.with_file_name("paystile-agent");
+    let agent = agent.display();
+    let gateway = stack.gateway_url("");
+    println!("For agents: paystile-agent pays a 402 itself, within its limits (one per scheme):");
+    println!(
+        "  {agent} --pay-token {} {AGENT_LIMITS} --allow-origin {gateway} fetch {url}",
+        token.jwt
+    );
+    println!(
+        "  {agent} --l402-sandbox {} --l402-sandbox-key {} {L402_AGENT_LIMITS} --allow-origin {gateway} fetch {url}",
+        stack.ledger.url(),
+        stack.secrets.admin_key
+    );
+    println!(
+        "  {agent} --x402-key {PAYER_KEY} {AGENT_LIMITS} --allow-origin {gateway} fetch {url}"
+    );
+    println!(
+        "As an MCP server, in Claude Desktop's claude_desktop_config.json (its own Pay Token):"
+    );
+    let mcp = serde_json::json!({
+        "mcpServers": {
+            "paystile": {
+                "command": agent.to_string(),
+                "args": ["mcp"],
+                "env": {
+                    "PAYSTILE_PAY_TOKEN": agent_token.jwt,
+                    "PAYSTILE_AGENT_BUDGET_USDC": "0.05",
+                    "PAYSTILE_AGENT_MAX_PRICE_USDC": "0.01",
+                    "PAYSTILE_AGENT_ALLOW_ORIGINS": gateway,
+                }
+            }
+        }
+    });
+    println!("{}", serde_json::to_string_pretty(&mcp)?);
     println!();
     println!("The web console, on the ledger (log in with PAYSTILE_ADMIN_KEY as the seller, or as");
     println!("{DEMO_BUYER}, 10 USDC prepaid, with its buyer key: issue a token, call, kill it):");
