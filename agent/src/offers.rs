@@ -242,7 +242,7 @@ pub fn invoice_msat(invoice: &str) -> Option<u64> {
     let amount = &rest[digits_at..];
     let (number, multiplier) = match amount.chars().last()? {
         c if c.is_ascii_digit() => (amount, None),
-        c => (&amount[..amount.len() - 1], Some(c)),
+        c => (&amount[..amount.len() - c.len_utf8()], Some(c)),
     };
     if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -342,6 +342,23 @@ fn exact_offer(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A multiplier that is not one byte (a client-sent invoice is any text) is no amount,
+    /// and never a panic.
+    #[test]
+    fn invoice_amounts_of_any_text_are_read_without_panicking() {
+        assert_eq!(invoice_msat("lnbcrt10u1pxyz"), Some(1_000_000));
+        assert_eq!(invoice_msat("lnbc25m1xyz"), Some(2_500_000_000));
+        for hostile in
+            ["lnbc10é1x", "lnbc10\u{1F4B8}1x", "ln\u{0130}1", "lnbc1", "1", "", "lnbc11p1x"]
+        {
+            assert_eq!(invoice_msat(hostile), None, "{hostile:?}");
+        }
+        for length in 0..64 {
+            let text: String = "lnbc9é1€ü".chars().cycle().take(length).collect();
+            let _ = invoice_msat(&text);
+        }
+    }
     use paystile_protocol::l402::{Identifier, Offer as L402Terms};
     use paystile_protocol::x402::{PaymentRequired, Resource};
 
