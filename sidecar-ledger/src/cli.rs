@@ -101,8 +101,9 @@ enum TokenKeysCommand {
     Public,
 }
 
+/// The ledger a subcommand talks to.
 #[derive(clap::Args)]
-struct AdminArgs {
+struct LedgerUrl {
     /// The ledger to talk to.
     #[arg(
         long,
@@ -111,6 +112,12 @@ struct AdminArgs {
         global = true
     )]
     ledger_url: String,
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    #[command(flatten)]
+    ledger: LedgerUrl,
     /// The ledger's admin key.
     #[arg(long, env = "PAYSTILE_ADMIN_KEY", hide_env_values = true, global = true)]
     admin_key: Option<String>,
@@ -118,14 +125,8 @@ struct AdminArgs {
 
 #[derive(clap::Args)]
 struct BuyerArgs {
-    /// The ledger to talk to.
-    #[arg(
-        long,
-        env = "PAYSTILE_LEDGER_URL",
-        default_value = "http://127.0.0.1:8787",
-        global = true
-    )]
-    ledger_url: String,
+    #[command(flatten)]
+    ledger: LedgerUrl,
     /// A buyer key (pbk_…), from `paystile-ledger buyer key-create`.
     #[arg(long, env = "PAYSTILE_BUYER_KEY", hide_env_values = true, global = true)]
     buyer_key: Option<String>,
@@ -591,7 +592,7 @@ where
         eprintln!("paystile-ledger: the admin key is required (--admin-key or PAYSTILE_ADMIN_KEY)");
         return ExitCode::from(2);
     };
-    run(call(AdminClient::new(&admin.ledger_url, &admin_key)))
+    run(call(AdminClient::new(&admin.ledger.ledger_url, &admin_key)))
 }
 
 fn buyer_call<F, Fut>(buyer: BuyerArgs, call: F) -> ExitCode
@@ -603,7 +604,7 @@ where
         eprintln!("paystile-ledger: a buyer key is required (--buyer-key or PAYSTILE_BUYER_KEY)");
         return ExitCode::from(2);
     };
-    run(call(BuyerClient::new(&buyer.ledger_url, &buyer_key)))
+    run(call(BuyerClient::new(&buyer.ledger.ledger_url, &buyer_key)))
 }
 
 /// Runs a subcommand's call to the ledger.

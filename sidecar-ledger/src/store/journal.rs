@@ -243,23 +243,30 @@ pub struct TokenSpendRecord {
     pub revoked: bool,
 }
 
-/// The tokens that spent most: token, buyer, tag, service, spent, calls, revoked.
-/// Parameters: from, to, sandbox, limit.
-pub(super) fn top_tokens_query(dialect: &Dialect) -> String {
+/// The spenders that spent most in a window: `columns` of `tokens t`, grouped by `key`, then
+/// what their committed charges add up to and how many there are; most spent first, ties by
+/// `key` in byte order. Parameters: from, to, sandbox, limit.
+fn top_spenders_query(dialect: &Dialect, columns: &str, key: &str) -> String {
     let (p, order) = (dialect.placeholder, dialect.byte_order);
+    let spent = columns.split(',').count() + 1;
     format!(
-        "SELECT t.token_id, t.buyer_id, t.buyer_tag, t.service_id,
-                CAST(sum(c.committed_micros) AS BIGINT), count(*), t.revoked_at IS NOT NULL
+        "SELECT {columns}, CAST(sum(c.committed_micros) AS BIGINT), count(*)
          FROM charges c JOIN tokens t ON t.token_id = c.token_id
          WHERE c.status = 'committed' AND c.created_at >= {} AND c.created_at < {}
            AND t.sandbox = {}
-         GROUP BY t.token_id
-         ORDER BY 5 DESC, t.token_id{order} LIMIT {}",
+         GROUP BY {key}
+         ORDER BY {spent} DESC, {key}{order} LIMIT {}",
         p(1),
         p(2),
         p(3),
         p(4)
     )
+}
+
+/// The tokens that spent most: token, buyer, tag, service, revoked, spent, calls.
+pub(super) fn top_tokens_query(dialect: &Dialect) -> String {
+    let columns = "t.token_id, t.buyer_id, t.buyer_tag, t.service_id, t.revoked_at IS NOT NULL";
+    top_spenders_query(dialect, columns, "t.token_id")
 }
 
 pub(super) fn token_spend(row: &impl Columns) -> Result<TokenSpendRecord, StoreError> {
@@ -268,27 +275,15 @@ pub(super) fn token_spend(row: &impl Columns) -> Result<TokenSpendRecord, StoreE
         buyer_id: row.text(1)?,
         buyer_tag: row.opt_text(2)?,
         service_id: row.opt_text(3)?,
-        spent: sql::usdc(row, 4)?,
-        calls: sql::count(row, 5)?,
-        revoked: row.flag(6)?,
+        revoked: row.flag(4)?,
+        spent: sql::usdc(row, 5)?,
+        calls: sql::count(row, 6)?,
     })
 }
 
-/// The buyers that spent most: buyer, spent, calls. Parameters as [`top_tokens_query`]'s.
+/// The buyers that spent most: buyer, spent, calls.
 pub(super) fn top_buyers_query(dialect: &Dialect) -> String {
-    let (p, order) = (dialect.placeholder, dialect.byte_order);
-    format!(
-        "SELECT t.buyer_id, CAST(sum(c.committed_micros) AS BIGINT), count(*)
-         FROM charges c JOIN tokens t ON t.token_id = c.token_id
-         WHERE c.status = 'committed' AND c.created_at >= {} AND c.created_at < {}
-           AND t.sandbox = {}
-         GROUP BY t.buyer_id
-         ORDER BY 2 DESC, t.buyer_id{order} LIMIT {}",
-        p(1),
-        p(2),
-        p(3),
-        p(4)
-    )
+    top_spenders_query(dialect, "t.buyer_id", "t.buyer_id")
 }
 
 pub(super) fn buyer_spend(row: &impl Columns) -> Result<(String, Usdc, u64), StoreError> {
