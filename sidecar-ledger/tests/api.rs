@@ -113,6 +113,7 @@ on_both_stores! {
     buyer_keys_reach_their_own_buyer_only,
     buyers_issue_tokens_within_their_balance_tier_and_key,
     series_and_top_spenders_add_up_to_the_journal,
+    the_service_list_is_looked_up_at_most_once_a_minute,
 }
 
 /// The PostgreSQL server the suite makes its databases on: `PAYSTILE_TEST_POSTGRES_URL`, or
@@ -4197,4 +4198,23 @@ async fn series_and_top_spenders_add_up_to_the_journal(store: Backend) {
 
     // The ledger's services, and those with calls.
     assert_eq!(get("/v1/services").await["services"], json!(["maps", "weather"]));
+}
+
+/// `GET /v1/services` answers from the services it looked up in the last minute: a console
+/// polling every few seconds reads a month of charges once a minute, not on every poll, and
+/// a service's first calls show in the list within a minute.
+async fn the_service_list_is_looked_up_at_most_once_a_minute(store: Backend) {
+    let mut ledger = Ledger::start(store, &["--services", "maps"]).await;
+    let services = async |ledger: &Ledger| {
+        let (status, body) = answer(ledger, "GET", "/v1/services", Some(ADMIN_KEY)).await;
+        assert_eq!(status, 200, "{body}");
+        body["services"].clone()
+    };
+    assert_eq!(services(&ledger).await, json!(["maps"]));
+    let token = ledger.admin.issue_token(&issue_request("1")).await.unwrap();
+    charged(&ledger, &token.jwt, "weather", "0.1").await;
+    assert_eq!(services(&ledger).await, json!(["maps"]), "looked up again within the minute");
+    // A new process looks them up afresh.
+    ledger.restart_with(&["--services", "maps"]);
+    assert_eq!(services(&ledger).await, json!(["maps", "weather"]));
 }
