@@ -5,21 +5,23 @@
 //!
 //! What a payment counts against the limits:
 //! - Pay Token: the per-call price is the 402 body's `price`; what is spent is the answer's
-//!   `X-Amount-Usdc` (the charge; zero when released), else the price for a 2xx.
-//! - x402: the offer's `amount`, as micro-USDC (atomic units of a 6-decimal token; an offer in
-//!   a token with more decimals looks dearer, so it is refused rather than underpaid).
-//! - L402: the per-call price is the body's `price`; what is spent is what the payment buys,
-//!   the macaroon's `<service>_budget_usdc` caveat (paystile's), else the body's price. The
-//!   invoice is in satoshis and neither paystile's body nor the macaroon states an exchange
-//!   rate, so the invoice's amount cannot be compared with a USDC price. What is checked
-//!   instead: the invoice states an amount (BOLT11 human-readable part), the budget bought
-//!   covers at least one call's price, and the preimage the wallet returns opens the
-//!   macaroon (its SHA-256 is the payment hash in the macaroon's identifier).
-//!   A server that states neither a budget nor a price is not paid: no limit could be checked.
+//!   `X-Amount-Usdc` (the charge; zero when released), else the price for a 2xx. The token
+//!   is sent only to the origins it was given for ([`PayToken::origins`]).
+//! - x402: the offer's `amount`, as micro-USDC. Only USDC where the protocol knows it (Base,
+//!   Base Sepolia) and tokens listed in [`Limits::x402_assets`] are transferred: an amount in
+//!   atomic units means USDC only in a 6-decimal USD token.
+//! - L402: what the payment buys, in USDC: the macaroon's `<service>_budget_usdc` caveat
+//!   (paystile's), else the body's price, else the invoice's satoshis at the agent's rate.
+//!   The invoice (a signed BOLT11) must be for the macaroon's payment hash and ask at most
+//!   [`Limits::l402_max_sats_per_usdc`] per USDC bought; routing fees are paid within that.
+//!   The per-call maximum applies to the body's price (else to what is bought).
 //!
 //! At most one payment per [`Agent::fetch`]: a 402 after paying is an error, never a second
-//! payment. Credentials that pay more calls (a Pay Token, an L402) are cached per (origin,
-//! service) for the agent's lifetime; x402 payments are one-time.
+//! payment, and the agent pays that (origin, service) nothing more this session; so does a
+//! payment whose outcome is unknown (a wallet that timed out). Credentials that pay more
+//! calls (a Pay Token, an L402) are cached per (origin, service) for the agent's lifetime,
+//! and sent at once on a path whose 402 named that service; concurrent fetches buy one L402
+//! per (origin, service), not one each. x402 payments are one-time.
 
 pub mod lightning;
 pub mod limits;
@@ -29,19 +31,17 @@ pub mod offers;
 use std::collections::{HashMap, VecDeque};
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use paystile_protocol::Usdc;
 use paystile_protocol::headers;
-use paystile_protocol::l402::Identifier;
-use paystile_protocol::macaroon::Macaroon;
 use paystile_protocol::x402::{self, B256, SigningKey, Terms, Version};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-pub use lightning::Lightning;
-pub use limits::{Limits, Refusal, normalize_origin, origin_of};
+pub use lightning::{Lightning, PayError};
+pub use limits::{Limits, Refusal, X402Asset, normalize_origin, origin_of, shown_url};
 pub use offers::{L402Offer, Offers, X402Offer};
 
 /// The most of a 402's body read: paystile's is under 2 KB with x402's v1 offers.
@@ -79,15 +79,25 @@ impl std::fmt::Display for Scheme {
 /// pays exactly the call; L402 buys a budget up front).
 #[derive(Clone, Default)]
 pub struct Wallet {
-    pub pay_token: Option<String>,
+    pub pay_token: Option<PayToken>,
     pub lightning: Option<Lightning>,
     pub x402_key: Option<SigningKey>,
+}
+
+/// A Pay Token and the origins it may be sent to. It is a bearer credential that spends up
+/// to its cap: any server it reaches can spend it, so it goes only where it was issued for,
+/// never to whichever allowed origin offers Bearer.
+#[derive(Clone)]
+pub struct PayToken {
+    pub token: String,
+    /// Origins as [`origin_of`] writes them; `*` is not accepted.
+    pub origins: Vec<String>,
 }
 
 impl std::fmt::Debug for Wallet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Wallet")
-            .field("pay_token", &self.pay_token.as_ref().map(|_| "…"))
+            .field("pay_token_origins", &self.pay_token.as_ref().map(|t| &t.origins))
             .field("lightning", &self.lightning)
             .field("x402_key", &self.x402_key.as_ref().map(|k| x402::address_of(k.verifying_key())))
             .finish()
@@ -161,6 +171,17 @@ pub struct Payment {
     pub charge_id: Option<String>,
     /// x402: the transaction in `PAYMENT-RESPONSE`, when it is known.
     pub transaction: Option<String>,
+    pub outcome: Outcome,
+}
+
+/// Whether a payment is known to have been made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Outcome {
+    Paid,
+    /// The wallet or the server stopped answering after the payment was sent: it may have
+    /// been made, so it is counted as spent.
+    Unknown,
 }
 
 /// An answer, and what was paid for it.
@@ -183,7 +204,12 @@ pub enum AgentError {
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     #[error("the request to {url} failed: {reason}")]
-    Http { url: String, reason: String },
+    Http {
+        url: String,
+        reason: String,
+        /// Whether the request may have reached the server (it was not a connect error).
+        reached: bool,
+    },
     #[error("the answer from {url} is too large: {what} over {limit} bytes; nothing was paid")]
     TooLarge { url: String, what: &'static str, limit: usize },
     #[error("{origin} answered 402 with a malformed challenge ({problems}); nothing was paid")]
@@ -197,10 +223,21 @@ pub enum AgentError {
     #[error("paying the L402 invoice failed: {0}; nothing was paid")]
     Lightning(String),
     #[error(
+        "the {scheme} payment's outcome is unknown ({detail}): {amount} USDC is counted as \
+         spent and logged, and the agent does not pay this server again this session; check \
+         the wallet"
+    )]
+    OutcomeUnknown { scheme: Scheme, amount: Usdc, detail: String },
+    #[error(
         "the server answered 402 again after payment ({scheme}, {amount} USDC paid); not paying \
          again: {detail}"
     )]
     PaidButRefused { scheme: Scheme, amount: Usdc, detail: String },
+    #[error(
+        "{origin} answered 402 to the {scheme} the agent holds (spent, revoked, or not for this \
+         service), and it holds nothing else it offers; nothing was paid: {detail}"
+    )]
+    CredentialRefused { origin: String, scheme: Scheme, detail: String },
     #[error("the payment was made but its retry failed: {0}")]
     PaidButFailed(String),
     #[error("cannot write the spending log {path}: {reason}")]
@@ -213,9 +250,18 @@ struct Cached {
     scheme: Scheme,
     /// The `Authorization` value.
     authorization: String,
-    /// The last price seen for a call of this service.
+}
+
+/// What a path's last 402 said: its service and the price of a call (routes of one service
+/// may be priced apart).
+#[derive(Clone)]
+struct Route {
+    service: String,
     price: Option<Usdc>,
 }
+
+/// An (origin, service).
+type Seller = (String, String);
 
 #[derive(Default)]
 struct State {
@@ -224,9 +270,13 @@ struct State {
     reserved: Usdc,
     payments: Vec<Payment>,
     last_offers: VecDeque<Offers>,
-    cache: HashMap<(String, String), Cached>,
+    cache: HashMap<Seller, Cached>,
     /// Which service a path of an origin belongs to, as its 402 said.
-    routes: HashMap<(String, String), String>,
+    routes: HashMap<(String, String), Route>,
+    /// Sellers not paid again this session, and why.
+    blocked: HashMap<Seller, String>,
+    /// One purchase at a time per seller.
+    purchases: HashMap<Seller, Arc<tokio::sync::Mutex<()>>>,
 }
 
 /// The agent: a wallet, limits, a spending log, and credentials cached for its lifetime.
@@ -265,7 +315,14 @@ struct Plan {
 enum How {
     PayToken(String),
     X402(X402Offer),
-    L402(L402Offer),
+    /// The invoice, and the most the wallet may pay in routing fees (millisatoshi).
+    L402(L402Offer, u64),
+}
+
+/// A cached credential's call: answered, or refused with a 402 (the credential is spent).
+enum Sent {
+    Answered(Fetched),
+    Refused(Answer),
 }
 
 impl Agent {
@@ -324,51 +381,18 @@ impl Agent {
     pub async fn fetch(&self, request: Request) -> Result<Fetched, AgentError> {
         let origin = origin_of(&request.url);
         let path = request.url.path().to_owned();
-        let mut pay_token_refused = false;
-
-        let mut first = None;
-        if let Some((service, cached, confirmed)) = self.cached(&origin, &path) {
-            self.config.limits.allows_origin(&origin)?;
-            // A Pay Token pays each call: the last price seen must fit the limits.
-            let reserve = if cached.scheme == Scheme::PayToken {
-                let price = cached.price.unwrap_or_default();
-                self.reserve(Scheme::PayToken, price, price, request.max_price)?
-            } else {
-                Usdc::ZERO // an L402 budget was counted when it was bought
-            };
-            let answer = match self.send(&request, Some(&cached.authorization)).await {
-                Ok(answer) => answer,
-                Err(e) => {
-                    self.settle(reserve, Usdc::ZERO);
-                    return Err(e);
-                }
-            };
-            if answer.status == 402 {
-                // Spent or revoked: forget it, and treat this 402 as a fresh one.
-                self.settle(reserve, Usdc::ZERO);
-                self.state().cache.remove(&(origin.clone(), service));
-                pay_token_refused = cached.scheme == Scheme::PayToken;
-                first = Some(answer);
-            } else if !confirmed && matches!(answer.status, 401 | 403) {
-                // A guess (the origin's only credential, on a path no 402 named) that this
-                // path's service refuses: call it as if nothing were cached.
-                self.settle(reserve, Usdc::ZERO);
-            } else {
-                self.state().routes.insert((origin.clone(), path.clone()), service);
-                let payment = match cached.scheme {
-                    Scheme::PayToken => {
-                        let amount = charged(&answer, cached.price);
-                        self.settle(reserve, amount);
-                        let payment = self.payment(&request, Scheme::PayToken, amount, &answer);
-                        self.record(&payment, amount > Usdc::ZERO)?;
-                        Some(payment)
-                    }
-                    Scheme::L402 | Scheme::X402 => None,
-                };
-                return Ok(answer.into_fetched(payment));
+        // The scheme of a cached credential this fetch sent and saw refused: not paid with
+        // again in this fetch.
+        let mut refused = None;
+        let mut answer = None;
+        if let Some((route, cached)) = self.cached_for_path(&origin, &path) {
+            let seller = (origin.clone(), route.service);
+            match self.send_cached(&request, &seller, &cached, route.price).await? {
+                Sent::Answered(fetched) => return Ok(fetched),
+                Sent::Refused(paywall) => (refused, answer) = (Some(cached.scheme), Some(paywall)),
             }
         }
-        let first = match first {
+        let mut answer = match answer {
             Some(answer) => answer,
             None => {
                 let answer = self.send(&request, None).await?;
@@ -378,44 +402,156 @@ impl Agent {
                 answer
             }
         };
+        loop {
+            let offers = self.offers(&request, &origin, &answer);
+            self.remember(&offers, &path);
+            let seller = (origin.clone(), offers.service());
+            // One purchase at a time per seller: a credential a concurrent fetch bought
+            // meanwhile (or one bought on another path of this service) is used instead.
+            let purchase = self.purchase_lock(&seller).lock_owned().await;
+            if refused.is_none()
+                && let Some(cached) = self.cached(&seller)
+            {
+                drop(purchase);
+                match self.send_cached(&request, &seller, &cached, offers.price).await? {
+                    Sent::Answered(fetched) => return Ok(fetched),
+                    Sent::Refused(paywall) => {
+                        (refused, answer) = (Some(cached.scheme), paywall);
+                        continue;
+                    }
+                }
+            }
+            let plan =
+                match self.plan(&offers, refused == Some(Scheme::PayToken), request.max_price) {
+                    Ok(plan) => plan,
+                    // Nothing else to pay with: the refused credential is the news.
+                    Err(AgentError::NoPayableScheme { .. }) if let Some(scheme) = refused => {
+                        return Err(AgentError::CredentialRefused {
+                            origin,
+                            scheme,
+                            detail: excerpt(&answer.body),
+                        });
+                    }
+                    Err(e) => return Err(e),
+                };
+            // Only an L402 buys what a concurrent fetch could use: its lock is kept until
+            // the credential is cached.
+            let _purchase = (plan.scheme == Scheme::L402).then_some(purchase);
+            return self.pay_and_retry(&request, &offers, plan).await;
+        }
+    }
 
-        let www: Vec<&str> = first
+    /// Sends `request` with a cached credential. A Pay Token's call is checked against the
+    /// limits at `price`, the one its path's 402 stated; an L402's was paid when bought.
+    async fn send_cached(
+        &self,
+        request: &Request,
+        seller: &Seller,
+        cached: &Cached,
+        price: Option<Usdc>,
+    ) -> Result<Sent, AgentError> {
+        self.config.limits.allows_origin(&seller.0)?;
+        let reserve = match cached.scheme {
+            Scheme::PayToken => {
+                let price = price.unwrap_or_default();
+                self.reserve(Scheme::PayToken, price, price, request.max_price)?
+            }
+            Scheme::L402 | Scheme::X402 => Usdc::ZERO,
+        };
+        let answer = match self.send(request, Some(&cached.authorization)).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                self.settle_failed(request, cached.scheme, reserve, &e)?;
+                return Err(e);
+            }
+        };
+        if answer.status == 402 {
+            // Spent or revoked: forgotten, and this 402 is read as a fresh one.
+            self.settle(reserve, Usdc::ZERO);
+            self.forget(seller, &cached.authorization);
+            return Ok(Sent::Refused(answer));
+        }
+        let payment = match cached.scheme {
+            Scheme::PayToken => {
+                let amount = self.charged(&answer, price);
+                self.settle(reserve, amount);
+                let payment = self.payment(request, Scheme::PayToken, amount, &answer);
+                self.record(&payment)?;
+                Some(payment)
+            }
+            Scheme::L402 | Scheme::X402 => None,
+        };
+        Ok(Sent::Answered(answer.into_fetched(payment)))
+    }
+
+    /// Ends the reservation of a Pay Token call whose request failed: if it may have reached
+    /// the gateway, it may have been charged, so its price counts and is logged as unknown.
+    fn settle_failed(
+        &self,
+        request: &Request,
+        scheme: Scheme,
+        reserved: Usdc,
+        error: &AgentError,
+    ) -> Result<(), AgentError> {
+        let reached = matches!(error, AgentError::Http { reached: true, .. });
+        if scheme != Scheme::PayToken || !reached || reserved.is_zero() {
+            self.settle(reserved, Usdc::ZERO);
+            return Ok(());
+        }
+        self.settle(reserved, reserved);
+        self.record(&self.new_payment(request, scheme, reserved, Outcome::Unknown))
+    }
+
+    /// The credential cached for the service a 402 named for `path` at `origin`. A path no
+    /// 402 has named gets none: the price of its call is not known yet.
+    fn cached_for_path(&self, origin: &str, path: &str) -> Option<(Route, Cached)> {
+        let state = self.state();
+        let route = state.routes.get(&(origin.to_owned(), path.to_owned()))?;
+        let cached = state.cache.get(&(origin.to_owned(), route.service.clone()))?;
+        Some((route.clone(), cached.clone()))
+    }
+
+    fn cached(&self, seller: &Seller) -> Option<Cached> {
+        self.state().cache.get(seller).cloned()
+    }
+
+    /// Forgets `seller`'s credential if it is still `authorization` (a concurrent fetch may
+    /// have bought a new one).
+    fn forget(&self, seller: &Seller, authorization: &str) {
+        let mut state = self.state();
+        if state.cache.get(seller).is_some_and(|c| c.authorization == authorization) {
+            state.cache.remove(seller);
+        }
+    }
+
+    fn purchase_lock(&self, seller: &Seller) -> Arc<tokio::sync::Mutex<()>> {
+        self.state().purchases.entry(seller.clone()).or_default().clone()
+    }
+
+    fn block(&self, seller: &Seller, why: String) {
+        self.state().blocked.entry(seller.clone()).or_insert(why);
+    }
+
+    fn offers(&self, request: &Request, origin: &str, answer: &Answer) -> Offers {
+        let www: Vec<&str> = answer
             .headers
             .iter()
             .filter(|(n, _)| n.eq_ignore_ascii_case(headers::WWW_AUTHENTICATE))
             .map(|(_, v)| v.as_str())
             .collect();
-        let offers = offers::read(
-            request.url.as_str(),
-            &origin,
+        offers::read(
+            &shown_url(&request.url),
+            origin,
             &www,
-            first.header(headers::PAYMENT_REQUIRED),
-            &first.body,
-        );
-        self.remember(&offers, &path);
-        let plan = self.plan(&offers, pay_token_refused, request.max_price)?;
-        self.pay_and_retry(&request, &offers, plan).await
-    }
-
-    /// The credential cached for the service of `path` at `origin` (confirmed: a 402 or an
-    /// answer named the path's service); for a path not seen yet, the origin's credential if
-    /// it has only one (a guess).
-    fn cached(&self, origin: &str, path: &str) -> Option<(String, Cached, bool)> {
-        let state = self.state();
-        if let Some(service) = state.routes.get(&(origin.to_owned(), path.to_owned())) {
-            let key = (origin.to_owned(), service.clone());
-            return state.cache.get(&key).map(|c| (service.clone(), c.clone(), true));
-        }
-        let mut at_origin = state.cache.iter().filter(|((o, _), _)| o == origin);
-        match (at_origin.next(), at_origin.next()) {
-            (Some(((_, service), cached)), None) => Some((service.clone(), cached.clone(), false)),
-            _ => None,
-        }
+            answer.header(headers::PAYMENT_REQUIRED),
+            &answer.body,
+        )
     }
 
     fn remember(&self, offers: &Offers, path: &str) {
         let mut state = self.state();
-        state.routes.insert((offers.origin.clone(), path.to_owned()), offers.service());
+        let route = Route { service: offers.service(), price: offers.price };
+        state.routes.insert((offers.origin.clone(), path.to_owned()), route);
         if state.last_offers.len() == OFFERS_KEPT {
             state.last_offers.pop_front();
         }
@@ -431,29 +567,39 @@ impl Agent {
         call_max: Option<Usdc>,
     ) -> Result<Plan, AgentError> {
         let wallet = &self.config.wallet;
+        let limits = &self.config.limits;
+        let origin = &offers.origin;
+        // (scheme, the call's price, what is paid now or why it may not be, how)
         let mut candidates: Vec<(Scheme, Usdc, Result<Usdc, Refusal>, How)> = Vec::new();
         let unknown = |scheme: Scheme, why: &str| Refusal::UnknownPrice {
             scheme: scheme.to_string(),
             why: why.to_owned(),
         };
-        if let Some(token) = &wallet.pay_token
+        if let Some(pay_token) = &wallet.pay_token
             && offers.bearer
             && !pay_token_refused
         {
-            let price =
-                offers.price.ok_or_else(|| unknown(Scheme::PayToken, "the 402 states no price"));
-            candidates.push((
-                Scheme::PayToken,
-                offers.price.unwrap_or_default(),
-                price,
-                How::PayToken(token.clone()),
-            ));
+            let price = if !pay_token.origins.contains(origin) {
+                Err(Refusal::PayTokenOrigin {
+                    origin: origin.clone(),
+                    allowed: pay_token.origins.join(", "),
+                })
+            } else {
+                offers.price.ok_or_else(|| unknown(Scheme::PayToken, "the 402 states no price"))
+            };
+            let how = How::PayToken(pay_token.token.clone());
+            candidates.push((Scheme::PayToken, offers.price.unwrap_or_default(), price, how));
         }
         if wallet.x402_key.is_some() {
             for offer in &offers.x402 {
-                let price = offer
-                    .price()
-                    .ok_or_else(|| unknown(Scheme::X402, "the amount is out of range"));
+                let price = if !limits.allows_x402_asset(offer.terms.chain_id, offer.terms.asset) {
+                    Err(Refusal::AssetNotAllowed {
+                        network: offer.network.clone(),
+                        asset: offer.asset.clone(),
+                    })
+                } else {
+                    offer.price().ok_or_else(|| unknown(Scheme::X402, "the amount is out of range"))
+                };
                 let shown = offer.price().unwrap_or(Usdc::MAX);
                 candidates.push((Scheme::X402, shown, price, How::X402(offer.clone())));
             }
@@ -461,47 +607,56 @@ impl Agent {
         if wallet.lightning.is_some()
             && let Some(offer) = &offers.l402
         {
-            if offer.invoice_msat.is_none() {
+            let Some(invoice_msat) = offer.invoice_msat else {
                 return Err(AgentError::MalformedChallenge {
-                    origin: offers.origin.clone(),
+                    origin: origin.clone(),
                     problems: "the L402 invoice states no amount".into(),
                 });
-            }
-            // What the payment buys: the macaroon's budget caveat, else the body's price.
-            let amount = offer.budget.or(offers.price).ok_or_else(|| {
-                unknown(
-                    Scheme::L402,
-                    "neither a budget caveat in the macaroon nor a price in the body",
-                )
-            });
+            };
             if let (Some(budget), Some(price)) = (offer.budget, offers.price)
                 && budget < price
             {
                 return Err(AgentError::MalformedChallenge {
-                    origin: offers.origin.clone(),
+                    origin: origin.clone(),
                     problems: format!(
                         "the L402 invoice buys {budget} USDC, less than one call's price of {price} USDC"
                     ),
                 });
             }
-            let price = offers.price.or(offer.budget).unwrap_or_default();
-            candidates.push((Scheme::L402, price, amount, How::L402(offer.clone())));
+            // What the payment buys: the macaroon's budget caveat, else the body's price,
+            // else the invoice's worth at the rate. The invoice must be within the rate.
+            let buys = match offer.budget.or(offers.price) {
+                Some(buys) => Ok(buys),
+                None => limits.l402_value(invoice_msat),
+            };
+            let fee_limit = buys.clone().and_then(|buys| limits.check_invoice(invoice_msat, buys));
+            let price = offers.price.or(offer.budget).or(buys.clone().ok()).unwrap_or_default();
+            let how = How::L402(offer.clone(), fee_limit.clone().unwrap_or_default());
+            candidates.push((Scheme::L402, price, fee_limit.and(buys), how));
         }
         if candidates.is_empty() {
             if !offers.malformed.is_empty() {
                 return Err(AgentError::MalformedChallenge {
-                    origin: offers.origin.clone(),
+                    origin: origin.clone(),
                     problems: offers.malformed.join("; "),
                 });
             }
             let offered = offers.scheme_names();
             return Err(AgentError::NoPayableScheme {
-                origin: offers.origin.clone(),
+                origin: origin.clone(),
                 offered: if offered.is_empty() { "no scheme".into() } else { offered.join(", ") },
                 held: self.held(),
             });
         }
-        self.config.limits.allows_origin(&offers.origin)?;
+        limits.allows_origin(origin)?;
+        let seller = (origin.clone(), offers.service());
+        if let Some(why) = self.state().blocked.get(&seller) {
+            return Err(AgentError::Refused(Refusal::Blocked {
+                origin: seller.0,
+                service: seller.1,
+                why: why.clone(),
+            }));
+        }
         let mut first_refusal = None;
         for (scheme, price, amount, how) in candidates {
             let reserved = amount
@@ -517,7 +672,7 @@ impl Agent {
         }
         Err(first_refusal.map_or_else(
             || AgentError::NoPayableScheme {
-                origin: offers.origin.clone(),
+                origin: origin.clone(),
                 offered: offers.scheme_names().join(", "),
                 held: self.held(),
             },
@@ -548,19 +703,9 @@ impl Agent {
         amount: Usdc,
         call_max: Option<Usdc>,
     ) -> Result<Usdc, Refusal> {
-        let limits = &self.config.limits;
-        let lowered;
-        let limits = match (call_max, limits.max_price) {
-            (Some(call), Some(max)) if call >= max => limits,
-            (Some(call), _) => {
-                lowered = Limits { max_price: Some(call), ..limits.clone() };
-                &lowered
-            }
-            (None, _) => limits,
-        };
         let mut state = self.state();
         let committed = state.spent.checked_add(state.reserved).unwrap_or(Usdc::MAX);
-        limits.check(&scheme.to_string(), price, amount, committed)?;
+        self.config.limits.check(&scheme.to_string(), price, amount, committed, call_max)?;
         state.reserved = state.reserved.checked_add(amount).unwrap_or(Usdc::MAX);
         Ok(amount)
     }
@@ -579,6 +724,7 @@ impl Agent {
         plan: Plan,
     ) -> Result<Fetched, AgentError> {
         let Plan { scheme, amount, price, how } = plan;
+        let seller = (offers.origin.clone(), offers.service());
         // The one payment of this fetch: from here on, no path pays again.
         let (header, value) = match &how {
             How::PayToken(token) => (headers::AUTHORIZATION, format!("Bearer {token}")),
@@ -601,92 +747,125 @@ impl Agent {
                 };
                 (header, x402::sign(key, &terms, version))
             }
-            How::L402(offer) => match self.pay_invoice(offer).await {
-                Ok(value) => (headers::AUTHORIZATION, value),
-                Err(PayInvoice::NotPaid(e)) => {
-                    self.settle(amount, Usdc::ZERO);
-                    return Err(AgentError::Lightning(e));
+            How::L402(offer, fee_limit_msat) => {
+                match self.pay_invoice(offer, *fee_limit_msat).await {
+                    Ok(value) => {
+                        // Bought: cached before anything else can fail, so that no later
+                        // fetch buys it again.
+                        let cached = Cached { scheme, authorization: value.clone() };
+                        self.state().cache.insert(seller.clone(), cached);
+                        (headers::AUTHORIZATION, value)
+                    }
+                    Err(PayError::NotPaid(e)) => {
+                        self.settle(amount, Usdc::ZERO);
+                        return Err(AgentError::Lightning(e));
+                    }
+                    Err(PayError::Unknown(detail)) => {
+                        self.settle(amount, amount);
+                        self.block(&seller, "an L402 payment's outcome was unknown".into());
+                        self.record(&self.new_payment(request, scheme, amount, Outcome::Unknown))?;
+                        return Err(AgentError::OutcomeUnknown { scheme, amount, detail });
+                    }
                 }
-                Err(PayInvoice::PaidBadPreimage(e)) => {
-                    self.settle(amount, amount);
-                    let payment = self.new_payment(request, scheme, amount);
-                    self.record(&payment, true)?;
-                    return Err(AgentError::PaidButFailed(e));
-                }
-            },
+            }
         };
-        let retry = self.send_with(request, header, &value).await;
-        let answer = match retry {
+        let answer = match self.send_with(request, header, &value).await {
             Ok(answer) => answer,
+            Err(e) if scheme == Scheme::PayToken => {
+                self.settle_failed(request, scheme, amount, &e)?;
+                return Err(e);
+            }
             Err(e) => {
                 // An L402 invoice is paid and an x402 authorization was sent: both count.
-                let paid = if scheme == Scheme::PayToken { Usdc::ZERO } else { amount };
-                self.settle(amount, paid);
-                let payment = self.new_payment(request, scheme, paid);
-                self.record(&payment, paid > Usdc::ZERO)?;
+                self.settle(amount, amount);
+                self.record(&self.new_payment(request, scheme, amount, Outcome::Paid))?;
                 return Err(AgentError::PaidButFailed(e.to_string()));
             }
         };
         let paid = match scheme {
-            Scheme::PayToken => charged(&answer, price),
+            Scheme::PayToken => self.charged(&answer, price),
             Scheme::L402 | Scheme::X402 => amount,
         };
         self.settle(amount, paid);
-        let payment = self.payment(request, scheme, paid, &answer);
-        self.record(&payment, paid > Usdc::ZERO)?;
         if answer.status == 402 {
-            let detail =
-                String::from_utf8_lossy(&answer.body[..answer.body.len().min(500)]).into_owned();
+            self.forget(&seller, &value);
+            if scheme != Scheme::PayToken {
+                self.block(&seller, format!("it answered 402 after a {scheme} payment"));
+            }
+            self.record(&self.payment(request, scheme, paid, &answer))?;
+            let detail = excerpt(&answer.body);
             return Err(AgentError::PaidButRefused { scheme, amount: paid, detail });
         }
-        if scheme != Scheme::X402 {
-            // Pay Tokens and L402 credentials pay more calls; x402 payments are one-time.
-            let authorization = value;
-            let service = offers.service();
-            self.state().cache.insert(
-                (offers.origin.clone(), service),
-                Cached { scheme, authorization, price: offers.price },
-            );
+        if scheme == Scheme::PayToken {
+            // A Pay Token pays more calls; x402 payments are one-time (an L402 is cached).
+            let cached = Cached { scheme, authorization: value };
+            self.state().cache.insert(seller, cached);
         }
+        let payment = self.payment(request, scheme, paid, &answer);
+        self.record(&payment)?;
         Ok(answer.into_fetched(Some(payment)))
     }
 
-    async fn pay_invoice(&self, offer: &L402Offer) -> Result<String, PayInvoice> {
+    /// What a Pay Token call was charged: the gateway's `X-Amount-Usdc`, else the price for
+    /// a 2xx (a server that does not say is assumed to charge). Nothing for an answer that
+    /// names a charge this session already counted: a retry with the same Idempotency-Key,
+    /// which the gateway answers with the first call's charge.
+    fn charged(&self, answer: &Answer, price: Option<Usdc>) -> Usdc {
+        if let Some(charge_id) = answer.header(headers::CHARGE_ID)
+            && self.state().payments.iter().any(|p| p.charge_id.as_deref() == Some(charge_id))
+        {
+            return Usdc::ZERO;
+        }
+        match answer.header(headers::AMOUNT_USDC).and_then(|a| a.trim().parse().ok()) {
+            Some(amount) => amount,
+            None if (200..300).contains(&answer.status) => price.unwrap_or_default(),
+            None => Usdc::ZERO,
+        }
+    }
+
+    async fn pay_invoice(
+        &self,
+        offer: &L402Offer,
+        fee_limit_msat: u64,
+    ) -> Result<String, PayError> {
         let lightning = self
             .config
             .wallet
             .lightning
             .as_ref()
-            .ok_or_else(|| PayInvoice::NotPaid("no Lightning wallet".into()))?;
-        let preimage =
-            lightning.pay(&self.http, &offer.invoice).await.map_err(PayInvoice::NotPaid)?;
-        // The macaroon is bound to a payment hash: a preimage that does not match it would
-        // be refused, whatever the wallet paid.
-        let hash = macaroon_payment_hash(&offer.macaroon);
-        if hash.is_some_and(|hash| Sha256::digest(preimage).as_slice() != hash) {
-            return Err(PayInvoice::PaidBadPreimage(
-                "the invoice's preimage does not match the macaroon's payment hash: the invoice \
-                 was for another macaroon"
-                    .into(),
+            .ok_or_else(|| PayError::NotPaid("no Lightning wallet".into()))?;
+        let preimage = lightning.pay(&self.http, &offer.invoice, fee_limit_msat).await?;
+        // The invoice was checked to be for the macaroon's payment hash: a preimage that does
+        // not hash to it was not this invoice's, whatever the wallet paid.
+        if Sha256::digest(preimage).as_slice() != offer.payment_hash {
+            return Err(PayError::Unknown(
+                "the wallet answered a preimage that is not the invoice's".into(),
             ));
         }
         Ok(format!("L402 {}:{}", offer.macaroon, hex::encode(preimage)))
     }
 
-    fn new_payment(&self, request: &Request, scheme: Scheme, amount: Usdc) -> Payment {
+    fn new_payment(
+        &self,
+        request: &Request,
+        scheme: Scheme,
+        amount: Usdc,
+        outcome: Outcome,
+    ) -> Payment {
         Payment {
             time: now_rfc3339(),
             origin: origin_of(&request.url),
-            url: request.url.to_string(),
+            url: shown_url(&request.url),
             scheme,
             amount_usdc: amount,
             charge_id: None,
             transaction: None,
+            outcome,
         }
     }
 
     fn payment(&self, request: &Request, scheme: Scheme, amount: Usdc, answer: &Answer) -> Payment {
-        let mut payment = self.new_payment(request, scheme, amount);
+        let mut payment = self.new_payment(request, scheme, amount, Outcome::Paid);
         payment.charge_id = answer.header(headers::CHARGE_ID).map(str::to_owned);
         payment.transaction = answer
             .header(headers::PAYMENT_RESPONSE)
@@ -695,9 +874,9 @@ impl Agent {
         payment
     }
 
-    /// Keeps `payment` in the session and, if money moved, in the spending log.
-    fn record(&self, payment: &Payment, paid: bool) -> Result<(), AgentError> {
-        if !paid {
+    /// Keeps `payment` in the session and the spending log, if money moved (or may have).
+    fn record(&self, payment: &Payment) -> Result<(), AgentError> {
+        if payment.amount_usdc.is_zero() {
             return Ok(());
         }
         self.state().payments.push(payment.clone());
@@ -741,7 +920,7 @@ impl Agent {
         authorization: Option<&str>,
         extra: Option<(&str, &str)>,
     ) -> Result<Answer, AgentError> {
-        let url = request.url.to_string();
+        let url = shown_url(&request.url);
         let mut builder = self.http.request(request.method.clone(), request.url.clone());
         for (name, value) in &request.headers {
             if authorization.is_some() && name.eq_ignore_ascii_case(headers::AUTHORIZATION) {
@@ -758,8 +937,11 @@ impl Agent {
         if let Some(body) = &request.body {
             builder = builder.body(body.clone());
         }
-        let http_error =
-            |e: reqwest::Error| AgentError::Http { url: url.clone(), reason: e.to_string() };
+        // reqwest's message would name the whole URL, query included.
+        let http_error = |e: reqwest::Error| {
+            let reached = !(e.is_connect() || e.is_builder());
+            AgentError::Http { url: url.clone(), reason: e.without_url().to_string(), reached }
+        };
         let mut response = builder.send().await.map_err(http_error)?;
         let status = response.status().as_u16();
         let headers: Vec<(String, String)> = response
@@ -794,19 +976,9 @@ impl Agent {
     }
 }
 
-enum PayInvoice {
-    NotPaid(String),
-    PaidBadPreimage(String),
-}
-
-/// What a Pay Token call was charged: the gateway's `X-Amount-Usdc`, else the price for a
-/// 2xx (a server that does not say is assumed to charge).
-fn charged(answer: &Answer, price: Option<Usdc>) -> Usdc {
-    match answer.header(headers::AMOUNT_USDC).and_then(|a| a.trim().parse().ok()) {
-        Some(amount) => amount,
-        None if (200..300).contains(&answer.status) => price.unwrap_or_default(),
-        None => Usdc::ZERO,
-    }
+/// The start of a body, for a message.
+fn excerpt(body: &[u8]) -> String {
+    String::from_utf8_lossy(&body[..body.len().min(500)]).into_owned()
 }
 
 /// The transaction of a `PAYMENT-RESPONSE`, when it names one.
@@ -815,16 +987,6 @@ fn settled_transaction(value: &str) -> Option<String> {
     let bytes = base64::engine::general_purpose::STANDARD.decode(value.trim()).ok()?;
     let response: x402::SettleResponse = serde_json::from_slice(&bytes).ok()?;
     (!response.transaction.is_empty()).then_some(response.transaction)
-}
-
-fn macaroon_payment_hash(macaroon: &str) -> Option<[u8; 32]> {
-    use base64::Engine as _;
-    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
-    let bytes = [STANDARD, URL_SAFE, STANDARD_NO_PAD, URL_SAFE_NO_PAD]
-        .iter()
-        .find_map(|engine| engine.decode(macaroon).ok())?;
-    let macaroon = Macaroon::from_binary(&bytes).ok()?;
-    Identifier::decode(macaroon.identifier()).map(|id| id.payment_hash)
 }
 
 fn open_log(path: &PathBuf) -> Result<std::fs::File, AgentError> {

@@ -37,66 +37,125 @@ struct LndSendResponse {
 /// The most of a wallet's answer read.
 const MAX_ANSWER: usize = 64 * 1024;
 
+/// Why an invoice has no preimage.
+#[derive(Debug)]
+pub enum PayError {
+    /// The wallet says it did not pay (or was never reached).
+    NotPaid(String),
+    /// The wallet may have paid: it timed out, dropped the connection after the request was
+    /// sent, failed on its side, or answered what cannot be read.
+    Unknown(String),
+}
+
+/// grpc-gateway's error body.
+#[derive(Deserialize)]
+struct GrpcError {
+    code: i32,
+}
+
+/// gRPC's DEADLINE_EXCEEDED: LND may still be paying.
+const GRPC_DEADLINE_EXCEEDED: i32 = 4;
+
 impl Lightning {
-    /// Pays `invoice`: its preimage, 32 bytes.
-    pub async fn pay(&self, http: &reqwest::Client, invoice: &str) -> Result<[u8; 32], String> {
+    /// Pays `invoice` with routing fees of at most `fee_limit_msat`: its preimage, 32 bytes.
+    pub async fn pay(
+        &self,
+        http: &reqwest::Client,
+        invoice: &str,
+        fee_limit_msat: u64,
+    ) -> Result<[u8; 32], PayError> {
         match self {
             Lightning::Sandbox { ledger_url, admin_key } => {
                 let url = format!("{}{}", ledger_url.trim_end_matches('/'), path::SANDBOX_PAYMENTS);
                 let request = SandboxPaymentRequest { invoice: invoice.to_owned() };
-                let response = http
-                    .post(url)
-                    .bearer_auth(admin_key)
-                    .json(&request)
-                    .send()
-                    .await
-                    .map_err(|e| format!("the sandbox cannot be reached: {e}"))?;
-                let (status, body) = read(response).await?;
+                let sent = http.post(url).bearer_auth(admin_key).json(&request).send().await;
+                let (status, body) = read("the sandbox", sent).await?;
                 if !(200..300).contains(&status) {
-                    return Err(format!("the sandbox refused ({status}): {}", lossy(&body)));
+                    let message = format!("the sandbox refused ({status}): {}", lossy(&body));
+                    // The sandbox checks before it pays; a 5xx may have come after.
+                    return Err(if status < 500 {
+                        PayError::NotPaid(message)
+                    } else {
+                        PayError::Unknown(message)
+                    });
                 }
-                let paid: SandboxPayment = serde_json::from_slice(&body)
-                    .map_err(|e| format!("the sandbox's answer does not read: {e}"))?;
+                let paid: SandboxPayment = serde_json::from_slice(&body).map_err(|e| {
+                    PayError::Unknown(format!("the sandbox's answer does not read: {e}"))
+                })?;
                 let mut preimage = [0u8; 32];
-                hex::decode_to_slice(&paid.preimage, &mut preimage)
-                    .map_err(|_| "the sandbox's preimage is not 32 bytes of hex".to_owned())?;
+                hex::decode_to_slice(&paid.preimage, &mut preimage).map_err(|_| {
+                    PayError::Unknown("the sandbox's preimage is not 32 bytes of hex".into())
+                })?;
                 Ok(preimage)
             }
             Lightning::Lnd { url, macaroon_hex } => {
                 let url = format!("{}/v1/channels/transactions", url.trim_end_matches('/'));
-                let response = http
+                // int64 fields are strings in grpc-gateway's JSON.
+                let request = serde_json::json!({
+                    "payment_request": invoice,
+                    "fee_limit": {"fixed_msat": fee_limit_msat.to_string()},
+                });
+                let sent = http
                     .post(url)
                     .header("Grpc-Metadata-macaroon", macaroon_hex)
-                    .json(&serde_json::json!({"payment_request": invoice}))
+                    .json(&request)
                     .send()
-                    .await
-                    .map_err(|e| format!("LND cannot be reached: {e}"))?;
-                let (status, body) = read(response).await?;
+                    .await;
+                let (status, body) = read("LND", sent).await?;
                 if !(200..300).contains(&status) {
-                    return Err(format!("LND refused ({status}): {}", lossy(&body)));
+                    let message = format!("LND refused ({status}): {}", lossy(&body));
+                    // A gRPC error is LND's own answer: the payment failed, unless its
+                    // deadline passed while it was paying. Anything else (a proxy's 502 or
+                    // 504, say) leaves the outcome unknown.
+                    return Err(match serde_json::from_slice::<GrpcError>(&body) {
+                        Ok(e) if e.code != GRPC_DEADLINE_EXCEEDED => PayError::NotPaid(message),
+                        _ if status < 500 => PayError::NotPaid(message),
+                        _ => PayError::Unknown(message),
+                    });
                 }
                 let sent: LndSendResponse = serde_json::from_slice(&body)
-                    .map_err(|e| format!("LND's answer does not read: {e}"))?;
+                    .map_err(|e| PayError::Unknown(format!("LND's answer does not read: {e}")))?;
                 if !sent.payment_error.is_empty() {
-                    return Err(format!("LND could not pay: {}", sent.payment_error));
+                    return Err(PayError::NotPaid(format!(
+                        "LND could not pay: {}",
+                        sent.payment_error
+                    )));
                 }
                 // grpc-gateway writes bytes fields as standard base64.
                 let bytes = STANDARD
                     .decode(&sent.payment_preimage)
                     .or_else(|_| URL_SAFE.decode(&sent.payment_preimage))
-                    .map_err(|_| "LND's payment_preimage is not base64".to_owned())?;
-                bytes.try_into().map_err(|_| "LND's payment_preimage is not 32 bytes".to_owned())
+                    .map_err(|_| {
+                        PayError::Unknown("LND's payment_preimage is not base64".into())
+                    })?;
+                bytes
+                    .try_into()
+                    .map_err(|_| PayError::Unknown("LND's payment_preimage is not 32 bytes".into()))
             }
         }
     }
 }
 
-async fn read(mut response: reqwest::Response) -> Result<(u16, Vec<u8>), String> {
+/// Reads a wallet's answer. A request that never reached the wallet paid nothing; one that
+/// failed later (a timeout, a dropped connection) may have.
+async fn read(
+    wallet: &str,
+    sent: reqwest::Result<reqwest::Response>,
+) -> Result<(u16, Vec<u8>), PayError> {
+    let mut response = sent.map_err(|e| {
+        let not_sent = e.is_connect() || e.is_builder();
+        let message = format!("{wallet} cannot be reached: {}", e.without_url());
+        if not_sent { PayError::NotPaid(message) } else { PayError::Unknown(message) }
+    })?;
     let status = response.status().as_u16();
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+    loop {
+        let chunk = response.chunk().await.map_err(|e| {
+            PayError::Unknown(format!("{wallet}'s answer broke off: {}", e.without_url()))
+        })?;
+        let Some(chunk) = chunk else { break };
         if body.len() + chunk.len() > MAX_ANSWER {
-            return Err(format!("the wallet's answer is over {MAX_ANSWER} bytes"));
+            return Err(PayError::Unknown(format!("{wallet}'s answer is over {MAX_ANSWER} bytes")));
         }
         body.extend_from_slice(&chunk);
     }

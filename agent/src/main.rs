@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use paystile_agent::{Agent, Config, Lightning, Limits, Request, Wallet, normalize_origin};
+use paystile_agent::{
+    Agent, Config, Lightning, Limits, PayToken, Request, Wallet, normalize_origin,
+};
 use paystile_protocol::Usdc;
 use paystile_protocol::x402::SigningKey;
 
@@ -21,9 +23,13 @@ struct Cli {
 
 #[derive(Args)]
 struct Options {
-    /// A Pay Token (JWT), sent as `Authorization: Bearer`.
+    /// A Pay Token (JWT), sent as `Authorization: Bearer` to its origins only.
     #[arg(long, env = "PAYSTILE_PAY_TOKEN", global = true, hide_env_values = true)]
     pay_token: Option<String>,
+    /// An origin the Pay Token may be sent to (the gateway it was issued for); repeatable,
+    /// and required with --pay-token: any server the token reaches can spend it.
+    #[arg(long, env = "PAYSTILE_PAY_TOKEN_ORIGINS", value_delimiter = ',', global = true)]
+    pay_token_origin: Vec<String>,
     /// Pay L402 invoices through this paystile ledger's sandbox.
     #[arg(long, global = true, value_name = "LEDGER_URL")]
     l402_sandbox: Option<String>,
@@ -36,9 +42,17 @@ struct Options {
     /// The LND macaroon file (binary, as LND writes it) that may send payments.
     #[arg(long, global = true)]
     lnd_macaroon: Option<PathBuf>,
+    /// The most satoshis an L402 invoice may ask per USDC it buys (routing fees included);
+    /// without it, no L402 invoice is paid.
+    #[arg(long, env = "PAYSTILE_AGENT_L402_MAX_SATS_PER_USDC", global = true)]
+    l402_max_sats_per_usdc: Option<u64>,
     /// The x402 payer's secp256k1 key (hex).
     #[arg(long, env = "PAYSTILE_X402_KEY", global = true, hide_env_values = true)]
     x402_key: Option<String>,
+    /// A token x402 may transfer besides USDC on Base and Base Sepolia, as CAIP-19
+    /// (`eip155:31337/erc20:0x…`): a 6-decimal USD token, counted as USDC. Repeatable.
+    #[arg(long, env = "PAYSTILE_AGENT_X402_ASSETS", value_delimiter = ',', global = true)]
+    x402_asset: Vec<String>,
     /// The most this session may pay in all, in USDC (none: pays nothing).
     #[arg(long, env = "PAYSTILE_AGENT_BUDGET_USDC", global = true)]
     budget_usdc: Option<Usdc>,
@@ -126,7 +140,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let limits = agent.limits();
             eprintln!(
                 "paystile-agent: MCP server on stdio (budget {}, per-call maximum {}, allowed \
-                 origins: {})",
+                 origins: {}, L402 invoices: {})",
                 limits.budget.map_or_else(|| "none: pays nothing".into(), |b| format!("{b} USDC")),
                 limits.max_price.map_or_else(|| "none".into(), |m| format!("{m} USDC")),
                 if limits.allow_origins.is_empty() {
@@ -134,6 +148,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 } else {
                     limits.allow_origins.join(", ")
                 },
+                limits.l402_max_sats_per_usdc.map_or_else(
+                    || "none paid, no rate".into(),
+                    |rate| format!("at most {rate} sat per USDC")
+                ),
             );
             paystile_agent::mcp::serve_stdio(agent).await?;
             Ok(ExitCode::SUCCESS)
@@ -174,8 +192,43 @@ fn config(options: &Options) -> anyhow::Result<Config> {
                 .with_context(|| format!("--allow-origin {entry:?} is not an origin"))?,
         );
     }
-    let limits =
-        Limits { budget: options.budget_usdc, max_price: options.max_price_usdc, allow_origins };
+    if options.l402_max_sats_per_usdc == Some(0) {
+        bail!("--l402-max-sats-per-usdc must be above 0");
+    }
+    let x402_assets = options
+        .x402_asset
+        .iter()
+        .filter(|e| !e.trim().is_empty())
+        .map(|entry| entry.parse().map_err(|e| anyhow::anyhow!("--x402-asset: {e}")))
+        .collect::<anyhow::Result<_>>()?;
+    let limits = Limits {
+        budget: options.budget_usdc,
+        max_price: options.max_price_usdc,
+        allow_origins,
+        l402_max_sats_per_usdc: options.l402_max_sats_per_usdc,
+        x402_assets,
+    };
+    let pay_token = match &options.pay_token {
+        Some(token) => {
+            let mut origins = Vec::new();
+            for entry in options.pay_token_origin.iter().filter(|e| !e.trim().is_empty()) {
+                match normalize_origin(entry) {
+                    Some(origin) if origin != "*" => origins.push(origin),
+                    _ => {
+                        bail!("--pay-token-origin {entry:?} is not an origin (and `*` is refused)")
+                    }
+                }
+            }
+            if origins.is_empty() {
+                bail!(
+                    "--pay-token needs --pay-token-origin (PAYSTILE_PAY_TOKEN_ORIGINS): the \
+                     gateway the token was issued for, since any server it reaches can spend it"
+                );
+            }
+            Some(PayToken { token: token.trim().to_owned(), origins })
+        }
+        None => None,
+    };
     let log = match &options.log {
         Some(path) => path.clone(),
         None => {
@@ -183,6 +236,6 @@ fn config(options: &Options) -> anyhow::Result<Config> {
             PathBuf::from(home).join(".paystile").join("agent-spend.jsonl")
         }
     };
-    let wallet = Wallet { pay_token: options.pay_token.clone(), lightning, x402_key };
+    let wallet = Wallet { pay_token, lightning, x402_key };
     Ok(Config::new(wallet, limits, Some(log)))
 }

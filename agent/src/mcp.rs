@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use paystile_protocol::Usdc;
+use paystile_protocol::headers::{self, IDEMPOTENCY_KEY};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{CallToolResult, ContentBlock, Implementation, ServerCapabilities, ServerConfig};
@@ -60,6 +61,12 @@ pub struct CallPaidApi {
     /// it is refused before anything is paid.
     #[serde(default)]
     pub max_price_usdc: Option<String>,
+    /// Sent as `Idempotency-Key`. Give one (any unique text, up to 255 characters) to a call
+    /// that must not be charged twice, and the same one again when retrying it after an
+    /// error that left its outcome unknown: a paystile gateway charges a key once and answers
+    /// a retry with the first call's result.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
 }
 
 /// The MCP server: one [`Agent`], its limits and its spending for the whole session.
@@ -162,6 +169,17 @@ impl PaystileMcp {
         let mut request = Request::new(&method.unwrap_or("GET").to_ascii_uppercase(), &call.url)
             .map_err(|e| e.to_string())?;
         request.headers.extend(call.headers.unwrap_or_default());
+        if let Some(key) = call.idempotency_key {
+            if headers::idempotency_key(key.as_bytes()).is_none() {
+                return Err(format!(
+                    "invalid request: idempotency_key must be 1 to {} printable ASCII \
+                     characters; nothing was paid",
+                    headers::MAX_IDEMPOTENCY_KEY_LEN
+                ));
+            }
+            request.headers.retain(|(name, _)| !name.eq_ignore_ascii_case(IDEMPOTENCY_KEY));
+            request.headers.push((IDEMPOTENCY_KEY.to_owned(), key));
+        }
         request.body = call.body.map(String::into_bytes);
         if let Some(max) = &call.max_price_usdc {
             let max: Usdc = max.trim().parse().map_err(|_| {
@@ -209,9 +227,18 @@ impl ServerHandler for PaystileMcp {
     }
 }
 
-/// Serves `agent` over stdin and stdout until the client closes them.
+/// Serves `agent` over stdin and stdout until the client closes them (before initializing
+/// too: a client that starts the server and leaves is not an error).
 pub async fn serve_stdio(agent: Agent) -> anyhow::Result<()> {
-    let service = PaystileMcp::new(agent).serve(rmcp::transport::stdio()).await?;
+    use rmcp::service::ServerInitializeError;
+    let service = match PaystileMcp::new(agent).serve(rmcp::transport::stdio()).await {
+        Ok(service) => service,
+        Err(
+            ServerInitializeError::ConnectionClosed(_)
+            | ServerInitializeError::ExpectedInitializeRequest(None),
+        ) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
     service.waiting().await?;
     Ok(())
 }

@@ -5,6 +5,10 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+use std::str::FromStr as _;
+
+use lightning_invoice::Bolt11Invoice;
+use paystile_protocol::l402::Identifier;
 use paystile_protocol::macaroon::Macaroon;
 use paystile_protocol::x402::{self, Offer as X402Terms, OfferSettings, Version};
 use paystile_protocol::{Usdc, l402};
@@ -17,8 +21,11 @@ use serde_json::Value;
 pub struct L402Offer {
     pub macaroon: String,
     pub invoice: String,
-    /// The invoice's amount (BOLT11 human-readable part), in millisatoshi.
+    /// The invoice's amount, in millisatoshi.
     pub invoice_msat: Option<u64>,
+    /// The invoice's payment hash, which is also the macaroon's.
+    #[serde(skip)]
+    pub payment_hash: [u8; 32],
     /// The service the macaroon is for (its `services=` caveat), if it says.
     pub service: Option<String>,
     /// What paying buys, in USDC: paystile's `<service>_budget_usdc` caveat, if present.
@@ -205,6 +212,21 @@ fn read_l402(challenge: &str) -> Result<L402Offer, String> {
         .find_map(|engine| engine.decode(macaroon).ok())
         .ok_or("the macaroon is not base64")?;
     let parsed = Macaroon::from_binary(&bytes).map_err(|e| format!("the macaroon: {e:?}"))?;
+    let payment_hash = Identifier::decode(parsed.identifier())
+        .ok_or("the macaroon's identifier names no payment hash")?
+        .payment_hash;
+    // Paying an invoice for another payment hash would buy a preimage that opens nothing:
+    // checked before paying, on the invoice's own (signed, checksummed) fields.
+    let bolt11 = Bolt11Invoice::from_str(invoice.trim())
+        .map_err(|e| format!("the invoice is not a BOLT11 invoice: {e}"))?;
+    if AsRef::<[u8]>::as_ref(bolt11.payment_hash()) != payment_hash.as_slice() {
+        return Err("the invoice is for another payment than the macaroon's (payment hashes \
+                    differ)"
+            .into());
+    }
+    if bolt11.is_expired() {
+        return Err("the invoice has expired".into());
+    }
     let caveats: Vec<(String, String)> = parsed
         .caveats()
         .iter()
@@ -226,37 +248,11 @@ fn read_l402(challenge: &str) -> Result<L402Offer, String> {
     Ok(L402Offer {
         macaroon: macaroon.to_owned(),
         invoice: invoice.to_owned(),
-        invoice_msat: invoice_msat(invoice),
+        invoice_msat: bolt11.amount_milli_satoshis(),
+        payment_hash,
         service,
         budget,
     })
-}
-
-/// A BOLT11 invoice's amount in millisatoshi, from its human-readable part
-/// (`ln<currency><amount><multiplier>1…`); `None` when it names none or is not an invoice.
-pub fn invoice_msat(invoice: &str) -> Option<u64> {
-    let invoice = invoice.to_ascii_lowercase();
-    let hrp = &invoice[..invoice.rfind('1')?];
-    let rest = hrp.strip_prefix("ln")?;
-    let digits_at = rest.find(|c: char| c.is_ascii_digit())?;
-    let amount = &rest[digits_at..];
-    let (number, multiplier) = match amount.chars().last()? {
-        c if c.is_ascii_digit() => (amount, None),
-        c => (&amount[..amount.len() - c.len_utf8()], Some(c)),
-    };
-    if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let n: u64 = number.parse().ok()?;
-    // 1 BTC = 10^11 msat.
-    match multiplier {
-        None => n.checked_mul(100_000_000_000),
-        Some('m') => n.checked_mul(100_000_000),
-        Some('u') => n.checked_mul(100_000),
-        Some('n') => n.checked_mul(100),
-        Some('p') if n.is_multiple_of(10) => Some(n / 10),
-        _ => None,
-    }
 }
 
 fn read_payment_required(value: &str) -> Result<Vec<X402Offer>, String> {
@@ -343,27 +339,25 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    /// A multiplier that is not one byte (a client-sent invoice is any text) is no amount,
-    /// and never a panic.
-    #[test]
-    fn invoice_amounts_of_any_text_are_read_without_panicking() {
-        assert_eq!(invoice_msat("lnbcrt10u1pxyz"), Some(1_000_000));
-        assert_eq!(invoice_msat("lnbc25m1xyz"), Some(2_500_000_000));
-        for hostile in
-            ["lnbc10é1x", "lnbc10\u{1F4B8}1x", "ln\u{0130}1", "lnbc1", "1", "", "lnbc11p1x"]
-        {
-            assert_eq!(invoice_msat(hostile), None, "{hostile:?}");
-        }
-        for length in 0..64 {
-            let text: String = "lnbc9é1€ü".chars().cycle().take(length).collect();
-            let _ = invoice_msat(&text);
-        }
-    }
+    use paystile_ledger::invoice::InvoiceRequest;
+    use paystile_ledger::invoice::sandbox::SandboxNode;
     use paystile_protocol::l402::{Identifier, Offer as L402Terms};
     use paystile_protocol::x402::{PaymentRequired, Resource};
 
-    fn macaroon() -> String {
-        let id = Identifier { payment_hash: [1; 32], token_id: [2; 32] };
+    /// A signed regtest invoice of `msat` (the ledger's sandbox node makes real ones).
+    fn invoice(msat: u64) -> (String, [u8; 32]) {
+        let node = SandboxNode::new(b"offers test secret").unwrap();
+        let request = InvoiceRequest {
+            amount_msat: msat,
+            memo: "test".into(),
+            expiry: std::time::Duration::from_secs(600),
+        };
+        let invoice = node.create(&request).unwrap();
+        (invoice.bolt11, invoice.payment_hash)
+    }
+
+    fn macaroon(payment_hash: [u8; 32]) -> String {
+        let id = Identifier { payment_hash, token_id: [2; 32] };
         let terms = L402Terms {
             service_id: "weather".into(),
             valid_until: 4_000_000_000,
@@ -388,7 +382,8 @@ mod tests {
 
     #[test]
     fn an_l402_challenge_is_found_however_the_fields_were_joined() {
-        let l402 = l402::challenge(&macaroon(), "lnbcrt30n1pexample");
+        let (bolt11, hash) = invoice(3_000);
+        let l402 = l402::challenge(&macaroon(hash), &bolt11);
         let bearer = r#"Bearer realm="paystile", error="payment_required""#;
         let joined = format!("{l402}, {bearer}, {l402}");
         let lsat_first = format!("{bearer}, {}", l402.replacen("L402", "LSAT", 1));
@@ -400,11 +395,11 @@ mod tests {
         ] {
             let offers = read("http://h/x", "http://h", &fields, None, b"");
             let offer = offers.l402.as_ref().unwrap_or_else(|| panic!("{fields:?}"));
-            assert_eq!(offer.invoice, "lnbcrt30n1pexample");
-            assert_eq!(offer.macaroon, macaroon());
+            assert_eq!(offer.invoice, bolt11);
+            assert_eq!(offer.macaroon, macaroon(hash));
             assert_eq!(offer.service.as_deref(), Some("weather"));
             assert_eq!(offer.budget, Some("0.003".parse().unwrap()));
-            assert_eq!(offer.invoice_msat, Some(3_000));
+            assert_eq!((offer.invoice_msat, offer.payment_hash), (Some(3_000), hash));
             assert!(offers.malformed.is_empty(), "{:?}", offers.malformed);
         }
         let only_bearer = read("u", "o", &[bearer], None, b"");
@@ -414,31 +409,41 @@ mod tests {
 
     #[test]
     fn a_malformed_or_huge_l402_challenge_is_reported_not_paid() {
-        for bad in [
-            "L402 macaroon=\"AgEE\", invoice=\"lnbc1\"", // not a macaroon
-            "L402 invoice=\"lnbc1\"",                    // no macaroon
-            "L402 macaroon=\"%%%\", invoice=\"lnbc1\"",  // not base64
-        ] {
-            let offers = read("u", "o", &[bad], None, b"");
+        let (bolt11, hash) = invoice(3_000);
+        let good = macaroon(hash);
+        let no_hash = {
+            let mut minted = Macaroon::mint(b"k", b"not an L402 identifier", b"");
+            minted.add_first_party_caveat(b"services=weather:0");
+            l402::encode_macaroon(&minted)
+        };
+        let mut tampered = bolt11.clone();
+        tampered.pop();
+        tampered.push(if bolt11.ends_with('q') { 'p' } else { 'q' });
+        let cases = [
+            ("L402 macaroon=\"AgEE\", invoice=\"lnbc1\"".to_owned(), "the macaroon"),
+            ("L402 invoice=\"lnbc1\"".to_owned(), "expected L402"),
+            ("L402 macaroon=\"%%%\", invoice=\"lnbc1\"".to_owned(), "not base64"),
+            (l402::challenge(&no_hash, &bolt11), "names no payment hash"),
+            (l402::challenge(&macaroon([1; 32]), &bolt11), "payment hashes differ"),
+            (l402::challenge(&good, &tampered), "not a BOLT11 invoice"),
+            (l402::challenge(&good, "lnbcrt30n1pexample"), "not a BOLT11 invoice"),
+        ];
+        for (bad, why) in cases {
+            let offers = read("u", "o", &[bad.as_str()], None, b"");
             assert!(offers.l402.is_none(), "{bad}");
             assert_eq!(offers.malformed.len(), 1, "{bad}: {:?}", offers.malformed);
+            assert!(offers.malformed[0].contains(why), "{why}: {:?}", offers.malformed);
         }
         let huge = format!("L402 macaroon=\"{}\", invoice=\"x\"", "A".repeat(MAX_CHALLENGE_LEN));
         let offers = read("u", "o", &[huge.as_str()], None, b"");
         assert!(offers.l402.is_none());
         assert!(offers.malformed[0].contains("over"), "{:?}", offers.malformed);
-    }
-
-    #[test]
-    fn bolt11_amounts_read_from_the_human_readable_part() {
-        assert_eq!(invoice_msat("lnbcrt30n1pxyz"), Some(3_000));
-        assert_eq!(invoice_msat("lnbc2500u1pvjluez"), Some(250_000_000));
-        assert_eq!(invoice_msat("lnbc20m1pvjluez"), Some(2_000_000_000));
-        assert_eq!(invoice_msat("lntb10p1xyz"), Some(1));
-        assert_eq!(invoice_msat("lnbc15p1xyz"), None); // not a whole msat
-        assert_eq!(invoice_msat("lnbc1pvjluez"), None); // no amount
-        assert_eq!(invoice_msat("LNBCRT30N1PXYZ"), Some(3_000));
-        assert_eq!(invoice_msat("bitcoin"), None);
+        // Any text as the invoice (a hostile server's) is an error, never a panic.
+        for length in 0..200 {
+            let text: String = "lnbc9é1€ü\u{1F4B8}0p".chars().cycle().take(length).collect();
+            let offers = read("u", "o", &[&l402::challenge(&good, &text)], None, b"");
+            assert!(offers.l402.is_none() && offers.malformed.len() == 1, "{text:?}");
+        }
     }
 
     #[test]

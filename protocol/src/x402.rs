@@ -145,6 +145,12 @@ const KNOWN_USDC: [(u64, Address, &str, &str); 2] = [
     (84532, alloy_primitives::address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e"), "USDC", "2"),
 ];
 
+/// Whether `asset` is USDC on `chain_id` as x402 clients know it (Base, Base Sepolia): a
+/// 6-decimal token whose atomic units are micro-USDC.
+pub fn is_known_usdc(chain_id: u64, asset: Address) -> bool {
+    KNOWN_USDC.iter().any(|(id, usdc, ..)| *id == chain_id && *usdc == asset)
+}
+
 /// A seller's offer as its settings state it; the token may be left out on chains where
 /// USDC is known (Base, Base Sepolia).
 #[derive(Clone, Copy, Debug)]
@@ -916,6 +922,10 @@ mod tests {
         let sepolia =
             Offer::from_settings(&OfferSettings { network: "eip155:84532", ..settings }).unwrap();
         assert_eq!(sepolia.name, "USDC");
+        assert!(is_known_usdc(8453, base.asset) && is_known_usdc(84532, sepolia.asset));
+        // Each USDC on its own chain only, and no other token.
+        assert!(!is_known_usdc(84532, base.asset) && !is_known_usdc(8453, sepolia.asset));
+        assert!(!is_known_usdc(31337, address!("0x5FbDB2315678afecb367f032d93F642f64180aa3")));
         let sandbox = OfferSettings {
             network: "eip155:31337",
             asset: Some("0x5FbDB2315678afecb367f032d93F642f64180aa3"),

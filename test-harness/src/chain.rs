@@ -81,6 +81,12 @@ impl X402Sandbox {
         Offer::from_settings(&settings).map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.message))
     }
 
+    /// The token as CAIP-19 names it, as `paystile-agent --x402-asset` takes it: an agent
+    /// transfers only USDC where x402 knows it unless told of another token.
+    pub fn caip19(&self) -> String {
+        format!("{}/erc20:{}", self.network(), self.token.to_checksum(None))
+    }
+
     /// The filter's `x402` section.
     pub fn filter_config(&self) -> Value {
         json!({

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use paystile_agent::{
-    Agent, AgentError, Config, Lightning, Limits, Refusal, Request, Scheme, Wallet,
+    Agent, AgentError, Config, Lightning, Limits, PayToken, Refusal, Request, Scheme, Wallet,
 };
 use paystile_harness::chain::{self, PAYEE, PAYER, PAYER_FUNDS, X402Sandbox};
 use paystile_harness::e2e::TestStack;
@@ -28,12 +28,39 @@ fn usdc(amount: &str) -> Usdc {
 /// An agent holding `wallet`, with a budget, a per-call maximum, the stack's gateway as the
 /// one allowed origin, and a spending log in `dir`.
 fn agent(stack: &TestStack, wallet: Wallet, budget: &str, max: &str, dir: &Path) -> Agent {
-    let limits = Limits {
+    Agent::new(Config::new(wallet, limits(stack, budget, max), Some(log_path(dir)))).unwrap()
+}
+
+/// A budget, a per-call maximum, the stack's gateway as the one allowed origin, and the
+/// stack's L402 rate (1000 sat per USDC).
+fn limits(stack: &TestStack, budget: &str, max: &str) -> Limits {
+    Limits {
         budget: Some(usdc(budget)),
         max_price: Some(usdc(max)),
         allow_origins: vec![gateway_origin(stack)],
+        l402_max_sats_per_usdc: stack.stack.filter_config["l402"]["sats_per_usdc"].as_u64(),
+        x402_assets: vec![],
+    }
+}
+
+/// An agent that pays x402 in the sandbox's token.
+fn x402_agent(
+    stack: &TestStack,
+    sandbox: &X402Sandbox,
+    budget: &str,
+    max: &str,
+    dir: &Path,
+) -> Agent {
+    let limits = Limits {
+        x402_assets: vec![sandbox.caip19().parse().unwrap()],
+        ..limits(stack, budget, max)
     };
-    Agent::new(Config::new(wallet, limits, Some(log_path(dir)))).unwrap()
+    Agent::new(Config::new(x402_wallet(), limits, Some(log_path(dir)))).unwrap()
+}
+
+fn pay_token(stack: &TestStack, jwt: &str) -> Wallet {
+    let token = PayToken { token: jwt.to_owned(), origins: vec![gateway_origin(stack)] };
+    Wallet { pay_token: Some(token), ..Wallet::default() }
 }
 
 fn gateway_origin(stack: &TestStack) -> String {
@@ -66,11 +93,11 @@ async fn journal(stack: &TestStack) -> Vec<paystile_protocol::ledger_api::Charge
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_pay_token_pays_each_call_and_is_sent_at_once_once_the_service_is_known() {
+async fn a_pay_token_pays_each_call_and_is_sent_at_once_once_the_path_is_known() {
     let stack = TestStack::start().await.unwrap();
     let token = stack.issue("1").await.unwrap();
     let dir = TempDir::new().unwrap();
-    let wallet = Wallet { pay_token: Some(token.jwt.clone()), ..Wallet::default() };
+    let wallet = pay_token(&stack, &token.jwt);
     let agent = agent(&stack, wallet, "0.01", "0.002", dir.path());
     let price = stack.forecast_price();
 
@@ -88,25 +115,31 @@ async fn a_pay_token_pays_each_call_and_is_sent_at_once_once_the_service_is_know
     assert!(offers[0].bearer);
     assert_eq!(offers[0].price, Some(price));
 
-    // The next call, on another path of the service, goes with the token at once: no 402.
+    // The same path again goes with the token at once: no 402.
     let started = std::time::Instant::now();
-    let second = get(&agent, &stack, "/v1/forecast/bergen").await.unwrap();
+    let second = get(&agent, &stack, "/v1/forecast/oslo").await.unwrap();
     eprintln!("Pay Token: cached call in {:?}", started.elapsed());
     assert_eq!(second.status, 200);
     assert_eq!(second.payment.unwrap().amount_usdc, price);
     assert_eq!(agent.last_offers().len(), 1, "a second 402 was met");
-    assert_eq!(agent.spent(), price.checked_mul(2).unwrap());
-    assert_eq!(agent.remaining(), usdc("0.01").saturating_sub(price.checked_mul(2).unwrap()));
+    // Another path: its price is not known, so it meets its 402 first (the token is not
+    // sent where its price is unchecked), then pays with the token.
+    let third = get(&agent, &stack, "/v1/forecast/bergen").await.unwrap();
+    assert_eq!((third.status, third.payment.unwrap().amount_usdc), (200, price));
+    assert_eq!(agent.last_offers().len(), 2);
+    let three = price.checked_mul(3).unwrap();
+    assert_eq!(agent.spent(), three);
+    assert_eq!(agent.remaining(), usdc("0.01").saturating_sub(three));
 
     let lines = log(dir.path());
-    assert_eq!(lines.len(), 2);
+    assert_eq!(lines.len(), 3);
     assert_eq!(lines[0]["scheme"], "payToken");
     assert_eq!(lines[0]["chargeId"], charge_id);
     assert_eq!(lines[0]["amountUsdc"], price.to_string());
     assert_eq!(lines[0]["origin"], gateway_origin(&stack));
     assert!(lines[0]["url"].as_str().unwrap().ends_with("/v1/forecast/oslo"));
     let settled = stack.settled(&token.token_id).await.unwrap();
-    assert_eq!(settled.used_usdc, price.checked_mul(2).unwrap());
+    assert_eq!(settled.used_usdc, three);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -180,7 +213,7 @@ async fn x402_is_signed_locally_paid_per_call_and_settled_on_chain() {
     let sandbox = X402Sandbox::start().await.unwrap();
     let stack = x402_stack(&sandbox).await;
     let dir = TempDir::new().unwrap();
-    let agent = agent(&stack, x402_wallet(), "0.01", "0.001", dir.path());
+    let agent = x402_agent(&stack, &sandbox, "0.01", "0.001", dir.path());
     let price = stack.forecast_price();
 
     for call in 1..=2u64 {
@@ -219,7 +252,7 @@ async fn limits_refuse_before_anything_is_paid() {
 
     // Over the per-call maximum: nothing signed, nothing logged, nothing in the journal.
     let dir = TempDir::new().unwrap();
-    let cheap = agent(&stack, x402_wallet(), "1", "0.0005", dir.path());
+    let cheap = x402_agent(&stack, &sandbox, "1", "0.0005", dir.path());
     let refused = get(&cheap, &stack, "/v1/forecast/oslo").await.unwrap_err();
     assert!(
         matches!(&refused, AgentError::Refused(Refusal::OverMaxPrice { price: p, .. }) if *p == price),
@@ -232,7 +265,7 @@ async fn limits_refuse_before_anything_is_paid() {
 
     // Origin not allowed, and an empty list: refused alike.
     for allowed in [vec!["http://127.0.0.1:1".to_owned()], vec![]] {
-        let limits = Limits { budget: Some(usdc("1")), max_price: None, allow_origins: allowed };
+        let limits = Limits { allow_origins: allowed, ..limits(&stack, "1", "1") };
         let dir = TempDir::new().unwrap();
         let agent =
             Agent::new(Config::new(x402_wallet(), limits, Some(log_path(dir.path())))).unwrap();
@@ -244,8 +277,11 @@ async fn limits_refuse_before_anything_is_paid() {
         assert_eq!(log(dir.path()).len(), 0);
     }
     // No budget at all: nothing is paid.
-    let no_budget =
-        Limits { budget: None, max_price: None, allow_origins: vec![gateway_origin(&stack)] };
+    let no_budget = Limits {
+        budget: None,
+        x402_assets: vec![sandbox.caip19().parse().unwrap()],
+        ..limits(&stack, "1", "1")
+    };
     let unbudgeted = Agent::new(Config::new(x402_wallet(), no_budget, None)).unwrap();
     let refused = get(&unbudgeted, &stack, "/v1/forecast/oslo").await.unwrap_err();
     assert!(matches!(refused, AgentError::Refused(Refusal::NoBudget)), "{refused}");
@@ -255,7 +291,7 @@ async fn limits_refuse_before_anything_is_paid() {
     // A budget of two calls: the third is refused.
     let dir = TempDir::new().unwrap();
     let budget = price.checked_mul(2).unwrap().to_string();
-    let agent = agent(&stack, x402_wallet(), &budget, "1", dir.path());
+    let agent = x402_agent(&stack, &sandbox, &budget, "1", dir.path());
     for _ in 0..2 {
         assert_eq!(get(&agent, &stack, "/v1/forecast/oslo").await.unwrap().status, 200);
     }
@@ -312,6 +348,10 @@ async fn a_402_after_payment_is_an_error_and_never_a_second_payment() {
         budget: Some(usdc("1")),
         max_price: Some(usdc("0.01")),
         allow_origins: vec![url.clone()],
+        x402_assets: vec![
+            "eip155:31337/erc20:0x5FbDB2315678afecb367f032d93F642f64180aa3".parse().unwrap(),
+        ],
+        ..Limits::default()
     };
     let agent = Agent::new(Config::new(x402_wallet(), limits, Some(log_path(dir.path())))).unwrap();
     let error = agent.fetch(Request::get(&format!("{url}/thing")).unwrap()).await.unwrap_err();
@@ -356,10 +396,12 @@ async fn the_cli_pays_with_each_scheme_and_refuses_over_its_maximum() {
         args.extend(["--log".to_owned(), log]);
         args
     };
+    let asset = sandbox.caip19();
+    let l402 = ["--l402-sandbox", &ledger, "--l402-sandbox-key", &admin_key];
     let wallets: [(&str, Vec<&str>, Usdc); 3] = [
-        ("payToken", vec!["--pay-token", &jwt], price),
-        ("l402", vec!["--l402-sandbox", &ledger, "--l402-sandbox-key", &admin_key], l402_budget),
-        ("x402", vec!["--x402-key", chain::PAYER_KEY], price),
+        ("payToken", vec!["--pay-token", &jwt, "--pay-token-origin", &origin], price),
+        ("l402", [&l402[..], &["--l402-max-sats-per-usdc", "1000"]].concat(), l402_budget),
+        ("x402", vec!["--x402-key", chain::PAYER_KEY, "--x402-asset", &asset], price),
     ];
 
     for (logged, (scheme, wallet, amount)) in wallets.into_iter().enumerate() {
@@ -393,7 +435,7 @@ async fn the_cli_pays_with_each_scheme_and_refuses_over_its_maximum() {
 
     // Below the price: refused before anything is paid, and it says which limit.
     let url = stack.stack.gateway_url("/v1/forecast/cli-refused");
-    let mut args = vec!["--x402-key", chain::PAYER_KEY];
+    let mut args = vec!["--x402-key", chain::PAYER_KEY, "--x402-asset", &asset];
     let limits = limits("0.0005");
     args.extend(limits.iter().map(String::as_str));
     args.extend(["fetch", &url]);

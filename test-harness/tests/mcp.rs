@@ -107,10 +107,12 @@ async fn a_real_mcp_client_pays_with_a_pay_token_and_a_lowered_maximum_is_refuse
     ];
     let env = json!({
         "PAYSTILE_PAY_TOKEN": token.jwt,
+        "PAYSTILE_PAY_TOKEN_ORIGINS": origin,
         "PAYSTILE_AGENT_LOG": log.display().to_string(),
     });
+    let oslo = stack.stack.gateway_url("/v1/forecast/oslo");
     let calls = json!([
-        ["call_paid_api", {"url": stack.stack.gateway_url("/v1/forecast/oslo")}],
+        ["call_paid_api", {"url": oslo, "idempotency_key": "oslo-1"}],
         ["budget", {}],
         ["call_paid_api", {
             "url": stack.stack.gateway_url("/v1/forecast/bergen"),
@@ -119,10 +121,14 @@ async fn a_real_mcp_client_pays_with_a_pay_token_and_a_lowered_maximum_is_refuse
         ["last_offers", {}],
         ["budget", {}],
         ["call_paid_api", {"url": "not a url"}],
+        // The first call again, as a model retries one whose answer it lost.
+        ["call_paid_api", {"url": oslo, "idempotency_key": "oslo-1"}],
+        ["budget", {}],
+        ["call_paid_api", {"url": oslo, "idempotency_key": ""}],
     ]);
     let started = std::time::Instant::now();
     let out = mcp_client(&args, env, calls);
-    eprintln!("MCP session (start, 6 tool calls, one paid) in {:?}", started.elapsed());
+    eprintln!("MCP session (start, 9 tool calls, one paid) in {:?}", started.elapsed());
 
     assert_eq!(out["server"], "paystile-agent");
     let mut names: Vec<&str> =
@@ -131,7 +137,7 @@ async fn a_real_mcp_client_pays_with_a_pay_token_and_a_lowered_maximum_is_refuse
     assert_eq!(names, ["budget", "call_paid_api", "last_offers"]);
     let schema = &out["tools"]["call_paid_api"]["inputSchema"];
     assert_eq!(schema["required"], json!(["url"]), "{schema}");
-    for property in ["url", "method", "headers", "body", "max_price_usdc"] {
+    for property in ["url", "method", "headers", "body", "max_price_usdc", "idempotency_key"] {
         assert!(schema["properties"].get(property).is_some(), "{property}: {schema}");
     }
     let description = out["tools"]["call_paid_api"]["description"].as_str().unwrap();
@@ -168,15 +174,20 @@ async fn a_real_mcp_client_pays_with_a_pay_token_and_a_lowered_maximum_is_refuse
     assert_eq!(calls[2]["isError"], true, "{}", calls[2]);
     let refusal = calls[2]["text"].as_str().unwrap();
     assert!(refusal.contains("refused before paying"), "{refusal}");
-    assert!(refusal.contains(&format!("per-call maximum of {below} USDC")), "{refusal}");
+    assert!(
+        refusal.contains(&format!("per-call maximum of {below} USDC (lowered for this call")),
+        "{refusal}"
+    );
     assert!(refusal.contains("Nothing was paid"), "{refusal}");
     let after = stack.stack.admin.charges(&ChargeQuery::default()).await.unwrap().charges;
     assert_eq!(after.len(), 1, "{after:?}");
     assert_eq!(json_text(&calls[4])["spentUsdc"], price.to_string());
 
-    // What the 402 offered: a Bearer challenge at the route's price.
+    // What the 402s offered (oslo's, then bergen's: a path's first call meets its 402, so
+    // its price is known before the token is sent): a Bearer challenge at the route's price.
     let offers = json_text(&calls[3])["offers"].clone();
-    assert_eq!(offers.as_array().unwrap().len(), 1, "{offers}");
+    assert_eq!(offers.as_array().unwrap().len(), 2, "{offers}");
+    assert!(offers[1]["url"].as_str().unwrap().ends_with("/v1/forecast/bergen"), "{offers}");
     assert_eq!(offers[0]["bearer"], true);
     assert_eq!(offers[0]["price"], price.to_string());
     assert_eq!(offers[0]["origin"], origin.as_str());
@@ -185,6 +196,17 @@ async fn a_real_mcp_client_pays_with_a_pay_token_and_a_lowered_maximum_is_refuse
     // A bad argument is a tool error too, not a protocol error.
     assert_eq!(calls[5]["isError"], true, "{}", calls[5]);
     assert!(calls[5]["text"].as_str().unwrap().contains("bad URL"), "{}", calls[5]);
+
+    // The retry with the same Idempotency-Key: the gateway answers with the first call's
+    // charge and charges nothing more, and the agent counts nothing more.
+    let replayed = json_text(&calls[6]);
+    assert_eq!(replayed["status"], 200, "{replayed}");
+    assert_eq!(replayed["headers"]["x-charge-id"], charge_id.as_str(), "{replayed}");
+    assert_eq!(json_text(&calls[7])["spentUsdc"], price.to_string());
+    let after = stack.stack.admin.charges(&ChargeQuery::default()).await.unwrap().charges;
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!(calls[8]["isError"], true, "{}", calls[8]);
+    assert!(calls[8]["text"].as_str().unwrap().contains("idempotency_key must be"), "{}", calls[8]);
 
     // The spending log holds the one payment.
     let lines = std::fs::read_to_string(&log).unwrap();
@@ -197,17 +219,21 @@ async fn a_real_mcp_client_pays_with_a_pay_token_and_a_lowered_maximum_is_refuse
     args[4] = below.to_string();
     let env = json!({
         "PAYSTILE_PAY_TOKEN": token.jwt,
+        "PAYSTILE_PAY_TOKEN_ORIGINS": origin,
         "PAYSTILE_AGENT_LOG": log.display().to_string(),
     });
     let calls = json!([
-        ["call_paid_api", {"url": stack.stack.gateway_url("/v1/forecast/oslo"), "max_price_usdc": "1"}],
+        ["call_paid_api", {"url": oslo, "max_price_usdc": "1"}],
         ["budget", {}],
     ]);
     let out = mcp_client(&args, env, calls);
     let calls = out["calls"].as_array().unwrap();
     assert_eq!(calls[0]["isError"], true, "{}", calls[0]);
     let refusal = calls[0]["text"].as_str().unwrap();
-    assert!(refusal.contains(&format!("per-call maximum of {below} USDC")), "{refusal}");
+    assert!(
+        refusal.contains(&format!("per-call maximum of {below} USDC (--max-price-usdc")),
+        "{refusal}"
+    );
     assert_eq!(json_text(&calls[1])["spentUsdc"], Usdc::ZERO.to_string());
     let after = stack.stack.admin.charges(&ChargeQuery::default()).await.unwrap().charges;
     assert_eq!(after.len(), 1, "{after:?}");

@@ -207,16 +207,20 @@ async fn run() -> anyhow::Result<()> {
     let gateway = stack.gateway_url("");
     println!("For agents: paystile-agent pays a 402 itself, within its limits (one per scheme):");
     println!(
-        "  {agent} --pay-token {} {AGENT_LIMITS} --allow-origin {gateway} fetch {url}",
+        "  {agent} --pay-token {} --pay-token-origin {gateway} {AGENT_LIMITS} --allow-origin {gateway} fetch {url}",
         token.jwt
     );
+    // The demo's invoices are at the filter's sats_per_usdc (envoy-config/envoy.yaml).
+    let rate = stack.filter_config["l402"]["sats_per_usdc"].as_u64().unwrap_or(1000);
     println!(
-        "  {agent} --l402-sandbox {} --l402-sandbox-key {} {L402_AGENT_LIMITS} --allow-origin {gateway} fetch {url}",
+        "  {agent} --l402-sandbox {} --l402-sandbox-key {} --l402-max-sats-per-usdc {rate} {L402_AGENT_LIMITS} --allow-origin {gateway} fetch {url}",
         stack.ledger.url(),
         stack.secrets.admin_key
     );
+    // The demo's x402 token is the sandbox's, not USDC on Base: named to the agent.
     println!(
-        "  {agent} --x402-key {PAYER_KEY} {AGENT_LIMITS} --allow-origin {gateway} fetch {url}"
+        "  {agent} --x402-key {PAYER_KEY} --x402-asset {} {AGENT_LIMITS} --allow-origin {gateway} fetch {url}",
+        x402.caip19()
     );
     println!(
         "As an MCP server, in Claude Desktop's claude_desktop_config.json (its own Pay Token):"
@@ -228,6 +232,7 @@ async fn run() -> anyhow::Result<()> {
                 "args": ["mcp"],
                 "env": {
                     "PAYSTILE_PAY_TOKEN": agent_token.jwt,
+                    "PAYSTILE_PAY_TOKEN_ORIGINS": gateway,
                     "PAYSTILE_AGENT_BUDGET_USDC": "0.05",
                     "PAYSTILE_AGENT_MAX_PRICE_USDC": "0.01",
                     "PAYSTILE_AGENT_ALLOW_ORIGINS": gateway,
