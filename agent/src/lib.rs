@@ -381,15 +381,15 @@ impl Agent {
     pub async fn fetch(&self, request: Request) -> Result<Fetched, AgentError> {
         let origin = origin_of(&request.url);
         let path = request.url.path().to_owned();
-        // The scheme of a cached credential this fetch sent and saw refused: not paid with
-        // again in this fetch.
-        let mut refused = None;
+        // The cached credential this fetch sent and saw refused: not sent or paid with again
+        // in this fetch.
+        let mut refused: Option<Cached> = None;
         let mut answer = None;
         if let Some((route, cached)) = self.cached_for_path(&origin, &path) {
             let seller = (origin.clone(), route.service);
             match self.send_cached(&request, &seller, &cached, route.price).await? {
                 Sent::Answered(fetched) => return Ok(fetched),
-                Sent::Refused(paywall) => (refused, answer) = (Some(cached.scheme), Some(paywall)),
+                Sent::Refused(paywall) => (refused, answer) = (Some(cached), Some(paywall)),
             }
         }
         let mut answer = match answer {
@@ -407,33 +407,34 @@ impl Agent {
             self.remember(&offers, &path);
             let seller = (origin.clone(), offers.service());
             // One purchase at a time per seller: a credential a concurrent fetch bought
-            // meanwhile (or one bought on another path of this service) is used instead.
+            // meanwhile (or one bought on another path of this service) is used instead; so
+            // is one bought while this fetch's was being refused.
             let purchase = self.purchase_lock(&seller).lock_owned().await;
-            if refused.is_none()
-                && let Some(cached) = self.cached(&seller)
+            if let Some(cached) = self.cached(&seller)
+                && refused.as_ref().is_none_or(|r| r.authorization != cached.authorization)
             {
                 drop(purchase);
                 match self.send_cached(&request, &seller, &cached, offers.price).await? {
                     Sent::Answered(fetched) => return Ok(fetched),
                     Sent::Refused(paywall) => {
-                        (refused, answer) = (Some(cached.scheme), paywall);
+                        (refused, answer) = (Some(cached), paywall);
                         continue;
                     }
                 }
             }
-            let plan =
-                match self.plan(&offers, refused == Some(Scheme::PayToken), request.max_price) {
-                    Ok(plan) => plan,
-                    // Nothing else to pay with: the refused credential is the news.
-                    Err(AgentError::NoPayableScheme { .. }) if let Some(scheme) = refused => {
-                        return Err(AgentError::CredentialRefused {
-                            origin,
-                            scheme,
-                            detail: excerpt(&answer.body),
-                        });
-                    }
-                    Err(e) => return Err(e),
-                };
+            let pay_token_refused = refused.as_ref().is_some_and(|r| r.scheme == Scheme::PayToken);
+            let plan = match self.plan(&offers, pay_token_refused, request.max_price) {
+                Ok(plan) => plan,
+                // Nothing else to pay with: the refused credential is the news.
+                Err(AgentError::NoPayableScheme { .. }) if let Some(refused) = refused => {
+                    return Err(AgentError::CredentialRefused {
+                        origin,
+                        scheme: refused.scheme,
+                        detail: excerpt(&answer.body),
+                    });
+                }
+                Err(e) => return Err(e),
+            };
             // Only an L402 buys what a concurrent fetch could use: its lock is kept until
             // the credential is cached.
             let _purchase = (plan.scheme == Scheme::L402).then_some(purchase);

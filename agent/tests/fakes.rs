@@ -190,8 +190,29 @@ async fn seller(seen: Seen) -> String {
         response.headers_mut().insert("www-authenticate", bad);
         response
     };
+    // Each credential is good for three calls.
+    let metered = {
+        let uses: Arc<Mutex<std::collections::HashMap<String, usize>>> = Arc::default();
+        move |headers: HeaderMap| {
+            let uses = uses.clone();
+            async move {
+                if paid_l402(&headers) {
+                    let credential = headers["authorization"].to_str().unwrap().to_owned();
+                    let mut uses = uses.lock().unwrap();
+                    let used = uses.entry(credential).or_default();
+                    if *used < 3 {
+                        *used += 1;
+                        return "metered content".into_response();
+                    }
+                }
+                let (bolt11, hash) = invoice(2_000);
+                challenge(&macaroon(hash, "0.002"), &bolt11, Some("0.000600"))
+            }
+        }
+    };
     let app = axum::Router::new()
         .route("/paid", get(paid))
+        .route("/metered", get(metered))
         .route("/other", get(other))
         .route("/aperture", get(aperture))
         .route("/dear", get(dear))
@@ -380,6 +401,35 @@ async fn concurrent_fetches_buy_one_l402_and_share_it() {
     }
     assert_eq!((paid, wallet.asked.load(Ordering::SeqCst)), (1, 1));
     assert_eq!(agent.spent(), usdc("0.002"));
+}
+
+/// A spent credential met by several fetches at once: one of them buys the next, and the
+/// others use it rather than each buying their own.
+#[tokio::test(flavor = "multi_thread")]
+async fn fetches_that_meet_a_spent_credential_together_buy_one_more() {
+    let seller = seller(Seen::default()).await;
+    let (lnd, wallet) = lnd(Lnd::Pays).await;
+    let dir = tempfile::TempDir::new().unwrap();
+    let agent = Arc::new(l402_agent(&seller, &lnd, &dir.path().join("spend.jsonl")));
+    let url = format!("{seller}/metered");
+    // The first credential's three calls.
+    for _ in 0..3 {
+        assert_eq!(agent.fetch(Request::get(&url).unwrap()).await.unwrap().status, 200);
+    }
+    assert_eq!(wallet.asked.load(Ordering::SeqCst), 1);
+    // Four at once meet its 402: three calls of the next credential serve three of them, and
+    // the fourth buys one more.
+    let fetches: Vec<_> = (0..4)
+        .map(|_| {
+            let (agent, url) = (agent.clone(), url.clone());
+            tokio::spawn(async move { agent.fetch(Request::get(&url).unwrap()).await })
+        })
+        .collect();
+    for fetch in fetches {
+        assert_eq!(fetch.await.unwrap().unwrap().status, 200);
+    }
+    assert_eq!(wallet.asked.load(Ordering::SeqCst), 3);
+    assert_eq!(agent.spent(), usdc("0.006"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
