@@ -777,9 +777,11 @@ impl Agent {
                 return Err(e);
             }
             Err(e) => {
-                // An L402 invoice is paid and an x402 authorization was sent: both count.
+                // An L402 invoice is paid (its credential is kept); an x402 authorization was
+                // sent and may be settled: both count.
                 self.settle(amount, amount);
-                self.record(&self.new_payment(request, scheme, amount, Outcome::Paid))?;
+                let outcome = if scheme == Scheme::L402 { Outcome::Paid } else { Outcome::Unknown };
+                self.record(&self.new_payment(request, scheme, amount, outcome))?;
                 return Err(AgentError::PaidButFailed(e.to_string()));
             }
         };

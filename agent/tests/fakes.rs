@@ -210,8 +210,26 @@ async fn seller(seen: Seen) -> String {
             }
         }
     };
+    // The first paid call takes longer than the agent waits; later ones answer at once.
+    let slow_once = {
+        let slow = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        move |headers: HeaderMap| {
+            let slow = slow.clone();
+            async move {
+                if !paid_l402(&headers) {
+                    let (bolt11, hash) = invoice(2_000);
+                    return challenge(&macaroon(hash, "0.002"), &bolt11, Some("0.001000"));
+                }
+                if slow.swap(false, Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+                "late content".into_response()
+            }
+        }
+    };
     let app = axum::Router::new()
         .route("/paid", get(paid))
+        .route("/slow-once", get(slow_once))
         .route("/metered", get(metered))
         .route("/other", get(other))
         .route("/aperture", get(aperture))
@@ -538,6 +556,30 @@ async fn a_payment_whose_outcome_is_unknown_is_counted_and_not_repeated() {
         assert_eq!((agent.spent(), lines.len()), (usdc("0.002"), 1));
         assert_eq!(lines[0]["outcome"], "unknown");
     }
+}
+
+/// The invoice is paid but the retry's answer never comes: the credential was kept when it
+/// was bought, so the next call uses it instead of buying again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_credential_bought_before_a_failed_retry_is_not_bought_again() {
+    let seller = seller(Seen::default()).await;
+    let (lnd, wallet) = lnd(Lnd::Pays).await;
+    let dir = tempfile::TempDir::new().unwrap();
+    let log = dir.path().join("spend.jsonl");
+    let lightning = Lightning::Lnd { url: lnd, macaroon_hex: hex::encode(LND_MACAROON) };
+    let wallet_config = Wallet { lightning: Some(lightning), ..Wallet::default() };
+    let mut config = Config::new(wallet_config, limits(&seller), Some(log.clone()));
+    config.timeout = Duration::from_secs(1);
+    let agent = Agent::new(config).unwrap();
+    let url = format!("{seller}/slow-once");
+    let failed = agent.fetch(Request::get(&url).unwrap()).await.unwrap_err();
+    assert!(matches!(failed, AgentError::PaidButFailed(_)), "{failed}");
+    let answer = agent.fetch(Request::get(&url).unwrap()).await.unwrap();
+    assert_eq!((answer.status, answer.body.as_slice()), (200, &b"late content"[..]));
+    assert!(answer.payment.is_none());
+    assert_eq!((wallet.asked.load(Ordering::SeqCst), agent.spent()), (1, usdc("0.002")));
+    let lines = log_lines(&log);
+    assert_eq!((lines.len(), lines[0]["outcome"].as_str()), (1, Some("paid")));
 }
 
 #[tokio::test(flavor = "multi_thread")]
