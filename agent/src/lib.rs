@@ -147,9 +147,12 @@ impl Request {
         let method = reqwest::Method::from_bytes(method.as_bytes())
             .map_err(|_| AgentError::InvalidRequest(format!("bad method {method:?}")))?;
         let url = reqwest::Url::parse(url)
-            .map_err(|e| AgentError::InvalidRequest(format!("bad URL {url:?}: {e}")))?;
+            .map_err(|e| AgentError::InvalidRequest(format!("bad URL: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(AgentError::InvalidRequest(format!("not an http(s) URL: {url}")));
+            return Err(AgentError::InvalidRequest(format!(
+                "not an http(s) URL: {}:…",
+                url.scheme()
+            )));
         }
         Ok(Request { method, url, headers: Vec::new(), body: None, max_price: None })
     }
@@ -172,6 +175,9 @@ pub struct Payment {
     /// x402: the transaction in `PAYMENT-RESPONSE`, when it is known.
     pub transaction: Option<String>,
     pub outcome: Outcome,
+    /// The request's `Idempotency-Key`: a retry with it is not counted again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// Whether a payment is known to have been made.
@@ -210,7 +216,7 @@ pub enum AgentError {
         /// Whether the request may have reached the server (it was not a connect error).
         reached: bool,
     },
-    #[error("the answer from {url} is too large: {what} over {limit} bytes; nothing was paid")]
+    #[error("the answer from {url} is too large: {what} over {limit} bytes")]
     TooLarge { url: String, what: &'static str, limit: usize },
     #[error("{origin} answered 402 with a malformed challenge ({problems}); nothing was paid")]
     MalformedChallenge { origin: String, problems: String },
@@ -224,10 +230,9 @@ pub enum AgentError {
     Lightning(String),
     #[error(
         "the {scheme} payment's outcome is unknown ({detail}): {amount} USDC is counted as \
-         spent and logged, and the agent does not pay this server again this session; check \
-         the wallet"
+         spent and logged; {next}"
     )]
-    OutcomeUnknown { scheme: Scheme, amount: Usdc, detail: String },
+    OutcomeUnknown { scheme: Scheme, amount: Usdc, detail: String, next: &'static str },
     #[error(
         "the server answered 402 again after payment ({scheme}, {amount} USDC paid); not paying \
          again: {detail}"
@@ -272,9 +277,11 @@ struct State {
     last_offers: VecDeque<Offers>,
     cache: HashMap<Seller, Cached>,
     /// Which service a path of an origin belongs to, as its 402 said.
-    routes: HashMap<(String, String), Route>,
-    /// Sellers not paid again this session, and why.
-    blocked: HashMap<Seller, String>,
+    /// Keyed by (method, origin, path): a gateway prices routes per method.
+    routes: HashMap<(String, String, String), Route>,
+    /// Origins not paid again this session, and why. By origin: the service is the
+    /// server's to name.
+    blocked: HashMap<String, String>,
     /// One purchase at a time per seller.
     purchases: HashMap<Seller, Arc<tokio::sync::Mutex<()>>>,
 }
@@ -385,7 +392,7 @@ impl Agent {
         // in this fetch.
         let mut refused: Option<Cached> = None;
         let mut answer = None;
-        if let Some((route, cached)) = self.cached_for_path(&origin, &path) {
+        if let Some((route, cached)) = self.cached_for_path(&request, &origin, &path) {
             let seller = (origin.clone(), route.service);
             match self.send_cached(&request, &seller, &cached, route.price).await? {
                 Sent::Answered(fetched) => return Ok(fetched),
@@ -404,7 +411,7 @@ impl Agent {
         };
         loop {
             let offers = self.offers(&request, &origin, &answer);
-            self.remember(&offers, &path);
+            self.remember(&request, &offers, &path);
             let seller = (origin.clone(), offers.service());
             // One purchase at a time per seller: a credential a concurrent fetch bought
             // meanwhile (or one bought on another path of this service) is used instead; so
@@ -451,20 +458,29 @@ impl Agent {
         cached: &Cached,
         price: Option<Usdc>,
     ) -> Result<Sent, AgentError> {
-        self.config.limits.allows_origin(&seller.0)?;
-        let reserve = match cached.scheme {
-            Scheme::PayToken => {
-                let price = price.unwrap_or_default();
+        let limits = &self.config.limits;
+        limits.allows_origin(&seller.0)?;
+        let reserve = match (cached.scheme, price) {
+            (Scheme::PayToken, Some(price)) => {
                 self.reserve(Scheme::PayToken, price, price, request.max_price)?
             }
-            Scheme::L402 | Scheme::X402 => Usdc::ZERO,
+            (Scheme::PayToken, None) => {
+                let why = "the 402 states no price".to_owned();
+                return Err(
+                    Refusal::UnknownPrice { scheme: Scheme::PayToken.to_string(), why }.into()
+                );
+            }
+            // Prepaid when bought; the call's price still must fit the per-call maximum.
+            (Scheme::L402 | Scheme::X402, price) => {
+                if let Some(price) = price {
+                    limits.check_price(&cached.scheme.to_string(), price, request.max_price)?;
+                }
+                Usdc::ZERO
+            }
         };
         let answer = match self.send(request, Some(&cached.authorization)).await {
             Ok(answer) => answer,
-            Err(e) => {
-                self.settle_failed(request, cached.scheme, reserve, &e)?;
-                return Err(e);
-            }
+            Err(e) => return Err(self.settle_failed(request, cached.scheme, reserve, e)?),
         };
         if answer.status == 402 {
             // Spent or revoked: forgotten, and this 402 is read as a fresh one.
@@ -474,40 +490,57 @@ impl Agent {
         }
         let payment = match cached.scheme {
             Scheme::PayToken => {
-                let amount = self.charged(&answer, price);
+                let amount = self.charged(request, &answer, price);
                 self.settle(reserve, amount);
                 let payment = self.payment(request, Scheme::PayToken, amount, &answer);
                 self.record(&payment)?;
-                Some(payment)
+                // Nothing charged (released, or a replay): nothing paid.
+                (!amount.is_zero()).then_some(payment)
             }
             Scheme::L402 | Scheme::X402 => None,
         };
         Ok(Sent::Answered(answer.into_fetched(payment)))
     }
 
-    /// Ends the reservation of a Pay Token call whose request failed: if it may have reached
-    /// the gateway, it may have been charged, so its price counts and is logged as unknown.
+    /// Ends the reservation of a Pay Token call whose request failed, and says what the
+    /// failure means: if the request may have reached the gateway (it failed after sending,
+    /// or its answer was too large to read), it may have been charged, so its price counts
+    /// and is logged as unknown.
     fn settle_failed(
         &self,
         request: &Request,
         scheme: Scheme,
         reserved: Usdc,
-        error: &AgentError,
-    ) -> Result<(), AgentError> {
-        let reached = matches!(error, AgentError::Http { reached: true, .. });
+        error: AgentError,
+    ) -> Result<AgentError, AgentError> {
+        let reached = matches!(error, AgentError::Http { reached: true, .. })
+            || matches!(error, AgentError::TooLarge { what: "the body", .. });
         if scheme != Scheme::PayToken || !reached || reserved.is_zero() {
             self.settle(reserved, Usdc::ZERO);
-            return Ok(());
+            return Ok(error);
         }
         self.settle(reserved, reserved);
-        self.record(&self.new_payment(request, scheme, reserved, Outcome::Unknown))
+        self.record(&self.new_payment(request, scheme, reserved, Outcome::Unknown))?;
+        Ok(AgentError::OutcomeUnknown {
+            scheme,
+            amount: reserved,
+            detail: error.to_string(),
+            next: "retry with the same Idempotency-Key and a paystile gateway charges the call \
+                   once",
+        })
     }
 
     /// The credential cached for the service a 402 named for `path` at `origin`. A path no
     /// 402 has named gets none: the price of its call is not known yet.
-    fn cached_for_path(&self, origin: &str, path: &str) -> Option<(Route, Cached)> {
+    fn cached_for_path(
+        &self,
+        request: &Request,
+        origin: &str,
+        path: &str,
+    ) -> Option<(Route, Cached)> {
         let state = self.state();
-        let route = state.routes.get(&(origin.to_owned(), path.to_owned()))?;
+        let key = (request.method.to_string(), origin.to_owned(), path.to_owned());
+        let route = state.routes.get(&key)?;
         let cached = state.cache.get(&(origin.to_owned(), route.service.clone()))?;
         Some((route.clone(), cached.clone()))
     }
@@ -529,8 +562,8 @@ impl Agent {
         self.state().purchases.entry(seller.clone()).or_default().clone()
     }
 
-    fn block(&self, seller: &Seller, why: String) {
-        self.state().blocked.entry(seller.clone()).or_insert(why);
+    fn block(&self, origin: &str, why: String) {
+        self.state().blocked.entry(origin.to_owned()).or_insert(why);
     }
 
     fn offers(&self, request: &Request, origin: &str, answer: &Answer) -> Offers {
@@ -549,10 +582,11 @@ impl Agent {
         )
     }
 
-    fn remember(&self, offers: &Offers, path: &str) {
+    fn remember(&self, request: &Request, offers: &Offers, path: &str) {
         let mut state = self.state();
         let route = Route { service: offers.service(), price: offers.price };
-        state.routes.insert((offers.origin.clone(), path.to_owned()), route);
+        let key = (request.method.to_string(), offers.origin.clone(), path.to_owned());
+        state.routes.insert(key, route);
         if state.last_offers.len() == OFFERS_KEPT {
             state.last_offers.pop_front();
         }
@@ -608,12 +642,6 @@ impl Agent {
         if wallet.lightning.is_some()
             && let Some(offer) = &offers.l402
         {
-            let Some(invoice_msat) = offer.invoice_msat else {
-                return Err(AgentError::MalformedChallenge {
-                    origin: origin.clone(),
-                    problems: "the L402 invoice states no amount".into(),
-                });
-            };
             if let (Some(budget), Some(price)) = (offer.budget, offers.price)
                 && budget < price
             {
@@ -626,9 +654,11 @@ impl Agent {
             }
             // What the payment buys: the macaroon's budget caveat, else the body's price,
             // else the invoice's worth at the rate. The invoice must be within the rate.
-            let buys = match offer.budget.or(offers.price) {
-                Some(buys) => Ok(buys),
-                None => limits.l402_value(invoice_msat),
+            let invoice_msat = offer.invoice_msat.unwrap_or_default();
+            let buys = match (offer.invoice_msat, offer.budget.or(offers.price)) {
+                (None, _) => Err(unknown(Scheme::L402, "the invoice states no amount")),
+                (Some(_), Some(buys)) => Ok(buys),
+                (Some(msat), None) => limits.l402_value(msat),
             };
             let fee_limit = buys.clone().and_then(|buys| limits.check_invoice(invoice_msat, buys));
             let price = offers.price.or(offer.budget).or(buys.clone().ok()).unwrap_or_default();
@@ -650,13 +680,9 @@ impl Agent {
             });
         }
         limits.allows_origin(origin)?;
-        let seller = (origin.clone(), offers.service());
-        if let Some(why) = self.state().blocked.get(&seller) {
-            return Err(AgentError::Refused(Refusal::Blocked {
-                origin: seller.0,
-                service: seller.1,
-                why: why.clone(),
-            }));
+        if let Some(why) = self.state().blocked.get(origin) {
+            let why = why.clone();
+            return Err(AgentError::Refused(Refusal::Blocked { origin: origin.clone(), why }));
         }
         let mut first_refusal = None;
         for (scheme, price, amount, how) in candidates {
@@ -763,9 +789,14 @@ impl Agent {
                     }
                     Err(PayError::Unknown(detail)) => {
                         self.settle(amount, amount);
-                        self.block(&seller, "an L402 payment's outcome was unknown".into());
+                        self.block(&seller.0, "left an L402 payment's outcome unknown".into());
                         self.record(&self.new_payment(request, scheme, amount, Outcome::Unknown))?;
-                        return Err(AgentError::OutcomeUnknown { scheme, amount, detail });
+                        return Err(AgentError::OutcomeUnknown {
+                            scheme,
+                            amount,
+                            detail,
+                            next: NOT_AGAIN,
+                        });
                     }
                 }
             }
@@ -773,27 +804,37 @@ impl Agent {
         let answer = match self.send_with(request, header, &value).await {
             Ok(answer) => answer,
             Err(e) if scheme == Scheme::PayToken => {
-                self.settle_failed(request, scheme, amount, &e)?;
+                return Err(self.settle_failed(request, scheme, amount, e)?);
+            }
+            Err(e) if scheme == Scheme::L402 => {
+                // Paid, and its credential is kept for the next call.
+                self.settle(amount, amount);
+                self.record(&self.new_payment(request, scheme, amount, Outcome::Paid))?;
+                return Err(AgentError::PaidButFailed(e.to_string()));
+            }
+            Err(e @ AgentError::Http { reached: false, .. }) => {
+                // The x402 authorization never left.
+                self.settle(amount, Usdc::ZERO);
                 return Err(e);
             }
             Err(e) => {
-                // An L402 invoice is paid (its credential is kept); an x402 authorization was
-                // sent and may be settled: both count.
+                // The x402 authorization was sent and may be settled.
                 self.settle(amount, amount);
-                let outcome = if scheme == Scheme::L402 { Outcome::Paid } else { Outcome::Unknown };
-                self.record(&self.new_payment(request, scheme, amount, outcome))?;
-                return Err(AgentError::PaidButFailed(e.to_string()));
+                self.block(&seller.0, "left an x402 payment's outcome unknown".into());
+                self.record(&self.new_payment(request, scheme, amount, Outcome::Unknown))?;
+                let detail = e.to_string();
+                return Err(AgentError::OutcomeUnknown { scheme, amount, detail, next: NOT_AGAIN });
             }
         };
         let paid = match scheme {
-            Scheme::PayToken => self.charged(&answer, price),
+            Scheme::PayToken => self.charged(request, &answer, price),
             Scheme::L402 | Scheme::X402 => amount,
         };
         self.settle(amount, paid);
         if answer.status == 402 {
             self.forget(&seller, &value);
             if scheme != Scheme::PayToken {
-                self.block(&seller, format!("it answered 402 after a {scheme} payment"));
+                self.block(&seller.0, format!("answered 402 after a {scheme} payment"));
             }
             self.record(&self.payment(request, scheme, paid, &answer))?;
             let detail = excerpt(&answer.body);
@@ -806,16 +847,18 @@ impl Agent {
         }
         let payment = self.payment(request, scheme, paid, &answer);
         self.record(&payment)?;
-        Ok(answer.into_fetched(Some(payment)))
+        Ok(answer.into_fetched((!paid.is_zero()).then_some(payment)))
     }
 
     /// What a Pay Token call was charged: the gateway's `X-Amount-Usdc`, else the price for
-    /// a 2xx (a server that does not say is assumed to charge). Nothing for an answer that
-    /// names a charge this session already counted: a retry with the same Idempotency-Key,
-    /// which the gateway answers with the first call's charge.
-    fn charged(&self, answer: &Answer, price: Option<Usdc>) -> Usdc {
-        if let Some(charge_id) = answer.header(headers::CHARGE_ID)
-            && self.state().payments.iter().any(|p| p.charge_id.as_deref() == Some(charge_id))
+    /// a 2xx (a server that does not say is assumed to charge). Nothing for a retry with an
+    /// Idempotency-Key this session already counted at the origin (paid, or outcome
+    /// unknown): a paystile gateway charges a key once.
+    fn charged(&self, request: &Request, answer: &Answer, price: Option<Usdc>) -> Usdc {
+        if let Some(key) = idempotency_key(request)
+            && self.state().payments.iter().any(|p| {
+                p.idempotency_key.as_deref() == Some(key) && p.origin == origin_of(&request.url)
+            })
         {
             return Usdc::ZERO;
         }
@@ -864,6 +907,7 @@ impl Agent {
             charge_id: None,
             transaction: None,
             outcome,
+            idempotency_key: idempotency_key(request).map(str::to_owned),
         }
     }
 
@@ -977,6 +1021,18 @@ impl Agent {
         }
         Ok(Answer { status, headers, body })
     }
+}
+
+/// What an unknown outcome that blocks the origin tells the caller.
+const NOT_AGAIN: &str = "the agent does not pay this server again this session; check the wallet";
+
+/// The request's `Idempotency-Key`, if it sends one.
+fn idempotency_key(request: &Request) -> Option<&str> {
+    request
+        .headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(headers::IDEMPOTENCY_KEY))
+        .map(|(_, value)| value.as_str())
 }
 
 /// The start of a body, for a message.

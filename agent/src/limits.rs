@@ -22,6 +22,10 @@ pub struct Limits {
     /// The most satoshis an L402 invoice may ask per USDC of what it buys (the budget its
     /// macaroon states, else the 402's price). Routing fees are paid within it.
     pub l402_max_sats_per_usdc: Option<u64>,
+    /// The most one L402 purchase may buy; the per-call maximum when unset (the server
+    /// states both the price and the budget a payment buys, so the price alone bounds
+    /// nothing).
+    pub l402_max_purchase: Option<Usdc>,
     /// Tokens x402 may transfer besides USDC on Base and Base Sepolia (a sandbox's, say):
     /// each must be a 6-decimal USD token, since its atomic units are counted as micro-USDC.
     pub x402_assets: Vec<X402Asset>,
@@ -111,10 +115,17 @@ pub enum Refusal {
     )]
     PayTokenOrigin { origin: String, allowed: String },
     #[error(
-        "refused before paying: earlier this session {why}, at {origin} for service \
-         {service:?}; the agent does not pay there again this session. Nothing was paid."
+        "refused before paying: earlier this session {origin} {why}; the agent does not pay \
+         it again this session. Nothing was paid."
     )]
-    Blocked { origin: String, service: String, why: String },
+    Blocked { origin: String, why: String },
+    #[error(
+        "refused before paying: the L402 invoice buys {buys} USDC at once, more than one \
+         purchase may buy, {max} USDC (--l402-max-purchase-usdc / \
+         PAYSTILE_AGENT_L402_MAX_PURCHASE_USDC; the per-call maximum when unset). Nothing was \
+         paid."
+    )]
+    OverMaxPurchase { buys: Usdc, max: Usdc },
 }
 
 /// Where the per-call maximum of a check came from, for its refusal.
@@ -187,9 +198,14 @@ impl Limits {
         Ok(u64::try_from(micros).ok().and_then(Usdc::from_micros).unwrap_or(Usdc::MAX))
     }
 
-    /// Checks an L402 invoice of `invoice_msat` that buys `buys` USDC against the rate: the
-    /// fee the wallet may add within it, in millisatoshi.
+    /// Checks an L402 invoice of `invoice_msat` that buys `buys` USDC against the most one
+    /// purchase may buy and the rate: the fee the wallet may add within it, in millisatoshi.
     pub fn check_invoice(&self, invoice_msat: u64, buys: Usdc) -> Result<u64, Refusal> {
+        if let Some(max) = self.l402_max_purchase.or(self.max_price)
+            && buys > max
+        {
+            return Err(Refusal::OverMaxPurchase { buys, max });
+        }
         let max_msat = self.l402_max_msat(buys)?;
         if invoice_msat > max_msat {
             return Err(Refusal::InvoiceOverRate {
@@ -214,16 +230,7 @@ impl Limits {
         spent: Usdc,
         call_max: Option<Usdc>,
     ) -> Result<(), Refusal> {
-        let max = match (call_max, self.max_price) {
-            (Some(call), Some(max)) if call >= max => Some((max, MAX_PRICE_CONFIGURED)),
-            (Some(call), _) => Some((call, MAX_PRICE_OF_CALL)),
-            (None, max) => max.map(|max| (max, MAX_PRICE_CONFIGURED)),
-        };
-        if let Some((max, set_by)) = max
-            && price > max
-        {
-            return Err(Refusal::OverMaxPrice { scheme: scheme.to_owned(), price, max, set_by });
-        }
+        self.check_price(scheme, price, call_max)?;
         let budget = self.budget.ok_or(Refusal::NoBudget)?;
         let remaining = budget.saturating_sub(spent);
         if amount > remaining {
@@ -236,6 +243,28 @@ impl Limits {
             });
         }
         Ok(())
+    }
+}
+
+impl Limits {
+    /// Checks one call's price against the per-call maximum, lowered by `call_max`.
+    pub fn check_price(
+        &self,
+        scheme: &str,
+        price: Usdc,
+        call_max: Option<Usdc>,
+    ) -> Result<(), Refusal> {
+        let max = match (call_max, self.max_price) {
+            (Some(call), Some(max)) if call >= max => Some((max, MAX_PRICE_CONFIGURED)),
+            (Some(call), _) => Some((call, MAX_PRICE_OF_CALL)),
+            (None, max) => max.map(|max| (max, MAX_PRICE_CONFIGURED)),
+        };
+        match max {
+            Some((max, set_by)) if price > max => {
+                Err(Refusal::OverMaxPrice { scheme: scheme.to_owned(), price, max, set_by })
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -314,7 +343,21 @@ mod tests {
 
     #[test]
     fn an_invoice_is_paid_only_within_the_rate_and_no_rate_pays_none() {
-        let limits = Limits { l402_max_sats_per_usdc: Some(1000), ..limits() };
+        let limits = Limits {
+            l402_max_sats_per_usdc: Some(1000),
+            l402_max_purchase: Some(usdc("0.003")),
+            ..limits()
+        };
+        // One purchase buys at most its own maximum, else the per-call maximum.
+        assert_eq!(
+            limits.check_invoice(1, usdc("0.003001")),
+            Err(Refusal::OverMaxPurchase { buys: usdc("0.003001"), max: usdc("0.003") })
+        );
+        let by_call = Limits { l402_max_purchase: None, ..limits.clone() };
+        assert!(matches!(
+            by_call.check_invoice(1, usdc("0.002001")),
+            Err(Refusal::OverMaxPurchase { .. })
+        ));
         // 0.003 USDC at 1000 sat/USDC: 3 sat; the 1 sat left is the routing fee's room.
         assert_eq!(limits.check_invoice(2_000, usdc("0.003")), Ok(1_000));
         assert_eq!(limits.check_invoice(3_000, usdc("0.003")), Ok(0));
@@ -339,7 +382,7 @@ mod tests {
         assert_eq!(limits.l402_value(3_001), Ok(usdc("0.003001")));
         assert_eq!(limits.l402_value(u64::MAX), Ok(Usdc::MAX));
         let no_rate = self::limits();
-        assert_eq!(no_rate.check_invoice(1, usdc("1")), Err(Refusal::NoSatsRate));
+        assert_eq!(no_rate.check_invoice(1, usdc("0.001")), Err(Refusal::NoSatsRate));
         assert_eq!(no_rate.l402_value(1), Err(Refusal::NoSatsRate));
         let huge = Limits { l402_max_sats_per_usdc: Some(u64::MAX), ..limits };
         assert_eq!(huge.l402_max_msat(Usdc::MAX), Ok(u64::MAX));

@@ -46,6 +46,10 @@ struct Options {
     /// without it, no L402 invoice is paid.
     #[arg(long, env = "PAYSTILE_AGENT_L402_MAX_SATS_PER_USDC", global = true)]
     l402_max_sats_per_usdc: Option<u64>,
+    /// The most one L402 purchase may buy, in USDC (a paystile gateway sells a budget of
+    /// many calls); the per-call maximum when unset.
+    #[arg(long, env = "PAYSTILE_AGENT_L402_MAX_PURCHASE_USDC", global = true)]
+    l402_max_purchase_usdc: Option<Usdc>,
     /// The x402 payer's secp256k1 key (hex).
     #[arg(long, env = "PAYSTILE_X402_KEY", global = true, hide_env_values = true)]
     x402_key: Option<String>,
@@ -206,6 +210,7 @@ fn config(options: &Options) -> anyhow::Result<Config> {
         max_price: options.max_price_usdc,
         allow_origins,
         l402_max_sats_per_usdc: options.l402_max_sats_per_usdc,
+        l402_max_purchase: options.l402_max_purchase_usdc,
         x402_assets,
     };
     let pay_token = match &options.pay_token {

@@ -327,6 +327,8 @@ fn limits(origin: &str) -> Limits {
         max_price: Some(usdc("0.001")),
         allow_origins: vec![origin.into()],
         l402_max_sats_per_usdc: Some(RATE),
+        // A paystile L402 buys a budget of many calls.
+        l402_max_purchase: Some(usdc("0.005")),
         ..Limits::default()
     }
 }
@@ -498,6 +500,22 @@ async fn hostile_402s_are_clear_errors_and_nothing_is_paid() {
     .unwrap();
     let refused = rateless.fetch(Request::get(&format!("{seller}/paid")).unwrap()).await;
     assert!(matches!(refused, Err(AgentError::Refused(Refusal::NoSatsRate))), "{refused:?}");
+    // A cheap price in the body does not make a big purchase pass: one purchase buys at most
+    // the per-call maximum unless told more.
+    let one_call = Limits { l402_max_purchase: None, ..agent.limits().clone() };
+    let wallet_config = Wallet {
+        lightning: Some(Lightning::Lnd {
+            url: lnd.clone(),
+            macaroon_hex: hex::encode(LND_MACAROON),
+        }),
+        ..Wallet::default()
+    };
+    let capped = Agent::new(Config::new(wallet_config, one_call, None)).unwrap();
+    let refused = capped.fetch(Request::get(&format!("{seller}/paid")).unwrap()).await;
+    assert!(
+        matches!(&refused, Err(AgentError::Refused(Refusal::OverMaxPurchase { .. }))),
+        "{refused:?}"
+    );
     assert_eq!(wallet.asked.load(Ordering::SeqCst), 0);
     assert_eq!((agent.spent(), log_lines(&log).len()), (Usdc::ZERO, 0));
 
@@ -603,6 +621,7 @@ async fn the_cli_prints_the_answer_and_what_it_paid_or_why_it_refused() {
                 .env("PAYSTILE_AGENT_BUDGET_USDC", "0.01")
                 .env("PAYSTILE_AGENT_MAX_PRICE_USDC", max)
                 .env("PAYSTILE_AGENT_L402_MAX_SATS_PER_USDC", "1000")
+                .env("PAYSTILE_AGENT_L402_MAX_PURCHASE_USDC", "0.002")
                 .env("PAYSTILE_AGENT_ALLOW_ORIGINS", format!("http://example.com,{seller}"))
                 .output()
                 .unwrap()
@@ -727,7 +746,10 @@ async fn x402_seller(version: u32, mode: X402Seller, paid: Arc<AtomicUsize>) -> 
                 resource,
                 accepts: vec![offer(n).requirements(1000)],
             };
-            (StatusCode::PAYMENT_REQUIRED, [("payment-required", required.header_value())], "")
+            // A new service name each time: the session block is by origin, which the
+            // server cannot rename.
+            let body = json!({"serviceId": format!("svc{n}")}).to_string();
+            (StatusCode::PAYMENT_REQUIRED, [("payment-required", required.header_value())], body)
                 .into_response()
         }
     };
@@ -813,6 +835,8 @@ async fn a_pay_to_that_moves_after_payment_is_paid_once() {
     let second = agent.fetch(Request::get(&format!("{seller}/x")).unwrap()).await.unwrap_err();
     assert!(matches!(second, AgentError::Refused(Refusal::Blocked { .. })), "{second}");
     assert_eq!(paid.load(Ordering::SeqCst), 1);
+    let services: Vec<_> = agent.last_offers().iter().map(|o| o.service()).collect();
+    assert_eq!(services, ["svc0", "svc2"], "the second 402 named another service");
     assert_eq!(agent.spent(), usdc("0.001"));
     // Both 402s were read, with their different payTo.
     let offers = agent.last_offers();
@@ -899,42 +923,94 @@ async fn hostile_x402_offer_lists_are_read_and_only_an_allowed_offer_is_paid() {
     assert_eq!(paid.load(Ordering::SeqCst), 1);
 }
 
-/// A Bearer-only seller (paystile's Pay Token challenge) at `/pt`, recording every
-/// `Authorization` it sees; `/always` answers 402 to the token too.
+/// How a route of the Bearer seller answers the token.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Bearer {
+    /// Charges the price.
+    Charges(&'static str),
+    /// 402 whatever is presented.
+    Always,
+    /// Charges, then sends a body larger than the agent reads.
+    Big,
+    /// Charges, and answers the first call of each Idempotency-Key after the agent gave up
+    /// (a replay of the key is answered at once, with the first charge).
+    SlowFirst,
+}
+
+/// A Bearer-only seller (paystile's Pay Token challenge), recording every `Authorization` it
+/// sees: `/pt` (GET 0.001, POST 0.005: routes are priced per method), `/always`, `/big`,
+/// `/slow`.
 async fn bearer_seller(seen: Arc<Mutex<Vec<Option<String>>>>) -> String {
-    let answer = move |always: bool, headers: HeaderMap, seen: Arc<Mutex<Vec<Option<String>>>>| {
-        let authorization = headers.get("authorization").map(|v| v.to_str().unwrap().to_owned());
-        seen.lock().unwrap().push(authorization.clone());
-        if authorization.as_deref() == Some("Bearer the-token") && !always {
-            let charge_id = format!("ch_pt{}", seen.lock().unwrap().len());
-            return ([("x-charge-id", charge_id.as_str()), ("x-amount-usdc", "0.001000")], "pt")
-                .into_response();
+    let keys: Arc<Mutex<Vec<String>>> = Arc::default();
+    let route = move |mode: Bearer| {
+        let (seen, keys) = (seen.clone(), keys.clone());
+        move |headers: HeaderMap| {
+            let (seen, keys) = (seen.clone(), keys.clone());
+            async move {
+                let authorization =
+                    headers.get("authorization").map(|v| v.to_str().unwrap().to_owned());
+                let calls = {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push(authorization.clone());
+                    seen.len()
+                };
+                let price = match mode {
+                    Bearer::Charges(price) => price,
+                    _ => "0.001000",
+                };
+                if authorization.as_deref() == Some("Bearer the-token") && mode != Bearer::Always {
+                    let charge_id = format!("ch_pt{calls}");
+                    let charged = [("x-charge-id", charge_id), ("x-amount-usdc", price.into())];
+                    match mode {
+                        Bearer::Big => return (charged, "x".repeat(4096)).into_response(),
+                        Bearer::SlowFirst => {
+                            let key = headers["idempotency-key"].to_str().unwrap().to_owned();
+                            let first = {
+                                let mut keys = keys.lock().unwrap();
+                                let first = !keys.contains(&key);
+                                keys.push(key);
+                                first
+                            };
+                            if first {
+                                tokio::time::sleep(Duration::from_secs(5)).await;
+                            }
+                            let replayed = [("x-charge-id", "ch_slow".to_owned())];
+                            return (replayed, "slow content").into_response();
+                        }
+                        _ => return (charged, "pt").into_response(),
+                    }
+                }
+                let body =
+                    json!({"error": "Payment required", "price": price, "serviceId": "weather"});
+                let mut response = (StatusCode::PAYMENT_REQUIRED, Json(body)).into_response();
+                response.headers_mut().insert(
+                    "www-authenticate",
+                    HeaderValue::from_static("Bearer realm=\"paystile\""),
+                );
+                response
+            }
         }
-        let body =
-            json!({"error": "Payment required", "price": "0.001000", "serviceId": "weather"});
-        let mut response = (StatusCode::PAYMENT_REQUIRED, Json(body)).into_response();
-        response
-            .headers_mut()
-            .insert("www-authenticate", HeaderValue::from_static("Bearer realm=\"paystile\""));
-        response
     };
-    let (a, b) = (seen.clone(), seen);
     let app = axum::Router::new()
         .route(
             "/pt",
-            get(move |h: HeaderMap| {
-                let s = a.clone();
-                async move { answer(false, h, s) }
-            }),
+            get(route(Bearer::Charges("0.001000"))).post(route(Bearer::Charges("0.005000"))),
         )
-        .route(
-            "/always",
-            get(move |h: HeaderMap| {
-                let s = b.clone();
-                async move { answer(true, h, s) }
-            }),
-        );
+        .route("/always", get(route(Bearer::Always)))
+        .route("/big", get(route(Bearer::Big)))
+        .route("/slow", get(route(Bearer::SlowFirst)));
     serve(app).await
+}
+
+fn pay_token_agent(seller: &str, origins: Vec<String>, config: impl FnOnce(&mut Config)) -> Agent {
+    let wallet = Wallet {
+        pay_token: Some(PayToken { token: "the-token".into(), origins }),
+        ..Wallet::default()
+    };
+    let limits = Limits { allow_origins: vec!["*".into()], ..limits(seller) };
+    let mut built = Config::new(wallet, limits, None);
+    config(&mut built);
+    Agent::new(built).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -942,14 +1018,7 @@ async fn a_pay_token_goes_only_to_its_origins_and_a_402_to_it_is_not_paid_again(
     let seen = Arc::new(Mutex::new(Vec::new()));
     let seller = bearer_seller(seen.clone()).await;
     let elsewhere = "http://127.0.0.1:9".to_owned();
-    let agent_for = |origins: Vec<String>| {
-        let wallet = Wallet {
-            pay_token: Some(PayToken { token: "the-token".into(), origins }),
-            ..Wallet::default()
-        };
-        let limits = Limits { allow_origins: vec!["*".into()], ..limits(&seller) };
-        Agent::new(Config::new(wallet, limits, None)).unwrap()
-    };
+    let agent_for = |origins: Vec<String>| pay_token_agent(&seller, origins, |_| {});
     // Allowed to pay anyone, but the token is for another gateway: never sent here.
     let other = agent_for(vec![elsewhere.clone()]);
     let refused = other.fetch(Request::get(&format!("{seller}/pt")).unwrap()).await.unwrap_err();
@@ -977,4 +1046,57 @@ async fn a_pay_token_goes_only_to_its_origins_and_a_402_to_it_is_not_paid_again(
         [None, None, token.clone(), token.clone(), None, token],
         "refused, 402, paid retry, cached call, /always's 402, its refused retry"
     );
+}
+
+/// A route priced per method: a POST to a path whose GET is known meets its own 402 (and
+/// its price) before the token goes with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pay_token_call_is_checked_at_its_own_method_s_price() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seller = bearer_seller(seen.clone()).await;
+    let agent = pay_token_agent(&seller, vec![seller.clone()], |_| {});
+    let url = format!("{seller}/pt");
+    assert_eq!(agent.fetch(Request::get(&url).unwrap()).await.unwrap().status, 200);
+    let refused = agent.fetch(Request::new("POST", &url).unwrap()).await.unwrap_err();
+    assert!(
+        matches!(&refused, AgentError::Refused(Refusal::OverMaxPrice { price, .. }) if *price == usdc("0.005")),
+        "{refused}"
+    );
+    let token = Some("Bearer the-token".to_owned());
+    assert_eq!(*seen.lock().unwrap(), [None, token, None], "the POST went without the token");
+    assert_eq!(agent.spent(), usdc("0.001"));
+}
+
+/// Charged, but the answer cannot be read (too large, or too late): counted and logged as
+/// unknown, with what to do; a retry with the same Idempotency-Key is not counted again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pay_token_call_whose_answer_is_lost_is_counted_once() {
+    let seller = bearer_seller(Arc::default()).await;
+    let dir = tempfile::TempDir::new().unwrap();
+    let log = dir.path().join("spend.jsonl");
+    let agent = pay_token_agent(&seller, vec![seller.clone()], |config| {
+        config.max_body_bytes = 1024;
+        config.timeout = Duration::from_secs(1);
+        config.log = Some(log.clone());
+    });
+    let big = agent.fetch(Request::get(&format!("{seller}/big")).unwrap()).await.unwrap_err();
+    assert!(matches!(big, AgentError::OutcomeUnknown { scheme: Scheme::PayToken, .. }), "{big}");
+    assert!(big.to_string().contains("over 1024 bytes"), "{big}");
+    assert_eq!(agent.spent(), usdc("0.001"));
+
+    let keyed = || {
+        let mut request = Request::get(&format!("{seller}/slow")).unwrap();
+        request.headers.push(("Idempotency-Key".into(), "call-1".into()));
+        request
+    };
+    let lost = agent.fetch(keyed()).await.unwrap_err();
+    assert!(lost.to_string().contains("retry with the same Idempotency-Key"), "{lost}");
+    assert_eq!(agent.spent(), usdc("0.002"));
+    let replay = agent.fetch(keyed()).await.unwrap();
+    assert_eq!((replay.status, replay.body.as_slice()), (200, &b"slow content"[..]));
+    assert_eq!(agent.spent(), usdc("0.002"), "the replay is not counted again");
+    let lines = log_lines(&log);
+    assert_eq!(lines.len(), 2);
+    assert!(lines.iter().all(|l| l["outcome"] == "unknown"));
+    assert_eq!(lines[1]["idempotencyKey"], "call-1");
 }

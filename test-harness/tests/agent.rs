@@ -39,6 +39,8 @@ fn limits(stack: &TestStack, budget: &str, max: &str) -> Limits {
         max_price: Some(usdc(max)),
         allow_origins: vec![gateway_origin(stack)],
         l402_max_sats_per_usdc: stack.stack.filter_config["l402"]["sats_per_usdc"].as_u64(),
+        // One L402 purchase buys the stack's budget of calls.
+        l402_max_purchase: Some(l402_budget(stack)),
         x402_assets: vec![],
     }
 }
@@ -56,6 +58,11 @@ fn x402_agent(
         ..limits(stack, budget, max)
     };
     Agent::new(Config::new(x402_wallet(), limits, Some(log_path(dir)))).unwrap()
+}
+
+/// What one L402 payment buys on `stack`: its configured budget.
+fn l402_budget(stack: &TestStack) -> Usdc {
+    usdc(stack.stack.filter_config["l402"]["budget_usdc"].as_str().unwrap())
 }
 
 fn pay_token(stack: &TestStack, jwt: &str) -> Wallet {
@@ -383,7 +390,8 @@ async fn the_cli_pays_with_each_scheme_and_refuses_over_its_maximum() {
     let stack = x402_stack(&sandbox).await;
     let price = stack.forecast_price();
     // What one L402 payment buys: the stack's configured budget.
-    let l402_budget = usdc(stack.stack.filter_config["l402"]["budget_usdc"].as_str().unwrap());
+    let l402_budget = l402_budget(&stack);
+    let l402_purchase = l402_budget.to_string();
     let dir = TempDir::new().unwrap();
     let log_file = log_path(dir.path());
     let origin = gateway_origin(&stack);
@@ -397,7 +405,14 @@ async fn the_cli_pays_with_each_scheme_and_refuses_over_its_maximum() {
         args
     };
     let asset = sandbox.caip19();
-    let l402 = ["--l402-sandbox", &ledger, "--l402-sandbox-key", &admin_key];
+    let l402 = [
+        "--l402-sandbox",
+        &ledger,
+        "--l402-sandbox-key",
+        &admin_key,
+        "--l402-max-purchase-usdc",
+        &l402_purchase,
+    ];
     let wallets: [(&str, Vec<&str>, Usdc); 3] = [
         ("payToken", vec!["--pay-token", &jwt, "--pay-token-origin", &origin], price),
         ("l402", [&l402[..], &["--l402-max-sats-per-usdc", "1000"]].concat(), l402_budget),

@@ -15,7 +15,8 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 
 /// The MCP client: starts the server given in the config (argv[1], JSON), initializes,
-/// lists the tools and makes the calls listed, and prints what it saw as JSON.
+/// lists the tools and makes the calls listed, and prints what it saw as JSON. A call named
+/// `sleep` pauses the client instead (a model that retries later).
 const CLIENT: &str = r#"
 import asyncio, json, sys
 from mcp import ClientSession, StdioServerParameters
@@ -40,6 +41,10 @@ async def main():
                             for t in tools}
             out["calls"] = []
             for name, arguments in config["calls"]:
+                if name == "sleep":
+                    await asyncio.sleep(arguments["seconds"])
+                    out["calls"].append({"isError": False, "text": "{}"})
+                    continue
                 answer = await session.call_tool(name, arguments)
                 out["calls"].append(result(answer))
     print(json.dumps(out))
@@ -121,14 +126,17 @@ async fn a_real_mcp_client_pays_with_a_pay_token_and_a_lowered_maximum_is_refuse
         ["last_offers", {}],
         ["budget", {}],
         ["call_paid_api", {"url": "not a url"}],
-        // The first call again, as a model retries one whose answer it lost.
+        // The first call again, as a model retries one whose answer it lost; a little later,
+        // since the gateway answers 409 while the first call's charge is still being
+        // committed.
+        ["sleep", {"seconds": 2}],
         ["call_paid_api", {"url": oslo, "idempotency_key": "oslo-1"}],
         ["budget", {}],
         ["call_paid_api", {"url": oslo, "idempotency_key": ""}],
     ]);
     let started = std::time::Instant::now();
     let out = mcp_client(&args, env, calls);
-    eprintln!("MCP session (start, 9 tool calls, one paid) in {:?}", started.elapsed());
+    eprintln!("MCP session (start, 10 tool calls, one paid) in {:?}", started.elapsed());
 
     assert_eq!(out["server"], "paystile-agent");
     let mut names: Vec<&str> =
@@ -199,14 +207,15 @@ async fn a_real_mcp_client_pays_with_a_pay_token_and_a_lowered_maximum_is_refuse
 
     // The retry with the same Idempotency-Key: the gateway answers with the first call's
     // charge and charges nothing more, and the agent counts nothing more.
-    let replayed = json_text(&calls[6]);
+    let replayed = json_text(&calls[7]);
     assert_eq!(replayed["status"], 200, "{replayed}");
     assert_eq!(replayed["headers"]["x-charge-id"], charge_id.as_str(), "{replayed}");
-    assert_eq!(json_text(&calls[7])["spentUsdc"], price.to_string());
+    assert_eq!(replayed["paid"], Value::Null, "{replayed}");
+    assert_eq!(json_text(&calls[8])["spentUsdc"], price.to_string());
     let after = stack.stack.admin.charges(&ChargeQuery::default()).await.unwrap().charges;
     assert_eq!(after.len(), 1, "{after:?}");
-    assert_eq!(calls[8]["isError"], true, "{}", calls[8]);
-    assert!(calls[8]["text"].as_str().unwrap().contains("idempotency_key must be"), "{}", calls[8]);
+    assert_eq!(calls[9]["isError"], true, "{}", calls[9]);
+    assert!(calls[9]["text"].as_str().unwrap().contains("idempotency_key must be"), "{}", calls[9]);
 
     // The spending log holds the one payment.
     let lines = std::fs::read_to_string(&log).unwrap();

@@ -211,9 +211,11 @@ async fn run() -> anyhow::Result<()> {
         token.jwt
     );
     // The demo's invoices are at the filter's sats_per_usdc (envoy-config/envoy.yaml).
+    // A payment buys the route's L402 budget of calls: the agent is told it may buy that much.
     let rate = stack.filter_config["l402"]["sats_per_usdc"].as_u64().unwrap_or(1000);
+    let purchase = stack.filter_config["l402"]["budget_usdc"].as_str().unwrap_or("1");
     println!(
-        "  {agent} --l402-sandbox {} --l402-sandbox-key {} --l402-max-sats-per-usdc {rate} {L402_AGENT_LIMITS} --allow-origin {gateway} fetch {url}",
+        "  {agent} --l402-sandbox {} --l402-sandbox-key {} --l402-max-sats-per-usdc {rate} --l402-max-purchase-usdc {purchase} {L402_AGENT_LIMITS} --allow-origin {gateway} fetch {url}",
         stack.ledger.url(),
         stack.secrets.admin_key
     );
