@@ -460,9 +460,22 @@ impl Agent {
     ) -> Result<Sent, AgentError> {
         let limits = &self.config.limits;
         limits.allows_origin(&seller.0)?;
+        // A blocked origin is not paid, with a cached Pay Token either.
+        if cached.scheme == Scheme::PayToken
+            && let Some(why) = self.state().blocked.get(&seller.0)
+        {
+            let (origin, why) = (seller.0.clone(), why.clone());
+            return Err(Refusal::Blocked { origin, why }.into());
+        }
         let reserve = match (cached.scheme, price) {
             (Scheme::PayToken, Some(price)) => {
-                self.reserve(Scheme::PayToken, price, price, request.max_price)?
+                // The retry of a call already counted (its answer was lost) costs nothing more.
+                let amount = if unresolved(&mut self.state().payments, request).is_some() {
+                    Usdc::ZERO
+                } else {
+                    price
+                };
+                self.reserve(Scheme::PayToken, price, amount, request.max_price)?
             }
             (Scheme::PayToken, None) => {
                 let why = "the 402 states no price".to_owned();
@@ -515,7 +528,9 @@ impl Agent {
     ) -> Result<AgentError, AgentError> {
         let reached = matches!(error, AgentError::Http { reached: true, .. })
             || matches!(error, AgentError::TooLarge { what: "the body", .. });
-        if scheme != Scheme::PayToken || !reached || reserved.is_zero() {
+        // A retry of a call already counted as unknown is not counted again.
+        let counted = unresolved(&mut self.state().payments, request).is_some();
+        if scheme != Scheme::PayToken || !reached || reserved.is_zero() || counted {
             self.settle(reserved, Usdc::ZERO);
             return Ok(error);
         }
@@ -855,13 +870,25 @@ impl Agent {
     /// Idempotency-Key this session already counted at the origin (paid, or outcome
     /// unknown): a paystile gateway charges a key once.
     fn charged(&self, request: &Request, answer: &Answer, price: Option<Usdc>) -> Usdc {
-        if let Some(key) = idempotency_key(request)
-            && self.state().payments.iter().any(|p| {
-                p.idempotency_key.as_deref() == Some(key) && p.origin == origin_of(&request.url)
+        let origin = origin_of(&request.url);
+        let charge_id = answer.header(headers::CHARGE_ID);
+        let mut state = self.state();
+        // A replay names the first call's charge.
+        if charge_id.is_some()
+            && state.payments.iter().any(|p| {
+                p.scheme == Scheme::PayToken
+                    && p.origin == origin
+                    && p.charge_id.as_deref() == charge_id
             })
         {
             return Usdc::ZERO;
         }
+        // The retry of a call whose answer was lost, already counted: settled now.
+        if let Some(unknown) = unresolved(&mut state.payments, request) {
+            unknown.charge_id = Some(charge_id.unwrap_or_default().to_owned());
+            return Usdc::ZERO;
+        }
+        drop(state);
         match answer.header(headers::AMOUNT_USDC).and_then(|a| a.trim().parse().ok()) {
             Some(amount) => amount,
             None if (200..300).contains(&answer.status) => price.unwrap_or_default(),
@@ -1025,6 +1052,20 @@ impl Agent {
 
 /// What an unknown outcome that blocks the origin tells the caller.
 const NOT_AGAIN: &str = "the agent does not pay this server again this session; check the wallet";
+
+/// The Pay Token payment of this session whose answer was lost (outcome unknown, no charge
+/// seen yet) and that `request` retries: same origin, same Idempotency-Key.
+fn unresolved<'a>(payments: &'a mut [Payment], request: &Request) -> Option<&'a mut Payment> {
+    let key = idempotency_key(request)?;
+    let origin = origin_of(&request.url);
+    payments.iter_mut().find(|p| {
+        p.scheme == Scheme::PayToken
+            && p.outcome == Outcome::Unknown
+            && p.charge_id.is_none()
+            && p.origin == origin
+            && p.idempotency_key.as_deref() == Some(key)
+    })
+}
 
 /// The request's `Idempotency-Key`, if it sends one.
 fn idempotency_key(request: &Request) -> Option<&str> {

@@ -998,8 +998,30 @@ async fn bearer_seller(seen: Arc<Mutex<Vec<Option<String>>>>) -> String {
         )
         .route("/always", get(route(Bearer::Always)))
         .route("/big", get(route(Bearer::Big)))
-        .route("/slow", get(route(Bearer::SlowFirst)));
+        .route("/slow", get(route(Bearer::SlowFirst)))
+        .route("/x402-always", get(x402_always));
     serve(app).await
+}
+
+/// 402 with an x402 offer in the anvil token, whatever is presented.
+async fn x402_always() -> Response {
+    use paystile_protocol::x402::{Offer, OfferSettings, PaymentRequired, Resource};
+    let settings = OfferSettings {
+        network: "eip155:31337",
+        pay_to: "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC",
+        asset: Some(ANVIL_USDC),
+        asset_name: Some("USD Coin"),
+        asset_version: Some("2"),
+        max_timeout_seconds: None,
+    };
+    let required = PaymentRequired {
+        x402_version: 2,
+        error: None,
+        resource: Resource { url: "http://seller/x".into(), description: None, mime_type: None },
+        accepts: vec![Offer::from_settings(&settings).unwrap().requirements(1000)],
+    };
+    (StatusCode::PAYMENT_REQUIRED, [("payment-required", required.header_value())], "")
+        .into_response()
 }
 
 fn pay_token_agent(seller: &str, origins: Vec<String>, config: impl FnOnce(&mut Config)) -> Agent {
@@ -1079,9 +1101,19 @@ async fn a_pay_token_call_whose_answer_is_lost_is_counted_once() {
         config.timeout = Duration::from_secs(1);
         config.log = Some(log.clone());
     });
-    let big = agent.fetch(Request::get(&format!("{seller}/big")).unwrap()).await.unwrap_err();
-    assert!(matches!(big, AgentError::OutcomeUnknown { scheme: Scheme::PayToken, .. }), "{big}");
-    assert!(big.to_string().contains("over 1024 bytes"), "{big}");
+    let big = || {
+        let mut request = Request::get(&format!("{seller}/big")).unwrap();
+        request.headers.push(("Idempotency-Key".into(), "big-1".into()));
+        agent.fetch(request)
+    };
+    let lost = big().await.unwrap_err();
+    assert!(matches!(lost, AgentError::OutcomeUnknown { scheme: Scheme::PayToken, .. }), "{lost}");
+    assert!(lost.to_string().contains("over 1024 bytes"), "{lost}");
+    assert_eq!(agent.spent(), usdc("0.001"));
+    // Lost again with the same key: the gateway charges a key once, so it is not counted
+    // again.
+    let again = big().await.unwrap_err();
+    assert!(matches!(again, AgentError::TooLarge { .. }), "{again}");
     assert_eq!(agent.spent(), usdc("0.001"));
 
     let keyed = || {
@@ -1095,8 +1127,34 @@ async fn a_pay_token_call_whose_answer_is_lost_is_counted_once() {
     let replay = agent.fetch(keyed()).await.unwrap();
     assert_eq!((replay.status, replay.body.as_slice()), (200, &b"slow content"[..]));
     assert_eq!(agent.spent(), usdc("0.002"), "the replay is not counted again");
+    // Once more with the key: the gateway's replay names the same charge; nothing counted.
+    assert_eq!(agent.fetch(keyed()).await.unwrap().payment, None);
+    assert_eq!(agent.spent(), usdc("0.002"));
     let lines = log_lines(&log);
     assert_eq!(lines.len(), 2);
     assert!(lines.iter().all(|l| l["outcome"] == "unknown"));
     assert_eq!(lines[1]["idempotencyKey"], "call-1");
+}
+
+/// An origin blocked after an x402 payment it answered with 402 is not paid with a cached
+/// Pay Token either.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blocked_origin_is_not_paid_with_a_cached_pay_token() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seller = bearer_seller(seen.clone()).await;
+    let key =
+        hex::decode("59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d").unwrap();
+    let agent = pay_token_agent(&seller, vec![seller.clone()], |config| {
+        config.wallet.x402_key =
+            Some(paystile_protocol::x402::SigningKey::from_slice(&key).unwrap());
+        config.limits.x402_assets = vec![anvil_asset()];
+    });
+    let pt = format!("{seller}/pt");
+    assert_eq!(agent.fetch(Request::get(&pt).unwrap()).await.unwrap().status, 200);
+    let refused = agent.fetch(Request::get(&format!("{seller}/x402-always")).unwrap()).await;
+    assert!(matches!(refused, Err(AgentError::PaidButRefused { .. })), "{refused:?}");
+    let blocked = agent.fetch(Request::get(&pt).unwrap()).await.unwrap_err();
+    assert!(matches!(blocked, AgentError::Refused(Refusal::Blocked { .. })), "{blocked}");
+    assert_eq!(seen.lock().unwrap().len(), 2, "the token was not sent again");
+    assert_eq!(agent.spent(), usdc("0.002"));
 }
