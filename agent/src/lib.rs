@@ -315,7 +315,8 @@ struct Plan {
     scheme: Scheme,
     /// What is counted against the budget now.
     amount: Usdc,
-    price: Option<Usdc>,
+    /// The call's price (what a Pay Token call is counted when the answer does not say).
+    price: Usdc,
     how: How,
 }
 
@@ -467,7 +468,9 @@ impl Agent {
             let (origin, why) = (seller.0.clone(), why.clone());
             return Err(Refusal::Blocked { origin, why }.into());
         }
-        let reserve = match (cached.scheme, price) {
+        // What is held against the budget, and the call's price (a Pay Token's; an L402's
+        // calls were paid when it was bought).
+        let (reserve, price) = match (cached.scheme, price) {
             (Scheme::PayToken, Some(price)) => {
                 // The retry of a call already counted (its answer was lost) costs nothing more.
                 let amount = if unresolved(&mut self.state().payments, request).is_some() {
@@ -475,7 +478,7 @@ impl Agent {
                 } else {
                     price
                 };
-                self.reserve(Scheme::PayToken, price, amount, request.max_price)?
+                (self.reserve(Scheme::PayToken, price, amount, request.max_price)?, price)
             }
             (Scheme::PayToken, None) => {
                 let why = "the 402 states no price".to_owned();
@@ -488,7 +491,7 @@ impl Agent {
                 if let Some(price) = price {
                     limits.check_price(&cached.scheme.to_string(), price, request.max_price)?;
                 }
-                Usdc::ZERO
+                (Usdc::ZERO, Usdc::ZERO)
             }
         };
         let answer = match self.send(request, Some(&cached.authorization)).await {
@@ -705,7 +708,7 @@ impl Agent {
                 .and_then(|amount| self.reserve(scheme, price, amount, call_max).map(|_| amount));
             match reserved {
                 Ok(amount) => {
-                    return Ok(Plan { scheme, amount, price: Some(price), how });
+                    return Ok(Plan { scheme, amount, price, how });
                 }
                 Err(refusal) => {
                     first_refusal.get_or_insert(refusal);
@@ -869,7 +872,7 @@ impl Agent {
     /// a 2xx (a server that does not say is assumed to charge). Nothing for a retry with an
     /// Idempotency-Key this session already counted at the origin (paid, or outcome
     /// unknown): a paystile gateway charges a key once.
-    fn charged(&self, request: &Request, answer: &Answer, price: Option<Usdc>) -> Usdc {
+    fn charged(&self, request: &Request, answer: &Answer, price: Usdc) -> Usdc {
         let origin = origin_of(&request.url);
         let charge_id = answer.header(headers::CHARGE_ID);
         let mut state = self.state();
@@ -891,7 +894,7 @@ impl Agent {
         drop(state);
         match answer.header(headers::AMOUNT_USDC).and_then(|a| a.trim().parse().ok()) {
             Some(amount) => amount,
-            None if (200..300).contains(&answer.status) => price.unwrap_or_default(),
+            None if (200..300).contains(&answer.status) => price,
             None => Usdc::ZERO,
         }
     }

@@ -218,6 +218,26 @@ impl Limits {
         Ok(max_msat - invoice_msat)
     }
 
+    /// Checks one call's price against the per-call maximum, lowered by `call_max`.
+    pub fn check_price(
+        &self,
+        scheme: &str,
+        price: Usdc,
+        call_max: Option<Usdc>,
+    ) -> Result<(), Refusal> {
+        let max = match (call_max, self.max_price) {
+            (Some(call), Some(max)) if call >= max => Some((max, MAX_PRICE_CONFIGURED)),
+            (Some(call), _) => Some((call, MAX_PRICE_OF_CALL)),
+            (None, max) => max.map(|max| (max, MAX_PRICE_CONFIGURED)),
+        };
+        match max {
+            Some((max, set_by)) if price > max => {
+                Err(Refusal::OverMaxPrice { scheme: scheme.to_owned(), price, max, set_by })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Checks one payment: `price` is what the call costs (the per-call maximum's measure),
     /// `amount` what is paid now (more than the price when it buys a budget, as L402 does),
     /// against `spent` so far. `call_max` lowers the per-call maximum for this call (never
@@ -243,28 +263,6 @@ impl Limits {
             });
         }
         Ok(())
-    }
-}
-
-impl Limits {
-    /// Checks one call's price against the per-call maximum, lowered by `call_max`.
-    pub fn check_price(
-        &self,
-        scheme: &str,
-        price: Usdc,
-        call_max: Option<Usdc>,
-    ) -> Result<(), Refusal> {
-        let max = match (call_max, self.max_price) {
-            (Some(call), Some(max)) if call >= max => Some((max, MAX_PRICE_CONFIGURED)),
-            (Some(call), _) => Some((call, MAX_PRICE_OF_CALL)),
-            (None, max) => max.map(|max| (max, MAX_PRICE_CONFIGURED)),
-        };
-        match max {
-            Some((max, set_by)) if price > max => {
-                Err(Refusal::OverMaxPrice { scheme: scheme.to_owned(), price, max, set_by })
-            }
-            _ => Ok(()),
-        }
     }
 }
 
