@@ -346,12 +346,12 @@ mod tests {
 
     /// A signed regtest invoice of `msat` (the ledger's sandbox node makes real ones).
     fn invoice(msat: u64) -> (String, [u8; 32]) {
+        invoice_expiring(msat, std::time::Duration::from_secs(600))
+    }
+
+    fn invoice_expiring(msat: u64, expiry: std::time::Duration) -> (String, [u8; 32]) {
         let node = SandboxNode::new(b"offers test secret").unwrap();
-        let request = InvoiceRequest {
-            amount_msat: msat,
-            memo: "test".into(),
-            expiry: std::time::Duration::from_secs(600),
-        };
+        let request = InvoiceRequest { amount_msat: msat, memo: "test".into(), expiry };
         let invoice = node.create(&request).unwrap();
         (invoice.bolt11, invoice.payment_hash)
     }
@@ -416,6 +416,8 @@ mod tests {
             minted.add_first_party_caveat(b"services=weather:0");
             l402::encode_macaroon(&minted)
         };
+        // Expiring at once: its timestamp is whole seconds, so some time has passed.
+        let (expired, expired_hash) = invoice_expiring(3_000, std::time::Duration::ZERO);
         let mut tampered = bolt11.clone();
         tampered.pop();
         tampered.push(if bolt11.ends_with('q') { 'p' } else { 'q' });
@@ -427,6 +429,7 @@ mod tests {
             (l402::challenge(&macaroon([1; 32]), &bolt11), "payment hashes differ"),
             (l402::challenge(&good, &tampered), "not a BOLT11 invoice"),
             (l402::challenge(&good, "lnbcrt30n1pexample"), "not a BOLT11 invoice"),
+            (l402::challenge(&macaroon(expired_hash), &expired), "has expired"),
         ];
         for (bad, why) in cases {
             let offers = read("u", "o", &[bad.as_str()], None, b"");

@@ -21,7 +21,8 @@ use axum::routing::{get, post};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use paystile_agent::{
-    Agent, AgentError, Config, Lightning, Limits, PayToken, Refusal, Request, Scheme, Wallet,
+    Agent, AgentError, Config, Fetched, Lightning, Limits, PayToken, Refusal, Request, Scheme,
+    Wallet,
 };
 use paystile_ledger::invoice::InvoiceRequest;
 use paystile_ledger::invoice::sandbox::SandboxNode;
@@ -334,14 +335,35 @@ fn limits(origin: &str) -> Limits {
 }
 
 fn l402_agent(seller: &str, lnd: &str, log: &Path) -> Agent {
-    let wallet = Wallet {
-        lightning: Some(Lightning::Lnd {
-            url: lnd.into(),
-            macaroon_hex: hex::encode(LND_MACAROON),
-        }),
-        ..Wallet::default()
-    };
-    Agent::new(Config::new(wallet, limits(seller), Some(log.to_path_buf()))).unwrap()
+    lnd_agent(lnd, limits(seller), |config| config.log = Some(log.to_path_buf()))
+}
+
+/// An agent paying through the fake LND at `lnd`, with `limits` and `config` applied.
+fn lnd_agent(lnd: &str, limits: Limits, config: impl FnOnce(&mut Config)) -> Agent {
+    let lightning = Lightning::Lnd { url: lnd.into(), macaroon_hex: hex::encode(LND_MACAROON) };
+    let wallet = Wallet { lightning: Some(lightning), ..Wallet::default() };
+    let mut built = Config::new(wallet, limits, None);
+    config(&mut built);
+    Agent::new(built).unwrap()
+}
+
+/// `n` fetches of `url` at once.
+async fn fetch_at_once(
+    agent: &Arc<Agent>,
+    url: &str,
+    n: usize,
+) -> Vec<Result<Fetched, AgentError>> {
+    let fetches: Vec<_> = (0..n)
+        .map(|_| {
+            let (agent, url) = (agent.clone(), url.to_owned());
+            tokio::spawn(async move { agent.fetch(Request::get(&url).unwrap()).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for fetch in fetches {
+        answers.push(fetch.await.unwrap());
+    }
+    answers
 }
 
 fn log_lines(log: &Path) -> Vec<Value> {
@@ -407,15 +429,9 @@ async fn concurrent_fetches_buy_one_l402_and_share_it() {
     let (lnd, wallet) = lnd(Lnd::Pays).await;
     let dir = tempfile::TempDir::new().unwrap();
     let agent = Arc::new(l402_agent(&seller, &lnd, &dir.path().join("spend.jsonl")));
-    let fetches: Vec<_> = (0..8)
-        .map(|_| {
-            let (agent, url) = (agent.clone(), format!("{seller}/paid"));
-            tokio::spawn(async move { agent.fetch(Request::get(&url).unwrap()).await })
-        })
-        .collect();
     let mut paid = 0;
-    for fetch in fetches {
-        let answer = fetch.await.unwrap().unwrap();
+    for answer in fetch_at_once(&agent, &format!("{seller}/paid"), 8).await {
+        let answer = answer.unwrap();
         assert_eq!(answer.status, 200);
         paid += usize::from(answer.payment.is_some());
     }
@@ -439,14 +455,8 @@ async fn fetches_that_meet_a_spent_credential_together_buy_one_more() {
     assert_eq!(wallet.asked.load(Ordering::SeqCst), 1);
     // Four at once meet its 402: three calls of the next credential serve three of them, and
     // the fourth buys one more.
-    let fetches: Vec<_> = (0..4)
-        .map(|_| {
-            let (agent, url) = (agent.clone(), url.clone());
-            tokio::spawn(async move { agent.fetch(Request::get(&url).unwrap()).await })
-        })
-        .collect();
-    for fetch in fetches {
-        assert_eq!(fetch.await.unwrap().unwrap().status, 200);
+    for answer in fetch_at_once(&agent, &url, 4).await {
+        assert_eq!(answer.unwrap().status, 200);
     }
     assert_eq!(wallet.asked.load(Ordering::SeqCst), 3);
     assert_eq!(agent.spent(), usdc("0.006"));
@@ -486,31 +496,13 @@ async fn hostile_402s_are_clear_errors_and_nothing_is_paid() {
     assert!(dear.to_string().contains("asks 5000 sat for 0.002000 USDC"), "{dear}");
     // Without a rate, no invoice is paid at all.
     let no_rate = Limits { l402_max_sats_per_usdc: None, ..agent.limits().clone() };
-    let rateless = Agent::new(Config::new(
-        Wallet {
-            lightning: Some(Lightning::Lnd {
-                url: lnd.clone(),
-                macaroon_hex: hex::encode(LND_MACAROON),
-            }),
-            ..Wallet::default()
-        },
-        no_rate,
-        None,
-    ))
-    .unwrap();
+    let rateless = lnd_agent(&lnd, no_rate, |_| {});
     let refused = rateless.fetch(Request::get(&format!("{seller}/paid")).unwrap()).await;
     assert!(matches!(refused, Err(AgentError::Refused(Refusal::NoSatsRate))), "{refused:?}");
     // A cheap price in the body does not make a big purchase pass: one purchase buys at most
     // the per-call maximum unless told more.
     let one_call = Limits { l402_max_purchase: None, ..agent.limits().clone() };
-    let wallet_config = Wallet {
-        lightning: Some(Lightning::Lnd {
-            url: lnd.clone(),
-            macaroon_hex: hex::encode(LND_MACAROON),
-        }),
-        ..Wallet::default()
-    };
-    let capped = Agent::new(Config::new(wallet_config, one_call, None)).unwrap();
+    let capped = lnd_agent(&lnd, one_call, |_| {});
     let refused = capped.fetch(Request::get(&format!("{seller}/paid")).unwrap()).await;
     assert!(
         matches!(&refused, Err(AgentError::Refused(Refusal::OverMaxPurchase { .. }))),
@@ -545,13 +537,10 @@ async fn a_payment_whose_outcome_is_unknown_is_counted_and_not_repeated() {
         let (lnd, wallet) = lnd(mode).await;
         let dir = tempfile::TempDir::new().unwrap();
         let log = dir.path().join("spend.jsonl");
-        let wallet_config = Wallet {
-            lightning: Some(Lightning::Lnd { url: lnd, macaroon_hex: hex::encode(LND_MACAROON) }),
-            ..Wallet::default()
-        };
-        let mut config = Config::new(wallet_config, limits(&seller), Some(log.clone()));
-        config.timeout = Duration::from_secs(2);
-        let agent = Agent::new(config).unwrap();
+        let agent = lnd_agent(&lnd, limits(&seller), |config| {
+            config.log = Some(log.clone());
+            config.timeout = Duration::from_secs(2);
+        });
         let first = agent.fetch(Request::get(&format!("{seller}/paid")).unwrap()).await;
         let second = agent.fetch(Request::get(&format!("{seller}/paid")).unwrap()).await;
         if mode == Lnd::GrpcError {
@@ -584,11 +573,10 @@ async fn a_credential_bought_before_a_failed_retry_is_not_bought_again() {
     let (lnd, wallet) = lnd(Lnd::Pays).await;
     let dir = tempfile::TempDir::new().unwrap();
     let log = dir.path().join("spend.jsonl");
-    let lightning = Lightning::Lnd { url: lnd, macaroon_hex: hex::encode(LND_MACAROON) };
-    let wallet_config = Wallet { lightning: Some(lightning), ..Wallet::default() };
-    let mut config = Config::new(wallet_config, limits(&seller), Some(log.clone()));
-    config.timeout = Duration::from_secs(1);
-    let agent = Agent::new(config).unwrap();
+    let agent = lnd_agent(&lnd, limits(&seller), |config| {
+        config.log = Some(log.clone());
+        config.timeout = Duration::from_secs(1);
+    });
     let url = format!("{seller}/slow-once");
     let failed = agent.fetch(Request::get(&url).unwrap()).await.unwrap_err();
     assert!(matches!(failed, AgentError::PaidButFailed(_)), "{failed}");
@@ -666,6 +654,20 @@ async fn the_cli_prints_the_answer_and_what_it_paid_or_why_it_refused() {
     assert!(star.contains("`*` is refused"), "{star}");
     assert!(bad(&["--l402-max-sats-per-usdc", "0"]).contains("must be above 0"));
     assert!(bad(&["--x402-asset", "eip155:1/erc20:0x12"]).contains("CAIP-19"));
+
+    // `mcp` whose client leaves before initializing (stdin closed) ends cleanly, after saying
+    // what it would pay.
+    let mcp = Command::new(env!("CARGO_BIN_EXE_paystile-agent"))
+        .args(["mcp", "--log"])
+        .arg(&log)
+        .env_remove("PAYSTILE_PAY_TOKEN")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&mcp.stderr);
+    assert!(mcp.status.success(), "{stderr}");
+    assert!(stderr.contains("budget none: pays nothing"), "{stderr}");
+    assert!(stderr.contains("L402 invoices: none paid, no rate"), "{stderr}");
 }
 
 /// How the x402 fake seller behaves.
@@ -675,6 +677,8 @@ enum X402Seller {
     Honest,
     /// Names a new `payTo` in every 402, and answers 402 to every payment.
     MovingPayTo,
+    /// Takes the payment and answers after the agent gave up.
+    Hangs,
 }
 
 const ANVIL_USDC: &str = "0x5FbDB2315678afecb367f032d93F642f64180aa3";
@@ -720,6 +724,9 @@ async fn x402_seller(version: u32, mode: X402Seller, paid: Arc<AtomicUsize>) -> 
             if let Some(value) = headers.get(name) {
                 let payment = x402::Payment::decode(value.as_bytes(), version_of).unwrap();
                 paid.fetch_add(1, Ordering::SeqCst);
+                if mode == X402Seller::Hangs {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
                 if mode == X402Seller::Honest {
                     payment.check(&[offer(0)], 1000, now).unwrap();
                     let receipt = SettleResponse {
@@ -757,15 +764,52 @@ async fn x402_seller(version: u32, mode: X402Seller, paid: Arc<AtomicUsize>) -> 
 }
 
 fn x402_agent(seller: &str, budget: &str, assets: Vec<paystile_agent::X402Asset>) -> Agent {
-    // anvil's second development key.
+    x402_agent_with(seller, budget, assets, |_| {})
+}
+
+fn x402_agent_with(
+    seller: &str,
+    budget: &str,
+    assets: Vec<paystile_agent::X402Asset>,
+    config: impl FnOnce(&mut Config),
+) -> Agent {
+    let wallet = Wallet { x402_key: Some(x402_key()), ..Wallet::default() };
+    let limits = Limits { budget: Some(usdc(budget)), x402_assets: assets, ..limits(seller) };
+    let mut built = Config::new(wallet, limits, None);
+    config(&mut built);
+    Agent::new(built).unwrap()
+}
+
+/// anvil's second development key.
+fn x402_key() -> paystile_protocol::x402::SigningKey {
     let key =
         hex::decode("59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d").unwrap();
-    let wallet = Wallet {
-        x402_key: Some(paystile_protocol::x402::SigningKey::from_slice(&key).unwrap()),
-        ..Wallet::default()
+    paystile_protocol::x402::SigningKey::from_slice(&key).unwrap()
+}
+
+/// An offer of the anvil token, paid to anvil's third account.
+fn anvil_offer() -> paystile_protocol::x402::Offer {
+    let settings = paystile_protocol::x402::OfferSettings {
+        network: "eip155:31337",
+        pay_to: "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC",
+        asset: Some(ANVIL_USDC),
+        asset_name: Some("USD Coin"),
+        asset_version: Some("2"),
+        max_timeout_seconds: None,
     };
-    let limits = Limits { budget: Some(usdc(budget)), x402_assets: assets, ..limits(seller) };
-    Agent::new(Config::new(wallet, limits, None)).unwrap()
+    paystile_protocol::x402::Offer::from_settings(&settings).unwrap()
+}
+
+/// A v2 `PAYMENT-REQUIRED` asking 1000 units of the anvil token.
+fn anvil_payment_required() -> String {
+    use paystile_protocol::x402::{PaymentRequired, Resource};
+    let required = PaymentRequired {
+        x402_version: 2,
+        error: None,
+        resource: Resource { url: "http://seller/x".into(), description: None, mime_type: None },
+        accepts: vec![anvil_offer().requirements(1000)],
+    };
+    required.header_value()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -805,15 +849,9 @@ async fn parallel_x402_calls_never_spend_past_the_budget() {
     let paid = Arc::new(AtomicUsize::new(0));
     let seller = x402_seller(2, X402Seller::Honest, paid.clone()).await;
     let agent = Arc::new(x402_agent(&seller, "0.0035", vec![anvil_asset()]));
-    let calls: Vec<_> = (0..10)
-        .map(|_| {
-            let (agent, url) = (agent.clone(), format!("{seller}/x"));
-            tokio::spawn(async move { agent.fetch(Request::get(&url).unwrap()).await })
-        })
-        .collect();
     let (mut answered, mut over_budget) = (0, 0);
-    for call in calls {
-        match call.await.unwrap() {
+    for answer in fetch_at_once(&agent, &format!("{seller}/x"), 10).await {
+        match answer {
             Ok(answer) => answered += usize::from(answer.status == 200),
             Err(AgentError::Refused(Refusal::OverBudget { .. })) => over_budget += 1,
             Err(e) => panic!("{e}"),
@@ -843,24 +881,51 @@ async fn a_pay_to_that_moves_after_payment_is_paid_once() {
     assert_ne!(offers[0].x402[0].pay_to, offers[1].x402[0].pay_to);
 }
 
+/// An x402 retry that gets no answer may have been settled: counted, logged as unknown, and
+/// the origin not paid again. One that never left (nothing listens any more) counts nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_x402_retry_without_an_answer_is_counted_unless_it_never_left() {
+    let paid = Arc::new(AtomicUsize::new(0));
+    let seller = x402_seller(2, X402Seller::Hangs, paid.clone()).await;
+    let agent = x402_agent_with(&seller, "1", vec![anvil_asset()], |config| {
+        config.timeout = Duration::from_secs(1);
+    });
+    let lost = agent.fetch(Request::get(&format!("{seller}/x")).unwrap()).await.unwrap_err();
+    assert!(matches!(lost, AgentError::OutcomeUnknown { scheme: Scheme::X402, .. }), "{lost}");
+    assert_eq!((agent.spent(), paid.load(Ordering::SeqCst)), (usdc("0.001"), 1));
+    let blocked = agent.fetch(Request::get(&format!("{seller}/x")).unwrap()).await.unwrap_err();
+    assert!(matches!(blocked, AgentError::Refused(Refusal::Blocked { .. })), "{blocked}");
+    assert_eq!(agent.payments()[0].outcome, paystile_agent::Outcome::Unknown);
+
+    // A server that answers one 402 and stops listening: the signed retry cannot connect.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gone = format!("http://{}", listener.local_addr().unwrap());
+    let required = anvil_payment_required();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (mut socket, _) = listener.accept().await.unwrap();
+        drop(listener);
+        let mut request = [0u8; 4096];
+        let _ = socket.read(&mut request).await.unwrap();
+        let answer = format!(
+            "HTTP/1.1 402 Payment Required\r\npayment-required: {}\r\ncontent-length: 0\r\n\
+             connection: close\r\n\r\n",
+            required
+        );
+        socket.write_all(answer.as_bytes()).await.unwrap();
+    });
+    let agent = x402_agent(&gone, "1", vec![anvil_asset()]);
+    let error = agent.fetch(Request::get(&format!("{gone}/x")).unwrap()).await.unwrap_err();
+    assert!(matches!(error, AgentError::Http { reached: false, .. }), "{error}");
+    assert_eq!((agent.spent(), agent.payments().len()), (Usdc::ZERO, 0));
+}
+
 /// Offer lists a server may send: many offers, junk in them, amounts past any limit, other
 /// chains and schemes. The agent reads them without panicking and pays only an offer within
 /// its limits.
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_x402_offer_lists_are_read_and_only_an_allowed_offer_is_paid() {
-    let listed = serde_json::to_value(
-        paystile_protocol::x402::Offer::from_settings(&paystile_protocol::x402::OfferSettings {
-            network: "eip155:31337",
-            pay_to: "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC",
-            asset: Some(ANVIL_USDC),
-            asset_name: Some("USD Coin"),
-            asset_version: Some("2"),
-            max_timeout_seconds: None,
-        })
-        .unwrap()
-        .requirements(1000),
-    )
-    .unwrap();
+    let listed = serde_json::to_value(anvil_offer().requirements(1000)).unwrap();
     let mut accepts = Vec::new();
     for (i, (field, value)) in [
         ("amount", json!("99999999999999999999999")),
@@ -1005,22 +1070,7 @@ async fn bearer_seller(seen: Arc<Mutex<Vec<Option<String>>>>) -> String {
 
 /// 402 with an x402 offer in the anvil token, whatever is presented.
 async fn x402_always() -> Response {
-    use paystile_protocol::x402::{Offer, OfferSettings, PaymentRequired, Resource};
-    let settings = OfferSettings {
-        network: "eip155:31337",
-        pay_to: "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC",
-        asset: Some(ANVIL_USDC),
-        asset_name: Some("USD Coin"),
-        asset_version: Some("2"),
-        max_timeout_seconds: None,
-    };
-    let required = PaymentRequired {
-        x402_version: 2,
-        error: None,
-        resource: Resource { url: "http://seller/x".into(), description: None, mime_type: None },
-        accepts: vec![Offer::from_settings(&settings).unwrap().requirements(1000)],
-    };
-    (StatusCode::PAYMENT_REQUIRED, [("payment-required", required.header_value())], "")
+    (StatusCode::PAYMENT_REQUIRED, [("payment-required", anvil_payment_required())], "")
         .into_response()
 }
 
@@ -1142,11 +1192,8 @@ async fn a_pay_token_call_whose_answer_is_lost_is_counted_once() {
 async fn a_blocked_origin_is_not_paid_with_a_cached_pay_token() {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let seller = bearer_seller(seen.clone()).await;
-    let key =
-        hex::decode("59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d").unwrap();
     let agent = pay_token_agent(&seller, vec![seller.clone()], |config| {
-        config.wallet.x402_key =
-            Some(paystile_protocol::x402::SigningKey::from_slice(&key).unwrap());
+        config.wallet.x402_key = Some(x402_key());
         config.limits.x402_assets = vec![anvil_asset()];
     });
     let pt = format!("{seller}/pt");
